@@ -1,0 +1,57 @@
+"""The `llm-loadtest` entry point: user commands plus the controller, agent and
+mock-server subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable
+
+from common.version import __version__
+
+
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int]]]:
+    from agent import cli as agent_cli
+    from client import commands, quickstart
+    from controller import cli as controller_cli
+    from mockserver import cli as mock_cli
+
+    parser = argparse.ArgumentParser(
+        prog="llm-loadtest", description="Distributed load tester for LLM serving endpoints."
+    )
+    parser.add_argument("--version", action="version", version=f"llm-loadtest {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+    def add(name: str, help_text: str, configure: Callable[[argparse.ArgumentParser], None],
+            handler: Callable[[argparse.Namespace], int]) -> None:  # fmt: skip
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        configure(p)
+        handlers[name] = handler
+
+    add("quickstart", "benchmark the built-in mock server end to end (controller, agent, mock on 127.0.0.1)",
+        quickstart.add_arguments, lambda a: asyncio.run(quickstart.quickstart(a)))  # fmt: skip
+    add("run", "create a run, watch it and print its per-stage results",
+        commands.add_run_arguments, lambda a: asyncio.run(commands.cmd_run(a)))  # fmt: skip
+    add("runs", "list, inspect, cancel and delete runs",
+        commands.add_runs_arguments, lambda a: asyncio.run(commands.cmd_runs(a)))  # fmt: skip
+    add("controller", "serve the controller (gRPC API and agent streams, SQLite store)",
+        controller_cli.add_arguments, controller_cli.run)  # fmt: skip
+    add("agent", "run a load-generating agent connected to a controller", agent_cli.add_arguments, agent_cli.run)
+    add("mock-server", "serve a mock OpenAI-compatible model server with known latencies",
+        mock_cli.add_arguments, mock_cli.run)  # fmt: skip
+    return parser, handlers
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, handlers = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return handlers[args.command](args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

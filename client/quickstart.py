@@ -1,0 +1,112 @@
+"""`llm-loadtest quickstart`: a real benchmark on one machine with no setup.
+
+Starts the mock model server, a controller and one agent as separate processes on
+127.0.0.1 (each on a port it picks and reports), runs a concurrency sweep against the
+mock, prints the per-stage table and shuts everything down. The run stays in the
+database file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+from client import commands
+from client.sdk import ControllerClient
+
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 15.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--db", default="llm-loadtest.db", help="SQLite database file (kept after the run)")
+    parser.add_argument("--concurrency", type=commands._int_list, default=[1, 8, 32], help="stages (default 1,8,32)")
+    parser.add_argument("--duration", type=commands._duration, default=10.0, help="duration of each stage (default 10s)")
+    parser.add_argument("--ttft-ms", type=float, default=50.0, help="mock time to first token")
+    parser.add_argument("--itl-ms", type=float, default=10.0, help="mock inter-token latency")
+    parser.add_argument("--output-tokens", type=int, default=64, help="tokens per response")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+class _Process:
+    def __init__(self, name: str, proc: asyncio.subprocess.Process, log_path: Path) -> None:
+        self.name, self.proc, self.log_path = name, proc, log_path
+
+    async def ready_line(self, marker: str) -> str:
+        assert self.proc.stdout is not None
+        async with asyncio.timeout(START_TIMEOUT_S):
+            while True:
+                line = (await self.proc.stdout.readline()).decode()
+                if not line:
+                    raise RuntimeError(f"{self.name} exited early; see {self.log_path}")
+                if marker in line:
+                    return line.strip()
+
+    async def stop(self) -> None:
+        if self.proc.returncode is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(STOP_TIMEOUT_S):
+                await self.proc.wait()
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+async def _spawn(name: str, args: list[str], log_dir: Path) -> _Process:
+    log_path = log_dir / f"{name}.log"
+    log_file = log_path.open("wb")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "client.cli", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=log_file, stdin=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    log_file.close()
+    return _Process(name, proc, log_path)
+
+
+async def quickstart(args: argparse.Namespace) -> int:
+    log_dir = Path(tempfile.mkdtemp(prefix="llm-loadtest-quickstart-"))
+    procs: list[_Process] = []
+    try:
+        print("starting mock model server, controller and one agent on 127.0.0.1 ...", file=sys.stderr)
+        mock = await _spawn("mock-server", [
+            "mock-server", "--port", "0", "--ttft-ms", str(args.ttft_ms), "--itl-ms", str(args.itl_ms),
+            "--output-tokens", str(args.output_tokens)], log_dir)  # fmt: skip
+        procs.append(mock)
+        target = (await mock.ready_line("listening on")).rsplit(" ", 1)[-1]
+        controller = await _spawn("controller", ["controller", "--listen", "127.0.0.1:0", "--db", args.db], log_dir)
+        procs.append(controller)
+        address = (await controller.ready_line("listening on")).rsplit(" ", 1)[-1]
+        agent = await _spawn("agent", ["agent", "--controller", address, "--name", "quickstart-agent"], log_dir)
+        procs.append(agent)
+        async with ControllerClient(address, timeout_s=10.0) as client:
+            async with asyncio.timeout(START_TIMEOUT_S):
+                while not await client.list_agents():
+                    await asyncio.sleep(0.1)
+            print(f"mock at {target}, controller at {address}, database {os.path.abspath(args.db)}",
+                  file=sys.stderr)  # fmt: skip
+            run_args = argparse.Namespace(
+                target=target, model="mock", api_kind="chat", concurrency=args.concurrency,
+                duration=args.duration, requests=0, input_tokens=128, output_tokens=args.output_tokens,
+                seed=0, agents=1, header=[], target_api_key="", request_timeout=None, no_stream=False,
+                name="quickstart", json=args.json,
+            )  # fmt: skip
+            run = await client.create_run(commands.build_spec(run_args))
+            print(f"created run {run.id}", file=sys.stderr, flush=True)
+            result = await commands.watch_until_done(client, run.id)
+            run = await client.get_run(run.id)
+        return commands.print_result(run_args, run, result)
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"quickstart failed: {exc or 'timed out'}; logs in {log_dir}", file=sys.stderr)
+        return 1
+    finally:
+        for proc in reversed(procs):
+            with contextlib.suppress(ProcessLookupError):
+                await proc.stop()

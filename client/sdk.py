@@ -1,0 +1,98 @@
+"""A small Python SDK over the generated stubs: one channel, a deadline on every call,
+the API key in metadata."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from types import TracebackType
+
+import grpc
+
+from common.grpc_options import CLIENT_OPTIONS, auth_metadata
+from common.proto.loadtest.v1 import run_pb2, run_service_pb2, run_service_pb2_grpc
+
+
+class ControllerClient:
+    """Talks to one controller's RunService."""
+
+    def __init__(self, address: str, api_key: str | None = None, timeout_s: float = 30.0) -> None:
+        self._channel = grpc.aio.insecure_channel(address, options=CLIENT_OPTIONS)
+        self._stub = run_service_pb2_grpc.RunServiceStub(self._channel)
+        self._metadata = auth_metadata(api_key)
+        self.timeout_s = timeout_s
+
+    async def __aenter__(self) -> ControllerClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        """Wait until the channel is connected (raises TimeoutError)."""
+        import asyncio
+
+        async with asyncio.timeout(timeout_s):
+            await self._channel.channel_ready()
+
+    async def create_run(self, spec: run_pb2.RunSpec, request_id: str = "") -> run_pb2.Run:
+        response = await self._stub.CreateRun(
+            run_service_pb2.CreateRunRequest(spec=spec, request_id=request_id),
+            metadata=self._metadata,
+            timeout=self.timeout_s,
+        )
+        return response.run
+
+    async def get_run(self, run_id: str) -> run_pb2.Run:
+        response = await self._stub.GetRun(
+            run_service_pb2.GetRunRequest(run_id=run_id), metadata=self._metadata, timeout=self.timeout_s
+        )
+        return response.run
+
+    async def list_runs(
+        self, page_size: int = 50, page_token: str = "", state: int = 0, model: str = ""
+    ) -> run_service_pb2.ListRunsResponse:
+        return await self._stub.ListRuns(
+            run_service_pb2.ListRunsRequest(
+                page_size=page_size, page_token=page_token, state=state, model=model  # type: ignore[arg-type]
+            ),
+            metadata=self._metadata,
+            timeout=self.timeout_s,
+        )
+
+    async def cancel_run(self, run_id: str, reason: str = "") -> run_pb2.Run:
+        response = await self._stub.CancelRun(
+            run_service_pb2.CancelRunRequest(run_id=run_id, reason=reason),
+            metadata=self._metadata,
+            timeout=self.timeout_s,
+        )
+        return response.run
+
+    async def delete_run(self, run_id: str) -> None:
+        await self._stub.DeleteRun(
+            run_service_pb2.DeleteRunRequest(run_id=run_id), metadata=self._metadata, timeout=self.timeout_s
+        )
+
+    async def get_result(self, run_id: str) -> run_pb2.RunResult:
+        response = await self._stub.GetRunResult(
+            run_service_pb2.GetRunResultRequest(run_id=run_id),
+            metadata=self._metadata,
+            timeout=self.timeout_s,
+        )
+        return response.result
+
+    async def list_agents(self) -> list[run_pb2.Agent]:
+        response = await self._stub.ListAgents(
+            run_service_pb2.ListAgentsRequest(), metadata=self._metadata, timeout=self.timeout_s
+        )
+        return list(response.agents)
+
+    async def watch(self, run_id: str) -> AsyncIterator[run_service_pb2.WatchRunResponse]:
+        """Live updates until the run ends (no deadline: the server sends one a second)."""
+        call = self._stub.WatchRun(run_service_pb2.WatchRunRequest(run_id=run_id), metadata=self._metadata)
+        async for update in call:
+            yield update

@@ -1,0 +1,130 @@
+"""Sample ingest: batches from every agent stream go through one queue to the single
+SQLite writer, many batches per transaction; acks go back only after the commit.
+
+The queue is bounded: when SQLite falls behind, `submit` blocks, the servicer stops
+reading its stream, and gRPC flow control pushes back on the agents (backpressure
+instead of unbounded memory).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import structlog
+
+from common.proto.loadtest.v1 import agent_service_pb2
+from controller.store import repository as repo
+from controller.store.database import Database
+
+log = structlog.get_logger(__name__)
+
+MAX_BATCHES_PER_COMMIT = 64
+QUEUE_BATCHES = 512
+
+
+@dataclass(frozen=True)
+class IngestTarget:
+    """Where a batch belongs, as resolved by the coordinator."""
+
+    assignment_pk: int
+    run_pk: int
+    run_id: str
+    stage_idx: int
+
+
+@dataclass(frozen=True)
+class _Item:
+    batch: repo.BatchIngest
+    assignment_id: str
+    ttft_ms: np.ndarray
+    on_committed: Callable[[repo.IngestOutcome, np.ndarray], None]
+
+
+class MalformedBatch(ValueError):
+    """A batch whose columns disagree in length."""
+
+
+def to_ingest(target: IngestTarget, batch: agent_service_pb2.SampleBatch) -> repo.BatchIngest:
+    """Check a batch's shape and turn it into a row set for the writer."""
+    columns = tuple(getattr(batch, name) for name in repo.SAMPLE_COLUMNS)
+    n = len(batch.error)
+    if any(len(c) != n for c in columns):
+        raise MalformedBatch("sample columns differ in length")
+    itl = np.asarray(batch.itl_ns, dtype=np.int64)
+    if int(np.sum(np.asarray(batch.itl_count, dtype=np.int64))) != itl.size:
+        raise MalformedBatch("itl_count does not add up to len(itl_ns)")
+    return repo.BatchIngest(
+        assignment_pk=target.assignment_pk,
+        run_pk=target.run_pk,
+        stage_idx=target.stage_idx,
+        batch_seq=batch.batch_seq,
+        columns=columns,
+        errors=batch.error,
+        itl_ns=itl.astype("<i8").tobytes(),
+    )
+
+
+def live_ttft_ms(batch: agent_service_pb2.SampleBatch) -> np.ndarray:
+    """TTFT of the OK, non-warmup, streamed requests of a batch, for the live view."""
+    status = np.asarray(batch.status, dtype=np.int64)
+    flags = np.asarray(batch.flags, dtype=np.int64)
+    first = np.asarray(batch.first_token_ns, dtype=np.int64)
+    keep = (status == repo.OK_STATUS) & ((flags & repo.WARMUP_FLAG) == 0) & (first > 0)
+    return first[keep] / 1e6
+
+
+class Ingestor:
+    """Commits sample batches in order and calls back after each commit."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue(QUEUE_BATCHES)
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="ingest")
+
+    async def submit(
+        self,
+        target: IngestTarget,
+        batch: agent_service_pb2.SampleBatch,
+        on_committed: Callable[[repo.IngestOutcome, np.ndarray], None],
+    ) -> None:
+        """Queue a batch; raises MalformedBatch for a batch that cannot be stored."""
+        item = _Item(to_ingest(target, batch), batch.assignment_id, live_ttft_ms(batch), on_committed)
+        await self._queue.put(item)
+
+    async def drain(self) -> None:
+        """Wait until every queued batch is committed (used at shutdown)."""
+        await self._queue.join()
+
+    async def stop(self) -> None:
+        await self.drain()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            items = [await self._queue.get()]
+            while len(items) < MAX_BATCHES_PER_COMMIT and not self._queue.empty():
+                items.append(self._queue.get_nowait())
+            try:
+                outcomes = await self._db.write(repo.ingest_batches, [i.batch for i in items])
+            except Exception:
+                # Nothing was committed, so nothing is acked: the agents replay these
+                # batches after their next reconnect.
+                log.exception("ingest_failed", batches=len(items))
+                outcomes = None
+            for item, outcome in zip(items, outcomes or [None] * len(items), strict=True):
+                if outcome is not None:
+                    try:
+                        item.on_committed(outcome, item.ttft_ms)
+                    except Exception:
+                        log.exception("ingest_callback_failed", assignment_id=item.assignment_id)
+                self._queue.task_done()

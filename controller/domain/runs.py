@@ -1,0 +1,161 @@
+"""The run API in domain terms: create, read, list, cancel, delete, results, live view.
+
+Servicers call these methods with plain values and protobuf messages (the spec is
+data); nothing here knows about gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+import uuid
+from dataclasses import dataclass
+
+import structlog
+from google.protobuf import json_format
+
+from common.metrics import StageMetrics, compute_stage_metrics
+from common.proto.loadtest.v1 import run_pb2
+from controller.domain.coordinator import RunCoordinator
+from controller.domain.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
+from controller.domain.live import LiveSnapshot, RunHub
+from controller.domain.spec import validate_and_default
+from controller.store import repository as repo
+from controller.store.database import Database
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+CANCEL_WAIT_S = 10.0
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    index: int
+    name: str
+    concurrency: int
+    metrics: StageMetrics
+
+
+def new_run_id() -> str:
+    return f"run_{uuid.uuid4().hex[:20]}"
+
+
+def parse_spec(record: repo.RunRecord) -> run_pb2.RunSpec:
+    return json_format.Parse(record.spec_json, run_pb2.RunSpec())
+
+
+class Runs:
+    """Domain operations on runs."""
+
+    def __init__(self, db: Database, coordinator: RunCoordinator, hub: RunHub) -> None:
+        self._db = db
+        self._coordinator = coordinator
+        self.hub = hub
+
+    async def create(self, spec: run_pb2.RunSpec, request_id: str) -> repo.RunRecord:
+        if len(request_id) > 128:
+            raise InvalidArgument([FieldViolation("request_id", "at most 128 characters")])
+        valid = validate_and_default(spec)
+        api_key = valid.target.api_key
+        valid.target.api_key = ""  # stored apart (run_secrets), erased when the run ends
+        record, created = await self._db.write(
+            repo.insert_run,
+            new_run_id(),
+            request_id or None,
+            valid.display_name,
+            valid.target.model,
+            json_format.MessageToJson(valid, indent=None, sort_keys=True),
+            [s.name for s in valid.stages],
+            api_key,
+            time.time_ns(),
+        )
+        if created:
+            await self._db.write(repo.add_event, record.pk, "run_created", "", record.created_at)
+            log.info("run_created", run_id=record.run_id, model=record.model, stages=len(valid.stages))
+            self._coordinator.enqueue(record.run_id)
+        return record
+
+    async def get(self, run_id: str) -> repo.RunRecord:
+        if not run_id:
+            raise InvalidArgument([FieldViolation("run_id", "required")])
+        record = await self._db.read(repo.get_run, run_id)
+        if record is None:
+            raise NotFound(f"run {run_id!r} not found")
+        return record
+
+    async def list(
+        self, page_size: int, page_token: str, state: int, model: str
+    ) -> tuple[list[repo.RunRecord], str]:
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        after = _decode_token(page_token) if page_token else None
+        if state and state not in run_pb2.RunState.values():
+            raise InvalidArgument([FieldViolation("state", f"unknown run state {state}")])
+        records, cursor = await self._db.read(repo.list_runs, size, after, state, model)
+        return records, _encode_token(cursor) if cursor else ""
+
+    async def cancel(self, run_id: str, reason: str) -> repo.RunRecord:
+        record = await self.get(run_id)
+        if record.is_final:
+            raise FailedPrecondition(
+                f"run {run_id} already finished ({run_pb2.RunState.Name(record.state)})"
+            )
+        reason = reason[:500] or "cancelled by user"
+        if self._coordinator.withdraw(run_id) or record.state == repo.PENDING:
+            await self._db.write(repo.finish_run, record.pk, repo.CANCELLED, reason, time.time_ns())
+            await self._coordinator.add_event(run_id, record.pk, "run_cancelled", reason)
+            log.info("run_cancelled", run_id=run_id, reason=reason)
+        else:
+            ex = self._coordinator.request_cancel(run_id, reason)
+            if ex is not None and ex.task is not None:
+                # Wait (bounded) for agents to stop and flush, so the answer is final.
+                await asyncio.wait({ex.task}, timeout=CANCEL_WAIT_S)
+        return await self.get(run_id)
+
+    async def delete(self, run_id: str) -> None:
+        record = await self.get(run_id)
+        if not record.is_final:
+            raise FailedPrecondition(f"run {run_id} is {run_pb2.RunState.Name(record.state)}; cancel it first")
+        await self._db.write(repo.delete_run, record.pk)
+        log.info("run_deleted", run_id=run_id)
+        self.hub.notify(run_id)
+
+    async def result(self, run_id: str) -> tuple[repo.RunRecord, list[StageOutcome]]:
+        record = await self.get(run_id)
+        spec = parse_spec(record)
+        stages = await self._db.read(_stage_results, record.pk, spec)
+        return record, stages
+
+    async def events(self, record: repo.RunRecord, after_pk: int) -> list[repo.EventRecord]:
+        return await self._db.read(repo.list_events, record.pk, after_pk)
+
+    def live(self, run_id: str) -> LiveSnapshot | None:
+        ex = self._coordinator.executions.get(run_id)
+        return ex.live.snapshot() if ex is not None else None
+
+    def agents(self) -> list[object]:
+        return list(self._coordinator.registry.all())
+
+
+def _stage_results(run_pk: int, spec: run_pb2.RunSpec) -> list[StageOutcome]:
+    out = []
+    for idx in repo.stage_indexes_with_samples(run_pk):
+        stage = spec.stages[idx] if idx < len(spec.stages) else run_pb2.Stage()
+        metrics = compute_stage_metrics(repo.load_stage_columns(run_pk, idx))
+        out.append(StageOutcome(idx, stage.name, stage.concurrency, metrics))
+    return out
+
+
+def _encode_token(cursor: tuple[int, int]) -> str:
+    return base64.urlsafe_b64encode(f"{cursor[0]}:{cursor[1]}".encode()).decode().rstrip("=")
+
+
+def _decode_token(token: str) -> tuple[int, int]:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        created, pk = raw.split(":")
+        return int(created), int(pk)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidArgument([FieldViolation("page_token", "malformed page token")]) from exc

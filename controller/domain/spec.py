@@ -1,0 +1,166 @@
+"""Validation and defaulting of run specs (what CreateRun accepts).
+
+Every violation names the offending field by its path in the request, so a user of
+grpcurl sees `spec.stages[1].concurrency: must be at least 1` rather than a stack trace.
+All violations are collected, not just the first.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from urllib.parse import urlsplit
+
+from common.proto.loadtest.v1 import run_pb2
+from controller.domain.errors import FieldViolation, InvalidArgument
+
+MAX_STAGES = 100
+MAX_CONCURRENCY = 100_000
+MAX_AGENTS = 1_000
+MAX_STAGE_SECONDS = 7 * 24 * 3600
+MAX_TOKENS = 1_000_000
+MAX_REQUEST_TIMEOUT_S = 3600
+MAX_HEADERS = 64
+DEFAULT_TOKENS = 128
+_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,256}$")
+
+
+def _duration_s(d: object) -> float:
+    seconds = getattr(d, "seconds", 0)
+    nanos = getattr(d, "nanos", 0)
+    return float(seconds) + float(nanos) / 1e9
+
+
+def validate_and_default(spec: run_pb2.RunSpec, rng: random.Random | None = None) -> run_pb2.RunSpec:
+    """Return a validated copy of `spec` with defaults filled in, or raise InvalidArgument."""
+    v: list[FieldViolation] = []
+    out = run_pb2.RunSpec()
+    out.CopyFrom(spec)
+
+    if not spec.HasField("target"):
+        v.append(FieldViolation("spec.target", "required"))
+    else:
+        _check_target(out.target, v)
+
+    if not spec.stages:
+        v.append(FieldViolation("spec.stages", "at least one stage is required"))
+    elif len(spec.stages) > MAX_STAGES:
+        v.append(FieldViolation("spec.stages", f"at most {MAX_STAGES} stages"))
+    for i, stage in enumerate(out.stages):
+        _check_stage(stage, f"spec.stages[{i}]", v)
+
+    _check_workload(out.workload, v)
+
+    if out.placement.agents > MAX_AGENTS:
+        v.append(FieldViolation("spec.placement.agents", f"at most {MAX_AGENTS}"))
+    if len(out.display_name) > 256:
+        v.append(FieldViolation("spec.display_name", "at most 256 characters"))
+    for key, value in out.labels.items():
+        if not key or len(key) > 128 or len(value) > 1024:
+            v.append(FieldViolation(f"spec.labels[{key!r}]", "keys 1-128, values up to 1024 chars"))
+
+    if v:
+        raise InvalidArgument(v)
+
+    if out.placement.agents == 0:
+        out.placement.agents = 1
+    if out.target.api_kind == run_pb2.API_KIND_UNSPECIFIED:
+        out.target.api_kind = run_pb2.API_KIND_CHAT
+    if not out.target.HasField("stream"):
+        out.target.stream = True
+    if not out.target.HasField("request_timeout"):
+        out.target.request_timeout.FromSeconds(300)
+    if not out.workload.HasField("synthetic"):
+        out.workload.synthetic.SetInParent()
+    synthetic = out.workload.synthetic
+    for lengths in (synthetic.input_tokens, synthetic.output_tokens):
+        if lengths.WhichOneof("distribution") is None:
+            lengths.fixed = DEFAULT_TOKENS
+    if out.workload.seed == 0:
+        out.workload.seed = (rng or random.SystemRandom()).randrange(1, 2**63)
+    for stage in out.stages:
+        if not stage.name:
+            stage.name = describe_stage(stage)
+    return out
+
+
+def describe_stage(stage: run_pb2.Stage) -> str:
+    """A short label for a stage's load, e.g. `concurrency=8`."""
+    kind = stage.WhichOneof("load")
+    return f"{kind}={getattr(stage, kind)}" if kind else "stage"
+
+
+def _check_target(t: run_pb2.Target, v: list[FieldViolation]) -> None:
+    url = t.base_url
+    if not url:
+        v.append(FieldViolation("spec.target.base_url", "required"))
+    else:
+        try:
+            parts = urlsplit(url)
+            port_ok = parts.port is None or parts.port > 0
+        except ValueError:
+            parts, port_ok = None, False
+        if parts is None or parts.scheme not in ("http", "https"):
+            v.append(FieldViolation("spec.target.base_url", "must be an http:// or https:// URL"))
+        elif not parts.hostname or not port_ok:
+            v.append(FieldViolation("spec.target.base_url", "must name a host (and a valid port)"))
+        elif len(url) > 2048 or any(c.isspace() for c in url):
+            v.append(FieldViolation("spec.target.base_url", "must be at most 2048 chars, no spaces"))
+    if not t.model:
+        v.append(FieldViolation("spec.target.model", "required"))
+    elif len(t.model) > 512:
+        v.append(FieldViolation("spec.target.model", "at most 512 characters"))
+    if t.api_kind not in run_pb2.ApiKind.values():
+        v.append(FieldViolation("spec.target.api_kind", f"unknown API kind {t.api_kind}"))
+    if t.HasField("request_timeout"):
+        seconds = _duration_s(t.request_timeout)
+        if not 0 < seconds <= MAX_REQUEST_TIMEOUT_S:
+            v.append(
+                FieldViolation(
+                    "spec.target.request_timeout", f"must be in (0, {MAX_REQUEST_TIMEOUT_S}] s"
+                )
+            )
+    if len(t.headers) > MAX_HEADERS:
+        v.append(FieldViolation("spec.target.headers", f"at most {MAX_HEADERS} headers"))
+    for name, value in t.headers.items():
+        if not _HEADER_NAME.match(name):
+            v.append(FieldViolation(f"spec.target.headers[{name!r}]", "invalid header name"))
+        elif any(c in value for c in "\r\n\0") or len(value) > 8192:
+            v.append(FieldViolation(f"spec.target.headers[{name!r}]", "invalid header value"))
+    if any(c in t.api_key for c in "\r\n\0") or len(t.api_key) > 8192:
+        # The message never repeats the key itself.
+        v.append(FieldViolation("spec.target.api_key", "invalid characters or too long"))
+
+
+def _check_stage(stage: run_pb2.Stage, path: str, v: list[FieldViolation]) -> None:
+    kind = stage.WhichOneof("load")
+    if kind is None:
+        v.append(FieldViolation(f"{path}.concurrency", "a load (concurrency) is required"))
+    elif kind == "concurrency" and not 1 <= stage.concurrency <= MAX_CONCURRENCY:
+        v.append(FieldViolation(f"{path}.concurrency", f"must be between 1 and {MAX_CONCURRENCY}"))
+    seconds = _duration_s(stage.duration) if stage.HasField("duration") else 0.0
+    if stage.duration.seconds < 0 or stage.duration.nanos < 0:
+        v.append(FieldViolation(f"{path}.duration", "must not be negative"))
+    elif seconds > MAX_STAGE_SECONDS:
+        v.append(FieldViolation(f"{path}.duration", f"at most {MAX_STAGE_SECONDS} s"))
+    elif seconds == 0 and stage.requests == 0:
+        v.append(FieldViolation(f"{path}.duration", "set a duration or a request count (or both)"))
+    if len(stage.name) > 256:
+        v.append(FieldViolation(f"{path}.name", "at most 256 characters"))
+
+
+def _check_workload(w: run_pb2.Workload, v: list[FieldViolation]) -> None:
+    if not w.HasField("synthetic"):
+        return
+    for name in ("input_tokens", "output_tokens"):
+        lengths: run_pb2.LengthDistribution = getattr(w.synthetic, name)
+        path = f"spec.workload.synthetic.{name}"
+        kind = lengths.WhichOneof("distribution")
+        if kind == "fixed" and not 1 <= lengths.fixed <= MAX_TOKENS:
+            v.append(FieldViolation(f"{path}.fixed", f"must be between 1 and {MAX_TOKENS}"))
+        elif kind == "uniform":
+            u = lengths.uniform
+            if not 1 <= u.min <= u.max <= MAX_TOKENS:
+                v.append(
+                    FieldViolation(f"{path}.uniform", f"need 1 <= min <= max <= {MAX_TOKENS}")
+                )

@@ -1,0 +1,120 @@
+"""AgentService.Connect: one bidi stream per agent.
+
+A reader task consumes the agent's messages in order (Hello first, then heartbeats,
+updates and sample batches); the response side drains the session's outbox. Sample
+batches go to the ingest queue; their acks come back through the outbox after commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+import structlog
+from google.protobuf import duration_pb2
+
+from common.proto.loadtest.v1 import agent_service_pb2, agent_service_pb2_grpc
+from controller.domain.agents import AgentHealthReport, AgentSession
+from controller.domain.coordinator import RunCoordinator
+from controller.domain.ingest import Ingestor, IngestTarget, MalformedBatch
+
+log = structlog.get_logger(__name__)
+
+HELLO_TIMEOUT_S = 10.0
+
+
+class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
+    def __init__(
+        self, coordinator: RunCoordinator, ingestor: Ingestor, heartbeat_interval_s: float = 1.0
+    ) -> None:
+        self._coordinator = coordinator
+        self._ingestor = ingestor
+        self._heartbeat_interval_s = heartbeat_interval_s
+
+    async def Connect(
+        self,
+        request_iterator: AsyncIterator[agent_service_pb2.ConnectRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[agent_service_pb2.ConnectResponse]:
+        try:
+            async with asyncio.timeout(HELLO_TIMEOUT_S):
+                first = await anext(request_iterator)
+        except (TimeoutError, StopAsyncIteration):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "expected Hello as the first message")
+        if first.WhichOneof("body") != "hello":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be Hello")
+        hello = first.hello
+        session = AgentSession(
+            session_id=f"ses_{uuid.uuid4().hex[:16]}",
+            name=(hello.name or context.peer())[:256],
+            labels=dict(hello.labels),
+            version=hello.version[:64],
+            connected_at_ns=time.time_ns(),
+        )
+        session.last_heartbeat_ns = session.connected_at_ns
+        interval = duration_pb2.Duration()
+        interval.FromNanoseconds(int(self._heartbeat_interval_s * 1e9))
+        yield agent_service_pb2.ConnectResponse(
+            welcome=agent_service_pb2.Welcome(session_id=session.session_id, heartbeat_interval=interval)
+        )
+        await self._coordinator.agent_connected(session, list(hello.active_assignment_ids))
+        reader = asyncio.create_task(self._read(session, request_iterator), name=f"read-{session.session_id}")
+        try:
+            while True:
+                get = asyncio.ensure_future(session.outbox.get())
+                done, _ = await asyncio.wait({get, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if get in done:
+                    yield get.result()
+                    continue
+                get.cancel()
+                # The agent closed its side: flush what is queued (acks), then end.
+                while not session.outbox.empty():
+                    yield session.outbox.get_nowait()
+                break
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+            await asyncio.shield(self._coordinator.agent_disconnected(session))
+
+    async def _read(
+        self, session: AgentSession, request_iterator: AsyncIterator[agent_service_pb2.ConnectRequest]
+    ) -> None:
+        async for message in request_iterator:
+            body = message.WhichOneof("body")
+            if body == "sample_batch":
+                await self._ingest(session, message.sample_batch)
+            elif body == "heartbeat":
+                h = message.heartbeat.health
+                self._coordinator.registry.heartbeat(
+                    session, AgentHealthReport(h.event_loop_lag_ms, h.cpu_percent, h.in_flight)
+                )
+            elif body == "assignment_update":
+                await self._coordinator.assignment_update(message.assignment_update)
+            else:
+                log.warning("unexpected_agent_message", session_id=session.session_id, body=body)
+
+    async def _ingest(self, session: AgentSession, batch: agent_service_pb2.SampleBatch) -> None:
+        target = await self._coordinator.resolve_batch(batch.assignment_id)
+        if target is None:
+            # Nothing to attach the samples to (e.g. the run was deleted): ack so the
+            # agent stops replaying, and tell it to drop the assignment.
+            session.send(agent_service_pb2.ConnectResponse(
+                ack=agent_service_pb2.Ack(assignment_id=batch.assignment_id, batch_seq=batch.batch_seq)))
+            session.send(agent_service_pb2.ConnectResponse(
+                cancel=agent_service_pb2.Cancel(assignment_id=batch.assignment_id, reason="unknown assignment")))
+            return
+        seq = batch.batch_seq
+
+        def committed(outcome: object, ttft_ms: object, t: IngestTarget = target) -> None:
+            self._coordinator.batch_committed(session, t, batch.assignment_id, seq, outcome, ttft_ms)  # type: ignore[arg-type]
+
+        try:
+            await self._ingestor.submit(target, batch, committed)
+        except MalformedBatch as exc:
+            log.error("malformed_batch", session_id=session.session_id,
+                      assignment_id=batch.assignment_id, batch_seq=seq, error=str(exc))

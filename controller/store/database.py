@@ -1,0 +1,87 @@
+"""SQLite access from asyncio: one writer thread, a small read pool.
+
+Every job is one function run inside `connection_context()`-like reuse plus `atomic()` on
+a worker thread, so the event loop never blocks on SQLite. Writes are serialised through
+a single-thread executor (SQLite allows one writer anyway; queueing in Python is cheaper
+than `SQLITE_BUSY` retries); reads run concurrently in WAL mode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from peewee import SqliteDatabase
+
+from controller.store.migrations import apply_migrations
+from controller.store.models import database_proxy
+
+T = TypeVar("T")
+
+PRAGMAS = {
+    "journal_mode": "wal",
+    # WAL + NORMAL survives a crash of the controller process (not of the OS) without
+    # an fsync per commit; the ingest path commits many times a second.
+    "synchronous": "normal",
+    "foreign_keys": 1,
+    "busy_timeout": 10_000,
+    "cache_size": -64_000,
+    "temp_store": "memory",
+}
+
+
+class Database:
+    """The controller's SQLite database with its writer thread and read pool."""
+
+    def __init__(self, path: str | Path, read_workers: int = 4) -> None:
+        self.path = str(path)
+        self.db = SqliteDatabase(self.path, pragmas=PRAGMAS, check_same_thread=False)
+        database_proxy.initialize(self.db)
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
+        self._readers = concurrent.futures.ThreadPoolExecutor(
+            read_workers, thread_name_prefix="sqlite-reader"
+        )
+
+    def migrate(self) -> list[int]:
+        """Apply pending migrations (synchronously; call before serving)."""
+        self.db.connect(reuse_if_open=True)
+        try:
+            return apply_migrations(self.db)
+        finally:
+            self.db.close()
+
+    async def write(self, fn: Callable[..., T], *args: object) -> T:
+        """Run `fn(*args)` in one transaction on the writer thread."""
+        return await self._run(self._writer, fn, args)
+
+    async def read(self, fn: Callable[..., T], *args: object) -> T:
+        """Run `fn(*args)` in a read transaction on the read pool."""
+        return await self._run(self._readers, fn, args)
+
+    async def _run(
+        self, pool: concurrent.futures.ThreadPoolExecutor, fn: Callable[..., T], args: tuple[object, ...]
+    ) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(pool, functools.partial(self._job, fn, args))
+
+    def _job(self, fn: Callable[..., T], args: tuple[object, ...]) -> T:
+        # Connections are per thread and kept open for the thread's life: reopening one
+        # per job costs more than the job for small reads.
+        self.db.connect(reuse_if_open=True)
+        with self.db.atomic():
+            return fn(*args)
+
+    def run_sync(self, fn: Callable[..., T], *args: object) -> T:
+        """Run a job on the calling thread (start-up and CLI tools, never the event loop)."""
+        return self._job(fn, args)
+
+    def close(self) -> None:
+        """Finish queued jobs, then close every thread's connection."""
+        for pool in (self._writer, self._readers):
+            pool.submit(self.db.close).result()
+            pool.shutdown(wait=True)
+        self.db.close()

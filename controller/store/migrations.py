@@ -1,0 +1,156 @@
+"""Numbered schema migrations, applied in order inside one transaction each.
+
+The schema is written out as SQL (not derived from the Peewee models) so a migration
+always means the same thing, whatever the models look like later. `schema_migrations`
+records which numbers have been applied; never edit an applied migration, add one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from peewee import Database
+
+MIGRATIONS: Sequence[tuple[int, str, str]] = (
+    (
+        1,
+        "initial schema",
+        """
+        CREATE TABLE runs (
+            pk INTEGER PRIMARY KEY,
+            run_id TEXT NOT NULL UNIQUE,
+            request_id TEXT UNIQUE,
+            display_name TEXT NOT NULL DEFAULT '',
+            model TEXT NOT NULL,
+            state INTEGER NOT NULL,
+            state_reason TEXT NOT NULL DEFAULT '',
+            spec_json TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            started_at INTEGER,
+            ended_at INTEGER,
+            current_stage INTEGER NOT NULL DEFAULT 0,
+            requests_ok INTEGER NOT NULL DEFAULT 0,
+            requests_failed INTEGER NOT NULL DEFAULT 0,
+            output_tokens INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE INDEX runs_created_at ON runs (created_at DESC, pk DESC);
+        CREATE INDEX runs_state ON runs (state);
+        CREATE INDEX runs_state_created_at ON runs (state, created_at DESC, pk DESC);
+        CREATE INDEX runs_model ON runs (model, created_at DESC, pk DESC);
+
+        -- Target API keys live apart from the spec and are erased when the run ends.
+        CREATE TABLE run_secrets (
+            run_pk INTEGER PRIMARY KEY REFERENCES runs (pk) ON DELETE CASCADE,
+            target_api_key TEXT NOT NULL
+        );
+
+        CREATE TABLE stages (
+            pk INTEGER PRIMARY KEY,
+            run_pk INTEGER NOT NULL REFERENCES runs (pk) ON DELETE CASCADE,
+            idx INTEGER NOT NULL,
+            name TEXT NOT NULL,
+            started_at INTEGER,
+            ended_at INTEGER,
+            UNIQUE (run_pk, idx)
+        );
+
+        CREATE TABLE agents (
+            session_id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            labels_json TEXT NOT NULL,
+            version TEXT NOT NULL,
+            connected_at INTEGER NOT NULL,
+            disconnected_at INTEGER
+        );
+
+        CREATE TABLE assignments (
+            pk INTEGER PRIMARY KEY,
+            assignment_id TEXT NOT NULL UNIQUE,
+            run_pk INTEGER NOT NULL REFERENCES runs (pk) ON DELETE CASCADE,
+            stage_idx INTEGER NOT NULL,
+            agent_session TEXT NOT NULL,
+            agent_name TEXT NOT NULL,
+            concurrency INTEGER NOT NULL,
+            requests INTEGER NOT NULL,
+            state INTEGER NOT NULL,
+            message TEXT NOT NULL DEFAULT '',
+            batch_count INTEGER,
+            requests_sent INTEGER NOT NULL DEFAULT 0,
+            created_at INTEGER NOT NULL,
+            ended_at INTEGER
+        );
+        CREATE INDEX assignments_run ON assignments (run_pk, stage_idx);
+
+        -- One row per received batch; the unique key makes replayed batches harmless.
+        -- Inter-token gaps of the whole batch are one blob of little-endian int64.
+        CREATE TABLE sample_batches (
+            pk INTEGER PRIMARY KEY,
+            assignment_pk INTEGER NOT NULL REFERENCES assignments (pk) ON DELETE CASCADE,
+            batch_seq INTEGER NOT NULL,
+            run_pk INTEGER NOT NULL REFERENCES runs (pk) ON DELETE CASCADE,
+            stage_idx INTEGER NOT NULL,
+            n_samples INTEGER NOT NULL,
+            itl_ns BLOB NOT NULL,
+            UNIQUE (assignment_pk, batch_seq)
+        );
+        CREATE INDEX sample_batches_run ON sample_batches (run_pk, stage_idx);
+
+        CREATE TABLE samples (
+            run_pk INTEGER NOT NULL REFERENCES runs (pk) ON DELETE CASCADE,
+            stage_idx INTEGER NOT NULL,
+            batch_pk INTEGER NOT NULL REFERENCES sample_batches (pk) ON DELETE CASCADE,
+            sent_unix_ns INTEGER NOT NULL,
+            queue_delay_ns INTEGER NOT NULL,
+            first_byte_ns INTEGER NOT NULL,
+            first_token_ns INTEGER NOT NULL,
+            last_token_ns INTEGER NOT NULL,
+            done_ns INTEGER NOT NULL,
+            prompt_tokens INTEGER NOT NULL,
+            output_tokens INTEGER NOT NULL,
+            status INTEGER NOT NULL,
+            flags INTEGER NOT NULL,
+            itl_count INTEGER NOT NULL,
+            error TEXT NOT NULL
+        );
+        CREATE INDEX samples_run_stage ON samples (run_pk, stage_idx);
+        CREATE INDEX samples_batch ON samples (batch_pk);
+
+        CREATE TABLE run_events (
+            pk INTEGER PRIMARY KEY,
+            run_pk INTEGER NOT NULL REFERENCES runs (pk) ON DELETE CASCADE,
+            time_ns INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            message TEXT NOT NULL
+        );
+        CREATE INDEX run_events_run ON run_events (run_pk, pk);
+        """,
+    ),
+)
+
+
+def apply_migrations(db: Database) -> list[int]:
+    """Apply every migration not yet recorded; returns the numbers applied now."""
+    db.execute_sql(
+        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+        " version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at INTEGER NOT NULL)"
+    )
+    done = {row[0] for row in db.execute_sql("SELECT version FROM schema_migrations")}
+    applied: list[int] = []
+    for version, description, sql in MIGRATIONS:
+        if version in done:
+            continue
+        with db.atomic():
+            for statement in _statements(sql):
+                db.execute_sql(statement)
+            db.execute_sql(
+                "INSERT INTO schema_migrations (version, description, applied_at) VALUES (?, ?, ?)",
+                (version, description, time.time_ns()),
+            )
+        applied.append(version)
+    return applied
+
+
+def _statements(sql: str) -> list[str]:
+    lines = [line for line in sql.splitlines() if not line.strip().startswith("--")]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]

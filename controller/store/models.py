@@ -1,0 +1,121 @@
+"""Peewee models over the schema in migrations.py (the migrations own the DDL).
+
+Times are integers: nanoseconds since the Unix epoch (controller clock).
+"""
+
+from __future__ import annotations
+
+from peewee import (
+    AutoField,
+    BlobField,
+    CharField,
+    DatabaseProxy,
+    ForeignKeyField,
+    IntegerField,
+    Model,
+    TextField,
+)
+
+database_proxy = DatabaseProxy()
+
+
+class BaseModel(Model):
+    class Meta:
+        database = database_proxy
+
+
+class RunRow(BaseModel):
+    pk = AutoField()
+    run_id = CharField(unique=True)
+    request_id = CharField(null=True, unique=True)
+    display_name = TextField(default="")
+    model = TextField()
+    state = IntegerField()
+    state_reason = TextField(default="")
+    spec_json = TextField()
+    created_at = IntegerField()
+    started_at = IntegerField(null=True)
+    ended_at = IntegerField(null=True)
+    current_stage = IntegerField(default=0)
+    requests_ok = IntegerField(default=0)
+    requests_failed = IntegerField(default=0)
+    output_tokens = IntegerField(default=0)
+
+    class Meta:
+        table_name = "runs"
+
+
+class RunSecretRow(BaseModel):
+    run = ForeignKeyField(RunRow, column_name="run_pk", primary_key=True, on_delete="CASCADE")
+    target_api_key = TextField()
+
+    class Meta:
+        table_name = "run_secrets"
+
+
+class StageRow(BaseModel):
+    pk = AutoField()
+    run = ForeignKeyField(RunRow, column_name="run_pk", on_delete="CASCADE")
+    idx = IntegerField()
+    name = TextField()
+    started_at = IntegerField(null=True)
+    ended_at = IntegerField(null=True)
+
+    class Meta:
+        table_name = "stages"
+
+
+class AgentRow(BaseModel):
+    session_id = CharField(primary_key=True)
+    name = TextField()
+    labels_json = TextField()
+    version = TextField()
+    connected_at = IntegerField()
+    disconnected_at = IntegerField(null=True)
+
+    class Meta:
+        table_name = "agents"
+
+
+class AssignmentRow(BaseModel):
+    pk = AutoField()
+    assignment_id = CharField(unique=True)
+    run = ForeignKeyField(RunRow, column_name="run_pk", on_delete="CASCADE")
+    stage_idx = IntegerField()
+    agent_session = TextField()
+    agent_name = TextField()
+    concurrency = IntegerField()
+    requests = IntegerField()
+    state = IntegerField()
+    message = TextField(default="")
+    batch_count = IntegerField(null=True)
+    requests_sent = IntegerField(default=0)
+    created_at = IntegerField()
+    ended_at = IntegerField(null=True)
+
+    class Meta:
+        table_name = "assignments"
+
+
+class SampleBatchRow(BaseModel):
+    pk = AutoField()
+    assignment = ForeignKeyField(AssignmentRow, column_name="assignment_pk", on_delete="CASCADE")
+    batch_seq = IntegerField()
+    run = ForeignKeyField(RunRow, column_name="run_pk", on_delete="CASCADE")
+    stage_idx = IntegerField()
+    n_samples = IntegerField()
+    itl_ns = BlobField()
+
+    class Meta:
+        table_name = "sample_batches"
+
+
+class RunEventRow(BaseModel):
+    pk = AutoField()
+    run = ForeignKeyField(RunRow, column_name="run_pk", on_delete="CASCADE")
+    time_ns = IntegerField()
+    kind = TextField()
+    message = TextField()
+
+    class Meta:
+        table_name = "run_events"

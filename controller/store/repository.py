@@ -1,0 +1,412 @@
+"""Repository functions: each one is a whole job for `Database.write`/`Database.read`.
+
+They run on a worker thread inside a transaction and return plain dataclasses, never
+Peewee model instances, so nothing lazy leaks back to the event loop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from peewee import IntegrityError
+
+from common.metrics import SampleColumns
+from controller.store.models import (
+    AgentRow,
+    AssignmentRow,
+    RunEventRow,
+    RunRow,
+    RunSecretRow,
+    SampleBatchRow,
+    StageRow,
+    database_proxy,
+)
+
+# RunState values (mirrors loadtest.v1.RunState; the store does not import protos).
+PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED, INTERRUPTED = 1, 2, 3, 4, 5, 6
+FINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED, INTERRUPTED})
+OK_STATUS = 1
+WARMUP_FLAG = 2
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    pk: int
+    run_id: str
+    display_name: str
+    model: str
+    state: int
+    state_reason: str
+    spec_json: str
+    created_at: int
+    started_at: int | None
+    ended_at: int | None
+    current_stage: int
+    requests_ok: int
+    requests_failed: int
+    output_tokens: int
+
+    @property
+    def is_final(self) -> bool:
+        return self.state in FINAL_STATES
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    pk: int
+    time_ns: int
+    kind: str
+    message: str
+
+
+@dataclass(frozen=True)
+class BatchIngest:
+    """One sample batch to store, with the ids the controller resolved in memory."""
+
+    assignment_pk: int
+    run_pk: int
+    stage_idx: int
+    batch_seq: int
+    columns: tuple[Sequence[int], ...]  # in SAMPLE_COLUMNS order, minus run/stage/batch
+    errors: Sequence[str]
+    itl_ns: bytes
+
+
+@dataclass(frozen=True)
+class IngestOutcome:
+    new: bool
+    ok: int
+    failed: int
+    output_tokens: int
+
+
+SAMPLE_COLUMNS = (
+    "sent_unix_ns",
+    "queue_delay_ns",
+    "first_byte_ns",
+    "first_token_ns",
+    "last_token_ns",
+    "done_ns",
+    "prompt_tokens",
+    "output_tokens",
+    "status",
+    "flags",
+    "itl_count",
+)
+_INSERT_SAMPLE = (
+    "INSERT INTO samples (run_pk, stage_idx, batch_pk, "
+    + ", ".join(SAMPLE_COLUMNS)
+    + ", error) VALUES ("
+    + ", ".join("?" * (len(SAMPLE_COLUMNS) + 4))
+    + ")"
+)
+
+
+def _record(row: RunRow) -> RunRecord:
+    return RunRecord(
+        pk=row.pk,
+        run_id=row.run_id,
+        display_name=row.display_name,
+        model=row.model,
+        state=row.state,
+        state_reason=row.state_reason,
+        spec_json=row.spec_json,
+        created_at=row.created_at,
+        started_at=row.started_at,
+        ended_at=row.ended_at,
+        current_stage=row.current_stage,
+        requests_ok=row.requests_ok,
+        requests_failed=row.requests_failed,
+        output_tokens=row.output_tokens,
+    )
+
+
+# --- runs -------------------------------------------------------------------------------
+
+
+def insert_run(
+    run_id: str,
+    request_id: str | None,
+    display_name: str,
+    model: str,
+    spec_json: str,
+    stage_names: Sequence[str],
+    api_key: str,
+    now_ns: int,
+) -> tuple[RunRecord, bool]:
+    """Create a run; with a request_id already used, return that run and False."""
+    if request_id:
+        existing = RunRow.get_or_none(RunRow.request_id == request_id)
+        if existing is not None:
+            return _record(existing), False
+    try:
+        with database_proxy.atomic():
+            row = RunRow.create(
+                run_id=run_id,
+                request_id=request_id or None,
+                display_name=display_name,
+                model=model,
+                state=PENDING,
+                spec_json=spec_json,
+                created_at=now_ns,
+            )
+            StageRow.insert_many(
+                [{"run": row.pk, "idx": i, "name": n} for i, n in enumerate(stage_names)]
+            ).execute()
+            if api_key:
+                RunSecretRow.create(run=row.pk, target_api_key=api_key)
+    except IntegrityError:
+        if request_id:  # lost a race with the same request_id
+            return _record(RunRow.get(RunRow.request_id == request_id)), False
+        raise
+    return _record(row), True
+
+
+def get_run(run_id: str) -> RunRecord | None:
+    row = RunRow.get_or_none(RunRow.run_id == run_id)
+    return _record(row) if row is not None else None
+
+
+def get_run_secret(run_pk: int) -> str:
+    row = RunSecretRow.get_or_none(RunSecretRow.run == run_pk)
+    return row.target_api_key if row is not None else ""
+
+
+def list_runs(
+    page_size: int, after: tuple[int, int] | None, state: int, model: str
+) -> tuple[list[RunRecord], tuple[int, int] | None]:
+    """Newest first; `after` is the (created_at, pk) of the previous page's last run."""
+    query = RunRow.select()
+    if state:
+        query = query.where(RunRow.state == state)
+    if model:
+        query = query.where(RunRow.model == model)
+    if after is not None:
+        created, pk = after
+        query = query.where(
+            (RunRow.created_at < created) | ((RunRow.created_at == created) & (RunRow.pk < pk))
+        )
+    rows = list(query.order_by(RunRow.created_at.desc(), RunRow.pk.desc()).limit(page_size + 1))
+    more = len(rows) > page_size
+    rows = rows[:page_size]
+    cursor = (rows[-1].created_at, rows[-1].pk) if more and rows else None
+    return [_record(r) for r in rows], cursor
+
+
+def update_run(run_pk: int, **fields: object) -> None:
+    RunRow.update(**fields).where(RunRow.pk == run_pk).execute()
+
+
+def finish_run(run_pk: int, state: int, reason: str, now_ns: int) -> None:
+    """Move a run to a final state and erase its target API key."""
+    RunRow.update(state=state, state_reason=reason, ended_at=now_ns).where(
+        RunRow.pk == run_pk
+    ).execute()
+    RunSecretRow.delete().where(RunSecretRow.run == run_pk).execute()
+
+
+def delete_run(run_pk: int) -> None:
+    # Children first in bulk: cascading through 1M sample rows one by one is slow.
+    database_proxy.execute_sql("DELETE FROM samples WHERE run_pk = ?", (run_pk,))
+    RunRow.delete().where(RunRow.pk == run_pk).execute()
+
+
+def interrupt_running(reason: str, now_ns: int) -> list[str]:
+    """At start-up: runs left RUNNING by a previous controller become INTERRUPTED."""
+    rows = list(RunRow.select(RunRow.pk, RunRow.run_id).where(RunRow.state == RUNNING))
+    for row in rows:
+        finish_run(row.pk, INTERRUPTED, reason, now_ns)
+        RunEventRow.create(run=row.pk, time_ns=now_ns, kind="run_interrupted", message=reason)
+    return [r.run_id for r in rows]
+
+
+def pending_run_ids() -> list[str]:
+    query = RunRow.select(RunRow.run_id).where(RunRow.state == PENDING)
+    return [r.run_id for r in query.order_by(RunRow.created_at, RunRow.pk)]
+
+
+def set_stage_time(run_pk: int, idx: int, *, started_at: int | None = None, ended_at: int | None = None) -> None:
+    fields = {k: v for k, v in (("started_at", started_at), ("ended_at", ended_at)) if v is not None}
+    StageRow.update(**fields).where((StageRow.run == run_pk) & (StageRow.idx == idx)).execute()
+
+
+# --- events -----------------------------------------------------------------------------
+
+
+def add_event(run_pk: int, kind: str, message: str, now_ns: int) -> EventRecord:
+    row = RunEventRow.create(run=run_pk, time_ns=now_ns, kind=kind, message=message)
+    return EventRecord(row.pk, now_ns, kind, message)
+
+
+def list_events(run_pk: int, after_pk: int = 0) -> list[EventRecord]:
+    query = RunEventRow.select().where((RunEventRow.run == run_pk) & (RunEventRow.pk > after_pk))
+    return [EventRecord(r.pk, r.time_ns, r.kind, r.message) for r in query.order_by(RunEventRow.pk)]
+
+
+# --- agents and assignments -------------------------------------------------------------
+
+
+def record_agent_connected(
+    session_id: str, name: str, labels: dict[str, str], version: str, now_ns: int
+) -> None:
+    AgentRow.create(
+        session_id=session_id,
+        name=name,
+        labels_json=json.dumps(labels, sort_keys=True),
+        version=version,
+        connected_at=now_ns,
+    )
+
+
+def record_agent_disconnected(session_id: str, now_ns: int) -> None:
+    AgentRow.update(disconnected_at=now_ns).where(AgentRow.session_id == session_id).execute()
+
+
+def insert_assignment(
+    assignment_id: str,
+    run_pk: int,
+    stage_idx: int,
+    agent_session: str,
+    agent_name: str,
+    concurrency: int,
+    requests: int,
+    state: int,
+    now_ns: int,
+) -> int:
+    row = AssignmentRow.create(
+        assignment_id=assignment_id,
+        run=run_pk,
+        stage_idx=stage_idx,
+        agent_session=agent_session,
+        agent_name=agent_name,
+        concurrency=concurrency,
+        requests=requests,
+        state=state,
+        created_at=now_ns,
+    )
+    return int(row.pk)
+
+
+def lookup_assignment(assignment_id: str) -> tuple[int, int, str, int] | None:
+    """(assignment pk, run pk, run id, stage index) of a stored assignment."""
+    row = (
+        AssignmentRow.select(AssignmentRow.pk, AssignmentRow.stage_idx, RunRow.pk, RunRow.run_id)
+        .join(RunRow)
+        .where(AssignmentRow.assignment_id == assignment_id)
+        .first()
+    )
+    if row is None:
+        return None
+    return int(row.pk), int(row.run.pk), str(row.run.run_id), int(row.stage_idx)
+
+
+def update_assignment(assignment_pk: int, **fields: object) -> None:
+    AssignmentRow.update(**fields).where(AssignmentRow.pk == assignment_pk).execute()
+
+
+# --- samples ----------------------------------------------------------------------------
+
+
+def ingest_batches(batches: Sequence[BatchIngest]) -> list[IngestOutcome]:
+    """Store batches (one transaction for all); a batch seen before is skipped."""
+    conn = database_proxy.connection()
+    outcomes: list[IngestOutcome] = []
+    per_run: dict[int, list[int]] = {}
+    for b in batches:
+        cur = conn.execute(
+            "INSERT OR IGNORE INTO sample_batches "
+            "(assignment_pk, batch_seq, run_pk, stage_idx, n_samples, itl_ns) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (b.assignment_pk, b.batch_seq, b.run_pk, b.stage_idx, len(b.errors), b.itl_ns),
+        )
+        if cur.rowcount == 0:
+            outcomes.append(IngestOutcome(False, 0, 0, 0))
+            continue
+        batch_pk = cur.lastrowid
+        n = len(b.errors)
+        conn.executemany(
+            _INSERT_SAMPLE,
+            zip(
+                itertools.repeat(b.run_pk, n),
+                itertools.repeat(b.stage_idx, n),
+                itertools.repeat(batch_pk, n),
+                *b.columns,
+                b.errors,
+                strict=True,
+            ),
+        )
+        status = b.columns[SAMPLE_COLUMNS.index("status")]
+        flags = b.columns[SAMPLE_COLUMNS.index("flags")]
+        out_tokens = b.columns[SAMPLE_COLUMNS.index("output_tokens")]
+        ok = failed = tokens = 0
+        for s, f, t in zip(status, flags, out_tokens, strict=True):
+            if f & WARMUP_FLAG:
+                continue
+            if s == OK_STATUS:
+                ok += 1
+                tokens += t
+            else:
+                failed += 1
+        totals = per_run.setdefault(b.run_pk, [0, 0, 0])
+        totals[0] += ok
+        totals[1] += failed
+        totals[2] += tokens
+        outcomes.append(IngestOutcome(True, ok, failed, tokens))
+    for run_pk, (ok, failed, tokens) in per_run.items():
+        conn.execute(
+            "UPDATE runs SET requests_ok = requests_ok + ?, requests_failed = requests_failed + ?,"
+            " output_tokens = output_tokens + ? WHERE pk = ?",
+            (ok, failed, tokens, run_pk),
+        )
+    return outcomes
+
+
+_COLUMN_SQL = (
+    "SELECT sent_unix_ns, queue_delay_ns, first_token_ns, last_token_ns, done_ns, prompt_tokens,"
+    " output_tokens, status, flags, itl_count FROM samples WHERE run_pk = ? AND stage_idx = ?"
+    " ORDER BY rowid"
+)
+
+
+def load_stage_columns(run_pk: int, stage_idx: int) -> SampleColumns:
+    """Every stored sample of one stage as numpy columns (inter-token gaps included)."""
+    conn = database_proxy.connection()
+    rows = conn.execute(_COLUMN_SQL, (run_pk, stage_idx)).fetchall()
+    blobs = conn.execute(
+        "SELECT itl_ns FROM sample_batches WHERE run_pk = ? AND stage_idx = ? ORDER BY pk",
+        (run_pk, stage_idx),
+    ).fetchall()
+    if not rows:
+        return SampleColumns.empty()
+    data = np.array(rows, dtype=np.int64)
+    itl = np.frombuffer(b"".join(b[0] for b in blobs), dtype="<i8").astype(np.int64)
+    return SampleColumns(
+        sent_unix_ns=data[:, 0],
+        queue_delay_ns=data[:, 1],
+        first_token_ns=data[:, 2],
+        last_token_ns=data[:, 3],
+        done_ns=data[:, 4],
+        prompt_tokens=data[:, 5],
+        output_tokens=data[:, 6],
+        status=data[:, 7],
+        flags=data[:, 8],
+        itl_count=data[:, 9],
+        itl_ns=itl,
+    )
+
+
+def stage_indexes_with_samples(run_pk: int) -> list[int]:
+    rows = database_proxy.execute_sql(
+        "SELECT DISTINCT stage_idx FROM sample_batches WHERE run_pk = ? ORDER BY stage_idx",
+        (run_pk,),
+    ).fetchall()
+    return [int(r[0]) for r in rows]
+
+
+def count_samples(run_pk: int) -> int:
+    row = database_proxy.execute_sql("SELECT COUNT(*) FROM samples WHERE run_pk = ?", (run_pk,))
+    return int(row.fetchone()[0])
