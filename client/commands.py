@@ -9,13 +9,14 @@ import time
 import uuid
 
 import grpc
+from rich.console import Console
 from rich.live import Live
 
+from client import render
+from client.sdk import ControllerClient
 from common.durations import parse_duration
 from common.grpc_options import API_KEY_ENV
 from common.proto.loadtest.v1 import run_pb2
-from client import render
-from client.sdk import ControllerClient
 
 CONTROLLER_ENV = "LLM_LOADTEST_CONTROLLER"
 TARGET_API_KEY_ENV = "LLM_LOADTEST_TARGET_API_KEY"
@@ -60,17 +61,27 @@ def _header(text: str) -> tuple[str, str]:
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add_connection_arguments(parser)
-    parser.add_argument("--target", required=True, help="base URL of the OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1")
+    parser.add_argument(
+        "--target", required=True, help="base URL of the OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1"
+    )
     parser.add_argument("--model", required=True, help="model name sent with each request")
     parser.add_argument("--api-kind", choices=["chat", "completions"], default="chat")
-    parser.add_argument("--concurrency", type=_int_list, default=[1], help="closed-loop concurrency; a list (1,8,32) makes one stage per value")
-    parser.add_argument("--duration", type=_duration, default=None, help="duration of each stage, e.g. 10s (default 10s unless --requests)")
-    parser.add_argument("--requests", type=int, default=0, help="requests per stage (with --duration: whichever comes first)")
+    parser.add_argument(
+        "--concurrency", type=_int_list, default=[1], help="closed-loop concurrency; 1,8,32 makes one stage per value"
+    )
+    parser.add_argument(
+        "--duration", type=_duration, default=None, help="duration of each stage, e.g. 10s (default 10s unless --requests)"
+    )
+    parser.add_argument(
+        "--requests", type=int, default=0, help="requests per stage (with --duration: whichever comes first)"
+    )
     parser.add_argument("--input-tokens", type=int, default=128, help="prompt length in tokens")
     parser.add_argument("--output-tokens", type=int, default=128, help="max_tokens of each request")
     parser.add_argument("--seed", type=int, default=0, help="seed for prompts (0: random, reported in the spec)")
     parser.add_argument("--agents", type=int, default=1, help="agents sharing each stage")
-    parser.add_argument("--header", type=_header, action="append", default=[], help="extra HTTP header NAME:VALUE (repeatable)")
+    parser.add_argument(
+        "--header", type=_header, action="append", default=[], help="extra HTTP header NAME:VALUE (repeatable)"
+    )
     parser.add_argument("--target-api-key", default=os.environ.get(TARGET_API_KEY_ENV, ""),
                         help=f"API key of the model server (default: ${TARGET_API_KEY_ENV})")
     parser.add_argument("--request-timeout", type=_duration, default=None, help="per-request timeout (default 300s)")
@@ -113,7 +124,7 @@ async def watch_until_done(client: ControllerClient, run_id: str) -> run_pb2.Run
     err = sys.stderr
     final: run_pb2.RunResult | None = None
     if sys.stderr.isatty():
-        with Live(console=render.Console(file=sys.stderr), refresh_per_second=4, transient=True) as live:
+        with Live(console=Console(file=sys.stderr), refresh_per_second=4, transient=True) as live:
             async for update in client.watch(run_id):
                 for e in update.events:
                     live.console.print(f"[dim]{e.kind}[/] {e.message}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import signal
 import sys
 import tempfile
@@ -27,7 +26,9 @@ STOP_TIMEOUT_S = 15.0
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--db", default="llm-loadtest.db", help="SQLite database file (kept after the run)")
     parser.add_argument("--concurrency", type=commands._int_list, default=[1, 8, 32], help="stages (default 1,8,32)")
-    parser.add_argument("--duration", type=commands._duration, default=10.0, help="duration of each stage (default 10s)")
+    parser.add_argument(
+        "--duration", type=commands._duration, default=10.0, help="duration of each stage (default 10s)"
+    )
     parser.add_argument("--ttft-ms", type=float, default=50.0, help="mock time to first token")
     parser.add_argument("--itl-ms", type=float, default=10.0, help="mock inter-token latency")
     parser.add_argument("--output-tokens", type=int, default=64, help="tokens per response")
@@ -71,7 +72,14 @@ async def _spawn(name: str, args: list[str], log_dir: Path) -> _Process:
     return _Process(name, proc, log_path)
 
 
+async def _wait_for_agent(client: ControllerClient) -> None:
+    async with asyncio.timeout(START_TIMEOUT_S):
+        while not await client.list_agents():  # noqa: ASYNC110 - polling another process
+            await asyncio.sleep(0.1)
+
+
 async def quickstart(args: argparse.Namespace) -> int:
+    db_file = Path(args.db).resolve()
     log_dir = Path(tempfile.mkdtemp(prefix="llm-loadtest-quickstart-"))
     procs: list[_Process] = []
     try:
@@ -87,11 +95,8 @@ async def quickstart(args: argparse.Namespace) -> int:
         agent = await _spawn("agent", ["agent", "--controller", address, "--name", "quickstart-agent"], log_dir)
         procs.append(agent)
         async with ControllerClient(address, timeout_s=10.0) as client:
-            async with asyncio.timeout(START_TIMEOUT_S):
-                while not await client.list_agents():
-                    await asyncio.sleep(0.1)
-            print(f"mock at {target}, controller at {address}, database {os.path.abspath(args.db)}",
-                  file=sys.stderr)  # fmt: skip
+            await _wait_for_agent(client)
+            print(f"mock at {target}, controller at {address}, database {db_file}", file=sys.stderr)
             run_args = argparse.Namespace(
                 target=target, model="mock", api_kind="chat", concurrency=args.concurrency,
                 duration=args.duration, requests=0, input_tokens=128, output_tokens=args.output_tokens,

@@ -40,7 +40,7 @@ class ControllerClient:
             await self._channel.channel_ready()
 
     async def create_run(self, spec: run_pb2.RunSpec, request_id: str = "") -> run_pb2.Run:
-        response = await self._stub.CreateRun(
+        response: run_service_pb2.CreateRunResponse = await self._stub.CreateRun(
             run_service_pb2.CreateRunRequest(spec=spec, request_id=request_id),
             metadata=self._metadata,
             timeout=self.timeout_s,
@@ -48,7 +48,7 @@ class ControllerClient:
         return response.run
 
     async def get_run(self, run_id: str) -> run_pb2.Run:
-        response = await self._stub.GetRun(
+        response: run_service_pb2.GetRunResponse = await self._stub.GetRun(
             run_service_pb2.GetRunRequest(run_id=run_id), metadata=self._metadata, timeout=self.timeout_s
         )
         return response.run
@@ -56,16 +56,17 @@ class ControllerClient:
     async def list_runs(
         self, page_size: int = 50, page_token: str = "", state: int = 0, model: str = ""
     ) -> run_service_pb2.ListRunsResponse:
-        return await self._stub.ListRuns(
+        response: run_service_pb2.ListRunsResponse = await self._stub.ListRuns(
             run_service_pb2.ListRunsRequest(
                 page_size=page_size, page_token=page_token, state=state, model=model  # type: ignore[arg-type]
             ),
             metadata=self._metadata,
             timeout=self.timeout_s,
         )
+        return response
 
     async def cancel_run(self, run_id: str, reason: str = "") -> run_pb2.Run:
-        response = await self._stub.CancelRun(
+        response: run_service_pb2.CancelRunResponse = await self._stub.CancelRun(
             run_service_pb2.CancelRunRequest(run_id=run_id, reason=reason),
             metadata=self._metadata,
             timeout=self.timeout_s,
@@ -78,7 +79,7 @@ class ControllerClient:
         )
 
     async def get_result(self, run_id: str) -> run_pb2.RunResult:
-        response = await self._stub.GetRunResult(
+        response: run_service_pb2.GetRunResultResponse = await self._stub.GetRunResult(
             run_service_pb2.GetRunResultRequest(run_id=run_id),
             metadata=self._metadata,
             timeout=self.timeout_s,
@@ -86,7 +87,7 @@ class ControllerClient:
         return response.result
 
     async def list_agents(self) -> list[run_pb2.Agent]:
-        response = await self._stub.ListAgents(
+        response: run_service_pb2.ListAgentsResponse = await self._stub.ListAgents(
             run_service_pb2.ListAgentsRequest(), metadata=self._metadata, timeout=self.timeout_s
         )
         return list(response.agents)

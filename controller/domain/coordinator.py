@@ -304,10 +304,12 @@ class RunCoordinator:
         deadline = None
         if planned_s > 0:
             deadline = planned_s + _duration_s(ex.spec.target.request_timeout) + STAGE_SLACK_S
-        all_done = asyncio.ensure_future(asyncio.gather(*(a.done.wait() for a in active)))
-        cancelled = asyncio.ensure_future(ex.cancelled.wait())
+        all_done: asyncio.Future[list[bool]] = asyncio.ensure_future(
+            asyncio.gather(*(a.done.wait() for a in active))
+        )
+        cancelled: asyncio.Future[list[bool]] = asyncio.ensure_future(asyncio.gather(ex.cancelled.wait()))
         try:
-            await asyncio.wait({all_done, cancelled}, timeout=deadline, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([all_done, cancelled], timeout=deadline, return_when=asyncio.FIRST_COMPLETED)
             if not all_done.done():
                 why = ex.cancel_reason if ex.cancelled.is_set() else "stage overran its deadline"
                 for a in active:

@@ -74,7 +74,8 @@ def live_ttft_ms(batch: agent_service_pb2.SampleBatch) -> np.ndarray:
     flags = np.asarray(batch.flags, dtype=np.int64)
     first = np.asarray(batch.first_token_ns, dtype=np.int64)
     keep = (status == repo.OK_STATUS) & ((flags & repo.WARMUP_FLAG) == 0) & (first > 0)
-    return first[keep] / 1e6
+    ttft: np.ndarray = first[keep] / 1e6
+    return ttft
 
 
 class Ingestor:
@@ -120,11 +121,11 @@ class Ingestor:
                 # Nothing was committed, so nothing is acked: the agents replay these
                 # batches after their next reconnect.
                 log.exception("ingest_failed", batches=len(items))
-                outcomes = None
-            for item, outcome in zip(items, outcomes or [None] * len(items), strict=True):
-                if outcome is not None:
-                    try:
-                        item.on_committed(outcome, item.ttft_ms)
-                    except Exception:
-                        log.exception("ingest_callback_failed", assignment_id=item.assignment_id)
+                outcomes = []
+            for item, outcome in zip(items, outcomes, strict=False):
+                try:
+                    item.on_committed(outcome, item.ttft_ms)
+                except Exception:
+                    log.exception("ingest_callback_failed", assignment_id=item.assignment_id)
+            for _ in items:
                 self._queue.task_done()

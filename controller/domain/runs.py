@@ -17,6 +17,7 @@ from google.protobuf import json_format
 
 from common.metrics import StageMetrics, compute_stage_metrics
 from common.proto.loadtest.v1 import run_pb2
+from controller.domain.agents import AgentSession
 from controller.domain.coordinator import RunCoordinator
 from controller.domain.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from controller.domain.live import LiveSnapshot, RunHub
@@ -37,6 +38,10 @@ class StageOutcome:
     name: str
     concurrency: int
     metrics: StageMetrics
+
+
+def state_name(state: int) -> str:
+    return run_pb2.RunState.Name(state)  # type: ignore[arg-type]
 
 
 def new_run_id() -> str:
@@ -86,7 +91,7 @@ class Runs:
             raise NotFound(f"run {run_id!r} not found")
         return record
 
-    async def list(
+    async def list_runs(
         self, page_size: int, page_token: str, state: int, model: str
     ) -> tuple[list[repo.RunRecord], str]:
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
@@ -100,7 +105,7 @@ class Runs:
         record = await self.get(run_id)
         if record.is_final:
             raise FailedPrecondition(
-                f"run {run_id} already finished ({run_pb2.RunState.Name(record.state)})"
+                f"run {run_id} already finished ({state_name(record.state)})"
             )
         reason = reason[:500] or "cancelled by user"
         if self._coordinator.withdraw(run_id) or record.state == repo.PENDING:
@@ -117,7 +122,7 @@ class Runs:
     async def delete(self, run_id: str) -> None:
         record = await self.get(run_id)
         if not record.is_final:
-            raise FailedPrecondition(f"run {run_id} is {run_pb2.RunState.Name(record.state)}; cancel it first")
+            raise FailedPrecondition(f"run {run_id} is {state_name(record.state)}; cancel it first")
         await self._db.write(repo.delete_run, record.pk)
         log.info("run_deleted", run_id=run_id)
         self.hub.notify(run_id)
@@ -135,7 +140,7 @@ class Runs:
         ex = self._coordinator.executions.get(run_id)
         return ex.live.snapshot() if ex is not None else None
 
-    def agents(self) -> list[object]:
+    def agents(self) -> list[AgentSession]:
         return list(self._coordinator.registry.all())
 
 

@@ -39,7 +39,7 @@ class RunServiceServicer(run_service_pb2_grpc.RunServiceServicer):
     async def ListRuns(
         self, request: run_service_pb2.ListRunsRequest, context: grpc.aio.ServicerContext
     ) -> run_service_pb2.ListRunsResponse:
-        records, token = await self._runs.list(
+        records, token = await self._runs.list_runs(
             request.page_size, request.page_token, request.state, request.model
         )
         return run_service_pb2.ListRunsResponse(
@@ -102,5 +102,5 @@ class RunServiceServicer(run_service_pb2_grpc.RunServiceServicer):
         self, request: run_service_pb2.ListAgentsRequest, context: grpc.aio.ServicerContext
     ) -> run_service_pb2.ListAgentsResponse:
         return run_service_pb2.ListAgentsResponse(
-            agents=[convert.agent_message(s) for s in self._runs.agents()]  # type: ignore[arg-type]
+            agents=[convert.agent_message(s) for s in self._runs.agents()]
         )

@@ -54,30 +54,24 @@ class Database:
         finally:
             self.db.close()
 
-    async def write(self, fn: Callable[..., T], *args: object) -> T:
-        """Run `fn(*args)` in one transaction on the writer thread."""
-        return await self._run(self._writer, fn, args)
+    async def write(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+        """Run `fn(*args, **kwargs)` in one transaction on the writer thread."""
+        return await self._run(self._writer, functools.partial(fn, *args, **kwargs))
 
-    async def read(self, fn: Callable[..., T], *args: object) -> T:
-        """Run `fn(*args)` in a read transaction on the read pool."""
-        return await self._run(self._readers, fn, args)
+    async def read(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+        """Run `fn(*args, **kwargs)` in a read transaction on the read pool."""
+        return await self._run(self._readers, functools.partial(fn, *args, **kwargs))
 
-    async def _run(
-        self, pool: concurrent.futures.ThreadPoolExecutor, fn: Callable[..., T], args: tuple[object, ...]
-    ) -> T:
+    async def _run(self, pool: concurrent.futures.ThreadPoolExecutor, job: Callable[[], T]) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(pool, functools.partial(self._job, fn, args))
+        return await loop.run_in_executor(pool, self._job, job)
 
-    def _job(self, fn: Callable[..., T], args: tuple[object, ...]) -> T:
+    def _job(self, job: Callable[[], T]) -> T:
         # Connections are per thread and kept open for the thread's life: reopening one
         # per job costs more than the job for small reads.
         self.db.connect(reuse_if_open=True)
         with self.db.atomic():
-            return fn(*args)
-
-    def run_sync(self, fn: Callable[..., T], *args: object) -> T:
-        """Run a job on the calling thread (start-up and CLI tools, never the event loop)."""
-        return self._job(fn, args)
+            return job()
 
     def close(self) -> None:
         """Finish queued jobs, then close every thread's connection."""

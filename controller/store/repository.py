@@ -21,7 +21,6 @@ from controller.store.models import (
     RunEventRow,
     RunRow,
     RunSecretRow,
-    SampleBatchRow,
     StageRow,
     database_proxy,
 )

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Set up the project on a fresh machine: a virtual environment in .venv with the package
+# and its dependencies (and, with --dev, the test tools and buf from npm).
+# Idempotent and quick when nothing changed: installs are keyed on the files that define them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+dev=0
+[[ "${1:-}" == "--dev" ]] && dev=1
+
+python=${PYTHON:-}
+if [[ -z "$python" ]]; then
+  for candidate in python3.11 python3 python; do
+    if command -v "$candidate" >/dev/null 2>&1 &&
+       "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+      python=$candidate
+      break
+    fi
+  done
+fi
+[[ -n "$python" ]] || { echo "bootstrap: Python 3.11 or newer is required" >&2; exit 1; }
+
+if [[ ! -x .venv/bin/python ]]; then
+  echo "bootstrap: creating .venv with $python" >&2
+  "$python" -m venv .venv
+fi
+
+extras=""
+[[ $dev == 1 ]] && extras="[dev]"
+stamp=".venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)${dev}"
+if [[ ! -f "$stamp" ]]; then
+  echo "bootstrap: installing llm-loadtest${extras} into .venv" >&2
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip >&2
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".${extras}" >&2
+  rm -f .venv/.installed-*
+  touch "$stamp"
+fi
+
+if [[ $dev == 1 ]]; then
+  lock_stamp="node_modules/.installed-$(cat package.json package-lock.json | sha256sum | cut -c1-16)"
+  if [[ ! -f "$lock_stamp" ]]; then
+    command -v npm >/dev/null 2>&1 || { echo "bootstrap: npm is required for buf (proto lint)" >&2; exit 1; }
+    echo "bootstrap: installing buf from npm" >&2
+    npm ci --no-audit --no-fund --loglevel=error >&2
+    touch "$lock_stamp"
+  fi
+fi
