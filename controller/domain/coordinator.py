@@ -17,6 +17,7 @@ import hashlib
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import structlog
@@ -304,10 +305,10 @@ class RunCoordinator:
         deadline = None
         if planned_s > 0:
             deadline = planned_s + _duration_s(ex.spec.target.request_timeout) + STAGE_SLACK_S
-        all_done: asyncio.Future[list[bool]] = asyncio.ensure_future(
+        all_done: asyncio.Future[Any] = asyncio.ensure_future(
             asyncio.gather(*(a.done.wait() for a in active))
         )
-        cancelled: asyncio.Future[list[bool]] = asyncio.ensure_future(asyncio.gather(ex.cancelled.wait()))
+        cancelled: asyncio.Future[Any] = asyncio.ensure_future(ex.cancelled.wait())
         try:
             await asyncio.wait([all_done, cancelled], timeout=deadline, return_when=asyncio.FIRST_COMPLETED)
             if not all_done.done():
