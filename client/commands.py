@@ -147,6 +147,14 @@ async def watch_until_done(client: ControllerClient, run_id: str) -> run_pb2.Run
 
 
 async def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        return await _run(args)
+    except grpc.aio.AioRpcError as exc:
+        print(render.rpc_error_text(exc), file=sys.stderr)
+        return 2
+
+
+async def _run(args: argparse.Namespace) -> int:
     spec = build_spec(args)
     async with ControllerClient(args.controller, args.api_key, args.timeout) as client:
         run = await client.create_run(spec, request_id=uuid.uuid4().hex)
@@ -193,7 +201,7 @@ async def cmd_runs(args: argparse.Namespace) -> int:
         try:
             return await _runs(args, client)
         except grpc.aio.AioRpcError as exc:
-            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            print(render.rpc_error_text(exc), file=sys.stderr)
             return 1
 
 

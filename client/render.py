@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import sys
 
+import grpc
 from google.protobuf import json_format
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from rich.console import Console
 from rich.table import Table
 
@@ -70,6 +73,17 @@ def progress_line(update: run_service_pb2.WatchRunResponse) -> str:
         f"TTFT p50/p99={live.ttft_p50_ms:.0f}/{live.ttft_p99_ms:.0f}ms "
         f"{live.output_token_throughput:.0f} tok/s"
     )
+
+
+def rpc_error_text(exc: grpc.aio.AioRpcError) -> str:
+    """`CODE: details`, plus one line per field violation when the server sent them."""
+    lines = [f"error: {exc.code().name}: {exc.details()}"]
+    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    for detail in status.details if status is not None else ():
+        bad = error_details_pb2.BadRequest()
+        if detail.Unpack(bad):
+            lines.extend(f"  {v.field}: {v.description}" for v in bad.field_violations)
+    return "\n".join(lines)
 
 
 def to_json(message: object) -> str:

@@ -1,0 +1,11 @@
+"""Mock OpenAI-compatible model server with known latencies (`llm-loadtest mock-server`).
+
+The quickstart's default target and the ground truth of accuracy tests: TTFT, inter-token
+latency, output length and error rate are configured, so measurements can be checked.
+"""
+
+from mockserver.app import MockStats, create_app
+from mockserver.config import MockConfig
+from mockserver.server import MockServer
+
+__all__ = ["MockConfig", "MockServer", "MockStats", "create_app"]

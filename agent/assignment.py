@@ -1,0 +1,243 @@
+"""One assignment on this agent: the load path wired together, and its lifecycle.
+
+`AssignmentRunner` owns what an `Assign` needs: a `LoadSchedule` (when), an `OpenAIClient`
+(how), a `PromptGenerator` (what) and a `SampleBatcher` (where samples go). Its lifecycle:
+
+1. `start()` runs it as a task and emits `AssignmentUpdate(RUNNING)`.
+2. The schedule runs this agent's share of the stage; each request waits for batcher
+   backpressure, takes the next prompt, is sent, and its sample is added to the batcher
+   (also when the request is cancelled).
+3. When the schedule ends (or fails, or `cancel()` cancels it), the batcher is flushed and
+   a final `AssignmentUpdate` (COMPLETED, FAILED or CANCELLED) carries `batch_count`, so
+   the controller knows which batches to expect, and `requests_sent`.
+4. The runner then stays registered with the session until the controller has acked every
+   batch *and* sent an ack after the final update (`released`), so that after a reconnect
+   its unacked batches and its final update can be replayed (`replay_messages()`).
+
+The runner never touches the gRPC stream: everything it reports goes through `emit`, which
+the session points at the current connection's outbound queue (or drops while disconnected;
+the replay covers what was dropped).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TypeAlias
+from urllib.parse import urlsplit
+
+import structlog
+
+from agent.batcher import SampleBatcher
+from agent.client import OpenAIClient, TargetConfigError
+from agent.prompts import PromptGenerator
+from agent.sample import MAX_ERROR_CHARS, PROCESS_CLOCK_ANCHOR, ClockAnchor, RequestSample
+from agent.scheduler import LoadSchedule, UnsupportedStageError, schedule_for_stage
+from common.proto.loadtest.v1 import agent_service_pb2
+
+log = structlog.get_logger(__name__)
+
+Emit = Callable[[agent_service_pb2.ConnectRequest], None]
+AssignmentState: TypeAlias = agent_service_pb2.AssignmentState.ValueType
+
+_STATE_NAMES = {
+    agent_service_pb2.ASSIGNMENT_STATE_RUNNING: "running",
+    agent_service_pb2.ASSIGNMENT_STATE_COMPLETED: "completed",
+    agent_service_pb2.ASSIGNMENT_STATE_FAILED: "failed",
+    agent_service_pb2.ASSIGNMENT_STATE_CANCELLED: "cancelled",
+}
+
+
+class AssignmentRunner:
+    """Runs one `Assign` and keeps its results until the controller has them."""
+
+    def __init__(
+        self,
+        assign: agent_service_pb2.Assign,
+        emit: Emit,
+        *,
+        anchor: ClockAnchor = PROCESS_CLOCK_ANCHOR,
+        batcher: SampleBatcher | None = None,
+    ) -> None:
+        self._assign = assign
+        self._emit = emit
+        self._batcher = batcher or SampleBatcher(
+            assign.assignment_id, self._emit_batch, anchor=anchor
+        )
+        self._task: asyncio.Task[None] | None = None
+        self._load_task: asyncio.Task[None] | None = None
+        self._client: OpenAIClient | None = None
+        self._prompts = PromptGenerator(assign.workload)
+        self._cancel_reason: str | None = None
+        self._in_flight = 0
+        self._requests_sent = 0
+        self._final_update: agent_service_pb2.AssignmentUpdate | None = None
+        self._acked_after_final = False
+
+    @property
+    def assignment_id(self) -> str:
+        """The assignment's id."""
+        return self._assign.assignment_id
+
+    @property
+    def batcher(self) -> SampleBatcher:
+        """The assignment's batcher."""
+        return self._batcher
+
+    @property
+    def in_flight(self) -> int:
+        """Requests in flight now."""
+        return self._in_flight
+
+    @property
+    def requests_sent(self) -> int:
+        """Requests handed to the HTTP client so far."""
+        return self._requests_sent
+
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        """The running task, once started."""
+        return self._task
+
+    @property
+    def finished(self) -> bool:
+        """True once the final update has been produced."""
+        return self._final_update is not None
+
+    @property
+    def final_update(self) -> agent_service_pb2.AssignmentUpdate | None:
+        """The final update (COMPLETED, FAILED or CANCELLED), once finished."""
+        return self._final_update
+
+    @property
+    def released(self) -> bool:
+        """Finished, every batch acked, and an ack received after the final update."""
+        return self.finished and self._acked_after_final and self._batcher.all_acked
+
+    def start(self) -> asyncio.Task[None]:
+        """Start running the assignment as a task (reports RUNNING)."""
+        if self._task is None:
+            self._task = asyncio.create_task(
+                self._run(), name=f"assignment-{self.assignment_id}"
+            )
+        return self._task
+
+    def cancel(self, reason: str) -> None:
+        """Cancel in-flight requests and stop; the runner then reports CANCELLED."""
+        if self._cancel_reason is None:
+            self._cancel_reason = reason or "cancelled"
+        if self._load_task is not None:
+            self._load_task.cancel()
+
+    def ack(self, batch_seq: int) -> None:
+        """The controller committed every batch with batch_seq <= `batch_seq`."""
+        self._batcher.ack(batch_seq)
+        if self._final_update is not None and batch_seq >= self._final_update.batch_count:
+            self._acked_after_final = True
+
+    def current_update(self) -> agent_service_pb2.AssignmentUpdate:
+        """The final update when finished, else a RUNNING update with progress."""
+        if self._final_update is not None:
+            return self._final_update
+        return agent_service_pb2.AssignmentUpdate(
+            assignment_id=self.assignment_id,
+            state=agent_service_pb2.ASSIGNMENT_STATE_RUNNING,
+            batch_count=self._batcher.batch_count,
+            requests_sent=self._requests_sent,
+        )
+
+    def replay_messages(self) -> list[agent_service_pb2.ConnectRequest]:
+        """What a new connection must carry: unacked batches in order, then the final update."""
+        messages = [
+            agent_service_pb2.ConnectRequest(sample_batch=batch)
+            for batch in self._batcher.unacked()
+        ]
+        if self._final_update is not None:
+            messages.append(agent_service_pb2.ConnectRequest(assignment_update=self._final_update))
+        return messages
+
+    def _emit_batch(self, batch: agent_service_pb2.SampleBatch) -> None:
+        self._emit(agent_service_pb2.ConnectRequest(sample_batch=batch))
+
+    async def _run(self) -> None:
+        assign = self._assign
+        self._emit(agent_service_pb2.ConnectRequest(assignment_update=self.current_update()))
+        log.info(
+            "assignment_started",
+            assignment_id=assign.assignment_id,
+            run_id=assign.run_id,
+            stage_index=assign.stage_index,
+            concurrency=assign.stage.concurrency,
+            duration_s=assign.stage.duration.ToNanoseconds() / 1e9,
+            requests=assign.stage.requests,
+            model=assign.target.model,
+            # Host only: a base URL may carry credentials in its user-info part.
+            target_host=urlsplit(assign.target.base_url).hostname,
+        )
+        flusher = asyncio.create_task(self._batcher.run(), name="sample-flusher")
+        state: AssignmentState = agent_service_pb2.ASSIGNMENT_STATE_CANCELLED
+        message = "agent stopped"
+        try:
+            schedule: LoadSchedule = schedule_for_stage(assign.stage)
+            self._client = OpenAIClient(assign.target)
+            self._load_task = asyncio.create_task(schedule.run(self._send_one), name="load")
+            if self._cancel_reason is not None:  # cancelled before the load began
+                self._load_task.cancel()
+            await self._load_task
+            state, message = agent_service_pb2.ASSIGNMENT_STATE_COMPLETED, ""
+        except asyncio.CancelledError:
+            state = agent_service_pb2.ASSIGNMENT_STATE_CANCELLED
+            message = self._cancel_reason or "agent stopped"
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # our own task is being cancelled, not just the load: propagate
+            # Otherwise the CancelledError is the load task's, caused by cancel(): done.
+        except (UnsupportedStageError, TargetConfigError) as exc:
+            state, message = agent_service_pb2.ASSIGNMENT_STATE_FAILED, str(exc)
+        except Exception as exc:
+            log.exception("assignment_error", assignment_id=assign.assignment_id)
+            state = agent_service_pb2.ASSIGNMENT_STATE_FAILED
+            message = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
+        finally:
+            flusher.cancel()
+            if self._load_task is not None and not self._load_task.done():
+                self._load_task.cancel()
+            # Synchronous first: even if this task is cancelled again while closing the
+            # client below, the samples and the final update are already on their way.
+            self._batcher.flush()
+            self._finish(state, message)
+            if self._client is not None:
+                await self._client.close()
+
+    async def _send_one(self, scheduled_ns: int) -> None:
+        assert self._client is not None  # set before the schedule starts
+        await self._batcher.wait_writable()
+        prompt = self._prompts.next_prompt()
+        sample = RequestSample(scheduled_ns=scheduled_ns)
+        self._in_flight += 1
+        self._requests_sent += 1
+        try:
+            await self._client.send(prompt.text, prompt.max_tokens, sample)
+        finally:
+            # Also on cancellation: the client has marked the sample `cancelled`.
+            self._in_flight -= 1
+            self._batcher.add(sample)
+
+    def _finish(self, state: AssignmentState, message: str) -> None:
+        update = agent_service_pb2.AssignmentUpdate(
+            assignment_id=self.assignment_id,
+            state=state,
+            message=message,
+            batch_count=self._batcher.batch_count,
+            requests_sent=self._requests_sent,
+        )
+        self._final_update = update
+        self._emit(agent_service_pb2.ConnectRequest(assignment_update=update))
+        log.info(
+            "assignment_finished",
+            assignment_id=self.assignment_id,
+            state=_STATE_NAMES.get(state, "unspecified"),
+            message=message,
+            requests_sent=self._requests_sent,
+            batch_count=self._batcher.batch_count,
+        )

@@ -1,0 +1,248 @@
+"""How a request is sent: OpenAI-compatible chat/completions over one shared aiohttp session.
+
+`OpenAIClient` is created per assignment from its `Target`. `send()` performs one request
+and fills in a `RequestSample`; it never raises for anything that happens on the wire:
+HTTP errors, timeouts, broken connections and malformed streams become samples with an
+error status. The one exception that passes through is `asyncio.CancelledError` (a cancelled
+run or stage), after the sample has been marked `cancelled`, because swallowing it would
+break the cancellation of the task that awaits us.
+
+Timing: `sent` is stamped just before the request is handed to aiohttp; every body read is
+stamped with `perf_counter_ns()` as it arrives and only then parsed (`agent.sse`), so JSON
+decoding never inflates a latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from agent.sample import MAX_ERROR_CHARS, RequestSample, RequestStatus
+from agent.sse import StreamParser, error_message, parse_json_body
+from common.proto.loadtest.v1 import run_pb2
+from common.version import __version__
+
+DEFAULT_REQUEST_TIMEOUT_S = 300.0
+
+# Enough of an error body for the server's message; more would only bloat the samples.
+_ERROR_BODY_BYTES = 1024
+
+_REDACTED = "[redacted]"
+
+
+class TargetConfigError(ValueError):
+    """The target cannot be used (bad URL scheme, no model)."""
+
+
+def request_timeout_s(target: run_pb2.Target) -> float:
+    """The target's per-request timeout in seconds (300 s when unset)."""
+    if target.HasField("request_timeout"):
+        seconds = target.request_timeout.ToNanoseconds() / 1e9
+        if seconds > 0:
+            return seconds
+    return DEFAULT_REQUEST_TIMEOUT_S
+
+
+class OpenAIClient:
+    """Sends completion requests to one target and records what happened.
+
+    Must be created inside a running event loop (aiohttp binds its session to it); close it
+    with `close()` or use it as an async context manager.
+    """
+
+    def __init__(self, target: run_pb2.Target) -> None:
+        base_url = target.base_url.rstrip("/")
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise TargetConfigError("target base_url must be an http:// or https:// URL")
+        if not target.model:
+            raise TargetConfigError("target model is required")
+        self._chat = target.api_kind != run_pb2.API_KIND_COMPLETIONS
+        self._url = base_url + ("/chat/completions" if self._chat else "/completions")
+        self._model = target.model
+        self._stream = target.stream if target.HasField("stream") else True
+        self._timeout_s = request_timeout_s(target)
+
+        headers: dict[str, str] = {
+            "Content-Type": "application/json",
+            "User-Agent": f"llm-loadtest/{__version__}",
+        }
+        headers.update(target.headers)
+        if target.api_key:
+            headers["Authorization"] = f"Bearer {target.api_key}"
+        # Values that must never reach an error string (and so the store or a log), even
+        # if a server echoes them back in an error body.
+        secrets = [target.api_key, *target.headers.values(), parts.password or ""]
+        self._secrets = tuple(s for s in secrets if len(s) >= 4)
+
+        self._session = aiohttp.ClientSession(
+            # limit=0: the scheduler decides concurrency; a connector cap would add hidden
+            # client-side queueing that no sample would show.
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+            timeout=aiohttp.ClientTimeout(total=self._timeout_s),
+            headers=headers,
+        )
+
+    @property
+    def streaming(self) -> bool:
+        """Whether responses are requested as SSE streams."""
+        return self._stream
+
+    async def __aenter__(self) -> OpenAIClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the HTTP session and its connections."""
+        await self._session.close()
+
+    def encode_body(self, prompt: str, max_tokens: int) -> bytes:
+        """The JSON request body for one prompt."""
+        body: dict[str, Any] = {"model": self._model, "max_tokens": max_tokens}
+        if self._chat:
+            body["messages"] = [{"role": "user", "content": prompt}]
+        else:
+            body["prompt"] = prompt
+        body["stream"] = self._stream
+        if self._stream:
+            body["stream_options"] = {"include_usage": True}
+        return json.dumps(body).encode()
+
+    async def send(
+        self, prompt: str, max_tokens: int, sample: RequestSample | None = None
+    ) -> RequestSample:
+        """Send one request; return its sample (the one given, filled in, or a new one).
+
+        The caller may pass the sample (with `scheduled_ns` set) so it still holds the
+        partial measurements if this coroutine is cancelled.
+        """
+        if sample is None:
+            sample = RequestSample()
+        body = self.encode_body(prompt, max_tokens)
+        parser = StreamParser(sample, chat=self._chat) if self._stream else None
+        clock = time.perf_counter_ns
+        sample.sent_ns = clock()
+        if not sample.scheduled_ns:
+            sample.scheduled_ns = sample.sent_ns
+        try:
+            async with self._session.post(self._url, data=body, allow_redirects=False) as resp:
+                if resp.status >= 300:
+                    await self._record_http_error(resp, sample)
+                elif parser is not None:
+                    async for chunk in resp.content.iter_any():
+                        parser.feed(chunk, clock())
+                        if parser.closed and not parser.done:
+                            break  # protocol error: the rest of the body cannot help
+                    # After [DONE] we still read to the end so the connection is reused.
+                    parser.finish(clock())
+                else:
+                    await self._read_json(resp, sample)
+        except TimeoutError:
+            self._record_error(
+                sample, parser, run_pb2.REQUEST_STATUS_TIMEOUT,
+                f"request timed out after {self._timeout_s:g} s",
+            )
+        except asyncio.CancelledError:
+            self._record_error(sample, parser, run_pb2.REQUEST_STATUS_CANCELLED, "cancelled")
+            raise
+        except (aiohttp.ClientError, OSError) as exc:
+            # ClientConnectionError, ClientPayloadError (body cut short) and socket errors.
+            self._record_error(
+                sample, parser, run_pb2.REQUEST_STATUS_CONNECTION, f"{type(exc).__name__}: {exc}"
+            )
+        except Exception as exc:
+            # Anything else aiohttp raises while talking to the server (e.g. a header it
+            # refuses to send) is still one failed request, not a reason to stop the load.
+            self._record_error(
+                sample, parser, run_pb2.REQUEST_STATUS_CONNECTION,
+                f"client error: {type(exc).__name__}: {exc}",
+            )
+        return sample
+
+    async def _read_json(self, resp: aiohttp.ClientResponse, sample: RequestSample) -> None:
+        clock = time.perf_counter_ns
+        chunks: list[bytes] = []
+        last_ns = 0
+        async for chunk in resp.content.iter_any():
+            last_ns = clock()
+            if not sample.first_byte_ns:
+                sample.first_byte_ns = last_ns
+            chunks.append(chunk)
+        sample.done_ns = last_ns or clock()
+        parse_json_body(sample, b"".join(chunks), chat=self._chat)
+
+    async def _record_http_error(self, resp: aiohttp.ClientResponse, sample: RequestSample) -> None:
+        code = resp.status
+        status: RequestStatus
+        if 400 <= code < 500:
+            status = run_pb2.REQUEST_STATUS_HTTP_4XX
+        elif code >= 500:
+            status = run_pb2.REQUEST_STATUS_HTTP_5XX
+        else:  # redirects are not followed: a model endpoint that moved is misconfigured
+            status = run_pb2.REQUEST_STATUS_PROTOCOL
+        # Status first: if reading the body fails, the HTTP status stays the outcome.
+        sample.fail(status, f"HTTP {code}")
+        clock = time.perf_counter_ns
+        body = bytearray()
+        while len(body) < _ERROR_BODY_BYTES:
+            chunk = await resp.content.readany()
+            if not chunk:
+                break
+            if not sample.first_byte_ns:
+                sample.first_byte_ns = clock()
+            body += chunk
+        sample.done_ns = clock()
+        detail = _error_detail(bytes(body[:_ERROR_BODY_BYTES]))
+        if detail:
+            sample.error = self._redact(f"HTTP {code}: {detail}")[:MAX_ERROR_CHARS]
+
+    def _record_error(
+        self,
+        sample: RequestSample,
+        parser: StreamParser | None,
+        status: RequestStatus,
+        message: str,
+    ) -> None:
+        if parser is not None:
+            parser.settle_tokens()
+            if parser.done:
+                return  # the response was complete; only the trailing read failed
+        if not sample.done_ns:
+            sample.done_ns = time.perf_counter_ns()
+        sample.fail(status, self._redact(message))
+
+    def _redact(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, _REDACTED)
+        return text
+
+
+def _error_detail(body: bytes) -> str:
+    """The server's error message from an error body (JSON `error` if present)."""
+    text = body.decode("utf-8", errors="replace").strip()
+    if text.startswith("{"):
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            pass
+        else:
+            if isinstance(parsed, Mapping):
+                for key in ("error", "detail", "message"):
+                    if parsed.get(key):
+                        return error_message(parsed[key])
+    return " ".join(text.split())[:MAX_ERROR_CHARS]

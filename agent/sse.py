@@ -1,0 +1,232 @@
+"""Parsing of OpenAI-compatible response bodies into a `RequestSample`.
+
+`StreamParser` consumes a server-sent-events body incrementally, one network read at a time,
+each read stamped with the `perf_counter_ns()` reading taken when its bytes arrived; it never
+does I/O, so tests feed it byte chunks directly. `parse_json_body` handles the non-streaming
+answer. Definitions follow METRICS.md:
+
+* `first_byte`: the first body bytes.
+* a *text-carrying event* is a `data:` event with a non-empty delta `content`,
+  `reasoning_content` or `reasoning` (chat) or `text` (completions). The first chat chunk
+  that only announces the role (content null or "") is not one.
+* `first_token` / `last_token`: the first / last text-carrying event; every gap between
+  consecutive ones is an ITL value.
+* `done`: the `[DONE]` event, or the end of the stream when the server sent a
+  `finish_reason` but no `[DONE]`; a stream with neither is a protocol error.
+* usage: from any event with a non-null `usage` object (the final chunk usually has
+  `choices: []`); with none, output tokens = number of text-carrying events (estimated).
+
+Each `data:` line is taken as one event (OpenAI-compatible servers put each JSON chunk on
+one line; multi-line `data:` events are not used by them). An event is stamped with the
+read that completed its line, since that is when the whole event had arrived. Only lines
+starting with `data: {` are JSON-decoded: keep-alive comments, `event:`/`id:` fields and
+blank lines cost one `startswith` each.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from agent.sample import MAX_ERROR_CHARS, RequestSample
+from common.proto.loadtest.v1 import run_pb2
+
+_PROTOCOL = run_pb2.REQUEST_STATUS_PROTOCOL
+_OK = run_pb2.REQUEST_STATUS_OK
+
+# A line longer than this without a newline is not SSE from a model server; refusing it
+# bounds the memory one misbehaving response can take.
+MAX_LINE_BYTES = 1 << 20
+
+_CHAT_TEXT_KEYS = ("content", "reasoning_content", "reasoning")
+
+
+def error_message(error: Any) -> str:
+    """A short description of an OpenAI-style `error` value (object or string)."""
+    if isinstance(error, dict):
+        message = error.get("message")
+        text = message if isinstance(message, str) and message else json.dumps(error)
+    else:
+        text = str(error)
+    return text[:MAX_ERROR_CHARS]
+
+
+def _apply_usage(sample: RequestSample, usage: Any) -> None:
+    prompt = usage.get("prompt_tokens")
+    completion = usage.get("completion_tokens")
+    if isinstance(completion, int) and completion >= 0:
+        sample.output_tokens = completion
+        sample.usage_from_server = True
+    if isinstance(prompt, int) and prompt >= 0:
+        sample.prompt_tokens = prompt
+
+
+class StreamParser:
+    """Incremental SSE parser writing timings, usage and outcome into one sample.
+
+    Call `feed(chunk, arrival_ns)` for every read and `finish(eof_ns)` at the end of the
+    body. After a protocol error or `[DONE]` further input is ignored (`closed` is true),
+    so the caller may stop reading early.
+    """
+
+    __slots__ = ("_chat", "_closed", "_done", "_finished", "_sample", "_tail", "_text_events")
+
+    def __init__(self, sample: RequestSample, *, chat: bool) -> None:
+        self._sample = sample
+        self._chat = chat
+        self._tail = b""
+        self._text_events = 0
+        self._done = False
+        self._finished = False
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        """True once `[DONE]` or a protocol error was seen."""
+        return self._closed
+
+    @property
+    def done(self) -> bool:
+        """True once the response completed normally (`[DONE]` seen)."""
+        return self._done
+
+    @property
+    def text_events(self) -> int:
+        """Number of text-carrying events so far."""
+        return self._text_events
+
+    def feed(self, data: bytes, now_ns: int) -> None:
+        """Consume one read of the body that arrived at `now_ns`."""
+        sample = self._sample
+        if not sample.first_byte_ns:
+            sample.first_byte_ns = now_ns
+        if self._closed:
+            return
+        if self._tail:
+            data = self._tail + data
+        lines = data.split(b"\n")
+        self._tail = lines.pop()
+        for line in lines:
+            if line.startswith(b"data:"):
+                self._data_line(line, now_ns)
+                if self._closed:
+                    return
+        if len(self._tail) > MAX_LINE_BYTES:
+            self._protocol_error(f"SSE line longer than {MAX_LINE_BYTES} bytes")
+
+    def finish(self, now_ns: int) -> None:
+        """The body ended at `now_ns`: settle the outcome and the token counts."""
+        if not self._closed and self._tail:
+            # A last line without its newline still counts: the body ended, so it is whole.
+            tail, self._tail = self._tail, b""
+            if tail.startswith(b"data:"):
+                self._data_line(tail, now_ns)
+        sample = self._sample
+        if not self._closed:
+            if self._finished:
+                sample.done_ns = now_ns
+                sample.status = _OK
+            else:
+                self._protocol_error("stream ended without [DONE] or finish_reason")
+        self.settle_tokens()
+
+    def settle_tokens(self) -> None:
+        """Without server usage, estimate output tokens as the number of text events."""
+        if not self._sample.usage_from_server:
+            self._sample.output_tokens = self._text_events
+
+    def _data_line(self, line: bytes, now_ns: int) -> None:
+        if line.startswith(b"data: {"):
+            payload = line[6:]
+        else:
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                self._sample.done_ns = now_ns
+                self._sample.status = _OK
+                self._done = True
+                self._closed = True
+                return
+            if not payload.startswith(b"{"):
+                if payload:
+                    self._protocol_error(f"unexpected SSE data: {payload[:60]!r}")
+                return
+        try:
+            event = json.loads(payload)
+        except ValueError:
+            self._protocol_error(f"malformed JSON in SSE event: {payload[:60]!r}")
+            return
+        try:
+            self._event(event, now_ns)
+        except (AttributeError, TypeError):
+            self._protocol_error(f"unexpected SSE event shape: {payload[:60]!r}")
+
+    def _event(self, event: Any, now_ns: int) -> None:
+        error = event.get("error")
+        if error is not None:
+            self._protocol_error(f"error event: {error_message(error)}")
+            return
+        choices = event.get("choices")
+        if choices:
+            text = False
+            for choice in choices:
+                if self._chat:
+                    delta = choice.get("delta")
+                    if delta and any(delta.get(key) for key in _CHAT_TEXT_KEYS):
+                        text = True
+                elif choice.get("text"):
+                    text = True
+                if choice.get("finish_reason"):
+                    self._finished = True
+            if text:
+                sample = self._sample
+                if sample.first_token_ns:
+                    sample.itl_ns.append(now_ns - sample.last_token_ns)
+                else:
+                    sample.first_token_ns = now_ns
+                sample.last_token_ns = now_ns
+                self._text_events += 1
+        usage = event.get("usage")
+        if usage:
+            _apply_usage(self._sample, usage)
+
+    def _protocol_error(self, message: str) -> None:
+        self._sample.fail(_PROTOCOL, message)
+        self._closed = True
+
+
+def parse_json_body(sample: RequestSample, body: bytes, *, chat: bool) -> None:
+    """Fill outcome and usage from a non-streaming JSON answer.
+
+    There are no token events, so `first_token`/`last_token` stay absent. Without server
+    usage the output count is estimated as the number of words of the answer, which is
+    what the word-per-token prompts make comparable.
+    """
+    try:
+        answer = json.loads(body)
+        if not isinstance(answer, dict):
+            raise TypeError("not an object")
+        error = answer.get("error")
+        if error is not None:
+            sample.fail(_PROTOCOL, f"error response: {error_message(error)}")
+            return
+        choices = answer.get("choices")
+        if not isinstance(choices, list) or not choices:
+            sample.fail(_PROTOCOL, "response has no choices")
+            return
+        words = 0
+        for choice in choices:
+            if chat:
+                message = choice.get("message") or {}
+                text = message.get("content") or message.get("reasoning_content") or ""
+            else:
+                text = choice.get("text") or ""
+            words += len(str(text).split())
+        usage = answer.get("usage")
+        if usage:
+            _apply_usage(sample, usage)
+        if not sample.usage_from_server:
+            sample.output_tokens = words
+    except (ValueError, TypeError, AttributeError) as exc:
+        sample.fail(_PROTOCOL, f"malformed JSON response: {exc}")
+        return
+    sample.status = _OK

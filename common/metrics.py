@@ -1,0 +1,524 @@
+"""Metric math: per-request samples in, the numbers of one stage out.
+
+The controller keeps every request's sample and computes results from them here, so this module
+is the one place where the definitions of shared/METRICS.md become arithmetic. It is pure numpy
+(no I/O, no grpc) and vectorised throughout: a stage may hold millions of requests and a hundred
+inter-token gaps each, so there is no Python loop per request or per gap, only per 1-second bucket.
+
+Times in samples are integer nanoseconds; `sent_unix_ns` is the agent's wall clock and every other
+time is an offset from `sent` (0 meaning "did not happen"). Results are in milliseconds (latencies)
+and seconds (duration, rates).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Final, Self
+
+import numpy as np
+import numpy.typing as npt
+
+IntArray = npt.NDArray[np.int64]
+FloatArray = npt.NDArray[np.float64]
+BoolArray = npt.NDArray[np.bool_]
+
+STATUS_OK: Final = 1
+# Bit 0 of `flags`: token counts came from the server's `usage`, not from counting events.
+FLAG_USAGE: Final = 1
+# Bit 1 of `flags`: a warmup request, excluded from every metric.
+FLAG_WARMUP: Final = 2
+
+# Status code (loadtest.v1.RequestStatus) -> error kind, as reported in `StageMetrics.errors`.
+ERROR_KINDS: Final[Mapping[int, str]] = MappingProxyType(
+    {2: "http_4xx", 3: "http_5xx", 4: "timeout", 5: "connection", 6: "protocol", 7: "cancelled"}
+)
+# A status this version does not know (e.g. from a newer agent) is still a failure: counting it
+# under its own key keeps failed traffic from disappearing out of the results.
+UNKNOWN_ERROR_KIND: Final = "unknown"
+
+PERCENTILES: Final = (50.0, 90.0, 95.0, 99.0, 99.9)
+_NS_PER_MS: Final = 1e6
+_NS_PER_S: Final = 1_000_000_000
+
+
+def error_kind_name(status: int) -> str:
+    """The error kind of a failed request's status code; raises ValueError for OK."""
+    if status == STATUS_OK:
+        raise ValueError("status 1 (OK) is not an error")
+    return ERROR_KINDS.get(status, UNKNOWN_ERROR_KIND)
+
+
+# eq=False: the generated __eq__ would compare arrays element-wise and raise on truth testing.
+@dataclass(frozen=True, eq=False)
+class SampleColumns:
+    """Per-request samples as columns: entry i of every per-request column is request i.
+
+    `itl_ns` is the exception: the inter-token gaps of all requests concatenated in request
+    order, request i contributing `itl_count[i]` of them. Columns are coerced to 1-D int64.
+    """
+
+    sent_unix_ns: IntArray
+    queue_delay_ns: IntArray
+    first_token_ns: IntArray
+    last_token_ns: IntArray
+    done_ns: IntArray
+    prompt_tokens: IntArray
+    output_tokens: IntArray
+    status: IntArray
+    flags: IntArray
+    itl_count: IntArray
+    itl_ns: IntArray
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            column = np.asarray(getattr(self, field.name), dtype=np.int64)
+            if column.ndim != 1:
+                raise ValueError(f"{field.name} must be 1-D, got shape {column.shape}")
+            object.__setattr__(self, field.name, column)
+        n = len(self.sent_unix_ns)
+        for name in _PER_REQUEST:
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"{name} has {len(getattr(self, name))} entries, expected {n}")
+        if n and int(self.itl_count.min()) < 0:
+            raise ValueError("itl_count must be >= 0")
+        if int(self.itl_count.sum()) != len(self.itl_ns):
+            raise ValueError(f"itl_ns has {len(self.itl_ns)} gaps but itl_count sums to {self.itl_count.sum()}")
+
+    def __len__(self) -> int:
+        return len(self.sent_unix_ns)
+
+    @classmethod
+    def empty(cls) -> Self:
+        return cls(**{f.name: np.zeros(0, dtype=np.int64) for f in dataclasses.fields(cls)})
+
+    @classmethod
+    def concat(cls, parts: Sequence[SampleColumns]) -> Self:
+        """All requests of `parts`, in order (gaps stay aligned because both orders agree)."""
+        if not parts:
+            return cls.empty()
+        return cls(**{f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(cls)})
+
+    def select(self, mask: npt.ArrayLike) -> SampleColumns:
+        """The requests where `mask` (one bool per request) is true, with their gaps.
+
+        Returns `self` when every request is selected: columns are treated as immutable, and
+        skipping the copy matters when `itl_ns` holds tens of millions of gaps.
+        """
+        keep = np.asarray(mask, dtype=np.bool_)
+        if keep.shape != (len(self),):
+            raise ValueError(f"mask has shape {keep.shape}, expected ({len(self)},)")
+        if keep.all():
+            return self
+        # Each request's flag repeated once per gap it owns lines up with itl_ns.
+        keep_gaps = np.repeat(keep, self.itl_count)
+        return SampleColumns(
+            **{name: getattr(self, name)[keep] for name in _PER_REQUEST},
+            itl_ns=self.itl_ns[keep_gaps],
+        )
+
+
+_PER_REQUEST: Final = tuple(f.name for f in dataclasses.fields(SampleColumns) if f.name != "itl_ns")
+
+
+@dataclass(frozen=True)
+class LatencySummary:
+    """Summary of one latency metric in milliseconds; every field is 0 when `count` is 0."""
+
+    count: int = 0
+    mean: float = 0.0
+    std: float = 0.0  # population (ddof=0)
+    min: float = 0.0
+    max: float = 0.0
+    p50: float = 0.0
+    p90: float = 0.0
+    p95: float = 0.0
+    p99: float = 0.0
+    p999: float = 0.0
+
+
+@dataclass(frozen=True)
+class Slo:
+    """Per-request service-level objectives in milliseconds; None means not configured."""
+
+    ttft_ms: float | None = None
+    tpot_ms: float | None = None
+    e2e_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class SecondBucket:
+    """One second of a stage, `second` whole seconds after the stage's first `sent`."""
+
+    second: int
+    completed: int  # OK requests whose response ended in this second
+    errors: int  # failed requests that ended in this second
+    # Tokens by arrival of the events carrying them (as for the peak), hence fractional.
+    output_tokens: float
+    ttft_p50_ms: float  # over OK requests ending in this second; 0 when none had a first token
+    ttft_p99_ms: float
+
+
+@dataclass(frozen=True)
+class StageMetrics:
+    """The numbers of one stage (or agent, or run), as defined in shared/METRICS.md."""
+
+    requests_ok: int
+    requests_failed: int
+    errors: dict[str, int]
+    duration_s: float
+    request_throughput: float
+    output_token_throughput: float
+    total_token_throughput: float
+    peak_output_token_throughput: float
+    achieved_concurrency: float
+    prompt_tokens: int
+    output_tokens: int
+    output_tokens_estimated: bool
+    ttft: LatencySummary
+    tpot: LatencySummary
+    itl: LatencySummary
+    e2e: LatencySummary
+    queue_delay: LatencySummary
+    e2e_including_queue: LatencySummary
+    goodput: float | None
+    good_fraction: float | None
+    time_series: list[SecondBucket]
+
+
+def summarize(values_ns: npt.ArrayLike) -> LatencySummary:
+    """Count, mean, population std, min, max and linear percentiles of `values_ns`, in ms."""
+    values = np.asarray(values_ns)
+    n = values.size
+    if n == 0:
+        return LatencySummary()
+    lo, hi = values.min(), values.max()
+    # One scratch array as long as `values`, shared by the steps below: with tens of millions of
+    # pooled gaps, a fresh allocation (page faults) costs as much as the arithmetic done in it.
+    scratch = np.empty(n, dtype=np.float64)
+    mean, std = _mean_std(values, scratch)
+    percentiles = _percentiles(values, PERCENTILES, lo, hi, scratch.view(np.int64))
+    p50, p90, p95, p99, p999 = (percentiles / _NS_PER_MS).tolist()
+    return LatencySummary(
+        count=int(n),
+        mean=mean / _NS_PER_MS,
+        std=std / _NS_PER_MS,
+        min=float(lo) / _NS_PER_MS,
+        max=float(hi) / _NS_PER_MS,
+        p50=p50,
+        p90=p90,
+        p95=p95,
+        p99=p99,
+        p999=p999,
+    )
+
+
+def compute_stage_metrics(cols: SampleColumns, slo: Slo | None = None) -> StageMetrics:
+    """Every metric of the requests in `cols` (warmup requests are dropped first)."""
+    cols = cols.select((cols.flags & FLAG_WARMUP) == 0)
+    ok = cols.status == STATUS_OK
+    ok_cols = cols.select(ok)
+
+    # A request's end is `done`; a sample without one (e.g. a failure before the stream closed)
+    # ends at the last thing we saw of it, which is never earlier than `sent` itself.
+    end_ns = np.maximum(np.maximum(cols.first_token_ns, cols.last_token_ns), cols.done_ns)
+    if len(cols):
+        t0 = int(cols.sent_unix_ns.min())
+        duration_ns = int((cols.sent_unix_ns + end_ns).max()) - t0
+    else:
+        t0, duration_ns = 0, 0
+    duration_s = duration_ns / _NS_PER_S
+
+    def per_second(amount: float) -> float:
+        return amount / duration_s if duration_s > 0 else 0.0
+
+    requests_ok = len(ok_cols)
+    prompt_tokens = int(ok_cols.prompt_tokens.sum())
+    output_tokens = int(ok_cols.output_tokens.sum())
+
+    first, last = ok_cols.first_token_ns, ok_cols.last_token_ns
+    has_tpot = (ok_cols.output_tokens > 1) & (first > 0) & (last > 0)
+    # Full-length TPOT (NaN where undefined) so goodput can test it request by request.
+    tpot_ns = np.full(requests_ok, np.nan)
+    np.divide(last - first, ok_cols.output_tokens - 1, out=tpot_ns, where=has_tpot)
+    # E2E ends at the last token as vLLM does; non-streaming responses have only `done`.
+    e2e_ns = np.where(last > 0, last, ok_cols.done_ns)
+    has_e2e = e2e_ns > 0
+
+    time_series = _time_series(cols, ok, ok_cols, end_ns, t0)
+    good = _meets_slo(ok_cols, slo, tpot_ns, e2e_ns)
+    return StageMetrics(
+        requests_ok=requests_ok,
+        requests_failed=len(cols) - requests_ok,
+        errors=_count_errors(cols.status[~ok]),
+        duration_s=duration_s,
+        request_throughput=per_second(requests_ok),
+        output_token_throughput=per_second(output_tokens),
+        total_token_throughput=per_second(prompt_tokens + output_tokens),
+        peak_output_token_throughput=max((b.output_tokens for b in time_series), default=0.0),
+        # Little's law: the summed time requests spent in flight over the window's length.
+        achieved_concurrency=float(end_ns.sum()) / duration_ns if duration_ns > 0 else 0.0,
+        prompt_tokens=prompt_tokens,
+        output_tokens=output_tokens,
+        output_tokens_estimated=bool(((ok_cols.flags & FLAG_USAGE) == 0).any()),
+        ttft=summarize(first[first > 0]),
+        tpot=summarize(tpot_ns[has_tpot]),
+        itl=summarize(ok_cols.itl_ns),
+        e2e=summarize(e2e_ns[has_e2e]),
+        queue_delay=summarize(cols.queue_delay_ns),
+        e2e_including_queue=summarize(e2e_ns[has_e2e] + ok_cols.queue_delay_ns[has_e2e]),
+        goodput=None if good is None else per_second(int(good.sum())),
+        # Divided by every request, failed ones included, so dropped traffic never looks good.
+        good_fraction=None if good is None else int(good.sum()) / len(cols) if len(cols) else 0.0,
+        time_series=time_series,
+    )
+
+
+def _count_errors(failed_status: IntArray) -> dict[str, int]:
+    """Failed requests per error kind, only the kinds that occurred."""
+    known = (failed_status >= min(ERROR_KINDS)) & (failed_status <= max(ERROR_KINDS))
+    counts = np.bincount(failed_status[known], minlength=max(ERROR_KINDS) + 1)
+    errors = {kind: int(counts[status]) for status, kind in ERROR_KINDS.items() if counts[status]}
+    unknown = int((~known).sum())
+    if unknown:
+        errors[UNKNOWN_ERROR_KIND] = unknown
+    return errors
+
+
+def _meets_slo(ok_cols: SampleColumns, slo: Slo | None, tpot_ns: FloatArray, e2e_ns: IntArray) -> BoolArray | None:
+    """Which OK requests meet every configured SLO; None when no SLO is configured.
+
+    A value that cannot be measured cannot be shown to meet its objective, so a request without
+    a first token fails a TTFT SLO. TPOT is the exception: with one output token there is no
+    token after the first, and vLLM counts TPOT as 0 there, so the SLO is met.
+    """
+    if slo is None or (slo.ttft_ms is None and slo.tpot_ms is None and slo.e2e_ms is None):
+        return None
+    good = np.ones(len(ok_cols), dtype=np.bool_)
+    if slo.ttft_ms is not None:
+        first = ok_cols.first_token_ns
+        good &= (first > 0) & (first <= slo.ttft_ms * _NS_PER_MS)
+    if slo.tpot_ms is not None:
+        # NaN (undefined TPOT) compares false, leaving only the single-token exception.
+        good &= (ok_cols.output_tokens <= 1) | (tpot_ns <= slo.tpot_ms * _NS_PER_MS)
+    if slo.e2e_ms is not None:
+        good &= (e2e_ns > 0) & (e2e_ns <= slo.e2e_ms * _NS_PER_MS)
+    return good
+
+
+def _time_series(
+    cols: SampleColumns, ok: BoolArray, ok_cols: SampleColumns, end_ns: IntArray, t0: int
+) -> list[SecondBucket]:
+    """Per-second buckets from the stage's first `sent`; requests count where they ended."""
+    if not len(cols):
+        return []
+    end_second = (cols.sent_unix_ns - t0 + end_ns) // _NS_PER_S
+    tokens = _output_tokens_by_second(ok_cols, t0)
+    # Token events never come after their request's end, but a bucket is kept for each anyway.
+    n = max(int(end_second.max()) + 1, len(tokens))
+    tokens = _add(tokens, np.zeros(n))
+    completed = np.bincount(end_second[ok], minlength=n)
+    errors = np.bincount(end_second[~ok], minlength=n)
+    has_ttft = ok_cols.first_token_ns > 0
+    ttft_p50, ttft_p99 = (
+        _grouped_percentiles(end_second[ok][has_ttft], ok_cols.first_token_ns[has_ttft], n, (50.0, 99.0)) / _NS_PER_MS
+    )
+    return [
+        SecondBucket(second=i, completed=c, errors=e, output_tokens=t, ttft_p50_ms=a, ttft_p99_ms=b)
+        for i, (c, e, t, a, b) in enumerate(
+            zip(
+                completed.tolist(),
+                errors.tolist(),
+                tokens.tolist(),
+                ttft_p50.tolist(),
+                ttft_p99.tolist(),
+                strict=True,
+            )
+        )
+    ]
+
+
+def _output_tokens_by_second(ok_cols: SampleColumns, t0: int) -> FloatArray:
+    """Output tokens per second of arrival, for OK requests.
+
+    The exact arrival of each token is unknown; what is known is when each text-carrying event
+    arrived (`first_token`, then one event per gap), so a request's tokens are spread evenly
+    over its events. A request with no gaps (one event, or non-streaming) has all its tokens at
+    its last token, or at `done` when it had no text events.
+    """
+    streamed = (ok_cols.first_token_ns > 0) & (ok_cols.itl_count > 0)
+    tokens = ok_cols.output_tokens.astype(np.float64)
+    rel_sent = ok_cols.sent_unix_ns - t0
+
+    at_end = ~streamed
+    end = np.where(ok_cols.last_token_ns > 0, ok_cols.last_token_ns, ok_cols.done_ns)
+    by_second = _histogram((rel_sent[at_end] + end[at_end]) // _NS_PER_S, tokens[at_end])
+    streams = ok_cols.select(streamed)
+    if not len(streams):
+        return by_second
+
+    # Event k of a request arrives at first_token + its first k gaps. One running sum over all
+    # gaps gives every event's time, once each request's first gap is raised by the distance
+    # from the previous request's last event to this request's first token. It is the only
+    # array as long as itl_ns built here, and every later step reuses it in place.
+    counts = streams.itl_count
+    starts = np.cumsum(counts) - counts
+    first_at = rel_sent[streamed] + streams.first_token_ns
+    last_at = first_at + np.add.reduceat(streams.itl_ns, starts)
+    seconds = streams.itl_ns.copy()
+    seconds[starts] += first_at
+    seconds[starts[1:]] -= last_at[:-1]
+    np.cumsum(seconds, out=seconds)
+    seconds //= _NS_PER_S
+    np.maximum(seconds, 0, out=seconds)  # a negative gap (clock bug) must not crash bincount
+    # A request's events within one second form a run. Weighing runs (a few per request)
+    # rather than events saves a float array as long as itl_ns and a weighted pass over it.
+    # Marks: 1 where the second changes, 2 where a request starts (and so does a run).
+    marks = np.empty(len(seconds), dtype=np.uint8)
+    np.not_equal(seconds[1:], seconds[:-1], out=marks[1:])
+    marks[starts] = 2
+    runs = np.flatnonzero(marks)
+    run_length = np.diff(runs, append=len(seconds))
+    owner = np.cumsum(marks[runs] == 2) - 1
+    per_event = tokens[streamed] / (counts + 1)
+    # The first token is an event of its own, before the first gap.
+    by_second = _add(by_second, _histogram(first_at // _NS_PER_S, per_event))
+    return _add(by_second, _histogram(seconds[runs], run_length * per_event[owner]))
+
+
+def _mean_std(values: npt.NDArray[Any], scratch: FloatArray) -> tuple[float, float]:
+    """Mean and population standard deviation (ddof=0), using `scratch` for the deviations.
+
+    Deviations are taken from a rough mean (of a strided sample), so var = E[d**2] - E[d]**2
+    loses nothing to cancellation; Σd and Σd² (a BLAS dot) then take one fast pass each, where
+    np.std needs a mean pass, a cast, and a fresh temporary.
+    """
+    n = len(values)
+    pivot = float(values[:: max(1, n // 4096)].mean())
+    deviations = np.subtract(values, pivot, out=scratch[:n])
+    mean_deviation = float(deviations.sum()) / n
+    variance = float(np.dot(deviations, deviations)) / n - mean_deviation**2
+    return pivot + mean_deviation, float(np.sqrt(max(variance, 0.0)))
+
+
+def _percentiles(
+    values: npt.NDArray[Any],
+    percentiles: Sequence[float],
+    lo: Any,
+    hi: Any,
+    scratch: IntArray,
+) -> FloatArray:
+    """np.percentile(values, percentiles) with the default 'linear' method, bit for bit.
+
+    numpy's recipe: virtual index (n - 1) * q, and a lerp that starts from the far end when the
+    fraction is >= 0.5. Only the order statistics it needs are computed (see below).
+    """
+    n = len(values)
+    virtual = (n - 1) * (np.asarray(percentiles, dtype=np.float64) / 100.0)
+    below = np.floor(virtual).astype(np.int64)
+    above = np.minimum(below + 1, n - 1)
+    ranks = np.unique(np.concatenate([below, above]))
+    stats = _order_statistics(values, ranks, lo, hi, scratch)
+    a = stats[np.searchsorted(ranks, below)]
+    b = stats[np.searchsorted(ranks, above)]
+    return _lerp(a, b, virtual - below)
+
+
+def _order_statistics(
+    values: npt.NDArray[Any],
+    ranks: IntArray,
+    lo: Any,
+    hi: Any,
+    scratch: IntArray,
+    partition_below: int = 1 << 16,
+) -> npt.NDArray[Any]:
+    """The values at positions `ranks` (sorted, unique) of sorted `values`; `lo`/`hi` its min/max.
+
+    Pooled ITL holds tens of millions of gaps, and np.partition over all of them dominates the
+    stage's cost. For large integer arrays a histogram of (value - lo) >> shift (at most 2**16
+    buckets, built in `scratch`) tells which buckets hold the wanted ranks; only those values are
+    kept and searched, recursing while that shrinks the problem. Exact, as buckets are
+    contiguous value ranges.
+    """
+    if lo == hi:
+        return np.full(len(ranks), lo, dtype=values.dtype)
+    span = int(hi) - int(lo)
+    if len(values) <= partition_below or values.dtype.kind != "i" or span >= 1 << 62:
+        return np.asarray(np.partition(values, ranks)[ranks])
+    shift = max(0, span.bit_length() - 16)
+    key = np.subtract(values, lo, out=scratch[: len(values)])
+    key >>= shift
+    counts = np.bincount(key)
+    ends = np.cumsum(counts)
+    bucket = np.searchsorted(ends, ranks, side="right")
+    if shift == 0:  # one bucket per value: the bucket is the answer
+        return np.asarray(bucket + lo, dtype=values.dtype)
+    needed = np.unique(bucket)
+    wanted = np.zeros(len(counts), dtype=np.bool_)
+    wanted[needed] = True
+    chosen = values[wanted[key]]
+    # Rank within `chosen`: rank within the bucket plus the sizes of the chosen buckets before.
+    chosen_start = np.cumsum(counts[needed]) - counts[needed]
+    local = ranks - (ends - counts)[bucket] + chosen_start[np.searchsorted(needed, bucket)]
+    c_lo, c_hi = chosen.min(), chosen.max()
+    # Recurse only when it pays: far fewer values, or a much narrower range (finer buckets next).
+    if 4 * len(chosen) <= len(values) or int(c_hi) - int(c_lo) <= span >> 8:
+        return _order_statistics(chosen, local, c_lo, c_hi, scratch, partition_below)
+    return np.asarray(np.partition(chosen, local)[local])
+
+
+def _lerp(a: npt.NDArray[Any], b: npt.NDArray[Any], t: FloatArray) -> FloatArray:
+    """numpy's percentile interpolation, including its switch of end point at t >= 0.5.
+
+    The difference is taken in the values' own dtype, as numpy does, so int64 nanoseconds beyond
+    2**53 interpolate exactly alike.
+    """
+    diff = b - a
+    return np.asarray(np.where(t >= 0.5, b - diff * (1 - t), a + diff * t), dtype=np.float64)
+
+
+def _grouped_percentiles(groups: IntArray, values: IntArray, n_groups: int, percentiles: Sequence[float]) -> FloatArray:
+    """Percentiles of `values` within each group 0..n_groups-1 (0 for an empty group).
+
+    One sort for all groups instead of an np.percentile call per group, with numpy's 'linear'
+    method reproduced as in `_percentiles`.
+    """
+    out = np.zeros((len(percentiles), n_groups))
+    if not len(values):
+        return out
+    lo = int(values.min())
+    width = int(values.max()) - lo + 1
+    if n_groups * width < 1 << 62:
+        # Sorting one combined key is several times faster than lexsort on two.
+        combined = groups * width + (values - lo)
+        combined.sort()
+        ordered = combined % width + lo
+    else:
+        ordered = values[np.lexsort((values, groups))]
+    sizes = np.bincount(groups, minlength=n_groups)
+    present = sizes > 0
+    starts = (np.cumsum(sizes) - sizes)[present]
+    sizes = sizes[present]
+    for row, percentile in enumerate(percentiles):
+        virtual = (sizes - 1) * (percentile / 100.0)
+        below = np.floor(virtual).astype(np.int64)
+        a = ordered[starts + below]
+        b = ordered[starts + np.minimum(below + 1, sizes - 1)]
+        out[row, present] = _lerp(a, b, virtual - below)
+    return out
+
+
+def _histogram(seconds: IntArray, weights: FloatArray) -> FloatArray:
+    """Sum of `weights` per second index."""
+    return np.asarray(np.bincount(seconds, weights=weights), dtype=np.float64)
+
+
+def _add(a: FloatArray, b: FloatArray) -> FloatArray:
+    """Element-wise sum of two histograms of possibly different lengths."""
+    if len(a) < len(b):
+        a, b = b, a
+    a = a.copy()
+    a[: len(b)] += b
+    return a

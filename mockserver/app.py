@@ -1,0 +1,221 @@
+"""The mock OpenAI-compatible HTTP API: routes, token pacing and the counters behind `/stats`.
+
+Routes:
+
+* `GET /v1/models`: the configured model.
+* `POST /v1/chat/completions`, `POST /v1/completions`: streamed (SSE) or not.
+* `GET /stats`, `POST /stats/reset`: what the server saw, for tests to reconcile against.
+* `GET /health`: 200 while serving (as vLLM).
+
+Timing is measured from the moment the request body has been read (`t0`): token i (0-based)
+is emitted at the absolute deadline `t0 + ttft + i * itl` (each delay with its own jitter),
+never before it and typically within a millisecond after (see `mockserver.pacing`). A
+non-streamed response is sent at the deadline of its last token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+from aiohttp import web
+
+from mockserver.config import MockConfig
+from mockserver.generation import (
+    BadRequestError,
+    CompletionRequest,
+    Endpoint,
+    LatencyModel,
+    OutputPlan,
+    parse_request,
+    plan_output,
+)
+from mockserver.pacing import now, sleep_until
+from mockserver.wire import StreamEncoder, error_body, full_response, models_body, usage_counts
+
+# Long-context prompts run to megabytes of JSON; aiohttp's default limit is 1 MiB.
+_MAX_BODY_BYTES = 64 * 1024 * 1024
+_SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+_JSON = "application/json"
+
+
+class MockStats:
+    """What the server has seen since it started or since the last reset.
+
+    Every completion request counts once in `requests_total` and `by_endpoint`, and, once it
+    has finished, in exactly one of `requests_ok`, `requests_failed` (injected 500s and 400s)
+    and `requests_cancelled` (the client went away); until then it counts in `running`. So
+    `requests_total == requests_ok + requests_failed + requests_cancelled + running` for
+    counters reset while the server was idle.
+
+    `prompt_tokens_total` counts the prompts of requests that started generating (the ok and
+    the cancelled ones); `output_tokens_total` the tokens actually written to clients.
+    """
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Zero the counters. `running` is a gauge of requests in flight and is kept."""
+        self.requests_total = 0
+        self.requests_ok = 0
+        self.requests_failed = 0
+        self.requests_cancelled = 0
+        self.output_tokens_total = 0
+        self.prompt_tokens_total = 0
+        self.by_endpoint: dict[Endpoint, int] = {"chat": 0, "completions": 0}
+
+    def as_dict(self) -> dict[str, Any]:
+        """The `/stats` JSON object."""
+        return {
+            "requests_total": self.requests_total,
+            "requests_ok": self.requests_ok,
+            "requests_failed": self.requests_failed,
+            "requests_cancelled": self.requests_cancelled,
+            "output_tokens_total": self.output_tokens_total,
+            "prompt_tokens_total": self.prompt_tokens_total,
+            "running": self.running,
+            "by_endpoint": dict(self.by_endpoint),
+        }
+
+
+STATS_KEY = web.AppKey("mockserver_stats", MockStats)
+CONFIG_KEY = web.AppKey("mockserver_config", MockConfig)
+
+
+def create_app(config: MockConfig) -> web.Application:
+    """An aiohttp application serving the mock model described by `config`."""
+    app = web.Application(client_max_size=_MAX_BODY_BYTES)
+    stats = MockStats()
+    app[STATS_KEY] = stats
+    app[CONFIG_KEY] = config
+    routes = _CompletionRoutes(config, stats)
+    models = models_body(config.model)
+
+    async def list_models(_: web.Request) -> web.Response:
+        return web.Response(body=models, content_type=_JSON)
+
+    async def get_stats(_: web.Request) -> web.Response:
+        return web.json_response(stats.as_dict())
+
+    async def reset_stats(_: web.Request) -> web.Response:
+        stats.reset()
+        return web.json_response(stats.as_dict())
+
+    async def health(_: web.Request) -> web.Response:
+        return web.Response()
+
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_post("/v1/chat/completions", routes.chat)
+    app.router.add_post("/v1/completions", routes.completions)
+    app.router.add_get("/stats", get_stats)
+    app.router.add_post("/stats/reset", reset_stats)
+    app.router.add_get("/health", health)
+    return app
+
+
+class _CompletionRoutes:
+    """The two completion endpoints: validate, maybe fail, then pace out the tokens."""
+
+    def __init__(self, config: MockConfig, stats: MockStats) -> None:
+        self._config = config
+        self._stats = stats
+        # Separate generators: how many requests fail must not depend on how many jitter
+        # draws concurrent streams happened to make in between.
+        self._error_rng = random.Random(config.seed)
+        self._latency = LatencyModel(
+            config.ttft_ms, config.itl_ms, config.jitter_ms, random.Random(f"jitter/{config.seed}")
+        )
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, "chat")
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, "completions")
+
+    async def _handle(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+        stats = self._stats
+        stats.requests_total += 1
+        stats.by_endpoint[endpoint] += 1
+        stats.running += 1
+        try:
+            try:
+                body = await request.read()
+            except ConnectionError:
+                stats.requests_cancelled += 1
+                return web.Response(status=499)  # never reaches the client: it has gone
+            t0 = now()
+            try:
+                parsed = parse_request(endpoint, body)
+            except BadRequestError as exc:
+                stats.requests_failed += 1
+                return _error_response(400, exc.message, "invalid_request_error", exc.param)
+            # Drawn for every valid request, so the sequence of failures depends only on the
+            # seed and the order requests arrive in.
+            if self._error_rng.random() < self._config.error_rate:
+                stats.requests_failed += 1
+                return _error_response(500, "mock injected error", "server_error")
+            plan = plan_output(parsed, self._config.output_tokens)
+            stats.prompt_tokens_total += parsed.prompt_tokens
+            if parsed.stream:
+                return await self._stream(request, parsed, plan, t0)
+            return await self._respond(request, parsed, plan, t0)
+        except asyncio.CancelledError:
+            # The server cancels the handler when the client disconnects (or at shutdown).
+            stats.requests_cancelled += 1
+            raise
+        finally:
+            stats.running -= 1
+
+    async def _stream(
+        self, request: web.Request, parsed: CompletionRequest, plan: OutputPlan, t0: float
+    ) -> web.StreamResponse:
+        stats = self._stats
+        encoder = StreamEncoder(parsed.endpoint, self._config.model)
+        usage = usage_counts(parsed.prompt_tokens, plan.tokens) if parsed.include_usage else None
+        response = web.StreamResponse(headers=_SSE_HEADERS)
+        last = plan.tokens - 1
+        deadline = t0
+        try:
+            await response.prepare(request)
+            if parsed.endpoint == "chat":
+                await response.write(encoder.role_event())
+            for index in range(plan.tokens):
+                deadline += self._latency.itl() if index else self._latency.ttft()
+                await sleep_until(deadline)
+                if index < last:
+                    await response.write(encoder.token_event(index))
+                else:
+                    await response.write_eof(encoder.closing_events(index, plan.finish_reason, usage))
+                stats.output_tokens_total += 1
+        except ConnectionError:
+            # Without handler cancellation a disconnect surfaces as a failed write.
+            stats.requests_cancelled += 1
+            return response
+        stats.requests_ok += 1
+        return response
+
+    async def _respond(
+        self, request: web.Request, parsed: CompletionRequest, plan: OutputPlan, t0: float
+    ) -> web.Response:
+        await sleep_until(t0 + self._latency.generation_time(plan.tokens))
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            self._stats.requests_cancelled += 1
+            return web.Response(status=499)  # never reaches the client: it has gone
+        body = full_response(
+            parsed.endpoint,
+            self._config.model,
+            plan.tokens,
+            plan.finish_reason,
+            parsed.prompt_tokens,
+        )
+        self._stats.requests_ok += 1
+        self._stats.output_tokens_total += plan.tokens
+        return web.Response(body=body, content_type=_JSON)
+
+
+def _error_response(status: int, message: str, error_type: str, param: str | None = None) -> web.Response:
+    return web.Response(status=status, body=error_body(message, error_type, status, param), content_type=_JSON)

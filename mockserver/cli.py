@@ -1,0 +1,117 @@
+"""`llm-loadtest mock-server`: command-line flags and the serve-until-signalled entry point.
+
+The `llm-loadtest` parser owns the subcommand; it calls `add_arguments` on its subparser and
+`run` with the parsed namespace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Callable
+
+from mockserver.config import MockConfig
+from mockserver.server import MockServer
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the mock server's flags to `parser`."""
+    defaults = MockConfig()
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port; 0 picks a free one (default: %(default)s)")
+    parser.add_argument(
+        "--ttft-ms",
+        type=float,
+        default=defaults.ttft_ms,
+        help="time to first token in ms, from the request being read (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--itl-ms",
+        type=float,
+        default=defaults.itl_ms,
+        help="inter-token latency in ms (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--output-tokens",
+        type=int,
+        default=defaults.output_tokens,
+        help="natural output length in tokens, where the model emits EOS; max_tokens caps it "
+        "and ignore_eos with max_tokens overrides it (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--jitter-ms",
+        type=float,
+        default=defaults.jitter_ms,
+        help="uniform +/- jitter in ms added to every delay, never below 0 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--error-rate",
+        type=float,
+        default=defaults.error_rate,
+        help="fraction of completion requests answered with HTTP 500 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=defaults.seed,
+        help="seed of the error and jitter draws (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--model",
+        default=defaults.model,
+        help="model id reported by /v1/models and in responses (default: %(default)s)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGINT or SIGTERM; 0 on a clean shutdown, 2 on a bad flag value."""
+    try:
+        config = MockConfig(
+            ttft_ms=args.ttft_ms,
+            itl_ms=args.itl_ms,
+            output_tokens=args.output_tokens,
+            jitter_ms=args.jitter_ms,
+            error_rate=args.error_rate,
+            seed=args.seed,
+            model=args.model,
+        )
+    except ValueError as exc:
+        print(f"mock-server: error: {exc}", file=sys.stderr)
+        return 2
+    with asyncio.Runner(loop_factory=_uvloop_factory()) as runner:
+        return runner.run(_serve(config, args.host, args.port))
+
+
+async def _serve(config: MockConfig, host: str, port: int) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    server = MockServer(config)
+    try:
+        try:
+            await server.start(host, port)
+        except OSError as exc:
+            print(f"mock-server: error: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
+            return 1
+        url_host = f"[{host}]" if ":" in host else host
+        print(f"mock server listening on http://{url_host}:{server.port}/v1", flush=True)
+        await stop.wait()
+    finally:
+        await server.close()
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+    return 0
+
+
+def _uvloop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop constructor when uvloop is installed, else None (the default loop)."""
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        return uvloop.new_event_loop
+    return None

@@ -1,0 +1,55 @@
+"""Configuration of the mock model: its latencies, natural output length and failure rate.
+
+The mock server is the ground truth for accuracy tests, so every number here is something a
+test can assert a measurement against; invalid values are refused up front rather than
+producing a server whose behaviour no longer matches its configuration.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MockConfig:
+    """How the mock model behaves.
+
+    Attributes:
+        ttft_ms: Time to first token, from the moment the request body has been read.
+        itl_ms: Inter-token latency: the gap between consecutive tokens.
+        output_tokens: The model's natural output length, where it would emit EOS.
+        jitter_ms: Each delay (TTFT and every ITL) gets a uniform offset in
+            [-jitter_ms, +jitter_ms], clamped so that no delay is negative.
+        error_rate: Fraction of completion requests answered with HTTP 500.
+        seed: Seeds the error and jitter draws, so a run is reproducible.
+        model: The model id reported by `/v1/models` and in every response.
+    """
+
+    ttft_ms: float = 50.0
+    itl_ms: float = 10.0
+    output_tokens: int = 64
+    jitter_ms: float = 0.0
+    error_rate: float = 0.0
+    seed: int = 0
+    model: str = "mock"
+
+    def __post_init__(self) -> None:
+        for name in ("ttft_ms", "itl_ms", "jitter_ms"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if isinstance(self.output_tokens, bool) or not isinstance(self.output_tokens, int):
+            raise ValueError(f"output_tokens must be an integer, got {self.output_tokens!r}")
+        if self.output_tokens < 1:
+            raise ValueError(f"output_tokens must be >= 1, got {self.output_tokens}")
+        if isinstance(self.error_rate, bool) or not isinstance(self.error_rate, int | float):
+            raise ValueError(f"error_rate must be a number, got {self.error_rate!r}")
+        if not 0.0 <= self.error_rate <= 1.0:  # also refuses NaN
+            raise ValueError(f"error_rate must be between 0 and 1, got {self.error_rate!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ValueError(f"model must be a non-empty string, got {self.model!r}")

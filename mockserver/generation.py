@@ -1,0 +1,199 @@
+"""What a completion request asks of the mock model, and what the model answers.
+
+Pure logic, no HTTP: parsing an OpenAI-style request body, counting prompt tokens, deciding
+the output length and finish reason, the output vocabulary, and the latency draws. The HTTP
+layer (`mockserver.app`) only sequences these in time.
+
+Token counts are approximations a test can reproduce without a tokenizer:
+
+* Prompt tokens are the number of whitespace-separated words in the prompt: the text of every
+  chat message (string content, or the `text` of every `{"type": "text"}` part; other parts
+  such as images count nothing), or the completions `prompt` (a string, a list of strings
+  counted together, or a list of token ids counted one each).
+* Every output token is one word of `VOCABULARY`, each with a leading space, so the output
+  text of n tokens has exactly n words (and is n tokens for common BPE tokenizers).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Endpoint = Literal["chat", "completions"]
+FinishReason = Literal["stop", "length"]
+
+VOCABULARY: tuple[str, ...] = (" the", " of", " and", " to", " in", " a", " is", " that")
+
+
+class BadRequestError(ValueError):
+    """The request body is not a valid completion request (answered with HTTP 400)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    """The parts of a completion request the mock model acts on."""
+
+    endpoint: Endpoint
+    prompt_tokens: int
+    stream: bool
+    include_usage: bool
+    max_tokens: int | None
+    min_tokens: int
+    ignore_eos: bool
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """How many tokens the model will emit and why it stops."""
+
+    tokens: int
+    finish_reason: FinishReason
+
+
+def parse_request(endpoint: Endpoint, body: bytes) -> CompletionRequest:
+    """Parse and validate a request body. Raises BadRequestError when it is unusable."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequestError(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadRequestError("request body must be a JSON object")
+
+    if endpoint == "chat":
+        prompt_tokens = _count_chat_prompt(data.get("messages"))
+    else:
+        prompt_tokens = _count_completion_prompt(data.get("prompt"))
+
+    n = data.get("n")
+    if n is not None and n != 1:
+        raise BadRequestError("the mock server only supports n=1", "n")
+    # max_completion_tokens is OpenAI's newer name for max_tokens and wins when both are set.
+    max_tokens = _optional_int(data, "max_completion_tokens", minimum=1)
+    if max_tokens is None:
+        max_tokens = _optional_int(data, "max_tokens", minimum=1)
+    stream = _optional_bool(data, "stream")
+    stream_options = data.get("stream_options")
+    if stream_options is not None and not isinstance(stream_options, dict):
+        raise BadRequestError("stream_options must be an object", "stream_options")
+    return CompletionRequest(
+        endpoint=endpoint,
+        prompt_tokens=prompt_tokens,
+        stream=stream,
+        include_usage=stream and _optional_bool(stream_options or {}, "include_usage"),
+        max_tokens=max_tokens,
+        min_tokens=_optional_int(data, "min_tokens", minimum=0) or 0,
+        ignore_eos=_optional_bool(data, "ignore_eos"),
+    )
+
+
+def plan_output(request: CompletionRequest, natural_tokens: int) -> OutputPlan:
+    """Output length and finish reason for a model that emits EOS after `natural_tokens`.
+
+    `max_tokens` cuts the output short (finish "length"); `ignore_eos` makes it run to exactly
+    `max_tokens`; `min_tokens` (a vLLM extension) suppresses EOS until that many tokens, but
+    never past `max_tokens`. When the limit and EOS coincide the limit is hit first.
+    """
+    limit = request.max_tokens
+    if limit is None:
+        tokens = natural_tokens
+    elif request.ignore_eos:
+        tokens = limit
+    else:
+        tokens = min(limit, natural_tokens)
+    tokens = max(tokens, request.min_tokens)
+    if limit is not None:
+        tokens = min(tokens, limit)
+    return OutputPlan(tokens, "length" if tokens == limit else "stop")
+
+
+def output_text(tokens: int) -> str:
+    """The full text of an output of `tokens` tokens (token i is `VOCABULARY[i % len]`)."""
+    size = len(VOCABULARY)
+    return "".join(VOCABULARY[i % size] for i in range(tokens))
+
+
+class LatencyModel:
+    """Draws the delays before the first token and between tokens, in seconds."""
+
+    def __init__(self, ttft_ms: float, itl_ms: float, jitter_ms: float, rng: random.Random):
+        self._ttft = ttft_ms / 1000.0
+        self._itl = itl_ms / 1000.0
+        self._jitter = jitter_ms / 1000.0
+        self._rng = rng
+
+    def ttft(self) -> float:
+        """Delay from the request being read to the first token."""
+        return self._draw(self._ttft)
+
+    def itl(self) -> float:
+        """Delay from one token to the next."""
+        return self._draw(self._itl)
+
+    def generation_time(self, tokens: int) -> float:
+        """Time to produce `tokens` tokens: TTFT plus `tokens - 1` inter-token gaps."""
+        return self.ttft() + sum(self.itl() for _ in range(tokens - 1))
+
+    def _draw(self, base: float) -> float:
+        if self._jitter == 0.0:
+            return base
+        return max(0.0, base + self._rng.uniform(-self._jitter, self._jitter))
+
+
+def _count_chat_prompt(messages: Any) -> int:
+    if not isinstance(messages, list) or not messages:
+        raise BadRequestError("messages must be a non-empty list", "messages")
+    words = 0
+    for message in messages:
+        if not isinstance(message, dict):
+            raise BadRequestError("every message must be an object", "messages")
+        content = message.get("content")
+        if content is None:  # e.g. an assistant message that only carries tool calls
+            continue
+        if isinstance(content, str):
+            words += len(content.split())
+        elif isinstance(content, list):
+            for part in content:
+                if not isinstance(part, dict):
+                    raise BadRequestError("every content part must be an object", "messages")
+                text = part.get("text")
+                if part.get("type") == "text" and isinstance(text, str):
+                    words += len(text.split())
+        else:
+            raise BadRequestError("message content must be a string or a list", "messages")
+    return words
+
+
+def _count_completion_prompt(prompt: Any) -> int:
+    if isinstance(prompt, str):
+        return len(prompt.split())
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) for p in prompt):
+            return sum(len(p.split()) for p in prompt)
+        if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+            return len(prompt)
+    raise BadRequestError("prompt must be a string, a non-empty list of strings or a list of token ids", "prompt")
+
+
+def _optional_int(data: dict[str, Any], key: str, *, minimum: int) -> int | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise BadRequestError(f"{key} must be an integer >= {minimum}, got {value!r}", key)
+    return value
+
+
+def _optional_bool(data: dict[str, Any], key: str) -> bool:
+    value = data.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise BadRequestError(f"{key} must be a boolean, got {value!r}", key)
+    return value
