@@ -63,7 +63,7 @@ def runs_table(runs: list[run_pb2.Run]) -> Table:
 def progress_line(update: run_service_pb2.WatchRunResponse) -> str:
     run, live = update.run, update.live
     stages = len(run.spec.stages)
-    planned = f"/{live.stage_planned_s:.0f}s" if live.stage_planned_s else ""
+    planned = f"/{live.stage_planned_s:.0f}" if live.stage_planned_s else ""
     requests = f"/{live.stage_requests_planned}" if live.stage_requests_planned else ""
     return (
         f"{state_name(run.state):<9} stage {run.current_stage + 1}/{stages} "

@@ -409,3 +409,14 @@ def stage_indexes_with_samples(run_pk: int) -> list[int]:
 def count_samples(run_pk: int) -> int:
     row = database_proxy.execute_sql("SELECT COUNT(*) FROM samples WHERE run_pk = ?", (run_pk,))
     return int(row.fetchone()[0])
+
+
+def failure_summary(run_pk: int) -> tuple[int, int, str]:
+    """(ok, failed, one error message) over the run's non-warmup samples."""
+    ok, failed = database_proxy.execute_sql(
+        "SELECT requests_ok, requests_failed FROM runs WHERE pk = ?", (run_pk,)
+    ).fetchone()
+    row = database_proxy.execute_sql(
+        "SELECT error FROM samples WHERE run_pk = ? AND status != ? LIMIT 1", (run_pk, OK_STATUS)
+    ).fetchone()
+    return int(ok), int(failed), str(row[0]) if row else ""

@@ -165,3 +165,17 @@ async def test_results_survive_controller_restart(db_path: Path) -> None:
             assert (await client.get_run(run.id)).state == run_pb2.RUN_STATE_SUCCEEDED
     finally:
         await c2.stop(1.0)
+
+
+async def test_run_where_every_request_fails_is_failed(controller: Controller, client: ControllerClient) -> None:
+    async with MockServer(MockConfig(error_rate=1.0)) as mock:
+        async with running_agent(f"127.0.0.1:{controller.port}"):
+            spec = spec_for(mock, [(2, 0.0)])
+            spec.stages[0].ClearField("duration")
+            spec.stages[0].requests = 8
+            run = await client.create_run(spec)
+            final = await wait_final(client, run.id)
+    assert final.state == run_pb2.RUN_STATE_FAILED
+    assert "every request failed (8)" in final.state_reason
+    result = await client.get_result(run.id)
+    assert result.stages[0].errors == {"http_5xx": 8}
