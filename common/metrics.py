@@ -57,7 +57,8 @@ class SampleColumns:
     """Per-request samples as columns: entry i of every per-request column is request i.
 
     `itl_ns` is the exception: the inter-token gaps of all requests concatenated in request
-    order, request i contributing `itl_count[i]` of them. Columns are coerced to 1-D int64.
+    order, request i contributing `itl_count[i]` of them. Columns are coerced to contiguous
+    1-D int64 arrays.
     """
 
     sent_unix_ns: IntArray
@@ -77,7 +78,8 @@ class SampleColumns:
             column = np.asarray(getattr(self, field.name), dtype=np.int64)
             if column.ndim != 1:
                 raise ValueError(f"{field.name} must be 1-D, got shape {column.shape}")
-            object.__setattr__(self, field.name, column)
+            # Contiguous, because columns often arrive as strided slices of one row-major table.
+            object.__setattr__(self, field.name, np.ascontiguousarray(column))
         n = len(self.sent_unix_ns)
         for name in _PER_REQUEST:
             if len(getattr(self, name)) != n:
@@ -249,6 +251,7 @@ def compute_stage_metrics(cols: SampleColumns, slo: Slo | None = None) -> StageM
 
     time_series = _time_series(cols, ok, ok_cols, end_ns, t0)
     good = _meets_slo(ok_cols, slo, tpot_ns, e2e_ns)
+    good_count = None if good is None else int(good.sum())
     return StageMetrics(
         requests_ok=requests_ok,
         requests_failed=len(cols) - requests_ok,
@@ -269,9 +272,9 @@ def compute_stage_metrics(cols: SampleColumns, slo: Slo | None = None) -> StageM
         e2e=summarize(e2e_ns[has_e2e]),
         queue_delay=summarize(cols.queue_delay_ns),
         e2e_including_queue=summarize(e2e_ns[has_e2e] + ok_cols.queue_delay_ns[has_e2e]),
-        goodput=None if good is None else per_second(int(good.sum())),
+        goodput=None if good_count is None else per_second(good_count),
         # Divided by every request, failed ones included, so dropped traffic never looks good.
-        good_fraction=None if good is None else int(good.sum()) / len(cols) if len(cols) else 0.0,
+        good_fraction=None if good_count is None else good_count / max(len(cols), 1),
         time_series=time_series,
     )
 
@@ -315,15 +318,16 @@ def _time_series(
     if not len(cols):
         return []
     end_second = (cols.sent_unix_ns - t0 + end_ns) // _NS_PER_S
+    ok_end_second = end_second[ok]
     tokens = _output_tokens_by_second(ok_cols, t0)
     # Token events never come after their request's end, but a bucket is kept for each anyway.
     n = max(int(end_second.max()) + 1, len(tokens))
     tokens = _add(tokens, np.zeros(n))
-    completed = np.bincount(end_second[ok], minlength=n)
+    completed = np.bincount(ok_end_second, minlength=n)
     errors = np.bincount(end_second[~ok], minlength=n)
     has_ttft = ok_cols.first_token_ns > 0
     ttft_p50, ttft_p99 = (
-        _grouped_percentiles(end_second[ok][has_ttft], ok_cols.first_token_ns[has_ttft], n, (50.0, 99.0)) / _NS_PER_MS
+        _grouped_percentiles(ok_end_second[has_ttft], ok_cols.first_token_ns[has_ttft], n, (50.0, 99.0)) / _NS_PER_MS
     )
     return [
         SecondBucket(second=i, completed=c, errors=e, output_tokens=t, ttft_p50_ms=a, ttft_p99_ms=b)
