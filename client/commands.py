@@ -70,7 +70,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "--concurrency", type=_int_list, default=[1], help="closed-loop concurrency; 1,8,32 makes one stage per value"
     )
     parser.add_argument(
-        "--duration", type=_duration, default=None, help="duration of each stage, e.g. 10s (default 10s unless --requests)"
+        "--duration",
+        type=_duration,
+        default=None,
+        help="duration of each stage, e.g. 10s (default: 10s; none with --requests)",
     )
     parser.add_argument(
         "--requests", type=int, default=0, help="requests per stage (with --duration: whichever comes first)"

@@ -79,7 +79,7 @@ async def _wait_for_agent(client: ControllerClient) -> None:
 
 
 async def quickstart(args: argparse.Namespace) -> int:
-    db_file = Path(args.db).resolve()
+    db_file = Path(args.db).resolve()  # noqa: ASYNC240 - once, before anything runs
     log_dir = Path(tempfile.mkdtemp(prefix="llm-loadtest-quickstart-"))
     procs: list[_Process] = []
     try:

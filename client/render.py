@@ -78,7 +78,7 @@ def progress_line(update: run_service_pb2.WatchRunResponse) -> str:
 def rpc_error_text(exc: grpc.aio.AioRpcError) -> str:
     """`CODE: details`, plus one line per field violation when the server sent them."""
     lines = [f"error: {exc.code().name}: {exc.details()}"]
-    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    status = rpc_status.from_call(exc)
     for detail in status.details if status is not None else ():
         bad = error_details_pb2.BadRequest()
         if detail.Unpack(bad):

@@ -41,7 +41,7 @@ if [[ $dev == 1 ]]; then
   if [[ ! -f "$lock_stamp" ]]; then
     command -v npm >/dev/null 2>&1 || { echo "bootstrap: npm is required for buf (proto lint)" >&2; exit 1; }
     echo "bootstrap: installing buf from npm" >&2
-    npm ci --no-audit --no-fund --loglevel=error >&2
+    npm install --no-audit --no-fund --loglevel=error >&2
     touch "$lock_stamp"
   fi
 fi

@@ -224,10 +224,10 @@ class RunCoordinator:
             if ex.cancelled.is_set() and state == repo.SUCCEEDED:
                 state, reason = repo.CANCELLED, ex.cancel_reason
             elif state == repo.SUCCEEDED:
-                ok, failed, error = await self._db.read(repo.failure_summary, run.pk)
-                if failed and not ok:
+                n_ok, n_failed, error = await self._db.read(repo.failure_summary, run.pk)
+                if n_failed and not n_ok:
                     # A run that measured nothing but errors must not look like a result.
-                    state, reason = repo.FAILED, f"every request failed ({failed}); e.g. {error[:300]}"
+                    state, reason = repo.FAILED, f"every request failed ({n_failed}); e.g. {error[:300]}"
         except asyncio.CancelledError:
             self._release(ex)
             raise  # controller shutdown: stop() marks the run INTERRUPTED

@@ -49,7 +49,9 @@ class Proc:
 
 
 def cli(*args: str, timeout_s: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=timeout_s, env=ENV, cwd=cwd)
+    return subprocess.run(
+        [CLI, *args], capture_output=True, text=True, timeout=timeout_s, env=ENV, cwd=cwd, check=False
+    )
 
 
 @pytest.fixture
@@ -73,7 +75,7 @@ def stack(tmp_path: Path) -> Iterator[tuple[str, str, list[Proc]]]:
 
 
 def test_user_flow(stack: tuple[str, str, list[Proc]], tmp_path: Path) -> None:
-    target, address, procs = stack
+    target, address, _ = stack
     done = cli("run", "--controller", address, "--target", target, "--model", "mock",
                "--concurrency", "1,4", "--duration", "2s", "--output-tokens", "16")  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]

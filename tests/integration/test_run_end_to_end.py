@@ -67,13 +67,15 @@ async def wait_final(client: ControllerClient, run_id: str, timeout_s: float = 6
 
 
 async def test_two_stage_run_matches_the_mock(controller: Controller, client: ControllerClient) -> None:
-    async with MockServer(MockConfig(ttft_ms=50, itl_ms=10, output_tokens=32)) as mock:
-        async with running_agent(f"127.0.0.1:{controller.port}"):
-            run = await client.create_run(spec_for(mock, [(1, 3.0), (8, 3.0)]))
-            final = await wait_final(client, run.id)
-            assert final.state == run_pb2.RUN_STATE_SUCCEEDED, final.state_reason
-            result = await client.get_result(run.id)
-            stats = await mock_stats(mock)
+    async with (
+        MockServer(MockConfig(ttft_ms=50, itl_ms=10, output_tokens=32)) as mock,
+        running_agent(f"127.0.0.1:{controller.port}"),
+    ):
+        run = await client.create_run(spec_for(mock, [(1, 3.0), (8, 3.0)]))
+        final = await wait_final(client, run.id)
+        assert final.state == run_pb2.RUN_STATE_SUCCEEDED, final.state_reason
+        result = await client.get_result(run.id)
+        stats = await mock_stats(mock)
 
     # Every request the mock saw is exactly one stored sample.
     record = await controller.db.read(repo.get_run, run.id)
@@ -102,14 +104,16 @@ async def test_two_stage_run_matches_the_mock(controller: Controller, client: Co
 async def test_request_budget_is_exact_and_watch_ends_with_result(
     controller: Controller, client: ControllerClient
 ) -> None:
-    async with MockServer(MockConfig(ttft_ms=5, itl_ms=1, output_tokens=8)) as mock:
-        async with running_agent(f"127.0.0.1:{controller.port}"):
-            spec = spec_for(mock, [(4, 0.0)], output_tokens=8)
-            spec.stages[0].ClearField("duration")
-            spec.stages[0].requests = 50
-            run = await client.create_run(spec)
-            updates = [u async for u in client.watch(run.id)]
-            stats = await mock_stats(mock)
+    async with (
+        MockServer(MockConfig(ttft_ms=5, itl_ms=1, output_tokens=8)) as mock,
+        running_agent(f"127.0.0.1:{controller.port}"),
+    ):
+        spec = spec_for(mock, [(4, 0.0)], output_tokens=8)
+        spec.stages[0].ClearField("duration")
+        spec.stages[0].requests = 50
+        run = await client.create_run(spec)
+        updates = [u async for u in client.watch(run.id)]
+        stats = await mock_stats(mock)
     assert updates[-1].HasField("result")
     assert updates[-1].run.state == run_pb2.RUN_STATE_SUCCEEDED
     assert all(not u.HasField("result") for u in updates[:-1])
@@ -120,20 +124,22 @@ async def test_request_budget_is_exact_and_watch_ends_with_result(
 
 
 async def test_cancel_running_run_keeps_its_samples(controller: Controller, client: ControllerClient) -> None:
-    async with MockServer(MockConfig(ttft_ms=5, itl_ms=5, output_tokens=16)) as mock:
-        async with running_agent(f"127.0.0.1:{controller.port}"):
-            run = await client.create_run(spec_for(mock, [(4, 60.0)], output_tokens=16))
-            await eventually(lambda: client.get_run(run.id), lambda r: r.progress.requests_ok >= 10, 30)
-            cancelled = await client.cancel_run(run.id, "enough")
-            assert cancelled.state == run_pb2.RUN_STATE_CANCELLED
-            assert cancelled.state_reason == "enough"
-            stats = await eventually(lambda: mock_stats(mock), lambda s: s["running"] == 0)
-            # The agent is free again: a new run starts and finishes.
-            spec = spec_for(mock, [(2, 0.0)], output_tokens=4)
-            spec.stages[0].ClearField("duration")
-            spec.stages[0].requests = 6
-            second = await client.create_run(spec)
-            assert (await wait_final(client, second.id)).state == run_pb2.RUN_STATE_SUCCEEDED
+    async with (
+        MockServer(MockConfig(ttft_ms=5, itl_ms=5, output_tokens=16)) as mock,
+        running_agent(f"127.0.0.1:{controller.port}"),
+    ):
+        run = await client.create_run(spec_for(mock, [(4, 60.0)], output_tokens=16))
+        await eventually(lambda: client.get_run(run.id), lambda r: r.progress.requests_ok >= 10, 30)
+        cancelled = await client.cancel_run(run.id, "enough")
+        assert cancelled.state == run_pb2.RUN_STATE_CANCELLED
+        assert cancelled.state_reason == "enough"
+        stats = await eventually(lambda: mock_stats(mock), lambda s: s["running"] == 0)
+        # The agent is free again: a new run starts and finishes.
+        spec = spec_for(mock, [(2, 0.0)], output_tokens=4)
+        spec.stages[0].ClearField("duration")
+        spec.stages[0].requests = 6
+        second = await client.create_run(spec)
+        assert (await wait_final(client, second.id)).state == run_pb2.RUN_STATE_SUCCEEDED
     record = await controller.db.read(repo.get_run, run.id)
     assert record is not None
     stored = await controller.db.read(repo.count_samples, record.pk)
@@ -168,13 +174,15 @@ async def test_results_survive_controller_restart(db_path: Path) -> None:
 
 
 async def test_run_where_every_request_fails_is_failed(controller: Controller, client: ControllerClient) -> None:
-    async with MockServer(MockConfig(error_rate=1.0)) as mock:
-        async with running_agent(f"127.0.0.1:{controller.port}"):
-            spec = spec_for(mock, [(2, 0.0)])
-            spec.stages[0].ClearField("duration")
-            spec.stages[0].requests = 8
-            run = await client.create_run(spec)
-            final = await wait_final(client, run.id)
+    async with (
+        MockServer(MockConfig(error_rate=1.0)) as mock,
+        running_agent(f"127.0.0.1:{controller.port}"),
+    ):
+        spec = spec_for(mock, [(2, 0.0)])
+        spec.stages[0].ClearField("duration")
+        spec.stages[0].requests = 8
+        run = await client.create_run(spec)
+        final = await wait_final(client, run.id)
     assert final.state == run_pb2.RUN_STATE_FAILED
     assert "every request failed (8)" in final.state_reason
     result = await client.get_result(run.id)
