@@ -30,7 +30,7 @@ def generate(dest: Path) -> None:
     well_known = Path(grpc_tools.__file__).parent / "_proto"
     plugin_dir = Path(sys.executable).parent
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
-    subprocess.run(
+    result = subprocess.run(
         [
             sys.executable, "-m", "grpc_tools.protoc",
             f"-I{PROTO_ROOT}", f"-I{well_known}",
@@ -40,9 +40,14 @@ def generate(dest: Path) -> None:
             f"--mypy_out={dest}", f"--mypy_grpc_out={dest}",
             *protos,
         ],
-        check=True,
+        check=False,
         cwd=PROTO_ROOT,
+        capture_output=True,
+        text=True,
     )
+    if result.returncode != 0:
+        sys.stderr.write(result.stdout + result.stderr)
+        raise SystemExit(f"protoc failed with exit code {result.returncode}")
     for path in dest.rglob("*"):
         if path.suffix in {".py", ".pyi"}:
             text = IMPORT_RE.sub(r"\1common.proto.loadtest.v1", path.read_text())
