@@ -7,10 +7,14 @@ Routes:
 * `GET /stats`, `POST /stats/reset`: what the server saw, for tests to reconcile against.
 * `GET /health`: 200 while serving (as vLLM).
 
-Timing is measured from the moment the request body has been read (`t0`): token i (0-based)
-is emitted at the absolute deadline `t0 + ttft + i * itl` (each delay with its own jitter),
-never before it and typically within a millisecond after (see `mockserver.pacing`). A
-non-streamed response is sent at the deadline of its last token.
+Timing is measured from the moment the request body has been read (`t0`): the first token is
+emitted at `t0 + ttft`, each next one `itl` after the previous token's deadline or, if that
+token went out late, after it actually went out (each delay with its own jitter) — so no gap
+is ever shorter than `itl`, as in a real decode loop. Tokens are never early and typically
+within a millisecond late (see `mockserver.pacing`). All
+streams of an app share one `DeadlineScheduler`, which writes each due token straight to its
+connection; a handler task only sets its stream up and closes it. A non-streamed response is
+sent at the deadline of its last token.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from mockserver.generation import (
     parse_request,
     plan_output,
 )
-from mockserver.pacing import now, sleep_until
+from mockserver.pacing import DeadlineScheduler, now, sleep_until
 from mockserver.wire import StreamEncoder, error_body, full_response, models_body, usage_counts
 
 # Long-context prompts run to megabytes of JSON; aiohttp's default limit is 1 MiB.
@@ -91,7 +95,8 @@ def create_app(config: MockConfig) -> web.Application:
     stats = MockStats()
     app[STATS_KEY] = stats
     app[CONFIG_KEY] = config
-    routes = _CompletionRoutes(config, stats)
+    scheduler = DeadlineScheduler()
+    routes = _CompletionRoutes(config, stats, scheduler)
     models = models_body(config.model)
 
     async def list_models(_: web.Request) -> web.Response:
@@ -113,15 +118,21 @@ def create_app(config: MockConfig) -> web.Application:
     app.router.add_get("/stats", get_stats)
     app.router.add_post("/stats/reset", reset_stats)
     app.router.add_get("/health", health)
+
+    async def stop_pacing(_: web.Application) -> None:
+        scheduler.close()
+
+    app.on_cleanup.append(stop_pacing)
     return app
 
 
 class _CompletionRoutes:
     """The two completion endpoints: validate, maybe fail, then pace out the tokens."""
 
-    def __init__(self, config: MockConfig, stats: MockStats) -> None:
+    def __init__(self, config: MockConfig, stats: MockStats, scheduler: DeadlineScheduler):
         self._config = config
         self._stats = stats
+        self._scheduler = scheduler
         # Separate generators: how many requests fail must not depend on how many jitter
         # draws concurrent streams happened to make in between.
         self._error_rng = random.Random(config.seed)
@@ -174,27 +185,46 @@ class _CompletionRoutes:
     ) -> web.StreamResponse:
         stats = self._stats
         encoder = StreamEncoder(parsed.endpoint, self._config.model)
-        usage = usage_counts(parsed.prompt_tokens, plan.tokens) if parsed.include_usage else None
         response = web.StreamResponse(headers=_SSE_HEADERS)
-        last = plan.tokens - 1
-        deadline = t0
         try:
             await response.prepare(request)
             if parsed.endpoint == "chat":
                 await response.write(encoder.role_event())
-            for index in range(plan.tokens):
-                deadline += self._latency.itl() if index else self._latency.ttft()
-                await sleep_until(deadline)
-                if index < last:
-                    await response.write(encoder.token_event(index))
-                else:
-                    await response.write_eof(encoder.closing_events(index, plan.finish_reason, usage))
-                stats.output_tokens_total += 1
         except ConnectionError:
-            # Without handler cancellation a disconnect surfaces as a failed write.
             stats.requests_cancelled += 1
             return response
-        stats.requests_ok += 1
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            stats.requests_cancelled += 1
+            return response
+
+        frame = _chunk if response.headers.get("Transfer-Encoding") == "chunked" else bytes
+        finished: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        stream = _TokenStream(
+            transport,
+            tuple(frame(event) for event in encoder.token_events()),
+            frame(encoder.last_token_event(plan.tokens - 1, plan.finish_reason)),
+            plan.tokens,
+            t0 + self._latency.ttft(),
+            self._latency,
+            stats,
+            finished,
+        )
+        self._scheduler.schedule(stream.deadline, stream)
+        try:
+            completed = await finished
+        finally:
+            finished.cancel()  # when the handler itself is cancelled: the stream stops
+        usage = usage_counts(parsed.prompt_tokens, plan.tokens) if parsed.include_usage else None
+        try:
+            if completed:
+                await response.write_eof(encoder.closing_events(usage))
+        except ConnectionError:
+            completed = False
+        if completed:
+            stats.requests_ok += 1
+        else:
+            stats.requests_cancelled += 1
         return response
 
     async def _respond(
@@ -219,3 +249,76 @@ class _CompletionRoutes:
 
 def _error_response(status: int, message: str, error_type: str, param: str | None = None) -> web.Response:
     return web.Response(status=status, body=error_body(message, error_type, status, param), content_type=_JSON)
+
+
+class _TokenStream:
+    """A streamed response in flight: at each deadline, the scheduler has it write one token.
+
+    Token events go straight to the transport, pre-rendered and pre-framed: this is the hot
+    path, and aiohttp's writer would only add overhead for a few hundred uncompressed bytes.
+    The headers, the role event and the closing events go through aiohttp, so its framing
+    state stays consistent. There is no backpressure: a client that stops reading has the
+    rest of its response buffered, which is bounded by the response's length.
+
+    `finished` becomes True after the last token and False if the client went away; the
+    handler cancels it when it is itself cancelled, and the stream then stops.
+    """
+
+    __slots__ = (
+        "_emitted",
+        "_events",
+        "_finished",
+        "_last_event",
+        "_latency",
+        "_stats",
+        "_tokens",
+        "_transport",
+        "deadline",
+    )
+
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        events: tuple[bytes, ...],
+        last_event: bytes,
+        tokens: int,
+        first_deadline: float,
+        latency: LatencyModel,
+        stats: MockStats,
+        finished: asyncio.Future[bool],
+    ) -> None:
+        self._transport = transport
+        self._events = events
+        self._last_event = last_event
+        self._tokens = tokens
+        self._latency = latency
+        self._stats = stats
+        self._finished = finished
+        self._emitted = 0
+        self.deadline = first_deadline
+
+    def fire(self) -> float | None:
+        if self._finished.done():  # the handler was cancelled
+            return None
+        if self._transport.is_closing():
+            self._finished.set_result(False)
+            return None
+        index = self._emitted
+        if index == self._tokens - 1:
+            self._transport.write(self._last_event)
+        else:
+            self._transport.write(self._events[index % len(self._events)])
+        self._emitted = index + 1
+        self._stats.output_tokens_total += 1
+        if self._emitted == self._tokens:
+            self._finished.set_result(True)
+            return None
+        # Like a real decode loop, a late token delays the ones after it: the next gap is
+        # never shorter than the inter-token latency (a stream never "catches up" with a burst).
+        self.deadline = max(self.deadline, now()) + self._latency.itl()
+        return self.deadline
+
+
+def _chunk(data: bytes) -> bytes:
+    """`data` as one HTTP/1.1 chunk of a chunked body."""
+    return b"%x\r\n%b\r\n" % (len(data), data)

@@ -19,6 +19,10 @@ DONE_EVENT = b"data: [DONE]\n\n"
 _OBJECT_CHUNK = {"chat": "chat.completion.chunk", "completions": "text_completion"}
 _OBJECT_FULL = {"chat": "chat.completion", "completions": "text_completion"}
 _ID_PREFIX = {"chat": "chatcmpl-", "completions": "cmpl-"}
+# Token events are rendered once per response with a placeholder string for the token.
+_HOLE = "\x00"
+_HOLE_JSON = json.dumps(_HOLE).encode()
+_VOCABULARY_JSON = tuple(json.dumps(word).encode() for word in VOCABULARY)
 
 
 def _dumps(obj: Any) -> bytes:
@@ -64,12 +68,20 @@ class StreamEncoder:
 
     def token_events(self) -> tuple[bytes, ...]:
         """The event of token i of an unfinished output is `token_events()[i % len(...)]`."""
-        return tuple(self._event([self._choice(word, None)]) for word in VOCABULARY)
+        head, tail = self._token_event_halves(None)
+        return tuple(head + word + tail for word in _VOCABULARY_JSON)
 
     def last_token_event(self, index: int, finish_reason: FinishReason) -> bytes:
         """The event carrying the last token, `index` (0-based), and the finish reason."""
-        word = VOCABULARY[index % len(VOCABULARY)]
-        return self._event([self._choice(word, finish_reason)])
+        head, tail = self._token_event_halves(finish_reason)
+        return head + _VOCABULARY_JSON[index % len(_VOCABULARY_JSON)] + tail
+
+    def _token_event_halves(self, finish_reason: FinishReason | None) -> tuple[bytes, bytes]:
+        """A token event rendered once, split where the token's JSON string goes."""
+        event = self._event([self._choice(_HOLE, finish_reason)])
+        # The hole is the last string in the event: only the finish reason follows it.
+        head, _, tail = event.rpartition(_HOLE_JSON)
+        return head, tail
 
     def closing_events(self, usage: dict[str, int] | None) -> bytes:
         """The usage event if `usage` is given, then `[DONE]`."""
