@@ -270,6 +270,7 @@ class Assign(_message.Message):
     TARGET_FIELD_NUMBER: _builtins.int
     WORKLOAD_FIELD_NUMBER: _builtins.int
     STAGE_FIELD_NUMBER: _builtins.int
+    DATASET_ENTRIES_FIELD_NUMBER: _builtins.int
     assignment_id: _builtins.str
     """Id of the assignment; samples and updates refer to it."""
     run_id: _builtins.str
@@ -286,7 +287,11 @@ class Assign(_message.Message):
 
     @_builtins.property
     def stage(self) -> _run_pb2.Stage:
-        """This agent's share of the stage (concurrency and request count split)."""
+        """This agent's share of the stage (concurrency, rate and request counts split)."""
+
+    @_builtins.property
+    def dataset_entries(self) -> _containers.RepeatedCompositeFieldContainer[_run_pb2.DatasetEntry]:
+        """The parsed dataset when the workload uses one (its `content` is not sent)."""
 
     def __init__(
         self,
@@ -297,10 +302,11 @@ class Assign(_message.Message):
         target: _run_pb2.Target | None = ...,
         workload: _run_pb2.Workload | None = ...,
         stage: _run_pb2.Stage | None = ...,
+        dataset_entries: _abc.Iterable[_run_pb2.DatasetEntry] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["stage", b"stage", "target", b"target", "workload", b"workload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment_id", b"assignment_id", "run_id", b"run_id", "stage", b"stage", "stage_index", b"stage_index", "target", b"target", "workload", b"workload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment_id", b"assignment_id", "dataset_entries", b"dataset_entries", "run_id", b"run_id", "stage", b"stage", "stage_index", b"stage_index", "target", b"target", "workload", b"workload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

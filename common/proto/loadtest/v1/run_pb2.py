@@ -23,10 +23,11 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15loadtest/v1/run.proto\x12\x0bloadtest.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x99\x02\n\x06Target\x12\x10\n\x08\x62\x61se_url\x18\x01 \x01(\t\x12&\n\x08\x61pi_kind\x18\x02 \x01(\x0e\x32\x14.loadtest.v1.ApiKind\x12\r\n\x05model\x18\x03 \x01(\t\x12\x31\n\x07headers\x18\x04 \x03(\x0b\x32 .loadtest.v1.Target.HeadersEntry\x12\x0f\n\x07\x61pi_key\x18\x05 \x01(\t\x12\x32\n\x0frequest_timeout\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x06stream\x18\x07 \x01(\x08H\x00\x88\x01\x01\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\t\n\x07_stream\"d\n\x12LengthDistribution\x12\x0f\n\x05\x66ixed\x18\x01 \x01(\rH\x00\x12-\n\x07uniform\x18\x02 \x01(\x0b\x32\x1a.loadtest.v1.UniformLengthH\x00\x42\x0e\n\x0c\x64istribution\")\n\rUniformLength\x12\x0b\n\x03min\x18\x01 \x01(\r\x12\x0b\n\x03max\x18\x02 \x01(\r\"\x82\x01\n\x11SyntheticWorkload\x12\x35\n\x0cinput_tokens\x18\x01 \x01(\x0b\x32\x1f.loadtest.v1.LengthDistribution\x12\x36\n\routput_tokens\x18\x02 \x01(\x0b\x32\x1f.loadtest.v1.LengthDistribution\"W\n\x08Workload\x12\x33\n\tsynthetic\x18\x01 \x01(\x0b\x32\x1e.loadtest.v1.SyntheticWorkloadH\x00\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x42\x08\n\x06source\"s\n\x05Stage\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\x0b\x63oncurrency\x18\x02 \x01(\rH\x00\x12+\n\x08\x64uration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08requests\x18\x04 \x01(\x04\x42\x06\n\x04load\"\x1b\n\tPlacement\x12\x0e\n\x06\x61gents\x18\x01 \x01(\r\"\x9d\x02\n\x07RunSpec\x12\x14\n\x0c\x64isplay_name\x18\x01 \x01(\t\x12#\n\x06target\x18\x02 \x01(\x0b\x32\x13.loadtest.v1.Target\x12\'\n\x08workload\x18\x03 \x01(\x0b\x32\x15.loadtest.v1.Workload\x12\"\n\x06stages\x18\x04 \x03(\x0b\x32\x12.loadtest.v1.Stage\x12)\n\tplacement\x18\x05 \x01(\x0b\x32\x16.loadtest.v1.Placement\x12\x30\n\x06labels\x18\x06 \x03(\x0b\x32 .loadtest.v1.RunSpec.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"R\n\x0bRunProgress\x12\x13\n\x0brequests_ok\x18\x01 \x01(\x04\x12\x17\n\x0frequests_failed\x18\x02 \x01(\x04\x12\x15\n\routput_tokens\x18\x03 \x01(\x04\"\xc3\x02\n\x03Run\x12\n\n\x02id\x18\x01 \x01(\t\x12\"\n\x04spec\x18\x02 \x01(\x0b\x32\x14.loadtest.v1.RunSpec\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.loadtest.v1.RunState\x12\x14\n\x0cstate_reason\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rcurrent_stage\x18\x08 \x01(\r\x12*\n\x08progress\x18\t \x01(\x0b\x32\x18.loadtest.v1.RunProgress\"\xaf\x01\n\x0cLatencyStats\x12\r\n\x05\x63ount\x18\x01 \x01(\x04\x12\x0f\n\x07mean_ms\x18\x02 \x01(\x01\x12\x0e\n\x06std_ms\x18\x03 \x01(\x01\x12\x0e\n\x06min_ms\x18\x04 \x01(\x01\x12\x0e\n\x06max_ms\x18\x05 \x01(\x01\x12\x0e\n\x06p50_ms\x18\x06 \x01(\x01\x12\x0e\n\x06p90_ms\x18\x07 \x01(\x01\x12\x0e\n\x06p95_ms\x18\x08 \x01(\x01\x12\x0e\n\x06p99_ms\x18\t \x01(\x01\x12\x0f\n\x07p999_ms\x18\n \x01(\x01\"\xe0\x05\n\x0bStageResult\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x63oncurrency\x18\x03 \x01(\r\x12\x13\n\x0brequests_ok\x18\x04 \x01(\x04\x12\x17\n\x0frequests_failed\x18\x05 \x01(\x04\x12\x34\n\x06\x65rrors\x18\x06 \x03(\x0b\x32$.loadtest.v1.StageResult.ErrorsEntry\x12\x12\n\nduration_s\x18\x07 \x01(\x01\x12\x1a\n\x12request_throughput\x18\x08 \x01(\x01\x12\x1f\n\x17output_token_throughput\x18\t \x01(\x01\x12\x1e\n\x16total_token_throughput\x18\n \x01(\x01\x12$\n\x1cpeak_output_token_throughput\x18\x0b \x01(\x01\x12\x1c\n\x14\x61\x63hieved_concurrency\x18\x0c \x01(\x01\x12\x15\n\rprompt_tokens\x18\r \x01(\x04\x12\x15\n\routput_tokens\x18\x0e \x01(\x04\x12\x1f\n\x17output_tokens_estimated\x18\x0f \x01(\x08\x12\'\n\x04ttft\x18\x10 \x01(\x0b\x32\x19.loadtest.v1.LatencyStats\x12\'\n\x04tpot\x18\x11 \x01(\x0b\x32\x19.loadtest.v1.LatencyStats\x12&\n\x03itl\x18\x12 \x01(\x0b\x32\x19.loadtest.v1.LatencyStats\x12&\n\x03\x65\x32\x65\x18\x13 \x01(\x0b\x32\x19.loadtest.v1.LatencyStats\x12.\n\x0bqueue_delay\x18\x14 \x01(\x0b\x32\x19.loadtest.v1.LatencyStats\x12\x36\n\x13\x65\x32\x65_including_queue\x18\x15 \x01(\x0b\x32\x19.loadtest.v1.LatencyStats\x1a-\n\x0b\x45rrorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"k\n\tRunResult\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.loadtest.v1.RunState\x12(\n\x06stages\x18\x03 \x03(\x0b\x32\x18.loadtest.v1.StageResult\"P\n\x0b\x41gentHealth\x12\x19\n\x11\x65vent_loop_lag_ms\x18\x01 \x01(\x01\x12\x13\n\x0b\x63pu_percent\x18\x02 \x01(\x01\x12\x11\n\tin_flight\x18\x03 \x01(\r\"\xd5\x02\n\x05\x41gent\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12.\n\x06labels\x18\x03 \x03(\x0b\x32\x1e.loadtest.v1.Agent.LabelsEntry\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x30\n\x0c\x63onnect_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\x13last_heartbeat_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x06health\x18\x07 \x01(\x0b\x32\x18.loadtest.v1.AgentHealth\x12\x0e\n\x06run_id\x18\x08 \x01(\t\x12\x15\n\rassignment_id\x18\t \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xb6\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATE_PENDING\x10\x01\x12\x15\n\x11RUN_STATE_RUNNING\x10\x02\x12\x17\n\x13RUN_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10RUN_STATE_FAILED\x10\x04\x12\x17\n\x13RUN_STATE_CANCELLED\x10\x05\x12\x19\n\x15RUN_STATE_INTERRUPTED\x10\x06*P\n\x07\x41piKind\x12\x18\n\x14\x41PI_KIND_UNSPECIFIED\x10\x00\x12\x11\n\rAPI_KIND_CHAT\x10\x01\x12\x18\n\x14\x41PI_KIND_COMPLETIONS\x10\x02*\xf6\x01\n\rRequestStatus\x12\x1e\n\x1aREQUEST_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11REQUEST_STATUS_OK\x10\x01\x12\x1b\n\x17REQUEST_STATUS_HTTP_4XX\x10\x02\x12\x1b\n\x17REQUEST_STATUS_HTTP_5XX\x10\x03\x12\x1a\n\x16REQUEST_STATUS_TIMEOUT\x10\x04\x12\x1d\n\x19REQUEST_STATUS_CONNECTION\x10\x05\x12\x1b\n\x17REQUEST_STATUS_PROTOCOL\x10\x06\x12\x1c\n\x18REQUEST_STATUS_CANCELLED\x10\x07\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15loadtest/v1/run.proto\x12\x0bloadtest.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe4\x02\n\x06Target\x12\x10\n\x08\x62\x61se_url\x18\x01 \x01(\t\x12&\n\x08\x61pi_kind\x18\x02 \x01(\x0e\x32\x14.loadtest.v1.ApiKind\x12\r\n\x05model\x18\x03 \x01(\t\x12\x31\n\x07headers\x18\x04 \x03(\x0b\x32 .loadtest.v1.Target.HeadersEntry\x12\x0f\n\x07\x61pi_key\x18\x05 \x01(\t\x12\x32\n\x0frequest_timeout\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x06stream\x18\x07 \x01(\x08H\x00\x88\x01\x01\x12\x1c\n\x14insecure_skip_verify\x18\x08 \x01(\x08\x12+\n\nextra_body\x18\t \x01(\x0b\x32\x17.google.protobuf.Struct\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\t\n\x07_stream\"\x91\x01\n\x12LengthDistribution\x12\x0f\n\x05\x66ixed\x18\x01 \x01(\rH\x00\x12-\n\x07uniform\x18\x02 \x01(\x0b\x32\x1a.loadtest.v1.UniformLengthH\x00\x12+\n\x06normal\x18\x03 \x01(\x0b\x32\x19.loadtest.v1.NormalLengthH\x00\x42\x0e\n\x0c\x64istribution\"C\n\x0cNormalLength\x12\x0c\n\x04mean\x18\x01 \x01(\x01\x12\x0b\n\x03std\x18\x02 \x01(\x01\x12\x0b\n\x03min\x18\x03 \x01(\r\x12\x0b\n\x03max\x18\x04 \x01(\r\")\n\rUniformLength\x12\x0b\n\x03min\x18\x01 \x01(\r\x12\x0b\n\x03max\x18\x02 \x01(\r\"\xa0\x01\n\x11SyntheticWorkload\x12\x35\n\x0cinput_tokens\x18\x01 \x01(\x0b\x32\x1f.loadtest.v1.LengthDistribution\x12\x36\n\routput_tokens\x18\x02 \x01(\x0b\x32\x1f.loadtest.v1.LengthDistribution\x12\x1c\n\x14shared_prefix_tokens\x18\x03 \x01(\r\"\xb5\x01\n\x07\x44\x61taset\x12*\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x1a.loadtest.v1.DatasetFormat\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x18\n\x10min_prompt_words\x18\x03 \x01(\r\x12\x18\n\x10max_prompt_words\x18\x04 \x01(\r\x12\x13\n\x0b\x65ntry_count\x18\x05 \x01(\r\x12\x16\n\x0e\x63ontent_sha256\x18\x06 \x01(\t\x12\x0c\n\x04name\x18\x07 \x01(\t\"^\n\x0c\x44\x61tasetEntry\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12*\n\x08messages\x18\x02 \x03(\x0b\x32\x18.loadtest.v1.ChatMessage\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xac\x01\n\x08Workload\x12\x33\n\tsynthetic\x18\x01 \x01(\x0b\x32\x1e.loadtest.v1.SyntheticWorkloadH\x00\x12\'\n\x07\x64\x61taset\x18\x03 \x01(\x0b\x32\x14.loadtest.v1.DatasetH\x00\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\x12\n\nignore_eos\x18\x04 \x01(\x08\x12\x16\n\x0epin_min_tokens\x18\x05 \x01(\x08\x42\x08\n\x06source\"\xdc\x02\n\x05Stage\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\x0b\x63oncurrency\x18\x02 \x01(\rH\x00\x12\x16\n\x0crequest_rate\x18\x05 \x01(\x01H\x00\x12+\n\x08\x64uration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08requests\x18\x04 \x01(\x04\x12,\n\x07\x61rrival\x18\x06 \x01(\x0e\x32\x1b.loadtest.v1.ArrivalProcess\x12\x12\n\nburstiness\x18\x07 \x01(\x01\x12\x17\n\x0fmax_concurrency\x18\x08 \x01(\r\x12\x32\n\x0fwarmup_duration\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0fwarmup_requests\x18\n \x01(\x04\x12\'\n\x04ramp\x18\x0b \x01(\x0b\x32\x19.google.protobuf.DurationB\x06\n\x04load\"\x1b\n\tPlacement\x12\x0e\n\x06\x61gents\x18\x01 \x01(\r\"\x9d\x02\n\x07RunSpec\x12\x14\n\x0c\x64isplay_name\x18\x01 \x01(\t\x12#\n\x06target\x18\x02 \x01(\x0b\x32\x13.loadtest.v1.Target\x12\'\n\x08workload\x18\x03 \x01(\x0b\x32\x15.loadtest.v1.Workload\x12\"\n\x06stages\x18\x04 \x03(\x0b\x32\x12.loadtest.v1.Stage\x12)\n\tplacement\x18\x05 \x01(\x0b\x32\x16.loadtest.v1.Placement\x12\x30\n\x06labels\x18\x06 \x03(\x0b\x32 .loadtest.v1.RunSpec.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"R\n\x0bRunProgress\x12\x13\n\x0brequests_ok\x18\x01 \x01(\x04\x12\x17\n\x0frequests_failed\x18\x02 \x01(\x04\x12\x15\n\routput_tokens\x18\x03 \x01(\x04\"\xc3\x02\n\x03Run\x12\n\n\x02id\x18\x01 \x01(\t\x12\"\n\x04spec\x18\x02 \x01(\x0b\x32\x14.loadtest.v1.RunSpec\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.loadtest.v1.RunState\x12\x14\n\x0cstate_reason\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rcurrent_stage\x18\x08 \x01(\r\x12*\n\x08progress\x18\t \x01(\x0b\x32\x18.loadtest.v1.RunProgress\"\xaf\x01\n\x0cLatencyStats\x12\r\n\x05\x63ount\x18\x01 \x01(\x04\x12\x0f\n\x07mean_ms\x18\x02 \x01(\x01\x12\x0e\n\x06std_ms\x18\x03 \x01(\x01\x12\x0e\n\x06min_ms\x18\x04 \x01(\x01\x12\x0e\n\x06max_ms\x18\x05 \x01(\x01\x12\x0e\n\x06p50_ms\x18\x06 \x01(\x01\x12\x0e\n\x06p90_ms\x18\x07 \x01(\x01\x12\x0e\n\x06p95_ms\x18\x08 \x01(\x01\x12\x0e\n\x06p99_ms\x18\t \x01(\x01\x12\x0f\n\x07p999_ms\x18\n \x01(\x01\"\xe0\x05\n\x0bStageResult\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x63oncurrency\x18\x03 \x01(\r\x12\x13\n\x0brequests_ok\x18\x04 \x01(\x04\x12\x17\n\x0frequests_failed\x18\x05 \x01(\x04\x12\x34\n\x06\x65rrors\x18\x06 \x03(\x0b\x32$.loadtest.v1.StageResult.ErrorsEntry\x12\x12\n\nduration_s\x18\x07 \x01(\x01\x12\x1a\n\x12request_throughput\x18\x08 \x01(\x01\x12\x1f\n\x17output_token_throughput\x18\t \x01(\x01\x12\x1e\n\x16total_token_throughput\x18\n \x01(\x01\x12$\n\x1cpeak_output_token_throughput\x18\x0b \x01(\x01\x12\x1c\n\x14\x61\x63hieved_concurrency\x18\x0c \x01(\x01\x12\x15\n\rprompt_tokens\x18\r \x01(\x04\x12\x15\n\routput_tokens\x18\x0e \x01(\x04\x12\x1f\n\x17output_tokens_estimated\x18\x0f \x01(\x08\x12\'\n\x04ttft\x18\x10 \x01(\x0b\x32\x19.loadtest.v1.LatencyStats\x12\'\n\x04tpot\x18\x11 \x01(\x0b\x32\x19.loadtest.v1.LatencyStats\x12&\n\x03itl\x18\x12 \x01(\x0b\x32\x19.loadtest.v1.LatencyStats\x12&\n\x03\x65\x32\x65\x18\x13 \x01(\x0b\x32\x19.loadtest.v1.LatencyStats\x12.\n\x0bqueue_delay\x18\x14 \x01(\x0b\x32\x19.loadtest.v1.LatencyStats\x12\x36\n\x13\x65\x32\x65_including_queue\x18\x15 \x01(\x0b\x32\x19.loadtest.v1.LatencyStats\x1a-\n\x0b\x45rrorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"k\n\tRunResult\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.loadtest.v1.RunState\x12(\n\x06stages\x18\x03 \x03(\x0b\x32\x18.loadtest.v1.StageResult\"P\n\x0b\x41gentHealth\x12\x19\n\x11\x65vent_loop_lag_ms\x18\x01 \x01(\x01\x12\x13\n\x0b\x63pu_percent\x18\x02 \x01(\x01\x12\x11\n\tin_flight\x18\x03 \x01(\r\"\xd5\x02\n\x05\x41gent\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12.\n\x06labels\x18\x03 \x03(\x0b\x32\x1e.loadtest.v1.Agent.LabelsEntry\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x30\n\x0c\x63onnect_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\x13last_heartbeat_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x06health\x18\x07 \x01(\x0b\x32\x18.loadtest.v1.AgentHealth\x12\x0e\n\x06run_id\x18\x08 \x01(\t\x12\x15\n\rassignment_id\x18\t \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xb6\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATE_PENDING\x10\x01\x12\x15\n\x11RUN_STATE_RUNNING\x10\x02\x12\x17\n\x13RUN_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10RUN_STATE_FAILED\x10\x04\x12\x17\n\x13RUN_STATE_CANCELLED\x10\x05\x12\x19\n\x15RUN_STATE_INTERRUPTED\x10\x06*P\n\x07\x41piKind\x12\x18\n\x14\x41PI_KIND_UNSPECIFIED\x10\x00\x12\x11\n\rAPI_KIND_CHAT\x10\x01\x12\x18\n\x14\x41PI_KIND_COMPLETIONS\x10\x02*\xf6\x01\n\rRequestStatus\x12\x1e\n\x1aREQUEST_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11REQUEST_STATUS_OK\x10\x01\x12\x1b\n\x17REQUEST_STATUS_HTTP_4XX\x10\x02\x12\x1b\n\x17REQUEST_STATUS_HTTP_5XX\x10\x03\x12\x1a\n\x16REQUEST_STATUS_TIMEOUT\x10\x04\x12\x1d\n\x19REQUEST_STATUS_CONNECTION\x10\x05\x12\x1b\n\x17REQUEST_STATUS_PROTOCOL\x10\x06\x12\x1c\n\x18REQUEST_STATUS_CANCELLED\x10\x07*\x87\x01\n\x0e\x41rrivalProcess\x12\x1f\n\x1b\x41RRIVAL_PROCESS_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x41RRIVAL_PROCESS_POISSON\x10\x01\x12\x1c\n\x18\x41RRIVAL_PROCESS_CONSTANT\x10\x02\x12\x19\n\x15\x41RRIVAL_PROCESS_GAMMA\x10\x03*f\n\rDatasetFormat\x12\x1e\n\x1a\x44\x41TASET_FORMAT_UNSPECIFIED\x10\x00\x12\x18\n\x14\x44\x41TASET_FORMAT_JSONL\x10\x01\x12\x1b\n\x17\x44\x41TASET_FORMAT_SHAREGPT\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,48 +42,60 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STAGERESULT_ERRORSENTRY']._serialized_options = b'8\001'
   _globals['_AGENT_LABELSENTRY']._loaded_options = None
   _globals['_AGENT_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_RUNSTATE']._serialized_start=3051
-  _globals['_RUNSTATE']._serialized_end=3233
-  _globals['_APIKIND']._serialized_start=3235
-  _globals['_APIKIND']._serialized_end=3315
-  _globals['_REQUESTSTATUS']._serialized_start=3318
-  _globals['_REQUESTSTATUS']._serialized_end=3564
-  _globals['_TARGET']._serialized_start=104
-  _globals['_TARGET']._serialized_end=385
-  _globals['_TARGET_HEADERSENTRY']._serialized_start=328
-  _globals['_TARGET_HEADERSENTRY']._serialized_end=374
-  _globals['_LENGTHDISTRIBUTION']._serialized_start=387
-  _globals['_LENGTHDISTRIBUTION']._serialized_end=487
-  _globals['_UNIFORMLENGTH']._serialized_start=489
-  _globals['_UNIFORMLENGTH']._serialized_end=530
-  _globals['_SYNTHETICWORKLOAD']._serialized_start=533
-  _globals['_SYNTHETICWORKLOAD']._serialized_end=663
-  _globals['_WORKLOAD']._serialized_start=665
-  _globals['_WORKLOAD']._serialized_end=752
-  _globals['_STAGE']._serialized_start=754
-  _globals['_STAGE']._serialized_end=869
-  _globals['_PLACEMENT']._serialized_start=871
-  _globals['_PLACEMENT']._serialized_end=898
-  _globals['_RUNSPEC']._serialized_start=901
-  _globals['_RUNSPEC']._serialized_end=1186
-  _globals['_RUNSPEC_LABELSENTRY']._serialized_start=1141
-  _globals['_RUNSPEC_LABELSENTRY']._serialized_end=1186
-  _globals['_RUNPROGRESS']._serialized_start=1188
-  _globals['_RUNPROGRESS']._serialized_end=1270
-  _globals['_RUN']._serialized_start=1273
-  _globals['_RUN']._serialized_end=1596
-  _globals['_LATENCYSTATS']._serialized_start=1599
-  _globals['_LATENCYSTATS']._serialized_end=1774
-  _globals['_STAGERESULT']._serialized_start=1777
-  _globals['_STAGERESULT']._serialized_end=2513
-  _globals['_STAGERESULT_ERRORSENTRY']._serialized_start=2468
-  _globals['_STAGERESULT_ERRORSENTRY']._serialized_end=2513
-  _globals['_RUNRESULT']._serialized_start=2515
-  _globals['_RUNRESULT']._serialized_end=2622
-  _globals['_AGENTHEALTH']._serialized_start=2624
-  _globals['_AGENTHEALTH']._serialized_end=2704
-  _globals['_AGENT']._serialized_start=2707
-  _globals['_AGENT']._serialized_end=3048
-  _globals['_AGENT_LABELSENTRY']._serialized_start=1141
-  _globals['_AGENT_LABELSENTRY']._serialized_end=1186
+  _globals['_RUNSTATE']._serialized_start=3947
+  _globals['_RUNSTATE']._serialized_end=4129
+  _globals['_APIKIND']._serialized_start=4131
+  _globals['_APIKIND']._serialized_end=4211
+  _globals['_REQUESTSTATUS']._serialized_start=4214
+  _globals['_REQUESTSTATUS']._serialized_end=4460
+  _globals['_ARRIVALPROCESS']._serialized_start=4463
+  _globals['_ARRIVALPROCESS']._serialized_end=4598
+  _globals['_DATASETFORMAT']._serialized_start=4600
+  _globals['_DATASETFORMAT']._serialized_end=4702
+  _globals['_TARGET']._serialized_start=134
+  _globals['_TARGET']._serialized_end=490
+  _globals['_TARGET_HEADERSENTRY']._serialized_start=433
+  _globals['_TARGET_HEADERSENTRY']._serialized_end=479
+  _globals['_LENGTHDISTRIBUTION']._serialized_start=493
+  _globals['_LENGTHDISTRIBUTION']._serialized_end=638
+  _globals['_NORMALLENGTH']._serialized_start=640
+  _globals['_NORMALLENGTH']._serialized_end=707
+  _globals['_UNIFORMLENGTH']._serialized_start=709
+  _globals['_UNIFORMLENGTH']._serialized_end=750
+  _globals['_SYNTHETICWORKLOAD']._serialized_start=753
+  _globals['_SYNTHETICWORKLOAD']._serialized_end=913
+  _globals['_DATASET']._serialized_start=916
+  _globals['_DATASET']._serialized_end=1097
+  _globals['_DATASETENTRY']._serialized_start=1099
+  _globals['_DATASETENTRY']._serialized_end=1193
+  _globals['_CHATMESSAGE']._serialized_start=1195
+  _globals['_CHATMESSAGE']._serialized_end=1239
+  _globals['_WORKLOAD']._serialized_start=1242
+  _globals['_WORKLOAD']._serialized_end=1414
+  _globals['_STAGE']._serialized_start=1417
+  _globals['_STAGE']._serialized_end=1765
+  _globals['_PLACEMENT']._serialized_start=1767
+  _globals['_PLACEMENT']._serialized_end=1794
+  _globals['_RUNSPEC']._serialized_start=1797
+  _globals['_RUNSPEC']._serialized_end=2082
+  _globals['_RUNSPEC_LABELSENTRY']._serialized_start=2037
+  _globals['_RUNSPEC_LABELSENTRY']._serialized_end=2082
+  _globals['_RUNPROGRESS']._serialized_start=2084
+  _globals['_RUNPROGRESS']._serialized_end=2166
+  _globals['_RUN']._serialized_start=2169
+  _globals['_RUN']._serialized_end=2492
+  _globals['_LATENCYSTATS']._serialized_start=2495
+  _globals['_LATENCYSTATS']._serialized_end=2670
+  _globals['_STAGERESULT']._serialized_start=2673
+  _globals['_STAGERESULT']._serialized_end=3409
+  _globals['_STAGERESULT_ERRORSENTRY']._serialized_start=3364
+  _globals['_STAGERESULT_ERRORSENTRY']._serialized_end=3409
+  _globals['_RUNRESULT']._serialized_start=3411
+  _globals['_RUNRESULT']._serialized_end=3518
+  _globals['_AGENTHEALTH']._serialized_start=3520
+  _globals['_AGENTHEALTH']._serialized_end=3600
+  _globals['_AGENT']._serialized_start=3603
+  _globals['_AGENT']._serialized_end=3944
+  _globals['_AGENT_LABELSENTRY']._serialized_start=2037
+  _globals['_AGENT_LABELSENTRY']._serialized_end=2082
 # @@protoc_insertion_point(module_scope)

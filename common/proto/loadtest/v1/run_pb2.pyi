@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -133,6 +134,62 @@ REQUEST_STATUS_CANCELLED: RequestStatus.ValueType  # 7
 """The request was cancelled before it completed (run cancelled, stage ended)."""
 Global___RequestStatus: _TypeAlias = RequestStatus  # noqa: Y015
 
+class _ArrivalProcess:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ArrivalProcessEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ArrivalProcess.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ARRIVAL_PROCESS_UNSPECIFIED: _ArrivalProcess.ValueType  # 0
+    """Not set; treated as ARRIVAL_PROCESS_POISSON."""
+    ARRIVAL_PROCESS_POISSON: _ArrivalProcess.ValueType  # 1
+    """Exponential inter-arrival times (coefficient of variation 1)."""
+    ARRIVAL_PROCESS_CONSTANT: _ArrivalProcess.ValueType  # 2
+    """Evenly spaced arrivals."""
+    ARRIVAL_PROCESS_GAMMA: _ArrivalProcess.ValueType  # 3
+    """Gamma inter-arrival times with shape `burstiness` (1 = Poisson, < 1 burstier)."""
+
+class ArrivalProcess(_ArrivalProcess, metaclass=_ArrivalProcessEnumTypeWrapper):
+    """How open-loop arrivals are spaced."""
+
+ARRIVAL_PROCESS_UNSPECIFIED: ArrivalProcess.ValueType  # 0
+"""Not set; treated as ARRIVAL_PROCESS_POISSON."""
+ARRIVAL_PROCESS_POISSON: ArrivalProcess.ValueType  # 1
+"""Exponential inter-arrival times (coefficient of variation 1)."""
+ARRIVAL_PROCESS_CONSTANT: ArrivalProcess.ValueType  # 2
+"""Evenly spaced arrivals."""
+ARRIVAL_PROCESS_GAMMA: ArrivalProcess.ValueType  # 3
+"""Gamma inter-arrival times with shape `burstiness` (1 = Poisson, < 1 burstier)."""
+Global___ArrivalProcess: _TypeAlias = ArrivalProcess  # noqa: Y015
+
+class _DatasetFormat:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DatasetFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DatasetFormat.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DATASET_FORMAT_UNSPECIFIED: _DatasetFormat.ValueType  # 0
+    """Not set; invalid."""
+    DATASET_FORMAT_JSONL: _DatasetFormat.ValueType  # 1
+    """One JSON object per line: `{"prompt": ...}` or `{"messages": [...]}`, optional `max_tokens`."""
+    DATASET_FORMAT_SHAREGPT: _DatasetFormat.ValueType  # 2
+    """ShareGPT JSON: a list of `{"conversations": [{"from": "human", "value": ...}, ...]}`;
+    the first human turn is the prompt, the following gpt turn's length sets max_tokens.
+    """
+
+class DatasetFormat(_DatasetFormat, metaclass=_DatasetFormatEnumTypeWrapper):
+    """File format of a dataset."""
+
+DATASET_FORMAT_UNSPECIFIED: DatasetFormat.ValueType  # 0
+"""Not set; invalid."""
+DATASET_FORMAT_JSONL: DatasetFormat.ValueType  # 1
+"""One JSON object per line: `{"prompt": ...}` or `{"messages": [...]}`, optional `max_tokens`."""
+DATASET_FORMAT_SHAREGPT: DatasetFormat.ValueType  # 2
+"""ShareGPT JSON: a list of `{"conversations": [{"from": "human", "value": ...}, ...]}`;
+the first human turn is the prompt, the following gpt turn's length sets max_tokens.
+"""
+Global___DatasetFormat: _TypeAlias = DatasetFormat  # noqa: Y015
+
 @_typing.final
 class Target(_message.Message):
     """The model server the load goes to."""
@@ -166,6 +223,8 @@ class Target(_message.Message):
     API_KEY_FIELD_NUMBER: _builtins.int
     REQUEST_TIMEOUT_FIELD_NUMBER: _builtins.int
     STREAM_FIELD_NUMBER: _builtins.int
+    INSECURE_SKIP_VERIFY_FIELD_NUMBER: _builtins.int
+    EXTRA_BODY_FIELD_NUMBER: _builtins.int
     base_url: _builtins.str
     """Required. Base URL of the OpenAI-compatible API, e.g. `http://127.0.0.1:8000/v1`.
     Only http and https are accepted.
@@ -180,6 +239,8 @@ class Target(_message.Message):
     """
     stream: _builtins.bool
     """Whether to stream the response over SSE. Defaults to true."""
+    insecure_skip_verify: _builtins.bool
+    """Skip TLS certificate verification (self-signed model servers)."""
     @_builtins.property
     def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Extra HTTP headers sent with every request."""
@@ -187,6 +248,13 @@ class Target(_message.Message):
     @_builtins.property
     def request_timeout(self) -> _duration_pb2.Duration:
         """Per-request timeout (whole response). Defaults to 300 s."""
+
+    @_builtins.property
+    def extra_body(self) -> _struct_pb2.Struct:
+        """Extra JSON fields merged into every request body, for server-specific parameters
+        such as `{"cache_prompt": false}` (llama.cpp) or `{"top_k": 1}`. They cannot
+        override `model`, `messages`, `prompt`, `stream` or `stream_options`.
+        """
 
     def __init__(
         self,
@@ -198,10 +266,12 @@ class Target(_message.Message):
         api_key: _builtins.str = ...,
         request_timeout: _duration_pb2.Duration | None = ...,
         stream: _builtins.bool | None = ...,
+        insecure_skip_verify: _builtins.bool = ...,
+        extra_body: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_stream", b"_stream", "request_timeout", b"request_timeout", "stream", b"stream"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_stream", b"_stream", "extra_body", b"extra_body", "request_timeout", b"request_timeout", "stream", b"stream"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_stream", b"_stream", "api_key", b"api_key", "api_kind", b"api_kind", "base_url", b"base_url", "headers", b"headers", "model", b"model", "request_timeout", b"request_timeout", "stream", b"stream"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_stream", b"_stream", "api_key", b"api_key", "api_kind", b"api_kind", "base_url", b"base_url", "extra_body", b"extra_body", "headers", b"headers", "insecure_skip_verify", b"insecure_skip_verify", "model", b"model", "request_timeout", b"request_timeout", "stream", b"stream"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__stream: _TypeAlias = _typing.Literal["stream"]  # noqa: Y015
     _WhichOneofArgType__stream: _TypeAlias = _typing.Literal["_stream", b"_stream"]  # noqa: Y015
@@ -217,27 +287,67 @@ class LengthDistribution(_message.Message):
 
     FIXED_FIELD_NUMBER: _builtins.int
     UNIFORM_FIELD_NUMBER: _builtins.int
+    NORMAL_FIELD_NUMBER: _builtins.int
     fixed: _builtins.int
     """Always this many tokens."""
     @_builtins.property
     def uniform(self) -> Global___UniformLength:
         """Uniform between min and max, inclusive."""
 
+    @_builtins.property
+    def normal(self) -> Global___NormalLength:
+        """Normal, rounded and clipped to [min, max]."""
+
     def __init__(
         self,
         *,
         fixed: _builtins.int = ...,
         uniform: Global___UniformLength | None = ...,
+        normal: Global___NormalLength | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["distribution", b"distribution", "fixed", b"fixed", "uniform", b"uniform"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["distribution", b"distribution", "fixed", b"fixed", "normal", b"normal", "uniform", b"uniform"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["distribution", b"distribution", "fixed", b"fixed", "uniform", b"uniform"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["distribution", b"distribution", "fixed", b"fixed", "normal", b"normal", "uniform", b"uniform"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_distribution: _TypeAlias = _typing.Literal["fixed", "uniform"]  # noqa: Y015
+    _WhichOneofReturnType_distribution: _TypeAlias = _typing.Literal["fixed", "uniform", "normal"]  # noqa: Y015
     _WhichOneofArgType_distribution: _TypeAlias = _typing.Literal["distribution", b"distribution"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_distribution) -> _WhichOneofReturnType_distribution | None: ...
 
 Global___LengthDistribution: _TypeAlias = LengthDistribution  # noqa: Y015
+
+@_typing.final
+class NormalLength(_message.Message):
+    """Normal distribution, rounded to integers and clipped to [min, max]."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEAN_FIELD_NUMBER: _builtins.int
+    STD_FIELD_NUMBER: _builtins.int
+    MIN_FIELD_NUMBER: _builtins.int
+    MAX_FIELD_NUMBER: _builtins.int
+    mean: _builtins.float
+    """Mean."""
+    std: _builtins.float
+    """Standard deviation (> 0)."""
+    min: _builtins.int
+    """Lower bound after clipping (>= 1)."""
+    max: _builtins.int
+    """Upper bound after clipping."""
+    def __init__(
+        self,
+        *,
+        mean: _builtins.float = ...,
+        std: _builtins.float = ...,
+        min: _builtins.int = ...,
+        max: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max", b"max", "mean", b"mean", "min", b"min", "std", b"std"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NormalLength: _TypeAlias = NormalLength  # noqa: Y015
 
 @_typing.final
 class UniformLength(_message.Message):
@@ -273,6 +383,11 @@ class SyntheticWorkload(_message.Message):
 
     INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    SHARED_PREFIX_TOKENS_FIELD_NUMBER: _builtins.int
+    shared_prefix_tokens: _builtins.int
+    """When set, every prompt starts with the same prefix of this many tokens (prefix-cache
+    workloads); the rest of each prompt stays unique.
+    """
     @_builtins.property
     def input_tokens(self) -> Global___LengthDistribution:
         """Prompt length in tokens (approximate: built from words that are one token
@@ -288,14 +403,123 @@ class SyntheticWorkload(_message.Message):
         *,
         input_tokens: Global___LengthDistribution | None = ...,
         output_tokens: Global___LengthDistribution | None = ...,
+        shared_prefix_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["input_tokens", b"input_tokens", "output_tokens", b"output_tokens"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_tokens", b"input_tokens", "output_tokens", b"output_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "shared_prefix_tokens", b"shared_prefix_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SyntheticWorkload: _TypeAlias = SyntheticWorkload  # noqa: Y015
+
+@_typing.final
+class Dataset(_message.Message):
+    """Prompts from a file. The content is parsed and validated at CreateRun (errors name the
+    line); it is not returned by read RPCs.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FORMAT_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    MIN_PROMPT_WORDS_FIELD_NUMBER: _builtins.int
+    MAX_PROMPT_WORDS_FIELD_NUMBER: _builtins.int
+    ENTRY_COUNT_FIELD_NUMBER: _builtins.int
+    CONTENT_SHA256_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    format: Global___DatasetFormat.ValueType
+    """Required. File format."""
+    content: _builtins.str
+    """Input only. The file's text (at most 16 MiB in all, with the rest of the request)."""
+    min_prompt_words: _builtins.int
+    """Only use entries whose prompt has at least this many words (0: no minimum)."""
+    max_prompt_words: _builtins.int
+    """Only use entries whose prompt has at most this many words (0: no maximum)."""
+    entry_count: _builtins.int
+    """Output only. Entries kept after parsing and filtering."""
+    content_sha256: _builtins.str
+    """Output only. SHA-256 of `content`, hex, to tell datasets apart."""
+    name: _builtins.str
+    """Optional name (e.g. the file name)."""
+    def __init__(
+        self,
+        *,
+        format: Global___DatasetFormat.ValueType = ...,
+        content: _builtins.str = ...,
+        min_prompt_words: _builtins.int = ...,
+        max_prompt_words: _builtins.int = ...,
+        entry_count: _builtins.int = ...,
+        content_sha256: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "content_sha256", b"content_sha256", "entry_count", b"entry_count", "format", b"format", "max_prompt_words", b"max_prompt_words", "min_prompt_words", b"min_prompt_words", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Dataset: _TypeAlias = Dataset  # noqa: Y015
+
+@_typing.final
+class DatasetEntry(_message.Message):
+    """One prompt of a dataset, as the agents receive it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROMPT_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    MAX_TOKENS_FIELD_NUMBER: _builtins.int
+    prompt: _builtins.str
+    """The prompt text (completions, or a single user message for chat)."""
+    max_tokens: _builtins.int
+    """max_tokens for this entry (0: use the workload's output length)."""
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
+        """Chat messages as given in the dataset (role and content), used instead of `prompt`
+        for chat when present.
+        """
+
+    def __init__(
+        self,
+        *,
+        prompt: _builtins.str = ...,
+        messages: _abc.Iterable[Global___ChatMessage] | None = ...,
+        max_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_tokens", b"max_tokens", "messages", b"messages", "prompt", b"prompt"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DatasetEntry: _TypeAlias = DatasetEntry  # noqa: Y015
+
+@_typing.final
+class ChatMessage(_message.Message):
+    """A chat message of a dataset entry."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLE_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    role: _builtins.str
+    """`system`, `user` or `assistant`."""
+    content: _builtins.str
+    """The text."""
+    def __init__(
+        self,
+        *,
+        role: _builtins.str = ...,
+        content: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChatMessage: _TypeAlias = ChatMessage  # noqa: Y015
 
 @_typing.final
 class Workload(_message.Message):
@@ -304,26 +528,43 @@ class Workload(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SYNTHETIC_FIELD_NUMBER: _builtins.int
+    DATASET_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
+    IGNORE_EOS_FIELD_NUMBER: _builtins.int
+    PIN_MIN_TOKENS_FIELD_NUMBER: _builtins.int
     seed: _builtins.int
-    """Seed for every random choice (prompt text, lengths). 0 picks one at creation;
-    the chosen seed is returned in the run's spec so the run can be repeated.
+    """Seed for every random choice (prompt text, lengths, arrivals, dataset sampling).
+    0 picks one at creation; the chosen seed is returned in the run's spec so the run
+    can be repeated.
+    """
+    ignore_eos: _builtins.bool
+    """Send `ignore_eos: true` (vLLM, SGLang) so the server generates exactly max_tokens."""
+    pin_min_tokens: _builtins.bool
+    """Send `min_tokens` equal to max_tokens (vLLM extension), fixing the output length
+    on servers that honour it.
     """
     @_builtins.property
     def synthetic(self) -> Global___SyntheticWorkload:
         """Generated prompts."""
 
+    @_builtins.property
+    def dataset(self) -> Global___Dataset:
+        """Prompts from a dataset file, sampled with the seed."""
+
     def __init__(
         self,
         *,
         synthetic: Global___SyntheticWorkload | None = ...,
+        dataset: Global___Dataset | None = ...,
         seed: _builtins.int = ...,
+        ignore_eos: _builtins.bool = ...,
+        pin_min_tokens: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["source", b"source", "synthetic", b"synthetic"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "source", b"source", "synthetic", b"synthetic"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["seed", b"seed", "source", b"source", "synthetic", b"synthetic"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "ignore_eos", b"ignore_eos", "pin_min_tokens", b"pin_min_tokens", "seed", b"seed", "source", b"source", "synthetic", b"synthetic"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["synthetic"]  # noqa: Y015
+    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["synthetic", "dataset"]  # noqa: Y015
     _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_source) -> _WhichOneofReturnType_source | None: ...
 
@@ -337,18 +578,47 @@ class Stage(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     CONCURRENCY_FIELD_NUMBER: _builtins.int
+    REQUEST_RATE_FIELD_NUMBER: _builtins.int
     DURATION_FIELD_NUMBER: _builtins.int
     REQUESTS_FIELD_NUMBER: _builtins.int
+    ARRIVAL_FIELD_NUMBER: _builtins.int
+    BURSTINESS_FIELD_NUMBER: _builtins.int
+    MAX_CONCURRENCY_FIELD_NUMBER: _builtins.int
+    WARMUP_DURATION_FIELD_NUMBER: _builtins.int
+    WARMUP_REQUESTS_FIELD_NUMBER: _builtins.int
+    RAMP_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Optional display name; defaults to a description of the load."""
     concurrency: _builtins.int
     """Closed loop: this many requests in flight at all times (N workers)."""
+    request_rate: _builtins.float
+    """Open loop: requests per second, arrivals computed up front from the seed."""
     requests: _builtins.int
-    """Stop after this many requests have been sent."""
+    """Stop after this many requests have been sent (warmup requests included)."""
+    arrival: Global___ArrivalProcess.ValueType
+    """Open loop: how arrivals are spaced. Defaults to Poisson."""
+    burstiness: _builtins.float
+    """Open loop with gamma arrivals: the gamma shape (1.0 = Poisson, smaller = burstier)."""
+    max_concurrency: _builtins.int
+    """Open loop: at most this many requests in flight (0: no cap). Requests held back by
+    the cap keep their scheduled time, so the wait shows as queue delay.
+    """
+    warmup_requests: _builtins.int
+    """The first `warmup_requests` requests of the stage run but appear in no metric."""
     @_builtins.property
     def duration(self) -> _duration_pb2.Duration:
         """Stop after this long. At least one of duration and requests is required;
         with both, whichever comes first.
+        """
+
+    @_builtins.property
+    def warmup_duration(self) -> _duration_pb2.Duration:
+        """Requests sent in the first `warmup_duration` of the stage run but appear in no metric."""
+
+    @_builtins.property
+    def ramp(self) -> _duration_pb2.Duration:
+        """Linear ramp of concurrency (or rate) from 1 (or ~0) to the stage's level over this
+        long at the start of the stage.
         """
 
     def __init__(
@@ -356,14 +626,21 @@ class Stage(_message.Message):
         *,
         name: _builtins.str = ...,
         concurrency: _builtins.int = ...,
+        request_rate: _builtins.float = ...,
         duration: _duration_pb2.Duration | None = ...,
         requests: _builtins.int = ...,
+        arrival: Global___ArrivalProcess.ValueType = ...,
+        burstiness: _builtins.float = ...,
+        max_concurrency: _builtins.int = ...,
+        warmup_duration: _duration_pb2.Duration | None = ...,
+        warmup_requests: _builtins.int = ...,
+        ramp: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["concurrency", b"concurrency", "duration", b"duration", "load", b"load"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["concurrency", b"concurrency", "duration", b"duration", "load", b"load", "ramp", b"ramp", "request_rate", b"request_rate", "warmup_duration", b"warmup_duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency", b"concurrency", "duration", b"duration", "load", b"load", "name", b"name", "requests", b"requests"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arrival", b"arrival", "burstiness", b"burstiness", "concurrency", b"concurrency", "duration", b"duration", "load", b"load", "max_concurrency", b"max_concurrency", "name", b"name", "ramp", b"ramp", "request_rate", b"request_rate", "requests", b"requests", "warmup_duration", b"warmup_duration", "warmup_requests", b"warmup_requests"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_load: _TypeAlias = _typing.Literal["concurrency"]  # noqa: Y015
+    _WhichOneofReturnType_load: _TypeAlias = _typing.Literal["concurrency", "request_rate"]  # noqa: Y015
     _WhichOneofArgType_load: _TypeAlias = _typing.Literal["load", b"load"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_load) -> _WhichOneofReturnType_load | None: ...
 
