@@ -61,9 +61,7 @@ class AssignmentRunner:
     ) -> None:
         self._assign = assign
         self._emit = emit
-        self._batcher = batcher or SampleBatcher(
-            assign.assignment_id, self._emit_batch, anchor=anchor
-        )
+        self._batcher = batcher or SampleBatcher(assign.assignment_id, self._emit_batch, anchor=anchor)
         self._task: asyncio.Task[None] | None = None
         self._load_task: asyncio.Task[None] | None = None
         self._client: OpenAIClient | None = None
@@ -117,9 +115,7 @@ class AssignmentRunner:
     def start(self) -> asyncio.Task[None]:
         """Start running the assignment as a task (reports RUNNING)."""
         if self._task is None:
-            self._task = asyncio.create_task(
-                self._run(), name=f"assignment-{self.assignment_id}"
-            )
+            self._task = asyncio.create_task(self._run(), name=f"assignment-{self.assignment_id}")
         return self._task
 
     def cancel(self, reason: str) -> None:
@@ -148,10 +144,7 @@ class AssignmentRunner:
 
     def replay_messages(self) -> list[agent_service_pb2.ConnectRequest]:
         """What a new connection must carry: unacked batches in order, then the final update."""
-        messages = [
-            agent_service_pb2.ConnectRequest(sample_batch=batch)
-            for batch in self._batcher.unacked()
-        ]
+        messages = [agent_service_pb2.ConnectRequest(sample_batch=batch) for batch in self._batcher.unacked()]
         if self._final_update is not None:
             messages.append(agent_service_pb2.ConnectRequest(assignment_update=self._final_update))
         return messages

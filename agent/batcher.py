@@ -140,8 +140,7 @@ class SampleBatcher:
         self._output_tokens.append(min(sample.output_tokens, _UINT32_MAX))
         self._status.append(sample.status)
         self._flags.append(
-            (FLAG_USAGE_FROM_SERVER if sample.usage_from_server else 0)
-            | (FLAG_WARMUP if sample.warmup else 0)
+            (FLAG_USAGE_FROM_SERVER if sample.usage_from_server else 0) | (FLAG_WARMUP if sample.warmup else 0)
         )
         self._itl_count.append(len(sample.itl_ns))
         self._itl_ns.extend(sample.itl_ns)
@@ -205,10 +204,7 @@ class SampleBatcher:
             self.flush()
 
     def _update_writable(self) -> None:
-        if (
-            len(self._unacked) >= self._max_unacked_batches
-            or self._unacked_samples >= self._max_unacked_samples
-        ):
+        if len(self._unacked) >= self._max_unacked_batches or self._unacked_samples >= self._max_unacked_samples:
             self._writable.clear()
         else:
             self._writable.set()

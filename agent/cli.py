@@ -50,12 +50,8 @@ def default_name() -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the agent's options to `parser`."""
-    parser.add_argument(
-        "--controller", required=True, metavar="HOST:PORT", help="controller gRPC address"
-    )
-    parser.add_argument(
-        "--name", default=None, help="agent name (default: host name and process id)"
-    )
+    parser.add_argument("--controller", required=True, metavar="HOST:PORT", help="controller gRPC address")
+    parser.add_argument("--name", default=None, help="agent name (default: host name and process id)")
     parser.add_argument(
         "--label",
         dest="labels",
@@ -86,17 +82,32 @@ def _run_loop(main: Coroutine[Any, Any, int]) -> int:
 async def _main(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    labels = dict(args.labels)
+    name = args.name or default_name()
+    agent = asyncio.create_task(run_agent(args.controller, name, labels, args.api_key, stop))
+
+    def on_signal() -> None:
+        # First signal: graceful stop (flush samples, wait briefly for acks). A second one
+        # means the operator will not wait: cancel outright.
+        if stop.is_set():
+            agent.cancel()
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         # Not on every platform (Windows): there Ctrl-C still raises KeyboardInterrupt.
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
-    labels = dict(args.labels)
-    name = args.name or default_name()
+            loop.add_signal_handler(sig, on_signal)
     log.info("agent_starting", name=name, controller=args.controller, labels=labels)
     try:
-        await run_agent(args.controller, name, labels, args.api_key, stop)
+        await agent
     except AgentAuthError:
         return EXIT_REFUSED  # already logged clearly by the session
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise  # we ourselves are cancelled, not just the agent task
+        log.warning("agent_stopped_forcibly", name=name)
+        return EXIT_OK
     log.info("agent_stopped", name=name)
     return EXIT_OK
 

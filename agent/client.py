@@ -15,6 +15,7 @@ decoding never inflates a latency.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Mapping
@@ -35,6 +36,8 @@ DEFAULT_REQUEST_TIMEOUT_S = 300.0
 _ERROR_BODY_BYTES = 1024
 
 _REDACTED = "[redacted]"
+
+_DRAIN_AFTER_DONE_S = 1.0
 
 
 class TargetConfigError(ValueError):
@@ -122,9 +125,7 @@ class OpenAIClient:
             body["stream_options"] = {"include_usage": True}
         return json.dumps(body).encode()
 
-    async def send(
-        self, prompt: str, max_tokens: int, sample: RequestSample | None = None
-    ) -> RequestSample:
+    async def send(self, prompt: str, max_tokens: int, sample: RequestSample | None = None) -> RequestSample:
         """Send one request; return its sample (the one given, filled in, or a new one).
 
         The caller may pass the sample (with `scheduled_ns` set) so it still holds the
@@ -145,15 +146,18 @@ class OpenAIClient:
                 elif parser is not None:
                     async for chunk in resp.content.iter_any():
                         parser.feed(chunk, clock())
-                        if parser.closed and not parser.done:
-                            break  # protocol error: the rest of the body cannot help
-                    # After [DONE] we still read to the end so the connection is reused.
+                        if parser.closed:
+                            break  # [DONE] or a protocol error: the rest cannot matter
+                    if parser.done and not resp.content.is_eof():
+                        await _drain_after_done(resp)
                     parser.finish(clock())
                 else:
                     await self._read_json(resp, sample)
         except TimeoutError:
             self._record_error(
-                sample, parser, run_pb2.REQUEST_STATUS_TIMEOUT,
+                sample,
+                parser,
+                run_pb2.REQUEST_STATUS_TIMEOUT,
                 f"request timed out after {self._timeout_s:g} s",
             )
         except asyncio.CancelledError:
@@ -161,14 +165,14 @@ class OpenAIClient:
             raise
         except (aiohttp.ClientError, OSError) as exc:
             # ClientConnectionError, ClientPayloadError (body cut short) and socket errors.
-            self._record_error(
-                sample, parser, run_pb2.REQUEST_STATUS_CONNECTION, f"{type(exc).__name__}: {exc}"
-            )
+            self._record_error(sample, parser, run_pb2.REQUEST_STATUS_CONNECTION, f"{type(exc).__name__}: {exc}")
         except Exception as exc:
             # Anything else aiohttp raises while talking to the server (e.g. a header it
             # refuses to send) is still one failed request, not a reason to stop the load.
             self._record_error(
-                sample, parser, run_pb2.REQUEST_STATUS_CONNECTION,
+                sample,
+                parser,
+                run_pb2.REQUEST_STATUS_CONNECTION,
                 f"client error: {type(exc).__name__}: {exc}",
             )
         return sample
@@ -230,6 +234,20 @@ class OpenAIClient:
             if secret in text:
                 text = text.replace(secret, _REDACTED)
         return text
+
+
+async def _drain_after_done(resp: aiohttp.ClientResponse) -> None:
+    """Read the end of the body after `[DONE]`, briefly.
+
+    Servers end the body right after `[DONE]`; reading that end lets aiohttp put the
+    connection back in the pool (an unfinished body would close it, and the next request
+    would pay for a new connection). A server that keeps the body open after `[DONE]`
+    must not hold the worker until the request timeout, hence the bound.
+    """
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(_DRAIN_AFTER_DONE_S):
+            while await resp.content.readany():
+                pass
 
 
 def _error_detail(body: bytes) -> str:

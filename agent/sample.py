@@ -36,7 +36,8 @@ class RequestSample:
     """Measurements of one request (perf_counter_ns readings, 0 = absent).
 
     `itl_ns` holds the gaps between consecutive text-carrying events, so it has one entry
-    fewer than there were such events (none when there was at most one).
+    fewer than there were such events (none when there was at most one). `done_ns` is set
+    for every outcome: a failed or cancelled request is done when its failure was seen.
     """
 
     scheduled_ns: int = 0

@@ -79,9 +79,7 @@ class ClosedLoopSchedule:
     async def run(self, send_one: SendOne) -> None:
         """Run the workers until the duration or the request budget is exhausted."""
         clock = time.perf_counter_ns
-        deadline_ns = (
-            clock() + int(self.duration_s * 1e9) if self.duration_s is not None else None
-        )
+        deadline_ns = clock() + int(self.duration_s * 1e9) if self.duration_s is not None else None
         budget = RequestBudget(self.max_requests)
         async with asyncio.TaskGroup() as workers:
             for _ in range(self.concurrency):
@@ -114,6 +112,4 @@ def schedule_for_stage(stage: run_pb2.Stage) -> LoadSchedule:
             duration_s = seconds
     if duration_s is None and stage.requests == 0:
         raise UnsupportedStageError("stage needs a duration or a request count")
-    return ClosedLoopSchedule(
-        concurrency=stage.concurrency, duration_s=duration_s, max_requests=stage.requests
-    )
+    return ClosedLoopSchedule(concurrency=stage.concurrency, duration_s=duration_s, max_requests=stage.requests)

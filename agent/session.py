@@ -134,6 +134,7 @@ class AgentSession:
         self._lag = LoopLagMonitor()
         self._cpu = CpuMeter()
         self._session_id = ""
+        self._welcomed = False
 
     @property
     def assignments(self) -> Mapping[str, AssignmentRunner]:
@@ -161,9 +162,9 @@ class AgentSession:
         attempt = 0
         try:
             while not self._stop.is_set():
-                welcomed = False
+                self._welcomed = False
                 try:
-                    welcomed = await self._run_connection()
+                    await self._run_connection()
                     reason = "stream closed by controller"
                 except AgentAuthError:
                     raise
@@ -176,6 +177,7 @@ class AgentSession:
                     reason = f"{type(exc).__name__}: {exc}"
                 if self._stop.is_set():
                     break
+                welcomed = self._welcomed
                 attempt = 0 if welcomed else attempt + 1
                 delay = self._backoff.delay_s(max(attempt - 1, 0), self._rng)
                 log.warning(
@@ -194,8 +196,8 @@ class AgentSession:
             # final update), just without anyone left to deliver them.
             await self._stop_assignments()
 
-    async def _run_connection(self) -> bool:
-        """One stream from Hello to its end; True if it was welcomed."""
+    async def _run_connection(self) -> None:
+        """One stream from Hello to its end (sets `_welcomed` once Welcome arrives)."""
         channel = self._channel_factory(self._controller)
         call: Any = None
         tasks: list[asyncio.Task[Any]] = []
@@ -210,7 +212,8 @@ class AgentSession:
 
             welcome = await self._read_welcome(call, writer, stop_waiter)
             if welcome is None:
-                return False  # stopped before the controller answered
+                return  # stopped before the controller answered
+            self._welcomed = True
             self._session_id = welcome.session_id
             interval = DEFAULT_HEARTBEAT_INTERVAL_S
             if welcome.HasField("heartbeat_interval"):
@@ -233,18 +236,13 @@ class AgentSession:
             )
 
             reader = asyncio.create_task(self._read_loop(call), name="reader")
-            heartbeat = asyncio.create_task(
-                self._heartbeat_loop(outbound.queue, interval), name="heartbeat"
-            )
+            heartbeat = asyncio.create_task(self._heartbeat_loop(outbound.queue, interval), name="heartbeat")
             tasks += [reader, heartbeat]
-            done, _ = await asyncio.wait(
-                {reader, writer, heartbeat, stop_waiter}, return_when=asyncio.FIRST_COMPLETED
-            )
+            done, _ = await asyncio.wait({reader, writer, heartbeat, stop_waiter}, return_when=asyncio.FIRST_COMPLETED)
             if done == {stop_waiter}:
                 await self._close_gracefully(call, outbound, reader, writer, heartbeat)
-                return True
+                return
             await self._raise_stream_error(call, reader, writer, heartbeat)
-            return True
         finally:
             if self._outbound is outbound:
                 self._outbound = None
@@ -279,9 +277,7 @@ class AgentSession:
                 await self._raise_stream_error(call)
                 raise ControllerProtocolError("controller closed the stream before Welcome")
             if first.WhichOneof("body") != "welcome":
-                raise ControllerProtocolError(
-                    f"expected Welcome, got {first.WhichOneof('body') or 'an empty message'}"
-                )
+                raise ControllerProtocolError(f"expected Welcome, got {first.WhichOneof('body') or 'an empty message'}")
             welcome: agent_service_pb2.Welcome = first.welcome
             return welcome
         if writer in done:
@@ -368,9 +364,7 @@ class AgentSession:
     # --- the three stream tasks ------------------------------------------------------
 
     @staticmethod
-    async def _write_loop(
-        call: Any, queue: asyncio.Queue[agent_service_pb2.ConnectRequest]
-    ) -> None:
+    async def _write_loop(call: Any, queue: asyncio.Queue[agent_service_pb2.ConnectRequest]) -> None:
         while True:
             message = await queue.get()
             try:
@@ -385,9 +379,7 @@ class AgentSession:
                 return
             self.handle_response(message)
 
-    async def _heartbeat_loop(
-        self, queue: asyncio.Queue[agent_service_pb2.ConnectRequest], interval_s: float
-    ) -> None:
+    async def _heartbeat_loop(self, queue: asyncio.Queue[agent_service_pb2.ConnectRequest], interval_s: float) -> None:
         while True:
             queue.put_nowait(self.heartbeat())
             await asyncio.sleep(interval_s)
@@ -401,9 +393,7 @@ class AgentSession:
                 name=self._name,
                 labels=self._labels,
                 version=__version__,
-                active_assignment_ids=[
-                    r.assignment_id for r in self._assignments.values() if not r.finished
-                ],
+                active_assignment_ids=[r.assignment_id for r in self._assignments.values() if not r.finished],
             )
         )
 
@@ -456,9 +446,7 @@ class AgentSession:
                     assignment_update=agent_service_pb2.AssignmentUpdate(
                         assignment_id=assignment_id,
                         state=agent_service_pb2.ASSIGNMENT_STATE_FAILED,
-                        message="agent is shutting down"
-                        if assignment_id
-                        else "assignment_id is required",
+                        message="agent is shutting down" if assignment_id else "assignment_id is required",
                     )
                 )
             )

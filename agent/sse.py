@@ -38,7 +38,9 @@ _OK = run_pb2.REQUEST_STATUS_OK
 # bounds the memory one misbehaving response can take.
 MAX_LINE_BYTES = 1 << 20
 
-_CHAT_TEXT_KEYS = ("content", "reasoning_content", "reasoning")
+# `raw_decode` on the decoded line skips the whitespace scans `json.loads` adds around it;
+# a `data:` payload never has leading whitespace once the prefix is cut.
+_decode_json = json.JSONDecoder().raw_decode
 
 
 def error_message(error: Any) -> str:
@@ -112,7 +114,7 @@ class StreamParser:
                 if self._closed:
                     return
         if len(self._tail) > MAX_LINE_BYTES:
-            self._protocol_error(f"SSE line longer than {MAX_LINE_BYTES} bytes")
+            self._protocol_error(f"SSE line longer than {MAX_LINE_BYTES} bytes", now_ns)
 
     def finish(self, now_ns: int) -> None:
         """The body ended at `now_ns`: settle the outcome and the token counts."""
@@ -127,7 +129,7 @@ class StreamParser:
                 sample.done_ns = now_ns
                 sample.status = _OK
             else:
-                self._protocol_error("stream ended without [DONE] or finish_reason")
+                self._protocol_error("stream ended without [DONE] or finish_reason", now_ns)
         self.settle_tokens()
 
     def settle_tokens(self) -> None:
@@ -148,22 +150,22 @@ class StreamParser:
                 return
             if not payload.startswith(b"{"):
                 if payload:
-                    self._protocol_error(f"unexpected SSE data: {payload[:60]!r}")
+                    self._protocol_error(f"unexpected SSE data: {payload[:60]!r}", now_ns)
                 return
         try:
-            event = json.loads(payload)
-        except ValueError:
-            self._protocol_error(f"malformed JSON in SSE event: {payload[:60]!r}")
+            event, _ = _decode_json(payload.decode())
+        except ValueError:  # also UnicodeDecodeError
+            self._protocol_error(f"malformed JSON in SSE event: {payload[:60]!r}", now_ns)
             return
         try:
             self._event(event, now_ns)
         except (AttributeError, TypeError):
-            self._protocol_error(f"unexpected SSE event shape: {payload[:60]!r}")
+            self._protocol_error(f"unexpected SSE event shape: {payload[:60]!r}", now_ns)
 
     def _event(self, event: Any, now_ns: int) -> None:
         error = event.get("error")
         if error is not None:
-            self._protocol_error(f"error event: {error_message(error)}")
+            self._protocol_error(f"error event: {error_message(error)}", now_ns)
             return
         choices = event.get("choices")
         if choices:
@@ -171,7 +173,7 @@ class StreamParser:
             for choice in choices:
                 if self._chat:
                     delta = choice.get("delta")
-                    if delta and any(delta.get(key) for key in _CHAT_TEXT_KEYS):
+                    if delta and (delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning")):
                         text = True
                 elif choice.get("text"):
                     text = True
@@ -189,8 +191,12 @@ class StreamParser:
         if usage:
             _apply_usage(self._sample, usage)
 
-    def _protocol_error(self, message: str) -> None:
-        self._sample.fail(_PROTOCOL, message)
+    def _protocol_error(self, message: str, now_ns: int) -> None:
+        # A failed response ends where the failure was seen: that is its `done`.
+        sample = self._sample
+        sample.fail(_PROTOCOL, message)
+        if not sample.done_ns:
+            sample.done_ns = now_ns
         self._closed = True
 
 

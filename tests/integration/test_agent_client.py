@@ -8,12 +8,14 @@ loop with a request budget must send exactly that many requests by the server's 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import statistics
 from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from agent.assignment import AssignmentRunner
 from agent.client import OpenAIClient
@@ -231,9 +233,7 @@ async def test_closed_loop_request_budget_sends_exactly_that_many(mock: MockServ
 async def test_closed_loop_duration_ends_the_stage() -> None:
     async with MockServer(MockConfig(ttft_ms=5, itl_ms=1, output_tokens=8)) as server:
         messages: list[agent_service_pb2.ConnectRequest] = []
-        runner = AssignmentRunner(
-            assign(server.base_url, concurrency=4, duration_s=0.3), messages.append
-        )
+        runner = AssignmentRunner(assign(server.base_url, concurrency=4, duration_s=0.3), messages.append)
         loop = asyncio.get_running_loop()
         started = loop.time()
         await asyncio.wait_for(runner.start(), 30)
@@ -253,9 +253,7 @@ async def test_closed_loop_duration_ends_the_stage() -> None:
 async def test_cancel_turns_in_flight_requests_into_cancelled_samples() -> None:
     async with MockServer(MockConfig(ttft_ms=5000, itl_ms=10, output_tokens=8)) as server:
         messages: list[agent_service_pb2.ConnectRequest] = []
-        runner = AssignmentRunner(
-            assign(server.base_url, concurrency=3, duration_s=30), messages.append
-        )
+        runner = AssignmentRunner(assign(server.base_url, concurrency=3, duration_s=30), messages.append)
         task = runner.start()
         assert await poll_until(lambda: runner.in_flight == 3)
         runner.cancel("user cancelled the run")
@@ -278,3 +276,70 @@ async def test_invalid_target_fails_the_assignment() -> None:
     assert updates[-1].state == agent_service_pb2.ASSIGNMENT_STATE_FAILED
     assert "http" in updates[-1].message
     assert batches == []
+
+
+# --- misbehaving servers (a scripted aiohttp server, not the mock) ----------------------
+
+CHUNK = b'data: {"choices":[{"index":0,"delta":{"content":"x"},"finish_reason":null}]}\n\n'
+
+
+@contextlib.asynccontextmanager
+async def scripted_server(behaviour: str) -> AsyncIterator[str]:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(CHUNK)
+        if behaviour == "open_after_done":
+            await response.write(b"data: [DONE]\n\n")
+            await asyncio.sleep(30)  # never ends the body
+        elif behaviour == "error_event":
+            await response.write(b'data: {"error": {"message": "engine died"}}\n\n')
+            await response.write_eof()
+        elif behaviour == "no_done":
+            await response.write(CHUNK)
+            await response.write_eof()
+        elif behaviour == "cut":
+            assert request.transport is not None
+            request.transport.close()  # no chunked terminator: the body is incomplete
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        await runner.cleanup()
+
+
+async def test_server_keeping_the_body_open_after_done_does_not_hold_the_worker() -> None:
+    async with scripted_server("open_after_done") as base_url:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        sample = await send_one(target(base_url, timeout_s=20))
+        assert loop.time() - started < 5
+    assert sample.status == run_pb2.REQUEST_STATUS_OK, sample.error
+    assert sample.output_tokens == 1
+    assert not sample.usage_from_server
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "status", "text"),
+    [
+        ("error_event", run_pb2.REQUEST_STATUS_PROTOCOL, "engine died"),
+        ("no_done", run_pb2.REQUEST_STATUS_PROTOCOL, "without [DONE]"),
+        ("cut", run_pb2.REQUEST_STATUS_CONNECTION, ""),
+    ],
+)
+async def test_broken_streams(behaviour: str, status: int, text: str) -> None:
+    async with scripted_server(behaviour) as base_url:
+        sample = await send_one(target(base_url, timeout_s=20))
+    assert sample.status == status, sample.error
+    assert text in sample.error
+    assert sample.first_token_ns > 0
+    assert sample.done_ns >= sample.first_token_ns

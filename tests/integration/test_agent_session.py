@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
+import socket
+import sys
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
 from agent.session import AgentAuthError, AgentSession, ReconnectBackoff, run_agent
-from common.grpc_options import API_KEY_METADATA, SERVER_OPTIONS
+from common.grpc_options import API_KEY_ENV, API_KEY_METADATA, SERVER_OPTIONS
 from common.proto.loadtest.v1 import agent_service_pb2, agent_service_pb2_grpc, run_pb2
 from mockserver.config import MockConfig
 from mockserver.server import MockServer
@@ -96,7 +101,9 @@ class FakeController(agent_service_pb2_grpc.AgentServiceServicer):
 
     # --- the servicer ---
 
-    async def Connect(self, request_iterator: Any, context: Any) -> None:  # noqa: N802
+    # The context.read()/write() style of a bidi handler, which the generated base class
+    # does not describe.
+    async def Connect(self, request_iterator: Any, context: Any) -> None:  # type: ignore[override]
         if self.api_key is not None:
             metadata = dict(context.invocation_metadata())
             if metadata.get(API_KEY_METADATA) != self.api_key:
@@ -108,9 +115,7 @@ class FakeController(agent_service_pb2_grpc.AgentServiceServicer):
         interval.FromMilliseconds(100)
         await context.write(
             ConnectResponse(
-                welcome=agent_service_pb2.Welcome(
-                    session_id=f"ses-{len(self.hellos)}", heartbeat_interval=interval
-                )
+                welcome=agent_service_pb2.Welcome(session_id=f"ses-{len(self.hellos)}", heartbeat_interval=interval)
             )
         )
         outbox: asyncio.Queue[ConnectResponse] = asyncio.Queue()
@@ -134,9 +139,7 @@ class FakeController(agent_service_pb2_grpc.AgentServiceServicer):
                     if self.auto_ack:
                         aid = batch.assignment_id
                         outbox.put_nowait(
-                            ConnectResponse(
-                                ack=agent_service_pb2.Ack(assignment_id=aid, batch_seq=self.through(aid))
-                            )
+                            ConnectResponse(ack=agent_service_pb2.Ack(assignment_id=aid, batch_seq=self.through(aid)))
                         )
             # Like the real controller: flush queued acks, then end the stream.
             while not outbox.empty():
@@ -148,15 +151,13 @@ class FakeController(agent_service_pb2_grpc.AgentServiceServicer):
 
 
 @contextlib.asynccontextmanager
-async def controller_server(
-    controller: FakeController, port: int = 0
-) -> AsyncIterator[tuple[Any, int]]:
+async def controller_server(controller: FakeController, port: int = 0) -> AsyncIterator[int]:
     server = grpc.aio.server(options=SERVER_OPTIONS)
     agent_service_pb2_grpc.add_AgentServiceServicer_to_server(controller, server)
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     try:
-        yield server, bound
+        yield bound
     finally:
         await server.stop(None)
 
@@ -198,7 +199,7 @@ def make_session(port: int, stop: asyncio.Event, api_key: str | None = None) -> 
 
 async def test_assignment_runs_reports_and_is_released_after_acks(mock: MockServer) -> None:
     controller = FakeController()
-    async with controller_server(controller) as (_, port):
+    async with controller_server(controller) as port:
         stop = asyncio.Event()
         session = make_session(port, stop)
         agent = asyncio.create_task(session.run())
@@ -217,10 +218,9 @@ async def test_assignment_runs_reports_and_is_released_after_acks(mock: MockServ
             assert final.state == COMPLETED
             assert final.requests_sent == 20
             assert controller.updates("a1")[0].state == RUNNING
-            assert sorted(controller.batch_seqs_received("a1")) == list(
-                range(1, final.batch_count + 1)
-            )
-            assert controller.samples("a1") == [run_pb2.REQUEST_STATUS_OK] * 20
+            assert sorted(controller.batch_seqs_received("a1")) == list(range(1, final.batch_count + 1))
+            errs = [e for (aid, _), b in controller.batches.items() for e in b.error]
+            assert controller.samples("a1") == [run_pb2.REQUEST_STATUS_OK] * 20, errs
             # Every batch acked after the final update: the agent forgets the assignment.
             assert await poll_until(lambda: "a1" not in session.assignments)
 
@@ -237,24 +237,16 @@ async def test_assignment_runs_reports_and_is_released_after_acks(mock: MockServ
 
 async def test_cancel_reports_cancelled_with_all_batches(mock: MockServer) -> None:
     controller = FakeController()
-    async with MockServer(MockConfig(ttft_ms=10_000, output_tokens=8)) as slow, controller_server(
-        controller
-    ) as (_, port):
+    async with MockServer(MockConfig(ttft_ms=10_000, output_tokens=8)) as slow, controller_server(controller) as port:
         stop = asyncio.Event()
         session = make_session(port, stop)
         agent = asyncio.create_task(session.run())
         try:
             assert await poll_until(lambda: controller.outbox is not None)
             controller.send(assign_message("a2", slow.base_url, concurrency=5, duration_s=30))
-            assert await poll_until(
-                lambda: "a2" in session.assignments and session.assignments["a2"].in_flight == 5
-            )
-            assert await poll_until(
-                lambda: any(h.health.in_flight == 5 for h in controller.heartbeats())
-            )
-            controller.send(
-                ConnectResponse(cancel=agent_service_pb2.Cancel(assignment_id="a2", reason="user"))
-            )
+            assert await poll_until(lambda: "a2" in session.assignments and session.assignments["a2"].in_flight == 5)
+            assert await poll_until(lambda: any(h.health.in_flight == 5 for h in controller.heartbeats()))
+            controller.send(ConnectResponse(cancel=agent_service_pb2.Cancel(assignment_id="a2", reason="user")))
             assert await poll_until(lambda: controller.final("a2") is not None)
             final = controller.final("a2")
             assert final is not None
@@ -269,11 +261,11 @@ async def test_cancel_reports_cancelled_with_all_batches(mock: MockServer) -> No
 async def test_reconnect_keeps_running_and_replays_unacked(mock: MockServer) -> None:
     controller = FakeController(auto_ack=False)
     stop = asyncio.Event()
-    async with controller_server(controller) as (server, port):
+    async with controller_server(controller) as port:
         session = make_session(port, stop)
         agent = asyncio.create_task(session.run())
         assert await poll_until(lambda: controller.outbox is not None)
-        controller.send(assign_message("a3", mock.base_url, concurrency=2, duration_s=1.0))
+        controller.send(assign_message("a3", mock.base_url, concurrency=2, duration_s=3.0))
         assert await poll_until(lambda: len(controller.batch_seqs_received("a3")) >= 2)
     # The controller is gone mid-assignment; the load goes on without it.
     assert await poll_until(lambda: not session.connected)
@@ -285,7 +277,7 @@ async def test_reconnect_keeps_running_and_replays_unacked(mock: MockServer) -> 
     try:
         async with controller_server(restarted, port):
             assert await poll_until(lambda: restarted.hellos != [])
-            assert list(restarted.hellos[0].active_assignment_ids) in (["a3"], [])
+            assert list(restarted.hellos[0].active_assignment_ids) == ["a3"]  # still running
             assert await poll_until(lambda: restarted.final("a3") is not None)
             final = restarted.final("a3")
             assert final is not None
@@ -304,7 +296,7 @@ async def test_reconnect_keeps_running_and_replays_unacked(mock: MockServer) -> 
 async def test_final_update_of_a_finished_unacked_assignment_is_resent(mock: MockServer) -> None:
     controller = FakeController(auto_ack=False)
     stop = asyncio.Event()
-    async with controller_server(controller) as (_, port):
+    async with controller_server(controller) as port:
         session = make_session(port, stop)
         agent = asyncio.create_task(session.run())
         assert await poll_until(lambda: controller.outbox is not None)
@@ -331,17 +323,13 @@ async def test_final_update_of_a_finished_unacked_assignment_is_resent(mock: Moc
 
 async def test_shutdown_cancels_flushes_and_waits_for_acks() -> None:
     controller = FakeController()
-    async with MockServer(MockConfig(ttft_ms=10_000, output_tokens=8)) as slow, controller_server(
-        controller
-    ) as (_, port):
+    async with MockServer(MockConfig(ttft_ms=10_000, output_tokens=8)) as slow, controller_server(controller) as port:
         stop = asyncio.Event()
         session = make_session(port, stop)
         agent = asyncio.create_task(session.run())
         assert await poll_until(lambda: controller.outbox is not None)
         controller.send(assign_message("a5", slow.base_url, concurrency=3, duration_s=30))
-        assert await poll_until(
-            lambda: "a5" in session.assignments and session.assignments["a5"].in_flight == 3
-        )
+        assert await poll_until(lambda: "a5" in session.assignments and session.assignments["a5"].in_flight == 3)
         stop.set()
         await asyncio.wait_for(agent, 10)
         final = controller.final("a5")
@@ -354,18 +342,16 @@ async def test_shutdown_cancels_flushes_and_waits_for_acks() -> None:
 
 async def test_refused_api_key_is_final() -> None:
     controller = FakeController(api_key="right-key")
-    async with controller_server(controller) as (_, port):
+    async with controller_server(controller) as port:
         stop = asyncio.Event()
         with pytest.raises(AgentAuthError, match="UNAUTHENTICATED"):
-            await asyncio.wait_for(
-                run_agent(f"127.0.0.1:{port}", "a", {}, "wrong-key", stop), 10
-            )
+            await asyncio.wait_for(run_agent(f"127.0.0.1:{port}", "a", {}, "wrong-key", stop), 10)
         assert controller.hellos == []
 
 
 async def test_right_api_key_is_accepted() -> None:
     controller = FakeController(api_key="right-key")
-    async with controller_server(controller) as (_, port):
+    async with controller_server(controller) as port:
         stop = asyncio.Event()
         agent = asyncio.create_task(run_agent(f"127.0.0.1:{port}", "a", {}, "right-key", stop))
         assert await poll_until(lambda: controller.hellos != [])
@@ -374,8 +360,6 @@ async def test_right_api_key_is_accepted() -> None:
 
 
 async def test_stop_while_controller_unreachable_returns() -> None:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -385,3 +369,85 @@ async def test_stop_while_controller_unreachable_returns() -> None:
     assert not done  # keeps retrying
     stop.set()
     await asyncio.wait_for(agent, 10)
+
+
+# --- the agent process (`agent.cli.run`), as `llm-loadtest agent` runs it -----------------
+
+AGENT_MAIN = (
+    "import argparse, sys\n"
+    "from agent.cli import add_arguments, run\n"
+    "parser = argparse.ArgumentParser()\n"
+    "add_arguments(parser)\n"
+    "sys.exit(run(parser.parse_args()))\n"
+)
+REPO_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+async def start_agent_process(*args: str) -> asyncio.subprocess.Process:
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT}
+    env.pop(API_KEY_ENV, None)
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-c", AGENT_MAIN, *args,
+        cwd=REPO_ROOT, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+
+
+async def test_process_exits_1_when_refused_and_never_logs_the_key() -> None:
+    controller = FakeController(api_key="right-key")
+    async with controller_server(controller) as port:
+        proc = await start_agent_process("--controller", f"127.0.0.1:{port}", "--api-key", "wrong-key-1234")
+        _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 1
+    assert b"agent_auth_failed" in stderr
+    assert b"wrong-key-1234" not in stderr
+
+
+async def test_process_stops_gracefully_on_sigterm() -> None:
+    controller = FakeController(api_key="right-key")
+    async with controller_server(controller) as port:
+        proc = await start_agent_process(
+            "--controller", f"127.0.0.1:{port}", "--api-key", "right-key",
+            "--name", "proc-agent", "--label", "zone=b", "--log-format", "console",
+        )  # fmt: skip
+        try:
+            # A heartbeat proves the agent has taken the Welcome.
+            assert await poll_until(lambda: controller.heartbeats() != [], timeout_s=30)
+            assert controller.hellos[0].name == "proc-agent"
+            assert dict(controller.hellos[0].labels) == {"zone": "b"}
+            proc.send_signal(signal.SIGTERM)
+            _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    assert proc.returncode == 0, stderr.decode(errors="replace")
+    assert b"agent_connected" in stderr
+    assert b"right-key" not in stderr
+    assert controller.half_closed == 1
+
+
+async def test_second_signal_stops_without_waiting_for_acks() -> None:
+    controller = FakeController(auto_ack=False)  # graceful shutdown would wait 5 s for acks
+    async with (
+        MockServer(MockConfig(ttft_ms=10_000, output_tokens=8)) as slow,
+        controller_server(controller) as port,
+    ):
+        proc = await start_agent_process("--controller", f"127.0.0.1:{port}")
+        try:
+            assert await poll_until(lambda: controller.heartbeats() != [], timeout_s=30)
+            controller.send(assign_message("a6", slow.base_url, concurrency=2, duration_s=30))
+            assert await poll_until(lambda: any(h.health.in_flight == 2 for h in controller.heartbeats()))
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            proc.send_signal(signal.SIGTERM)
+            assert await poll_until(lambda: controller.final("a6") is not None)  # first: graceful
+            proc.send_signal(signal.SIGTERM)
+            _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+            assert loop.time() - started < 4
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    assert proc.returncode == 0, stderr.decode(errors="replace")
+    assert b"agent_stopped_forcibly" in stderr

@@ -34,9 +34,7 @@ def chat_event(
     if reasoning is not None:
         delta["reasoning_content"] = reasoning
     body: dict[str, Any] = {"id": "x", "object": "chat.completion.chunk"}
-    body["choices"] = (
-        [{"index": 0, "delta": delta, "finish_reason": finish}] if choices else []
-    )
+    body["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish}] if choices else []
     body["usage"] = usage
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
@@ -153,8 +151,7 @@ def test_reasoning_content_counts_as_text() -> None:
 
 def test_completions_text_events() -> None:
     sample, _ = parse(
-        [(text_event(""), 50), (text_event(" a"), 100), (text_event(" b", finish="stop"), 160),
-         (DONE, 170)],
+        [(text_event(""), 50), (text_event(" a"), 100), (text_event(" b", finish="stop"), 160), (DONE, 170)],
         chat=False,
     )
     assert sample.status == OK
@@ -179,12 +176,11 @@ def test_no_usage_estimates_output_tokens_from_text_events() -> None:
 
 def test_error_event_is_a_protocol_error() -> None:
     error = {"error": {"message": "model overloaded", "type": "ServerError", "code": 503}}
-    sample, parser = parse(
-        [(chat_event("a"), 100), (b"data: " + json.dumps(error).encode() + b"\n\n", 200)]
-    )
+    sample, parser = parse([(chat_event("a"), 100), (b"data: " + json.dumps(error).encode() + b"\n\n", 200)])
     assert sample.status == PROTOCOL
     assert "model overloaded" in sample.error
     assert parser.closed
+    assert sample.done_ns == 200
     assert sample.output_tokens == 1  # what arrived before the error still counts
 
 
@@ -199,7 +195,7 @@ def test_stream_without_done_or_finish_reason_is_a_protocol_error() -> None:
     sample, _ = parse([(chat_event("a"), 100), (chat_event("b"), 200)], eof_ns=250)
     assert sample.status == PROTOCOL
     assert "without [DONE]" in sample.error
-    assert sample.done_ns == 0
+    assert sample.done_ns == 250  # a failed response ends where the failure was seen
 
 
 def test_finish_reason_without_done_ends_at_eof() -> None:
@@ -241,9 +237,7 @@ def test_non_streaming_without_usage_estimates_words() -> None:
     assert not sample.usage_from_server
 
 
-@pytest.mark.parametrize(
-    "body", [b"not json", b"[1, 2]", b'{"choices": []}', b'{"error": {"message": "bad"}}']
-)
+@pytest.mark.parametrize("body", [b"not json", b"[1, 2]", b'{"choices": []}', b'{"error": {"message": "bad"}}'])
 def test_non_streaming_bad_bodies_are_protocol_errors(body: bytes) -> None:
     sample = RequestSample()
     parse_json_body(sample, body, chat=True)
