@@ -131,6 +131,7 @@ class RunCoordinator:
         self.acks = AckTracker()
         self._pending: list[str] = []
         self._dispatcher: asyncio.Task[None] | None = None
+        self._stopped = False
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -146,6 +147,7 @@ class RunCoordinator:
 
     async def stop(self) -> None:
         """Stop scheduling; running runs become INTERRUPTED."""
+        self._stopped = True
         if self._dispatcher is not None:
             self._dispatcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -385,6 +387,8 @@ class RunCoordinator:
 
     async def agent_disconnected(self, session: AgentSession) -> None:
         self.registry.remove(session)
+        if self._stopped:
+            return  # shutting down: the store may already be closed
         await self._db.write(repo.record_agent_disconnected, session.session_id, time.time_ns())
         log.info("agent_disconnected", session_id=session.session_id, agent=session.name)
         a = self.assignments.get(session.assignment_id) if session.assignment_id else None
@@ -407,28 +411,36 @@ class RunCoordinator:
             await self.add_event(a.execution.run_id, a.execution.record.pk, "agent_lost", a.message)
             a.done.set()
 
-    async def assignment_update(self, update: agent_service_pb2.AssignmentUpdate) -> None:
-        a = self.assignments.get(update.assignment_id)
-        if a is None:
-            return
-        a.requests_sent = update.requests_sent
+    async def assignment_update(self, session: AgentSession, update: agent_service_pb2.AssignmentUpdate) -> None:
         final = (
             agent_service_pb2.ASSIGNMENT_STATE_COMPLETED,
             agent_service_pb2.ASSIGNMENT_STATE_FAILED,
             agent_service_pb2.ASSIGNMENT_STATE_CANCELLED,
         )
-        if update.state not in final or a.final_state:
-            return
-        a.final_state = update.state
-        a.message = update.message[:1000]
-        a.batch_count = update.batch_count
-        await self._db.write(
-            repo.update_assignment, a.pk, state=update.state, message=a.message,
-            batch_count=update.batch_count, requests_sent=update.requests_sent, ended_at=time.time_ns(),
-        )  # fmt: skip
-        if update.state == agent_service_pb2.ASSIGNMENT_STATE_FAILED:
-            log.warning("assignment_failed", assignment_id=a.assignment_id, message=a.message)
-        self._check_done(a)
+        a = self.assignments.get(update.assignment_id)
+        if a is not None:
+            a.requests_sent = update.requests_sent
+            if update.state in final and not a.final_state:
+                a.final_state = update.state
+                a.message = update.message[:1000]
+                a.batch_count = update.batch_count
+                await self._db.write(
+                    repo.update_assignment, a.pk, state=update.state, message=a.message,
+                    batch_count=update.batch_count, requests_sent=update.requests_sent, ended_at=time.time_ns(),
+                )  # fmt: skip
+                if update.state == agent_service_pb2.ASSIGNMENT_STATE_FAILED:
+                    log.warning("assignment_failed", assignment_id=a.assignment_id, message=a.message)
+                self._check_done(a)
+        if update.state in final:
+            # Acknowledge the final report (with the commit position): an agent forgets a
+            # finished assignment once every batch and the report itself are acked.
+            session.send(
+                agent_service_pb2.ConnectResponse(
+                    ack=agent_service_pb2.Ack(
+                        assignment_id=update.assignment_id, batch_seq=self.acks.through(update.assignment_id)
+                    )
+                )
+            )
 
     def _check_done(self, a: ActiveAssignment) -> None:
         if a.final_state and a.batch_count is not None and self.acks.through(a.assignment_id) >= a.batch_count:

@@ -63,6 +63,7 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
         )
         await self._coordinator.agent_connected(session, list(hello.active_assignment_ids))
         reader = asyncio.create_task(self._read(session, request_iterator), name=f"read-{session.session_id}")
+        get: asyncio.Future[agent_service_pb2.ConnectResponse] | None = None
         try:
             while True:
                 get = asyncio.ensure_future(session.outbox.get())
@@ -70,12 +71,13 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
                 if get in done:
                     yield get.result()
                     continue
-                get.cancel()
                 # The agent closed its side: flush what is queued (acks), then end.
                 while not session.outbox.empty():
                     yield session.outbox.get_nowait()
                 break
         finally:
+            if get is not None:
+                get.cancel()
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
@@ -94,7 +96,7 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
                     session, AgentHealthReport(h.event_loop_lag_ms, h.cpu_percent, h.in_flight)
                 )
             elif body == "assignment_update":
-                await self._coordinator.assignment_update(message.assignment_update)
+                await self._coordinator.assignment_update(session, message.assignment_update)
             else:
                 log.warning("unexpected_agent_message", session_id=session.session_id, body=body)
 
