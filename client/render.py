@@ -29,13 +29,13 @@ def _ms(value: float) -> str:
 
 def result_table(result: run_pb2.RunResult) -> Table:
     table = Table(title=f"run {result.run_id} — {state_name(result.state)}", title_justify="left")
-    for name in ("stage", "conc", "ok", "failed", "req/s", "out tok/s", "TTFT p50", "TTFT p99",
+    for name in ("stage", "load", "ok", "failed", "req/s", "out tok/s", "TTFT p50", "TTFT p99",
                  "TPOT p50", "TPOT p99", "ITL p50", "ITL p99", "E2E p50", "E2E p99"):  # fmt: skip
         table.add_column(name, justify="left" if name == "stage" else "right")
     for s in result.stages:
         table.add_row(
             f"{s.index}: {s.name}",
-            str(s.concurrency or "-"),
+            f"{s.request_rate:g}/s" if s.request_rate else str(s.concurrency or "-"),
             str(s.requests_ok),
             str(s.requests_failed),
             f"{s.request_throughput:.2f}",

@@ -25,6 +25,7 @@ from google.protobuf import json_format
 
 from common.proto.loadtest.v1 import agent_service_pb2, run_pb2
 from controller.domain.agents import AgentRegistry, AgentSession
+from controller.domain.datasets import entries_from_json
 from controller.domain.ingest import IngestTarget
 from controller.domain.live import LiveWindow, RunHub
 from controller.store import repository as repo
@@ -41,6 +42,38 @@ def split_integer(total: int, parts: int) -> list[int]:
     """`total` split into `parts` integers that differ by at most one and sum to total."""
     base, extra = divmod(total, parts)
     return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def stage_shares(stage: run_pb2.Stage, agents: int) -> list[run_pb2.Stage | None]:
+    """Each agent's part of a stage (None: nothing for that agent to do).
+
+    Concurrency, request counts, warmup counts and the concurrency cap split into integers
+    that sum to the total; a rate splits into equal shares, each agent drawing its own
+    seeded arrival process. A cap smaller than the number of agents gives each agent a
+    cap of 1 (at most `agents` in flight instead of the cap).
+    """
+    requests = split_integer(stage.requests, agents)
+    warmups = split_integer(stage.warmup_requests, agents)
+    caps = split_integer(stage.max_concurrency, agents)
+    open_loop = stage.WhichOneof("load") == "request_rate"
+    levels = [0] * agents if open_loop else split_integer(stage.concurrency, agents)
+    shares: list[run_pb2.Stage | None] = []
+    for i in range(agents):
+        if (not open_loop and levels[i] == 0) or (stage.requests and requests[i] == 0):
+            shares.append(None)
+            continue
+        share = run_pb2.Stage()
+        share.CopyFrom(stage)
+        if open_loop:
+            share.request_rate = stage.request_rate / agents
+            if stage.max_concurrency:
+                share.max_concurrency = max(1, caps[i])
+        else:
+            share.concurrency = levels[i]
+        share.requests = requests[i]
+        share.warmup_requests = warmups[i]
+        shares.append(share)
+    return shares
 
 
 def derive_seed(seed: int, stage_idx: int, agent_idx: int) -> int:
@@ -85,6 +118,7 @@ class RunExecution:
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     cancel_reason: str = ""
     task: asyncio.Task[None] | None = None
+    dataset: list[run_pb2.DatasetEntry] = field(default_factory=list)
 
     @property
     def run_id(self) -> str:
@@ -201,6 +235,8 @@ class RunCoordinator:
                 chosen = free[:needed]
                 api_key = await self._db.read(repo.get_run_secret, record.pk)
                 ex = RunExecution(record, spec, api_key, [AgentSlot(s) for s in chosen])
+                if spec.workload.HasField("dataset"):
+                    ex.dataset = entries_from_json(await self._db.read(repo.get_run_dataset, record.pk))
                 for s in chosen:
                     s.run_id = run_id
                 self.executions[run_id] = ex
@@ -273,27 +309,22 @@ class RunCoordinator:
         await self.add_event(ex.run_id, run.pk, "stage_started", f"stage {idx}: {stage.name}")
         log.info("stage_started", run_id=ex.run_id, stage=idx, name=stage.name)
 
-        concurrency = split_integer(stage.concurrency, len(slots))
-        requests = split_integer(stage.requests, len(slots))
         active: list[ActiveAssignment] = []
-        for agent_idx, (slot, conc, reqs) in enumerate(zip(slots, concurrency, requests, strict=True)):
-            if conc == 0 or (stage.requests and reqs == 0):
+        for agent_idx, (slot, share) in enumerate(zip(slots, stage_shares(stage, len(slots)), strict=True)):
+            if share is None:
                 continue
             session = slot.session
             assert session is not None
             assignment_id = f"asg_{uuid.uuid4().hex[:16]}"
             pk = await self._db.write(
                 repo.insert_assignment, assignment_id, run.pk, idx, session.session_id,
-                session.name, conc, reqs, agent_service_pb2.ASSIGNMENT_STATE_RUNNING, time.time_ns(),
+                session.name, share.concurrency or share.max_concurrency, share.requests,
+                agent_service_pb2.ASSIGNMENT_STATE_RUNNING, time.time_ns(),
             )  # fmt: skip
             a = ActiveAssignment(assignment_id, pk, ex, idx, slot)
             self.assignments[assignment_id] = a
             active.append(a)
             session.assignment_id = assignment_id
-            share = run_pb2.Stage()
-            share.CopyFrom(stage)
-            share.concurrency = conc
-            share.requests = reqs
             workload = run_pb2.Workload()
             workload.CopyFrom(ex.spec.workload)
             workload.seed = derive_seed(ex.spec.workload.seed, idx, agent_idx)
@@ -304,7 +335,7 @@ class RunCoordinator:
                 agent_service_pb2.ConnectResponse(
                     assign=agent_service_pb2.Assign(
                         assignment_id=assignment_id, run_id=ex.run_id, stage_index=idx,
-                        target=target, workload=workload, stage=share,
+                        target=target, workload=workload, stage=share, dataset_entries=ex.dataset,
                     )
                 )
             )  # fmt: skip

@@ -19,6 +19,7 @@ from common.metrics import StageMetrics, compute_stage_metrics
 from common.proto.loadtest.v1 import run_pb2
 from controller.domain.agents import AgentSession
 from controller.domain.coordinator import RunCoordinator
+from controller.domain.datasets import content_digest, entries_to_json, parse_dataset
 from controller.domain.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from controller.domain.live import LiveSnapshot, RunHub
 from controller.domain.spec import validate_and_default
@@ -37,6 +38,7 @@ class StageOutcome:
     index: int
     name: str
     concurrency: int
+    request_rate: float
     metrics: StageMetrics
 
 
@@ -66,6 +68,14 @@ class Runs:
         valid = validate_and_default(spec)
         api_key = valid.target.api_key
         valid.target.api_key = ""  # stored apart (run_secrets), erased when the run ends
+        dataset_json = ""
+        if valid.workload.HasField("dataset"):
+            dataset = valid.workload.dataset
+            entries = parse_dataset(dataset)
+            dataset_json = entries_to_json(entries)
+            dataset.content_sha256 = content_digest(dataset.content)
+            dataset.entry_count = len(entries)
+            dataset.content = ""  # the parsed entries are stored apart
         record, created = await self._db.write(
             repo.insert_run,
             new_run_id(),
@@ -76,6 +86,7 @@ class Runs:
             [s.name for s in valid.stages],
             api_key,
             time.time_ns(),
+            dataset_json,
         )
         if created:
             await self._db.write(repo.add_event, record.pk, "run_created", "", record.created_at)
@@ -149,7 +160,7 @@ def _stage_results(run_pk: int, spec: run_pb2.RunSpec) -> list[StageOutcome]:
     for idx in repo.stage_indexes_with_samples(run_pk):
         stage = spec.stages[idx] if idx < len(spec.stages) else run_pb2.Stage()
         metrics = compute_stage_metrics(repo.load_stage_columns(run_pk, idx))
-        out.append(StageOutcome(idx, stage.name, stage.concurrency, metrics))
+        out.append(StageOutcome(idx, stage.name, stage.concurrency, stage.request_rate, metrics))
     return out
 
 

@@ -16,12 +16,15 @@ from controller.domain.errors import FieldViolation, InvalidArgument
 
 MAX_STAGES = 100
 MAX_CONCURRENCY = 100_000
+MAX_RATE = 1_000_000.0
 MAX_AGENTS = 1_000
 MAX_STAGE_SECONDS = 7 * 24 * 3600
 MAX_TOKENS = 1_000_000
 MAX_REQUEST_TIMEOUT_S = 3600
 MAX_HEADERS = 64
 DEFAULT_TOKENS = 128
+# Keys of the request body that llm-loadtest itself sets; extra_body cannot override them.
+PROTECTED_BODY_KEYS = frozenset({"model", "messages", "prompt", "stream", "stream_options", "max_tokens"})
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,256}$")
 
 
@@ -70,15 +73,18 @@ def validate_and_default(spec: run_pb2.RunSpec, rng: random.Random | None = None
         out.target.stream = True
     if not out.target.HasField("request_timeout"):
         out.target.request_timeout.FromSeconds(300)
-    if not out.workload.HasField("synthetic"):
+    if out.workload.WhichOneof("source") is None:
         out.workload.synthetic.SetInParent()
-    synthetic = out.workload.synthetic
-    for lengths in (synthetic.input_tokens, synthetic.output_tokens):
-        if lengths.WhichOneof("distribution") is None:
-            lengths.fixed = DEFAULT_TOKENS
+    if out.workload.HasField("synthetic"):
+        synthetic = out.workload.synthetic
+        for lengths in (synthetic.input_tokens, synthetic.output_tokens):
+            if lengths.WhichOneof("distribution") is None:
+                lengths.fixed = DEFAULT_TOKENS
     if out.workload.seed == 0:
         out.workload.seed = (rng or random.SystemRandom()).randrange(1, 2**63)
     for stage in out.stages:
+        if stage.WhichOneof("load") == "request_rate" and stage.arrival == run_pb2.ARRIVAL_PROCESS_UNSPECIFIED:
+            stage.arrival = run_pb2.ARRIVAL_PROCESS_POISSON
         if not stage.name:
             stage.name = describe_stage(stage)
     return out
@@ -87,6 +93,8 @@ def validate_and_default(spec: run_pb2.RunSpec, rng: random.Random | None = None
 def describe_stage(stage: run_pb2.Stage) -> str:
     """A short label for a stage's load, e.g. `concurrency=8`."""
     kind = stage.WhichOneof("load")
+    if kind == "request_rate":
+        return f"rate={stage.request_rate:g}/s"
     return f"{kind}={getattr(stage, kind)}" if kind else "stage"
 
 
@@ -127,6 +135,9 @@ def _check_target(t: run_pb2.Target, v: list[FieldViolation]) -> None:
             v.append(FieldViolation(f"spec.target.headers[{name!r}]", "invalid header name"))
         elif any(c in value for c in "\r\n\0") or len(value) > 8192:
             v.append(FieldViolation(f"spec.target.headers[{name!r}]", "invalid header value"))
+    for key in t.extra_body.fields:
+        if key in PROTECTED_BODY_KEYS:
+            v.append(FieldViolation(f"spec.target.extra_body.{key}", "set by llm-loadtest; cannot be overridden"))
     if any(c in t.api_key for c in "\r\n\0") or len(t.api_key) > 8192:
         # The message never repeats the key itself.
         v.append(FieldViolation("spec.target.api_key", "invalid characters or too long"))
@@ -135,16 +146,41 @@ def _check_target(t: run_pb2.Target, v: list[FieldViolation]) -> None:
 def _check_stage(stage: run_pb2.Stage, path: str, v: list[FieldViolation]) -> None:
     kind = stage.WhichOneof("load")
     if kind is None:
-        v.append(FieldViolation(f"{path}.concurrency", "a load (concurrency) is required"))
+        v.append(FieldViolation(f"{path}.concurrency", "a load is required: concurrency or request_rate"))
     elif kind == "concurrency" and not 1 <= stage.concurrency <= MAX_CONCURRENCY:
         v.append(FieldViolation(f"{path}.concurrency", f"must be between 1 and {MAX_CONCURRENCY}"))
+    elif kind == "request_rate" and not (0 < stage.request_rate <= MAX_RATE):  # also rejects NaN
+        v.append(FieldViolation(f"{path}.request_rate", f"must be > 0 and at most {MAX_RATE:g} requests/s"))
+    open_loop = kind == "request_rate"
+    if stage.arrival not in run_pb2.ArrivalProcess.values():
+        v.append(FieldViolation(f"{path}.arrival", f"unknown arrival process {stage.arrival}"))
+    elif stage.arrival != run_pb2.ARRIVAL_PROCESS_UNSPECIFIED and not open_loop:
+        v.append(FieldViolation(f"{path}.arrival", "only applies to request_rate stages"))
+    if stage.arrival == run_pb2.ARRIVAL_PROCESS_GAMMA:
+        if not stage.burstiness > 0 or stage.burstiness > 1000:
+            v.append(FieldViolation(f"{path}.burstiness", "gamma arrivals need burstiness > 0 (1 = Poisson)"))
+    elif stage.burstiness != 0:
+        v.append(FieldViolation(f"{path}.burstiness", "only applies to ARRIVAL_PROCESS_GAMMA"))
+    if stage.max_concurrency and not open_loop:
+        v.append(FieldViolation(f"{path}.max_concurrency", "only applies to request_rate stages"))
+    elif stage.max_concurrency > MAX_CONCURRENCY:
+        v.append(FieldViolation(f"{path}.max_concurrency", f"at most {MAX_CONCURRENCY}"))
+
     seconds = _duration_s(stage.duration) if stage.HasField("duration") else 0.0
-    if stage.duration.seconds < 0 or stage.duration.nanos < 0:
-        v.append(FieldViolation(f"{path}.duration", "must not be negative"))
-    elif seconds > MAX_STAGE_SECONDS:
-        v.append(FieldViolation(f"{path}.duration", f"at most {MAX_STAGE_SECONDS} s"))
-    elif seconds == 0 and stage.requests == 0:
+    for name in ("duration", "warmup_duration", "ramp"):
+        d = getattr(stage, name)
+        if d.seconds < 0 or d.nanos < 0:
+            v.append(FieldViolation(f"{path}.{name}", "must not be negative"))
+        elif _duration_s(d) > MAX_STAGE_SECONDS:
+            v.append(FieldViolation(f"{path}.{name}", f"at most {MAX_STAGE_SECONDS} s"))
+    if stage.duration.seconds >= 0 and stage.duration.nanos >= 0 and seconds == 0 and stage.requests == 0:
         v.append(FieldViolation(f"{path}.duration", "set a duration or a request count (or both)"))
+    if seconds and _duration_s(stage.warmup_duration) >= seconds:
+        v.append(FieldViolation(f"{path}.warmup_duration", "must be shorter than the stage"))
+    if seconds and _duration_s(stage.ramp) > seconds:
+        v.append(FieldViolation(f"{path}.ramp", "must not be longer than the stage"))
+    if stage.requests and stage.warmup_requests >= stage.requests:
+        v.append(FieldViolation(f"{path}.warmup_requests", "must be fewer than the stage's requests"))
     if len(stage.name) > 256:
         v.append(FieldViolation(f"{path}.name", "at most 256 characters"))
 
@@ -161,6 +197,10 @@ def _check_workload(w: run_pb2.Workload, v: list[FieldViolation]) -> None:
         elif kind == "uniform":
             u = lengths.uniform
             if not 1 <= u.min <= u.max <= MAX_TOKENS:
-                v.append(
-                    FieldViolation(f"{path}.uniform", f"need 1 <= min <= max <= {MAX_TOKENS}")
-                )
+                v.append(FieldViolation(f"{path}.uniform", f"need 1 <= min <= max <= {MAX_TOKENS}"))
+        elif kind == "normal":
+            n = lengths.normal
+            if not (n.std > 0 and 1 <= n.min <= n.max <= MAX_TOKENS and n.min <= n.mean <= n.max):
+                v.append(FieldViolation(f"{path}.normal", f"need std > 0 and 1 <= min <= mean <= max <= {MAX_TOKENS}"))
+    if w.synthetic.shared_prefix_tokens > MAX_TOKENS:
+        v.append(FieldViolation("spec.workload.synthetic.shared_prefix_tokens", f"at most {MAX_TOKENS}"))

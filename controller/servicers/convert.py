@@ -49,11 +49,13 @@ def latency_message(s: LatencySummary) -> run_pb2.LatencyStats:
     )  # fmt: skip
 
 
-def stage_message(index: int, name: str, concurrency: int, m: StageMetrics) -> run_pb2.StageResult:
+def stage_message(s: StageOutcome) -> run_pb2.StageResult:
+    m = s.metrics
     return run_pb2.StageResult(
-        index=index,
-        name=name,
-        concurrency=concurrency,
+        index=s.index,
+        name=s.name,
+        concurrency=s.concurrency,
+        request_rate=s.request_rate,
         requests_ok=m.requests_ok,
         requests_failed=m.requests_failed,
         errors=m.errors,
@@ -79,7 +81,7 @@ def result_message(record: RunRecord, stages: list[StageOutcome]) -> run_pb2.Run
     return run_pb2.RunResult(
         run_id=record.run_id,
         state=record.state,  # type: ignore[arg-type]
-        stages=[stage_message(s.index, s.name, s.concurrency, s.metrics) for s in stages],
+        stages=[stage_message(s) for s in stages],
     )
 
 

@@ -126,6 +126,18 @@ MIGRATIONS: Sequence[tuple[int, str, str]] = (
         CREATE INDEX run_events_run ON run_events (run_pk, pk);
         """,
     ),
+    (
+        2,
+        "parsed datasets of runs",
+        """
+        -- The parsed entries a run's agents draw prompts from (JSON list), stored apart
+        -- from the spec so reads of the run stay small.
+        CREATE TABLE run_datasets (
+            run_pk INTEGER PRIMARY KEY REFERENCES runs (pk) ON DELETE CASCADE,
+            entries_json TEXT NOT NULL
+        );
+        """,
+    ),
 )
 
 

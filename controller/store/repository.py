@@ -136,6 +136,7 @@ def insert_run(
     stage_names: Sequence[str],
     api_key: str,
     now_ns: int,
+    dataset_json: str = "",
 ) -> tuple[RunRecord, bool]:
     """Create a run; with a request_id already used, return that run and False."""
     if request_id:
@@ -158,6 +159,10 @@ def insert_run(
             ).execute()
             if api_key:
                 RunSecretRow.create(run=row.pk, target_api_key=api_key)
+            if dataset_json:
+                database_proxy.execute_sql(
+                    "INSERT INTO run_datasets (run_pk, entries_json) VALUES (?, ?)", (row.pk, dataset_json)
+                )
     except IntegrityError:
         if request_id:  # lost a race with the same request_id
             return _record(RunRow.get(RunRow.request_id == request_id)), False
@@ -168,6 +173,11 @@ def insert_run(
 def get_run(run_id: str) -> RunRecord | None:
     row = RunRow.get_or_none(RunRow.run_id == run_id)
     return _record(row) if row is not None else None
+
+
+def get_run_dataset(run_pk: int) -> str:
+    row = database_proxy.execute_sql("SELECT entries_json FROM run_datasets WHERE run_pk = ?", (run_pk,)).fetchone()
+    return str(row[0]) if row else ""
 
 
 def get_run_secret(run_pk: int) -> str:

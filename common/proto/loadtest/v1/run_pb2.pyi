@@ -939,6 +939,7 @@ class StageResult(_message.Message):
     E2E_FIELD_NUMBER: _builtins.int
     QUEUE_DELAY_FIELD_NUMBER: _builtins.int
     E2E_INCLUDING_QUEUE_FIELD_NUMBER: _builtins.int
+    REQUEST_RATE_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """Index of the stage in the spec; unset in the run-wide result."""
     name: _builtins.str
@@ -967,6 +968,8 @@ class StageResult(_message.Message):
     """Sum of output tokens of OK requests."""
     output_tokens_estimated: _builtins.bool
     """True when some output token counts were estimated (the server sent no usage)."""
+    request_rate: _builtins.float
+    """Open-loop request rate of the stage, requests/s (0 when closed loop)."""
     @_builtins.property
     def errors(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Failed requests by error kind (`http_4xx`, `http_5xx`, `timeout`, `connection`,
@@ -1021,10 +1024,11 @@ class StageResult(_message.Message):
         e2e: Global___LatencyStats | None = ...,
         queue_delay: Global___LatencyStats | None = ...,
         e2e_including_queue: Global___LatencyStats | None = ...,
+        request_rate: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["e2e", b"e2e", "e2e_including_queue", b"e2e_including_queue", "itl", b"itl", "queue_delay", b"queue_delay", "tpot", b"tpot", "ttft", b"ttft"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["achieved_concurrency", b"achieved_concurrency", "concurrency", b"concurrency", "duration_s", b"duration_s", "e2e", b"e2e", "e2e_including_queue", b"e2e_including_queue", "errors", b"errors", "index", b"index", "itl", b"itl", "name", b"name", "output_token_throughput", b"output_token_throughput", "output_tokens", b"output_tokens", "output_tokens_estimated", b"output_tokens_estimated", "peak_output_token_throughput", b"peak_output_token_throughput", "prompt_tokens", b"prompt_tokens", "queue_delay", b"queue_delay", "request_throughput", b"request_throughput", "requests_failed", b"requests_failed", "requests_ok", b"requests_ok", "total_token_throughput", b"total_token_throughput", "tpot", b"tpot", "ttft", b"ttft"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["achieved_concurrency", b"achieved_concurrency", "concurrency", b"concurrency", "duration_s", b"duration_s", "e2e", b"e2e", "e2e_including_queue", b"e2e_including_queue", "errors", b"errors", "index", b"index", "itl", b"itl", "name", b"name", "output_token_throughput", b"output_token_throughput", "output_tokens", b"output_tokens", "output_tokens_estimated", b"output_tokens_estimated", "peak_output_token_throughput", b"peak_output_token_throughput", "prompt_tokens", b"prompt_tokens", "queue_delay", b"queue_delay", "request_rate", b"request_rate", "request_throughput", b"request_throughput", "requests_failed", b"requests_failed", "requests_ok", b"requests_ok", "total_token_throughput", b"total_token_throughput", "tpot", b"tpot", "ttft", b"ttft"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
