@@ -34,6 +34,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Nam
         quickstart.add_arguments, lambda a: asyncio.run(quickstart.quickstart(a)))  # fmt: skip
     add("run", "create a run, watch it and print its per-stage results",
         commands.add_run_arguments, lambda a: asyncio.run(commands.cmd_run(a)))  # fmt: skip
+    add("scenarios", "list the named load scenarios and their stages",
+        commands.add_scenarios_arguments, commands.cmd_scenarios)  # fmt: skip
     add("runs", "list, inspect, cancel and delete runs",
         commands.add_runs_arguments, lambda a: asyncio.run(commands.cmd_runs(a)))  # fmt: skip
     add("controller", "serve the controller (gRPC API and agent streams, SQLite store)",

@@ -12,14 +12,13 @@ import grpc
 from rich.console import Console
 from rich.live import Live
 
-from client import render
+from client import render, spec_builder
+from client.scenarios import SCENARIOS, describe
 from client.sdk import ControllerClient
-from common.durations import parse_duration
 from common.grpc_options import API_KEY_ENV
 from common.proto.loadtest.v1 import run_pb2
 
 CONTROLLER_ENV = "LLM_LOADTEST_CONTROLLER"
-TARGET_API_KEY_ENV = "LLM_LOADTEST_TARGET_API_KEY"
 PLAIN_PROGRESS_EVERY_S = 5.0
 
 
@@ -35,90 +34,11 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=30.0, help="deadline of each call, seconds")
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one value")
-    return values
-
-
-def _duration(text: str) -> float:
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-
-
-def _header(text: str) -> tuple[str, str]:
-    name, sep, value = text.partition(":")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"expected NAME:VALUE, got {text!r}")
-    return name.strip(), value.strip()
-
-
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add_connection_arguments(parser)
-    parser.add_argument(
-        "--target", required=True, help="base URL of the OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1"
-    )
-    parser.add_argument("--model", required=True, help="model name sent with each request")
-    parser.add_argument("--api-kind", choices=["chat", "completions"], default="chat")
-    parser.add_argument(
-        "--concurrency", type=_int_list, default=[1], help="closed-loop concurrency; 1,8,32 makes one stage per value"
-    )
-    parser.add_argument(
-        "--duration",
-        type=_duration,
-        default=None,
-        help="duration of each stage, e.g. 10s (default: 10s; none with --requests)",
-    )
-    parser.add_argument(
-        "--requests", type=int, default=0, help="requests per stage (with --duration: whichever comes first)"
-    )
-    parser.add_argument("--input-tokens", type=int, default=128, help="prompt length in tokens")
-    parser.add_argument("--output-tokens", type=int, default=128, help="max_tokens of each request")
-    parser.add_argument("--seed", type=int, default=0, help="seed for prompts (0: random, reported in the spec)")
-    parser.add_argument("--agents", type=int, default=1, help="agents sharing each stage")
-    parser.add_argument(
-        "--header", type=_header, action="append", default=[], help="extra HTTP header NAME:VALUE (repeatable)"
-    )
-    parser.add_argument("--target-api-key", default=os.environ.get(TARGET_API_KEY_ENV, ""),
-                        help=f"API key of the model server (default: ${TARGET_API_KEY_ENV})")
-    parser.add_argument("--request-timeout", type=_duration, default=None, help="per-request timeout (default 300s)")
-    parser.add_argument("--no-stream", action="store_true", help="non-streaming requests (TTFT not measurable)")
-    parser.add_argument("--name", default="", help="display name of the run")
+    spec_builder.add_spec_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     parser.add_argument("--no-watch", action="store_true", help="create the run, print its id and return")
-
-
-def build_spec(args: argparse.Namespace) -> run_pb2.RunSpec:
-    """The RunSpec the `run` flags describe."""
-    duration = args.duration if args.duration is not None else (0.0 if args.requests else 10.0)
-    spec = run_pb2.RunSpec(display_name=args.name)
-    t = spec.target
-    t.base_url = args.target
-    t.model = args.model
-    t.api_kind = run_pb2.API_KIND_COMPLETIONS if args.api_kind == "completions" else run_pb2.API_KIND_CHAT
-    t.api_key = args.target_api_key
-    t.stream = not args.no_stream
-    for name, value in args.header:
-        t.headers[name] = value
-    if args.request_timeout:
-        t.request_timeout.FromNanoseconds(int(args.request_timeout * 1e9))
-    spec.workload.synthetic.input_tokens.fixed = args.input_tokens
-    spec.workload.synthetic.output_tokens.fixed = args.output_tokens
-    spec.workload.seed = args.seed
-    spec.placement.agents = args.agents
-    for c in args.concurrency:
-        stage = spec.stages.add()
-        stage.concurrency = c
-        if duration:
-            stage.duration.FromNanoseconds(int(duration * 1e9))
-        stage.requests = args.requests
-    return spec
 
 
 async def watch_until_done(client: ControllerClient, run_id: str) -> run_pb2.RunResult:
@@ -158,7 +78,11 @@ async def cmd_run(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    spec = build_spec(args)
+    try:
+        spec = spec_builder.build_spec(args)
+    except (argparse.ArgumentTypeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     async with ControllerClient(args.controller, args.api_key, args.timeout) as client:
         run = await client.create_run(spec, request_id=uuid.uuid4().hex)
         print(f"created run {run.id}", file=sys.stderr, flush=True)
@@ -245,4 +169,15 @@ async def _runs(args: argparse.Namespace, client: ControllerClient) -> int:
     run = await client.get_run(args.run_id)
     result = await client.get_result(args.run_id)
     print_result(args, run, result)
+    return 0
+
+
+def add_scenarios_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--peak-concurrency", type=int, help="show the stages for this peak concurrency")
+
+
+def cmd_scenarios(args: argparse.Namespace) -> int:
+    for scenario in SCENARIOS.values():
+        print(f"{scenario.name:<7} {scenario.description}")
+        print(f"        stages: {describe(scenario, args.peak_concurrency)}")
     return 0

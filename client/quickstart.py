@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from client import commands
+from client import commands, spec_builder
 from client.sdk import ControllerClient
 
 START_TIMEOUT_S = 30.0
@@ -25,9 +25,9 @@ STOP_TIMEOUT_S = 15.0
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--db", default="llm-loadtest.db", help="SQLite database file (kept after the run)")
-    parser.add_argument("--concurrency", type=commands._int_list, default=[1, 8, 32], help="stages (default 1,8,32)")
+    parser.add_argument("--concurrency", type=spec_builder.int_list, default=[1, 8, 32], help="stages (default 1,8,32)")
     parser.add_argument(
-        "--duration", type=commands._duration, default=10.0, help="duration of each stage (default 10s)"
+        "--duration", type=spec_builder.duration, default=10.0, help="duration of each stage (default 10s)"
     )
     parser.add_argument("--ttft-ms", type=float, default=50.0, help="mock time to first token")
     parser.add_argument("--itl-ms", type=float, default=10.0, help="mock inter-token latency")
@@ -97,13 +97,13 @@ async def quickstart(args: argparse.Namespace) -> int:
         async with ControllerClient(address, timeout_s=10.0) as client:
             await _wait_for_agent(client)
             print(f"mock at {target}, controller at {address}, database {db_file}", file=sys.stderr)
-            run_args = argparse.Namespace(
-                target=target, model="mock", api_kind="chat", concurrency=args.concurrency,
-                duration=args.duration, requests=0, input_tokens=128, output_tokens=args.output_tokens,
-                seed=0, agents=1, header=[], target_api_key="", request_timeout=None, no_stream=False,
-                name="quickstart", json=args.json,
-            )  # fmt: skip
-            run = await client.create_run(commands.build_spec(run_args))
+            run_args = spec_builder.spec_parser().parse_args([
+                "--target", target, "--model", "mock", "--name", "quickstart",
+                "--concurrency", ",".join(map(str, args.concurrency)), "--duration", f"{args.duration}s",
+                "--output-tokens", str(args.output_tokens),
+            ])  # fmt: skip
+            run_args.json = args.json
+            run = await client.create_run(spec_builder.build_spec(run_args))
             print(f"created run {run.id}", file=sys.stderr, flush=True)
             result = await commands.watch_until_done(client, run.id)
             run = await client.get_run(run.id)

@@ -1,0 +1,238 @@
+"""Turning `run` flags into a RunSpec: load shapes (sweeps, open loop, scenarios), lengths,
+datasets and target options. The flags mirror the spec's fields."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from google.protobuf import struct_pb2
+
+from client.scenarios import SCENARIOS, scale
+from common.durations import parse_duration
+from common.proto.loadtest.v1 import run_pb2
+
+TARGET_API_KEY_ENV = "LLM_LOADTEST_TARGET_API_KEY"
+DEFAULT_STAGE_S = 10.0
+ARRIVALS = {
+    "poisson": run_pb2.ARRIVAL_PROCESS_POISSON,
+    "constant": run_pb2.ARRIVAL_PROCESS_CONSTANT,
+    "gamma": run_pb2.ARRIVAL_PROCESS_GAMMA,
+}
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one value")
+    return values
+
+
+def float_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one value")
+    return values
+
+
+def duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def header(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected NAME:VALUE, got {text!r}")
+    return name.strip(), value.strip()
+
+
+def lengths(text: str) -> run_pb2.LengthDistribution:
+    """`128` (fixed), `64-256` (uniform) or `normal:MEAN,STD[,MIN,MAX]`."""
+    out = run_pb2.LengthDistribution()
+    try:
+        if text.startswith("normal:"):
+            values = [float(v) for v in text.removeprefix("normal:").split(",")]
+            mean, std = values[0], values[1]
+            low = int(values[2]) if len(values) > 2 else max(1, int(mean - 4 * std))
+            high = int(values[3]) if len(values) > 3 else int(mean + 4 * std)
+            out.normal.CopyFrom(run_pb2.NormalLength(mean=mean, std=std, min=low, max=high))
+        elif "-" in text:
+            low_s, high_s = text.split("-", 1)
+            out.uniform.CopyFrom(run_pb2.UniformLength(min=int(low_s), max=int(high_s)))
+        else:
+            out.fixed = int(text)
+    except (ValueError, IndexError) as exc:
+        raise argparse.ArgumentTypeError(f"expected N, MIN-MAX or normal:MEAN,STD[,MIN,MAX]; got {text!r}") from exc
+    return out
+
+
+def warmup(text: str) -> tuple[float, int]:
+    """`10s` (a duration) or `20req` (a request count)."""
+    lowered = text.strip().lower()
+    for suffix in ("requests", "request", "req"):
+        if lowered.endswith(suffix):
+            try:
+                return 0.0, int(lowered.removesuffix(suffix))
+            except ValueError:
+                break
+    return duration(text), 0
+
+
+def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
+    target = parser.add_argument_group("target")
+    target.add_argument("--target", required=True, help="base URL of the OpenAI API, e.g. http://h:8000/v1")
+    target.add_argument("--model", required=True, help="model name sent with each request")
+    target.add_argument("--api-kind", choices=["chat", "completions"], default="chat")
+    target.add_argument("--no-stream", action="store_true", help="non-streaming requests (no TTFT then)")
+    target.add_argument("--header", type=header, action="append", default=[], help="extra HTTP header NAME:VALUE")
+    target.add_argument(
+        "--target-api-key",
+        default=os.environ.get(TARGET_API_KEY_ENV, ""),
+        help=f"API key of the model server (default: ${TARGET_API_KEY_ENV}); never shown again",
+    )
+    target.add_argument("--request-timeout", type=duration, default=None, help="per-request timeout (default 300s)")
+    target.add_argument("--insecure", action="store_true", help="skip TLS certificate verification of the target")
+    target.add_argument(
+        "--extra-body", default="", help='JSON merged into each request body, e.g. \'{"cache_prompt": false}\''
+    )
+
+    load = parser.add_argument_group("load (one stage per value of --concurrency or --rate)")
+    shape = load.add_mutually_exclusive_group()
+    shape.add_argument("--concurrency", type=int_list, help="closed loop: requests in flight, e.g. 1,8,32")
+    shape.add_argument("--rate", type=float_list, help="open loop: requests per second, e.g. 2,4,8,16")
+    shape.add_argument("--scenario", choices=sorted(SCENARIOS), help="named scenario (`llm-loadtest scenarios`)")
+    load.add_argument("--peak-concurrency", type=int, help="peak of a scenario, closed loop")
+    load.add_argument("--peak-rate", type=float, help="peak of a scenario, open loop (requests/s)")
+    load.add_argument("--arrival", choices=sorted(ARRIVALS), help="open loop arrivals (default poisson)")
+    load.add_argument("--burstiness", type=float, help="gamma shape for --arrival gamma (1 = Poisson, <1 burstier)")
+    load.add_argument("--max-concurrency", type=int, default=0, help="open loop: cap on requests in flight")
+    load.add_argument(
+        "--duration",
+        type=duration,
+        default=None,
+        help="duration of each stage, e.g. 30s (default 10s, none with --requests; overrides scenarios)",
+    )
+    load.add_argument("--requests", type=int, default=0, help="requests per stage (with --duration: whichever first)")
+    load.add_argument("--warmup", type=warmup, default=(0.0, 0), help="excluded from metrics: 10s or 20req per stage")
+    load.add_argument("--ramp", type=duration, default=0.0, help="linear ramp of the load at the start of each stage")
+    load.add_argument("--agents", type=int, default=1, help="agents sharing each stage")
+
+    work = parser.add_argument_group("workload")
+    work.add_argument("--input-tokens", type=lengths, default=None, help="prompt length: 128, 64-256 or normal:200,50")
+    work.add_argument("--output-tokens", type=lengths, default=None, help="max_tokens: 128, 64-256 or normal:200,50")
+    work.add_argument("--shared-prefix", type=int, default=0, help="tokens of prefix shared by every prompt")
+    work.add_argument("--dataset", type=Path, help="prompts from a .jsonl file or a ShareGPT .json file")
+    work.add_argument("--dataset-format", choices=["jsonl", "sharegpt"], help="default: from the file extension")
+    work.add_argument("--min-prompt-words", type=int, default=0, help="dataset filter")
+    work.add_argument("--max-prompt-words", type=int, default=0, help="dataset filter")
+    work.add_argument("--ignore-eos", action="store_true", help="send ignore_eos so outputs have exactly max_tokens")
+    work.add_argument("--min-tokens", action="store_true", help="send min_tokens = max_tokens (vLLM)")
+    work.add_argument("--seed", type=int, default=0, help="seed of every random choice (0: random, shown in the spec)")
+    parser.add_argument("--name", default="", help="display name of the run")
+
+
+def _set_duration(field: object, seconds: float) -> None:
+    field.FromNanoseconds(int(seconds * 1e9))  # type: ignore[attr-defined]
+
+
+def _stages(args: argparse.Namespace) -> list[run_pb2.Stage]:
+    stage_s = args.duration if args.duration is not None else (0.0 if args.requests else DEFAULT_STAGE_S)
+    stages: list[run_pb2.Stage] = []
+    if args.scenario:
+        if (args.peak_concurrency is None) == (args.peak_rate is None):
+            raise argparse.ArgumentTypeError("--scenario needs exactly one of --peak-concurrency and --peak-rate")
+        for st in SCENARIOS[args.scenario].stages:
+            stage = run_pb2.Stage()
+            if args.peak_concurrency is not None:
+                stage.concurrency = int(scale(args.peak_concurrency, st.fraction, True))
+            else:
+                stage.request_rate = scale(args.peak_rate, st.fraction, False)
+            stage.requests = st.requests or args.requests
+            _set_duration(stage.duration, args.duration if args.duration is not None else st.duration_s)
+            if st.ramp_s and not args.ramp:
+                _set_duration(stage.ramp, min(st.ramp_s, args.duration or st.ramp_s))
+            stages.append(stage)
+    elif args.rate:
+        stages = [run_pb2.Stage(request_rate=r) for r in args.rate]
+    else:
+        stages = [run_pb2.Stage(concurrency=c) for c in (args.concurrency or [1])]
+    for stage in stages:
+        if not args.scenario:
+            stage.requests = args.requests
+            if stage_s:
+                _set_duration(stage.duration, stage_s)
+        if stage.WhichOneof("load") == "request_rate":
+            if args.arrival or args.burstiness is not None:
+                stage.arrival = ARRIVALS[args.arrival or "gamma"]
+            if args.burstiness is not None:
+                stage.burstiness = args.burstiness
+            stage.max_concurrency = args.max_concurrency
+        warm_s, warm_n = args.warmup
+        if warm_s:
+            _set_duration(stage.warmup_duration, warm_s)
+        stage.warmup_requests = warm_n
+        if args.ramp:
+            _set_duration(stage.ramp, args.ramp)
+    return stages
+
+
+def build_spec(args: argparse.Namespace) -> run_pb2.RunSpec:
+    """The RunSpec the `run` flags describe (raises ArgumentTypeError for bad combinations)."""
+    spec = run_pb2.RunSpec(display_name=args.name)
+    t = spec.target
+    t.base_url, t.model = args.target, args.model
+    t.api_kind = run_pb2.API_KIND_COMPLETIONS if args.api_kind == "completions" else run_pb2.API_KIND_CHAT
+    t.api_key = args.target_api_key
+    t.stream = not args.no_stream
+    t.insecure_skip_verify = args.insecure
+    for name, value in args.header:
+        t.headers[name] = value
+    if args.request_timeout:
+        _set_duration(t.request_timeout, args.request_timeout)
+    if args.extra_body:
+        try:
+            body = json.loads(args.extra_body)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"--extra-body is not JSON: {exc}") from exc
+        if not isinstance(body, dict):
+            raise argparse.ArgumentTypeError("--extra-body must be a JSON object")
+        t.extra_body.CopyFrom(struct_pb2.Struct())
+        t.extra_body.update(body)
+
+    w = spec.workload
+    w.seed, w.ignore_eos, w.pin_min_tokens = args.seed, args.ignore_eos, args.min_tokens
+    if args.dataset is not None:
+        fmt = args.dataset_format or ("jsonl" if args.dataset.suffix == ".jsonl" else "sharegpt")
+        w.dataset.format = run_pb2.DATASET_FORMAT_JSONL if fmt == "jsonl" else run_pb2.DATASET_FORMAT_SHAREGPT
+        w.dataset.content = args.dataset.read_text(encoding="utf-8")
+        w.dataset.name = args.dataset.name
+        w.dataset.min_prompt_words = args.min_prompt_words
+        w.dataset.max_prompt_words = args.max_prompt_words
+    else:
+        w.synthetic.SetInParent()
+        if args.input_tokens is not None:
+            w.synthetic.input_tokens.CopyFrom(args.input_tokens)
+        if args.output_tokens is not None:
+            w.synthetic.output_tokens.CopyFrom(args.output_tokens)
+        w.synthetic.shared_prefix_tokens = args.shared_prefix
+    spec.placement.agents = args.agents
+    spec.stages.extend(_stages(args))
+    return spec
+
+
+def spec_parser() -> argparse.ArgumentParser:
+    """A parser of just the spec flags (for building specs from code, e.g. quickstart)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_spec_arguments(parser)
+    return parser
