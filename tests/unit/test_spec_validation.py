@@ -43,7 +43,10 @@ def fields_of(s: run_pb2.RunSpec) -> list[str]:
         ({"request_rate": -1.0}, "spec.stages[0].request_rate"),
         ({"request_rate": float("nan")}, "spec.stages[0].request_rate"),
         ({"request_rate": 5.0, "arrival": run_pb2.ARRIVAL_PROCESS_GAMMA}, "spec.stages[0].burstiness"),
-        ({"request_rate": 5.0, "arrival": run_pb2.ARRIVAL_PROCESS_GAMMA, "burstiness": -0.5}, "spec.stages[0].burstiness"),
+        (
+            {"request_rate": 5.0, "arrival": run_pb2.ARRIVAL_PROCESS_GAMMA, "burstiness": -0.5},
+            "spec.stages[0].burstiness",
+        ),
         ({"request_rate": 5.0, "burstiness": 0.5}, "spec.stages[0].burstiness"),
         ({"concurrency": 4, "max_concurrency": 2}, "spec.stages[0].max_concurrency"),
         ({"concurrency": 4, "arrival": run_pb2.ARRIVAL_PROCESS_CONSTANT}, "spec.stages[0].arrival"),
