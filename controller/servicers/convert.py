@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from google.protobuf import json_format, timestamp_pb2
 
-from common.metrics import LatencySummary, StageMetrics
+from common.metrics import LatencySummary
 from common.proto.loadtest.v1 import run_pb2, run_service_pb2
 from controller.domain.agents import AgentSession
 from controller.domain.live import LiveSnapshot
