@@ -378,6 +378,8 @@ class SampleBatch(_message.Message):
     ITL_COUNT_FIELD_NUMBER: _builtins.int
     ITL_NS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    REQUESTED_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    REQUESTED_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     assignment_id: _builtins.str
     """The assignment the samples belong to."""
     batch_seq: _builtins.int
@@ -434,6 +436,14 @@ class SampleBatch(_message.Message):
     def error(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Short error description per sample (empty when OK). Never contains secrets."""
 
+    @_builtins.property
+    def requested_input_tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Prompt tokens the workload asked for (synthetic target length, or 0 if unknown)."""
+
+    @_builtins.property
+    def requested_output_tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """max_tokens sent with the request (0 if none)."""
+
     def __init__(
         self,
         *,
@@ -452,10 +462,12 @@ class SampleBatch(_message.Message):
         itl_count: _abc.Iterable[_builtins.int] | None = ...,
         itl_ns: _abc.Iterable[_builtins.int] | None = ...,
         error: _abc.Iterable[_builtins.str] | None = ...,
+        requested_input_tokens: _abc.Iterable[_builtins.int] | None = ...,
+        requested_output_tokens: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment_id", b"assignment_id", "batch_seq", b"batch_seq", "done_ns", b"done_ns", "error", b"error", "first_byte_ns", b"first_byte_ns", "first_token_ns", b"first_token_ns", "flags", b"flags", "itl_count", b"itl_count", "itl_ns", b"itl_ns", "last_token_ns", b"last_token_ns", "output_tokens", b"output_tokens", "prompt_tokens", b"prompt_tokens", "queue_delay_ns", b"queue_delay_ns", "sent_unix_ns", b"sent_unix_ns", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment_id", b"assignment_id", "batch_seq", b"batch_seq", "done_ns", b"done_ns", "error", b"error", "first_byte_ns", b"first_byte_ns", "first_token_ns", b"first_token_ns", "flags", b"flags", "itl_count", b"itl_count", "itl_ns", b"itl_ns", "last_token_ns", b"last_token_ns", "output_tokens", b"output_tokens", "prompt_tokens", b"prompt_tokens", "queue_delay_ns", b"queue_delay_ns", "requested_input_tokens", b"requested_input_tokens", "requested_output_tokens", b"requested_output_tokens", "sent_unix_ns", b"sent_unix_ns", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

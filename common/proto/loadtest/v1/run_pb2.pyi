@@ -190,6 +190,34 @@ the first human turn is the prompt, the following gpt turn's length sets max_tok
 """
 Global___DatasetFormat: _TypeAlias = DatasetFormat  # noqa: Y015
 
+class _Verdict:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _VerdictEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Verdict.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    VERDICT_UNSPECIFIED: _Verdict.ValueType  # 0
+    """Not set."""
+    VERDICT_NONE: _Verdict.ValueType  # 1
+    """The run has no checks."""
+    VERDICT_PASS: _Verdict.ValueType  # 2
+    """Every check held on every stage."""
+    VERDICT_FAIL: _Verdict.ValueType  # 3
+    """At least one check failed on some stage (or the run did not succeed)."""
+
+class Verdict(_Verdict, metaclass=_VerdictEnumTypeWrapper):
+    """Whether the run passed its checks."""
+
+VERDICT_UNSPECIFIED: Verdict.ValueType  # 0
+"""Not set."""
+VERDICT_NONE: Verdict.ValueType  # 1
+"""The run has no checks."""
+VERDICT_PASS: Verdict.ValueType  # 2
+"""Every check held on every stage."""
+VERDICT_FAIL: Verdict.ValueType  # 3
+"""At least one check failed on some stage (or the run did not succeed)."""
+Global___Verdict: _TypeAlias = Verdict  # noqa: Y015
+
 @_typing.final
 class Target(_message.Message):
     """The model server the load goes to."""
@@ -700,6 +728,8 @@ class RunSpec(_message.Message):
     STAGES_FIELD_NUMBER: _builtins.int
     PLACEMENT_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    SLO_FIELD_NUMBER: _builtins.int
+    CHECKS_FIELD_NUMBER: _builtins.int
     display_name: _builtins.str
     """Optional human-readable name."""
     @_builtins.property
@@ -722,6 +752,14 @@ class RunSpec(_message.Message):
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form labels for finding runs later."""
 
+    @_builtins.property
+    def slo(self) -> Global___Slo:
+        """Service-level objectives: a request is "good" when it meets every one set here."""
+
+    @_builtins.property
+    def checks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Check]:
+        """Pass/fail checks evaluated on every stage; they give the run its verdict."""
+
     def __init__(
         self,
         *,
@@ -731,14 +769,170 @@ class RunSpec(_message.Message):
         stages: _abc.Iterable[Global___Stage] | None = ...,
         placement: Global___Placement | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        slo: Global___Slo | None = ...,
+        checks: _abc.Iterable[Global___Check] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["placement", b"placement", "target", b"target", "workload", b"workload"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["placement", b"placement", "slo", b"slo", "target", b"target", "workload", b"workload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["display_name", b"display_name", "labels", b"labels", "placement", b"placement", "stages", b"stages", "target", b"target", "workload", b"workload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "display_name", b"display_name", "labels", b"labels", "placement", b"placement", "slo", b"slo", "stages", b"stages", "target", b"target", "workload", b"workload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RunSpec: _TypeAlias = RunSpec  # noqa: Y015
+
+@_typing.final
+class Slo(_message.Message):
+    """Latency objectives for goodput (unset: no objective on that metric)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TTFT_FIELD_NUMBER: _builtins.int
+    TPOT_FIELD_NUMBER: _builtins.int
+    E2E_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def ttft(self) -> _duration_pb2.Duration:
+        """Time to first token at most this."""
+
+    @_builtins.property
+    def tpot(self) -> _duration_pb2.Duration:
+        """Time per output token at most this."""
+
+    @_builtins.property
+    def e2e(self) -> _duration_pb2.Duration:
+        """End-to-end latency at most this."""
+
+    def __init__(
+        self,
+        *,
+        ttft: _duration_pb2.Duration | None = ...,
+        tpot: _duration_pb2.Duration | None = ...,
+        e2e: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["e2e", b"e2e", "tpot", b"tpot", "ttft", b"ttft"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["e2e", b"e2e", "tpot", b"tpot", "ttft", b"ttft"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Slo: _TypeAlias = Slo  # noqa: Y015
+
+@_typing.final
+class Check(_message.Message):
+    """A threshold on a stage metric, k6-style, e.g. `p99(ttft) < 500ms`, `error_rate < 1%`,
+    `output_throughput > 1000`. Latency metrics (ttft, tpot, itl, e2e, queue_delay,
+    e2e_including_queue) take an aggregate: mean, std, min, max, p50, p90, p95, p99, p999;
+    rates and counts (error_rate, request_throughput, output_throughput, total_throughput,
+    goodput, good_fraction, achieved_concurrency, requests_ok, requests_failed) stand alone.
+    Units: ms, s, % (or none).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPRESSION_FIELD_NUMBER: _builtins.int
+    ABORT_ON_FAIL_FIELD_NUMBER: _builtins.int
+    expression: _builtins.str
+    """Required. The expression."""
+    abort_on_fail: _builtins.bool
+    """Stop the run (FAILED) as soon as the check is lost during a stage, evaluated over the
+    last 10 s once at least 10 requests finished in that window.
+    """
+    def __init__(
+        self,
+        *,
+        expression: _builtins.str = ...,
+        abort_on_fail: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort_on_fail", b"abort_on_fail", "expression", b"expression"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Check: _TypeAlias = Check  # noqa: Y015
+
+@_typing.final
+class CheckResult(_message.Message):
+    """One check evaluated on one stage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPRESSION_FIELD_NUMBER: _builtins.int
+    STAGE_INDEX_FIELD_NUMBER: _builtins.int
+    PASSED_FIELD_NUMBER: _builtins.int
+    MEASURED_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    expression: _builtins.str
+    """The check's expression."""
+    stage_index: _builtins.int
+    """The stage it was evaluated on."""
+    passed: _builtins.bool
+    """Whether it held."""
+    measured: _builtins.float
+    """The measured value, in the check's unit (ms for latencies, percent for `%` checks)."""
+    threshold: _builtins.float
+    """The threshold, in the same unit."""
+    message: _builtins.str
+    """Human-readable, e.g. `p99(ttft) = 612.3 ms, want < 500 ms`."""
+    def __init__(
+        self,
+        *,
+        expression: _builtins.str = ...,
+        stage_index: _builtins.int = ...,
+        passed: _builtins.bool = ...,
+        measured: _builtins.float = ...,
+        threshold: _builtins.float = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expression", b"expression", "measured", b"measured", "message", b"message", "passed", b"passed", "stage_index", b"stage_index", "threshold", b"threshold"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckResult: _TypeAlias = CheckResult  # noqa: Y015
+
+@_typing.final
+class TimeBucket(_message.Message):
+    """Per-second activity of a stage, seconds counted from the stage's first request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SECOND_FIELD_NUMBER: _builtins.int
+    COMPLETED_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    TTFT_P50_MS_FIELD_NUMBER: _builtins.int
+    TTFT_P99_MS_FIELD_NUMBER: _builtins.int
+    second: _builtins.int
+    """Second index from the stage's first sent request."""
+    completed: _builtins.int
+    """Requests that completed OK in this second."""
+    errors: _builtins.int
+    """Requests that failed in this second."""
+    output_tokens: _builtins.float
+    """Output tokens received in this second."""
+    ttft_p50_ms: _builtins.float
+    """Median TTFT of requests completing in this second, ms."""
+    ttft_p99_ms: _builtins.float
+    """99th percentile TTFT of requests completing in this second, ms."""
+    def __init__(
+        self,
+        *,
+        second: _builtins.int = ...,
+        completed: _builtins.int = ...,
+        errors: _builtins.int = ...,
+        output_tokens: _builtins.float = ...,
+        ttft_p50_ms: _builtins.float = ...,
+        ttft_p99_ms: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed", b"completed", "errors", b"errors", "output_tokens", b"output_tokens", "second", b"second", "ttft_p50_ms", b"ttft_p50_ms", "ttft_p99_ms", b"ttft_p99_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TimeBucket: _TypeAlias = TimeBucket  # noqa: Y015
 
 @_typing.final
 class RunProgress(_message.Message):
@@ -940,6 +1134,19 @@ class StageResult(_message.Message):
     QUEUE_DELAY_FIELD_NUMBER: _builtins.int
     E2E_INCLUDING_QUEUE_FIELD_NUMBER: _builtins.int
     REQUEST_RATE_FIELD_NUMBER: _builtins.int
+    GOODPUT_FIELD_NUMBER: _builtins.int
+    GOOD_FRACTION_FIELD_NUMBER: _builtins.int
+    TIME_SERIES_FIELD_NUMBER: _builtins.int
+    AGENTS_FIELD_NUMBER: _builtins.int
+    AGENT_NAME_FIELD_NUMBER: _builtins.int
+    SATURATED_FIELD_NUMBER: _builtins.int
+    SATURATION_REASON_FIELD_NUMBER: _builtins.int
+    MAX_EVENT_LOOP_LAG_MS_FIELD_NUMBER: _builtins.int
+    MEAN_REQUESTED_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    MEAN_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    MEAN_REQUESTED_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    MEAN_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    CHECKS_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """Index of the stage in the spec; unset in the run-wide result."""
     name: _builtins.str
@@ -970,6 +1177,28 @@ class StageResult(_message.Message):
     """True when some output token counts were estimated (the server sent no usage)."""
     request_rate: _builtins.float
     """Open-loop request rate of the stage, requests/s (0 when closed loop)."""
+    goodput: _builtins.float
+    """OK requests meeting every SLO, per second (only with SLOs)."""
+    good_fraction: _builtins.float
+    """Requests meeting every SLO / all requests, failed ones included (only with SLOs)."""
+    agent_name: _builtins.str
+    """In a per-agent row: the agent's name."""
+    saturated: _builtins.bool
+    """True when the load generator itself was overloaded during the stage (event-loop lag
+    or send lag above the thresholds in docs/metrics.md): its latencies are suspect.
+    """
+    saturation_reason: _builtins.str
+    """Why the stage is marked saturated, with the figures."""
+    max_event_loop_lag_ms: _builtins.float
+    """Largest event-loop lag an agent reported during the stage, ms."""
+    mean_requested_input_tokens: _builtins.float
+    """Mean prompt tokens the workload asked for (synthetic: target length)."""
+    mean_input_tokens: _builtins.float
+    """Mean prompt tokens the server reported."""
+    mean_requested_output_tokens: _builtins.float
+    """Mean max_tokens the workload asked for."""
+    mean_output_tokens: _builtins.float
+    """Mean output tokens received."""
     @_builtins.property
     def errors(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Failed requests by error kind (`http_4xx`, `http_5xx`, `timeout`, `connection`,
@@ -1000,6 +1229,18 @@ class StageResult(_message.Message):
     def e2e_including_queue(self) -> Global___LatencyStats:
         """Latency including client queueing, `last_token - scheduled`."""
 
+    @_builtins.property
+    def time_series(self) -> _containers.RepeatedCompositeFieldContainer[Global___TimeBucket]:
+        """Activity per second."""
+
+    @_builtins.property
+    def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___StageResult]:
+        """The same metrics per agent (in the run-wide result: empty)."""
+
+    @_builtins.property
+    def checks(self) -> _containers.RepeatedCompositeFieldContainer[Global___CheckResult]:
+        """The checks evaluated on this stage."""
+
     def __init__(
         self,
         *,
@@ -1025,12 +1266,32 @@ class StageResult(_message.Message):
         queue_delay: Global___LatencyStats | None = ...,
         e2e_including_queue: Global___LatencyStats | None = ...,
         request_rate: _builtins.float = ...,
+        goodput: _builtins.float | None = ...,
+        good_fraction: _builtins.float | None = ...,
+        time_series: _abc.Iterable[Global___TimeBucket] | None = ...,
+        agents: _abc.Iterable[Global___StageResult] | None = ...,
+        agent_name: _builtins.str = ...,
+        saturated: _builtins.bool = ...,
+        saturation_reason: _builtins.str = ...,
+        max_event_loop_lag_ms: _builtins.float = ...,
+        mean_requested_input_tokens: _builtins.float = ...,
+        mean_input_tokens: _builtins.float = ...,
+        mean_requested_output_tokens: _builtins.float = ...,
+        mean_output_tokens: _builtins.float = ...,
+        checks: _abc.Iterable[Global___CheckResult] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["e2e", b"e2e", "e2e_including_queue", b"e2e_including_queue", "itl", b"itl", "queue_delay", b"queue_delay", "tpot", b"tpot", "ttft", b"ttft"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_good_fraction", b"_good_fraction", "_goodput", b"_goodput", "e2e", b"e2e", "e2e_including_queue", b"e2e_including_queue", "good_fraction", b"good_fraction", "goodput", b"goodput", "itl", b"itl", "queue_delay", b"queue_delay", "tpot", b"tpot", "ttft", b"ttft"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["achieved_concurrency", b"achieved_concurrency", "concurrency", b"concurrency", "duration_s", b"duration_s", "e2e", b"e2e", "e2e_including_queue", b"e2e_including_queue", "errors", b"errors", "index", b"index", "itl", b"itl", "name", b"name", "output_token_throughput", b"output_token_throughput", "output_tokens", b"output_tokens", "output_tokens_estimated", b"output_tokens_estimated", "peak_output_token_throughput", b"peak_output_token_throughput", "prompt_tokens", b"prompt_tokens", "queue_delay", b"queue_delay", "request_rate", b"request_rate", "request_throughput", b"request_throughput", "requests_failed", b"requests_failed", "requests_ok", b"requests_ok", "total_token_throughput", b"total_token_throughput", "tpot", b"tpot", "ttft", b"ttft"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_good_fraction", b"_good_fraction", "_goodput", b"_goodput", "achieved_concurrency", b"achieved_concurrency", "agent_name", b"agent_name", "agents", b"agents", "checks", b"checks", "concurrency", b"concurrency", "duration_s", b"duration_s", "e2e", b"e2e", "e2e_including_queue", b"e2e_including_queue", "errors", b"errors", "good_fraction", b"good_fraction", "goodput", b"goodput", "index", b"index", "itl", b"itl", "max_event_loop_lag_ms", b"max_event_loop_lag_ms", "mean_input_tokens", b"mean_input_tokens", "mean_output_tokens", b"mean_output_tokens", "mean_requested_input_tokens", b"mean_requested_input_tokens", "mean_requested_output_tokens", b"mean_requested_output_tokens", "name", b"name", "output_token_throughput", b"output_token_throughput", "output_tokens", b"output_tokens", "output_tokens_estimated", b"output_tokens_estimated", "peak_output_token_throughput", b"peak_output_token_throughput", "prompt_tokens", b"prompt_tokens", "queue_delay", b"queue_delay", "request_rate", b"request_rate", "request_throughput", b"request_throughput", "requests_failed", b"requests_failed", "requests_ok", b"requests_ok", "saturated", b"saturated", "saturation_reason", b"saturation_reason", "time_series", b"time_series", "total_token_throughput", b"total_token_throughput", "tpot", b"tpot", "ttft", b"ttft"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__good_fraction: _TypeAlias = _typing.Literal["good_fraction"]  # noqa: Y015
+    _WhichOneofArgType__good_fraction: _TypeAlias = _typing.Literal["_good_fraction", b"_good_fraction"]  # noqa: Y015
+    _WhichOneofReturnType__goodput: _TypeAlias = _typing.Literal["goodput"]  # noqa: Y015
+    _WhichOneofArgType__goodput: _TypeAlias = _typing.Literal["_goodput", b"_goodput"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__good_fraction) -> _WhichOneofReturnType__good_fraction | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__goodput) -> _WhichOneofReturnType__goodput | None: ...
 
 Global___StageResult: _TypeAlias = StageResult  # noqa: Y015
 
@@ -1043,13 +1304,21 @@ class RunResult(_message.Message):
     RUN_ID_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     STAGES_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    CHECKS_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The run's id."""
     state: Global___RunState.ValueType
     """The run's state when the result was computed."""
+    verdict: Global___Verdict.ValueType
+    """The run's verdict from its checks."""
     @_builtins.property
     def stages(self) -> _containers.RepeatedCompositeFieldContainer[Global___StageResult]:
         """One entry per stage that ran, in order."""
+
+    @_builtins.property
+    def checks(self) -> _containers.RepeatedCompositeFieldContainer[Global___CheckResult]:
+        """Every check on every stage."""
 
     def __init__(
         self,
@@ -1057,10 +1326,12 @@ class RunResult(_message.Message):
         run_id: _builtins.str = ...,
         state: Global___RunState.ValueType = ...,
         stages: _abc.Iterable[Global___StageResult] | None = ...,
+        verdict: Global___Verdict.ValueType = ...,
+        checks: _abc.Iterable[Global___CheckResult] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id", "stages", b"stages", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "run_id", b"run_id", "stages", b"stages", "state", b"state", "verdict", b"verdict"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -507,3 +507,309 @@ class ListAgentsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListAgentsResponse: _TypeAlias = ListAgentsResponse  # noqa: Y015
+
+@_typing.final
+class ExportRunSamplesRequest(_message.Message):
+    """Request of ExportRunSamples."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    INCLUDE_WARMUP_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """Required. The run's id."""
+    page_size: _builtins.int
+    """Samples per streamed page; default 1000, at most 10000."""
+    include_warmup: _builtins.bool
+    """Include warmup samples (flagged) too."""
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        include_warmup: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_warmup", b"include_warmup", "page_size", b"page_size", "run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportRunSamplesRequest: _TypeAlias = ExportRunSamplesRequest  # noqa: Y015
+
+@_typing.final
+class ExportedSample(_message.Message):
+    """One exported request (schema version 1). Times in ms relative to `sent`, 0 when absent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STAGE_INDEX_FIELD_NUMBER: _builtins.int
+    AGENT_NAME_FIELD_NUMBER: _builtins.int
+    SENT_UNIX_NS_FIELD_NUMBER: _builtins.int
+    QUEUE_DELAY_MS_FIELD_NUMBER: _builtins.int
+    FIRST_BYTE_MS_FIELD_NUMBER: _builtins.int
+    TTFT_MS_FIELD_NUMBER: _builtins.int
+    E2E_MS_FIELD_NUMBER: _builtins.int
+    DONE_MS_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    USAGE_REPORTED_FIELD_NUMBER: _builtins.int
+    WARMUP_FIELD_NUMBER: _builtins.int
+    ITL_COUNT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    stage_index: _builtins.int
+    """Index of the stage."""
+    agent_name: _builtins.str
+    """The agent that sent the request."""
+    sent_unix_ns: _builtins.int
+    """When it was sent, Unix time in nanoseconds (agent clock)."""
+    queue_delay_ms: _builtins.float
+    """sent - scheduled, ms."""
+    first_byte_ms: _builtins.float
+    """First response byte, ms after sent."""
+    ttft_ms: _builtins.float
+    """Time to first token, ms."""
+    e2e_ms: _builtins.float
+    """Last token, ms after sent (E2E latency)."""
+    done_ms: _builtins.float
+    """End of the response, ms after sent."""
+    prompt_tokens: _builtins.int
+    """Prompt tokens."""
+    output_tokens: _builtins.int
+    """Output tokens."""
+    status: _run_pb2.RequestStatus.ValueType
+    """Outcome."""
+    usage_reported: _builtins.bool
+    """Token counts came from the server's usage."""
+    warmup: _builtins.bool
+    """Warmup request (excluded from metrics)."""
+    itl_count: _builtins.int
+    """Number of inter-token gaps."""
+    error: _builtins.str
+    """Error description (empty when OK)."""
+    def __init__(
+        self,
+        *,
+        stage_index: _builtins.int = ...,
+        agent_name: _builtins.str = ...,
+        sent_unix_ns: _builtins.int = ...,
+        queue_delay_ms: _builtins.float = ...,
+        first_byte_ms: _builtins.float = ...,
+        ttft_ms: _builtins.float = ...,
+        e2e_ms: _builtins.float = ...,
+        done_ms: _builtins.float = ...,
+        prompt_tokens: _builtins.int = ...,
+        output_tokens: _builtins.int = ...,
+        status: _run_pb2.RequestStatus.ValueType = ...,
+        usage_reported: _builtins.bool = ...,
+        warmup: _builtins.bool = ...,
+        itl_count: _builtins.int = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_name", b"agent_name", "done_ms", b"done_ms", "e2e_ms", b"e2e_ms", "error", b"error", "first_byte_ms", b"first_byte_ms", "itl_count", b"itl_count", "output_tokens", b"output_tokens", "prompt_tokens", b"prompt_tokens", "queue_delay_ms", b"queue_delay_ms", "sent_unix_ns", b"sent_unix_ns", "stage_index", b"stage_index", "status", b"status", "ttft_ms", b"ttft_ms", "usage_reported", b"usage_reported", "warmup", b"warmup"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportedSample: _TypeAlias = ExportedSample  # noqa: Y015
+
+@_typing.final
+class ExportRunSamplesResponse(_message.Message):
+    """Response of ExportRunSamples: one page."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    SCHEMA_VERSION_FIELD_NUMBER: _builtins.int
+    schema_version: _builtins.int
+    """Schema version of ExportedSample (1)."""
+    @_builtins.property
+    def samples(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExportedSample]:
+        """The samples of this page, in storage order."""
+
+    def __init__(
+        self,
+        *,
+        samples: _abc.Iterable[Global___ExportedSample] | None = ...,
+        schema_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["samples", b"samples", "schema_version", b"schema_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportRunSamplesResponse: _TypeAlias = ExportRunSamplesResponse  # noqa: Y015
+
+@_typing.final
+class CompareRunsRequest(_message.Message):
+    """Request of CompareRuns."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BASELINE_RUN_ID_FIELD_NUMBER: _builtins.int
+    RUN_IDS_FIELD_NUMBER: _builtins.int
+    TOLERANCE_PERCENT_FIELD_NUMBER: _builtins.int
+    baseline_run_id: _builtins.str
+    """Required. The baseline run."""
+    tolerance_percent: _builtins.float
+    """Relative change counted as a regression, percent (default 10)."""
+    @_builtins.property
+    def run_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Required. Up to 10 runs to compare with the baseline."""
+
+    def __init__(
+        self,
+        *,
+        baseline_run_id: _builtins.str = ...,
+        run_ids: _abc.Iterable[_builtins.str] | None = ...,
+        tolerance_percent: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_run_id", b"baseline_run_id", "run_ids", b"run_ids", "tolerance_percent", b"tolerance_percent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompareRunsRequest: _TypeAlias = CompareRunsRequest  # noqa: Y015
+
+@_typing.final
+class MetricDelta(_message.Message):
+    """One metric of one stage, baseline vs another run."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    METRIC_FIELD_NUMBER: _builtins.int
+    BASELINE_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
+    DELTA_PERCENT_FIELD_NUMBER: _builtins.int
+    REGRESSED_FIELD_NUMBER: _builtins.int
+    metric: _builtins.str
+    """Metric name, e.g. `ttft_p99_ms`, `output_token_throughput`."""
+    baseline: _builtins.float
+    """Baseline value."""
+    value: _builtins.float
+    """Value in the compared run."""
+    delta: _builtins.float
+    """value - baseline."""
+    delta_percent: _builtins.float
+    """(value - baseline) / baseline, percent (0 when the baseline is 0)."""
+    regressed: _builtins.bool
+    """True when the change is worse than the tolerance (higher latency, lower throughput)."""
+    def __init__(
+        self,
+        *,
+        metric: _builtins.str = ...,
+        baseline: _builtins.float = ...,
+        value: _builtins.float = ...,
+        delta: _builtins.float = ...,
+        delta_percent: _builtins.float = ...,
+        regressed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "delta", b"delta", "delta_percent", b"delta_percent", "metric", b"metric", "regressed", b"regressed", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MetricDelta: _TypeAlias = MetricDelta  # noqa: Y015
+
+@_typing.final
+class StageComparison(_message.Message):
+    """Stage-by-stage comparison of one run with the baseline."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOAD_FIELD_NUMBER: _builtins.int
+    BASELINE_STAGE_INDEX_FIELD_NUMBER: _builtins.int
+    STAGE_INDEX_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    load: _builtins.str
+    """The stage's load, e.g. `concurrency=8`; stages are matched by load level."""
+    baseline_stage_index: _builtins.int
+    """Stage index in the baseline."""
+    stage_index: _builtins.int
+    """Stage index in the compared run."""
+    @_builtins.property
+    def metrics(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetricDelta]:
+        """Per-metric deltas."""
+
+    def __init__(
+        self,
+        *,
+        load: _builtins.str = ...,
+        baseline_stage_index: _builtins.int = ...,
+        stage_index: _builtins.int = ...,
+        metrics: _abc.Iterable[Global___MetricDelta] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_stage_index", b"baseline_stage_index", "load", b"load", "metrics", b"metrics", "stage_index", b"stage_index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StageComparison: _TypeAlias = StageComparison  # noqa: Y015
+
+@_typing.final
+class RunComparison(_message.Message):
+    """One run compared with the baseline."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    STAGES_FIELD_NUMBER: _builtins.int
+    REGRESSED_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """The compared run."""
+    regressed: _builtins.bool
+    """True when any metric of any stage regressed."""
+    @_builtins.property
+    def stages(self) -> _containers.RepeatedCompositeFieldContainer[Global___StageComparison]:
+        """Stages matched by load level."""
+
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        stages: _abc.Iterable[Global___StageComparison] | None = ...,
+        regressed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["regressed", b"regressed", "run_id", b"run_id", "stages", b"stages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunComparison: _TypeAlias = RunComparison  # noqa: Y015
+
+@_typing.final
+class CompareRunsResponse(_message.Message):
+    """Response of CompareRuns."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BASELINE_RUN_ID_FIELD_NUMBER: _builtins.int
+    COMPARISONS_FIELD_NUMBER: _builtins.int
+    baseline_run_id: _builtins.str
+    """The baseline run."""
+    @_builtins.property
+    def comparisons(self) -> _containers.RepeatedCompositeFieldContainer[Global___RunComparison]:
+        """One entry per compared run."""
+
+    def __init__(
+        self,
+        *,
+        baseline_run_id: _builtins.str = ...,
+        comparisons: _abc.Iterable[Global___RunComparison] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_run_id", b"baseline_run_id", "comparisons", b"comparisons"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompareRunsResponse: _TypeAlias = CompareRunsResponse  # noqa: Y015

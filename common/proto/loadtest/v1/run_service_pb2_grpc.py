@@ -75,6 +75,16 @@ class RunServiceStub:
                 request_serializer=loadtest_dot_v1_dot_run__service__pb2.ListAgentsRequest.SerializeToString,
                 response_deserializer=loadtest_dot_v1_dot_run__service__pb2.ListAgentsResponse.FromString,
                 _registered_method=True)
+        self.ExportRunSamples = channel.unary_stream(
+                '/loadtest.v1.RunService/ExportRunSamples',
+                request_serializer=loadtest_dot_v1_dot_run__service__pb2.ExportRunSamplesRequest.SerializeToString,
+                response_deserializer=loadtest_dot_v1_dot_run__service__pb2.ExportRunSamplesResponse.FromString,
+                _registered_method=True)
+        self.CompareRuns = channel.unary_unary(
+                '/loadtest.v1.RunService/CompareRuns',
+                request_serializer=loadtest_dot_v1_dot_run__service__pb2.CompareRunsRequest.SerializeToString,
+                response_deserializer=loadtest_dot_v1_dot_run__service__pb2.CompareRunsResponse.FromString,
+                _registered_method=True)
 
 
 class RunServiceServicer:
@@ -137,6 +147,20 @@ class RunServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportRunSamples(self, request, context):
+        """Streams every stored per-request sample of a run, in pages.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompareRuns(self, request, context):
+        """Compares runs with a baseline, stage by stage and metric by metric.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RunServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -179,6 +203,16 @@ def add_RunServiceServicer_to_server(servicer, server):
                     servicer.ListAgents,
                     request_deserializer=loadtest_dot_v1_dot_run__service__pb2.ListAgentsRequest.FromString,
                     response_serializer=loadtest_dot_v1_dot_run__service__pb2.ListAgentsResponse.SerializeToString,
+            ),
+            'ExportRunSamples': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportRunSamples,
+                    request_deserializer=loadtest_dot_v1_dot_run__service__pb2.ExportRunSamplesRequest.FromString,
+                    response_serializer=loadtest_dot_v1_dot_run__service__pb2.ExportRunSamplesResponse.SerializeToString,
+            ),
+            'CompareRuns': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompareRuns,
+                    request_deserializer=loadtest_dot_v1_dot_run__service__pb2.CompareRunsRequest.FromString,
+                    response_serializer=loadtest_dot_v1_dot_run__service__pb2.CompareRunsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -398,6 +432,60 @@ class RunService:
             '/loadtest.v1.RunService/ListAgents',
             loadtest_dot_v1_dot_run__service__pb2.ListAgentsRequest.SerializeToString,
             loadtest_dot_v1_dot_run__service__pb2.ListAgentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportRunSamples(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/loadtest.v1.RunService/ExportRunSamples',
+            loadtest_dot_v1_dot_run__service__pb2.ExportRunSamplesRequest.SerializeToString,
+            loadtest_dot_v1_dot_run__service__pb2.ExportRunSamplesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompareRuns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loadtest.v1.RunService/CompareRuns',
+            loadtest_dot_v1_dot_run__service__pb2.CompareRunsRequest.SerializeToString,
+            loadtest_dot_v1_dot_run__service__pb2.CompareRunsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,6 +49,10 @@ class RunServiceStub:
     """Returns the metrics of a run, computed from its stored samples."""
     ListAgents: _grpc.UnaryUnaryMultiCallable[_run_service_pb2.ListAgentsRequest, _run_service_pb2.ListAgentsResponse]
     """Lists the connected agents."""
+    ExportRunSamples: _grpc.UnaryStreamMultiCallable[_run_service_pb2.ExportRunSamplesRequest, _run_service_pb2.ExportRunSamplesResponse]
+    """Streams every stored per-request sample of a run, in pages."""
+    CompareRuns: _grpc.UnaryUnaryMultiCallable[_run_service_pb2.CompareRunsRequest, _run_service_pb2.CompareRunsResponse]
+    """Compares runs with a baseline, stage by stage and metric by metric."""
 
 @_typing.type_check_only
 class RunServiceAsyncStub(RunServiceStub):
@@ -71,6 +75,10 @@ class RunServiceAsyncStub(RunServiceStub):
     """Returns the metrics of a run, computed from its stored samples."""
     ListAgents: _aio.UnaryUnaryMultiCallable[_run_service_pb2.ListAgentsRequest, _run_service_pb2.ListAgentsResponse]  # type: ignore[assignment]
     """Lists the connected agents."""
+    ExportRunSamples: _aio.UnaryStreamMultiCallable[_run_service_pb2.ExportRunSamplesRequest, _run_service_pb2.ExportRunSamplesResponse]  # type: ignore[assignment]
+    """Streams every stored per-request sample of a run, in pages."""
+    CompareRuns: _aio.UnaryUnaryMultiCallable[_run_service_pb2.CompareRunsRequest, _run_service_pb2.CompareRunsResponse]  # type: ignore[assignment]
+    """Compares runs with a baseline, stage by stage and metric by metric."""
 
 class RunServiceServicer(metaclass=_abc_1.ABCMeta):
     """The user-facing API: create, inspect, watch and manage load test runs."""
@@ -138,5 +146,21 @@ class RunServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_run_service_pb2.ListAgentsResponse, _abc.Awaitable[_run_service_pb2.ListAgentsResponse]]:
         """Lists the connected agents."""
+
+    @_abc_1.abstractmethod
+    def ExportRunSamples(
+        self,
+        request: _run_service_pb2.ExportRunSamplesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_run_service_pb2.ExportRunSamplesResponse], _abc.AsyncIterator[_run_service_pb2.ExportRunSamplesResponse]]:
+        """Streams every stored per-request sample of a run, in pages."""
+
+    @_abc_1.abstractmethod
+    def CompareRuns(
+        self,
+        request: _run_service_pb2.CompareRunsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_run_service_pb2.CompareRunsResponse, _abc.Awaitable[_run_service_pb2.CompareRunsResponse]]:
+        """Compares runs with a baseline, stage by stage and metric by metric."""
 
 def add_RunServiceServicer_to_server(servicer: RunServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
