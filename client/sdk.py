@@ -92,6 +92,30 @@ class ControllerClient:
         )
         return list(response.agents)
 
+    async def export_samples(
+        self, run_id: str, page_size: int = 1000, include_warmup: bool = False
+    ) -> AsyncIterator[run_service_pb2.ExportedSample]:
+        """Every stored sample of a run (streamed in pages; no overall deadline)."""
+        call = self._stub.ExportRunSamples(
+            run_service_pb2.ExportRunSamplesRequest(run_id=run_id, page_size=page_size, include_warmup=include_warmup),
+            metadata=self._metadata,
+        )
+        async for page in call:
+            for sample in page.samples:
+                yield sample
+
+    async def compare_runs(
+        self, baseline_run_id: str, run_ids: list[str], tolerance_percent: float = 0.0
+    ) -> run_service_pb2.CompareRunsResponse:
+        response: run_service_pb2.CompareRunsResponse = await self._stub.CompareRuns(
+            run_service_pb2.CompareRunsRequest(
+                baseline_run_id=baseline_run_id, run_ids=run_ids, tolerance_percent=tolerance_percent
+            ),
+            metadata=self._metadata,
+            timeout=self.timeout_s,
+        )
+        return response
+
     async def watch(self, run_id: str) -> AsyncIterator[run_service_pb2.WatchRunResponse]:
         """Live updates until the run ends (no deadline: the server sends one a second)."""
         call = self._stub.WatchRun(run_service_pb2.WatchRunRequest(run_id=run_id), metadata=self._metadata)
