@@ -108,10 +108,8 @@ def parse_dataset(dataset: run_pb2.Dataset) -> list[run_pb2.DatasetEntry]:
         entries = _parse_jsonl(dataset.content)
     else:
         entries = _parse_sharegpt(dataset.content)
-    kept = [
-        e for e in entries
-        if _words(e) >= dataset.min_prompt_words and (not dataset.max_prompt_words or _words(e) <= dataset.max_prompt_words)
-    ]  # fmt: skip
+    low, high = dataset.min_prompt_words, dataset.max_prompt_words or 2**31
+    kept = [e for e in entries if low <= _words(e) <= high]
     if not kept:
         raise _bad(f"no usable entries ({len(entries)} parsed, none left after the length filter)")
     if len(kept) > MAX_ENTRIES:

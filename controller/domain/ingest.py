@@ -50,8 +50,12 @@ class MalformedBatch(ValueError):
 
 def to_ingest(target: IngestTarget, batch: agent_service_pb2.SampleBatch) -> repo.BatchIngest:
     """Check a batch's shape and turn it into a row set for the writer."""
-    columns = tuple(getattr(batch, name) for name in repo.SAMPLE_COLUMNS)
     n = len(batch.error)
+    # Agents older than the requested-length columns send none: store zeros ("unknown").
+    columns = tuple(
+        getattr(batch, name) if len(getattr(batch, name)) or not name.startswith("requested_") else [0] * n
+        for name in repo.SAMPLE_COLUMNS
+    )
     if any(len(c) != n for c in columns):
         raise MalformedBatch("sample columns differ in length")
     itl = np.asarray(batch.itl_ns, dtype=np.int64)

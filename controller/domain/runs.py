@@ -10,18 +10,19 @@ import asyncio
 import base64
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 
 import structlog
 from google.protobuf import json_format
 
-from common.metrics import StageMetrics, compute_stage_metrics
 from common.proto.loadtest.v1 import run_pb2
 from controller.domain.agents import AgentSession
+from controller.domain.compare import DEFAULT_TOLERANCE_PERCENT, RunComparison, compare_runs
 from controller.domain.coordinator import RunCoordinator
 from controller.domain.datasets import content_digest, entries_to_json, parse_dataset
 from controller.domain.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from controller.domain.live import LiveSnapshot, RunHub
+from controller.domain.results import RunOutcome, compute_run_result
 from controller.domain.spec import validate_and_default
 from controller.store import repository as repo
 from controller.store.database import Database
@@ -31,15 +32,9 @@ log = structlog.get_logger(__name__)
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 CANCEL_WAIT_S = 10.0
-
-
-@dataclass(frozen=True)
-class StageOutcome:
-    index: int
-    name: str
-    concurrency: int
-    request_rate: float
-    metrics: StageMetrics
+DEFAULT_EXPORT_PAGE = 1000
+MAX_EXPORT_PAGE = 10_000
+MAX_COMPARED = 10
 
 
 def state_name(state: int) -> str:
@@ -138,11 +133,35 @@ class Runs:
         log.info("run_deleted", run_id=run_id)
         self.hub.notify(run_id)
 
-    async def result(self, run_id: str) -> tuple[repo.RunRecord, list[StageOutcome]]:
+    async def result(self, run_id: str) -> tuple[repo.RunRecord, RunOutcome]:
         record = await self.get(run_id)
-        spec = parse_spec(record)
-        stages = await self._db.read(_stage_results, record.pk, spec)
-        return record, stages
+        outcome = await self._db.read(compute_run_result, record.pk, parse_spec(record), record.state)
+        return record, outcome
+
+    async def export(
+        self, run_id: str, page_size: int, include_warmup: bool
+    ) -> AsyncIterator[list[tuple[object, ...]]]:
+        """Pages of stored samples in storage order (rowid keyset, so pages never overlap)."""
+        record = await self.get(run_id)
+        size = min(page_size or DEFAULT_EXPORT_PAGE, MAX_EXPORT_PAGE)
+        after = 0
+        while True:
+            rows = await self._db.read(repo.export_page, record.pk, after, size, include_warmup)
+            if not rows:
+                return
+            yield rows
+            after = int(rows[-1][0])  # type: ignore[call-overload]
+
+    async def compare(
+        self, baseline_id: str, run_ids: list[str], tolerance_percent: float
+    ) -> tuple[str, list[RunComparison]]:
+        if not run_ids or len(run_ids) > MAX_COMPARED:
+            raise InvalidArgument([FieldViolation("run_ids", f"give 1 to {MAX_COMPARED} runs to compare")])
+        if not 0 <= tolerance_percent <= 1000:  # also rejects NaN
+            raise InvalidArgument([FieldViolation("tolerance_percent", "must be between 0 and 1000")])
+        _, base = await self.result(baseline_id)
+        others = [(run_id, (await self.result(run_id))[1]) for run_id in run_ids]
+        return baseline_id, compare_runs(base, others, tolerance_percent or DEFAULT_TOLERANCE_PERCENT)
 
     async def events(self, record: repo.RunRecord, after_pk: int) -> list[repo.EventRecord]:
         return await self._db.read(repo.list_events, record.pk, after_pk)
@@ -153,15 +172,6 @@ class Runs:
 
     def agents(self) -> list[AgentSession]:
         return list(self._coordinator.registry.all())
-
-
-def _stage_results(run_pk: int, spec: run_pb2.RunSpec) -> list[StageOutcome]:
-    out = []
-    for idx in repo.stage_indexes_with_samples(run_pk):
-        stage = spec.stages[idx] if idx < len(spec.stages) else run_pb2.Stage()
-        metrics = compute_stage_metrics(repo.load_stage_columns(run_pk, idx))
-        out.append(StageOutcome(idx, stage.name, stage.concurrency, stage.request_rate, metrics))
-    return out
 
 
 def _encode_token(cursor: tuple[int, int]) -> str:

@@ -12,9 +12,11 @@ import re
 from urllib.parse import urlsplit
 
 from common.proto.loadtest.v1 import run_pb2
+from controller.domain.checks import CheckSyntaxError, parse_check
 from controller.domain.errors import FieldViolation, InvalidArgument
 
 MAX_STAGES = 100
+MAX_CHECKS = 50
 MAX_CONCURRENCY = 100_000
 MAX_RATE = 1_000_000.0
 MAX_AGENTS = 1_000
@@ -53,6 +55,18 @@ def validate_and_default(spec: run_pb2.RunSpec, rng: random.Random | None = None
         _check_stage(stage, f"spec.stages[{i}]", v)
 
     _check_workload(out.workload, v)
+
+    if len(out.checks) > MAX_CHECKS:
+        v.append(FieldViolation("spec.checks", f"at most {MAX_CHECKS} checks"))
+    for i, check in enumerate(out.checks):
+        try:
+            parse_check(check.expression, check.abort_on_fail)
+        except CheckSyntaxError as exc:
+            v.append(FieldViolation(f"spec.checks[{i}].expression", str(exc)))
+    for name in ("ttft", "tpot", "e2e"):
+        d = getattr(out.slo, name)
+        if out.slo.HasField(name) and not (d.seconds > 0 or (d.seconds == 0 and d.nanos > 0)):
+            v.append(FieldViolation(f"spec.slo.{name}", "must be positive"))
 
     if out.placement.agents > MAX_AGENTS:
         v.append(FieldViolation("spec.placement.agents", f"at most {MAX_AGENTS}"))

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from google.protobuf import json_format, timestamp_pb2
 
-from common.metrics import LatencySummary
+from common.metrics import LatencySummary, StageMetrics
 from common.proto.loadtest.v1 import run_pb2, run_service_pb2
 from controller.domain.agents import AgentSession
+from controller.domain.compare import RunComparison
 from controller.domain.live import LiveSnapshot
-from controller.domain.runs import StageOutcome
+from controller.domain.results import CheckOutcome, RunOutcome, StageOutcome
 from controller.store.repository import EventRecord, RunRecord
 
 
@@ -49,13 +50,8 @@ def latency_message(s: LatencySummary) -> run_pb2.LatencyStats:
     )  # fmt: skip
 
 
-def stage_message(s: StageOutcome) -> run_pb2.StageResult:
-    m = s.metrics
-    return run_pb2.StageResult(
-        index=s.index,
-        name=s.name,
-        concurrency=s.concurrency,
-        request_rate=s.request_rate,
+def _stage_fields(m: StageMetrics) -> run_pb2.StageResult:
+    out = run_pb2.StageResult(
         requests_ok=m.requests_ok,
         requests_failed=m.requests_failed,
         errors=m.errors,
@@ -74,14 +70,53 @@ def stage_message(s: StageOutcome) -> run_pb2.StageResult:
         e2e=latency_message(m.e2e),
         queue_delay=latency_message(m.queue_delay),
         e2e_including_queue=latency_message(m.e2e_including_queue),
-    )
+        time_series=[
+            run_pb2.TimeBucket(
+                second=b.second, completed=b.completed, errors=b.errors, output_tokens=b.output_tokens,
+                ttft_p50_ms=b.ttft_p50_ms, ttft_p99_ms=b.ttft_p99_ms,
+            )
+            for b in m.time_series
+        ],
+    )  # fmt: skip
+    if m.goodput is not None:
+        out.goodput = m.goodput
+    if m.good_fraction is not None:
+        out.good_fraction = m.good_fraction
+    return out
 
 
-def result_message(record: RunRecord, stages: list[StageOutcome]) -> run_pb2.RunResult:
+def check_message(c: CheckOutcome) -> run_pb2.CheckResult:
+    return run_pb2.CheckResult(
+        expression=c.expression, stage_index=c.stage_index, passed=c.passed,
+        measured=c.measured, threshold=c.threshold, message=c.message,
+    )  # fmt: skip
+
+
+def stage_message(s: StageOutcome) -> run_pb2.StageResult:
+    out = _stage_fields(s.metrics)
+    out.index, out.name, out.concurrency, out.request_rate = s.index, s.name, s.concurrency, s.request_rate
+    out.saturated, out.saturation_reason = s.saturated, s.saturation_reason
+    out.max_event_loop_lag_ms = s.max_loop_lag_ms
+    out.mean_requested_input_tokens = s.mean_requested_input_tokens
+    out.mean_input_tokens = s.mean_input_tokens
+    out.mean_requested_output_tokens = s.mean_requested_output_tokens
+    out.mean_output_tokens = s.mean_output_tokens
+    for name, m in s.agents:
+        row = _stage_fields(m)
+        row.index, row.name, row.agent_name = s.index, s.name, name
+        del row.time_series[:]
+        out.agents.append(row)
+    out.checks.extend(check_message(c) for c in s.checks)
+    return out
+
+
+def result_message(record: RunRecord, outcome: RunOutcome) -> run_pb2.RunResult:
     return run_pb2.RunResult(
         run_id=record.run_id,
         state=record.state,  # type: ignore[arg-type]
-        stages=[stage_message(s) for s in stages],
+        stages=[stage_message(s) for s in outcome.stages],
+        verdict=outcome.verdict,  # type: ignore[arg-type]
+        checks=[check_message(c) for c in outcome.checks],
     )
 
 
@@ -119,3 +154,52 @@ def agent_message(s: AgentSession) -> run_pb2.Agent:
         run_id=s.run_id,
         assignment_id=s.assignment_id,
     )
+
+
+EXPORT_SCHEMA_VERSION = 1
+_USAGE_FLAG, _WARMUP_FLAG = 1, 2
+
+
+def exported_sample(row: tuple[object, ...]) -> run_service_pb2.ExportedSample:
+    """A row of repository.export_page as the versioned export message."""
+    (_, stage, agent, sent, queue, first_byte, first_token, last_token, done, prompt, output, status, flags,
+     itl_count, error) = row  # fmt: skip
+    flags_i = int(flags)  # type: ignore[call-overload]
+
+    def ms(ns: object) -> float:
+        return int(ns) / 1e6  # type: ignore[call-overload, no-any-return]
+
+    return run_service_pb2.ExportedSample(
+        stage_index=int(stage), agent_name=str(agent), sent_unix_ns=int(sent),  # type: ignore[call-overload]
+        queue_delay_ms=ms(queue), first_byte_ms=ms(first_byte), ttft_ms=ms(first_token),
+        e2e_ms=ms(last_token or done), done_ms=ms(done), prompt_tokens=int(prompt),  # type: ignore[call-overload]
+        output_tokens=int(output), status=int(status),  # type: ignore[call-overload]
+        usage_reported=bool(flags_i & _USAGE_FLAG), warmup=bool(flags_i & _WARMUP_FLAG),
+        itl_count=int(itl_count), error=str(error),  # type: ignore[call-overload]
+    )  # fmt: skip
+
+
+def compare_message(baseline: str, comparisons: list[RunComparison]) -> run_service_pb2.CompareRunsResponse:
+    return run_service_pb2.CompareRunsResponse(
+        baseline_run_id=baseline,
+        comparisons=[
+            run_service_pb2.RunComparison(
+                run_id=c.run_id,
+                regressed=c.regressed,
+                stages=[
+                    run_service_pb2.StageComparison(
+                        load=s.load, baseline_stage_index=s.baseline_stage_index, stage_index=s.stage_index,
+                        metrics=[
+                            run_service_pb2.MetricDelta(
+                                metric=m.metric, baseline=m.baseline, value=m.value, delta=m.delta,
+                                delta_percent=m.delta_percent, regressed=m.regressed,
+                            )
+                            for m in s.metrics
+                        ],
+                    )
+                    for s in c.stages
+                ],
+            )
+            for c in comparisons
+        ],
+    )  # fmt: skip

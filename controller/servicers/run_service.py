@@ -64,8 +64,8 @@ class RunServiceServicer(run_service_pb2_grpc.RunServiceServicer):
     async def GetRunResult(
         self, request: run_service_pb2.GetRunResultRequest, context: grpc.aio.ServicerContext
     ) -> run_service_pb2.GetRunResultResponse:
-        record, stages = await self._runs.result(request.run_id)
-        return run_service_pb2.GetRunResultResponse(result=convert.result_message(record, stages))
+        record, outcome = await self._runs.result(request.run_id)
+        return run_service_pb2.GetRunResultResponse(result=convert.result_message(record, outcome))
 
     @stream_errors
     async def WatchRun(
@@ -81,9 +81,9 @@ class RunServiceServicer(run_service_pb2_grpc.RunServiceServicer):
                 run=convert.run_message(record), events=[convert.event_message(e) for e in events]
             )
             if record.is_final:
-                record, stages = await self._runs.result(request.run_id)
+                record, outcome = await self._runs.result(request.run_id)
                 message.run.CopyFrom(convert.run_message(record))
-                message.result.CopyFrom(convert.result_message(record, stages))
+                message.result.CopyFrom(convert.result_message(record, outcome))
                 yield message
                 return
             live = self._runs.live(request.run_id)
@@ -96,6 +96,24 @@ class RunServiceServicer(run_service_pb2_grpc.RunServiceServicer):
             if gap > 0:
                 await asyncio.sleep(gap)
             record = await self._runs.get(request.run_id)
+
+    @stream_errors
+    async def ExportRunSamples(
+        self, request: run_service_pb2.ExportRunSamplesRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[run_service_pb2.ExportRunSamplesResponse]:
+        async for rows in self._runs.export(request.run_id, request.page_size, request.include_warmup):
+            yield run_service_pb2.ExportRunSamplesResponse(
+                samples=[convert.exported_sample(row) for row in rows], schema_version=convert.EXPORT_SCHEMA_VERSION
+            )
+
+    @unary_errors
+    async def CompareRuns(
+        self, request: run_service_pb2.CompareRunsRequest, context: grpc.aio.ServicerContext
+    ) -> run_service_pb2.CompareRunsResponse:
+        baseline, comparisons = await self._runs.compare(
+            request.baseline_run_id, list(request.run_ids), request.tolerance_percent
+        )
+        return convert.compare_message(baseline, comparisons)
 
     @unary_errors
     async def ListAgents(

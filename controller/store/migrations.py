@@ -138,6 +138,16 @@ MIGRATIONS: Sequence[tuple[int, str, str]] = (
         );
         """,
     ),
+    (
+        3,
+        "requested lengths per sample, load-generator health per assignment",
+        """
+        ALTER TABLE samples ADD COLUMN requested_input_tokens INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE samples ADD COLUMN requested_output_tokens INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE assignments ADD COLUMN max_loop_lag_ms REAL NOT NULL DEFAULT 0;
+        ALTER TABLE assignments ADD COLUMN max_cpu_percent REAL NOT NULL DEFAULT 0;
+        """,
+    ),
 )
 
 

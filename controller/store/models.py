@@ -10,6 +10,7 @@ from peewee import (
     BlobField,
     CharField,
     DatabaseProxy,
+    FloatField,
     ForeignKeyField,
     IntegerField,
     Model,
@@ -92,6 +93,8 @@ class AssignmentRow(BaseModel):
     requests_sent = IntegerField(default=0)
     created_at = IntegerField()
     ended_at = IntegerField(null=True)
+    max_loop_lag_ms = FloatField(default=0.0)
+    max_cpu_percent = FloatField(default=0.0)
 
     class Meta:
         table_name = "assignments"

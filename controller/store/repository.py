@@ -95,6 +95,8 @@ SAMPLE_COLUMNS = (
     "status",
     "flags",
     "itl_count",
+    "requested_input_tokens",
+    "requested_output_tokens",
 )
 _INSERT_SAMPLE = (
     "INSERT INTO samples (run_pk, stage_idx, batch_pk, "
@@ -375,25 +377,49 @@ def ingest_batches(batches: Sequence[BatchIngest]) -> list[IngestOutcome]:
 
 
 _COLUMN_SQL = (
-    "SELECT sent_unix_ns, queue_delay_ns, first_token_ns, last_token_ns, done_ns, prompt_tokens,"
-    " output_tokens, status, flags, itl_count FROM samples WHERE run_pk = ? AND stage_idx = ?"
-    " ORDER BY rowid"
+    "SELECT s.sent_unix_ns, s.queue_delay_ns, s.first_token_ns, s.last_token_ns, s.done_ns, s.prompt_tokens,"
+    " s.output_tokens, s.status, s.flags, s.itl_count, s.requested_input_tokens, s.requested_output_tokens,"
+    " b.assignment_pk FROM samples s JOIN sample_batches b ON b.pk = s.batch_pk"
+    " WHERE s.run_pk = ? AND s.stage_idx = ? ORDER BY s.rowid"
 )
 
 
-def load_stage_columns(run_pk: int, stage_idx: int) -> SampleColumns:
+@dataclass(frozen=True)
+class StageSamples:
+    """The stored samples of one stage, with who sent them."""
+
+    columns: SampleColumns
+    agent: np.ndarray  # per sample: index into `agent_names`
+    agent_names: list[str]
+    requested_input_tokens: np.ndarray
+    requested_output_tokens: np.ndarray
+    max_loop_lag_ms: float
+    max_cpu_percent: float
+
+
+def load_stage_samples(run_pk: int, stage_idx: int) -> StageSamples:
     """Every stored sample of one stage as numpy columns (inter-token gaps included)."""
     conn = database_proxy.connection()
     rows = conn.execute(_COLUMN_SQL, (run_pk, stage_idx)).fetchall()
     blobs = conn.execute(
-        "SELECT itl_ns FROM sample_batches WHERE run_pk = ? AND stage_idx = ? ORDER BY pk",
+        "SELECT itl_ns FROM sample_batches WHERE run_pk = ? AND stage_idx = ? ORDER BY pk", (run_pk, stage_idx)
+    ).fetchall()
+    assignments = conn.execute(
+        "SELECT pk, agent_name, max_loop_lag_ms, max_cpu_percent FROM assignments"
+        " WHERE run_pk = ? AND stage_idx = ? ORDER BY pk",
         (run_pk, stage_idx),
     ).fetchall()
+    names = sorted({a[1] for a in assignments})
+    lag = max((float(a[2]) for a in assignments), default=0.0)
+    cpu = max((float(a[3]) for a in assignments), default=0.0)
     if not rows:
-        return SampleColumns.empty()
+        empty = np.zeros(0, dtype=np.int64)
+        return StageSamples(SampleColumns.empty(), empty, names, empty, empty, lag, cpu)
     data = np.array(rows, dtype=np.int64)
     itl = np.frombuffer(b"".join(b[0] for b in blobs), dtype="<i8").astype(np.int64)
-    return SampleColumns(
+    name_of = {int(a[0]): names.index(a[1]) for a in assignments}
+    agent = np.array([name_of[int(pk)] for pk in data[:, 12]], dtype=np.int64)
+    columns = SampleColumns(
         sent_unix_ns=data[:, 0],
         queue_delay_ns=data[:, 1],
         first_token_ns=data[:, 2],
@@ -406,6 +432,31 @@ def load_stage_columns(run_pk: int, stage_idx: int) -> SampleColumns:
         itl_count=data[:, 9],
         itl_ns=itl,
     )
+    return StageSamples(columns, agent, names, data[:, 10], data[:, 11], lag, cpu)
+
+
+def load_stage_columns(run_pk: int, stage_idx: int) -> SampleColumns:
+    return load_stage_samples(run_pk, stage_idx).columns
+
+
+_EXPORT_SQL = (
+    "SELECT s.rowid, s.stage_idx, a.agent_name, s.sent_unix_ns, s.queue_delay_ns, s.first_byte_ns,"
+    " s.first_token_ns, s.last_token_ns, s.done_ns, s.prompt_tokens, s.output_tokens, s.status, s.flags,"
+    " s.itl_count, s.error FROM samples s JOIN sample_batches b ON b.pk = s.batch_pk"
+    " JOIN assignments a ON a.pk = b.assignment_pk WHERE s.run_pk = ? AND s.rowid > ?"
+)
+
+
+def export_page(run_pk: int, after_rowid: int, limit: int, include_warmup: bool) -> list[tuple[object, ...]]:
+    """One page of samples in storage order (the first column is the rowid cursor)."""
+    sql = _EXPORT_SQL + ("" if include_warmup else f" AND (s.flags & {WARMUP_FLAG}) = 0") + " ORDER BY s.rowid LIMIT ?"
+    return list(database_proxy.connection().execute(sql, (run_pk, after_rowid, limit)).fetchall())
+
+
+def record_assignment_health(assignment_pk: int, max_loop_lag_ms: float, max_cpu_percent: float) -> None:
+    AssignmentRow.update(max_loop_lag_ms=max_loop_lag_ms, max_cpu_percent=max_cpu_percent).where(
+        AssignmentRow.pk == assignment_pk
+    ).execute()
 
 
 def stage_indexes_with_samples(run_pk: int) -> list[int]:

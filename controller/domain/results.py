@@ -1,0 +1,133 @@
+"""Run results computed from the stored samples: per stage, per agent, SLO goodput, checks
+and the run's verdict, and whether the load generator itself was saturated.
+
+Runs on a read-pool thread (pure numpy over one SQLite read per stage).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from common.metrics import Slo, StageMetrics, compute_stage_metrics
+from common.proto.loadtest.v1 import run_pb2
+from controller.domain.checks import parse_check
+from controller.store import repository as repo
+
+# A load generator whose event loop ran this late, or whose open-loop requests went out this
+# late (p99 of sent - scheduled, no concurrency cap), measured itself as much as the target.
+SATURATION_LOOP_LAG_MS = 50.0
+SATURATION_SEND_LAG_P99_MS = 50.0
+SATURATION_CPU_PERCENT = 95.0
+
+
+@dataclass(frozen=True)
+class CheckOutcome:
+    expression: str
+    stage_index: int
+    passed: bool
+    measured: float
+    threshold: float
+    message: str
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    index: int
+    name: str
+    concurrency: int
+    request_rate: float
+    metrics: StageMetrics
+    agents: list[tuple[str, StageMetrics]]
+    checks: list[CheckOutcome]
+    saturated: bool = False
+    saturation_reason: str = ""
+    max_loop_lag_ms: float = 0.0
+    mean_requested_input_tokens: float = 0.0
+    mean_input_tokens: float = 0.0
+    mean_requested_output_tokens: float = 0.0
+    mean_output_tokens: float = 0.0
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    stages: list[StageOutcome]
+    checks: list[CheckOutcome]
+    verdict: int
+
+
+def slo_of(spec: run_pb2.RunSpec) -> Slo | None:
+    if not spec.HasField("slo"):
+        return None
+    s = spec.slo
+
+    def ms(d: object, present: bool) -> float | None:
+        return d.ToNanoseconds() / 1e6 if present else None  # type: ignore[attr-defined]
+
+    slo = Slo(
+        ttft_ms=ms(s.ttft, s.HasField("ttft")),
+        tpot_ms=ms(s.tpot, s.HasField("tpot")),
+        e2e_ms=ms(s.e2e, s.HasField("e2e")),
+    )
+    return slo if any(v is not None for v in (slo.ttft_ms, slo.tpot_ms, slo.e2e_ms)) else None
+
+
+def _mean_known(values: np.ndarray) -> float:
+    known = values[values > 0]
+    return float(known.mean()) if known.size else 0.0
+
+
+def _saturation(stage: run_pb2.Stage, m: StageMetrics, lag_ms: float, cpu: float) -> tuple[bool, str]:
+    reasons = []
+    if lag_ms > SATURATION_LOOP_LAG_MS:
+        reasons.append(f"agent event-loop lag reached {lag_ms:.0f} ms (> {SATURATION_LOOP_LAG_MS:g} ms)")
+    if cpu > SATURATION_CPU_PERCENT:
+        reasons.append(f"agent CPU reached {cpu:.0f}% of a core (> {SATURATION_CPU_PERCENT:g}%)")
+    open_uncapped = stage.WhichOneof("load") == "request_rate" and not stage.max_concurrency
+    if open_uncapped and m.queue_delay.p99 > SATURATION_SEND_LAG_P99_MS:
+        reasons.append(
+            f"p99 send lag {m.queue_delay.p99:.0f} ms (> {SATURATION_SEND_LAG_P99_MS:g} ms) with no concurrency cap"
+        )
+    return bool(reasons), "; ".join(reasons)
+
+
+def compute_run_result(run_pk: int, spec: run_pb2.RunSpec, state: int) -> RunOutcome:
+    slo = slo_of(spec)
+    checks = [parse_check(c.expression, c.abort_on_fail) for c in spec.checks]
+    stages: list[StageOutcome] = []
+    for idx in repo.stage_indexes_with_samples(run_pk):
+        stage = spec.stages[idx] if idx < len(spec.stages) else run_pb2.Stage()
+        data = repo.load_stage_samples(run_pk, idx)
+        cols = data.columns
+        metrics = compute_stage_metrics(cols, slo)
+        agents = []
+        if len(data.agent_names) > 1:
+            agents = [(name, compute_stage_metrics(cols.select(data.agent == i), slo))
+                      for i, name in enumerate(data.agent_names)]  # fmt: skip
+        outcomes = []
+        for check in checks:
+            passed, measured, message = check.evaluate(metrics)
+            outcomes.append(CheckOutcome(check.expression, idx, passed, measured, check.threshold, message))
+        saturated, why = _saturation(stage, metrics, data.max_loop_lag_ms, data.max_cpu_percent)
+        counted = (cols.flags & repo.WARMUP_FLAG) == 0
+        ok = counted & (cols.status == repo.OK_STATUS)
+        stages.append(
+            StageOutcome(
+                index=idx, name=stage.name, concurrency=stage.concurrency, request_rate=stage.request_rate,
+                metrics=metrics, agents=agents, checks=outcomes, saturated=saturated, saturation_reason=why,
+                max_loop_lag_ms=data.max_loop_lag_ms,
+                mean_requested_input_tokens=_mean_known(data.requested_input_tokens[counted]),
+                mean_input_tokens=_mean_known(cols.prompt_tokens[ok]),
+                mean_requested_output_tokens=_mean_known(data.requested_output_tokens[counted]),
+                mean_output_tokens=float(cols.output_tokens[ok].mean()) if ok.any() else 0.0,
+            )
+        )  # fmt: skip
+    all_checks = [c for s in stages for c in s.checks]
+    if not checks:
+        verdict = run_pb2.VERDICT_NONE
+    elif all(c.passed for c in all_checks) and all_checks and state == repo.SUCCEEDED:
+        verdict = run_pb2.VERDICT_PASS
+    else:
+        verdict = run_pb2.VERDICT_FAIL
+    return RunOutcome(stages, all_checks, verdict)
