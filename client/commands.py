@@ -101,7 +101,14 @@ def print_result(args: argparse.Namespace, run: run_pb2.Run, result: run_pb2.Run
         render.console().print(render.result_table(result))
         print(f"run id: {run.id}  state: {render.state_name(run.state)}"
               + (f"  reason: {run.state_reason}" if run.state_reason else ""))  # fmt: skip
-    return 0 if run.state == run_pb2.RUN_STATE_SUCCEEDED else 1
+    out = sys.stderr if args.json else sys.stdout
+    for check in result.checks:
+        mark = "PASS" if check.passed else "FAIL"
+        print(f"check {mark} stage {check.stage_index}: {check.expression} — {check.message}", file=out)
+    if result.verdict in (run_pb2.VERDICT_PASS, run_pb2.VERDICT_FAIL):
+        print(f"verdict: {run_pb2.Verdict.Name(result.verdict).removeprefix('VERDICT_')}", file=out)
+    ok = run.state == run_pb2.RUN_STATE_SUCCEEDED and result.verdict != run_pb2.VERDICT_FAIL
+    return 0 if ok else 1
 
 
 def add_runs_arguments(parser: argparse.ArgumentParser) -> None:

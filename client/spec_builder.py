@@ -89,6 +89,18 @@ def warmup(text: str) -> tuple[float, int]:
     return duration(text), 0
 
 
+def slo(text: str) -> dict[str, float]:
+    """`ttft=500ms,tpot=50ms,e2e=10s` as seconds per metric."""
+    out: dict[str, float] = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        name = name.strip().lower()
+        if not sep or name not in ("ttft", "tpot", "e2e"):
+            raise argparse.ArgumentTypeError(f"expected ttft=, tpot= or e2e= with a duration; got {part!r}")
+        out[name] = duration(value)
+    return out
+
+
 def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     target = parser.add_argument_group("target")
     target.add_argument("--target", required=True, help="base URL of the OpenAI API, e.g. http://h:8000/v1")
@@ -139,6 +151,16 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     work.add_argument("--ignore-eos", action="store_true", help="send ignore_eos so outputs have exactly max_tokens")
     work.add_argument("--min-tokens", action="store_true", help="send min_tokens = max_tokens (vLLM)")
     work.add_argument("--seed", type=int, default=0, help="seed of every random choice (0: random, shown in the spec)")
+    verdict = parser.add_argument_group("SLOs and checks (the run's verdict and exit code)")
+    verdict.add_argument("--slo", type=slo, default=None, help="goodput objectives, e.g. ttft=500ms,tpot=50ms,e2e=10s")
+    verdict.add_argument(
+        "--check", action="append", default=[], metavar="EXPR",
+        help="pass/fail per stage, e.g. 'p99(ttft) < 500ms', 'error_rate < 1%%' (repeatable)",
+    )  # fmt: skip
+    verdict.add_argument(
+        "--abort-on-fail", action="append", default=[], metavar="EXPR",
+        help="a check that stops the run (FAILED) as soon as it is lost over the last 10 s",
+    )  # fmt: skip
     parser.add_argument("--name", default="", help="display name of the run")
 
 
@@ -228,6 +250,10 @@ def build_spec(args: argparse.Namespace) -> run_pb2.RunSpec:
         w.synthetic.shared_prefix_tokens = args.shared_prefix
     spec.placement.agents = args.agents
     spec.stages.extend(_stages(args))
+    for name, seconds in (args.slo or {}).items():
+        _set_duration(getattr(spec.slo, name), seconds)
+    spec.checks.extend(run_pb2.Check(expression=e) for e in args.check)
+    spec.checks.extend(run_pb2.Check(expression=e, abort_on_fail=True) for e in args.abort_on_fail)
     return spec
 
 

@@ -19,15 +19,15 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import structlog
 from google.protobuf import json_format
 
 from common.proto.loadtest.v1 import agent_service_pb2, run_pb2
-from controller.domain.agents import AgentRegistry, AgentSession
+from controller.domain.agents import AgentHealthReport, AgentRegistry, AgentSession
+from controller.domain.checks import parse_check
 from controller.domain.datasets import entries_from_json
-from controller.domain.ingest import IngestTarget
-from controller.domain.live import LiveWindow, RunHub
+from controller.domain.ingest import IngestTarget, columns_of
+from controller.domain.live import WINDOW_S, LiveWindow, RunHub
 from controller.store import repository as repo
 from controller.store.database import Database
 
@@ -35,6 +35,7 @@ log = structlog.get_logger(__name__)
 
 ASSIGNMENT_LOST = -1  # in-memory final state of an assignment whose agent never came back
 CANCEL_GRACE_S = 20.0
+ABORT_CHECK_EVERY_S = 1.0
 STAGE_SLACK_S = 30.0
 
 
@@ -106,6 +107,8 @@ class ActiveAssignment:
     requests_sent: int = 0
     done: asyncio.Event = field(default_factory=asyncio.Event)
     lost_timer: asyncio.Task[None] | None = None
+    max_loop_lag_ms: float = 0.0
+    max_cpu_percent: float = 0.0
 
 
 @dataclass(eq=False)
@@ -119,6 +122,7 @@ class RunExecution:
     cancel_reason: str = ""
     task: asyncio.Task[None] | None = None
     dataset: list[run_pb2.DatasetEntry] = field(default_factory=list)
+    abort_reason: str = ""
 
     @property
     def run_id(self) -> str:
@@ -259,7 +263,9 @@ class RunCoordinator:
                 if not ok:
                     state, reason = repo.FAILED, why
                     break
-            if ex.cancelled.is_set() and state == repo.SUCCEEDED:
+            if ex.abort_reason:
+                state, reason = repo.FAILED, ex.abort_reason
+            elif ex.cancelled.is_set() and state == repo.SUCCEEDED:
                 state, reason = repo.CANCELLED, ex.cancel_reason
             elif state == repo.SUCCEEDED:
                 n_ok, n_failed, error = await self._db.read(repo.failure_summary, run.pk)
@@ -347,8 +353,24 @@ class RunCoordinator:
             asyncio.gather(*(a.done.wait() for a in active))
         )
         cancelled: asyncio.Future[Any] = asyncio.ensure_future(ex.cancelled.wait())
+        abort_checks = [parse_check(c.expression, True) for c in ex.spec.checks if c.abort_on_fail]
+        stage_deadline = None if deadline is None else time.monotonic() + deadline
         try:
-            await asyncio.wait([all_done, cancelled], timeout=deadline, return_when=asyncio.FIRST_COMPLETED)
+            while not (all_done.done() or cancelled.done()):
+                left = None if stage_deadline is None else stage_deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                step = min(ABORT_CHECK_EVERY_S, left) if abort_checks and left is not None else (
+                    ABORT_CHECK_EVERY_S if abort_checks else left
+                )  # fmt: skip
+                await asyncio.wait([all_done, cancelled], timeout=step, return_when=asyncio.FIRST_COMPLETED)
+                failure = ex.live.failed_check(abort_checks) if abort_checks else None
+                if failure and not ex.cancelled.is_set():
+                    ex.abort_reason = f"aborted in stage {idx}: check failed over the last {WINDOW_S:g} s: {failure}"
+                    log.warning("run_aborted", run_id=ex.run_id, reason=ex.abort_reason)
+                    await self.add_event(ex.run_id, run.pk, "check_failed", ex.abort_reason)
+                    ex.cancel_reason = ex.abort_reason
+                    ex.cancelled.set()
             if not all_done.done():
                 why = ex.cancel_reason if ex.cancelled.is_set() else "stage overran its deadline"
                 for a in active:
@@ -374,6 +396,7 @@ class RunCoordinator:
             await self._db.write(repo.set_stage_time, run.pk, idx, ended_at=time.time_ns())
 
         for a in active:
+            await self._db.write(repo.record_assignment_health, a.pk, a.max_loop_lag_ms, a.max_cpu_percent)
             if a.final_state in (ASSIGNMENT_LOST, agent_service_pb2.ASSIGNMENT_STATE_FAILED):
                 await self._db.write(repo.update_assignment, a.pk, state=a.final_state, message=a.message,
                                      ended_at=time.time_ns())  # fmt: skip
@@ -473,6 +496,14 @@ class RunCoordinator:
                 )
             )
 
+    def heartbeat(self, session: AgentSession, health: AgentHealthReport) -> None:
+        """Record an agent's health; the worst figures of an assignment go into its result."""
+        self.registry.heartbeat(session, health)
+        a = self.assignments.get(session.assignment_id) if session.assignment_id else None
+        if a is not None:
+            a.max_loop_lag_ms = max(a.max_loop_lag_ms, health.event_loop_lag_ms)
+            a.max_cpu_percent = max(a.max_cpu_percent, health.cpu_percent)
+
     def _check_done(self, a: ActiveAssignment) -> None:
         if a.final_state and a.batch_count is not None and self.acks.through(a.assignment_id) >= a.batch_count:
             a.done.set()
@@ -490,7 +521,7 @@ class RunCoordinator:
 
     def batch_committed(
         self, session: AgentSession, target: IngestTarget, assignment_id: str, batch_seq: int,
-        outcome: repo.IngestOutcome, ttft_ms: np.ndarray,
+        outcome: repo.IngestOutcome, stored: repo.BatchIngest,
     ) -> None:  # fmt: skip
         through = self.acks.commit(assignment_id, batch_seq)
         session.send(
@@ -501,7 +532,7 @@ class RunCoordinator:
         a = self.assignments.get(assignment_id)
         if a is not None:
             if outcome.new:
-                a.execution.live.add(outcome.ok, outcome.failed, outcome.output_tokens, ttft_ms)
+                a.execution.live.add(outcome.ok, outcome.failed, outcome.output_tokens, columns_of(stored))
             self._check_done(a)
         self._hub.notify(target.run_id)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import structlog
 
+from common.metrics import SampleColumns
 from common.proto.loadtest.v1 import agent_service_pb2
 from controller.store import repository as repo
 from controller.store.database import Database
@@ -40,8 +41,7 @@ class IngestTarget:
 class _Item:
     batch: repo.BatchIngest
     assignment_id: str
-    ttft_ms: np.ndarray
-    on_committed: Callable[[repo.IngestOutcome, np.ndarray], None]
+    on_committed: Callable[[repo.IngestOutcome, repo.BatchIngest], None]
 
 
 class MalformedBatch(ValueError):
@@ -72,14 +72,15 @@ def to_ingest(target: IngestTarget, batch: agent_service_pb2.SampleBatch) -> rep
     )
 
 
-def live_ttft_ms(batch: agent_service_pb2.SampleBatch) -> np.ndarray:
-    """TTFT of the OK, non-warmup, streamed requests of a batch, for the live view."""
-    status = np.asarray(batch.status, dtype=np.int64)
-    flags = np.asarray(batch.flags, dtype=np.int64)
-    first = np.asarray(batch.first_token_ns, dtype=np.int64)
-    keep = (status == repo.OK_STATUS) & ((flags & repo.WARMUP_FLAG) == 0) & (first > 0)
-    ttft: np.ndarray = first[keep] / 1e6
-    return ttft
+def columns_of(batch: repo.BatchIngest) -> SampleColumns:
+    """A stored batch as metric columns (for the live view and abort checks)."""
+    col = {name: np.asarray(v, dtype=np.int64) for name, v in zip(repo.SAMPLE_COLUMNS, batch.columns, strict=True)}
+    return SampleColumns(
+        sent_unix_ns=col["sent_unix_ns"], queue_delay_ns=col["queue_delay_ns"], first_token_ns=col["first_token_ns"],
+        last_token_ns=col["last_token_ns"], done_ns=col["done_ns"], prompt_tokens=col["prompt_tokens"],
+        output_tokens=col["output_tokens"], status=col["status"], flags=col["flags"], itl_count=col["itl_count"],
+        itl_ns=np.frombuffer(batch.itl_ns, dtype="<i8").astype(np.int64),
+    )  # fmt: skip
 
 
 class Ingestor:
@@ -97,10 +98,10 @@ class Ingestor:
         self,
         target: IngestTarget,
         batch: agent_service_pb2.SampleBatch,
-        on_committed: Callable[[repo.IngestOutcome, np.ndarray], None],
+        on_committed: Callable[[repo.IngestOutcome, repo.BatchIngest], None],
     ) -> None:
         """Queue a batch; raises MalformedBatch for a batch that cannot be stored."""
-        item = _Item(to_ingest(target, batch), batch.assignment_id, live_ttft_ms(batch), on_committed)
+        item = _Item(to_ingest(target, batch), batch.assignment_id, on_committed)
         await self._queue.put(item)
 
     async def drain(self) -> None:
@@ -128,7 +129,7 @@ class Ingestor:
                 outcomes = []
             for item, outcome in zip(items, outcomes, strict=False):
                 try:
-                    item.on_committed(outcome, item.ttft_ms)
+                    item.on_committed(outcome, item.batch)
                 except Exception:
                     log.exception("ingest_callback_failed", assignment_id=item.assignment_id)
             for _ in items:

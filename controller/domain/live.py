@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from common.metrics import FLAG_WARMUP, STATUS_OK, SampleColumns, compute_stage_metrics
+from controller.domain.checks import ParsedCheck
+
 WINDOW_S = 10.0
 
 
@@ -29,12 +32,16 @@ class LiveSnapshot:
     stage_requests_planned: int = 0
 
 
+MIN_REQUESTS_FOR_ABORT = 10
+
+
 @dataclass
 class _Chunk:
     at: float  # controller monotonic time of commit
     ok: int
     tokens: int
     ttft_ms: np.ndarray
+    columns: SampleColumns
 
 
 @dataclass
@@ -56,9 +63,10 @@ class LiveWindow:
         self.stage_requests_planned = planned_requests
         self.stage_requests_done = 0
 
-    def add(self, ok: int, failed: int, tokens: int, ttft_ms: np.ndarray) -> None:
+    def add(self, ok: int, failed: int, tokens: int, columns: SampleColumns) -> None:
         now = time.monotonic()
-        self.chunks.append(_Chunk(now, ok, tokens, ttft_ms))
+        keep = (columns.status == STATUS_OK) & ((columns.flags & FLAG_WARMUP) == 0) & (columns.first_token_ns > 0)
+        self.chunks.append(_Chunk(now, ok, tokens, columns.first_token_ns[keep] / 1e6, columns))
         self.stage_requests_done += ok + failed
         self._trim(now)
 
@@ -82,6 +90,21 @@ class LiveWindow:
             stage_requests_done=self.stage_requests_done,
             stage_requests_planned=self.stage_requests_planned,
         )
+
+    def failed_check(self, checks: list[ParsedCheck]) -> str | None:
+        """The message of the first check lost over the window (None: all hold, or too few requests)."""
+        self._trim(time.monotonic())
+        if not self.chunks:
+            return None
+        cols = SampleColumns.concat([c.columns for c in self.chunks])
+        metrics = compute_stage_metrics(cols)
+        if metrics.requests_ok + metrics.requests_failed < MIN_REQUESTS_FOR_ABORT:
+            return None
+        for check in checks:
+            passed, _, message = check.evaluate(metrics)
+            if not passed:
+                return message
+        return None
 
     def _trim(self, now: float) -> None:
         while self.chunks and now - self.chunks[0].at > WINDOW_S:

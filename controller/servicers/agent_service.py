@@ -21,6 +21,7 @@ from common.proto.loadtest.v1 import agent_service_pb2, agent_service_pb2_grpc
 from controller.domain.agents import AgentHealthReport, AgentSession
 from controller.domain.coordinator import RunCoordinator
 from controller.domain.ingest import Ingestor, IngestTarget, MalformedBatch
+from controller.store.repository import BatchIngest, IngestOutcome
 
 log = structlog.get_logger(__name__)
 
@@ -92,9 +93,7 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
                 await self._ingest(session, message.sample_batch)
             elif body == "heartbeat":
                 h = message.heartbeat.health
-                self._coordinator.registry.heartbeat(
-                    session, AgentHealthReport(h.event_loop_lag_ms, h.cpu_percent, h.in_flight)
-                )
+                self._coordinator.heartbeat(session, AgentHealthReport(h.event_loop_lag_ms, h.cpu_percent, h.in_flight))
             elif body == "assignment_update":
                 await self._coordinator.assignment_update(session, message.assignment_update)
             else:
@@ -112,8 +111,8 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
             return
         seq = batch.batch_seq
 
-        def committed(outcome: object, ttft_ms: object, t: IngestTarget = target) -> None:
-            self._coordinator.batch_committed(session, t, batch.assignment_id, seq, outcome, ttft_ms)  # type: ignore[arg-type]
+        def committed(outcome: IngestOutcome, stored: BatchIngest, t: IngestTarget = target) -> None:
+            self._coordinator.batch_committed(session, t, batch.assignment_id, seq, outcome, stored)
 
         try:
             await self._ingestor.submit(target, batch, committed)
