@@ -1,12 +1,16 @@
 """One assignment on this agent: the load path wired together, and its lifecycle.
 
 `AssignmentRunner` owns what an `Assign` needs: a `LoadSchedule` (when), an `OpenAIClient`
-(how), a `PromptGenerator` (what) and a `SampleBatcher` (where samples go). Its lifecycle:
+(how), a `PromptSource` (what: synthetic prompts or dataset entries) and a `SampleBatcher`
+(where samples go). Its lifecycle:
 
 1. `start()` runs it as a task and emits `AssignmentUpdate(RUNNING)`.
-2. The schedule runs this agent's share of the stage; each request waits for batcher
-   backpressure, takes the next prompt, is sent, and its sample is added to the batcher
-   (also when the request is cancelled).
+2. A closed loop first opens its connections (`OpenAIClient.preconnect`, one per worker),
+   so that the first request of each worker does not pay for a TCP/TLS handshake inside
+   its TTFT. Then the schedule runs this agent's share of the stage; each request waits for
+   batcher backpressure, takes the next prompt, is sent, and its sample (with its warmup
+   flag) is added to the batcher (also when the request is cancelled). An open-loop arrival
+   the stage could not send before it ended becomes a `cancelled` sample.
 3. When the schedule ends (or fails, or `cancel()` cancels it), the batcher is flushed and
    a final `AssignmentUpdate` (COMPLETED, FAILED or CANCELLED) carries `batch_count`, so
    the controller knows which batches to expect, and `requests_sent`.
@@ -22,6 +26,7 @@ the replay covers what was dropped).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import TypeAlias
 from urllib.parse import urlsplit
@@ -30,15 +35,21 @@ import structlog
 
 from agent.batcher import SampleBatcher
 from agent.client import OpenAIClient, TargetConfigError
-from agent.prompts import PromptGenerator
+from agent.prompts import PromptSource, PromptSourceError, prompt_source
 from agent.sample import MAX_ERROR_CHARS, PROCESS_CLOCK_ANCHOR, ClockAnchor, RequestSample
-from agent.scheduler import LoadSchedule, UnsupportedStageError, schedule_for_stage
-from common.proto.loadtest.v1 import agent_service_pb2
+from agent.scheduler import ClosedLoopSchedule, LoadSchedule, UnsupportedStageError, schedule_for_stage
+from common.proto.loadtest.v1 import agent_service_pb2, run_pb2
 
 log = structlog.get_logger(__name__)
 
 Emit = Callable[[agent_service_pb2.ConnectRequest], None]
 AssignmentState: TypeAlias = agent_service_pb2.AssignmentState.ValueType
+
+# Pre-opening thousands of connections would itself be the burst it is meant to avoid.
+MAX_PRECONNECT = 1024
+# Bounds how much later than its Assign the stage can start; connections not open by then
+# are opened by the first requests, as without pre-connecting.
+PRECONNECT_TIMEOUT_S = 2.0
 
 _STATE_NAMES = {
     agent_service_pb2.ASSIGNMENT_STATE_RUNNING: "running",
@@ -65,10 +76,11 @@ class AssignmentRunner:
         self._task: asyncio.Task[None] | None = None
         self._load_task: asyncio.Task[None] | None = None
         self._client: OpenAIClient | None = None
-        self._prompts = PromptGenerator(assign.workload)
+        self._prompts: PromptSource | None = None
         self._cancel_reason: str | None = None
         self._in_flight = 0
         self._requests_sent = 0
+        self._requests_abandoned = 0
         self._final_update: agent_service_pb2.AssignmentUpdate | None = None
         self._acked_after_final = False
 
@@ -160,7 +172,9 @@ class AssignmentRunner:
             assignment_id=assign.assignment_id,
             run_id=assign.run_id,
             stage_index=assign.stage_index,
+            load=assign.stage.WhichOneof("load"),
             concurrency=assign.stage.concurrency,
+            request_rate=assign.stage.request_rate,
             duration_s=assign.stage.duration.ToNanoseconds() / 1e9,
             requests=assign.stage.requests,
             model=assign.target.model,
@@ -171,13 +185,23 @@ class AssignmentRunner:
         state: AssignmentState = agent_service_pb2.ASSIGNMENT_STATE_CANCELLED
         message = "agent stopped"
         try:
-            schedule: LoadSchedule = schedule_for_stage(assign.stage)
-            self._client = OpenAIClient(assign.target)
-            self._load_task = asyncio.create_task(schedule.run(self._send_one), name="load")
+            schedule: LoadSchedule = schedule_for_stage(assign.stage, assign.workload.seed)
+            self._prompts = prompt_source(assign.workload, assign.dataset_entries)
+            self._client = OpenAIClient(
+                assign.target,
+                ignore_eos=assign.workload.ignore_eos,
+                pin_min_tokens=assign.workload.pin_min_tokens,
+            )
+            self._load_task = asyncio.create_task(self._load(schedule, self._client), name="load")
             if self._cancel_reason is not None:  # cancelled before the load began
                 self._load_task.cancel()
             await self._load_task
             state, message = agent_service_pb2.ASSIGNMENT_STATE_COMPLETED, ""
+            if self._requests_abandoned:
+                message = (
+                    f"{self._requests_abandoned} requests due before the end of the stage were not sent "
+                    "(held back by max_concurrency or an agent that could not keep up)"
+                )
         except asyncio.CancelledError:
             state = agent_service_pb2.ASSIGNMENT_STATE_CANCELLED
             message = self._cancel_reason or "agent stopped"
@@ -185,7 +209,7 @@ class AssignmentRunner:
             if current is not None and current.cancelling():
                 raise  # our own task is being cancelled, not just the load: propagate
             # Otherwise the CancelledError is the load task's, caused by cancel(): done.
-        except (UnsupportedStageError, TargetConfigError) as exc:
+        except (UnsupportedStageError, TargetConfigError, PromptSourceError) as exc:
             state, message = agent_service_pb2.ASSIGNMENT_STATE_FAILED, str(exc)
         except Exception as exc:
             log.exception("assignment_error", assignment_id=assign.assignment_id)
@@ -202,19 +226,35 @@ class AssignmentRunner:
             if self._client is not None:
                 await self._client.close()
 
-    async def _send_one(self, scheduled_ns: int) -> None:
+    async def _load(self, schedule: LoadSchedule, client: OpenAIClient) -> None:
+        if isinstance(schedule, ClosedLoopSchedule):
+            opened = await client.preconnect(min(schedule.concurrency, MAX_PRECONNECT), PRECONNECT_TIMEOUT_S)
+            log.debug("preconnected", assignment_id=self.assignment_id, connections=opened)
+        await schedule.run(self._send_one, self._abandon_one)
+
+    async def _send_one(self, scheduled_ns: int, warmup: bool) -> None:
         assert self._client is not None  # set before the schedule starts
+        assert self._prompts is not None
         await self._batcher.wait_writable()
         prompt = self._prompts.next_prompt()
-        sample = RequestSample(scheduled_ns=scheduled_ns)
+        sample = RequestSample(scheduled_ns=scheduled_ns, warmup=warmup)
         self._in_flight += 1
         self._requests_sent += 1
         try:
-            await self._client.send(prompt.text, prompt.max_tokens, sample)
+            await self._client.send(prompt.text, prompt.max_tokens, sample, messages=prompt.messages)
         finally:
             # Also on cancellation: the client has marked the sample `cancelled`.
             self._in_flight -= 1
             self._batcher.add(sample)
+
+    def _abandon_one(self, scheduled_ns: int, warmup: bool) -> None:
+        # Never sent: `sent` is when it was given up, so its queue delay is how long it
+        # waited, and nothing happened after it.
+        now = time.perf_counter_ns()
+        sample = RequestSample(scheduled_ns=scheduled_ns, sent_ns=now, done_ns=now, warmup=warmup)
+        sample.fail(run_pb2.REQUEST_STATUS_CANCELLED, "not sent: the stage ended while the request was held back")
+        self._requests_abandoned += 1
+        self._batcher.add(sample)
 
     def _finish(self, state: AssignmentState, message: str) -> None:
         update = agent_service_pb2.AssignmentUpdate(

@@ -10,6 +10,14 @@ break the cancellation of the task that awaits us.
 Timing: `sent` is stamped just before the request is handed to aiohttp; every body read is
 stamped with `perf_counter_ns()` as it arrives and only then parsed (`agent.sse`), so JSON
 decoding never inflates a latency.
+
+Request body: `model`, `messages` (chat) or `prompt` (completions), `max_tokens`, `stream`
+and, when streaming, `stream_options.include_usage`; then the target's `extra_body` fields,
+which can add parameters but never replace those (`PROTECTED_BODY_KEYS`); then the
+workload's output-length controls, which win over `extra_body`: `ignore_eos: true`, and
+`min_tokens` equal to `max_tokens` (`pin_min_tokens`). `extra_body` comes as a protobuf
+`Struct`, whose numbers are all doubles; integral values are sent as JSON integers (`1`,
+not `1.0`), since servers validate fields such as `top_k` as integers.
 """
 
 from __future__ import annotations
@@ -18,12 +26,14 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+import structlog
+from google.protobuf import json_format
 
 from agent.sample import MAX_ERROR_CHARS, RequestSample, RequestStatus
 from agent.sse import StreamParser, error_message, parse_json_body
@@ -38,6 +48,15 @@ _ERROR_BODY_BYTES = 1024
 _REDACTED = "[redacted]"
 
 _DRAIN_AFTER_DONE_S = 1.0
+
+# Fields the load generator sets itself: `extra_body` cannot replace them.
+# `max_completion_tokens` is OpenAI's newer name for `max_tokens` and wins over it on
+# servers that know both, so letting it through would change the requested length.
+PROTECTED_BODY_KEYS = frozenset(
+    {"model", "messages", "prompt", "stream", "stream_options", "max_tokens", "max_completion_tokens"}
+)
+
+log = structlog.get_logger(__name__)
 
 
 class TargetConfigError(ValueError):
@@ -60,7 +79,7 @@ class OpenAIClient:
     with `close()` or use it as an async context manager.
     """
 
-    def __init__(self, target: run_pb2.Target) -> None:
+    def __init__(self, target: run_pb2.Target, *, ignore_eos: bool = False, pin_min_tokens: bool = False) -> None:
         base_url = target.base_url.rstrip("/")
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -72,6 +91,10 @@ class OpenAIClient:
         self._model = target.model
         self._stream = target.stream if target.HasField("stream") else True
         self._timeout_s = request_timeout_s(target)
+        self._base_url = base_url
+        self._ignore_eos = ignore_eos
+        self._pin_min_tokens = pin_min_tokens
+        self._extra_body = extra_body_fields(target)
 
         headers: dict[str, str] = {
             "Content-Type": "application/json",
@@ -88,7 +111,7 @@ class OpenAIClient:
         self._session = aiohttp.ClientSession(
             # limit=0: the scheduler decides concurrency; a connector cap would add hidden
             # client-side queueing that no sample would show.
-            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, ssl=not target.insecure_skip_verify),
             timeout=aiohttp.ClientTimeout(total=self._timeout_s),
             headers=headers,
         )
@@ -113,27 +136,65 @@ class OpenAIClient:
         """Close the HTTP session and its connections."""
         await self._session.close()
 
-    def encode_body(self, prompt: str, max_tokens: int) -> bytes:
-        """The JSON request body for one prompt."""
+    def encode_body(self, prompt: str, max_tokens: int, messages: Sequence[Mapping[str, str]] | None = None) -> bytes:
+        """The JSON request body for one prompt (chat: `messages` instead of the prompt, if given)."""
         body: dict[str, Any] = {"model": self._model, "max_tokens": max_tokens}
         if self._chat:
-            body["messages"] = [{"role": "user", "content": prompt}]
+            body["messages"] = messages if messages else [{"role": "user", "content": prompt}]
         else:
             body["prompt"] = prompt
         body["stream"] = self._stream
         if self._stream:
             body["stream_options"] = {"include_usage": True}
+        if self._extra_body:
+            body.update(self._extra_body)
+        if self._ignore_eos:
+            body["ignore_eos"] = True
+        if self._pin_min_tokens:
+            body["min_tokens"] = max_tokens
         return json.dumps(body).encode()
 
-    async def send(self, prompt: str, max_tokens: int, sample: RequestSample | None = None) -> RequestSample:
+    async def preconnect(self, connections: int, timeout_s: float = 5.0) -> int:
+        """Open up to `connections` keep-alive connections before the load starts.
+
+        Sends that many concurrent `GET {base_url}/models` and reads each answer to the end,
+        which leaves its connection in the pool for the first requests of the stage. Any
+        failure is ignored (a server without `/models` still leaves the connection open
+        when it answers 404). Returns how many requests got an answer.
+        """
+
+        async def one() -> bool:
+            try:
+                async with self._session.get(self._base_url + "/models", allow_redirects=False) as resp:
+                    await resp.read()
+                    return True
+            except (aiohttp.ClientError, OSError, TimeoutError):
+                return False
+
+        answered = 0
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                results = await asyncio.gather(*(one() for _ in range(connections)))
+                answered = sum(results)
+        return answered
+
+    async def send(
+        self,
+        prompt: str,
+        max_tokens: int,
+        sample: RequestSample | None = None,
+        *,
+        messages: Sequence[Mapping[str, str]] | None = None,
+    ) -> RequestSample:
         """Send one request; return its sample (the one given, filled in, or a new one).
 
         The caller may pass the sample (with `scheduled_ns` set) so it still holds the
-        partial measurements if this coroutine is cancelled.
+        partial measurements if this coroutine is cancelled. `messages` replaces the prompt
+        as the chat messages (ignored for completions).
         """
         if sample is None:
             sample = RequestSample()
-        body = self.encode_body(prompt, max_tokens)
+        body = self.encode_body(prompt, max_tokens, messages)
         parser = StreamParser(sample, chat=self._chat) if self._stream else None
         clock = time.perf_counter_ns
         sample.sent_ns = clock()
@@ -248,6 +309,29 @@ async def _drain_after_done(resp: aiohttp.ClientResponse) -> None:
         async with asyncio.timeout(_DRAIN_AFTER_DONE_S):
             while await resp.content.readany():
                 pass
+
+
+def extra_body_fields(target: run_pb2.Target) -> dict[str, Any]:
+    """The target's `extra_body` as JSON values, without the keys llm-loadtest sets itself."""
+    if not target.HasField("extra_body"):
+        return {}
+    fields = {k: _json_numbers(v) for k, v in json_format.MessageToDict(target.extra_body).items()}
+    dropped = sorted(fields.keys() & PROTECTED_BODY_KEYS)
+    if dropped:
+        # The controller refuses these at CreateRun; an older controller may not.
+        log.warning("extra_body_keys_ignored", keys=dropped)
+    return {k: v for k, v in fields.items() if k not in PROTECTED_BODY_KEYS}
+
+
+def _json_numbers(value: Any) -> Any:
+    """Struct numbers are doubles: send the integral ones as JSON integers."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _json_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_numbers(v) for v in value]
+    return value
 
 
 def _error_detail(body: bytes) -> str:

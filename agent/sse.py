@@ -204,8 +204,8 @@ def parse_json_body(sample: RequestSample, body: bytes, *, chat: bool) -> None:
     """Fill outcome and usage from a non-streaming JSON answer.
 
     There are no token events, so `first_token`/`last_token` stay absent. Without server
-    usage the output count is estimated as the number of words of the answer, which is
-    what the word-per-token prompts make comparable.
+    usage the output count is estimated as the number of words of the answer (reasoning
+    included), which is what the word-per-token prompts make comparable.
     """
     try:
         answer = json.loads(body)
@@ -222,11 +222,16 @@ def parse_json_body(sample: RequestSample, body: bytes, *, chat: bool) -> None:
         words = 0
         for choice in choices:
             if chat:
+                # Reasoning and answer are both generated text; newer vLLM sends the
+                # reasoning as `reasoning` (and may repeat it as `reasoning_content`).
                 message = choice.get("message") or {}
-                text = message.get("content") or message.get("reasoning_content") or ""
+                texts: tuple[Any, ...] = (
+                    message.get("content"),
+                    message.get("reasoning_content") or message.get("reasoning"),
+                )
             else:
-                text = choice.get("text") or ""
-            words += len(str(text).split())
+                texts = (choice.get("text"),)
+            words += sum(len(str(text).split()) for text in texts if text)
         usage = answer.get("usage")
         if usage:
             _apply_usage(sample, usage)

@@ -13,7 +13,7 @@ from common.version import __version__
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int]]]:
     from agent import cli as agent_cli
-    from client import commands, quickstart
+    from client import commands, quickstart, report
     from controller import cli as controller_cli
     from mockserver import cli as mock_cli
 
@@ -38,6 +38,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Nam
         commands.add_scenarios_arguments, commands.cmd_scenarios)  # fmt: skip
     add("runs", "list, inspect, cancel and delete runs",
         commands.add_runs_arguments, lambda a: asyncio.run(commands.cmd_runs(a)))  # fmt: skip
+    add("report", "write a self-contained HTML report of one run, or several runs overlaid",
+        report.add_arguments, lambda a: asyncio.run(report.cmd_report(a)))  # fmt: skip
     add("controller", "serve the controller (gRPC API and agent streams, SQLite store)",
         controller_cli.add_arguments, controller_cli.run)  # fmt: skip
     add("agent", "run a load-generating agent connected to a controller", agent_cli.add_arguments, agent_cli.run)

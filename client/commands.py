@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
-import time
 import uuid
+from pathlib import Path
 
 import grpc
-from rich.console import Console
-from rich.live import Live
 
-from client import render, spec_builder
+from client import formats, live, render, spec_builder
 from client.scenarios import SCENARIOS, describe
 from client.sdk import ControllerClient
 from common.grpc_options import API_KEY_ENV
 from common.proto.loadtest.v1 import run_pb2
 
 CONTROLLER_ENV = "LLM_LOADTEST_CONTROLLER"
-PLAIN_PROGRESS_EVERY_S = 5.0
 
 
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,30 +41,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 async def watch_until_done(client: ControllerClient, run_id: str) -> run_pb2.RunResult:
     """Show live progress until the run ends; returns the final result."""
-    out = render.console()
-    err = sys.stderr
-    final: run_pb2.RunResult | None = None
-    if sys.stderr.isatty():
-        with Live(console=Console(file=sys.stderr), refresh_per_second=4, transient=True) as live:
-            async for update in client.watch(run_id):
-                for e in update.events:
-                    live.console.print(f"[dim]{e.kind}[/] {e.message}")
-                if update.HasField("result"):
-                    final = update.result
-                else:
-                    live.update(render.progress_line(update))
-    else:
-        last = 0.0
-        async for update in client.watch(run_id):
-            for e in update.events:
-                print(f"event {e.kind} {e.message}", file=err, flush=True)
-            if update.HasField("result"):
-                final = update.result
-            elif time.monotonic() - last >= PLAIN_PROGRESS_EVERY_S:
-                last = time.monotonic()
-                print(render.progress_line(update), file=err, flush=True)
-    del out
-    return final if final is not None else await client.get_result(run_id)
+    return await live.watch_run(client, run_id, sys.stderr)
 
 
 async def cmd_run(args: argparse.Namespace) -> int:
@@ -112,7 +87,9 @@ def print_result(args: argparse.Namespace, run: run_pb2.Run, result: run_pb2.Run
 
 
 def add_runs_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="runs_command", required=True, metavar="{list,get,cancel,delete,result}")
+    sub = parser.add_subparsers(
+        dest="runs_command", required=True, metavar="{list,get,cancel,delete,result,export,compare}"
+    )
     p = sub.add_parser("list", help="list runs, newest first")
     add_connection_arguments(p)
     p.add_argument("--state", choices=[n.removeprefix("RUN_STATE_").lower() for n in run_pb2.RunState.keys()[1:]])
@@ -128,6 +105,23 @@ def add_runs_arguments(parser: argparse.ArgumentParser) -> None:
             p.add_argument("--json", action="store_true")
         if name == "cancel":
             p.add_argument("--reason", default="")
+        if name == "result":
+            p.add_argument("--format", choices=formats.RESULT_FORMATS, default=None,
+                           help="table (default), json, markdown (for a PR) or vllm-json (vLLM bench serve keys)")
+            p.add_argument("--output-dir", type=Path, help="vllm-json: write <run>_stage<i>.json files here")
+    p = sub.add_parser("export", help="stream a run's per-request samples as CSV or JSON Lines")
+    add_connection_arguments(p)
+    p.add_argument("run_id")
+    p.add_argument("--format", choices=formats.EXPORT_FORMATS, default="csv")
+    p.add_argument("-o", "--output", type=Path, help="file to write (default: stdout)")
+    p.add_argument("--include-warmup", action="store_true", help="include warmup samples (flagged)")
+    p = sub.add_parser("compare", help="compare runs with a baseline stage by stage; exit 1 on a regression")
+    add_connection_arguments(p)
+    p.add_argument("run_id", metavar="BASE", help="the baseline run")
+    p.add_argument("others", nargs="+", metavar="OTHER", help="runs to compare with the baseline")
+    p.add_argument("--tolerance", type=float, default=10.0, help="change counted as a regression, percent")
+    p.add_argument("--all-metrics", action="store_true", help="show every compared metric, not only the key ones")
+    p.add_argument("--json", action="store_true")
 
 
 async def cmd_runs(args: argparse.Namespace) -> int:
@@ -173,9 +167,58 @@ async def _runs(args: argparse.Namespace, client: ControllerClient) -> int:
         await client.delete_run(args.run_id)
         print(f"deleted {args.run_id}")
         return 0
+    if command == "export":
+        return await _export(args, client)
+    if command == "compare":
+        try:
+            comparison = await client.compare_runs(args.run_id, args.others, args.tolerance)
+        except grpc.aio.AioRpcError as exc:
+            print(render.rpc_error_text(exc), file=sys.stderr)
+            return 2  # 1 means "regressed"
+        if args.json:
+            print(render.to_json(comparison))
+        else:
+            for table in formats.comparison_tables(comparison, args.all_metrics):
+                render.console().print(table)
+        return 1 if formats.any_regressed(comparison) else 0
     run = await client.get_run(args.run_id)
     result = await client.get_result(args.run_id)
-    print_result(args, run, result)
+    fmt = args.format or ("json" if args.json else "table")
+    if fmt == "markdown":
+        sys.stdout.write(formats.markdown(result, run))
+    elif fmt == "vllm-json":
+        _write_vllm_json(run, result, args.output_dir)
+    else:
+        args.json = fmt == "json"
+        print_result(args, run, result)
+    return 0
+
+
+def _write_vllm_json(run: run_pb2.Run, result: run_pb2.RunResult, output_dir: Path | None) -> None:
+    stages = formats.vllm_results(run, result)
+    if output_dir is None:
+        print(json.dumps(stages, indent=2))
+        return
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for stage in stages:
+        path = output_dir / formats.vllm_file_name(run.id, stage["stage_index"])
+        path.write_text(json.dumps(stage, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {path}", file=sys.stderr)
+
+
+async def _export(args: argparse.Namespace, client: ControllerClient) -> int:
+    samples = client.export_samples(args.run_id, include_warmup=args.include_warmup)
+    if args.output is None:
+        try:
+            count = await formats.write_samples(samples, sys.stdout, args.format)
+            sys.stdout.flush()
+        except BrokenPipeError:  # `... | head`: the reader has seen enough
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141  # as a shell tool killed by SIGPIPE
+    else:
+        with args.output.open("w", encoding="utf-8", newline="") as out:
+            count = await formats.write_samples(samples, out, args.format)
+    print(f"exported {count} samples", file=sys.stderr)
     return 0
 
 

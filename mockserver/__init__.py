@@ -1,7 +1,8 @@
 """Mock OpenAI-compatible model server with known latencies (`llm-loadtest mock-server`).
 
 The quickstart's default target and the ground truth of accuracy tests: TTFT, inter-token
-latency, output length and error rate are configured, so measurements can be checked.
+latency, output length and error rate are configured, so measurements can be checked; its
+`style` makes it stream as vLLM, SGLang, TGI, llama.cpp or a proxy would (`mockserver.styles`).
 """
 
 from mockserver.app import MockStats, create_app

@@ -15,6 +15,11 @@ within a millisecond late (see `mockserver.pacing`). All
 streams of an app share one `DeadlineScheduler`, which writes each due token straight to its
 connection; a handler task only sets its stream up and closes it. A non-streamed response is
 sent at the deadline of its last token.
+
+The configured style (`mockserver.styles`) decides the bytes of a stream and how many tokens
+one event carries; with several tokens per event, each event is one decode step of that many
+inter-token latencies. Usage reports `completion_tokens` less the configured under-report;
+`/stats` counts the tokens actually written.
 """
 
 from __future__ import annotations
@@ -34,9 +39,11 @@ from mockserver.generation import (
     OutputPlan,
     parse_request,
     plan_output,
+    reported_tokens,
 )
 from mockserver.pacing import DeadlineScheduler, now, sleep_until
-from mockserver.wire import StreamEncoder, error_body, full_response, models_body, usage_counts
+from mockserver.styles import ENCODERS, StreamSummary, TokenEvents, reasoning_tokens
+from mockserver.wire import error_body, full_response, models_body
 
 # Long-context prompts run to megabytes of JSON; aiohttp's default limit is 1 MiB.
 _MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -136,8 +143,14 @@ class _CompletionRoutes:
         # Separate generators: how many requests fail must not depend on how many jitter
         # draws concurrent streams happened to make in between.
         self._error_rng = random.Random(config.seed)
+        self._encoder = ENCODERS[config.style]
+        # With several tokens per event, the gap between events is one step of that many tokens.
+        self._tokens_per_event = self._encoder.tokens_per_event
         self._latency = LatencyModel(
-            config.ttft_ms, config.itl_ms, config.jitter_ms, random.Random(f"jitter/{config.seed}")
+            config.ttft_ms,
+            config.itl_ms * self._tokens_per_event,
+            config.jitter_ms,
+            random.Random(f"jitter/{config.seed}"),
         )
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
@@ -184,12 +197,13 @@ class _CompletionRoutes:
         self, request: web.Request, parsed: CompletionRequest, plan: OutputPlan, t0: float
     ) -> web.StreamResponse:
         stats = self._stats
-        encoder = StreamEncoder(parsed.endpoint, self._config.model)
+        encoder = self._encoder(parsed.endpoint, self._config.model, include_usage=parsed.include_usage)
         response = web.StreamResponse(headers=_SSE_HEADERS)
         try:
             await response.prepare(request)
-            if parsed.endpoint == "chat":
-                await response.write(encoder.role_event())
+            opening = encoder.opening()
+            if opening:
+                await response.write(opening)
         except ConnectionError:
             stats.requests_cancelled += 1
             return response
@@ -199,26 +213,51 @@ class _CompletionRoutes:
             return response
 
         frame = _chunk if response.headers.get("Transfer-Encoding") == "chunked" else bytes
+        events = encoder.token_events(plan.tokens, plan.finish_reason)
         finished: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        stream = _TokenStream(
-            transport,
-            tuple(frame(event) for event in encoder.token_events()),
-            frame(encoder.last_token_event(plan.tokens - 1, plan.finish_reason)),
-            plan.tokens,
-            t0 + self._latency.ttft(),
-            self._latency,
-            stats,
-            finished,
-        )
+        first_deadline = t0 + self._latency.ttft()
+        stream: _TokenStream
+        if encoder.split_writes:
+            stream = _SplitTokenStream(
+                transport,
+                events,
+                tuple(tuple(frame(p) for p in encoder.pieces(e)) for e in events.table),
+                tuple(frame(p) for p in encoder.pieces(events.last)),
+                first_deadline,
+                self._latency,
+                stats,
+                finished,
+            )
+        else:
+            stream = _TokenStream(
+                transport,
+                events,
+                tuple(frame(e) for e in events.table),
+                frame(events.last),
+                first_deadline,
+                self._latency,
+                stats,
+                finished,
+            )
         self._scheduler.schedule(stream.deadline, stream)
         try:
             completed = await finished
         finally:
             finished.cancel()  # when the handler itself is cancelled: the stream stops
-        usage = usage_counts(parsed.prompt_tokens, plan.tokens) if parsed.include_usage else None
         try:
             if completed:
-                await response.write_eof(encoder.closing_events(usage))
+                summary = StreamSummary(
+                    prompt_tokens=parsed.prompt_tokens,
+                    completion_tokens=reported_tokens(plan.tokens, self._config.under_report_usage),
+                    finish_reason=plan.finish_reason,
+                    prompt_ms=(first_deadline - t0) * 1000.0,
+                    generation_ms=(stream.deadline - first_deadline) * 1000.0,
+                )
+                *pieces, tail = encoder.pieces(encoder.closing(summary))
+                for piece in pieces:
+                    await response.write(piece)
+                    await asyncio.sleep(0)  # let the piece go out on its own
+                await response.write_eof(tail)
         except ConnectionError:
             completed = False
         if completed:
@@ -230,17 +269,21 @@ class _CompletionRoutes:
     async def _respond(
         self, request: web.Request, parsed: CompletionRequest, plan: OutputPlan, t0: float
     ) -> web.Response:
-        await sleep_until(t0 + self._latency.generation_time(plan.tokens))
+        steps = -(-plan.tokens // self._tokens_per_event)
+        await sleep_until(t0 + self._latency.generation_time(steps))
         transport = request.transport
         if transport is None or transport.is_closing():
             self._stats.requests_cancelled += 1
             return web.Response(status=499)  # never reaches the client: it has gone
+        reasoning = reasoning_tokens(plan.tokens) if self._encoder.reasons else 0
         body = full_response(
             parsed.endpoint,
             self._config.model,
             plan.tokens,
             plan.finish_reason,
             parsed.prompt_tokens,
+            reported_tokens=reported_tokens(plan.tokens, self._config.under_report_usage),
+            reasoning_tokens=reasoning,
         )
         self._stats.requests_ok += 1
         self._stats.output_tokens_total += plan.tokens
@@ -252,16 +295,17 @@ def _error_response(status: int, message: str, error_type: str, param: str | Non
 
 
 class _TokenStream:
-    """A streamed response in flight: at each deadline, the scheduler has it write one token.
+    """A streamed response in flight: at each deadline, the scheduler has it write one event.
 
     Token events go straight to the transport, pre-rendered and pre-framed: this is the hot
     path, and aiohttp's writer would only add overhead for a few hundred uncompressed bytes.
-    The headers, the role event and the closing events go through aiohttp, so its framing
+    The headers, the opening and the closing events go through aiohttp, so its framing
     state stays consistent. There is no backpressure: a client that stops reading has the
     rest of its response buffered, which is bounded by the response's length.
 
-    `finished` becomes True after the last token and False if the client went away; the
-    handler cancels it when it is itself cancelled, and the stream then stops.
+    `deadline` is the deadline of the latest event. `finished` becomes True after the last
+    event and False if the client went away; the handler cancels it when it is itself
+    cancelled, and the stream then stops.
     """
 
     __slots__ = (
@@ -269,9 +313,11 @@ class _TokenStream:
         "_events",
         "_finished",
         "_last_event",
+        "_last_index",
+        "_last_tokens",
         "_latency",
+        "_per_event",
         "_stats",
-        "_tokens",
         "_transport",
         "deadline",
     )
@@ -279,9 +325,9 @@ class _TokenStream:
     def __init__(
         self,
         transport: asyncio.Transport,
+        plan: TokenEvents,
         events: tuple[bytes, ...],
         last_event: bytes,
-        tokens: int,
         first_deadline: float,
         latency: LatencyModel,
         stats: MockStats,
@@ -290,7 +336,9 @@ class _TokenStream:
         self._transport = transport
         self._events = events
         self._last_event = last_event
-        self._tokens = tokens
+        self._last_index = plan.event_count - 1
+        self._per_event = plan.tokens_per_event
+        self._last_tokens = plan.last_tokens
         self._latency = latency
         self._stats = stats
         self._finished = finished
@@ -304,19 +352,70 @@ class _TokenStream:
             self._finished.set_result(False)
             return None
         index = self._emitted
-        if index == self._tokens - 1:
-            self._transport.write(self._last_event)
-        else:
-            self._transport.write(self._events[index % len(self._events)])
         self._emitted = index + 1
-        self._stats.output_tokens_total += 1
-        if self._emitted == self._tokens:
+        if index == self._last_index:
+            self._transport.write(self._last_event)
+            self._stats.output_tokens_total += self._last_tokens
             self._finished.set_result(True)
             return None
-        # Like a real decode loop, a late token delays the ones after it: the next gap is
+        self._transport.write(self._events[index % len(self._events)])
+        self._stats.output_tokens_total += self._per_event
+        return self._next_deadline()
+
+    def _next_deadline(self) -> float:
+        # Like a real decode loop, a late event delays the ones after it: the next gap is
         # never shorter than the inter-token latency (a stream never "catches up" with a burst).
         self.deadline = max(self.deadline, now()) + self._latency.itl()
         return self.deadline
+
+
+class _SplitTokenStream(_TokenStream):
+    """A `_TokenStream` writing each event in pieces, one piece per scheduler pass.
+
+    Each pass ends with the event loop polling for I/O, so a client on the other end sees
+    the pieces in separate reads, as behind a proxy that re-chunks the bytes it forwards.
+    An event's tokens count once its last piece is written.
+    """
+
+    __slots__ = ("_last_pieces", "_piece", "_pieces")
+
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        plan: TokenEvents,
+        pieces: tuple[tuple[bytes, ...], ...],
+        last_pieces: tuple[bytes, ...],
+        first_deadline: float,
+        latency: LatencyModel,
+        stats: MockStats,
+        finished: asyncio.Future[bool],
+    ) -> None:
+        super().__init__(transport, plan, (), b"", first_deadline, latency, stats, finished)
+        self._pieces = pieces
+        self._last_pieces = last_pieces
+        self._piece = 0
+
+    def fire(self) -> float | None:
+        if self._finished.done():
+            return None
+        if self._transport.is_closing():
+            self._finished.set_result(False)
+            return None
+        index = self._emitted
+        last = index == self._last_index
+        pieces = self._last_pieces if last else self._pieces[index % len(self._pieces)]
+        self._transport.write(pieces[self._piece])
+        self._piece += 1
+        if self._piece < len(pieces):
+            return now()  # later than this pass began, so the scheduler's next pass
+        self._piece = 0
+        self._emitted = index + 1
+        if last:
+            self._stats.output_tokens_total += self._last_tokens
+            self._finished.set_result(True)
+            return None
+        self._stats.output_tokens_total += self._per_event
+        return self._next_deadline()
 
 
 def _chunk(data: bytes) -> bytes:

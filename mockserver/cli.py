@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from mockserver.config import MockConfig
 from mockserver.server import MockServer
+from mockserver.styles import STYLES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +65,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.model,
         help="model id reported by /v1/models and in responses (default: %(default)s)",
     )
+    parser.add_argument(
+        "--style",
+        choices=STYLES,
+        default=defaults.style,
+        help="which server's streaming to imitate: its chunk shapes, usage placement, framing "
+        "and tokens per event (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--under-report-usage",
+        type=float,
+        default=defaults.under_report_usage,
+        help="fraction by which reported completion_tokens fall short of the tokens sent; "
+        "/stats counts what was sent (default: %(default)s)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
             error_rate=args.error_rate,
             seed=args.seed,
             model=args.model,
+            style=args.style,
+            under_report_usage=args.under_report_usage,
         )
     except ValueError as exc:
         print(f"mock-server: error: {exc}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Configuration of the mock model: its latencies, natural output length and failure rate.
+"""Configuration of the mock model: latencies, output length, failure rate and server style.
 
 The mock server is the ground truth for accuracy tests, so every number here is something a
 test can assert a measurement against; invalid values are refused up front rather than
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+from mockserver.styles import STYLES, Style
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,10 @@ class MockConfig:
         error_rate: Fraction of completion requests answered with HTTP 500.
         seed: Seeds the error and jitter draws, so a run is reproducible.
         model: The model id reported by `/v1/models` and in every response.
+        style: Which real server's streaming the mock imitates (see `mockserver.styles`).
+        under_report_usage: Fraction by which the reported `completion_tokens` falls short
+            of the tokens actually sent (rounded down), to check that a client notices;
+            `/stats` always counts what was sent.
     """
 
     ttft_ms: float = 50.0
@@ -33,6 +39,8 @@ class MockConfig:
     error_rate: float = 0.0
     seed: int = 0
     model: str = "mock"
+    style: Style = "openai"
+    under_report_usage: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("ttft_ms", "itl_ms", "jitter_ms"):
@@ -53,3 +61,8 @@ class MockConfig:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if not isinstance(self.model, str) or not self.model.strip():
             raise ValueError(f"model must be a non-empty string, got {self.model!r}")
+        if self.style not in STYLES:
+            raise ValueError(f"style must be one of {', '.join(STYLES)}, got {self.style!r}")
+        under = self.under_report_usage
+        if isinstance(under, bool) or not isinstance(under, int | float) or not 0.0 <= under <= 1.0:
+            raise ValueError(f"under_report_usage must be between 0 and 1, got {under!r}")

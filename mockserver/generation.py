@@ -17,6 +17,7 @@ Token counts are approximations a test can reproduce without a tokenizer:
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -113,10 +114,21 @@ def plan_output(request: CompletionRequest, natural_tokens: int) -> OutputPlan:
     return OutputPlan(tokens, "length" if tokens == limit else "stop")
 
 
-def output_text(tokens: int) -> str:
-    """The full text of an output of `tokens` tokens (token i is `VOCABULARY[i % len]`)."""
+def output_text(tokens: int, start: int = 0) -> str:
+    """The text of output tokens `start` to `start + tokens` (token i is `VOCABULARY[i % len]`)."""
     size = len(VOCABULARY)
-    return "".join(VOCABULARY[i % size] for i in range(tokens))
+    return "".join(VOCABULARY[i % size] for i in range(start, start + tokens))
+
+
+def reported_tokens(emitted: int, under_report: float) -> int:
+    """The completion count a server that under-reports by the fraction `under_report` gives.
+
+    Rounded down, so any fraction > 0 of a long enough output is visible; the tiny epsilon
+    keeps e.g. 10 * (1 - 0.3) = 6.9999... from losing a token to floating point.
+    """
+    if under_report == 0.0:
+        return emitted
+    return max(0, math.floor(emitted * (1.0 - under_report) + 1e-9))
 
 
 class LatencyModel:

@@ -1,8 +1,7 @@
-"""The bytes the mock server sends: OpenAI-compatible SSE events and JSON bodies.
+"""The bytes the mock server sends that every server style shares: JSON bodies and helpers.
 
-Streaming is the hot path (hundreds of streams, tens of thousands of events a second), so a
-`StreamEncoder` renders the few distinct events of one response once, when the response
-starts; emitting a token is then a lookup, not a JSON dump.
+The streamed events differ between the servers the mock imitates and are rendered by
+`mockserver.styles`; non-streamed answers, errors and the model list are the same for all.
 """
 
 from __future__ import annotations
@@ -12,20 +11,15 @@ import time
 import uuid
 from typing import Any
 
-from mockserver.generation import VOCABULARY, Endpoint, FinishReason, output_text
+from mockserver.generation import Endpoint, FinishReason, output_text
 
-DONE_EVENT = b"data: [DONE]\n\n"
-
-_OBJECT_CHUNK = {"chat": "chat.completion.chunk", "completions": "text_completion"}
-_OBJECT_FULL = {"chat": "chat.completion", "completions": "text_completion"}
-_ID_PREFIX = {"chat": "chatcmpl-", "completions": "cmpl-"}
-# Token events are rendered once per response with a placeholder string for the token.
-_HOLE = "\x00"
-_HOLE_JSON = json.dumps(_HOLE).encode()
-_VOCABULARY_JSON = tuple(json.dumps(word).encode() for word in VOCABULARY)
+OBJECT_CHUNK = {"chat": "chat.completion.chunk", "completions": "text_completion"}
+OBJECT_FULL = {"chat": "chat.completion", "completions": "text_completion"}
+ID_PREFIX = {"chat": "chatcmpl-", "completions": "cmpl-"}
 
 
-def _dumps(obj: Any) -> bytes:
+def dumps(obj: Any) -> bytes:
+    """Compact JSON, as servers send it."""
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
@@ -40,65 +34,7 @@ def usage_counts(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 def error_body(message: str, error_type: str, code: int, param: str | None = None) -> bytes:
     """An OpenAI-style error body."""
-    return _dumps({"error": {"message": message, "type": error_type, "param": param, "code": code}})
-
-
-class StreamEncoder:
-    """Renders the SSE events of one streamed response.
-
-    Chat streams open with a role event whose content is empty (as OpenAI and vLLM do); it
-    carries no token. Every token event carries one word of `VOCABULARY` (token i the word
-    `i % len(VOCABULARY)`); the last one also carries the finish reason. The closing events
-    follow: the usage event (when asked for) and `[DONE]`.
-    """
-
-    def __init__(self, endpoint: Endpoint, model: str) -> None:
-        self._endpoint = endpoint
-        self._header: dict[str, Any] = {
-            "id": _ID_PREFIX[endpoint] + uuid.uuid4().hex,
-            "object": _OBJECT_CHUNK[endpoint],
-            "created": int(time.time()),
-            "model": model,
-        }
-
-    def role_event(self) -> bytes:
-        """The opening chat event: role assistant, empty content, no token."""
-        choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-        return self._event([choice])
-
-    def token_events(self) -> tuple[bytes, ...]:
-        """The event of token i of an unfinished output is `token_events()[i % len(...)]`."""
-        head, tail = self._token_event_halves(None)
-        return tuple(head + word + tail for word in _VOCABULARY_JSON)
-
-    def last_token_event(self, index: int, finish_reason: FinishReason) -> bytes:
-        """The event carrying the last token, `index` (0-based), and the finish reason."""
-        head, tail = self._token_event_halves(finish_reason)
-        return head + _VOCABULARY_JSON[index % len(_VOCABULARY_JSON)] + tail
-
-    def _token_event_halves(self, finish_reason: FinishReason | None) -> tuple[bytes, bytes]:
-        """A token event rendered once, split where the token's JSON string goes."""
-        event = self._event([self._choice(_HOLE, finish_reason)])
-        # The hole is the last string in the event: only the finish reason follows it.
-        head, _, tail = event.rpartition(_HOLE_JSON)
-        return head, tail
-
-    def closing_events(self, usage: dict[str, int] | None) -> bytes:
-        """The usage event if `usage` is given, then `[DONE]`."""
-        if usage is None:
-            return DONE_EVENT
-        return self._event([], usage) + DONE_EVENT
-
-    def _choice(self, text: str, finish_reason: FinishReason | None) -> dict[str, Any]:
-        if self._endpoint == "chat":
-            return {"index": 0, "delta": {"content": text}, "finish_reason": finish_reason}
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-
-    def _event(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
-        payload: dict[str, Any] = {**self._header, "choices": choices}
-        if usage is not None:
-            payload["usage"] = usage
-        return b"data: " + _dumps(payload) + b"\n\n"
+    return dumps({"error": {"message": message, "type": error_type, "param": param, "code": code}})
 
 
 def full_response(
@@ -107,34 +43,43 @@ def full_response(
     tokens: int,
     finish_reason: FinishReason,
     prompt_tokens: int,
+    *,
+    reported_tokens: int | None = None,
+    reasoning_tokens: int = 0,
 ) -> bytes:
-    """The JSON body of a non-streamed response of `tokens` tokens."""
-    text = output_text(tokens)
+    """The JSON body of a non-streamed response of `tokens` tokens.
+
+    `reported_tokens` is the completion count put in `usage` (default: `tokens`); the first
+    `reasoning_tokens` tokens of a chat answer go to `message.reasoning_content`, as reasoning
+    parsers (vLLM, SGLang) return them.
+    """
     choice: dict[str, Any]
     if endpoint == "chat":
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": None,
-            "finish_reason": finish_reason,
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": output_text(tokens - reasoning_tokens, start=reasoning_tokens),
         }
+        if reasoning_tokens:
+            message["reasoning_content"] = output_text(reasoning_tokens)
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-    return _dumps(
+        choice = {"index": 0, "text": output_text(tokens), "logprobs": None, "finish_reason": finish_reason}
+    completion_tokens = tokens if reported_tokens is None else reported_tokens
+    return dumps(
         {
-            "id": _ID_PREFIX[endpoint] + uuid.uuid4().hex,
-            "object": _OBJECT_FULL[endpoint],
+            "id": ID_PREFIX[endpoint] + uuid.uuid4().hex,
+            "object": OBJECT_FULL[endpoint],
             "created": int(time.time()),
             "model": model,
             "choices": [choice],
-            "usage": usage_counts(prompt_tokens, tokens),
+            "usage": usage_counts(prompt_tokens, completion_tokens),
         }
     )
 
 
 def models_body(model: str) -> bytes:
     """The `/v1/models` listing with the one configured model."""
-    return _dumps(
+    return dumps(
         {
             "object": "list",
             "data": [{"id": model, "object": "model", "created": 0, "owned_by": "llm-loadtest"}],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import statistics
 from collections.abc import AsyncIterator, Callable
@@ -343,3 +344,59 @@ async def test_broken_streams(behaviour: str, status: int, text: str) -> None:
     assert text in sample.error
     assert sample.first_token_ns > 0
     assert sample.done_ns >= sample.first_token_ns
+
+
+# --- request bodies --------------------------------------------------------------------
+
+
+async def test_request_body_merges_extra_body_under_the_protected_fields() -> None:
+    t = target("http://127.0.0.1:1/v1")
+    t.extra_body.update(
+        {
+            "top_k": 1,
+            "temperature": 0.7,
+            "nested": {"n": 2.0, "items": [1.0, 1.5]},
+            "max_completion_tokens": 5,  # would override max_tokens on OpenAI-style servers
+            "ignore_eos": False,  # the workload's flag wins
+        }
+    )
+    async with OpenAIClient(t, ignore_eos=True, pin_min_tokens=True) as client:
+        body = json.loads(client.encode_body("a b c", 40))
+        chat = json.loads(client.encode_body("a b c", 40, [{"role": "system", "content": "s"}]))
+    assert body == {
+        "model": "mock",
+        "max_tokens": 40,
+        "messages": [{"role": "user", "content": "a b c"}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "top_k": 1,
+        "temperature": 0.7,
+        "nested": {"n": 2, "items": [1, 1.5]},
+        "ignore_eos": True,
+        "min_tokens": 40,
+    }
+    assert isinstance(body["top_k"], int)
+    assert chat["messages"] == [{"role": "system", "content": "s"}]
+
+
+async def test_request_body_completions_non_streaming_without_extras() -> None:
+    t = target("http://127.0.0.1:1/v1", api_kind=run_pb2.API_KIND_COMPLETIONS, stream=False)
+    async with OpenAIClient(t) as client:
+        body = json.loads(client.encode_body("a b c", 8, [{"role": "user", "content": "ignored"}]))
+    assert body == {"model": "mock", "max_tokens": 8, "prompt": "a b c", "stream": False}
+
+
+async def test_preconnect_opens_pooled_connections(mock: MockServer) -> None:
+    async with OpenAIClient(target(mock.base_url)) as client:
+        assert await client.preconnect(4) == 4
+        sample = await client.send("1 the of", 4)
+    assert sample.status == run_pb2.REQUEST_STATUS_OK
+    assert (await stats(mock))["requests_total"] == 1  # /models is not a completion
+
+
+async def test_preconnect_ignores_a_dead_target() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    async with OpenAIClient(target(f"http://127.0.0.1:{port}/v1")) as client:
+        assert await client.preconnect(3, timeout_s=5) == 0

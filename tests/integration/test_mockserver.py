@@ -25,6 +25,7 @@ import pytest
 from aiohttp import web
 
 from mockserver import MockConfig, MockServer, create_app
+from mockserver.generation import output_text
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -549,6 +550,54 @@ async def test_health(start_server: StartServer, session: aiohttp.ClientSession)
         assert resp.status == 200
 
 
+# --- server styles (their byte shapes: tests/unit/test_mock_styles.py) ----------------------
+
+
+async def test_multi_token_events_are_one_decode_step_apart(
+    start_server: StartServer, session: aiohttp.ClientSession
+) -> None:
+    server = await start_server(style="multi_token", ttft_ms=20.0, itl_ms=5.0, output_tokens=12)
+    stream = await _chat_stream(session, server.base_url, stream_options={"include_usage": True})
+    tokens = stream.token_events()
+    assert [len(_text(payload).split()) for _, payload in tokens] == [4, 4, 4]
+    offsets_ms = [(t - stream.sent_at) * 1000 for t, _ in tokens]
+    # The first event at TTFT, each next one step of 4 tokens (4 x 5 ms) later, never early.
+    assert all(offset >= 20.0 + i * 20.0 for i, offset in enumerate(offsets_ms)), offsets_ms
+    assert stream.payloads[-2]["usage"]["completion_tokens"] == 12
+    assert (await _stats(session, server.base_url))["output_tokens_total"] == 12
+
+
+async def test_non_streamed_answer_under_reports_and_splits_reasoning(
+    start_server: StartServer, session: aiohttp.ClientSession
+) -> None:
+    server = await start_server(style="reasoning", output_tokens=16, under_report_usage=0.25, **INSTANT)
+    status, body = await _post(session, server.base_url, "/chat/completions", {"messages": CHAT_MESSAGES})
+    assert status == 200
+    message = body["choices"][0]["message"]
+    assert len(message["reasoning_content"].split()) == len(message["content"].split()) == 8
+    assert message["reasoning_content"] + message["content"] == output_text(16)
+    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 12, "total_tokens": 14}
+    assert (await _stats(session, server.base_url))["output_tokens_total"] == 16  # what was sent
+
+
+async def test_client_disconnect_during_split_writes_is_counted_as_cancelled(
+    start_server: StartServer, session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="aiohttp")
+    server = await start_server(style="litellm", ttft_ms=0.0, itl_ms=20.0, output_tokens=500)
+    resp = await session.post(f"{server.base_url}/chat/completions", json={"messages": CHAT_MESSAGES, "stream": True})
+    received = b""
+    while received.count(b"\r\n\r\n") < 4:  # the ping, the role event and two token events
+        received += await resp.content.readany()
+    assert (await _stats(session, server.base_url))["running"] == 1
+    resp.close()
+
+    stats = await _poll_stats(session, server.base_url, lambda s: s["running"] == 0)
+    assert (stats["running"], stats["requests_cancelled"], stats["requests_ok"]) == (0, 1, 0)
+    assert 2 <= stats["output_tokens_total"] < 10
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+
+
 # --- command line --------------------------------------------------------------------------
 
 _CLI_SCRIPT = """
@@ -606,6 +655,41 @@ async def test_cli_serves_until_signalled_and_never_emits_early(
             await in_flight.content.readline()
             proc.send_signal(stop_signal)
             assert await asyncio.wait_for(proc.wait(), 10.0) == 0
+        assert await proc.stderr.read() == b""
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_cli_passes_style_and_under_report_to_the_server(session: aiohttp.ClientSession) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _CLI_SCRIPT,
+        "--port=0",
+        "--ttft-ms=0",
+        "--itl-ms=0",
+        "--output-tokens=4",
+        "--style=tgi",
+        "--under-report-usage=0.5",
+        cwd=REPO_ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        base_url = (await asyncio.wait_for(proc.stdout.readline(), 15.0)).decode().split()[-1]
+        body = {"messages": CHAT_MESSAGES, "stream": True, "stream_options": {"include_usage": True}}
+        async with session.post(f"{base_url}/chat/completions", json=body) as resp:
+            streamed = await resp.read()
+        assert streamed.startswith(b"data:{")  # TGI's framing
+        assert b"usage" not in streamed
+        status, answer = await _post(session, base_url, "/completions", {"prompt": "x"})
+        assert (status, answer["usage"]["completion_tokens"]) == (200, 2)
+        assert (await _stats(session, base_url))["output_tokens_total"] == 8
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 10.0) == 0
         assert await proc.stderr.read() == b""
     finally:
         if proc.returncode is None:

@@ -37,7 +37,9 @@ async def test_open_loop_rate_and_cap(controller: Controller, client: Controller
         running_agent(f"127.0.0.1:{controller.port}"),
     ):
         spec = spec_for(mock, [], output_tokens=16)
-        spec.stages.add(request_rate=40.0).duration.FromSeconds(5)
+        # Constant arrivals: the count is then exact, not a Poisson draw (sd ~7% of 200).
+        free_stage = spec.stages.add(request_rate=40.0, arrival=run_pb2.ARRIVAL_PROCESS_CONSTANT)
+        free_stage.duration.FromSeconds(5)
         # 40 req/s of ~100 ms requests need ~4 in flight; a cap of 1 must queue them.
         capped = spec.stages.add(request_rate=40.0, max_concurrency=1, requests=40)
         capped.duration.FromSeconds(30)

@@ -229,6 +229,21 @@ def test_non_streaming_chat_body() -> None:
     assert (sample.prompt_tokens, sample.output_tokens, sample.usage_from_server) == (4, 3, True)
 
 
+def test_non_streaming_reasoning_answer_counts_reasoning_and_content_words() -> None:
+    # A reasoning parser's non-streamed answer (vLLM, SGLang): both parts are generated text.
+    message = {"role": "assistant", "content": "the answer", "reasoning_content": "let me think first"}
+    sample = RequestSample()
+    parse_json_body(sample, json.dumps({"choices": [{"message": message}]}).encode(), chat=True)
+    assert sample.status == OK
+    assert sample.output_tokens == 2 + 4
+    assert not sample.usage_from_server
+    # Newer vLLM names it `reasoning` and may repeat it as `reasoning_content`: counted once.
+    both = {"role": "assistant", "content": "ok", "reasoning": "a b c", "reasoning_content": "a b c"}
+    sample = RequestSample()
+    parse_json_body(sample, json.dumps({"choices": [{"message": both}]}).encode(), chat=True)
+    assert sample.output_tokens == 1 + 3
+
+
 def test_non_streaming_without_usage_estimates_words() -> None:
     sample = RequestSample()
     parse_json_body(sample, b'{"choices": [{"text": " a b c d"}]}', chat=False)

@@ -1,0 +1,343 @@
+"""Output formats of results, samples and comparisons, as pure functions of the API messages.
+
+- `markdown`: a per-stage table (plus verdict, checks, saturation notes) to paste into a PR.
+- `vllm-json`: one dict per stage with the keys vLLM's `vllm bench serve --save-result`
+  writes, so existing tooling that reads those files reads ours. Mapping choices:
+  * percentiles are written as if run with `--percentile-metrics ttft,tpot,itl,e2el
+    --metric-percentiles 90,95,99,99.9` (keys `p90_ttft_ms` ... `p99.9_e2el_ms`);
+  * a closed-loop stage of concurrency N is vLLM's `--request-rate inf --max-concurrency N`;
+    an open-loop stage is `--request-rate R` (`--max-concurrency` only with a cap), with
+    `burstiness` 1.0 for Poisson, the gamma shape for gamma and `"inf"` for evenly spaced
+    arrivals (vLLM's constant spacing; a string because JSON has no infinity);
+  * `max_concurrent_requests` is vLLM's exact peak of requests in flight; results carry no
+    peak, so this is our *achieved* (mean) concurrency, a float;
+  * `date` is the run's end (or creation) time in local time, `%Y%m%d-%H%M%S` as vLLM;
+  * `tokenizer_id` is null (token counts come from the server's usage), `rtfx` is 0.0;
+  * `run_id`, `stage_index` and `stage_name` are added the way vLLM's `--metadata KEY=VALUE`
+    adds keys, so a file can be traced back to its run.
+- `csv` / `jsonl` rows of ExportRunSamples: ExportedSample's fields in declaration order,
+  the status as its lowercase name without prefix (`ok`, `http_5xx`).
+- the CompareRuns table, one per compared run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import AsyncIterable
+from datetime import datetime
+from typing import Any, TextIO
+
+from rich.table import Table
+from rich.text import Text
+
+from common.proto.loadtest.v1 import run_pb2, run_service_pb2
+
+NA = "\u2013"  # an en dash where a value does not exist
+RESULT_FORMATS = ("table", "json", "markdown", "vllm-json")
+EXPORT_FORMATS = ("csv", "jsonl")
+VLLM_PERCENTILES = (90.0, 95.0, 99.0, 99.9)
+# Metrics shown by `runs compare` (any other metric is shown too when it regressed).
+KEY_COMPARE_METRICS = (
+    "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "e2e_p99_ms", "output_token_throughput", "request_throughput",
+)  # fmt: skip
+SAMPLE_FIELDS: tuple[str, ...] = tuple(f.name for f in run_service_pb2.ExportedSample.DESCRIPTOR.fields)
+
+
+# --- shared helpers ---------------------------------------------------------------------
+
+
+def load_label(stage: run_pb2.StageResult) -> str:
+    """The stage's load level, e.g. `concurrency=8` or `rate=4/s` (CompareRuns' wording)."""
+    if stage.request_rate:
+        return f"rate={stage.request_rate:g}/s"
+    return f"concurrency={stage.concurrency}" if stage.concurrency else "-"
+
+
+def verdict_name(verdict: int) -> str:
+    return run_pb2.Verdict.Name(verdict).removeprefix("VERDICT_")  # type: ignore[arg-type]
+
+
+def status_name(status: int) -> str:
+    return run_pb2.RequestStatus.Name(status).removeprefix("REQUEST_STATUS_").lower()  # type: ignore[arg-type]
+
+
+def success_percent(stage: run_pb2.StageResult) -> float | None:
+    total = stage.requests_ok + stage.requests_failed
+    return 100.0 * stage.requests_ok / total if total else None
+
+
+def stage_spec(run: run_pb2.Run | None, index: int) -> run_pb2.Stage | None:
+    if run is None or index >= len(run.spec.stages):
+        return None
+    return run.spec.stages[index]
+
+
+# --- markdown ------------------------------------------------------------------------------
+
+
+def _md_text(value: str) -> str:
+    """User text inside a Markdown table cell: no row breaks, no column breaks, no HTML."""
+    return (
+        value.replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+        .replace("\r", " ").replace("\n", " ")
+    )  # fmt: skip
+
+
+def _md_code(value: str) -> str:
+    """User text as a code span inside a table cell: shown literally (entities would be too),
+    so only the column separator and the span's own delimiter need care."""
+    return "`" + value.replace("`", "'").replace("|", "\\|").replace("\r", " ").replace("\n", " ") + "`"
+
+
+def _md_stage(stage: run_pb2.StageResult) -> str:
+    """The stage's index, with its name when the name says more than the load."""
+    if stage.name and stage.name != load_label(stage):
+        return f"{stage.index}: {_md_text(stage.name)}"
+    return str(stage.index)
+
+
+def _md_ms(stats: run_pb2.LatencyStats, field: str) -> str:
+    return f"{getattr(stats, field):.1f}" if stats.count else NA
+
+
+MARKDOWN_COLUMNS = (
+    "Stage", "Load", "Requests", "Failed", "Success %",
+    "TTFT avg", "TTFT p50", "TTFT p95", "TTFT p99",
+    "TPOT p50", "TPOT p99",
+    "E2E avg", "E2E p50", "E2E p95", "E2E p99",
+    "req/s", "out tok/s",
+)  # fmt: skip
+
+
+def markdown(result: run_pb2.RunResult, run: run_pb2.Run | None = None) -> str:
+    """The result as GitHub-flavoured Markdown: a heading line, the stage table, the verdict
+    and checks when the run has checks, and saturation warnings."""
+    lines: list[str] = []
+    title = f"**llm-loadtest run `{result.run_id}`**"
+    if run is not None:
+        if run.spec.display_name:
+            title += f" — {_md_text(run.spec.display_name)}"
+        if run.spec.target.model:
+            title += f" — model {_md_code(run.spec.target.model)}"
+    title += f" — {run_pb2.RunState.Name(result.state).removeprefix('RUN_STATE_')}"
+    lines += [title, ""]
+    lines.append("| " + " | ".join(MARKDOWN_COLUMNS) + " |")
+    lines.append("|" + "|".join(":---" if i < 2 else "---:" for i in range(len(MARKDOWN_COLUMNS))) + "|")
+    for s in result.stages:
+        ok = success_percent(s)
+        row = [
+            _md_stage(s),
+            load_label(s),
+            str(s.requests_ok + s.requests_failed),
+            str(s.requests_failed),
+            f"{ok:.1f}" if ok is not None else NA,
+            _md_ms(s.ttft, "mean_ms"), _md_ms(s.ttft, "p50_ms"), _md_ms(s.ttft, "p95_ms"), _md_ms(s.ttft, "p99_ms"),
+            _md_ms(s.tpot, "p50_ms"), _md_ms(s.tpot, "p99_ms"),
+            _md_ms(s.e2e, "mean_ms"), _md_ms(s.e2e, "p50_ms"), _md_ms(s.e2e, "p95_ms"), _md_ms(s.e2e, "p99_ms"),
+            f"{s.request_throughput:.2f}",
+            f"{s.output_token_throughput:.1f}",
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "Latencies in ms. TPOT excludes the first token; E2E is `last_token - sent`."]
+    checks = iter_checks(result)
+    if result.verdict not in (run_pb2.VERDICT_UNSPECIFIED, run_pb2.VERDICT_NONE) or checks:
+        lines += ["", f"**Verdict: {verdict_name(result.verdict)}**", ""]
+        lines += ["| Check | Stage | Measured | Threshold | Result |", "|:---|---:|---:|---:|:---|"]
+        for c in checks:
+            lines.append(
+                f"| {_md_code(c.expression)} | {c.stage_index} | {c.measured:.4g} "
+                f"| {c.threshold:.4g} | {'✅ pass' if c.passed else '❌ fail'} |"
+            )
+    saturated = [s for s in result.stages if s.saturated]
+    if saturated:
+        lines.append("")
+        for s in saturated:
+            lines.append(
+                f"> ⚠️ stage {s.index} ({load_label(s)}): the load generator was saturated — "
+                f"{_md_text(s.saturation_reason) or 'see the result'}; its latencies are suspect."
+            )
+    return "\n".join(lines) + "\n"
+
+
+# --- vLLM bench serve JSON ---------------------------------------------------------------
+
+
+def _vllm_backend(run: run_pb2.Run) -> str:
+    return "openai" if run.spec.target.api_kind == run_pb2.API_KIND_COMPLETIONS else "openai-chat"
+
+
+def _vllm_date(run: run_pb2.Run) -> str:
+    for ts in (run.end_time, run.start_time, run.create_time):
+        if ts.seconds or ts.nanos:
+            return datetime.fromtimestamp(ts.ToNanoseconds() / 1e9).strftime("%Y%m%d-%H%M%S")
+    return datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def _percentile_key(p: float) -> str:
+    return str(int(p)) if int(p) == p else str(p)  # as vLLM: 99 -> "99", 99.9 -> "99.9"
+
+
+def _vllm_metric(out: dict[str, Any], name: str, stats: run_pb2.LatencyStats) -> None:
+    by_percentile = {90.0: stats.p90_ms, 95.0: stats.p95_ms, 99.0: stats.p99_ms, 99.9: stats.p999_ms}
+    out[f"mean_{name}_ms"] = stats.mean_ms
+    out[f"median_{name}_ms"] = stats.p50_ms
+    out[f"std_{name}_ms"] = stats.std_ms
+    for p in VLLM_PERCENTILES:
+        out[f"p{_percentile_key(p)}_{name}_ms"] = by_percentile[p]
+
+
+def vllm_stage_result(run: run_pb2.Run, stage: run_pb2.StageResult) -> dict[str, Any]:
+    """One stage as the JSON `vllm bench serve --save-result` writes (see the module doc)."""
+    spec = stage_spec(run, stage.index)
+    request_rate: float | str = stage.request_rate if stage.request_rate else "inf"
+    max_concurrency: int | None
+    burstiness: float | str = 1.0
+    if stage.request_rate:
+        max_concurrency = spec.max_concurrency if spec is not None and spec.max_concurrency else None
+        if spec is not None and spec.arrival == run_pb2.ARRIVAL_PROCESS_GAMMA and spec.burstiness:
+            burstiness = spec.burstiness
+        elif spec is not None and spec.arrival == run_pb2.ARRIVAL_PROCESS_CONSTANT:
+            burstiness = "inf"
+    else:
+        max_concurrency = stage.concurrency or None
+    backend = _vllm_backend(run)
+    out: dict[str, Any] = {
+        "date": _vllm_date(run),
+        "endpoint_type": backend,
+        "backend": backend,
+        "label": run.spec.display_name or None,
+        "model_id": run.spec.target.model,
+        "tokenizer_id": None,
+        "num_prompts": stage.requests_ok + stage.requests_failed,
+        "run_id": run.id,
+        "stage_index": stage.index,
+        "stage_name": stage.name,
+        "request_rate": request_rate,
+        "burstiness": burstiness,
+        "max_concurrency": max_concurrency,
+        "duration": stage.duration_s,
+        "completed": stage.requests_ok,
+        "failed": stage.requests_failed,
+        "total_input_tokens": stage.prompt_tokens,
+        "total_output_tokens": stage.output_tokens,
+        "request_throughput": stage.request_throughput,
+        "request_goodput": stage.goodput if stage.HasField("goodput") else None,
+        "output_throughput": stage.output_token_throughput,
+        "total_token_throughput": stage.total_token_throughput,
+        "max_output_tokens_per_s": stage.peak_output_token_throughput,
+        "max_concurrent_requests": stage.achieved_concurrency,
+        "rtfx": 0.0,
+    }
+    for name, stats in (("ttft", stage.ttft), ("tpot", stage.tpot), ("itl", stage.itl), ("e2el", stage.e2e)):
+        _vllm_metric(out, name, stats)
+    # vLLM reports client-side queueing only with --max-concurrency, and queue-inclusive E2E
+    # only when the rate is finite as well: the open-loop stages with a cap.
+    if stage.request_rate and max_concurrency is not None:
+        _vllm_metric(out, "client_queue_time", stage.queue_delay)
+        _vllm_metric(out, "e2el_including_client_queue", stage.e2e_including_queue)
+    return out
+
+
+def vllm_results(run: run_pb2.Run, result: run_pb2.RunResult) -> list[dict[str, Any]]:
+    return [vllm_stage_result(run, s) for s in result.stages]
+
+
+def vllm_file_name(run_id: str, stage_index: int) -> str:
+    return f"{run_id}_stage{stage_index}.json"
+
+
+# --- sample export -----------------------------------------------------------------------
+
+
+def sample_row(sample: run_service_pb2.ExportedSample) -> dict[str, Any]:
+    """One exported sample as plain values, keys in ExportedSample's field order."""
+    row: dict[str, Any] = {}
+    for name in SAMPLE_FIELDS:
+        value = getattr(sample, name)
+        row[name] = status_name(value) if name == "status" else value
+    return row
+
+
+def _csv_value(value: Any) -> Any:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value
+
+
+async def write_samples(
+    samples: AsyncIterable[run_service_pb2.ExportedSample], out: TextIO, fmt: str
+) -> int:
+    """Writes every sample as CSV (with a header row) or JSON Lines; returns the row count."""
+    count = 0
+    if fmt == "csv":
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(SAMPLE_FIELDS)
+        async for sample in samples:
+            writer.writerow([_csv_value(v) for v in sample_row(sample).values()])
+            count += 1
+    elif fmt == "jsonl":
+        async for sample in samples:
+            out.write(json.dumps(sample_row(sample), ensure_ascii=False) + "\n")
+            count += 1
+    else:
+        raise ValueError(f"unknown sample format {fmt!r}")
+    return count
+
+
+# --- comparison --------------------------------------------------------------------------
+
+
+def _value_text(metric: str, value: float) -> str:
+    if metric == "error_rate":
+        return f"{value * 100:.2f}%"
+    return f"{value:.1f}" if abs(value) >= 10 else f"{value:.3g}"
+
+
+def _shown_metrics(stage: run_service_pb2.StageComparison, all_metrics: bool) -> list[run_service_pb2.MetricDelta]:
+    if all_metrics:
+        return list(stage.metrics)
+    by_name = {m.metric: m for m in stage.metrics}
+    shown = [by_name[name] for name in KEY_COMPARE_METRICS if name in by_name]
+    shown += [m for m in stage.metrics if m.regressed and m.metric not in KEY_COMPARE_METRICS]
+    return shown or list(stage.metrics)
+
+
+def comparison_tables(response: run_service_pb2.CompareRunsResponse, all_metrics: bool = False) -> list[Table]:
+    """One table per compared run: per matched stage, each key metric with the baseline's
+    value, this run's, the change and a REGRESSED marker."""
+    tables = []
+    for comparison in response.comparisons:
+        verdict = "[bold red]REGRESSED[/]" if comparison.regressed else "[green]no regression[/]"
+        table = Table(title=f"{comparison.run_id} vs baseline {response.baseline_run_id} — {verdict}",
+                      title_justify="left")  # fmt: skip
+        for name in ("load", "metric", "baseline", "value", "delta", "delta %", ""):
+            table.add_column(name, justify="left" if name in ("load", "metric", "") else "right")
+        if not comparison.stages:
+            table.add_row("-", "no stage matches a baseline stage's load", "", "", "", "", "")
+        for stage in comparison.stages:
+            for i, m in enumerate(_shown_metrics(stage, all_metrics)):
+                marker = Text("▲ REGRESSED", style="bold red") if m.regressed else Text("")
+                table.add_row(
+                    stage.load if i == 0 else "",
+                    m.metric,
+                    _value_text(m.metric, m.baseline),
+                    _value_text(m.metric, m.value),
+                    f"{m.delta:+.3g}" if abs(m.delta) < 10 else f"{m.delta:+.1f}",
+                    f"{m.delta_percent:+.1f}%" if m.baseline else NA,
+                    marker,
+                )
+            table.add_section()
+        tables.append(table)
+    return tables
+
+
+def any_regressed(response: run_service_pb2.CompareRunsResponse) -> bool:
+    return any(c.regressed or any(m.regressed for s in c.stages for m in s.metrics) for c in response.comparisons)
+
+
+def iter_checks(result: run_pb2.RunResult) -> list[run_pb2.CheckResult]:
+    """Every check of the run: the run-wide list, or the stages' lists when that is empty."""
+    if result.checks:
+        return list(result.checks)
+    return [c for s in result.stages for c in s.checks]
