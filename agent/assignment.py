@@ -237,7 +237,12 @@ class AssignmentRunner:
         assert self._prompts is not None
         await self._batcher.wait_writable()
         prompt = self._prompts.next_prompt()
-        sample = RequestSample(scheduled_ns=scheduled_ns, warmup=warmup)
+        sample = RequestSample(
+            scheduled_ns=scheduled_ns,
+            warmup=warmup,
+            requested_input_tokens=prompt.input_tokens,
+            requested_output_tokens=prompt.max_tokens,
+        )
         self._in_flight += 1
         self._requests_sent += 1
         try:

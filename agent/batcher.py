@@ -86,6 +86,8 @@ class SampleBatcher:
         self._done_ns: list[int] = []
         self._prompt_tokens: list[int] = []
         self._output_tokens: list[int] = []
+        self._requested_input_tokens: list[int] = []
+        self._requested_output_tokens: list[int] = []
         self._status: list[run_pb2.RequestStatus.ValueType] = []
         self._flags: list[int] = []
         self._itl_count: list[int] = []
@@ -138,6 +140,8 @@ class SampleBatcher:
         self._done_ns.append(_offset(sample.done_ns, sent))
         self._prompt_tokens.append(min(sample.prompt_tokens, _UINT32_MAX))
         self._output_tokens.append(min(sample.output_tokens, _UINT32_MAX))
+        self._requested_input_tokens.append(min(sample.requested_input_tokens, _UINT32_MAX))
+        self._requested_output_tokens.append(min(sample.requested_output_tokens, _UINT32_MAX))
         self._status.append(sample.status)
         self._flags.append(
             (FLAG_USAGE_FROM_SERVER if sample.usage_from_server else 0) | (FLAG_WARMUP if sample.warmup else 0)
@@ -165,6 +169,8 @@ class SampleBatcher:
             done_ns=self._done_ns,
             prompt_tokens=self._prompt_tokens,
             output_tokens=self._output_tokens,
+            requested_input_tokens=self._requested_input_tokens,
+            requested_output_tokens=self._requested_output_tokens,
             status=self._status,
             flags=self._flags,
             itl_count=self._itl_count,

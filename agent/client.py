@@ -38,6 +38,7 @@ from google.protobuf import json_format
 from agent.sample import MAX_ERROR_CHARS, RequestSample, RequestStatus
 from agent.sse import StreamParser, error_message, parse_json_body
 from common.proto.loadtest.v1 import run_pb2
+from common.request_body import PROTECTED_BODY_KEYS
 from common.version import __version__
 
 DEFAULT_REQUEST_TIMEOUT_S = 300.0
@@ -48,13 +49,6 @@ _ERROR_BODY_BYTES = 1024
 _REDACTED = "[redacted]"
 
 _DRAIN_AFTER_DONE_S = 1.0
-
-# Fields the load generator sets itself: `extra_body` cannot replace them.
-# `max_completion_tokens` is OpenAI's newer name for `max_tokens` and wins over it on
-# servers that know both, so letting it through would change the requested length.
-PROTECTED_BODY_KEYS = frozenset(
-    {"model", "messages", "prompt", "stream", "stream_options", "max_tokens", "max_completion_tokens"}
-)
 
 log = structlog.get_logger(__name__)
 

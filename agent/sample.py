@@ -48,6 +48,8 @@ class RequestSample:
     done_ns: int = 0
     prompt_tokens: int = 0
     output_tokens: int = 0
+    requested_input_tokens: int = 0
+    requested_output_tokens: int = 0
     usage_from_server: bool = False
     warmup: bool = False
     status: RequestStatus = run_pb2.REQUEST_STATUS_UNSPECIFIED

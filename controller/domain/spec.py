@@ -12,6 +12,7 @@ import re
 from urllib.parse import urlsplit
 
 from common.proto.loadtest.v1 import run_pb2
+from common.request_body import PROTECTED_BODY_KEYS
 from controller.domain.checks import CheckSyntaxError, parse_check
 from controller.domain.errors import FieldViolation, InvalidArgument
 
@@ -26,7 +27,6 @@ MAX_REQUEST_TIMEOUT_S = 3600
 MAX_HEADERS = 64
 DEFAULT_TOKENS = 128
 # Keys of the request body that llm-loadtest itself sets; extra_body cannot override them.
-PROTECTED_BODY_KEYS = frozenset({"model", "messages", "prompt", "stream", "stream_options", "max_tokens"})
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,256}$")
 
 

@@ -122,8 +122,14 @@ async def test_fixed_input_length_reaches_the_server(controller: Controller, cli
         spec.workload.synthetic.input_tokens.fixed = 300
         run = await client.create_run(spec)
         await wait_final(client, run.id)
+        result = await client.get_result(run.id)
     record = await controller.db.read(repo.get_run, run.id)
     assert record is not None
     cols = await controller.db.read(repo.load_stage_columns, record.pk, 0)
     assert len(cols) == 10
     assert all(abs(p - 300) <= 15 for p in cols.prompt_tokens.tolist()), cols.prompt_tokens
+    # The result shows requested next to actual lengths.
+    stage = result.stages[0]
+    assert stage.mean_requested_input_tokens == 300
+    assert stage.mean_requested_output_tokens == 4
+    assert abs(stage.mean_input_tokens - 300) <= 15
