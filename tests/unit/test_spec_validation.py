@@ -77,7 +77,7 @@ def test_length_distributions() -> None:
 def test_extra_body_cannot_override_our_fields() -> None:
     s = spec()
     s.target.extra_body.update({"cache_prompt": False, "stream": False, "max_completion_tokens": 9})
-    assert fields_of(s) == ["spec.target.extra_body.max_completion_tokens", "spec.target.extra_body.stream"]
+    assert sorted(fields_of(s)) == ["spec.target.extra_body.max_completion_tokens", "spec.target.extra_body.stream"]
 
 def dataset_spec(content: str, fmt: int = run_pb2.DATASET_FORMAT_JSONL) -> run_pb2.RunSpec:
     s = spec()
