@@ -68,8 +68,8 @@ def progress_line(update: run_service_pb2.WatchRunResponse) -> str:
     return (
         f"{state_name(run.state):<9} stage {run.current_stage + 1}/{stages} "
         f"{run.spec.stages[run.current_stage].name if stages else ''} "
-        f"t={live.stage_elapsed_s:.0f}{planned}s done={live.stage_requests_done}{requests} "
-        f"ok={run.progress.requests_ok} failed={run.progress.requests_failed} "
+        f"t={live.stage_elapsed_s:.0f}{planned}s requests={live.stage_requests_done}{requests} | "
+        f"run ok={run.progress.requests_ok} failed={run.progress.requests_failed} "
         f"TTFT p50/p99={live.ttft_p50_ms:.0f}/{live.ttft_p99_ms:.0f}ms "
         f"{live.output_token_throughput:.0f} tok/s"
     )

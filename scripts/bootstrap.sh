@@ -27,11 +27,17 @@ fi
 
 extras=""
 [[ $dev == 1 ]] && extras="[dev]"
-stamp=".venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)${dev}"
-if [[ ! -f "$stamp" ]]; then
-  echo "bootstrap: installing llm-loadtest${extras} into .venv" >&2
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip >&2
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".${extras}" >&2
+hash="$(sha256sum < pyproject.toml | cut -c1-16)"
+stamp=".venv/.installed-${hash}${dev}"
+# A dev install includes everything the plain one has.
+if [[ ! -f "$stamp" && ! ( $dev == 0 && -f ".venv/.installed-${hash}1" ) ]]; then
+  echo "bootstrap: installing llm-loadtest${extras} into .venv (log: .venv/pip.log)" >&2
+  if ! { .venv/bin/python -m pip install --disable-pip-version-check --upgrade pip &&
+         .venv/bin/python -m pip install --disable-pip-version-check -e ".${extras}"; } > .venv/pip.log 2>&1; then
+    tail -n 40 .venv/pip.log >&2
+    echo "bootstrap: pip install failed (full log: .venv/pip.log)" >&2
+    exit 1
+  fi
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
