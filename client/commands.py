@@ -69,11 +69,18 @@ async def _run(args: argparse.Namespace) -> int:
     return print_result(args, run, result)
 
 
-def print_result(args: argparse.Namespace, run: run_pb2.Run, result: run_pb2.RunResult) -> int:
+def print_result(
+    args: argparse.Namespace, run: run_pb2.Run, result: run_pb2.RunResult, *, details: bool = False
+) -> int:
+    """Print a result (table or JSON) with its checks; the exit code from state and verdict."""
     if args.json:
         print(render.to_json(result))
     else:
-        render.console().print(render.result_table(result))
+        con = render.console()
+        con.print(render.result_table(result))
+        if details:
+            for part in render.result_details(result):
+                con.print(part)
         print(f"run id: {run.id}  state: {render.state_name(run.state)}"
               + (f"  reason: {run.state_reason}" if run.state_reason else ""))  # fmt: skip
     out = sys.stderr if args.json else sys.stdout
@@ -109,6 +116,7 @@ def add_runs_arguments(parser: argparse.ArgumentParser) -> None:
             p.add_argument("--format", choices=formats.RESULT_FORMATS, default=None,
                            help="table (default), json, markdown (for a PR) or vllm-json (vLLM bench serve keys)")
             p.add_argument("--output-dir", type=Path, help="vllm-json: write <run>_stage<i>.json files here")
+            p.add_argument("--summary", action="store_true", help="table: only the per-stage summary table")
     p = sub.add_parser("export", help="stream a run's per-request samples as CSV or JSON Lines")
     add_connection_arguments(p)
     p.add_argument("run_id")
@@ -190,7 +198,7 @@ async def _runs(args: argparse.Namespace, client: ControllerClient) -> int:
         _write_vllm_json(run, result, args.output_dir)
     else:
         args.json = fmt == "json"
-        print_result(args, run, result)
+        print_result(args, run, result, details=not args.summary)
     return 0
 
 

@@ -88,3 +88,81 @@ def rpc_error_text(exc: grpc.aio.AioRpcError) -> str:
 
 def to_json(message: object) -> str:
     return json_format.MessageToJson(message, indent=2, preserving_proto_field_name=True)  # type: ignore[arg-type]
+
+
+_LATENCIES = (
+    ("TTFT", "ttft"),
+    ("TPOT", "tpot"),
+    ("ITL", "itl"),
+    ("E2E", "e2e"),
+    ("queue delay", "queue_delay"),
+    ("E2E incl. queue", "e2e_including_queue"),
+)
+
+
+def _latency_table(s: run_pb2.StageResult, title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for name in ("metric", "count", "mean", "std", "min", "p50", "p90", "p95", "p99", "p99.9", "max"):
+        table.add_column(name, justify="left" if name == "metric" else "right")
+    for label, field in _LATENCIES:
+        st: run_pb2.LatencyStats = getattr(s, field)
+        if not st.count:
+            table.add_row(label, "0", *["-"] * 9)
+            continue
+        table.add_row(
+            label, str(st.count),
+            *(f"{v:.1f}" for v in (st.mean_ms, st.std_ms, st.min_ms, st.p50_ms, st.p90_ms, st.p95_ms,
+                                   st.p99_ms, st.p999_ms, st.max_ms)),
+        )  # fmt: skip
+    return table
+
+
+def _stage_facts(s: run_pb2.StageResult) -> list[str]:
+    total = s.requests_ok + s.requests_failed
+    lines = [
+        f"requests {total}: ok {s.requests_ok}, failed {s.requests_failed}"
+        + (" (" + ", ".join(f"{k} {v}" for k, v in sorted(s.errors.items())) + ")" if s.errors else ""),
+        f"throughput {s.request_throughput:.2f} req/s, {s.output_token_throughput:.1f} output tok/s "
+        f"(peak {s.peak_output_token_throughput:.1f}), {s.total_token_throughput:.1f} total tok/s; "
+        f"achieved concurrency {s.achieved_concurrency:.2f} over {s.duration_s:.1f} s",
+        f"tokens: {s.prompt_tokens} prompt, {s.output_tokens} output, counted from "
+        + ("estimates (the server sent no usage)" if s.output_tokens_estimated else "the server's usage"),
+    ]
+    if s.mean_requested_input_tokens or s.mean_requested_output_tokens:
+        lines.append(
+            f"lengths (mean, requested -> actual): input {s.mean_requested_input_tokens:.1f} -> "
+            f"{s.mean_input_tokens:.1f}, output {s.mean_requested_output_tokens:.1f} -> {s.mean_output_tokens:.1f}"
+        )
+    if s.HasField("goodput"):
+        lines.append(f"goodput {s.goodput:.2f} req/s, good fraction {s.good_fraction:.1%} (SLO met, of all requests)")
+    if s.saturated:
+        lines.append(f"WARNING load generator saturated: {s.saturation_reason}")
+    return lines
+
+
+def _agents_table(s: run_pb2.StageResult) -> Table:
+    table = Table(title=f"stage {s.index} per agent", title_justify="left")
+    for name in ("agent", "ok", "failed", "req/s", "out tok/s", "TTFT p50", "TTFT p99", "ITL p50", "E2E p50"):
+        table.add_column(name, justify="left" if name == "agent" else "right")
+    for a in s.agents:
+        table.add_row(
+            a.agent_name, str(a.requests_ok), str(a.requests_failed), f"{a.request_throughput:.2f}",
+            f"{a.output_token_throughput:.1f}", _ms(a.ttft.p50_ms), _ms(a.ttft.p99_ms), _ms(a.itl.p50_ms),
+            _ms(a.e2e.p50_ms),
+        )  # fmt: skip
+    return table
+
+
+def result_details(result: run_pb2.RunResult) -> list[object]:
+    """Everything in a result, stage by stage and for the whole run (latencies in ms)."""
+    parts: list[object] = []
+    sections = [(f"stage {s.index}: {s.name}", s) for s in result.stages]
+    if result.HasField("overall") and len(result.stages) > 1:
+        sections.append(("whole run", result.overall))
+    for title, s in sections:
+        parts.append("")
+        parts.append(_latency_table(s, f"{title} — latencies (ms)"))
+        parts.extend(f"  {line}" for line in _stage_facts(s))
+        if s.agents:
+            parts.append(_agents_table(s))
+    return parts

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.metrics import Slo, StageMetrics, compute_stage_metrics
+from common.metrics import SampleColumns, Slo, StageMetrics, compute_stage_metrics
 from common.proto.loadtest.v1 import run_pb2
 from controller.domain.checks import parse_check
 from controller.store import repository as repo
@@ -55,6 +55,8 @@ class RunOutcome:
     stages: list[StageOutcome]
     checks: list[CheckOutcome]
     verdict: int
+    # Every counted sample of every stage together (None when the run has no samples).
+    overall: StageMetrics | None = None
 
 
 def slo_of(spec: run_pb2.RunSpec) -> Slo | None:
@@ -96,11 +98,13 @@ def compute_run_result(run_pk: int, spec: run_pb2.RunSpec, state: int) -> RunOut
     slo = slo_of(spec)
     checks = [parse_check(c.expression, c.abort_on_fail) for c in spec.checks]
     stages: list[StageOutcome] = []
+    every_stage: list[SampleColumns] = []
     for idx in repo.stage_indexes_with_samples(run_pk):
         stage = spec.stages[idx] if idx < len(spec.stages) else run_pb2.Stage()
         data = repo.load_stage_samples(run_pk, idx)
         cols = data.columns
         metrics = compute_stage_metrics(cols, slo)
+        every_stage.append(cols)
         agents = []
         if len(data.agent_names) > 1:
             agents = [(name, compute_stage_metrics(cols.select(data.agent == i), slo))
@@ -130,4 +134,7 @@ def compute_run_result(run_pk: int, spec: run_pb2.RunSpec, state: int) -> RunOut
         verdict = run_pb2.VERDICT_PASS
     else:
         verdict = run_pb2.VERDICT_FAIL
-    return RunOutcome(stages, all_checks, verdict)
+    overall = None
+    if every_stage:
+        overall = metrics if len(every_stage) == 1 else compute_stage_metrics(SampleColumns.concat(every_stage), slo)
+    return RunOutcome(stages, all_checks, verdict, overall)

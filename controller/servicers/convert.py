@@ -111,13 +111,19 @@ def stage_message(s: StageOutcome) -> run_pb2.StageResult:
 
 
 def result_message(record: RunRecord, outcome: RunOutcome) -> run_pb2.RunResult:
-    return run_pb2.RunResult(
+    out = run_pb2.RunResult(
         run_id=record.run_id,
         state=record.state,  # type: ignore[arg-type]
         stages=[stage_message(s) for s in outcome.stages],
         verdict=outcome.verdict,  # type: ignore[arg-type]
         checks=[check_message(c) for c in outcome.checks],
     )
+    if outcome.overall is not None:
+        overall = _stage_fields(outcome.overall)
+        overall.name = "run"
+        del overall.time_series[:]
+        out.overall.CopyFrom(overall)
+    return out
 
 
 def live_message(s: LiveSnapshot) -> run_service_pb2.LiveStats:

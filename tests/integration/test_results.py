@@ -7,7 +7,9 @@ import time
 
 import grpc
 import pytest
+from rich.console import Console
 
+from client.render import result_details
 from client.sdk import ControllerClient
 from common.proto.loadtest.v1 import run_pb2
 from controller.server import Controller
@@ -121,3 +123,31 @@ async def test_per_agent_rows_export_and_compare(controller: Controller, client:
         ttft = next(m for m in by_run[slower.id].stages[0].metrics if m.metric == "ttft_p50_ms")
         assert ttft.regressed and ttft.delta > 40
         assert by_run[slower.id].stages[0].load == "concurrency=4"
+
+
+async def test_whole_run_figures_pool_every_stage(controller: Controller, client: ControllerClient) -> None:
+    async with (
+        MockServer(MockConfig(ttft_ms=10, itl_ms=2, output_tokens=8, error_rate=0.1, seed=3)) as mock,
+        running_agent(f"127.0.0.1:{controller.port}"),
+    ):
+        spec = by_requests(spec_for(mock, [(1, 0.0), (4, 0.0)], output_tokens=8), 30)
+        run = await client.create_run(spec)
+        assert (await wait_final(client, run.id)).state == run_pb2.RUN_STATE_SUCCEEDED
+        result = await client.get_result(run.id)
+    overall, stages = result.overall, result.stages
+    assert overall.requests_ok == sum(s.requests_ok for s in stages)
+    assert overall.requests_failed == sum(s.requests_failed for s in stages) > 0
+    assert overall.errors["http_5xx"] == overall.requests_failed
+    assert overall.ttft.count == sum(s.ttft.count for s in stages)
+    assert overall.itl.count == sum(s.itl.count for s in stages)
+    assert overall.ttft.min_ms == min(s.ttft.min_ms for s in stages)
+    assert overall.e2e.max_ms == max(s.e2e.max_ms for s in stages)
+    assert overall.output_tokens == sum(s.output_tokens for s in stages)
+    assert not overall.time_series
+    # The detailed terminal view shows each stage and the whole run.
+    console = Console(record=True, width=200)
+    for part in result_details(result):
+        console.print(part)
+    text = console.export_text()
+    assert "stage 0: " in text and "stage 1: " in text and "whole run" in text
+    assert f"failed {overall.requests_failed} (http_5xx {overall.requests_failed})" in text

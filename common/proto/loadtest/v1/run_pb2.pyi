@@ -1306,6 +1306,7 @@ class RunResult(_message.Message):
     STAGES_FIELD_NUMBER: _builtins.int
     VERDICT_FIELD_NUMBER: _builtins.int
     CHECKS_FIELD_NUMBER: _builtins.int
+    OVERALL_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The run's id."""
     state: Global___RunState.ValueType
@@ -1320,6 +1321,13 @@ class RunResult(_message.Message):
     def checks(self) -> _containers.RepeatedCompositeFieldContainer[Global___CheckResult]:
         """Every check on every stage."""
 
+    @_builtins.property
+    def overall(self) -> Global___StageResult:
+        """Every stage's counted samples together: the whole run's counts, throughput (over the
+        span from the first send to the last completion) and latency distributions. Absent when
+        the run stored no samples. No time series and no per-agent rows.
+        """
+
     def __init__(
         self,
         *,
@@ -1328,10 +1336,11 @@ class RunResult(_message.Message):
         stages: _abc.Iterable[Global___StageResult] | None = ...,
         verdict: Global___Verdict.ValueType = ...,
         checks: _abc.Iterable[Global___CheckResult] | None = ...,
+        overall: Global___StageResult | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["overall", b"overall"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "run_id", b"run_id", "stages", b"stages", "state", b"state", "verdict", b"verdict"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "overall", b"overall", "run_id", b"run_id", "stages", b"stages", "state", b"state", "verdict", b"verdict"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
