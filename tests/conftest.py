@@ -30,6 +30,18 @@ async def eventually(
         await asyncio.sleep(0.05)
 
 
+async def poll_until(predicate: Callable[[], bool], timeout_s: float = 20.0) -> bool:
+    """Poll `predicate` until it holds or `timeout_s` passes (synchronisation without sleeps)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        if predicate():
+            return True
+        if loop.time() >= deadline:
+            return False
+        await asyncio.sleep(0.005)
+
+
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
     return tmp_path / "runs.db"

@@ -12,7 +12,7 @@ import contextlib
 import json
 import socket
 import statistics
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -24,23 +24,13 @@ from agent.sample import RequestSample
 from common.proto.loadtest.v1 import agent_service_pb2, run_pb2
 from mockserver.config import MockConfig
 from mockserver.server import MockServer
+from tests.conftest import poll_until
 
 pytestmark = pytest.mark.timeout(60)
 
 MS = 1_000_000
 TARGET_KEY = "sk-target-secret-0123456789"
 
-
-async def poll_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> bool:
-    """Poll `predicate` until it holds or `timeout_s` passes (synchronisation without sleeps)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while True:
-        if predicate():
-            return True
-        if loop.time() >= deadline:
-            return False
-        await asyncio.sleep(0.005)
 
 
 @pytest.fixture

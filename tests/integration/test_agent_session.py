@@ -15,7 +15,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from common.grpc_options import API_KEY_ENV, API_KEY_METADATA, SERVER_OPTIONS
 from common.proto.loadtest.v1 import agent_service_pb2, agent_service_pb2_grpc, run_pb2
 from mockserver.config import MockConfig
 from mockserver.server import MockServer
+from tests.conftest import poll_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -36,17 +37,6 @@ COMPLETED = agent_service_pb2.ASSIGNMENT_STATE_COMPLETED
 CANCELLED = agent_service_pb2.ASSIGNMENT_STATE_CANCELLED
 RUNNING = agent_service_pb2.ASSIGNMENT_STATE_RUNNING
 
-
-async def poll_until(predicate: Callable[[], bool], timeout_s: float = 20.0) -> bool:
-    """Poll `predicate` until it holds or `timeout_s` passes (synchronisation without sleeps)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while True:
-        if predicate():
-            return True
-        if loop.time() >= deadline:
-            return False
-        await asyncio.sleep(0.005)
 
 
 class FakeController(agent_service_pb2_grpc.AgentServiceServicer):

@@ -3,29 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 
 import pytest
 
 from agent.batcher import FLAG_USAGE_FROM_SERVER, FLAG_WARMUP, SampleBatcher
 from agent.sample import ClockAnchor, RequestSample
 from common.proto.loadtest.v1 import agent_service_pb2, run_pb2
+from tests.conftest import poll_until
 
 pytestmark = pytest.mark.timeout(60)
 
 ANCHOR = ClockAnchor(unix_ns=1_700_000_000_000_000_000, perf_ns=1_000_000)
 
-
-async def poll_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> bool:
-    """Poll `predicate` until it holds or `timeout_s` passes (synchronisation without sleeps)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while True:
-        if predicate():
-            return True
-        if loop.time() >= deadline:
-            return False
-        await asyncio.sleep(0.005)
 
 
 def make_batcher(**kwargs: int) -> tuple[SampleBatcher, list[agent_service_pb2.SampleBatch]]:
