@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Callable
 
+from client.envconfig import apply_env_defaults
 from common.version import __version__
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int]]]:
     from agent import cli as agent_cli
-    from client import commands, quickstart, report
+    from client import commands, health_check, quickstart, report
     from controller import cli as controller_cli
     from mockserver import cli as mock_cli
 
@@ -45,11 +47,18 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Nam
     add("agent", "run a load-generating agent connected to a controller", agent_cli.add_arguments, agent_cli.run)
     add("mock-server", "serve a mock OpenAI-compatible model server with known latencies",
         mock_cli.add_arguments, mock_cli.run)  # fmt: skip
+    add("health", "check a controller's gRPC health service (exit 0 when SERVING; for container probes)",
+        health_check.add_arguments, health_check.run)  # fmt: skip
     return parser, handlers
 
 
 def main(argv: list[str] | None = None) -> int:
     parser, handlers = _parser()
+    try:
+        # Last, so every command's flags (whoever added them) get their LLM_LOADTEST_* variable.
+        apply_env_defaults(parser, os.environ)
+    except ValueError as exc:
+        parser.error(str(exc))
     args = parser.parse_args(argv)
     try:
         return handlers[args.command](args)

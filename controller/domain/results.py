@@ -6,7 +6,7 @@ Runs on a read-pool thread (pure numpy over one SQLite read per stage).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -48,6 +48,44 @@ class StageOutcome:
     mean_input_tokens: float = 0.0
     mean_requested_output_tokens: float = 0.0
     mean_output_tokens: float = 0.0
+    fleet: StageFleet | None = None
+
+
+@dataclass(frozen=True)
+class StageFleet:
+    """How the agents of a stage fared: start skew, losses, per-agent sessions and starts."""
+
+    start_skew_ms: float = 0.0
+    requests_lost: int = 0
+    agents_lost: int = 0
+    reduced_load_reason: str = ""
+    agent_sessions: dict[str, str] = field(default_factory=dict)
+    agent_start_offset_ms: dict[str, float] = field(default_factory=dict)
+
+
+def stage_fleet(run_pk: int, stage_idx: int) -> StageFleet:
+    """Start skew over the stage's initial assignments (controller clock) and the requests
+    that lost agents sent but never reported (replayed late batches reduce the count)."""
+    rows = repo.stage_assignments(run_pk, stage_idx)
+    starts = [r.started_ns for r in rows if not r.takeover and r.started_ns]
+    skew_ms = (max(starts) - min(starts)) / 1e6 if len(starts) > 1 else 0.0
+    lost = [r for r in rows if r.state == repo.ASSIGNMENT_LOST_STATE]
+    sessions: dict[str, list[str]] = {}
+    offsets: dict[str, float] = {}
+    for r in rows:
+        names = sessions.setdefault(r.agent_name, [])
+        if r.agent_session not in names:
+            names.append(r.agent_session)
+        if not r.takeover and r.started_ns and r.planned_start_ns and r.agent_name not in offsets:
+            offsets[r.agent_name] = (r.started_ns - r.planned_start_ns) / 1e6
+    return StageFleet(
+        start_skew_ms=skew_ms,
+        requests_lost=sum(max(0, r.requests_sent - r.stored_samples) for r in lost),
+        agents_lost=len({r.agent_session for r in lost}),
+        reduced_load_reason=repo.stage_reduced_load_reason(run_pk, stage_idx),
+        agent_sessions={k: ",".join(v) for k, v in sessions.items()},
+        agent_start_offset_ms=offsets,
+    )
 
 
 @dataclass(frozen=True)
@@ -125,6 +163,7 @@ def compute_run_result(run_pk: int, spec: run_pb2.RunSpec, state: int) -> RunOut
                 mean_input_tokens=_mean_known(cols.prompt_tokens[ok]),
                 mean_requested_output_tokens=_mean_known(data.requested_output_tokens[counted]),
                 mean_output_tokens=float(cols.output_tokens[ok].mean()) if ok.any() else 0.0,
+                fleet=stage_fleet(run_pk, idx),
             )
         )  # fmt: skip
     all_checks = [c for s in stages for c in s.checks]

@@ -101,9 +101,17 @@ def stage_message(s: StageOutcome) -> run_pb2.StageResult:
     out.mean_input_tokens = s.mean_input_tokens
     out.mean_requested_output_tokens = s.mean_requested_output_tokens
     out.mean_output_tokens = s.mean_output_tokens
+    fleet = s.fleet
+    if fleet is not None:
+        out.start_skew_ms, out.requests_lost, out.agents_lost = (
+            fleet.start_skew_ms, fleet.requests_lost, fleet.agents_lost)
+        out.reduced_load, out.reduced_load_reason = bool(fleet.reduced_load_reason), fleet.reduced_load_reason
     for name, m in s.agents:
         row = _stage_fields(m)
         row.index, row.name, row.agent_name = s.index, s.name, name
+        if fleet is not None:
+            row.agent_sessions = fleet.agent_sessions.get(name, "")
+            row.start_offset_ms = fleet.agent_start_offset_ms.get(name, 0.0)
         del row.time_series[:]
         out.agents.append(row)
     out.checks.extend(check_message(c) for c in s.checks)
@@ -159,6 +167,8 @@ def agent_message(s: AgentSession) -> run_pb2.Agent:
         ),
         run_id=s.run_id,
         assignment_id=s.assignment_id,
+        clock_offset_ms=s.clock.offset_ns / 1e6,
+        clock_rtt_ms=s.clock.rtt_ns / 1e6 if s.clock.rtt_ns is not None else 0.0,
     )
 
 

@@ -148,6 +148,19 @@ MIGRATIONS: Sequence[tuple[int, str, str]] = (
         ALTER TABLE assignments ADD COLUMN max_cpu_percent REAL NOT NULL DEFAULT 0;
         """,
     ),
+    (
+        4,
+        "fleet: synchronized starts, takeovers, lost agents",
+        """
+        -- planned_start_ns / started_ns: controller clock; started_ns is the agent's
+        -- reported start corrected by its estimated clock offset.
+        ALTER TABLE assignments ADD COLUMN planned_start_ns INTEGER;
+        ALTER TABLE assignments ADD COLUMN started_ns INTEGER;
+        ALTER TABLE assignments ADD COLUMN clock_offset_ns INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE assignments ADD COLUMN takeover INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE stages ADD COLUMN reduced_load_reason TEXT NOT NULL DEFAULT '';
+        """,
+    ),
 )
 
 

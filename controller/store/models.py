@@ -61,6 +61,7 @@ class StageRow(BaseModel):
     name = TextField()
     started_at = IntegerField(null=True)
     ended_at = IntegerField(null=True)
+    reduced_load_reason = TextField(default="")
 
     class Meta:
         table_name = "stages"
@@ -95,6 +96,10 @@ class AssignmentRow(BaseModel):
     ended_at = IntegerField(null=True)
     max_loop_lag_ms = FloatField(default=0.0)
     max_cpu_percent = FloatField(default=0.0)
+    planned_start_ns = IntegerField(null=True)
+    started_ns = IntegerField(null=True)
+    clock_offset_ns = IntegerField(default=0)
+    takeover = IntegerField(default=0)
 
     class Meta:
         table_name = "assignments"

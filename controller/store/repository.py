@@ -481,3 +481,46 @@ def failure_summary(run_pk: int) -> tuple[int, int, str]:
         "SELECT error FROM samples WHERE run_pk = ? AND status != ? LIMIT 1", (run_pk, OK_STATUS)
     ).fetchone()
     return int(ok), int(failed), str(row[0]) if row else ""
+
+
+# --- fleet: synchronized starts, lost agents ---------------------------------------------
+
+ASSIGNMENT_LOST_STATE = -1  # assignments.state of an assignment whose agent was lost
+
+
+@dataclass(frozen=True)
+class AssignmentSummary:
+    """What the result needs to know about one assignment of a stage."""
+
+    agent_name: str
+    agent_session: str
+    state: int
+    requests_sent: int
+    stored_samples: int
+    planned_start_ns: int | None
+    started_ns: int | None
+    takeover: bool
+
+
+def stage_assignments(run_pk: int, stage_idx: int) -> list[AssignmentSummary]:
+    """Every assignment of a stage with its stored sample count, in creation order."""
+    rows = database_proxy.execute_sql(
+        "SELECT a.agent_name, a.agent_session, a.state, a.requests_sent,"
+        " (SELECT COALESCE(SUM(b.n_samples), 0) FROM sample_batches b WHERE b.assignment_pk = a.pk),"
+        " a.planned_start_ns, a.started_ns, a.takeover FROM assignments a"
+        " WHERE a.run_pk = ? AND a.stage_idx = ? ORDER BY a.pk",
+        (run_pk, stage_idx),
+    ).fetchall()
+    return [
+        AssignmentSummary(str(r[0]), str(r[1]), int(r[2]), int(r[3]), int(r[4]), r[5], r[6], bool(r[7]))
+        for r in rows
+    ]
+
+
+def stage_reduced_load_reason(run_pk: int, stage_idx: int) -> str:
+    row = StageRow.get_or_none((StageRow.run == run_pk) & (StageRow.idx == stage_idx))
+    return str(row.reduced_load_reason) if row is not None else ""
+
+
+def set_stage_reduced_load(run_pk: int, stage_idx: int, reason: str) -> None:
+    StageRow.update(reduced_load_reason=reason).where((StageRow.run == run_pk) & (StageRow.idx == stage_idx)).execute()

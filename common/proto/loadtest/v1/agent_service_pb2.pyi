@@ -64,6 +64,7 @@ class ConnectRequest(_message.Message):
     HEARTBEAT_FIELD_NUMBER: _builtins.int
     ASSIGNMENT_UPDATE_FIELD_NUMBER: _builtins.int
     SAMPLE_BATCH_FIELD_NUMBER: _builtins.int
+    GOODBYE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello:
         """First message of every stream."""
@@ -80,6 +81,10 @@ class ConnectRequest(_message.Message):
     def sample_batch(self) -> Global___SampleBatch:
         """Per-request samples."""
 
+    @_builtins.property
+    def goodbye(self) -> Global___Goodbye:
+        """The agent is shutting down; sent after its last samples."""
+
     def __init__(
         self,
         *,
@@ -87,12 +92,13 @@ class ConnectRequest(_message.Message):
         heartbeat: Global___Heartbeat | None = ...,
         assignment_update: Global___AssignmentUpdate | None = ...,
         sample_batch: Global___SampleBatch | None = ...,
+        goodbye: Global___Goodbye | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["assignment_update", b"assignment_update", "body", b"body", "heartbeat", b"heartbeat", "hello", b"hello", "sample_batch", b"sample_batch"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assignment_update", b"assignment_update", "body", b"body", "goodbye", b"goodbye", "heartbeat", b"heartbeat", "hello", b"hello", "sample_batch", b"sample_batch"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment_update", b"assignment_update", "body", b"body", "heartbeat", b"heartbeat", "hello", b"hello", "sample_batch", b"sample_batch"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment_update", b"assignment_update", "body", b"body", "goodbye", b"goodbye", "heartbeat", b"heartbeat", "hello", b"hello", "sample_batch", b"sample_batch"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "heartbeat", "assignment_update", "sample_batch"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "heartbeat", "assignment_update", "sample_batch", "goodbye"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -108,6 +114,7 @@ class ConnectResponse(_message.Message):
     ASSIGN_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
     ACK_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_ACK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___Welcome:
         """Answer to Hello."""
@@ -124,6 +131,10 @@ class ConnectResponse(_message.Message):
     def ack(self) -> Global___Ack:
         """Batches committed."""
 
+    @_builtins.property
+    def heartbeat_ack(self) -> Global___HeartbeatAck:
+        """Answer to a Heartbeat (clock exchange; renews the agent's lease)."""
+
     def __init__(
         self,
         *,
@@ -131,12 +142,13 @@ class ConnectResponse(_message.Message):
         assign: Global___Assign | None = ...,
         cancel: Global___Cancel | None = ...,
         ack: Global___Ack | None = ...,
+        heartbeat_ack: Global___HeartbeatAck | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "assign", b"assign", "body", b"body", "cancel", b"cancel", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "assign", b"assign", "body", b"body", "cancel", b"cancel", "heartbeat_ack", b"heartbeat_ack", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "assign", b"assign", "body", b"body", "cancel", b"cancel", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "assign", b"assign", "body", b"body", "cancel", b"cancel", "heartbeat_ack", b"heartbeat_ack", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["welcome", "assign", "cancel", "ack"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["welcome", "assign", "cancel", "ack", "heartbeat_ack"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -208,21 +220,30 @@ class Welcome(_message.Message):
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
+    LEASE_DURATION_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Id of this session."""
     @_builtins.property
     def heartbeat_interval(self) -> _duration_pb2.Duration:
         """How often the agent must send Heartbeat."""
 
+    @_builtins.property
+    def lease_duration(self) -> _duration_pb2.Duration:
+        """How long the agent may keep firing without hearing from the controller: when
+        nothing arrives for this long, it stops its assignments (a partitioned agent
+        must not load a model server forever).
+        """
+
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         heartbeat_interval: _duration_pb2.Duration | None = ...,
+        lease_duration: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease_duration", b"lease_duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease_duration", b"lease_duration", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -236,6 +257,7 @@ class Heartbeat(_message.Message):
 
     AGENT_TIME_FIELD_NUMBER: _builtins.int
     HEALTH_FIELD_NUMBER: _builtins.int
+    CLOCK_SAMPLE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def agent_time(self) -> _timestamp_pb2.Timestamp:
         """The agent's wall clock when it sent the heartbeat."""
@@ -244,19 +266,112 @@ class Heartbeat(_message.Message):
     def health(self) -> _run_pb2.AgentHealth:
         """Health of the load generator."""
 
+    @_builtins.property
+    def clock_sample(self) -> Global___ClockSample:
+        """The previous completed clock exchange, for the controller's offset estimate."""
+
     def __init__(
         self,
         *,
         agent_time: _timestamp_pb2.Timestamp | None = ...,
         health: _run_pb2.AgentHealth | None = ...,
+        clock_sample: Global___ClockSample | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["agent_time", b"agent_time", "health", b"health"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent_time", b"agent_time", "clock_sample", b"clock_sample", "health", b"health"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_time", b"agent_time", "health", b"health"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_time", b"agent_time", "clock_sample", b"clock_sample", "health", b"health"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Heartbeat: _TypeAlias = Heartbeat  # noqa: Y015
+
+@_typing.final
+class HeartbeatAck(_message.Message):
+    """Answer to a Heartbeat: the controller's clock readings for the NTP-style exchange."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_SEND_UNIX_NS_FIELD_NUMBER: _builtins.int
+    CONTROLLER_RECEIVE_UNIX_NS_FIELD_NUMBER: _builtins.int
+    CONTROLLER_SEND_UNIX_NS_FIELD_NUMBER: _builtins.int
+    agent_send_unix_ns: _builtins.int
+    """`agent_time` of the heartbeat being answered (agent clock), Unix ns."""
+    controller_receive_unix_ns: _builtins.int
+    """When the controller received it (controller clock), Unix ns."""
+    controller_send_unix_ns: _builtins.int
+    """When the controller sent this answer (controller clock), Unix ns."""
+    def __init__(
+        self,
+        *,
+        agent_send_unix_ns: _builtins.int = ...,
+        controller_receive_unix_ns: _builtins.int = ...,
+        controller_send_unix_ns: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_send_unix_ns", b"agent_send_unix_ns", "controller_receive_unix_ns", b"controller_receive_unix_ns", "controller_send_unix_ns", b"controller_send_unix_ns"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeartbeatAck: _TypeAlias = HeartbeatAck  # noqa: Y015
+
+@_typing.final
+class ClockSample(_message.Message):
+    """One clock exchange, four time stamps (NTP): offset = ((t2 - t1) + (t3 - t4)) / 2,
+    round trip = (t4 - t1) - (t3 - t2).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_SEND_UNIX_NS_FIELD_NUMBER: _builtins.int
+    CONTROLLER_RECEIVE_UNIX_NS_FIELD_NUMBER: _builtins.int
+    CONTROLLER_SEND_UNIX_NS_FIELD_NUMBER: _builtins.int
+    AGENT_RECEIVE_UNIX_NS_FIELD_NUMBER: _builtins.int
+    agent_send_unix_ns: _builtins.int
+    """t1: the agent sent the heartbeat (agent clock), Unix ns."""
+    controller_receive_unix_ns: _builtins.int
+    """t2: the controller received it (controller clock), Unix ns."""
+    controller_send_unix_ns: _builtins.int
+    """t3: the controller answered (controller clock), Unix ns."""
+    agent_receive_unix_ns: _builtins.int
+    """t4: the agent received the answer (agent clock), Unix ns."""
+    def __init__(
+        self,
+        *,
+        agent_send_unix_ns: _builtins.int = ...,
+        controller_receive_unix_ns: _builtins.int = ...,
+        controller_send_unix_ns: _builtins.int = ...,
+        agent_receive_unix_ns: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_receive_unix_ns", b"agent_receive_unix_ns", "agent_send_unix_ns", b"agent_send_unix_ns", "controller_receive_unix_ns", b"controller_receive_unix_ns", "controller_send_unix_ns", b"controller_send_unix_ns"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClockSample: _TypeAlias = ClockSample  # noqa: Y015
+
+@_typing.final
+class Goodbye(_message.Message):
+    """The agent is leaving on purpose (SIGTERM): not a loss."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """Why."""
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Goodbye: _TypeAlias = Goodbye  # noqa: Y015
 
 @_typing.final
 class Assign(_message.Message):
@@ -271,12 +386,26 @@ class Assign(_message.Message):
     WORKLOAD_FIELD_NUMBER: _builtins.int
     STAGE_FIELD_NUMBER: _builtins.int
     DATASET_ENTRIES_FIELD_NUMBER: _builtins.int
+    SERVER_METRICS_FIELD_NUMBER: _builtins.int
+    START_UNIX_NS_FIELD_NUMBER: _builtins.int
+    CLOCK_OFFSET_NS_FIELD_NUMBER: _builtins.int
+    TAKEOVER_FIELD_NUMBER: _builtins.int
     assignment_id: _builtins.str
     """Id of the assignment; samples and updates refer to it."""
     run_id: _builtins.str
     """The run it belongs to."""
     stage_index: _builtins.int
     """Index of the stage in the run."""
+    start_unix_ns: _builtins.int
+    """When to start, in the controller's clock (Unix ns); 0 = at once. Agents of a
+    stage get the same start time and start together.
+    """
+    clock_offset_ns: _builtins.int
+    """The controller's estimate of controller clock minus this agent's clock, ns;
+    the agent starts at its local `start_unix_ns - clock_offset_ns`.
+    """
+    takeover: _builtins.bool
+    """True for a share taken over from a lost agent."""
     @_builtins.property
     def target(self) -> _run_pb2.Target:
         """The target, including its API key."""
@@ -293,6 +422,12 @@ class Assign(_message.Message):
     def dataset_entries(self) -> _containers.RepeatedCompositeFieldContainer[_run_pb2.DatasetEntry]:
         """The parsed dataset when the workload uses one (its `content` is not sent)."""
 
+    @_builtins.property
+    def server_metrics(self) -> _run_pb2.ServerMetricsSpec:
+        """Prometheus endpoints this agent scrapes during the assignment (only its share of the
+        run's endpoints; the filters include the names the controller needs).
+        """
+
     def __init__(
         self,
         *,
@@ -303,10 +438,14 @@ class Assign(_message.Message):
         workload: _run_pb2.Workload | None = ...,
         stage: _run_pb2.Stage | None = ...,
         dataset_entries: _abc.Iterable[_run_pb2.DatasetEntry] | None = ...,
+        server_metrics: _run_pb2.ServerMetricsSpec | None = ...,
+        start_unix_ns: _builtins.int = ...,
+        clock_offset_ns: _builtins.int = ...,
+        takeover: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["stage", b"stage", "target", b"target", "workload", b"workload"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["server_metrics", b"server_metrics", "stage", b"stage", "target", b"target", "workload", b"workload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment_id", b"assignment_id", "dataset_entries", b"dataset_entries", "run_id", b"run_id", "stage", b"stage", "stage_index", b"stage_index", "target", b"target", "workload", b"workload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment_id", b"assignment_id", "clock_offset_ns", b"clock_offset_ns", "dataset_entries", b"dataset_entries", "run_id", b"run_id", "server_metrics", b"server_metrics", "stage", b"stage", "stage_index", b"stage_index", "start_unix_ns", b"start_unix_ns", "takeover", b"takeover", "target", b"target", "workload", b"workload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -323,6 +462,7 @@ class AssignmentUpdate(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     BATCH_COUNT_FIELD_NUMBER: _builtins.int
     REQUESTS_SENT_FIELD_NUMBER: _builtins.int
+    START_UNIX_NS_FIELD_NUMBER: _builtins.int
     assignment_id: _builtins.str
     """The assignment."""
     state: Global___AssignmentState.ValueType
@@ -334,7 +474,11 @@ class AssignmentUpdate(_message.Message):
     (batch_seq runs from 1 to batch_count).
     """
     requests_sent: _builtins.int
-    """Requests sent so far."""
+    """Requests sent so far. While connected, an agent reports a request here before
+    sending it, so the controller can count what a lost agent sent but never reported.
+    """
+    start_unix_ns: _builtins.int
+    """When the load actually started (agent clock, Unix ns); 0 until then."""
     def __init__(
         self,
         *,
@@ -343,10 +487,11 @@ class AssignmentUpdate(_message.Message):
         message: _builtins.str = ...,
         batch_count: _builtins.int = ...,
         requests_sent: _builtins.int = ...,
+        start_unix_ns: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment_id", b"assignment_id", "batch_count", b"batch_count", "message", b"message", "requests_sent", b"requests_sent", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment_id", b"assignment_id", "batch_count", b"batch_count", "message", b"message", "requests_sent", b"requests_sent", "start_unix_ns", b"start_unix_ns", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -380,6 +525,7 @@ class SampleBatch(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     REQUESTED_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     REQUESTED_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    SERVER_SCRAPES_FIELD_NUMBER: _builtins.int
     assignment_id: _builtins.str
     """The assignment the samples belong to."""
     batch_seq: _builtins.int
@@ -444,6 +590,12 @@ class SampleBatch(_message.Message):
     def requested_output_tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """max_tokens sent with the request (0 if none)."""
 
+    @_builtins.property
+    def server_scrapes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ServerScrape]:
+        """Scrapes of the model server's metrics taken since the previous batch (acked and
+        replayed with the batch; a batch may carry scrapes and no request samples).
+        """
+
     def __init__(
         self,
         *,
@@ -464,10 +616,11 @@ class SampleBatch(_message.Message):
         error: _abc.Iterable[_builtins.str] | None = ...,
         requested_input_tokens: _abc.Iterable[_builtins.int] | None = ...,
         requested_output_tokens: _abc.Iterable[_builtins.int] | None = ...,
+        server_scrapes: _abc.Iterable[Global___ServerScrape] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment_id", b"assignment_id", "batch_seq", b"batch_seq", "done_ns", b"done_ns", "error", b"error", "first_byte_ns", b"first_byte_ns", "first_token_ns", b"first_token_ns", "flags", b"flags", "itl_count", b"itl_count", "itl_ns", b"itl_ns", "last_token_ns", b"last_token_ns", "output_tokens", b"output_tokens", "prompt_tokens", b"prompt_tokens", "queue_delay_ns", b"queue_delay_ns", "requested_input_tokens", b"requested_input_tokens", "requested_output_tokens", b"requested_output_tokens", "sent_unix_ns", b"sent_unix_ns", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment_id", b"assignment_id", "batch_seq", b"batch_seq", "done_ns", b"done_ns", "error", b"error", "first_byte_ns", b"first_byte_ns", "first_token_ns", b"first_token_ns", "flags", b"flags", "itl_count", b"itl_count", "itl_ns", b"itl_ns", "last_token_ns", b"last_token_ns", "output_tokens", b"output_tokens", "prompt_tokens", b"prompt_tokens", "queue_delay_ns", b"queue_delay_ns", "requested_input_tokens", b"requested_input_tokens", "requested_output_tokens", b"requested_output_tokens", "sent_unix_ns", b"sent_unix_ns", "server_scrapes", b"server_scrapes", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -526,3 +679,73 @@ class Cancel(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Cancel: _TypeAlias = Cancel  # noqa: Y015
+
+@_typing.final
+class ServerScrape(_message.Message):
+    """One scrape of one Prometheus endpoint."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    TIME_UNIX_NS_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    endpoint: _builtins.str
+    """The endpoint's URL."""
+    time_unix_ns: _builtins.int
+    """When the response arrived (agent wall clock, ns since the Unix epoch)."""
+    error: _builtins.str
+    """Why the scrape failed; empty on success."""
+    @_builtins.property
+    def values(self) -> _containers.RepeatedCompositeFieldContainer[Global___ServerMetricValue]:
+        """The gauges and counters read (empty when the scrape failed)."""
+
+    def __init__(
+        self,
+        *,
+        endpoint: _builtins.str = ...,
+        time_unix_ns: _builtins.int = ...,
+        values: _abc.Iterable[Global___ServerMetricValue] | None = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "error", b"error", "time_unix_ns", b"time_unix_ns", "values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServerScrape: _TypeAlias = ServerScrape  # noqa: Y015
+
+@_typing.final
+class ServerMetricValue(_message.Message):
+    """One sample of a scraped gauge or counter."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Metric name, e.g. `vllm:generation_tokens_total`."""
+    labels: _builtins.str
+    """Its labels in exposition syntax without braces, sorted by name (`a="x",b="y"`)."""
+    kind: _run_pb2.ServerMetricKind.ValueType
+    """Gauge or counter."""
+    value: _builtins.float
+    """The value."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        labels: _builtins.str = ...,
+        kind: _run_pb2.ServerMetricKind.ValueType = ...,
+        value: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "labels", b"labels", "name", b"name", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServerMetricValue: _TypeAlias = ServerMetricValue  # noqa: Y015

@@ -190,6 +190,34 @@ the first human turn is the prompt, the following gpt turn's length sets max_tok
 """
 Global___DatasetFormat: _TypeAlias = DatasetFormat  # noqa: Y015
 
+class _AgentLossPolicy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AgentLossPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AgentLossPolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    AGENT_LOSS_POLICY_UNSPECIFIED: _AgentLossPolicy.ValueType  # 0
+    """Not set: REDISTRIBUTE."""
+    AGENT_LOSS_POLICY_REDISTRIBUTE: _AgentLossPolicy.ValueType  # 1
+    """The remaining agents take over the lost share for the rest of the stage."""
+    AGENT_LOSS_POLICY_CONTINUE: _AgentLossPolicy.ValueType  # 2
+    """Finish the stage with less load; the stage result is flagged `reduced_load`."""
+    AGENT_LOSS_POLICY_FAIL: _AgentLossPolicy.ValueType  # 3
+    """The run fails."""
+
+class AgentLossPolicy(_AgentLossPolicy, metaclass=_AgentLossPolicyEnumTypeWrapper):
+    """What a run does when one of its agents is lost (missed heartbeats) mid-stage."""
+
+AGENT_LOSS_POLICY_UNSPECIFIED: AgentLossPolicy.ValueType  # 0
+"""Not set: REDISTRIBUTE."""
+AGENT_LOSS_POLICY_REDISTRIBUTE: AgentLossPolicy.ValueType  # 1
+"""The remaining agents take over the lost share for the rest of the stage."""
+AGENT_LOSS_POLICY_CONTINUE: AgentLossPolicy.ValueType  # 2
+"""Finish the stage with less load; the stage result is flagged `reduced_load`."""
+AGENT_LOSS_POLICY_FAIL: AgentLossPolicy.ValueType  # 3
+"""The run fails."""
+Global___AgentLossPolicy: _TypeAlias = AgentLossPolicy  # noqa: Y015
+
 class _Verdict:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -217,6 +245,30 @@ VERDICT_PASS: Verdict.ValueType  # 2
 VERDICT_FAIL: Verdict.ValueType  # 3
 """At least one check failed on some stage (or the run did not succeed)."""
 Global___Verdict: _TypeAlias = Verdict  # noqa: Y015
+
+class _ServerMetricKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ServerMetricKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ServerMetricKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SERVER_METRIC_KIND_UNSPECIFIED: _ServerMetricKind.ValueType  # 0
+    """Not set."""
+    SERVER_METRIC_KIND_GAUGE: _ServerMetricKind.ValueType  # 1
+    """A value that goes up and down (e.g. running requests)."""
+    SERVER_METRIC_KIND_COUNTER: _ServerMetricKind.ValueType  # 2
+    """A monotonically increasing count (e.g. generated tokens); resets are detected."""
+
+class ServerMetricKind(_ServerMetricKind, metaclass=_ServerMetricKindEnumTypeWrapper):
+    """The kind of a scraped metric."""
+
+SERVER_METRIC_KIND_UNSPECIFIED: ServerMetricKind.ValueType  # 0
+"""Not set."""
+SERVER_METRIC_KIND_GAUGE: ServerMetricKind.ValueType  # 1
+"""A value that goes up and down (e.g. running requests)."""
+SERVER_METRIC_KIND_COUNTER: ServerMetricKind.ValueType  # 2
+"""A monotonically increasing count (e.g. generated tokens); resets are detected."""
+Global___ServerMetricKind: _TypeAlias = ServerMetricKind  # noqa: Y015
 
 @_typing.final
 class Target(_message.Message):
@@ -680,17 +732,55 @@ class Placement(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class SelectorEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     AGENTS_FIELD_NUMBER: _builtins.int
+    SELECTOR_FIELD_NUMBER: _builtins.int
+    WAIT_TIMEOUT_FIELD_NUMBER: _builtins.int
+    ON_AGENT_LOSS_FIELD_NUMBER: _builtins.int
     agents: _builtins.int
     """How many agents share each stage. Defaults to 1."""
+    on_agent_loss: Global___AgentLossPolicy.ValueType
+    """What happens when an agent is lost mid-stage. Defaults to REDISTRIBUTE."""
+    @_builtins.property
+    def selector(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Only agents whose labels include every `key=value` pair here are chosen."""
+
+    @_builtins.property
+    def wait_timeout(self) -> _duration_pb2.Duration:
+        """How long the run may wait in PENDING for enough matching agents before it
+        fails. Defaults to 5 minutes.
+        """
+
     def __init__(
         self,
         *,
         agents: _builtins.int = ...,
+        selector: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        wait_timeout: _duration_pb2.Duration | None = ...,
+        on_agent_loss: Global___AgentLossPolicy.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["wait_timeout", b"wait_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "on_agent_loss", b"on_agent_loss", "selector", b"selector", "wait_timeout", b"wait_timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -730,6 +820,7 @@ class RunSpec(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     SLO_FIELD_NUMBER: _builtins.int
     CHECKS_FIELD_NUMBER: _builtins.int
+    SERVER_METRICS_FIELD_NUMBER: _builtins.int
     display_name: _builtins.str
     """Optional human-readable name."""
     @_builtins.property
@@ -760,6 +851,10 @@ class RunSpec(_message.Message):
     def checks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Check]:
         """Pass/fail checks evaluated on every stage; they give the run its verdict."""
 
+    @_builtins.property
+    def server_metrics(self) -> Global___ServerMetricsSpec:
+        """The model server's own Prometheus metrics, scraped by the agents during every stage."""
+
     def __init__(
         self,
         *,
@@ -771,10 +866,11 @@ class RunSpec(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         slo: Global___Slo | None = ...,
         checks: _abc.Iterable[Global___Check] | None = ...,
+        server_metrics: Global___ServerMetricsSpec | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["placement", b"placement", "slo", b"slo", "target", b"target", "workload", b"workload"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["placement", b"placement", "server_metrics", b"server_metrics", "slo", b"slo", "target", b"target", "workload", b"workload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "display_name", b"display_name", "labels", b"labels", "placement", b"placement", "slo", b"slo", "stages", b"stages", "target", b"target", "workload", b"workload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "display_name", b"display_name", "labels", b"labels", "placement", b"placement", "server_metrics", b"server_metrics", "slo", b"slo", "stages", b"stages", "target", b"target", "workload", b"workload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1147,6 +1243,14 @@ class StageResult(_message.Message):
     MEAN_REQUESTED_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     MEAN_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     CHECKS_FIELD_NUMBER: _builtins.int
+    SERVER_METRICS_FIELD_NUMBER: _builtins.int
+    START_SKEW_MS_FIELD_NUMBER: _builtins.int
+    REQUESTS_LOST_FIELD_NUMBER: _builtins.int
+    AGENTS_LOST_FIELD_NUMBER: _builtins.int
+    REDUCED_LOAD_FIELD_NUMBER: _builtins.int
+    REDUCED_LOAD_REASON_FIELD_NUMBER: _builtins.int
+    AGENT_SESSIONS_FIELD_NUMBER: _builtins.int
+    START_OFFSET_MS_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """Index of the stage in the spec; unset in the run-wide result."""
     name: _builtins.str
@@ -1199,6 +1303,28 @@ class StageResult(_message.Message):
     """Mean max_tokens the workload asked for."""
     mean_output_tokens: _builtins.float
     """Mean output tokens received."""
+    start_skew_ms: _builtins.float
+    """Measured start skew: the spread of the agents' actual start times, in the
+    controller's clock (each agent's clock corrected by its estimated offset), ms.
+    """
+    requests_lost: _builtins.int
+    """Requests an agent sent but never reported because it was lost (they are in no
+    other count of this result).
+    """
+    agents_lost: _builtins.int
+    """Agents lost during the stage."""
+    reduced_load: _builtins.bool
+    """True when the stage ran with less load than specified (an agent was lost and the
+    run's policy is CONTINUE, or no agent was left to take over its share).
+    """
+    reduced_load_reason: _builtins.str
+    """Why `reduced_load` is set."""
+    agent_sessions: _builtins.str
+    """In a per-agent row: the agent's session ids during the stage, comma-separated."""
+    start_offset_ms: _builtins.float
+    """In a per-agent row: when the agent actually started, relative to the planned
+    start of the stage (controller clock), ms.
+    """
     @_builtins.property
     def errors(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Failed requests by error kind (`http_4xx`, `http_5xx`, `timeout`, `connection`,
@@ -1241,6 +1367,10 @@ class StageResult(_message.Message):
     def checks(self) -> _containers.RepeatedCompositeFieldContainer[Global___CheckResult]:
         """The checks evaluated on this stage."""
 
+    @_builtins.property
+    def server_metrics(self) -> Global___ServerMetricsResult:
+        """The model server's metrics during the stage (only with `RunSpec.server_metrics`)."""
+
     def __init__(
         self,
         *,
@@ -1279,10 +1409,18 @@ class StageResult(_message.Message):
         mean_requested_output_tokens: _builtins.float = ...,
         mean_output_tokens: _builtins.float = ...,
         checks: _abc.Iterable[Global___CheckResult] | None = ...,
+        server_metrics: Global___ServerMetricsResult | None = ...,
+        start_skew_ms: _builtins.float = ...,
+        requests_lost: _builtins.int = ...,
+        agents_lost: _builtins.int = ...,
+        reduced_load: _builtins.bool = ...,
+        reduced_load_reason: _builtins.str = ...,
+        agent_sessions: _builtins.str = ...,
+        start_offset_ms: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_good_fraction", b"_good_fraction", "_goodput", b"_goodput", "e2e", b"e2e", "e2e_including_queue", b"e2e_including_queue", "good_fraction", b"good_fraction", "goodput", b"goodput", "itl", b"itl", "queue_delay", b"queue_delay", "tpot", b"tpot", "ttft", b"ttft"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_good_fraction", b"_good_fraction", "_goodput", b"_goodput", "e2e", b"e2e", "e2e_including_queue", b"e2e_including_queue", "good_fraction", b"good_fraction", "goodput", b"goodput", "itl", b"itl", "queue_delay", b"queue_delay", "server_metrics", b"server_metrics", "tpot", b"tpot", "ttft", b"ttft"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_good_fraction", b"_good_fraction", "_goodput", b"_goodput", "achieved_concurrency", b"achieved_concurrency", "agent_name", b"agent_name", "agents", b"agents", "checks", b"checks", "concurrency", b"concurrency", "duration_s", b"duration_s", "e2e", b"e2e", "e2e_including_queue", b"e2e_including_queue", "errors", b"errors", "good_fraction", b"good_fraction", "goodput", b"goodput", "index", b"index", "itl", b"itl", "max_event_loop_lag_ms", b"max_event_loop_lag_ms", "mean_input_tokens", b"mean_input_tokens", "mean_output_tokens", b"mean_output_tokens", "mean_requested_input_tokens", b"mean_requested_input_tokens", "mean_requested_output_tokens", b"mean_requested_output_tokens", "name", b"name", "output_token_throughput", b"output_token_throughput", "output_tokens", b"output_tokens", "output_tokens_estimated", b"output_tokens_estimated", "peak_output_token_throughput", b"peak_output_token_throughput", "prompt_tokens", b"prompt_tokens", "queue_delay", b"queue_delay", "request_rate", b"request_rate", "request_throughput", b"request_throughput", "requests_failed", b"requests_failed", "requests_ok", b"requests_ok", "saturated", b"saturated", "saturation_reason", b"saturation_reason", "time_series", b"time_series", "total_token_throughput", b"total_token_throughput", "tpot", b"tpot", "ttft", b"ttft"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_good_fraction", b"_good_fraction", "_goodput", b"_goodput", "achieved_concurrency", b"achieved_concurrency", "agent_name", b"agent_name", "agent_sessions", b"agent_sessions", "agents", b"agents", "agents_lost", b"agents_lost", "checks", b"checks", "concurrency", b"concurrency", "duration_s", b"duration_s", "e2e", b"e2e", "e2e_including_queue", b"e2e_including_queue", "errors", b"errors", "good_fraction", b"good_fraction", "goodput", b"goodput", "index", b"index", "itl", b"itl", "max_event_loop_lag_ms", b"max_event_loop_lag_ms", "mean_input_tokens", b"mean_input_tokens", "mean_output_tokens", b"mean_output_tokens", "mean_requested_input_tokens", b"mean_requested_input_tokens", "mean_requested_output_tokens", b"mean_requested_output_tokens", "name", b"name", "output_token_throughput", b"output_token_throughput", "output_tokens", b"output_tokens", "output_tokens_estimated", b"output_tokens_estimated", "peak_output_token_throughput", b"peak_output_token_throughput", "prompt_tokens", b"prompt_tokens", "queue_delay", b"queue_delay", "reduced_load", b"reduced_load", "reduced_load_reason", b"reduced_load_reason", "request_rate", b"request_rate", "request_throughput", b"request_throughput", "requests_failed", b"requests_failed", "requests_lost", b"requests_lost", "requests_ok", b"requests_ok", "saturated", b"saturated", "saturation_reason", b"saturation_reason", "server_metrics", b"server_metrics", "start_offset_ms", b"start_offset_ms", "start_skew_ms", b"start_skew_ms", "time_series", b"time_series", "total_token_throughput", b"total_token_throughput", "tpot", b"tpot", "ttft", b"ttft"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__good_fraction: _TypeAlias = _typing.Literal["good_fraction"]  # noqa: Y015
     _WhichOneofArgType__good_fraction: _TypeAlias = _typing.Literal["_good_fraction", b"_good_fraction"]  # noqa: Y015
@@ -1411,6 +1549,8 @@ class Agent(_message.Message):
     HEALTH_FIELD_NUMBER: _builtins.int
     RUN_ID_FIELD_NUMBER: _builtins.int
     ASSIGNMENT_ID_FIELD_NUMBER: _builtins.int
+    CLOCK_OFFSET_MS_FIELD_NUMBER: _builtins.int
+    CLOCK_RTT_MS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The agent's session id (new on every connection)."""
     name: _builtins.str
@@ -1421,6 +1561,10 @@ class Agent(_message.Message):
     """Run the agent is working for, if any."""
     assignment_id: _builtins.str
     """Assignment the agent is working on, if any."""
+    clock_offset_ms: _builtins.float
+    """Estimated offset of the agent's clock: controller clock minus agent clock, ms."""
+    clock_rtt_ms: _builtins.float
+    """Round trip of the heartbeat exchange the offset estimate comes from, ms."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Labels the agent gave."""
@@ -1449,11 +1593,282 @@ class Agent(_message.Message):
         health: Global___AgentHealth | None = ...,
         run_id: _builtins.str = ...,
         assignment_id: _builtins.str = ...,
+        clock_offset_ms: _builtins.float = ...,
+        clock_rtt_ms: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["connect_time", b"connect_time", "health", b"health", "last_heartbeat_time", b"last_heartbeat_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment_id", b"assignment_id", "connect_time", b"connect_time", "health", b"health", "labels", b"labels", "last_heartbeat_time", b"last_heartbeat_time", "name", b"name", "run_id", b"run_id", "session_id", b"session_id", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment_id", b"assignment_id", "clock_offset_ms", b"clock_offset_ms", "clock_rtt_ms", b"clock_rtt_ms", "connect_time", b"connect_time", "health", b"health", "labels", b"labels", "last_heartbeat_time", b"last_heartbeat_time", "name", b"name", "run_id", b"run_id", "session_id", b"session_id", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Agent: _TypeAlias = Agent  # noqa: Y015
+
+@_typing.final
+class ServerMetricsSpec(_message.Message):
+    """Which Prometheus endpoints of the target to scrape during the run (docs/server-metrics.md)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINTS_FIELD_NUMBER: _builtins.int
+    SCRAPE_INTERVAL_FIELD_NUMBER: _builtins.int
+    METRIC_FILTERS_FIELD_NUMBER: _builtins.int
+    MISMATCH_TOLERANCE_PERCENT_FIELD_NUMBER: _builtins.int
+    mismatch_tolerance_percent: _builtins.float
+    """Client and server token/request counts may differ by this many percent before the
+    cross-check flags a mismatch. Defaults to 2.
+    """
+    @_builtins.property
+    def endpoints(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Prometheus endpoints, e.g. `http://model:8000/metrics` (http or https). Each endpoint is
+        scraped by one agent of every stage, chosen by the controller. Empty: no scraping.
+        """
+
+    @_builtins.property
+    def scrape_interval(self) -> _duration_pb2.Duration:
+        """Time between scrapes of one endpoint. Defaults to 1 s; at least 100 ms."""
+
+    @_builtins.property
+    def metric_filters(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only keep metrics whose name matches one of these shell-style patterns (`vllm:*`,
+        `*_running`). Empty: every gauge and counter. The metrics of the cross-check and of the
+        report's server charts are always kept.
+        """
+
+    def __init__(
+        self,
+        *,
+        endpoints: _abc.Iterable[_builtins.str] | None = ...,
+        scrape_interval: _duration_pb2.Duration | None = ...,
+        metric_filters: _abc.Iterable[_builtins.str] | None = ...,
+        mismatch_tolerance_percent: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_mismatch_tolerance_percent", b"_mismatch_tolerance_percent", "mismatch_tolerance_percent", b"mismatch_tolerance_percent", "scrape_interval", b"scrape_interval"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_mismatch_tolerance_percent", b"_mismatch_tolerance_percent", "endpoints", b"endpoints", "metric_filters", b"metric_filters", "mismatch_tolerance_percent", b"mismatch_tolerance_percent", "scrape_interval", b"scrape_interval"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__mismatch_tolerance_percent: _TypeAlias = _typing.Literal["mismatch_tolerance_percent"]  # noqa: Y015
+    _WhichOneofArgType__mismatch_tolerance_percent: _TypeAlias = _typing.Literal["_mismatch_tolerance_percent", b"_mismatch_tolerance_percent"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__mismatch_tolerance_percent) -> _WhichOneofReturnType__mismatch_tolerance_percent | None: ...
+
+Global___ServerMetricsSpec: _TypeAlias = ServerMetricsSpec  # noqa: Y015
+
+@_typing.final
+class ServerMetricPoint(_message.Message):
+    """One value of a server metric series: one second of the stage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SECOND_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    second: _builtins.int
+    """Second index from the stage's first sent request (as `TimeBucket.second`)."""
+    value: _builtins.float
+    """Gauges: mean of the scraped values in this second. Counters: increase per second."""
+    def __init__(
+        self,
+        *,
+        second: _builtins.int = ...,
+        value: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["second", b"second", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServerMetricPoint: _TypeAlias = ServerMetricPoint  # noqa: Y015
+
+@_typing.final
+class ServerMetricSeries(_message.Message):
+    """A server metric over one stage, per second, summed over its label sets."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    POINTS_FIELD_NUMBER: _builtins.int
+    endpoint: _builtins.str
+    """The endpoint it was scraped from."""
+    name: _builtins.str
+    """The metric name, e.g. `vllm:num_requests_running`."""
+    kind: Global___ServerMetricKind.ValueType
+    """Gauge or counter."""
+    role: _builtins.str
+    """What the mapping table says the metric is: `running_requests`, `waiting_requests`,
+    `kv_cache_usage`, `generated_tokens`, `finished_requests`, `prompt_tokens` or empty.
+    """
+    @_builtins.property
+    def points(self) -> _containers.RepeatedCompositeFieldContainer[Global___ServerMetricPoint]:
+        """One point per second that had a sample."""
+
+    def __init__(
+        self,
+        *,
+        endpoint: _builtins.str = ...,
+        name: _builtins.str = ...,
+        kind: Global___ServerMetricKind.ValueType = ...,
+        role: _builtins.str = ...,
+        points: _abc.Iterable[Global___ServerMetricPoint] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "kind", b"kind", "name", b"name", "points", b"points", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServerMetricSeries: _TypeAlias = ServerMetricSeries  # noqa: Y015
+
+@_typing.final
+class ServerCrossCheck(_message.Message):
+    """Client-counted against server-counted totals of one quantity over one stage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUANTITY_FIELD_NUMBER: _builtins.int
+    SERVER_METRICS_FIELD_NUMBER: _builtins.int
+    CLIENT_VALUE_FIELD_NUMBER: _builtins.int
+    SERVER_VALUE_FIELD_NUMBER: _builtins.int
+    DIFFERENCE_PERCENT_FIELD_NUMBER: _builtins.int
+    TOLERANCE_PERCENT_FIELD_NUMBER: _builtins.int
+    MISMATCH_FIELD_NUMBER: _builtins.int
+    WINDOW_COMPLETE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    quantity: _builtins.str
+    """`generated_tokens` or `finished_requests`."""
+    client_value: _builtins.float
+    """What the agents counted (warmup requests included: the server counts them too)."""
+    server_value: _builtins.float
+    """What the server's counters say."""
+    difference_percent: _builtins.float
+    """(client - server) / server, percent (0 when both are 0)."""
+    tolerance_percent: _builtins.float
+    """The tolerance applied, percent."""
+    mismatch: _builtins.bool
+    """True when the difference exceeds the tolerance and the scrape window covered the stage."""
+    window_complete: _builtins.bool
+    """False when the scrapes did not cover the whole stage (a scrape failed, or another agent's
+    requests fell outside the scraping agent's window); no mismatch is flagged then.
+    """
+    message: _builtins.str
+    """Human-readable summary."""
+    @_builtins.property
+    def server_metrics(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The server counter(s) used (the increase over the stage's scrape window, summed over
+        endpoints and label sets).
+        """
+
+    def __init__(
+        self,
+        *,
+        quantity: _builtins.str = ...,
+        server_metrics: _abc.Iterable[_builtins.str] | None = ...,
+        client_value: _builtins.float = ...,
+        server_value: _builtins.float = ...,
+        difference_percent: _builtins.float = ...,
+        tolerance_percent: _builtins.float = ...,
+        mismatch: _builtins.bool = ...,
+        window_complete: _builtins.bool = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_value", b"client_value", "difference_percent", b"difference_percent", "message", b"message", "mismatch", b"mismatch", "quantity", b"quantity", "server_metrics", b"server_metrics", "server_value", b"server_value", "tolerance_percent", b"tolerance_percent", "window_complete", b"window_complete"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServerCrossCheck: _TypeAlias = ServerCrossCheck  # noqa: Y015
+
+@_typing.final
+class ServerScrapeError(_message.Message):
+    """A scrape failure, grouped by endpoint and message."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    FIRST_TIME_FIELD_NUMBER: _builtins.int
+    LAST_TIME_FIELD_NUMBER: _builtins.int
+    endpoint: _builtins.str
+    """The endpoint."""
+    message: _builtins.str
+    """What went wrong (connection refused, HTTP status, malformed exposition text, ...)."""
+    count: _builtins.int
+    """How many scrapes failed this way during the stage."""
+    @_builtins.property
+    def first_time(self) -> _timestamp_pb2.Timestamp:
+        """First failure."""
+
+    @_builtins.property
+    def last_time(self) -> _timestamp_pb2.Timestamp:
+        """Last failure."""
+
+    def __init__(
+        self,
+        *,
+        endpoint: _builtins.str = ...,
+        message: _builtins.str = ...,
+        count: _builtins.int = ...,
+        first_time: _timestamp_pb2.Timestamp | None = ...,
+        last_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["first_time", b"first_time", "last_time", b"last_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "endpoint", b"endpoint", "first_time", b"first_time", "last_time", b"last_time", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServerScrapeError: _TypeAlias = ServerScrapeError  # noqa: Y015
+
+@_typing.final
+class ServerMetricsResult(_message.Message):
+    """The server-side view of one stage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERIES_FIELD_NUMBER: _builtins.int
+    CROSS_CHECKS_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    SCRAPES_OK_FIELD_NUMBER: _builtins.int
+    SCRAPES_FAILED_FIELD_NUMBER: _builtins.int
+    SERIES_TRUNCATED_FIELD_NUMBER: _builtins.int
+    scrapes_ok: _builtins.int
+    """Successful scrapes."""
+    scrapes_failed: _builtins.int
+    """Failed scrapes."""
+    series_truncated: _builtins.bool
+    """True when some series were left out (more than the result keeps)."""
+    @_builtins.property
+    def series(self) -> _containers.RepeatedCompositeFieldContainer[Global___ServerMetricSeries]:
+        """Per-second series, aligned with the stage's `time_series`."""
+
+    @_builtins.property
+    def cross_checks(self) -> _containers.RepeatedCompositeFieldContainer[Global___ServerCrossCheck]:
+        """Client vs server counts (only for quantities a scraped server exports, see the mapping
+        table in docs/server-metrics.md).
+        """
+
+    @_builtins.property
+    def errors(self) -> _containers.RepeatedCompositeFieldContainer[Global___ServerScrapeError]:
+        """Scrape failures (they never fail the run; each is also a run event)."""
+
+    def __init__(
+        self,
+        *,
+        series: _abc.Iterable[Global___ServerMetricSeries] | None = ...,
+        cross_checks: _abc.Iterable[Global___ServerCrossCheck] | None = ...,
+        errors: _abc.Iterable[Global___ServerScrapeError] | None = ...,
+        scrapes_ok: _builtins.int = ...,
+        scrapes_failed: _builtins.int = ...,
+        series_truncated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cross_checks", b"cross_checks", "errors", b"errors", "scrapes_failed", b"scrapes_failed", "scrapes_ok", b"scrapes_ok", "series", b"series", "series_truncated", b"series_truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServerMetricsResult: _TypeAlias = ServerMetricsResult  # noqa: Y015
