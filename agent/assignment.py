@@ -26,8 +26,9 @@ the replay covers what was dropped).
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeAlias
 from urllib.parse import urlsplit
 
@@ -38,11 +39,13 @@ from agent.client import OpenAIClient, TargetConfigError
 from agent.prompts import PromptSource, PromptSourceError, prompt_source
 from agent.sample import MAX_ERROR_CHARS, PROCESS_CLOCK_ANCHOR, ClockAnchor, RequestSample
 from agent.scheduler import ClosedLoopSchedule, LoadSchedule, UnsupportedStageError, schedule_for_stage
+from agent.scrape import ServerMetricsScraper
 from common.proto.loadtest.v1 import agent_service_pb2, run_pb2
 
 log = structlog.get_logger(__name__)
 
 Emit = Callable[[agent_service_pb2.ConnectRequest], None]
+Announce = Callable[["AssignmentRunner"], Awaitable[None]]
 AssignmentState: TypeAlias = agent_service_pb2.AssignmentState.ValueType
 
 # Pre-opening thousands of connections would itself be the burst it is meant to avoid.
@@ -50,6 +53,38 @@ MAX_PRECONNECT = 1024
 # Bounds how much later than its Assign the stage can start; connections not open by then
 # are opened by the first requests, as without pre-connecting.
 PRECONNECT_TIMEOUT_S = 2.0
+
+# Sleep until this close to the start time, then yield to the loop until it is reached:
+# timer wake-ups are late by up to a millisecond or so, agents must start together.
+START_SPIN_S = 0.0
+# With this much time left before the start, collect garbage first (and not at the start).
+START_GC_MARGIN_S = 0.1
+START_LATE_WARN_MS = 5.0
+
+
+class Lease:
+    """How long this agent may keep firing without hearing from its controller.
+
+    The session renews it on every message from the controller; `duration_s` None means
+    no lease (a controller that does not grant one).
+    """
+
+    def __init__(self, duration_s: float | None = None) -> None:
+        self.duration_s = duration_s
+        self._renewed = time.monotonic()
+
+    def configure(self, duration_s: float | None) -> None:
+        """Set the lease length (from the controller's Welcome)."""
+        self.duration_s = duration_s
+
+    def renew(self) -> None:
+        """The controller was heard from just now."""
+        self._renewed = time.monotonic()
+
+    def valid(self) -> bool:
+        """False once `duration_s` passed without a renewal."""
+        return self.duration_s is None or time.monotonic() - self._renewed < self.duration_s
+
 
 _STATE_NAMES = {
     agent_service_pb2.ASSIGNMENT_STATE_RUNNING: "running",
@@ -69,9 +104,14 @@ class AssignmentRunner:
         *,
         anchor: ClockAnchor = PROCESS_CLOCK_ANCHOR,
         batcher: SampleBatcher | None = None,
+        lease: Lease | None = None,
+        announce: Announce | None = None,
     ) -> None:
         self._assign = assign
         self._emit = emit
+        self._lease = lease or Lease()
+        self._announce = announce
+        self._start_unix_ns = 0
         self._batcher = batcher or SampleBatcher(assign.assignment_id, self._emit_batch, anchor=anchor)
         self._task: asyncio.Task[None] | None = None
         self._load_task: asyncio.Task[None] | None = None
@@ -83,6 +123,8 @@ class AssignmentRunner:
         self._requests_abandoned = 0
         self._final_update: agent_service_pb2.AssignmentUpdate | None = None
         self._acked_after_final = False
+        self._scraper: ServerMetricsScraper | None = None
+        self._anchor = anchor
 
     @property
     def assignment_id(self) -> str:
@@ -108,6 +150,11 @@ class AssignmentRunner:
     def task(self) -> asyncio.Task[None] | None:
         """The running task, once started."""
         return self._task
+
+    @property
+    def cancelling(self) -> bool:
+        """True once `cancel()` was called."""
+        return self._cancel_reason is not None
 
     @property
     def finished(self) -> bool:
@@ -152,6 +199,7 @@ class AssignmentRunner:
             state=agent_service_pb2.ASSIGNMENT_STATE_RUNNING,
             batch_count=self._batcher.batch_count,
             requests_sent=self._requests_sent,
+            start_unix_ns=self._start_unix_ns,
         )
 
     def replay_messages(self) -> list[agent_service_pb2.ConnectRequest]:
@@ -192,10 +240,20 @@ class AssignmentRunner:
                 ignore_eos=assign.workload.ignore_eos,
                 pin_min_tokens=assign.workload.pin_min_tokens,
             )
+            if assign.server_metrics.endpoints:
+                # The first scrape is the stage's counter baseline: taken before any request.
+                self._scraper = ServerMetricsScraper(
+                    assign.server_metrics, self._batcher.add_server_scrape,
+                    insecure_skip_verify=assign.target.insecure_skip_verify,
+                    clock=lambda: self._anchor.to_unix_ns(time.perf_counter_ns()),  # the samples' clock
+                )  # fmt: skip
+                await self._scraper.start()
             self._load_task = asyncio.create_task(self._load(schedule, self._client), name="load")
             if self._cancel_reason is not None:  # cancelled before the load began
                 self._load_task.cancel()
             await self._load_task
+            if self._scraper is not None:
+                await self._scraper.stop()  # the last scrape closes the stage's counter window
             state, message = agent_service_pb2.ASSIGNMENT_STATE_COMPLETED, ""
             if self._requests_abandoned:
                 message = (
@@ -219,10 +277,14 @@ class AssignmentRunner:
             flusher.cancel()
             if self._load_task is not None and not self._load_task.done():
                 self._load_task.cancel()
+            if self._scraper is not None:
+                self._scraper.cancel()
             # Synchronous first: even if this task is cancelled again while closing the
             # client below, the samples and the final update are already on their way.
             self._batcher.flush()
             self._finish(state, message)
+            if self._scraper is not None:
+                await self._scraper.close()
             if self._client is not None:
                 await self._client.close()
 
@@ -230,12 +292,44 @@ class AssignmentRunner:
         if isinstance(schedule, ClosedLoopSchedule):
             opened = await client.preconnect(min(schedule.concurrency, MAX_PRECONNECT), PRECONNECT_TIMEOUT_S)
             log.debug("preconnected", assignment_id=self.assignment_id, connections=opened)
+        await self._wait_for_start()
+        self._start_unix_ns = time.time_ns()
+        self._emit(agent_service_pb2.ConnectRequest(assignment_update=self.current_update()))
         await schedule.run(self._send_one, self._abandon_one)
+
+    async def _wait_for_start(self) -> None:
+        """Wait for the stage's common start time (controller clock, corrected by the offset
+        the controller estimated for this agent); a start time already past starts at once."""
+        if not self._assign.start_unix_ns:
+            return
+        target_ns = self._assign.start_unix_ns - self._assign.clock_offset_ns
+        lead_s = (target_ns - time.time_ns()) / 1e9
+        if lead_s > START_GC_MARGIN_S:
+            gc.collect()  # now rather than as a pause of tens of ms at the start time
+        gc.disable()
+        try:
+            delay_s = (target_ns - time.time_ns()) / 1e9
+            if delay_s > START_SPIN_S:
+                await asyncio.sleep(delay_s - START_SPIN_S)
+            while time.time_ns() < target_ns:  # noqa: ASYNC110 - a few ms of precise waiting
+                await asyncio.sleep(0)
+        finally:
+            gc.enable()
+        late_ms = (time.time_ns() - target_ns) / 1e6
+        if late_ms > START_LATE_WARN_MS:
+            log.warning("assignment_started_late", assignment_id=self.assignment_id, late_ms=round(late_ms, 3),
+                        lead_ms=round(lead_s * 1000, 3))  # fmt: skip
 
     async def _send_one(self, scheduled_ns: int, warmup: bool) -> None:
         assert self._client is not None  # set before the schedule starts
         assert self._prompts is not None
         await self._batcher.wait_writable()
+        if not self._lease.valid():
+            # Checked per request: after a freeze (SIGSTOP) overdue requests would otherwise
+            # go out before the session's lease watchdog gets to run.
+            self.cancel(f"lease expired: no word from the controller for {self._lease.duration_s:g} s")
+            await asyncio.sleep(0)  # the load task is cancelled here
+            return
         prompt = self._prompts.next_prompt()
         sample = RequestSample(
             scheduled_ns=scheduled_ns,
@@ -246,6 +340,8 @@ class AssignmentRunner:
         self._in_flight += 1
         self._requests_sent += 1
         try:
+            if self._announce is not None:
+                await self._announce(self)
             await self._client.send(prompt.text, prompt.max_tokens, sample, messages=prompt.messages)
         finally:
             # Also on cancellation: the client has marked the sample `cancelled`.

@@ -93,6 +93,7 @@ class SampleBatcher:
         self._itl_count: list[int] = []
         self._itl_ns: list[int] = []
         self._error: list[str] = []
+        self._server_scrapes: list[agent_service_pb2.ServerScrape] = []
 
     @property
     def assignment_id(self) -> str:
@@ -127,7 +128,7 @@ class SampleBatcher:
     @property
     def all_acked(self) -> bool:
         """Nothing pending and every sealed batch acked."""
-        return not self._status and not self._unacked
+        return not self._status and not self._server_scrapes and not self._unacked
 
     def add(self, sample: RequestSample) -> None:
         """Append one sample; seals a batch when `max_batch_samples` are pending."""
@@ -153,9 +154,13 @@ class SampleBatcher:
         if len(self._status) >= self._max_batch_samples:
             self.flush()
 
+    def add_server_scrape(self, scrape: agent_service_pb2.ServerScrape) -> None:
+        """Append one scrape of the model server's metrics; it goes out with the next batch."""
+        self._server_scrapes.append(scrape)
+
     def flush(self) -> agent_service_pb2.SampleBatch | None:
         """Seal the pending samples into a batch and emit it; None when nothing is pending."""
-        if not self._status:
+        if not self._status and not self._server_scrapes:
             return None
         self._seq += 1
         batch = SampleBatch(
@@ -176,6 +181,7 @@ class SampleBatcher:
             itl_count=self._itl_count,
             itl_ns=self._itl_ns,
             error=self._error,
+            server_scrapes=self._server_scrapes,
         )
         self._unacked.append(batch)
         self._unacked_samples += len(self._status)

@@ -22,9 +22,11 @@ from typing import Any
 
 import structlog
 
+from agent.observability import AgentMetrics
 from agent.session import AgentAuthError, run_agent
 from common.grpc_options import API_KEY_ENV
 from common.logging import configure_logging
+from common.tls import add_client_tls_arguments, client_tls_from_args, open_channel
 
 __all__ = ["add_arguments", "parse_label", "run", "run_agent"]
 
@@ -68,6 +70,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--log-format", choices=("json", "console"), default="json")
     parser.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    parser.add_argument(
+        "--metrics-listen",
+        default=None,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off; e.g. 127.0.0.1:9465)",
+    )
+    add_client_tls_arguments(parser)
 
 
 def _run_loop(main: Coroutine[Any, Any, int]) -> int:
@@ -84,7 +93,15 @@ async def _main(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     labels = dict(args.labels)
     name = args.name or default_name()
-    agent = asyncio.create_task(run_agent(args.controller, name, labels, args.api_key, stop))
+    metrics = AgentMetrics() if args.metrics_listen else None
+    if metrics is not None:
+        port = await metrics.serve(args.metrics_listen)
+        print(f"metrics on http://{args.metrics_listen.rsplit(':', 1)[0]}:{port}/metrics", flush=True)
+    tls = client_tls_from_args(args)
+    agent = asyncio.create_task(run_agent(
+        args.controller, name, labels, args.api_key, stop, observer=metrics,
+        channel_factory=lambda target: open_channel(target, tls),
+    ))  # fmt: skip
 
     def on_signal() -> None:
         # First signal: graceful stop (flush samples, wait briefly for acks). A second one
@@ -108,6 +125,9 @@ async def _main(args: argparse.Namespace) -> int:
             raise  # we ourselves are cancelled, not just the agent task
         log.warning("agent_stopped_forcibly", name=name)
         return EXIT_OK
+    finally:
+        if metrics is not None:
+            await metrics.close()
     log.info("agent_stopped", name=name)
     return EXIT_OK
 
@@ -116,6 +136,9 @@ def run(args: argparse.Namespace) -> int:
     """Run the agent until SIGINT/SIGTERM; returns the process exit code."""
     try:
         configure_logging(args.log_format, args.log_level)
+        tls = client_tls_from_args(args)
+        if tls is not None:
+            tls.credentials()  # unreadable files are a usage error now, not a reconnect loop
     except ValueError as exc:
         print(f"llm-loadtest agent: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 
 class LoopLagMonitor:
     """Measures how late a periodic timer fires: the event loop's scheduling lag."""
 
-    def __init__(self, interval_s: float = 0.1) -> None:
+    def __init__(self, interval_s: float = 0.1, on_sample: Callable[[float], None] | None = None) -> None:
         self._interval_s = interval_s
         self._max_lag_s = 0.0
+        self._on_sample = on_sample  # every measurement, seconds (the metrics histogram)
+        self.last_lag_s = 0.0
 
     async def run(self) -> None:
         """Sample the lag until cancelled."""
@@ -26,6 +29,9 @@ class LoopLagMonitor:
             await asyncio.sleep(self._interval_s)
             lag = loop.time() - expected
             self._max_lag_s = max(self._max_lag_s, lag)
+            self.last_lag_s = max(lag, 0.0)
+            if self._on_sample is not None:
+                self._on_sample(self.last_lag_s)
 
     def take_max_ms(self) -> float:
         """Largest lag since the previous call, in milliseconds (the worst moment counts)."""

@@ -35,13 +35,13 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import structlog
 from google.protobuf import timestamp_pb2
 
-from agent.assignment import AssignmentRunner
+from agent.assignment import AssignmentRunner, Lease
 from agent.health import CpuMeter, LoopLagMonitor
 from agent.sample import PROCESS_CLOCK_ANCHOR, ClockAnchor
 from common.grpc_options import CLIENT_OPTIONS, auth_metadata
@@ -56,6 +56,8 @@ ChannelFactory = Callable[[str], Any]  # grpc.aio.Channel (grpc ships no type in
 
 DEFAULT_HEARTBEAT_INTERVAL_S = 5.0
 MIN_HEARTBEAT_INTERVAL_S = 0.2
+CLOCK_BURST = 6
+CLOCK_BURST_INTERVAL_S = 0.05
 # Finished assignments waiting for a final ack cost little, but a controller that never
 # acks (e.g. assignments with no batches) must not make the registry grow forever.
 MAX_RETAINED_FINISHED = 256
@@ -98,6 +100,16 @@ class _Outbound:
         self.queue: asyncio.Queue[agent_service_pb2.ConnectRequest] = asyncio.Queue()
 
 
+class SessionObserver(Protocol):
+    """Watches a session for metrics (agent/observability.py); never changes what it does."""
+
+    def attach(self, session: AgentSession) -> None:
+        """Called once by the session's constructor."""
+
+    def on_send(self, message: agent_service_pb2.ConnectRequest) -> None:
+        """Every message the session emits (sample batches once, when sealed)."""
+
+
 class AgentSession:
     """Keeps one agent connected to its controller and runs the assignments it gets."""
 
@@ -115,6 +127,7 @@ class AgentSession:
         channel_factory: ChannelFactory = _insecure_channel,
         welcome_timeout_s: float = 30.0,
         shutdown_grace_s: float = 5.0,
+        observer: SessionObserver | None = None,
     ) -> None:
         self._controller = controller
         self._name = name
@@ -135,6 +148,15 @@ class AgentSession:
         self._cpu = CpuMeter()
         self._session_id = ""
         self._welcomed = False
+        # Renewed by every message from the controller; running assignments stop when it
+        # expires (a partitioned agent must not keep loading a model server).
+        self.lease = Lease()
+        self._clock_sample: agent_service_pb2.ClockSample | None = None
+        # Announcements of requests about to be sent, not yet written (one per assignment).
+        self._announcing: dict[str, tuple[agent_service_pb2.ConnectRequest, asyncio.Future[None]]] = {}
+        self._observer = observer
+        if observer is not None:
+            observer.attach(self)
 
     @property
     def assignments(self) -> Mapping[str, AssignmentRunner]:
@@ -159,6 +181,7 @@ class AgentSession:
         Raises `AgentAuthError` when the controller refuses our key.
         """
         lag_task = asyncio.create_task(self._lag.run(), name="loop-lag")
+        lease_task = asyncio.create_task(self._lease_watchdog(), name="lease-watchdog")
         attempt = 0
         try:
             while not self._stop.is_set():
@@ -191,6 +214,7 @@ class AgentSession:
                     await asyncio.wait_for(self._stop.wait(), delay)
         finally:
             lag_task.cancel()
+            lease_task.cancel()
             # Reached with assignments still running only on AgentAuthError or when our
             # own task is cancelled: they still stop the normal way (cancelled samples,
             # final update), just without anyone left to deliver them.
@@ -215,6 +239,9 @@ class AgentSession:
                 return  # stopped before the controller answered
             self._welcomed = True
             self._session_id = welcome.session_id
+            lease_s = welcome.lease_duration.ToNanoseconds() / 1e9 if welcome.HasField("lease_duration") else 0.0
+            self.lease.configure(lease_s or None)
+            self.lease.renew()
             interval = DEFAULT_HEARTBEAT_INTERVAL_S
             if welcome.HasField("heartbeat_interval"):
                 seconds = welcome.heartbeat_interval.ToNanoseconds() / 1e9
@@ -246,6 +273,7 @@ class AgentSession:
         finally:
             if self._outbound is outbound:
                 self._outbound = None
+            self._release_announcements()
             for task in tasks:
                 task.cancel()
             if tasks:
@@ -331,9 +359,11 @@ class AgentSession:
         heartbeat.cancel()
         writer.cancel()
         await asyncio.wait({heartbeat, writer})
-        # Half-close and let the controller end the stream, so nothing written is lost to
-        # an abrupt cancel; bounded, since a controller may not answer.
+        # Say goodbye (a departure, not a loss), half-close and let the controller end the
+        # stream, so nothing written is lost to an abrupt cancel; bounded, since a
+        # controller may not answer.
         with contextlib.suppress(Exception):
+            await call.write(ConnectRequest(goodbye=agent_service_pb2.Goodbye(reason="agent shutting down")))
             await call.done_writing()
             await asyncio.wait({reader}, timeout=max(deadline - loop.time(), 0.5))
 
@@ -363,23 +393,76 @@ class AgentSession:
 
     # --- the three stream tasks ------------------------------------------------------
 
-    @staticmethod
-    async def _write_loop(call: Any, queue: asyncio.Queue[agent_service_pb2.ConnectRequest]) -> None:
+    async def _write_loop(self, call: Any, queue: asyncio.Queue[agent_service_pb2.ConnectRequest]) -> None:
         while True:
             message = await queue.get()
+            announced: asyncio.Future[None] | None = None
+            if message.HasField("assignment_update"):
+                entry = self._announcing.get(message.assignment_update.assignment_id)
+                if entry is not None and entry[0] is message:
+                    # From here on, new requests need a new announcement.
+                    del self._announcing[message.assignment_update.assignment_id]
+                    announced = entry[1]
             try:
                 await call.write(message)
             finally:
                 queue.task_done()
+                if announced is not None and not announced.done():
+                    announced.set_result(None)
+
+    async def announce(self, runner: AssignmentRunner) -> None:
+        """Tell the controller how many requests `runner` has sent, before the newest one
+        goes out: returns once the count is written to the stream (or at once while
+        disconnected). Requests arriving while an announcement waits share it, so at high
+        rates this costs one write per writer turn, not one per request. A controller that
+        loses this agent can then count what it sent but never reported."""
+        outbound = self._outbound
+        if outbound is None:
+            return
+        entry = self._announcing.get(runner.assignment_id)
+        if entry is None:
+            message = ConnectRequest(assignment_update=runner.current_update())
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._announcing[runner.assignment_id] = (message, future)
+            outbound.queue.put_nowait(message)
+        else:
+            message, future = entry
+            message.assignment_update.requests_sent = runner.requests_sent
+        await asyncio.shield(future)
+
+    def _release_announcements(self) -> None:
+        for _, future in self._announcing.values():
+            if not future.done():
+                future.set_result(None)
+        self._announcing.clear()
+
+    async def _lease_watchdog(self) -> None:
+        """Stop running assignments once the lease expires (no word from the controller)."""
+        while True:
+            await asyncio.sleep(0.05)
+            if self.lease.valid():
+                continue
+            running = [r for r in self._assignments.values() if not r.finished]
+            for runner in running:
+                if not runner.cancelling:
+                    log.warning("agent_lease_expired", assignment_id=runner.assignment_id,
+                                lease_s=self.lease.duration_s)  # fmt: skip
+                    runner.cancel(f"lease expired: no word from the controller for {self.lease.duration_s:g} s")
 
     async def _read_loop(self, call: Any) -> None:
         while True:
             message = await call.read()
             if message is grpc.aio.EOF:
                 return
+            self.lease.renew()
             self.handle_response(message)
 
     async def _heartbeat_loop(self, queue: asyncio.Queue[agent_service_pb2.ConnectRequest], interval_s: float) -> None:
+        # A quick burst first: the controller's clock offset estimate keeps the exchange
+        # with the least round trip, and it places agents once it has a few of them.
+        for _ in range(CLOCK_BURST):
+            queue.put_nowait(self.heartbeat())
+            await asyncio.sleep(min(CLOCK_BURST_INTERVAL_S, interval_s))
         while True:
             queue.put_nowait(self.heartbeat())
             await asyncio.sleep(interval_s)
@@ -409,6 +492,7 @@ class AgentSession:
                     cpu_percent=self._cpu.take_percent(),
                     in_flight=sum(r.in_flight for r in self._assignments.values()),
                 ),
+                clock_sample=self._clock_sample,
             )
         )
 
@@ -418,6 +502,8 @@ class AgentSession:
         Dropping is safe: batches stay in their batcher until acked and final updates are
         kept by their runner, and both are replayed on the next connection.
         """
+        if self._observer is not None:
+            self._observer.on_send(message)
         if self._outbound is not None:
             self._outbound.queue.put_nowait(message)
 
@@ -430,6 +516,14 @@ class AgentSession:
             self._on_cancel(message.cancel)
         elif kind == "ack":
             self._on_ack(message.ack)
+        elif kind == "heartbeat_ack":
+            ack = message.heartbeat_ack
+            self._clock_sample = agent_service_pb2.ClockSample(
+                agent_send_unix_ns=ack.agent_send_unix_ns,
+                controller_receive_unix_ns=ack.controller_receive_unix_ns,
+                controller_send_unix_ns=ack.controller_send_unix_ns,
+                agent_receive_unix_ns=time.time_ns(),
+            )
         else:
             log.warning("agent_unexpected_message", kind=kind)
 
@@ -451,7 +545,7 @@ class AgentSession:
                 )
             )
             return
-        runner = AssignmentRunner(assign, self.send, anchor=self._anchor)
+        runner = AssignmentRunner(assign, self.send, anchor=self._anchor, lease=self.lease, announce=self.announce)
         self._assignments[assignment_id] = runner
         runner.start().add_done_callback(_log_task_failure)
         self._prune_finished()
@@ -505,10 +599,16 @@ async def run_agent(
     labels: dict[str, str],
     api_key: str | None,
     stop: asyncio.Event,
+    observer: SessionObserver | None = None,
+    channel_factory: ChannelFactory = _insecure_channel,
 ) -> None:
     """Run an agent in the current event loop until `stop` is set.
 
-    Raises `AgentAuthError` if the controller refuses `api_key`.
+    Raises `AgentAuthError` if the controller refuses `api_key`. `channel_factory` opens the
+    channel (e.g. with TLS credentials, see common/tls.py).
     """
-    session = AgentSession(controller, name=name, labels=labels, api_key=api_key, stop=stop)
+    session = AgentSession(
+        controller, name=name, labels=labels, api_key=api_key, stop=stop, observer=observer,
+        channel_factory=channel_factory,
+    )  # fmt: skip
     await session.run()

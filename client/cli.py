@@ -15,7 +15,7 @@ from common.version import __version__
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int]]]:
     from agent import cli as agent_cli
-    from client import commands, health_check, quickstart, report
+    from client import commands, health_check, keys, quickstart, report
     from controller import cli as controller_cli
     from mockserver import cli as mock_cli
 
@@ -49,6 +49,10 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Nam
         mock_cli.add_arguments, mock_cli.run)  # fmt: skip
     add("health", "check a controller's gRPC health service (exit 0 when SERVING; for container probes)",
         health_check.add_arguments, health_check.run)  # fmt: skip
+    add("keys", "create, list and revoke the controller's API keys (admin)",
+        keys.add_keys_arguments, lambda a: asyncio.run(keys.cmd_keys(a)))  # fmt: skip
+    add("audit", "list the controller's audit log: mutating and refused calls (admin)",
+        keys.add_audit_arguments, lambda a: asyncio.run(keys.cmd_audit(a)))  # fmt: skip
     return parser, handlers
 
 

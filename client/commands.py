@@ -16,6 +16,7 @@ from client.scenarios import SCENARIOS, describe
 from client.sdk import ControllerClient
 from common.grpc_options import API_KEY_ENV
 from common.proto.loadtest.v1 import run_pb2
+from common.tls import add_client_tls_arguments, client_tls_from_args
 
 CONTROLLER_ENV = "LLM_LOADTEST_CONTROLLER"
 
@@ -30,6 +31,12 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
         "--api-key", default=os.environ.get(API_KEY_ENV), help=f"controller API key (default: ${API_KEY_ENV})"
     )
     parser.add_argument("--timeout", type=float, default=30.0, help="deadline of each call, seconds")
+    add_client_tls_arguments(parser)
+
+
+def open_client(args: argparse.Namespace) -> ControllerClient:
+    """A client for the controller the connection flags name (TLS when asked for)."""
+    return ControllerClient(args.controller, args.api_key, args.timeout, client_tls_from_args(args))
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,7 +65,7 @@ async def _run(args: argparse.Namespace) -> int:
     except (argparse.ArgumentTypeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    async with ControllerClient(args.controller, args.api_key, args.timeout) as client:
+    async with open_client(args) as client:
         run = await client.create_run(spec, request_id=uuid.uuid4().hex)
         print(f"created run {run.id}", file=sys.stderr, flush=True)
         if args.no_watch:
@@ -133,7 +140,7 @@ def add_runs_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def cmd_runs(args: argparse.Namespace) -> int:
-    async with ControllerClient(args.controller, args.api_key, args.timeout) as client:
+    async with open_client(args) as client:
         try:
             return await _runs(args, client)
         except grpc.aio.AioRpcError as exc:

@@ -11,6 +11,7 @@ from grpc_status import rpc_status
 from rich.console import Console
 from rich.table import Table
 
+from client.report_server import server_facts, server_notes
 from common.proto.loadtest.v1 import run_pb2, run_service_pb2
 
 
@@ -43,8 +44,26 @@ def result_table(result: run_pb2.RunResult) -> Table:
             _ms(s.ttft.p50_ms), _ms(s.ttft.p99_ms), _ms(s.tpot.p50_ms), _ms(s.tpot.p99_ms),
             _ms(s.itl.p50_ms), _ms(s.itl.p99_ms), _ms(s.e2e.p50_ms), _ms(s.e2e.p99_ms),
         )  # fmt: skip
-    table.caption = "latencies in ms (p50/p99); TTFT absent for non-streaming requests"
+    table.caption = "\n".join(
+        ["latencies in ms (p50/p99); TTFT absent for non-streaming requests", *fleet_notes(result),
+         *server_notes(result)]
+    )
     return table
+
+
+def fleet_notes(result: run_pb2.RunResult) -> list[str]:
+    """One line per multi-agent stage: agents, start skew, agents and requests lost."""
+    notes = []
+    for s in result.stages:
+        if len(s.agents) < 2 and not s.agents_lost and not s.reduced_load:
+            continue
+        line = f"stage {s.index}: {len(s.agents)} agents, start skew {s.start_skew_ms:.1f} ms"
+        if s.agents_lost:
+            line += f", {s.agents_lost} agent(s) lost with {s.requests_lost} unreported requests"
+        if s.reduced_load:
+            line += f", REDUCED LOAD: {s.reduced_load_reason}"
+        notes.append(line)
+    return notes
 
 
 def runs_table(runs: list[run_pb2.Run]) -> Table:
@@ -137,6 +156,8 @@ def _stage_facts(s: run_pb2.StageResult) -> list[str]:
         lines.append(f"goodput {s.goodput:.2f} req/s, good fraction {s.good_fraction:.1%} (SLO met, of all requests)")
     if s.saturated:
         lines.append(f"WARNING load generator saturated: {s.saturation_reason}")
+    if s.HasField("server_metrics"):
+        lines.extend(server_facts(s.server_metrics))
     return lines
 
 

@@ -27,6 +27,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from client import charts, render
 from client.charts import Band, Marker, Series
 from client.formats import NA, iter_checks, load_label, success_percent, verdict_name
+from client.report_server import server_section, server_timeline_charts
 from client.sdk import ControllerClient
 from common.proto.loadtest.v1 import run_pb2, run_service_pb2
 
@@ -372,14 +373,20 @@ def _timeline(runs: Sequence[RunReportData], styles: Sequence[_RunStyle]) -> str
                  for i, s in enumerate(first.stages)]  # fmt: skip
     caption = "Per 1-second bucket of each stage, stages placed back to back (bands: the first run's stages)."
     note = "the result has no per-second time series"
+    # The server's charts sit under the client's (two columns): requests under throughput, KV under TTFT.
+    server_requests, server_kv, server_tokens = server_timeline_charts(
+        [d.result for d in runs], styles, [_stage_offsets(d.result) for d in runs], bands
+    )
     return (
         '<section id="timeline"><h2>Timeline</h2><div class="charts">'
         + charts.xy_chart("timeline-throughput", "Output tokens per second", throughput, "seconds", "tokens/s",
                           bands=bands, caption=caption, empty_note=note)
         + charts.xy_chart("timeline-ttft", "TTFT p50 / p99 of requests completing each second", ttft, "seconds",
                           "TTFT (ms)", bands=bands, caption=caption, empty_note=note)
+        + server_requests + server_kv
         + charts.xy_chart("timeline-errors", f"Errors per second ({total_errors:,} in total)", errors, "seconds",
                           "errors/s", bands=bands, caption=caption, empty_note=note)
+        + server_tokens
         + "</div></section>"
     )  # fmt: skip
 
@@ -679,6 +686,7 @@ def build_report(runs: Sequence[RunReportData], generated: datetime | None = Non
         + _summary(runs, styles)
         + _latency_vs_throughput(runs, styles)
         + _timeline(runs, styles)
+        + server_section([d.result for d in runs], styles)
         + _distributions(runs, styles)
         + _checks(runs, styles)
         + _health(runs, styles)
@@ -709,8 +717,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def cmd_report(args: argparse.Namespace) -> int:
+    from client.commands import open_client
+
     try:
-        async with ControllerClient(args.controller, args.api_key, args.timeout) as client:
+        async with open_client(args) as client:
             runs = [await collect(client, run_id, not args.no_samples) for run_id in args.run_ids]
     except grpc.aio.AioRpcError as exc:
         print(render.rpc_error_text(exc), file=sys.stderr)

@@ -6,18 +6,26 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from types import TracebackType
 
-import grpc
-
-from common.grpc_options import CLIENT_OPTIONS, auth_metadata
-from common.proto.loadtest.v1 import run_pb2, run_service_pb2, run_service_pb2_grpc
+from common.grpc_options import auth_metadata
+from common.proto.loadtest.v1 import (
+    key_service_pb2,
+    key_service_pb2_grpc,
+    run_pb2,
+    run_service_pb2,
+    run_service_pb2_grpc,
+)
+from common.tls import ClientTls, open_channel
 
 
 class ControllerClient:
     """Talks to one controller's RunService."""
 
-    def __init__(self, address: str, api_key: str | None = None, timeout_s: float = 30.0) -> None:
-        self._channel = grpc.aio.insecure_channel(address, options=CLIENT_OPTIONS)
+    def __init__(
+        self, address: str, api_key: str | None = None, timeout_s: float = 30.0, tls: ClientTls | None = None
+    ) -> None:
+        self._channel = open_channel(address, tls)
         self._stub = run_service_pb2_grpc.RunServiceStub(self._channel)
+        self._keys = key_service_pb2_grpc.KeyServiceStub(self._channel)
         self._metadata = auth_metadata(api_key)
         self.timeout_s = timeout_s
 
@@ -52,6 +60,13 @@ class ControllerClient:
             run_service_pb2.GetRunRequest(run_id=run_id), metadata=self._metadata, timeout=self.timeout_s
         )
         return response.run
+
+    async def get_run_events(self, run_id: str) -> list[run_service_pb2.RunEvent]:
+        """The run's events so far (GetRun), oldest first."""
+        response: run_service_pb2.GetRunResponse = await self._stub.GetRun(
+            run_service_pb2.GetRunRequest(run_id=run_id), metadata=self._metadata, timeout=self.timeout_s
+        )
+        return list(response.events)
 
     async def list_runs(
         self, page_size: int = 50, page_token: str = "", state: int = 0, model: str = ""
@@ -121,3 +136,43 @@ class ControllerClient:
         call = self._stub.WatchRun(run_service_pb2.WatchRunRequest(run_id=run_id), metadata=self._metadata)
         async for update in call:
             yield update
+
+    # --- KeyService (admin keys only) ---------------------------------------------------
+
+    async def create_key(
+        self, name: str, role: key_service_pb2.KeyRole.ValueType, ttl_s: float | None = None
+    ) -> key_service_pb2.CreateKeyResponse:
+        """A new API key; the response's `secret` is the whole key, shown only this once."""
+        request = key_service_pb2.CreateKeyRequest(name=name, role=role)
+        if ttl_s is not None:
+            request.ttl.FromNanoseconds(int(ttl_s * 1e9))
+        response: key_service_pb2.CreateKeyResponse = await self._keys.CreateKey(
+            request, metadata=self._metadata, timeout=self.timeout_s
+        )
+        return response
+
+    async def list_keys(self, include_revoked: bool = False) -> list[key_service_pb2.ApiKey]:
+        response: key_service_pb2.ListKeysResponse = await self._keys.ListKeys(
+            key_service_pb2.ListKeysRequest(include_revoked=include_revoked),
+            metadata=self._metadata,
+            timeout=self.timeout_s,
+        )
+        return list(response.keys)
+
+    async def revoke_key(self, key_id: str) -> key_service_pb2.ApiKey:
+        response: key_service_pb2.RevokeKeyResponse = await self._keys.RevokeKey(
+            key_service_pb2.RevokeKeyRequest(key_id=key_id), metadata=self._metadata, timeout=self.timeout_s
+        )
+        return response.key
+
+    async def list_audit_events(
+        self, page_size: int = 100, page_token: str = "", key_id: str = "", run_id: str = ""
+    ) -> key_service_pb2.ListAuditEventsResponse:
+        response: key_service_pb2.ListAuditEventsResponse = await self._keys.ListAuditEvents(
+            key_service_pb2.ListAuditEventsRequest(
+                page_size=page_size, page_token=page_token, key_id=key_id, run_id=run_id
+            ),
+            metadata=self._metadata,
+            timeout=self.timeout_s,
+        )
+        return response

@@ -23,6 +23,24 @@ ARRIVALS = {
 }
 
 
+LOSS_POLICIES = {
+    "redistribute": run_pb2.AGENT_LOSS_POLICY_REDISTRIBUTE,
+    "continue": run_pb2.AGENT_LOSS_POLICY_CONTINUE,
+    "fail": run_pb2.AGENT_LOSS_POLICY_FAIL,
+}
+
+
+def selector(text: str) -> dict[str, str]:
+    """`zone=a,gpu=h100` -> {"zone": "a", "gpu": "h100"}."""
+    out: dict[str, str] = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise argparse.ArgumentTypeError(f"expected KEY=VALUE[,KEY=VALUE...], got {text!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
 def int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -139,6 +157,19 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--warmup", type=warmup, default=(0.0, 0), help="excluded from metrics: 10s or 20req per stage")
     load.add_argument("--ramp", type=duration, default=0.0, help="linear ramp of the load at the start of each stage")
     load.add_argument("--agents", type=int, default=1, help="agents sharing each stage")
+    load.add_argument(
+        "--agent-selector", type=selector, default={}, metavar="K=V[,K=V]",
+        help="only agents with these labels, e.g. zone=a,gpu=h100",
+    )  # fmt: skip
+    load.add_argument(
+        "--agent-wait", type=duration, default=None, metavar="DURATION",
+        help="how long the run may wait for enough matching agents before it fails (default 5m)",
+    )  # fmt: skip
+    load.add_argument(
+        "--on-agent-loss", choices=sorted(LOSS_POLICIES), default="redistribute",
+        help="when an agent is lost mid-stage: others take over its share (default), continue with "
+        "less load (flagged), or fail the run",
+    )  # fmt: skip
 
     work = parser.add_argument_group("workload")
     work.add_argument("--input-tokens", type=lengths, default=None, help="prompt length: 128, 64-256 or normal:200,50")
@@ -161,6 +192,19 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
         "--abort-on-fail", action="append", default=[], metavar="EXPR",
         help="a check that stops the run (FAILED) as soon as it is lost over the last 10 s",
     )  # fmt: skip
+    server = parser.add_argument_group("server metrics (the model server's own view, docs/server-metrics.md)")
+    server.add_argument(
+        "--server-metrics", action="append", default=[], metavar="URL",
+        help="Prometheus endpoint of the model server to scrape during each stage, e.g. "
+        "http://model:8000/metrics (repeatable)",
+    )  # fmt: skip
+    server.add_argument("--scrape-interval", type=duration, default=None, help="time between scrapes (default 1s)")
+    server.add_argument(
+        "--metric-filter", action="append", default=[], metavar="PATTERN",
+        help="only keep server metrics matching this pattern, e.g. 'vllm:*' (repeatable; default: all)",
+    )  # fmt: skip
+    server.add_argument("--mismatch-tolerance", type=float, default=None, metavar="PERCENT",
+                        help="client vs server token/request counts may differ by this much (default 2)")  # fmt: skip
     parser.add_argument("--name", default="", help="display name of the run")
 
 
@@ -249,12 +293,29 @@ def build_spec(args: argparse.Namespace) -> run_pb2.RunSpec:
             w.synthetic.output_tokens.CopyFrom(args.output_tokens)
         w.synthetic.shared_prefix_tokens = args.shared_prefix
     spec.placement.agents = args.agents
+    spec.placement.selector.update(getattr(args, "agent_selector", {}))
+    if getattr(args, "agent_wait", None) is not None:
+        _set_duration(spec.placement.wait_timeout, args.agent_wait)
+    spec.placement.on_agent_loss = LOSS_POLICIES[getattr(args, "on_agent_loss", "redistribute")]
     spec.stages.extend(_stages(args))
     for name, seconds in (args.slo or {}).items():
         _set_duration(getattr(spec.slo, name), seconds)
     spec.checks.extend(run_pb2.Check(expression=e) for e in args.check)
     spec.checks.extend(run_pb2.Check(expression=e, abort_on_fail=True) for e in args.abort_on_fail)
+    _server_metrics(spec.server_metrics, args)
     return spec
+
+
+def _server_metrics(sm: run_pb2.ServerMetricsSpec, args: argparse.Namespace) -> None:
+    # Touched only when a flag is given, so a spec without them has no server_metrics at all.
+    if getattr(args, "server_metrics", None):
+        sm.endpoints.extend(args.server_metrics)
+    if getattr(args, "metric_filter", None):
+        sm.metric_filters.extend(args.metric_filter)
+    if getattr(args, "scrape_interval", None) is not None:
+        _set_duration(sm.scrape_interval, args.scrape_interval)
+    if getattr(args, "mismatch_tolerance", None) is not None:
+        sm.mismatch_tolerance_percent = args.mismatch_tolerance
 
 
 def spec_parser() -> argparse.ArgumentParser:

@@ -5,7 +5,9 @@ Routes:
 * `GET /v1/models`: the configured model.
 * `POST /v1/chat/completions`, `POST /v1/completions`: streamed (SSE) or not.
 * `GET /stats`, `POST /stats/reset`: what the server saw, for tests to reconcile against.
+* `GET /stats/emission`: when the mock really wrote its tokens (`mockserver.emission`).
 * `GET /health`: 200 while serving (as vLLM).
+* `GET /metrics`: Prometheus text with vLLM's metric names (`mockserver.metrics`).
 
 Timing is measured from the moment the request body has been read (`t0`): the first token is
 emitted at `t0 + ttft`, each next one `itl` after the previous token's deadline or, if that
@@ -31,6 +33,7 @@ from typing import Any
 from aiohttp import web
 
 from mockserver.config import MockConfig
+from mockserver.emission import EmissionStats
 from mockserver.generation import (
     BadRequestError,
     CompletionRequest,
@@ -41,6 +44,9 @@ from mockserver.generation import (
     plan_output,
     reported_tokens,
 )
+from mockserver.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from mockserver.metrics import MALFORMED_PAGE, ServerCounters
+from mockserver.metrics import render as render_metrics
 from mockserver.pacing import DeadlineScheduler, now, sleep_until
 from mockserver.styles import ENCODERS, StreamSummary, TokenEvents, reasoning_tokens
 from mockserver.wire import error_body, full_response, models_body
@@ -66,10 +72,16 @@ class MockStats:
 
     def __init__(self) -> None:
         self.running = 0
+        self.server = ServerCounters()
+        self.output_tokens_total = self.prompt_tokens_total = 0
+        self.emission = EmissionStats()
         self.reset()
 
     def reset(self) -> None:
         """Zero the counters. `running` is a gauge of requests in flight and is kept."""
+        # The /metrics counters are monotonic: they keep what is zeroed here.
+        self.server.prompt_tokens_before_reset += self.prompt_tokens_total
+        self.server.generation_tokens_before_reset += self.output_tokens_total
         self.requests_total = 0
         self.requests_ok = 0
         self.requests_failed = 0
@@ -77,6 +89,7 @@ class MockStats:
         self.output_tokens_total = 0
         self.prompt_tokens_total = 0
         self.by_endpoint: dict[Endpoint, int] = {"chat": 0, "completions": 0}
+        self.emission.reset()
 
     def as_dict(self) -> dict[str, Any]:
         """The `/stats` JSON object."""
@@ -112,6 +125,9 @@ def create_app(config: MockConfig) -> web.Application:
     async def get_stats(_: web.Request) -> web.Response:
         return web.json_response(stats.as_dict())
 
+    async def get_emission(_: web.Request) -> web.Response:
+        return web.json_response(stats.emission.as_dict())
+
     async def reset_stats(_: web.Request) -> web.Response:
         stats.reset()
         return web.json_response(stats.as_dict())
@@ -119,12 +135,25 @@ def create_app(config: MockConfig) -> web.Application:
     async def health(_: web.Request) -> web.Response:
         return web.Response()
 
+    async def metrics(_: web.Request) -> web.Response:
+        if config.malformed_metrics:
+            return web.Response(text=MALFORMED_PAGE, headers={"Content-Type": METRICS_CONTENT_TYPE})
+        server = stats.server
+        text = render_metrics(
+            config.model, server, stats.running,
+            prompt_tokens=server.prompt_tokens_before_reset + stats.prompt_tokens_total,
+            generation_tokens=server.generation_tokens_before_reset + stats.output_tokens_total,
+        )  # fmt: skip
+        return web.Response(text=text, headers={"Content-Type": METRICS_CONTENT_TYPE})
+
     app.router.add_get("/v1/models", list_models)
     app.router.add_post("/v1/chat/completions", routes.chat)
     app.router.add_post("/v1/completions", routes.completions)
     app.router.add_get("/stats", get_stats)
     app.router.add_post("/stats/reset", reset_stats)
+    app.router.add_get("/stats/emission", get_emission)
     app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
 
     async def stop_pacing(_: web.Application) -> None:
         scheduler.close()
@@ -183,9 +212,14 @@ class _CompletionRoutes:
                 return _error_response(500, "mock injected error", "server_error")
             plan = plan_output(parsed, self._config.output_tokens)
             stats.prompt_tokens_total += parsed.prompt_tokens
-            if parsed.stream:
-                return await self._stream(request, parsed, plan, t0)
-            return await self._respond(request, parsed, plan, t0)
+            kv_tokens = parsed.prompt_tokens + plan.tokens
+            stats.server.kv_tokens += kv_tokens
+            try:
+                if parsed.stream:
+                    return await self._stream(request, parsed, plan, t0)
+                return await self._respond(request, parsed, plan, t0)
+            finally:
+                stats.server.kv_tokens -= kv_tokens
         except asyncio.CancelledError:
             # The server cancels the handler when the client disconnects (or at shutdown).
             stats.requests_cancelled += 1
@@ -244,6 +278,9 @@ class _CompletionRoutes:
             completed = await finished
         finally:
             finished.cancel()  # when the handler itself is cancelled: the stream stops
+        if completed:
+            # Generation is over: counted (as vLLM does) before the closing events go out.
+            stats.server.finished[plan.finish_reason] += 1
         try:
             if completed:
                 summary = StreamSummary(
@@ -287,6 +324,7 @@ class _CompletionRoutes:
         )
         self._stats.requests_ok += 1
         self._stats.output_tokens_total += plan.tokens
+        self._stats.server.finished[plan.finish_reason] += 1
         return web.Response(body=body, content_type=_JSON)
 
 
@@ -314,6 +352,7 @@ class _TokenStream:
         "_finished",
         "_last_event",
         "_last_index",
+        "_last_write",
         "_last_tokens",
         "_latency",
         "_per_event",
@@ -343,6 +382,7 @@ class _TokenStream:
         self._stats = stats
         self._finished = finished
         self._emitted = 0
+        self._last_write = 0.0
         self.deadline = first_deadline
 
     def fire(self) -> float | None:
@@ -353,6 +393,7 @@ class _TokenStream:
             return None
         index = self._emitted
         self._emitted = index + 1
+        self._record_emission(index)
         if index == self._last_index:
             self._transport.write(self._last_event)
             self._stats.output_tokens_total += self._last_tokens
@@ -361,6 +402,15 @@ class _TokenStream:
         self._transport.write(self._events[index % len(self._events)])
         self._stats.output_tokens_total += self._per_event
         return self._next_deadline()
+
+    def _record_emission(self, index: int) -> None:
+        # The mock's own timing, to judge a client's measurements against (`/stats/emission`).
+        t = now()
+        if index:
+            self._stats.emission.record_gap(t - self._last_write)
+        else:
+            self._stats.emission.record_first(t - self.deadline)
+        self._last_write = t
 
     def _next_deadline(self) -> float:
         # Like a real decode loop, a late event delays the ones after it: the next gap is
@@ -410,6 +460,7 @@ class _SplitTokenStream(_TokenStream):
             return now()  # later than this pass began, so the scheduler's next pass
         self._piece = 0
         self._emitted = index + 1
+        self._record_emission(index)
         if last:
             self._stats.output_tokens_total += self._last_tokens
             self._finished.set_result(True)

@@ -73,11 +73,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "and tokens per event (default: %(default)s)",
     )
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes serving the same port (SO_REUSEPORT), for more streams than one core "
+        "paces; /stats then sums all workers (default: %(default)s)",
+    )
+    parser.add_argument(
         "--under-report-usage",
         type=float,
         default=defaults.under_report_usage,
         help="fraction by which reported completion_tokens fall short of the tokens sent; "
         "/stats counts what was sent (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--malformed-metrics",
+        action="store_true",
+        help="serve a broken /metrics page (to test scrapers' error handling)",
     )
 
 
@@ -94,10 +106,19 @@ def run(args: argparse.Namespace) -> int:
             model=args.model,
             style=args.style,
             under_report_usage=args.under_report_usage,
+            malformed_metrics=args.malformed_metrics,
         )
     except ValueError as exc:
         print(f"mock-server: error: {exc}", file=sys.stderr)
         return 2
+    workers = getattr(args, "workers", 1)
+    if workers < 1:
+        print(f"mock-server: error: --workers must be >= 1, got {workers}", file=sys.stderr)
+        return 2
+    if workers > 1:
+        from mockserver.workers import serve_workers  # numpy and multiprocessing only when needed
+
+        return serve_workers(config, args.host, args.port, workers)
     with asyncio.Runner(loop_factory=_uvloop_factory()) as runner:
         return runner.run(_serve(config, args.host, args.port))
 

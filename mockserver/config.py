@@ -30,6 +30,7 @@ class MockConfig:
         under_report_usage: Fraction by which the reported `completion_tokens` falls short
             of the tokens actually sent (rounded down), to check that a client notices;
             `/stats` always counts what was sent.
+        malformed_metrics: Serve a broken `/metrics` page (for testing scrapers).
     """
 
     ttft_ms: float = 50.0
@@ -41,6 +42,7 @@ class MockConfig:
     model: str = "mock"
     style: Style = "openai"
     under_report_usage: float = 0.0
+    malformed_metrics: bool = False
 
     def __post_init__(self) -> None:
         for name in ("ttft_ms", "itl_ms", "jitter_ms"):

@@ -42,6 +42,11 @@ class MockServer:
         return self._app[STATS_KEY]
 
     @property
+    def app(self) -> web.Application:
+        """The aiohttp application (middlewares may be added before `start()`)."""
+        return self._app
+
+    @property
     def port(self) -> int:
         """The bound TCP port (the one picked when started with port 0)."""
         if self._port is None:
@@ -56,8 +61,12 @@ class MockServer:
             host = f"[{host}]"
         return f"http://{host}:{self.port}/v1"
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        """Bind and start serving; port 0 picks a free port. A server starts only once."""
+    async def start(self, host: str = "127.0.0.1", port: int = 0, *, reuse_port: bool = False) -> None:
+        """Bind and start serving; port 0 picks a free port. A server starts only once.
+
+        With `reuse_port`, the socket is bound with SO_REUSEPORT, so that several processes
+        can listen on the same port and the kernel spreads new connections over them.
+        """
         if self._started:
             raise RuntimeError("MockServer can only be started once")
         self._started = True
@@ -70,7 +79,9 @@ class MockServer:
         )
         await runner.setup()
         try:
-            site = web.TCPSite(runner, host, port, backlog=_BACKLOG, reuse_address=True)
+            site = web.TCPSite(
+                runner, host, port, backlog=_BACKLOG, reuse_address=True, reuse_port=reuse_port or None
+            )
             await site.start()
         except BaseException:
             await runner.cleanup()

@@ -46,7 +46,7 @@ if [[ $dev == 1 ]]; then
   lock_stamp="node_modules/.installed-$(cat package.json package-lock.json | sha256sum | cut -c1-16)"
   if [[ ! -f "$lock_stamp" ]]; then
     command -v npm >/dev/null 2>&1 || { echo "bootstrap: npm is required for buf (proto lint)" >&2; exit 1; }
-    echo "bootstrap: installing buf from npm" >&2
+    echo "bootstrap: installing the npm tools (buf, the Node example's gRPC libraries, yaml)" >&2
     npm install --no-audit --no-fund --loglevel=error >&2
     touch "$lock_stamp"
   fi

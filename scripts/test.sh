@@ -7,8 +7,18 @@ scripts/bootstrap.sh --dev
 
 echo "== buf lint" >&2
 npx --no-install buf lint
+echo "== buf breaking (against the previous commit's protos)" >&2
+if previous=$(git rev-parse --verify -q 'HEAD~1^{commit}' 2>/dev/null); then
+  npx --no-install buf breaking --against ".git#ref=${previous}"
+else
+  # A fresh repository, or a clone of depth 1: no earlier protos to compare with.
+  echo "buf breaking: skipped, this clone has no commit before HEAD (clone with --depth 2 or more to check)" >&2
+fi
 echo "== generated stubs are fresh" >&2
 .venv/bin/python scripts/gen_protos.py --check
+echo "== generated docs are fresh (docs/api.md, docs/configuration.md)" >&2
+.venv/bin/python scripts/gen_api_docs.py --check
+.venv/bin/python scripts/gen_config_docs.py --check
 echo "== ruff" >&2
 .venv/bin/ruff check .
 echo "== mypy --strict" >&2

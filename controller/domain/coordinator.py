@@ -1,12 +1,26 @@
-"""Run execution: which agents run which run, stage by stage.
+"""Run execution: which agents run which run, stage by stage, and what happens when one
+of them is lost.
 
-A dispatcher starts pending runs in creation order as soon as enough agents are free.
-Each running run has one task that walks its stages: it splits the stage across its
-agents (concurrency and request count into integers that sum to the total), sends each
-agent an Assign, and waits until every assignment reported its final state *and* every
-batch it announced is committed. An agent that disconnects keeps its assignment for
-`lost_grace_s`; if it reconnects in time (its Hello lists the assignment) it is rebound,
-otherwise the assignment counts as lost.
+Placement: a dispatcher starts pending runs in creation order as soon as enough free
+agents match the run's `placement` (a count and a label selector). A run that cannot be
+placed within `placement.wait_timeout` (default `DEFAULT_WAIT_TIMEOUT_S`) fails with a
+reason naming what was missing.
+
+Stages: each running run has one task that walks its stages. It splits a stage across its
+agents (`stage_shares`), sends each agent an Assign carrying the same start time in the
+controller's clock plus that agent's estimated clock offset (so the agents start together,
+`START_LEAD_S` after the Assigns go out), and waits until every assignment reported its
+final state *and* every batch it announced is committed.
+
+Agent loss (see docs/fleet.md): agents heartbeat every `heartbeat_interval_s`. An agent
+whose stream is open but silent for `MISSED_HEARTBEATS` intervals is lost (its stream is
+closed, so it rejoins with a new session); an agent whose stream ended without a Goodbye
+is lost unless it reconnects and resumes its assignment within `disconnect_grace_s`
+(default: one heartbeat interval). A lost agent's assignment ends as LOST, with the
+requests it announced but never reported counted as lost, and the run's `on_agent_loss`
+policy applies: REDISTRIBUTE gives the rest of the lost share (remaining time or requests)
+to the run's other agents as takeover assignments, CONTINUE flags the stage as run with
+reduced load, FAIL fails the run. Every loss, takeover and rejoin is a run event.
 """
 
 from __future__ import annotations
@@ -17,7 +31,6 @@ import hashlib
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
 
 import structlog
 from google.protobuf import json_format
@@ -28,15 +41,33 @@ from controller.domain.checks import parse_check
 from controller.domain.datasets import entries_from_json
 from controller.domain.ingest import IngestTarget, columns_of
 from controller.domain.live import WINDOW_S, LiveWindow, RunHub
+from controller.domain.server_metrics import plan_scrapes
 from controller.store import repository as repo
 from controller.store.database import Database
 
 log = structlog.get_logger(__name__)
 
-ASSIGNMENT_LOST = -1  # in-memory final state of an assignment whose agent never came back
+ASSIGNMENT_LOST = repo.ASSIGNMENT_LOST_STATE  # final state of an assignment whose agent was lost
 CANCEL_GRACE_S = 20.0
 ABORT_CHECK_EVERY_S = 1.0
 STAGE_SLACK_S = 30.0
+# An agent is lost after this many heartbeat intervals without a heartbeat; its lease (how
+# long it keeps firing without hearing from us) is as long.
+MISSED_HEARTBEATS = 3
+# Stage starts are set this far ahead so that every Assign arrives (and closed loops open
+# their connections) before the common start time.
+START_LEAD_S = 0.75
+TAKEOVER_LEAD_S = 0.05
+# Less than this left of a stage: a lost share is not worth handing over.
+MIN_TAKEOVER_S = 0.25
+DEFAULT_WAIT_TIMEOUT_S = 300.0
+INTERRUPT_REASON = "the controller stopped while the run was running"
+
+_FINAL = (
+    agent_service_pb2.ASSIGNMENT_STATE_COMPLETED,
+    agent_service_pb2.ASSIGNMENT_STATE_FAILED,
+    agent_service_pb2.ASSIGNMENT_STATE_CANCELLED,
+)
 
 
 def split_integer(total: int, parts: int) -> list[int]:
@@ -87,11 +118,28 @@ def _duration_s(d: object) -> float:
     return float(getattr(d, "seconds", 0)) + float(getattr(d, "nanos", 0)) / 1e9
 
 
+def selector_text(selector: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
+
+
 @dataclass(eq=False)
 class AgentSlot:
     """A place in a run for one agent; the session changes when the agent reconnects."""
 
     session: AgentSession | None
+
+
+@dataclass(eq=False)
+class StageRun:
+    """One stage in progress: its assignments (initial and takeovers) and its clock."""
+
+    idx: int
+    stage: run_pb2.Stage
+    start_ns: int  # planned start, controller clock
+    end_ns: int | None  # planned end (stages with a duration), controller clock
+    active: list[ActiveAssignment] = field(default_factory=list)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    takeovers: int = 0
 
 
 @dataclass(eq=False)
@@ -101,6 +149,9 @@ class ActiveAssignment:
     execution: RunExecution
     stage_idx: int
     slot: AgentSlot
+    share: run_pb2.Stage = field(default_factory=run_pb2.Stage)
+    stage_run: StageRun | None = None
+    agent_name: str = ""
     final_state: int = 0
     message: str = ""
     batch_count: int | None = None
@@ -109,6 +160,7 @@ class ActiveAssignment:
     lost_timer: asyncio.Task[None] | None = None
     max_loop_lag_ms: float = 0.0
     max_cpu_percent: float = 0.0
+    started: bool = False
 
 
 @dataclass(eq=False)
@@ -123,10 +175,17 @@ class RunExecution:
     task: asyncio.Task[None] | None = None
     dataset: list[run_pb2.DatasetEntry] = field(default_factory=list)
     abort_reason: str = ""
+    interrupted: bool = False
+    stage: StageRun | None = None
+    lost_names: set[str] = field(default_factory=set)
 
     @property
     def run_id(self) -> str:
         return self.record.run_id
+
+    @property
+    def policy(self) -> int:
+        return self.spec.placement.on_agent_loss or run_pb2.AGENT_LOSS_POLICY_REDISTRIBUTE
 
 
 class AckTracker:
@@ -137,7 +196,10 @@ class AckTracker:
         self._ahead: dict[str, set[int]] = {}
 
     def commit(self, assignment_id: str, seq: int) -> int:
-        through = self._through.get(assignment_id, 0)
+        # The first batch this process sees of an assignment starts right after what the
+        # agent has had acked (by us or a previous controller process): agents replay
+        # every unacked batch in order, and drop batches only once they are acked.
+        through = self._through.get(assignment_id, seq - 1)
         ahead = self._ahead.setdefault(assignment_id, set())
         if seq > through:
             ahead.add(seq)
@@ -158,47 +220,68 @@ class AckTracker:
 class RunCoordinator:
     """Schedules runs onto agents and tracks their assignments."""
 
-    def __init__(self, db: Database, hub: RunHub, *, lost_grace_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        db: Database,
+        hub: RunHub,
+        *,
+        heartbeat_interval_s: float = 1.0,
+        lost_grace_s: float | None = None,
+    ) -> None:
         self._db = db
         self._hub = hub
-        self.lost_grace_s = lost_grace_s
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.lost_after_s = heartbeat_interval_s * MISSED_HEARTBEATS
+        self.lease_s = self.lost_after_s
+        self.disconnect_grace_s = lost_grace_s if lost_grace_s is not None else heartbeat_interval_s
         self._wake = asyncio.Event()
         self.registry = AgentRegistry(on_change=self._wake.set)
         self.executions: dict[str, RunExecution] = {}
         self.assignments: dict[str, ActiveAssignment] = {}
         self.acks = AckTracker()
         self._pending: list[str] = []
-        self._dispatcher: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._stopped = False
 
     # --- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        interrupted = await self._db.write(
-            repo.interrupt_running, "the controller stopped while the run was running", time.time_ns()
-        )
+        interrupted = await self._db.write(repo.interrupt_running, INTERRUPT_REASON, time.time_ns())
         for run_id in interrupted:
             log.warning("run_interrupted", run_id=run_id)
         self._pending = await self._db.read(repo.pending_run_ids)
-        self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="dispatcher")
+        self._tasks = [
+            asyncio.create_task(self._dispatch_loop(), name="dispatcher"),
+            asyncio.create_task(self._watchdog_loop(), name="agent-watchdog"),
+        ]
         self._wake.set()
 
-    async def stop(self) -> None:
-        """Stop scheduling; running runs become INTERRUPTED."""
+    async def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop scheduling; running runs are stopped on their agents (bounded by
+        `timeout_s`, so their samples get committed) and become INTERRUPTED."""
         self._stopped = True
-        if self._dispatcher is not None:
-            self._dispatcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._dispatcher
-        tasks = [ex.task for ex in self.executions.values() if ex.task is not None]
-        for task in tasks:
+        for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for run_id in await self._db.write(
-            repo.interrupt_running, "the controller stopped while the run was running", time.time_ns()
-        ):
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        running = [ex for ex in self.executions.values() if ex.task is not None]
+        for ex in running:
+            ex.interrupted = True
+            self.request_cancel(ex.run_id, "the controller is shutting down")
+        tasks = [ex.task for ex in running if ex.task is not None]
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=timeout_s)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
+        for run_id in await self._db.write(repo.interrupt_running, INTERRUPT_REASON, time.time_ns()):
             log.warning("run_interrupted", run_id=run_id)
             self._hub.notify(run_id)
+
+    def close_sessions(self, reason: str) -> None:
+        """End every agent stream (after flushing what is queued for it)."""
+        for session in self.registry.all():
+            session.close(reason)
 
     def enqueue(self, run_id: str) -> None:
         self._pending.append(run_id)
@@ -222,29 +305,60 @@ class RunCoordinator:
 
     async def _dispatch_loop(self) -> None:
         while True:
-            await self._wake.wait()
+            # Woken by agents coming and going and by new runs; the timeout lets
+            # placement timeouts fire while nothing else happens.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
             self._wake.clear()
-            while self._pending:
-                run_id = self._pending[0]
-                record = await self._db.read(repo.get_run, run_id)
-                if record is None or record.state != repo.PENDING:
-                    self._pending.pop(0)
-                    continue
-                spec = json_format.Parse(record.spec_json, run_pb2.RunSpec())
-                needed = max(1, spec.placement.agents)
-                free = self.registry.free()
-                if len(free) < needed:
-                    break  # strict FIFO: later runs wait behind the first one
-                self._pending.pop(0)
-                chosen = free[:needed]
-                api_key = await self._db.read(repo.get_run_secret, record.pk)
-                ex = RunExecution(record, spec, api_key, [AgentSlot(s) for s in chosen])
-                if spec.workload.HasField("dataset"):
-                    ex.dataset = entries_from_json(await self._db.read(repo.get_run_dataset, record.pk))
-                for s in chosen:
-                    s.run_id = run_id
-                self.executions[run_id] = ex
-                ex.task = asyncio.create_task(self._execute(ex), name=f"run-{run_id}")
+            await self._dispatch_once()
+
+    async def _dispatch_once(self) -> None:
+        blocked = False
+        for run_id in list(self._pending):
+            record = await self._db.read(repo.get_run, run_id)
+            if record is None or record.state != repo.PENDING:
+                self._pending.remove(run_id)
+                continue
+            spec = json_format.Parse(record.spec_json, run_pb2.RunSpec())
+            placement = spec.placement
+            needed = max(1, placement.agents)
+            selector = dict(placement.selector)
+            free = self.registry.free(selector)
+            if blocked or len(free) < needed:
+                # Strict FIFO: later runs wait behind the first one that cannot start.
+                blocked = True
+                await self._fail_if_waited_too_long(record, placement, needed, selector)
+                continue
+            self._pending.remove(run_id)
+            chosen = free[:needed]
+            api_key = await self._db.read(repo.get_run_secret, record.pk)
+            ex = RunExecution(record, spec, api_key, [AgentSlot(s) for s in chosen])
+            if spec.workload.HasField("dataset"):
+                ex.dataset = entries_from_json(await self._db.read(repo.get_run_dataset, record.pk))
+            for s in chosen:
+                s.run_id = run_id
+            self.executions[run_id] = ex
+            ex.task = asyncio.create_task(self._execute(ex), name=f"run-{run_id}")
+
+    async def _fail_if_waited_too_long(
+        self, record: repo.RunRecord, placement: run_pb2.Placement, needed: int, selector: dict[str, str]
+    ) -> None:
+        timeout_s = _duration_s(placement.wait_timeout) if placement.HasField("wait_timeout") else 0.0
+        timeout_s = timeout_s or DEFAULT_WAIT_TIMEOUT_S
+        waited_s = (time.time_ns() - record.created_at) / 1e9
+        if waited_s < timeout_s:
+            return
+        matching = self.registry.matching(selector)
+        free = [s for s in matching if s.free]
+        what = f"agents matching {selector_text(selector)}" if selector else "agents"
+        reason = (
+            f"placement: needed {needed} {what}, but after waiting {timeout_s:g} s only {len(matching)} "
+            f"{'were' if len(matching) != 1 else 'was'} connected ({len(free)} free)"
+        )
+        self._pending.remove(record.run_id)
+        await self._db.write(repo.finish_run, record.pk, repo.FAILED, reason, time.time_ns())
+        await self.add_event(record.run_id, record.pk, "run_failed", reason)
+        log.warning("run_failed", run_id=record.run_id, reason=reason)
 
     # --- execution -----------------------------------------------------------------------
 
@@ -263,7 +377,9 @@ class RunCoordinator:
                 if not ok:
                     state, reason = repo.FAILED, why
                     break
-            if ex.abort_reason:
+            if ex.interrupted:
+                state, reason = repo.INTERRUPTED, INTERRUPT_REASON
+            elif ex.abort_reason:
                 state, reason = repo.FAILED, ex.abort_reason
             elif ex.cancelled.is_set() and state == repo.SUCCEEDED:
                 state, reason = repo.CANCELLED, ex.cancel_reason
@@ -274,13 +390,16 @@ class RunCoordinator:
                     state, reason = repo.FAILED, f"every request failed ({n_failed}); e.g. {error[:300]}"
         except asyncio.CancelledError:
             self._release(ex)
+            self.executions.pop(ex.run_id, None)
             raise  # controller shutdown: stop() marks the run INTERRUPTED
         except Exception as exc:
             log.exception("run_crashed", run_id=ex.run_id)
             state, reason = repo.FAILED, f"internal error: {type(exc).__name__}"
         self._release(ex)
         await self._db.write(repo.finish_run, run.pk, state, reason, time.time_ns())
-        kind = {repo.SUCCEEDED: "run_succeeded", repo.FAILED: "run_failed"}.get(state, "run_cancelled")
+        kind = {
+            repo.SUCCEEDED: "run_succeeded", repo.FAILED: "run_failed", repo.INTERRUPTED: "run_interrupted"
+        }.get(state, "run_cancelled")  # fmt: skip
         await self.add_event(ex.run_id, run.pk, kind, reason)
         log.info(kind, run_id=ex.run_id, reason=reason)
         self.executions.pop(ex.run_id, None)
@@ -292,15 +411,55 @@ class RunCoordinator:
                 self.registry.release(slot.session)
 
     def _fill_slots(self, ex: RunExecution) -> list[AgentSlot]:
-        """Slots with a live session; an empty slot takes a free agent if there is one."""
+        """Slots with a live session; an empty slot takes a free matching agent if there is one."""
+        selector = dict(ex.spec.placement.selector)
         for slot in ex.slots:
-            if slot.session is None or slot.session.closed:
+            if slot.session is None or slot.session.closed or slot.session.close_reason:
                 slot.session = None
-                free = self.registry.free()
+                free = self.registry.free(selector)
                 if free:
                     slot.session = free[0]
                     free[0].run_id = ex.run_id
         return [s for s in ex.slots if s.session is not None]
+
+    async def _assign(
+        self, ex: RunExecution, st: StageRun, slot: AgentSlot, share: run_pb2.Stage, seed_idx: int, *, takeover: bool,
+        server_metrics: run_pb2.ServerMetricsSpec | None = None,
+    ) -> ActiveAssignment:
+        session = slot.session
+        assert session is not None
+        assignment_id = f"asg_{uuid.uuid4().hex[:16]}"
+        start_ns = st.start_ns if not takeover else time.time_ns() + int(TAKEOVER_LEAD_S * 1e9)
+        pk = await self._db.write(
+            repo.insert_assignment, assignment_id, ex.record.pk, st.idx, session.session_id,
+            session.name, share.concurrency or share.max_concurrency, share.requests,
+            agent_service_pb2.ASSIGNMENT_STATE_RUNNING, time.time_ns(),
+        )  # fmt: skip
+        await self._db.write(repo.update_assignment, pk, planned_start_ns=start_ns, takeover=int(takeover),
+                             clock_offset_ns=session.clock.offset_ns)  # fmt: skip
+        a = ActiveAssignment(assignment_id, pk, ex, st.idx, slot, share=share, stage_run=st, agent_name=session.name)
+        self.assignments[assignment_id] = a
+        st.active.append(a)
+        st.changed.set()
+        if not session.assignment_id:
+            session.assignment_id = assignment_id
+        workload = run_pb2.Workload()
+        workload.CopyFrom(ex.spec.workload)
+        workload.seed = derive_seed(ex.spec.workload.seed, st.idx, seed_idx)
+        target = run_pb2.Target()
+        target.CopyFrom(ex.spec.target)
+        target.api_key = ex.api_key
+        session.send(
+            agent_service_pb2.ConnectResponse(
+                assign=agent_service_pb2.Assign(
+                    assignment_id=assignment_id, run_id=ex.run_id, stage_index=st.idx,
+                    target=target, workload=workload, stage=share, dataset_entries=ex.dataset,
+                    start_unix_ns=start_ns, clock_offset_ns=session.clock.offset_ns, takeover=takeover,
+                    server_metrics=server_metrics,
+                )
+            )
+        )  # fmt: skip
+        return a
 
     async def _run_stage(self, ex: RunExecution, idx: int, stage: run_pb2.Stage) -> tuple[bool, str]:
         run = ex.record
@@ -310,60 +469,38 @@ class RunCoordinator:
         planned_s = _duration_s(stage.duration)
         ex.live.start_stage(idx, planned_s, stage.requests)
         now = time.time_ns()
+        start_ns = now + int(START_LEAD_S * 1e9)
+        st = StageRun(idx, stage, start_ns, start_ns + int(planned_s * 1e9) if planned_s > 0 else None)
+        ex.stage = st
         await self._db.write(repo.update_run, run.pk, current_stage=idx)
-        await self._db.write(repo.set_stage_time, run.pk, idx, started_at=now)
+        await self._db.write(repo.set_stage_time, run.pk, idx, started_at=start_ns)
         await self.add_event(ex.run_id, run.pk, "stage_started", f"stage {idx}: {stage.name}")
-        log.info("stage_started", run_id=ex.run_id, stage=idx, name=stage.name)
+        log.info("stage_started", run_id=ex.run_id, stage=idx, name=stage.name, agents=len(slots))
 
-        active: list[ActiveAssignment] = []
-        for agent_idx, (slot, share) in enumerate(zip(slots, stage_shares(stage, len(slots)), strict=True)):
-            if share is None:
-                continue
-            session = slot.session
-            assert session is not None
-            assignment_id = f"asg_{uuid.uuid4().hex[:16]}"
-            pk = await self._db.write(
-                repo.insert_assignment, assignment_id, run.pk, idx, session.session_id,
-                session.name, share.concurrency or share.max_concurrency, share.requests,
-                agent_service_pb2.ASSIGNMENT_STATE_RUNNING, time.time_ns(),
-            )  # fmt: skip
-            a = ActiveAssignment(assignment_id, pk, ex, idx, slot)
-            self.assignments[assignment_id] = a
-            active.append(a)
-            session.assignment_id = assignment_id
-            workload = run_pb2.Workload()
-            workload.CopyFrom(ex.spec.workload)
-            workload.seed = derive_seed(ex.spec.workload.seed, idx, agent_idx)
-            target = run_pb2.Target()
-            target.CopyFrom(ex.spec.target)
-            target.api_key = ex.api_key
-            session.send(
-                agent_service_pb2.ConnectResponse(
-                    assign=agent_service_pb2.Assign(
-                        assignment_id=assignment_id, run_id=ex.run_id, stage_index=idx,
-                        target=target, workload=workload, stage=share, dataset_entries=ex.dataset,
-                    )
-                )
-            )  # fmt: skip
+        shares = stage_shares(stage, len(slots))
+        scrapers = plan_scrapes(ex.spec.server_metrics, [share is not None for share in shares])
+        for agent_idx, (slot, share) in enumerate(zip(slots, shares, strict=True)):
+            if share is not None:
+                await self._assign(ex, st, slot, share, agent_idx, takeover=False, server_metrics=scrapers[agent_idx])
 
         deadline = None
         if planned_s > 0:
-            deadline = planned_s + _duration_s(ex.spec.target.request_timeout) + STAGE_SLACK_S
-        all_done: asyncio.Future[Any] = asyncio.ensure_future(
-            asyncio.gather(*(a.done.wait() for a in active))
-        )
-        cancelled: asyncio.Future[Any] = asyncio.ensure_future(ex.cancelled.wait())
+            deadline = START_LEAD_S + planned_s + _duration_s(ex.spec.target.request_timeout) + STAGE_SLACK_S
         abort_checks = [parse_check(c.expression, True) for c in ex.spec.checks if c.abort_on_fail]
         stage_deadline = None if deadline is None else time.monotonic() + deadline
+        cancelled: asyncio.Future[bool] = asyncio.ensure_future(ex.cancelled.wait())
         try:
-            while not (all_done.done() or cancelled.done()):
+            while not all(a.done.is_set() for a in st.active) and not cancelled.done():
                 left = None if stage_deadline is None else stage_deadline - time.monotonic()
                 if left is not None and left <= 0:
                     break
-                step = min(ABORT_CHECK_EVERY_S, left) if abort_checks and left is not None else (
-                    ABORT_CHECK_EVERY_S if abort_checks else left
-                )  # fmt: skip
-                await asyncio.wait([all_done, cancelled], timeout=step, return_when=asyncio.FIRST_COMPLETED)
+                st.changed.clear()
+                changed: asyncio.Future[bool] = asyncio.ensure_future(st.changed.wait())
+                step = ABORT_CHECK_EVERY_S if left is None else min(ABORT_CHECK_EVERY_S, left)
+                try:
+                    await asyncio.wait([changed, cancelled], timeout=step, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    changed.cancel()
                 failure = ex.live.failed_check(abort_checks) if abort_checks else None
                 if failure and not ex.cancelled.is_set():
                     ex.abort_reason = f"aborted in stage {idx}: check failed over the last {WINDOW_S:g} s: {failure}"
@@ -371,20 +508,24 @@ class RunCoordinator:
                     await self.add_event(ex.run_id, run.pk, "check_failed", ex.abort_reason)
                     ex.cancel_reason = ex.abort_reason
                     ex.cancelled.set()
-            if not all_done.done():
+            if not all(a.done.is_set() for a in st.active):
                 why = ex.cancel_reason if ex.cancelled.is_set() else "stage overran its deadline"
-                for a in active:
+                for a in st.active:
                     if not a.done.is_set() and a.slot.session is not None:
                         a.slot.session.send(
                             agent_service_pb2.ConnectResponse(
                                 cancel=agent_service_pb2.Cancel(assignment_id=a.assignment_id, reason=why)
                             )
                         )
-                await asyncio.wait({all_done}, timeout=CANCEL_GRACE_S)
+                grace_end = time.monotonic() + CANCEL_GRACE_S
+                while not all(a.done.is_set() for a in st.active) and time.monotonic() < grace_end:
+                    st.changed.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(st.changed.wait(), timeout=0.5)
         finally:
             cancelled.cancel()
-            all_done.cancel()
-            for a in active:
+            ex.stage = None
+            for a in st.active:
                 if not a.done.is_set():
                     a.final_state = ASSIGNMENT_LOST
                     a.message = "no final report from the agent"
@@ -395,17 +536,132 @@ class RunCoordinator:
                     a.slot.session.assignment_id = ""
             await self._db.write(repo.set_stage_time, run.pk, idx, ended_at=time.time_ns())
 
-        for a in active:
+        for a in st.active:
             await self._db.write(repo.record_assignment_health, a.pk, a.max_loop_lag_ms, a.max_cpu_percent)
             if a.final_state in (ASSIGNMENT_LOST, agent_service_pb2.ASSIGNMENT_STATE_FAILED):
                 await self._db.write(repo.update_assignment, a.pk, state=a.final_state, message=a.message,
-                                     ended_at=time.time_ns())  # fmt: skip
-        failed = [a for a in active if a.final_state == agent_service_pb2.ASSIGNMENT_STATE_FAILED]
-        lost = [a for a in active if a.final_state == ASSIGNMENT_LOST]
-        if active and len(failed) + len(lost) == len(active):
+                                     requests_sent=a.requests_sent, ended_at=time.time_ns())  # fmt: skip
+        failed = [a for a in st.active if a.final_state == agent_service_pb2.ASSIGNMENT_STATE_FAILED]
+        lost = [a for a in st.active if a.final_state == ASSIGNMENT_LOST]
+        if st.active and len(failed) + len(lost) == len(st.active):
             detail = (failed or lost)[0].message
             return False, f"stage {idx}: every agent failed or was lost ({detail})"
         return True, ""
+
+    # --- agent loss ----------------------------------------------------------------------
+
+    async def _watchdog_loop(self) -> None:
+        """Declare agents lost after MISSED_HEARTBEATS silent heartbeat intervals."""
+        while True:
+            await asyncio.sleep(self.heartbeat_interval_s / 4)
+            now = time.monotonic()
+            for session in self.registry.all():
+                silent_s = now - session.last_heartbeat_mono
+                if session.close_reason or session.departing or silent_s <= self.lost_after_s:
+                    continue
+                reason = f"{session.name} missed {MISSED_HEARTBEATS} heartbeats (silent for {silent_s:.1f} s)"
+                log.warning("agent_lost", session_id=session.session_id, agent=session.name, reason=reason)
+                # Closing the stream makes a frozen agent rejoin with a new session later.
+                session.close(reason)
+                self.registry.remove(session)
+                await self._session_gone(session, reason)
+
+    async def _session_gone(self, session: AgentSession, reason: str) -> None:
+        """The session is lost for good: its assignments are lost, its slot freed."""
+        for a in [a for a in self.assignments.values() if a.slot.session is session]:
+            a.slot.session = None
+            if not a.done.is_set():
+                await self._lose(a, reason)
+        if session.run_id and (ex := self.executions.get(session.run_id)) is not None:
+            for slot in ex.slots:
+                if slot.session is session:
+                    slot.session = None
+
+    async def _lose_after_grace(self, a: ActiveAssignment, name: str) -> None:
+        await asyncio.sleep(self.disconnect_grace_s)
+        if a.slot.session is None and not a.done.is_set():
+            a.lost_timer = None
+            await self._lose(a, f"{name} disconnected and did not resume within {self.disconnect_grace_s:g} s")
+
+    async def _lose(self, a: ActiveAssignment, reason: str) -> None:
+        """Mark an assignment LOST and apply the run's `on_agent_loss` policy."""
+        if a.done.is_set():
+            return
+        ex, run = a.execution, a.execution.record
+        a.final_state, a.message = ASSIGNMENT_LOST, reason[:1000]
+        a.done.set()
+        if a.stage_run is not None:
+            a.stage_run.changed.set()
+        ex.lost_names.add(a.agent_name)
+        await self._db.write(repo.update_assignment, a.pk, state=ASSIGNMENT_LOST, message=a.message,
+                             requests_sent=a.requests_sent, ended_at=time.time_ns())  # fmt: skip
+        await self.add_event(ex.run_id, run.pk, "agent_lost",
+                             f"stage {a.stage_idx}: {reason}; assignment {a.assignment_id} had announced "
+                             f"{a.requests_sent} requests")  # fmt: skip
+        log.warning("assignment_lost", run_id=ex.run_id, assignment_id=a.assignment_id, reason=reason)
+        if ex.cancelled.is_set():
+            return
+        policy = ex.policy
+        if policy == run_pb2.AGENT_LOSS_POLICY_FAIL:
+            ex.abort_reason = f"stage {a.stage_idx}: agent lost ({reason}) and on_agent_loss is FAIL"
+            ex.cancel_reason = ex.abort_reason
+            ex.cancelled.set()
+            return
+        st = a.stage_run
+        if st is None or ex.stage is not st:
+            return
+        if policy == run_pb2.AGENT_LOSS_POLICY_CONTINUE:
+            await self._reduce_load(ex, st, f"{a.agent_name} lost; on_agent_loss is CONTINUE")
+            return
+        await self._redistribute(ex, st, a)
+
+    async def _reduce_load(self, ex: RunExecution, st: StageRun, reason: str) -> None:
+        await self._db.write(repo.set_stage_reduced_load, ex.record.pk, st.idx, reason)
+        await self.add_event(ex.run_id, ex.record.pk, "reduced_load", f"stage {st.idx}: {reason}")
+
+    def _remaining_share(self, st: StageRun, a: ActiveAssignment) -> run_pb2.Stage | None:
+        """What is left of a lost assignment's share: the rest of the stage's time and/or
+        the requests it had not announced; None if nothing worth handing over is left."""
+        rest = run_pb2.Stage()
+        rest.CopyFrom(a.share)
+        rest.ClearField("warmup_duration")
+        rest.ClearField("ramp")
+        rest.warmup_requests = 0
+        now = time.time_ns() + int(TAKEOVER_LEAD_S * 1e9)
+        if st.end_ns is not None:
+            left_s = (st.end_ns - max(now, st.start_ns)) / 1e9
+            if left_s < MIN_TAKEOVER_S:
+                return None
+            rest.duration.FromNanoseconds(int(left_s * 1e9))
+        if a.share.requests:
+            left = a.share.requests - a.requests_sent
+            if left <= 0:
+                return None
+            rest.requests = left
+        return rest
+
+    async def _redistribute(self, ex: RunExecution, st: StageRun, lost: ActiveAssignment) -> None:
+        rest = self._remaining_share(st, lost)
+        if rest is None:
+            return
+        takers = [
+            slot for slot in ex.slots
+            if slot.session is not None and not slot.session.close_reason and slot.session is not lost.slot.session
+        ]  # fmt: skip
+        if not takers:
+            await self._reduce_load(ex, st, f"{lost.agent_name} lost and no agent left to take over its share")
+            return
+        names: list[str] = []
+        for slot, share in zip(takers, stage_shares(rest, len(takers)), strict=True):
+            if share is None:
+                continue
+            st.takeovers += 1
+            a = await self._assign(ex, st, slot, share, 1000 * st.takeovers + len(names), takeover=True)
+            names.append(f"{a.agent_name} ({_load_text(share)})")
+        await self.add_event(ex.run_id, ex.record.pk, "takeover",
+                             f"stage {st.idx}: the share of {lost.agent_name} ({_load_text(rest)}) "
+                             f"goes to {', '.join(names)}")  # fmt: skip
+        log.info("takeover", run_id=ex.run_id, stage=st.idx, lost=lost.agent_name, takers=len(names))
 
     # --- agent stream events (called by the AgentService servicer) ------------------------
 
@@ -418,6 +674,7 @@ class RunCoordinator:
         for assignment_id in active_assignment_ids:
             a = self.assignments.get(assignment_id)
             if a is None or a.done.is_set() or a.execution.cancelled.is_set():
+                # Stale (lost, finished, or from before a controller restart): drop it.
                 session.send(
                     agent_service_pb2.ConnectResponse(
                         cancel=agent_service_pb2.Cancel(
@@ -437,47 +694,48 @@ class RunCoordinator:
                 a.lost_timer = None
             await self.add_event(a.execution.run_id, a.execution.record.pk, "agent_rejoined",
                                  f"{session.name} resumed {assignment_id}")  # fmt: skip
+        for ex in self.executions.values():
+            if session.name in ex.lost_names and session.run_id != ex.run_id:
+                await self.add_event(ex.run_id, ex.record.pk, "agent_rejoined",
+                                     f"{session.name} rejoined with new session {session.session_id} "
+                                     "(its lost share stays with the others)")  # fmt: skip
         self.registry.add(session)
 
     async def agent_disconnected(self, session: AgentSession) -> None:
+        was_registered = self.registry.get(session.session_id) is session
         self.registry.remove(session)
         if self._stopped:
             return  # shutting down: the store may already be closed
         await self._db.write(repo.record_agent_disconnected, session.session_id, time.time_ns())
-        log.info("agent_disconnected", session_id=session.session_id, agent=session.name)
-        a = self.assignments.get(session.assignment_id) if session.assignment_id else None
-        if a is not None and a.slot.session is session and not a.done.is_set():
+        log.info("agent_disconnected", session_id=session.session_id, agent=session.name,
+                 goodbye=session.departing)  # fmt: skip
+        if not was_registered and session.close_reason:
+            return  # already declared lost by the watchdog
+        for a in [a for a in self.assignments.values() if a.slot.session is session]:
             a.slot.session = None
-            a.lost_timer = asyncio.create_task(self._lose_after_grace(a))
-            await self.add_event(a.execution.run_id, a.execution.record.pk, "agent_disconnected",
-                                 f"{session.name} disconnected during {a.assignment_id}")  # fmt: skip
-        elif session.run_id and (ex := self.executions.get(session.run_id)) is not None:
+            if not a.done.is_set():
+                a.lost_timer = asyncio.create_task(self._lose_after_grace(a, session.name))
+                await self.add_event(a.execution.run_id, a.execution.record.pk, "agent_disconnected",
+                                     f"{session.name} disconnected during {a.assignment_id}")  # fmt: skip
+        if session.run_id and (ex := self.executions.get(session.run_id)) is not None:
             for slot in ex.slots:
                 if slot.session is session:
                     slot.session = None
 
-    async def _lose_after_grace(self, a: ActiveAssignment) -> None:
-        await asyncio.sleep(self.lost_grace_s)
-        if a.slot.session is None and not a.done.is_set():
-            a.final_state = ASSIGNMENT_LOST
-            a.message = f"agent did not reconnect within {self.lost_grace_s:g} s"
-            log.warning("agent_lost", run_id=a.execution.run_id, assignment_id=a.assignment_id)
-            await self.add_event(a.execution.run_id, a.execution.record.pk, "agent_lost", a.message)
-            a.done.set()
-
     async def assignment_update(self, session: AgentSession, update: agent_service_pb2.AssignmentUpdate) -> None:
-        final = (
-            agent_service_pb2.ASSIGNMENT_STATE_COMPLETED,
-            agent_service_pb2.ASSIGNMENT_STATE_FAILED,
-            agent_service_pb2.ASSIGNMENT_STATE_CANCELLED,
-        )
         a = self.assignments.get(update.assignment_id)
         if a is not None:
-            a.requests_sent = update.requests_sent
-            if update.state in final and not a.final_state:
+            a.requests_sent = max(a.requests_sent, update.requests_sent)
+            if update.start_unix_ns and not a.started:
+                a.started = True
+                started_ns = update.start_unix_ns + session.clock.offset_ns
+                await self._db.write(repo.update_assignment, a.pk, started_ns=started_ns,
+                                     clock_offset_ns=session.clock.offset_ns)  # fmt: skip
+            if update.state in _FINAL and not a.final_state:
                 a.final_state = update.state
                 a.message = update.message[:1000]
                 a.batch_count = update.batch_count
+                a.requests_sent = update.requests_sent
                 await self._db.write(
                     repo.update_assignment, a.pk, state=update.state, message=a.message,
                     batch_count=update.batch_count, requests_sent=update.requests_sent, ended_at=time.time_ns(),
@@ -485,7 +743,7 @@ class RunCoordinator:
                 if update.state == agent_service_pb2.ASSIGNMENT_STATE_FAILED:
                     log.warning("assignment_failed", assignment_id=a.assignment_id, message=a.message)
                 self._check_done(a)
-        if update.state in final:
+        if update.state in _FINAL:
             # Acknowledge the final report (with the commit position): an agent forgets a
             # finished assignment once every batch and the report itself are acked.
             session.send(
@@ -499,14 +757,16 @@ class RunCoordinator:
     def heartbeat(self, session: AgentSession, health: AgentHealthReport) -> None:
         """Record an agent's health; the worst figures of an assignment go into its result."""
         self.registry.heartbeat(session, health)
-        a = self.assignments.get(session.assignment_id) if session.assignment_id else None
-        if a is not None:
-            a.max_loop_lag_ms = max(a.max_loop_lag_ms, health.event_loop_lag_ms)
-            a.max_cpu_percent = max(a.max_cpu_percent, health.cpu_percent)
+        for a in self.assignments.values():
+            if a.slot.session is session:
+                a.max_loop_lag_ms = max(a.max_loop_lag_ms, health.event_loop_lag_ms)
+                a.max_cpu_percent = max(a.max_cpu_percent, health.cpu_percent)
 
     def _check_done(self, a: ActiveAssignment) -> None:
         if a.final_state and a.batch_count is not None and self.acks.through(a.assignment_id) >= a.batch_count:
             a.done.set()
+            if a.stage_run is not None:
+                a.stage_run.changed.set()
 
     # --- ingest support ------------------------------------------------------------------
 
@@ -525,9 +785,7 @@ class RunCoordinator:
     ) -> None:  # fmt: skip
         through = self.acks.commit(assignment_id, batch_seq)
         session.send(
-            agent_service_pb2.ConnectResponse(
-                ack=agent_service_pb2.Ack(assignment_id=assignment_id, batch_seq=through)
-            )
+            agent_service_pb2.ConnectResponse(ack=agent_service_pb2.Ack(assignment_id=assignment_id, batch_seq=through))
         )
         a = self.assignments.get(assignment_id)
         if a is not None:
@@ -542,3 +800,15 @@ class RunCoordinator:
         await self._db.write(repo.add_event, run_pk, kind, message, time.time_ns())
         self._hub.notify(run_id)
 
+
+def _load_text(stage: run_pb2.Stage) -> str:
+    parts = []
+    if stage.WhichOneof("load") == "request_rate":
+        parts.append(f"{stage.request_rate:g} req/s")
+    else:
+        parts.append(f"concurrency {stage.concurrency}")
+    if stage.HasField("duration"):
+        parts.append(f"{_duration_s(stage.duration):.1f} s")
+    if stage.requests:
+        parts.append(f"{stage.requests} requests")
+    return ", ".join(parts)

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import structlog
 
 from common.metrics import SampleColumns
 from common.proto.loadtest.v1 import agent_service_pb2
+from controller.domain.server_metrics import scrape_rows
 from controller.store import repository as repo
 from controller.store.database import Database
 
@@ -42,6 +45,17 @@ class _Item:
     batch: repo.BatchIngest
     assignment_id: str
     on_committed: Callable[[repo.IngestOutcome, repo.BatchIngest], None]
+    run_id: str = ""
+
+
+class IngestObserver(Protocol):
+    """Watches the ingest path for metrics (see controller/observability.py)."""
+
+    def committed(self, run_id: str, batch: repo.BatchIngest, outcome: repo.IngestOutcome) -> None:
+        """One batch went through a commit (stored now, or a replay already stored)."""
+
+    def commit_took(self, seconds: float) -> None:
+        """One transaction of the writer took `seconds`."""
 
 
 class MalformedBatch(ValueError):
@@ -69,6 +83,7 @@ def to_ingest(target: IngestTarget, batch: agent_service_pb2.SampleBatch) -> rep
         columns=columns,
         errors=batch.error,
         itl_ns=itl.astype("<i8").tobytes(),
+        server_scrapes=scrape_rows(batch.server_scrapes),
     )
 
 
@@ -86,10 +101,16 @@ def columns_of(batch: repo.BatchIngest) -> SampleColumns:
 class Ingestor:
     """Commits sample batches in order and calls back after each commit."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, observer: IngestObserver | None = None) -> None:
         self._db = db
+        self._observer = observer
         self._queue: asyncio.Queue[_Item] = asyncio.Queue(QUEUE_BATCHES)
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def queue_depth(self) -> int:
+        """Batches waiting for the writer."""
+        return self._queue.qsize()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="ingest")
@@ -101,7 +122,7 @@ class Ingestor:
         on_committed: Callable[[repo.IngestOutcome, repo.BatchIngest], None],
     ) -> None:
         """Queue a batch; raises MalformedBatch for a batch that cannot be stored."""
-        item = _Item(to_ingest(target, batch), batch.assignment_id, on_committed)
+        item = _Item(to_ingest(target, batch), batch.assignment_id, on_committed, target.run_id)
         await self._queue.put(item)
 
     async def drain(self) -> None:
@@ -120,8 +141,11 @@ class Ingestor:
             items = [await self._queue.get()]
             while len(items) < MAX_BATCHES_PER_COMMIT and not self._queue.empty():
                 items.append(self._queue.get_nowait())
+            started = time.perf_counter()
             try:
                 outcomes = await self._db.write(repo.ingest_batches, [i.batch for i in items])
+                if self._observer is not None:
+                    self._observer.commit_took(time.perf_counter() - started)
             except Exception:
                 # Nothing was committed, so nothing is acked: the agents replay these
                 # batches after their next reconnect.
@@ -129,6 +153,8 @@ class Ingestor:
                 outcomes = []
             for item, outcome in zip(items, outcomes, strict=False):
                 try:
+                    if self._observer is not None:
+                        self._observer.committed(item.run_id, item.batch, outcome)
                     item.on_committed(outcome, item.batch)
                 except Exception:
                     log.exception("ingest_callback_failed", assignment_id=item.assignment_id)

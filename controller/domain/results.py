@@ -13,6 +13,7 @@ import numpy as np
 from common.metrics import SampleColumns, Slo, StageMetrics, compute_stage_metrics
 from common.proto.loadtest.v1 import run_pb2
 from controller.domain.checks import parse_check
+from controller.domain.server_metrics import ServerStageOutcome, stage_server_metrics
 from controller.store import repository as repo
 
 # A load generator whose event loop ran this late, or whose open-loop requests went out this
@@ -49,6 +50,7 @@ class StageOutcome:
     mean_requested_output_tokens: float = 0.0
     mean_output_tokens: float = 0.0
     fleet: StageFleet | None = None
+    server_metrics: ServerStageOutcome | None = None
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,7 @@ def compute_run_result(run_pk: int, spec: run_pb2.RunSpec, state: int) -> RunOut
                 mean_requested_output_tokens=_mean_known(data.requested_output_tokens[counted]),
                 mean_output_tokens=float(cols.output_tokens[ok].mean()) if ok.any() else 0.0,
                 fleet=stage_fleet(run_pk, idx),
+                server_metrics=stage_server_metrics(run_pk, idx, spec.server_metrics, cols),
             )
         )  # fmt: skip
     all_checks = [c for s in stages for c in s.checks]

@@ -77,7 +77,7 @@ class Runs:
             request_id or None,
             valid.display_name,
             valid.target.model,
-            json_format.MessageToJson(valid, indent=None, sort_keys=True),
+            _spec_json(valid),
             [s.name for s in valid.stages],
             api_key,
             time.time_ns(),
@@ -172,6 +172,15 @@ class Runs:
 
     def agents(self) -> list[AgentSession]:
         return list(self._coordinator.registry.all())
+
+
+def _spec_json(spec: run_pb2.RunSpec) -> str:
+    """The spec as stored; a value validation let through but JSON cannot hold is still the
+    caller's error (INVALID_ARGUMENT), never an internal one."""
+    try:
+        return json_format.MessageToJson(spec, indent=None, sort_keys=True)
+    except (json_format.SerializeToJsonError, ValueError) as exc:
+        raise InvalidArgument([FieldViolation("spec", f"cannot be stored: {str(exc)[:200]}")]) from None
 
 
 def _encode_token(cursor: tuple[int, int]) -> str:

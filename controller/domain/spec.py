@@ -7,14 +7,19 @@ All violations are collected, not just the first.
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from urllib.parse import urlsplit
+
+from google.protobuf import duration_pb2, struct_pb2
+from google.protobuf.message import Message
 
 from common.proto.loadtest.v1 import run_pb2
 from common.request_body import PROTECTED_BODY_KEYS
 from controller.domain.checks import CheckSyntaxError, parse_check
 from controller.domain.errors import FieldViolation, InvalidArgument
+from controller.domain.server_metrics import default_server_metrics, validate_server_metrics
 
 MAX_STAGES = 100
 MAX_CHECKS = 50
@@ -25,6 +30,13 @@ MAX_STAGE_SECONDS = 7 * 24 * 3600
 MAX_TOKENS = 1_000_000
 MAX_REQUEST_TIMEOUT_S = 3600
 MAX_HEADERS = 64
+# What one agent process can be asked to sustain (a stage is split across its agents).
+MAX_CONCURRENCY_PER_AGENT = 10_000
+MAX_RATE_PER_AGENT = 20_000.0
+MAX_EXTRA_BODY_BYTES = 64 * 1024
+MAX_SLO_SECONDS = 24 * 3600
+# protobuf's own range of a valid Duration (about 10,000 years).
+_MAX_DURATION_SECONDS = 315_576_000_000
 DEFAULT_TOKENS = 128
 # Keys of the request body that llm-loadtest itself sets; extra_body cannot override them.
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,256}$")
@@ -51,10 +63,13 @@ def validate_and_default(spec: run_pb2.RunSpec, rng: random.Random | None = None
         v.append(FieldViolation("spec.stages", "at least one stage is required"))
     elif len(spec.stages) > MAX_STAGES:
         v.append(FieldViolation("spec.stages", f"at most {MAX_STAGES} stages"))
+    agents = max(out.placement.agents, 1)
     for i, stage in enumerate(out.stages):
         _check_stage(stage, f"spec.stages[{i}]", v)
+        _check_per_agent(stage, f"spec.stages[{i}]", agents, v)
 
     _check_workload(out.workload, v)
+    validate_server_metrics(out.server_metrics, v)
 
     if len(out.checks) > MAX_CHECKS:
         v.append(FieldViolation("spec.checks", f"at most {MAX_CHECKS} checks"))
@@ -67,9 +82,22 @@ def validate_and_default(spec: run_pb2.RunSpec, rng: random.Random | None = None
         d = getattr(out.slo, name)
         if out.slo.HasField(name) and not (d.seconds > 0 or (d.seconds == 0 and d.nanos > 0)):
             v.append(FieldViolation(f"spec.slo.{name}", "must be positive"))
+        elif out.slo.HasField(name) and _duration_s(d) > MAX_SLO_SECONDS:
+            v.append(FieldViolation(f"spec.slo.{name}", f"at most {MAX_SLO_SECONDS} s"))
+    if out.placement.HasField("wait_timeout") and _duration_s(out.placement.wait_timeout) > MAX_STAGE_SECONDS:
+        v.append(FieldViolation("spec.placement.wait_timeout", f"at most {MAX_STAGE_SECONDS} s"))
+    _check_durations(out, "spec", v)
 
     if out.placement.agents > MAX_AGENTS:
         v.append(FieldViolation("spec.placement.agents", f"at most {MAX_AGENTS}"))
+    for key, value in out.placement.selector.items():
+        if not key or len(key) > 128 or not value or len(value) > 256:
+            v.append(FieldViolation(f"spec.placement.selector[{key!r}]", "keys 1-128 and values 1-256 chars"))
+    wait = out.placement.wait_timeout
+    if out.placement.HasField("wait_timeout") and (wait.seconds < 0 or wait.nanos < 0):
+        v.append(FieldViolation("spec.placement.wait_timeout", "must not be negative"))
+    if out.placement.on_agent_loss not in run_pb2.AgentLossPolicy.values():
+        v.append(FieldViolation("spec.placement.on_agent_loss", f"unknown policy {out.placement.on_agent_loss}"))
     if len(out.display_name) > 256:
         v.append(FieldViolation("spec.display_name", "at most 256 characters"))
     for key, value in out.labels.items():
@@ -81,6 +109,9 @@ def validate_and_default(spec: run_pb2.RunSpec, rng: random.Random | None = None
 
     if out.placement.agents == 0:
         out.placement.agents = 1
+    default_server_metrics(out.server_metrics)
+    if out.placement.on_agent_loss == run_pb2.AGENT_LOSS_POLICY_UNSPECIFIED:
+        out.placement.on_agent_loss = run_pb2.AGENT_LOSS_POLICY_REDISTRIBUTE
     if out.target.api_kind == run_pb2.API_KIND_UNSPECIFIED:
         out.target.api_kind = run_pb2.API_KIND_CHAT
     if not out.target.HasField("stream"):
@@ -152,6 +183,7 @@ def _check_target(t: run_pb2.Target, v: list[FieldViolation]) -> None:
     for key in t.extra_body.fields:
         if key in PROTECTED_BODY_KEYS:
             v.append(FieldViolation(f"spec.target.extra_body.{key}", "set by llm-loadtest; cannot be overridden"))
+    _check_extra_body(t, v)
     if any(c in t.api_key for c in "\r\n\0") or len(t.api_key) > 8192:
         # The message never repeats the key itself.
         v.append(FieldViolation("spec.target.api_key", "invalid characters or too long"))
@@ -218,3 +250,62 @@ def _check_workload(w: run_pb2.Workload, v: list[FieldViolation]) -> None:
                 v.append(FieldViolation(f"{path}.normal", f"need std > 0 and 1 <= min <= mean <= max <= {MAX_TOKENS}"))
     if w.synthetic.shared_prefix_tokens > MAX_TOKENS:
         v.append(FieldViolation("spec.workload.synthetic.shared_prefix_tokens", f"at most {MAX_TOKENS}"))
+
+
+def _check_per_agent(stage: run_pb2.Stage, path: str, agents: int, v: list[FieldViolation]) -> None:
+    """Each agent's share of a stage must be something one agent process can generate."""
+    kind = stage.WhichOneof("load")
+    if kind == "concurrency" and stage.concurrency > MAX_CONCURRENCY_PER_AGENT * agents:
+        v.append(FieldViolation(
+            f"{path}.concurrency",
+            f"at most {MAX_CONCURRENCY_PER_AGENT} per agent ({agents} agent(s)): use more agents"))  # fmt: skip
+    elif kind == "request_rate" and stage.request_rate > MAX_RATE_PER_AGENT * agents:
+        v.append(FieldViolation(
+            f"{path}.request_rate",
+            f"at most {MAX_RATE_PER_AGENT:g}/s per agent ({agents} agent(s)): use more agents"))  # fmt: skip
+    if stage.max_concurrency > MAX_CONCURRENCY_PER_AGENT * agents:
+        v.append(FieldViolation(f"{path}.max_concurrency", f"at most {MAX_CONCURRENCY_PER_AGENT} per agent"))
+
+
+def _check_extra_body(t: run_pb2.Target, v: list[FieldViolation]) -> None:
+    """extra_body is stored and sent as JSON: finite numbers only, and a bounded size."""
+    if not t.HasField("extra_body"):
+        return
+    if t.extra_body.ByteSize() > MAX_EXTRA_BODY_BYTES:
+        v.append(FieldViolation("spec.target.extra_body", f"at most {MAX_EXTRA_BODY_BYTES} bytes"))
+        return
+    stack: list[object] = [t.extra_body]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, struct_pb2.Struct):
+            stack.extend(item.fields.values())
+        elif isinstance(item, struct_pb2.ListValue):
+            stack.extend(item.values)
+        elif isinstance(item, struct_pb2.Value):
+            kind = item.WhichOneof("kind")
+            if kind == "number_value" and not math.isfinite(item.number_value):
+                v.append(FieldViolation("spec.target.extra_body", "numbers must be finite (no NaN or Infinity)"))
+                return
+            if kind in ("struct_value", "list_value"):
+                stack.append(getattr(item, kind))
+
+
+def _check_durations(message: Message, path: str, v: list[FieldViolation]) -> None:
+    """Every Duration anywhere in the spec must be one protobuf can represent (sign-consistent,
+    in range), or storing the spec as JSON would fail."""
+    for field, value in message.ListFields():
+        if field.message_type is None or field.message_type.GetOptions().map_entry:
+            continue
+        items = value if field.is_repeated else [value]
+        for i, item in enumerate(items):
+            sub = f"{path}.{field.name}" + (f"[{i}]" if field.is_repeated else "")
+            if isinstance(item, duration_pb2.Duration):
+                ok = (
+                    abs(item.seconds) <= _MAX_DURATION_SECONDS
+                    and abs(item.nanos) < 1_000_000_000
+                    and not (item.seconds > 0 > item.nanos or item.seconds < 0 < item.nanos)
+                )
+                if not ok:
+                    v.append(FieldViolation(sub, "not a valid duration"))
+            elif isinstance(item, Message) and not isinstance(item, struct_pb2.Struct):
+                _check_durations(item, sub, v)

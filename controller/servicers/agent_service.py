@@ -29,9 +29,7 @@ HELLO_TIMEOUT_S = 10.0
 
 
 class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
-    def __init__(
-        self, coordinator: RunCoordinator, ingestor: Ingestor, heartbeat_interval_s: float = 1.0
-    ) -> None:
+    def __init__(self, coordinator: RunCoordinator, ingestor: Ingestor, heartbeat_interval_s: float = 1.0) -> None:
         self._coordinator = coordinator
         self._ingestor = ingestor
         self._heartbeat_interval_s = heartbeat_interval_s
@@ -57,24 +55,32 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
             connected_at_ns=time.time_ns(),
         )
         session.last_heartbeat_ns = session.connected_at_ns
-        interval = duration_pb2.Duration()
+        interval, lease = duration_pb2.Duration(), duration_pb2.Duration()
         interval.FromNanoseconds(int(self._heartbeat_interval_s * 1e9))
+        lease.FromNanoseconds(int(self._coordinator.lease_s * 1e9))
         yield agent_service_pb2.ConnectResponse(
-            welcome=agent_service_pb2.Welcome(session_id=session.session_id, heartbeat_interval=interval)
+            welcome=agent_service_pb2.Welcome(
+                session_id=session.session_id, heartbeat_interval=interval, lease_duration=lease
+            )
         )
         await self._coordinator.agent_connected(session, list(hello.active_assignment_ids))
         reader = asyncio.create_task(self._read(session, request_iterator), name=f"read-{session.session_id}")
-        get: asyncio.Future[agent_service_pb2.ConnectResponse] | None = None
+        get: asyncio.Future[agent_service_pb2.ConnectResponse | None] | None = None
         try:
             while True:
                 get = asyncio.ensure_future(session.outbox.get())
                 done, _ = await asyncio.wait({get, reader}, return_when=asyncio.FIRST_COMPLETED)
                 if get in done:
-                    yield get.result()
-                    continue
-                # The agent closed its side: flush what is queued (acks), then end.
+                    message = get.result()
+                    if message is not None:
+                        yield _stamped(message)
+                        continue
+                # The agent closed its side, or the controller ends the stream (agent
+                # lost, shutdown): flush what is queued (acks), then end.
                 while not session.outbox.empty():
-                    yield session.outbox.get_nowait()
+                    queued = session.outbox.get_nowait()
+                    if queued is not None:
+                        yield _stamped(queued)
                 break
         finally:
             if get is not None:
@@ -92,8 +98,29 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
             if body == "sample_batch":
                 await self._ingest(session, message.sample_batch)
             elif body == "heartbeat":
-                h = message.heartbeat.health
+                received_ns = time.time_ns()
+                hb = message.heartbeat
+                session.send(
+                    agent_service_pb2.ConnectResponse(
+                        heartbeat_ack=agent_service_pb2.HeartbeatAck(
+                            agent_send_unix_ns=hb.agent_time.ToNanoseconds(), controller_receive_unix_ns=received_ns
+                        )
+                    )
+                )
+                h = hb.health
                 self._coordinator.heartbeat(session, AgentHealthReport(h.event_loop_lag_ms, h.cpu_percent, h.in_flight))
+                if hb.HasField("clock_sample"):
+                    c = hb.clock_sample
+                    self._coordinator.registry.clock_sample(
+                        session,
+                        c.agent_send_unix_ns,
+                        c.controller_receive_unix_ns,
+                        c.controller_send_unix_ns,
+                        c.agent_receive_unix_ns,
+                    )
+            elif body == "goodbye":
+                session.departing = True
+                log.info("agent_goodbye", session_id=session.session_id, reason=message.goodbye.reason[:200])
             elif body == "assignment_update":
                 await self._coordinator.assignment_update(session, message.assignment_update)
             else:
@@ -104,10 +131,16 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
         if target is None:
             # Nothing to attach the samples to (e.g. the run was deleted): ack so the
             # agent stops replaying, and tell it to drop the assignment.
-            session.send(agent_service_pb2.ConnectResponse(
-                ack=agent_service_pb2.Ack(assignment_id=batch.assignment_id, batch_seq=batch.batch_seq)))
-            session.send(agent_service_pb2.ConnectResponse(
-                cancel=agent_service_pb2.Cancel(assignment_id=batch.assignment_id, reason="unknown assignment")))
+            session.send(
+                agent_service_pb2.ConnectResponse(
+                    ack=agent_service_pb2.Ack(assignment_id=batch.assignment_id, batch_seq=batch.batch_seq)
+                )
+            )
+            session.send(
+                agent_service_pb2.ConnectResponse(
+                    cancel=agent_service_pb2.Cancel(assignment_id=batch.assignment_id, reason="unknown assignment")
+                )
+            )
             return
         seq = batch.batch_seq
 
@@ -117,5 +150,17 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
         try:
             await self._ingestor.submit(target, batch, committed)
         except MalformedBatch as exc:
-            log.error("malformed_batch", session_id=session.session_id,
-                      assignment_id=batch.assignment_id, batch_seq=seq, error=str(exc))
+            log.error(
+                "malformed_batch",
+                session_id=session.session_id,
+                assignment_id=batch.assignment_id,
+                batch_seq=seq,
+                error=str(exc),
+            )
+
+
+def _stamped(message: agent_service_pb2.ConnectResponse) -> agent_service_pb2.ConnectResponse:
+    """Set a heartbeat answer's send time as late as possible (the clock exchange's t3)."""
+    if message.HasField("heartbeat_ack"):
+        message.heartbeat_ack.controller_send_unix_ns = time.time_ns()
+    return message

@@ -10,6 +10,7 @@ from controller.domain.agents import AgentSession
 from controller.domain.compare import RunComparison
 from controller.domain.live import LiveSnapshot
 from controller.domain.results import CheckOutcome, RunOutcome, StageOutcome
+from controller.domain.server_metrics import ServerStageOutcome
 from controller.store.repository import EventRecord, RunRecord
 
 
@@ -115,7 +116,36 @@ def stage_message(s: StageOutcome) -> run_pb2.StageResult:
         del row.time_series[:]
         out.agents.append(row)
     out.checks.extend(check_message(c) for c in s.checks)
+    if s.server_metrics is not None:
+        out.server_metrics.CopyFrom(server_metrics_message(s.server_metrics))
     return out
+
+
+def server_metrics_message(m: ServerStageOutcome) -> run_pb2.ServerMetricsResult:
+    return run_pb2.ServerMetricsResult(
+        series=[
+            run_pb2.ServerMetricSeries(
+                endpoint=x.endpoint, name=x.name, kind=x.kind, role=x.role,  # type: ignore[arg-type]
+                points=[run_pb2.ServerMetricPoint(second=sec, value=v) for sec, v in x.points],
+            )
+            for x in m.series
+        ],
+        cross_checks=[
+            run_pb2.ServerCrossCheck(
+                quantity=c.quantity, server_metrics=c.server_metrics, client_value=c.client_value,
+                server_value=c.server_value, difference_percent=c.difference_percent,
+                tolerance_percent=c.tolerance_percent, mismatch=c.mismatch, window_complete=c.window_complete,
+                message=c.message,
+            )
+            for c in m.cross_checks
+        ],
+        errors=[
+            run_pb2.ServerScrapeError(endpoint=e.endpoint, message=e.message, count=e.count,
+                                      first_time=timestamp(e.first_ns), last_time=timestamp(e.last_ns))
+            for e in m.errors
+        ],
+        scrapes_ok=m.scrapes_ok, scrapes_failed=m.scrapes_failed, series_truncated=m.series_truncated,
+    )  # fmt: skip
 
 
 def result_message(record: RunRecord, outcome: RunOutcome) -> run_pb2.RunResult:

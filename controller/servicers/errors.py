@@ -31,19 +31,36 @@ _CODES: dict[type[DomainError], int] = {
 }
 
 
+# The status travels in trailers, which clients start refusing above 8 KiB: bound what one
+# error carries (in UTF-8 bytes; the message is percent-encoded and repeated in the
+# details), or a request with many bad fields would get a transport error, not its status.
+MAX_VIOLATIONS = 8
+_MAX_FIELD_BYTES = 96
+_MAX_DESCRIPTION_BYTES = 160
+_MAX_MESSAGE_BYTES = 600
+
+
+def _clip(text: str, limit: int) -> str:
+    data = text.encode()
+    return text if len(data) <= limit else data[: limit - 3].decode(errors="ignore") + "..."
+
+
 def to_status(exc: DomainError) -> grpc.Status:
     code = next((c for t, c in _CODES.items() if isinstance(exc, t)), code_pb2.INTERNAL)
-    status = status_pb2.Status(code=code, message=str(exc))
+    status = status_pb2.Status(code=code, message=_clip(str(exc), _MAX_MESSAGE_BYTES))
     if isinstance(exc, InvalidArgument):
-        detail = any_pb2.Any()
-        detail.Pack(
-            error_details_pb2.BadRequest(
-                field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                    for v in exc.violations
-                ]
+        shown = exc.violations[:MAX_VIOLATIONS]
+        violations = [
+            error_details_pb2.BadRequest.FieldViolation(
+                field=_clip(v.field, _MAX_FIELD_BYTES), description=_clip(v.description, _MAX_DESCRIPTION_BYTES)
             )
-        )
+            for v in shown
+        ]
+        if len(exc.violations) > len(shown):
+            violations.append(error_details_pb2.BadRequest.FieldViolation(
+                field="", description=f"and {len(exc.violations) - len(shown)} more violations"))
+        detail = any_pb2.Any()
+        detail.Pack(error_details_pb2.BadRequest(field_violations=violations))
         status.details.append(detail)
     return rpc_status.to_status(status)
 

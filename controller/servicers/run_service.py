@@ -33,7 +33,10 @@ class RunServiceServicer(run_service_pb2_grpc.RunServiceServicer):
         self, request: run_service_pb2.GetRunRequest, context: grpc.aio.ServicerContext
     ) -> run_service_pb2.GetRunResponse:
         record = await self._runs.get(request.run_id)
-        return run_service_pb2.GetRunResponse(run=convert.run_message(record))
+        events = await self._runs.events(record, 0)
+        return run_service_pb2.GetRunResponse(
+            run=convert.run_message(record), events=[convert.event_message(e) for e in events]
+        )
 
     @unary_errors
     async def ListRuns(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -21,6 +22,16 @@ from controller.store.migrations import apply_migrations
 from controller.store.models import database_proxy
 
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., object])
+WAL_WIPE_BUSY_MS = 250
+WAL_WIPE_RETRY_S = 1.0
+
+
+def erases_secrets(fn: F) -> F:
+    """Mark a write job that deletes secrets: after it commits, the WAL file (which still
+    holds the pages as they were written, secret included) is checkpointed and truncated."""
+    fn.erases_secrets = True  # type: ignore[attr-defined]
+    return fn
 
 PRAGMAS = {
     "journal_mode": "wal",
@@ -29,6 +40,9 @@ PRAGMAS = {
     "synchronous": "normal",
     "foreign_keys": 1,
     "busy_timeout": 10_000,
+    # Deleted rows are overwritten with zeros (erased target API keys must not linger in
+    # free space of the file); see also `erases_secrets`.
+    "secure_delete": 1,
     "cache_size": -64_000,
     "temp_store": "memory",
 }
@@ -45,6 +59,8 @@ class Database:
         self._readers = concurrent.futures.ThreadPoolExecutor(
             read_workers, thread_name_prefix="sqlite-reader"
         )
+        self._wipe_pending = False
+        self._wipe_tried = -WAL_WIPE_RETRY_S
 
     def migrate(self) -> list[int]:
         """Apply pending migrations (synchronously; call before serving)."""
@@ -56,7 +72,24 @@ class Database:
 
     async def write(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
         """Run `fn(*args, **kwargs)` in one transaction on the writer thread."""
-        return await self._run(self._writer, functools.partial(fn, *args, **kwargs))
+        result = await self._run(self._writer, functools.partial(fn, *args, **kwargs))
+        erased = bool(getattr(fn, "erases_secrets", False))
+        if erased or (self._wipe_pending and time.monotonic() - self._wipe_tried >= WAL_WIPE_RETRY_S):
+            self._wipe_tried = time.monotonic()
+            loop = asyncio.get_running_loop()
+            self._wipe_pending = not await loop.run_in_executor(self._writer, self._truncate_wal)
+        return result
+
+    def _truncate_wal(self) -> bool:
+        """Checkpoint and truncate the WAL, waiting briefly for readers; False if busy (retried
+        after a later write)."""
+        self.db.connect(reuse_if_open=True)
+        self.db.execute_sql(f"PRAGMA busy_timeout = {WAL_WIPE_BUSY_MS}")
+        try:
+            busy = self.db.execute_sql("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        finally:
+            self.db.execute_sql(f"PRAGMA busy_timeout = {PRAGMAS['busy_timeout']}")
+        return bool(busy == 0)
 
     async def read(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
         """Run `fn(*args, **kwargs)` in a read transaction on the read pool."""

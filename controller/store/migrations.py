@@ -161,6 +161,66 @@ MIGRATIONS: Sequence[tuple[int, str, str]] = (
         ALTER TABLE stages ADD COLUMN reduced_load_reason TEXT NOT NULL DEFAULT '';
         """,
     ),
+    (
+        5,
+        "security: API keys with roles, audit log",
+        """
+        -- A key is `llt_<key_id>_<secret>`; only a SHA-256 digest of the secret is kept.
+        CREATE TABLE api_keys (
+            key_id TEXT PRIMARY KEY,
+            secret_sha256 BLOB NOT NULL,
+            role TEXT NOT NULL,
+            name TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            expires_at INTEGER,
+            revoked_at INTEGER
+        );
+
+        -- Every mutating call and every refused call.
+        CREATE TABLE audit_events (
+            pk INTEGER PRIMARY KEY,
+            time_ns INTEGER NOT NULL,
+            key_id TEXT NOT NULL,
+            method TEXT NOT NULL,
+            run_id TEXT NOT NULL,
+            outcome TEXT NOT NULL,
+            request_id TEXT NOT NULL,
+            peer TEXT NOT NULL,
+            detail TEXT NOT NULL
+        );
+        CREATE INDEX audit_events_key ON audit_events (key_id, pk);
+        CREATE INDEX audit_events_run ON audit_events (run_id, pk);
+        """,
+    ),
+    (
+        6,
+        "server metrics: scrapes of the model server's Prometheus endpoints",
+        """
+        -- One row per scrape (failed ones carry `error`), stored with the sample batch that
+        -- brought it, so a replayed batch adds nothing twice.
+        CREATE TABLE server_scrapes (
+            pk INTEGER PRIMARY KEY,
+            run_pk INTEGER NOT NULL REFERENCES runs (pk) ON DELETE CASCADE,
+            stage_idx INTEGER NOT NULL,
+            batch_pk INTEGER NOT NULL REFERENCES sample_batches (pk) ON DELETE CASCADE,
+            endpoint TEXT NOT NULL,
+            time_unix_ns INTEGER NOT NULL,
+            error TEXT NOT NULL DEFAULT ''
+        );
+        CREATE INDEX server_scrapes_stage ON server_scrapes (run_pk, stage_idx, endpoint, time_unix_ns);
+        CREATE INDEX server_scrapes_batch ON server_scrapes (batch_pk);
+
+        -- The gauge and counter values of successful scrapes (kind: loadtest.v1.ServerMetricKind).
+        CREATE TABLE server_metric_values (
+            scrape_pk INTEGER NOT NULL REFERENCES server_scrapes (pk) ON DELETE CASCADE,
+            name TEXT NOT NULL,
+            labels TEXT NOT NULL,
+            kind INTEGER NOT NULL,
+            value REAL NOT NULL
+        );
+        CREATE INDEX server_metric_values_scrape ON server_metric_values (scrape_pk);
+        """,
+    ),
 )
 
 

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
-from peewee import IntegrityError
+from peewee import IntegrityError, fn
 
 from common.metrics import SampleColumns
+from controller.store.database import erases_secrets
 from controller.store.models import (
     AgentRow,
     AssignmentRow,
@@ -24,6 +26,7 @@ from controller.store.models import (
     StageRow,
     database_proxy,
 )
+from controller.store.server_metrics import ScrapeRow, delete_run_scrapes, insert_scrapes
 
 # RunState values (mirrors loadtest.v1.RunState; the store does not import protos).
 PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED, INTERRUPTED = 1, 2, 3, 4, 5, 6
@@ -73,6 +76,7 @@ class BatchIngest:
     columns: tuple[Sequence[int], ...]  # in SAMPLE_COLUMNS order, minus run/stage/batch
     errors: Sequence[str]
     itl_ns: bytes
+    server_scrapes: Sequence[ScrapeRow] = ()
 
 
 @dataclass(frozen=True)
@@ -212,6 +216,7 @@ def update_run(run_pk: int, **fields: object) -> None:
     RunRow.update(**fields).where(RunRow.pk == run_pk).execute()
 
 
+@erases_secrets
 def finish_run(run_pk: int, state: int, reason: str, now_ns: int) -> None:
     """Move a run to a final state and erase its target API key."""
     RunRow.update(state=state, state_reason=reason, ended_at=now_ns).where(
@@ -220,12 +225,15 @@ def finish_run(run_pk: int, state: int, reason: str, now_ns: int) -> None:
     RunSecretRow.delete().where(RunSecretRow.run == run_pk).execute()
 
 
+@erases_secrets
 def delete_run(run_pk: int) -> None:
     # Children first in bulk: cascading through 1M sample rows one by one is slow.
     database_proxy.execute_sql("DELETE FROM samples WHERE run_pk = ?", (run_pk,))
+    delete_run_scrapes(run_pk)
     RunRow.delete().where(RunRow.pk == run_pk).execute()
 
 
+@erases_secrets
 def interrupt_running(reason: str, now_ns: int) -> list[str]:
     """At start-up: runs left RUNNING by a previous controller become INTERRUPTED."""
     rows = list(RunRow.select(RunRow.pk, RunRow.run_id).where(RunRow.state == RUNNING))
@@ -238,6 +246,12 @@ def interrupt_running(reason: str, now_ns: int) -> list[str]:
 def pending_run_ids() -> list[str]:
     query = RunRow.select(RunRow.run_id).where(RunRow.state == PENDING)
     return [r.run_id for r in query.order_by(RunRow.created_at, RunRow.pk)]
+
+
+def count_runs_by_state() -> dict[int, int]:
+    """Number of runs in each state (for the metrics endpoint; uses the state index)."""
+    query = RunRow.select(RunRow.state, fn.COUNT(RunRow.pk)).group_by(RunRow.state).tuples()
+    return {int(state): int(n) for state, n in cast(Iterable[tuple[int, int]], query)}
 
 
 def set_stage_time(run_pk: int, idx: int, *, started_at: int | None = None, ended_at: int | None = None) -> None:
@@ -350,6 +364,8 @@ def ingest_batches(batches: Sequence[BatchIngest]) -> list[IngestOutcome]:
                 strict=True,
             ),
         )
+        if b.server_scrapes:
+            insert_scrapes(conn, b.run_pk, b.stage_idx, batch_pk, b.server_scrapes)
         status = b.columns[SAMPLE_COLUMNS.index("status")]
         flags = b.columns[SAMPLE_COLUMNS.index("flags")]
         out_tokens = b.columns[SAMPLE_COLUMNS.index("output_tokens")]

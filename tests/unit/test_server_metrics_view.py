@@ -1,0 +1,147 @@
+"""The controller's server view: spec validation and defaults, which agent scrapes what,
+series alignment, counter resets, and when the cross-check flags a mismatch; the CLI flags."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from client.spec_builder import build_spec, spec_parser
+from common.metrics import SampleColumns
+from common.proto.loadtest.v1 import run_pb2
+from controller.domain.errors import InvalidArgument
+from controller.domain.server_metrics import (
+    COUNTER,
+    GAUGE,
+    ROLE_OF,
+    compute_server_view,
+    counter_increase,
+    plan_scrapes,
+)
+from controller.domain.spec import validate_and_default
+from controller.store.server_metrics import StageScrapes, StoredScrape
+
+pytestmark = pytest.mark.timeout(10)
+S = 1_000_000_000
+T0 = 1_700_000_000 * S
+
+
+def base_spec() -> run_pb2.RunSpec:
+    spec = run_pb2.RunSpec()
+    spec.target.base_url = "http://127.0.0.1:8000/v1"
+    spec.target.model = "m"
+    spec.stages.add(concurrency=1, requests=1)
+    return spec
+
+
+def test_defaults_and_validation() -> None:
+    spec = base_spec()
+    spec.server_metrics.endpoints.append("http://model:8000/metrics")
+    out = validate_and_default(spec)
+    assert out.server_metrics.scrape_interval.ToMilliseconds() == 1000
+    assert out.server_metrics.mismatch_tolerance_percent == 2.0
+    assert not validate_and_default(base_spec()).HasField("server_metrics")  # nothing to default
+
+    bad = base_spec()
+    bad.server_metrics.metric_filters.extend(["vllm:*", "has space"])
+    with pytest.raises(InvalidArgument) as info:
+        validate_and_default(bad)
+    fields = {v.field for v in info.value.violations}
+    assert fields == {"spec.server_metrics.endpoints", "spec.server_metrics.metric_filters[1]"}
+
+    dup = base_spec()
+    dup.server_metrics.endpoints.extend(["http://a/metrics", "http://a/metrics", "http://b:0/metrics"])
+    with pytest.raises(InvalidArgument) as info:
+        validate_and_default(dup)
+    assert {v.field for v in info.value.violations} == {
+        "spec.server_metrics.endpoints[1]", "spec.server_metrics.endpoints[2]"
+    }
+
+
+def test_one_agent_per_endpoint_among_agents_with_a_share() -> None:
+    sm = run_pb2.ServerMetricsSpec(endpoints=["http://a/m", "http://b/m", "http://c/m"], metric_filters=["x_*"])
+    plans = plan_scrapes(sm, [True, False, True])
+    assert plans[1] is None
+    assert plans[0] is not None and list(plans[0].endpoints) == ["http://a/m", "http://c/m"]
+    assert plans[2] is not None and list(plans[2].endpoints) == ["http://b/m"]
+    # User filters are widened by every metric the mapping table knows.
+    assert set(plans[0].metric_filters) == {"x_*", *ROLE_OF}
+    assert plan_scrapes(run_pb2.ServerMetricsSpec(), [True]) == [None]
+    assert plan_scrapes(sm, [False, False]) == [None, None]
+
+
+def test_counter_increase_survives_resets() -> None:
+    assert counter_increase([10, 15, 15, 40]) == 30
+    assert counter_increase([10, 15, 3, 8]) == 5 + 3 + 5  # restart: the new value counts from 0
+    assert counter_increase([7]) == 0
+
+
+def columns(sent_s: list[float], duration_s: float, tokens: int, status: int = 1, flags: int = 1) -> SampleColumns:
+    n = len(sent_s)
+    ns = np.array([T0 + int(s * S) for s in sent_s], dtype=np.int64)
+    end = np.full(n, int(duration_s * S), dtype=np.int64)
+    return SampleColumns(
+        sent_unix_ns=ns, queue_delay_ns=np.zeros(n, np.int64), first_token_ns=end // 2, last_token_ns=end,
+        done_ns=end, prompt_tokens=np.full(n, 10, np.int64), output_tokens=np.full(n, tokens, np.int64),
+        status=np.full(n, status, np.int64), flags=np.full(n, flags, np.int64), itl_count=np.zeros(n, np.int64),
+        itl_ns=np.zeros(0, np.int64),
+    )  # fmt: skip
+
+
+def scrapes(times_s: list[float], tokens: list[float], running: list[float], errors: dict[int, str] | None = None
+            ) -> StageScrapes:  # fmt: skip
+    errors = errors or {}
+    stored = [StoredScrape(i, "http://m/metrics", T0 + int(t * S), errors.get(i, "")) for i, t in enumerate(times_s)]
+    values: list[tuple[int, str, int, float]] = []
+    for i in range(len(times_s)):
+        if i not in errors:
+            values += [(i, "vllm:generation_tokens_total", COUNTER, tokens[i]),
+                       (i, "vllm:num_requests_running", GAUGE, running[i])]  # fmt: skip
+    return StageScrapes(stored, values)
+
+
+def test_series_are_aligned_and_the_cross_check_compares_the_window() -> None:
+    cols = columns([0.0, 0.5, 1.0, 1.5], 1.0, tokens=100)  # 4 requests, 100 tokens each, 0 .. 2.5 s
+    data = scrapes([-0.2, 0.6, 1.6, 2.6, 3.0], [1000, 1100, 1250, 1400, 1400], [0, 2, 2, 1, 0])
+    view = compute_server_view(data, cols, 2.0)
+    by_name = {s.name: s for s in view.series}
+    running = by_name["vllm:num_requests_running"]
+    assert running.role == "running_requests"
+    assert running.points == [(0, 2.0), (1, 2.0), (2, 1.0), (3, 0.0)]  # the baseline at -0.2 s is dropped
+    rate = by_name["vllm:generation_tokens_total"]
+    # Each increase is credited to the middle of its interval, as a per-second rate.
+    assert rate.points[0][0] == 0 and rate.points[0][1] == pytest.approx(100 / 0.8)
+    (tokens,) = view.cross_checks  # no finished-requests counter was scraped: no check for it
+    assert tokens.quantity == "generated_tokens" and tokens.server_value == 400 == tokens.client_value
+    assert tokens.server_metrics == ["vllm:generation_tokens_total"]
+    assert tokens.window_complete and not tokens.mismatch
+    assert view.scrapes_ok == 5 and view.scrapes_failed == 0 and not view.errors
+
+
+def test_mismatch_beyond_tolerance_and_incomplete_windows() -> None:
+    cols = columns([0.0, 0.5], 1.0, tokens=97)
+    data = scrapes([-0.1, 2.0], [0, 200], [0, 0])
+    tokens = compute_server_view(data, cols, 2.0).cross_checks[0]
+    assert tokens.difference_percent == pytest.approx(-3.0) and tokens.mismatch
+    assert not compute_server_view(data, cols, 5.0).cross_checks[0].mismatch
+
+    # The first scrape failed: the counter's window starts after the first request; not judged.
+    late = scrapes([-0.1, 0.3, 2.0], [0, 50, 200], [0, 0, 0], errors={0: "timed out"})
+    view = compute_server_view(late, cols, 2.0)
+    check = view.cross_checks[0]
+    assert not check.window_complete and not check.mismatch and "not compared" in check.message
+    assert view.scrapes_failed == 1 and view.errors[0].message == "timed out" and view.errors[0].count == 1
+
+
+def test_cli_flags_build_the_server_metrics_spec() -> None:
+    args = spec_parser().parse_args([
+        "--target", "http://127.0.0.1:8000/v1", "--model", "m", "--concurrency", "1",
+        "--server-metrics", "http://a:8000/metrics", "--server-metrics", "http://b:8000/metrics",
+        "--scrape-interval", "500ms", "--metric-filter", "vllm:*", "--mismatch-tolerance", "5",
+    ])  # fmt: skip
+    sm = build_spec(args).server_metrics
+    assert list(sm.endpoints) == ["http://a:8000/metrics", "http://b:8000/metrics"]
+    assert sm.scrape_interval.ToMilliseconds() == 500 and list(sm.metric_filters) == ["vllm:*"]
+    assert sm.mismatch_tolerance_percent == 5
+    plain = build_spec(spec_parser().parse_args(["--target", "http://h/v1", "--model", "m", "--concurrency", "1"]))
+    assert not plain.HasField("server_metrics")
