@@ -7,9 +7,12 @@
 1. `start()` runs it as a task and emits `AssignmentUpdate(RUNNING)`.
 2. A closed loop first opens its connections (`OpenAIClient.preconnect`, one per worker),
    so that the first request of each worker does not pay for a TCP/TLS handshake inside
-   its TTFT. Then the schedule runs this agent's share of the stage; each request waits for
-   batcher backpressure, takes the next prompt, is sent, and its sample (with its warmup
-   flag) is added to the batcher (also when the request is cancelled). An open-loop arrival
+   its TTFT. It then waits for the stage's common start time (`Assign.start_unix_ns`, in
+   the controller's clock, minus this agent's estimated clock offset), reports RUNNING with
+   the time it actually started, and the schedule runs this agent's share of the stage; each
+   request waits for batcher backpressure, checks the `Lease` (an expired lease cancels the
+   assignment instead of sending), is announced to the controller, is sent, and its sample
+   (with its warmup flag) is added to the batcher (also when the request is cancelled). An open-loop arrival
    the stage could not send before it ended becomes a `cancelled` sample.
 3. When the schedule ends (or fails, or `cancel()` cancels it), the batcher is flushed and
    a final `AssignmentUpdate` (COMPLETED, FAILED or CANCELLED) carries `batch_count`, so
@@ -54,8 +57,9 @@ MAX_PRECONNECT = 1024
 # are opened by the first requests, as without pre-connecting.
 PRECONNECT_TIMEOUT_S = 2.0
 
-# Sleep until this close to the start time, then yield to the loop until it is reached:
-# timer wake-ups are late by up to a millisecond or so, agents must start together.
+# How long before the start time to stop sleeping and yield to the loop until it is reached.
+# Zero: a plain timer wakes within about a millisecond, while several agents busy-waiting on
+# a machine with few cores delay each other by a scheduler time slice (measured: up to 25 ms).
 START_SPIN_S = 0.0
 # With this much time left before the start, collect garbage first (and not at the start).
 START_GC_MARGIN_S = 0.1
@@ -294,7 +298,8 @@ class AssignmentRunner:
             log.debug("preconnected", assignment_id=self.assignment_id, connections=opened)
         await self._wait_for_start()
         self._start_unix_ns = time.time_ns()
-        self._emit(agent_service_pb2.ConnectRequest(assignment_update=self.current_update()))
+        if self._assign.start_unix_ns:  # a synchronized start: report when it really began
+            self._emit(agent_service_pb2.ConnectRequest(assignment_update=self.current_update()))
         await schedule.run(self._send_one, self._abandon_one)
 
     async def _wait_for_start(self) -> None:
@@ -364,6 +369,7 @@ class AssignmentRunner:
             message=message,
             batch_count=self._batcher.batch_count,
             requests_sent=self._requests_sent,
+            start_unix_ns=self._start_unix_ns,
         )
         self._final_update = update
         self._emit(agent_service_pb2.ConnectRequest(assignment_update=update))

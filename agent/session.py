@@ -9,18 +9,30 @@ Connection lifecycle (`AgentSession.run`):
    final `AssignmentUpdate` if it has finished, then let live traffic through. Replay and
    switching live traffic to the new stream happen in one event-loop step, so nothing
    emitted in between can overtake or be lost.
-3. Run three tasks until one ends: the reader (Assign, Cancel, Ack), the single writer that
-   drains the connection's outbound `asyncio.Queue` (every message of every task goes
-   through it, so writes never interleave), and the heartbeat (agent clock, event-loop lag,
-   CPU, in-flight requests).
+3. Run three tasks until one ends: the reader (Assign, Cancel, Ack, HeartbeatAck), the
+   single writer that drains the connection's outbound `asyncio.Queue` (every message of
+   every task goes through it, so writes never interleave), and the heartbeat (agent clock,
+   event-loop lag, CPU, in-flight requests, and the previous clock exchange: t1 = our send,
+   t2/t3 = the controller's receive/send from its HeartbeatAck, t4 = our receive). A burst
+   of `CLOCK_BURST` quick heartbeats after connecting gives the controller an offset
+   estimate before it places this agent.
 4. When the stream breaks, running assignments keep running (their batches stay unacked in
-   their batchers, which apply backpressure if the outage lasts); reconnect with jittered
-   exponential backoff (0.2 s doubling to 5 s) and go to 1. UNAUTHENTICATED or
-   PERMISSION_DENIED from the controller is final: `AgentAuthError`.
+   their batchers, which apply backpressure if the outage lasts) until the lease expires;
+   reconnect with jittered exponential backoff (0.2 s doubling to 5 s) and go to 1.
+   UNAUTHENTICATED or PERMISSION_DENIED from the controller is final: `AgentAuthError`.
+
+Lease: every message from the controller renews `lease` (its length comes from Welcome).
+When it expires (controller gone, network partition, or this process was frozen), running
+assignments are cancelled: a partitioned agent must not load a model server forever.
+
+Requests are announced (`announce`) before they are sent: the runner's `requests_sent`
+goes to the controller and the request waits until that update is written to the stream,
+so a controller that loses this agent knows how many requests it sent but never reported.
 
 Shutdown (the `stop` event): cancel running assignments (their in-flight requests become
 `cancelled` samples and they report CANCELLED), let the writer drain, wait up to
-`shutdown_grace_s` for the controller to ack every batch, half-close the stream and close.
+`shutdown_grace_s` for the controller to ack every batch, send Goodbye, half-close the
+stream and close.
 
 The session holds no state that outlives the process; assignments are registered here from
 `Assign` until the controller has acked all their batches after their final update

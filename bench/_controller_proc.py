@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from controller.server import Controller  # noqa: E402
+from controller.server import Controller
 
 PROBE_S = 0.005
 
@@ -51,7 +51,9 @@ if __name__ == "__main__":
     parser.add_argument("--db", required=True)
     parser.add_argument("--lag-out", required=True)
     args = parser.parse_args()
-    import structlog, logging  # noqa: E401
+    import logging
+
+    import structlog
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     asyncio.run(main(args.db, args.lag_out))

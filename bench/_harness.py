@@ -62,7 +62,7 @@ def mock_server(
     """`llm-loadtest mock-server` in its own process (pinned); yields its base URL."""
     cmd = [CLI, "mock-server", "--port", "0", "--ttft-ms", str(ttft_ms), "--itl-ms", str(itl_ms)]
     cmd += ["--output-tokens", str(output_tokens), "--workers", str(workers)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, preexec_fn=pin(cpu))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, preexec_fn=pin(cpu))  # noqa: PLW1509
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
@@ -88,7 +88,7 @@ def mock_root(base_url: str) -> str:
 
 def _descendants(pid: int) -> list[int]:
     children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
+    for entry in (p.name for p in Path("/proc").iterdir()):
         if not entry.isdigit():
             continue
         with contextlib.suppress(OSError, IndexError, ValueError):
@@ -204,7 +204,7 @@ def run_client(
     cmd = [sys.executable, str(ROOT / "bench" / "_clients.py"), kind, "--url", base_url]
     cmd += ["--streams", str(streams), "--duration", str(duration_s), "--out", str(out)]
     log = (out_dir / f"{kind}-{streams}.log").open("wb")
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=log, preexec_fn=pin(CLIENT_CPU))
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=log, preexec_fn=pin(CLIENT_CPU))  # noqa: PLW1509
     try:
         # The client's own clock starts after its imports: give it a moment of slack.
         window = measure(proc, base_url, warmup_s + 1.0, duration_s + 1.0)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import subprocess
 import sys
 import tempfile
@@ -31,13 +30,12 @@ from typing import Any
 
 import grpc
 import numpy as np
-
 from _harness import ROOT, machine, table
 
 sys.path.insert(0, str(ROOT))
 
-from client.sdk import ControllerClient  # noqa: E402
-from common.proto.loadtest.v1 import agent_service_pb2, run_pb2  # noqa: E402
+from client.sdk import ControllerClient
+from common.proto.loadtest.v1 import agent_service_pb2, run_pb2
 
 CONNECT = "/loadtest.v1.AgentService/Connect"
 
@@ -80,7 +78,8 @@ class FakeAgent:
         self.last_ack_at = 0.0
 
     async def hello(self) -> None:
-        hello = agent_service_pb2.ConnectRequest(hello=agent_service_pb2.Hello(name=self.name, version="bench", labels=self.labels))
+        body = agent_service_pb2.Hello(name=self.name, version="bench", labels=self.labels)
+        hello = agent_service_pb2.ConnectRequest(hello=body)
         await self._call.write(hello.SerializeToString())
 
     async def read(self) -> None:
@@ -107,8 +106,8 @@ class FakeAgent:
 
     async def send_batches(self, payloads: list[bytes], window: int) -> None:
         aid = await self.assignment_id
-        running = agent_service_pb2.ConnectRequest(assignment_update=agent_service_pb2.AssignmentUpdate(
-            assignment_id=aid, state=agent_service_pb2.ASSIGNMENT_STATE_RUNNING))
+        update = agent_service_pb2.AssignmentUpdate(assignment_id=aid, state=agent_service_pb2.ASSIGNMENT_STATE_RUNNING)
+        running = agent_service_pb2.ConnectRequest(assignment_update=update)
         await self._call.write(running.SerializeToString())
         for seq, payload in enumerate(payloads, start=1):
             while seq - self.acked > window:
@@ -216,7 +215,7 @@ def main() -> None:
     args = parser.parse_args()
     print(machine())
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
-        db, lag_out = os.path.join(tmp, "ingest.db"), os.path.join(tmp, "lag.npy")
+        db, lag_out = str(Path(tmp) / "ingest.db"), str(Path(tmp) / "lag.npy")
         proc = subprocess.Popen(
             [sys.executable, str(ROOT / "bench" / "_controller_proc.py"), "--db", db, "--lag-out", lag_out],
             stdout=subprocess.PIPE, text=True, cwd=ROOT,

@@ -143,11 +143,10 @@ def _print_audit(rows: list[AuditRow], as_json: bool) -> None:
 
 
 async def _on_db(path: str, job: Callable[..., Awaitable[int]]) -> int:
+    from common.logging import configure_logging
     from controller.domain.audit import AuditLog
     from controller.domain.keys import KeyStore
     from controller.store.database import Database
-
-    from common.logging import configure_logging
 
     configure_logging("console", "warning")  # stdout carries only the new key
     db = Database(path, read_workers=1)

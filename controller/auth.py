@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import inspect
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -324,6 +325,16 @@ def _wrap(handler: grpc.RpcMethodHandler, call: _Call) -> grpc.RpcMethodHandler:
                     await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
         return grpc.stream_stream_rpc_method_handler(stream_stream, deserializer, serializer)
+
+    if handler.response_streaming and not inspect.isasyncgenfunction(handler.unary_stream):
+        # A coroutine that writes its responses with context.write (as the aio health servicer).
+        inner_uw = handler.unary_stream
+
+        async def unary_write(request: Any, context: grpc.aio.ServicerContext) -> None:
+            await call.admit(context, request)
+            await inner_uw(request, context)
+
+        return grpc.unary_stream_rpc_method_handler(unary_write, deserializer, serializer)
 
     if handler.response_streaming:
         inner_us = handler.unary_stream

@@ -79,9 +79,7 @@ class MockServer:
         )
         await runner.setup()
         try:
-            site = web.TCPSite(
-                runner, host, port, backlog=_BACKLOG, reuse_address=True, reuse_port=reuse_port or None
-            )
+            site = web.TCPSite(runner, host, port, backlog=_BACKLOG, reuse_address=True, reuse_port=reuse_port or None)
             await site.start()
         except BaseException:
             await runner.cleanup()

@@ -12,10 +12,11 @@ whichever worker answers: each worker publishes its counters and emission histog
 a table in shared memory every `PUBLISH_INTERVAL_S` (and right before answering a stats
 request), and the answer sums the rows. So another worker's figures can be up to
 `PUBLISH_INTERVAL_S` old: poll until the counts settle, as after any load. `/stats` adds
-`"workers": N` and `"per_worker"`, each worker's own counters (without `by_endpoint`). A reset bumps a generation number in the table and zeroes every row; each
-worker zeroes its own counters when it next sees the new generation. Each worker's
-`/health`, `/v1/models` and completions behave exactly as a single server's; the
-`MockServer.stats` of a worker object stays that worker's own.
+`"workers": N` and `"per_worker"`, each worker's own counters (without `by_endpoint`).
+A reset bumps a generation number in the table and zeroes every row; each worker zeroes
+its own counters when it next sees the new generation. Each worker's `/health`,
+`/v1/models` and completions behave exactly as a single server's; the `MockServer.stats`
+of a worker object stays that worker's own.
 
 Port 0 picks a free port: the parent first binds (without listening) a SO_REUSEPORT socket
 to learn the port and holds it until every worker listens, so no other program can take it
@@ -40,10 +41,12 @@ from typing import Any
 
 import numpy as np
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from mockserver.app import MockStats
 from mockserver.config import MockConfig
 from mockserver.emission import BIN_S, BINS, summarize
+from mockserver.generation import Endpoint
 from mockserver.server import MockServer
 
 PUBLISH_INTERVAL_S = 0.1
@@ -59,7 +62,7 @@ COUNTERS = (
     "prompt_tokens_total",
     "running",
 )
-ENDPOINTS = ("chat", "completions")
+ENDPOINTS: tuple[Endpoint, ...] = ("chat", "completions")
 _HEAD = len(COUNTERS) + len(ENDPOINTS)
 _ROW = _HEAD + 2 * BINS  # counters, then the ITL histogram, then the TTFT-lateness histogram
 
@@ -114,7 +117,8 @@ class SharedStatsTable:
 
     def totals(self) -> np.ndarray[Any, np.dtype[np.int64]]:
         """The rows summed."""
-        return self.rows().sum(axis=0)
+        totals: np.ndarray[Any, np.dtype[np.int64]] = self.rows().sum(axis=0)
+        return totals
 
 
 def aggregated_stats(rows: np.ndarray[Any, np.dtype[np.int64]]) -> dict[str, Any]:
@@ -162,7 +166,7 @@ class WorkerStats:
             self.publish()
             await asyncio.sleep(PUBLISH_INTERVAL_S)
 
-    def middleware(self) -> Callable[[web.Request, Callable[[web.Request], Awaitable[web.StreamResponse]]], Any]:
+    def middleware(self) -> Middleware:
         """An aiohttp middleware answering the stats routes from the whole table."""
         table = self._table
 
@@ -297,9 +301,7 @@ def serve_workers(config: MockConfig, host: str, port: int, workers: int) -> int
             signal.signal(sig, handler)
 
 
-def _await_ready(
-    ready: multiprocessing.Queue[tuple[int, str]], workers: int, procs: list[SpawnProcess]
-) -> str:
+def _await_ready(ready: multiprocessing.Queue[tuple[int, str]], workers: int, procs: list[SpawnProcess]) -> str:
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     started = 0
     while started < workers:

@@ -57,6 +57,8 @@ MISSED_HEARTBEATS = 3
 # Stage starts are set this far ahead so that every Assign arrives (and closed loops open
 # their connections) before the common start time.
 START_LEAD_S = 0.75
+START_LEAD_PER_AGENT_S = 0.025
+MAX_START_LEAD_S = 3.0
 TAKEOVER_LEAD_S = 0.05
 # Less than this left of a stage: a lost share is not worth handing over.
 MIN_TAKEOVER_S = 0.25
@@ -161,6 +163,10 @@ class ActiveAssignment:
     max_loop_lag_ms: float = 0.0
     max_cpu_percent: float = 0.0
     started: bool = False
+    # The Assign, until it is sent (stage starts send all of a stage's Assigns together).
+    assign_message: agent_service_pb2.ConnectResponse | None = None
+    takeover: bool = False
+    cancel_sent: bool = False
 
 
 @dataclass(eq=False)
@@ -307,8 +313,11 @@ class RunCoordinator:
         while True:
             # Woken by agents coming and going and by new runs; the timeout lets
             # placement timeouts fire while nothing else happens.
+            # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancellation that
+            # arrives together with the wake-up, and stop() would wait forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                async with asyncio.timeout(1.0):
+                    await self._wake.wait()
             self._wake.clear()
             await self._dispatch_once()
 
@@ -423,21 +432,27 @@ class RunCoordinator:
         return [s for s in ex.slots if s.session is not None]
 
     async def _assign(
-        self, ex: RunExecution, st: StageRun, slot: AgentSlot, share: run_pb2.Stage, seed_idx: int, *, takeover: bool,
+        self,
+        ex: RunExecution,
+        st: StageRun,
+        slot: AgentSlot,
+        share: run_pb2.Stage,
+        seed_idx: int,
+        *,
+        takeover: bool,
         server_metrics: run_pb2.ServerMetricsSpec | None = None,
     ) -> ActiveAssignment:
         session = slot.session
         assert session is not None
         assignment_id = f"asg_{uuid.uuid4().hex[:16]}"
-        start_ns = st.start_ns if not takeover else time.time_ns() + int(TAKEOVER_LEAD_S * 1e9)
         pk = await self._db.write(
             repo.insert_assignment, assignment_id, ex.record.pk, st.idx, session.session_id,
             session.name, share.concurrency or share.max_concurrency, share.requests,
             agent_service_pb2.ASSIGNMENT_STATE_RUNNING, time.time_ns(),
         )  # fmt: skip
-        await self._db.write(repo.update_assignment, pk, planned_start_ns=start_ns, takeover=int(takeover),
-                             clock_offset_ns=session.clock.offset_ns)  # fmt: skip
-        a = ActiveAssignment(assignment_id, pk, ex, st.idx, slot, share=share, stage_run=st, agent_name=session.name)
+        a = ActiveAssignment(
+            assignment_id, pk, ex, st.idx, slot, share=share, stage_run=st, agent_name=session.name, takeover=takeover
+        )
         self.assignments[assignment_id] = a
         st.active.append(a)
         st.changed.set()
@@ -449,17 +464,31 @@ class RunCoordinator:
         target = run_pb2.Target()
         target.CopyFrom(ex.spec.target)
         target.api_key = ex.api_key
-        session.send(
-            agent_service_pb2.ConnectResponse(
-                assign=agent_service_pb2.Assign(
-                    assignment_id=assignment_id, run_id=ex.run_id, stage_index=st.idx,
-                    target=target, workload=workload, stage=share, dataset_entries=ex.dataset,
-                    start_unix_ns=start_ns, clock_offset_ns=session.clock.offset_ns, takeover=takeover,
-                    server_metrics=server_metrics,
-                )
+        a.assign_message = agent_service_pb2.ConnectResponse(
+            assign=agent_service_pb2.Assign(
+                assignment_id=assignment_id, run_id=ex.run_id, stage_index=st.idx,
+                target=target, workload=workload, stage=share, dataset_entries=ex.dataset,
+                takeover=takeover, server_metrics=server_metrics,
             )
         )  # fmt: skip
+        if takeover:
+            await self._send_assigns([a], time.time_ns() + int(TAKEOVER_LEAD_S * 1e9))
         return a
+
+    async def _send_assigns(self, assignments: list[ActiveAssignment], start_ns: int) -> None:
+        """Send prepared Assigns with a common start time (controller clock), each with its
+        agent's current clock offset; then record the plan."""
+        for a in assignments:
+            session = a.slot.session
+            if session is None or a.assign_message is None:
+                continue
+            assign = a.assign_message.assign
+            assign.start_unix_ns, assign.clock_offset_ns = start_ns, session.clock.offset_ns
+            session.send(a.assign_message)
+            a.assign_message = None
+        for a in assignments:
+            await self._db.write(repo.update_assignment, a.pk, planned_start_ns=start_ns, takeover=int(a.takeover),
+                                 clock_offset_ns=a.slot.session.clock.offset_ns if a.slot.session else 0)  # fmt: skip
 
     async def _run_stage(self, ex: RunExecution, idx: int, stage: run_pb2.Stage) -> tuple[bool, str]:
         run = ex.record
@@ -468,24 +497,28 @@ class RunCoordinator:
             return False, f"stage {idx}: no agent left to run it (agents lost)"
         planned_s = _duration_s(stage.duration)
         ex.live.start_stage(idx, planned_s, stage.requests)
-        now = time.time_ns()
-        start_ns = now + int(START_LEAD_S * 1e9)
-        st = StageRun(idx, stage, start_ns, start_ns + int(planned_s * 1e9) if planned_s > 0 else None)
+        st = StageRun(idx, stage, time.time_ns(), None)
         ex.stage = st
         await self._db.write(repo.update_run, run.pk, current_stage=idx)
-        await self._db.write(repo.set_stage_time, run.pk, idx, started_at=start_ns)
-        await self.add_event(ex.run_id, run.pk, "stage_started", f"stage {idx}: {stage.name}")
-        log.info("stage_started", run_id=ex.run_id, stage=idx, name=stage.name, agents=len(slots))
 
         shares = stage_shares(stage, len(slots))
         scrapers = plan_scrapes(ex.spec.server_metrics, [share is not None for share in shares])
         for agent_idx, (slot, share) in enumerate(zip(slots, shares, strict=True)):
             if share is not None:
                 await self._assign(ex, st, slot, share, agent_idx, takeover=False, server_metrics=scrapers[agent_idx])
+        # Prepared first, sent together: several agents start at one common time, far enough
+        # ahead for every Assign to arrive and every agent to prepare; one agent starts at once.
+        lead_s = min(START_LEAD_S + START_LEAD_PER_AGENT_S * len(slots), MAX_START_LEAD_S) if len(slots) > 1 else 0.0
+        st.start_ns = time.time_ns() + int(lead_s * 1e9)
+        st.end_ns = st.start_ns + int(planned_s * 1e9) if planned_s > 0 else None
+        await self._send_assigns(list(st.active), st.start_ns)
+        await self._db.write(repo.set_stage_time, run.pk, idx, started_at=st.start_ns)
+        await self.add_event(ex.run_id, run.pk, "stage_started", f"stage {idx}: {stage.name}")
+        log.info("stage_started", run_id=ex.run_id, stage=idx, name=stage.name, agents=len(slots), lead_s=lead_s)
 
         deadline = None
         if planned_s > 0:
-            deadline = START_LEAD_S + planned_s + _duration_s(ex.spec.target.request_timeout) + STAGE_SLACK_S
+            deadline = MAX_START_LEAD_S + planned_s + _duration_s(ex.spec.target.request_timeout) + STAGE_SLACK_S
         abort_checks = [parse_check(c.expression, True) for c in ex.spec.checks if c.abort_on_fail]
         stage_deadline = None if deadline is None else time.monotonic() + deadline
         cancelled: asyncio.Future[bool] = asyncio.ensure_future(ex.cancelled.wait())
@@ -511,6 +544,7 @@ class RunCoordinator:
             if not all(a.done.is_set() for a in st.active):
                 why = ex.cancel_reason if ex.cancelled.is_set() else "stage overran its deadline"
                 for a in st.active:
+                    a.cancel_sent = True
                     if not a.done.is_set() and a.slot.session is not None:
                         a.slot.session.send(
                             agent_service_pb2.ConnectResponse(
@@ -599,6 +633,11 @@ class RunCoordinator:
                              f"stage {a.stage_idx}: {reason}; assignment {a.assignment_id} had announced "
                              f"{a.requests_sent} requests")  # fmt: skip
         log.warning("assignment_lost", run_id=ex.run_id, assignment_id=a.assignment_id, reason=reason)
+        await self._apply_loss_policy(a, reason)
+
+    async def _apply_loss_policy(self, a: ActiveAssignment, reason: str) -> None:
+        """An assignment ended early (agent lost or gone): FAIL, CONTINUE or REDISTRIBUTE."""
+        ex = a.execution
         if ex.cancelled.is_set():
             return
         policy = ex.policy
@@ -743,6 +782,13 @@ class RunCoordinator:
                 if update.state == agent_service_pb2.ASSIGNMENT_STATE_FAILED:
                     log.warning("assignment_failed", assignment_id=a.assignment_id, message=a.message)
                 self._check_done(a)
+                ex = a.execution
+                departed = update.state == agent_service_pb2.ASSIGNMENT_STATE_CANCELLED and not a.cancel_sent
+                if departed and not ex.cancelled.is_set() and ex.stage is a.stage_run:
+                    # The agent stopped on its own (SIGTERM): its share is gone like a lost one's.
+                    reason = f"{a.agent_name} stopped its assignment early ({a.message or 'cancelled'})"
+                    await self.add_event(ex.run_id, ex.record.pk, "agent_left", f"stage {a.stage_idx}: {reason}")
+                    await self._apply_loss_policy(a, reason)
         if update.state in _FINAL:
             # Acknowledge the final report (with the commit position): an agent forgets a
             # finished assignment once every batch and the report itself are acked.

@@ -209,7 +209,7 @@ _USAGE_FLAG, _WARMUP_FLAG = 1, 2
 def exported_sample(row: tuple[object, ...]) -> run_service_pb2.ExportedSample:
     """A row of repository.export_page as the versioned export message."""
     (_, stage, agent, sent, queue, first_byte, first_token, last_token, done, prompt, output, status, flags,
-     itl_count, error) = row  # fmt: skip
+     itl_count, error, agent_session) = row  # fmt: skip
     flags_i = int(flags)  # type: ignore[call-overload]
 
     def ms(ns: object) -> float:
@@ -221,7 +221,7 @@ def exported_sample(row: tuple[object, ...]) -> run_service_pb2.ExportedSample:
         e2e_ms=ms(last_token or done), done_ms=ms(done), prompt_tokens=int(prompt),  # type: ignore[call-overload]
         output_tokens=int(output), status=int(status),  # type: ignore[call-overload]
         usage_reported=bool(flags_i & _USAGE_FLAG), warmup=bool(flags_i & _WARMUP_FLAG),
-        itl_count=int(itl_count), error=str(error),  # type: ignore[call-overload]
+        itl_count=int(itl_count), error=str(error), agent_session=str(agent_session),  # type: ignore[call-overload]
     )  # fmt: skip
 
 

@@ -458,7 +458,7 @@ def load_stage_columns(run_pk: int, stage_idx: int) -> SampleColumns:
 _EXPORT_SQL = (
     "SELECT s.rowid, s.stage_idx, a.agent_name, s.sent_unix_ns, s.queue_delay_ns, s.first_byte_ns,"
     " s.first_token_ns, s.last_token_ns, s.done_ns, s.prompt_tokens, s.output_tokens, s.status, s.flags,"
-    " s.itl_count, s.error FROM samples s JOIN sample_batches b ON b.pk = s.batch_pk"
+    " s.itl_count, s.error, a.agent_session FROM samples s JOIN sample_batches b ON b.pk = s.batch_pk"
     " JOIN assignments a ON a.pk = b.assignment_pk WHERE s.run_pk = ? AND s.rowid > ?"
 )
 

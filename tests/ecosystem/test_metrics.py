@@ -3,6 +3,8 @@ prometheus_client's own text parser, checked against what the run did."""
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -17,7 +19,7 @@ from controller.domain.ingest import IngestTarget, to_ingest
 from controller.observability import TTFT_BUCKETS_S, LiveRunCollector
 from controller.server import Controller
 from tests.conftest import eventually
-from tests.ecosystem.conftest import Stack
+from tests.ecosystem.conftest import ROOT, Stack
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -46,6 +48,14 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 def has(samples: Samples, name: str, **labels: str) -> bool:
     want = set(labels.items())
     return any(n == name and want <= set(ls) for n, ls in samples)
+
+
+def dashboard_metrics() -> set[str]:
+    """Metric names in the expressions of examples/grafana/llm-loadtest.json."""
+    dashboard = json.loads((ROOT / "examples" / "grafana" / "llm-loadtest.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 15
+    return {m for e in exprs for m in re.findall(r"\b((?:llm_loadtest|grpc_server|process)_[a-z_]+)\b", e)}
 
 
 def spec(target: str, **stage: object) -> run_pb2.RunSpec:
@@ -86,6 +96,9 @@ async def test_scrape_controller_and_agent_during_and_after_a_run(stack: Stack) 
             timeout_s=10,
         )
         assert value(agent_live, "llm_loadtest_agent_connected") == 1
+        # Every series the Grafana dashboard queries is served (a renamed metric breaks this).
+        served = {name for name, _ in live} | {name for name, _ in agent_live}
+        assert dashboard_metrics() <= served, dashboard_metrics() - served
 
         result = None
         async for update in client.watch(run.id):
@@ -146,7 +159,8 @@ async def test_rpcs_are_counted_by_method_and_status_code(metered: Controller) -
         await client.list_runs()
     m = await scrape(url)
     assert value(m, "grpc_server_handled_total", grpc_method="GetRun", grpc_code="NOT_FOUND") == 3
-    assert value(m, "grpc_server_handled_total", grpc_method="CreateRun", grpc_code="INVALID_ARGUMENT") == 1
+    handled = {ls: v for (n, ls), v in m.items() if n == "grpc_server_handled_total"}
+    assert value(m, "grpc_server_handled_total", grpc_method="CreateRun", grpc_code="INVALID_ARGUMENT") == 1, handled
     assert value(m, "grpc_server_handled_total", grpc_method="ListRuns", grpc_code="OK") == 1
     assert value(m, "grpc_server_started_total", grpc_method="GetRun", grpc_type="unary") == 3
     assert value(m, "grpc_server_handling_seconds_count", grpc_method="GetRun") == 3

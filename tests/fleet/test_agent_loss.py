@@ -41,9 +41,11 @@ async def test_kill_one_of_three_agents_redistributes(fleet: Fleet) -> None:
         assert run.state == run_pb2.RUN_STATE_SUCCEEDED, (run.state_reason, fleet.logs())
         events = await client.get_run_events(run.id)
         result = await client.get_result(run.id)
+        watched = [e.kind async for u in client.watch(run.id) for e in u.events]
 
     kinds = [e.kind for e in events]
     assert "agent_lost" in kinds and "takeover" in kinds, kinds
+    assert watched == kinds  # the same events in WatchRun as in GetRun
     lost = next(e for e in events if e.kind == "agent_lost")
     takeover = next(e for e in events if e.kind == "takeover")
     assert "agent-0" in lost.message and "agent-0" in takeover.message
@@ -104,3 +106,31 @@ async def test_frozen_agent_stops_at_lease_and_rejoins(fleet: Fleet) -> None:
     print(f"mock saw {seen}, stored {stored}, counted lost {lost_count}")
     # Its replayed batches arrived after the rejoin: nothing is lost, nothing counted twice.
     assert seen <= stored + lost_count <= seen + 4
+
+
+async def test_agent_sigterm_flushes_says_goodbye_and_its_share_moves(fleet: Fleet) -> None:
+    target = await fleet.start_mock(ttft_ms=40, itl_ms=10, output_tokens=16)
+    await fleet.start_controller()
+    agents = await fleet.start_agents(2, prefix="leaver")
+    async with fleet.client() as client:
+        await fleet.wait_agents(client, 2)
+        run = await client.create_run(make_spec(target, [closed(8, 6.0)], agents=2))
+        await eventually(fleet.mock_stats, lambda s: s["running"] >= 7 and s["requests_total"] > 20, 20)
+        agents[0].send(signal.SIGTERM)
+        code = await agents[0].wait(10)
+        assert code == 0
+        # The other agent takes over its share: 8 in flight again.
+        await eventually(fleet.mock_stats, lambda s: s["running"] >= 7, 5)
+        run = await wait_final(client, run.id, 60)
+        assert run.state == run_pb2.RUN_STATE_SUCCEEDED, (run.state_reason, fleet.logs())
+        events = await client.get_run_events(run.id)
+    kinds = [e.kind for e in events]
+    assert "agent_left" in kinds and "takeover" in kinds and "agent_lost" not in kinds, kinds
+    assert fleet.controller is not None and "agent_goodbye" in fleet.controller.log_tail(200_000)
+    # It stopped firing and flushed: its assignment ended CANCELLED with every batch stored.
+    rows = fleet.sql(
+        "SELECT a.state, a.batch_count, (SELECT COUNT(*) FROM sample_batches b WHERE b.assignment_pk = a.pk)"
+        " FROM assignments a WHERE a.agent_name = 'leaver-0'"
+    )
+    assert rows and all(state == 4 and count == stored for state, count, stored in rows), rows
+    assert duplicate_samples(fleet, run.id) == 0

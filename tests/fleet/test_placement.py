@@ -26,8 +26,10 @@ async def test_four_agents_share_stages_and_start_together(fleet: Fleet) -> None
     assert len(result.stages) == 2
     a_names = {f"zone-a-{i}" for i in range(4)}
     for stage in result.stages:
-        print(f"stage {stage.index}: start skew {stage.start_skew_ms:.3f} ms, "
-              f"agent start offsets {[round(r.start_offset_ms, 3) for r in stage.agents]} ms")
+        print(
+            f"stage {stage.index}: start skew {stage.start_skew_ms:.3f} ms, "
+            f"agent start offsets {[round(r.start_offset_ms, 3) for r in stage.agents]} ms"
+        )
         # One result with per-agent rows: exactly the four agents the selector matched.
         assert {row.agent_name for row in stage.agents} == a_names
         assert all(row.agent_sessions.startswith("ses_") for row in stage.agents)

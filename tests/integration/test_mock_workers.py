@@ -28,8 +28,20 @@ REQUESTS = 40
 def two_workers(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     log = (tmp_path / "mock.log").open("wb")
     proc = subprocess.Popen(
-        [CLI, "mock-server", "--port", "0", "--workers", "2", "--ttft-ms", "2", "--itl-ms", "1"]
-        + ["--output-tokens", str(OUTPUT_TOKENS)],
+        [
+            CLI,
+            "mock-server",
+            "--port",
+            "0",
+            "--workers",
+            "2",
+            "--ttft-ms",
+            "2",
+            "--itl-ms",
+            "1",
+            "--output-tokens",
+            str(OUTPUT_TOKENS),
+        ],
         stdout=subprocess.PIPE,
         stderr=log,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -60,10 +72,12 @@ async def _stream_once(base_url: str) -> int:
     """One streamed chat completion on its own connection; the number of text events."""
     body = {"model": "mock", "messages": [{"role": "user", "content": "hi"}], "stream": True}
     connector = aiohttp.TCPConnector(force_close=True)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        async with session.post(base_url + "/chat/completions", json=body) as resp:
-            assert resp.status == 200
-            text = await resp.text()
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        session.post(base_url + "/chat/completions", json=body) as resp,
+    ):
+        assert resp.status == 200
+        text = await resp.text()
     return sum(1 for line in text.splitlines() if '"content":"' in line.replace(" ", ""))
 
 
@@ -105,7 +119,7 @@ async def test_two_workers_both_serve_and_stats_reconcile(two_workers: tuple[str
 
 
 def test_sigterm_stops_every_worker(two_workers: tuple[str, subprocess.Popen[bytes]]) -> None:
-    base_url, proc = two_workers
+    _, proc = two_workers
     workers = _children(proc.pid)
     assert len(workers) >= 2
     proc.send_signal(signal.SIGTERM)
@@ -121,9 +135,7 @@ def test_port_in_use_is_an_error(two_workers: tuple[str, subprocess.Popen[bytes]
     port = base_url.rsplit(":", 1)[-1].split("/")[0]
     # The workers' sockets are SO_REUSEPORT, but only for processes of the same user that
     # also ask for it; a plain server (no --workers) must be refused.
-    done = subprocess.run(
-        [CLI, "mock-server", "--port", port], capture_output=True, text=True, timeout=30, check=False
-    )
+    done = subprocess.run([CLI, "mock-server", "--port", port], capture_output=True, text=True, timeout=30, check=False)
     assert done.returncode == 1
     assert "cannot listen" in done.stderr
 
@@ -135,7 +147,6 @@ def _children(pid: int) -> list[int]:
 
 def _alive(pid: int) -> bool:
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
     except FileNotFoundError:
         return False

@@ -1,5 +1,5 @@
 """The authorization matrix: every method of every served service (enumerated from the
-descriptors) × {admin, bootstrap, agent, reader, no key, revoked, expired, malformed}, with
+descriptors) x {admin, bootstrap, agent, reader, no key, revoked, expired, malformed}, with
 reads public and with reads closed, checked against the role table in controller/auth.py.
 A method without a table entry fails the test."""
 
@@ -24,6 +24,16 @@ pytestmark = pytest.mark.timeout(90)
 
 BOOTSTRAP = "bootstrap-admin-key-for-tests"
 DENIED = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
+# An allowed call with an empty request may be refused as invalid, never fail like this.
+# (UNIMPLEMENTED is the servicer's own answer, e.g. Health/List in this grpcio version.)
+BROKEN = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.DEADLINE_EXCEEDED,
+          grpc.StatusCode.RESOURCE_EXHAUSTED}
+# Health/Watch is a coroutine-style streaming handler (context.write); the metrics interceptor
+# (controller/observability.py) wraps it as a generator, which fails with UNKNOWN. Not an
+# authorization outcome; tracked apart.
+BROKEN_ELSEWHERE = {"/grpc.health.v1.Health/Watch"}
+Creds = dict[str, tuple[str | None, Role | None, bool]]  # label -> (key, role, valid)
+Secured = tuple[Controller, Creds]
 MODULES = (run_service_pb2, agent_service_pb2, key_service_pb2, health_pb2, reflection_pb2)
 
 
@@ -76,7 +86,7 @@ def expected(method: str, role: Role | None, valid: bool, reads_closed: bool) ->
 
 
 @pytest.fixture(params=[False, True], ids=["public-reads", "closed-reads"])
-async def secured(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[tuple[Controller, dict[str, tuple[str | None, Role | None, bool]]]]:  # noqa: E501
+async def secured(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Secured]:
     c = Controller(str(tmp_path / "matrix.db"), api_key=BOOTSTRAP, require_auth_for_reads=request.param,
                    rate_limits=NO_LIMITS)  # fmt: skip
     await c.start("127.0.0.1:0")
@@ -87,7 +97,7 @@ async def secured(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         revoked_record, revoked = await c.keys.create("gone", Role.ADMIN)
         await c.keys.revoke(revoked_record.key_id)
         _, expired = await c.keys.issue("old", Role.ADMIN, expires_at_ns=time.time_ns() - 1)
-        creds: dict[str, tuple[str | None, Role | None, bool]] = {
+        creds: Creds = {
             "admin": (admin, Role.ADMIN, True),
             "bootstrap": (BOOTSTRAP, Role.ADMIN, True),
             "agent": (agent, Role.AGENT, True),
@@ -111,7 +121,7 @@ def test_every_method_has_a_rule() -> None:
     assert set(METHOD_RULES) <= {m for m, _, _ in all_methods()}
 
 
-async def test_authorization_matrix(secured: tuple[Controller, dict[str, tuple[str | None, Role | None, bool]]]) -> None:
+async def test_authorization_matrix(secured: Secured) -> None:
     controller, creds = secured
     reads_closed = controller.auth.require_auth_for_reads
     failures = []
@@ -133,12 +143,14 @@ async def test_authorization_matrix(secured: tuple[Controller, dict[str, tuple[s
                 want = expected(method, role, valid, reads_closed)
                 if want is None and code in DENIED:
                     failures.append(f"{method} as {label}: refused with {code.name}, should be allowed")
+                elif want is None and code in BROKEN and method not in BROKEN_ELSEWHERE:
+                    failures.append(f"{method} as {label}: allowed but failed with {code.name}")
                 elif want is not None and code not in want:
                     failures.append(f"{method} as {label}: {code.name}, expected {sorted(c.name for c in want)}")
     assert not failures, "\n".join(failures)
 
 
-async def test_spot_checks_and_audit(secured: tuple[Controller, dict[str, tuple[str | None, Role | None, bool]]]) -> None:
+async def test_spot_checks_and_audit(secured: Secured) -> None:
     """A few outcomes spelled out (independent of the table), and the audit rows they leave."""
     controller, creds = secured
     reader_key = creds["reader"][0]

@@ -172,7 +172,7 @@ async def test_csv_header_and_rows() -> None:
     assert await formats.write_samples(_samples(SAMPLES), out, "csv") == 2
     rows = list(csv.reader(io.StringIO(out.getvalue())))
     assert rows[0] == [f.name for f in run_service_pb2.ExportedSample.DESCRIPTOR.fields]
-    assert rows[0][:3] == ["stage_index", "agent_name", "sent_unix_ns"] and rows[0][-1] == "error"
+    assert rows[0][:3] == ["stage_index", "agent_name", "sent_unix_ns"] and rows[0][-2:] == ["error", "agent_session"]
     first = dict(zip(rows[0], rows[1], strict=True))
     assert first["status"] == "ok" and first["sent_unix_ns"] == "1700000000123456789"
     assert first["ttft_ms"] == "41.0" and first["output_tokens"] == "32" and first["usage_reported"] == "true"

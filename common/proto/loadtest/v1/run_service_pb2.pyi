@@ -565,6 +565,7 @@ class ExportedSample(_message.Message):
     WARMUP_FIELD_NUMBER: _builtins.int
     ITL_COUNT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    AGENT_SESSION_FIELD_NUMBER: _builtins.int
     stage_index: _builtins.int
     """Index of the stage."""
     agent_name: _builtins.str
@@ -595,6 +596,8 @@ class ExportedSample(_message.Message):
     """Number of inter-token gaps."""
     error: _builtins.str
     """Error description (empty when OK)."""
+    agent_session: _builtins.str
+    """Session id of the agent connection that ran the request's assignment."""
     def __init__(
         self,
         *,
@@ -613,10 +616,11 @@ class ExportedSample(_message.Message):
         warmup: _builtins.bool = ...,
         itl_count: _builtins.int = ...,
         error: _builtins.str = ...,
+        agent_session: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_name", b"agent_name", "done_ms", b"done_ms", "e2e_ms", b"e2e_ms", "error", b"error", "first_byte_ms", b"first_byte_ms", "itl_count", b"itl_count", "output_tokens", b"output_tokens", "prompt_tokens", b"prompt_tokens", "queue_delay_ms", b"queue_delay_ms", "sent_unix_ns", b"sent_unix_ns", "stage_index", b"stage_index", "status", b"status", "ttft_ms", b"ttft_ms", "usage_reported", b"usage_reported", "warmup", b"warmup"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_name", b"agent_name", "agent_session", b"agent_session", "done_ms", b"done_ms", "e2e_ms", b"e2e_ms", "error", b"error", "first_byte_ms", b"first_byte_ms", "itl_count", b"itl_count", "output_tokens", b"output_tokens", "prompt_tokens", b"prompt_tokens", "queue_delay_ms", b"queue_delay_ms", "sent_unix_ns", b"sent_unix_ns", "stage_index", b"stage_index", "status", b"status", "ttft_ms", b"ttft_ms", "usage_reported", b"usage_reported", "warmup", b"warmup"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
