@@ -13,7 +13,7 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from common.grpc_options import CLIENT_OPTIONS
+from common.tls import ClientTls, add_client_tls_arguments, client_tls_from_args, open_channel
 
 EXIT_SERVING = 0
 EXIT_NOT_SERVING = 1
@@ -30,11 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout", type=float, default=5.0, help="deadline of the check, seconds (default: %(default)s)"
     )
+    add_client_tls_arguments(parser)
 
 
-async def check(address: str, service: str, timeout_s: float) -> str:
+async def check(address: str, service: str, timeout_s: float, tls: ClientTls | None = None) -> str:
     """The serving status name (SERVING, NOT_SERVING, ...); raises grpc.aio.AioRpcError."""
-    async with grpc.aio.insecure_channel(address, options=CLIENT_OPTIONS) as channel:
+    async with open_channel(address, tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         response = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
@@ -43,7 +44,12 @@ async def check(address: str, service: str, timeout_s: float) -> str:
 def run(args: argparse.Namespace) -> int:
     """Print the status; exit 0 only when SERVING."""
     try:
-        status = asyncio.run(check(args.controller, args.service, args.timeout))
+        tls = client_tls_from_args(args)
+    except ValueError as exc:
+        print(f"llm-loadtest health: {exc}", file=sys.stderr)
+        return 2
+    try:
+        status = asyncio.run(check(args.controller, args.service, args.timeout, tls))
     except grpc.aio.AioRpcError as exc:
         print(f"{args.controller}: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return EXIT_NOT_SERVING

@@ -365,8 +365,9 @@ class RunCoordinator:
             f"{'were' if len(matching) != 1 else 'was'} connected ({len(free)} free)"
         )
         self._pending.remove(record.run_id)
-        await self._db.write(repo.finish_run, record.pk, repo.FAILED, reason, time.time_ns())
         await self.add_event(record.run_id, record.pk, "run_failed", reason)
+        await self._db.write(repo.finish_run, record.pk, repo.FAILED, reason, time.time_ns())
+        self._hub.notify(record.run_id)
         log.warning("run_failed", run_id=record.run_id, reason=reason)
 
     # --- execution -----------------------------------------------------------------------
@@ -405,11 +406,12 @@ class RunCoordinator:
             log.exception("run_crashed", run_id=ex.run_id)
             state, reason = repo.FAILED, f"internal error: {type(exc).__name__}"
         self._release(ex)
-        await self._db.write(repo.finish_run, run.pk, state, reason, time.time_ns())
         kind = {
             repo.SUCCEEDED: "run_succeeded", repo.FAILED: "run_failed", repo.INTERRUPTED: "run_interrupted"
         }.get(state, "run_cancelled")  # fmt: skip
+        # The event first: a watcher that sees the final state must also see its event.
         await self.add_event(ex.run_id, run.pk, kind, reason)
+        await self._db.write(repo.finish_run, run.pk, state, reason, time.time_ns())
         log.info(kind, run_id=ex.run_id, reason=reason)
         self.executions.pop(ex.run_id, None)
         self._hub.notify(ex.run_id)
@@ -735,6 +737,7 @@ class RunCoordinator:
                                  f"{session.name} resumed {assignment_id}")  # fmt: skip
         for ex in self.executions.values():
             if session.name in ex.lost_names and session.run_id != ex.run_id:
+                ex.lost_names.discard(session.name)
                 await self.add_event(ex.run_id, ex.record.pk, "agent_rejoined",
                                      f"{session.name} rejoined with new session {session.session_id} "
                                      "(its lost share stays with the others)")  # fmt: skip

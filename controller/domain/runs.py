@@ -23,6 +23,7 @@ from controller.domain.datasets import content_digest, entries_to_json, parse_da
 from controller.domain.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from controller.domain.live import LiveSnapshot, RunHub
 from controller.domain.results import RunOutcome, compute_run_result
+from controller.domain.secrets import split_secrets
 from controller.domain.spec import validate_and_default
 from controller.store import repository as repo
 from controller.store.database import Database
@@ -61,8 +62,8 @@ class Runs:
         if len(request_id) > 128:
             raise InvalidArgument([FieldViolation("request_id", "at most 128 characters")])
         valid = validate_and_default(spec)
-        api_key = valid.target.api_key
-        valid.target.api_key = ""  # stored apart (run_secrets), erased when the run ends
+        # The API key and credential headers are stored apart (run_secrets), erased when the run ends.
+        secret = split_secrets(valid.target)
         dataset_json = ""
         if valid.workload.HasField("dataset"):
             dataset = valid.workload.dataset
@@ -79,7 +80,7 @@ class Runs:
             valid.target.model,
             _spec_json(valid),
             [s.name for s in valid.stages],
-            api_key,
+            secret,
             time.time_ns(),
             dataset_json,
         )

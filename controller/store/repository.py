@@ -140,7 +140,7 @@ def insert_run(
     model: str,
     spec_json: str,
     stage_names: Sequence[str],
-    api_key: str,
+    secret: str,
     now_ns: int,
     dataset_json: str = "",
 ) -> tuple[RunRecord, bool]:
@@ -163,8 +163,8 @@ def insert_run(
             StageRow.insert_many(
                 [{"run": row.pk, "idx": i, "name": n} for i, n in enumerate(stage_names)]
             ).execute()
-            if api_key:
-                RunSecretRow.create(run=row.pk, target_api_key=api_key)
+            if secret:  # the target's credentials (see controller/domain/secrets.py)
+                RunSecretRow.create(run=row.pk, target_api_key=secret)
             if dataset_json:
                 database_proxy.execute_sql(
                     "INSERT INTO run_datasets (run_pk, entries_json) VALUES (?, ?)", (row.pk, dataset_json)

@@ -134,3 +134,32 @@ async def test_agent_sigterm_flushes_says_goodbye_and_its_share_moves(fleet: Fle
     )
     assert rows and all(state == 4 and count == stored for state, count, stored in rows), rows
     assert duplicate_samples(fleet, run.id) == 0
+
+
+async def test_continue_flags_reduced_load_and_fail_fails_the_run(fleet: Fleet) -> None:
+    target = await fleet.start_mock(ttft_ms=40, itl_ms=10, output_tokens=16)
+    await fleet.start_controller()
+    agents = await fleet.start_agents(3, prefix="policy")
+    async with fleet.client() as client:
+        await fleet.wait_agents(client, 3)
+        spec = make_spec(target, [closed(4, 4.0)], agents=2, policy=run_pb2.AGENT_LOSS_POLICY_CONTINUE)
+        run = await client.create_run(spec)
+        await eventually(fleet.mock_stats, lambda s: s["running"] >= 3, 20)
+        busy = {a.name for a in await client.list_agents() if a.run_id == run.id}
+        victim = next(p for p in agents if p.name in busy)
+        victim.send(signal.SIGKILL)
+        run = await wait_final(client, run.id, 30)
+        assert run.state == run_pb2.RUN_STATE_SUCCEEDED, run.state_reason
+        stage = (await client.get_result(run.id)).stages[0]
+        assert stage.reduced_load and "CONTINUE" in stage.reduced_load_reason and stage.agents_lost == 1
+        assert "takeover" not in [e.kind for e in await client.get_run_events(run.id)]
+
+        await fleet.wait_agents(client, 2)
+        spec = make_spec(target, [closed(4, 10.0)], agents=2, policy=run_pb2.AGENT_LOSS_POLICY_FAIL)
+        run = await client.create_run(spec)
+        await eventually(lambda: client.get_run(run.id), lambda r: r.progress.requests_ok >= 4, 20)
+        victim = next(p for p in agents if p.proc.returncode is None)
+        victim.send(signal.SIGKILL)
+        run = await wait_final(client, run.id, 30)
+        assert run.state == run_pb2.RUN_STATE_FAILED
+        assert "agent lost" in run.state_reason and "FAIL" in run.state_reason
