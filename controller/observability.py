@@ -21,6 +21,7 @@ histograms are for watching a run, the exact percentiles come from `GetRunResult
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -304,6 +305,21 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
                 finish(started, code)
 
         des, ser = handler.request_deserializer, handler.response_serializer
+        streamer = handler.stream_stream if handler.request_streaming else handler.unary_stream
+        if handler.response_streaming and not inspect.isasyncgenfunction(streamer):
+            # A streaming method written as a coroutine that calls `context.write` (the
+            # health service's Watch): time it like a unary call, keep it a coroutine.
+            inner_write = streamer
+
+            async def write_stream(request: Any, context: grpc.aio.ServicerContext) -> None:
+                await run_unary(lambda: inner_write(request, context), context)
+
+            make = (
+                grpc.stream_stream_rpc_method_handler
+                if handler.request_streaming
+                else grpc.unary_stream_rpc_method_handler
+            )
+            return make(write_stream, des, ser)
         if handler.request_streaming and handler.response_streaming:
             inner_ss = handler.stream_stream
 

@@ -28,10 +28,6 @@ DENIED = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
 # (UNIMPLEMENTED is the servicer's own answer, e.g. Health/List in this grpcio version.)
 BROKEN = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.DEADLINE_EXCEEDED,
           grpc.StatusCode.RESOURCE_EXHAUSTED}
-# Health/Watch is a coroutine-style streaming handler (context.write); the metrics interceptor
-# (controller/observability.py) wraps it as a generator, which fails with UNKNOWN. Not an
-# authorization outcome; tracked apart.
-BROKEN_ELSEWHERE = {"/grpc.health.v1.Health/Watch"}
 Creds = dict[str, tuple[str | None, Role | None, bool]]  # label -> (key, role, valid)
 Secured = tuple[Controller, Creds]
 MODULES = (run_service_pb2, agent_service_pb2, key_service_pb2, health_pb2, reflection_pb2)
@@ -143,7 +139,7 @@ async def test_authorization_matrix(secured: Secured) -> None:
                 want = expected(method, role, valid, reads_closed)
                 if want is None and code in DENIED:
                     failures.append(f"{method} as {label}: refused with {code.name}, should be allowed")
-                elif want is None and code in BROKEN and method not in BROKEN_ELSEWHERE:
+                elif want is None and code in BROKEN:
                     failures.append(f"{method} as {label}: allowed but failed with {code.name}")
                 elif want is not None and code not in want:
                     failures.append(f"{method} as {label}: {code.name}, expected {sorted(c.name for c in want)}")
