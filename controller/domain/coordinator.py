@@ -41,6 +41,7 @@ from controller.domain.checks import parse_check
 from controller.domain.datasets import entries_from_json
 from controller.domain.ingest import IngestTarget, columns_of
 from controller.domain.live import WINDOW_S, LiveWindow, RunHub
+from controller.domain.secrets import restore_secrets
 from controller.domain.server_metrics import plan_scrapes
 from controller.store import repository as repo
 from controller.store.database import Database
@@ -173,7 +174,7 @@ class ActiveAssignment:
 class RunExecution:
     record: repo.RunRecord
     spec: run_pb2.RunSpec
-    api_key: str
+    secret: str  # the target's credentials, stored apart from the spec (controller/domain/secrets.py)
     slots: list[AgentSlot]
     live: LiveWindow = field(default_factory=LiveWindow)
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
@@ -340,8 +341,8 @@ class RunCoordinator:
                 continue
             self._pending.remove(run_id)
             chosen = free[:needed]
-            api_key = await self._db.read(repo.get_run_secret, record.pk)
-            ex = RunExecution(record, spec, api_key, [AgentSlot(s) for s in chosen])
+            secret = await self._db.read(repo.get_run_secret, record.pk)
+            ex = RunExecution(record, spec, secret, [AgentSlot(s) for s in chosen])
             if spec.workload.HasField("dataset"):
                 ex.dataset = entries_from_json(await self._db.read(repo.get_run_dataset, record.pk))
             for s in chosen:
@@ -465,7 +466,7 @@ class RunCoordinator:
         workload.seed = derive_seed(ex.spec.workload.seed, st.idx, seed_idx)
         target = run_pb2.Target()
         target.CopyFrom(ex.spec.target)
-        target.api_key = ex.api_key
+        restore_secrets(target, ex.secret)
         a.assign_message = agent_service_pb2.ConnectResponse(
             assign=agent_service_pb2.Assign(
                 assignment_id=assignment_id, run_id=ex.run_id, stage_index=st.idx,

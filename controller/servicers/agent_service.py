@@ -68,6 +68,8 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
         get: asyncio.Future[agent_service_pb2.ConnectResponse | None] | None = None
         try:
             while True:
+                if session.close_reason and session.outbox.empty():
+                    break  # closed by the controller (its end-of-stream marker may not fit)
                 get = asyncio.ensure_future(session.outbox.get())
                 done, _ = await asyncio.wait({get, reader}, return_when=asyncio.FIRST_COMPLETED)
                 if get in done:

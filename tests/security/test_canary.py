@@ -40,8 +40,9 @@ class EchoingTarget:
 
     async def _reject(self, request: web.Request) -> web.Response:
         auth = request.headers.get("Authorization", "")
-        self.seen.append(auth)
-        body = {"error": {"message": f"invalid credentials: {auth}", "type": "auth", "key": auth[7:]}}
+        header_key = request.headers.get("X-Api-Key", "")
+        self.seen.extend((auth, header_key))
+        body = {"error": {"message": f"invalid credentials: {auth} {header_key}", "type": "auth", "key": auth[7:]}}
         return web.json_response(body, status=401)
 
     async def start(self) -> None:
@@ -64,6 +65,9 @@ def _spec(base_url: str, key: str, name: str) -> run_pb2.RunSpec:
     spec.target.base_url = base_url
     spec.target.model = "mock"
     spec.target.api_key = key
+    # A credential header is as secret as the key (its value carries the canary's hex part).
+    spec.target.headers["X-Api-Key"] = "hdr-" + key.removeprefix("sk-canary-")
+    spec.target.headers["X-Org"] = "team-a"  # not a credential: shown as given
     stage = spec.stages.add(concurrency=2, requests=12)
     stage.name = "only"
     spec.checks.add(expression="error_rate < 1%")
@@ -133,6 +137,7 @@ async def test_target_api_key_never_leaks(tmp_path: Path, targets: tuple[Echoing
                 async for update in admin.watch(run.id):  # live updates until the final result
                     seen.append(str(update))
             assert any(canary in s for s in echo.seen), "the key must reach the target (in the assignment)"
+            assert any(s.startswith("hdr-") for s in echo.seen), "so must the credential header"
             assert mock.stats.requests_failed > 0
 
             # Every read path, after the runs ended.
