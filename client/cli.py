@@ -5,65 +5,93 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import os
+import signal
 import sys
 from collections.abc import Callable
+from types import ModuleType
+from typing import cast
 
 from client.envconfig import apply_env_defaults
 from common.version import __version__
 
+# name -> (help, module, function adding the arguments, handler: a function or an async one).
+# Modules are imported only for the command being run: a process pays for its own imports
+# (the agent does not load the report renderer, and so on).
+_COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "quickstart": ("benchmark the built-in mock server end to end (controller, agent, mock on 127.0.0.1)",
+                   "client.quickstart", "add_arguments", "async:quickstart"),
+    "run": ("create a run, watch it and print its per-stage results",
+            "client.commands", "add_run_arguments", "async:cmd_run"),
+    "scenarios": ("list the named load scenarios and their stages",
+                  "client.commands", "add_scenarios_arguments", "cmd_scenarios"),
+    "runs": ("list, inspect, cancel and delete runs", "client.commands", "add_runs_arguments", "async:cmd_runs"),
+    "report": ("write a self-contained HTML report of one run, or several runs overlaid",
+               "client.report", "add_arguments", "async:cmd_report"),
+    "controller": ("serve the controller (gRPC API and agent streams, SQLite store)",
+                   "controller.cli", "add_arguments", "run"),
+    "agent": ("run a load-generating agent connected to a controller", "agent.cli", "add_arguments", "run"),
+    "mock-server": ("serve a mock OpenAI-compatible model server with known latencies",
+                    "mockserver.cli", "add_arguments", "run"),
+    "health": ("check a controller's gRPC health service (exit 0 when SERVING; for container probes)",
+               "client.health_check", "add_arguments", "run"),
+    "keys": ("create, list and revoke the controller's API keys (admin)",
+             "client.keys", "add_keys_arguments", "async:cmd_keys"),
+    "audit": ("list the controller's audit log: mutating and refused calls (admin)",
+              "client.keys", "add_audit_arguments", "async:cmd_audit"),
+}  # fmt: skip
 
-def _parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int]]]:
-    from agent import cli as agent_cli
-    from client import commands, health_check, keys, quickstart, report
-    from controller import cli as controller_cli
-    from mockserver import cli as mock_cli
 
+def _handler(module: ModuleType, spec: str) -> Callable[[argparse.Namespace], int]:
+    is_async, _, name = spec.rpartition(":")
+    function = getattr(module, name)
+    if is_async:
+        return lambda args: int(asyncio.run(function(args)))
+    return cast(Callable[[argparse.Namespace], int], function)
+
+
+def _parser(
+    only: str | None = None,
+) -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int]]]:
+    """The CLI's parser and a handler per command; with `only`, just that command gets its
+    arguments (and its module imported) — the others are listed for `--help`."""
     parser = argparse.ArgumentParser(
         prog="llm-loadtest", description="Distributed load tester for LLM serving endpoints."
     )
     parser.add_argument("--version", action="version", version=f"llm-loadtest {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {}
-
-    def add(name: str, help_text: str, configure: Callable[[argparse.ArgumentParser], None],
-            handler: Callable[[argparse.Namespace], int]) -> None:  # fmt: skip
+    for name, (help_text, module_name, configure, handler) in _COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        configure(p)
-        handlers[name] = handler
-
-    add("quickstart", "benchmark the built-in mock server end to end (controller, agent, mock on 127.0.0.1)",
-        quickstart.add_arguments, lambda a: asyncio.run(quickstart.quickstart(a)))  # fmt: skip
-    add("run", "create a run, watch it and print its per-stage results",
-        commands.add_run_arguments, lambda a: asyncio.run(commands.cmd_run(a)))  # fmt: skip
-    add("scenarios", "list the named load scenarios and their stages",
-        commands.add_scenarios_arguments, commands.cmd_scenarios)  # fmt: skip
-    add("runs", "list, inspect, cancel and delete runs",
-        commands.add_runs_arguments, lambda a: asyncio.run(commands.cmd_runs(a)))  # fmt: skip
-    add("report", "write a self-contained HTML report of one run, or several runs overlaid",
-        report.add_arguments, lambda a: asyncio.run(report.cmd_report(a)))  # fmt: skip
-    add("controller", "serve the controller (gRPC API and agent streams, SQLite store)",
-        controller_cli.add_arguments, controller_cli.run)  # fmt: skip
-    add("agent", "run a load-generating agent connected to a controller", agent_cli.add_arguments, agent_cli.run)
-    add("mock-server", "serve a mock OpenAI-compatible model server with known latencies",
-        mock_cli.add_arguments, mock_cli.run)  # fmt: skip
-    add("health", "check a controller's gRPC health service (exit 0 when SERVING; for container probes)",
-        health_check.add_arguments, health_check.run)  # fmt: skip
-    add("keys", "create, list and revoke the controller's API keys (admin)",
-        keys.add_keys_arguments, lambda a: asyncio.run(keys.cmd_keys(a)))  # fmt: skip
-    add("audit", "list the controller's audit log: mutating and refused calls (admin)",
-        keys.add_audit_arguments, lambda a: asyncio.run(keys.cmd_audit(a)))  # fmt: skip
+        if only is None or name == only:
+            module = importlib.import_module(module_name)
+            getattr(module, configure)(p)
+            handlers[name] = _handler(module, handler)
     return parser, handlers
 
 
+# Long-running services: a SIGTERM before their own handler is installed (while importing)
+# means "stop" too, and there is nothing to flush yet, so it exits cleanly.
+_SERVICES = frozenset({"controller", "agent", "mock-server"})
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser, handlers = _parser()
+    args_in = sys.argv[1:] if argv is None else argv
+    command = next((a for a in args_in if not a.startswith("-")), None)
+    if command in _SERVICES and argv is None:
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    parser, handlers = _parser(command if command in _COMMANDS else None)
     try:
         # Last, so every command's flags (whoever added them) get their LLM_LOADTEST_* variable.
         apply_env_defaults(parser, os.environ)
     except ValueError as exc:
         parser.error(str(exc))
-    args = parser.parse_args(argv)
+    args = parser.parse_args(args_in)
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:
