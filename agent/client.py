@@ -7,9 +7,12 @@ error status. The one exception that passes through is `asyncio.CancelledError` 
 run or stage), after the sample has been marked `cancelled`, because swallowing it would
 break the cancellation of the task that awaits us.
 
-Timing: `sent` is stamped just before the request is handed to aiohttp; every body read is
-stamped with `perf_counter_ns()` as it arrives and only then parsed (`agent.sse`), so JSON
-decoding never inflates a latency.
+Timing: `sent` is stamped just before the request is handed to aiohttp. A streamed body is
+parsed inside the connection's `data_received` (`agent.stream`): every network read is
+stamped with `perf_counter_ns()` before aiohttp even parses it, and its SSE events are then
+parsed on the spot (`agent.sse`), so neither a task wake-up nor JSON decoding inflates a
+latency; the request task only waits for the end of the response. Error bodies and
+non-streamed answers are read in the task as usual.
 
 Request body: `model`, `messages` (chat) or `prompt` (completions), `max_tokens`, `stream`
 and, when streaming, `stream_options.include_usage`; then the target's `extra_body` fields,
@@ -32,11 +35,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+import orjson
 import structlog
 from google.protobuf import json_format
 
 from agent.sample import MAX_ERROR_CHARS, RequestSample, RequestStatus
 from agent.sse import StreamParser, error_message, parse_json_body
+from agent.stream import BodySink, StreamingConnector, TimedResponseHandler
 from common.proto.loadtest.v1 import run_pb2
 from common.request_body import PROTECTED_BODY_KEYS
 from common.version import __version__
@@ -105,7 +110,7 @@ class OpenAIClient:
         self._session = aiohttp.ClientSession(
             # limit=0: the scheduler decides concurrency; a connector cap would add hidden
             # client-side queueing that no sample would show.
-            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, ssl=not target.insecure_skip_verify),
+            connector=StreamingConnector(limit=0, ttl_dns_cache=300, ssl=not target.insecure_skip_verify),
             timeout=aiohttp.ClientTimeout(total=self._timeout_s),
             headers=headers,
         )
@@ -146,7 +151,7 @@ class OpenAIClient:
             body["ignore_eos"] = True
         if self._pin_min_tokens:
             body["min_tokens"] = max_tokens
-        return json.dumps(body).encode()
+        return orjson.dumps(body, default=_json_default)
 
     async def preconnect(self, connections: int, timeout_s: float = 5.0) -> int:
         """Open up to `connections` keep-alive connections before the load starts.
@@ -199,13 +204,7 @@ class OpenAIClient:
                 if resp.status >= 300:
                     await self._record_http_error(resp, sample)
                 elif parser is not None:
-                    async for chunk in resp.content.iter_any():
-                        parser.feed(chunk, clock())
-                        if parser.closed:
-                            break  # [DONE] or a protocol error: the rest cannot matter
-                    if parser.done and not resp.content.is_eof():
-                        await _drain_after_done(resp)
-                    parser.finish(clock())
+                    await self._read_stream(resp, parser, sample.sent_ns)
                 else:
                     await self._read_json(resp, sample)
         except TimeoutError:
@@ -231,6 +230,54 @@ class OpenAIClient:
                 f"client error: {type(exc).__name__}: {exc}",
             )
         return sample
+
+    async def _read_stream(self, resp: aiohttp.ClientResponse, parser: StreamParser, sent_ns: int) -> None:
+        """Parse an SSE body as it arrives (see `agent.stream`); return when it is over.
+
+        What arrived with the headers is parsed at once, stamped with the read that brought
+        it; from then on the connection parses every read inside `data_received` and this
+        task only waits for the end. The request timeout counts from `sent`.
+        """
+        clock = time.perf_counter_ns
+        loop = asyncio.get_running_loop()
+        connection = resp.connection
+        protocol = connection.protocol if connection is not None else None
+        timed = protocol if isinstance(protocol, TimedResponseHandler) else None
+        sink = BodySink(resp.content, parser, loop)
+        sink.start(timed.read_ns if timed is not None and timed.read_ns else clock())
+        deadline = loop.time() + self._timeout_s - (clock() - sent_ns) / 1e9
+        if timed is None and not sink.woken.done():
+            await self._read_stream_in_task(resp, parser)
+            return
+        # A plain timer rather than `asyncio.timeout`: one handle per request, and it fails
+        # the sink's future like any other end of the stream.
+        timer = loop.call_at(deadline, sink.fail, TimeoutError())
+        try:
+            if timed is not None and not sink.woken.done():
+                timed.attach(sink)
+            await sink.woken  # raises what ended the stream, if it failed
+            if parser.done and not sink.eof:
+                # The end of the body lets aiohttp pool the connection; a server that keeps
+                # it open after [DONE] must not hold the worker until the request timeout.
+                sink.rearm(loop)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_DRAIN_AFTER_DONE_S):
+                        await sink.woken
+        finally:
+            timer.cancel()
+            sink.detach()
+        parser.finish(clock())
+
+    async def _read_stream_in_task(self, resp: aiohttp.ClientResponse, parser: StreamParser) -> None:
+        """The fallback for a connection that is not a `TimedResponseHandler`: read in the task."""
+        clock = time.perf_counter_ns
+        async for chunk in resp.content.iter_any():
+            parser.feed(chunk, clock())
+            if parser.closed:
+                break  # [DONE] or a protocol error: the rest cannot matter
+        if parser.done and not resp.content.is_eof():
+            await _drain_after_done(resp)
+        parser.finish(clock())
 
     async def _read_json(self, resp: aiohttp.ClientResponse, sample: RequestSample) -> None:
         clock = time.perf_counter_ns
@@ -326,6 +373,15 @@ def _json_numbers(value: Any) -> Any:
     if isinstance(value, list):
         return [_json_numbers(v) for v in value]
     return value
+
+
+def _json_default(value: Any) -> Any:
+    """What orjson cannot encode itself: other mappings and sequences (e.g. caller's messages)."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def _error_detail(body: bytes) -> str:

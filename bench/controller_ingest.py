@@ -76,11 +76,18 @@ class FakeAgent:
         self.sent_at: dict[int, float] = {}
         self.latencies: list[float] = []
         self.last_ack_at = 0.0
+        # One write at a time on a stream: a heartbeat written while a batch write is pending
+        # fails the call (GRPC_CALL_ERROR_TOO_MANY_OPERATIONS); a real agent has one writer.
+        self._write_lock = asyncio.Lock()
+
+    async def _write(self, payload: bytes) -> None:
+        async with self._write_lock:
+            await self._call.write(payload)
 
     async def hello(self) -> None:
         body = agent_service_pb2.Hello(name=self.name, version="bench", labels=self.labels)
         hello = agent_service_pb2.ConnectRequest(hello=body)
-        await self._call.write(hello.SerializeToString())
+        await self._write(hello.SerializeToString())
 
     async def read(self) -> None:
         async for message in self._call:
@@ -101,20 +108,20 @@ class FakeAgent:
         while True:
             hb = agent_service_pb2.ConnectRequest(heartbeat=agent_service_pb2.Heartbeat())
             hb.heartbeat.agent_time.GetCurrentTime()
-            await self._call.write(hb.SerializeToString())
+            await self._write(hb.SerializeToString())
             await asyncio.sleep(1.0)
 
     async def send_batches(self, payloads: list[bytes], window: int) -> None:
         aid = await self.assignment_id
         update = agent_service_pb2.AssignmentUpdate(assignment_id=aid, state=agent_service_pb2.ASSIGNMENT_STATE_RUNNING)
         running = agent_service_pb2.ConnectRequest(assignment_update=update)
-        await self._call.write(running.SerializeToString())
+        await self._write(running.SerializeToString())
         for seq, payload in enumerate(payloads, start=1):
             while seq - self.acked > window:
                 self._ack_event.clear()
                 await self._ack_event.wait()
             self.sent_at[seq] = time.perf_counter()
-            await self._call.write(payload)
+            await self._write(payload)
         while self.acked < len(payloads):
             self._ack_event.clear()
             await self._ack_event.wait()
@@ -123,7 +130,7 @@ class FakeAgent:
         aid = await self.assignment_id
         done = agent_service_pb2.ConnectRequest(assignment_update=agent_service_pb2.AssignmentUpdate(
             assignment_id=aid, state=agent_service_pb2.ASSIGNMENT_STATE_COMPLETED, batch_count=batches))
-        await self._call.write(done.SerializeToString())
+        await self._write(done.SerializeToString())
 
     async def close(self) -> None:
         await self._call.done_writing()
@@ -184,6 +191,8 @@ async def run_ingest(address: str, args: argparse.Namespace, itl_per_sample: int
         "itl": itl_per_sample, "samples": samples, "seconds": ended - started, "rate": samples / (ended - started),
         "ack_p50": float(np.percentile(lat, 50)), "ack_p99": float(np.percentile(lat, 99)),
         "window": (start_ns, end_ns), "state": run_pb2.RunState.Name(final.state),
+        # Counted by the controller at commit: every sample sent must be stored exactly once.
+        "stored": final.progress.requests_ok + final.progress.requests_failed,
     }
 
 
@@ -239,12 +248,12 @@ def main() -> None:
         rows.append([
             args.agents, r["itl"], r["samples"], round(r["seconds"], 2), round(r["rate"]), round(r["ack_p50"], 1),
             round(r["ack_p99"], 1), round(float(np.percentile(sel, 99)), 1) if len(sel) else "-",
-            round(float(sel.max()), 1) if len(sel) else "-", r["state"],
+            round(float(sel.max()), 1) if len(sel) else "-", r["stored"], r["state"],
         ])
     print(f"\nbatches of {args.batch_samples} samples, {args.batches} per agent, window {args.window}; "
           f"db {db_mb:.0f} MB at the end")
     print(table(["agents", "ITL/sample", "samples", "s", "samples/s committed+acked", "ack p50 ms", "ack p99 ms",
-                 "loop lag p99 ms", "loop lag max ms", "run"], rows))
+                 "loop lag p99 ms", "loop lag max ms", "stored", "run"], rows))
 
 
 if __name__ == "__main__":
