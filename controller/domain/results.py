@@ -14,6 +14,7 @@ from common.metrics import SampleColumns, Slo, StageMetrics, compute_stage_metri
 from common.proto.loadtest.v1 import run_pb2
 from controller.domain.checks import parse_check
 from controller.domain.server_metrics import ServerStageOutcome, stage_server_metrics
+from controller.domain.stage_split import stage_and_agent_metrics
 from controller.store import repository as repo
 
 # A load generator whose event loop ran this late, or whose open-loop requests went out this
@@ -143,12 +144,8 @@ def compute_run_result(run_pk: int, spec: run_pb2.RunSpec, state: int) -> RunOut
         stage = spec.stages[idx] if idx < len(spec.stages) else run_pb2.Stage()
         data = repo.load_stage_samples(run_pk, idx)
         cols = data.columns
-        metrics = compute_stage_metrics(cols, slo)
+        metrics, agents = stage_and_agent_metrics(data, slo)
         every_stage.append(cols)
-        agents = []
-        if len(data.agent_names) > 1:
-            agents = [(name, compute_stage_metrics(cols.select(data.agent == i), slo))
-                      for i, name in enumerate(data.agent_names)]  # fmt: skip
         outcomes = []
         for check in checks:
             passed, measured, message = check.evaluate(metrics)

@@ -22,6 +22,7 @@ from controller.domain.coordinator import RunCoordinator
 from controller.domain.datasets import content_digest, entries_to_json, parse_dataset
 from controller.domain.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from controller.domain.live import LiveSnapshot, RunHub
+from controller.domain.result_cache import ResultCache
 from controller.domain.results import RunOutcome, compute_run_result
 from controller.domain.secrets import split_secrets
 from controller.domain.spec import validate_and_default
@@ -47,6 +48,8 @@ def new_run_id() -> str:
 
 
 def parse_spec(record: repo.RunRecord) -> run_pb2.RunSpec:
+    if record.spec_pb:  # binary since migration 7: ~100x cheaper than parsing the JSON
+        return run_pb2.RunSpec.FromString(record.spec_pb)
     return json_format.Parse(record.spec_json, run_pb2.RunSpec())
 
 
@@ -57,6 +60,7 @@ class Runs:
         self._db = db
         self._coordinator = coordinator
         self.hub = hub
+        self._results = ResultCache()
 
     async def create(self, spec: run_pb2.RunSpec, request_id: str) -> repo.RunRecord:
         if len(request_id) > 128:
@@ -83,6 +87,7 @@ class Runs:
             secret,
             time.time_ns(),
             dataset_json,
+            valid.SerializeToString(deterministic=True),
         )
         if created:
             await self._db.write(repo.add_event, record.pk, "run_created", "", record.created_at)
@@ -131,12 +136,20 @@ class Runs:
         if not record.is_final:
             raise FailedPrecondition(f"run {run_id} is {state_name(record.state)}; cancel it first")
         await self._db.write(repo.delete_run, record.pk)
+        self._results.forget(record.pk)
         log.info("run_deleted", run_id=run_id)
         self.hub.notify(run_id)
 
     async def result(self, run_id: str) -> tuple[repo.RunRecord, RunOutcome]:
+        """The run's result; a finished run's is cached until its stored batches change."""
         record = await self.get(run_id)
-        outcome = await self._db.read(compute_run_result, record.pk, parse_spec(record), record.state)
+        if not record.is_final:
+            return record, await self._db.read(compute_run_result, record.pk, parse_spec(record), record.state)
+        version = (record.state, *await self._db.read(repo.sample_batches_version, record.pk))
+        outcome = self._results.get(record.pk, version)
+        if outcome is None:
+            outcome = await self._db.read(compute_run_result, record.pk, parse_spec(record), record.state)
+            self._results.put(record.pk, version, outcome)
         return record, outcome
 
     async def export(

@@ -44,6 +44,9 @@ PRAGMAS = {
     # free space of the file); see also `erases_secrets`.
     "secure_delete": 1,
     "cache_size": -64_000,
+    # Reads of large runs' sample blobs straight from the mapped file instead of a pread and
+    # a copy per 4 KiB page (address space only; pages are shared with the OS cache).
+    "mmap_size": 1 << 30,
     "temp_store": "memory",
 }
 

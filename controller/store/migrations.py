@@ -8,11 +8,15 @@ records which numbers have been applied; never edit an applied migration, add on
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from peewee import Database
 
-MIGRATIONS: Sequence[tuple[int, str, str]] = (
+from controller.store.columnar import migrate_to_columnar
+
+# A migration is SQL, or a function run on the connection inside the migration's transaction
+# (for a data conversion SQL cannot express).
+MIGRATIONS: Sequence[tuple[int, str, str | Callable[[Database], None]]] = (
     (
         1,
         "initial schema",
@@ -221,6 +225,12 @@ MIGRATIONS: Sequence[tuple[int, str, str]] = (
         CREATE INDEX server_metric_values_scrape ON server_metric_values (scrape_pk);
         """,
     ),
+    (
+        7,
+        "columnar samples: one column blob per batch, errors apart; binary run specs",
+        # See controller/store/columnar.py: converts every stored sample, drops `samples`.
+        lambda db: migrate_to_columnar(db.connection()),
+    ),
 )
 
 
@@ -236,8 +246,11 @@ def apply_migrations(db: Database) -> list[int]:
         if version in done:
             continue
         with db.atomic():
-            for statement in _statements(sql):
-                db.execute_sql(statement)
+            if callable(sql):
+                sql(db)
+            else:
+                for statement in _statements(sql):
+                    db.execute_sql(statement)
             db.execute_sql(
                 "INSERT INTO schema_migrations (version, description, applied_at) VALUES (?, ?, ?)",
                 (version, description, time.time_ns()),

@@ -41,6 +41,7 @@ class RunRow(BaseModel):
     requests_ok = IntegerField(default=0)
     requests_failed = IntegerField(default=0)
     output_tokens = IntegerField(default=0)
+    spec_pb = BlobField(default=b"")  # migration 7: the spec as protobuf binary
 
     class Meta:
         table_name = "runs"
@@ -113,6 +114,7 @@ class SampleBatchRow(BaseModel):
     stage_idx = IntegerField()
     n_samples = IntegerField()
     itl_ns = BlobField()
+    sample_columns = BlobField(default=b"")  # migration 7: see controller/store/columnar.py
 
     class Meta:
         table_name = "sample_batches"

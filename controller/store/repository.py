@@ -6,7 +6,6 @@ Peewee model instances, so nothing lazy leaks back to the event loop.
 
 from __future__ import annotations
 
-import itertools
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ import numpy as np
 from peewee import IntegrityError, fn
 
 from common.metrics import SampleColumns
+from controller.store import columnar
 from controller.store.database import erases_secrets
 from controller.store.models import (
     AgentRow,
@@ -33,6 +33,8 @@ PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED, INTERRUPTED = 1, 2, 3, 4, 5, 6
 FINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED, INTERRUPTED})
 OK_STATUS = 1
 WARMUP_FLAG = 2
+# The per-sample columns, in stored order (how they are stored: controller/store/columnar.py).
+SAMPLE_COLUMNS = columnar.SAMPLE_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class RunRecord:
     requests_ok: int
     requests_failed: int
     output_tokens: int
+    spec_pb: bytes = b""  # the spec as protobuf binary (empty: runs from before migration 7)
 
     @property
     def is_final(self) -> bool:
@@ -73,10 +76,14 @@ class BatchIngest:
     run_pk: int
     stage_idx: int
     batch_seq: int
-    columns: tuple[Sequence[int], ...]  # in SAMPLE_COLUMNS order, minus run/stage/batch
-    errors: Sequence[str]
+    columns: np.ndarray  # (len(SAMPLE_COLUMNS), n) int64, rows in SAMPLE_COLUMNS order
+    errors: Sequence[tuple[int, str]]  # (offset, message) of the samples that carry a message
     itl_ns: bytes
     server_scrapes: Sequence[ScrapeRow] = ()
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.columns.shape[1])
 
 
 @dataclass(frozen=True)
@@ -87,28 +94,6 @@ class IngestOutcome:
     output_tokens: int
 
 
-SAMPLE_COLUMNS = (
-    "sent_unix_ns",
-    "queue_delay_ns",
-    "first_byte_ns",
-    "first_token_ns",
-    "last_token_ns",
-    "done_ns",
-    "prompt_tokens",
-    "output_tokens",
-    "status",
-    "flags",
-    "itl_count",
-    "requested_input_tokens",
-    "requested_output_tokens",
-)
-_INSERT_SAMPLE = (
-    "INSERT INTO samples (run_pk, stage_idx, batch_pk, "
-    + ", ".join(SAMPLE_COLUMNS)
-    + ", error) VALUES ("
-    + ", ".join("?" * (len(SAMPLE_COLUMNS) + 4))
-    + ")"
-)
 
 
 def _record(row: RunRow) -> RunRecord:
@@ -127,6 +112,7 @@ def _record(row: RunRow) -> RunRecord:
         requests_ok=row.requests_ok,
         requests_failed=row.requests_failed,
         output_tokens=row.output_tokens,
+        spec_pb=bytes(row.spec_pb or b""),
     )
 
 
@@ -143,6 +129,7 @@ def insert_run(
     secret: str,
     now_ns: int,
     dataset_json: str = "",
+    spec_pb: bytes = b"",
 ) -> tuple[RunRecord, bool]:
     """Create a run; with a request_id already used, return that run and False."""
     if request_id:
@@ -158,6 +145,7 @@ def insert_run(
                 model=model,
                 state=PENDING,
                 spec_json=spec_json,
+                spec_pb=spec_pb,
                 created_at=now_ns,
             )
             StageRow.insert_many(
@@ -194,22 +182,40 @@ def get_run_secret(run_pk: int) -> str:
 def list_runs(
     page_size: int, after: tuple[int, int] | None, state: int, model: str
 ) -> tuple[list[RunRecord], tuple[int, int] | None]:
-    """Newest first; `after` is the (created_at, pk) of the previous page's last run."""
-    query = RunRow.select()
+    """Newest first; `after` is the (created_at, pk) of the previous page's last run.
+
+    Plain SQL rather than Peewee model rows (a page of model instances cost milliseconds);
+    the row-value keyset `(created_at, pk) < (?, ?)` lets SQLite seek in the indexes on
+    (created_at DESC, pk DESC), (state, created_at DESC, pk DESC) and (model, created_at DESC,
+    pk DESC) and stop after the page (see EXPLAIN QUERY PLAN in tests/unit/test_columnar_store.py).
+    """
+    where: list[str] = []
+    params: list[object] = []
     if state:
-        query = query.where(RunRow.state == state)
+        where.append("state = ?")
+        params.append(state)
     if model:
-        query = query.where(RunRow.model == model)
+        where.append("model = ?")
+        params.append(model)
     if after is not None:
-        created, pk = after
-        query = query.where(
-            (RunRow.created_at < created) | ((RunRow.created_at == created) & (RunRow.pk < pk))
-        )
-    rows = list(query.order_by(RunRow.created_at.desc(), RunRow.pk.desc()).limit(page_size + 1))
+        where.append("(created_at, pk) < (?, ?)")
+        params.extend(after)
+    sql = (
+        f"SELECT {_RUN_FIELDS} FROM runs"
+        + (" WHERE " + " AND ".join(where) if where else "")
+        + " ORDER BY created_at DESC, pk DESC LIMIT ?"
+    )
+    rows = database_proxy.connection().execute(sql, (*params, page_size + 1)).fetchall()
     more = len(rows) > page_size
-    rows = rows[:page_size]
-    cursor = (rows[-1].created_at, rows[-1].pk) if more and rows else None
-    return [_record(r) for r in rows], cursor
+    records = [RunRecord(*r) for r in rows[:page_size]]
+    cursor = (records[-1].created_at, records[-1].pk) if more and records else None
+    return records, cursor
+
+
+_RUN_FIELDS = (
+    "pk, run_id, display_name, model, state, state_reason, spec_json, created_at, started_at, ended_at,"
+    " current_stage, requests_ok, requests_failed, output_tokens, spec_pb"
+)
 
 
 def update_run(run_pk: int, **fields: object) -> None:
@@ -227,8 +233,10 @@ def finish_run(run_pk: int, state: int, reason: str, now_ns: int) -> None:
 
 @erases_secrets
 def delete_run(run_pk: int) -> None:
-    # Children first in bulk: cascading through 1M sample rows one by one is slow.
-    database_proxy.execute_sql("DELETE FROM samples WHERE run_pk = ?", (run_pk,))
+    # Children first in bulk: cascading through many rows one by one is slow.
+    database_proxy.execute_sql(
+        "DELETE FROM sample_errors WHERE batch_pk IN (SELECT pk FROM sample_batches WHERE run_pk = ?)", (run_pk,)
+    )
     delete_run_scrapes(run_pk)
     RunRow.delete().where(RunRow.pk == run_pk).execute()
 
@@ -337,52 +345,38 @@ def update_assignment(assignment_pk: int, **fields: object) -> None:
 
 
 def ingest_batches(batches: Sequence[BatchIngest]) -> list[IngestOutcome]:
-    """Store batches (one transaction for all); a batch seen before is skipped."""
+    """Store batches (one transaction for all); a batch seen before is skipped.
+
+    One `sample_batches` row per batch holds its columns as one blob (controller/store/
+    columnar.py); messages of the samples that carry one go to `sample_errors`, all of the
+    transaction's in one executemany.
+    """
     conn = database_proxy.connection()
     outcomes: list[IngestOutcome] = []
     per_run: dict[int, list[int]] = {}
+    errors: list[tuple[int, int, str]] = []
     for b in batches:
         cur = conn.execute(
             "INSERT OR IGNORE INTO sample_batches "
-            "(assignment_pk, batch_seq, run_pk, stage_idx, n_samples, itl_ns) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            (b.assignment_pk, b.batch_seq, b.run_pk, b.stage_idx, len(b.errors), b.itl_ns),
+            "(assignment_pk, batch_seq, run_pk, stage_idx, n_samples, itl_ns, sample_columns) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (b.assignment_pk, b.batch_seq, b.run_pk, b.stage_idx, b.n_samples, b.itl_ns, columnar.pack(b.columns)),
         )
         if cur.rowcount == 0:
             outcomes.append(IngestOutcome(False, 0, 0, 0))
             continue
-        batch_pk = cur.lastrowid
-        n = len(b.errors)
-        conn.executemany(
-            _INSERT_SAMPLE,
-            zip(
-                itertools.repeat(b.run_pk, n),
-                itertools.repeat(b.stage_idx, n),
-                itertools.repeat(batch_pk, n),
-                *b.columns,
-                b.errors,
-                strict=True,
-            ),
-        )
+        batch_pk = int(cur.lastrowid or 0)
+        errors.extend((batch_pk, offset, message) for offset, message in b.errors)
         if b.server_scrapes:
             insert_scrapes(conn, b.run_pk, b.stage_idx, batch_pk, b.server_scrapes)
-        status = b.columns[SAMPLE_COLUMNS.index("status")]
-        flags = b.columns[SAMPLE_COLUMNS.index("flags")]
-        out_tokens = b.columns[SAMPLE_COLUMNS.index("output_tokens")]
-        ok = failed = tokens = 0
-        for s, f, t in zip(status, flags, out_tokens, strict=True):
-            if f & WARMUP_FLAG:
-                continue
-            if s == OK_STATUS:
-                ok += 1
-                tokens += t
-            else:
-                failed += 1
+        ok, failed, tokens = columnar.tally(b.columns)
         totals = per_run.setdefault(b.run_pk, [0, 0, 0])
         totals[0] += ok
         totals[1] += failed
         totals[2] += tokens
         outcomes.append(IngestOutcome(True, ok, failed, tokens))
+    if errors:
+        conn.executemany("INSERT INTO sample_errors (batch_pk, idx, error) VALUES (?, ?, ?)", errors)
     for run_pk, (ok, failed, tokens) in per_run.items():
         conn.execute(
             "UPDATE runs SET requests_ok = requests_ok + ?, requests_failed = requests_failed + ?,"
@@ -390,14 +384,6 @@ def ingest_batches(batches: Sequence[BatchIngest]) -> list[IngestOutcome]:
             (ok, failed, tokens, run_pk),
         )
     return outcomes
-
-
-_COLUMN_SQL = (
-    "SELECT s.sent_unix_ns, s.queue_delay_ns, s.first_token_ns, s.last_token_ns, s.done_ns, s.prompt_tokens,"
-    " s.output_tokens, s.status, s.flags, s.itl_count, s.requested_input_tokens, s.requested_output_tokens,"
-    " b.assignment_pk FROM samples s JOIN sample_batches b ON b.pk = s.batch_pk"
-    " WHERE s.run_pk = ? AND s.stage_idx = ? ORDER BY s.rowid"
-)
 
 
 @dataclass(frozen=True)
@@ -414,12 +400,9 @@ class StageSamples:
 
 
 def load_stage_samples(run_pk: int, stage_idx: int) -> StageSamples:
-    """Every stored sample of one stage as numpy columns (inter-token gaps included)."""
+    """Every stored sample of one stage as numpy columns (inter-token gaps included), in
+    storage order: the stage's batch blobs copied into place (controller/store/columnar.py)."""
     conn = database_proxy.connection()
-    rows = conn.execute(_COLUMN_SQL, (run_pk, stage_idx)).fetchall()
-    blobs = conn.execute(
-        "SELECT itl_ns FROM sample_batches WHERE run_pk = ? AND stage_idx = ? ORDER BY pk", (run_pk, stage_idx)
-    ).fetchall()
     assignments = conn.execute(
         "SELECT pk, agent_name, max_loop_lag_ms, max_cpu_percent FROM assignments"
         " WHERE run_pk = ? AND stage_idx = ? ORDER BY pk",
@@ -428,45 +411,30 @@ def load_stage_samples(run_pk: int, stage_idx: int) -> StageSamples:
     names = sorted({a[1] for a in assignments})
     lag = max((float(a[2]) for a in assignments), default=0.0)
     cpu = max((float(a[3]) for a in assignments), default=0.0)
-    if not rows:
+    table, itl, batch_assignments, counts = columnar.read_stage(conn, run_pk, stage_idx)
+    if not table.shape[1]:
         empty = np.zeros(0, dtype=np.int64)
         return StageSamples(SampleColumns.empty(), empty, names, empty, empty, lag, cpu)
-    data = np.array(rows, dtype=np.int64)
-    itl = np.frombuffer(b"".join(b[0] for b in blobs), dtype="<i8").astype(np.int64)
     name_of = {int(a[0]): names.index(a[1]) for a in assignments}
-    agent = np.array([name_of[int(pk)] for pk in data[:, 12]], dtype=np.int64)
+    agent = np.repeat(np.array([name_of[pk] for pk in batch_assignments], dtype=np.int64), counts)
+    col = columnar.COL
     columns = SampleColumns(
-        sent_unix_ns=data[:, 0],
-        queue_delay_ns=data[:, 1],
-        first_token_ns=data[:, 2],
-        last_token_ns=data[:, 3],
-        done_ns=data[:, 4],
-        prompt_tokens=data[:, 5],
-        output_tokens=data[:, 6],
-        status=data[:, 7],
-        flags=data[:, 8],
-        itl_count=data[:, 9],
+        **{name: table[col[name]] for name in SampleColumns.__dataclass_fields__ if name != "itl_ns"},
         itl_ns=itl,
     )
-    return StageSamples(columns, agent, names, data[:, 10], data[:, 11], lag, cpu)
+    return StageSamples(
+        columns, agent, names, table[col["requested_input_tokens"]], table[col["requested_output_tokens"]], lag, cpu
+    )
 
 
 def load_stage_columns(run_pk: int, stage_idx: int) -> SampleColumns:
     return load_stage_samples(run_pk, stage_idx).columns
 
 
-_EXPORT_SQL = (
-    "SELECT s.rowid, s.stage_idx, a.agent_name, s.sent_unix_ns, s.queue_delay_ns, s.first_byte_ns,"
-    " s.first_token_ns, s.last_token_ns, s.done_ns, s.prompt_tokens, s.output_tokens, s.status, s.flags,"
-    " s.itl_count, s.error, a.agent_session FROM samples s JOIN sample_batches b ON b.pk = s.batch_pk"
-    " JOIN assignments a ON a.pk = b.assignment_pk WHERE s.run_pk = ? AND s.rowid > ?"
-)
-
-
-def export_page(run_pk: int, after_rowid: int, limit: int, include_warmup: bool) -> list[tuple[object, ...]]:
-    """One page of samples in storage order (the first column is the rowid cursor)."""
-    sql = _EXPORT_SQL + ("" if include_warmup else f" AND (s.flags & {WARMUP_FLAG}) = 0") + " ORDER BY s.rowid LIMIT ?"
-    return list(database_proxy.connection().execute(sql, (run_pk, after_rowid, limit)).fetchall())
+def export_page(run_pk: int, after: int, limit: int, include_warmup: bool) -> list[tuple[object, ...]]:
+    """One page of samples in storage order; the first column is the cursor of the sample (an
+    int encoding its (batch pk, offset), see columnar.cursor) for the next page's `after`."""
+    return columnar.export_rows(database_proxy.connection(), run_pk, after, limit, include_warmup)
 
 
 def record_assignment_health(assignment_pk: int, max_loop_lag_ms: float, max_cpu_percent: float) -> None:
@@ -484,8 +452,19 @@ def stage_indexes_with_samples(run_pk: int) -> list[int]:
 
 
 def count_samples(run_pk: int) -> int:
-    row = database_proxy.execute_sql("SELECT COUNT(*) FROM samples WHERE run_pk = ?", (run_pk,))
+    """Stored samples of a run (warmup included)."""
+    row = database_proxy.execute_sql(
+        "SELECT COALESCE(SUM(n_samples), 0) FROM sample_batches WHERE run_pk = ?", (run_pk,)
+    )
     return int(row.fetchone()[0])
+
+
+def sample_batches_version(run_pk: int) -> tuple[int, int]:
+    """(stored batches, highest batch pk) of a run: changes whenever a batch is stored."""
+    row = database_proxy.execute_sql(
+        "SELECT COUNT(*), COALESCE(MAX(pk), 0) FROM sample_batches WHERE run_pk = ?", (run_pk,)
+    ).fetchone()
+    return int(row[0]), int(row[1])
 
 
 def failure_summary(run_pk: int) -> tuple[int, int, str]:
@@ -494,7 +473,9 @@ def failure_summary(run_pk: int) -> tuple[int, int, str]:
         "SELECT requests_ok, requests_failed FROM runs WHERE pk = ?", (run_pk,)
     ).fetchone()
     row = database_proxy.execute_sql(
-        "SELECT error FROM samples WHERE run_pk = ? AND status != ? LIMIT 1", (run_pk, OK_STATUS)
+        "SELECT e.error FROM sample_batches b JOIN sample_errors e ON e.batch_pk = b.pk WHERE b.run_pk = ?"
+        " ORDER BY b.pk, e.idx LIMIT 1",
+        (run_pk,),
     ).fetchone()
     return int(ok), int(failed), str(row[0]) if row else ""
 

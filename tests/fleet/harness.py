@@ -13,6 +13,7 @@ import signal
 import sqlite3
 import sys
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,6 +24,7 @@ from google.protobuf import duration_pb2
 
 from client.sdk import ControllerClient
 from common.proto.loadtest.v1 import run_pb2
+from controller.store import columnar
 
 CLI = str(Path(sys.executable).parent / "llm-loadtest")
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -206,17 +208,28 @@ async def wait_final(client: ControllerClient, run_id: str, timeout_s: float) ->
     return await eventually(lambda: client.get_run(run_id), lambda r: r.state in final, timeout_s)
 
 
+def sent_times(fleet: Fleet, where: str, *params: object) -> list[tuple[int, int]]:
+    """(assignment pk, sent_unix_ns) of every stored sample of the batches matching `where`
+    (over `sample_batches b`, `runs r` and `assignments a`); columns are stored one blob per
+    batch (controller/store/columnar.py)."""
+    rows = fleet.sql(
+        "SELECT b.assignment_pk, b.n_samples, b.sample_columns FROM sample_batches b JOIN runs r ON r.pk = b.run_pk"
+        f" JOIN assignments a ON a.pk = b.assignment_pk WHERE {where}",
+        *params,
+    )
+    sent = columnar.COL["sent_unix_ns"]
+    return [(int(pk), int(t)) for pk, n, blob in rows for t in columnar.unpack(blob, n)[sent]]
+
+
 def duplicate_samples(fleet: Fleet, run_id: str) -> int:
     """Samples stored twice (same assignment, same send time)."""
-    rows = fleet.sql(
-        "SELECT COUNT(*) FROM (SELECT b.assignment_pk, s.sent_unix_ns, COUNT(*) AS n FROM samples s"
-        " JOIN sample_batches b ON b.pk = s.batch_pk JOIN runs r ON r.pk = s.run_pk WHERE r.run_id = ?"
-        " GROUP BY b.assignment_pk, s.sent_unix_ns HAVING n > 1)",
-        run_id,
-    )
-    return int(rows[0][0])
+    counts = Counter(sent_times(fleet, "r.run_id = ?", run_id))
+    return sum(1 for n in counts.values() if n > 1)
 
 
 def stored_samples(fleet: Fleet, run_id: str) -> int:
-    rows = fleet.sql("SELECT COUNT(*) FROM samples s JOIN runs r ON r.pk = s.run_pk WHERE r.run_id = ?", run_id)
+    rows = fleet.sql(
+        "SELECT COALESCE(SUM(b.n_samples), 0) FROM sample_batches b JOIN runs r ON r.pk = b.run_pk WHERE r.run_id = ?",
+        run_id,
+    )
     return int(rows[0][0])

@@ -9,7 +9,16 @@ import time
 import pytest
 
 from common.proto.loadtest.v1 import run_pb2
-from tests.fleet.harness import Fleet, closed, duplicate_samples, eventually, make_spec, stored_samples, wait_final
+from tests.fleet.harness import (
+    Fleet,
+    closed,
+    duplicate_samples,
+    eventually,
+    make_spec,
+    sent_times,
+    stored_samples,
+    wait_final,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -94,10 +103,7 @@ async def test_frozen_agent_stops_at_lease_and_rejoins(fleet: Fleet) -> None:
     assert any(e.kind == "agent_rejoined" and "freeze-1" in e.message for e in events), [e.kind for e in events]
     assert "lease expired" in frozen.log_tail(20_000)
     # It stopped firing: nothing of its lost assignment was sent after the freeze.
-    last_sent = fleet.sql(
-        "SELECT MAX(s.sent_unix_ns) FROM samples s JOIN sample_batches b ON b.pk = s.batch_pk"
-        " JOIN assignments a ON a.pk = b.assignment_pk WHERE a.agent_name = 'freeze-1' AND a.state = -1"
-    )[0][0]
+    last_sent = max((t for _, t in sent_times(fleet, "a.agent_name = 'freeze-1' AND a.state = -1")), default=None)
     assert last_sent is not None and last_sent < stopped_ns
     assert duplicate_samples(fleet, run.id) == 0
     seen = (await fleet.mock_stats())["requests_total"]
