@@ -348,6 +348,12 @@ class AssignmentRunner:
             if self._announce is not None:
                 await self._announce(self)
             await self._client.send(prompt.text, prompt.max_tokens, sample, messages=prompt.messages)
+        except asyncio.CancelledError:
+            if sample.status == run_pb2.REQUEST_STATUS_UNSPECIFIED:
+                # Cancelled while announcing, before the client had it: never sent.
+                sample.sent_ns = sample.done_ns = time.perf_counter_ns()
+                sample.fail(run_pb2.REQUEST_STATUS_CANCELLED, "cancelled before it was sent")
+            raise
         finally:
             # Also on cancellation: the client has marked the sample `cancelled`.
             self._in_flight -= 1
