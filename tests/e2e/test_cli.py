@@ -3,50 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.processes import CLI, ENV, Proc
+
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
-
-CLI = str(Path(sys.executable).parent / "llm-loadtest")
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
-
-
-class Proc:
-    def __init__(self, *args: str, log: Path) -> None:
-        self.log = log
-        self._log_file = log.open("wb")
-        self.p = subprocess.Popen([CLI, *args], stdout=subprocess.PIPE, stderr=self._log_file, env=ENV)
-
-    def wait_line(self, marker: str, timeout_s: float = 30) -> str:
-        assert self.p.stdout is not None
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            line = self.p.stdout.readline().decode()
-            if not line and self.p.poll() is not None:
-                break
-            if marker in line:
-                return line.strip()
-        raise AssertionError(f"no {marker!r} from {self.p.args}; log:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self) -> int:
-        if self.p.poll() is None:
-            self.p.send_signal(signal.SIGTERM)
-            try:
-                self.p.wait(20)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait()
-        self._log_file.close()
-        return self.p.returncode
-
 
 def cli(*args: str, timeout_s: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(

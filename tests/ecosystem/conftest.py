@@ -3,55 +3,17 @@ and agent processes, with Prometheus endpoints on, driven by outside tools (buf 
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from tests.processes import Proc
+
 ROOT = Path(__file__).resolve().parents[2]
-CLI = str(Path(sys.executable).parent / "llm-loadtest")
 BUF = ROOT / "node_modules" / ".bin" / "buf"
-# The stack's processes take their settings from flags only: a developer's LLM_LOADTEST_*
-# variables must not change what the tests start.
-ENV = {k: v for k, v in os.environ.items() if not k.startswith("LLM_LOADTEST_")} | {"PYTHONUNBUFFERED": "1"}
-
-
-class Proc:
-    """A real `llm-loadtest` process whose stdout announces its addresses."""
-
-    def __init__(self, *args: str, log: Path) -> None:
-        self.log = log
-        self._log_file = log.open("wb")
-        self.p = subprocess.Popen([CLI, *args], stdout=subprocess.PIPE, stderr=self._log_file, env=ENV)
-
-    def wait_line(self, marker: str, timeout_s: float = 30) -> str:
-        assert self.p.stdout is not None
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            line = self.p.stdout.readline().decode()
-            if not line and self.p.poll() is not None:
-                break
-            if marker in line:
-                return line.strip()
-        raise AssertionError(f"no {marker!r} from {self.p.args}; log:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self) -> int:
-        if self.p.poll() is None:
-            self.p.send_signal(signal.SIGTERM)
-            try:
-                self.p.wait(20)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait()
-        self._log_file.close()
-        return self.p.returncode
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 from google.protobuf import descriptor_pb2
 
-from tests.ecosystem.conftest import BUF, ENV, ROOT, Stack, require_node_tool
+from tests.ecosystem.conftest import BUF, ROOT, Stack, require_node_tool
+from tests.processes import ENV
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.ecosystem.conftest import BUF, ENV, ROOT, require_node_tool
+from tests.ecosystem.conftest import BUF, ROOT, require_node_tool
+from tests.processes import ENV
 
 pytestmark = [pytest.mark.timeout(120)]
 

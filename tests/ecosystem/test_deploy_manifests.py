@@ -20,7 +20,8 @@ import pytest
 
 from client.cli import _parser
 from client.envconfig import apply_env_defaults
-from tests.ecosystem.conftest import CLI, ENV, ROOT, require_node_tool
+from tests.ecosystem.conftest import ROOT, require_node_tool
+from tests.processes import CLI, ENV
 
 pytestmark = [pytest.mark.timeout(120)]
 

@@ -7,7 +7,8 @@ import subprocess
 
 import pytest
 
-from tests.ecosystem.conftest import CLI, ENV, Stack
+from tests.ecosystem.conftest import Stack
+from tests.processes import CLI, ENV
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 

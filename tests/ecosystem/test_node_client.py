@@ -7,7 +7,8 @@ import subprocess
 
 import pytest
 
-from tests.ecosystem.conftest import ENV, ROOT, Stack, require_node_tool
+from tests.ecosystem.conftest import ROOT, Stack, require_node_tool
+from tests.processes import ENV
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
