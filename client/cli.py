@@ -92,6 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     args = parser.parse_args(args_in)
+    if hasattr(args, "tls_client_cert"):
+        from common.tls import client_tls_from_args
+
+        try:  # a half-given client certificate is a usage error, said before any work starts
+            client_tls_from_args(args)
+        except (ValueError, OSError) as exc:
+            parser.error(str(exc))
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:
