@@ -105,12 +105,21 @@ def any_keys() -> bool:
 # --- audit ------------------------------------------------------------------------------
 
 
-def insert_audit(events: Sequence[AuditRecord]) -> None:
-    database_proxy.connection().executemany(
+# The audit log keeps the newest this many events: a flood of refused calls (each one is
+# recorded) cannot grow the database without bound.
+AUDIT_RETENTION_EVENTS = 1_000_000
+
+
+def insert_audit(events: Sequence[AuditRecord], retention: int = AUDIT_RETENTION_EVENTS) -> None:
+    conn = database_proxy.connection()
+    conn.executemany(
         "INSERT INTO audit_events (time_ns, key_id, method, run_id, outcome, request_id, peer, detail)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         [(e.time_ns, e.key_id, e.method, e.run_id, e.outcome, e.request_id, e.peer, e.detail) for e in events],
     )
+    newest = conn.execute("SELECT MAX(pk) FROM audit_events").fetchone()[0] or 0
+    # A range on the rowid: an index seek that finds nothing in the common case.
+    conn.execute("DELETE FROM audit_events WHERE pk <= ?", (newest - retention,))
 
 
 def list_audit(limit: int, before_pk: int | None, key_id: str, run_id: str) -> list[AuditRecord]:
