@@ -11,6 +11,7 @@ count for nobody.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import json
@@ -221,6 +222,20 @@ def run_client(
     ttft = data["ttft_ns"][in_window] / 1e6
     itl_in = (data["itl_sent_unix_ns"] >= window.start_unix_ns) & (data["itl_sent_unix_ns"] < window.end_unix_ns)
     return ClientRun(kind, streams, window, ttft, data["itl_ns"][itl_in] / 1e6)
+
+
+def run_arguments(
+    doc: str | None, *, streams: str, duration_s: float, clients: str | None = None
+) -> argparse.ArgumentParser:
+    """The flags every client benchmark shares (stream counts, run length, warm-up, mock workers)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--streams", default=streams, help="comma-separated stream counts (default: %(default)s)")
+    if clients is not None:
+        parser.add_argument("--clients", default=clients, help="which clients (default: %(default)s)")
+    parser.add_argument("--duration", type=float, default=duration_s, help="seconds per run (default: %(default)s)")
+    parser.add_argument("--warmup", type=float, default=4.0, help="seconds before the window (default: %(default)s)")
+    parser.add_argument("--mock-workers", type=int, default=1, help="mock processes (default: %(default)s)")
+    return parser
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -16,22 +16,16 @@ end), printed per client and stream count:
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
-from _harness import machine, mock_server, run_client, table
+from _harness import machine, mock_server, run_arguments, run_client, table
 
 TTFT_MS, ITL_MS, TOKENS = 100.0, 10.0, 128
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--streams", default="128,256,512", help="comma-separated stream counts (default: %(default)s)")
-    parser.add_argument("--clients", default="floor,agent", help="which clients (default: %(default)s)")
-    parser.add_argument("--duration", type=float, default=14.0, help="seconds per client run (default: %(default)s)")
-    parser.add_argument("--warmup", type=float, default=4.0, help="seconds before the window (default: %(default)s)")
-    parser.add_argument("--mock-workers", type=int, default=1, help="mock processes (default: %(default)s)")
+    parser = run_arguments(__doc__, streams="128,256,512", duration_s=14.0, clients="floor,agent")
     args = parser.parse_args()
     print(machine())
     print(f"mock: ttft {TTFT_MS:g} ms, itl {ITL_MS:g} ms, {TOKENS} tokens, {args.mock_workers} worker(s) on CPU 0; "

@@ -17,22 +17,17 @@ column is the agent's figure. Goal: >= 40k output tokens/s for one agent process
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
-from _harness import machine, mock_server, run_client, table
+from _harness import machine, mock_server, run_arguments, run_client, table
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--streams", default="256,512,768", help="comma-separated stream counts (default: %(default)s)")
+    parser = run_arguments(__doc__, streams="256,512,768", duration_s=12.0)
     parser.add_argument("--itl-ms", type=float, default=10.0, help="mock inter-token latency (default: %(default)s)")
     parser.add_argument("--ttft-ms", type=float, default=100.0, help="mock time to first token (default: %(default)s)")
     parser.add_argument("--tokens", type=int, default=128, help="output tokens per request (default: %(default)s)")
-    parser.add_argument("--duration", type=float, default=12.0, help="seconds per level (default: %(default)s)")
-    parser.add_argument("--warmup", type=float, default=4.0, help="seconds before the window (default: %(default)s)")
-    parser.add_argument("--mock-workers", type=int, default=1, help="mock processes (default: %(default)s)")
     args = parser.parse_args()
     print(machine())
     rows = []
