@@ -12,9 +12,7 @@ import os
 import signal
 import sqlite3
 import sys
-import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -25,6 +23,7 @@ from google.protobuf import duration_pb2
 from client.sdk import ControllerClient
 from common.proto.loadtest.v1 import run_pb2
 from controller.store import columnar
+from tests.conftest import eventually
 
 CLI = str(Path(sys.executable).parent / "llm-loadtest")
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -150,17 +149,6 @@ class Fleet:
     async def close(self) -> None:
         await asyncio.gather(*(p.stop() for p in reversed(self.procs)), return_exceptions=True)
 
-
-async def eventually(probe: Callable[[], Awaitable[T]], check: Callable[[T], bool], timeout_s: float = 10.0) -> T:
-    """Poll `probe` until `check` holds (a deadline, not a sleep)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = await probe()
-        if check(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s}s; last value: {value!r}")
-        await asyncio.sleep(0.05)
 
 
 def seconds(value: float) -> duration_pb2.Duration:
