@@ -1,10 +1,12 @@
 """A real controller in its own process, with an event-loop lag probe, for the controller benchmarks.
 
-    python bench/_controller_proc.py --db FILE --lag-out FILE.npy
+    python bench/_controller_proc.py --db FILE --lag-out FILE.npy [--log-out FILE.jsonl]
 
 Prints `port N` once serving. Until SIGTERM, a task sleeps `PROBE_S` at a time and records
 (wall-clock ns, lag ms) of every wake-up: how late the loop came back to it. On SIGTERM the
-controller stops and the probe's readings are saved to `--lag-out`.
+controller stops and the probe's readings are saved to `--lag-out`. The controller's log goes
+to stderr at WARNING, or with `--log-out` to that file as JSON lines from INFO (lifecycle
+events such as `run_result_stored`, which carries a result's computation time).
 """
 
 from __future__ import annotations
@@ -54,10 +56,19 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--db", required=True)
     parser.add_argument("--lag-out", required=True)
+    parser.add_argument("--log-out", help="write the controller's INFO log here (JSON lines)")
     args = parser.parse_args()
     import logging
 
     import structlog
 
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    if args.log_out:
+        structlog.configure(
+            processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso", utc=True),
+                        structlog.processors.format_exc_info, structlog.processors.JSONRenderer()],
+            wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+            logger_factory=structlog.WriteLoggerFactory(file=Path(args.log_out).open("a")),  # noqa: SIM115
+        )  # fmt: skip
+    else:
+        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     asyncio.run(main(args.db, args.lag_out))

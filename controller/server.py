@@ -29,6 +29,7 @@ from controller.domain.ingest import Ingestor
 from controller.domain.keys import KeyStore
 from controller.domain.live import RunHub
 from controller.domain.ratelimit import RateLimiter, RateLimits
+from controller.domain.run_results import RunResults
 from controller.domain.runs import Runs
 from controller.observability import ControllerMetrics
 from controller.servicers.agent_service import AgentServiceServicer
@@ -74,9 +75,11 @@ class Controller:
         self.metrics_server = MetricsServer(self.metrics.registry, self.metrics.refresh)
         self.metrics_port = 0
         self.hub = RunHub()
+        self.results = RunResults(self.db)
         self.coordinator = RunCoordinator(
-            self.db, self.hub, heartbeat_interval_s=heartbeat_interval_s, lost_grace_s=lost_grace_s
-        )
+            self.db, self.hub, heartbeat_interval_s=heartbeat_interval_s, lost_grace_s=lost_grace_s,
+            on_run_final=self.results.run_finished,
+        )  # fmt: skip
         self.ingestor = Ingestor(self.db, self.metrics)
         self.metrics.bind(
             running=lambda: set(self.coordinator.executions),
@@ -84,7 +87,7 @@ class Controller:
             count_runs=lambda: self.db.read(repo.count_runs_by_state),
             queue_depth=lambda: self.ingestor.queue_depth,
         )
-        self.runs = Runs(self.db, self.coordinator, self.hub)
+        self.runs = Runs(self.db, self.coordinator, self.hub, self.results)
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(
             interceptors=[self.metrics.interceptor, self.auth], options=SERVER_OPTIONS
@@ -126,7 +129,8 @@ class Controller:
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stop within `grace_s`: NOT_SERVING; running runs are stopped on their agents and
         become INTERRUPTED; every batch received is committed and acked; then the agent
-        streams are closed (after their acks) and the server stops."""
+        streams are closed (after their acks) and the server stops. Results of final runs
+        still being computed are cancelled (computed on their first read instead)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_s
         for name in ("", *SERVICE_NAMES):
@@ -139,6 +143,7 @@ class Controller:
         await self.keys.stop()
         await self.ingestor.stop()
         await self.server.stop(max(deadline - loop.time(), 0.2))
+        await self.results.close()
         await self.metrics_server.stop()
         self.db.close()
         log.info("controller_stopped")

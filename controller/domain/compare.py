@@ -1,27 +1,36 @@
 """Comparing runs with a baseline: stages matched by load level, per-metric deltas, and
-a regression flag where a run got worse than the tolerance."""
+a regression flag where a run got worse than the tolerance.
+
+Works on the results as the API returns them (loadtest.v1.RunResult), so comparing finished
+runs reads their stored results (controller/domain/run_results.py) instead of recomputing them.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from controller.domain.results import RunOutcome, StageOutcome
+from common.proto.loadtest.v1 import run_pb2
 
 DEFAULT_TOLERANCE_PERCENT = 10.0
 
+
+def _error_rate(s: run_pb2.StageResult) -> float:
+    return s.requests_failed / max(1, s.requests_ok + s.requests_failed)
+
+
 # (name, how to read it from a stage, True when higher is worse)
-METRICS = (
-    ("ttft_p50_ms", lambda s: s.metrics.ttft.p50, True),
-    ("ttft_p99_ms", lambda s: s.metrics.ttft.p99, True),
-    ("tpot_p50_ms", lambda s: s.metrics.tpot.p50, True),
-    ("tpot_p99_ms", lambda s: s.metrics.tpot.p99, True),
-    ("itl_p50_ms", lambda s: s.metrics.itl.p50, True),
-    ("e2e_p50_ms", lambda s: s.metrics.e2e.p50, True),
-    ("e2e_p99_ms", lambda s: s.metrics.e2e.p99, True),
-    ("error_rate", lambda s: s.metrics.requests_failed / max(1, s.metrics.requests_ok + s.metrics.requests_failed),
-     True),
-    ("request_throughput", lambda s: s.metrics.request_throughput, False),
-    ("output_token_throughput", lambda s: s.metrics.output_token_throughput, False),
+METRICS: tuple[tuple[str, Callable[[run_pb2.StageResult], float], bool], ...] = (
+    ("ttft_p50_ms", lambda s: s.ttft.p50_ms, True),
+    ("ttft_p99_ms", lambda s: s.ttft.p99_ms, True),
+    ("tpot_p50_ms", lambda s: s.tpot.p50_ms, True),
+    ("tpot_p99_ms", lambda s: s.tpot.p99_ms, True),
+    ("itl_p50_ms", lambda s: s.itl.p50_ms, True),
+    ("e2e_p50_ms", lambda s: s.e2e.p50_ms, True),
+    ("e2e_p99_ms", lambda s: s.e2e.p99_ms, True),
+    ("error_rate", _error_rate, True),
+    ("request_throughput", lambda s: s.request_throughput, False),
+    ("output_token_throughput", lambda s: s.output_token_throughput, False),
 )
 
 
@@ -53,7 +62,7 @@ class RunComparison:
         return any(m.regressed for s in self.stages for m in s.metrics)
 
 
-def load_label(s: StageOutcome) -> str:
+def load_label(s: run_pb2.StageResult) -> str:
     return f"rate={s.request_rate:g}/s" if s.request_rate else f"concurrency={s.concurrency}"
 
 
@@ -67,19 +76,19 @@ def _delta(name: str, base: float, value: float, worse_up: bool, tolerance: floa
 
 
 def compare_runs(
-    baseline: RunOutcome, others: list[tuple[str, RunOutcome]], tolerance_percent: float
+    baseline: run_pb2.RunResult, others: list[run_pb2.RunResult], tolerance_percent: float
 ) -> list[RunComparison]:
-    base_by_load: dict[str, StageOutcome] = {}
+    base_by_load: dict[str, run_pb2.StageResult] = {}
     for s in baseline.stages:
         base_by_load.setdefault(load_label(s), s)
     out = []
-    for run_id, outcome in others:
+    for result in others:
         stages = []
-        for s in outcome.stages:
+        for s in result.stages:
             b = base_by_load.get(load_label(s))
             if b is None:
                 continue  # no stage at this load level in the baseline
             metrics = [_delta(name, get(b), get(s), worse_up, tolerance_percent) for name, get, worse_up in METRICS]
             stages.append(StageComparison(load_label(s), b.index, s.index, metrics))
-        out.append(RunComparison(run_id, stages))
+        out.append(RunComparison(result.run_id, stages))
     return out

@@ -30,6 +30,7 @@ import contextlib
 import hashlib
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
@@ -234,9 +235,13 @@ class RunCoordinator:
         *,
         heartbeat_interval_s: float = 1.0,
         lost_grace_s: float | None = None,
+        on_run_final: Callable[[str], None] | None = None,
     ) -> None:
         self._db = db
         self._hub = hub
+        # Called with the run id once a run's final state is committed (its result is then
+        # computed and stored: controller/domain/run_results.py).
+        self._on_run_final = on_run_final or (lambda _run_id: None)
         self.heartbeat_interval_s = heartbeat_interval_s
         self.lost_after_s = heartbeat_interval_s * MISSED_HEARTBEATS
         self.lease_s = self.lost_after_s
@@ -256,6 +261,7 @@ class RunCoordinator:
         interrupted = await self._db.write(repo.interrupt_running, INTERRUPT_REASON, time.time_ns())
         for run_id in interrupted:
             log.warning("run_interrupted", run_id=run_id)
+            self._on_run_final(run_id)
         self._pending = await self._db.read(repo.pending_run_ids)
         self._tasks = [
             asyncio.create_task(self._dispatch_loop(), name="dispatcher"),
@@ -283,6 +289,7 @@ class RunCoordinator:
                 await asyncio.wait(late)
         for run_id in await self._db.write(repo.interrupt_running, INTERRUPT_REASON, time.time_ns()):
             log.warning("run_interrupted", run_id=run_id)
+            self._on_run_final(run_id)
             self._hub.notify(run_id)
 
     def close_sessions(self, reason: str) -> None:
@@ -368,6 +375,7 @@ class RunCoordinator:
         self._pending.remove(record.run_id)
         await self.add_event(record.run_id, record.pk, "run_failed", reason)
         await self._db.write(repo.finish_run, record.pk, repo.FAILED, reason, time.time_ns())
+        self._on_run_final(record.run_id)
         self._hub.notify(record.run_id)
         log.warning("run_failed", run_id=record.run_id, reason=reason)
 
@@ -415,6 +423,7 @@ class RunCoordinator:
         await self._db.write(repo.finish_run, run.pk, state, reason, time.time_ns())
         log.info(kind, run_id=ex.run_id, reason=reason)
         self.executions.pop(ex.run_id, None)
+        self._on_run_final(ex.run_id)
         self._hub.notify(ex.run_id)
 
     def _release(self, ex: RunExecution) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from google.protobuf import json_format
 
 from common.metrics import SampleColumns, Slo, StageMetrics, compute_stage_metrics
 from common.proto.loadtest.v1 import run_pb2
@@ -98,6 +99,12 @@ class RunOutcome:
     verdict: int
     # Every counted sample of every stage together (None when the run has no samples).
     overall: StageMetrics | None = None
+
+
+def parse_spec(record: repo.RunRecord) -> run_pb2.RunSpec:
+    if record.spec_pb:  # binary since migration 7: ~100x cheaper than parsing the JSON
+        return run_pb2.RunSpec.FromString(record.spec_pb)
+    return json_format.Parse(record.spec_json, run_pb2.RunSpec())
 
 
 def slo_of(spec: run_pb2.RunSpec) -> Slo | None:

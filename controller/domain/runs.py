@@ -22,8 +22,7 @@ from controller.domain.coordinator import RunCoordinator
 from controller.domain.datasets import content_digest, entries_to_json, parse_dataset
 from controller.domain.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from controller.domain.live import LiveSnapshot, RunHub
-from controller.domain.result_cache import ResultCache
-from controller.domain.results import RunOutcome, compute_run_result
+from controller.domain.run_results import RunResults
 from controller.domain.secrets import split_secrets
 from controller.domain.spec import validate_and_default
 from controller.store import repository as repo
@@ -47,20 +46,14 @@ def new_run_id() -> str:
     return f"run_{uuid.uuid4().hex[:20]}"
 
 
-def parse_spec(record: repo.RunRecord) -> run_pb2.RunSpec:
-    if record.spec_pb:  # binary since migration 7: ~100x cheaper than parsing the JSON
-        return run_pb2.RunSpec.FromString(record.spec_pb)
-    return json_format.Parse(record.spec_json, run_pb2.RunSpec())
-
-
 class Runs:
     """Domain operations on runs."""
 
-    def __init__(self, db: Database, coordinator: RunCoordinator, hub: RunHub) -> None:
+    def __init__(self, db: Database, coordinator: RunCoordinator, hub: RunHub, results: RunResults) -> None:
         self._db = db
         self._coordinator = coordinator
         self.hub = hub
-        self._results = ResultCache()
+        self._results = results
 
     async def create(self, spec: run_pb2.RunSpec, request_id: str) -> repo.RunRecord:
         if len(request_id) > 128:
@@ -124,6 +117,7 @@ class Runs:
             await self._db.write(repo.finish_run, record.pk, repo.CANCELLED, reason, time.time_ns())
             await self._coordinator.add_event(run_id, record.pk, "run_cancelled", reason)
             log.info("run_cancelled", run_id=run_id, reason=reason)
+            self._results.run_finished(run_id)
         else:
             ex = self._coordinator.request_cancel(run_id, reason)
             if ex is not None and ex.task is not None:
@@ -136,21 +130,15 @@ class Runs:
         if not record.is_final:
             raise FailedPrecondition(f"run {run_id} is {state_name(record.state)}; cancel it first")
         await self._db.write(repo.delete_run, record.pk)
-        self._results.forget(record.pk)
+        self._results.forget(record.run_id)
         log.info("run_deleted", run_id=run_id)
         self.hub.notify(run_id)
 
-    async def result(self, run_id: str) -> tuple[repo.RunRecord, RunOutcome]:
-        """The run's result; a finished run's is cached until its stored batches change."""
+    async def result(self, run_id: str) -> tuple[repo.RunRecord, run_pb2.RunResult]:
+        """The run's result as the API message; a final run's is stored once computed
+        (controller/domain/run_results.py) and shared: read it, don't modify it."""
         record = await self.get(run_id)
-        if not record.is_final:
-            return record, await self._db.read(compute_run_result, record.pk, parse_spec(record), record.state)
-        version = (record.state, *await self._db.read(repo.sample_batches_version, record.pk))
-        outcome = self._results.get(record.pk, version)
-        if outcome is None:
-            outcome = await self._db.read(compute_run_result, record.pk, parse_spec(record), record.state)
-            self._results.put(record.pk, version, outcome)
-        return record, outcome
+        return record, await self._results.get(record)
 
     async def export(
         self, run_id: str, page_size: int, include_warmup: bool
@@ -174,7 +162,7 @@ class Runs:
         if not 0 <= tolerance_percent <= 1000:  # also rejects NaN
             raise InvalidArgument([FieldViolation("tolerance_percent", "must be between 0 and 1000")])
         _, base = await self.result(baseline_id)
-        others = [(run_id, (await self.result(run_id))[1]) for run_id in run_ids]
+        others = [(await self.result(run_id))[1] for run_id in run_ids]
         return baseline_id, compare_runs(base, others, tolerance_percent or DEFAULT_TOLERANCE_PERCENT)
 
     async def events(self, record: repo.RunRecord, after_pk: int) -> list[repo.EventRecord]:

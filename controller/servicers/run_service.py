@@ -67,8 +67,8 @@ class RunServiceServicer(run_service_pb2_grpc.RunServiceServicer):
     async def GetRunResult(
         self, request: run_service_pb2.GetRunResultRequest, context: grpc.aio.ServicerContext
     ) -> run_service_pb2.GetRunResultResponse:
-        record, outcome = await self._runs.result(request.run_id)
-        return run_service_pb2.GetRunResultResponse(result=convert.result_message(record, outcome))
+        _, result = await self._runs.result(request.run_id)
+        return run_service_pb2.GetRunResultResponse(result=result)
 
     @stream_errors
     async def WatchRun(
@@ -84,9 +84,9 @@ class RunServiceServicer(run_service_pb2_grpc.RunServiceServicer):
                 run=convert.run_message(record), events=[convert.event_message(e) for e in events]
             )
             if record.is_final:
-                record, outcome = await self._runs.result(request.run_id)
+                record, result = await self._runs.result(request.run_id)
                 message.run.CopyFrom(convert.run_message(record))
-                message.result.CopyFrom(convert.result_message(record, outcome))
+                message.result.CopyFrom(result)
                 yield message
                 return
             live = self._runs.live(request.run_id)

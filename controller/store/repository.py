@@ -238,6 +238,8 @@ def delete_run(run_pk: int) -> None:
         "DELETE FROM sample_errors WHERE batch_pk IN (SELECT pk FROM sample_batches WHERE run_pk = ?)", (run_pk,)
     )
     delete_run_scrapes(run_pk)
+    # The rest (stages, events, batches, its stored result in run_results, ...) goes with the
+    # run: foreign keys are enforced (PRAGMAS in database.py), every child is ON DELETE CASCADE.
     RunRow.delete().where(RunRow.pk == run_pk).execute()
 
 
@@ -465,6 +467,47 @@ def sample_batches_version(run_pk: int) -> tuple[int, int]:
         "SELECT COUNT(*), COALESCE(MAX(pk), 0) FROM sample_batches WHERE run_pk = ?", (run_pk,)
     ).fetchone()
     return int(row[0]), int(row[1])
+
+
+# --- stored results ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredResult:
+    """A final run's stored result (bytes of a serialized loadtest.v1.RunResult: the store
+    does not import protos) and the version of the run it was computed at."""
+
+    state: int
+    batches: int
+    last_batch_pk: int
+    format: int
+    result: bytes
+
+    @property
+    def version(self) -> tuple[int, int, int]:
+        """(state, stored batches, highest batch pk), as `sample_batches_version` reads them."""
+        return self.state, self.batches, self.last_batch_pk
+
+
+def get_run_result(run_pk: int) -> StoredResult | None:
+    row = database_proxy.execute_sql(
+        "SELECT state, batches, last_batch_pk, format, result FROM run_results WHERE run_pk = ?", (run_pk,)
+    ).fetchone()
+    if row is None:
+        return None
+    return StoredResult(int(row[0]), int(row[1]), int(row[2]), int(row[3]), bytes(row[4]))
+
+
+def put_run_result(run_pk: int, run_id: str, stored: StoredResult) -> bool:
+    """Store a run's result, replacing the one it had, in one statement; False if the run is
+    gone (deleted while its result was being computed). The run id is checked with the pk: a
+    pk freed by a delete can be given to the next run."""
+    cur = database_proxy.execute_sql(
+        "INSERT OR REPLACE INTO run_results (run_pk, state, batches, last_batch_pk, format, result)"
+        " SELECT pk, ?, ?, ?, ?, ? FROM runs WHERE pk = ? AND run_id = ?",
+        (stored.state, stored.batches, stored.last_batch_pk, stored.format, stored.result, run_pk, run_id),
+    )
+    return bool(cur.rowcount)
 
 
 def failure_summary(run_pk: int) -> tuple[int, int, str]:

@@ -1,0 +1,144 @@
+"""A run's result as the API message: the computed `RunOutcome` packed as loadtest.v1.RunResult.
+
+It is domain code, not the servicers' packing, because that message is what a final run keeps
+in SQLite (controller/domain/run_results.py): what GetRunResult, WatchRun and CompareRuns
+read is the same message, computed once.
+"""
+
+from __future__ import annotations
+
+from google.protobuf import timestamp_pb2
+
+from common.metrics import LatencySummary, StageMetrics
+from common.proto.loadtest.v1 import run_pb2
+from controller.domain.results import CheckOutcome, RunOutcome, StageOutcome
+from controller.domain.server_metrics import ServerStageOutcome
+
+
+def _timestamp(ns: int | None) -> timestamp_pb2.Timestamp | None:
+    # As controller/servicers/convert.timestamp (the domain does not import the servicers).
+    if not ns:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(ns)
+    return ts
+
+
+def latency_message(s: LatencySummary) -> run_pb2.LatencyStats:
+    return run_pb2.LatencyStats(
+        count=s.count, mean_ms=s.mean, std_ms=s.std, min_ms=s.min, max_ms=s.max,
+        p50_ms=s.p50, p90_ms=s.p90, p95_ms=s.p95, p99_ms=s.p99, p999_ms=s.p999,
+    )  # fmt: skip
+
+
+def _stage_fields(m: StageMetrics) -> run_pb2.StageResult:
+    out = run_pb2.StageResult(
+        requests_ok=m.requests_ok,
+        requests_failed=m.requests_failed,
+        errors=m.errors,
+        duration_s=m.duration_s,
+        request_throughput=m.request_throughput,
+        output_token_throughput=m.output_token_throughput,
+        total_token_throughput=m.total_token_throughput,
+        peak_output_token_throughput=m.peak_output_token_throughput,
+        achieved_concurrency=m.achieved_concurrency,
+        prompt_tokens=m.prompt_tokens,
+        output_tokens=m.output_tokens,
+        output_tokens_estimated=m.output_tokens_estimated,
+        ttft=latency_message(m.ttft),
+        tpot=latency_message(m.tpot),
+        itl=latency_message(m.itl),
+        e2e=latency_message(m.e2e),
+        queue_delay=latency_message(m.queue_delay),
+        e2e_including_queue=latency_message(m.e2e_including_queue),
+        time_series=[
+            run_pb2.TimeBucket(
+                second=b.second, completed=b.completed, errors=b.errors, output_tokens=b.output_tokens,
+                ttft_p50_ms=b.ttft_p50_ms, ttft_p99_ms=b.ttft_p99_ms,
+            )
+            for b in m.time_series
+        ],
+    )  # fmt: skip
+    if m.goodput is not None:
+        out.goodput = m.goodput
+    if m.good_fraction is not None:
+        out.good_fraction = m.good_fraction
+    return out
+
+
+def check_message(c: CheckOutcome) -> run_pb2.CheckResult:
+    return run_pb2.CheckResult(
+        expression=c.expression, stage_index=c.stage_index, passed=c.passed,
+        measured=c.measured, threshold=c.threshold, message=c.message,
+    )  # fmt: skip
+
+
+def stage_message(s: StageOutcome) -> run_pb2.StageResult:
+    out = _stage_fields(s.metrics)
+    out.index, out.name, out.concurrency, out.request_rate = s.index, s.name, s.concurrency, s.request_rate
+    out.saturated, out.saturation_reason = s.saturated, s.saturation_reason
+    out.max_event_loop_lag_ms = s.max_loop_lag_ms
+    out.mean_requested_input_tokens = s.mean_requested_input_tokens
+    out.mean_input_tokens = s.mean_input_tokens
+    out.mean_requested_output_tokens = s.mean_requested_output_tokens
+    out.mean_output_tokens = s.mean_output_tokens
+    fleet = s.fleet
+    if fleet is not None:
+        out.start_skew_ms, out.requests_lost = fleet.start_skew_ms, fleet.requests_lost
+        out.agents_lost = fleet.agents_lost
+        out.reduced_load, out.reduced_load_reason = bool(fleet.reduced_load_reason), fleet.reduced_load_reason
+    for name, m in s.agents:
+        row = _stage_fields(m)
+        row.index, row.name, row.agent_name = s.index, s.name, name
+        if fleet is not None:
+            row.agent_sessions = fleet.agent_sessions.get(name, "")
+            row.start_offset_ms = fleet.agent_start_offset_ms.get(name, 0.0)
+        del row.time_series[:]
+        out.agents.append(row)
+    out.checks.extend(check_message(c) for c in s.checks)
+    if s.server_metrics is not None:
+        out.server_metrics.CopyFrom(server_metrics_message(s.server_metrics))
+    return out
+
+
+def server_metrics_message(m: ServerStageOutcome) -> run_pb2.ServerMetricsResult:
+    return run_pb2.ServerMetricsResult(
+        series=[
+            run_pb2.ServerMetricSeries(
+                endpoint=x.endpoint, name=x.name, kind=x.kind, role=x.role,  # type: ignore[arg-type]
+                points=[run_pb2.ServerMetricPoint(second=sec, value=v) for sec, v in x.points],
+            )
+            for x in m.series
+        ],
+        cross_checks=[
+            run_pb2.ServerCrossCheck(
+                quantity=c.quantity, server_metrics=c.server_metrics, client_value=c.client_value,
+                server_value=c.server_value, difference_percent=c.difference_percent,
+                tolerance_percent=c.tolerance_percent, mismatch=c.mismatch, window_complete=c.window_complete,
+                message=c.message,
+            )
+            for c in m.cross_checks
+        ],
+        errors=[
+            run_pb2.ServerScrapeError(endpoint=e.endpoint, message=e.message, count=e.count,
+                                      first_time=_timestamp(e.first_ns), last_time=_timestamp(e.last_ns))
+            for e in m.errors
+        ],
+        scrapes_ok=m.scrapes_ok, scrapes_failed=m.scrapes_failed, series_truncated=m.series_truncated,
+    )  # fmt: skip
+
+
+def result_message(run_id: str, state: int, outcome: RunOutcome) -> run_pb2.RunResult:
+    out = run_pb2.RunResult(
+        run_id=run_id,
+        state=state,  # type: ignore[arg-type]
+        stages=[stage_message(s) for s in outcome.stages],
+        verdict=outcome.verdict,  # type: ignore[arg-type]
+        checks=[check_message(c) for c in outcome.checks],
+    )
+    if outcome.overall is not None:
+        overall = _stage_fields(outcome.overall)
+        overall.name = "run"
+        del overall.time_series[:]
+        out.overall.CopyFrom(overall)
+    return out
