@@ -39,6 +39,7 @@ import structlog
 
 from agent.batcher import SampleBatcher
 from agent.client import OpenAIClient, TargetConfigError
+from agent.gcload import load_thresholds
 from agent.prompts import PromptSource, PromptSourceError, prompt_source
 from agent.sample import MAX_ERROR_CHARS, PROCESS_CLOCK_ANCHOR, ClockAnchor, RequestSample
 from agent.scheduler import ClosedLoopSchedule, LoadSchedule, UnsupportedStageError, schedule_for_stage
@@ -300,7 +301,8 @@ class AssignmentRunner:
         self._start_unix_ns = time.time_ns()
         if self._assign.start_unix_ns:  # a synchronized start: report when it really began
             self._emit(agent_service_pb2.ConnectRequest(assignment_update=self.current_update()))
-        await schedule.run(self._send_one, self._abandon_one)
+        with load_thresholds():
+            await schedule.run(self._send_one, self._abandon_one)
 
     async def _wait_for_start(self) -> None:
         """Wait for the stage's common start time (controller clock, corrected by the offset

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import os
 import signal
 import socket
@@ -23,6 +22,7 @@ from typing import Any
 
 import structlog
 
+from agent.gcload import freeze_startup
 from agent.observability import AgentMetrics
 from agent.session import AgentAuthError, run_agent
 from common.grpc_options import API_KEY_ENV
@@ -99,11 +99,8 @@ async def _main(args: argparse.Namespace) -> int:
         port = await metrics.serve(args.metrics_listen)
         print(f"metrics on http://{args.metrics_listen.rsplit(':', 1)[0]}:{port}/metrics", flush=True)
     tls = client_tls_from_args(args)
-    # Everything imported and built so far lives for the whole process: moving it out of the
-    # collector's generations makes the full collections that do happen under load short
-    # (measured: ~48 ms pauses at 512 streams without this), so they stay out of the TTFT tail.
-    gc.collect()
-    gc.freeze()
+    # Everything imported and built so far lives for the whole process (see agent/gcload.py).
+    freeze_startup()
     agent = asyncio.create_task(run_agent(
         args.controller, name, labels, args.api_key, stop, observer=metrics,
         channel_factory=lambda target: open_channel(target, tls),

@@ -200,6 +200,7 @@ async def run_aiohttp(url: str, streams: int, duration: float, results: Results)
 
 async def run_agent(url: str, streams: int, duration: float, results: Results) -> None:
     from agent.assignment import AssignmentRunner
+    from agent.gcload import freeze_startup
     from common.proto.loadtest.v1 import agent_service_pb2, run_pb2
 
     stage = run_pb2.Stage(concurrency=streams)
@@ -228,6 +229,7 @@ async def run_agent(url: str, streams: int, duration: float, results: Results) -
             runner.ack(batch.batch_seq)
 
     runner = AssignmentRunner(assign, emit)
+    freeze_startup()  # as `llm-loadtest agent` does once it is connected
     await runner.start()
     for b in batches:
         sent = np.asarray(b.sent_unix_ns, dtype=np.int64)
