@@ -344,6 +344,9 @@ def _time_series(
     ]
 
 
+_CHUNK_REQUESTS = 65_536
+
+
 def _output_tokens_by_second(ok_cols: SampleColumns, t0: int) -> FloatArray:
     """Output tokens per second of arrival, for OK requests.
 
@@ -362,23 +365,38 @@ def _output_tokens_by_second(ok_cols: SampleColumns, t0: int) -> FloatArray:
     streams = ok_cols.select(streamed)
     if not len(streams):
         return by_second
+    counts = streams.itl_count
+    first_at = rel_sent[streamed] + streams.first_token_ns
+    per_event = tokens[streamed] / (counts + 1)
+    # The first token is an event of its own, before the first gap.
+    by_second = _add(by_second, _histogram(first_at // _NS_PER_S, per_event))
+    # Requests a slice at a time: the working arrays stay in the CPU's cache (one pass over
+    # 8M gaps took ~2x as long as eight passes over 1M).
+    gap_at = np.concatenate(([0], np.cumsum(counts)))
+    for a in range(0, len(streams), _CHUNK_REQUESTS):
+        b = min(a + _CHUNK_REQUESTS, len(streams))
+        gaps = streams.itl_ns[gap_at[a] : gap_at[b]]
+        by_second = _add(by_second, _gaps_by_second(counts[a:b], gaps, first_at[a:b], per_event[a:b]))
+    return by_second
 
+
+def _gaps_by_second(counts: IntArray, gaps: IntArray, first_at: IntArray, per_event: FloatArray) -> FloatArray:
+    """Tokens per second of the events after the first token, for requests that each have
+    `counts` (>= 1) of the `gaps`, first token at `first_at`, and `per_event` tokens an event."""
     # Event k of a request arrives at first_token + its first k gaps. One running sum over all
     # gaps gives every event's time, once each request's first gap is raised by the distance
     # from the previous request's last event to this request's first token. It is the only
-    # array as long as itl_ns built here, and every later step reuses it in place.
-    counts = streams.itl_count
+    # array as long as the gaps built here, and every later step reuses it in place.
     starts = np.cumsum(counts) - counts
-    first_at = rel_sent[streamed] + streams.first_token_ns
-    last_at = first_at + np.add.reduceat(streams.itl_ns, starts)
-    seconds = streams.itl_ns.copy()
+    last_at = first_at + np.add.reduceat(gaps, starts)
+    seconds = gaps.copy()
     seconds[starts] += first_at
     seconds[starts[1:]] -= last_at[:-1]
     np.cumsum(seconds, out=seconds)
     seconds //= _NS_PER_S
     np.maximum(seconds, 0, out=seconds)  # a negative gap (clock bug) must not crash bincount
     # A request's events within one second form a run. Weighing runs (a few per request)
-    # rather than events saves a float array as long as itl_ns and a weighted pass over it.
+    # rather than events saves a float array as long as the gaps and a weighted pass over it.
     # Marks: 1 where the second changes, 2 where a request starts (and so does a run).
     marks = np.empty(len(seconds), dtype=np.uint8)
     np.not_equal(seconds[1:], seconds[:-1], out=marks[1:])
@@ -386,10 +404,7 @@ def _output_tokens_by_second(ok_cols: SampleColumns, t0: int) -> FloatArray:
     runs = np.flatnonzero(marks)
     run_length = np.diff(runs, append=len(seconds))
     owner = np.cumsum(marks[runs] == 2) - 1
-    per_event = tokens[streamed] / (counts + 1)
-    # The first token is an event of its own, before the first gap.
-    by_second = _add(by_second, _histogram(first_at // _NS_PER_S, per_event))
-    return _add(by_second, _histogram(seconds[runs], run_length * per_event[owner]))
+    return _histogram(seconds[runs], run_length * per_event[owner])
 
 
 def _mean_std(values: npt.NDArray[Any], scratch: FloatArray) -> tuple[float, float]:

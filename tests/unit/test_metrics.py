@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+from common import metrics
 from common.metrics import (
     ERROR_KINDS,
     FLAG_USAGE,
@@ -345,6 +346,28 @@ def test_tokens_follow_each_requests_own_events() -> None:
     )
     assert [b.output_tokens for b in m.time_series] == pytest.approx([2.5 + 2.5 + 4, 2, 4])
     assert m.peak_output_token_throughput == pytest.approx(9.0)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 65_536])
+def test_tokens_per_second_match_a_per_event_count_in_any_slicing(chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Requests are counted a slice at a time (metrics._CHUNK_REQUESTS); the slicing must not
+    # change a single bucket. Reference: every event of every request placed one by one.
+    monkeypatch.setattr(metrics, "_CHUNK_REQUESTS", chunk)
+    rng = np.random.default_rng(7)
+    reqs = []
+    for _ in range(300):
+        gaps = rng.integers(1, 400, size=int(rng.integers(1, 12))).tolist()
+        reqs.append(streamed(float(rng.integers(0, 5000)), float(rng.integers(1, 900)), gaps,
+                             output=int(rng.integers(1, 40))))  # fmt: skip
+    expected = np.zeros(16)
+    t0 = min(r.sent for r in reqs)
+    for r in reqs:
+        events = np.cumsum([r.sent - t0 + r.first, *r.gaps])
+        for at in events:
+            expected[int(at // 1000)] += r.output / len(events)
+    got = [b.output_tokens for b in compute_stage_metrics(columns(*reqs)).time_series]
+    assert got == pytest.approx(expected[: len(got)].tolist())
+    assert expected[len(got) :].sum() == 0
 
 
 def test_time_series_ttft_percentiles_per_second() -> None:
