@@ -40,7 +40,7 @@ from common.proto.loadtest.v1 import agent_service_pb2, run_pb2
 from controller.domain.agents import AgentHealthReport, AgentRegistry, AgentSession
 from controller.domain.checks import parse_check
 from controller.domain.datasets import entries_from_json
-from controller.domain.ingest import IngestTarget, columns_of
+from controller.domain.ingest import IngestTarget
 from controller.domain.live import WINDOW_S, LiveWindow, RunHub
 from controller.domain.secrets import restore_secrets
 from controller.domain.server_metrics import plan_scrapes
@@ -849,7 +849,7 @@ class RunCoordinator:
         a = self.assignments.get(assignment_id)
         if a is not None:
             if outcome.new:
-                a.execution.live.add(outcome.ok, outcome.failed, outcome.output_tokens, columns_of(stored))
+                a.execution.live.add(outcome.ok, outcome.failed, outcome.output_tokens, stored.metric_columns)
             self._check_done(a)
         self._hub.notify(target.run_id)
 

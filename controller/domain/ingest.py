@@ -18,7 +18,6 @@ from typing import Protocol
 import numpy as np
 import structlog
 
-from common.metrics import SampleColumns
 from common.proto.loadtest.v1 import agent_service_pb2
 from controller.domain.server_metrics import scrape_rows
 from controller.store import repository as repo
@@ -93,17 +92,6 @@ def to_ingest(target: IngestTarget, batch: agent_service_pb2.SampleBatch) -> rep
         itl_ns=itl.astype("<i8", copy=False).tobytes(),
         server_scrapes=scrape_rows(batch.server_scrapes),
     )
-
-
-def columns_of(batch: repo.BatchIngest) -> SampleColumns:
-    """A stored batch as metric columns (for the live view and abort checks)."""
-    col = dict(zip(repo.SAMPLE_COLUMNS, batch.columns, strict=True))
-    return SampleColumns(
-        sent_unix_ns=col["sent_unix_ns"], queue_delay_ns=col["queue_delay_ns"], first_token_ns=col["first_token_ns"],
-        last_token_ns=col["last_token_ns"], done_ns=col["done_ns"], prompt_tokens=col["prompt_tokens"],
-        output_tokens=col["output_tokens"], status=col["status"], flags=col["flags"], itl_count=col["itl_count"],
-        itl_ns=np.frombuffer(batch.itl_ns, dtype="<i8").astype(np.int64),
-    )  # fmt: skip
 
 
 class Ingestor:

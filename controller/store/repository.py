@@ -6,6 +6,7 @@ Peewee model instances, so nothing lazy leaks back to the event loop.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -84,6 +85,18 @@ class BatchIngest:
     @property
     def n_samples(self) -> int:
         return int(self.columns.shape[1])
+
+    @functools.cached_property
+    def metric_columns(self) -> SampleColumns:
+        """The batch as metric columns (views of `columns` and `itl_ns`, built once: the live
+        view, the abort checks and the live Prometheus histograms all read them)."""
+        col = dict(zip(SAMPLE_COLUMNS, self.columns, strict=True))
+        return SampleColumns(
+            sent_unix_ns=col["sent_unix_ns"], queue_delay_ns=col["queue_delay_ns"],
+            first_token_ns=col["first_token_ns"], last_token_ns=col["last_token_ns"], done_ns=col["done_ns"],
+            prompt_tokens=col["prompt_tokens"], output_tokens=col["output_tokens"], status=col["status"],
+            flags=col["flags"], itl_count=col["itl_count"], itl_ns=np.frombuffer(self.itl_ns, dtype="<i8"),
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
