@@ -144,9 +144,18 @@ class Window:
         return self.cpu_s / self.seconds if self.seconds else 0.0
 
 
-def measure(proc: subprocess.Popen[Any], base_url: str, warmup_s: float, duration_s: float) -> Window:
-    """Wait out `warmup_s`, then measure until 1 s before `duration_s` ends (from now)."""
+def measure(
+    proc: subprocess.Popen[Any], base_url: str, warmup_s: float, duration_s: float, *, first_token_within_s: float = 0.0
+) -> Window:
+    """Wait out `warmup_s`, then measure until 1 s before `duration_s` ends (from now).
+
+    With `first_token_within_s`, "now" is when the mock emits its first token to this client
+    (waited for at most that long): a client that takes a while to start (the peers load
+    tokenizers and spawn workers) gets the same steady window as one that starts at once.
+    """
     root = mock_root(base_url)
+    if first_token_within_s > 0:
+        _wait_for_first_token(root, proc, first_token_within_s)
     started = time.monotonic()
     end_at = started + max(duration_s - 1.0, warmup_s + 1.0)
     _sleep_until(started + warmup_s, proc)
@@ -171,6 +180,14 @@ def measure(proc: subprocess.Popen[Any], base_url: str, warmup_s: float, duratio
     window.seconds = t1 - t0
     del stats0
     return window
+
+
+def _wait_for_first_token(root: str, proc: subprocess.Popen[Any], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while int(http_json(root + "/stats")["output_tokens_total"]) == 0:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no token reached the client within {timeout_s:g} s: {proc.args}")
+        _sleep_until(time.monotonic() + 0.1, proc)
 
 
 def _sleep_until(deadline: float, proc: subprocess.Popen[Any]) -> None:

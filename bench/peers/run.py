@@ -13,7 +13,8 @@ For each stream count (16, 128, 512) a fresh mock (`--ttft-ms 100 --itl-ms 10
 --output-tokens 128`, pinned to CPU 0) serves each client in turn; the client runs pinned
 to CPU 1 for `--duration` seconds. CPU per 1000 output tokens is measured the same way for
 every client: the CPU time of its whole process tree (peers start helper processes) over
-the tokens the mock wrote, in the steady window (from `--warmup` s to 1 s before the end).
+the tokens the mock wrote, in the steady window (from `--warmup` s to 1 s before the end;
+for a peer, counted from the mock's first token to it, as the peers take seconds to start).
 TTFT p99 error is the client's own reported TTFT p99 minus the injected 100 ms (ours: from
 its samples in the window; peers: from their JSON export, over their whole run). A peer
 that cannot be installed or run is reported with the reason, and the rest still runs.
@@ -143,8 +144,8 @@ def run_peer(name: str, url: str, streams: int, args: argparse.Namespace, tmp: P
         proc = subprocess.Popen(peer_command(name, url, streams, args.duration, out), stdout=log, stderr=log,
                                 cwd=out, preexec_fn=pin(CLIENT_CPU))  # noqa: PLW1509
         try:
-            window = measure(proc, url, args.warmup + args.peer_startup, args.duration + args.peer_startup)
-            proc.wait(args.duration + 300)
+            window = measure(proc, url, args.warmup, args.duration, first_token_within_s=args.peer_startup)
+            proc.wait(args.duration + args.peer_startup + 300)
         except Exception as exc:
             if proc.poll() is None:
                 proc.kill()
@@ -178,8 +179,9 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=20.0,
                         help="seconds of load per client (default: %(default)s)")
     parser.add_argument("--warmup", type=float, default=4.0, help="seconds before the window (default: %(default)s)")
-    parser.add_argument("--peer-startup", type=float, default=12.0,
-                        help="seconds a peer takes to start sending, skipped before its window (default: %(default)s)")
+    parser.add_argument("--peer-startup", type=float, default=120.0,
+                        help="at most this many seconds for a peer's first token; its window starts --warmup s "
+                             "after that token (default: %(default)s)")
     args = parser.parse_args()
     print(machine())
     problem = ensure_venv()
