@@ -15,8 +15,8 @@ from controller.domain.results import CheckOutcome, RunOutcome, StageOutcome
 from controller.domain.server_metrics import ServerStageOutcome
 
 
-def _timestamp(ns: int | None) -> timestamp_pb2.Timestamp | None:
-    # As controller/servicers/convert.timestamp (the domain does not import the servicers).
+def timestamp(ns: int | None) -> timestamp_pb2.Timestamp | None:
+    """A Timestamp for ns since the epoch; None for 0 (unset)."""
     if not ns:
         return None
     ts = timestamp_pb2.Timestamp()
@@ -121,7 +121,7 @@ def server_metrics_message(m: ServerStageOutcome) -> run_pb2.ServerMetricsResult
         ],
         errors=[
             run_pb2.ServerScrapeError(endpoint=e.endpoint, message=e.message, count=e.count,
-                                      first_time=_timestamp(e.first_ns), last_time=_timestamp(e.last_ns))
+                                      first_time=timestamp(e.first_ns), last_time=timestamp(e.last_ns))
             for e in m.errors
         ],
         scrapes_ok=m.scrapes_ok, scrapes_failed=m.scrapes_failed, series_truncated=m.series_truncated,

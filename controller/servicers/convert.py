@@ -3,21 +3,14 @@ domain (controller/domain/result_message.py): it is stored as that message."""
 
 from __future__ import annotations
 
-from google.protobuf import json_format, timestamp_pb2
+from google.protobuf import json_format
 
 from common.proto.loadtest.v1 import run_pb2, run_service_pb2
 from controller.domain.agents import AgentSession
 from controller.domain.compare import RunComparison
 from controller.domain.live import LiveSnapshot
+from controller.domain.result_message import timestamp
 from controller.store.repository import EventRecord, RunRecord
-
-
-def timestamp(ns: int | None) -> timestamp_pb2.Timestamp | None:
-    if not ns:
-        return None
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(ns)
-    return ts
 
 
 def run_message(record: RunRecord) -> run_pb2.Run:
