@@ -144,6 +144,21 @@ class Window:
         return self.cpu_s / self.seconds if self.seconds else 0.0
 
 
+# A mock at this share of its core(s) is no longer a neutral target: its own lateness then
+# shows in every client's latencies at that level.
+MOCK_BUSY = 0.9
+
+
+def mock_busy_note(streams: int, kind: str, window: Window) -> list[str]:
+    """A note (or none) for a run whose mock was near the end of its CPU."""
+    if window.mock_utilisation < MOCK_BUSY:
+        return []
+    return [
+        f"NOTE {streams} streams {kind}: the mock used {window.mock_utilisation:.0%} of a core; latencies at this "
+        "level include its own lateness (give it more cores: --mock-workers N, on a machine with cores to spare)"
+    ]
+
+
 def measure(
     proc: subprocess.Popen[Any], base_url: str, warmup_s: float, duration_s: float, *, first_token_within_s: float = 0.0
 ) -> Window:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from _harness import machine, mock_server, run_arguments, run_client, table
+from _harness import machine, mock_busy_note, mock_server, run_arguments, run_client, table
 
 TTFT_MS, ITL_MS, TOKENS = 100.0, 10.0, 128
 
@@ -31,6 +31,7 @@ def main() -> None:
     print(f"mock: ttft {TTFT_MS:g} ms, itl {ITL_MS:g} ms, {TOKENS} tokens, {args.mock_workers} worker(s) on CPU 0; "
           f"clients on CPU 1")
     rows = []
+    notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="bench-accuracy-") as tmp:
         for streams in [int(s) for s in args.streams.split(",")]:
             for kind in args.clients.split(","):
@@ -44,6 +45,7 @@ def main() -> None:
                     round(itl_p99 - mock_itl_p99, 2), f"{run.window.mock_utilisation:.0%}",
                     f"{run.window.cpu_utilisation:.0%}",
                 ])
+                notes += mock_busy_note(streams, kind, run.window)
                 print(f"  {streams} streams {kind}: TTFT p99 error {rows[-1][3]} ms", flush=True)
     print()
     print(table(
@@ -51,6 +53,8 @@ def main() -> None:
          "mock emission ITL p99 ms", "ITL p99 - mock", "mock CPU", "client CPU"],
         rows,
     ))
+    for note in notes:
+        print(note)
 
 
 if __name__ == "__main__":

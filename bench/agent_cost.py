@@ -23,7 +23,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from _harness import machine, mock_server, run_arguments, run_client, table
+from _harness import machine, mock_busy_note, mock_server, run_arguments, run_client, table
 
 TTFT_MS, ITL_MS, TOKENS = 100.0, 10.0, 128
 
@@ -35,6 +35,7 @@ def main() -> None:
     print(f"mock: ttft {TTFT_MS:g} ms, itl {ITL_MS:g} ms, {TOKENS} tokens, {args.mock_workers} worker(s) on CPU 0; "
           f"clients on CPU 1; {args.duration:g} s runs, window from {args.warmup:g} s")
     rows = []
+    notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="bench-cost-") as tmp:
         for streams in [int(s) for s in args.streams.split(",")]:
             floor = None
@@ -51,6 +52,7 @@ def main() -> None:
                     round(run.ttft_p99_error_ms(TTFT_MS), 2), round(run.itl_p99_ms(), 2),
                     w.mock_emission.get("itl", {}).get("p99_ms", "-"),
                 ])
+                notes += mock_busy_note(streams, kind, run.window)
                 print(f"  {streams} streams {kind}: {cost:.2f} ms/1k tokens", flush=True)
     print()
     print(table(
@@ -58,6 +60,8 @@ def main() -> None:
          "ITL p99 ms", "mock emission ITL p99 ms"],
         rows,
     ))
+    for note in notes:
+        print(note)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from _harness import machine, mock_server, run_arguments, run_client, table
+from _harness import machine, mock_busy_note, mock_server, run_arguments, run_client, table
 
 
 def main() -> None:
@@ -31,6 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     print(machine())
     rows = []
+    notes: list[str] = []
     best = 0.0
     with tempfile.TemporaryDirectory(prefix="bench-throughput-") as tmp:
         for streams in [int(s) for s in args.streams.split(",")]:
@@ -43,11 +44,14 @@ def main() -> None:
                 streams, round(w.tokens_per_s), f"{w.cpu_utilisation:.0%}", f"{w.mock_utilisation:.0%}",
                 round(w.cpu_ms_per_1k_tokens, 2), round(run.ttft_p99_error_ms(args.ttft_ms), 1), round(capacity),
             ])
+            notes += mock_busy_note(streams, "agent", run.window)
             print(f"  {streams} streams: {w.tokens_per_s:.0f} tok/s at {w.cpu_utilisation:.0%} agent CPU", flush=True)
     print()
     print(table(["streams", "achieved tok/s", "agent CPU", "mock CPU", "CPU ms / 1k tok", "TTFT p99 err ms",
                  "capacity tok/s (achieved / agent CPU)"], rows))
     print(f"\nmax achieved: {best:.0f} output tok/s from one agent process")
+    for note in notes:
+        print(note)
 
 
 if __name__ == "__main__":
