@@ -14,17 +14,19 @@ from controller.store.repository import EventRecord, RunRecord
 
 
 def run_message(record: RunRecord) -> run_pb2.Run:
-    run = run_pb2.Run(
-        id=record.run_id,
-        state=record.state,  # type: ignore[arg-type]
-        state_reason=record.state_reason,
-        current_stage=record.current_stage,
-        progress=run_pb2.RunProgress(
-            requests_ok=record.requests_ok,
-            requests_failed=record.requests_failed,
-            output_tokens=record.output_tokens,
-        ),
-    )
+    return fill_run(run_pb2.Run(), record)
+
+
+def fill_run(run: run_pb2.Run, record: RunRecord) -> run_pb2.Run:
+    """Set `run` (empty; e.g. `response.runs.add()`, which saves copying a built Run into the
+    response: half of a ListRuns page's conversion) from the stored record."""
+    run.id = record.run_id
+    run.state = record.state  # type: ignore[assignment]
+    run.state_reason = record.state_reason
+    run.current_stage = record.current_stage
+    run.progress.requests_ok = record.requests_ok
+    run.progress.requests_failed = record.requests_failed
+    run.progress.output_tokens = record.output_tokens
     if record.spec_pb:  # binary since migration 7 (ListRuns: ~1 us a run instead of ~110 us)
         run.spec.MergeFromString(record.spec_pb)
     else:

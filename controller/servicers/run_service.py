@@ -45,9 +45,10 @@ class RunServiceServicer(run_service_pb2_grpc.RunServiceServicer):
         records, token = await self._runs.list_runs(
             request.page_size, request.page_token, request.state, request.model
         )
-        return run_service_pb2.ListRunsResponse(
-            runs=[convert.run_message(r) for r in records], next_page_token=token
-        )
+        response = run_service_pb2.ListRunsResponse(next_page_token=token)
+        for record in records:
+            convert.fill_run(response.runs.add(), record)
+        return response
 
     @unary_errors
     async def CancelRun(
