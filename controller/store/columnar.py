@@ -67,13 +67,18 @@ def unpack_many(blobs: Sequence[bytes], counts: Sequence[int]) -> Table:
     )
 
 
-def read_stage(conn: sqlite3.Connection, run_pk: int, stage_idx: int) -> tuple[Table, Table, list[int], list[int]]:
-    """A stage's samples in storage order: (the (13, n) table, the pooled inter-token gaps,
-    each batch's assignment pk, each batch's sample count).
+def read_stage(
+    conn: sqlite3.Connection, run_pk: int, stage_idx: int, assignment_order: Sequence[int]
+) -> tuple[Table, Table, list[int], list[int]]:
+    """A stage's samples, assignment after assignment in `assignment_order` (pks), each one's
+    batches in their order: (the (13, n) table, the pooled inter-token gaps, each batch's
+    assignment pk, each batch's sample count).
 
-    The totals are read first (`length()` of a blob does not read its content), so every
-    batch is copied once, straight into its place; iterating the cursor keeps one batch's
-    bytes alive at a time instead of the whole stage twice over.
+    Reading by assignment (the (assignment_pk, batch_seq) index, no sort) keeps each agent's
+    samples contiguous, so the per-agent rows of a result are slices of the stage's arrays
+    rather than copies gathered from batches interleaved in storage order. The totals are read
+    first (`length()` of a blob does not read its content), so every batch is copied once,
+    straight into its place; iterating a cursor keeps one batch's bytes alive at a time.
     """
     where = "FROM sample_batches WHERE run_pk = ? AND stage_idx = ?"
     total, gap_bytes = conn.execute(
@@ -84,15 +89,17 @@ def read_stage(conn: sqlite3.Connection, run_pk: int, stage_idx: int) -> tuple[T
     assignments: list[int] = []
     counts: list[int] = []
     at = gap_at = 0
-    for assignment_pk, n, blob, gaps in conn.execute(
-        f"SELECT assignment_pk, n_samples, sample_columns, itl_ns {where} ORDER BY pk", (run_pk, stage_idx)
-    ):
-        table[:, at : at + n] = unpack(blob, n)
-        k = len(gaps) // 8
-        itl[gap_at : gap_at + k] = np.frombuffer(gaps, dtype="<i8")
-        at, gap_at = at + n, gap_at + k
-        assignments.append(int(assignment_pk))
-        counts.append(int(n))
+    for assignment_pk in assignment_order:
+        for n, blob, gaps in conn.execute(
+            f"SELECT n_samples, sample_columns, itl_ns {where} AND assignment_pk = ? ORDER BY batch_seq",
+            (run_pk, stage_idx, assignment_pk),
+        ):
+            table[:, at : at + n] = unpack(blob, n)
+            k = len(gaps) // 8
+            itl[gap_at : gap_at + k] = np.frombuffer(gaps, dtype="<i8")
+            at, gap_at = at + n, gap_at + k
+            assignments.append(int(assignment_pk))
+            counts.append(int(n))
     return table[:, :at], itl[:gap_at], assignments, counts
 
 

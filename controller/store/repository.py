@@ -419,8 +419,9 @@ class StageSamples:
 
 
 def load_stage_samples(run_pk: int, stage_idx: int) -> StageSamples:
-    """Every stored sample of one stage as numpy columns (inter-token gaps included), in
-    storage order: the stage's batch blobs copied into place (controller/store/columnar.py)."""
+    """Every stored sample of one stage as numpy columns (inter-token gaps included), agent by
+    agent (by name, then assignment, then batch): the stage's batch blobs copied into place
+    (controller/store/columnar.py). Metrics do not depend on the order of samples."""
     conn = database_proxy.connection()
     assignments = conn.execute(
         "SELECT pk, agent_name, max_loop_lag_ms, max_cpu_percent FROM assignments"
@@ -430,7 +431,8 @@ def load_stage_samples(run_pk: int, stage_idx: int) -> StageSamples:
     names = sorted({a[1] for a in assignments})
     lag = max((float(a[2]) for a in assignments), default=0.0)
     cpu = max((float(a[3]) for a in assignments), default=0.0)
-    table, itl, batch_assignments, counts = columnar.read_stage(conn, run_pk, stage_idx)
+    order = [int(a[0]) for a in sorted(assignments, key=lambda a: (a[1], a[0]))]
+    table, itl, batch_assignments, counts = columnar.read_stage(conn, run_pk, stage_idx, order)
     if not table.shape[1]:
         empty = np.zeros(0, dtype=np.int64)
         return StageSamples(SampleColumns.empty(), empty, names, empty, empty, lag, cpu)

@@ -72,7 +72,8 @@ def _old_database(path: Path) -> tuple[int, list[tuple[object, ...]], dict[int, 
     ).lastrowid
     assert run_pk is not None
     rng = np.random.default_rng(7)
-    stages: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {0: [], 1: []}
+    # Per stage, per assignment (its batches in order): results read a stage agent by agent.
+    stages: dict[int, dict[int, list[tuple[np.ndarray, np.ndarray]]]] = {0: {}, 1: {}}
     assignment = {}
     for i, stage in enumerate((0, 0, 1)):
         assignment[i] = conn.execute(
@@ -94,12 +95,15 @@ def _old_database(path: Path) -> tuple[int, list[tuple[object, ...]], dict[int, 
                 OLD_INSERT,
                 [(run_pk, stage, batch_pk, *map(int, table[:, k]), errors[k]) for k in range(n)],
             )
-            stages[stage].append((table, itl))
+            stages[stage].setdefault(i, []).append((table, itl))
     conn.commit()
     old_rows = conn.execute(OLD_EXPORT, (run_pk,)).fetchall()
     conn.close()
+    # Assignment i runs on agent-{i % 2}: within a stage, name order is assignment order here.
+    ordered = {s: [part for i in sorted(by_assignment) for part in by_assignment[i]]
+               for s, by_assignment in stages.items()}  # fmt: skip
     joined = {s: (np.concatenate([t for t, _ in parts], axis=1), np.concatenate([i for _, i in parts]))
-              for s, parts in stages.items()}  # fmt: skip
+              for s, parts in ordered.items()}  # fmt: skip
     return run_pk, old_rows, joined, spec_json
 
 
