@@ -34,7 +34,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
-from google.protobuf import json_format
 
 from common.proto.loadtest.v1 import agent_service_pb2, run_pb2
 from controller.domain.agents import AgentHealthReport, AgentRegistry, AgentSession
@@ -42,6 +41,7 @@ from controller.domain.checks import parse_check
 from controller.domain.datasets import entries_from_json
 from controller.domain.ingest import IngestTarget
 from controller.domain.live import WINDOW_S, LiveWindow, RunHub
+from controller.domain.results import parse_spec
 from controller.domain.secrets import restore_secrets
 from controller.domain.server_metrics import plan_scrapes
 from controller.store import repository as repo
@@ -336,7 +336,7 @@ class RunCoordinator:
             if record is None or record.state != repo.PENDING:
                 self._pending.remove(run_id)
                 continue
-            spec = json_format.Parse(record.spec_json, run_pb2.RunSpec())
+            spec = parse_spec(record)
             placement = spec.placement
             needed = max(1, placement.agents)
             selector = dict(placement.selector)

@@ -75,8 +75,6 @@ class ResultCache:
 class ComputedResult:
     version: Version
     message: run_pb2.RunResult
-    serialized: bytes
-    samples: int
     compute_ms: float
 
 
@@ -86,9 +84,8 @@ def compute_result(run_pk: int, run_id: str, spec: run_pb2.RunSpec, state: int) 
     started = time.perf_counter()
     batches, last_batch_pk = repo.sample_batches_version(run_pk)
     message = result_message(run_id, state, compute_run_result(run_pk, spec, state))
-    serialized = message.SerializeToString(deterministic=True)
     compute_ms = (time.perf_counter() - started) * 1000.0
-    return ComputedResult((state, batches, last_batch_pk), message, serialized, repo.count_samples(run_pk), compute_ms)
+    return ComputedResult((state, batches, last_batch_pk), message, compute_ms)
 
 
 def stored_result(run_pk: int, run_id: str, version: Version) -> run_pb2.RunResult | None:
@@ -158,12 +155,13 @@ class RunResults:
         message = await self._db.read(stored_result, record.pk, record.run_id, version)
         if message is None:
             computed = await self._db.read(compute_result, record.pk, record.run_id, parse_spec(record), record.state)
-            row = repo.StoredResult(*computed.version, RESULT_FORMAT, computed.serialized)
+            serialized = computed.message.SerializeToString(deterministic=True)
+            row = repo.StoredResult(*computed.version, RESULT_FORMAT, serialized)
             if not await self._db.write(repo.put_run_result, record.pk, record.run_id, row):
                 return computed.message  # the run was deleted meanwhile: nothing to keep
             log.info(
-                "run_result_stored", run_id=record.run_id, samples=computed.samples,
-                compute_ms=round(computed.compute_ms, 1), result_bytes=len(computed.serialized),
+                "run_result_stored", run_id=record.run_id, samples=await self._db.read(repo.count_samples, record.pk),
+                compute_ms=round(computed.compute_ms, 1), result_bytes=len(serialized),
             )  # fmt: skip
             message, version = computed.message, computed.version
         self._cache.put(record.run_id, version, message)
