@@ -112,7 +112,7 @@ MARKDOWN_COLUMNS = (
 
 def markdown(result: run_pb2.RunResult, run: run_pb2.Run | None = None) -> str:
     """The result as GitHub-flavoured Markdown: a heading line, the stage table, the verdict
-    and checks when the run has checks, and saturation warnings."""
+    and checks when the run has checks, and saturation warnings (the generator's and the target's)."""
     lines: list[str] = []
     title = f"**llm-loadtest run `{result.run_id}`**"
     if run is not None:
@@ -157,6 +157,11 @@ def markdown(result: run_pb2.RunResult, run: run_pb2.Run | None = None) -> str:
                 f"> ⚠️ stage {s.index} ({load_label(s)}): the load generator was saturated — "
                 f"{_md_text(s.saturation_reason) or 'see the result'}; its latencies are suspect."
             )
+    overloaded = [s for s in result.stages if s.target_saturated]
+    if overloaded:
+        lines.append("")
+        for s in overloaded:
+            lines.append(f"> ⚠️ stage {s.index} ({load_label(s)}): {_md_text(s.target_saturation_reason)}.")
     return "\n".join(lines) + "\n"
 
 

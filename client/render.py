@@ -46,9 +46,14 @@ def result_table(result: run_pb2.RunResult) -> Table:
         )  # fmt: skip
     table.caption = "\n".join(
         ["latencies in ms (p50/p99); TTFT absent for non-streaming requests", *fleet_notes(result),
-         *server_notes(result)]
+         *server_notes(result), *target_notes(result)]
     )
     return table
+
+
+def target_notes(result: run_pb2.RunResult) -> list[str]:
+    """One warning per stage whose target did not keep up with the requested rate."""
+    return [f"WARNING stage {s.index}: {s.target_saturation_reason}" for s in result.stages if s.target_saturated]
 
 
 def fleet_notes(result: run_pb2.RunResult) -> list[str]:
@@ -156,6 +161,8 @@ def _stage_facts(s: run_pb2.StageResult) -> list[str]:
         lines.append(f"goodput {s.goodput:.2f} req/s, good fraction {s.good_fraction:.1%} (SLO met, of all requests)")
     if s.saturated:
         lines.append(f"WARNING load generator saturated: {s.saturation_reason}")
+    if s.target_saturated:
+        lines.append(f"WARNING {s.target_saturation_reason}")
     if s.HasField("server_metrics"):
         lines.extend(server_facts(s.server_metrics))
     return lines

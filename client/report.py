@@ -6,7 +6,8 @@ few lines of inline JavaScript that only toggle runs from the legends. It shows 
 per stage; latency against output throughput across stages (the curve used to pick an
 operating point); per-stage TTFT and TPOT distributions computed from ExportRunSamples; the
 per-second timeline of throughput, TTFT and errors; the SLOs, checks and verdict; load
-generator saturation; and a per-agent table. Every user-supplied string is HTML-escaped.
+generator saturation and, beside it, whether the target kept up; and a per-agent table.
+Every user-supplied string is HTML-escaped.
 """
 
 from __future__ import annotations
@@ -159,6 +160,8 @@ def _stage_cell(stage: run_pb2.StageResult) -> str:
         text += f" {escape(stage.name)}"
     if stage.saturated:
         text += ' <span title="load generator saturated">⚠</span>'
+    if stage.target_saturated:
+        text += ' <span title="the target did not keep up">⚠</span>'
     return text
 
 
@@ -530,7 +533,7 @@ def _checks(runs: Sequence[RunReportData], styles: Sequence[_RunStyle]) -> str:
 
 
 def _health(runs: Sequence[RunReportData], styles: Sequence[_RunStyle]) -> str:
-    parts = ['<section id="saturation" data-section="saturation"><h2>Load generator health</h2>']
+    parts = ['<section id="saturation" data-section="saturation"><h2>Load generator and target health</h2>']
     any_saturated = False
     for data, st in zip(runs, styles, strict=True):
         prefix = f"{escape(st.label)}, " if len(runs) > 1 else ""
@@ -548,22 +551,54 @@ def _health(runs: Sequence[RunReportData], styles: Sequence[_RunStyle]) -> str:
                 )
     if not any_saturated:
         parts.append('<p class="ok-note">✔ No stage was marked saturated: the agents kept up with the load.</p>')
+    parts.append(_target_health(runs, styles))
     lags = [(st, s) for data, st in zip(runs, styles, strict=True) for s in data.result.stages]
     several = len(runs) > 1
     if lags:
         cells = "".join(
             f"<tr>{_run_cell(st, several)}<td class=\"l\">{s.index}: {escape(_short_load(s))}</td>"
             f"<td>{s.max_event_loop_lag_ms:,.1f}</td><td>{_ms(s.queue_delay, 'p99_ms')}</td>"
-            f"<td>{'yes' if s.saturated else 'no'}</td></tr>"
+            f"<td>{'yes' if s.saturated else 'no'}</td><td>{_target_cell(s)}</td></tr>"
             for st, s in lags
         )
         parts.append(
             f'<div class="table-wrap"><table class="data"><thead><tr>{_run_head(several)}<th class="l">Stage</th>'
-            "<th>max event-loop lag (ms)</th><th>queue delay p99 (ms)</th><th>saturated</th></tr></thead>"
+            "<th>max event-loop lag (ms)</th><th>queue delay p99 (ms)</th><th>saturated</th>"
+            "<th>target kept up</th></tr></thead>"
             f"<tbody>{cells}</tbody></table></div>"
         )
     parts.append("</section>")
     return "".join(parts)
+
+
+def _target_health(runs: Sequence[RunReportData], styles: Sequence[_RunStyle]) -> str:
+    """The target's side of the same question: did it keep up with each open-loop stage?"""
+    parts = ['<h3 id="target-saturation">Target</h3>']
+    flagged = False
+    for data, st in zip(runs, styles, strict=True):
+        prefix = f"{escape(st.label)}, " if len(runs) > 1 else ""
+        for s in data.result.stages:
+            if s.target_saturated:
+                flagged = True
+                parts.append(
+                    f'<div class="warn" data-target-saturated="{s.index}">⚠ {prefix}stage {s.index} '
+                    f"({escape(_short_load(s))}): {escape(s.target_saturation_reason)}. Its latencies measure "
+                    "the server's queue.</div>"
+                )
+    open_loop = any(s.request_rate for data in runs for s in data.result.stages)
+    if not flagged:
+        parts.append(
+            '<p class="ok-note">✔ The target kept up with every open-loop stage.</p>'
+            if open_loop
+            else '<p class="note">No open-loop stage: a closed loop adapts to the target, so it is not judged.</p>'
+        )
+    return "".join(parts)
+
+
+def _target_cell(s: run_pb2.StageResult) -> str:
+    if not s.request_rate:
+        return "—"
+    return "⚠ no" if s.target_saturated else "yes"
 
 
 def _run_head(several: bool) -> str:

@@ -27,7 +27,9 @@ inter-token latencies. Usage reports `completion_tokens` less the configured und
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
@@ -64,7 +66,8 @@ class MockStats:
     has finished, in exactly one of `requests_ok`, `requests_failed` (injected 500s and 400s)
     and `requests_cancelled` (the client went away); until then it counts in `running`. So
     `requests_total == requests_ok + requests_failed + requests_cancelled + running` for
-    counters reset while the server was idle.
+    counters reset while the server was idle. `waiting` (a gauge, within `running`) counts the
+    requests queued for one of `max_running` slots.
 
     `prompt_tokens_total` counts the prompts of requests that started generating (the ok and
     the cancelled ones); `output_tokens_total` the tokens actually written to clients.
@@ -72,6 +75,7 @@ class MockStats:
 
     def __init__(self) -> None:
         self.running = 0
+        self.waiting = 0
         self.server = ServerCounters()
         self.output_tokens_total = self.prompt_tokens_total = 0
         self.emission = EmissionStats()
@@ -101,6 +105,7 @@ class MockStats:
             "output_tokens_total": self.output_tokens_total,
             "prompt_tokens_total": self.prompt_tokens_total,
             "running": self.running,
+            "waiting": self.waiting,
             "by_endpoint": dict(self.by_endpoint),
         }
 
@@ -140,7 +145,7 @@ def create_app(config: MockConfig) -> web.Application:
             return web.Response(text=MALFORMED_PAGE, headers={"Content-Type": METRICS_CONTENT_TYPE})
         server = stats.server
         text = render_metrics(
-            config.model, server, stats.running,
+            config.model, server, stats.running - stats.waiting, waiting=stats.waiting,
             prompt_tokens=server.prompt_tokens_before_reset + stats.prompt_tokens_total,
             generation_tokens=server.generation_tokens_before_reset + stats.output_tokens_total,
         )  # fmt: skip
@@ -169,6 +174,8 @@ class _CompletionRoutes:
         self._config = config
         self._stats = stats
         self._scheduler = scheduler
+        # The batch slots (None: unlimited). asyncio's semaphore wakes waiters in FIFO order.
+        self._slots = asyncio.Semaphore(config.max_running) if config.max_running else None
         # Separate generators: how many requests fail must not depend on how many jitter
         # draws concurrent streams happened to make in between.
         self._error_rng = random.Random(config.seed)
@@ -210,22 +217,43 @@ class _CompletionRoutes:
             if self._error_rng.random() < self._config.error_rate:
                 stats.requests_failed += 1
                 return _error_response(500, "mock injected error", "server_error")
-            plan = plan_output(parsed, self._config.output_tokens)
-            stats.prompt_tokens_total += parsed.prompt_tokens
-            kv_tokens = parsed.prompt_tokens + plan.tokens
-            stats.server.kv_tokens += kv_tokens
-            try:
-                if parsed.stream:
-                    return await self._stream(request, parsed, plan, t0)
-                return await self._respond(request, parsed, plan, t0)
-            finally:
-                stats.server.kv_tokens -= kv_tokens
+            async with self._slot() as queued:
+                if queued:
+                    t0 = now()  # a real server's TTFT includes the wait: timing starts here
+                plan = plan_output(parsed, self._config.output_tokens)
+                stats.prompt_tokens_total += parsed.prompt_tokens
+                kv_tokens = parsed.prompt_tokens + plan.tokens
+                stats.server.kv_tokens += kv_tokens
+                try:
+                    if parsed.stream:
+                        return await self._stream(request, parsed, plan, t0)
+                    return await self._respond(request, parsed, plan, t0)
+                finally:
+                    stats.server.kv_tokens -= kv_tokens
         except asyncio.CancelledError:
             # The server cancels the handler when the client disconnects (or at shutdown).
             stats.requests_cancelled += 1
             raise
         finally:
             stats.running -= 1
+
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[bool]:
+        """Hold one of the `max_running` slots (waiting for it first); yields whether there
+        are slots at all."""
+        slots = self._slots
+        if slots is None:
+            yield False
+            return
+        self._stats.waiting += 1
+        try:
+            await slots.acquire()
+        finally:
+            self._stats.waiting -= 1
+        try:
+            yield True
+        finally:
+            slots.release()
 
     async def _stream(
         self, request: web.Request, parsed: CompletionRequest, plan: OutputPlan, t0: float

@@ -87,6 +87,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "/stats counts what was sent (default: %(default)s)",
     )
     parser.add_argument(
+        "--max-running",
+        type=int,
+        default=defaults.max_running,
+        help="at most this many requests generate at once (a server's batch slots); the rest "
+        "wait in arrival order and their wait counts in TTFT; 0: no limit (default: %(default)s)",
+    )
+    parser.add_argument(
         "--malformed-metrics",
         action="store_true",
         help="serve a broken /metrics page (to test scrapers' error handling)",
@@ -107,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
             style=args.style,
             under_report_usage=args.under_report_usage,
             malformed_metrics=args.malformed_metrics,
+            max_running=args.max_running,
         )
     except ValueError as exc:
         print(f"mock-server: error: {exc}", file=sys.stderr)

@@ -31,6 +31,10 @@ class MockConfig:
             of the tokens actually sent (rounded down), to check that a client notices;
             `/stats` always counts what was sent.
         malformed_metrics: Serve a broken `/metrics` page (for testing scrapers).
+        max_running: At most this many completion requests generate at once, like a real
+            server's batch slots (llama.cpp's `-np`); the rest wait in arrival order, and
+            their wait counts in their TTFT (`t0` is when a slot was taken) and in the
+            `vllm:num_requests_waiting` gauge. 0: no limit (the default).
     """
 
     ttft_ms: float = 50.0
@@ -43,6 +47,7 @@ class MockConfig:
     style: Style = "openai"
     under_report_usage: float = 0.0
     malformed_metrics: bool = False
+    max_running: int = 0
 
     def __post_init__(self) -> None:
         for name in ("ttft_ms", "itl_ms", "jitter_ms"):
@@ -65,6 +70,8 @@ class MockConfig:
             raise ValueError(f"model must be a non-empty string, got {self.model!r}")
         if self.style not in STYLES:
             raise ValueError(f"style must be one of {', '.join(STYLES)}, got {self.style!r}")
+        if isinstance(self.max_running, bool) or not isinstance(self.max_running, int) or self.max_running < 0:
+            raise ValueError(f"max_running must be an integer >= 0, got {self.max_running!r}")
         under = self.under_report_usage
         if isinstance(under, bool) or not isinstance(under, int | float) or not 0.0 <= under <= 1.0:
             raise ValueError(f"under_report_usage must be between 0 and 1, got {under!r}")

@@ -7,7 +7,7 @@ does not, so a load tester's cross-check between its own counts and the server's
 | metric | kind | meaning in the mock |
 |---|---|---|
 | `vllm:num_requests_running` | gauge | completion requests being handled now |
-| `vllm:num_requests_waiting` | gauge | always 0: the mock has no scheduler queue |
+| `vllm:num_requests_waiting` | gauge | requests queued for a slot (`max_running`; 0 without a limit) |
 | `vllm:kv_cache_usage_perc` | gauge | simulated: prompt + planned output tokens of running requests |
 |  |  | over `KV_CACHE_CAPACITY_TOKENS`, a fraction in 0..1 as in vLLM |
 | `vllm:prompt_tokens_total` | counter | prompt tokens of requests that started generating |
@@ -54,7 +54,9 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def render(model: str, counters: ServerCounters, running: int, prompt_tokens: int, generation_tokens: int) -> str:
+def render(
+    model: str, counters: ServerCounters, running: int, prompt_tokens: int, generation_tokens: int, waiting: int = 0
+) -> str:
     """The exposition text of the current state (token counts since the server started)."""
     label = f'model_name="{_escape(model)}"'
     kv = min(counters.kv_tokens / KV_CACHE_CAPACITY_TOKENS, 1.0)
@@ -64,7 +66,7 @@ def render(model: str, counters: ServerCounters, running: int, prompt_tokens: in
         f"vllm:num_requests_running{{{label}}} {running}",
         "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.",
         "# TYPE vllm:num_requests_waiting gauge",
-        f"vllm:num_requests_waiting{{{label}}} 0",
+        f"vllm:num_requests_waiting{{{label}}} {waiting}",
         "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.",
         "# TYPE vllm:kv_cache_usage_perc gauge",
         f"vllm:kv_cache_usage_perc{{{label}}} {kv!r}",

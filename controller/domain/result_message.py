@@ -77,6 +77,7 @@ def stage_message(s: StageOutcome) -> run_pb2.StageResult:
     out = _stage_fields(s.metrics)
     out.index, out.name, out.concurrency, out.request_rate = s.index, s.name, s.concurrency, s.request_rate
     out.saturated, out.saturation_reason = s.saturated, s.saturation_reason
+    out.target_saturated, out.target_saturation_reason = s.target.saturated, s.target.reason
     out.max_event_loop_lag_ms = s.max_loop_lag_ms
     out.mean_requested_input_tokens = s.mean_requested_input_tokens
     out.mean_input_tokens = s.mean_input_tokens

@@ -1,5 +1,6 @@
 """Run results computed from the stored samples: per stage, per agent, SLO goodput, checks
-and the run's verdict, and whether the load generator itself was saturated.
+and the run's verdict, whether the load generator itself was saturated, and whether the
+target kept up (`controller.domain.target_saturation`).
 
 Runs on a read-pool thread (pure numpy over one SQLite read per stage).
 """
@@ -16,6 +17,7 @@ from common.proto.loadtest.v1 import run_pb2
 from controller.domain.checks import parse_check
 from controller.domain.server_metrics import ServerStageOutcome, stage_server_metrics
 from controller.domain.stage_split import stage_and_agent_metrics
+from controller.domain.target_saturation import NOT_SATURATED, TargetSaturation, target_saturation
 from controller.store import repository as repo
 
 # A load generator whose event loop ran this late, or whose open-loop requests went out this
@@ -53,6 +55,7 @@ class StageOutcome:
     mean_output_tokens: float = 0.0
     fleet: StageFleet | None = None
     server_metrics: ServerStageOutcome | None = None
+    target: TargetSaturation = NOT_SATURATED
 
 
 @dataclass(frozen=True)
@@ -160,6 +163,7 @@ def compute_run_result(run_pk: int, spec: run_pb2.RunSpec, state: int) -> RunOut
         saturated, why = _saturation(stage, metrics, data.max_loop_lag_ms, data.max_cpu_percent)
         counted = (cols.flags & repo.WARMUP_FLAG) == 0
         ok = counted & (cols.status == repo.OK_STATUS)
+        server = stage_server_metrics(run_pk, idx, spec.server_metrics, cols)
         stages.append(
             StageOutcome(
                 index=idx, name=stage.name, concurrency=stage.concurrency, request_rate=stage.request_rate,
@@ -170,7 +174,7 @@ def compute_run_result(run_pk: int, spec: run_pb2.RunSpec, state: int) -> RunOut
                 mean_requested_output_tokens=_mean_known(data.requested_output_tokens[counted]),
                 mean_output_tokens=float(cols.output_tokens[ok].mean()) if ok.any() else 0.0,
                 fleet=stage_fleet(run_pk, idx),
-                server_metrics=stage_server_metrics(run_pk, idx, spec.server_metrics, cols),
+                server_metrics=server, target=target_saturation(stage, metrics, cols, server),
             )
         )  # fmt: skip
     all_checks = [c for s in stages for c in s.checks]

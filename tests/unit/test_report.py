@@ -186,6 +186,25 @@ def test_report_shows_checks_verdict_saturation_and_agents() -> None:
     assert "goodput" in html
 
 
+def test_report_shows_target_saturation_next_to_the_generators() -> None:
+    run, result = make_run("run_1", "baseline")
+    html = report_for((run, result))
+    assert "data-target-saturated" not in html
+    for s in result.stages:
+        s.concurrency, s.request_rate = 0, 2.0
+    result.stages[1].target_saturated = True
+    result.stages[1].target_saturation_reason = "the target did not keep up at rate 2/s: achieved 0.69/s (<x>)"
+    html = report_for((run, result))
+    health = html[html.index('data-section="saturation"'):]
+    health = health[:health.index("</section>")]
+    assert 'data-target-saturated="1"' in health
+    assert "the target did not keep up at rate 2/s: achieved 0.69/s (&lt;x&gt;)" in health
+    assert "The target kept up with every open-loop stage" not in health
+    assert health.count("⚠ no") == 1  # the table's column, for stage 1 only
+    result.stages[1].target_saturated = False
+    assert "The target kept up with every open-loop stage" in report_for((run, result))
+
+
 def test_user_strings_are_escaped() -> None:
     run, result = make_run("run_1", "<script>alert(1)</script>")
     run.spec.labels["<img src=x onerror=alert(2)>"] = '"><script>alert(3)</script>'
