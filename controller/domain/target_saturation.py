@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from google.protobuf import duration_pb2
 
 from common.metrics import FLAG_WARMUP, STATUS_OK, SampleColumns, StageMetrics
 from common.proto.loadtest.v1 import run_pb2
@@ -50,8 +51,8 @@ class TargetSaturation:
 NOT_SATURATED = TargetSaturation(False, "")
 
 
-def _seconds(d: object) -> float:
-    return d.ToNanoseconds() / 1e9  # type: ignore[attr-defined]
+def _seconds(d: duration_pb2.Duration) -> float:
+    return d.ToNanoseconds() / 1e9
 
 
 def planned_window(stage: run_pb2.Stage) -> tuple[float, float, bool] | None:
