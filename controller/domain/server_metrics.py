@@ -5,12 +5,13 @@
 * `scrape_rows` turns the `ServerScrape`s of a sample batch into rows for the store.
 * `stage_server_metrics` computes a stage's server view from the stored scrapes: per-second
   series aligned with the client time series (second 0 = the stage's first sent request),
-  the client-vs-server cross-check of generated tokens and finished requests, and the scrape
-  failures grouped by endpoint and message.
+  the client-vs-server cross-check of generated tokens, finished requests and prompt tokens,
+  and the scrape failures grouped by endpoint and message.
 
 `SERVER_METRIC_MAP` is the mapping table (docs/server-metrics.md): which metric of which
 server means what. To support another server, add a `ServerMetricNames` row; nothing else
-changes. A role without a metric on that server is `None`.
+changes. A role without a metric on that server is `None`. Names that changed between
+versions of a server get a row each (both are accepted; a server exports one of them).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ COUNTER = run_pb2.SERVER_METRIC_KIND_COUNTER
 
 GENERATED_TOKENS = "generated_tokens"
 FINISHED_REQUESTS = "finished_requests"
+PROMPT_TOKENS = "prompt_tokens"
 
 
 @dataclass(frozen=True)
@@ -59,26 +61,36 @@ class ServerMetricNames:
     running_requests: str | None  # gauge
     waiting_requests: str | None  # gauge
     kv_cache_usage: str | None  # gauge, fraction 0..1
+    # counter: prompt tokens served from the prompt cache, which `prompt_tokens` leaves out
+    # (a server whose prompt counter already includes them has None here)
+    cached_prompt_tokens: str | None = None
 
 
 SERVER_METRIC_MAP: tuple[ServerMetricNames, ...] = (
     ServerMetricNames("vLLM", "vllm:generation_tokens_total", "vllm:request_success_total",
                       "vllm:prompt_tokens_total", "vllm:num_requests_running", "vllm:num_requests_waiting",
                       "vllm:kv_cache_usage_perc"),
-    # vLLM before v0.10 (V0 engine) named its KV-cache gauge differently.
-    ServerMetricNames("vLLM (V0)", None, None, None, None, None, "vllm:gpu_cache_usage_perc"),
+    # vLLM's V0 engine and early V1 releases: the KV-cache gauge was renamed kv_cache_usage_perc
+    # (vllm-project/vllm#18354); the old name is no longer exported by default.
+    ServerMetricNames("vLLM (before kv_cache_usage_perc)", None, None, None, None, None, "vllm:gpu_cache_usage_perc"),
     ServerMetricNames("SGLang", "sglang:generation_tokens_total", "sglang:num_requests_total",
                       "sglang:prompt_tokens_total", "sglang:num_running_reqs", "sglang:num_queue_reqs",
                       "sglang:token_usage"),
     # TGI exports generated tokens as a histogram; its `_sum` is the running total.
     ServerMetricNames("TGI", "tgi_request_generated_tokens_sum", "tgi_request_success",
                       "tgi_request_input_length_sum", "tgi_batch_current_size", "tgi_queue_size", None),
+    # llama.cpp's prompt_tokens_total counts the tokens it evaluated, not those reused from a
+    # slot's cache; current builds count those apart (prompt_tokens_cached_total) and export
+    # no KV-cache gauge.
     ServerMetricNames("llama.cpp", "llamacpp:tokens_predicted_total", None, "llamacpp:prompt_tokens_total",
-                      "llamacpp:requests_processing", "llamacpp:requests_deferred", "llamacpp:kv_cache_usage_ratio"),
+                      "llamacpp:requests_processing", "llamacpp:requests_deferred", None,
+                      "llamacpp:prompt_tokens_cached_total"),
+    # Older llama.cpp builds exported a KV-cache gauge (removed in ggml-org/llama.cpp#13660).
+    ServerMetricNames("llama.cpp (older builds)", None, None, None, None, None, "llamacpp:kv_cache_usage_ratio"),
 )  # fmt: skip
 
 ROLES = ("running_requests", "waiting_requests", "kv_cache_usage", GENERATED_TOKENS, FINISHED_REQUESTS,
-         "prompt_tokens")  # fmt: skip
+         PROMPT_TOKENS, "cached_prompt_tokens")  # fmt: skip
 ROLE_OF: dict[str, str] = {
     getattr(row, role): role for row in SERVER_METRIC_MAP for role in ROLES if getattr(row, role) is not None
 }
@@ -269,6 +281,7 @@ def compute_server_view(data: StageScrapes, cols: SampleColumns, tolerance_perce
         c for c in (
             _cross_check(GENERATED_TOKENS, readings, data, cols, tolerance_percent),
             _cross_check(FINISHED_REQUESTS, readings, data, cols, tolerance_percent),
+            _cross_check(PROMPT_TOKENS, readings, data, cols, tolerance_percent),
         ) if c is not None
     ]  # fmt: skip
 
@@ -313,24 +326,30 @@ def _cross_check(
     tolerance: float,
 ) -> CrossCheckOutcome | None:
     names = {getattr(row, quantity) for row in SERVER_METRIC_MAP} - {None}
+    # Prompt tokens a server reused from its cache and counted apart belong to the prompts too.
+    extra = {row.cached_prompt_tokens for row in SERVER_METRIC_MAP} - {None} if quantity == PROMPT_TOKENS else set()
     endpoints = sorted({s.endpoint for s in data.scrapes})
     used: list[str] = []
     server = 0.0
     complete = True
     window = _client_window(cols)
     for endpoint in endpoints:
-        found = [(n, readings[(endpoint, n, COUNTER)]) for n in sorted(names) if (endpoint, n, COUNTER) in readings]
+        found = [n for n in sorted(names) if (endpoint, n, COUNTER) in readings]
         if not found:
             continue
-        name, points = found[0]
-        used.append(name)
-        server += counter_increase([v for _, v in points])
-        if window is None or len(points) < 2 or points[0][0] > window[0] or points[-1][0] < window[1]:
-            complete = False
+        # One counter of the quantity per endpoint, plus its cache counter where counted apart.
+        for name in found[:1] + [n for n in sorted(extra) if (endpoint, n, COUNTER) in readings]:
+            points = readings[(endpoint, name, COUNTER)]
+            used.append(name)
+            server += counter_increase([v for _, v in points])
+            if window is None or len(points) < 2 or points[0][0] > window[0] or points[-1][0] < window[1]:
+                complete = False
     if not used:
         return None
     if quantity == GENERATED_TOKENS:
         client = float(cols.output_tokens.sum())
+    elif quantity == PROMPT_TOKENS:
+        client = float(cols.prompt_tokens.sum())
     else:
         client = float(np.count_nonzero(cols.status == STATUS_OK))
     # A server that counted nothing while the client did is infinitely far off.

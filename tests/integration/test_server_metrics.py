@@ -128,6 +128,7 @@ async def test_run_stores_server_series_and_client_equals_server(
         result = await client.get_result(run.id)
         report = build_report([await collect(client, run.id)])
         served = mock.stats.output_tokens_total
+        prompted = mock.stats.prompt_tokens_total
 
     stage = result.stages[0]
     sm = stage.server_metrics
@@ -137,7 +138,10 @@ async def test_run_stores_server_series_and_client_equals_server(
     assert tokens.server_metrics == ["vllm:generation_tokens_total"]
     assert tokens.client_value == tokens.server_value == served > 0
     assert requests.client_value == requests.server_value == stage.requests_ok + 3
-    for c in (tokens, requests):
+    prompt = checks["prompt_tokens"]
+    assert prompt.server_metrics == ["vllm:prompt_tokens_total"]
+    assert prompt.client_value == prompt.server_value == prompted > 0
+    for c in (tokens, requests, prompt):
         assert c.window_complete and not c.mismatch and c.difference_percent == 0
         assert c.tolerance_percent == 2.0 and "agree" in c.message
 

@@ -145,3 +145,36 @@ def test_cli_flags_build_the_server_metrics_spec() -> None:
     assert sm.mismatch_tolerance_percent == 5
     plain = build_spec(spec_parser().parse_args(["--target", "http://h/v1", "--model", "m", "--concurrency", "1"]))
     assert not plain.HasField("server_metrics")
+
+
+def test_llamacpp_prompt_tokens_add_the_cached_ones_counted_apart() -> None:
+    cols = columns([0.0, 0.5, 1.0], 1.0, tokens=8)  # 3 requests, 10 prompt tokens each
+    times = [-0.1, 1.0, 2.5]
+    stored = [StoredScrape(i, "http://llama/metrics", T0 + int(t * S), "") for i, t in enumerate(times)]
+    values: list[tuple[int, str, int, float]] = []
+    for i, (evaluated, cached, predicted) in enumerate([(100, 0, 50), (112, 4, 58), (120, 10, 74)]):
+        values += [(i, "llamacpp:prompt_tokens_total", COUNTER, evaluated),
+                   (i, "llamacpp:prompt_tokens_cached_total", COUNTER, cached),
+                   (i, "llamacpp:tokens_predicted_total", COUNTER, predicted)]  # fmt: skip
+    checks = {c.quantity: c for c in compute_server_view(StageScrapes(stored, values), cols, 2.0).cross_checks}
+    prompt = checks["prompt_tokens"]
+    # 20 evaluated + 10 reused from the cache = the client's 30.
+    assert prompt.server_value == 30 == prompt.client_value and not prompt.mismatch
+    assert prompt.server_metrics == ["llamacpp:prompt_tokens_cached_total", "llamacpp:prompt_tokens_total"]
+    assert checks["generated_tokens"].server_value == 24 == checks["generated_tokens"].client_value
+    # Without the cache counter (older builds) the evaluated tokens alone fall short: flagged.
+    older = [v for v in values if v[1] != "llamacpp:prompt_tokens_cached_total"]
+    (_, prompt_only) = compute_server_view(StageScrapes(stored, older), cols, 2.0).cross_checks
+    assert prompt_only.server_value == 20 and prompt_only.mismatch
+
+
+def test_the_mapping_accepts_old_and_new_names() -> None:
+    # Renamed across versions: both names map to the same role.
+    assert ROLE_OF["vllm:kv_cache_usage_perc"] == ROLE_OF["vllm:gpu_cache_usage_perc"] == "kv_cache_usage"
+    assert ROLE_OF["llamacpp:kv_cache_usage_ratio"] == "kv_cache_usage"  # older llama.cpp builds only
+    assert ROLE_OF["llamacpp:prompt_tokens_cached_total"] == "cached_prompt_tokens"
+    assert ROLE_OF["llamacpp:requests_deferred"] == "waiting_requests"
+    # The agents keep every mapped metric whatever the user's filters.
+    spec = run_pb2.ServerMetricsSpec(endpoints=["http://m/metrics"], metric_filters=["nothing*"])
+    (plan,) = plan_scrapes(spec, [True])
+    assert plan is not None and "llamacpp:prompt_tokens_cached_total" in plan.metric_filters
