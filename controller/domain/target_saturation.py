@@ -17,7 +17,7 @@ are judged. Three tests, any of which flags the stage:
 3. **Waiting requests rising** (when the server's metrics were scraped): the mean of a
    waiting-requests gauge (`waiting_requests` role of the mapping table) over the last quarter
    of the planned counted duration exceeds its mean over the first quarter by at least
-   `WAITING_RISE` requests.
+   `WAITING_RISE` requests (the series has one point per second; a quarter spans at least one).
 
 The reason reads "the target did not keep up at rate 2/s: achieved 0.69/s (…)", achieved being
 the stage's request throughput (requests ok per second of the stage's measured duration).
@@ -101,8 +101,9 @@ def _waiting_rise(server: ServerStageOutcome | None, counted_s: float) -> str:
     for s in server.series:
         if s.role != "waiting_requests":
             continue
-        early = [v for sec, v in s.points if sec < counted_s / 4]
-        late = [v for sec, v in s.points if 3 * counted_s / 4 <= sec < counted_s]
+        # Points are whole seconds: each quarter covers at least one of them.
+        early = [v for sec, v in s.points if sec < math.ceil(counted_s / 4)]
+        late = [v for sec, v in s.points if math.floor(3 * counted_s / 4) <= sec < math.ceil(counted_s)]
         if not early or not late:
             continue
         before, after = sum(early) / len(early), sum(late) / len(late)
