@@ -23,6 +23,8 @@ echo "== ruff" >&2
 .venv/bin/ruff check .
 echo "== mypy --strict" >&2
 .venv/bin/mypy
+echo "== llama-server for tests/realserver (built from source once per machine, then cached)" >&2
+time scripts/build_llama_server.sh >/dev/null
 echo "== pytest" >&2
 status=0
 .venv/bin/python -m pytest -p no:cacheprovider "$@" || status=$?

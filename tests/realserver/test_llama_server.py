@@ -192,7 +192,8 @@ async def test_a_terminated_server_that_holds_its_streams_shows_a_stall(
             run = await client.create_run(spec)
             await eventually(
                 lambda: asyncio.to_thread(server.metrics),
-                lambda m: m.get("llamacpp:requests_processing", 0) == SLOTS and m["llamacpp:tokens_predicted_total"] > 0,
+                lambda m: m.get("llamacpp:requests_processing", 0) == SLOTS
+                and m["llamacpp:tokens_predicted_total"] > 0,
                 60,
             )
             server.signal(signal.SIGTERM)
