@@ -327,7 +327,9 @@ def _cross_check(
 ) -> CrossCheckOutcome | None:
     names = {getattr(row, quantity) for row in SERVER_METRIC_MAP} - {None}
     # Prompt tokens a server reused from its cache and counted apart belong to the prompts too.
-    extra = {row.cached_prompt_tokens for row in SERVER_METRIC_MAP} - {None} if quantity == PROMPT_TOKENS else set()
+    extra: set[str] = set()
+    if quantity == PROMPT_TOKENS:
+        extra = {row.cached_prompt_tokens for row in SERVER_METRIC_MAP if row.cached_prompt_tokens is not None}
     endpoints = sorted({s.endpoint for s in data.scrapes})
     used: list[str] = []
     server = 0.0
