@@ -473,6 +473,7 @@ async def test_stats_match_what_was_sent_and_reset_zeroes_them(
         "output_tokens_total": 6 + 2 + 4 + 6,
         "prompt_tokens_total": 2 + 2 + 3 + 4,
         "running": 0,
+        "waiting": 0,
         "by_endpoint": {"chat": 2, "completions": 3},
     }
     assert server.stats.as_dict() == stats
