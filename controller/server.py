@@ -121,7 +121,7 @@ class Controller:
         applied = self.db.migrate()
         if applied:
             log.info("migrations_applied", versions=applied, db=self.db.path)
-        await self._check_exposure(listen)
+        await self.check_exposure(listen)
         if self._tls is not None:
             self.port = self.server.add_secure_port(listen, self._tls.credentials())
         else:
@@ -142,8 +142,11 @@ class Controller:
         log.info("controller_listening", listen=listen, port=self.port, db=self.db.path)
         return self.port
 
-    async def _check_exposure(self, listen: str) -> None:
-        """The listener rule (docs/security.md, "Where agents may send traffic")."""
+    async def check_exposure(self, listen: str) -> None:
+        """The listener rule (docs/security.md, "Where agents may send traffic"): a non-loopback
+        `listen` needs keys (a bootstrap key or a stored one) or `insecure_open`, else
+        OpenListenerError; without an `--allow-target` list it is served with a warning.
+        `start()` calls it (after migrating, before binding); it needs the database only."""
         if is_loopback_listen(listen):
             return
         if not await self.keys.auth_enabled():
