@@ -2,11 +2,14 @@
 # commands. Build from the repository root:
 #
 #   docker build -t llm-loadtest .
-#   docker run --rm -p 50051:50051 -v llm-loadtest:/data llm-loadtest controller
-#   docker run --rm llm-loadtest agent --controller HOST:50051
+#   docker run --rm -p 50051:50051 -e LLM_LOADTEST_API_KEY -v llm-loadtest:/data llm-loadtest controller
+#   docker run --rm -e LLM_LOADTEST_API_KEY llm-loadtest agent --controller HOST:50051
 #
 # Every flag can be set as an LLM_LOADTEST_* variable (docs/configuration.md); the defaults
 # below make the controller listen on all interfaces with its database on the /data volume.
+# On all interfaces the controller refuses to start without a key (LLM_LOADTEST_API_KEY, or
+# a key created in /data with `llm-loadtest keys create --db /data/runs.db`); see
+# docs/security.md, "The listener rule".
 
 FROM python:3.11-slim AS build
 WORKDIR /src

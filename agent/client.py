@@ -42,6 +42,7 @@ from google.protobuf import json_format
 from agent.sample import MAX_ERROR_CHARS, RequestSample, RequestStatus
 from agent.sse import StreamParser, error_message, parse_json_body
 from agent.stream import BodySink, StreamingConnector, TimedResponseHandler
+from agent.wire_errors import printable, transport_error
 from common.proto.loadtest.v1 import run_pb2
 from common.request_body import PROTECTED_BODY_KEYS
 from common.version import __version__
@@ -219,7 +220,7 @@ class OpenAIClient:
             raise
         except (aiohttp.ClientError, OSError) as exc:
             # ClientConnectionError, ClientPayloadError (body cut short) and socket errors.
-            self._record_error(sample, parser, run_pb2.REQUEST_STATUS_CONNECTION, f"{type(exc).__name__}: {exc}")
+            self._record_error(sample, parser, run_pb2.REQUEST_STATUS_CONNECTION, transport_error(exc))
         except Exception as exc:
             # Anything else aiohttp raises while talking to the server (e.g. a header it
             # refuses to send) is still one failed request, not a reason to stop the load.
@@ -227,7 +228,7 @@ class OpenAIClient:
                 sample,
                 parser,
                 run_pb2.REQUEST_STATUS_CONNECTION,
-                f"client error: {type(exc).__name__}: {exc}",
+                f"client error: {transport_error(exc)}",
             )
         return sample
 
@@ -397,4 +398,4 @@ def _error_detail(body: bytes) -> str:
                 for key in ("error", "detail", "message"):
                     if parsed.get(key):
                         return error_message(parsed[key])
-    return " ".join(text.split())[:MAX_ERROR_CHARS]
+    return printable(text, MAX_ERROR_CHARS)

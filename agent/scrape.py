@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import aiohttp
 import structlog
 
+from agent.wire_errors import printable, transport_error
 from common.proto.loadtest.v1 import agent_service_pb2, run_pb2
 
 log = structlog.get_logger(__name__)
@@ -179,8 +180,9 @@ class ScrapeHTTPError(Exception):
 
 
 def _error_text(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text[:MAX_ERROR_CHARS]
+    if isinstance(exc, aiohttp.ClientError):
+        return transport_error(exc, MAX_ERROR_CHARS)
+    return printable(str(exc) or type(exc).__name__, MAX_ERROR_CHARS)
 
 
 class ServerMetricsScraper:
@@ -296,7 +298,8 @@ class ServerMetricsScraper:
     @staticmethod
     async def _fetch(session: aiohttp.ClientSession, endpoint: str) -> str:
         headers = {"Accept": "text/plain;version=0.0.4;q=1,*/*;q=0.1"}
-        async with session.get(endpoint, headers=headers) as response:
+        # Redirects are not followed: an allowed endpoint must not lead the agent elsewhere.
+        async with session.get(endpoint, headers=headers, allow_redirects=False) as response:
             if response.status != 200:
                 raise ScrapeHTTPError(f"HTTP {response.status} {response.reason or ''}".strip())
             body = bytearray()

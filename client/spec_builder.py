@@ -13,6 +13,7 @@ from google.protobuf import struct_pb2
 from client.scenarios import SCENARIOS, scale
 from common.durations import parse_duration
 from common.proto.loadtest.v1 import run_pb2
+from common.target_url import credential_problem
 
 TARGET_API_KEY_ENV = "LLM_LOADTEST_TARGET_API_KEY"
 DEFAULT_STAGE_S = 10.0
@@ -257,6 +258,9 @@ def build_spec(args: argparse.Namespace) -> run_pb2.RunSpec:
     """The RunSpec the `run` flags describe (raises ArgumentTypeError for bad combinations)."""
     spec = run_pb2.RunSpec(display_name=args.name)
     t = spec.target
+    problem = credential_problem(args.target)
+    if problem:
+        raise argparse.ArgumentTypeError(f"--target {problem}")  # never repeats the URL: it holds the secret
     t.base_url, t.model = args.target, args.model
     t.api_kind = run_pb2.API_KIND_COMPLETIONS if args.api_kind == "completions" else run_pb2.API_KIND_CHAT
     t.api_key = args.target_api_key

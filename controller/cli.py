@@ -14,7 +14,8 @@ from common.grpc_options import API_KEY_ENV
 from common.logging import configure_logging
 from common.tls import ServerTls
 from controller.domain import ratelimit
-from controller.server import Controller
+from controller.domain.destinations import parse_allow_entry
+from controller.server import Controller, OpenListenerError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +44,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tls-client-ca", metavar="PEM", help="require client certificates signed by this CA (mutual TLS)"
     )
+    parser.add_argument(
+        "--allow-target", action="append", default=[], metavar="CIDR|HOST_PATTERN",
+        help="runs may send traffic (targets, server-metrics scrapes) only to these destinations, e.g. "
+             "10.0.0.0/8 or '*.internal' (repeatable; default: anywhere except link-local addresses and this "
+             "controller's own ports)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--insecure-open", action="store_true",
+        help="serve a non-loopback --listen address with no API key at all (refused without this flag)",
+    )  # fmt: skip
     for kind, rate, burst in (("write", ratelimit.DEFAULT_WRITE_RATE, ratelimit.DEFAULT_WRITE_BURST),
                               ("read", ratelimit.DEFAULT_READ_RATE, ratelimit.DEFAULT_READ_BURST)):  # fmt: skip
         parser.add_argument(
@@ -61,18 +72,24 @@ class SecurityOptions(TypedDict):
     require_auth_for_reads: bool
     tls: ServerTls | None
     rate_limits: ratelimit.RateLimits
+    allow_targets: list[str]
+    insecure_open: bool
 
 
 def security_options(args: argparse.Namespace) -> SecurityOptions:
     """Controller keyword arguments from the security flags (ValueError when inconsistent)."""
     if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):
         raise ValueError("--tls-cert and --tls-key go together; --tls-client-ca needs them")
+    for entry in args.allow_target:
+        parse_allow_entry(entry)
     return SecurityOptions(
         require_auth_for_reads=args.require_auth_for_reads,
         tls=ServerTls(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
         rate_limits=ratelimit.RateLimits(
             args.write_rate_limit, args.write_burst, args.read_rate_limit, args.read_burst
         ),
+        allow_targets=list(args.allow_target),
+        insecure_open=args.insecure_open,
     )
 
 
@@ -107,5 +124,9 @@ def run(args: argparse.Namespace) -> int:
         await serve(args, stop)
 
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main())
+        try:
+            asyncio.run(main())
+        except OpenListenerError as exc:
+            print(f"llm-loadtest controller: {exc}", file=sys.stderr)
+            return 2
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
 
 import grpc
 import structlog
@@ -25,6 +26,7 @@ from common.tls import ServerTls
 from controller.auth import AuthInterceptor
 from controller.domain.audit import AuditLog
 from controller.domain.coordinator import RunCoordinator
+from controller.domain.destinations import DestinationPolicy, is_loopback_listen
 from controller.domain.ingest import Ingestor
 from controller.domain.keys import KeyStore
 from controller.domain.live import RunHub
@@ -47,6 +49,10 @@ SERVICE_NAMES = (
 )
 
 
+class OpenListenerError(Exception):
+    """Refused to serve a non-loopback address without keys (and without `insecure_open`)."""
+
+
 class Controller:
     """Owns the database, the domain objects and the gRPC server of one controller."""
 
@@ -61,8 +67,12 @@ class Controller:
         require_auth_for_reads: bool = False,
         rate_limits: RateLimits | None = None,
         tls: ServerTls | None = None,
+        allow_targets: Sequence[str] = (),
+        insecure_open: bool = False,
     ) -> None:
         self.db = Database(db_path)
+        self._insecure_open = insecure_open
+        self.destinations = DestinationPolicy(allow_targets)
         self._tls = tls
         self.keys = KeyStore(self.db, api_key)
         self.audit = AuditLog(self.db)
@@ -87,7 +97,7 @@ class Controller:
             count_runs=lambda: self.db.read(repo.count_runs_by_state),
             queue_depth=lambda: self.ingestor.queue_depth,
         )
-        self.runs = Runs(self.db, self.coordinator, self.hub, self.results)
+        self.runs = Runs(self.db, self.coordinator, self.hub, self.results, self.destinations)
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(
             interceptors=[self.metrics.interceptor, self.auth], options=SERVER_OPTIONS
@@ -104,16 +114,21 @@ class Controller:
         self.port = 0
 
     async def start(self, listen: str) -> int:
-        """Migrate, start serving on `listen` (HOST:PORT, port 0 picks one); returns the port."""
+        """Migrate, start serving on `listen` (HOST:PORT, port 0 picks one); returns the port.
+
+        Raises OpenListenerError, before binding, for a non-loopback `listen` when the
+        controller has no keys (no bootstrap key, none stored) and `insecure_open` is off."""
         applied = self.db.migrate()
         if applied:
             log.info("migrations_applied", versions=applied, db=self.db.path)
+        await self.check_exposure(listen)
         if self._tls is not None:
             self.port = self.server.add_secure_port(listen, self._tls.credentials())
         else:
             self.port = self.server.add_insecure_port(listen)
         if self.port == 0:
             raise OSError(f"could not listen on {listen}")
+        await self.destinations.add_listener(listen, self.port)
         self.ingestor.start()
         await self.coordinator.start()
         self.keys.start()
@@ -121,10 +136,31 @@ class Controller:
         if self._metrics_listen:
             self.metrics_port = await self.metrics_server.start(self._metrics_listen)
             log.info("metrics_listening", listen=self._metrics_listen, port=self.metrics_port)
+            await self.destinations.add_listener(self._metrics_listen, self.metrics_port)
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("controller_listening", listen=listen, port=self.port, db=self.db.path)
         return self.port
+
+    async def check_exposure(self, listen: str) -> None:
+        """The listener rule (docs/security.md, "Where agents may send traffic"): a non-loopback
+        `listen` needs keys (a bootstrap key or a stored one) or `insecure_open`, else
+        OpenListenerError; without an `--allow-target` list it is served with a warning.
+        `start()` calls it (after migrating, before binding); it needs the database only."""
+        if is_loopback_listen(listen):
+            return
+        if not await self.keys.auth_enabled():
+            if not self._insecure_open:
+                raise OpenListenerError(
+                    f"refusing to listen on {listen} without API keys: anyone who reaches it could aim the agents "
+                    "anywhere; set --api-key / LLM_LOADTEST_API_KEY (or create a key with `llm-loadtest keys create "
+                    "--db`), listen on 127.0.0.1, or pass --insecure-open"
+                )
+            log.warning("controller_open", listen=listen, hint="--insecure-open: no key is required for any call")
+        if not self.destinations.explicit:
+            log.warning("no_target_allow_list", listen=listen,
+                        hint="runs may aim the agents at any destination except link-local addresses and this "
+                             "controller; restrict them with --allow-target")  # fmt: skip
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stop within `grace_s`: NOT_SERVING; running runs are stopped on their agents and
@@ -145,5 +181,6 @@ class Controller:
         await self.server.stop(max(deadline - loop.time(), 0.2))
         await self.results.close()
         await self.metrics_server.stop()
+        self.destinations.close()
         self.db.close()
         log.info("controller_stopped")

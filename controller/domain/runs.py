@@ -20,6 +20,7 @@ from controller.domain.agents import AgentSession
 from controller.domain.compare import DEFAULT_TOLERANCE_PERCENT, RunComparison, compare_runs
 from controller.domain.coordinator import RunCoordinator
 from controller.domain.datasets import content_digest, entries_to_json, parse_dataset
+from controller.domain.destinations import DestinationPolicy
 from controller.domain.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from controller.domain.live import LiveSnapshot, RunHub
 from controller.domain.run_results import RunResults
@@ -49,8 +50,16 @@ def new_run_id() -> str:
 class Runs:
     """Domain operations on runs."""
 
-    def __init__(self, db: Database, coordinator: RunCoordinator, hub: RunHub, results: RunResults) -> None:
+    def __init__(
+        self,
+        db: Database,
+        coordinator: RunCoordinator,
+        hub: RunHub,
+        results: RunResults,
+        destinations: DestinationPolicy,
+    ) -> None:
         self._db = db
+        self._destinations = destinations
         self._coordinator = coordinator
         self.hub = hub
         self._results = results
@@ -59,6 +68,9 @@ class Runs:
         if len(request_id) > 128:
             raise InvalidArgument([FieldViolation("request_id", "at most 128 characters")])
         valid = validate_and_default(spec)
+        refused = await self._destinations.violations(valid)
+        if refused:
+            raise InvalidArgument(refused)
         # The API key and credential headers are stored apart (run_secrets), erased when the run ends.
         secret = split_secrets(valid.target)
         dataset_json = ""

@@ -1,28 +1,38 @@
 """The run's credentials for its target: kept out of the stored spec, given only to agents.
 
-A run spec carries the target's API key and may carry credentials in extra headers
-(`Authorization`, `X-Api-Key`, cookies, ...). `split_secrets` takes them out of the spec
-before it is stored, leaving `[redacted]` as the value of each credential header so readers
-still see which headers are sent. The removed values are stored apart (`run_secrets`, erased
-when the run ends) and `restore_secrets` puts them back into the target of an assignment.
+A run spec carries the target's API key and may carry credentials in extra headers. Which
+header is a credential cannot be told from its name (`Ocp-Apim-Subscription-Key`,
+`X-Functions-Key`, `X-Goog-Api-Key`, ... all are), so every header value is treated as a secret
+unless its name is on `HARMLESS_HEADERS`, a short list of headers that never carry one.
+`split_secrets` takes the secrets out of the spec before it is stored, leaving `[redacted]` as
+the value of each secret header so readers still see which headers are sent. The removed
+values are stored apart (`run_secrets`, erased when the run ends) and `restore_secrets` puts
+them back into the target of an assignment.
 """
 
 from __future__ import annotations
 
 import json
-import re
 
 from common.proto.loadtest.v1 import run_pb2
 
 REDACTED = "[redacted]"
 
-# Header names whose values are credentials (case-insensitive).
-_CREDENTIAL_HEADER = re.compile(r"authorization|cookie|api[-_]?key|token|secret|password|passwd|session|auth", re.I)
+# The headers whose values are shown as given (compared case-insensitively): content
+# negotiation, caching, tracing and API-version headers. docs/security.md lists them; keep it short.
+HARMLESS_HEADERS = frozenset(
+    name.lower()
+    for name in (
+        "Accept", "Accept-Encoding", "Accept-Language", "Cache-Control", "Content-Type", "User-Agent",
+        "X-Request-Id", "OpenAI-Organization", "OpenAI-Project", "OpenAI-Beta", "Anthropic-Version",
+        "Anthropic-Beta",
+    )
+)  # fmt: skip
 
 
 def is_credential_header(name: str) -> bool:
-    """Whether a header's value is treated as a secret."""
-    return bool(_CREDENTIAL_HEADER.search(name))
+    """Whether a header's value is treated as a secret: every header not on HARMLESS_HEADERS."""
+    return name.lower() not in HARMLESS_HEADERS
 
 
 def split_secrets(target: run_pb2.Target) -> str:

@@ -17,6 +17,7 @@ from google.protobuf.message import Message
 
 from common.proto.loadtest.v1 import run_pb2
 from common.request_body import PROTECTED_BODY_KEYS
+from common.target_url import credential_problem
 from controller.domain.checks import CheckSyntaxError, parse_check
 from controller.domain.errors import FieldViolation, InvalidArgument
 from controller.domain.server_metrics import default_server_metrics, validate_server_metrics
@@ -159,6 +160,8 @@ def _check_target(t: run_pb2.Target, v: list[FieldViolation]) -> None:
             v.append(FieldViolation("spec.target.base_url", "must name a host (and a valid port)"))
         elif len(url) > 2048 or any(c.isspace() for c in url):
             v.append(FieldViolation("spec.target.base_url", "must be at most 2048 chars, no spaces"))
+        elif problem := credential_problem(url):
+            v.append(FieldViolation("spec.target.base_url", problem))
     if not t.model:
         v.append(FieldViolation("spec.target.model", "required"))
     elif len(t.model) > 512:

@@ -20,6 +20,7 @@ import pytest
 
 from client.cli import _parser
 from client.envconfig import apply_env_defaults
+from controller.domain.destinations import is_loopback_listen
 from tests.ecosystem.conftest import ROOT, require_node_tool
 from tests.processes import CLI, ENV
 
@@ -83,6 +84,15 @@ def port_of(listen: str) -> int:
     return int(listen.rsplit(":", 1)[1])
 
 
+def assert_not_open(where: str, args: list[str], env: dict[str, str]) -> None:
+    """A controller on a non-loopback address must be given a key (it refuses to start open)."""
+    if is_loopback_listen(env.get("LLM_LOADTEST_LISTEN", "127.0.0.1:50051")) or "--insecure-open" in args:
+        return
+    key = env.get("LLM_LOADTEST_API_KEY", "")
+    # Compose: `${VAR:?message}` makes the key required; `${VAR:-}` would start it without one.
+    assert key and ":-" not in key, f"{where}: listens on {env['LLM_LOADTEST_LISTEN']} with no key required"
+
+
 # --- Dockerfile ----------------------------------------------------------------------------
 
 
@@ -141,6 +151,7 @@ def test_compose_matches_the_cli() -> None:
             assert test[:3] == ["CMD", "llm-loadtest", "health"]
             check_invocation(f"compose {name} healthcheck", test[2:], {})
     controller = services["controller"]
+    assert_not_open("compose controller", controller["command"], controller["environment"])
     db_dir = str(Path(controller["environment"]["LLM_LOADTEST_DB"]).parent)
     assert any(v.split(":")[1] == db_dir for v in controller["volumes"]), "the database is not on a volume"
     agent_target = services["agent"]["environment"]["LLM_LOADTEST_CONTROLLER"]
@@ -175,6 +186,7 @@ def test_kubernetes_manifests_match_the_cli() -> None:
     [ctl] = controller["template"]["spec"]["containers"]
     ctl_env = env_of(ctl)
     check_invocation("k8s controller", ctl["args"], ctl_env)
+    assert_not_open("k8s controller", ctl["args"], ctl_env)
     ports = {p["name"]: p["containerPort"] for p in ctl["ports"]}
     assert ports["grpc"] == port_of(ctl_env["LLM_LOADTEST_LISTEN"])
     assert ports["metrics"] == port_of(ctl_env["LLM_LOADTEST_METRICS_LISTEN"])

@@ -2,7 +2,10 @@
 401 (echoing the key back in the error body, as a careless server might) and 500, controller
 and agent as real processes at debug log level; every read, watch, export, compare and report
 path is called (RPCs and the CLI, including the HTML report); then every response, the logs
-and the raw database file (and its WAL) are searched for the key: zero occurrences.
+and the raw database file (and its WAL) are searched for the key: zero occurrences. The key
+also travels in a header whose name does not look like a credential
+(`Ocp-Apim-Subscription-Key`), and specs that put it into the base URL (userinfo, a query)
+are refused, by the controller and by `llm-loadtest run`, without repeating it.
 
 Our own API keys (bootstrap and the agent's key) must not appear in the logs either."""
 
@@ -41,8 +44,10 @@ class EchoingTarget:
     async def _reject(self, request: web.Request) -> web.Response:
         auth = request.headers.get("Authorization", "")
         header_key = request.headers.get("X-Api-Key", "")
-        self.seen.extend((auth, header_key))
-        body = {"error": {"message": f"invalid credentials: {auth} {header_key}", "type": "auth", "key": auth[7:]}}
+        subscription = request.headers.get("Ocp-Apim-Subscription-Key", "")
+        self.seen.extend((auth, header_key, subscription))
+        body = {"error": {"message": f"invalid credentials: {auth} {header_key} {subscription}", "type": "auth",
+                          "key": auth[7:]}}  # fmt: skip
         return web.json_response(body, status=401)
 
     async def start(self) -> None:
@@ -67,7 +72,9 @@ def _spec(base_url: str, key: str, name: str) -> run_pb2.RunSpec:
     spec.target.api_key = key
     # A credential header is as secret as the key (its value carries the canary's hex part).
     spec.target.headers["X-Api-Key"] = "hdr-" + key.removeprefix("sk-canary-")
-    spec.target.headers["X-Org"] = "team-a"  # not a credential: shown as given
+    # Secret too, though its name has no credential word: every header is, unless harmless.
+    spec.target.headers["Ocp-Apim-Subscription-Key"] = "apim-" + key.removeprefix("sk-canary-")
+    spec.target.headers["OpenAI-Organization"] = "team-a"  # on the harmless list: shown as given
     stage = spec.stages.add(concurrency=2, requests=12)
     stage.name = "only"
     spec.checks.add(expression="error_rate < 1%")
@@ -128,6 +135,12 @@ async def test_target_api_key_never_leaks(tmp_path: Path, targets: tuple[Echoing
                 await admin.create_run(bad)
             seen += [str(refused.value.details()), str(refused.value.trailing_metadata()), *violations(refused.value)]
             assert any("api_key" in v for v in violations(refused.value))
+            # The key in the base URL, as userinfo or a query parameter: refused, never repeated.
+            for url in (echo.base_url.replace("http://", f"http://user:{canary}@"), f"{echo.base_url}?key={canary}"):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await admin.create_run(_spec(url, "", "in-url"))
+                assert violations(refused.value) == ["spec.target.base_url"]
+                seen += [str(refused.value.details()), str(refused.value.trailing_metadata())]
 
             run_401 = await admin.create_run(_spec(echo.base_url, canary, "echo-401"), request_id="canary-1")
             run_500 = await admin.create_run(_spec(mock.base_url, canary, "mock-500"))
@@ -138,6 +151,7 @@ async def test_target_api_key_never_leaks(tmp_path: Path, targets: tuple[Echoing
                     seen.append(str(update))
             assert any(canary in s for s in echo.seen), "the key must reach the target (in the assignment)"
             assert any(s.startswith("hdr-") for s in echo.seen), "so must the credential header"
+            assert any(s.startswith("apim-") for s in echo.seen), "and the subscription-key header"
             assert mock.stats.requests_failed > 0
 
             # Every read path, after the runs ended.
@@ -145,6 +159,8 @@ async def test_target_api_key_never_leaks(tmp_path: Path, targets: tuple[Echoing
                 got = await admin.get_run(run.id)
                 assert got.state in (run_pb2.RUN_STATE_SUCCEEDED, run_pb2.RUN_STATE_FAILED), got
                 assert got.spec.target.api_key == ""
+                assert got.spec.target.headers["Ocp-Apim-Subscription-Key"] == "[redacted]"
+                assert got.spec.target.headers["OpenAI-Organization"] == "team-a"
                 seen += [str(got), str(await admin.get_result(run.id))]
                 seen += [str(s) async for s in admin.export_samples(run.id, include_warmup=True)]
                 seen += [str(u) async for u in admin.watch(run.id)]
@@ -167,6 +183,8 @@ async def test_target_api_key_never_leaks(tmp_path: Path, targets: tuple[Echoing
         await _cli(seen, "runs", "compare", run_401.id, run_500.id, *conn)
         await _cli(seen, "runs", "list", *conn)
         await _cli(seen, "audit", "--json", *conn)
+        url_with_key = echo.base_url.replace("http://", f"http://user:{canary}@")
+        assert await _cli(seen, "run", "--target", url_with_key, "--model", "mock", "--requests", "1", *conn) == 2
         assert any("HTTP 401" in s for s in seen)  # the errors are there, without the key
 
         # The database file after the runs ended (the controller still running), then after stop.

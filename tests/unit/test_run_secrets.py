@@ -8,7 +8,8 @@ from controller.domain.secrets import REDACTED, is_credential_header, restore_se
 
 def target() -> run_pb2.Target:
     t = run_pb2.Target(base_url="http://127.0.0.1:8000/v1", model="m", api_key="sk-canary")
-    t.headers.update({"Authorization": "Bearer hdr-canary", "X-Api-Key": "k-canary", "X-Org": "team-a"})
+    t.headers.update({"Authorization": "Bearer hdr-canary", "X-Api-Key": "k-canary",
+                      "Ocp-Apim-Subscription-Key": "sub-canary", "OpenAI-Organization": "team-a"})  # fmt: skip
     return t
 
 
@@ -16,7 +17,8 @@ def test_split_leaves_no_credential_and_restore_puts_them_back() -> None:
     t = target()
     stored = split_secrets(t)
     assert t.api_key == ""
-    assert dict(t.headers) == {"Authorization": REDACTED, "X-Api-Key": REDACTED, "X-Org": "team-a"}
+    assert dict(t.headers) == {"Authorization": REDACTED, "X-Api-Key": REDACTED,
+                               "Ocp-Apim-Subscription-Key": REDACTED, "OpenAI-Organization": "team-a"}  # fmt: skip
     assert "canary" not in t.SerializeToString().decode("latin-1")
     restore_secrets(t, stored)
     assert t == target()
@@ -24,10 +26,10 @@ def test_split_leaves_no_credential_and_restore_puts_them_back() -> None:
 
 def test_nothing_secret_stores_nothing() -> None:
     t = run_pb2.Target(base_url="http://h/v1", model="m")
-    t.headers["X-Org"] = "team-a"
+    t.headers["Accept-Language"] = "de"
     assert split_secrets(t) == ""
     restore_secrets(t, "")
-    assert t.api_key == "" and dict(t.headers) == {"X-Org": "team-a"}
+    assert t.api_key == "" and dict(t.headers) == {"Accept-Language": "de"}
 
 
 def test_a_key_stored_before_headers_were_kept_apart_still_restores() -> None:
@@ -36,8 +38,9 @@ def test_a_key_stored_before_headers_were_kept_apart_still_restores() -> None:
     assert t.api_key == "sk-plain"
 
 
-def test_credential_header_names() -> None:
-    for name in ("Authorization", "proxy-authorization", "Cookie", "X-API-Key", "api_key", "X-Auth-Token", "X-Secret"):
+def test_every_header_is_secret_unless_it_is_on_the_harmless_list() -> None:
+    for name in ("Authorization", "proxy-authorization", "Cookie", "X-API-Key", "api_key", "X-Auth-Token", "X-Secret",
+                 "Ocp-Apim-Subscription-Key", "X-Functions-Key", "X-Goog-Api-Key", "X-Org"):  # fmt: skip
         assert is_credential_header(name), name
-    for name in ("X-Org", "Content-Type", "User-Agent", "X-Request-Id"):
+    for name in ("content-type", "User-Agent", "X-Request-Id", "OpenAI-Organization", "ACCEPT"):
         assert not is_credential_header(name), name

@@ -307,7 +307,9 @@ class Target(_message.Message):
     EXTRA_BODY_FIELD_NUMBER: _builtins.int
     base_url: _builtins.str
     """Required. Base URL of the OpenAI-compatible API, e.g. `http://127.0.0.1:8000/v1`.
-    Only http and https are accepted.
+    Only http and https are accepted; no credentials (`user:password@`), query string or
+    fragment, since every read shows it (put keys in `api_key` or `headers`). The host must
+    be a destination the controller allows (`--allow-target`; docs/security.md).
     """
     api_kind: Global___ApiKind.ValueType
     """Which endpoint to call. Defaults to chat completions."""
@@ -323,7 +325,10 @@ class Target(_message.Message):
     """Skip TLS certificate verification (self-signed model servers)."""
     @_builtins.property
     def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Extra HTTP headers sent with every request."""
+        """Extra HTTP headers sent with every request. Every value is treated as a secret (kept
+        apart, erased when the run ends, read back as `[redacted]`) unless the header is one of
+        the harmless ones listed in docs/security.md (`Accept`, `Content-Type`, `User-Agent`, ...).
+        """
 
     @_builtins.property
     def request_timeout(self) -> _duration_pb2.Duration:
