@@ -20,6 +20,7 @@ import structlog
 
 from common.proto.loadtest.v1 import agent_service_pb2
 from controller.domain.server_metrics import scrape_rows
+from controller.domain.spec import MAX_REQUEST_TIMEOUT_S
 from controller.store import repository as repo
 from controller.store.database import Database
 
@@ -28,15 +29,37 @@ log = structlog.get_logger(__name__)
 MAX_BATCHES_PER_COMMIT = 64
 QUEUE_BATCHES = 512
 
+# Limits of a sample batch (docs/security.md, "Agent stream integrity"). A batch outside them
+# is refused whole, before anything of it reaches the writer.
+MAX_BATCH_SEQ = 2**63 - 1  # the largest SQLite integer
+# `sent` (agent clock, corrected by the agent's estimated offset) must lie inside the
+# assignment's window, from its Assign to its end (or now), widened by this much on each side
+# for clock error.
+SENT_SLACK_S = 300
+# Every offset from `sent` (first byte, tokens, done) and every inter-token gap: at most the
+# longest request timeout a spec may set (controller/domain/spec.py) plus the slack.
+MAX_SAMPLE_OFFSET_S = MAX_REQUEST_TIMEOUT_S + SENT_SLACK_S
+# Prompt, output and requested token counts and inter-token gaps of one sample.
+MAX_SAMPLE_TOKENS = 10_000_000
+# Status codes and flags are small enums and bit sets; anything larger is not from an agent.
+MAX_STATUS = 255
+MAX_FLAGS = 255
+MAX_ERROR_CHARS = 1000
+_NS_PER_S = 1_000_000_000
+
 
 @dataclass(frozen=True)
 class IngestTarget:
-    """Where a batch belongs, as resolved by the coordinator."""
+    """Where a batch belongs, as resolved by the coordinator, and the window its samples
+    must lie in (controller clock)."""
 
     assignment_pk: int
     run_pk: int
     run_id: str
     stage_idx: int
+    window_start_ns: int  # when the assignment was created
+    window_end_ns: int | None  # when it ended; None while it runs (the window ends now)
+    clock_offset_ns: int  # controller clock minus the agent's clock
 
 
 @dataclass(frozen=True)
@@ -59,28 +82,56 @@ class IngestObserver(Protocol):
 
 _STATUS = repo.SAMPLE_COLUMNS.index("status")
 _ITL_COUNT = repo.SAMPLE_COLUMNS.index("itl_count")
+_COL = {name: i for i, name in enumerate(repo.SAMPLE_COLUMNS)}
+# Columns sent as uint64: read as such, bounded, then stored as int64.
+_OFFSETS = ("queue_delay_ns", "first_byte_ns", "first_token_ns", "last_token_ns", "done_ns")
+_BOUNDS = {
+    **{name: MAX_SAMPLE_TOKENS for name in ("prompt_tokens", "output_tokens", "itl_count",
+                                             "requested_input_tokens", "requested_output_tokens")},
+    "status": MAX_STATUS,
+    "flags": MAX_FLAGS,
+    # Bounded by the assignment's window (`_check_times`); this only keeps the arithmetic in int64.
+    "queue_delay_ns": 2**62,
+}  # fmt: skip
 
 
 class MalformedBatch(ValueError):
-    """A batch whose columns disagree in length."""
+    """A batch that cannot be stored: columns that disagree in length, or impossible values.
+    The message names the batch, the column and the first offending sample."""
 
 
-def to_ingest(target: IngestTarget, batch: agent_service_pb2.SampleBatch) -> repo.BatchIngest:
-    """Check a batch's shape and turn it into a column table for the writer (numpy reads the
-    packed repeated fields in a few microseconds each; no Python loop per sample)."""
+def to_ingest(
+    target: IngestTarget, batch: agent_service_pb2.SampleBatch, now_ns: int | None = None
+) -> repo.BatchIngest:
+    """Check a batch's shape and every value against the limits above, and turn it into a
+    column table for the writer (numpy reads the packed repeated fields in a few microseconds
+    each; no Python loop per sample)."""
+    where = f"SampleBatch {batch.assignment_id[:64]} #{batch.batch_seq}"
+    if not 1 <= batch.batch_seq <= MAX_BATCH_SEQ:
+        raise MalformedBatch(f"{where}: batch_seq must be between 1 and {MAX_BATCH_SEQ}")
     n = len(batch.error)
     table = np.zeros((len(repo.SAMPLE_COLUMNS), n), dtype=np.int64)
+    offset_limit = MAX_SAMPLE_OFFSET_S * _NS_PER_S
     for i, name in enumerate(repo.SAMPLE_COLUMNS):
         values = getattr(batch, name)
         if len(values) != n:
             # Agents older than the requested-length columns send none: zeros ("unknown").
             if not values and name.startswith("requested_"):
                 continue
-            raise MalformedBatch("sample columns differ in length")
-        table[i] = np.asarray(values, dtype=np.int64)
-    itl = np.asarray(batch.itl_ns, dtype=np.int64)
+            raise MalformedBatch(f"{where}: sample columns differ in length ({name} has {len(values)}, error {n})")
+        if name == "sent_unix_ns":
+            table[i] = np.asarray(values, dtype=np.int64)
+            continue
+        raw = np.asarray(values, dtype=np.uint64 if name in _OFFSETS else np.int64)
+        low, high = 0, _BOUNDS.get(name, offset_limit)
+        _bounded(where, name, raw, low, high)
+        table[i] = raw
+    itl_raw = np.asarray(batch.itl_ns, dtype=np.uint64)
+    _bounded(where, "itl_ns", itl_raw, 0, offset_limit)
+    itl = itl_raw.astype(np.int64)
     if int(table[_ITL_COUNT].sum()) != itl.size:
-        raise MalformedBatch("itl_count does not add up to len(itl_ns)")
+        raise MalformedBatch(f"{where}: itl_count does not add up to len(itl_ns)")
+    _check_times(where, target, table, itl, time.time_ns() if now_ns is None else now_ns)
     return repo.BatchIngest(
         assignment_pk=target.assignment_pk,
         run_pk=target.run_pk,
@@ -88,10 +139,61 @@ def to_ingest(target: IngestTarget, batch: agent_service_pb2.SampleBatch) -> rep
         batch_seq=batch.batch_seq,
         columns=table,
         # Only failed samples carry a message (agent/sample.py `fail`): look at those alone.
-        errors=[(i, e) for i in np.flatnonzero(table[_STATUS] != repo.OK_STATUS).tolist() if (e := batch.error[i])],
+        errors=[
+            (i, e[:MAX_ERROR_CHARS])
+            for i in np.flatnonzero(table[_STATUS] != repo.OK_STATUS).tolist()
+            if (e := batch.error[i])
+        ],
         itl_ns=itl.astype("<i8", copy=False).tobytes(),
         server_scrapes=scrape_rows(batch.server_scrapes),
     )
+
+
+def _bounded(where: str, name: str, values: np.ndarray, low: int, high: int) -> None:
+    bad = np.flatnonzero((values < low) | (values > high)) if values.size else values[:0]
+    if bad.size:
+        k = int(bad[0])
+        raise MalformedBatch(f"{where}: {name}[{k}] = {values[k]} is outside [{low}, {high}]")
+
+
+def _check_times(where: str, target: IngestTarget, table: np.ndarray, itl: np.ndarray, now_ns: int) -> None:
+    """Sent times inside the assignment's window; token times in order; each sample's gaps
+    within its own span (they lie between its first and last token)."""
+    if not table.shape[1]:
+        return
+    slack = SENT_SLACK_S * _NS_PER_S
+    start = target.window_start_ns - slack
+    end = (now_ns if target.window_end_ns is None else target.window_end_ns) + slack
+    sent = table[_COL["sent_unix_ns"]]
+    # The window in the agent's clock (the bounds are Python ints, compared exactly).
+    lo, hi = start - target.clock_offset_ns, end - target.clock_offset_ns
+    bad = np.flatnonzero((sent < lo) | (sent > hi))
+    if bad.size:
+        k = int(bad[0])
+        raise MalformedBatch(
+            f"{where}: sent_unix_ns[{k}] = {sent[k]} is outside the assignment's window [{lo}, {hi}]"
+            f" (agent clock, {SENT_SLACK_S} s of slack on each side)"
+        )
+    # Requests are scheduled inside the window too: sent - queue_delay >= its start.
+    early = np.flatnonzero(sent - table[_COL["queue_delay_ns"]] < lo)
+    if early.size:
+        k = int(early[0])
+        raise MalformedBatch(f"{where}: queue_delay_ns[{k}] puts the request's schedule before the assignment")
+    first, last = table[_COL["first_token_ns"]], table[_COL["last_token_ns"]]
+    disordered = np.flatnonzero((first > 0) & (last > 0) & (last < first))
+    if disordered.size:
+        k = int(disordered[0])
+        raise MalformedBatch(f"{where}: last_token_ns[{k}] is before first_token_ns[{k}]")
+    counts = table[_ITL_COUNT]
+    if itl.size:
+        owners = np.flatnonzero(counts)
+        # In float64: summed in int64, many long gaps could wrap around.
+        sums = np.add.reduceat(itl.astype(np.float64), (np.cumsum(counts) - counts)[owners])
+        span = np.maximum(np.maximum(first, last), table[_COL["done_ns"]])[owners]
+        long = np.flatnonzero(sums > span)
+        if long.size:
+            k = int(owners[long[0]])
+            raise MalformedBatch(f"{where}: the inter-token gaps of sample {k} add up to more than its duration")
 
 
 class Ingestor:
@@ -137,17 +239,8 @@ class Ingestor:
             items = [await self._queue.get()]
             while len(items) < MAX_BATCHES_PER_COMMIT and not self._queue.empty():
                 items.append(self._queue.get_nowait())
-            started = time.perf_counter()
-            try:
-                outcomes = await self._db.write(repo.ingest_batches, [i.batch for i in items])
-                if self._observer is not None:
-                    self._observer.commit_took(time.perf_counter() - started)
-            except Exception:
-                # Nothing was committed, so nothing is acked: the agents replay these
-                # batches after their next reconnect.
-                log.exception("ingest_failed", batches=len(items))
-                outcomes = []
-            for item, outcome in zip(items, outcomes, strict=False):
+            results = await self._write(items)
+            for item, outcome in results:
                 try:
                     if self._observer is not None:
                         self._observer.committed(item.run_id, item.batch, outcome)
@@ -156,3 +249,25 @@ class Ingestor:
                     log.exception("ingest_callback_failed", assignment_id=item.assignment_id)
             for _ in items:
                 self._queue.task_done()
+
+    async def _write(self, items: list[_Item]) -> list[tuple[_Item, repo.IngestOutcome]]:
+        """Commit `items` in one transaction; if it fails, each one alone, so that a batch
+        that cannot be written fails by itself and never takes the others down with it."""
+        started = time.perf_counter()
+        try:
+            outcomes = await self._db.write(repo.ingest_batches, [i.batch for i in items])
+            if self._observer is not None:
+                self._observer.commit_took(time.perf_counter() - started)
+            return list(zip(items, outcomes, strict=True))
+        except Exception:
+            if len(items) == 1:
+                # Nothing was committed, so nothing is acked: the agent replays the batch
+                # after its next reconnect.
+                log.exception("ingest_failed", assignment_id=items[0].assignment_id,
+                              batch_seq=items[0].batch.batch_seq)  # fmt: skip
+                return []
+            log.warning("ingest_group_failed_retrying_alone", batches=len(items))
+        done: list[tuple[_Item, repo.IngestOutcome]] = []
+        for item in items:
+            done.extend(await self._write([item]))
+        return done

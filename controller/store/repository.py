@@ -328,6 +328,7 @@ def insert_assignment(
     requests: int,
     state: int,
     now_ns: int,
+    resume_token_sha256: str = "",
 ) -> int:
     row = AssignmentRow.create(
         assignment_id=assignment_id,
@@ -339,21 +340,37 @@ def insert_assignment(
         requests=requests,
         state=state,
         created_at=now_ns,
+        resume_token_sha256=resume_token_sha256,
     )
     return int(row.pk)
 
 
-def lookup_assignment(assignment_id: str) -> tuple[int, int, str, int] | None:
-    """(assignment pk, run pk, run id, stage index) of a stored assignment."""
-    row = (
-        AssignmentRow.select(AssignmentRow.pk, AssignmentRow.stage_idx, RunRow.pk, RunRow.run_id)
-        .join(RunRow)
-        .where(AssignmentRow.assignment_id == assignment_id)
-        .first()
-    )
+@dataclass(frozen=True)
+class StoredAssignment:
+    """What the ingest path needs of a stored assignment (one that is no longer live)."""
+
+    pk: int
+    run_pk: int
+    run_id: str
+    stage_idx: int
+    resume_token_sha256: str
+    created_at: int  # controller clock
+    ended_at: int | None  # controller clock
+    clock_offset_ns: int  # controller clock minus the agent's, when it was assigned
+
+
+def lookup_assignment(assignment_id: str) -> StoredAssignment | None:
+    row = database_proxy.execute_sql(
+        "SELECT a.pk, a.run_pk, r.run_id, a.stage_idx, a.resume_token_sha256, a.created_at, a.ended_at,"
+        " a.clock_offset_ns FROM assignments a JOIN runs r ON r.pk = a.run_pk WHERE a.assignment_id = ?",
+        (assignment_id,),
+    ).fetchone()
     if row is None:
         return None
-    return int(row.pk), int(row.run.pk), str(row.run.run_id), int(row.stage_idx)
+    return StoredAssignment(
+        int(row[0]), int(row[1]), str(row[2]), int(row[3]), str(row[4]), int(row[5]),
+        None if row[6] is None else int(row[6]), int(row[7] or 0),
+    )  # fmt: skip
 
 
 def update_assignment(assignment_pk: int, **fields: object) -> None:
