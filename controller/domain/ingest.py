@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,8 +19,8 @@ import numpy as np
 import structlog
 
 from common.proto.loadtest.v1 import agent_service_pb2
+from controller.domain import sample_limits as limits
 from controller.domain.server_metrics import scrape_rows
-from controller.domain.spec import MAX_REQUEST_TIMEOUT_S
 from controller.store import repository as repo
 from controller.store.database import Database
 
@@ -29,23 +29,7 @@ log = structlog.get_logger(__name__)
 MAX_BATCHES_PER_COMMIT = 64
 QUEUE_BATCHES = 512
 
-# Limits of a sample batch (docs/security.md, "Agent stream integrity"). A batch outside them
-# is refused whole, before anything of it reaches the writer.
-MAX_BATCH_SEQ = 2**63 - 1  # the largest SQLite integer
-# `sent` (agent clock, corrected by the agent's estimated offset) must lie inside the
-# assignment's window, from its Assign to its end (or now), widened by this much on each side
-# for clock error.
-SENT_SLACK_S = 300
-# Every offset from `sent` (first byte, tokens, done) and every inter-token gap: at most the
-# longest request timeout a spec may set (controller/domain/spec.py) plus the slack.
-MAX_SAMPLE_OFFSET_S = MAX_REQUEST_TIMEOUT_S + SENT_SLACK_S
-# Prompt, output and requested token counts and inter-token gaps of one sample.
-MAX_SAMPLE_TOKENS = 10_000_000
-# Status codes and flags are small enums and bit sets; anything larger is not from an agent.
-MAX_STATUS = 255
-MAX_FLAGS = 255
 MAX_ERROR_CHARS = 1000
-_NS_PER_S = 1_000_000_000
 
 
 @dataclass(frozen=True)
@@ -82,17 +66,9 @@ class IngestObserver(Protocol):
 
 _STATUS = repo.SAMPLE_COLUMNS.index("status")
 _ITL_COUNT = repo.SAMPLE_COLUMNS.index("itl_count")
-_COL = {name: i for i, name in enumerate(repo.SAMPLE_COLUMNS)}
-# Columns sent as uint64: read as such, bounded, then stored as int64.
-_OFFSETS = ("queue_delay_ns", "first_byte_ns", "first_token_ns", "last_token_ns", "done_ns")
-_BOUNDS = {
-    **{name: MAX_SAMPLE_TOKENS for name in ("prompt_tokens", "output_tokens", "itl_count",
-                                             "requested_input_tokens", "requested_output_tokens")},
-    "status": MAX_STATUS,
-    "flags": MAX_FLAGS,
-    # Bounded by the assignment's window (`_check_times`); this only keeps the arithmetic in int64.
-    "queue_delay_ns": 2**62,
-}  # fmt: skip
+_SENT = repo.SAMPLE_COLUMNS.index("sent_unix_ns")
+# Columns sent as uint64: read as such (larger than int64 would not convert), bounded, stored as int64.
+_UNSIGNED64 = frozenset({"queue_delay_ns", "first_byte_ns", "first_token_ns", "last_token_ns", "done_ns"})
 
 
 class MalformedBatch(ValueError):
@@ -103,15 +79,15 @@ class MalformedBatch(ValueError):
 def to_ingest(
     target: IngestTarget, batch: agent_service_pb2.SampleBatch, now_ns: int | None = None
 ) -> repo.BatchIngest:
-    """Check a batch's shape and every value against the limits above, and turn it into a
-    column table for the writer (numpy reads the packed repeated fields in a few microseconds
-    each; no Python loop per sample)."""
+    """Check a batch's shape and every value against controller/domain/sample_limits.py, and
+    turn it into a column table for the writer (numpy reads the packed repeated fields in a
+    few microseconds each; no Python loop per sample). Raises MalformedBatch naming the
+    batch, the rule and the first sample breaking it."""
     where = f"SampleBatch {batch.assignment_id[:64]} #{batch.batch_seq}"
-    if not 1 <= batch.batch_seq <= MAX_BATCH_SEQ:
-        raise MalformedBatch(f"{where}: batch_seq must be between 1 and {MAX_BATCH_SEQ}")
+    if not 1 <= batch.batch_seq <= limits.MAX_BATCH_SEQ:
+        raise MalformedBatch(f"{where}: batch_seq must be between 1 and {limits.MAX_BATCH_SEQ}")
     n = len(batch.error)
     table = np.zeros((len(repo.SAMPLE_COLUMNS), n), dtype=np.int64)
-    offset_limit = MAX_SAMPLE_OFFSET_S * _NS_PER_S
     for i, name in enumerate(repo.SAMPLE_COLUMNS):
         values = getattr(batch, name)
         if len(values) != n:
@@ -119,19 +95,20 @@ def to_ingest(
             if not values and name.startswith("requested_"):
                 continue
             raise MalformedBatch(f"{where}: sample columns differ in length ({name} has {len(values)}, error {n})")
-        if name == "sent_unix_ns":
-            table[i] = np.asarray(values, dtype=np.int64)
-            continue
-        raw = np.asarray(values, dtype=np.uint64 if name in _OFFSETS else np.int64)
-        low, high = 0, _BOUNDS.get(name, offset_limit)
-        _bounded(where, name, raw, low, high)
-        table[i] = raw
-    itl_raw = np.asarray(batch.itl_ns, dtype=np.uint64)
-    _bounded(where, "itl_ns", itl_raw, 0, offset_limit)
-    itl = itl_raw.astype(np.int64)
+        table[i] = _int64(where, name, values)
+    itl = _int64(where, "itl_ns", batch.itl_ns)
     if int(table[_ITL_COUNT].sum()) != itl.size:
         raise MalformedBatch(f"{where}: itl_count does not add up to len(itl_ns)")
-    _check_times(where, target, table, itl, time.time_ns() if now_ns is None else now_ns)
+    slack, now = limits.SLACK_NS, time.time_ns() if now_ns is None else now_ns
+    # The window in the agent's clock (Python ints, compared exactly).
+    lo = target.window_start_ns - slack - target.clock_offset_ns
+    hi = (now if target.window_end_ns is None else target.window_end_ns) + slack - target.clock_offset_ns
+    columns = dict(zip(repo.SAMPLE_COLUMNS, table, strict=True))
+    for rule, bad in limits.violations(columns, itl, lo, hi):
+        k = int(np.flatnonzero(bad)[0])
+        raise MalformedBatch(
+            f"{where}: sample {k} (sent_unix_ns {table[_SENT][k]}): {rule}; the window is [{lo}, {hi}] (agent clock)"
+        )
     return repo.BatchIngest(
         assignment_pk=target.assignment_pk,
         run_pk=target.run_pk,
@@ -149,51 +126,15 @@ def to_ingest(
     )
 
 
-def _bounded(where: str, name: str, values: np.ndarray, low: int, high: int) -> None:
-    bad = np.flatnonzero((values < low) | (values > high)) if values.size else values[:0]
-    if bad.size:
-        k = int(bad[0])
-        raise MalformedBatch(f"{where}: {name}[{k}] = {values[k]} is outside [{low}, {high}]")
-
-
-def _check_times(where: str, target: IngestTarget, table: np.ndarray, itl: np.ndarray, now_ns: int) -> None:
-    """Sent times inside the assignment's window; token times in order; each sample's gaps
-    within its own span (they lie between its first and last token)."""
-    if not table.shape[1]:
-        return
-    slack = SENT_SLACK_S * _NS_PER_S
-    start = target.window_start_ns - slack
-    end = (now_ns if target.window_end_ns is None else target.window_end_ns) + slack
-    sent = table[_COL["sent_unix_ns"]]
-    # The window in the agent's clock (the bounds are Python ints, compared exactly).
-    lo, hi = start - target.clock_offset_ns, end - target.clock_offset_ns
-    bad = np.flatnonzero((sent < lo) | (sent > hi))
-    if bad.size:
-        k = int(bad[0])
-        raise MalformedBatch(
-            f"{where}: sent_unix_ns[{k}] = {sent[k]} is outside the assignment's window [{lo}, {hi}]"
-            f" (agent clock, {SENT_SLACK_S} s of slack on each side)"
-        )
-    # Requests are scheduled inside the window too: sent - queue_delay >= its start.
-    early = np.flatnonzero(sent - table[_COL["queue_delay_ns"]] < lo)
-    if early.size:
-        k = int(early[0])
-        raise MalformedBatch(f"{where}: queue_delay_ns[{k}] puts the request's schedule before the assignment")
-    first, last = table[_COL["first_token_ns"]], table[_COL["last_token_ns"]]
-    disordered = np.flatnonzero((first > 0) & (last > 0) & (last < first))
-    if disordered.size:
-        k = int(disordered[0])
-        raise MalformedBatch(f"{where}: last_token_ns[{k}] is before first_token_ns[{k}]")
-    counts = table[_ITL_COUNT]
-    if itl.size:
-        owners = np.flatnonzero(counts)
-        # In float64: summed in int64, many long gaps could wrap around.
-        sums = np.add.reduceat(itl.astype(np.float64), (np.cumsum(counts) - counts)[owners])
-        span = np.maximum(np.maximum(first, last), table[_COL["done_ns"]])[owners]
-        long = np.flatnonzero(sums > span)
-        if long.size:
-            k = int(owners[long[0]])
-            raise MalformedBatch(f"{where}: the inter-token gaps of sample {k} add up to more than its duration")
+def _int64(where: str, name: str, values: Sequence[int]) -> np.ndarray:
+    """A column as int64; uint64 values beyond int64 (which no limit allows) are refused."""
+    if name not in _UNSIGNED64 and name != "itl_ns":
+        return np.asarray(values, dtype=np.int64)
+    raw = np.asarray(values, dtype=np.uint64)
+    if raw.size and int(raw.max()) > np.iinfo(np.int64).max:
+        k = int(np.argmax(raw))
+        raise MalformedBatch(f"{where}: {name}[{k}] = {raw[k]} is larger than any sample allows")
+    return raw.astype(np.int64)
 
 
 class Ingestor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 import numpy as np
@@ -433,6 +433,12 @@ class StageSamples:
     requested_output_tokens: np.ndarray
     max_loop_lag_ms: float
     max_cpu_percent: float
+    first_byte_ns: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    # Per sample: index into `windows`, the (created_at, ended_at or None, clock_offset_ns) of
+    # the assignment that sent it (controller clock), and the stage's end (None: not ended).
+    assignment: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    windows: list[tuple[int, int | None, int]] = field(default_factory=list)
+    stage_ended_at: int | None = None
 
 
 def load_stage_samples(run_pk: int, stage_idx: int) -> StageSamples:
@@ -441,10 +447,11 @@ def load_stage_samples(run_pk: int, stage_idx: int) -> StageSamples:
     (controller/store/columnar.py). Metrics do not depend on the order of samples."""
     conn = database_proxy.connection()
     assignments = conn.execute(
-        "SELECT pk, agent_name, max_loop_lag_ms, max_cpu_percent FROM assignments"
-        " WHERE run_pk = ? AND stage_idx = ? ORDER BY pk",
+        "SELECT pk, agent_name, max_loop_lag_ms, max_cpu_percent, created_at, ended_at, clock_offset_ns"
+        " FROM assignments WHERE run_pk = ? AND stage_idx = ? ORDER BY pk",
         (run_pk, stage_idx),
     ).fetchall()
+    ended = conn.execute("SELECT ended_at FROM stages WHERE run_pk = ? AND idx = ?", (run_pk, stage_idx)).fetchone()
     names = sorted({a[1] for a in assignments})
     lag = max((float(a[2]) for a in assignments), default=0.0)
     cpu = max((float(a[3]) for a in assignments), default=0.0)
@@ -455,14 +462,19 @@ def load_stage_samples(run_pk: int, stage_idx: int) -> StageSamples:
         return StageSamples(SampleColumns.empty(), empty, names, empty, empty, lag, cpu)
     name_of = {int(a[0]): names.index(a[1]) for a in assignments}
     agent = np.repeat(np.array([name_of[pk] for pk in batch_assignments], dtype=np.int64), counts)
+    index_of = {int(a[0]): i for i, a in enumerate(assignments)}
+    assignment = np.repeat(np.array([index_of[pk] for pk in batch_assignments], dtype=np.int64), counts)
+    windows = [(int(a[4]), None if a[5] is None else int(a[5]), int(a[6] or 0)) for a in assignments]
     col = columnar.COL
     columns = SampleColumns(
         **{name: table[col[name]] for name in SampleColumns.__dataclass_fields__ if name != "itl_ns"},
         itl_ns=itl,
     )
     return StageSamples(
-        columns, agent, names, table[col["requested_input_tokens"]], table[col["requested_output_tokens"]], lag, cpu
-    )
+        columns, agent, names, table[col["requested_input_tokens"]], table[col["requested_output_tokens"]], lag, cpu,
+        first_byte_ns=table[col["first_byte_ns"]], assignment=assignment, windows=windows,
+        stage_ended_at=None if ended is None or ended[0] is None else int(ended[0]),
+    )  # fmt: skip
 
 
 def load_stage_columns(run_pk: int, stage_idx: int) -> SampleColumns:
