@@ -86,7 +86,8 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
             )
         except AssignmentRefused as exc:
             await self._refuse(peer, session, grpc.StatusCode.PERMISSION_DENIED, exc.message, exc.run_id)
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, exc.message)
+            _end_with(context, grpc.StatusCode.PERMISSION_DENIED, exc.message)
+            return
         interval, lease = duration_pb2.Duration(), duration_pb2.Duration()
         interval.FromNanoseconds(int(self._heartbeat_interval_s * 1e9))
         lease.FromNanoseconds(int(self._coordinator.lease_s * 1e9))
@@ -125,7 +126,7 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
             await asyncio.shield(self._coordinator.agent_disconnected(session))
         refusal = reader.exception() if reader.done() and not reader.cancelled() else None
         if isinstance(refusal, _Refusal):
-            await context.abort(refusal.code, refusal.message)
+            _end_with(context, refusal.code, refusal.message)
 
     async def _refuse(
         self, peer: str, session: AgentSession, code: grpc.StatusCode, message: str, run_id: str
@@ -228,6 +229,14 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
             await self._coordinator.batch_refused(session, batch.assignment_id, message)
             session.close(message)
             raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT, message) from None
+
+
+def _end_with(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    """End the stream with a status once the handler returns. Not `abort`: that sends the
+    status at once, and the call's end then cancels the handler while the auth wrapper is
+    still iterating it (controller/auth.py `_until`), which turned the refusal into INTERNAL."""
+    context.set_code(code)
+    context.set_details(message)
 
 
 def _stamped(message: agent_service_pb2.ConnectResponse) -> agent_service_pb2.ConnectResponse:
