@@ -67,8 +67,8 @@ class IngestObserver(Protocol):
 _STATUS = repo.SAMPLE_COLUMNS.index("status")
 _ITL_COUNT = repo.SAMPLE_COLUMNS.index("itl_count")
 _SENT = repo.SAMPLE_COLUMNS.index("sent_unix_ns")
-# Columns sent as uint64: read as such (larger than int64 would not convert), bounded, stored as int64.
-_UNSIGNED64 = frozenset({"queue_delay_ns", "first_byte_ns", "first_token_ns", "last_token_ns", "done_ns"})
+# Columns sent as uint64: read as such and reinterpreted as int64 (a value beyond int64 turns negative and is refused).
+_UNSIGNED64 = frozenset({"queue_delay_ns", "first_byte_ns", "first_token_ns", "last_token_ns", "done_ns", "itl_ns"})
 
 
 class MalformedBatch(ValueError):
@@ -95,8 +95,8 @@ def to_ingest(
             if not values and name.startswith("requested_"):
                 continue
             raise MalformedBatch(f"{where}: sample columns differ in length ({name} has {len(values)}, error {n})")
-        table[i] = _int64(where, name, values)
-    itl = _int64(where, "itl_ns", batch.itl_ns)
+        table[i] = _int64(name, values)
+    itl = _int64("itl_ns", batch.itl_ns)
     if int(table[_ITL_COUNT].sum()) != itl.size:
         raise MalformedBatch(f"{where}: itl_count does not add up to len(itl_ns)")
     slack, now = limits.SLACK_NS, time.time_ns() if now_ns is None else now_ns
@@ -126,15 +126,12 @@ def to_ingest(
     )
 
 
-def _int64(where: str, name: str, values: Sequence[int]) -> np.ndarray:
-    """A column as int64; uint64 values beyond int64 (which no limit allows) are refused."""
-    if name not in _UNSIGNED64 and name != "itl_ns":
+def _int64(name: str, values: Sequence[int]) -> np.ndarray:
+    """A column as int64. uint64 columns are read as such and reinterpreted: a value beyond
+    int64 becomes negative, which every limit refuses."""
+    if name not in _UNSIGNED64:
         return np.asarray(values, dtype=np.int64)
-    raw = np.asarray(values, dtype=np.uint64)
-    if raw.size and int(raw.max()) > np.iinfo(np.int64).max:
-        k = int(np.argmax(raw))
-        raise MalformedBatch(f"{where}: {name}[{k}] = {raw[k]} is larger than any sample allows")
-    return raw.astype(np.int64)
+    return np.asarray(values, dtype=np.uint64).view(np.int64)
 
 
 class Ingestor:
