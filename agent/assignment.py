@@ -137,6 +137,11 @@ class AssignmentRunner:
         return self._assign.assignment_id
 
     @property
+    def resume_token(self) -> str:
+        """The secret of the Assign; presented in Hello to resume the assignment."""
+        return self._assign.resume_token
+
+    @property
     def batcher(self) -> SampleBatcher:
         """The assignment's batcher."""
         return self._batcher

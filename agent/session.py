@@ -3,8 +3,9 @@
 Connection lifecycle (`AgentSession.run`):
 
 1. Open a channel and the bidi stream with our API key as call metadata; send `Hello`
-   (name, labels, version, ids of assignments still running in this process) and wait for
-   `Welcome` (session id, heartbeat interval).
+   (name, labels, version, ids of assignments still running in this process, and the
+   resume token of every assignment it holds, which proves they were given to it) and
+   wait for `Welcome` (session id, heartbeat interval).
 2. Replay, in order, every assignment's unacked batches (batch_seq order) followed by its
    final `AssignmentUpdate` if it has finished, then let live traffic through. Replay and
    switching live traffic to the new stream happen in one event-loop step, so nothing
@@ -489,6 +490,8 @@ class AgentSession:
                 labels=self._labels,
                 version=__version__,
                 active_assignment_ids=[r.assignment_id for r in self._assignments.values() if not r.finished],
+                # Every assignment held, finished ones too: their replays need the proof as well.
+                resume_tokens={r.assignment_id: r.resume_token for r in self._assignments.values()},
             )
         )
 

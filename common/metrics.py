@@ -40,6 +40,11 @@ ERROR_KINDS: Final[Mapping[int, str]] = MappingProxyType(
 UNKNOWN_ERROR_KIND: Final = "unknown"
 
 PERCENTILES: Final = (50.0, 90.0, 95.0, 99.0, 99.9)
+# The per-second series covers at most this many seconds (8 days: the longest stage a spec
+# may set, 7 days, plus its requests' timeouts and more). It is sized by the span of the
+# samples, which the controller bounds before computing (controller/domain/sample_limits.py);
+# this keeps any other input from allocating without limit. Later seconds are left out.
+MAX_SERIES_SECONDS: Final = 8 * 24 * 3600
 _NS_PER_MS: Final = 1e6
 _NS_PER_S: Final = 1_000_000_000
 
@@ -321,11 +326,12 @@ def _time_series(
     ok_end_second = end_second[ok]
     tokens = _output_tokens_by_second(ok_cols, t0)
     # Token events never come after their request's end, but a bucket is kept for each anyway.
-    n = max(int(end_second.max()) + 1, len(tokens))
-    tokens = _add(tokens, np.zeros(n))
-    completed = np.bincount(ok_end_second, minlength=n)
-    errors = np.bincount(end_second[~ok], minlength=n)
-    has_ttft = ok_cols.first_token_ns > 0
+    n = min(max(int(end_second.max()) + 1, len(tokens)), MAX_SERIES_SECONDS)
+    tokens = _add(tokens, np.zeros(n))[:n]
+    in_series = (end_second >= 0) & (end_second < n)
+    completed = np.bincount(ok_end_second[in_series[ok]], minlength=n)
+    errors = np.bincount(end_second[~ok & in_series], minlength=n)
+    has_ttft = (ok_cols.first_token_ns > 0) & in_series[ok]
     ttft_p50, ttft_p99 = (
         _grouped_percentiles(ok_end_second[has_ttft], ok_cols.first_token_ns[has_ttft], n, (50.0, 99.0)) / _NS_PER_MS
     )
@@ -530,7 +536,10 @@ def _grouped_percentiles(groups: IntArray, values: IntArray, n_groups: int, perc
 
 
 def _histogram(seconds: IntArray, weights: FloatArray) -> FloatArray:
-    """Sum of `weights` per second index."""
+    """Sum of `weights` per second index (indexes outside the series are left out)."""
+    if len(seconds) and (int(seconds.min()) < 0 or int(seconds.max()) >= MAX_SERIES_SECONDS):
+        keep = (seconds >= 0) & (seconds < MAX_SERIES_SECONDS)
+        seconds, weights = seconds[keep], weights[keep]
     return np.asarray(np.bincount(seconds, weights=weights), dtype=np.float64)
 
 

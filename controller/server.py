@@ -104,7 +104,7 @@ class Controller:
         )
         run_service_pb2_grpc.add_RunServiceServicer_to_server(RunServiceServicer(self.runs), self.server)
         agent_service_pb2_grpc.add_AgentServiceServicer_to_server(
-            AgentServiceServicer(self.coordinator, self.ingestor, heartbeat_interval_s), self.server
+            AgentServiceServicer(self.coordinator, self.ingestor, heartbeat_interval_s, self.audit), self.server
         )
         key_service_pb2_grpc.add_KeyServiceServicer_to_server(KeyServiceServicer(self.keys, self.audit), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

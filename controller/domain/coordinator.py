@@ -28,9 +28,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import hmac
+import secrets
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import structlog
@@ -65,6 +67,9 @@ TAKEOVER_LEAD_S = 0.05
 # Less than this left of a stage: a lost share is not worth handing over.
 MIN_TAKEOVER_S = 0.25
 DEFAULT_WAIT_TIMEOUT_S = 300.0
+# A Hello may claim at most this many assignments (an agent holds its running ones and at
+# most 256 finished ones waiting for acks: agent/session.py MAX_RETAINED_FINISHED).
+MAX_RESUME_CLAIMS = 1024
 INTERRUPT_REASON = "the controller stopped while the run was running"
 
 _FINAL = (
@@ -110,6 +115,20 @@ def stage_shares(stage: run_pb2.Stage, agents: int) -> list[run_pb2.Stage | None
         share.warmup_requests = warmups[i]
         shares.append(share)
     return shares
+
+
+class AssignmentRefused(Exception):
+    """A session reported for, or tried to resume, an assignment it was not given."""
+
+    def __init__(self, assignment_id: str, run_id: str, message: str) -> None:
+        super().__init__(message)
+        self.assignment_id = assignment_id
+        self.run_id = run_id
+        self.message = message
+
+
+def token_sha256(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def derive_seed(seed: int, stage_idx: int, agent_idx: int) -> int:
@@ -169,6 +188,10 @@ class ActiveAssignment:
     assign_message: agent_service_pb2.ConnectResponse | None = None
     takeover: bool = False
     cancel_sent: bool = False
+    # SHA-256 of the resume token sent in the Assign (the agent proves the assignment with it).
+    resume_token_sha256: str = ""
+    created_ns: int = 0
+    clock_offset_ns: int = 0  # the agent's estimated offset when the Assign went out
 
 
 @dataclass(eq=False)
@@ -457,15 +480,21 @@ class RunCoordinator:
         session = slot.session
         assert session is not None
         assignment_id = f"asg_{uuid.uuid4().hex[:16]}"
+        # The assignment id is no secret (ListAgents shows it); the token is, and only its
+        # hash is kept, so a reconnecting agent proves it was given the assignment.
+        resume_token = secrets.token_urlsafe(24)
+        created_ns = time.time_ns()
         pk = await self._db.write(
             repo.insert_assignment, assignment_id, ex.record.pk, st.idx, session.session_id,
             session.name, share.concurrency or share.max_concurrency, share.requests,
-            agent_service_pb2.ASSIGNMENT_STATE_RUNNING, time.time_ns(),
+            agent_service_pb2.ASSIGNMENT_STATE_RUNNING, created_ns, token_sha256(resume_token),
         )  # fmt: skip
         a = ActiveAssignment(
-            assignment_id, pk, ex, st.idx, slot, share=share, stage_run=st, agent_name=session.name, takeover=takeover
-        )
+            assignment_id, pk, ex, st.idx, slot, share=share, stage_run=st, agent_name=session.name, takeover=takeover,
+            resume_token_sha256=token_sha256(resume_token), created_ns=created_ns,
+        )  # fmt: skip
         self.assignments[assignment_id] = a
+        session.owned.add(assignment_id)
         st.active.append(a)
         st.changed.set()
         if not session.assignment_id:
@@ -480,7 +509,7 @@ class RunCoordinator:
             assign=agent_service_pb2.Assign(
                 assignment_id=assignment_id, run_id=ex.run_id, stage_index=st.idx,
                 target=target, workload=workload, stage=share, dataset_entries=ex.dataset,
-                takeover=takeover, server_metrics=server_metrics,
+                takeover=takeover, server_metrics=server_metrics, resume_token=resume_token,
             )
         )  # fmt: skip
         if takeover:
@@ -496,6 +525,7 @@ class RunCoordinator:
                 continue
             assign = a.assign_message.assign
             assign.start_unix_ns, assign.clock_offset_ns = start_ns, session.clock.offset_ns
+            a.clock_offset_ns = session.clock.offset_ns
             session.send(a.assign_message)
             a.assign_message = None
         for a in assignments:
@@ -716,6 +746,41 @@ class RunCoordinator:
 
     # --- agent stream events (called by the AgentService servicer) ------------------------
 
+    async def prove_resume(self, active_assignment_ids: list[str], resume_tokens: Mapping[str, str]) -> set[str]:
+        """The assignments a connecting agent proved it was given (each claimed one that
+        exists, with its resume token); raises AssignmentRefused for a claim it cannot prove
+        (e.g. another agent's assignment id, as ListAgents shows them)."""
+        claimed = [*dict.fromkeys([*active_assignment_ids, *resume_tokens])]
+        if len(claimed) > MAX_RESUME_CLAIMS:
+            raise AssignmentRefused("", "", f"Hello claims {len(claimed)} assignments (at most {MAX_RESUME_CLAIMS})")
+        proven: set[str] = set()
+        for assignment_id in claimed:
+            found = await self._token_of(assignment_id)
+            if found is None:
+                continue  # unknown (e.g. its run was deleted): nothing to take over
+            expected, run_id = found
+            token = resume_tokens.get(assignment_id, "")
+            if not expected or not hmac.compare_digest(token_sha256(token), expected):
+                raise AssignmentRefused(
+                    assignment_id, run_id,
+                    f"assignment {assignment_id[:64]} was not given to this agent (missing or wrong resume token)",
+                )  # fmt: skip
+            proven.add(assignment_id)
+        return proven
+
+    async def _token_of(self, assignment_id: str) -> tuple[str, str] | None:
+        """(resume token hash, run id) of an assignment, live or stored; None if unknown."""
+        a = self.assignments.get(assignment_id)
+        if a is not None:
+            return a.resume_token_sha256, a.execution.run_id
+        found = await self._db.read(repo.lookup_assignment, assignment_id)
+        return (found.resume_token_sha256, found.run_id) if found is not None else None
+
+    async def run_of_assignment(self, assignment_id: str) -> str | None:
+        """The run an assignment belongs to (live or stored); None if there is no such assignment."""
+        found = await self._token_of(assignment_id)
+        return found[1] if found is not None else None
+
     async def agent_connected(self, session: AgentSession, active_assignment_ids: list[str]) -> None:
         await self._db.write(
             repo.record_agent_connected, session.session_id, session.name, session.labels,
@@ -724,7 +789,7 @@ class RunCoordinator:
         log.info("agent_connected", session_id=session.session_id, agent=session.name)
         for assignment_id in active_assignment_ids:
             a = self.assignments.get(assignment_id)
-            if a is None or a.done.is_set() or a.execution.cancelled.is_set():
+            if a is None or a.done.is_set() or a.execution.cancelled.is_set() or assignment_id not in session.owned:
                 # Stale (lost, finished, or from before a controller restart): drop it.
                 session.send(
                     agent_service_pb2.ConnectResponse(
@@ -737,6 +802,7 @@ class RunCoordinator:
             old = a.slot.session
             if old is not None and old is not session:
                 old.run_id = old.assignment_id = ""
+                old.owned.discard(assignment_id)
             a.slot.session = session
             session.run_id = a.execution.run_id
             session.assignment_id = assignment_id
@@ -830,13 +896,28 @@ class RunCoordinator:
     # --- ingest support ------------------------------------------------------------------
 
     async def resolve_batch(self, assignment_id: str) -> IngestTarget | None:
-        """Where a batch belongs: in memory for live assignments, else from the database."""
+        """Where a batch belongs, and the window of its samples: in memory for live
+        assignments, else from the database (the caller checked the session owns it)."""
         a = self.assignments.get(assignment_id)
         if a is not None:
             ex = a.execution
-            return IngestTarget(a.pk, ex.record.pk, ex.run_id, a.stage_idx)
+            return IngestTarget(a.pk, ex.record.pk, ex.run_id, a.stage_idx, a.created_ns, None, a.clock_offset_ns)
         found = await self._db.read(repo.lookup_assignment, assignment_id)
-        return IngestTarget(*found) if found is not None else None
+        if found is None:
+            return None
+        return IngestTarget(found.pk, found.run_pk, found.run_id, found.stage_idx, found.created_at, found.ended_at,
+                            found.clock_offset_ns)  # fmt: skip
+
+    async def batch_refused(self, session: AgentSession, assignment_id: str, reason: str) -> None:
+        """An owned assignment's agent sent a batch that cannot be stored: the batch is
+        dropped, the run says so, and a live assignment counts as lost (its agent is not
+        trusted to report it; the run's on_agent_loss policy applies)."""
+        a = self.assignments.get(assignment_id)
+        if a is None:
+            return
+        ex = a.execution
+        await self.add_event(ex.run_id, ex.record.pk, "batch_refused", f"{session.name}: {reason}"[:1000])
+        await self._lose(a, f"{session.name} sent a sample batch that was refused")
 
     def batch_committed(
         self, session: AgentSession, target: IngestTarget, assignment_id: str, batch_seq: int,

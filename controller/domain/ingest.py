@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,6 +19,7 @@ import numpy as np
 import structlog
 
 from common.proto.loadtest.v1 import agent_service_pb2
+from controller.domain import sample_limits as limits
 from controller.domain.server_metrics import scrape_rows
 from controller.store import repository as repo
 from controller.store.database import Database
@@ -28,15 +29,21 @@ log = structlog.get_logger(__name__)
 MAX_BATCHES_PER_COMMIT = 64
 QUEUE_BATCHES = 512
 
+MAX_ERROR_CHARS = 1000
+
 
 @dataclass(frozen=True)
 class IngestTarget:
-    """Where a batch belongs, as resolved by the coordinator."""
+    """Where a batch belongs, as resolved by the coordinator, and the window its samples
+    must lie in (controller clock)."""
 
     assignment_pk: int
     run_pk: int
     run_id: str
     stage_idx: int
+    window_start_ns: int  # when the assignment was created
+    window_end_ns: int | None  # when it ended; None while it runs (the window ends now)
+    clock_offset_ns: int  # controller clock minus the agent's clock
 
 
 @dataclass(frozen=True)
@@ -59,15 +66,26 @@ class IngestObserver(Protocol):
 
 _STATUS = repo.SAMPLE_COLUMNS.index("status")
 _ITL_COUNT = repo.SAMPLE_COLUMNS.index("itl_count")
+_SENT = repo.SAMPLE_COLUMNS.index("sent_unix_ns")
+# Columns sent as uint64: read as such and reinterpreted as int64 (a value beyond int64 turns negative and is refused).
+_UNSIGNED64 = frozenset({"queue_delay_ns", "first_byte_ns", "first_token_ns", "last_token_ns", "done_ns", "itl_ns"})
 
 
 class MalformedBatch(ValueError):
-    """A batch whose columns disagree in length."""
+    """A batch that cannot be stored: columns that disagree in length, or impossible values.
+    The message names the batch, the column and the first offending sample."""
 
 
-def to_ingest(target: IngestTarget, batch: agent_service_pb2.SampleBatch) -> repo.BatchIngest:
-    """Check a batch's shape and turn it into a column table for the writer (numpy reads the
-    packed repeated fields in a few microseconds each; no Python loop per sample)."""
+def to_ingest(
+    target: IngestTarget, batch: agent_service_pb2.SampleBatch, now_ns: int | None = None
+) -> repo.BatchIngest:
+    """Check a batch's shape and every value against controller/domain/sample_limits.py, and
+    turn it into a column table for the writer (numpy reads the packed repeated fields in a
+    few microseconds each; no Python loop per sample). Raises MalformedBatch naming the
+    batch, the rule and the first sample breaking it."""
+    where = f"SampleBatch {batch.assignment_id[:64]} #{batch.batch_seq}"
+    if not 1 <= batch.batch_seq <= limits.MAX_BATCH_SEQ:
+        raise MalformedBatch(f"{where}: batch_seq must be between 1 and {limits.MAX_BATCH_SEQ}")
     n = len(batch.error)
     table = np.zeros((len(repo.SAMPLE_COLUMNS), n), dtype=np.int64)
     for i, name in enumerate(repo.SAMPLE_COLUMNS):
@@ -76,11 +94,21 @@ def to_ingest(target: IngestTarget, batch: agent_service_pb2.SampleBatch) -> rep
             # Agents older than the requested-length columns send none: zeros ("unknown").
             if not values and name.startswith("requested_"):
                 continue
-            raise MalformedBatch("sample columns differ in length")
-        table[i] = np.asarray(values, dtype=np.int64)
-    itl = np.asarray(batch.itl_ns, dtype=np.int64)
+            raise MalformedBatch(f"{where}: sample columns differ in length ({name} has {len(values)}, error {n})")
+        table[i] = _int64(name, values)
+    itl = _int64("itl_ns", batch.itl_ns)
     if int(table[_ITL_COUNT].sum()) != itl.size:
-        raise MalformedBatch("itl_count does not add up to len(itl_ns)")
+        raise MalformedBatch(f"{where}: itl_count does not add up to len(itl_ns)")
+    slack, now = limits.SLACK_NS, time.time_ns() if now_ns is None else now_ns
+    # The window in the agent's clock (Python ints, compared exactly).
+    lo = target.window_start_ns - slack - target.clock_offset_ns
+    hi = (now if target.window_end_ns is None else target.window_end_ns) + slack - target.clock_offset_ns
+    columns = dict(zip(repo.SAMPLE_COLUMNS, table, strict=True))
+    for rule, bad in limits.violations(columns, itl, lo, hi):
+        k = int(np.flatnonzero(bad)[0])
+        raise MalformedBatch(
+            f"{where}: sample {k} (sent_unix_ns {table[_SENT][k]}): {rule}; the window is [{lo}, {hi}] (agent clock)"
+        )
     return repo.BatchIngest(
         assignment_pk=target.assignment_pk,
         run_pk=target.run_pk,
@@ -88,10 +116,22 @@ def to_ingest(target: IngestTarget, batch: agent_service_pb2.SampleBatch) -> rep
         batch_seq=batch.batch_seq,
         columns=table,
         # Only failed samples carry a message (agent/sample.py `fail`): look at those alone.
-        errors=[(i, e) for i in np.flatnonzero(table[_STATUS] != repo.OK_STATUS).tolist() if (e := batch.error[i])],
+        errors=[
+            (i, e[:MAX_ERROR_CHARS])
+            for i in np.flatnonzero(table[_STATUS] != repo.OK_STATUS).tolist()
+            if (e := batch.error[i])
+        ],
         itl_ns=itl.astype("<i8", copy=False).tobytes(),
         server_scrapes=scrape_rows(batch.server_scrapes),
     )
+
+
+def _int64(name: str, values: Sequence[int]) -> np.ndarray:
+    """A column as int64. uint64 columns are read as such and reinterpreted: a value beyond
+    int64 becomes negative, which every limit refuses."""
+    if name not in _UNSIGNED64:
+        return np.asarray(values, dtype=np.int64)
+    return np.asarray(values, dtype=np.uint64).view(np.int64)
 
 
 class Ingestor:
@@ -137,17 +177,8 @@ class Ingestor:
             items = [await self._queue.get()]
             while len(items) < MAX_BATCHES_PER_COMMIT and not self._queue.empty():
                 items.append(self._queue.get_nowait())
-            started = time.perf_counter()
-            try:
-                outcomes = await self._db.write(repo.ingest_batches, [i.batch for i in items])
-                if self._observer is not None:
-                    self._observer.commit_took(time.perf_counter() - started)
-            except Exception:
-                # Nothing was committed, so nothing is acked: the agents replay these
-                # batches after their next reconnect.
-                log.exception("ingest_failed", batches=len(items))
-                outcomes = []
-            for item, outcome in zip(items, outcomes, strict=False):
+            results = await self._write(items)
+            for item, outcome in results:
                 try:
                     if self._observer is not None:
                         self._observer.committed(item.run_id, item.batch, outcome)
@@ -156,3 +187,25 @@ class Ingestor:
                     log.exception("ingest_callback_failed", assignment_id=item.assignment_id)
             for _ in items:
                 self._queue.task_done()
+
+    async def _write(self, items: list[_Item]) -> list[tuple[_Item, repo.IngestOutcome]]:
+        """Commit `items` in one transaction; if it fails, each one alone, so that a batch
+        that cannot be written fails by itself and never takes the others down with it."""
+        started = time.perf_counter()
+        try:
+            outcomes = await self._db.write(repo.ingest_batches, [i.batch for i in items])
+            if self._observer is not None:
+                self._observer.commit_took(time.perf_counter() - started)
+            return list(zip(items, outcomes, strict=True))
+        except Exception:
+            if len(items) == 1:
+                # Nothing was committed, so nothing is acked: the agent replays the batch
+                # after its next reconnect.
+                log.exception("ingest_failed", assignment_id=items[0].assignment_id,
+                              batch_seq=items[0].batch.batch_seq)  # fmt: skip
+                return []
+            log.warning("ingest_group_failed_retrying_alone", batches=len(items))
+        done: list[tuple[_Item, repo.IngestOutcome]] = []
+        for item in items:
+            done.extend(await self._write([item]))
+        return done

@@ -83,6 +83,7 @@ def stage_message(s: StageOutcome) -> run_pb2.StageResult:
     out.mean_input_tokens = s.mean_input_tokens
     out.mean_requested_output_tokens = s.mean_requested_output_tokens
     out.mean_output_tokens = s.mean_output_tokens
+    out.samples_ignored, out.samples_ignored_reason = s.samples_ignored, s.samples_ignored_reason
     fleet = s.fleet
     if fleet is not None:
         out.start_skew_ms, out.requests_lost = fleet.start_skew_ms, fleet.requests_lost

@@ -7,13 +7,17 @@ Runs on a read-pool thread (pure numpy over one SQLite read per stage).
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import structlog
 from google.protobuf import json_format
 
 from common.metrics import SampleColumns, Slo, StageMetrics, compute_stage_metrics
 from common.proto.loadtest.v1 import run_pb2
+from controller.domain import sample_limits as limits
 from controller.domain.checks import parse_check
 from controller.domain.server_metrics import ServerStageOutcome, stage_server_metrics
 from controller.domain.stage_split import stage_and_agent_metrics
@@ -25,6 +29,8 @@ from controller.store import repository as repo
 SATURATION_LOOP_LAG_MS = 50.0
 SATURATION_SEND_LAG_P99_MS = 50.0
 SATURATION_CPU_PERCENT = 95.0
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,8 @@ class StageOutcome:
     fleet: StageFleet | None = None
     server_metrics: ServerStageOutcome | None = None
     target: TargetSaturation = NOT_SATURATED
+    samples_ignored: int = 0
+    samples_ignored_reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -145,6 +153,44 @@ def _saturation(stage: run_pb2.Stage, m: StageMetrics, lag_ms: float, cpu: float
     return bool(reasons), "; ".join(reasons)
 
 
+def admissible_samples(data: repo.StageSamples, now_ns: int) -> tuple[repo.StageSamples, int, str]:
+    """The stage's samples without those outside controller/domain/sample_limits.py, how many
+    were left out and why. Ingest refuses such samples; stored ones come from older versions,
+    and left in, one of them can make the per-second series as long as it likes."""
+    cols = data.columns
+    if not len(cols):
+        return data, 0, ""
+    slack = limits.SLACK_NS
+    # Each assignment's window in its agent's clock: from its creation to its end (else the
+    # stage's, else now), widened by the slack, as ingest checks it.
+    lo = np.array([start - slack - offset for start, _, offset in data.windows], dtype=np.int64)
+    hi = np.array(
+        [(end if end is not None else data.stage_ended_at or now_ns) + slack - offset
+         for _, end, offset in data.windows],
+        dtype=np.int64,
+    )  # fmt: skip
+    columns = {name: getattr(cols, name) for name in repo.SAMPLE_COLUMNS if hasattr(cols, name)}
+    columns |= {"first_byte_ns": data.first_byte_ns, "requested_input_tokens": data.requested_input_tokens,
+                "requested_output_tokens": data.requested_output_tokens}  # fmt: skip
+    bad = np.zeros(len(cols), dtype=np.bool_)
+    rules: list[str] = []
+    for rule, broken in limits.violations(columns, cols.itl_ns, lo[data.assignment], hi[data.assignment]):
+        rules.append(f"{rule} ({int(broken.sum())})")
+        bad |= broken
+    ignored = int(bad.sum())
+    if not ignored:
+        return data, 0, ""
+    keep = ~bad
+    kept = dataclasses.replace(
+        data, columns=cols.select(keep), agent=data.agent[keep], assignment=data.assignment[keep],
+        requested_input_tokens=data.requested_input_tokens[keep],
+        requested_output_tokens=data.requested_output_tokens[keep], first_byte_ns=data.first_byte_ns[keep],
+    )  # fmt: skip
+    return kept, ignored, f"{ignored} stored samples are impossible for this stage and were left out: " + "; ".join(
+        rules
+    )
+
+
 def compute_run_result(run_pk: int, spec: run_pb2.RunSpec, state: int) -> RunOutcome:
     slo = slo_of(spec)
     checks = [parse_check(c.expression, c.abort_on_fail) for c in spec.checks]
@@ -152,7 +198,9 @@ def compute_run_result(run_pk: int, spec: run_pb2.RunSpec, state: int) -> RunOut
     every_stage: list[SampleColumns] = []
     for idx in repo.stage_indexes_with_samples(run_pk):
         stage = spec.stages[idx] if idx < len(spec.stages) else run_pb2.Stage()
-        data = repo.load_stage_samples(run_pk, idx)
+        data, ignored, ignored_reason = admissible_samples(repo.load_stage_samples(run_pk, idx), time.time_ns())
+        if ignored:
+            log.warning("stored_samples_ignored", run_pk=run_pk, stage=idx, samples=ignored, reason=ignored_reason)
         cols = data.columns
         metrics, agents = stage_and_agent_metrics(data, slo)
         every_stage.append(cols)
@@ -175,6 +223,7 @@ def compute_run_result(run_pk: int, spec: run_pb2.RunSpec, state: int) -> RunOut
                 mean_output_tokens=float(cols.output_tokens[ok].mean()) if ok.any() else 0.0,
                 fleet=stage_fleet(run_pk, idx),
                 server_metrics=server, target=target_saturation(stage, metrics, cols, server),
+                samples_ignored=ignored, samples_ignored_reason=ignored_reason,
             )
         )  # fmt: skip
     all_checks = [c for s in stages for c in s.checks]

@@ -249,6 +249,16 @@ MIGRATIONS: Sequence[tuple[int, str, str | Callable[[Database], None]]] = (
         );
         """,
     ),
+    (
+        9,
+        "assignment resume tokens",
+        """
+        -- SHA-256 (hex) of the secret sent in an assignment's Assign: a reconnecting agent
+        -- presents the secret to resume the assignment (empty: from before migration 9,
+        -- cannot be resumed).
+        ALTER TABLE assignments ADD COLUMN resume_token_sha256 TEXT NOT NULL DEFAULT '';
+        """,
+    ),
 )
 
 

@@ -101,6 +101,7 @@ class AssignmentRow(BaseModel):
     started_ns = IntegerField(null=True)
     clock_offset_ns = IntegerField(default=0)
     takeover = IntegerField(default=0)
+    resume_token_sha256 = TextField(default="")  # migration 9
 
     class Meta:
         table_name = "assignments"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 import numpy as np
@@ -328,6 +328,7 @@ def insert_assignment(
     requests: int,
     state: int,
     now_ns: int,
+    resume_token_sha256: str = "",
 ) -> int:
     row = AssignmentRow.create(
         assignment_id=assignment_id,
@@ -339,21 +340,37 @@ def insert_assignment(
         requests=requests,
         state=state,
         created_at=now_ns,
+        resume_token_sha256=resume_token_sha256,
     )
     return int(row.pk)
 
 
-def lookup_assignment(assignment_id: str) -> tuple[int, int, str, int] | None:
-    """(assignment pk, run pk, run id, stage index) of a stored assignment."""
-    row = (
-        AssignmentRow.select(AssignmentRow.pk, AssignmentRow.stage_idx, RunRow.pk, RunRow.run_id)
-        .join(RunRow)
-        .where(AssignmentRow.assignment_id == assignment_id)
-        .first()
-    )
+@dataclass(frozen=True)
+class StoredAssignment:
+    """What the ingest path needs of a stored assignment (one that is no longer live)."""
+
+    pk: int
+    run_pk: int
+    run_id: str
+    stage_idx: int
+    resume_token_sha256: str
+    created_at: int  # controller clock
+    ended_at: int | None  # controller clock
+    clock_offset_ns: int  # controller clock minus the agent's, when it was assigned
+
+
+def lookup_assignment(assignment_id: str) -> StoredAssignment | None:
+    row = database_proxy.execute_sql(
+        "SELECT a.pk, a.run_pk, r.run_id, a.stage_idx, a.resume_token_sha256, a.created_at, a.ended_at,"
+        " a.clock_offset_ns FROM assignments a JOIN runs r ON r.pk = a.run_pk WHERE a.assignment_id = ?",
+        (assignment_id,),
+    ).fetchone()
     if row is None:
         return None
-    return int(row.pk), int(row.run.pk), str(row.run.run_id), int(row.stage_idx)
+    return StoredAssignment(
+        int(row[0]), int(row[1]), str(row[2]), int(row[3]), str(row[4]), int(row[5]),
+        None if row[6] is None else int(row[6]), int(row[7] or 0),
+    )  # fmt: skip
 
 
 def update_assignment(assignment_pk: int, **fields: object) -> None:
@@ -416,6 +433,12 @@ class StageSamples:
     requested_output_tokens: np.ndarray
     max_loop_lag_ms: float
     max_cpu_percent: float
+    first_byte_ns: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    # Per sample: index into `windows`, the (created_at, ended_at or None, clock_offset_ns) of
+    # the assignment that sent it (controller clock), and the stage's end (None: not ended).
+    assignment: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    windows: list[tuple[int, int | None, int]] = field(default_factory=list)
+    stage_ended_at: int | None = None
 
 
 def load_stage_samples(run_pk: int, stage_idx: int) -> StageSamples:
@@ -424,10 +447,11 @@ def load_stage_samples(run_pk: int, stage_idx: int) -> StageSamples:
     (controller/store/columnar.py). Metrics do not depend on the order of samples."""
     conn = database_proxy.connection()
     assignments = conn.execute(
-        "SELECT pk, agent_name, max_loop_lag_ms, max_cpu_percent FROM assignments"
-        " WHERE run_pk = ? AND stage_idx = ? ORDER BY pk",
+        "SELECT pk, agent_name, max_loop_lag_ms, max_cpu_percent, created_at, ended_at, clock_offset_ns"
+        " FROM assignments WHERE run_pk = ? AND stage_idx = ? ORDER BY pk",
         (run_pk, stage_idx),
     ).fetchall()
+    ended = conn.execute("SELECT ended_at FROM stages WHERE run_pk = ? AND idx = ?", (run_pk, stage_idx)).fetchone()
     names = sorted({a[1] for a in assignments})
     lag = max((float(a[2]) for a in assignments), default=0.0)
     cpu = max((float(a[3]) for a in assignments), default=0.0)
@@ -438,14 +462,19 @@ def load_stage_samples(run_pk: int, stage_idx: int) -> StageSamples:
         return StageSamples(SampleColumns.empty(), empty, names, empty, empty, lag, cpu)
     name_of = {int(a[0]): names.index(a[1]) for a in assignments}
     agent = np.repeat(np.array([name_of[pk] for pk in batch_assignments], dtype=np.int64), counts)
+    index_of = {int(a[0]): i for i, a in enumerate(assignments)}
+    assignment = np.repeat(np.array([index_of[pk] for pk in batch_assignments], dtype=np.int64), counts)
+    windows = [(int(a[4]), None if a[5] is None else int(a[5]), int(a[6] or 0)) for a in assignments]
     col = columnar.COL
     columns = SampleColumns(
         **{name: table[col[name]] for name in SampleColumns.__dataclass_fields__ if name != "itl_ns"},
         itl_ns=itl,
     )
     return StageSamples(
-        columns, agent, names, table[col["requested_input_tokens"]], table[col["requested_output_tokens"]], lag, cpu
-    )
+        columns, agent, names, table[col["requested_input_tokens"]], table[col["requested_output_tokens"]], lag, cpu,
+        first_byte_ns=table[col["first_byte_ns"]], assignment=assignment, windows=windows,
+        stage_ended_at=None if ended is None or ended[0] is None else int(ended[0]),
+    )  # fmt: skip
 
 
 def load_stage_columns(run_pk: int, stage_idx: int) -> SampleColumns:

@@ -199,7 +199,7 @@ def test_live_collector_counts_and_buckets_exactly() -> None:
     )  # fmt: skip
     running = {"run_a"}
     collector = LiveRunCollector(lambda: running)
-    collector.observe("run_a", to_ingest(IngestTarget(1, 1, "run_a", 0), batch))
+    collector.observe("run_a", to_ingest(IngestTarget(1, 1, "run_a", 0, 0, 10, 0), batch))
     families = {f.name: f for f in collector.collect()}
     sample = {(s.name, s.labels.get("le")): s.value for f in families.values() for s in f.samples}
     assert sample[("llm_loadtest_run_requests_total", None)] == 3  # the warmup request is not counted

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -51,3 +51,17 @@ def threaded_controller(tmp_path: Path) -> Iterator[ThreadedController]:
         yield tc
     finally:
         tc.close()
+
+
+AGENT_BOOTSTRAP = "bootstrap-admin-key-for-stream-tests"
+
+
+@pytest.fixture
+async def keyed_controller(tmp_path: Path) -> AsyncIterator[Controller]:
+    """A real controller with keys (a bootstrap admin key), reads public, no rate limits."""
+    c = Controller(str(tmp_path / "keyed.db"), api_key=AGENT_BOOTSTRAP, rate_limits=NO_LIMITS, lost_grace_s=3.0)
+    await c.start("127.0.0.1:0")
+    try:
+        yield c
+    finally:
+        await c.stop(1.0)

@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from common.proto.loadtest.v1 import run_pb2 as loadtest_dot_v1_dot_run__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1floadtest/v1/agent_service.proto\x12\x0bloadtest.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15loadtest/v1/run.proto\"\x81\x02\n\x0e\x43onnectRequest\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.loadtest.v1.HelloH\x00\x12+\n\theartbeat\x18\x02 \x01(\x0b\x32\x16.loadtest.v1.HeartbeatH\x00\x12:\n\x11\x61ssignment_update\x18\x03 \x01(\x0b\x32\x1d.loadtest.v1.AssignmentUpdateH\x00\x12\x30\n\x0csample_batch\x18\x04 \x01(\x0b\x32\x18.loadtest.v1.SampleBatchH\x00\x12\'\n\x07goodbye\x18( \x01(\x0b\x32\x14.loadtest.v1.GoodbyeH\x00\x42\x06\n\x04\x62ody\"\xe5\x01\n\x0f\x43onnectResponse\x12\'\n\x07welcome\x18\x01 \x01(\x0b\x32\x14.loadtest.v1.WelcomeH\x00\x12%\n\x06\x61ssign\x18\x02 \x01(\x0b\x32\x13.loadtest.v1.AssignH\x00\x12%\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x13.loadtest.v1.CancelH\x00\x12\x1f\n\x03\x61\x63k\x18\x04 \x01(\x0b\x32\x10.loadtest.v1.AckH\x00\x12\x32\n\rheartbeat_ack\x18( \x01(\x0b\x32\x19.loadtest.v1.HeartbeatAckH\x00\x42\x06\n\x04\x62ody\"\xa4\x01\n\x05Hello\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\x06labels\x18\x02 \x03(\x0b\x32\x1e.loadtest.v1.Hello.LabelsEntry\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x1d\n\x15\x61\x63tive_assignment_ids\x18\x04 \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x87\x01\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x31\n\x0elease_duration\x18( \x01(\x0b\x32\x19.google.protobuf.Duration\"\x95\x01\n\tHeartbeat\x12.\n\nagent_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x06health\x18\x02 \x01(\x0b\x32\x18.loadtest.v1.AgentHealth\x12.\n\x0c\x63lock_sample\x18( \x01(\x0b\x32\x18.loadtest.v1.ClockSample\"o\n\x0cHeartbeatAck\x12\x1a\n\x12\x61gent_send_unix_ns\x18\x01 \x01(\x03\x12\"\n\x1a\x63ontroller_receive_unix_ns\x18\x02 \x01(\x03\x12\x1f\n\x17\x63ontroller_send_unix_ns\x18\x03 \x01(\x03\"\x8d\x01\n\x0b\x43lockSample\x12\x1a\n\x12\x61gent_send_unix_ns\x18\x01 \x01(\x03\x12\"\n\x1a\x63ontroller_receive_unix_ns\x18\x02 \x01(\x03\x12\x1f\n\x17\x63ontroller_send_unix_ns\x18\x03 \x01(\x03\x12\x1d\n\x15\x61gent_receive_unix_ns\x18\x04 \x01(\x03\"\x19\n\x07Goodbye\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xe3\x02\n\x06\x41ssign\x12\x15\n\rassignment_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x13\n\x0bstage_index\x18\x03 \x01(\r\x12#\n\x06target\x18\x04 \x01(\x0b\x32\x13.loadtest.v1.Target\x12\'\n\x08workload\x18\x05 \x01(\x0b\x32\x15.loadtest.v1.Workload\x12!\n\x05stage\x18\x06 \x01(\x0b\x32\x12.loadtest.v1.Stage\x12\x32\n\x0f\x64\x61taset_entries\x18\x07 \x03(\x0b\x32\x19.loadtest.v1.DatasetEntry\x12\x36\n\x0eserver_metrics\x18\x46 \x01(\x0b\x32\x1e.loadtest.v1.ServerMetricsSpec\x12\x15\n\rstart_unix_ns\x18( \x01(\x03\x12\x17\n\x0f\x63lock_offset_ns\x18) \x01(\x03\x12\x10\n\x08takeover\x18* \x01(\x08\"\xaa\x01\n\x10\x41ssignmentUpdate\x12\x15\n\rassignment_id\x18\x01 \x01(\t\x12+\n\x05state\x18\x02 \x01(\x0e\x32\x1c.loadtest.v1.AssignmentState\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x13\n\x0b\x62\x61tch_count\x18\x04 \x01(\x04\x12\x15\n\rrequests_sent\x18\x05 \x01(\x04\x12\x15\n\rstart_unix_ns\x18( \x01(\x03\"\xcb\x03\n\x0bSampleBatch\x12\x15\n\rassignment_id\x18\x01 \x01(\t\x12\x11\n\tbatch_seq\x18\x02 \x01(\x04\x12\x14\n\x0csent_unix_ns\x18\x03 \x03(\x03\x12\x16\n\x0equeue_delay_ns\x18\x04 \x03(\x04\x12\x15\n\rfirst_byte_ns\x18\x05 \x03(\x04\x12\x16\n\x0e\x66irst_token_ns\x18\x06 \x03(\x04\x12\x15\n\rlast_token_ns\x18\x07 \x03(\x04\x12\x0f\n\x07\x64one_ns\x18\x08 \x03(\x04\x12\x15\n\rprompt_tokens\x18\t \x03(\r\x12\x15\n\routput_tokens\x18\n \x03(\r\x12*\n\x06status\x18\x0b \x03(\x0e\x32\x1a.loadtest.v1.RequestStatus\x12\r\n\x05\x66lags\x18\x0c \x03(\r\x12\x11\n\titl_count\x18\r \x03(\r\x12\x0e\n\x06itl_ns\x18\x0e \x03(\x04\x12\r\n\x05\x65rror\x18\x0f \x03(\t\x12\x1e\n\x16requested_input_tokens\x18\x10 \x03(\r\x12\x1f\n\x17requested_output_tokens\x18\x11 \x03(\r\x12\x31\n\x0eserver_scrapes\x18\x46 \x03(\x0b\x32\x19.loadtest.v1.ServerScrape\"/\n\x03\x41\x63k\x12\x15\n\rassignment_id\x18\x01 \x01(\t\x12\x11\n\tbatch_seq\x18\x02 \x01(\x04\"/\n\x06\x43\x61ncel\x12\x15\n\rassignment_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"u\n\x0cServerScrape\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x14\n\x0ctime_unix_ns\x18\x02 \x01(\x03\x12.\n\x06values\x18\x03 \x03(\x0b\x32\x1e.loadtest.v1.ServerMetricValue\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"m\n\x11ServerMetricValue\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06labels\x18\x02 \x01(\t\x12+\n\x04kind\x18\x03 \x01(\x0e\x32\x1d.loadtest.v1.ServerMetricKind\x12\r\n\x05value\x18\x04 \x01(\x01*\xae\x01\n\x0f\x41ssignmentState\x12 \n\x1c\x41SSIGNMENT_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x41SSIGNMENT_STATE_RUNNING\x10\x01\x12\x1e\n\x1a\x41SSIGNMENT_STATE_COMPLETED\x10\x02\x12\x1b\n\x17\x41SSIGNMENT_STATE_FAILED\x10\x03\x12\x1e\n\x1a\x41SSIGNMENT_STATE_CANCELLED\x10\x04\x32X\n\x0c\x41gentService\x12H\n\x07\x43onnect\x12\x1b.loadtest.v1.ConnectRequest\x1a\x1c.loadtest.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1floadtest/v1/agent_service.proto\x12\x0bloadtest.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15loadtest/v1/run.proto\"\x81\x02\n\x0e\x43onnectRequest\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.loadtest.v1.HelloH\x00\x12+\n\theartbeat\x18\x02 \x01(\x0b\x32\x16.loadtest.v1.HeartbeatH\x00\x12:\n\x11\x61ssignment_update\x18\x03 \x01(\x0b\x32\x1d.loadtest.v1.AssignmentUpdateH\x00\x12\x30\n\x0csample_batch\x18\x04 \x01(\x0b\x32\x18.loadtest.v1.SampleBatchH\x00\x12\'\n\x07goodbye\x18( \x01(\x0b\x32\x14.loadtest.v1.GoodbyeH\x00\x42\x06\n\x04\x62ody\"\xe5\x01\n\x0f\x43onnectResponse\x12\'\n\x07welcome\x18\x01 \x01(\x0b\x32\x14.loadtest.v1.WelcomeH\x00\x12%\n\x06\x61ssign\x18\x02 \x01(\x0b\x32\x13.loadtest.v1.AssignH\x00\x12%\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x13.loadtest.v1.CancelH\x00\x12\x1f\n\x03\x61\x63k\x18\x04 \x01(\x0b\x32\x10.loadtest.v1.AckH\x00\x12\x32\n\rheartbeat_ack\x18( \x01(\x0b\x32\x19.loadtest.v1.HeartbeatAckH\x00\x42\x06\n\x04\x62ody\"\x96\x02\n\x05Hello\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\x06labels\x18\x02 \x03(\x0b\x32\x1e.loadtest.v1.Hello.LabelsEntry\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x1d\n\x15\x61\x63tive_assignment_ids\x18\x04 \x03(\t\x12;\n\rresume_tokens\x18\x64 \x03(\x0b\x32$.loadtest.v1.Hello.ResumeTokensEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x33\n\x11ResumeTokensEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x87\x01\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x31\n\x0elease_duration\x18( \x01(\x0b\x32\x19.google.protobuf.Duration\"\x95\x01\n\tHeartbeat\x12.\n\nagent_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x06health\x18\x02 \x01(\x0b\x32\x18.loadtest.v1.AgentHealth\x12.\n\x0c\x63lock_sample\x18( \x01(\x0b\x32\x18.loadtest.v1.ClockSample\"o\n\x0cHeartbeatAck\x12\x1a\n\x12\x61gent_send_unix_ns\x18\x01 \x01(\x03\x12\"\n\x1a\x63ontroller_receive_unix_ns\x18\x02 \x01(\x03\x12\x1f\n\x17\x63ontroller_send_unix_ns\x18\x03 \x01(\x03\"\x8d\x01\n\x0b\x43lockSample\x12\x1a\n\x12\x61gent_send_unix_ns\x18\x01 \x01(\x03\x12\"\n\x1a\x63ontroller_receive_unix_ns\x18\x02 \x01(\x03\x12\x1f\n\x17\x63ontroller_send_unix_ns\x18\x03 \x01(\x03\x12\x1d\n\x15\x61gent_receive_unix_ns\x18\x04 \x01(\x03\"\x19\n\x07Goodbye\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xf9\x02\n\x06\x41ssign\x12\x15\n\rassignment_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x13\n\x0bstage_index\x18\x03 \x01(\r\x12#\n\x06target\x18\x04 \x01(\x0b\x32\x13.loadtest.v1.Target\x12\'\n\x08workload\x18\x05 \x01(\x0b\x32\x15.loadtest.v1.Workload\x12!\n\x05stage\x18\x06 \x01(\x0b\x32\x12.loadtest.v1.Stage\x12\x32\n\x0f\x64\x61taset_entries\x18\x07 \x03(\x0b\x32\x19.loadtest.v1.DatasetEntry\x12\x36\n\x0eserver_metrics\x18\x46 \x01(\x0b\x32\x1e.loadtest.v1.ServerMetricsSpec\x12\x15\n\rstart_unix_ns\x18( \x01(\x03\x12\x17\n\x0f\x63lock_offset_ns\x18) \x01(\x03\x12\x10\n\x08takeover\x18* \x01(\x08\x12\x14\n\x0cresume_token\x18\x64 \x01(\t\"\xaa\x01\n\x10\x41ssignmentUpdate\x12\x15\n\rassignment_id\x18\x01 \x01(\t\x12+\n\x05state\x18\x02 \x01(\x0e\x32\x1c.loadtest.v1.AssignmentState\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x13\n\x0b\x62\x61tch_count\x18\x04 \x01(\x04\x12\x15\n\rrequests_sent\x18\x05 \x01(\x04\x12\x15\n\rstart_unix_ns\x18( \x01(\x03\"\xcb\x03\n\x0bSampleBatch\x12\x15\n\rassignment_id\x18\x01 \x01(\t\x12\x11\n\tbatch_seq\x18\x02 \x01(\x04\x12\x14\n\x0csent_unix_ns\x18\x03 \x03(\x03\x12\x16\n\x0equeue_delay_ns\x18\x04 \x03(\x04\x12\x15\n\rfirst_byte_ns\x18\x05 \x03(\x04\x12\x16\n\x0e\x66irst_token_ns\x18\x06 \x03(\x04\x12\x15\n\rlast_token_ns\x18\x07 \x03(\x04\x12\x0f\n\x07\x64one_ns\x18\x08 \x03(\x04\x12\x15\n\rprompt_tokens\x18\t \x03(\r\x12\x15\n\routput_tokens\x18\n \x03(\r\x12*\n\x06status\x18\x0b \x03(\x0e\x32\x1a.loadtest.v1.RequestStatus\x12\r\n\x05\x66lags\x18\x0c \x03(\r\x12\x11\n\titl_count\x18\r \x03(\r\x12\x0e\n\x06itl_ns\x18\x0e \x03(\x04\x12\r\n\x05\x65rror\x18\x0f \x03(\t\x12\x1e\n\x16requested_input_tokens\x18\x10 \x03(\r\x12\x1f\n\x17requested_output_tokens\x18\x11 \x03(\r\x12\x31\n\x0eserver_scrapes\x18\x46 \x03(\x0b\x32\x19.loadtest.v1.ServerScrape\"/\n\x03\x41\x63k\x12\x15\n\rassignment_id\x18\x01 \x01(\t\x12\x11\n\tbatch_seq\x18\x02 \x01(\x04\"/\n\x06\x43\x61ncel\x12\x15\n\rassignment_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"u\n\x0cServerScrape\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x14\n\x0ctime_unix_ns\x18\x02 \x01(\x03\x12.\n\x06values\x18\x03 \x03(\x0b\x32\x1e.loadtest.v1.ServerMetricValue\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"m\n\x11ServerMetricValue\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06labels\x18\x02 \x01(\t\x12+\n\x04kind\x18\x03 \x01(\x0e\x32\x1d.loadtest.v1.ServerMetricKind\x12\r\n\x05value\x18\x04 \x01(\x01*\xae\x01\n\x0f\x41ssignmentState\x12 \n\x1c\x41SSIGNMENT_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x41SSIGNMENT_STATE_RUNNING\x10\x01\x12\x1e\n\x1a\x41SSIGNMENT_STATE_COMPLETED\x10\x02\x12\x1b\n\x17\x41SSIGNMENT_STATE_FAILED\x10\x03\x12\x1e\n\x1a\x41SSIGNMENT_STATE_CANCELLED\x10\x04\x32X\n\x0c\x41gentService\x12H\n\x07\x43onnect\x12\x1b.loadtest.v1.ConnectRequest\x1a\x1c.loadtest.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,40 +36,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_HELLO_LABELSENTRY']._loaded_options = None
   _globals['_HELLO_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_ASSIGNMENTSTATE']._serialized_start=2691
-  _globals['_ASSIGNMENTSTATE']._serialized_end=2865
+  _globals['_HELLO_RESUMETOKENSENTRY']._loaded_options = None
+  _globals['_HELLO_RESUMETOKENSENTRY']._serialized_options = b'8\001'
+  _globals['_ASSIGNMENTSTATE']._serialized_start=2827
+  _globals['_ASSIGNMENTSTATE']._serialized_end=3001
   _globals['_CONNECTREQUEST']._serialized_start=137
   _globals['_CONNECTREQUEST']._serialized_end=394
   _globals['_CONNECTRESPONSE']._serialized_start=397
   _globals['_CONNECTRESPONSE']._serialized_end=626
   _globals['_HELLO']._serialized_start=629
-  _globals['_HELLO']._serialized_end=793
-  _globals['_HELLO_LABELSENTRY']._serialized_start=748
-  _globals['_HELLO_LABELSENTRY']._serialized_end=793
-  _globals['_WELCOME']._serialized_start=796
-  _globals['_WELCOME']._serialized_end=931
-  _globals['_HEARTBEAT']._serialized_start=934
-  _globals['_HEARTBEAT']._serialized_end=1083
-  _globals['_HEARTBEATACK']._serialized_start=1085
-  _globals['_HEARTBEATACK']._serialized_end=1196
-  _globals['_CLOCKSAMPLE']._serialized_start=1199
-  _globals['_CLOCKSAMPLE']._serialized_end=1340
-  _globals['_GOODBYE']._serialized_start=1342
-  _globals['_GOODBYE']._serialized_end=1367
-  _globals['_ASSIGN']._serialized_start=1370
-  _globals['_ASSIGN']._serialized_end=1725
-  _globals['_ASSIGNMENTUPDATE']._serialized_start=1728
-  _globals['_ASSIGNMENTUPDATE']._serialized_end=1898
-  _globals['_SAMPLEBATCH']._serialized_start=1901
-  _globals['_SAMPLEBATCH']._serialized_end=2360
-  _globals['_ACK']._serialized_start=2362
-  _globals['_ACK']._serialized_end=2409
-  _globals['_CANCEL']._serialized_start=2411
-  _globals['_CANCEL']._serialized_end=2458
-  _globals['_SERVERSCRAPE']._serialized_start=2460
-  _globals['_SERVERSCRAPE']._serialized_end=2577
-  _globals['_SERVERMETRICVALUE']._serialized_start=2579
-  _globals['_SERVERMETRICVALUE']._serialized_end=2688
-  _globals['_AGENTSERVICE']._serialized_start=2867
-  _globals['_AGENTSERVICE']._serialized_end=2955
+  _globals['_HELLO']._serialized_end=907
+  _globals['_HELLO_LABELSENTRY']._serialized_start=809
+  _globals['_HELLO_LABELSENTRY']._serialized_end=854
+  _globals['_HELLO_RESUMETOKENSENTRY']._serialized_start=856
+  _globals['_HELLO_RESUMETOKENSENTRY']._serialized_end=907
+  _globals['_WELCOME']._serialized_start=910
+  _globals['_WELCOME']._serialized_end=1045
+  _globals['_HEARTBEAT']._serialized_start=1048
+  _globals['_HEARTBEAT']._serialized_end=1197
+  _globals['_HEARTBEATACK']._serialized_start=1199
+  _globals['_HEARTBEATACK']._serialized_end=1310
+  _globals['_CLOCKSAMPLE']._serialized_start=1313
+  _globals['_CLOCKSAMPLE']._serialized_end=1454
+  _globals['_GOODBYE']._serialized_start=1456
+  _globals['_GOODBYE']._serialized_end=1481
+  _globals['_ASSIGN']._serialized_start=1484
+  _globals['_ASSIGN']._serialized_end=1861
+  _globals['_ASSIGNMENTUPDATE']._serialized_start=1864
+  _globals['_ASSIGNMENTUPDATE']._serialized_end=2034
+  _globals['_SAMPLEBATCH']._serialized_start=2037
+  _globals['_SAMPLEBATCH']._serialized_end=2496
+  _globals['_ACK']._serialized_start=2498
+  _globals['_ACK']._serialized_end=2545
+  _globals['_CANCEL']._serialized_start=2547
+  _globals['_CANCEL']._serialized_end=2594
+  _globals['_SERVERSCRAPE']._serialized_start=2596
+  _globals['_SERVERSCRAPE']._serialized_end=2713
+  _globals['_SERVERMETRICVALUE']._serialized_start=2715
+  _globals['_SERVERMETRICVALUE']._serialized_end=2824
+  _globals['_AGENTSERVICE']._serialized_start=3003
+  _globals['_AGENTSERVICE']._serialized_end=3091
 # @@protoc_insertion_point(module_scope)

@@ -180,10 +180,31 @@ class Hello(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class ResumeTokensEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NAME_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     ACTIVE_ASSIGNMENT_IDS_FIELD_NUMBER: _builtins.int
+    RESUME_TOKENS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Agent name (defaults to the host name and process id)."""
     version: _builtins.str
@@ -194,7 +215,18 @@ class Hello(_message.Message):
 
     @_builtins.property
     def active_assignment_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Assignments this agent process is still working on (after a reconnect)."""
+        """Assignments this agent process is still working on (after a reconnect).
+        Each one must also be in `resume_tokens`: a resume the agent cannot prove is
+        refused (the stream ends with PERMISSION_DENIED naming the assignment).
+        """
+
+    @_builtins.property
+    def resume_tokens(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Proof of every assignment this agent process still holds (running, or finished
+        with batches or its final update not yet acked): assignment id -> the
+        `resume_token` of its Assign. A new session may report (SampleBatch,
+        AssignmentUpdate) only for assignments it was given or proved here.
+        """
 
     def __init__(
         self,
@@ -203,10 +235,11 @@ class Hello(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         version: _builtins.str = ...,
         active_assignment_ids: _abc.Iterable[_builtins.str] | None = ...,
+        resume_tokens: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_assignment_ids", b"active_assignment_ids", "labels", b"labels", "name", b"name", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_assignment_ids", b"active_assignment_ids", "labels", b"labels", "name", b"name", "resume_tokens", b"resume_tokens", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -390,6 +423,7 @@ class Assign(_message.Message):
     START_UNIX_NS_FIELD_NUMBER: _builtins.int
     CLOCK_OFFSET_NS_FIELD_NUMBER: _builtins.int
     TAKEOVER_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
     assignment_id: _builtins.str
     """Id of the assignment; samples and updates refer to it."""
     run_id: _builtins.str
@@ -406,6 +440,11 @@ class Assign(_message.Message):
     """
     takeover: _builtins.bool
     """True for a share taken over from a lost agent."""
+    resume_token: _builtins.str
+    """A random secret of this assignment. The agent presents it in `Hello.resume_tokens`
+    when it reconnects, to prove that the assignment was given to it; never shown to
+    readers (the controller keeps only its SHA-256).
+    """
     @_builtins.property
     def target(self) -> _run_pb2.Target:
         """The target, including its API key."""
@@ -442,10 +481,11 @@ class Assign(_message.Message):
         start_unix_ns: _builtins.int = ...,
         clock_offset_ns: _builtins.int = ...,
         takeover: _builtins.bool = ...,
+        resume_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["server_metrics", b"server_metrics", "stage", b"stage", "target", b"target", "workload", b"workload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment_id", b"assignment_id", "clock_offset_ns", b"clock_offset_ns", "dataset_entries", b"dataset_entries", "run_id", b"run_id", "server_metrics", b"server_metrics", "stage", b"stage", "stage_index", b"stage_index", "start_unix_ns", b"start_unix_ns", "takeover", b"takeover", "target", b"target", "workload", b"workload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment_id", b"assignment_id", "clock_offset_ns", b"clock_offset_ns", "dataset_entries", b"dataset_entries", "resume_token", b"resume_token", "run_id", b"run_id", "server_metrics", b"server_metrics", "stage", b"stage", "stage_index", b"stage_index", "start_unix_ns", b"start_unix_ns", "takeover", b"takeover", "target", b"target", "workload", b"workload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -33,6 +33,12 @@ class AgentServiceStub:
     AssignmentUpdate and streams SampleBatch messages, which the controller acks
     cumulatively once they are committed. After a reconnect the agent replays
     every batch not yet acked; the controller ignores batches it already has.
+
+    A session may report only for assignments it was given (Assign) or proved with
+    their resume tokens in Hello; a report for any other assignment ends the stream
+    with PERMISSION_DENIED. A SampleBatch whose values are impossible (see
+    docs/security.md, "Agent stream integrity") ends it with INVALID_ARGUMENT; in
+    both cases nothing of the batch is stored.
     """
 
     def __init__(self, channel):
@@ -56,6 +62,12 @@ class AgentServiceServicer:
     AssignmentUpdate and streams SampleBatch messages, which the controller acks
     cumulatively once they are committed. After a reconnect the agent replays
     every batch not yet acked; the controller ignores batches it already has.
+
+    A session may report only for assignments it was given (Assign) or proved with
+    their resume tokens in Hello; a report for any other assignment ends the stream
+    with PERMISSION_DENIED. A SampleBatch whose values are impossible (see
+    docs/security.md, "Agent stream integrity") ends it with INVALID_ARGUMENT; in
+    both cases nothing of the batch is stored.
     """
 
     def Connect(self, request_iterator, context):
@@ -89,6 +101,12 @@ class AgentService:
     AssignmentUpdate and streams SampleBatch messages, which the controller acks
     cumulatively once they are committed. After a reconnect the agent replays
     every batch not yet acked; the controller ignores batches it already has.
+
+    A session may report only for assignments it was given (Assign) or proved with
+    their resume tokens in Hello; a report for any other assignment ends the stream
+    with PERMISSION_DENIED. A SampleBatch whose values are impossible (see
+    docs/security.md, "Agent stream integrity") ends it with INVALID_ARGUMENT; in
+    both cases nothing of the batch is stored.
     """
 
     @staticmethod

@@ -34,6 +34,12 @@ class AgentServiceStub:
     AssignmentUpdate and streams SampleBatch messages, which the controller acks
     cumulatively once they are committed. After a reconnect the agent replays
     every batch not yet acked; the controller ignores batches it already has.
+
+    A session may report only for assignments it was given (Assign) or proved with
+    their resume tokens in Hello; a report for any other assignment ends the stream
+    with PERMISSION_DENIED. A SampleBatch whose values are impossible (see
+    docs/security.md, "Agent stream integrity") ends it with INVALID_ARGUMENT; in
+    both cases nothing of the batch is stored.
     """
 
     @_typing.overload
@@ -52,6 +58,12 @@ class AgentServiceAsyncStub(AgentServiceStub):
     AssignmentUpdate and streams SampleBatch messages, which the controller acks
     cumulatively once they are committed. After a reconnect the agent replays
     every batch not yet acked; the controller ignores batches it already has.
+
+    A session may report only for assignments it was given (Assign) or proved with
+    their resume tokens in Hello; a report for any other assignment ends the stream
+    with PERMISSION_DENIED. A SampleBatch whose values are impossible (see
+    docs/security.md, "Agent stream integrity") ends it with INVALID_ARGUMENT; in
+    both cases nothing of the batch is stored.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -66,6 +78,12 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     AssignmentUpdate and streams SampleBatch messages, which the controller acks
     cumulatively once they are committed. After a reconnect the agent replays
     every batch not yet acked; the controller ignores batches it already has.
+
+    A session may report only for assignments it was given (Assign) or proved with
+    their resume tokens in Hello; a report for any other assignment ends the stream
+    with PERMISSION_DENIED. A SampleBatch whose values are impossible (see
+    docs/security.md, "Agent stream integrity") ends it with INVALID_ARGUMENT; in
+    both cases nothing of the batch is stored.
     """
 
     @_abc_1.abstractmethod

@@ -1258,6 +1258,8 @@ class StageResult(_message.Message):
     START_OFFSET_MS_FIELD_NUMBER: _builtins.int
     TARGET_SATURATED_FIELD_NUMBER: _builtins.int
     TARGET_SATURATION_REASON_FIELD_NUMBER: _builtins.int
+    SAMPLES_IGNORED_FIELD_NUMBER: _builtins.int
+    SAMPLES_IGNORED_REASON_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """Index of the stage in the spec; unset in the run-wide result."""
     name: _builtins.str
@@ -1344,6 +1346,13 @@ class StageResult(_message.Message):
     """Why `target_saturated` is set, with the figures, e.g. "the target did not keep up at
     rate 2/s: achieved 0.69/s (the stage ran 82.1 s for a planned 30.0 s, ...)".
     """
+    samples_ignored: _builtins.int
+    """Stored samples left out of these metrics because they are impossible for the stage
+    (sent outside its window, negative or overlong times; only data stored before the
+    controller validated samples at ingest can hold them). 0 normally.
+    """
+    samples_ignored_reason: _builtins.str
+    """Why samples were left out (with the window and limits), when `samples_ignored` > 0."""
     @_builtins.property
     def errors(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Failed requests by error kind (`http_4xx`, `http_5xx`, `timeout`, `connection`,
@@ -1438,10 +1447,12 @@ class StageResult(_message.Message):
         start_offset_ms: _builtins.float = ...,
         target_saturated: _builtins.bool = ...,
         target_saturation_reason: _builtins.str = ...,
+        samples_ignored: _builtins.int = ...,
+        samples_ignored_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_good_fraction", b"_good_fraction", "_goodput", b"_goodput", "e2e", b"e2e", "e2e_including_queue", b"e2e_including_queue", "good_fraction", b"good_fraction", "goodput", b"goodput", "itl", b"itl", "queue_delay", b"queue_delay", "server_metrics", b"server_metrics", "tpot", b"tpot", "ttft", b"ttft"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_good_fraction", b"_good_fraction", "_goodput", b"_goodput", "achieved_concurrency", b"achieved_concurrency", "agent_name", b"agent_name", "agent_sessions", b"agent_sessions", "agents", b"agents", "agents_lost", b"agents_lost", "checks", b"checks", "concurrency", b"concurrency", "duration_s", b"duration_s", "e2e", b"e2e", "e2e_including_queue", b"e2e_including_queue", "errors", b"errors", "good_fraction", b"good_fraction", "goodput", b"goodput", "index", b"index", "itl", b"itl", "max_event_loop_lag_ms", b"max_event_loop_lag_ms", "mean_input_tokens", b"mean_input_tokens", "mean_output_tokens", b"mean_output_tokens", "mean_requested_input_tokens", b"mean_requested_input_tokens", "mean_requested_output_tokens", b"mean_requested_output_tokens", "name", b"name", "output_token_throughput", b"output_token_throughput", "output_tokens", b"output_tokens", "output_tokens_estimated", b"output_tokens_estimated", "peak_output_token_throughput", b"peak_output_token_throughput", "prompt_tokens", b"prompt_tokens", "queue_delay", b"queue_delay", "reduced_load", b"reduced_load", "reduced_load_reason", b"reduced_load_reason", "request_rate", b"request_rate", "request_throughput", b"request_throughput", "requests_failed", b"requests_failed", "requests_lost", b"requests_lost", "requests_ok", b"requests_ok", "saturated", b"saturated", "saturation_reason", b"saturation_reason", "server_metrics", b"server_metrics", "start_offset_ms", b"start_offset_ms", "start_skew_ms", b"start_skew_ms", "target_saturated", b"target_saturated", "target_saturation_reason", b"target_saturation_reason", "time_series", b"time_series", "total_token_throughput", b"total_token_throughput", "tpot", b"tpot", "ttft", b"ttft"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_good_fraction", b"_good_fraction", "_goodput", b"_goodput", "achieved_concurrency", b"achieved_concurrency", "agent_name", b"agent_name", "agent_sessions", b"agent_sessions", "agents", b"agents", "agents_lost", b"agents_lost", "checks", b"checks", "concurrency", b"concurrency", "duration_s", b"duration_s", "e2e", b"e2e", "e2e_including_queue", b"e2e_including_queue", "errors", b"errors", "good_fraction", b"good_fraction", "goodput", b"goodput", "index", b"index", "itl", b"itl", "max_event_loop_lag_ms", b"max_event_loop_lag_ms", "mean_input_tokens", b"mean_input_tokens", "mean_output_tokens", b"mean_output_tokens", "mean_requested_input_tokens", b"mean_requested_input_tokens", "mean_requested_output_tokens", b"mean_requested_output_tokens", "name", b"name", "output_token_throughput", b"output_token_throughput", "output_tokens", b"output_tokens", "output_tokens_estimated", b"output_tokens_estimated", "peak_output_token_throughput", b"peak_output_token_throughput", "prompt_tokens", b"prompt_tokens", "queue_delay", b"queue_delay", "reduced_load", b"reduced_load", "reduced_load_reason", b"reduced_load_reason", "request_rate", b"request_rate", "request_throughput", b"request_throughput", "requests_failed", b"requests_failed", "requests_lost", b"requests_lost", "requests_ok", b"requests_ok", "samples_ignored", b"samples_ignored", "samples_ignored_reason", b"samples_ignored_reason", "saturated", b"saturated", "saturation_reason", b"saturation_reason", "server_metrics", b"server_metrics", "start_offset_ms", b"start_offset_ms", "start_skew_ms", b"start_skew_ms", "target_saturated", b"target_saturated", "target_saturation_reason", b"target_saturation_reason", "time_series", b"time_series", "total_token_throughput", b"total_token_throughput", "tpot", b"tpot", "ttft", b"ttft"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__good_fraction: _TypeAlias = _typing.Literal["good_fraction"]  # noqa: Y015
     _WhichOneofArgType__good_fraction: _TypeAlias = _typing.Literal["_good_fraction", b"_good_fraction"]  # noqa: Y015
@@ -1581,7 +1592,9 @@ class Agent(_message.Message):
     run_id: _builtins.str
     """Run the agent is working for, if any."""
     assignment_id: _builtins.str
-    """Assignment the agent is working on, if any."""
+    """Assignment the agent is working on, if any. Not a credential: only the session
+    the assignment was given to may report for it.
+    """
     clock_offset_ms: _builtins.float
     """Estimated offset of the agent's clock: controller clock minus agent clock, ms."""
     clock_rtt_ms: _builtins.float
