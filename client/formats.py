@@ -86,7 +86,7 @@ def _generic_warnings(message: Any) -> list[str]:
     result later are printed without the CLI knowing their names."""
     lines: list[str] = []
     for field in message.DESCRIPTOR.fields:
-        if not field.name.endswith("warnings") or field.label != field.LABEL_REPEATED:
+        if not field.name.endswith("warnings") or not field.is_repeated:
             continue
         for item in getattr(message, field.name):
             lines.append(item if isinstance(item, str) else str(getattr(item, "message", item)))

@@ -38,23 +38,33 @@ def state_name(state: int) -> str:
 
 
 def _ms(value: float) -> str:
-    return f"{value:.1f}" if value else NA
+    return _num(value) if value else NA
 
 
 def _table(title: str | None = None) -> Table:
-    # Compact: one space between columns, no box lines inside, so nine columns fit 80.
-    return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+    # Compact: two spaces between columns and a line under the header only, so the default
+    # columns fit 80.
+    return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), pad_edge=False,
+                 show_edge=False)  # fmt: skip
 
 
-def _add_columns(table: Table, columns: list[tuple[str, list[str]]], left: tuple[str, ...]) -> None:
-    """Adds the columns with their cells. A numeric column is never narrower than its widest
-    cell: rich shrinks text columns to fit, never cuts a number."""
+def _num(value: float, decimals: int = 1) -> str:
+    """A table number: its decimals while they matter (below 1000), none above — shorter, never cut."""
+    return f"{value:.{decimals}f}" if abs(value) < 1000 else f"{value:.0f}"
+
+
+def _add_columns(
+    table: Table, columns: list[tuple[str, list[str]]], left: tuple[str, ...], shrinkable: tuple[str, ...]
+) -> None:
+    """Adds the columns with their cells, `left` ones left-justified. Only `shrinkable` columns
+    (names) are narrowed to fit the width, their text wrapped; every other column (numbers, ids)
+    is never narrower than its widest cell, so none is cut."""
     for name, cells in columns:
-        is_text = name in left
-        widest = max([len(name) if not is_text else 0, *(len(c) for c in cells)], default=0)
+        shrinks = name in shrinkable
+        widest = max([len(name), *(len(c) for c in cells)])
         table.add_column(
-            name, justify="left" if is_text else "right", no_wrap=not is_text,
-            min_width=None if is_text else widest, overflow="fold",
+            name, justify="left" if name in left else "right", no_wrap=not shrinks,
+            min_width=None if shrinks else widest, overflow="fold",
         )  # fmt: skip
     for row in zip(*(cells for _, cells in columns), strict=True):
         table.add_row(*row)
@@ -74,8 +84,8 @@ def _result_cells(s: run_pb2.StageResult) -> dict[str, str]:
     load = f"{s.request_rate:g}/s" if s.request_rate else str(s.concurrency or NA)
     return {
         "stage": _stage_cell(s), "load": load, "ok": str(s.requests_ok), "failed": str(s.requests_failed),
-        "ok/failed": f"{s.requests_ok}/{s.requests_failed}", "req/s": f"{s.request_throughput:.2f}",
-        "tok/s": f"{s.output_token_throughput:.1f}", "out tok/s": f"{s.output_token_throughput:.1f}",
+        "ok/failed": f"{s.requests_ok}/{s.requests_failed}", "req/s": _num(s.request_throughput, 2),
+        "tok/s": _num(s.output_token_throughput), "out tok/s": _num(s.output_token_throughput),
         "TTFT p50": _ms(s.ttft.p50_ms), "TTFT p99": _ms(s.ttft.p99_ms),
         "TPOT p50": _ms(s.tpot.p50_ms), "TPOT p99": _ms(s.tpot.p99_ms),
         "ITL p50": _ms(s.itl.p50_ms), "ITL p99": _ms(s.itl.p99_ms),
@@ -87,7 +97,7 @@ def result_table(result: run_pb2.RunResult, wide: bool = False) -> Table:
     table = _table(f"run {result.run_id} — {state_name(result.state)}")
     cells = [_result_cells(s) for s in result.stages]
     names = RESULT_WIDE_COLUMNS if wide else RESULT_COLUMNS
-    _add_columns(table, [(name, [c[name] for c in cells]) for name in names], left=("stage",))
+    _add_columns(table, [(name, [c[name] for c in cells]) for name in names], left=("stage",), shrinkable=("stage",))
     notes = ["latencies in ms" + ("" if wide else "; --wide for every column")]
     if any(s.requests_ok and s.ttft.count < s.requests_ok for s in result.stages):
         notes.append("TTFT absent for non-streaming requests")
@@ -131,7 +141,8 @@ def runs_table(runs: list[run_pb2.Run], wide: bool = False) -> Table:
     table = _table()
     cells = [_run_cells(r) for r in runs]
     names = RUNS_WIDE_COLUMNS if wide else RUNS_COLUMNS
-    _add_columns(table, [(n, [c[n] for c in cells]) for n in names], left=("name", "model", "reason"))
+    _add_columns(table, [(n, [c[n] for c in cells]) for n in names], left=("id", "state", "name", "model", "reason"),
+                 shrinkable=("name", "model", "reason"))  # fmt: skip
     return table
 
 
