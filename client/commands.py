@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, cast
 import grpc
 
 from client import exitcodes, formats, live, render, spec_builder
+from client.envconfig import not_from_env
 from client.scenarios import SCENARIOS, describe
 from client.sdk import ControllerClient
 from common.grpc_options import API_KEY_ENV
@@ -65,10 +66,10 @@ def add_connection_arguments(parser: argparse.ArgumentParser, *, read_only: bool
     )
     parser.add_argument("--timeout", type=float, default=30.0, help="deadline of each call, seconds")
     if read_only:
-        parser.add_argument(
+        not_from_env(parser.add_argument(
             "--db", type=Path, default=None, metavar="PATH",
             help="read this controller database file directly (read-only; no controller needed)",
-        )  # fmt: skip
+        ))  # fmt: skip
     add_client_tls_arguments(parser)
 
 
