@@ -76,7 +76,7 @@ def iter_flags(parser: argparse.ArgumentParser, command: str = "") -> Iterator[F
         elif _configurable(action):
             option = _long_option(action)
             assert option is not None
-            yield FlagInfo(command, option, env_var(option, command.split(" ")[0]), action)
+            yield FlagInfo(command, option, env_var(option, command.split(" ", maxsplit=1)[0]), action)
 
 
 def iter_subparsers(
