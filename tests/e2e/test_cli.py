@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import pytest
 
-from tests.processes import CLI, ENV, Proc
+from tests.processes import CLI, ENV, Proc, wait_for_agents
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 T = TypeVar("T")
@@ -40,6 +40,7 @@ def stack(tmp_path: Path) -> Iterator[tuple[str, str, list[Proc]]]:
         address = ctl.wait_line("listening on").rsplit(" ", 1)[-1]
         procs.append(Proc("agent", "--controller", address, "--name", "e2e-agent", "--label", "zone=a",
                           log=tmp_path / "agent.log"))  # fmt: skip
+        wait_for_agents(address)
         yield target, address, procs
     finally:
         codes = [p.stop() for p in reversed(procs)]
