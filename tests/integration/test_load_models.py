@@ -273,7 +273,11 @@ async def test_max_concurrency_abandons_the_backlog_when_the_stage_ends() -> Non
     s = outcome.samples
     assert len(s) == 40  # every arrival due in the second is accounted for
     sent = int((s.status == OK).sum())
-    assert 10 <= sent <= 14  # ~2 per 200 ms within 1 s (+ grace)
+    # Two slots, each busy one request time at a time until the stage ends (~200 ms each at the
+    # mock's pace: ~10-14 sent; longer requests on a loaded machine, fewer sent). Judged by the
+    # request times measured here.
+    took = s.done[s.status == OK]
+    assert 2 * int(NS // took.max()) <= sent <= 2 * (int(1.1 * NS // took.min()) + 1), (sent, took / MS)
     assert int((s.status == CANCELLED).sum()) == 40 - sent
     assert outcome.final.requests_sent == sent
     assert f"{40 - sent} requests due before the end of the stage were not sent" in outcome.final.message

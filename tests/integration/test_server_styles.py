@@ -125,13 +125,13 @@ async def test_the_agent_measures_every_style_right(style: Style, api: str) -> N
     step_ms = ITL_MS * expected.tokens_per_event
     median_itl = statistics.median(sample.itl_ns) / MS
     assert abs(median_itl - emitted["itl"]["p50_ms"]) <= ITL_SLACK_MS, (sample.itl_ns, emitted["itl"])
-    # TPOT is per token (METRICS.md): with 4 tokens an event it is about a quarter of the
+    # TPOT is per token (docs/metrics.md): with 4 tokens an event it is about a quarter of the
     # per-event ITL. (No upper bound on it: one stall of the machine moves a whole span.) The
     # deadlines are absolute, so the span is short of its planned length by at most how late
-    # the first token went out.
+    # the first token went out, or was read.
     tpot_ms = ms(sample.last_token_ns - sample.first_token_ns) / (sample.output_tokens - 1)
     planned_ms = step_ms * (expected.text_events - 1)
-    assert tpot_ms >= (planned_ms - late_ms) / (OUTPUT_TOKENS - 1) - 0.3, (tpot_ms, late_ms)
+    assert tpot_ms * (OUTPUT_TOKENS - 1) >= planned_ms - late_ms - CLIENT_SLACK_MS - 0.3, (tpot_ms, late_ms)
     if expected.tokens_per_event > 1:
         assert tpot_ms < median_itl / 2, (tpot_ms, median_itl)
     assert stats["requests_ok"] == 1  # since the reset after the warmup
