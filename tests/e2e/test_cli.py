@@ -75,10 +75,12 @@ def test_user_flow(stack: tuple[str, str, list[Proc]], tmp_path: Path) -> None:
     # Numbers as numbers (uint64 too) and zero fields present (docs/json.md).
     assert printed["stages"][0]["requests_ok"] == 10
     assert printed["stages"][0]["requests_failed"] == 0
-    # The mock ends every answer after 16 tokens; the default max_tokens asks for 128.
-    assert printed["cli"] == {"verdict": "NONE", "warnings": ["stage 0: output length 128 → 16 tokens (mean "
-                                                              "requested → actual)"]}  # fmt: skip
-    assert "WARNING stage 0: output length 128 → 16 tokens" in as_json.stderr
+    # The mock ends every answer after 16 tokens; the default max_tokens asks for 128. (On a
+    # loaded machine the agent may also be flagged saturated: another warning, as it should be.)
+    assert printed["cli"]["verdict"] == "NONE"
+    assert "stage 0: output length 128 → 16 tokens (mean requested → actual)" in printed["cli"]["warnings"]
+    shown = [line.removeprefix("WARNING ") for line in as_json.stderr.splitlines() if line.startswith("WARNING ")]
+    assert shown == printed["cli"]["warnings"]
     other_id = printed["run_id"]
 
     # Nothing matched is no pass: exit 2, with the loads of both runs.
