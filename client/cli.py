@@ -153,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         return handlers[args.command](args)
     except KeyboardInterrupt:  # `run` handles Ctrl-C itself while a run is under way
         return exitcodes.INTERRUPTED
+    except BrokenPipeError:  # `... | head`: the reader has seen enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a shell tool killed by SIGPIPE
 
 
 if __name__ == "__main__":
