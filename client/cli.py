@@ -9,11 +9,13 @@ import importlib
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import ModuleType
-from typing import cast
+from typing import NoReturn, cast
 
-from client.envconfig import apply_env_defaults
+from client import exitcodes
+from client.envconfig import apply_env_defaults, iter_subparsers
 from common.version import __version__
 
 # name -> (help, module, function adding the arguments, handler: a function or an async one).
@@ -43,6 +45,55 @@ _COMMANDS: dict[str, tuple[str, str, str, str]] = {
 }  # fmt: skip
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (`llm-loadtest run: error: ...`), exit 2, no usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# The largest number any flag takes: values go into 32-bit protobuf fields and durations into
+# nanoseconds, and no sensible load, count or duration comes near these.
+MAX_INT_FLAG = 2**31 - 1
+MAX_FLOAT_FLAG = 1e9
+
+
+def _numbers(value: object) -> Iterator[int | float]:
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int | float):
+        yield value
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _numbers(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _numbers(item)
+
+
+def _in_range(convert: Callable[[str], object]) -> Callable[[str], object]:
+    """The flag's own conversion, then every number in its value checked: not negative, finite
+    and at most MAX_INT_FLAG / MAX_FLOAT_FLAG (a usage error instead of a traceback later)."""
+
+    def check(text: str) -> object:
+        value = convert(text)
+        for number in _numbers(value):
+            limit: float = MAX_INT_FLAG if isinstance(number, int) else MAX_FLOAT_FLAG
+            if not 0 <= number <= limit:  # also refuses NaN
+                raise argparse.ArgumentTypeError(f"{text!r} is out of range (0 to {limit:,.0f})")
+        return value
+
+    check.__name__ = getattr(convert, "__name__", "value")  # argparse names the type in its message
+    return check
+
+
+def _check_ranges(parser: argparse.ArgumentParser) -> None:
+    for _, sub in iter_subparsers(parser):
+        for action in sub._actions:
+            if callable(action.type) and action.type not in (str, Path):
+                action.type = _in_range(action.type)
+
+
 def _handler(module: ModuleType, spec: str) -> Callable[[argparse.Namespace], int]:
     is_async, _, name = spec.rpartition(":")
     function = getattr(module, name)
@@ -56,9 +107,7 @@ def _parser(
 ) -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int]]]:
     """The CLI's parser and a handler per command; with `only`, just that command gets its
     arguments (and its module imported) — the others are listed for `--help`."""
-    parser = argparse.ArgumentParser(
-        prog="llm-loadtest", description="Distributed load tester for LLM serving endpoints."
-    )
+    parser = _Parser(prog="llm-loadtest", description="Distributed load tester for LLM serving endpoints.")
     parser.add_argument("--version", action="version", version=f"llm-loadtest {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {}
@@ -68,6 +117,7 @@ def _parser(
             module = importlib.import_module(module_name)
             getattr(module, configure)(p)
             handlers[name] = _handler(module, handler)
+    _check_ranges(parser)
     return parser, handlers
 
 
@@ -101,8 +151,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(exc))
     try:
         return handlers[args.command](args)
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt:  # `run` handles Ctrl-C itself while a run is under way
+        return exitcodes.INTERRUPTED
+    except BrokenPipeError:  # `... | head`: the reader has seen enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a shell tool killed by SIGPIPE
 
 
 if __name__ == "__main__":

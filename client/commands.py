@@ -1,36 +1,75 @@
-"""User commands: `run` (create, watch, print the table) and `runs list|get|cancel|delete|result`."""
+"""User commands: `run` (create, watch, print the table; Ctrl-C cancels) and
+`runs list|get|cancel|delete|result|export|compare` (the read ones also from a `--db` file)."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import os
+import signal
 import sys
+import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import grpc
 
-from client import formats, live, render, spec_builder
+from client import exitcodes, formats, live, render, spec_builder
+from client.envconfig import not_from_env
 from client.scenarios import SCENARIOS, describe
 from client.sdk import ControllerClient
 from common.grpc_options import API_KEY_ENV
 from common.proto.loadtest.v1 import run_pb2
 from common.tls import add_client_tls_arguments, client_tls_from_args
 
+if TYPE_CHECKING:
+    from controller.domain.errors import DomainError
+
 CONTROLLER_ENV = "LLM_LOADTEST_CONTROLLER"
+DEFAULT_PORT = 50051
+# After the first Ctrl-C, how long `run` waits for the cancelled run to end before detaching.
+# The controller's CancelRun itself waits up to 10 s for the agents to stop and flush.
+CANCEL_WAIT_S = 30.0
+INTERRUPT_REASON = "cancelled from the CLI (Ctrl-C)"
 
 
-def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+def controller_address(text: str) -> str:
+    """HOST[:PORT] with the port defaulting to 50051 (gRPC itself would dial 443); a target
+    with a scheme (`dns:///...`, `unix:...`) is left as it is."""
+    text = text.strip()
+    if not text:
+        raise argparse.ArgumentTypeError("expected HOST:PORT")
+    if "://" in text or text.startswith("unix:"):
+        return text
+    if text.startswith("["):  # [IPv6] or [IPv6]:PORT
+        return text if "]:" in text else f"{text}:{DEFAULT_PORT}"
+    if text.count(":") > 1:  # a bare IPv6 address
+        return f"[{text}]:{DEFAULT_PORT}"
+    return text if ":" in text else f"{text}:{DEFAULT_PORT}"
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser, *, read_only: bool = False) -> None:
+    """The flags that reach a controller; a read-only command also takes `--db`."""
     parser.add_argument(
         "--controller",
-        default=os.environ.get(CONTROLLER_ENV, "127.0.0.1:50051"),
-        help=f"controller HOST:PORT (default: ${CONTROLLER_ENV} or 127.0.0.1:50051)",
+        type=controller_address,
+        default=os.environ.get(CONTROLLER_ENV, f"127.0.0.1:{DEFAULT_PORT}"),
+        help=f"controller HOST[:PORT], port {DEFAULT_PORT} when left out (default: ${CONTROLLER_ENV} or "
+        f"127.0.0.1:{DEFAULT_PORT})",
     )
     parser.add_argument(
         "--api-key", default=os.environ.get(API_KEY_ENV), help=f"controller API key (default: ${API_KEY_ENV})"
     )
     parser.add_argument("--timeout", type=float, default=30.0, help="deadline of each call, seconds")
+    if read_only:
+        not_from_env(parser.add_argument(
+            "--db", type=Path, default=None, metavar="PATH",
+            help="read this controller database file directly (read-only; no controller needed)",
+        ))  # fmt: skip
     add_client_tls_arguments(parser)
 
 
@@ -39,11 +78,61 @@ def open_client(args: argparse.Namespace) -> ControllerClient:
     return ControllerClient(args.controller, args.api_key, args.timeout, client_tls_from_args(args))
 
 
+def open_reader(args: argparse.Namespace) -> ControllerClient:
+    """The read calls of the controller named by the flags, or of the `--db` file when given
+    (client/local_store.py; raises FileNotFoundError for a missing file)."""
+    if getattr(args, "db", None) is not None:
+        from client.local_store import LocalStore
+
+        return cast(ControllerClient, LocalStore(args.db))
+    return open_client(args)
+
+
+def failure(exc: BaseException, args: argparse.Namespace, code: int = exitcodes.FAILED) -> int:
+    """Prints what went wrong and what to do about it; returns the exit code: UNREACHABLE when
+    no controller answered, else `code` (the command's own meaning of a refused call)."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            print(f"error: no controller at {args.controller} — start one with `llm-loadtest controller` or set "
+                  f"--controller ({exc.details()})", file=sys.stderr)  # fmt: skip
+            return exitcodes.UNREACHABLE
+        print(render.rpc_error_text(exc), file=sys.stderr)
+        return code
+    if isinstance(exc, FileNotFoundError):
+        print(f"error: {exc}", file=sys.stderr)
+        return exitcodes.USAGE
+    from client.local_store import error_text
+
+    print(error_text(cast("DomainError", exc)), file=sys.stderr)
+    return code
+
+
+def _errors() -> tuple[type[BaseException], ...]:
+    """What a call may raise that `failure` words (the domain's errors only with `--db`)."""
+    from controller.domain.errors import DomainError
+
+    return grpc.aio.AioRpcError, DomainError, FileNotFoundError
+
+
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add_connection_arguments(parser)
     spec_builder.add_spec_arguments(parser)
-    parser.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
-    parser.add_argument("--no-watch", action="store_true", help="create the run, print its id and return")
+    add_output_arguments(parser)
+    parser.add_argument(
+        "--detach", "--no-watch", dest="detach", action="store_true",
+        help="create the run, print its id and return: the run goes on (fire and forget)",
+    )  # fmt: skip
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--json`, `--wide` and `--allow-suspect`, for the commands that print a result."""
+    parser.add_argument("--json", action="store_true", help="print the result as JSON (docs/json.md)")
+    parser.add_argument("--wide", action="store_true", help="every column of the table, however wide")
+    parser.add_argument(
+        "--allow-suspect", action="store_true",
+        help="judge checks on stages flagged as suspect (saturated load generator, lost agents) instead of "
+        "calling the verdict INCONCLUSIVE (exit 3)",
+    )  # fmt: skip
 
 
 async def watch_until_done(client: ControllerClient, run_id: str) -> run_pb2.RunResult:
@@ -53,51 +142,143 @@ async def watch_until_done(client: ControllerClient, run_id: str) -> run_pb2.Run
 
 async def cmd_run(args: argparse.Namespace) -> int:
     try:
-        return await _run(args)
-    except grpc.aio.AioRpcError as exc:
-        print(render.rpc_error_text(exc), file=sys.stderr)
-        return 2
-
-
-async def _run(args: argparse.Namespace) -> int:
-    try:
         spec = spec_builder.build_spec(args)
-    except (argparse.ArgumentTypeError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (argparse.ArgumentTypeError, ValueError, OSError) as exc:
+        print(f"llm-loadtest run: error: {exc}", file=sys.stderr)
+        return exitcodes.USAGE
+    interrupts = Interrupts()
+    try:
+        with interrupts.installed():
+            return await _run(args, spec, interrupts)
+    except grpc.aio.AioRpcError as exc:
+        return failure(exc, args, exitcodes.USAGE)
+
+
+class Interrupts:
+    """Ctrl-C (SIGINT) while `run` waits: counted, and waited for, instead of KeyboardInterrupt."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._event = asyncio.Event()
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_signal_handler(signal.SIGINT, self._interrupted)
+        except (NotImplementedError, RuntimeError):  # no signals here (Windows, a thread)
+            yield
+            return
+        try:
+            yield
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
+
+    def _interrupted(self) -> None:
+        self.count += 1
+        self._event.set()
+
+    async def next(self) -> None:
+        """Returns at the next Ctrl-C."""
+        self._event.clear()
+        await self._event.wait()
+
+
+def _cancel_command(args: argparse.Namespace, run_id: str) -> str:
+    return f"llm-loadtest runs cancel {run_id} --controller {args.controller}"
+
+
+async def _run(args: argparse.Namespace, spec: run_pb2.RunSpec, interrupts: Interrupts) -> int:
     async with open_client(args) as client:
         run = await client.create_run(spec, request_id=uuid.uuid4().hex)
-        print(f"created run {run.id}", file=sys.stderr, flush=True)
-        if args.no_watch:
+        name = f" ({spec.display_name})" if spec.display_name else ""
+        print(f"created run {run.id}{name}", file=sys.stderr, flush=True)
+        if args.detach:
             print(run.id)
-            return 0
-        result = await watch_until_done(client, run.id)
+            print(f"watch: llm-loadtest runs get {run.id} --controller {args.controller}; "
+                  f"cancel: {_cancel_command(args, run.id)}", file=sys.stderr)  # fmt: skip
+            return exitcodes.OK
+        watch = asyncio.create_task(watch_until_done(client, run.id))
+        first = asyncio.create_task(interrupts.next()) if not interrupts.count else None
+        try:
+            if first is not None:
+                await asyncio.wait({watch, first}, return_when=asyncio.FIRST_COMPLETED)
+            if not watch.done() and not await _cancel_and_wait(args, client, run.id, watch, interrupts):
+                return exitcodes.INTERRUPTED
+            result = await watch
+        finally:
+            for task in (watch, first):
+                if task is not None and not task.done():
+                    task.cancel()
         run = await client.get_run(run.id)
-    return print_result(args, run, result)
+    code = print_result(args, run, result)
+    return exitcodes.INTERRUPTED if interrupts.count else code
+
+
+async def _cancel_and_wait(
+    args: argparse.Namespace, client: ControllerClient, run_id: str, watch: asyncio.Task[run_pb2.RunResult],
+    interrupts: Interrupts,
+) -> bool:
+    """After the first Ctrl-C: cancel the run and wait for it to end, counting down; True when
+    it ended, False when a second Ctrl-C (or the wait running out) detached."""
+    print(f"\nCtrl-C: cancelling run {run_id} and waiting for it to end (Ctrl-C again to detach and leave it "
+          f"running)", file=sys.stderr, flush=True)  # fmt: skip
+    cancel = asyncio.create_task(client.cancel_run(run_id, INTERRUPT_REASON))
+    second = asyncio.create_task(interrupts.next())
+    deadline = time.monotonic() + CANCEL_WAIT_S
+    try:
+        while not watch.done():
+            left = deadline - time.monotonic()
+            if left <= 0 or second.done():
+                why = "Ctrl-C again" if second.done() else f"the run did not end within {CANCEL_WAIT_S:.0f} s"
+                print(f"detached ({why}): run {run_id} may still be running; to cancel it:\n"
+                      f"  {_cancel_command(args, run_id)}", file=sys.stderr, flush=True)  # fmt: skip
+                return False
+            print(f"waiting for run {run_id} to end: {left:.0f} s left", file=sys.stderr, flush=True)
+            await asyncio.wait({watch, second}, timeout=min(1.0, left), return_when=asyncio.FIRST_COMPLETED)
+        return True
+    finally:
+        second.cancel()
+        if not cancel.done():
+            cancel.cancel()
+        elif not cancel.cancelled():
+            cancel.exception()  # retrieved: FAILED_PRECONDITION when the run ended by itself meanwhile
 
 
 def print_result(
     args: argparse.Namespace, run: run_pb2.Run, result: run_pb2.RunResult, *, details: bool = False
 ) -> int:
-    """Print a result (table or JSON) with its checks; the exit code from state and verdict."""
+    """Print a result (table or JSON) with its warnings and checks; the exit code from the
+    state and the verdict (INCONCLUSIVE when the checks were judged on suspect stages)."""
+    allow = getattr(args, "allow_suspect", False)
+    verdict = formats.honest_verdict(result, allow)
+    warnings = formats.result_warnings(result)
     if args.json:
-        print(render.to_json(result))
+        print(render.to_json(result, cli={"verdict": verdict, "warnings": warnings}))
     else:
-        con = render.console()
-        con.print(render.result_table(result))
+        con = render.console(getattr(args, "wide", False))
+        con.print(render.result_table(result, getattr(args, "wide", False)))
         if details:
             for part in render.result_details(result):
                 con.print(part)
-        print(f"run id: {run.id}  state: {render.state_name(run.state)}"
+        shown = f" ({run.spec.display_name})" if run.spec.display_name else ""
+        print(f"run id: {run.id}{shown}  state: {render.state_name(run.state)}"
               + (f"  reason: {run.state_reason}" if run.state_reason else ""))  # fmt: skip
     out = sys.stderr if args.json else sys.stdout
+    for line in warnings:
+        print(f"WARNING {line}", file=out)
     for check in result.checks:
         mark = "PASS" if check.passed else "FAIL"
         print(f"check {mark} stage {check.stage_index}: {check.expression} — {check.message}", file=out)
-    if result.verdict in (run_pb2.VERDICT_PASS, run_pb2.VERDICT_FAIL):
-        print(f"verdict: {run_pb2.Verdict.Name(result.verdict).removeprefix('VERDICT_')}", file=out)
-    ok = run.state == run_pb2.RUN_STATE_SUCCEEDED and result.verdict != run_pb2.VERDICT_FAIL
-    return 0 if ok else 1
+    if verdict not in ("NONE", "UNSPECIFIED"):
+        print(f"verdict: {verdict}", file=out)
+    if verdict == formats.VERDICT_INCONCLUSIVE:
+        suspect = ", ".join(map(str, sorted(formats.suspect_stages(result))))
+        print(f"  (checks judged on stage(s) {suspect}, whose numbers are suspect; --allow-suspect to accept them)",
+              file=out)  # fmt: skip
+    if run.state != run_pb2.RUN_STATE_SUCCEEDED or verdict == "FAIL":
+        return exitcodes.FAILED
+    return exitcodes.INCONCLUSIVE if verdict == formats.VERDICT_INCONCLUSIVE else exitcodes.OK
 
 
 def add_runs_arguments(parser: argparse.ArgumentParser) -> None:
@@ -105,47 +286,51 @@ def add_runs_arguments(parser: argparse.ArgumentParser) -> None:
         dest="runs_command", required=True, metavar="{list,get,cancel,delete,result,export,compare}"
     )
     p = sub.add_parser("list", help="list runs, newest first")
-    add_connection_arguments(p)
+    add_connection_arguments(p, read_only=True)
     p.add_argument("--state", choices=[n.removeprefix("RUN_STATE_").lower() for n in run_pb2.RunState.keys()[1:]])
     p.add_argument("--model", default="")
     p.add_argument("--limit", type=int, default=50, help="how many runs to show")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print a JSON array of runs (docs/json.md)")
+    p.add_argument("--wide", action="store_true", help="every column (model, stages, reason)")
     for name, text in (("get", "show one run"), ("cancel", "cancel a run"), ("delete", "delete a finished run"),
                        ("result", "show a run's per-stage metrics")):  # fmt: skip
         p = sub.add_parser(name, help=text)
-        add_connection_arguments(p)
+        add_connection_arguments(p, read_only=name in ("get", "result"))
         p.add_argument("run_id")
-        if name in ("get", "result"):
-            p.add_argument("--json", action="store_true")
+        if name == "get":
+            p.add_argument("--json", action="store_true", help="print the run as JSON (docs/json.md)")
+            p.add_argument("--wide", action="store_true", help="every column (model, stages, reason)")
         if name == "cancel":
             p.add_argument("--reason", default="")
         if name == "result":
+            add_output_arguments(p)
             p.add_argument("--format", choices=formats.RESULT_FORMATS, default=None,
                            help="table (default), json, markdown (for a PR) or vllm-json (vLLM bench serve keys)")
             p.add_argument("--output-dir", type=Path, help="vllm-json: write <run>_stage<i>.json files here")
             p.add_argument("--summary", action="store_true", help="table: only the per-stage summary table")
     p = sub.add_parser("export", help="stream a run's per-request samples as CSV or JSON Lines")
-    add_connection_arguments(p)
+    add_connection_arguments(p, read_only=True)
     p.add_argument("run_id")
     p.add_argument("--format", choices=formats.EXPORT_FORMATS, default="csv")
     p.add_argument("-o", "--output", type=Path, help="file to write (default: stdout)")
     p.add_argument("--include-warmup", action="store_true", help="include warmup samples (flagged)")
-    p = sub.add_parser("compare", help="compare runs with a baseline stage by stage; exit 1 on a regression")
-    add_connection_arguments(p)
+    p = sub.add_parser("compare", help="compare runs with a baseline stage by stage; exit 1 on a regression, 2 "
+                       "when no stage matched")  # fmt: skip
+    add_connection_arguments(p, read_only=True)
     p.add_argument("run_id", metavar="BASE", help="the baseline run")
     p.add_argument("others", nargs="+", metavar="OTHER", help="runs to compare with the baseline")
     p.add_argument("--tolerance", type=float, default=10.0, help="change counted as a regression, percent")
     p.add_argument("--all-metrics", action="store_true", help="show every compared metric, not only the key ones")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the comparison as JSON (docs/json.md)")
 
 
 async def cmd_runs(args: argparse.Namespace) -> int:
-    async with open_client(args) as client:
-        try:
+    try:
+        async with open_reader(args) as client:
             return await _runs(args, client)
-        except grpc.aio.AioRpcError as exc:
-            print(render.rpc_error_text(exc), file=sys.stderr)
-            return 1
+    except _errors() as exc:
+        # A refused compare is a usage error: 1 means "regressed" there.
+        return failure(exc, args, exitcodes.USAGE if args.runs_command == "compare" else exitcodes.FAILED)
 
 
 async def _runs(args: argparse.Namespace, client: ControllerClient) -> int:
@@ -161,41 +346,31 @@ async def _runs(args: argparse.Namespace, client: ControllerClient) -> int:
             if not token:
                 break
         if args.json:
-            print("[" + ",".join(render.to_json(r) for r in runs) + "]")
+            print(json.dumps([render.message_dict(r) for r in runs], indent=2, ensure_ascii=False))
         else:
-            render.console().print(render.runs_table(runs))
-        return 0
+            render.console(args.wide).print(render.runs_table(runs, args.wide))
+        return exitcodes.OK
     if command == "get":
         run = await client.get_run(args.run_id)
         if args.json:
             print(render.to_json(run))
         else:
-            render.console().print(render.runs_table([run]))
+            render.console(args.wide).print(render.runs_table([run], args.wide))
             if run.state_reason:
                 print(f"reason: {run.state_reason}")
-        return 0
+        return exitcodes.OK
     if command == "cancel":
         run = await client.cancel_run(args.run_id, args.reason)
         print(f"{run.id} {render.state_name(run.state)}")
-        return 0
+        return exitcodes.OK
     if command == "delete":
         await client.delete_run(args.run_id)
         print(f"deleted {args.run_id}")
-        return 0
+        return exitcodes.OK
     if command == "export":
         return await _export(args, client)
     if command == "compare":
-        try:
-            comparison = await client.compare_runs(args.run_id, args.others, args.tolerance)
-        except grpc.aio.AioRpcError as exc:
-            print(render.rpc_error_text(exc), file=sys.stderr)
-            return 2  # 1 means "regressed"
-        if args.json:
-            print(render.to_json(comparison))
-        else:
-            for table in formats.comparison_tables(comparison, args.all_metrics):
-                render.console().print(table)
-        return 1 if formats.any_regressed(comparison) else 0
+        return await _compare(args, client)
     run = await client.get_run(args.run_id)
     result = await client.get_result(args.run_id)
     fmt = args.format or ("json" if args.json else "table")
@@ -206,7 +381,27 @@ async def _runs(args: argparse.Namespace, client: ControllerClient) -> int:
     else:
         args.json = fmt == "json"
         print_result(args, run, result, details=not args.summary)
-    return 0
+    return exitcodes.OK
+
+
+async def _compare(args: argparse.Namespace, client: ControllerClient) -> int:
+    comparison = await client.compare_runs(args.run_id, args.others, args.tolerance)
+    if args.json:
+        print(render.to_json(comparison))
+    else:
+        for table in formats.comparison_tables(comparison, args.all_metrics):
+            render.console().print(table)
+    unmatched = [c.run_id for c in comparison.comparisons if not c.stages]
+    if unmatched:
+        # Nothing compared is no pass: say which loads each side ran.
+        loads = {run_id: [formats.load_label(s) for s in (await client.get_result(run_id)).stages]
+                 for run_id in [args.run_id, *unmatched]}  # fmt: skip
+        print(f"error: no stage of {', '.join(unmatched)} matches a stage of {args.run_id} by load; loads:",
+              file=sys.stderr)  # fmt: skip
+        for run_id, labels in loads.items():
+            print(f"  {run_id}: {', '.join(labels) or 'no stages'}", file=sys.stderr)
+        return exitcodes.USAGE
+    return exitcodes.FAILED if formats.any_regressed(comparison) else exitcodes.OK
 
 
 def _write_vllm_json(run: run_pb2.Run, result: run_pb2.RunResult, output_dir: Path | None) -> None:
@@ -242,7 +437,8 @@ def add_scenarios_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_scenarios(args: argparse.Namespace) -> int:
+    print("use: llm-loadtest run --scenario NAME --peak-concurrency N (closed loop) or --peak-rate R (open loop)")
     for scenario in SCENARIOS.values():
         print(f"{scenario.name:<7} {scenario.description}")
         print(f"        stages: {describe(scenario, args.peak_concurrency)}")
-    return 0
+    return exitcodes.OK

@@ -1,7 +1,9 @@
 """Every command-line flag can also be set from the environment, by one naming rule.
 
 `--metrics-listen` ↔ `LLM_LOADTEST_METRICS_LISTEN`: the prefix, then the flag's first long
-name upper-cased with dashes as underscores. The rule is applied once, generically, to the
+name upper-cased with dashes as underscores; the mock server's flags have `MOCK_` after the
+prefix (`--port` ↔ `LLM_LOADTEST_MOCK_PORT`), since several of them share a name with `run`'s
+flags but not their meaning. The rule is applied once, generically, to the
 whole `llm-loadtest` parser after every subcommand has added its flags, so a flag added
 anywhere gets its variable without further code. A variable applies to every command that
 has the flag (`LLM_LOADTEST_API_KEY` is the key the controller requires *and* the key the
@@ -23,9 +25,24 @@ TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off", ""})
 
 
-def env_var(option: str) -> str:
-    """The environment variable of a long option: `--metrics-listen` -> LLM_LOADTEST_METRICS_LISTEN."""
-    return ENV_PREFIX + option.lstrip("-").upper().replace("-", "_")
+# Commands whose flags live in a namespace of their own: the mock server's `--model`,
+# `--output-tokens` and `--seed` mean something else than `run`'s (the served model, the
+# natural answer length, the jitter seed), so one variable must not set both.
+COMMAND_PREFIXES = {"mock-server": "MOCK_"}
+
+
+def env_var(option: str, command: str = "") -> str:
+    """The environment variable of a long option: `--metrics-listen` -> LLM_LOADTEST_METRICS_LISTEN;
+    of a mock-server flag, `--port` -> LLM_LOADTEST_MOCK_PORT."""
+    return ENV_PREFIX + COMMAND_PREFIXES.get(command, "") + option.lstrip("-").upper().replace("-", "_")
+
+
+def not_from_env(action: argparse.Action) -> argparse.Action:
+    """Marks a flag that no variable sets (the read commands' `--db`: the image's
+    LLM_LOADTEST_DB names the controller's file, and must not turn every `runs list` into a
+    read of a file that may not be there)."""
+    action.from_env = False  # type: ignore[attr-defined]
+    return action
 
 
 @dataclass(frozen=True)
@@ -43,9 +60,11 @@ def _long_option(action: argparse.Action) -> str | None:
 
 
 def _configurable(action: argparse.Action) -> bool:
-    return not isinstance(
-        action, argparse._HelpAction | argparse._VersionAction | argparse._SubParsersAction
-    ) and _long_option(action) is not None
+    return (
+        not isinstance(action, argparse._HelpAction | argparse._VersionAction | argparse._SubParsersAction)
+        and _long_option(action) is not None
+        and getattr(action, "from_env", True)
+    )
 
 
 def iter_flags(parser: argparse.ArgumentParser, command: str = "") -> Iterator[FlagInfo]:
@@ -57,7 +76,7 @@ def iter_flags(parser: argparse.ArgumentParser, command: str = "") -> Iterator[F
         elif _configurable(action):
             option = _long_option(action)
             assert option is not None
-            yield FlagInfo(command, option, env_var(option), action)
+            yield FlagInfo(command, option, env_var(option, command.split(" ", maxsplit=1)[0]), action)
 
 
 def iter_subparsers(
@@ -112,13 +131,13 @@ def apply_env_defaults(parser: argparse.ArgumentParser, environ: Mapping[str, st
 
     Raises ValueError (naming the variable) when a set variable is not a valid value.
     """
-    for _, sub in iter_subparsers(parser):
+    for command, sub in iter_subparsers(parser):
         for action in sub._actions:
             if not _configurable(action):
                 continue
             option = _long_option(action)
             assert option is not None
-            env = env_var(option)
+            env = env_var(option, command.split(" ")[0])
             if action.help is not argparse.SUPPRESS and f"[env: {env}]" not in (action.help or ""):
                 action.help = f"{action.help or ''} [env: {env}]".strip()
             raw = environ.get(env)

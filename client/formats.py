@@ -73,6 +73,95 @@ def stage_spec(run: run_pb2.Run | None, index: int) -> run_pb2.Stage | None:
     return run.spec.stages[index]
 
 
+# --- warnings and the verdict ------------------------------------------------------------
+
+# A requested and an actual mean length further apart than this (relative) are a warning.
+LENGTH_WARNING_FRACTION = 0.1
+VERDICT_INCONCLUSIVE = "INCONCLUSIVE"
+
+
+def _generic_warnings(message: Any) -> list[str]:
+    """Warnings a result message carries in a field of its own: every repeated field whose
+    name ends in `warnings` (text, or messages with a `message` field). Fields added to the
+    result later are printed without the CLI knowing their names."""
+    lines: list[str] = []
+    for field in message.DESCRIPTOR.fields:
+        if not field.name.endswith("warnings") or not field.is_repeated:
+            continue
+        for item in getattr(message, field.name):
+            lines.append(item if isinstance(item, str) else str(getattr(item, "message", item)))
+    return lines
+
+
+def _length_warning(kind: str, requested: float, actual: float) -> str | None:
+    if not requested or abs(actual - requested) <= LENGTH_WARNING_FRACTION * requested:
+        return None
+    return f"{kind} length {requested:.0f} → {actual:.0f} tokens (mean requested → actual)"
+
+
+def stage_warnings(stage: run_pb2.StageResult) -> list[str]:
+    """Every warning of one stage: the load generator saturated, the target did not keep up,
+    less load than specified, stored samples left out,
+    agents lost, lengths far from the requested ones, usage not reported, client/server
+    count mismatches, failed scrapes, and any warning field of the message."""
+    lines: list[str] = []
+    if stage.saturated:
+        lines.append(f"load generator saturated: {stage.saturation_reason or 'see the result'}; latencies suspect")
+    if stage.target_saturated:
+        lines.append(stage.target_saturation_reason)
+    if stage.reduced_load:
+        lines.append(f"reduced load: {stage.reduced_load_reason}")
+    if stage.agents_lost:
+        lines.append(f"{stage.agents_lost} agent(s) lost with {stage.requests_lost} unreported requests")
+    for kind, requested, actual in (
+        ("input", stage.mean_requested_input_tokens, stage.mean_input_tokens),
+        ("output", stage.mean_requested_output_tokens, stage.mean_output_tokens),
+    ):
+        if stage.requests_ok and (line := _length_warning(kind, requested, actual)):
+            lines.append(line)
+    if stage.output_tokens_estimated:
+        lines.append("usage not reported by the server: output token counts are estimates")
+    sm = stage.server_metrics
+    lines.extend(f"client/server mismatch: {c.message}" for c in sm.cross_checks if c.mismatch)
+    if sm.scrapes_failed:
+        endpoints = ", ".join(sorted({e.endpoint for e in sm.errors}))
+        lines.append(f"{sm.scrapes_failed} server-metrics scrapes failed ({endpoints})")
+    if stage.samples_ignored:
+        lines.append(stage.samples_ignored_reason)
+    lines.extend(_generic_warnings(stage))
+    return lines
+
+
+def result_warnings(result: run_pb2.RunResult) -> list[str]:
+    """Every warning of a result, one line each (`stage N: ...` for a stage's)."""
+    lines = _generic_warnings(result)
+    for s in result.stages:
+        lines.extend(f"stage {s.index}: {w}" for w in stage_warnings(s))
+    return lines
+
+
+def suspect_stages(result: run_pb2.RunResult) -> set[int]:
+    """Stages whose numbers are flagged as suspect: the load generator was saturated, or the
+    stage ran with less load than specified, or agents were lost with their requests."""
+    return {s.index for s in result.stages if s.saturated or s.reduced_load or s.agents_lost}
+
+
+def honest_verdict(result: run_pb2.RunResult, allow_suspect: bool = False) -> str:
+    """The verdict as the CLI reports it: a check that failed on a sound stage is a FAIL; else
+    any check judged on a suspect stage makes the verdict INCONCLUSIVE (unless allowed)."""
+    verdict = verdict_name(result.verdict)
+    suspect = set() if allow_suspect else suspect_stages(result)
+    if not suspect or verdict not in ("PASS", "FAIL"):
+        return verdict
+    if verdict == "FAIL" and all(c.passed for c in result.checks):
+        return verdict  # the run itself did not succeed
+    if any(not c.passed and c.stage_index not in suspect for c in result.checks):
+        return "FAIL"
+    if any(c.stage_index in suspect for c in result.checks):
+        return VERDICT_INCONCLUSIVE
+    return verdict
+
+
 # --- markdown ------------------------------------------------------------------------------
 
 

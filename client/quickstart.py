@@ -3,7 +3,7 @@
 Starts the mock model server, a controller and one agent as separate processes on
 127.0.0.1 (each on a port it picks and reports), runs a concurrency sweep against the
 mock, prints the per-stage table and shuts everything down. The run stays in the
-database file.
+database file; the last lines say how to look at it again.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import shlex
 import signal
 import sys
 import tempfile
@@ -78,6 +79,17 @@ async def _wait_for_agent(client: ControllerClient) -> None:
             await asyncio.sleep(0.1)
 
 
+def _print_next_steps(run_id: str, db_file: Path) -> None:
+    """The commands that look at the run afterwards: read from the database file, since the
+    controller stops with the quickstart."""
+    db = shlex.quote(str(db_file))
+    print(f"""
+look at this run again (no controller needed, the database file is read directly):
+  llm-loadtest runs result {run_id} --db {db}
+  llm-loadtest report {run_id} --db {db} -o report.html
+  llm-loadtest runs export {run_id} --db {db} --format csv -o samples.csv""", file=sys.stderr)
+
+
 async def quickstart(args: argparse.Namespace) -> int:
     db_file = Path(args.db).resolve()  # noqa: ASYNC240 - once, before anything runs
     log_dir = Path(tempfile.mkdtemp(prefix="llm-loadtest-quickstart-"))
@@ -107,7 +119,9 @@ async def quickstart(args: argparse.Namespace) -> int:
             print(f"created run {run.id}", file=sys.stderr, flush=True)
             result = await commands.watch_until_done(client, run.id)
             run = await client.get_run(run.id)
-        return commands.print_result(run_args, run, result)
+        code = commands.print_result(run_args, run, result)
+        _print_next_steps(run.id, db_file)
+        return code
     except (RuntimeError, TimeoutError) as exc:
         print(f"quickstart failed: {exc or 'timed out'}; logs in {log_dir}", file=sys.stderr)
         return 1

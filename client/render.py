@@ -2,22 +2,35 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from typing import Any
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from client.report_server import server_facts, server_notes
+from client import formats
+from client.formats import NA
+from client.report_server import server_facts
 from common.proto.loadtest.v1 import run_pb2, run_service_pb2
 
+# Where stdout is no terminal, rows stay whole on one line instead of wrapping at 80 columns.
+PIPE_WIDTH = 220
 
-def console() -> Console:
-    # Piped output keeps whole table rows on one line instead of wrapping at 80 columns.
-    return Console() if sys.stdout.isatty() else Console(width=220, no_color=True)
+
+def console(wide: bool = False) -> Console:
+    """The console tables are printed on: the terminal's width, or unbounded for `--wide` and
+    for pipes (a long row then wraps in the terminal instead of a number being cut)."""
+    if sys.stdout.isatty() and not wide:
+        return Console()
+    return Console(width=PIPE_WIDTH if not sys.stdout.isatty() else max(PIPE_WIDTH, Console().width),
+                   no_color=not sys.stdout.isatty())  # fmt: skip
 
 
 def state_name(state: int) -> str:
@@ -25,76 +38,128 @@ def state_name(state: int) -> str:
 
 
 def _ms(value: float) -> str:
-    return f"{value:.1f}" if value else "-"
+    return _num(value) if value else NA
 
 
-def result_table(result: run_pb2.RunResult) -> Table:
-    table = Table(title=f"run {result.run_id} — {state_name(result.state)}", title_justify="left")
-    for name in ("stage", "load", "ok", "failed", "req/s", "out tok/s", "TTFT p50", "TTFT p99",
-                 "TPOT p50", "TPOT p99", "ITL p50", "ITL p99", "E2E p50", "E2E p99"):  # fmt: skip
-        table.add_column(name, justify="left" if name == "stage" else "right")
-    for s in result.stages:
-        table.add_row(
-            f"{s.index}: {s.name}",
-            f"{s.request_rate:g}/s" if s.request_rate else str(s.concurrency or "-"),
-            str(s.requests_ok),
-            str(s.requests_failed),
-            f"{s.request_throughput:.2f}",
-            f"{s.output_token_throughput:.1f}",
-            _ms(s.ttft.p50_ms), _ms(s.ttft.p99_ms), _ms(s.tpot.p50_ms), _ms(s.tpot.p99_ms),
-            _ms(s.itl.p50_ms), _ms(s.itl.p99_ms), _ms(s.e2e.p50_ms), _ms(s.e2e.p99_ms),
+def _table(title: str | None = None) -> Table:
+    # Compact: two spaces between columns and a line under the header only, so the default
+    # columns fit 80.
+    return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), pad_edge=False,
+                 show_edge=False)  # fmt: skip
+
+
+def _num(value: float, decimals: int = 1) -> str:
+    """A table number: its decimals while they matter (below 1000), none above — shorter, never cut."""
+    return f"{value:.{decimals}f}" if abs(value) < 1000 else f"{value:.0f}"
+
+
+def _add_columns(
+    table: Table, columns: list[tuple[str, list[str]]], left: tuple[str, ...], shrinkable: tuple[str, ...]
+) -> None:
+    """Adds the columns with their cells, `left` ones left-justified. Only `shrinkable` columns
+    (names) are narrowed to fit the width, their text wrapped; every other column (numbers, ids)
+    is never narrower than its widest cell, so none is cut."""
+    for name, cells in columns:
+        shrinks = name in shrinkable
+        widest = max([len(name), *(len(c) for c in cells)])
+        table.add_column(
+            name, justify="left" if name in left else "right", no_wrap=not shrinks,
+            min_width=None if shrinks else widest, overflow="fold",
         )  # fmt: skip
-    table.caption = "\n".join(
-        ["latencies in ms (p50/p99); TTFT absent for non-streaming requests", *fleet_notes(result),
-         *server_notes(result), *target_notes(result)]
-    )
+    for row in zip(*(cells for _, cells in columns), strict=True):
+        table.add_row(*row)
+
+
+# The summary columns that fit an 80-column terminal; `--wide` shows RESULT_WIDE_COLUMNS.
+RESULT_COLUMNS = ("stage", "load", "ok/failed", "req/s", "tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "E2E p99")
+RESULT_WIDE_COLUMNS = ("stage", "load", "ok", "failed", "req/s", "out tok/s", "TTFT p50", "TTFT p99", "TPOT p50",
+                       "TPOT p99", "ITL p50", "ITL p99", "E2E p50", "E2E p99")  # fmt: skip
+
+
+def _stage_cell(s: run_pb2.StageResult) -> str:
+    return f"{s.index}: {s.name}" if s.name and s.name != formats.load_label(s) else str(s.index)
+
+
+def _result_cells(s: run_pb2.StageResult) -> dict[str, str]:
+    load = f"{s.request_rate:g}/s" if s.request_rate else str(s.concurrency or NA)
+    return {
+        "stage": _stage_cell(s), "load": load, "ok": str(s.requests_ok), "failed": str(s.requests_failed),
+        "ok/failed": f"{s.requests_ok}/{s.requests_failed}", "req/s": _num(s.request_throughput, 2),
+        "tok/s": _num(s.output_token_throughput), "out tok/s": _num(s.output_token_throughput),
+        "TTFT p50": _ms(s.ttft.p50_ms), "TTFT p99": _ms(s.ttft.p99_ms),
+        "TPOT p50": _ms(s.tpot.p50_ms), "TPOT p99": _ms(s.tpot.p99_ms),
+        "ITL p50": _ms(s.itl.p50_ms), "ITL p99": _ms(s.itl.p99_ms),
+        "E2E p50": _ms(s.e2e.p50_ms), "E2E p99": _ms(s.e2e.p99_ms),
+    }  # fmt: skip
+
+
+def result_table(result: run_pb2.RunResult, wide: bool = False) -> Table:
+    table = _table(f"run {result.run_id} — {state_name(result.state)}")
+    cells = [_result_cells(s) for s in result.stages]
+    names = RESULT_WIDE_COLUMNS if wide else RESULT_COLUMNS
+    _add_columns(table, [(name, [c[name] for c in cells]) for name in names], left=("stage",), shrinkable=("stage",))
+    notes = ["latencies in ms" + ("" if wide else "; --wide for every column")]
+    if any(s.requests_ok and s.ttft.count < s.requests_ok for s in result.stages):
+        notes.append("TTFT absent for non-streaming requests")
+    table.caption = "\n".join([*notes, *fleet_notes(result), *cross_check_notes(result)])
+    table.caption_justify = "left"
     return table
 
 
-def target_notes(result: run_pb2.RunResult) -> list[str]:
-    """One warning per stage whose target did not keep up with the requested rate."""
-    return [f"WARNING stage {s.index}: {s.target_saturation_reason}" for s in result.stages if s.target_saturated]
-
-
 def fleet_notes(result: run_pb2.RunResult) -> list[str]:
-    """One line per multi-agent stage: agents, start skew, agents and requests lost."""
-    notes = []
-    for s in result.stages:
-        if len(s.agents) < 2 and not s.agents_lost and not s.reduced_load:
-            continue
-        line = f"stage {s.index}: {len(s.agents)} agents, start skew {s.start_skew_ms:.1f} ms"
-        if s.agents_lost:
-            line += f", {s.agents_lost} agent(s) lost with {s.requests_lost} unreported requests"
-        if s.reduced_load:
-            line += f", REDUCED LOAD: {s.reduced_load_reason}"
-        notes.append(line)
-    return notes
+    """One line per multi-agent stage: its agents and their start skew (lost agents and
+    reduced load are warnings: formats.stage_warnings)."""
+    return [
+        f"stage {s.index}: {len(s.agents)} agents, start skew {s.start_skew_ms:.1f} ms"
+        for s in result.stages
+        if len(s.agents) >= 2
+    ]
 
 
-def runs_table(runs: list[run_pb2.Run]) -> Table:
-    table = Table()
-    for name in ("id", "state", "model", "stages", "ok", "failed", "created"):
-        table.add_column(name)
-    for r in runs:
-        table.add_row(
-            r.id, state_name(r.state), r.spec.target.model, str(len(r.spec.stages)),
-            str(r.progress.requests_ok), str(r.progress.requests_failed),
-            r.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S") if r.HasField("create_time") else "",
-        )  # fmt: skip
+def cross_check_notes(result: run_pb2.RunResult) -> list[str]:
+    """The client/server cross-checks that agree (a mismatch is a warning)."""
+    return [f"stage {s.index}: {c.message}" for s in result.stages for c in s.server_metrics.cross_checks
+            if not c.mismatch]  # fmt: skip
+
+
+RUNS_COLUMNS = ("id", "state", "name", "ok", "failed", "created")
+RUNS_WIDE_COLUMNS = ("id", "state", "name", "model", "stages", "ok", "failed", "created", "reason")
+
+
+def _run_cells(r: run_pb2.Run) -> dict[str, str]:
+    created = r.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M") if r.HasField("create_time") else ""
+    return {
+        "id": r.id, "state": state_name(r.state), "name": r.spec.display_name or r.spec.target.model,
+        "model": r.spec.target.model, "stages": str(len(r.spec.stages)), "ok": str(r.progress.requests_ok),
+        "failed": str(r.progress.requests_failed), "created": created, "reason": r.state_reason,
+    }  # fmt: skip
+
+
+def runs_table(runs: list[run_pb2.Run], wide: bool = False) -> Table:
+    """Runs, one a row; by default the columns that fit 80 columns (the name is the run's
+    display name, else its model), `--wide` adds model, stage count and reason."""
+    table = _table()
+    cells = [_run_cells(r) for r in runs]
+    names = RUNS_WIDE_COLUMNS if wide else RUNS_COLUMNS
+    _add_columns(table, [(n, [c[n] for c in cells]) for n in names], left=("id", "state", "name", "model", "reason"),
+                 shrinkable=("name", "model", "reason"))  # fmt: skip
     return table
 
 
 def progress_line(update: run_service_pb2.WatchRunResponse) -> str:
+    """One plain progress line: stages counted from 0 as in every table, TTFT an en dash until
+    the first response."""
     run, live = update.run, update.live
     stages = len(run.spec.stages)
     planned = f"/{live.stage_planned_s:.0f}" if live.stage_planned_s else ""
     requests = f"/{live.stage_requests_planned}" if live.stage_requests_planned else ""
+    ttft = f"{live.ttft_p50_ms:.0f}/{live.ttft_p99_ms:.0f}ms" if live.ttft_p50_ms or live.ttft_p99_ms else NA
     return (
-        f"{state_name(run.state):<9} stage {run.current_stage + 1}/{stages} "
+        f"{state_name(run.state):<9} stage {run.current_stage} ({run.current_stage + 1} of {stages}) "
         f"{run.spec.stages[run.current_stage].name if stages else ''} "
         f"t={live.stage_elapsed_s:.0f}{planned}s requests={live.stage_requests_done}{requests} | "
         f"run ok={run.progress.requests_ok} failed={run.progress.requests_failed} "
-        f"TTFT p50/p99={live.ttft_p50_ms:.0f}/{live.ttft_p99_ms:.0f}ms "
+        f"TTFT p50/p99={ttft} "
         f"{live.output_token_throughput:.0f} tok/s"
     )
 
@@ -110,8 +175,19 @@ def rpc_error_text(exc: grpc.aio.AioRpcError) -> str:
     return "\n".join(lines)
 
 
-def to_json(message: object) -> str:
-    return json_format.MessageToJson(message, indent=2, preserving_proto_field_name=True)  # type: ignore[arg-type]
+def message_dict(message: Message) -> dict[str, Any]:
+    """A message as `--json` prints it (docs/json.md): proto field names, every field present
+    (zeros and empty lists too), 64-bit integers as JSON numbers, enums by name, timestamps
+    as RFC 3339 strings and durations as `1.5s`, as in the proto3 JSON mapping."""
+    return json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True,
+        unquote_int64_if_possible=True,
+    )  # fmt: skip
+
+
+def to_json(message: Message, **extra: object) -> str:
+    """`message_dict` as indented JSON, with `extra` top-level keys added."""
+    return json.dumps(message_dict(message) | extra, indent=2, ensure_ascii=False)
 
 
 _LATENCIES = (

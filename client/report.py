@@ -63,7 +63,7 @@ class SampleDigest:
         stage = self.stages.setdefault(sample.stage_index, StageSamples())
         if sample.ttft_ms > 0:
             stage.ttft_ms.append(sample.ttft_ms)
-            # TPOT per METRICS.md: (last_token - first_token) / (output_tokens - 1).
+            # TPOT per docs/metrics.md: (last_token - first_token) / (output_tokens - 1).
             if sample.output_tokens > 1 and sample.e2e_ms >= sample.ttft_ms:
                 stage.tpot_ms.append((sample.e2e_ms - sample.ttft_ms) / (sample.output_tokens - 1))
 
@@ -227,7 +227,7 @@ def _header(runs: Sequence[RunReportData], styles: Sequence[_RunStyle], generate
     return (
         f"<header><h1>{escape(title)}</h1>"
         f'<p class="sub">Generated {escape(generated.strftime("%Y-%m-%d %H:%M:%S UTC"))} by llm-loadtest. '
-        "Latencies in milliseconds; definitions as in <code>METRICS.md</code> (TTFT = first token - sent, "
+        "Latencies in milliseconds; definitions as in <code>docs/metrics.md</code> (TTFT = first token - sent, "
         "TPOT per token excluding the first, ITL per streamed event, E2E = last token - sent).</p>"
         f'<div class="run-cards">{"".join(cards)}</div></header>'
     )
@@ -744,7 +744,7 @@ def build_report(runs: Sequence[RunReportData], generated: datetime | None = Non
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from client.commands import add_connection_arguments
 
-    add_connection_arguments(parser)
+    add_connection_arguments(parser, read_only=True)
     parser.add_argument("run_ids", nargs="+", metavar="RUN", help="run id(s); several runs are overlaid")
     parser.add_argument("-o", "--output", type=Path, default=Path("report.html"), help="HTML file to write")
     parser.add_argument("--no-samples", action="store_true",
@@ -752,14 +752,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def cmd_report(args: argparse.Namespace) -> int:
-    from client.commands import open_client
+    from client.commands import _errors, failure, open_reader
 
     try:
-        async with open_client(args) as client:
+        async with open_reader(args) as client:
             runs = [await collect(client, run_id, not args.no_samples) for run_id in args.run_ids]
-    except grpc.aio.AioRpcError as exc:
-        print(render.rpc_error_text(exc), file=sys.stderr)
-        return 1
+    except _errors() as exc:
+        return failure(exc, args)
     for data in runs:
         if data.samples is None and data.samples_note and not args.no_samples:
             print(f"warning: {data.run.id}: {data.samples_note}; distributions are left empty", file=sys.stderr)

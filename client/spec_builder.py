@@ -142,9 +142,12 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     shape = load.add_mutually_exclusive_group()
     shape.add_argument("--concurrency", type=int_list, help="closed loop: requests in flight, e.g. 1,8,32")
     shape.add_argument("--rate", type=float_list, help="open loop: requests per second, e.g. 2,4,8,16")
-    shape.add_argument("--scenario", choices=sorted(SCENARIOS), help="named scenario (`llm-loadtest scenarios`)")
-    load.add_argument("--peak-concurrency", type=int, help="peak of a scenario, closed loop")
-    load.add_argument("--peak-rate", type=float, help="peak of a scenario, open loop (requests/s)")
+    shape.add_argument(
+        "--scenario", choices=sorted(SCENARIOS),
+        help="named scenario (`llm-loadtest scenarios`); needs --peak-concurrency or --peak-rate",
+    )  # fmt: skip
+    load.add_argument("--peak-concurrency", type=int, help="peak of a --scenario, closed loop")
+    load.add_argument("--peak-rate", type=float, help="peak of a --scenario, open loop (requests/s)")
     load.add_argument("--arrival", choices=sorted(ARRIVALS), help="open loop arrivals (default poisson)")
     load.add_argument("--burstiness", type=float, help="gamma shape for --arrival gamma (1 = Poisson, <1 burstier)")
     load.add_argument("--max-concurrency", type=int, default=0, help="open loop: cap on requests in flight")
@@ -155,7 +158,11 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
         help="duration of each stage, e.g. 30s (default 10s, none with --requests; overrides scenarios)",
     )
     load.add_argument("--requests", type=int, default=0, help="requests per stage (with --duration: whichever first)")
-    load.add_argument("--warmup", type=warmup, default=(0.0, 0), help="excluded from metrics: 10s or 20req per stage")
+    load.add_argument(
+        "--warmup", type=warmup, default=(0.0, 0),
+        help="excluded from metrics: 10s or 20req per stage; part of the stage, not added to it (--duration 30s "
+        "--warmup 10s measures 20 s; --requests counts warmup requests too)",
+    )  # fmt: skip
     load.add_argument("--ramp", type=duration, default=0.0, help="linear ramp of the load at the start of each stage")
     load.add_argument("--agents", type=int, default=1, help="agents sharing each stage")
     load.add_argument(
@@ -206,7 +213,7 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     server.add_argument("--mismatch-tolerance", type=float, default=None, metavar="PERCENT",
                         help="client vs server token/request counts may differ by this much (default 2)")  # fmt: skip
-    parser.add_argument("--name", default="", help="display name of the run")
+    parser.add_argument("--name", default="", help="display name of the run (shown by run, runs list and reports)")
 
 
 def _set_duration(field: object, seconds: float) -> None:

@@ -1,7 +1,7 @@
 """Metric math: per-request samples in, the numbers of one stage out.
 
 The controller keeps every request's sample and computes results from them here, so this module
-is the one place where the definitions of shared/METRICS.md become arithmetic. It is pure numpy
+is the one place where the definitions of docs/metrics.md become arithmetic. It is pure numpy
 (no I/O, no grpc) and vectorised throughout: a stage may hold millions of requests and a hundred
 inter-token gaps each, so there is no Python loop per request or per gap, only per 1-second bucket.
 
@@ -170,7 +170,7 @@ class SecondBucket:
 
 @dataclass(frozen=True)
 class StageMetrics:
-    """The numbers of one stage (or agent, or run), as defined in shared/METRICS.md."""
+    """The numbers of one stage (or agent, or run), as defined in docs/metrics.md."""
 
     requests_ok: int
     requests_failed: int

@@ -42,12 +42,17 @@ from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from common.grpc_options import API_KEY_METADATA, REQUEST_ID_METADATA
+from common.grpc_options import API_KEY_ENV, API_KEY_METADATA, REQUEST_ID_METADATA
 from controller.domain.audit import AuditEntry, AuditLog
 from controller.domain.keys import InvalidCredentials, KeyStore, Principal, Role, key_id_of
 from controller.domain.ratelimit import RateLimiter
 
 log = structlog.get_logger(__name__)
+
+# Says where a CLI user puts the key (the flag and its variable) and what other clients send.
+MISSING_KEY_MESSAGE = (
+    f"missing API key: pass --api-key or set {API_KEY_ENV} (other clients: {API_KEY_METADATA} metadata)"
+)
 
 
 class Kind(enum.Enum):
@@ -172,7 +177,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         public = rule.kind is Kind.PUBLIC or (rule.kind is Kind.READ and not self.require_auth_for_reads)
         if not public and await self.keys.auth_enabled():
             if token is None:
-                raise _Refused(grpc.StatusCode.UNAUTHENTICATED, "missing API key (x-api-key metadata)")
+                raise _Refused(grpc.StatusCode.UNAUTHENTICATED, MISSING_KEY_MESSAGE)
             try:
                 principal = await self.keys.authenticate(token)
             except InvalidCredentials as exc:

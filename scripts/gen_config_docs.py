@@ -28,7 +28,9 @@ INTRO = """\
 Every command-line flag of `llm-loadtest` can also be set from the environment, by one rule:
 
 > `--flag-name` ↔ `LLM_LOADTEST_FLAG_NAME` — the prefix `LLM_LOADTEST_`, then the flag's long
-> name upper-cased, dashes as underscores.
+> name upper-cased, dashes as underscores. The mock server's flags add `MOCK_` after the prefix
+> (`--output-tokens` ↔ `LLM_LOADTEST_MOCK_OUTPUT_TOKENS`): its `--model`, `--output-tokens`
+> and `--seed` mean something else than `run`'s.
 
 - A flag given on the command line wins over its variable; the variable wins over the
   built-in default.
@@ -39,6 +41,8 @@ Every command-line flag of `llm-loadtest` can also be set from the environment, 
   take `1`/`true`/`yes`/`on` or `0`/`false`/`no`/`off`. Repeatable flags and flags taking
   several values take a comma-separated list (`LLM_LOADTEST_LABEL=zone=a,gpu=h100`).
 - An invalid value is reported with the variable's name, as a usage error (exit code 2).
+- The read commands' `--db PATH` has no variable: the image's `LLM_LOADTEST_DB` names the
+  controller's file and must not turn `runs list` into a read of a file that may not exist.
 - `llm-loadtest COMMAND --help` names each flag's variable.
 
 Containers and Kubernetes set the service commands this way (see `deploy/` and

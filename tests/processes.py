@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -44,3 +45,17 @@ class Proc:
                 self.p.wait()
         self._log_file.close()
         return self.p.returncode
+
+
+def wait_for_agents(address: str, count: int = 1, timeout_s: float = 60.0) -> None:
+    """Until `count` agents are connected to the controller at `address`. A fixture waits for
+    this before its test: an agent stopped while still starting up (importing, on a loaded
+    machine) would die of the SIGTERM instead of exiting cleanly."""
+    from client.sdk import ControllerClient
+
+    async def connected() -> None:
+        async with ControllerClient(address, timeout_s=10.0) as client, asyncio.timeout(timeout_s):
+            while len(await client.list_agents()) < count:  # noqa: ASYNC110 - another process
+                await asyncio.sleep(0.1)
+
+    asyncio.run(connected())

@@ -126,6 +126,10 @@ class KeyStore:
             return Principal(BOOTSTRAP_KEY_ID, Role.ADMIN)
         parsed = parse_token(token)
         if parsed is None:
+            if self._bootstrap is not None:  # the caller may have meant the bootstrap key, of any form
+                raise InvalidCredentials(
+                    "invalid API key: not the bootstrap key, nor a key of the form llt_<id>_<secret>"
+                )
             raise InvalidCredentials("malformed API key (expected llt_<id>_<secret>)")
         key_id, secret = parsed
         record = await self._db.read(store.get_key, key_id)

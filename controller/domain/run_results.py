@@ -104,8 +104,9 @@ def stored_result(run_pk: int, run_id: str, version: Version) -> run_pb2.RunResu
 class RunResults:
     """Results of runs: computed for running runs, stored once for final ones."""
 
-    def __init__(self, db: Database, max_cached: int = DEFAULT_MAX_CACHED) -> None:
+    def __init__(self, db: Database, max_cached: int = DEFAULT_MAX_CACHED, *, store: bool = True) -> None:
         self._db = db
+        self._store = store  # False on a read-only database (the CLI's --db): compute, keep nothing
         self._cache = ResultCache(max_cached)
         # One computation (or stored-row read) per run and version, shared by whoever asks.
         self._shared: dict[tuple[str, Version], asyncio.Task[run_pb2.RunResult]] = {}
@@ -156,6 +157,8 @@ class RunResults:
         message = await self._db.read(stored_result, record.pk, record.run_id, version)
         if message is None:
             computed = await self._db.read(compute_result, record.pk, record.run_id, parse_spec(record), record.state)
+            if not self._store:
+                return computed.message
             serialized = computed.message.SerializeToString(deterministic=True)
             row = repo.StoredResult(*computed.version, RESULT_FORMAT, serialized)
             if not await self._db.write(repo.put_run_result, record.pk, record.run_id, row):

@@ -49,14 +49,22 @@ PRAGMAS = {
     "mmap_size": 1 << 30,
     "temp_store": "memory",
 }
+_WRITING_PRAGMAS = frozenset({"journal_mode", "synchronous", "secure_delete"})
 
 
 class Database:
     """The controller's SQLite database with its writer thread and read pool."""
 
-    def __init__(self, path: str | Path, read_workers: int = 4) -> None:
+    def __init__(self, path: str | Path, read_workers: int = 4, *, read_only: bool = False) -> None:
         self.path = str(path)
-        self.db = SqliteDatabase(self.path, pragmas=PRAGMAS, check_same_thread=False)
+        if read_only:
+            # For the CLI's `--db` reads: SQLite itself refuses every write, and the pragmas
+            # that would change the file (journal mode, secure delete) are left out.
+            uri = Path(path).resolve().as_uri() + "?mode=ro"
+            pragmas = {k: v for k, v in PRAGMAS.items() if k not in _WRITING_PRAGMAS}
+            self.db = SqliteDatabase(uri, pragmas=pragmas, check_same_thread=False, uri=True)
+        else:
+            self.db = SqliteDatabase(self.path, pragmas=PRAGMAS, check_same_thread=False)
         database_proxy.initialize(self.db)
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
         self._readers = concurrent.futures.ThreadPoolExecutor(

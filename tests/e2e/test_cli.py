@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
+import signal
 import subprocess
-from collections.abc import Iterator
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
-from tests.processes import CLI, ENV, Proc
+from tests.processes import CLI, ENV, Proc, wait_for_agents
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
+T = TypeVar("T")
 
 def cli(*args: str, timeout_s: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -33,6 +40,7 @@ def stack(tmp_path: Path) -> Iterator[tuple[str, str, list[Proc]]]:
         address = ctl.wait_line("listening on").rsplit(" ", 1)[-1]
         procs.append(Proc("agent", "--controller", address, "--name", "e2e-agent", "--label", "zone=a",
                           log=tmp_path / "agent.log"))  # fmt: skip
+        wait_for_agents(address)
         yield target, address, procs
     finally:
         codes = [p.stop() for p in reversed(procs)]
@@ -58,12 +66,36 @@ def test_user_flow(stack: tuple[str, str, list[Proc]], tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     stages = json.loads(result.stdout)["stages"]
     assert len(stages) == 2
-    assert all(int(s["output_tokens"]) == 16 * int(s["requests_ok"]) for s in stages)
+    assert all(s["output_tokens"] == 16 * s["requests_ok"] for s in stages)
 
     as_json = cli("run", "--controller", address, "--target", target, "--model", "mock",
                   "--concurrency", "2", "--requests", "10", "--json")  # fmt: skip
     assert as_json.returncode == 0, as_json.stderr[-3000:]
-    assert json.loads(as_json.stdout)["stages"][0]["requests_ok"] == "10"  # uint64 is a JSON string
+    printed = json.loads(as_json.stdout)
+    # Numbers as numbers (uint64 too) and zero fields present (docs/json.md).
+    assert printed["stages"][0]["requests_ok"] == 10
+    assert printed["stages"][0]["requests_failed"] == 0
+    # The mock ends every answer after 16 tokens; the default max_tokens asks for 128. (On a
+    # loaded machine the agent may also be flagged saturated: another warning, as it should be.)
+    assert printed["cli"]["verdict"] == "NONE"
+    assert "stage 0: output length 128 → 16 tokens (mean requested → actual)" in printed["cli"]["warnings"]
+    shown = [line.removeprefix("WARNING ") for line in as_json.stderr.splitlines() if line.startswith("WARNING ")]
+    assert shown == printed["cli"]["warnings"]
+    other_id = printed["run_id"]
+
+    # Nothing matched is no pass: exit 2, with the loads of both runs.
+    compared = cli("runs", "compare", run_id, other_id, "--controller", address)
+    assert compared.returncode == 2, compared.stdout + compared.stderr
+    assert "concurrency=1, concurrency=4" in compared.stderr and "concurrency=2" in compared.stderr
+
+    # The read commands read the database file itself, as the RPCs would answer.
+    from_db = cli("runs", "result", run_id, "--db", str(tmp_path / "runs.db"), "--json")
+    assert from_db.returncode == 0, from_db.stderr
+    assert json.loads(from_db.stdout) == json.loads(result.stdout)
+
+    unreachable = cli("runs", "list", "--controller", "127.0.0.1:1")
+    assert unreachable.returncode == 4, unreachable.stderr
+    assert "no controller at 127.0.0.1:1" in unreachable.stderr and "Traceback" not in unreachable.stderr
 
     missing = cli("runs", "get", "run_nope", "--controller", address)
     assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
@@ -91,9 +123,106 @@ def test_quickstart_exits_zero_and_keeps_the_run(tmp_path: Path) -> None:
     db = tmp_path / "qs.db"
     out = cli("quickstart", "--db", str(db), "--duration", "2s", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "SUCCEEDED" in out.stdout and "concurrency=32" in out.stdout
+    assert "SUCCEEDED" in out.stdout and "32" in out.stdout
     import sqlite3
 
     with sqlite3.connect(db) as conn:
         (state,) = conn.execute("SELECT state FROM runs").fetchone()
     assert state == 3  # RUN_STATE_SUCCEEDED
+
+    # It ends with the commands that look at the run; they work with no controller running.
+    steps = [line.strip() for line in out.stderr.splitlines() if line.strip().startswith("llm-loadtest ")]
+    assert len(steps) == 3, out.stderr[-2000:]
+    for step in steps:
+        words = shlex.split(step)
+        done = cli(*words[1:], cwd=tmp_path)
+        assert done.returncode == 0, f"{step}: {done.stderr[-2000:]}"
+    assert (tmp_path / "report.html").stat().st_size > 1000
+    assert (tmp_path / "samples.csv").read_text().count("\n") > 10
+
+
+def _poll(probe: Callable[[], T], check: Callable[[T], bool], timeout_s: float = 60.0) -> T:
+    """`probe()` until `check` holds, with a deadline (a subprocess, so no event loop here)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = probe()
+        if check(value):
+            return value
+        assert time.monotonic() < deadline, f"condition not met within {timeout_s} s; last value: {value!r}"
+        time.sleep(0.1)
+
+
+def _start_run(target: str, address: str) -> tuple[subprocess.Popen[str], str]:
+    """A real `llm-loadtest run` of 60 s at concurrency 8, once its requests are flowing."""
+    proc = subprocess.Popen(
+        [CLI, "run", "--controller", address, "--target", target, "--model", "mock", "--concurrency", "8",
+         "--duration", "60s"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    first = proc.stderr.readline()
+    assert first.startswith("created run "), first
+    run_id = first.split()[2]
+    _poll(lambda: json.loads(cli("runs", "get", run_id, "--controller", address, "--json").stdout),
+          lambda r: r["state"] == "RUN_STATE_RUNNING" and r["progress"]["requests_ok"] > 0)  # fmt: skip
+    return proc, run_id
+
+
+def _mock_stats(target: str) -> dict[str, int]:
+    with urllib.request.urlopen(target.removesuffix("/v1") + "/stats", timeout=10) as response:
+        stats: dict[str, int] = json.load(response)
+    return stats
+
+
+def test_ctrl_c_cancels_the_run_and_prints_its_partial_result(stack: tuple[str, str, list[Proc]]) -> None:
+    target, address, _ = stack
+    proc, run_id = _start_run(target, address)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert f"Ctrl-C: cancelling run {run_id}" in stderr
+    assert "CANCELLED" in stdout and "TTFT p50" in stdout, stdout  # the partial result's table
+    state = json.loads(cli("runs", "get", run_id, "--controller", address, "--json").stdout)
+    assert state["state"] == "RUN_STATE_CANCELLED" and state["state_reason"] == "cancelled from the CLI (Ctrl-C)"
+    # The load has stopped: nothing in flight at the mock, and no new requests.
+    sent = _poll(lambda: _mock_stats(target), lambda s: s["running"] == 0, timeout_s=30)["requests_total"]
+    assert _mock_stats(target)["requests_total"] == sent
+
+
+def test_a_second_ctrl_c_detaches_and_names_the_cancel_command(stack: tuple[str, str, list[Proc]]) -> None:
+    target, address, procs = stack
+    agent = procs[-1].p
+    proc, run_id = _start_run(target, address)
+    assert proc.stderr is not None
+    # A frozen agent cannot stop, so the run cannot end while the CLI counts down.
+    agent.send_signal(signal.SIGSTOP)
+    try:
+        proc.send_signal(signal.SIGINT)
+        lines = []
+        while not (line := proc.stderr.readline()).startswith("waiting for run"):
+            assert line, "".join(lines)
+            lines.append(line)
+        assert re.fullmatch(rf"waiting for run {run_id} to end: \d+ s left\n", line), line
+        proc.send_signal(signal.SIGINT)
+        stdout, rest = proc.communicate(timeout=60)
+    finally:
+        agent.send_signal(signal.SIGCONT)
+    assert proc.returncode == 130, rest[-3000:]
+    command = f"llm-loadtest runs cancel {run_id} --controller {address}"
+    assert "detached (Ctrl-C again)" in rest and command in rest, rest
+    assert stdout == ""
+    # The printed command is the one that cancels it (or finds it already cancelled by the first Ctrl-C).
+    cancel = cli(*shlex.split(command)[1:])
+    assert cancel.returncode == 0 or "already finished (RUN_STATE_CANCELLED)" in cancel.stderr, cancel.stderr
+    _poll(lambda: json.loads(cli("runs", "get", run_id, "--controller", address, "--json").stdout),
+          lambda r: r["state"] == "RUN_STATE_CANCELLED")  # fmt: skip
+
+
+def test_detach_leaves_the_run_going(stack: tuple[str, str, list[Proc]]) -> None:
+    target, address, _ = stack
+    out = cli("run", "--controller", address, "--target", target, "--model", "mock", "--requests", "20",
+              "--detach")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    run_id = out.stdout.strip()
+    assert f"llm-loadtest runs cancel {run_id} --controller {address}" in out.stderr
+    _poll(lambda: json.loads(cli("runs", "get", run_id, "--controller", address, "--json").stdout),
+          lambda r: r["state"] == "RUN_STATE_SUCCEEDED")  # fmt: skip

@@ -31,6 +31,7 @@ from mockserver.config import MockConfig
 from mockserver.server import MockServer
 from tests.e2e.test_cli import Proc, cli
 from tests.integration.test_run_end_to_end import running_agent, spec_for, wait_final
+from tests.processes import wait_for_agents
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
 
@@ -260,6 +261,7 @@ def two_targets(tmp_path: Path) -> Iterator[tuple[str, str, str]]:
         procs.append(ctl)
         address = ctl.wait_line("listening on").rsplit(" ", 1)[-1]
         procs.append(Proc("agent", "--controller", address, "--name", "cli-agent", log=tmp_path / "agent.log"))
+        wait_for_agents(address)
         yield targets[0], targets[1], address
     finally:
         codes = [p.stop() for p in reversed(procs)]

@@ -20,6 +20,19 @@ def test_naming_rule() -> None:
     assert env_var("--metrics-listen") == "LLM_LOADTEST_METRICS_LISTEN"
     assert env_var("--api-key") == "LLM_LOADTEST_API_KEY"
     assert env_var("--db") == "LLM_LOADTEST_DB"
+    # The mock server's flags have their own namespace: its --model is not run's --model.
+    assert env_var("--model", "mock-server") == "LLM_LOADTEST_MOCK_MODEL"
+    assert env_var("--model", "run") == "LLM_LOADTEST_MODEL"
+
+
+def test_one_variable_never_sets_flags_of_different_meaning() -> None:
+    env = {"LLM_LOADTEST_OUTPUT_TOKENS": "16", "LLM_LOADTEST_MOCK_OUTPUT_TOKENS": "64"}
+    assert parse(["mock-server"], env).output_tokens == 64
+    assert parse(["run", "--target", "http://h/v1", "--model", "m"], env).output_tokens.fixed == 16
+
+
+def test_the_image_database_variable_does_not_redirect_the_read_commands() -> None:
+    assert parse(["runs", "list"], {"LLM_LOADTEST_DB": "/data/runs.db"}).db is None
 
 
 def test_variables_set_defaults_and_the_command_line_wins() -> None:
@@ -33,11 +46,11 @@ def test_variables_set_defaults_and_the_command_line_wins() -> None:
 
 
 def test_values_are_parsed_like_the_flag() -> None:
-    args = parse(["mock-server"], {"LLM_LOADTEST_PORT": "9000", "LLM_LOADTEST_ITL_MS": "2.5"})
+    args = parse(["mock-server"], {"LLM_LOADTEST_MOCK_PORT": "9000", "LLM_LOADTEST_MOCK_ITL_MS": "2.5"})
     assert args.port == 9000
     assert args.itl_ms == 2.5
-    with pytest.raises(ValueError, match="LLM_LOADTEST_PORT"):
-        parse(["mock-server"], {"LLM_LOADTEST_PORT": "eighty"})
+    with pytest.raises(ValueError, match="LLM_LOADTEST_MOCK_PORT"):
+        parse(["mock-server"], {"LLM_LOADTEST_MOCK_PORT": "eighty"})
     with pytest.raises(ValueError, match=r"LLM_LOADTEST_LOG_FORMAT.*invalid choice"):
         parse(["controller"], {"LLM_LOADTEST_LOG_FORMAT": "xml"})
 
@@ -86,8 +99,8 @@ def test_flags_added_by_any_command_are_picked_up() -> None:
 def test_an_invalid_variable_is_a_usage_error(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv("LLM_LOADTEST_PORT", "not-a-port")
+    monkeypatch.setenv("LLM_LOADTEST_MOCK_PORT", "not-a-port")
     with pytest.raises(SystemExit) as exc:
         main(["mock-server", "--help"])
     assert exc.value.code == 2
-    assert "LLM_LOADTEST_PORT" in capsys.readouterr().err
+    assert "LLM_LOADTEST_MOCK_PORT" in capsys.readouterr().err

@@ -63,16 +63,33 @@ async def send_one(t: run_pb2.Target, max_tokens: int = 64) -> RequestSample:
         return await client.send("1 the of and to in", max_tokens)
 
 
+async def emission(server: MockServer) -> dict[str, dict[str, float]]:
+    """When the mock really wrote its tokens (`/stats/emission`): the reference a client's
+    timing is judged against in these tests, since on a loaded machine the mock is late too."""
+    url = server.base_url.removesuffix("/v1") + "/stats/emission"
+    async with aiohttp.ClientSession() as session, session.get(url) as resp:
+        data: dict[str, dict[str, float]] = await resp.json()
+        return data
+
+
+# What the client may add to the mock's own lateness, with room for a loaded machine (the
+# process stalled between the mock's write and the client's read); the precision itself is
+# measured by bench/agent_accuracy.py (TTFT p99 error, ITL p99 beside the mock's emission).
+CLIENT_SLACK_MS = 50.0
+ITL_SLACK_MS = 3.0
+
+
 async def test_streaming_chat_ttft_itl_and_usage(mock: MockServer) -> None:
     sample = await send_one(target(mock.base_url))
     assert sample.status == run_pb2.REQUEST_STATUS_OK, sample.error
+    emitted = await emission(mock)
     ttft_ms = (sample.first_token_ns - sample.sent_ns) / MS
-    assert 50 <= ttft_ms <= 58
+    assert 50 <= ttft_ms <= 50 + emitted["ttft_late"]["max_ms"] + CLIENT_SLACK_MS, (ttft_ms, emitted)
     assert sample.usage_from_server
     assert sample.output_tokens == 32
     assert sample.prompt_tokens == 6
     assert len(sample.itl_ns) == 31
-    assert 10 <= statistics.median(sample.itl_ns) / MS <= 11.5
+    assert abs(statistics.median(sample.itl_ns) / MS - emitted["itl"]["p50_ms"]) <= ITL_SLACK_MS, emitted
     assert sample.sent_ns < sample.first_byte_ns <= sample.first_token_ns
     assert sample.first_token_ns < sample.last_token_ns <= sample.done_ns
     assert sample.error == ""
@@ -89,7 +106,8 @@ async def test_completions_endpoint(mock: MockServer) -> None:
     assert sample.status == run_pb2.REQUEST_STATUS_OK, sample.error
     assert sample.output_tokens == 32
     assert sample.usage_from_server
-    assert 50 <= (sample.first_token_ns - sample.sent_ns) / MS <= 58
+    late_ms = (await emission(mock))["ttft_late"]["max_ms"]
+    assert 50 <= (sample.first_token_ns - sample.sent_ns) / MS <= 50 + late_ms + CLIENT_SLACK_MS
     assert (await stats(mock))["requests_ok"] == 1
 
 

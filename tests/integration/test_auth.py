@@ -39,6 +39,21 @@ async def test_create_run_needs_the_key(secured: Controller, key: str | None) ->
         assert list((await client.list_runs()).runs) == []
 
 
+@pytest.mark.parametrize(("key", "says", "never"), [
+    (None, ["--api-key", "LLM_LOADTEST_API_KEY"], []),
+    # The bootstrap key may be of any form: a wrong one is not told to look like llt_...
+    ("wrong-key", ["not the bootstrap key"], ["expected llt_"]),
+])  # fmt: skip
+async def test_a_refused_key_says_what_to_do(
+    secured: Controller, key: str | None, says: list[str], never: list[str]
+) -> None:
+    async with ControllerClient(f"127.0.0.1:{secured.port}", api_key=key) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await client.create_run(valid_spec())
+    details = info.value.details() or ""
+    assert all(text in details for text in says) and not any(text in details for text in never), details
+
+
 async def test_create_run_with_key_and_bearer(secured: Controller) -> None:
     async with ControllerClient(f"127.0.0.1:{secured.port}", api_key=KEY) as client:
         run = await client.create_run(valid_spec())

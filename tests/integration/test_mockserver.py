@@ -114,8 +114,8 @@ async def _post(session: aiohttp.ClientSession, base_url: str, path: str, body: 
         return resp.status, await resp.json()
 
 
-async def _stats(session: aiohttp.ClientSession, base_url: str) -> dict[str, Any]:
-    async with session.get(base_url.removesuffix("/v1") + "/stats") as resp:
+async def _stats(session: aiohttp.ClientSession, base_url: str, path: str = "") -> dict[str, Any]:
+    async with session.get(base_url.removesuffix("/v1") + "/stats" + path) as resp:
         assert resp.status == 200
         stats: dict[str, Any] = await resp.json()
         return stats
@@ -324,6 +324,14 @@ async def test_prompt_tokens_are_whitespace_words(
 
 # --- timing --------------------------------------------------------------------------------
 
+# The timing tests judge what a client sees against what the mock says it emitted
+# (`/stats/emission`, measured in the same test): on a loaded machine the mock is late too, and
+# by how much is the machine's business. The mock's own lateness (first-token lateness p99,
+# emission ITL p99) is measured by bench/agent_accuracy.py. What the reading side may add: a
+# stall of the process between the mock's write and the client's read.
+CLIENT_SLACK_MS = 50.0
+ITL_SLACK_MS = 3.0
+
 
 async def test_ttft_is_measured_from_the_request_and_never_early(
     start_server: StartServer, session: aiohttp.ClientSession
@@ -337,9 +345,10 @@ async def test_ttft_is_measured_from_the_request_and_never_early(
         ttfts.append((first_token_at - stream.sent_at) * 1000)
         role_delays.append((stream.events[0][0] - stream.sent_at) * 1000)
     assert min(ttfts) >= 50.0, ttfts
-    assert 50.0 <= statistics.median(ttfts) <= 58.0, ttfts
+    late_ms = (await _stats(session, server.base_url, "/emission"))["ttft_late"]["p50_ms"]
+    assert statistics.median(ttfts) <= 50.0 + late_ms + CLIENT_SLACK_MS, (ttfts, late_ms)
     # The empty role event goes out at once, long before the first token.
-    assert statistics.median(role_delays) < 25.0, role_delays
+    assert statistics.median(role_delays) < statistics.median(ttfts) - 10.0, (role_delays, ttfts)
 
 
 async def test_inter_token_gaps_are_never_shorter_than_itl(
@@ -353,12 +362,17 @@ async def test_inter_token_gaps_are_never_shorter_than_itl(
         offsets_ms = [(t - stream.sent_at) * 1000 for t, _ in stream.token_events()]
         assert len(offsets_ms) == 40
         assert all(offset >= 20.0 + i * 10.0 for i, offset in enumerate(offsets_ms)), offsets_ms
-        # Like a decode loop, a late token delays the next ones, but only by the timer's
-        # lateness (about a millisecond at most per token), never by a growing backlog.
-        assert offsets_ms[-1] <= 20.0 + 39 * 11.5, offsets_ms
         gaps += [b - a for a, b in itertools.pairwise(offsets_ms)]
-    # Each gap is itl plus this token's timer lateness: the median lies just above itl.
-    assert 10.0 <= statistics.median(gaps) <= 11.5, gaps
+    emitted = await _stats(session, server.base_url, "/emission")
+    # Like a decode loop, a late token delays the next ones, but only by the timer's lateness
+    # (what the mock's emission gaps show), never by a backlog growing on the client's side.
+    for stream in streams:
+        last_ms = (stream.token_events()[-1][0] - stream.sent_at) * 1000
+        budget_ms = 20.0 + emitted["ttft_late"]["max_ms"] + 39 * emitted["itl"]["mean_ms"] + CLIENT_SLACK_MS
+        assert last_ms <= budget_ms, (last_ms, emitted)
+    # Each gap is itl plus this token's timer lateness: the median is the mock's own.
+    assert statistics.median(gaps) >= 10.0 - ITL_SLACK_MS, gaps
+    assert abs(statistics.median(gaps) - emitted["itl"]["p50_ms"]) <= ITL_SLACK_MS, (gaps, emitted["itl"])
 
 
 async def test_jitter_spreads_the_gaps_around_the_configured_itl(
@@ -368,7 +382,10 @@ async def test_jitter_spreads_the_gaps_around_the_configured_itl(
     stream = await _chat_stream(session, server.base_url)
     times = [t for t, _ in stream.token_events()]
     gaps = [(b - a) * 1000 for a, b in itertools.pairwise(times)]
-    assert 8.5 <= statistics.mean(gaps) <= 12.5, gaps
+    emitted = (await _stats(session, server.base_url, "/emission"))["itl"]
+    # About the configured 10 ms: never much below, and above only by the mock's own lateness.
+    assert statistics.mean(gaps) >= 8.5, gaps
+    assert statistics.mean(gaps) <= 12.5 + max(0.0, emitted["mean_ms"] - 10.0) + 1.0, (gaps, emitted)
     assert max(gaps) - min(gaps) > 5.0, gaps  # without jitter they would all be ~10 ms
 
 

@@ -29,6 +29,12 @@ TTFT_MS = 30.0
 ITL_MS = 5.0
 OUTPUT_TOKENS = 16
 PROMPT = "1 the of and to in"  # 6 prompt tokens by the mock's count
+# What the client may add to the mock's own lateness: reading the bytes in the same process,
+# with room for a loaded machine's scheduling (a stall of the process between the mock's write
+# and the client's read).
+CLIENT_SLACK_MS = 50.0
+# The client's median gap beside the mock's median emission gap (bins of 20 µs).
+ITL_SLACK_MS = 3.0
 
 
 @dataclass(frozen=True)
@@ -63,8 +69,9 @@ def target(base_url: str, api: str, *, stream: bool = True) -> run_pb2.Target:
     return run_pb2.Target(base_url=base_url, model="mock", api_kind=kind, stream=stream)
 
 
-async def server_stats(server: MockServer) -> dict[str, Any]:
-    async with aiohttp.ClientSession() as session, session.get(server.base_url.removesuffix("/v1") + "/stats") as r:
+async def server_stats(server: MockServer, path: str = "", method: str = "GET") -> dict[str, Any]:
+    url = server.base_url.removesuffix("/v1") + "/stats" + path
+    async with aiohttp.ClientSession() as session, session.request(method, url) as r:
         stats: dict[str, Any] = await r.json()
         return stats
 
@@ -96,27 +103,39 @@ async def test_the_agent_measures_every_style_right(style: Style, api: str) -> N
     async with MockServer(config) as server:
         async with OpenAIClient(target(server.base_url, api)) as client:
             warmup = await client.send(PROMPT, 64)  # also opens the pooled connection
+            await server_stats(server, "/reset", "POST")  # the emission reference: this sample's only
             sample = await client.send(PROMPT, 64)
         stats = await server_stats(server)
+        emitted = await server_stats(server, "/emission")
 
     check_counts(warmup, expected)
     check_counts(sample, expected)
+    # The first token is the first text event: the gaps after it span exactly to the last one
+    # (a role chunk or ping taken for the first token would add a gap, or lengthen the span).
+    assert sum(sample.itl_ns) == sample.last_token_ns - sample.first_token_ns
+    # Timing is judged against what the mock really emitted in this test (its /stats/emission:
+    # on a loaded machine the mock is late too). How close a client gets is precision,
+    # measured by bench/agent_accuracy.py (TTFT p99 error, ITL p99 beside the mock's emission).
+    late_ms = emitted["ttft_late"]["max_ms"]
     ttft_ms = ms(sample.first_token_ns - sample.sent_ns)
-    assert TTFT_MS <= ttft_ms <= TTFT_MS + 6, ttft_ms
+    assert TTFT_MS <= ttft_ms <= TTFT_MS + late_ms + CLIENT_SLACK_MS, (ttft_ms, late_ms)
     if (style, api) in OPENS_EARLY:
         # Bytes arrived at once, yet the first token is timed from the first text.
         assert ms(sample.first_token_ns - sample.first_byte_ns) >= TTFT_MS - 10
     step_ms = ITL_MS * expected.tokens_per_event
     median_itl = statistics.median(sample.itl_ns) / MS
-    assert step_ms - 0.5 <= median_itl <= step_ms + 1.5, sample.itl_ns
-    # TPOT is per token (METRICS.md): with 4 tokens an event it is about a quarter of the
-    # per-event ITL. (No upper bound on it: one stall of the machine moves a whole span.)
+    assert abs(median_itl - emitted["itl"]["p50_ms"]) <= ITL_SLACK_MS, (sample.itl_ns, emitted["itl"])
+    # TPOT is per token (docs/metrics.md): with 4 tokens an event it is about a quarter of the
+    # per-event ITL. (No upper bound on it: one stall of the machine moves a whole span.) The
+    # deadlines are absolute, so the span is short of its planned length by at most how late
+    # the first token went out, or was read.
     tpot_ms = ms(sample.last_token_ns - sample.first_token_ns) / (sample.output_tokens - 1)
-    assert tpot_ms >= step_ms * (expected.text_events - 1) / (OUTPUT_TOKENS - 1) - 0.3, tpot_ms
+    planned_ms = step_ms * (expected.text_events - 1)
+    assert tpot_ms * (OUTPUT_TOKENS - 1) >= planned_ms - late_ms - CLIENT_SLACK_MS - 0.3, (tpot_ms, late_ms)
     if expected.tokens_per_event > 1:
         assert tpot_ms < median_itl / 2, (tpot_ms, median_itl)
-    assert stats["requests_ok"] == 2
-    assert stats["output_tokens_total"] == 2 * OUTPUT_TOKENS
+    assert stats["requests_ok"] == 1  # since the reset after the warmup
+    assert stats["output_tokens_total"] == OUTPUT_TOKENS
 
 
 @pytest.mark.parametrize("api", ["chat", "completions"])

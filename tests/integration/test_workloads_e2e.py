@@ -51,7 +51,9 @@ async def test_open_loop_rate_and_cap(controller: Controller, client: Controller
     assert held.requests_ok == 40
     assert held.queue_delay.p50_ms > 100  # requests waited for the cap
     assert held.e2e_including_queue.mean_ms > held.e2e.mean_ms + held.queue_delay.mean_ms * 0.99
-    assert free.queue_delay.p99_ms < 50  # no cap: sent on schedule
+    # No cap: sent on schedule. Judged against the capped stage of the same run, not a fixed
+    # bound: a loaded machine delays sends too (send lag is measured by bench/agent_stream_start.py).
+    assert free.queue_delay.p99_ms < held.queue_delay.p50_ms, (free.queue_delay, held.queue_delay)
     assert stats["requests_total"] == final.progress.requests_ok + final.progress.requests_failed
 
 

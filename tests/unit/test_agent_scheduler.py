@@ -92,7 +92,9 @@ async def test_duration_stops_new_requests_and_lets_in_flight_finish() -> None:
     assert sender.cancelled == 0  # in-flight requests were allowed to finish
     assert all(t - started < 0.2e9 for t in sender.calls)
     assert 0.2 <= elapsed_s < 2
-    assert 4 * 2 <= len(sender.calls) <= 4 * 5
+    # At most the 4 a worker fits in 200 ms (and one over the edge); at least one each, however
+    # slowly a loaded machine runs the loop.
+    assert 4 <= len(sender.calls) <= 4 * 5
 
 
 async def test_duration_and_budget_whichever_first() -> None:
@@ -193,7 +195,10 @@ async def test_open_loop_sends_at_the_arrival_times() -> None:
     assert [c - sender.calls[0] for c in sender.calls] == offsets  # scheduled = the arrival time
     lags = [s - c for s, c in zip(sender.sent, sender.calls, strict=True)]
     assert min(lags) >= 0
-    assert sorted(lags)[len(lags) // 2] < 2 * MS
+    # Sent at its time, not after a backlog (arrivals are 5 ms apart on average; a backlog would
+    # grow to hundreds of ms over the stage). The bound leaves room for a loaded machine: the
+    # send lag itself (sent - scheduled) is measured by bench/agent_stream_start.py.
+    assert sorted(lags)[len(lags) // 2] < 50 * MS, sorted(lags)[len(lags) // 2] / MS
     assert sender.abandoned == []
 
 

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 from rich.console import Console
 
-from client import live
+from client import live, render
 from common.proto.loadtest.v1 import run_pb2, run_service_pb2
 
 pytestmark = pytest.mark.timeout(30)
@@ -101,7 +101,15 @@ def test_plain_log_prints_every_event_and_throttles_progress() -> None:
     ]  # fmt: skip
     progress = [line for line in lines if not line.startswith("event ")]
     assert len(progress) == 2  # at t=100 and t=105; none in between, none for the final message
-    assert all("stage 1/2" in line and "ok=120 failed=3" in line for line in progress)
+    # Stages counted from 0 as in the tables, with the count beside.
+    assert all("stage 0 (1 of 2)" in line and "ok=120 failed=3" in line for line in progress)
+    assert all("TTFT p50/p99=52/81ms" in line for line in progress)
+
+
+def test_plain_progress_shows_a_dash_before_the_first_response() -> None:
+    message = update(0, 1)
+    message.live.ttft_p50_ms = message.live.ttft_p99_ms = 0.0
+    assert "TTFT p50/p99=\u2013 " in render.progress_line(message)
 
 
 async def _updates(items: list[run_service_pb2.WatchRunResponse]) -> AsyncIterator[run_service_pb2.WatchRunResponse]:

@@ -1189,7 +1189,7 @@ Global___LatencyStats: _TypeAlias = LatencyStats  # noqa: Y015
 
 @_typing.final
 class StageResult(_message.Message):
-    """Metrics of one stage (or of the whole run), per shared/METRICS.md."""
+    """Metrics of one stage (or of the whole run), as defined in docs/metrics.md."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
