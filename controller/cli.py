@@ -53,6 +53,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             f"--{kind}-burst", type=float, default=burst, metavar="N",
             help=f"{kind} calls a key may make at once (default {burst:g})",
         )  # fmt: skip
+    parser.add_argument(
+        "--refusal-rate-limit", type=float, default=ratelimit.DEFAULT_REFUSAL_RATE, metavar="PER_S",
+        help="refused calls (bad key, wrong role) per second per client address; past the burst they get"
+             f" RESOURCE_EXHAUSTED (token bucket; default {ratelimit.DEFAULT_REFUSAL_RATE:g})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--refusal-burst", type=float, default=ratelimit.DEFAULT_REFUSAL_BURST, metavar="N",
+        help=f"refused calls a client address may make at once (default {ratelimit.DEFAULT_REFUSAL_BURST:g})",
+    )
 
 
 class SecurityOptions(TypedDict):
@@ -71,7 +80,8 @@ def security_options(args: argparse.Namespace) -> SecurityOptions:
         require_auth_for_reads=args.require_auth_for_reads,
         tls=ServerTls(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
         rate_limits=ratelimit.RateLimits(
-            args.write_rate_limit, args.write_burst, args.read_rate_limit, args.read_burst
+            args.write_rate_limit, args.write_burst, args.read_rate_limit, args.read_burst, args.refusal_rate_limit,
+            args.refusal_burst,
         ),
     )
 

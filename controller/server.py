@@ -117,6 +117,7 @@ class Controller:
         self.ingestor.start()
         await self.coordinator.start()
         self.keys.start()
+        self.audit.start()
         await self.server.start()
         if self._metrics_listen:
             self.metrics_port = await self.metrics_server.start(self._metrics_listen)
@@ -143,6 +144,7 @@ class Controller:
         await self.keys.stop()
         await self.ingestor.stop()
         await self.server.stop(max(deadline - loop.time(), 0.2))
+        await self.audit.stop()  # after the server: no refusal is left uncounted
         await self.results.close()
         await self.metrics_server.stop()
         self.db.close()
