@@ -147,13 +147,16 @@ async def _on_db(path: str, job: Callable[..., Awaitable[int]]) -> int:
     from common.logging import configure_logging
     from controller.domain.audit import AuditLog
     from controller.domain.keys import KeyStore
-    from controller.store.database import Database
+    from controller.store.database import Database, UnusableDatabase
 
     configure_logging("console", "warning")  # stdout carries only the new key
     db = Database(path, read_workers=1)
     try:
         db.migrate()
         return await job(KeyStore(db), AuditLog(db))
+    except UnusableDatabase as exc:
+        print(f"llm-loadtest: {exc}", file=sys.stderr)
+        return 1
     finally:
         db.close()
 

@@ -15,6 +15,7 @@ from common.logging import configure_logging
 from common.tls import ServerTls
 from controller.domain import ratelimit
 from controller.server import Controller
+from controller.store.database import UnusableDatabase
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -117,5 +118,9 @@ def run(args: argparse.Namespace) -> int:
         await serve(args, stop)
 
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main())
+        try:
+            asyncio.run(main())
+        except UnusableDatabase as exc:
+            print(f"llm-loadtest: {exc}", file=sys.stderr)
+            return 1
     return 0

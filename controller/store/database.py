@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from peewee import SqliteDatabase
+from peewee import DatabaseError, SqliteDatabase
 
 from controller.store.migrations import apply_migrations
 from controller.store.models import database_proxy
@@ -51,6 +51,13 @@ PRAGMAS = {
 }
 
 
+class UnusableDatabase(Exception):
+    """The file cannot serve as the controller's database: not SQLite, corrupt, unreadable."""
+
+    def __init__(self, path: str, error: BaseException) -> None:
+        super().__init__(f"{path} is not a usable SQLite database: {error}")
+
+
 class Database:
     """The controller's SQLite database with its writer thread and read pool."""
 
@@ -66,12 +73,16 @@ class Database:
         self._wipe_tried = -WAL_WIPE_RETRY_S
 
     def migrate(self) -> list[int]:
-        """Apply pending migrations (synchronously; call before serving)."""
-        self.db.connect(reuse_if_open=True)
+        """Apply pending migrations (synchronously; call before serving). UnusableDatabase when
+        the file is not a database, is corrupt or cannot be opened."""
         try:
-            return apply_migrations(self.db)
-        finally:
-            self.db.close()
+            self.db.connect(reuse_if_open=True)
+            try:
+                return apply_migrations(self.db)
+            finally:
+                self.db.close()
+        except DatabaseError as exc:  # peewee's, also for sqlite3's OperationalError
+            raise UnusableDatabase(self.path, exc) from None
 
     async def write(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
         """Run `fn(*args, **kwargs)` in one transaction on the writer thread."""
