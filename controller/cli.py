@@ -14,6 +14,7 @@ from common.grpc_options import API_KEY_ENV
 from common.logging import configure_logging
 from common.tls import ServerTls
 from controller.domain import ratelimit
+from controller.memory import limit_arenas
 from controller.server import Controller
 from controller.store.database import UnusableDatabase
 
@@ -103,6 +104,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    limit_arenas()  # this process is the controller alone: before its threads start
     configure_logging(args.log_format, args.log_level)
     try:
         security_options(args)

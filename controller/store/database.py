@@ -113,6 +113,16 @@ class Database:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(pool, self._job, job)
 
+    async def shrink_memory(self) -> None:
+        """Free the writer connection's unused cached pages (`PRAGMA shrink_memory`), between
+        two writes. The readers' caches stay small: they read through the memory map."""
+
+        def shrink() -> None:
+            self.db.connect(reuse_if_open=True)
+            self.db.execute_sql("PRAGMA shrink_memory")
+
+        await asyncio.get_running_loop().run_in_executor(self._writer, shrink)
+
     def _job(self, job: Callable[[], T]) -> T:
         # Connections are per thread and kept open for the thread's life: reopening one
         # per job costs more than the job for small reads.
