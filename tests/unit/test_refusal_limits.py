@@ -3,12 +3,15 @@ many addresses, and the aggregated counts still add up."""
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 from pathlib import Path
 
 import pytest
 
 from controller.domain.audit import WINDOW_NS, AuditEntry, AuditLog
 from controller.domain.ratelimit import TokenBuckets
+from controller.store import migrations
 from controller.store import security as store
 from controller.store.database import Database
 
@@ -54,3 +57,24 @@ async def test_refusals_aggregate_per_address_and_minute(tmp_path: Path) -> None
     # The six earlier groups were not flushed yet, so they keep their places: 44 new ones fit.
     assert len(overflow) == 1 and overflow[0].count == 1000 - (50 - 6)
     assert len(rows) <= 51 + 6
+
+
+def test_migration_9_counts_existing_rows_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "old.db"
+    with monkeypatch.context() as m:
+        m.setattr(migrations, "MIGRATIONS", migrations.MIGRATIONS[:8])
+        old = Database(path)
+        assert old.migrate() == [1, 2, 3, 4, 5, 6, 7, 8]
+        old.close()
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("INSERT INTO audit_events (time_ns, key_id, method, run_id, outcome, request_id, peer, detail)"
+                     " VALUES (1, 'k', '/m', '', 'OK', 'r', 'ipv4:127.0.0.1:1', '')")  # fmt: skip
+    conn.close()
+    db = Database(path)
+    try:
+        assert db.migrate()[0] == 9
+        (row,) = asyncio.run(db.read(store.list_audit, 10, None, "", ""))
+    finally:
+        db.close()
+    assert row.count == 1 and row.request_id == "r"
