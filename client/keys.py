@@ -56,6 +56,7 @@ class AuditRow:
     request_id: str
     peer: str
     detail: str
+    count: int  # calls the row stands for (refusals are aggregated per address and minute)
 
 
 def _add_source(parser: argparse.ArgumentParser) -> None:
@@ -135,24 +136,27 @@ def _print_audit(rows: list[AuditRow], as_json: bool) -> None:
     if as_json:
         print(json.dumps([{**r.__dict__, "time": _iso(r.time_ns)} for r in rows], indent=2))
         return
-    print(f"{'TIME':<22}{'KEY':<14}{'OUTCOME':<20}{'METHOD':<40}{'RUN':<26}{'PEER':<24}DETAIL")
+    print(f"{'TIME':<22}{'KEY':<14}{'OUTCOME':<20}{'COUNT':>7}  {'METHOD':<40}{'RUN':<26}{'PEER':<24}DETAIL")
     for r in rows:
         method = r.method.rsplit("/", 1)[-1] if r.method.startswith("/loadtest.") else r.method
-        print(f"{_iso(r.time_ns):<22}{r.key_id or '-':<14}{r.outcome:<20}{method:<40}{r.run_id or '-':<26}"
-              f"{r.peer:<24}{r.detail}")  # fmt: skip
+        print(f"{_iso(r.time_ns):<22}{r.key_id or '-':<14}{r.outcome:<20}{r.count:>7}  {method:<40}"
+              f"{r.run_id or '-':<26}{r.peer:<24}{r.detail}")  # fmt: skip
 
 
 async def _on_db(path: str, job: Callable[..., Awaitable[int]]) -> int:
     from common.logging import configure_logging
     from controller.domain.audit import AuditLog
     from controller.domain.keys import KeyStore
-    from controller.store.database import Database
+    from controller.store.database import Database, UnusableDatabase
 
     configure_logging("console", "warning")  # stdout carries only the new key
     db = Database(path, read_workers=1)
     try:
         db.migrate()
         return await job(KeyStore(db), AuditLog(db))
+    except UnusableDatabase as exc:
+        print(f"llm-loadtest: {exc}", file=sys.stderr)
+        return 1
     finally:
         db.close()
 
@@ -224,7 +228,7 @@ async def cmd_audit(args: argparse.Namespace) -> int:
             assert isinstance(audit, AuditLog)
             rows, _token = await audit.list(limit, "", args.key_id, args.run_id)
             _print_audit([AuditRow(r.time_ns, r.key_id, r.method, r.run_id, r.outcome, r.request_id, r.peer,
-                                   r.detail) for r in rows], args.json)  # fmt: skip
+                                   r.detail, r.count) for r in rows], args.json)  # fmt: skip
             return 0
 
         return await _on_db(args.db, job)
@@ -235,5 +239,5 @@ async def cmd_audit(args: argparse.Namespace) -> int:
         print(render.rpc_error_text(exc), file=sys.stderr)
         return 1
     _print_audit([AuditRow(_ts_ns(e, "time") or 0, e.key_id, e.method, e.run_id, e.outcome, e.request_id, e.peer,
-                           e.detail) for e in response.events], args.json)  # fmt: skip
+                           e.detail, e.count or 1) for e in response.events], args.json)  # fmt: skip
     return 0

@@ -14,6 +14,11 @@ Kinds:
 * `STREAM`: AgentService.Connect; not rate limited; the stream is ended (UNAUTHENTICATED)
   within seconds when its key is revoked or expires.
 
+Refused calls (UNAUTHENTICATED, PERMISSION_DENIED, of any kind) are limited per client
+address (its IP, without the port): past the refusal bucket they get RESOURCE_EXHAUSTED
+(see controller/domain/ratelimit.py), and they are audited and logged aggregated, one row
+per address, key id, method and outcome per minute (controller/domain/audit.py).
+
 Keys come from `x-api-key` or `authorization: Bearer ...` metadata (see
 controller/domain/keys.py). Only key ids reach logs and audit rows. A controller with no
 key at all runs open: every call in the table is allowed, limits and audit still apply.
@@ -125,11 +130,14 @@ def peer_host(peer: str) -> str:
 
 
 class _Refused(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str, retry_after_s: float = 0.0) -> None:
+    """A refusal; `key_id` is what its audit row names (empty when no key was examined)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_s: float = 0.0, key_id: str = "") -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.retry_after_s = retry_after_s
+        self.key_id = key_id
 
 
 class _Malformed:
@@ -171,23 +179,22 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     async def decide(self, method: str, token: str | None, peer: str) -> Principal:
         """The caller's principal if the call may proceed, else _Refused."""
         rule = METHOD_RULES.get(method)
-        if rule is None:
-            raise _Refused(grpc.StatusCode.PERMISSION_DENIED, f"method {method} is not allowed for anyone")
-        principal = Principal("", Role.ADMIN)
-        public = rule.kind is Kind.PUBLIC or (rule.kind is Kind.READ and not self.require_auth_for_reads)
-        if not public and await self.keys.auth_enabled():
-            if token is None:
-                raise _Refused(grpc.StatusCode.UNAUTHENTICATED, MISSING_KEY_MESSAGE)
-            try:
-                principal = await self.keys.authenticate(token)
-            except InvalidCredentials as exc:
-                raise _Refused(grpc.StatusCode.UNAUTHENTICATED, str(exc)) from None
-            if principal.role not in rule.roles:
-                allowed = ", ".join(sorted(r.value for r in rule.roles))
+        try:
+            principal = await self._authorize(method, rule, token)
+        except _Refused as refused:
+            # Refusals are limited per client address, whatever key they present (a wrong
+            # key per call must not buy a new bucket); allowed calls never wait here.
+            wait = self.limiter.take_refusal(peer_host(peer))
+            if wait > 0:
+                limits = self.limiter.limits
                 raise _Refused(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    f"a {principal.role.value} key may not call {method} (needs {allowed})",
-                )
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"too many refused calls from this address ({limits.refusal_rate:g}/s, bursts of "
+                    f"{limits.refusal_burst:g}); this one: {refused.message}; retry in {wait:.2f} s",
+                    wait,
+                ) from None
+            raise
+        assert rule is not None  # _authorize refuses methods without a rule
         if rule.kind in (Kind.READ, Kind.WRITE, Kind.ADMIN_READ):
             # Public calls are limited by peer: an unverified key id in metadata could name
             # someone else's bucket.
@@ -198,7 +205,30 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"rate limit of {caller if principal.key_id else 'this caller'} exceeded; retry in {wait:.2f} s",
                     wait,
+                    principal.key_id,
                 )
+        return principal
+
+    async def _authorize(self, method: str, rule: MethodRule | None, token: str | None) -> Principal:
+        if rule is None:
+            raise _Refused(grpc.StatusCode.PERMISSION_DENIED, f"method {method} is not allowed for anyone")
+        public = rule.kind is Kind.PUBLIC or (rule.kind is Kind.READ and not self.require_auth_for_reads)
+        if public or not await self.keys.auth_enabled():
+            return Principal("", Role.ADMIN)
+        if token is None:
+            raise _Refused(grpc.StatusCode.UNAUTHENTICATED, MISSING_KEY_MESSAGE)
+        try:
+            principal = await self.keys.authenticate(token)
+        except InvalidCredentials as exc:
+            # The id a wrong key claims: unverified, but what an admin wants to see.
+            raise _Refused(grpc.StatusCode.UNAUTHENTICATED, str(exc), key_id=key_id_of(token)) from None
+        if principal.role not in rule.roles:
+            allowed = ", ".join(sorted(r.value for r in rule.roles))
+            raise _Refused(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"a {principal.role.value} key may not call {method} (needs {allowed})",
+                key_id=principal.key_id,
+            )
         return principal
 
 
@@ -222,9 +252,13 @@ class _Call:
         try:
             principal = self.principal = await self.i.decide(self.method, self.token, context.peer())
         except _Refused as refused:
-            key_id = key_id_of(self.token) if self.token else ""
-            log.warning("auth_denied", key_id=key_id, code=refused.code.name, reason=refused.message)
-            await self.record(context, refused.code.name, key_id, request, None, refused.message)
+            first = await self.record(
+                context, refused.code.name, refused.key_id, request, None, refused.message, refused=True
+            )
+            # Logged like the audit log aggregates: a flood of refusals is not a flood of lines.
+            (log.warning if first else log.debug)(
+                "auth_denied", key_id=refused.key_id, code=refused.code.name, reason=refused.message
+            )
             if refused.retry_after_s > 0:
                 await context.abort_with_status(_retry_status(refused.message, refused.retry_after_s))
             await context.abort(refused.code, refused.message)
@@ -240,16 +274,24 @@ class _Call:
             await asyncio.shield(self.record(context, outcome, key_id, request, response, ""))
 
     async def record(
-        self, context: grpc.aio.ServicerContext, outcome: str, key_id: str, request: Any, response: Any, detail: str
-    ) -> None:
+        self, context: grpc.aio.ServicerContext, outcome: str, key_id: str, request: Any, response: Any, detail: str,
+        *, refused: bool = False,
+    ) -> bool:
+        """Audit this call: a row of its own, or (a refusal) a count in its address's row of the
+        minute. True when a new row was written."""
         run_id, subject = _subject(request, response)
         detail = "; ".join(x for x in (subject, detail) if x)
         try:
+            if refused:
+                return await self.i.audit.record_refusal(
+                    AuditEntry(key_id, self.method, outcome, self.request_id, peer_host(context.peer()), run_id, detail)
+                )
             await self.i.audit.record(
                 AuditEntry(key_id, self.method, outcome, self.request_id, context.peer(), run_id, detail)
             )
         except Exception:  # the call's own outcome matters more than its audit row
             log.exception("audit_write_failed")
+        return True
 
 
 def _retry_status(message: str, retry_after_s: float) -> grpc.Status:

@@ -15,7 +15,9 @@ from common.logging import configure_logging
 from common.tls import ServerTls
 from controller.domain import ratelimit
 from controller.domain.destinations import parse_allow_entry
+from controller.memory import limit_arenas
 from controller.server import Controller, OpenListenerError
+from controller.store.database import UnusableDatabase
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +66,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             f"--{kind}-burst", type=float, default=burst, metavar="N",
             help=f"{kind} calls a key may make at once (default {burst:g})",
         )  # fmt: skip
+    parser.add_argument(
+        "--refusal-rate-limit", type=float, default=ratelimit.DEFAULT_REFUSAL_RATE, metavar="PER_S",
+        help="refused calls (bad key, wrong role) per second per client address; past the burst they get"
+             f" RESOURCE_EXHAUSTED (token bucket; default {ratelimit.DEFAULT_REFUSAL_RATE:g})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--refusal-burst", type=float, default=ratelimit.DEFAULT_REFUSAL_BURST, metavar="N",
+        help=f"refused calls a client address may make at once (default {ratelimit.DEFAULT_REFUSAL_BURST:g})",
+    )
 
 
 class SecurityOptions(TypedDict):
@@ -86,7 +97,8 @@ def security_options(args: argparse.Namespace) -> SecurityOptions:
         require_auth_for_reads=args.require_auth_for_reads,
         tls=ServerTls(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
         rate_limits=ratelimit.RateLimits(
-            args.write_rate_limit, args.write_burst, args.read_rate_limit, args.read_burst
+            args.write_rate_limit, args.write_burst, args.read_rate_limit, args.read_burst, args.refusal_rate_limit,
+            args.refusal_burst,
         ),
         allow_targets=list(args.allow_target),
         insecure_open=args.insecure_open,
@@ -109,6 +121,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    limit_arenas()  # this process is the controller alone: before its threads start
     configure_logging(args.log_format, args.log_level)
     try:
         security_options(args)
@@ -129,4 +142,7 @@ def run(args: argparse.Namespace) -> int:
         except OpenListenerError as exc:
             print(f"llm-loadtest controller: {exc}", file=sys.stderr)
             return 2
+        except UnusableDatabase as exc:
+            print(f"llm-loadtest: {exc}", file=sys.stderr)
+            return 1
     return 0

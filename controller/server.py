@@ -33,6 +33,7 @@ from controller.domain.live import RunHub
 from controller.domain.ratelimit import RateLimiter, RateLimits
 from controller.domain.run_results import RunResults
 from controller.domain.runs import Runs
+from controller.memory import MemoryReleaser
 from controller.observability import ControllerMetrics
 from controller.servicers.agent_service import AgentServiceServicer
 from controller.servicers.key_service import KeyServiceServicer
@@ -86,6 +87,7 @@ class Controller:
         self.metrics_port = 0
         self.hub = RunHub()
         self.results = RunResults(self.db)
+        self.memory = MemoryReleaser(self.db.shrink_memory)
         self.coordinator = RunCoordinator(
             self.db, self.hub, heartbeat_interval_s=heartbeat_interval_s, lost_grace_s=lost_grace_s,
             on_run_final=self.results.run_finished,
@@ -132,6 +134,8 @@ class Controller:
         self.ingestor.start()
         await self.coordinator.start()
         self.keys.start()
+        self.audit.start()
+        self.memory.start()
         await self.server.start()
         if self._metrics_listen:
             self.metrics_port = await self.metrics_server.start(self._metrics_listen)
@@ -179,6 +183,8 @@ class Controller:
         await self.keys.stop()
         await self.ingestor.stop()
         await self.server.stop(max(deadline - loop.time(), 0.2))
+        await self.audit.stop()  # after the server: no refusal is left uncounted
+        await self.memory.stop()
         await self.results.close()
         await self.metrics_server.stop()
         self.destinations.close()

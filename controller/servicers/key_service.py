@@ -34,6 +34,7 @@ def audit_message(record: AuditRecord) -> key_service_pb2.AuditEvent:
     return key_service_pb2.AuditEvent(
         time=timestamp(record.time_ns), key_id=record.key_id, method=record.method, run_id=record.run_id,
         outcome=record.outcome, request_id=record.request_id, peer=record.peer, detail=record.detail,
+        count=record.count,
     )  # fmt: skip
 
 

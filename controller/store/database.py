@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from peewee import SqliteDatabase
+from peewee import DatabaseError, SqliteDatabase
 
 from controller.store.migrations import apply_migrations
 from controller.store.models import database_proxy
@@ -52,6 +52,13 @@ PRAGMAS = {
 _WRITING_PRAGMAS = frozenset({"journal_mode", "synchronous", "secure_delete"})
 
 
+class UnusableDatabase(Exception):
+    """The file cannot serve as the controller's database: not SQLite, corrupt, unreadable."""
+
+    def __init__(self, path: str, error: BaseException) -> None:
+        super().__init__(f"{path} is not a usable SQLite database: {error}")
+
+
 class Database:
     """The controller's SQLite database with its writer thread and read pool."""
 
@@ -74,12 +81,16 @@ class Database:
         self._wipe_tried = -WAL_WIPE_RETRY_S
 
     def migrate(self) -> list[int]:
-        """Apply pending migrations (synchronously; call before serving)."""
-        self.db.connect(reuse_if_open=True)
+        """Apply pending migrations (synchronously; call before serving). UnusableDatabase when
+        the file is not a database, is corrupt or cannot be opened."""
         try:
-            return apply_migrations(self.db)
-        finally:
-            self.db.close()
+            self.db.connect(reuse_if_open=True)
+            try:
+                return apply_migrations(self.db)
+            finally:
+                self.db.close()
+        except DatabaseError as exc:  # peewee's, also for sqlite3's OperationalError
+            raise UnusableDatabase(self.path, exc) from None
 
     async def write(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
         """Run `fn(*args, **kwargs)` in one transaction on the writer thread."""
@@ -109,6 +120,16 @@ class Database:
     async def _run(self, pool: concurrent.futures.ThreadPoolExecutor, job: Callable[[], T]) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(pool, self._job, job)
+
+    async def shrink_memory(self) -> None:
+        """Free the writer connection's unused cached pages (`PRAGMA shrink_memory`), between
+        two writes. The readers' caches stay small: they read through the memory map."""
+
+        def shrink() -> None:
+            self.db.connect(reuse_if_open=True)
+            self.db.execute_sql("PRAGMA shrink_memory")
+
+        await asyncio.get_running_loop().run_in_executor(self._writer, shrink)
 
     def _job(self, job: Callable[[], T]) -> T:
         # Connections are per thread and kept open for the thread's life: reopening one

@@ -259,6 +259,15 @@ MIGRATIONS: Sequence[tuple[int, str, str | Callable[[Database], None]]] = (
         ALTER TABLE assignments ADD COLUMN resume_token_sha256 TEXT NOT NULL DEFAULT '';
         """,
     ),
+    (
+        10,
+        "aggregated refusals in the audit log",
+        """
+        -- How many calls a row stands for: 1 for a mutating call; refused calls of one
+        -- address, key id, method and outcome share one row per minute.
+        ALTER TABLE audit_events ADD COLUMN count INTEGER NOT NULL DEFAULT 1;
+        """,
+    ),
 )
 
 

@@ -43,6 +43,7 @@ class AuditRecord:
     request_id: str
     peer: str
     detail: str
+    count: int = 1  # the calls the row stands for (refusals are aggregated; see domain/audit.py)
 
 
 _KEY_COLUMNS = "key_id, secret_sha256, role, name, created_at, expires_at, revoked_at"
@@ -105,21 +106,29 @@ def any_keys() -> bool:
 # --- audit ------------------------------------------------------------------------------
 
 
-# The audit log keeps the newest this many events: a flood of refused calls (each one is
-# recorded) cannot grow the database without bound.
+# The audit log keeps the newest this many rows: whatever is recorded, the database cannot
+# grow without bound (and refusals are aggregated, so a flood of them adds few rows).
 AUDIT_RETENTION_EVENTS = 1_000_000
 
 
-def insert_audit(events: Sequence[AuditRecord], retention: int = AUDIT_RETENTION_EVENTS) -> None:
+def insert_audit(events: Sequence[AuditRecord], retention: int = AUDIT_RETENTION_EVENTS) -> int:
+    """Append events; returns the pk of the last one."""
     conn = database_proxy.connection()
     conn.executemany(
-        "INSERT INTO audit_events (time_ns, key_id, method, run_id, outcome, request_id, peer, detail)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        [(e.time_ns, e.key_id, e.method, e.run_id, e.outcome, e.request_id, e.peer, e.detail) for e in events],
-    )
-    newest = conn.execute("SELECT MAX(pk) FROM audit_events").fetchone()[0] or 0
+        "INSERT INTO audit_events (time_ns, key_id, method, run_id, outcome, request_id, peer, detail, count)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(e.time_ns, e.key_id, e.method, e.run_id, e.outcome, e.request_id, e.peer, e.detail, e.count)
+         for e in events],
+    )  # fmt: skip
+    newest = int(conn.execute("SELECT MAX(pk) FROM audit_events").fetchone()[0] or 0)
     # A range on the rowid: an index seek that finds nothing in the common case.
     conn.execute("DELETE FROM audit_events WHERE pk <= ?", (newest - retention,))
+    return newest
+
+
+def set_audit_counts(counts: Sequence[tuple[int, int]]) -> None:
+    """Set the count of aggregated rows: (count, pk) pairs (rows gone by retention are skipped)."""
+    database_proxy.connection().executemany("UPDATE audit_events SET count = ? WHERE pk = ?", counts)
 
 
 def list_audit(limit: int, before_pk: int | None, key_id: str, run_id: str) -> list[AuditRecord]:
@@ -135,7 +144,7 @@ def list_audit(limit: int, before_pk: int | None, key_id: str, run_id: str) -> l
         params.append(before_pk)
     where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
     rows = database_proxy.execute_sql(
-        "SELECT pk, time_ns, key_id, method, run_id, outcome, request_id, peer, detail FROM audit_events"
+        "SELECT pk, time_ns, key_id, method, run_id, outcome, request_id, peer, detail, count FROM audit_events"
         f"{where} ORDER BY pk DESC LIMIT ?",
         (*params, limit),
     ).fetchall()

@@ -15,7 +15,7 @@ from controller.domain.ratelimit import RateLimits
 from controller.server import Controller
 
 T = TypeVar("T")
-NO_LIMITS = RateLimits(1e9, 1e9, 1e9, 1e9)
+NO_LIMITS = RateLimits(1e9, 1e9, 1e9, 1e9, 1e9, 1e9)
 
 
 class ThreadedController:

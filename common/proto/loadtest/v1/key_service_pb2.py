@@ -26,15 +26,15 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dloadtest/v1/key_service.proto\x12\x0bloadtest.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd9\x01\n\x06\x41piKey\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\"\n\x04role\x18\x03 \x01(\x0e\x32\x14.loadtest.v1.KeyRole\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"l\n\x10\x43reateKeyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x04role\x18\x02 \x01(\x0e\x32\x14.loadtest.v1.KeyRole\x12&\n\x03ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"E\n\x11\x43reateKeyResponse\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.loadtest.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\"*\n\x0fListKeysRequest\x12\x17\n\x0finclude_revoked\x18\x01 \x01(\x08\"5\n\x10ListKeysResponse\x12!\n\x04keys\x18\x01 \x03(\x0b\x32\x13.loadtest.v1.ApiKey\"\"\n\x10RevokeKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"5\n\x11RevokeKeyResponse\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.loadtest.v1.ApiKey\"\xa9\x01\n\nAuditEvent\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x0e\n\x06run_id\x18\x04 \x01(\t\x12\x0f\n\x07outcome\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x0c\n\x04peer\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x08 \x01(\t\"_\n\x16ListAuditEventsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06key_id\x18\x03 \x01(\t\x12\x0e\n\x06run_id\x18\x04 \x01(\t\"[\n\x17ListAuditEventsResponse\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.loadtest.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*`\n\x07KeyRole\x12\x18\n\x14KEY_ROLE_UNSPECIFIED\x10\x00\x12\x12\n\x0eKEY_ROLE_ADMIN\x10\x01\x12\x12\n\x0eKEY_ROLE_AGENT\x10\x02\x12\x13\n\x0fKEY_ROLE_READER\x10\x03\x32\xcb\x02\n\nKeyService\x12J\n\tCreateKey\x12\x1d.loadtest.v1.CreateKeyRequest\x1a\x1e.loadtest.v1.CreateKeyResponse\x12G\n\x08ListKeys\x12\x1c.loadtest.v1.ListKeysRequest\x1a\x1d.loadtest.v1.ListKeysResponse\x12J\n\tRevokeKey\x12\x1d.loadtest.v1.RevokeKeyRequest\x1a\x1e.loadtest.v1.RevokeKeyResponse\x12\\\n\x0fListAuditEvents\x12#.loadtest.v1.ListAuditEventsRequest\x1a$.loadtest.v1.ListAuditEventsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dloadtest/v1/key_service.proto\x12\x0bloadtest.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd9\x01\n\x06\x41piKey\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\"\n\x04role\x18\x03 \x01(\x0e\x32\x14.loadtest.v1.KeyRole\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"l\n\x10\x43reateKeyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x04role\x18\x02 \x01(\x0e\x32\x14.loadtest.v1.KeyRole\x12&\n\x03ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"E\n\x11\x43reateKeyResponse\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.loadtest.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\"*\n\x0fListKeysRequest\x12\x17\n\x0finclude_revoked\x18\x01 \x01(\x08\"5\n\x10ListKeysResponse\x12!\n\x04keys\x18\x01 \x03(\x0b\x32\x13.loadtest.v1.ApiKey\"\"\n\x10RevokeKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"5\n\x11RevokeKeyResponse\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.loadtest.v1.ApiKey\"\xb9\x01\n\nAuditEvent\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x0e\n\x06run_id\x18\x04 \x01(\t\x12\x0f\n\x07outcome\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x0c\n\x04peer\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x08 \x01(\t\x12\x0e\n\x05\x63ount\x18\x82\x01 \x01(\x03\"_\n\x16ListAuditEventsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06key_id\x18\x03 \x01(\t\x12\x0e\n\x06run_id\x18\x04 \x01(\t\"[\n\x17ListAuditEventsResponse\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.loadtest.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*`\n\x07KeyRole\x12\x18\n\x14KEY_ROLE_UNSPECIFIED\x10\x00\x12\x12\n\x0eKEY_ROLE_ADMIN\x10\x01\x12\x12\n\x0eKEY_ROLE_AGENT\x10\x02\x12\x13\n\x0fKEY_ROLE_READER\x10\x03\x32\xcb\x02\n\nKeyService\x12J\n\tCreateKey\x12\x1d.loadtest.v1.CreateKeyRequest\x1a\x1e.loadtest.v1.CreateKeyResponse\x12G\n\x08ListKeys\x12\x1c.loadtest.v1.ListKeysRequest\x1a\x1d.loadtest.v1.ListKeysResponse\x12J\n\tRevokeKey\x12\x1d.loadtest.v1.RevokeKeyRequest\x1a\x1e.loadtest.v1.RevokeKeyResponse\x12\\\n\x0fListAuditEvents\x12#.loadtest.v1.ListAuditEventsRequest\x1a$.loadtest.v1.ListAuditEventsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loadtest.v1.key_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_KEYROLE']._serialized_start=1064
-  _globals['_KEYROLE']._serialized_end=1160
+  _globals['_KEYROLE']._serialized_start=1080
+  _globals['_KEYROLE']._serialized_end=1176
   _globals['_APIKEY']._serialized_start=112
   _globals['_APIKEY']._serialized_end=329
   _globals['_CREATEKEYREQUEST']._serialized_start=331
@@ -50,11 +50,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REVOKEKEYRESPONSE']._serialized_start=647
   _globals['_REVOKEKEYRESPONSE']._serialized_end=700
   _globals['_AUDITEVENT']._serialized_start=703
-  _globals['_AUDITEVENT']._serialized_end=872
-  _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=874
-  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=969
-  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=971
-  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=1062
-  _globals['_KEYSERVICE']._serialized_start=1163
-  _globals['_KEYSERVICE']._serialized_end=1494
+  _globals['_AUDITEVENT']._serialized_end=888
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=890
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=985
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=987
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=1078
+  _globals['_KEYSERVICE']._serialized_start=1179
+  _globals['_KEYSERVICE']._serialized_end=1510
 # @@protoc_insertion_point(module_scope)

@@ -251,7 +251,13 @@ Global___RevokeKeyResponse: _TypeAlias = RevokeKeyResponse  # noqa: Y015
 
 @_typing.final
 class AuditEvent(_message.Message):
-    """One audited call: a mutating RPC (whatever its outcome) or a refused call."""
+    """One audited call: a mutating RPC (whatever its outcome), or refused calls.
+
+    Refused calls (UNAUTHENTICATED, PERMISSION_DENIED, RESOURCE_EXHAUSTED) are
+    aggregated: one event per client address, key id, method and outcome per
+    minute, with `count` saying how many calls it stands for. Every mutating
+    call that was let through has an event of its own (`count` 1).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -263,6 +269,7 @@ class AuditEvent(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     PEER_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     """The id of the key that made the call: a key id, `bootstrap` for the
     LLM_LOADTEST_API_KEY key, or empty when no valid key was presented.
@@ -276,12 +283,25 @@ class AuditEvent(_message.Message):
     request_id: _builtins.str
     """The request id of the call (`x-request-id`)."""
     peer: _builtins.str
-    """The caller's address as gRPC reports it, e.g. `ipv4:127.0.0.1:53412`."""
+    """The caller's address as gRPC reports it, e.g. `ipv4:127.0.0.1:53412`; for
+    aggregated refusals the address without the port, e.g. `ipv4:127.0.0.1`
+    (or `(other addresses)` for refusals counted together once too many
+    addresses are being tracked).
+    """
     detail: _builtins.str
-    """A short reason for refusals; never a secret."""
+    """A short reason for refusals (of the first one, when aggregated); never a
+    secret.
+    """
+    count: _builtins.int
+    """The number of calls this event stands for: 1 for a mutating call, at
+    least 1 for aggregated refusals (the count of the current minute grows
+    while refusals go on).
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
-        """When the call was decided or finished."""
+        """When the call was decided or finished; for aggregated refusals, when the
+        first of them was.
+        """
 
     def __init__(
         self,
@@ -294,10 +314,11 @@ class AuditEvent(_message.Message):
         request_id: _builtins.str = ...,
         peer: _builtins.str = ...,
         detail: _builtins.str = ...,
+        count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "key_id", b"key_id", "method", b"method", "outcome", b"outcome", "peer", b"peer", "request_id", b"request_id", "run_id", b"run_id", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "detail", b"detail", "key_id", b"key_id", "method", b"method", "outcome", b"outcome", "peer", b"peer", "request_id", b"request_id", "run_id", b"run_id", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
