@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from mockserver.styles import STYLES, Style
+from mockserver.styles import CONNECTION_STYLES, STYLES, ConnectionStyle, Style
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,9 @@ class MockConfig:
             of the tokens actually sent (rounded down), to check that a client notices;
             `/stats` always counts what was sent.
         malformed_metrics: Serve a broken `/metrics` page (for testing scrapers).
+        connections: What the server does with kept-alive connections of the `/v1` API
+            (see `mockserver.styles`): `keep_alive`, `close_after_response` (llama-server)
+            or `close_idle`.
     """
 
     ttft_ms: float = 50.0
@@ -43,6 +46,7 @@ class MockConfig:
     style: Style = "openai"
     under_report_usage: float = 0.0
     malformed_metrics: bool = False
+    connections: ConnectionStyle = "keep_alive"
 
     def __post_init__(self) -> None:
         for name in ("ttft_ms", "itl_ms", "jitter_ms"):
@@ -65,6 +69,8 @@ class MockConfig:
             raise ValueError(f"model must be a non-empty string, got {self.model!r}")
         if self.style not in STYLES:
             raise ValueError(f"style must be one of {', '.join(STYLES)}, got {self.style!r}")
+        if self.connections not in CONNECTION_STYLES:
+            raise ValueError(f"connections must be one of {', '.join(CONNECTION_STYLES)}, got {self.connections!r}")
         under = self.under_report_usage
         if isinstance(under, bool) or not isinstance(under, int | float) or not 0.0 <= under <= 1.0:
             raise ValueError(f"under_report_usage must be between 0 and 1, got {under!r}")
