@@ -46,7 +46,7 @@ def result_table(result: run_pb2.RunResult) -> Table:
         )  # fmt: skip
     table.caption = "\n".join(
         ["latencies in ms (p50/p99); TTFT absent for non-streaming requests", *fleet_notes(result),
-         *server_notes(result)]
+         *server_notes(result), *retry_notes(result), *(f"WARNING {w}" for w in result.warnings)]
     )
     return table
 
@@ -64,6 +64,16 @@ def fleet_notes(result: run_pb2.RunResult) -> list[str]:
             line += f", REDUCED LOAD: {s.reduced_load_reason}"
         notes.append(line)
     return notes
+
+
+def retry_notes(result: run_pb2.RunResult) -> list[str]:
+    """One line per stage with requests sent again on a fresh connection."""
+    return [
+        f"stage {s.index}: {s.requests_retried} request(s) sent again on a fresh connection "
+        "(the server had closed the kept-alive one)"
+        for s in result.stages
+        if s.requests_retried
+    ]
 
 
 def runs_table(runs: list[run_pb2.Run]) -> Table:
@@ -147,6 +157,11 @@ def _stage_facts(s: run_pb2.StageResult) -> list[str]:
         f"tokens: {s.prompt_tokens} prompt, {s.output_tokens} output, counted from "
         + ("estimates (the server sent no usage)" if s.output_tokens_estimated else "the server's usage"),
     ]
+    if s.requests_retried:
+        lines.append(
+            f"retried {s.requests_retried} request(s) on a fresh connection: the server had closed the "
+            "kept-alive connection before answering (they count once, with the second send's outcome)"
+        )
     if s.mean_requested_input_tokens or s.mean_requested_output_tokens:
         lines.append(
             f"lengths (mean, requested -> actual): input {s.mean_requested_input_tokens:.1f} -> "

@@ -37,7 +37,7 @@ log = structlog.get_logger(__name__)
 # (controller/domain/results.py, the metric math in common/metrics.py, controller/domain/
 # result_message.py, loadtest.v1.RunResult): results stored with another format are
 # recomputed and replaced when next read.
-RESULT_FORMAT = 1
+RESULT_FORMAT = 2  # 2: StageResult.requests_retried, RunResult.warnings
 DEFAULT_MAX_CACHED = 16
 # Background computations run one at a time: a burst of finishing runs leaves the rest of the
 # read pool to the API's reads.

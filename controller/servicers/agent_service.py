@@ -125,6 +125,8 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
                 log.info("agent_goodbye", session_id=session.session_id, reason=message.goodbye.reason[:200])
             elif body == "assignment_update":
                 await self._coordinator.assignment_update(session, message.assignment_update)
+            elif body == "preflight_result":
+                self._coordinator.preflight_result(message.preflight_result)
             else:
                 log.warning("unexpected_agent_message", session_id=session.session_id, body=body)
 
