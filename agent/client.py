@@ -180,7 +180,7 @@ class OpenAIClient:
         if self._fresh_session is not None:
             await self._fresh_session.close()
 
-    def _fresh(self) -> aiohttp.ClientSession:
+    def fresh_session(self) -> aiohttp.ClientSession:
         """A session whose every request opens its own connection (closed after it)."""
         if self._fresh_session is None:
             self._fresh_session = aiohttp.ClientSession(
@@ -257,7 +257,7 @@ class OpenAIClient:
             # The pooled connection was already closed by the server: send again, timed anew.
             sample.retried = True
             sample.sent_ns = clock()
-            await self._exchange(body, sample, self._fresh())
+            await self._exchange(body, sample, self.fresh_session())
         return sample
 
     async def _exchange(self, body: bytes, sample: RequestSample, session: aiohttp.ClientSession) -> bool:

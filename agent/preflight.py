@@ -36,6 +36,8 @@ from agent.sample import MAX_ERROR_CHARS, RequestSample
 from agent.sse import StreamParser, parse_json_body
 from common.proto.loadtest.v1 import run_pb2
 
+# Completion requests one agent's check sends (a server's request counters include them).
+PREFLIGHT_REQUESTS = 1
 PREFLIGHT_PROMPT = "Reply with one word: hello."
 PREFLIGHT_MAX_TOKENS = 4
 MODELS_TIMEOUT_S = 30.0
@@ -132,7 +134,9 @@ async def _one_request(client: OpenAIClient) -> tuple[RequestSample, str]:
     clock = time.perf_counter_ns
     sample.sent_ns = clock()
     try:
-        async with client.session.post(client.url, data=body, allow_redirects=False) as resp:
+        # On a connection of its own: a pooled one (the GET's) may have been closed by a server
+        # that closes after every response, and the check's request is never sent twice.
+        async with client.fresh_session().post(client.url, data=body, allow_redirects=False) as resp:
             raw = await _read_body(resp)
             now = clock()
             if resp.status >= 300:

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from agent.preflight import PREFLIGHT_REQUESTS
 from client.sdk import ControllerClient
 from common.proto.loadtest.v1 import run_pb2
 from controller.server import Controller
@@ -52,7 +53,7 @@ async def test_open_loop_rate_and_cap(controller: Controller, client: Controller
     assert held.queue_delay.p50_ms > 100  # requests waited for the cap
     assert held.e2e_including_queue.mean_ms > held.e2e.mean_ms + held.queue_delay.mean_ms * 0.99
     assert free.queue_delay.p99_ms < 50  # no cap: sent on schedule
-    assert stats["requests_total"] == final.progress.requests_ok + final.progress.requests_failed
+    assert stats["requests_total"] == final.progress.requests_ok + final.progress.requests_failed + PREFLIGHT_REQUESTS
 
 
 async def test_warmup_requests_are_excluded(controller: Controller, client: ControllerClient) -> None:
@@ -64,7 +65,7 @@ async def test_warmup_requests_are_excluded(controller: Controller, client: Cont
         spec.stages[0].warmup_requests = 5
         final, result = await run_to_end(client, spec)
         stats = await mock_stats(mock)
-    assert stats["requests_total"] == 20  # warmup requests ran
+    assert stats["requests_total"] == 20 + PREFLIGHT_REQUESTS  # warmup requests ran
     assert result.stages[0].requests_ok == 15  # and appear in no metric
     assert result.stages[0].ttft.count == 15
     assert final.progress.requests_ok == 15
@@ -89,7 +90,7 @@ async def test_non_streaming_and_completions(controller: Controller, client: Con
         _, result = await run_to_end(client, spec)
         assert result.stages[0].requests_ok == 6 and result.stages[0].ttft.count == 6
         stats = await mock_stats(mock)
-    assert stats["by_endpoint"]["completions"] == 6
+    assert stats["by_endpoint"]["completions"] == 6 + PREFLIGHT_REQUESTS
 
 
 async def test_dataset_prompts_and_lengths(controller: Controller, client: ControllerClient) -> None:
