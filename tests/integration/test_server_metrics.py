@@ -11,6 +11,7 @@ import aiohttp
 import grpc
 import pytest
 
+from agent.preflight import PREFLIGHT_MAX_TOKENS, PREFLIGHT_REQUESTS
 from agent.scrape import COUNTER, GAUGE, ExpositionError, MetricSample, parse_exposition
 from client.render import result_table
 from client.report import build_report, collect
@@ -127,7 +128,8 @@ async def test_run_stores_server_series_and_client_equals_server(
         assert final.state == run_pb2.RUN_STATE_SUCCEEDED, final.state_reason
         result = await client.get_result(run.id)
         report = build_report([await collect(client, run.id)])
-        served = mock.stats.output_tokens_total
+        # The preflight check's tokens came before the first scrape: in no window.
+        served = mock.stats.output_tokens_total - PREFLIGHT_REQUESTS * PREFLIGHT_MAX_TOKENS
 
     stage = result.stages[0]
     sm = stage.server_metrics
