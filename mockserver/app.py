@@ -200,14 +200,20 @@ def _connection_middleware(style: ConnectionStyle) -> Any:
                 # the request is never read, and the unread bytes make the kernel reset.
                 transport.abort()
                 return web.Response(status=499)  # never reaches the client
-        response = await handler(request)
         if style == "close_after_response":
-            # Stop reading at once (a request sent now is never seen) and close a moment
-            # later, as llama-server does after a streamed response.
-            if isinstance(transport, asyncio.ReadTransport):
-                transport.pause_reading()
-            asyncio.get_running_loop().call_later(CLOSE_AFTER_RESPONSE_DELAY_S, transport.close)
-        else:
+            # This request is the connection's last: aiohttp handles no further request on
+            # it (one the client sends after the response is never seen) and closes it when
+            # this handler returns, a moment after the response has gone out, as
+            # llama-server's connections close.
+            request.protocol.close()
+            response = await handler(request)
+            if not response.prepared:
+                await response.prepare(request)
+                await response.write_eof()
+            await asyncio.sleep(CLOSE_AFTER_RESPONSE_DELAY_S)
+            return response
+        response = await handler(request)
+        if style == "close_idle":
             idle_since[transport] = now()
         return response
 

@@ -57,11 +57,10 @@ reuses connections must cope:
 
 * `keep_alive` (default): HTTP/1.1 keep-alive as aiohttp serves it.
 * `close_after_response`: llama.cpp's `llama-server`. Every response advertises
-  `Keep-Alive: timeout=5, max=100`, yet the server stops reading the connection when a
-  response ends and closes it `CLOSE_AFTER_RESPONSE_DELAY_S` later, without reading what
-  came in meanwhile (the kernel answers a request that arrived with a reset). A client that
+  `Keep-Alive: timeout=5, max=100`, yet the server handles no further request on the
+  connection and closes it `CLOSE_AFTER_RESPONSE_DELAY_S` after the response. A client that
   sends its next request at once on the pooled connection loses it before the server ever
-  saw it, as the agent did against llama-server.
+  handled it, as the agent did against llama-server.
 * `close_idle`: a server (or proxy) that closes idle connections earlier than it advertises
   (`Keep-Alive: timeout=5`): a request arriving on a connection idle for more than
   `IDLE_CLOSE_S` meets a connection the server has just closed, so it is dropped unread
