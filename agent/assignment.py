@@ -14,9 +14,13 @@
    assignment instead of sending), is announced to the controller, is sent, and its sample
    (with its warmup flag) is added to the batcher (also when the request is cancelled). An open-loop arrival
    the stage could not send before it ended becomes a `cancelled` sample.
+   While the target refuses connections, requests back off and go one at a time; when it
+   has refused them for the target's `unreachable_timeout` the load stops and the
+   assignment FAILS with that reason (`agent.reachability`). Stretches in which no request
+   could be sent and nothing came back are noted as stalls (`agent.stalls`).
 3. When the schedule ends (or fails, or `cancel()` cancels it), the batcher is flushed and
    a final `AssignmentUpdate` (COMPLETED, FAILED or CANCELLED) carries `batch_count`, so
-   the controller knows which batches to expect, and `requests_sent`.
+   the controller knows which batches to expect, `requests_sent` and the stalls.
 4. The runner then stays registered with the session until the controller has acked every
    batch *and* sent an ack after the final update (`released`), so that after a reconnect
    its unacked batches and its final update can be replayed (`replay_messages()`).
@@ -41,9 +45,11 @@ from agent.batcher import SampleBatcher
 from agent.client import OpenAIClient, TargetConfigError
 from agent.gcload import load_thresholds
 from agent.prompts import PromptSource, PromptSourceError, prompt_source
+from agent.reachability import DEFAULT_UNREACHABLE_TIMEOUT_S, TargetReachability
 from agent.sample import MAX_ERROR_CHARS, PROCESS_CLOCK_ANCHOR, ClockAnchor, RequestSample
 from agent.scheduler import ClosedLoopSchedule, LoadSchedule, UnsupportedStageError, schedule_for_stage
 from agent.scrape import ServerMetricsScraper
+from agent.stalls import STALL_POLL_S, Stall, StallWatch
 from common.proto.loadtest.v1 import agent_service_pb2, run_pb2
 
 log = structlog.get_logger(__name__)
@@ -65,6 +71,15 @@ START_SPIN_S = 0.0
 # With this much time left before the start, collect garbage first (and not at the start).
 START_GC_MARGIN_S = 0.1
 START_LATE_WARN_MS = 5.0
+
+
+def unreachable_timeout_s(target: run_pb2.Target) -> float:
+    """How long the target may refuse connections before the stage fails (default 10 s)."""
+    if target.HasField("unreachable_timeout"):
+        seconds = target.unreachable_timeout.ToNanoseconds() / 1e9
+        if seconds > 0:
+            return seconds
+    return DEFAULT_UNREACHABLE_TIMEOUT_S
 
 
 class Lease:
@@ -130,6 +145,13 @@ class AssignmentRunner:
         self._acked_after_final = False
         self._scraper: ServerMetricsScraper | None = None
         self._anchor = anchor
+        self._fail_reason: str | None = None
+        self._reach = TargetReachability(unreachable_timeout_s(assign.target), self._target_dead)
+        # Activity for the stall watch: the last send or completion, and the requests in flight.
+        self._last_activity_ns = 0
+        self._in_flight_samples: dict[int, RequestSample] = {}
+        self._stalls: list[Stall] = []
+        self._load_start_ns = 0
 
     @property
     def assignment_id(self) -> str:
@@ -193,6 +215,14 @@ class AssignmentRunner:
             self._cancel_reason = reason or "cancelled"
         if self._load_task is not None:
             self._load_task.cancel()
+
+    def _target_dead(self, reason: str) -> None:
+        """The target refused connections too long: stop the load, the assignment fails."""
+        if self._fail_reason is None and self._cancel_reason is None:
+            self._fail_reason = reason
+            log.warning("target_unreachable", assignment_id=self.assignment_id, reason=reason)
+            if self._load_task is not None:
+                self._load_task.cancel()
 
     def ack(self, batch_seq: int) -> None:
         """The controller committed every batch with batch_seq <= `batch_seq`."""
@@ -273,6 +303,8 @@ class AssignmentRunner:
         except asyncio.CancelledError:
             state = agent_service_pb2.ASSIGNMENT_STATE_CANCELLED
             message = self._cancel_reason or "agent stopped"
+            if self._fail_reason is not None and self._cancel_reason is None:
+                state, message = agent_service_pb2.ASSIGNMENT_STATE_FAILED, self._fail_reason
             current = asyncio.current_task()
             if current is not None and current.cancelling():
                 raise  # our own task is being cancelled, not just the load: propagate
@@ -306,8 +338,26 @@ class AssignmentRunner:
         self._start_unix_ns = time.time_ns()
         if self._assign.start_unix_ns:  # a synchronized start: report when it really began
             self._emit(agent_service_pb2.ConnectRequest(assignment_update=self.current_update()))
-        with load_thresholds():
-            await schedule.run(self._send_one, self._abandon_one)
+        self._load_start_ns = self._last_activity_ns = time.perf_counter_ns()
+        stage = self._assign.stage
+        window_ns = stage.duration.ToNanoseconds() if stage.HasField("duration") else 0
+        watch = StallWatch(self._load_start_ns + window_ns if window_ns > 0 else None)
+        watcher = asyncio.create_task(self._watch_stalls(watch), name="stall-watch")
+        try:
+            with load_thresholds():
+                await schedule.run(self._send_one, self._abandon_one)
+        finally:
+            watcher.cancel()
+            self._stalls = watch.finish(time.perf_counter_ns())
+
+    async def _watch_stalls(self, watch: StallWatch) -> None:
+        """Poll the assignment's activity for stalls (off the request path)."""
+        while True:
+            await asyncio.sleep(STALL_POLL_S)
+            activity = self._last_activity_ns
+            for sample in self._in_flight_samples.values():
+                activity = max(activity, sample.first_byte_ns, sample.last_token_ns)
+            watch.observe(time.perf_counter_ns(), activity, len(self._in_flight_samples))
 
     async def _wait_for_start(self) -> None:
         """Wait for the stage's common start time (controller clock, corrected by the offset
@@ -342,6 +392,8 @@ class AssignmentRunner:
             self.cancel(f"lease expired: no word from the controller for {self._lease.duration_s:g} s")
             await asyncio.sleep(0)  # the load task is cancelled here
             return
+        reach = self._reach
+        probe = await reach.wait_turn() if reach.refusing else False
         prompt = self._prompts.next_prompt()
         sample = RequestSample(
             scheduled_ns=scheduled_ns,
@@ -351,11 +403,18 @@ class AssignmentRunner:
         )
         self._in_flight += 1
         self._requests_sent += 1
+        in_flight = self._in_flight_samples
+        in_flight[id(sample)] = sample
+        self._last_activity_ns = time.perf_counter_ns()
         try:
             if self._announce is not None:
                 await self._announce(self)
             await self._client.send(prompt.text, prompt.max_tokens, sample, messages=prompt.messages)
+            if probe or sample.connect_failed or reach.refusing:
+                reach.outcome(sample.connect_failed, sample.error, probe)
         except asyncio.CancelledError:
+            if probe:
+                reach.probe_abandoned()
             if sample.status == run_pb2.REQUEST_STATUS_UNSPECIFIED:
                 # Cancelled while announcing, before the client had it: never sent.
                 sample.sent_ns = sample.done_ns = time.perf_counter_ns()
@@ -364,6 +423,8 @@ class AssignmentRunner:
         finally:
             # Also on cancellation: the client has marked the sample `cancelled`.
             self._in_flight -= 1
+            del in_flight[id(sample)]
+            self._last_activity_ns = time.perf_counter_ns()
             self._batcher.add(sample)
 
     def _abandon_one(self, scheduled_ns: int, warmup: bool) -> None:
@@ -384,6 +445,10 @@ class AssignmentRunner:
             requests_sent=self._requests_sent,
             start_unix_ns=self._start_unix_ns,
         )
+        for stall in self._stalls:
+            entry = update.stalls.add(in_flight=stall.in_flight)
+            entry.start_offset.FromNanoseconds(max(stall.start_ns - self._load_start_ns, 0))
+            entry.length.FromNanoseconds(stall.end_ns - stall.start_ns)
         self._final_update = update
         self._emit(agent_service_pb2.ConnectRequest(assignment_update=update))
         log.info(

@@ -31,6 +31,7 @@ SampleBatch = agent_service_pb2.SampleBatch
 
 FLAG_USAGE_FROM_SERVER = 1 << 0
 FLAG_WARMUP = 1 << 1
+FLAG_RETRIED = 1 << 2
 
 DEFAULT_FLUSH_INTERVAL_S = 0.1
 DEFAULT_MAX_BATCH_SAMPLES = 512
@@ -145,7 +146,9 @@ class SampleBatcher:
         self._requested_output_tokens.append(min(sample.requested_output_tokens, _UINT32_MAX))
         self._status.append(sample.status)
         self._flags.append(
-            (FLAG_USAGE_FROM_SERVER if sample.usage_from_server else 0) | (FLAG_WARMUP if sample.warmup else 0)
+            (FLAG_USAGE_FROM_SERVER if sample.usage_from_server else 0)
+            | (FLAG_WARMUP if sample.warmup else 0)
+            | (FLAG_RETRIED if sample.retried else 0)
         )
         self._itl_count.append(len(sample.itl_ns))
         self._itl_ns.extend(sample.itl_ns)

@@ -14,6 +14,16 @@ parsed on the spot (`agent.sse`), so neither a task wake-up nor JSON decoding in
 latency; the request task only waits for the end of the response. Error bodies and
 non-streamed answers are read in the task as usual.
 
+Connection reuse: a request whose pooled connection turns out closed by the server before
+anything of the response arrived is sent again, once, on a fresh connection, and its sample
+is flagged `retried` with the times of the second send. Servers that close a connection
+right after a response while advertising keep-alive (llama.cpp's `llama-server`), and idle
+timeouts that cross a request, cause exactly this; curl, browsers and Go's net/http retry it
+the same way. Only that case is retried: not a fresh connection that fails, not a failure
+after any byte of the response arrived, not a timeout: the server may have started those.
+A connection that could not be opened at all is recorded as `connect_failed` (the
+assignment's back-off and dead-target rule act on it, `agent.reachability`).
+
 Request body: `model`, `messages` (chat) or `prompt` (completions), `max_tokens`, `stream`
 and, when streaming, `stream_options.include_usage`; then the target's `extra_body` fields,
 which can add parameters but never replace those (`PROTECTED_BODY_KEYS`); then the
@@ -41,7 +51,7 @@ from google.protobuf import json_format
 
 from agent.sample import MAX_ERROR_CHARS, RequestSample, RequestStatus
 from agent.sse import StreamParser, error_message, parse_json_body
-from agent.stream import BodySink, StreamingConnector, TimedResponseHandler
+from agent.stream import BodySink, StreamingConnector, TimedResponseHandler, TrackedBody
 from agent.wire_errors import printable, transport_error
 from common.proto.loadtest.v1 import run_pb2
 from common.request_body import PROTECTED_BODY_KEYS
@@ -108,18 +118,51 @@ class OpenAIClient:
         secrets = [target.api_key, *target.headers.values(), parts.password or ""]
         self._secrets = tuple(s for s in secrets if len(s) >= 4)
 
+        self._headers = headers
+        self._ssl = not target.insecure_skip_verify
         self._session = aiohttp.ClientSession(
             # limit=0: the scheduler decides concurrency; a connector cap would add hidden
             # client-side queueing that no sample would show.
-            connector=StreamingConnector(limit=0, ttl_dns_cache=300, ssl=not target.insecure_skip_verify),
+            connector=StreamingConnector(limit=0, ttl_dns_cache=300, ssl=self._ssl),
             timeout=aiohttp.ClientTimeout(total=self._timeout_s),
             headers=headers,
         )
+        # Retries go out on connections of their own (never a pooled one); made on first use.
+        self._fresh_session: aiohttp.ClientSession | None = None
 
     @property
     def streaming(self) -> bool:
         """Whether responses are requested as SSE streams."""
         return self._stream
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The HTTP session (its connection pool), for other requests to the same target."""
+        return self._session
+
+    @property
+    def base_url(self) -> str:
+        """The target's base URL, without a trailing slash."""
+        return self._base_url
+
+    @property
+    def url(self) -> str:
+        """The completion endpoint requests go to."""
+        return self._url
+
+    @property
+    def model(self) -> str:
+        """The `model` sent with every request."""
+        return self._model
+
+    @property
+    def chat(self) -> bool:
+        """True for chat completions, False for completions."""
+        return self._chat
+
+    def redact(self, text: str) -> str:
+        """`text` with the target's credentials replaced by `[redacted]`."""
+        return self._redact(text)
 
     async def __aenter__(self) -> OpenAIClient:
         return self
@@ -135,6 +178,18 @@ class OpenAIClient:
     async def close(self) -> None:
         """Close the HTTP session and its connections."""
         await self._session.close()
+        if self._fresh_session is not None:
+            await self._fresh_session.close()
+
+    def fresh_session(self) -> aiohttp.ClientSession:
+        """A session whose every request opens its own connection (closed after it)."""
+        if self._fresh_session is None:
+            self._fresh_session = aiohttp.ClientSession(
+                connector=StreamingConnector(limit=0, force_close=True, ssl=self._ssl),
+                timeout=aiohttp.ClientTimeout(total=self._timeout_s),
+                headers=self._headers,
+            )
+        return self._fresh_session
 
     def encode_body(self, prompt: str, max_tokens: int, messages: Sequence[Mapping[str, str]] | None = None) -> bytes:
         """The JSON request body for one prompt (chat: `messages` instead of the prompt, if given)."""
@@ -195,13 +250,25 @@ class OpenAIClient:
         if sample is None:
             sample = RequestSample()
         body = self.encode_body(prompt, max_tokens, messages)
-        parser = StreamParser(sample, chat=self._chat) if self._stream else None
         clock = time.perf_counter_ns
         sample.sent_ns = clock()
         if not sample.scheduled_ns:
             sample.scheduled_ns = sample.sent_ns
+        if await self._exchange(body, sample, self._session):
+            # The pooled connection was already closed by the server: send again, timed anew.
+            sample.retried = True
+            sample.sent_ns = clock()
+            await self._exchange(body, sample, self.fresh_session())
+        return sample
+
+    async def _exchange(self, body: bytes, sample: RequestSample, session: aiohttp.ClientSession) -> bool:
+        """One attempt at the request, recorded in `sample`; True, with nothing recorded,
+        when a pooled connection turned out closed before anything of the response came."""
+        parser = StreamParser(sample, chat=self._chat) if self._stream else None
+        pooled = session is self._session
+        data = TrackedBody(body) if pooled else body
         try:
-            async with self._session.post(self._url, data=body, allow_redirects=False) as resp:
+            async with session.post(self._url, data=data, allow_redirects=False) as resp:
                 if resp.status >= 300:
                     await self._record_http_error(resp, sample)
                 elif parser is not None:
@@ -219,6 +286,10 @@ class OpenAIClient:
             self._record_error(sample, parser, run_pb2.REQUEST_STATUS_CANCELLED, "cancelled")
             raise
         except (aiohttp.ClientError, OSError) as exc:
+            if isinstance(data, TrackedBody) and _closed_before_answer(data, exc, sample.sent_ns):
+                return True
+            if isinstance(exc, aiohttp.ClientConnectorError):
+                sample.connect_failed = True
             # ClientConnectionError, ClientPayloadError (body cut short) and socket errors.
             self._record_error(sample, parser, run_pb2.REQUEST_STATUS_CONNECTION, transport_error(exc))
         except Exception as exc:
@@ -230,7 +301,7 @@ class OpenAIClient:
                 run_pb2.REQUEST_STATUS_CONNECTION,
                 f"client error: {transport_error(exc)}",
             )
-        return sample
+        return False
 
     async def _read_stream(self, resp: aiohttp.ClientResponse, parser: StreamParser, sent_ns: int) -> None:
         """Parse an SSE body as it arrives (see `agent.stream`); return when it is over.
@@ -337,6 +408,22 @@ class OpenAIClient:
             if secret in text:
                 text = text.replace(secret, _REDACTED)
         return text
+
+
+def _closed_before_answer(body: TrackedBody, exc: BaseException, sent_ns: int) -> bool:
+    """Whether a failed request met a pooled connection the server had already closed.
+
+    The connection came from the pool, the failure is the connection's (closed, reset, the
+    write failed; not one that could not be opened, not a cut body) and not one byte arrived
+    on it since the request was sent: the server closed it without answering, which a
+    server working on the request does not do.
+    """
+    connection = body.connection
+    if not body.reused or connection is None or connection.read_ns >= sent_ns:
+        return False
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return False
+    return isinstance(exc, aiohttp.ClientConnectionError | ConnectionError)
 
 
 async def _drain_after_done(resp: aiohttp.ClientResponse) -> None:

@@ -38,6 +38,9 @@ class RequestSample:
     `itl_ns` holds the gaps between consecutive text-carrying events, so it has one entry
     fewer than there were such events (none when there was at most one). `done_ns` is set
     for every outcome: a failed or cancelled request is done when its failure was seen.
+    `retried`: the request was sent again on a fresh connection because the pooled one it
+    first went out on turned out closed by the server (its times are the second send's).
+    `connect_failed`: no connection to the target could be opened (refused, unreachable).
     """
 
     scheduled_ns: int = 0
@@ -52,6 +55,8 @@ class RequestSample:
     requested_output_tokens: int = 0
     usage_from_server: bool = False
     warmup: bool = False
+    retried: bool = False
+    connect_failed: bool = False
     status: RequestStatus = run_pb2.REQUEST_STATUS_UNSPECIFIED
     error: str = ""
     itl_ns: list[int] = field(default_factory=list)

@@ -26,6 +26,10 @@ Lease: every message from the controller renews `lease` (its length comes from W
 When it expires (controller gone, network partition, or this process was frozen), running
 assignments are cancelled: a partitioned agent must not load a model server forever.
 
+Preflight: a `Preflight` from the controller checks the target (`agent.preflight`) in a task
+of its own, outside every assignment, and is answered with a `PreflightResult` (dropped if
+the stream breaks meanwhile: the controller then fails the run's start, see docs/fleet.md).
+
 Requests are announced (`announce`) before they are sent: the runner's `requests_sent`
 goes to the controller and the request waits until that update is written to the stream,
 so a controller that loses this agent knows how many requests it sent but never reported.
@@ -56,6 +60,7 @@ from google.protobuf import timestamp_pb2
 
 from agent.assignment import AssignmentRunner, Lease
 from agent.health import CpuMeter, LoopLagMonitor
+from agent.preflight import check_target
 from agent.sample import PROCESS_CLOCK_ANCHOR, ClockAnchor
 from common.grpc_options import CLIENT_OPTIONS, auth_metadata
 from common.proto.loadtest.v1 import agent_service_pb2, agent_service_pb2_grpc, run_pb2
@@ -168,6 +173,7 @@ class AgentSession:
         # Announcements of requests about to be sent, not yet written (one per assignment).
         self._announcing: dict[str, tuple[agent_service_pb2.ConnectRequest, asyncio.Future[None]]] = {}
         self._observer = observer
+        self._preflights: set[asyncio.Task[None]] = set()
         if observer is not None:
             observer.attach(self)
 
@@ -228,6 +234,8 @@ class AgentSession:
         finally:
             lag_task.cancel()
             lease_task.cancel()
+            for preflight in self._preflights:
+                preflight.cancel()
             # Reached with assignments still running only on AgentAuthError or when our
             # own task is cancelled: they still stop the normal way (cancelled samples,
             # final update), just without anyone left to deliver them.
@@ -531,6 +539,10 @@ class AgentSession:
             self._on_cancel(message.cancel)
         elif kind == "ack":
             self._on_ack(message.ack)
+        elif kind == "preflight":
+            task = asyncio.create_task(self._preflight(message.preflight), name="preflight")
+            self._preflights.add(task)
+            task.add_done_callback(self._preflights.discard)
         elif kind == "heartbeat_ack":
             ack = message.heartbeat_ack
             self._clock_sample = agent_service_pb2.ClockSample(
@@ -564,6 +576,20 @@ class AgentSession:
         self._assignments[assignment_id] = runner
         runner.start().add_done_callback(_log_task_failure)
         self._prune_finished()
+
+    async def _preflight(self, preflight: agent_service_pb2.Preflight) -> None:
+        """Check the target and answer the controller."""
+        outcome = await check_target(preflight.target, preflight.workload)
+        log.info("preflight_done", run_id=preflight.run_id, ok=outcome.ok, message=outcome.message,
+                 response_model=outcome.response_model)  # fmt: skip
+        self.send(
+            ConnectRequest(
+                preflight_result=agent_service_pb2.PreflightResult(
+                    preflight_id=preflight.preflight_id, ok=outcome.ok, message=outcome.message,
+                    served_models=outcome.served_models, response_model=outcome.response_model,
+                )
+            )
+        )  # fmt: skip
 
     def _on_cancel(self, cancel: agent_service_pb2.Cancel) -> None:
         runner = self._assignments.get(cancel.assignment_id)

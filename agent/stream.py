@@ -15,6 +15,13 @@ body bytes into the response's `StreamReader`. The sink takes those bytes out at
 `data_received`. The request task sleeps on one future, woken only when the response is
 over: the end of the body, `[DONE]` or a protocol error, or a failure.
 
+Connection reuse: `StreamingConnector` also tells a request whether it went out on a pooled
+connection. The request's body is a `TrackedBody`; when aiohttp hands the request a
+connection, the connector notes on that body the connection and whether it had served a
+request before (`reused`). With the connection's `read_ns`, the client can then tell a pooled
+connection that the server had already closed (nothing of the response arrived after the
+send) from one that failed while the server was answering (see `OpenAIClient.send`).
+
 Everything else is aiohttp's: connection pooling and keep-alive (the body is read to its
 end, so aiohttp releases the connection as usual), chunked and content-length framing,
 decompression, and its error reporting (`ClientPayloadError` for a cut body, the parser's
@@ -32,6 +39,8 @@ from typing import Any, cast
 
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
+from aiohttp.client_reqrep import ClientRequest
+from aiohttp.payload import BytesPayload
 
 from agent.sse import StreamParser
 
@@ -154,11 +163,15 @@ class _SinkStreamReader(aiohttp.StreamReader):
 
 
 class TimedResponseHandler(ResponseHandler):
-    """aiohttp's client protocol, stamping each read and feeding an attached `BodySink`."""
+    """aiohttp's client protocol, stamping each read and feeding an attached `BodySink`.
+
+    `uses` counts the requests the connection was handed out for (see `StreamingConnector`).
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
         self.read_ns = 0
+        self.uses = 0
         self.sink: BodySink | None = None
 
     def attach(self, sink: BodySink) -> None:
@@ -185,6 +198,19 @@ class TimedResponseHandler(ResponseHandler):
                 sink.fail(self.exception() or aiohttp.ServerDisconnectedError())
 
 
+class TrackedBody(BytesPayload):
+    """A request body that learns which connection its request went out on.
+
+    `connection` is the `TimedResponseHandler` aiohttp handed the request; `reused` is True
+    when that connection had carried a request before (it came from the pool).
+    """
+
+    def __init__(self, value: bytes) -> None:
+        super().__init__(value, content_type="application/json")
+        self.connection: TimedResponseHandler | None = None
+        self.reused = False
+
+
 class StreamingConnector(aiohttp.TCPConnector):
     """A `TCPConnector` whose connections are `TimedResponseHandler`s."""
 
@@ -193,3 +219,15 @@ class StreamingConnector(aiohttp.TCPConnector):
         # aiohttp builds every connection's protocol from this factory (plain and TLS).
         factory = functools.partial(TimedResponseHandler, loop=self._loop)
         self._factory = cast("functools.partial[ResponseHandler]", factory)
+
+    async def connect(self, req: ClientRequest, traces: list[Any], timeout: aiohttp.ClientTimeout) -> Any:
+        """aiohttp's `connect`, noting on a `TrackedBody` the connection it got."""
+        conn = await super().connect(req, traces, timeout)
+        protocol = conn.protocol
+        if isinstance(protocol, TimedResponseHandler):
+            body = req.body
+            if isinstance(body, TrackedBody):
+                body.connection = protocol
+                body.reused = protocol.uses > 0
+            protocol.uses += 1
+        return conn

@@ -101,7 +101,7 @@ def result_table(result: run_pb2.RunResult, wide: bool = False) -> Table:
     notes = ["latencies in ms" + ("" if wide else "; --wide for every column")]
     if any(s.requests_ok and s.ttft.count < s.requests_ok for s in result.stages):
         notes.append("TTFT absent for non-streaming requests")
-    table.caption = "\n".join([*notes, *fleet_notes(result), *cross_check_notes(result)])
+    table.caption = "\n".join([*notes, *fleet_notes(result), *cross_check_notes(result), *retry_notes(result)])
     table.caption_justify = "left"
     return table
 
@@ -113,6 +113,16 @@ def fleet_notes(result: run_pb2.RunResult) -> list[str]:
         f"stage {s.index}: {len(s.agents)} agents, start skew {s.start_skew_ms:.1f} ms"
         for s in result.stages
         if len(s.agents) >= 2
+    ]
+
+
+def retry_notes(result: run_pb2.RunResult) -> list[str]:
+    """One line per stage with requests sent again on a fresh connection."""
+    return [
+        f"stage {s.index}: {s.requests_retried} request(s) sent again on a fresh connection "
+        "(the server had closed the kept-alive one)"
+        for s in result.stages
+        if s.requests_retried
     ]
 
 
@@ -228,6 +238,11 @@ def _stage_facts(s: run_pb2.StageResult) -> list[str]:
         f"tokens: {s.prompt_tokens} prompt, {s.output_tokens} output, counted from "
         + ("estimates (the server sent no usage)" if s.output_tokens_estimated else "the server's usage"),
     ]
+    if s.requests_retried:
+        lines.append(
+            f"retried {s.requests_retried} request(s) on a fresh connection: the server had closed the "
+            "kept-alive connection before answering (they count once, with the second send's outcome)"
+        )
     if s.mean_requested_input_tokens or s.mean_requested_output_tokens:
         lines.append(
             f"lengths (mean, requested -> actual): input {s.mean_requested_input_tokens:.1f} -> "

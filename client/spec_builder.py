@@ -135,6 +135,14 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--request-timeout", type=duration, default=None, help="per-request timeout (default 300s)")
     target.add_argument("--insecure", action="store_true", help="skip TLS certificate verification of the target")
     target.add_argument(
+        "--unreachable-timeout", type=duration, default=None,
+        help="fail the stage when no connection to the target could be opened for this long (default 10s)",
+    )  # fmt: skip
+    target.add_argument(
+        "--skip-preflight", action="store_true",
+        help="start the load without first checking the target (GET /models and one small request)",
+    )  # fmt: skip
+    target.add_argument(
         "--extra-body", default="", help='JSON merged into each request body, e.g. \'{"cache_prompt": false}\''
     )
 
@@ -277,6 +285,9 @@ def build_spec(args: argparse.Namespace) -> run_pb2.RunSpec:
         t.headers[name] = value
     if args.request_timeout:
         _set_duration(t.request_timeout, args.request_timeout)
+    if args.unreachable_timeout:
+        _set_duration(t.unreachable_timeout, args.unreachable_timeout)
+    spec.skip_preflight = args.skip_preflight
     if args.extra_body:
         try:
             body = json.loads(args.extra_body)

@@ -18,6 +18,10 @@ streams of an app share one `DeadlineScheduler`, which writes each due token str
 connection; a handler task only sets its stream up and closes it. A non-streamed response is
 sent at the deadline of its last token.
 
+The configured connection style (`MockConfig.connections`) applies to the `/v1` routes only
+(the test endpoints always keep connections alive): `_connection_middleware` closes
+connections after each response or drops requests that arrive on long-idle ones.
+
 The configured style (`mockserver.styles`) decides the bytes of a stream and how many tokens
 one event carries; with several tokens per event, each event is one decode step of that many
 inter-token latencies. Usage reports `completion_tokens` less the configured under-report;
@@ -29,7 +33,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import AsyncIterator
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -50,7 +55,16 @@ from mockserver.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from mockserver.metrics import MALFORMED_PAGE, ServerCounters
 from mockserver.metrics import render as render_metrics
 from mockserver.pacing import DeadlineScheduler, now, sleep_until
-from mockserver.styles import ENCODERS, StreamSummary, TokenEvents, reasoning_tokens
+from mockserver.styles import (
+    ADVERTISED_KEEP_ALIVE,
+    CLOSE_AFTER_RESPONSE_DELAY_S,
+    ENCODERS,
+    IDLE_CLOSE_S,
+    ConnectionStyle,
+    StreamSummary,
+    TokenEvents,
+    reasoning_tokens,
+)
 from mockserver.wire import error_body, full_response, models_body
 
 # Long-context prompts run to megabytes of JSON; aiohttp's default limit is 1 MiB.
@@ -116,7 +130,8 @@ CONFIG_KEY = web.AppKey("mockserver_config", MockConfig)
 
 def create_app(config: MockConfig) -> web.Application:
     """An aiohttp application serving the mock model described by `config`."""
-    app = web.Application(client_max_size=_MAX_BODY_BYTES)
+    middlewares = [] if config.connections == "keep_alive" else [_connection_middleware(config.connections)]
+    app = web.Application(client_max_size=_MAX_BODY_BYTES, middlewares=middlewares)
     stats = MockStats()
     app[STATS_KEY] = stats
     app[CONFIG_KEY] = config
@@ -164,7 +179,53 @@ def create_app(config: MockConfig) -> web.Application:
         scheduler.close()
 
     app.on_cleanup.append(stop_pacing)
+    if config.connections != "keep_alive":
+        app.on_response_prepare.append(_advertise_keep_alive)
     return app
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _connection_middleware(style: ConnectionStyle) -> Any:
+    """The middleware of a connection style other than `keep_alive` (see `mockserver.styles`)."""
+    # When the last response on each connection ended (weak: a closed connection leaves).
+    idle_since: weakref.WeakKeyDictionary[asyncio.BaseTransport, float] = weakref.WeakKeyDictionary()
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        transport = request.transport
+        if transport is None or not request.path.startswith("/v1/"):
+            return await handler(request)
+        if style == "close_idle":
+            ended = idle_since.get(transport)
+            if ended is not None and now() - ended > IDLE_CLOSE_S:
+                # The server closed this idle connection as the request crossed the close:
+                # the request is never read, and the unread bytes make the kernel reset.
+                transport.abort()
+                return web.Response(status=499)  # never reaches the client
+        if style == "close_after_response":
+            # This request is the connection's last: aiohttp handles no further request on
+            # it (one the client sends after the response is never seen) and closes it when
+            # this handler returns, a moment after the response has gone out, as
+            # llama-server's connections close.
+            request.protocol.close()
+            response = await handler(request)
+            if not response.prepared:
+                await response.prepare(request)
+                await response.write_eof()
+            await asyncio.sleep(CLOSE_AFTER_RESPONSE_DELAY_S)
+            return response
+        response = await handler(request)
+        if style == "close_idle":
+            idle_since[transport] = now()
+        return response
+
+    return middleware
+
+
+async def _advertise_keep_alive(_: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Keep-Alive"] = ADVERTISED_KEEP_ALIVE
 
 
 class _CompletionRoutes:

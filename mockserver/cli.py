@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from mockserver.config import MockConfig
 from mockserver.server import MockServer
-from mockserver.styles import STYLES
+from mockserver.styles import CONNECTION_STYLES, STYLES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,6 +94,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "wait in arrival order and their wait counts in TTFT; 0: no limit (default: %(default)s)",
     )
     parser.add_argument(
+        "--connections",
+        choices=CONNECTION_STYLES,
+        default=defaults.connections,
+        help="what the server does with kept-alive API connections: keep_alive; close_after_response "
+        "(as llama-server: advertises keep-alive, closes after every response); close_idle (closes "
+        "connections idle for more than 0.1 s, drops the request that meets one) (default: %(default)s)",
+    )
+    parser.add_argument(
         "--malformed-metrics",
         action="store_true",
         help="serve a broken /metrics page (to test scrapers' error handling)",
@@ -115,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
             under_report_usage=args.under_report_usage,
             malformed_metrics=args.malformed_metrics,
             max_running=args.max_running,
+            connections=getattr(args, "connections", "keep_alive"),
         )
     except ValueError as exc:
         print(f"mock-server: error: {exc}", file=sys.stderr)

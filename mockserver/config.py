@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from mockserver.styles import STYLES, Style
+from mockserver.styles import CONNECTION_STYLES, STYLES, ConnectionStyle, Style
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,9 @@ class MockConfig:
             server's batch slots (llama.cpp's `-np`); the rest wait in arrival order, and
             their wait counts in their TTFT (`t0` is when a slot was taken) and in the
             `vllm:num_requests_waiting` gauge. 0: no limit (the default).
+        connections: What the server does with kept-alive connections of the `/v1` API
+            (see `mockserver.styles`): `keep_alive`, `close_after_response` (llama-server)
+            or `close_idle`.
     """
 
     ttft_ms: float = 50.0
@@ -48,6 +51,7 @@ class MockConfig:
     under_report_usage: float = 0.0
     malformed_metrics: bool = False
     max_running: int = 0
+    connections: ConnectionStyle = "keep_alive"
 
     def __post_init__(self) -> None:
         for name in ("ttft_ms", "itl_ms", "jitter_ms"):
@@ -72,6 +76,8 @@ class MockConfig:
             raise ValueError(f"style must be one of {', '.join(STYLES)}, got {self.style!r}")
         if isinstance(self.max_running, bool) or not isinstance(self.max_running, int) or self.max_running < 0:
             raise ValueError(f"max_running must be an integer >= 0, got {self.max_running!r}")
+        if self.connections not in CONNECTION_STYLES:
+            raise ValueError(f"connections must be one of {', '.join(CONNECTION_STYLES)}, got {self.connections!r}")
         under = self.under_report_usage
         if isinstance(under, bool) or not isinstance(under, int | float) or not 0.0 <= under <= 1.0:
             raise ValueError(f"under_report_usage must be between 0 and 1, got {under!r}")

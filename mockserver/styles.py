@@ -50,6 +50,23 @@ every style (`reasoning` adds `message.reasoning_content`).
 Streaming is the hot path (hundreds of streams, tens of thousands of events a second), so an
 encoder renders the few distinct events of one response once, when the response starts, with
 a placeholder where the token goes; emitting a token is then a lookup, not a JSON dump.
+
+Connection styles (`ConnectionStyle`, independent of the stream style) say what the server
+does with a kept-alive connection, since real servers differ there too and a client that
+reuses connections must cope:
+
+* `keep_alive` (default): HTTP/1.1 keep-alive as aiohttp serves it.
+* `close_after_response`: llama.cpp's `llama-server`. Every response advertises
+  `Keep-Alive: timeout=5, max=100`, yet the server handles no further request on the
+  connection and closes it `CLOSE_AFTER_RESPONSE_DELAY_S` after the response. A client that
+  sends its next request at once on the pooled connection loses it before the server ever
+  handled it, as the agent did against llama-server.
+* `close_idle`: a server (or proxy) that closes idle connections earlier than it advertises
+  (`Keep-Alive: timeout=5`): a request arriving on a connection idle for more than
+  `IDLE_CLOSE_S` meets a connection the server has just closed, so it is dropped unread
+  (reset). This is the race of an idle timeout with a client's request, made deterministic.
+
+Requests dropped this way never reach the model: `/stats` does not count them.
 """
 
 from __future__ import annotations
@@ -67,6 +84,15 @@ from mockserver.wire import ID_PREFIX, OBJECT_CHUNK, dumps, usage_counts
 
 Style = Literal["openai", "vllm", "sglang", "tgi", "llamacpp", "litellm", "multi_token", "reasoning"]
 STYLES: tuple[Style, ...] = get_args(Style)
+
+ConnectionStyle = Literal["keep_alive", "close_after_response", "close_idle"]
+CONNECTION_STYLES: tuple[ConnectionStyle, ...] = get_args(ConnectionStyle)
+# What `close_after_response` and `close_idle` advertise (llama-server's header).
+ADVERTISED_KEEP_ALIVE = "timeout=5, max=100"
+# Long enough for a client's next request to go out on the connection before the close
+# reaches it (llama-server's came 0.6-0.8 ms after the agent's send), even on a busy host.
+CLOSE_AFTER_RESPONSE_DELAY_S = 0.005
+IDLE_CLOSE_S = 0.1
 
 # Token events are rendered with this placeholder string where the token's text goes.
 _HOLE = "\x00"

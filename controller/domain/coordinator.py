@@ -6,6 +6,9 @@ agents match the run's `placement` (a count and a label selector). A run that ca
 placed within `placement.wait_timeout` (default `DEFAULT_WAIT_TIMEOUT_S`) fails with a
 reason naming what was missing.
 
+Preflight: before the first stage, unless the spec skips it, every agent of the run checks the
+target (controller/domain/preflight.py); a failed check fails the run before any load.
+
 Stages: each running run has one task that walks its stages. It splits a stage across its
 agents (`stage_shares`), sends each agent an Assign carrying the same start time in the
 controller's clock plus that agent's estimated clock offset (so the agents start together,
@@ -43,6 +46,7 @@ from controller.domain.checks import parse_check
 from controller.domain.datasets import entries_from_json
 from controller.domain.ingest import IngestTarget
 from controller.domain.live import WINDOW_S, LiveWindow, RunHub
+from controller.domain.preflight import WARNING_EVENT, PreflightAnswers, check_run_target
 from controller.domain.results import parse_spec
 from controller.domain.secrets import restore_secrets
 from controller.domain.server_metrics import plan_scrapes
@@ -274,6 +278,7 @@ class RunCoordinator:
         self.executions: dict[str, RunExecution] = {}
         self.assignments: dict[str, ActiveAssignment] = {}
         self.acks = AckTracker()
+        self.preflights = PreflightAnswers()
         self._pending: list[str] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = False
@@ -412,8 +417,11 @@ class RunCoordinator:
             names = ", ".join(s.session.name for s in ex.slots if s.session is not None)
             await self.add_event(ex.run_id, run.pk, "run_started", f"agents: {names}")
             log.info("run_started", run_id=ex.run_id, agents=len(ex.slots))
+            preflight_failure = "" if ex.spec.skip_preflight else await self._preflight(ex)
+            if preflight_failure:
+                state, reason = repo.FAILED, preflight_failure
             for idx, stage in enumerate(ex.spec.stages):
-                if ex.cancelled.is_set():
+                if ex.cancelled.is_set() or preflight_failure:
                     break
                 ok, why = await self._run_stage(ex, idx, stage)
                 if not ok:
@@ -448,6 +456,25 @@ class RunCoordinator:
         self.executions.pop(ex.run_id, None)
         self._on_run_final(ex.run_id)
         self._hub.notify(ex.run_id)
+
+    async def _preflight(self, ex: RunExecution) -> str:
+        """Every agent of the run checks the target; the reason it failed, or "" to go ahead.
+        Warnings (a server answering as another model) become run events."""
+        sessions = [slot.session for slot in ex.slots if slot.session is not None]
+        target = run_pb2.Target()
+        target.CopyFrom(ex.spec.target)
+        restore_secrets(target, ex.secret)
+        verdict = await check_run_target(sessions, ex.run_id, target, ex.spec.workload, self.preflights, ex.cancelled)
+        for warning in verdict.warnings:
+            await self.add_event(ex.run_id, ex.record.pk, WARNING_EVENT, warning)
+        if verdict.ok and not ex.cancelled.is_set():
+            await self.add_event(ex.run_id, ex.record.pk, "preflight_passed",
+                                 f"the target answered the check of {len(sessions)} agent(s)")  # fmt: skip
+        return verdict.reason
+
+    def preflight_result(self, session: AgentSession, result: agent_service_pb2.PreflightResult) -> None:
+        """An agent's answer to a Preflight."""
+        self.preflights.answered(session.session_id, result)
 
     def _release(self, ex: RunExecution) -> None:
         for slot in ex.slots:
@@ -860,6 +887,7 @@ class RunCoordinator:
                 )  # fmt: skip
                 if update.state == agent_service_pb2.ASSIGNMENT_STATE_FAILED:
                     log.warning("assignment_failed", assignment_id=a.assignment_id, message=a.message)
+                await self._record_stalls(a, update)
                 self._check_done(a)
                 ex = a.execution
                 departed = update.state == agent_service_pb2.ASSIGNMENT_STATE_CANCELLED and not a.cancel_sent
@@ -878,6 +906,12 @@ class RunCoordinator:
                     )
                 )
             )
+
+    async def _record_stalls(self, a: ActiveAssignment, update: agent_service_pb2.AssignmentUpdate) -> None:
+        """Each stall an agent reports with its final update becomes a run event."""
+        ex = a.execution
+        for stall in update.stalls:
+            await self.add_event(ex.run_id, ex.record.pk, "stall", stall_text(a.stage_idx, a.agent_name, stall))
 
     def heartbeat(self, session: AgentSession, health: AgentHealthReport) -> None:
         """Record an agent's health; the worst figures of an assignment go into its result."""
@@ -939,6 +973,15 @@ class RunCoordinator:
     async def add_event(self, run_id: str, run_pk: int, kind: str, message: str) -> None:
         await self._db.write(repo.add_event, run_pk, kind, message, time.time_ns())
         self._hub.notify(run_id)
+
+
+def stall_text(stage_idx: int, agent_name: str, stall: agent_service_pb2.Stall) -> str:
+    """`stage 0: agent-1: no request could be sent for 11.2 s (...)`."""
+    return (
+        f"stage {stage_idx}: {agent_name}: no request could be sent for {_duration_s(stall.length):.1f} s "
+        f"(from {_duration_s(stall.start_offset):.1f} s into the stage; {stall.in_flight} request(s) in flight "
+        "and no response data)"
+    )
 
 
 def _load_text(stage: run_pb2.Stage) -> str:

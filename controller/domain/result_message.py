@@ -84,6 +84,7 @@ def stage_message(s: StageOutcome) -> run_pb2.StageResult:
     out.mean_requested_output_tokens = s.mean_requested_output_tokens
     out.mean_output_tokens = s.mean_output_tokens
     out.samples_ignored, out.samples_ignored_reason = s.samples_ignored, s.samples_ignored_reason
+    out.requests_retried = s.requests_retried
     fleet = s.fleet
     if fleet is not None:
         out.start_skew_ms, out.requests_lost = fleet.start_skew_ms, fleet.requests_lost
@@ -137,6 +138,7 @@ def result_message(run_id: str, state: int, outcome: RunOutcome) -> run_pb2.RunR
         stages=[stage_message(s) for s in outcome.stages],
         verdict=outcome.verdict,  # type: ignore[arg-type]
         checks=[check_message(c) for c in outcome.checks],
+        warnings=outcome.warnings,
     )
     if outcome.overall is not None:
         overall = _stage_fields(outcome.overall)

@@ -1,6 +1,7 @@
 """Run results computed from the stored samples: per stage, per agent, SLO goodput, checks
-and the run's verdict, whether the load generator itself was saturated, and whether the
-target kept up (`controller.domain.target_saturation`).
+and the run's verdict, whether the load generator itself was saturated, whether the target
+kept up (`controller.domain.target_saturation`), and the warnings a reader should see
+(requests retried on fresh connections, the preflight's run events).
 
 Runs on a read-pool thread (pure numpy over one SQLite read per stage).
 """
@@ -19,6 +20,7 @@ from common.metrics import SampleColumns, Slo, StageMetrics, compute_stage_metri
 from common.proto.loadtest.v1 import run_pb2
 from controller.domain import sample_limits as limits
 from controller.domain.checks import parse_check
+from controller.domain.preflight import WARNING_EVENT as PREFLIGHT_WARNING_EVENT
 from controller.domain.server_metrics import ServerStageOutcome, stage_server_metrics
 from controller.domain.stage_split import stage_and_agent_metrics
 from controller.domain.target_saturation import NOT_SATURATED, TargetSaturation, target_saturation
@@ -29,6 +31,9 @@ from controller.store import repository as repo
 SATURATION_LOOP_LAG_MS = 50.0
 SATURATION_SEND_LAG_P99_MS = 50.0
 SATURATION_CPU_PERCENT = 95.0
+# A stage where at least this fraction of requests met a kept-alive connection the server had
+# closed gets a warning: such a server closes its connections after (most) responses.
+RETRIED_WARNING_FRACTION = 0.1
 
 log = structlog.get_logger(__name__)
 
@@ -64,6 +69,7 @@ class StageOutcome:
     target: TargetSaturation = NOT_SATURATED
     samples_ignored: int = 0
     samples_ignored_reason: str = ""
+    requests_retried: int = 0
 
 
 @dataclass(frozen=True)
@@ -110,6 +116,7 @@ class RunOutcome:
     verdict: int
     # Every counted sample of every stage together (None when the run has no samples).
     overall: StageMetrics | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 def parse_spec(record: repo.RunRecord) -> run_pb2.RunSpec:
@@ -212,6 +219,7 @@ def compute_run_result(run_pk: int, spec: run_pb2.RunSpec, state: int) -> RunOut
         counted = (cols.flags & repo.WARMUP_FLAG) == 0
         ok = counted & (cols.status == repo.OK_STATUS)
         server = stage_server_metrics(run_pk, idx, spec.server_metrics, cols)
+        retried = int(np.count_nonzero(counted & ((cols.flags & repo.RETRIED_FLAG) != 0)))
         stages.append(
             StageOutcome(
                 index=idx, name=stage.name, concurrency=stage.concurrency, request_rate=stage.request_rate,
@@ -223,7 +231,7 @@ def compute_run_result(run_pk: int, spec: run_pb2.RunSpec, state: int) -> RunOut
                 mean_output_tokens=float(cols.output_tokens[ok].mean()) if ok.any() else 0.0,
                 fleet=stage_fleet(run_pk, idx),
                 server_metrics=server, target=target_saturation(stage, metrics, cols, server),
-                samples_ignored=ignored, samples_ignored_reason=ignored_reason,
+                samples_ignored=ignored, samples_ignored_reason=ignored_reason, requests_retried=retried,
             )
         )  # fmt: skip
     all_checks = [c for s in stages for c in s.checks]
@@ -236,4 +244,21 @@ def compute_run_result(run_pk: int, spec: run_pb2.RunSpec, state: int) -> RunOut
     overall = None
     if every_stage:
         overall = metrics if len(every_stage) == 1 else compute_stage_metrics(SampleColumns.concat(every_stage), slo)
-    return RunOutcome(stages, all_checks, verdict, overall)
+    return RunOutcome(stages, all_checks, verdict, overall, run_warnings(run_pk, stages))
+
+
+def run_warnings(run_pk: int, stages: list[StageOutcome]) -> list[str]:
+    """The result's warnings: stages whose server closed kept-alive connections under many of
+    their requests, then the preflight's warnings (run events)."""
+    warnings = []
+    for s in stages:
+        total = s.metrics.requests_ok + s.metrics.requests_failed
+        if total and s.requests_retried >= RETRIED_WARNING_FRACTION * total:
+            warnings.append(
+                f"stage {s.index}: the server had closed the kept-alive connection of {s.requests_retried} of "
+                f"{total} requests ({s.requests_retried / total:.0%}) before they were answered; they were sent "
+                "again on fresh connections (a server that closes connections after responding while advertising "
+                "keep-alive, as llama-server does: every request may pay for a new connection)"
+            )
+    warnings += [e.message for e in repo.list_events(run_pk) if e.kind == PREFLIGHT_WARNING_EVENT]
+    return warnings

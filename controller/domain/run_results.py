@@ -38,7 +38,8 @@ log = structlog.get_logger(__name__)
 # result_message.py, loadtest.v1.RunResult): results stored with another format are
 # recomputed and replaced when next read.
 # 2: stored samples impossible for their stage are left out (StageResult.samples_ignored).
-RESULT_FORMAT = 2
+# 3: StageResult.requests_retried, RunResult.warnings.
+RESULT_FORMAT = 3
 DEFAULT_MAX_CACHED = 16
 # Background computations run one at a time: a burst of finishing runs leaves the rest of the
 # read pool to the API's reads.

@@ -119,6 +119,8 @@ def validate_and_default(spec: run_pb2.RunSpec, rng: random.Random | None = None
         out.target.stream = True
     if not out.target.HasField("request_timeout"):
         out.target.request_timeout.FromSeconds(300)
+    if not out.target.HasField("unreachable_timeout"):
+        out.target.unreachable_timeout.FromSeconds(10)
     if out.workload.WhichOneof("source") is None:
         out.workload.synthetic.SetInParent()
     if out.workload.HasField("synthetic"):
@@ -176,6 +178,10 @@ def _check_target(t: run_pb2.Target, v: list[FieldViolation]) -> None:
                     "spec.target.request_timeout", f"must be in (0, {MAX_REQUEST_TIMEOUT_S}] s"
                 )
             )
+    if t.HasField("unreachable_timeout"):
+        seconds = _duration_s(t.unreachable_timeout)
+        if not 0 < seconds <= MAX_REQUEST_TIMEOUT_S:
+            v.append(FieldViolation("spec.target.unreachable_timeout", f"must be in (0, {MAX_REQUEST_TIMEOUT_S}] s"))
     if len(t.headers) > MAX_HEADERS:
         v.append(FieldViolation("spec.target.headers", f"at most {MAX_HEADERS} headers"))
     for name, value in t.headers.items():

@@ -195,6 +195,8 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
                 # An unknown assignment's update only earns an ack; the coordinator ignores it.
                 await self._owned(peer, session, update.assignment_id, "AssignmentUpdate")
                 await self._coordinator.assignment_update(session, update)
+            elif body == "preflight_result":
+                self._coordinator.preflight_result(session, message.preflight_result)
             else:
                 log.warning("unexpected_agent_message", session_id=session.session_id, body=body)
 

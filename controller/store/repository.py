@@ -34,6 +34,7 @@ PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED, INTERRUPTED = 1, 2, 3, 4, 5, 6
 FINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED, INTERRUPTED})
 OK_STATUS = 1
 WARMUP_FLAG = 2
+RETRIED_FLAG = 4  # sent again on a fresh connection (SampleBatch.flags bit 2)
 # The per-sample columns, in stored order (how they are stored: controller/store/columnar.py).
 SAMPLE_COLUMNS = columnar.SAMPLE_COLUMNS
 

@@ -24,6 +24,7 @@ from agent.sample import RequestSample
 from common.proto.loadtest.v1 import agent_service_pb2, run_pb2
 from mockserver.config import MockConfig
 from mockserver.server import MockServer
+from mockserver.styles import IDLE_CLOSE_S
 from tests.conftest import poll_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -408,3 +409,61 @@ async def test_preconnect_ignores_a_dead_target() -> None:
         port = sock.getsockname()[1]
     async with OpenAIClient(target(f"http://127.0.0.1:{port}/v1")) as client:
         assert await client.preconnect(3, timeout_s=5) == 0
+
+
+# --- connection reuse against servers that close kept-alive connections --------------------
+
+
+@pytest.mark.parametrize("connections", ["close_after_response", "close_idle"])
+async def test_a_closed_pooled_connection_is_retried_once_on_a_fresh_one(connections: str) -> None:
+    """A request that meets a pooled connection the server had closed (nothing of the answer
+    arrived) goes again on a fresh connection: no failure, the model sees it once, flagged."""
+    config = MockConfig(ttft_ms=2, itl_ms=1, output_tokens=4, connections=connections)  # type: ignore[arg-type]
+    async with MockServer(config) as server, OpenAIClient(target(server.base_url)) as client:
+        samples = []
+        for _ in range(12):
+            samples.append(await client.send("hello there", 4))
+            if connections == "close_idle":
+                await asyncio.sleep(IDLE_CLOSE_S * 1.5)  # what the style is about: an idle connection
+        counted = await stats(server)
+    assert [s.error for s in samples if s.status != run_pb2.REQUEST_STATUS_OK] == []
+    retried = [s for s in samples if s.retried]
+    assert len(retried) >= 3, "the style must have closed pooled connections under some requests"
+    assert counted["requests_total"] == 12  # a dropped attempt never reached the model
+    for s in retried:
+        assert s.scheduled_ns <= s.sent_ns < s.first_byte_ns <= s.done_ns  # timed from the second send
+
+
+async def test_requests_on_connections_that_are_not_pooled_are_not_retried() -> None:
+    """A refused fresh connection is not retried (it is `connect_failed`); neither is a request
+    whose connection broke after bytes of its answer arrived."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    async with OpenAIClient(target(f"http://127.0.0.1:{port}/v1")) as client:
+        refused = await client.send("hi", 4)
+    assert refused.status == run_pb2.REQUEST_STATUS_CONNECTION
+    assert refused.connect_failed and not refused.retried
+
+    requests = 0
+
+    async def half_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal requests
+        await reader.readuntil(b"\r\n\r\n")
+        requests += 1
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        writer.write(b'10\r\ndata: {"choices\r\n')  # part of one event, then the server dies
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(half_answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with OpenAIClient(target(f"http://127.0.0.1:{port}/v1")) as client:
+            cut = await client.send("hi", 4)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert cut.status == run_pb2.REQUEST_STATUS_CONNECTION, cut.error
+    assert not cut.retried and cut.first_byte_ns
+    assert requests == 1  # nothing sent twice

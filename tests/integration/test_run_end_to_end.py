@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from agent.cli import run_agent
+from agent.preflight import PREFLIGHT_REQUESTS
 from client.sdk import ControllerClient
 from common.proto.loadtest.v1 import run_pb2
 from controller.server import Controller
@@ -79,11 +80,11 @@ async def test_two_stage_run_matches_the_mock(controller: Controller, client: Co
         stats = await mock_stats(mock)
         emitted = await mock_stats(mock, "/emission")
 
-    # Every request the mock saw is exactly one stored sample.
+    # Every request the mock saw is exactly one stored sample, but for the preflight check's.
     record = await controller.db.read(repo.get_run, run.id)
     assert record is not None
     stored = await controller.db.read(repo.count_samples, record.pk)
-    assert stored == stats["requests_total"] > 0
+    assert stored + PREFLIGHT_REQUESTS == stats["requests_total"] > PREFLIGHT_REQUESTS
     assert final.progress.requests_ok + final.progress.requests_failed == stored
 
     assert [s.index for s in result.stages] == [0, 1]
@@ -123,7 +124,7 @@ async def test_request_budget_is_exact_and_watch_ends_with_result(
     assert all(not u.HasField("result") for u in updates[:-1])
     kinds = [e.kind for u in updates for e in u.events]
     assert kinds[:1] == ["run_created"] and "stage_started" in kinds and kinds[-1] == "run_succeeded"
-    assert stats["requests_total"] == 50
+    assert stats["requests_total"] == 50 + PREFLIGHT_REQUESTS
     assert updates[-1].result.stages[0].requests_ok == 50
 
 
@@ -147,7 +148,7 @@ async def test_cancel_running_run_keeps_its_samples(controller: Controller, clie
     record = await controller.db.read(repo.get_run, run.id)
     assert record is not None
     stored = await controller.db.read(repo.count_samples, record.pk)
-    assert stored == stats["requests_total"]  # cancelled in-flight requests are samples too
+    assert stored + PREFLIGHT_REQUESTS == stats["requests_total"]  # cancelled in-flight requests are samples too
     result = await client.get_result(run.id)
     assert result.stages[0].requests_ok >= 10
 
@@ -185,6 +186,7 @@ async def test_run_where_every_request_fails_is_failed(controller: Controller, c
         spec = spec_for(mock, [(2, 0.0)])
         spec.stages[0].ClearField("duration")
         spec.stages[0].requests = 8
+        spec.skip_preflight = True  # a server that fails every request fails the check (tested apart)
         run = await client.create_run(spec)
         final = await wait_final(client, run.id)
     assert final.state == run_pb2.RUN_STATE_FAILED

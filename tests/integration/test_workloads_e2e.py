@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from agent.preflight import PREFLIGHT_REQUESTS
 from client.sdk import ControllerClient
 from common.proto.loadtest.v1 import run_pb2
 from controller.server import Controller
@@ -54,7 +55,7 @@ async def test_open_loop_rate_and_cap(controller: Controller, client: Controller
     # No cap: sent on schedule. Judged against the capped stage of the same run, not a fixed
     # bound: a loaded machine delays sends too (send lag is measured by bench/agent_stream_start.py).
     assert free.queue_delay.p99_ms < held.queue_delay.p50_ms, (free.queue_delay, held.queue_delay)
-    assert stats["requests_total"] == final.progress.requests_ok + final.progress.requests_failed
+    assert stats["requests_total"] == final.progress.requests_ok + final.progress.requests_failed + PREFLIGHT_REQUESTS
 
 
 async def test_warmup_requests_are_excluded(controller: Controller, client: ControllerClient) -> None:
@@ -66,7 +67,7 @@ async def test_warmup_requests_are_excluded(controller: Controller, client: Cont
         spec.stages[0].warmup_requests = 5
         final, result = await run_to_end(client, spec)
         stats = await mock_stats(mock)
-    assert stats["requests_total"] == 20  # warmup requests ran
+    assert stats["requests_total"] == 20 + PREFLIGHT_REQUESTS  # warmup requests ran
     assert result.stages[0].requests_ok == 15  # and appear in no metric
     assert result.stages[0].ttft.count == 15
     assert final.progress.requests_ok == 15
@@ -91,7 +92,7 @@ async def test_non_streaming_and_completions(controller: Controller, client: Con
         _, result = await run_to_end(client, spec)
         assert result.stages[0].requests_ok == 6 and result.stages[0].ttft.count == 6
         stats = await mock_stats(mock)
-    assert stats["by_endpoint"]["completions"] == 6
+    assert stats["by_endpoint"]["completions"] == 6 + PREFLIGHT_REQUESTS
 
 
 async def test_dataset_prompts_and_lengths(controller: Controller, client: ControllerClient) -> None:

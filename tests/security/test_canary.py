@@ -65,8 +65,8 @@ class EchoingTarget:
             await self._runner.cleanup()
 
 
-def _spec(base_url: str, key: str, name: str) -> run_pb2.RunSpec:
-    spec = run_pb2.RunSpec(display_name=name)
+def _spec(base_url: str, key: str, name: str, *, preflight: bool = False) -> run_pb2.RunSpec:
+    spec = run_pb2.RunSpec(display_name=name, skip_preflight=not preflight)
     spec.target.base_url = base_url
     spec.target.model = "mock"
     spec.target.api_key = key
@@ -144,8 +144,10 @@ async def test_target_api_key_never_leaks(tmp_path: Path, targets: tuple[Echoing
 
             run_401 = await admin.create_run(_spec(echo.base_url, canary, "echo-401"), request_id="canary-1")
             run_500 = await admin.create_run(_spec(mock.base_url, canary, "mock-500"))
+            # The preflight check's error (the echoed 401) is the run's reason, redacted too.
+            run_pre = await admin.create_run(_spec(echo.base_url, canary, "preflight-401", preflight=True))
             seen.append(str(await admin.create_run(_spec(echo.base_url, canary, "again"), request_id="canary-1")))
-            for run in (run_401, run_500):
+            for run in (run_401, run_500, run_pre):
                 seen.append(str(run))
                 async for update in admin.watch(run.id):  # live updates until the final result
                     seen.append(str(update))
@@ -154,8 +156,11 @@ async def test_target_api_key_never_leaks(tmp_path: Path, targets: tuple[Echoing
             assert any(s.startswith("apim-") for s in echo.seen), "and the subscription-key header"
             assert mock.stats.requests_failed > 0
 
+            pre = await admin.get_run(run_pre.id)
+            assert pre.state == run_pb2.RUN_STATE_FAILED and "HTTP 401" in pre.state_reason, pre
+            assert "[redacted]" in pre.state_reason
             # Every read path, after the runs ended.
-            for run in (run_401, run_500):
+            for run in (run_401, run_500, run_pre):
                 got = await admin.get_run(run.id)
                 assert got.state in (run_pb2.RUN_STATE_SUCCEEDED, run_pb2.RUN_STATE_FAILED), got
                 assert got.spec.target.api_key == ""

@@ -66,3 +66,10 @@ def test_dataset_and_target_options(tmp_path: Path) -> None:
     assert s.target.insecure_skip_verify and not s.target.stream
     assert s.target.extra_body["cache_prompt"] is False
     assert s.target.api_kind == run_pb2.API_KIND_COMPLETIONS
+
+
+def test_preflight_and_unreachable_timeout_flags() -> None:
+    plain = spec("--concurrency", "1")
+    assert not plain.skip_preflight and not plain.target.HasField("unreachable_timeout")
+    s = spec("--concurrency", "1", "--skip-preflight", "--unreachable-timeout", "30s")
+    assert s.skip_preflight and s.target.unreachable_timeout.seconds == 30

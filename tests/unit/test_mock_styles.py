@@ -354,3 +354,15 @@ def test_cli_flags_reach_the_config() -> None:
     assert (defaults.style, defaults.under_report_usage) == ("openai", 0.0)
     with pytest.raises(SystemExit):
         parser.parse_args(["--style", "nope"])
+
+
+def test_connection_styles_are_validated_and_reach_the_config() -> None:
+    assert MockConfig().connections == "keep_alive"
+    with pytest.raises(ValueError, match="connections must be one of keep_alive, close_after_response"):
+        MockConfig(connections="sometimes")  # type: ignore[arg-type]
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args(["--connections", "close_idle"]).connections == "close_idle"
+    assert parser.parse_args([]).connections == "keep_alive"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--connections", "nope"])

@@ -138,3 +138,14 @@ def test_open_loop_shares_split_the_rate() -> None:
     assert all(s is not None and s.request_rate == 10.0 for s in shares)
     assert [s.max_concurrency for s in shares if s] == [2, 2, 1, 1]
     assert [s.requests for s in shares if s] == [3, 3, 2, 2]
+
+
+def test_unreachable_timeout_defaults_to_10s_and_is_bounded() -> None:
+    assert validate_and_default(spec()).target.unreachable_timeout.seconds == 10
+    for seconds in (-1, 3601):
+        s = spec()
+        s.target.unreachable_timeout.FromSeconds(seconds)
+        assert fields_of(s) == ["spec.target.unreachable_timeout"]
+    s = spec()
+    s.target.unreachable_timeout.FromSeconds(3)
+    assert validate_and_default(s).target.unreachable_timeout.seconds == 3

@@ -65,6 +65,7 @@ class ConnectRequest(_message.Message):
     ASSIGNMENT_UPDATE_FIELD_NUMBER: _builtins.int
     SAMPLE_BATCH_FIELD_NUMBER: _builtins.int
     GOODBYE_FIELD_NUMBER: _builtins.int
+    PREFLIGHT_RESULT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello:
         """First message of every stream."""
@@ -85,6 +86,10 @@ class ConnectRequest(_message.Message):
     def goodbye(self) -> Global___Goodbye:
         """The agent is shutting down; sent after its last samples."""
 
+    @_builtins.property
+    def preflight_result(self) -> Global___PreflightResult:
+        """The outcome of a Preflight."""
+
     def __init__(
         self,
         *,
@@ -93,12 +98,13 @@ class ConnectRequest(_message.Message):
         assignment_update: Global___AssignmentUpdate | None = ...,
         sample_batch: Global___SampleBatch | None = ...,
         goodbye: Global___Goodbye | None = ...,
+        preflight_result: Global___PreflightResult | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["assignment_update", b"assignment_update", "body", b"body", "goodbye", b"goodbye", "heartbeat", b"heartbeat", "hello", b"hello", "sample_batch", b"sample_batch"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assignment_update", b"assignment_update", "body", b"body", "goodbye", b"goodbye", "heartbeat", b"heartbeat", "hello", b"hello", "preflight_result", b"preflight_result", "sample_batch", b"sample_batch"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment_update", b"assignment_update", "body", b"body", "goodbye", b"goodbye", "heartbeat", b"heartbeat", "hello", b"hello", "sample_batch", b"sample_batch"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment_update", b"assignment_update", "body", b"body", "goodbye", b"goodbye", "heartbeat", b"heartbeat", "hello", b"hello", "preflight_result", b"preflight_result", "sample_batch", b"sample_batch"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "heartbeat", "assignment_update", "sample_batch", "goodbye"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "heartbeat", "assignment_update", "sample_batch", "goodbye", "preflight_result"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -115,6 +121,7 @@ class ConnectResponse(_message.Message):
     CANCEL_FIELD_NUMBER: _builtins.int
     ACK_FIELD_NUMBER: _builtins.int
     HEARTBEAT_ACK_FIELD_NUMBER: _builtins.int
+    PREFLIGHT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___Welcome:
         """Answer to Hello."""
@@ -135,6 +142,10 @@ class ConnectResponse(_message.Message):
     def heartbeat_ack(self) -> Global___HeartbeatAck:
         """Answer to a Heartbeat (clock exchange; renews the agent's lease)."""
 
+    @_builtins.property
+    def preflight(self) -> Global___Preflight:
+        """Check the target before a run's first stage."""
+
     def __init__(
         self,
         *,
@@ -143,12 +154,13 @@ class ConnectResponse(_message.Message):
         cancel: Global___Cancel | None = ...,
         ack: Global___Ack | None = ...,
         heartbeat_ack: Global___HeartbeatAck | None = ...,
+        preflight: Global___Preflight | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "assign", b"assign", "body", b"body", "cancel", b"cancel", "heartbeat_ack", b"heartbeat_ack", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "assign", b"assign", "body", b"body", "cancel", b"cancel", "heartbeat_ack", b"heartbeat_ack", "preflight", b"preflight", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "assign", b"assign", "body", b"body", "cancel", b"cancel", "heartbeat_ack", b"heartbeat_ack", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "assign", b"assign", "body", b"body", "cancel", b"cancel", "heartbeat_ack", b"heartbeat_ack", "preflight", b"preflight", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["welcome", "assign", "cancel", "ack", "heartbeat_ack"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["welcome", "assign", "cancel", "ack", "heartbeat_ack", "preflight"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -503,6 +515,7 @@ class AssignmentUpdate(_message.Message):
     BATCH_COUNT_FIELD_NUMBER: _builtins.int
     REQUESTS_SENT_FIELD_NUMBER: _builtins.int
     START_UNIX_NS_FIELD_NUMBER: _builtins.int
+    STALLS_FIELD_NUMBER: _builtins.int
     assignment_id: _builtins.str
     """The assignment."""
     state: Global___AssignmentState.ValueType
@@ -519,6 +532,13 @@ class AssignmentUpdate(_message.Message):
     """
     start_unix_ns: _builtins.int
     """When the load actually started (agent clock, Unix ns); 0 until then."""
+    @_builtins.property
+    def stalls(self) -> _containers.RepeatedCompositeFieldContainer[Global___Stall]:
+        """In final states: the stalls of the assignment, periods of at least 5 s in which no
+        request was sent and no response data arrived while requests were in flight (e.g. a
+        server holding its streams while it drains). The controller records each as a run event.
+        """
+
     def __init__(
         self,
         *,
@@ -528,14 +548,131 @@ class AssignmentUpdate(_message.Message):
         batch_count: _builtins.int = ...,
         requests_sent: _builtins.int = ...,
         start_unix_ns: _builtins.int = ...,
+        stalls: _abc.Iterable[Global___Stall] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment_id", b"assignment_id", "batch_count", b"batch_count", "message", b"message", "requests_sent", b"requests_sent", "start_unix_ns", b"start_unix_ns", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment_id", b"assignment_id", "batch_count", b"batch_count", "message", b"message", "requests_sent", b"requests_sent", "stalls", b"stalls", "start_unix_ns", b"start_unix_ns", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AssignmentUpdate: _TypeAlias = AssignmentUpdate  # noqa: Y015
+
+@_typing.final
+class Stall(_message.Message):
+    """A period in which no request could be sent (see `AssignmentUpdate.stalls`)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_OFFSET_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    in_flight: _builtins.int
+    """Requests in flight when it began."""
+    @_builtins.property
+    def start_offset(self) -> _duration_pb2.Duration:
+        """When it began (the last request sent or response data received), from the start of
+        the assignment's load.
+        """
+
+    @_builtins.property
+    def length(self) -> _duration_pb2.Duration:
+        """How long it lasted (until something happened, or the stage's sending window ended)."""
+
+    def __init__(
+        self,
+        *,
+        start_offset: _duration_pb2.Duration | None = ...,
+        length: _duration_pb2.Duration | None = ...,
+        in_flight: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["length", b"length", "start_offset", b"start_offset"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["in_flight", b"in_flight", "length", b"length", "start_offset", b"start_offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Stall: _TypeAlias = Stall  # noqa: Y015
+
+@_typing.final
+class Preflight(_message.Message):
+    """Check a run's target before its first stage: the agent lists the server's models and sends
+    one small real request of the run's kind, outside every stage (no samples).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PREFLIGHT_ID_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    WORKLOAD_FIELD_NUMBER: _builtins.int
+    preflight_id: _builtins.str
+    """Id the answer refers to."""
+    run_id: _builtins.str
+    """The run it is for."""
+    @_builtins.property
+    def target(self) -> _run_pb2.Target:
+        """The target, including its API key."""
+
+    @_builtins.property
+    def workload(self) -> _run_pb2.Workload:
+        """The run's workload (its output-length controls are sent with the request)."""
+
+    def __init__(
+        self,
+        *,
+        preflight_id: _builtins.str = ...,
+        run_id: _builtins.str = ...,
+        target: _run_pb2.Target | None = ...,
+        workload: _run_pb2.Workload | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["target", b"target", "workload", b"workload"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["preflight_id", b"preflight_id", "run_id", b"run_id", "target", b"target", "workload", b"workload"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Preflight: _TypeAlias = Preflight  # noqa: Y015
+
+@_typing.final
+class PreflightResult(_message.Message):
+    """The outcome of a Preflight."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PREFLIGHT_ID_FIELD_NUMBER: _builtins.int
+    OK_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    SERVED_MODELS_FIELD_NUMBER: _builtins.int
+    RESPONSE_MODEL_FIELD_NUMBER: _builtins.int
+    preflight_id: _builtins.str
+    """The Preflight answered."""
+    ok: _builtins.bool
+    """True when the target can be used."""
+    message: _builtins.str
+    """Why not, with a hint (e.g. the models the server lists). Never contains secrets."""
+    response_model: _builtins.str
+    """The `model` of the check's response, when it had one."""
+    @_builtins.property
+    def served_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The model ids `GET {base_url}/models` listed (empty when the server has no such endpoint)."""
+
+    def __init__(
+        self,
+        *,
+        preflight_id: _builtins.str = ...,
+        ok: _builtins.bool = ...,
+        message: _builtins.str = ...,
+        served_models: _abc.Iterable[_builtins.str] | None = ...,
+        response_model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "ok", b"ok", "preflight_id", b"preflight_id", "response_model", b"response_model", "served_models", b"served_models"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PreflightResult: _TypeAlias = PreflightResult  # noqa: Y015
 
 @_typing.final
 class SampleBatch(_message.Message):
@@ -608,7 +745,10 @@ class SampleBatch(_message.Message):
 
     @_builtins.property
     def flags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Bit 0: token counts came from the server's usage. Bit 1: warmup request."""
+        """Bit 0: token counts came from the server's usage. Bit 1: warmup request. Bit 2: sent
+        again on a fresh connection (the kept-alive one it first went out on had been closed by
+        the server before anything of the response arrived); its times are the second send's.
+        """
 
     @_builtins.property
     def itl_count(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:

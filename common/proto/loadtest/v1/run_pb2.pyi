@@ -305,6 +305,7 @@ class Target(_message.Message):
     STREAM_FIELD_NUMBER: _builtins.int
     INSECURE_SKIP_VERIFY_FIELD_NUMBER: _builtins.int
     EXTRA_BODY_FIELD_NUMBER: _builtins.int
+    UNREACHABLE_TIMEOUT_FIELD_NUMBER: _builtins.int
     base_url: _builtins.str
     """Required. Base URL of the OpenAI-compatible API, e.g. `http://127.0.0.1:8000/v1`.
     Only http and https are accepted; no credentials (`user:password@`), query string or
@@ -341,6 +342,13 @@ class Target(_message.Message):
         override `model`, `messages`, `prompt`, `stream` or `stream_options`.
         """
 
+    @_builtins.property
+    def unreachable_timeout(self) -> _duration_pb2.Duration:
+        """A stage fails when no connection to the target could be opened (refused, unreachable)
+        for this long, with no successful connection in between; meanwhile requests back off
+        (50 ms doubling to 1 s, one attempt at a time). Defaults to 10 s; at most 1 hour.
+        """
+
     def __init__(
         self,
         *,
@@ -353,10 +361,11 @@ class Target(_message.Message):
         stream: _builtins.bool | None = ...,
         insecure_skip_verify: _builtins.bool = ...,
         extra_body: _struct_pb2.Struct | None = ...,
+        unreachable_timeout: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_stream", b"_stream", "extra_body", b"extra_body", "request_timeout", b"request_timeout", "stream", b"stream"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_stream", b"_stream", "extra_body", b"extra_body", "request_timeout", b"request_timeout", "stream", b"stream", "unreachable_timeout", b"unreachable_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_stream", b"_stream", "api_key", b"api_key", "api_kind", b"api_kind", "base_url", b"base_url", "extra_body", b"extra_body", "headers", b"headers", "insecure_skip_verify", b"insecure_skip_verify", "model", b"model", "request_timeout", b"request_timeout", "stream", b"stream"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_stream", b"_stream", "api_key", b"api_key", "api_kind", b"api_kind", "base_url", b"base_url", "extra_body", b"extra_body", "headers", b"headers", "insecure_skip_verify", b"insecure_skip_verify", "model", b"model", "request_timeout", b"request_timeout", "stream", b"stream", "unreachable_timeout", b"unreachable_timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__stream: _TypeAlias = _typing.Literal["stream"]  # noqa: Y015
     _WhichOneofArgType__stream: _TypeAlias = _typing.Literal["_stream", b"_stream"]  # noqa: Y015
@@ -826,8 +835,15 @@ class RunSpec(_message.Message):
     SLO_FIELD_NUMBER: _builtins.int
     CHECKS_FIELD_NUMBER: _builtins.int
     SERVER_METRICS_FIELD_NUMBER: _builtins.int
+    SKIP_PREFLIGHT_FIELD_NUMBER: _builtins.int
     display_name: _builtins.str
     """Optional human-readable name."""
+    skip_preflight: _builtins.bool
+    """Skip the preflight check. By default, before the first stage every agent checks the
+    target: `GET {base_url}/models` (the model must be listed, unless the server has no
+    such endpoint) and one small real request of the run's kind; the run fails at once
+    with the reason when either fails. The check's request is in no stage's samples.
+    """
     @_builtins.property
     def target(self) -> Global___Target:
         """Required. The model server."""
@@ -872,10 +888,11 @@ class RunSpec(_message.Message):
         slo: Global___Slo | None = ...,
         checks: _abc.Iterable[Global___Check] | None = ...,
         server_metrics: Global___ServerMetricsSpec | None = ...,
+        skip_preflight: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["placement", b"placement", "server_metrics", b"server_metrics", "slo", b"slo", "target", b"target", "workload", b"workload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "display_name", b"display_name", "labels", b"labels", "placement", b"placement", "server_metrics", b"server_metrics", "slo", b"slo", "stages", b"stages", "target", b"target", "workload", b"workload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "display_name", b"display_name", "labels", b"labels", "placement", b"placement", "server_metrics", b"server_metrics", "skip_preflight", b"skip_preflight", "slo", b"slo", "stages", b"stages", "target", b"target", "workload", b"workload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1260,6 +1277,7 @@ class StageResult(_message.Message):
     TARGET_SATURATION_REASON_FIELD_NUMBER: _builtins.int
     SAMPLES_IGNORED_FIELD_NUMBER: _builtins.int
     SAMPLES_IGNORED_REASON_FIELD_NUMBER: _builtins.int
+    REQUESTS_RETRIED_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """Index of the stage in the spec; unset in the run-wide result."""
     name: _builtins.str
@@ -1353,6 +1371,11 @@ class StageResult(_message.Message):
     """
     samples_ignored_reason: _builtins.str
     """Why samples were left out (with the window and limits), when `samples_ignored` > 0."""
+    requests_retried: _builtins.int
+    """Requests sent again on a fresh connection because the kept-alive connection they first
+    went out on had been closed by the server before anything of the response arrived
+    (counted once each, in whatever outcome the second send had; warmup excluded).
+    """
     @_builtins.property
     def errors(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Failed requests by error kind (`http_4xx`, `http_5xx`, `timeout`, `connection`,
@@ -1449,10 +1472,11 @@ class StageResult(_message.Message):
         target_saturation_reason: _builtins.str = ...,
         samples_ignored: _builtins.int = ...,
         samples_ignored_reason: _builtins.str = ...,
+        requests_retried: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_good_fraction", b"_good_fraction", "_goodput", b"_goodput", "e2e", b"e2e", "e2e_including_queue", b"e2e_including_queue", "good_fraction", b"good_fraction", "goodput", b"goodput", "itl", b"itl", "queue_delay", b"queue_delay", "server_metrics", b"server_metrics", "tpot", b"tpot", "ttft", b"ttft"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_good_fraction", b"_good_fraction", "_goodput", b"_goodput", "achieved_concurrency", b"achieved_concurrency", "agent_name", b"agent_name", "agent_sessions", b"agent_sessions", "agents", b"agents", "agents_lost", b"agents_lost", "checks", b"checks", "concurrency", b"concurrency", "duration_s", b"duration_s", "e2e", b"e2e", "e2e_including_queue", b"e2e_including_queue", "errors", b"errors", "good_fraction", b"good_fraction", "goodput", b"goodput", "index", b"index", "itl", b"itl", "max_event_loop_lag_ms", b"max_event_loop_lag_ms", "mean_input_tokens", b"mean_input_tokens", "mean_output_tokens", b"mean_output_tokens", "mean_requested_input_tokens", b"mean_requested_input_tokens", "mean_requested_output_tokens", b"mean_requested_output_tokens", "name", b"name", "output_token_throughput", b"output_token_throughput", "output_tokens", b"output_tokens", "output_tokens_estimated", b"output_tokens_estimated", "peak_output_token_throughput", b"peak_output_token_throughput", "prompt_tokens", b"prompt_tokens", "queue_delay", b"queue_delay", "reduced_load", b"reduced_load", "reduced_load_reason", b"reduced_load_reason", "request_rate", b"request_rate", "request_throughput", b"request_throughput", "requests_failed", b"requests_failed", "requests_lost", b"requests_lost", "requests_ok", b"requests_ok", "samples_ignored", b"samples_ignored", "samples_ignored_reason", b"samples_ignored_reason", "saturated", b"saturated", "saturation_reason", b"saturation_reason", "server_metrics", b"server_metrics", "start_offset_ms", b"start_offset_ms", "start_skew_ms", b"start_skew_ms", "target_saturated", b"target_saturated", "target_saturation_reason", b"target_saturation_reason", "time_series", b"time_series", "total_token_throughput", b"total_token_throughput", "tpot", b"tpot", "ttft", b"ttft"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_good_fraction", b"_good_fraction", "_goodput", b"_goodput", "achieved_concurrency", b"achieved_concurrency", "agent_name", b"agent_name", "agent_sessions", b"agent_sessions", "agents", b"agents", "agents_lost", b"agents_lost", "checks", b"checks", "concurrency", b"concurrency", "duration_s", b"duration_s", "e2e", b"e2e", "e2e_including_queue", b"e2e_including_queue", "errors", b"errors", "good_fraction", b"good_fraction", "goodput", b"goodput", "index", b"index", "itl", b"itl", "max_event_loop_lag_ms", b"max_event_loop_lag_ms", "mean_input_tokens", b"mean_input_tokens", "mean_output_tokens", b"mean_output_tokens", "mean_requested_input_tokens", b"mean_requested_input_tokens", "mean_requested_output_tokens", b"mean_requested_output_tokens", "name", b"name", "output_token_throughput", b"output_token_throughput", "output_tokens", b"output_tokens", "output_tokens_estimated", b"output_tokens_estimated", "peak_output_token_throughput", b"peak_output_token_throughput", "prompt_tokens", b"prompt_tokens", "queue_delay", b"queue_delay", "reduced_load", b"reduced_load", "reduced_load_reason", b"reduced_load_reason", "request_rate", b"request_rate", "request_throughput", b"request_throughput", "requests_failed", b"requests_failed", "requests_lost", b"requests_lost", "requests_ok", b"requests_ok", "requests_retried", b"requests_retried", "samples_ignored", b"samples_ignored", "samples_ignored_reason", b"samples_ignored_reason", "saturated", b"saturated", "saturation_reason", b"saturation_reason", "server_metrics", b"server_metrics", "start_offset_ms", b"start_offset_ms", "start_skew_ms", b"start_skew_ms", "target_saturated", b"target_saturated", "target_saturation_reason", b"target_saturation_reason", "time_series", b"time_series", "total_token_throughput", b"total_token_throughput", "tpot", b"tpot", "ttft", b"ttft"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__good_fraction: _TypeAlias = _typing.Literal["good_fraction"]  # noqa: Y015
     _WhichOneofArgType__good_fraction: _TypeAlias = _typing.Literal["_good_fraction", b"_good_fraction"]  # noqa: Y015
@@ -1477,6 +1501,7 @@ class RunResult(_message.Message):
     VERDICT_FIELD_NUMBER: _builtins.int
     CHECKS_FIELD_NUMBER: _builtins.int
     OVERALL_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The run's id."""
     state: Global___RunState.ValueType
@@ -1498,6 +1523,13 @@ class RunResult(_message.Message):
         the run stored no samples. No time series and no per-agent rows.
         """
 
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Output only. What a reader of these numbers should know, one sentence each: a server
+        that closed most kept-alive connections (`requests_retried`), a response `model` that
+        differs from the requested one (seen by the preflight check).
+        """
+
     def __init__(
         self,
         *,
@@ -1507,10 +1539,11 @@ class RunResult(_message.Message):
         verdict: Global___Verdict.ValueType = ...,
         checks: _abc.Iterable[Global___CheckResult] | None = ...,
         overall: Global___StageResult | None = ...,
+        warnings: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["overall", b"overall"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "overall", b"overall", "run_id", b"run_id", "stages", b"stages", "state", b"state", "verdict", b"verdict"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "overall", b"overall", "run_id", b"run_id", "stages", b"stages", "state", b"state", "verdict", b"verdict", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,128 @@
+"""The preflight check of a run: every agent checks the target before the first stage.
+
+The coordinator calls `check_run_target` once a run has its agents and before it plans the
+first stage's start time, so the check's duration never eats into a synchronized start.
+Each agent gets a `Preflight` (the target with its credentials, the workload) and answers
+with a `PreflightResult` (agent/preflight.py does the checking); `PreflightAnswers` matches
+the answers, which the AgentService servicer hands in, to the waiting check.
+
+The run may start only when every agent's check passed. The first failure, an agent that
+goes away, or no answer within the request timeout plus `ANSWER_SLACK_S` fails the run with
+a reason naming the agent. A response `model` other than the requested one is a warning
+(a run event of kind `preflight_warning`, which the result lists under `warnings`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from common.proto.loadtest.v1 import agent_service_pb2, run_pb2
+from controller.domain.agents import AgentSession
+
+WARNING_EVENT = "preflight_warning"
+DEFAULT_REQUEST_TIMEOUT_S = 300.0
+# Beyond the check's own request timeout: its GET /models (at most 30 s) and the round trips.
+ANSWER_SLACK_S = 40.0
+POLL_S = 0.25
+
+
+class PreflightAnswers:
+    """Answers to outstanding Preflight messages, by id and the session that was asked."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, tuple[str, asyncio.Future[agent_service_pb2.PreflightResult]]] = {}
+
+    def expect(self, preflight_id: str, session_id: str) -> asyncio.Future[agent_service_pb2.PreflightResult]:
+        future: asyncio.Future[agent_service_pb2.PreflightResult] = asyncio.get_running_loop().create_future()
+        self._waiting[preflight_id] = (session_id, future)
+        return future
+
+    def answered(self, session_id: str, result: agent_service_pb2.PreflightResult) -> None:
+        """An agent's answer. Unknown or late ones are dropped, and so is an answer from a
+        session that was not asked (only the agent that checks the target may say how it went)."""
+        waiting = self._waiting.get(result.preflight_id)
+        if waiting is None or waiting[0] != session_id:
+            return
+        del self._waiting[result.preflight_id]
+        if not waiting[1].done():
+            waiting[1].set_result(result)
+
+    def forget(self, preflight_id: str) -> None:
+        waiting = self._waiting.pop(preflight_id, None)
+        if waiting is not None:
+            waiting[1].cancel()
+
+
+@dataclass(frozen=True)
+class PreflightVerdict:
+    """Whether the run may start; why not; what to warn about."""
+
+    ok: bool
+    reason: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+
+async def check_run_target(
+    sessions: list[AgentSession],
+    run_id: str,
+    target: run_pb2.Target,
+    workload: run_pb2.Workload,
+    answers: PreflightAnswers,
+    cancelled: asyncio.Event,
+) -> PreflightVerdict:
+    """Have every agent check `target` (with its credentials); wait for all the answers."""
+    timeout_s = DEFAULT_REQUEST_TIMEOUT_S
+    if target.HasField("request_timeout") and target.request_timeout.ToNanoseconds() > 0:
+        timeout_s = target.request_timeout.ToNanoseconds() / 1e9
+    deadline = time.monotonic() + timeout_s + ANSWER_SLACK_S
+    pending: dict[str, tuple[AgentSession, asyncio.Future[agent_service_pb2.PreflightResult]]] = {}
+    for session in sessions:
+        preflight_id = f"pre_{uuid.uuid4().hex[:16]}"
+        pending[preflight_id] = (session, answers.expect(preflight_id, session.session_id))
+        session.send(
+            agent_service_pb2.ConnectResponse(
+                preflight=agent_service_pb2.Preflight(
+                    preflight_id=preflight_id, run_id=run_id, target=target, workload=workload
+                )
+            )
+        )
+    warnings: list[str] = []
+    cancel_wait = asyncio.ensure_future(cancelled.wait())
+    try:
+        while pending:
+            for preflight_id, (session, future) in list(pending.items()):
+                if future.done():
+                    del pending[preflight_id]
+                    result = future.result()
+                    if not result.ok:
+                        return PreflightVerdict(False, f"preflight check by {session.name} failed: {result.message}")
+                    if result.response_model and result.response_model != target.model:
+                        warnings.append(
+                            f"the server answered the preflight request for model {target.model!r} "
+                            f"as model {result.response_model!r}"
+                        )
+                elif session.closed or session.close_reason:
+                    return PreflightVerdict(False, f"preflight check: {session.name} disconnected before answering")
+            if not pending or cancelled.is_set():
+                break
+            if time.monotonic() > deadline:
+                names = ", ".join(session.name for session, _ in pending.values())
+                waited = deadline_s(timeout_s)
+                return PreflightVerdict(False, f"preflight check: no answer from {names} within {waited:g} s")
+            waits: set[asyncio.Future[Any]] = {future for _, future in pending.values()}
+            waits.add(cancel_wait)
+            await asyncio.wait(waits, timeout=POLL_S, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        cancel_wait.cancel()
+        for preflight_id in pending:
+            answers.forget(preflight_id)
+    return PreflightVerdict(True, warnings=sorted(set(warnings)))
+
+
+def deadline_s(request_timeout_s: float) -> float:
+    """How long the controller waits for every answer."""
+    return request_timeout_s + ANSWER_SLACK_S
