@@ -34,6 +34,7 @@ import orjson
 from agent.client import OpenAIClient, TargetConfigError
 from agent.sample import MAX_ERROR_CHARS, RequestSample
 from agent.sse import StreamParser, parse_json_body
+from agent.wire_errors import transport_error
 from common.proto.loadtest.v1 import run_pb2
 
 # Completion requests one agent's check sends (a server's request counters include them).
@@ -114,7 +115,7 @@ async def _list_models(client: OpenAIClient) -> tuple[list[str] | None, str]:
             if resp.status != 200:
                 return None, ""
     except aiohttp.ClientConnectorError as exc:
-        return None, f"{type(exc).__name__}: {exc}"
+        return None, transport_error(exc)
     except (aiohttp.ClientError, OSError, TimeoutError):
         return None, ""  # the completion request will tell what is wrong
     try:
@@ -147,7 +148,7 @@ async def _one_request(client: OpenAIClient) -> tuple[RequestSample, str]:
         sample.fail(run_pb2.REQUEST_STATUS_TIMEOUT, "timed out")
         return sample, ""
     except (aiohttp.ClientError, OSError) as exc:
-        sample.fail(run_pb2.REQUEST_STATUS_CONNECTION, f"{type(exc).__name__}: {exc}")
+        sample.fail(run_pb2.REQUEST_STATUS_CONNECTION, transport_error(exc))
         return sample, ""
     if parser is not None:
         parser.feed(raw, now)

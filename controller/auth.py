@@ -420,13 +420,12 @@ def _wrap(handler: grpc.RpcMethodHandler, call: _Call) -> grpc.RpcMethodHandler:
 async def _until(stream: AsyncIterator[Any], stop: asyncio.Event) -> AsyncIterator[Any]:
     """Items of `stream` until it ends or `stop` is set (then the stream is cancelled)."""
     stopped = asyncio.ensure_future(stop.wait())
+    item: asyncio.Future[Any] | None = None
     try:
         while True:
             item = asyncio.ensure_future(anext(stream))
             done, _ = await asyncio.wait({item, stopped}, return_when=asyncio.FIRST_COMPLETED)
             if item not in done:
-                item.cancel()
-                await asyncio.gather(item, return_exceptions=True)
                 return
             try:
                 value = item.result()
@@ -435,6 +434,12 @@ async def _until(stream: AsyncIterator[Any], stop: asyncio.Event) -> AsyncIterat
             yield value
     finally:
         stopped.cancel()
+        if item is not None and not item.done():
+            # Stopped, or this generator itself cancelled or closed while the stream's next
+            # item was pending: that step must be over before the stream can be closed (an
+            # aclose of a generator that is still running raises RuntimeError).
+            item.cancel()
+            await asyncio.gather(item, return_exceptions=True)
         aclose = getattr(stream, "aclose", None)
         if aclose is not None:
             await aclose()

@@ -8,10 +8,8 @@ import time
 
 import aiohttp
 import pytest
-from rich.console import Console
 
-from client.formats import markdown
-from client.render import result_table
+from client.formats import markdown, result_warnings
 from client.sdk import ControllerClient
 from common.proto.loadtest.v1 import run_pb2
 from controller.server import Controller
@@ -73,10 +71,9 @@ async def test_a_target_slower_than_the_rate_is_flagged(controller: Controller, 
     # The generator was fine: it is the target that did not keep up.
     assert not overloaded.saturated
 
-    # Where people read it: the table's notes (`run` and `runs result`) and the markdown.
-    console = Console(width=200, record=True)
-    console.print(result_table(result))
-    text = console.export_text()
-    assert "WARNING stage 1: the target did not keep up at rate 20/s" in text
+    # Where people read it: the warnings under the table (`run` and `runs result` print each
+    # after "WARNING ") and the markdown.
+    text = "\n".join(result_warnings(result))
+    assert "stage 1: the target did not keep up at rate 20/s" in text
     assert "stage 0: the target" not in text
     assert "stage 1 (rate=20/s): the target did not keep up at rate 20/s" in markdown(result)

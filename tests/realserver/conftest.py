@@ -25,6 +25,9 @@ from tests.realserver.tiny_model import write_tiny_llama
 ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = ROOT / "scripts" / "build_llama_server.sh"
 SLOTS = 4
+# The name llama-server serves the model as (without --alias it lists the file's path, and
+# the preflight check refuses a run whose model the server does not list).
+MODEL_ALIAS = "tiny-llama"
 _BINARY = pytest.StashKey[str]()
 
 
@@ -66,7 +69,7 @@ class LlamaServer:
         self.port = free_port()
         self.log = log
         self._log_file = log.open("wb")
-        args = [binary, "-m", str(model), "--host", "127.0.0.1", "--port", str(self.port),
+        args = [binary, "-m", str(model), "--alias", MODEL_ALIAS, "--host", "127.0.0.1", "--port", str(self.port),
                 "-np", str(slots), "-c", str(ctx), "-t", "2", "--metrics", "--slots", "--seed", "1"]  # fmt: skip
         self.p = subprocess.Popen(args, stdout=self._log_file, stderr=subprocess.STDOUT)
         self._wait_healthy(60.0)

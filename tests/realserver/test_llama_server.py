@@ -17,7 +17,7 @@ from common.proto.loadtest.v1 import run_pb2
 from controller.server import Controller
 from tests.conftest import eventually
 from tests.integration.test_run_end_to_end import running_agent, wait_final
-from tests.realserver.conftest import SLOTS, LlamaServer
+from tests.realserver.conftest import MODEL_ALIAS, SLOTS, LlamaServer
 
 pytestmark = [pytest.mark.realserver, pytest.mark.timeout(180)]
 
@@ -28,7 +28,7 @@ OUTPUT_TOKENS = 16
 def llama_spec(server: LlamaServer, output_tokens: int = OUTPUT_TOKENS, scrape: bool = True) -> run_pb2.RunSpec:
     spec = run_pb2.RunSpec(display_name="llama-server")
     spec.target.base_url = server.base_url
-    spec.target.model = "tiny-llama"
+    spec.target.model = MODEL_ALIAS
     spec.workload.synthetic.input_tokens.fixed = INPUT_TOKENS
     spec.workload.synthetic.output_tokens.fixed = output_tokens
     if scrape:

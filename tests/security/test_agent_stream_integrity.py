@@ -49,6 +49,9 @@ async def real_agent(controller: Controller, name: str, labels: dict[str, str]) 
 def placed(spec: run_pb2.RunSpec, role: str) -> run_pb2.RunSpec:
     spec.placement.agents = 1
     spec.placement.selector["role"] = role
+    # No preflight: the hostile agents here would not answer one, and the victim's counts are
+    # compared with every request the mock served.
+    spec.skip_preflight = True
     return spec
 
 

@@ -163,7 +163,11 @@ async def test_a_non_http_banner_never_reaches_results_samples_or_the_database(
         ControllerClient(f"127.0.0.1:{controller.port}", timeout_s=10) as client,
     ):
         banner_url = f"http://127.0.0.1:{ssh.port}"
-        at_banner = await client.create_run(spec(banner_url + "/v1", banner_url + "/metrics", requests=4))
+        # The preflight check would stop a run at the banner before its load: skipped here so
+        # that requests and scrapes meet it, and checked on a run of its own below.
+        loaded = spec(banner_url + "/v1", banner_url + "/metrics", requests=4)
+        loaded.skip_preflight = True
+        at_banner = await client.create_run(loaded)
         scraping_banner = await client.create_run(spec(mock.base_url, banner_url + "/metrics", requests=4))
         seen: list[str] = []
         results = []
@@ -173,6 +177,9 @@ async def test_a_non_http_banner_never_reaches_results_samples_or_the_database(
             seen += [str(final), str(results[-1]), str(await client.get_run_events(run.id))]
             seen += [str(s) async for s in client.export_samples(run.id, include_warmup=True)]
         assert ssh.connections >= 5  # every request and scrape reached the banner
+        checked = await wait_final(client, (await client.create_run(spec(banner_url + "/v1", requests=4))).id)
+        assert checked.state == run_pb2.RUN_STATE_FAILED and "not an HTTP response" in checked.state_reason
+        seen += [str(checked), str(await client.get_run_events(checked.id))]
 
     text = "\n".join(seen)
     assert "not an HTTP response" in text
