@@ -141,6 +141,9 @@ def _url_problem(url: str) -> str | None:
         return "must name a host (and a valid port)"
     if parts.username or parts.password:
         return "must not carry credentials (they would show in events and results)"
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        # A token in a query would be shown by every read, like the endpoint itself.
+        return "must not carry a query string or fragment (a token there would show in every read)"
     if len(url) > 2048 or any(c.isspace() for c in url):
         return "must be at most 2048 chars, no spaces"
     return None

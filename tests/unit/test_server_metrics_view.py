@@ -57,6 +57,14 @@ def test_defaults_and_validation() -> None:
         "spec.server_metrics.endpoints[1]", "spec.server_metrics.endpoints[2]"
     }
 
+    # Credentials in an endpoint would be shown by every read: refused, the URL not repeated.
+    secret = base_spec()
+    secret.server_metrics.endpoints.extend(["http://u:pw@a/metrics", "http://a/metrics?token=SECRET", "http://b/m#x"])
+    with pytest.raises(InvalidArgument) as info:
+        validate_and_default(secret)
+    assert [v.field for v in info.value.violations] == [f"spec.server_metrics.endpoints[{i}]" for i in range(3)]
+    assert "SECRET" not in str(info.value) and all("must not carry" in v.description for v in info.value.violations)
+
 
 def test_one_agent_per_endpoint_among_agents_with_a_share() -> None:
     sm = run_pb2.ServerMetricsSpec(endpoints=["http://a/m", "http://b/m", "http://c/m"], metric_filters=["x_*"])
