@@ -838,7 +838,7 @@ class RunCoordinator:
                 a.lost_timer = None
             await self.add_event(a.execution.run_id, a.execution.record.pk, "agent_rejoined",
                                  f"{session.name} resumed {assignment_id}")  # fmt: skip
-        for ex in self.executions.values():
+        for ex in list(self.executions.values()):  # add_event awaits: runs may start or end meanwhile
             if session.name in ex.lost_names and session.run_id != ex.run_id:
                 ex.lost_names.discard(session.name)
                 await self.add_event(ex.run_id, ex.record.pk, "agent_rejoined",

@@ -32,9 +32,11 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @contextlib.asynccontextmanager
-async def running_agent(address: str, name: str = "agent-1") -> AsyncIterator[asyncio.Task[None]]:
+async def running_agent(
+    address: str, name: str = "agent-1", labels: dict[str, str] | None = None, api_key: str | None = None
+) -> AsyncIterator[asyncio.Task[None]]:
     stop = asyncio.Event()
-    task = asyncio.create_task(run_agent(address, name, {}, None, stop))
+    task = asyncio.create_task(run_agent(address, name, labels or {}, api_key, stop))
     try:
         yield task
     finally:

@@ -15,7 +15,6 @@ import grpc
 import numpy as np
 import pytest
 
-from agent.session import run_agent
 from client.sdk import ControllerClient
 from common.proto.loadtest.v1 import agent_service_pb2, run_pb2
 from controller.domain import sample_limits as limits
@@ -26,7 +25,7 @@ from controller.store import repository as repo
 from mockserver.config import MockConfig
 from mockserver.server import MockServer
 from tests.conftest import eventually
-from tests.integration.test_run_end_to_end import spec_for, wait_final
+from tests.integration.test_run_end_to_end import running_agent, spec_for, wait_final
 from tests.security.conftest import AGENT_BOOTSTRAP
 from tests.security.hostile import HostileAgent, forged_batch
 
@@ -36,14 +35,8 @@ pytestmark = pytest.mark.timeout(180)
 @contextlib.asynccontextmanager
 async def real_agent(controller: Controller, name: str, labels: dict[str, str]) -> AsyncIterator[asyncio.Task[None]]:
     _, key = await controller.keys.create(name, Role.AGENT)
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_agent(f"127.0.0.1:{controller.port}", name, labels, key, stop))
-    try:
+    async with running_agent(f"127.0.0.1:{controller.port}", name, labels, key) as task:
         yield task
-    finally:
-        stop.set()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait_for(task, 15)
 
 
 def placed(spec: run_pb2.RunSpec, role: str) -> run_pb2.RunSpec:
