@@ -15,11 +15,16 @@ from controller.servicers.errors import stream_errors, unary_errors
 
 WATCH_INTERVAL_S = 1.0
 WATCH_MIN_GAP_S = 0.25  # at most four updates a second, however busy the run
+LIST_CONCURRENCY = 2
 
 
 class RunServiceServicer(run_service_pb2_grpc.RunServiceServicer):
     def __init__(self, runs: Runs) -> None:
         self._runs = runs
+        # However many callers page at once, at most this many pages are built and sent at a
+        # time: each is a slice of the event loop (serializing it), and the loop also reads
+        # the agents' heartbeats. The others wait their turn, off the loop.
+        self._list_gate = asyncio.Semaphore(LIST_CONCURRENCY)
 
     @unary_errors
     async def CreateRun(
@@ -42,13 +47,12 @@ class RunServiceServicer(run_service_pb2_grpc.RunServiceServicer):
     async def ListRuns(
         self, request: run_service_pb2.ListRunsRequest, context: grpc.aio.ServicerContext
     ) -> run_service_pb2.ListRunsResponse:
-        records, token = await self._runs.list_runs(
-            request.page_size, request.page_token, request.state, request.model
-        )
-        response = run_service_pb2.ListRunsResponse(next_page_token=token)
-        for record in records:
-            convert.fill_run(response.runs.add(), record)
-        return response
+        async with self._list_gate:
+            records, token = await self._runs.list_runs(
+                request.page_size, request.page_token, request.state, request.model
+            )
+            # Parsing a page of specs is off the event loop the agent streams' heartbeats share.
+            return await asyncio.to_thread(convert.list_response, records, token)
 
     @unary_errors
     async def CancelRun(
