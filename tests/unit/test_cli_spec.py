@@ -66,3 +66,13 @@ def test_dataset_and_target_options(tmp_path: Path) -> None:
     assert s.target.insecure_skip_verify and not s.target.stream
     assert s.target.extra_body["cache_prompt"] is False
     assert s.target.api_kind == run_pb2.API_KIND_COMPLETIONS
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [("--requests", str(2**64)), ("--requests", "-1"), ("--seed", "-5"), ("--concurrency", str(2**32)),
+     ("--warmup", f"{2**64}req"), ("--max-concurrency", "-1")],  # fmt: skip
+)
+def test_integers_the_spec_cannot_hold_are_usage_errors(flags: tuple[str, str]) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match=flags[0]):
+        spec(*flags)
