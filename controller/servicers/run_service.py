@@ -22,6 +22,7 @@ LIST_CONCURRENCY = 2
 # ListRuns pages sent per second, in bytes, over all callers together: sending is event-loop time
 # (gRPC's framing and writes), and no amount of paging may take the loop from the agents.
 LIST_BYTES_PER_S = 16 * 1024 * 1024
+LIST_BURST_BYTES = 4 * 1024 * 1024
 
 
 def add_to_server(servicer: RunServiceServicer, server: grpc.aio.Server) -> None:
@@ -48,11 +49,13 @@ class _PreserializedListRuns:
 
 
 class _BytePacer:
-    """Spaces pages out so that they average at most `rate` bytes a second: each page pushes the
-    next one's start back by its size over the rate."""
+    """Spaces pages out so that they average at most `rate` bytes a second (a token bucket of
+    `burst` bytes): each page pushes the next one's start back by its size over the rate, so
+    paging at a modest pace never waits."""
 
-    def __init__(self, rate: float) -> None:
+    def __init__(self, rate: float, burst: float) -> None:
         self._rate = rate
+        self._credit_s = burst / rate
         self._next = 0.0
 
     async def turn(self) -> None:
@@ -61,7 +64,7 @@ class _BytePacer:
             await asyncio.sleep(wait)
 
     def spent(self, size: int) -> None:
-        self._next = max(self._next, time.monotonic()) + size / self._rate
+        self._next = max(self._next, time.monotonic() - self._credit_s) + size / self._rate
 
 
 def _bytes_or_message(response: bytes | Message) -> bytes:
@@ -79,7 +82,7 @@ class RunServiceServicer(run_service_pb2_grpc.RunServiceServicer):
         # time: each is a slice of the event loop (serializing it), and the loop also reads
         # the agents' heartbeats. The others wait their turn, off the loop.
         self._list_gate = asyncio.Semaphore(LIST_CONCURRENCY)
-        self._list_pacer = _BytePacer(LIST_BYTES_PER_S)
+        self._list_pacer = _BytePacer(LIST_BYTES_PER_S, LIST_BURST_BYTES)
 
     @unary_errors
     async def CreateRun(

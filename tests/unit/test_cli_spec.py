@@ -71,7 +71,7 @@ def test_dataset_and_target_options(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "flags",
     [("--requests", str(2**64)), ("--requests", "-1"), ("--seed", "-5"), ("--concurrency", str(2**32)),
-     ("--warmup", f"{2**64}req"), ("--max-concurrency", "-1")],  # fmt: skip
+     ("--warmup", f"{2**64}req"), ("--max-concurrency", "-1")],
 )
 def test_integers_the_spec_cannot_hold_are_usage_errors(flags: tuple[str, str]) -> None:
     with pytest.raises(argparse.ArgumentTypeError, match=flags[0]):
