@@ -64,11 +64,7 @@ class LocalStore:
     async def list_runs(
         self, page_size: int = 50, page_token: str = "", state: int = 0, model: str = ""
     ) -> run_service_pb2.ListRunsResponse:
-        records, token = await self._runs.list_runs(page_size, page_token, state, model)
-        response = run_service_pb2.ListRunsResponse(next_page_token=token)
-        for record in records:
-            convert.fill_run(response.runs.add(), record)
-        return response
+        return await self._runs.list_runs(page_size, page_token, state, model, convert.list_response)
 
     async def get_result(self, run_id: str) -> run_pb2.RunResult:
         return (await self._runs.result(run_id))[1]

@@ -269,8 +269,26 @@ def _stages(args: argparse.Namespace) -> list[run_pb2.Stage]:
     return stages
 
 
+_UINT32, _UINT64 = 2**32 - 1, 2**64 - 1
+
+
+def _check_integers(args: argparse.Namespace) -> None:
+    """Integer flags the spec's fields cannot hold are usage errors, not a protobuf ValueError's
+    traceback (the controller's own limits, smaller, come back as INVALID_ARGUMENT)."""
+    flags = [("--requests", args.requests, _UINT64), ("--warmup", args.warmup[1], _UINT64),
+             ("--seed", args.seed, _UINT64), ("--max-concurrency", args.max_concurrency, _UINT32),
+             ("--shared-prefix", args.shared_prefix, _UINT32), ("--agents", args.agents, _UINT32),
+             ("--min-prompt-words", args.min_prompt_words, _UINT32),
+             ("--max-prompt-words", args.max_prompt_words, _UINT32)]  # fmt: skip
+    flags += [("--concurrency", c, _UINT32) for c in args.concurrency or ()]
+    for flag, value, high in flags:
+        if not 0 <= value <= high:
+            raise argparse.ArgumentTypeError(f"{flag}: must be between 0 and {high}, got {value}")
+
+
 def build_spec(args: argparse.Namespace) -> run_pb2.RunSpec:
     """The RunSpec the `run` flags describe (raises ArgumentTypeError for bad combinations)."""
+    _check_integers(args)
     spec = run_pb2.RunSpec(display_name=args.name)
     t = spec.target
     problem = credential_problem(args.target)

@@ -20,7 +20,6 @@ from common.proto.loadtest.v1 import (
     key_service_pb2,
     key_service_pb2_grpc,
     run_service_pb2,
-    run_service_pb2_grpc,
 )
 from common.tls import ServerTls
 from controller.auth import AuthInterceptor
@@ -35,6 +34,7 @@ from controller.domain.run_results import RunResults
 from controller.domain.runs import Runs
 from controller.memory import MemoryReleaser
 from controller.observability import ControllerMetrics
+from controller.servicers import run_service
 from controller.servicers.agent_service import AgentServiceServicer
 from controller.servicers.key_service import KeyServiceServicer
 from controller.servicers.run_service import RunServiceServicer
@@ -104,7 +104,7 @@ class Controller:
         self.server = grpc.aio.server(
             interceptors=[self.metrics.interceptor, self.auth], options=SERVER_OPTIONS
         )
-        run_service_pb2_grpc.add_RunServiceServicer_to_server(RunServiceServicer(self.runs), self.server)
+        run_service.add_to_server(RunServiceServicer(self.runs), self.server)
         agent_service_pb2_grpc.add_AgentServiceServicer_to_server(
             AgentServiceServicer(self.coordinator, self.ingestor, heartbeat_interval_s, self.audit), self.server
         )

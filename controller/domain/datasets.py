@@ -24,6 +24,14 @@ def _bad(description: str, field: str = FIELD) -> InvalidArgument:
     return InvalidArgument([FieldViolation(field, description)])
 
 
+def _unreadable(exc: RecursionError | ValueError) -> str:
+    """What is wrong with JSON that parses but Python cannot hold: nesting deeper than the
+    interpreter's recursion limit, or an integer longer than int's digit limit (4300)."""
+    if isinstance(exc, RecursionError):
+        return "JSON nested too deeply"
+    return "a number with too many digits"
+
+
 def _words(entry: run_pb2.DatasetEntry) -> int:
     if entry.messages:
         return sum(len(m.content.split()) for m in entry.messages)
@@ -67,6 +75,8 @@ def _parse_jsonl(content: str) -> list[run_pb2.DatasetEntry]:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise _bad(f"line {number}: not valid JSON ({exc.msg})") from exc
+        except (RecursionError, ValueError) as exc:
+            raise _bad(f"line {number}: {_unreadable(exc)}") from None
         entries.append(_jsonl_entry(obj, f"line {number}"))
     return entries
 
@@ -76,6 +86,8 @@ def _parse_sharegpt(content: str) -> list[run_pb2.DatasetEntry]:
         data = json.loads(content)
     except json.JSONDecodeError as exc:
         raise _bad(f"line {exc.lineno}: not valid JSON ({exc.msg})") from exc
+    except (RecursionError, ValueError) as exc:
+        raise _bad(_unreadable(exc)) from None
     if not isinstance(data, list):
         raise _bad("ShareGPT data must be a JSON list of conversations")
     entries = []

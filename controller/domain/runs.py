@@ -10,7 +10,8 @@ import asyncio
 import base64
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
 import structlog
 from google.protobuf import json_format
@@ -25,14 +26,19 @@ from controller.domain.errors import FailedPrecondition, FieldViolation, Invalid
 from controller.domain.live import LiveSnapshot, RunHub
 from controller.domain.run_results import RunResults
 from controller.domain.secrets import split_secrets
-from controller.domain.spec import validate_and_default
+from controller.domain.spec import check_stored_size, validate_and_default
 from controller.store import repository as repo
 from controller.store.database import Database
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
+# A ListRuns page ends before its stored specs pass this many bytes (one spec is at most
+# MAX_STORED_SPEC_BYTES, so a page holds at least 8 runs): far below the 4 MiB most gRPC clients
+# accept, and a bounded slice of the controller's time to build and send.
+MAX_PAGE_BYTES = 1024 * 1024
 CANCEL_WAIT_S = 10.0
 DEFAULT_EXPORT_PAGE = 1000
 MAX_EXPORT_PAGE = 10_000
@@ -81,6 +87,7 @@ class Runs:
             dataset.content_sha256 = content_digest(dataset.content)
             dataset.entry_count = len(entries)
             dataset.content = ""  # the parsed entries are stored apart
+        check_stored_size(valid)
         record, created = await self._db.write(
             repo.insert_run,
             new_run_id(),
@@ -109,14 +116,21 @@ class Runs:
         return record
 
     async def list_runs(
-        self, page_size: int, page_token: str, state: int, model: str
-    ) -> tuple[list[repo.RunRecord], str]:
+        self, page_size: int, page_token: str, state: int, model: str,
+        build: Callable[[list[repo.RunRecord], str], T],
+    ) -> T:
+        """A page of runs and the next page's token, passed to `build` on the reader thread (a
+        page's conversion stays off the event loop and costs no second thread hop)."""
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         after = _decode_token(page_token) if page_token else None
         if state and state not in run_pb2.RunState.values():
             raise InvalidArgument([FieldViolation("state", f"unknown run state {state}")])
-        records, cursor = await self._db.read(repo.list_runs, size, after, state, model)
-        return records, _encode_token(cursor) if cursor else ""
+
+        def page() -> T:
+            records, cursor = repo.list_runs(size, after, state, model, MAX_PAGE_BYTES)
+            return build(records, _encode_token(cursor) if cursor else "")
+
+        return await self._db.read(page)
 
     async def cancel(self, run_id: str, reason: str) -> repo.RunRecord:
         record = await self.get(run_id)

@@ -107,7 +107,7 @@ def validate_server_metrics(sm: run_pb2.ServerMetricsSpec, v: list[FieldViolatio
         v.append(FieldViolation(f"{path}.endpoints", "required when other server_metrics fields are set"))
     if len(sm.endpoints) > MAX_ENDPOINTS:
         v.append(FieldViolation(f"{path}.endpoints", f"at most {MAX_ENDPOINTS} endpoints"))
-    for i, url in enumerate(sm.endpoints):
+    for i, url in enumerate(sm.endpoints[:MAX_ENDPOINTS]):  # bounded: the listed-twice test is quadratic
         problem = _url_problem(url)
         if problem is None and url in sm.endpoints[:i]:
             problem = "listed twice"
@@ -120,7 +120,7 @@ def validate_server_metrics(sm: run_pb2.ServerMetricsSpec, v: list[FieldViolatio
                                     f"{MAX_INTERVAL_S:g} s"))  # fmt: skip
     if len(sm.metric_filters) > MAX_FILTERS:
         v.append(FieldViolation(f"{path}.metric_filters", f"at most {MAX_FILTERS} filters"))
-    for i, pattern in enumerate(sm.metric_filters):
+    for i, pattern in enumerate(sm.metric_filters[:MAX_FILTERS]):
         if not pattern or len(pattern) > MAX_NAME_CHARS or any(c.isspace() for c in pattern):
             v.append(FieldViolation(f"{path}.metric_filters[{i}]", f"1-{MAX_NAME_CHARS} characters, no spaces"))
     if sm.HasField("mismatch_tolerance_percent"):

@@ -7,9 +7,12 @@ All violations are collected, not just the first.
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import re
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from google.protobuf import duration_pb2, struct_pb2
@@ -31,6 +34,27 @@ MAX_STAGE_SECONDS = 7 * 24 * 3600
 MAX_TOKENS = 1_000_000
 MAX_REQUEST_TIMEOUT_S = 3600
 MAX_HEADERS = 64
+MAX_HEADER_VALUE_CHARS = 8192
+MAX_HEADERS_BYTES = 32 * 1024  # names and values together, UTF-8
+MAX_LABELS = 64
+MAX_LABEL_KEY_CHARS = 128
+MAX_LABEL_VALUE_CHARS = 256
+MAX_SELECTOR = 16
+MAX_SELECTOR_KEY_CHARS = 128
+MAX_SELECTOR_VALUE_CHARS = 256
+MAX_CHECK_CHARS = 256
+MAX_NAME_CHARS = 256  # display_name, stage names, dataset name
+# Requests of one stage (and its warmup): far beyond a week at the largest rate a stage may have
+# per agent, and well inside SQLite's signed 64-bit integers.
+MAX_REQUESTS = 1_000_000_000
+# Below this an open-loop stage would wait about 1000 s for its first request; arrival times of
+# smaller rates overflow nanosecond offsets.
+MIN_RATE = 0.001
+MIN_BURSTINESS = 0.01
+MAX_BURSTINESS = 1000.0
+# The spec as stored (binary, after the API key, credential headers and the dataset's content
+# are taken out): what every GetRun, ListRuns and WatchRun message of the run carries.
+MAX_STORED_SPEC_BYTES = 128 * 1024
 # What one agent process can be asked to sustain (a stage is split across its agents).
 MAX_CONCURRENCY_PER_AGENT = 10_000
 MAX_RATE_PER_AGENT = 20_000.0
@@ -39,7 +63,7 @@ MAX_SLO_SECONDS = 24 * 3600
 # protobuf's own range of a valid Duration (about 10,000 years).
 _MAX_DURATION_SECONDS = 315_576_000_000
 DEFAULT_TOKENS = 128
-# Keys of the request body that llm-loadtest itself sets; extra_body cannot override them.
+T = TypeVar("T")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,256}$")
 
 
@@ -65,7 +89,7 @@ def validate_and_default(spec: run_pb2.RunSpec, rng: random.Random | None = None
     elif len(spec.stages) > MAX_STAGES:
         v.append(FieldViolation("spec.stages", f"at most {MAX_STAGES} stages"))
     agents = max(out.placement.agents, 1)
-    for i, stage in enumerate(out.stages):
+    for i, stage in enumerate(_first(out.stages, MAX_STAGES)):
         _check_stage(stage, f"spec.stages[{i}]", v)
         _check_per_agent(stage, f"spec.stages[{i}]", agents, v)
 
@@ -74,7 +98,10 @@ def validate_and_default(spec: run_pb2.RunSpec, rng: random.Random | None = None
 
     if len(out.checks) > MAX_CHECKS:
         v.append(FieldViolation("spec.checks", f"at most {MAX_CHECKS} checks"))
-    for i, check in enumerate(out.checks):
+    for i, check in enumerate(_first(out.checks, MAX_CHECKS)):
+        if len(check.expression) > MAX_CHECK_CHARS:
+            v.append(FieldViolation(f"spec.checks[{i}].expression", f"at most {MAX_CHECK_CHARS} characters"))
+            continue
         try:
             parse_check(check.expression, check.abort_on_fail)
         except CheckSyntaxError as exc:
@@ -87,23 +114,30 @@ def validate_and_default(spec: run_pb2.RunSpec, rng: random.Random | None = None
             v.append(FieldViolation(f"spec.slo.{name}", f"at most {MAX_SLO_SECONDS} s"))
     if out.placement.HasField("wait_timeout") and _duration_s(out.placement.wait_timeout) > MAX_STAGE_SECONDS:
         v.append(FieldViolation("spec.placement.wait_timeout", f"at most {MAX_STAGE_SECONDS} s"))
-    _check_durations(out, "spec", v)
+    if len(out.stages) <= MAX_STAGES and len(out.checks) <= MAX_CHECKS:
+        _check_durations(out, "spec", v)
 
     if out.placement.agents > MAX_AGENTS:
         v.append(FieldViolation("spec.placement.agents", f"at most {MAX_AGENTS}"))
-    for key, value in out.placement.selector.items():
-        if not key or len(key) > 128 or not value or len(value) > 256:
-            v.append(FieldViolation(f"spec.placement.selector[{key!r}]", "keys 1-128 and values 1-256 chars"))
+    if len(out.placement.selector) > MAX_SELECTOR:
+        v.append(FieldViolation("spec.placement.selector", f"at most {MAX_SELECTOR} pairs"))
+    for key, value in _first(out.placement.selector.items(), MAX_SELECTOR):
+        if not 1 <= len(key) <= MAX_SELECTOR_KEY_CHARS or not 1 <= len(value) <= MAX_SELECTOR_VALUE_CHARS:
+            limits = f"keys 1-{MAX_SELECTOR_KEY_CHARS} and values 1-{MAX_SELECTOR_VALUE_CHARS} chars"
+            v.append(FieldViolation(f"spec.placement.selector[{key[:40]!r}]", limits))
     wait = out.placement.wait_timeout
     if out.placement.HasField("wait_timeout") and (wait.seconds < 0 or wait.nanos < 0):
         v.append(FieldViolation("spec.placement.wait_timeout", "must not be negative"))
     if out.placement.on_agent_loss not in run_pb2.AgentLossPolicy.values():
         v.append(FieldViolation("spec.placement.on_agent_loss", f"unknown policy {out.placement.on_agent_loss}"))
-    if len(out.display_name) > 256:
-        v.append(FieldViolation("spec.display_name", "at most 256 characters"))
-    for key, value in out.labels.items():
-        if not key or len(key) > 128 or len(value) > 1024:
-            v.append(FieldViolation(f"spec.labels[{key!r}]", "keys 1-128, values up to 1024 chars"))
+    if len(out.display_name) > MAX_NAME_CHARS:
+        v.append(FieldViolation("spec.display_name", f"at most {MAX_NAME_CHARS} characters"))
+    if len(out.labels) > MAX_LABELS:
+        v.append(FieldViolation("spec.labels", f"at most {MAX_LABELS} labels"))
+    for key, value in _first(out.labels.items(), MAX_LABELS):
+        if not 1 <= len(key) <= MAX_LABEL_KEY_CHARS or len(value) > MAX_LABEL_VALUE_CHARS:
+            limits = f"keys 1-{MAX_LABEL_KEY_CHARS}, values up to {MAX_LABEL_VALUE_CHARS} chars"
+            v.append(FieldViolation(f"spec.labels[{key[:40]!r}]", limits))
 
     if v:
         raise InvalidArgument(v)
@@ -136,6 +170,21 @@ def validate_and_default(spec: run_pb2.RunSpec, rng: random.Random | None = None
         if not stage.name:
             stage.name = describe_stage(stage)
     return out
+
+
+def check_stored_size(spec: run_pb2.RunSpec) -> None:
+    """The spec as it will be stored (secrets and dataset content taken out) must fit
+    MAX_STORED_SPEC_BYTES: every read of the run carries it, and a ListRuns page is sized by it."""
+    size = spec.ByteSize()
+    if size > MAX_STORED_SPEC_BYTES:
+        what = f"is {size} bytes as stored (labels, headers, extra_body, checks...); at most {MAX_STORED_SPEC_BYTES}"
+        raise InvalidArgument([FieldViolation("spec", what)])
+
+
+def _first(items: Iterable[T], n: int) -> Iterator[T]:
+    """The first `n` of `items`: a map with a million entries is refused by its count once, not
+    also entry by entry."""
+    return itertools.islice(items, n)
 
 
 def describe_stage(stage: run_pb2.Stage) -> str:
@@ -184,11 +233,14 @@ def _check_target(t: run_pb2.Target, v: list[FieldViolation]) -> None:
             v.append(FieldViolation("spec.target.unreachable_timeout", f"must be in (0, {MAX_REQUEST_TIMEOUT_S}] s"))
     if len(t.headers) > MAX_HEADERS:
         v.append(FieldViolation("spec.target.headers", f"at most {MAX_HEADERS} headers"))
-    for name, value in t.headers.items():
+    elif sum(len(n.encode()) + len(x.encode()) for n, x in t.headers.items()) > MAX_HEADERS_BYTES:
+        v.append(FieldViolation("spec.target.headers", f"at most {MAX_HEADERS_BYTES} bytes of names and values"))
+    for name, value in _first(t.headers.items(), MAX_HEADERS):
         if not _HEADER_NAME.match(name):
-            v.append(FieldViolation(f"spec.target.headers[{name!r}]", "invalid header name"))
-        elif any(c in value for c in "\r\n\0") or len(value) > 8192:
-            v.append(FieldViolation(f"spec.target.headers[{name!r}]", "invalid header value"))
+            v.append(FieldViolation(f"spec.target.headers[{name[:40]!r}]", "invalid header name"))
+        elif any(c in value for c in "\r\n\0") or len(value) > MAX_HEADER_VALUE_CHARS:
+            problem = f"invalid header value (at most {MAX_HEADER_VALUE_CHARS} chars, no CR/LF/NUL)"
+            v.append(FieldViolation(f"spec.target.headers[{name!r}]", problem))
     for key in t.extra_body.fields:
         if key in PROTECTED_BODY_KEYS:
             v.append(FieldViolation(f"spec.target.extra_body.{key}", "set by llm-loadtest; cannot be overridden"))
@@ -204,16 +256,17 @@ def _check_stage(stage: run_pb2.Stage, path: str, v: list[FieldViolation]) -> No
         v.append(FieldViolation(f"{path}.concurrency", "a load is required: concurrency or request_rate"))
     elif kind == "concurrency" and not 1 <= stage.concurrency <= MAX_CONCURRENCY:
         v.append(FieldViolation(f"{path}.concurrency", f"must be between 1 and {MAX_CONCURRENCY}"))
-    elif kind == "request_rate" and not (0 < stage.request_rate <= MAX_RATE):  # also rejects NaN
-        v.append(FieldViolation(f"{path}.request_rate", f"must be > 0 and at most {MAX_RATE:g} requests/s"))
+    elif kind == "request_rate" and not (MIN_RATE <= stage.request_rate <= MAX_RATE):  # also rejects NaN
+        v.append(FieldViolation(f"{path}.request_rate", f"must be between {MIN_RATE:g} and {MAX_RATE:g} requests/s"))
     open_loop = kind == "request_rate"
     if stage.arrival not in run_pb2.ArrivalProcess.values():
         v.append(FieldViolation(f"{path}.arrival", f"unknown arrival process {stage.arrival}"))
     elif stage.arrival != run_pb2.ARRIVAL_PROCESS_UNSPECIFIED and not open_loop:
         v.append(FieldViolation(f"{path}.arrival", "only applies to request_rate stages"))
     if stage.arrival == run_pb2.ARRIVAL_PROCESS_GAMMA:
-        if not stage.burstiness > 0 or stage.burstiness > 1000:
-            v.append(FieldViolation(f"{path}.burstiness", "gamma arrivals need burstiness > 0 (1 = Poisson)"))
+        if not MIN_BURSTINESS <= stage.burstiness <= MAX_BURSTINESS:  # also rejects NaN
+            v.append(FieldViolation(f"{path}.burstiness", f"gamma arrivals need burstiness between "
+                                    f"{MIN_BURSTINESS:g} and {MAX_BURSTINESS:g} (1 = Poisson)"))  # fmt: skip
     elif stage.burstiness != 0:
         v.append(FieldViolation(f"{path}.burstiness", "only applies to ARRIVAL_PROCESS_GAMMA"))
     if stage.max_concurrency and not open_loop:
@@ -234,13 +287,18 @@ def _check_stage(stage: run_pb2.Stage, path: str, v: list[FieldViolation]) -> No
         v.append(FieldViolation(f"{path}.warmup_duration", "must be shorter than the stage"))
     if seconds and _duration_s(stage.ramp) > seconds:
         v.append(FieldViolation(f"{path}.ramp", "must not be longer than the stage"))
+    for name in ("requests", "warmup_requests"):
+        if getattr(stage, name) > MAX_REQUESTS:
+            v.append(FieldViolation(f"{path}.{name}", f"at most {MAX_REQUESTS}"))
     if stage.requests and stage.warmup_requests >= stage.requests:
         v.append(FieldViolation(f"{path}.warmup_requests", "must be fewer than the stage's requests"))
-    if len(stage.name) > 256:
-        v.append(FieldViolation(f"{path}.name", "at most 256 characters"))
+    if len(stage.name) > MAX_NAME_CHARS:
+        v.append(FieldViolation(f"{path}.name", f"at most {MAX_NAME_CHARS} characters"))
 
 
 def _check_workload(w: run_pb2.Workload, v: list[FieldViolation]) -> None:
+    if w.HasField("dataset") and len(w.dataset.name) > MAX_NAME_CHARS:
+        v.append(FieldViolation("spec.workload.dataset.name", f"at most {MAX_NAME_CHARS} characters"))
     if not w.HasField("synthetic"):
         return
     for name in ("input_tokens", "output_tokens"):
@@ -255,8 +313,9 @@ def _check_workload(w: run_pb2.Workload, v: list[FieldViolation]) -> None:
                 v.append(FieldViolation(f"{path}.uniform", f"need 1 <= min <= max <= {MAX_TOKENS}"))
         elif kind == "normal":
             n = lengths.normal
-            if not (n.std > 0 and 1 <= n.min <= n.max <= MAX_TOKENS and n.min <= n.mean <= n.max):
-                v.append(FieldViolation(f"{path}.normal", f"need std > 0 and 1 <= min <= mean <= max <= {MAX_TOKENS}"))
+            if not (0 < n.std <= MAX_TOKENS and 1 <= n.min <= n.max <= MAX_TOKENS and n.min <= n.mean <= n.max):
+                v.append(FieldViolation(f"{path}.normal", f"need 0 < std <= {MAX_TOKENS} and "
+                                        f"1 <= min <= mean <= max <= {MAX_TOKENS}"))  # fmt: skip
     if w.synthetic.shared_prefix_tokens > MAX_TOKENS:
         v.append(FieldViolation("spec.workload.synthetic.shared_prefix_tokens", f"at most {MAX_TOKENS}"))
 

@@ -10,7 +10,8 @@ from controller.domain.agents import AgentSession
 from controller.domain.compare import RunComparison
 from controller.domain.live import LiveSnapshot
 from controller.domain.result_message import timestamp
-from controller.store.repository import EventRecord, RunRecord
+from controller.domain.spec import MAX_NAME_CHARS, MAX_STORED_SPEC_BYTES
+from controller.store.repository import EventRecord, RunRecord, listed_bytes
 
 
 def run_message(record: RunRecord) -> run_pb2.Run:
@@ -39,6 +40,22 @@ def fill_run(run: run_pb2.Run, record: RunRecord) -> run_pb2.Run:
         if ns:
             ts.seconds, ts.nanos = divmod(ns, 1_000_000_000)
     return run
+
+
+def list_response(records: list[RunRecord], next_page_token: str) -> run_service_pb2.ListRunsResponse:
+    """A ListRuns page. A run stored before specs had a size limit, with a spec above it, is
+    listed without its labels (or, if still too big, with only its name and model): one such
+    run must not make every page that holds it too big to send. GetRun shows it in full."""
+    response = run_service_pb2.ListRunsResponse(next_page_token=next_page_token)
+    for record in records:
+        run = fill_run(response.runs.add(), record)
+        if listed_bytes(record) > MAX_STORED_SPEC_BYTES:
+            run.spec.ClearField("labels")
+            if run.spec.ByteSize() > MAX_STORED_SPEC_BYTES:
+                kept = run_pb2.RunSpec(display_name=run.spec.display_name[:MAX_NAME_CHARS])
+                kept.target.model = run.spec.target.model[:MAX_NAME_CHARS]
+                run.spec.CopyFrom(kept)
+    return response
 
 
 def live_message(s: LiveSnapshot) -> run_service_pb2.LiveStats:

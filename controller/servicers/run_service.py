@@ -5,21 +5,84 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 
 from common.proto.loadtest.v1 import run_service_pb2, run_service_pb2_grpc
 from controller.domain.runs import Runs
 from controller.servicers import convert
 from controller.servicers.errors import stream_errors, unary_errors
+from controller.store.repository import RunRecord
 
 WATCH_INTERVAL_S = 1.0
 WATCH_MIN_GAP_S = 0.25  # at most four updates a second, however busy the run
+LIST_CONCURRENCY = 2
+# ListRuns pages sent per second, in bytes, over all callers together: sending is event-loop time
+# (gRPC's framing and writes), and no amount of paging may take the loop from the agents.
+LIST_BYTES_PER_S = 16 * 1024 * 1024
+LIST_BURST_BYTES = 4 * 1024 * 1024
+
+
+def add_to_server(servicer: RunServiceServicer, server: grpc.aio.Server) -> None:
+    """Register RunService; ListRuns answers with the bytes its servicer serialized on a worker
+    thread (gRPC would otherwise serialize the page on the event loop)."""
+    run_service_pb2_grpc.add_RunServiceServicer_to_server(servicer, _PreserializedListRuns(server))
+
+
+class _PreserializedListRuns:
+    """What the generated registration sees as the server: it swaps ListRuns' serializer for
+    one that passes bytes through, then registers the service (generic and registered handlers
+    alike) on the real server."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        pass  # registered with the patched handlers in add_registered_method_handlers
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        handlers["ListRuns"] = handlers["ListRuns"]._replace(response_serializer=_bytes_or_message)
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+        self._server.add_registered_method_handlers(service, handlers)
+
+
+class _BytePacer:
+    """Spaces pages out so that they average at most `rate` bytes a second (a token bucket of
+    `burst` bytes): each page pushes the next one's start back by its size over the rate, so
+    paging at a modest pace never waits."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self._rate = rate
+        self._credit_s = burst / rate
+        self._next = 0.0
+
+    async def turn(self) -> None:
+        wait = self._next - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    def spent(self, size: int) -> None:
+        self._next = max(self._next, time.monotonic() - self._credit_s) + size / self._rate
+
+
+def _bytes_or_message(response: bytes | Message) -> bytes:
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
+def _serialized_page(records: list[RunRecord], token: str) -> bytes:
+    return convert.list_response(records, token).SerializeToString()
 
 
 class RunServiceServicer(run_service_pb2_grpc.RunServiceServicer):
     def __init__(self, runs: Runs) -> None:
         self._runs = runs
+        # However many callers page at once, at most this many pages are built and sent at a
+        # time: each is a slice of the event loop (serializing it), and the loop also reads
+        # the agents' heartbeats. The others wait their turn, off the loop.
+        self._list_gate = asyncio.Semaphore(LIST_CONCURRENCY)
+        self._list_pacer = _BytePacer(LIST_BYTES_PER_S, LIST_BURST_BYTES)
 
     @unary_errors
     async def CreateRun(
@@ -39,16 +102,18 @@ class RunServiceServicer(run_service_pb2_grpc.RunServiceServicer):
         )
 
     @unary_errors
-    async def ListRuns(
+    async def ListRuns(  # type: ignore[override]  # the page goes out serialized (add_to_server)
         self, request: run_service_pb2.ListRunsRequest, context: grpc.aio.ServicerContext
-    ) -> run_service_pb2.ListRunsResponse:
-        records, token = await self._runs.list_runs(
-            request.page_size, request.page_token, request.state, request.model
-        )
-        response = run_service_pb2.ListRunsResponse(next_page_token=token)
-        for record in records:
-            convert.fill_run(response.runs.add(), record)
-        return response
+    ) -> bytes:
+        async with self._list_gate:
+            await self._list_pacer.turn()
+            # Parsing a page of specs and serializing it (~4 ms a MiB) is done off the event loop
+            # the agent streams' heartbeats share.
+            page = await self._runs.list_runs(
+                request.page_size, request.page_token, request.state, request.model, _serialized_page
+            )
+            self._list_pacer.spent(len(page))
+            return page
 
     @unary_errors
     async def CancelRun(

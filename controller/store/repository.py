@@ -196,14 +196,17 @@ def get_run_secret(run_pk: int) -> str:
 
 
 def list_runs(
-    page_size: int, after: tuple[int, int] | None, state: int, model: str
+    page_size: int, after: tuple[int, int] | None, state: int, model: str, max_bytes: int
 ) -> tuple[list[RunRecord], tuple[int, int] | None]:
-    """Newest first; `after` is the (created_at, pk) of the previous page's last run.
+    """Newest first; `after` is the (created_at, pk) of the previous page's last run. The page
+    ends after `page_size` runs or before the run that would take its stored specs past
+    `max_bytes` (at least one run), whichever comes first.
 
     Plain SQL rather than Peewee model rows (a page of model instances cost milliseconds);
     the row-value keyset `(created_at, pk) < (?, ?)` lets SQLite seek in the indexes on
     (created_at DESC, pk DESC), (state, created_at DESC, pk DESC) and (model, created_at DESC,
     pk DESC) and stop after the page (see EXPLAIN QUERY PLAN in tests/unit/test_columnar_store.py).
+    Rows are fetched one at a time, so the runs past the byte budget are never read.
     """
     where: list[str] = []
     params: list[object] = []
@@ -221,15 +224,33 @@ def list_runs(
         + (" WHERE " + " AND ".join(where) if where else "")
         + " ORDER BY created_at DESC, pk DESC LIMIT ?"
     )
-    rows = database_proxy.connection().execute(sql, (*params, page_size + 1)).fetchall()
-    more = len(rows) > page_size
-    records = [RunRecord(*r) for r in rows[:page_size]]
-    cursor = (records[-1].created_at, records[-1].pk) if more and records else None
-    return records, cursor
+    cursor = database_proxy.connection().execute(sql, (*params, page_size + 1))
+    records: list[RunRecord] = []
+    used = 0
+    more = False
+    for row in cursor:
+        record = RunRecord(*row)
+        size = listed_bytes(record)
+        if len(records) == page_size or (records and used + size > max_bytes):
+            more = True
+            break
+        records.append(record)
+        used += size
+    cursor.close()
+    last = (records[-1].created_at, records[-1].pk) if more and records else None
+    return records, last
 
 
+def listed_bytes(record: RunRecord) -> int:
+    """About what the run takes in a ListRuns page: its stored spec plus the other fields."""
+    return len(record.spec_pb or record.spec_json) + len(record.state_reason) + 128
+
+
+# spec_json only for runs without the binary spec (from before migration 7): every reader
+# prefers spec_pb, and reading both doubled the bytes of every run read.
 _RUN_FIELDS = (
-    "pk, run_id, display_name, model, state, state_reason, spec_json, created_at, started_at, ended_at,"
+    "pk, run_id, display_name, model, state, state_reason,"
+    " CASE WHEN length(spec_pb) > 0 THEN '' ELSE spec_json END, created_at, started_at, ended_at,"
     " current_stage, requests_ok, requests_failed, output_tokens, spec_pb"
 )
 

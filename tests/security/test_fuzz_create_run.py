@@ -160,6 +160,7 @@ PERTURBATIONS: list[tuple[str, st.SearchStrategy[object]]] = [
     ("stages[0].concurrency", UINT32),
     ("stages[0].request_rate", DOUBLE),
     ("stages[0].requests", UINT64),
+    ("stages[0].request_rate", st.sampled_from([1e-300, 5e-324, 0.000999, 0.001])),
     ("stages[0].warmup_requests", UINT64),
     ("stages[0].max_concurrency", UINT32),
     ("stages[0].burstiness", DOUBLE),
@@ -204,6 +205,18 @@ def near_valid_specs(draw: st.DrawFn) -> run_pb2.RunSpec:
     if draw(st.integers(0, 4)) == 0:
         with contextlib.suppress(ValueError, TypeError):
             spec.target.extra_body.update(draw(st.dictionaries(TEXT, JSON_VALUES, max_size=3)))
+    if draw(st.integers(0, 9)) == 0:  # maps around their count limits (docs/security.md)
+        field = draw(st.sampled_from(["labels", "selector", "headers"]))
+        entries = spec.target.headers if field == "headers" else getattr(spec.placement if field == "selector"
+                                                                         else spec, field)  # fmt: skip
+        for i in range(draw(st.sampled_from([15, 16, 17, 63, 64, 65, 2000]))):
+            entries[f"x-k{i}"] = draw(st.sampled_from(["v", "v" * 256, "v" * 257]))
+    if draw(st.integers(0, 9)) == 0:
+        spec.workload.dataset.format = run_pb2.DATASET_FORMAT_JSONL
+        spec.workload.dataset.content = draw(st.sampled_from([
+            '{"prompt": "x", "n": ' + "[" * 5000 + "]" * 5000 + "}",
+            '{"prompt": "x", "max_tokens": ' + "9" * 5000 + "}",
+        ]))  # fmt: skip
     return spec
 
 

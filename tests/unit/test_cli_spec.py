@@ -73,3 +73,13 @@ def test_preflight_and_unreachable_timeout_flags() -> None:
     assert not plain.skip_preflight and not plain.target.HasField("unreachable_timeout")
     s = spec("--concurrency", "1", "--skip-preflight", "--unreachable-timeout", "30s")
     assert s.skip_preflight and s.target.unreachable_timeout.seconds == 30
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [("--requests", str(2**64)), ("--requests", "-1"), ("--seed", "-5"), ("--concurrency", str(2**32)),
+     ("--warmup", f"{2**64}req"), ("--max-concurrency", "-1")],
+)
+def test_integers_the_spec_cannot_hold_are_usage_errors(flags: tuple[str, str]) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match=flags[0]):
+        spec(*flags)

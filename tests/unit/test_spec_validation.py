@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import pytest
 
@@ -10,7 +11,18 @@ from common.proto.loadtest.v1 import run_pb2
 from controller.domain.coordinator import stage_shares
 from controller.domain.datasets import entries_from_json, entries_to_json, parse_dataset
 from controller.domain.errors import InvalidArgument
-from controller.domain.spec import validate_and_default
+from controller.domain.spec import (
+    MAX_LABEL_KEY_CHARS,
+    MAX_LABEL_VALUE_CHARS,
+    MAX_LABELS,
+    MAX_REQUESTS,
+    MAX_SELECTOR,
+    MAX_STORED_SPEC_BYTES,
+    MIN_BURSTINESS,
+    MIN_RATE,
+    check_stored_size,
+    validate_and_default,
+)
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -149,3 +161,113 @@ def test_unreachable_timeout_defaults_to_10s_and_is_bounded() -> None:
     s = spec()
     s.target.unreachable_timeout.FromSeconds(3)
     assert validate_and_default(s).target.unreachable_timeout.seconds == 3
+
+
+# --- limits on every repeated, map and numeric field (docs/security.md) --------------------------
+
+
+def _many_labels(s: run_pb2.RunSpec) -> None:
+    for i in range(MAX_LABELS + 1):
+        s.labels[f"k{i}"] = "v"
+
+
+def _long_label(s: run_pb2.RunSpec) -> None:
+    s.labels["team"] = "x" * (MAX_LABEL_VALUE_CHARS + 1)
+
+
+def _many_selectors(s: run_pb2.RunSpec) -> None:
+    for i in range(MAX_SELECTOR + 1):
+        s.placement.selector[f"k{i}"] = "v"
+
+
+def _header_bytes(s: run_pb2.RunSpec) -> None:
+    for i in range(5):
+        s.target.headers[f"x-h{i}"] = "v" * 8000
+
+
+def _long_check(s: run_pb2.RunSpec) -> None:
+    s.checks.add(expression="p99(ttft) < " + "1" * 300 + "ms")
+
+
+def _normal_std(s: run_pb2.RunSpec) -> None:
+    s.workload.synthetic.output_tokens.normal.CopyFrom(
+        run_pb2.NormalLength(mean=100, std=float("inf"), min=10, max=200))  # fmt: skip
+
+
+def _dataset_name(s: run_pb2.RunSpec) -> None:
+    s.workload.dataset.format = run_pb2.DATASET_FORMAT_JSONL
+    s.workload.dataset.content = '{"prompt": "hi"}'
+    s.workload.dataset.name = "n" * 300
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (_many_labels, "spec.labels"),
+        (_long_label, "spec.labels['team']"),
+        (_many_selectors, "spec.placement.selector"),
+        (_header_bytes, "spec.target.headers"),
+        (_long_check, "spec.checks[0].expression"),
+        (_normal_std, "spec.workload.synthetic.output_tokens.normal"),
+        (_dataset_name, "spec.workload.dataset.name"),
+        (lambda s: setattr(s.stages[0], "requests", 2**64 - 1), "spec.stages[0].requests"),
+        (lambda s: setattr(s.stages[0], "warmup_requests", 2**63), "spec.stages[0].warmup_requests"),
+        (lambda s: setattr(s.stages[0], "request_rate", 1e-300), "spec.stages[0].request_rate"),
+    ],
+)
+def test_limits_name_the_field(mutate: Callable[[run_pb2.RunSpec], object], field: str) -> None:
+    s = spec()
+    mutate(s)
+    assert field in fields_of(s)
+
+
+def test_gamma_burstiness_has_a_floor() -> None:
+    s = spec(request_rate=5.0, arrival=run_pb2.ARRIVAL_PROCESS_GAMMA, burstiness=1e-300)
+    assert "spec.stages[0].burstiness" in fields_of(s)
+    validate_and_default(spec(request_rate=MIN_RATE, arrival=run_pb2.ARRIVAL_PROCESS_GAMMA, burstiness=MIN_BURSTINESS))
+
+
+def test_limits_themselves_are_allowed() -> None:
+    s = spec(requests=MAX_REQUESTS, warmup_requests=MAX_REQUESTS - 1)
+    for i in range(MAX_LABELS):
+        s.labels[f"k{i:03d}".ljust(MAX_LABEL_KEY_CHARS, "k")] = "v" * MAX_LABEL_VALUE_CHARS
+    for i in range(MAX_SELECTOR):
+        s.placement.selector[f"k{i}"] = "v"
+    out = validate_and_default(s)
+    check_stored_size(out)  # the most labels a spec may have fit the stored size
+    assert len(out.labels) == MAX_LABELS
+
+
+def test_a_huge_map_is_refused_once_not_entry_by_entry() -> None:
+    s = spec()
+    for i in range(50_000):
+        s.labels[f"k{i}"] = ""
+    assert fields_of(s) == ["spec.labels"]
+
+
+def test_the_stored_spec_has_a_size_limit() -> None:
+    s = spec()
+    s.target.extra_body.update({"a": "x" * 60_000})
+    for i in range(MAX_LABELS):
+        s.labels[f"k{i:03d}".ljust(MAX_LABEL_KEY_CHARS, "k")] = "\U0001f600" * MAX_LABEL_VALUE_CHARS  # 4 bytes each
+    out = validate_and_default(s)  # every field within its own limit...
+    with pytest.raises(InvalidArgument) as info:
+        check_stored_size(out)  # ...but not together
+    assert info.value.violations[0].field == "spec"
+    assert str(MAX_STORED_SPEC_BYTES) in info.value.violations[0].description
+
+
+@pytest.mark.parametrize(
+    ("content", "fmt", "text"),
+    [
+        ('{"prompt": "x", "n": ' + "[" * 100_000 + "]" * 100_000 + "}", run_pb2.DATASET_FORMAT_JSONL, "nested"),
+        ('{"prompt": "x", "max_tokens": ' + "9" * 5000 + "}", run_pb2.DATASET_FORMAT_JSONL, "digits"),
+        ("[" * 100_000 + "]" * 100_000, run_pb2.DATASET_FORMAT_SHAREGPT, "nested"),
+        ('[{"conversations": [], "n": ' + "9" * 5000 + "}]", run_pb2.DATASET_FORMAT_SHAREGPT, "digits"),
+    ],
+)
+def test_json_python_cannot_hold_is_invalid_argument(content: str, fmt: int, text: str) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        parse_dataset(dataset_spec(content, fmt).workload.dataset)
+    assert info.value.violations[0].field == "spec.workload.dataset.content"
+    assert text in info.value.violations[0].description
