@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
-from common.proto.loadtest.v1 import run_service_pb2, run_service_pb2_grpc
+from common.proto.loadtest.v1 import run_pb2, run_service_pb2, run_service_pb2_grpc
 from controller.domain.runs import Runs
 from controller.servicers import convert
 from controller.servicers.errors import stream_errors, unary_errors
@@ -23,6 +23,9 @@ LIST_CONCURRENCY = 2
 # (gRPC's framing and writes), and no amount of paging may take the loop from the agents.
 LIST_BYTES_PER_S = 16 * 1024 * 1024
 LIST_BURST_BYTES = 4 * 1024 * 1024
+# Watchers of one run share its state read and converted within this long: 200 watchers cost
+# one read and one conversion per update instead of 200 (they wake together on the hub).
+WATCH_SHARE_S = 0.1
 
 
 def add_to_server(servicer: RunServiceServicer, server: grpc.aio.Server) -> None:
@@ -75,9 +78,34 @@ def _serialized_page(records: list[RunRecord], token: str) -> bytes:
     return convert.list_response(records, token).SerializeToString()
 
 
+class _SharedRunReads:
+    """A run's record and its converted message, read once for every watcher that asks within
+    WATCH_SHARE_S (concurrent askers await the same read)."""
+
+    def __init__(self, runs: Runs) -> None:
+        self._runs = runs
+        self._reads: dict[str, tuple[float, asyncio.Future[tuple[RunRecord, run_pb2.Run]]]] = {}
+
+    async def get(self, run_id: str) -> tuple[RunRecord, run_pb2.Run]:
+        now = time.monotonic()
+        shared = self._reads.get(run_id)
+        if shared is None or now - shared[0] > WATCH_SHARE_S or (shared[1].done() and shared[1].exception()):
+            for stale in [r for r, (t, _) in self._reads.items() if now - t > WATCH_SHARE_S]:
+                del self._reads[stale]
+            shared = (now, asyncio.ensure_future(self._read(run_id)))
+            self._reads[run_id] = shared
+        # Shielded: one watcher going away must not cancel the read the others wait for.
+        return await asyncio.shield(shared[1])
+
+    async def _read(self, run_id: str) -> tuple[RunRecord, run_pb2.Run]:
+        record = await self._runs.get(run_id)
+        return record, convert.run_message(record)
+
+
 class RunServiceServicer(run_service_pb2_grpc.RunServiceServicer):
     def __init__(self, runs: Runs) -> None:
         self._runs = runs
+        self._watched = _SharedRunReads(runs)
         # However many callers page at once, at most this many pages are built and sent at a
         # time: each is a slice of the event loop (serializing it), and the loop also reads
         # the agents' heartbeats. The others wait their turn, off the loop.
@@ -140,15 +168,13 @@ class RunServiceServicer(run_service_pb2_grpc.RunServiceServicer):
     async def WatchRun(
         self, request: run_service_pb2.WatchRunRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[run_service_pb2.WatchRunResponse]:
-        record = await self._runs.get(request.run_id)
+        record, run = await self._watched.get(request.run_id)
         last_event = 0
         while True:
             events = await self._runs.events(record, last_event)
             if events:
                 last_event = events[-1].pk
-            message = run_service_pb2.WatchRunResponse(
-                run=convert.run_message(record), events=[convert.event_message(e) for e in events]
-            )
+            message = run_service_pb2.WatchRunResponse(run=run, events=[convert.event_message(e) for e in events])
             if record.is_final:
                 record, result = await self._runs.result(request.run_id)
                 message.run.CopyFrom(convert.run_message(record))
@@ -164,7 +190,7 @@ class RunServiceServicer(run_service_pb2_grpc.RunServiceServicer):
             gap = WATCH_MIN_GAP_S - (time.monotonic() - sent_at)
             if gap > 0:
                 await asyncio.sleep(gap)
-            record = await self._runs.get(request.run_id)
+            record, run = await self._watched.get(request.run_id)
 
     @stream_errors
     async def ExportRunSamples(
