@@ -14,6 +14,7 @@ from google.protobuf import json_format
 
 from common.proto.loadtest.v1 import run_pb2
 from controller.domain.results import parse_spec
+from controller.domain.runs import MAX_PAGE_BYTES
 from controller.store import columnar
 from controller.store import repository as repo
 from controller.store.database import Database
@@ -198,7 +199,7 @@ def test_list_runs_seeks_in_an_index(fresh_db: Database, state: int, model: str,
 
     conn.set_trace_callback(trace)
     for after in (None, (10**18, 99)):
-        repo.list_runs(50, after, state, model)
+        repo.list_runs(50, after, state, model, MAX_PAGE_BYTES)
     conn.set_trace_callback(None)
     assert len(plans) == 2
     for sql in plans:
