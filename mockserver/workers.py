@@ -14,7 +14,8 @@ request), and the answer sums the rows. So another worker's figures can be up to
 `PUBLISH_INTERVAL_S` old: poll until the counts settle, as after any load. `/stats` adds
 `"workers": N` and `"per_worker"`, each worker's own counters (without `by_endpoint`).
 A reset bumps a generation number in the table and zeroes every row; each worker zeroes
-its own counters when it next sees the new generation. Each worker's `/health`,
+its own counters when it next sees the new generation, at the latest before it serves its next
+request (so a request served after a reset is always counted). Each worker's `/health`,
 `/v1/models` and completions behave exactly as a single server's; the `MockServer.stats`
 of a worker object stays that worker's own.
 
@@ -184,6 +185,10 @@ class WorkerStats:
             if path == "/stats/emission" and method == "GET":
                 self.publish()
                 return web.json_response(aggregated_emission(table.totals(), table.workers))
+            if table.generation != self._generation:
+                # Another worker answered a reset since this one last published: adopt it now,
+                # or the next publish would zero this request's counts along with the old ones.
+                self.publish()
             return await handler(request)
 
         return shared_stats
