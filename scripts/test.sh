@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite in one command: set up, lint the API, check the generated stubs,
-# lint the code, run every test. Extra arguments go to pytest.
+# lint the code, run every test. Extra arguments go to pytest, e.g. the fast run (no real
+# llm-loadtest processes, no llama-server):
+#   scripts/test.sh -m 'not e2e and not realserver'
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh --dev
@@ -23,8 +25,14 @@ echo "== ruff" >&2
 .venv/bin/ruff check .
 echo "== mypy --strict" >&2
 .venv/bin/mypy
-echo "== llama-server for tests/realserver (built from source once per machine, then cached)" >&2
-time scripts/build_llama_server.sh >/dev/null
+if [[ $# == 0 ]]; then
+  echo "== llama-server for tests/realserver (built from source once per machine, then cached)" >&2
+  time scripts/build_llama_server.sh >/dev/null
+else
+  # Arguments may deselect the tier (-m 'not realserver'): then nothing is built. pytest
+  # builds it itself when the tests it selects include tests/realserver (see its conftest.py).
+  echo "== llama-server: built by pytest if the selected tests include tests/realserver" >&2
+fi
 echo "== pytest" >&2
 status=0
 .venv/bin/python -m pytest -p no:cacheprovider "$@" || status=$?

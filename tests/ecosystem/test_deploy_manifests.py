@@ -24,7 +24,7 @@ from controller.domain.destinations import is_loopback_listen
 from tests.ecosystem.conftest import ROOT, require_node_tool
 from tests.processes import CLI, ENV
 
-pytestmark = [pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
 DEPLOY = ROOT / "deploy"
 YAML_TO_JSON = """

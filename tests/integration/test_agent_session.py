@@ -383,6 +383,7 @@ async def start_agent_process(*args: str) -> asyncio.subprocess.Process:
     )  # fmt: skip
 
 
+@pytest.mark.e2e
 async def test_process_exits_1_when_refused_and_never_logs_the_key() -> None:
     controller = FakeController(api_key="right-key")
     async with controller_server(controller) as port:
@@ -393,6 +394,7 @@ async def test_process_exits_1_when_refused_and_never_logs_the_key() -> None:
     assert b"wrong-key-1234" not in stderr
 
 
+@pytest.mark.e2e
 async def test_process_stops_gracefully_on_sigterm() -> None:
     controller = FakeController(api_key="right-key")
     async with controller_server(controller) as port:
@@ -417,6 +419,7 @@ async def test_process_stops_gracefully_on_sigterm() -> None:
     assert controller.half_closed == 1
 
 
+@pytest.mark.e2e
 async def test_second_signal_stops_without_waiting_for_acks() -> None:
     controller = FakeController(auto_ack=False)  # graceful shutdown would wait 5 s for acks
     async with (

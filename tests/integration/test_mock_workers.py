@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import eventually
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
 CLI = str(Path(sys.executable).parent / "llm-loadtest")
 OUTPUT_TOKENS = 6

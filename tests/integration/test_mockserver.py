@@ -627,6 +627,7 @@ sys.exit(run(parser.parse_args()))
 """
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
 async def test_cli_serves_until_signalled_and_never_emits_early(
     session: aiohttp.ClientSession, stop_signal: signal.Signals
@@ -680,6 +681,7 @@ async def test_cli_serves_until_signalled_and_never_emits_early(
             await proc.wait()
 
 
+@pytest.mark.e2e
 async def test_cli_passes_style_and_under_report_to_the_server(session: aiohttp.ClientSession) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,

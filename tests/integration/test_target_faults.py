@@ -187,6 +187,7 @@ def start_mock(tmp_path: Path) -> tuple[Proc, str]:
     return proc, base_url
 
 
+@pytest.mark.e2e
 async def test_a_target_killed_mid_stage_fails_the_run_with_bounded_requests(
     controller: Controller, client: ControllerClient, tmp_path: Path
 ) -> None:
@@ -222,6 +223,7 @@ async def wait_progress(client: ControllerClient, run_id: str, ok: int) -> int:
     raise AssertionError(f"run {run_id} did not get {ok} requests done: {run}")
 
 
+@pytest.mark.e2e
 async def test_a_frozen_target_shows_as_a_stall(
     controller: Controller, client: ControllerClient, tmp_path: Path
 ) -> None:

@@ -1,9 +1,10 @@
 """The real-server tier: llama.cpp's llama-server (built from source by
 scripts/build_llama_server.sh, cached per machine) serving a tiny random model the tests write.
 
-The build runs once, when the collected tests include this tier and before any of them starts
-(so a first build is not cut short by a test's timeout); `scripts/test.sh` runs it even earlier,
-so its time shows on its own. `llama_server_binary` gives the binary's path.
+The build runs once, when the selected tests include this tier and before any of them starts
+(so a first build is not cut short by a test's timeout); `scripts/test.sh` without pytest
+arguments runs it even earlier, so its time shows on its own. `llama_server_binary` gives the
+binary's path.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ MODEL_ALIAS = "tiny-llama"
 _BINARY = pytest.StashKey[str]()
 
 
+# Last: the items left after `-m` and `--deselect` (deselection is a modifyitems hook too), so
+# `-m 'not realserver'` builds nothing.
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if any(item.get_closest_marker("realserver") for item in items) and _BINARY not in config.stash:
         config.stash[_BINARY] = build_llama_server()

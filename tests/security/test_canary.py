@@ -28,7 +28,7 @@ from mockserver.server import MockServer
 from tests.fleet.harness import CLI, ENV, Proc
 from tests.integration.test_controller_api import violations
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
 BOOTSTRAP = f"boot-{uuid.uuid4().hex}"
 

@@ -58,6 +58,7 @@ async def _hello() -> AsyncIterator[agent_service_pb2.ConnectRequest]:
     await asyncio.Event().wait()  # keep our side open
 
 
+@pytest.mark.e2e
 async def test_database_holds_no_secret(controller: Controller) -> None:
     async with ControllerClient(f"127.0.0.1:{controller.port}", api_key=BOOTSTRAP) as admin:
         created = await admin.create_key("edge-1", key_service_pb2.KEY_ROLE_AGENT, ttl_s=3600)
@@ -102,6 +103,7 @@ async def test_revoked_key_ends_running_agent(controller: Controller) -> None:
         await asyncio.gather(agent, return_exceptions=True)
 
 
+@pytest.mark.e2e
 async def test_key_revoked_on_the_database_ends_stream(controller: Controller) -> None:
     """Revoked by another process (`llm-loadtest keys revoke --db`): noticed within 5 s."""
     record, token = await controller.keys.create("edge-3", Role.AGENT)

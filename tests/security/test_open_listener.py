@@ -28,6 +28,7 @@ def run_controller(*args: str) -> subprocess.CompletedProcess[str]:
                           stdin=subprocess.DEVNULL, check=False)  # fmt: skip
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("listen", ["0.0.0.0:0", "[::]:0"])
 def test_no_keys_on_a_public_address_exits_2_with_one_line(tmp_path: Path, listen: str) -> None:
     done = run_controller("--listen", listen, "--db", str(tmp_path / "open.db"))
@@ -40,6 +41,7 @@ def test_no_keys_on_a_public_address_exits_2_with_one_line(tmp_path: Path, liste
         assert hint in errors[0]
 
 
+@pytest.mark.e2e
 def test_a_bad_allow_target_entry_exits_2_with_one_line(tmp_path: Path) -> None:
     done = run_controller("--listen", "127.0.0.1:0", "--db", str(tmp_path / "c.db"), "--allow-target", "10.0.0.0/33")
     assert done.returncode == 2
@@ -71,6 +73,7 @@ async def test_the_rule_on_the_real_controller(tmp_path: Path) -> None:
     assert await exposure(fresh_db, "0.0.0.0:50051", api_key="k", allow_targets=["10.0.0.0/8"]) == []
 
 
+@pytest.mark.e2e
 async def test_a_stored_key_is_enough(tmp_path: Path) -> None:
     fresh_db = tmp_path / "rule.db"
     proc = await asyncio.create_subprocess_exec(

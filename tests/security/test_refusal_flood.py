@@ -74,6 +74,7 @@ async def _cli(*args: str) -> tuple[int, str, str]:
     return proc.returncode or 0, out.decode(), err.decode()
 
 
+@pytest.mark.e2e
 async def test_refusal_flood_is_limited_and_aggregated(controller: Controller) -> None:
     admin_record, admin = await controller.keys.create("admin-1", Role.ADMIN)
     _, reader = await controller.keys.create("reader-1", Role.READER)

@@ -62,6 +62,7 @@ async def test_credentials_in_the_base_url_are_refused(controller: Controller, c
     assert secret.encode() not in raw
 
 
+@pytest.mark.e2e
 async def test_the_cli_refuses_such_a_target_before_sending(tmp_path: Path) -> None:
     secret = f"SECRET{uuid.uuid4().hex}"
     dialled: list[int] = []
