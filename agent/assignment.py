@@ -65,8 +65,9 @@ MAX_PRECONNECT = 1024
 PRECONNECT_TIMEOUT_S = 2.0
 
 # How long before the start time to stop sleeping and yield to the loop until it is reached.
-# Zero: a plain timer wakes within about a millisecond, while several agents busy-waiting on
-# a machine with few cores delay each other by a scheduler time slice (measured: up to 25 ms).
+# Zero: a plain timer wakes close to its time, while several agents busy-waiting on a machine
+# with few cores delay each other by a scheduler time slice (BENCHMARKS.md, "Figures behind
+# constants in the code").
 START_SPIN_S = 0.0
 # With this much time left before the start, collect garbage first (and not at the start).
 START_GC_MARGIN_S = 0.1

@@ -4,18 +4,18 @@ At hundreds of streams every request in flight holds a few dozen container objec
 (aiohttp's request and response, futures, timer handles, coroutine frames) for as long as it
 streams, so the collector's young generations fill with objects that are still alive. With
 CPython's default thresholds (700, 10, 10) it walks them every few hundred allocations, every
-tenth time a generation of ~20k live objects, and now and then everything: pauses of several
-to tens of ms at 512 streams (measured, see BENCHMARKS.md), during which every stream whose
-bytes arrive waits, which lands in the TTFT and ITL tails.
+tenth time a generation of ~20k live objects, and now and then everything: pauses long enough
+at 512 streams to show, since every stream whose bytes arrive waits, in the TTFT and ITL tails
+(BENCHMARKS.md, "Garbage collection under load").
 
 While any stage runs, the thresholds are raised (`LOAD_THRESHOLDS`): collections stay, so
 reference cycles are still freed and memory stays bounded, but they are a few hundred times
-rarer (measured at 512 streams: ~400 ms of pauses in 14 s, the longest 47 ms, became
-~25 ms, the longest 7 ms). The previous thresholds come back when the last running stage ends.
+rarer, and the pauses with them (measured: the same entry). The previous thresholds come back
+when the last running stage ends.
 
 Before any of that, `freeze_startup()` moves what start-up built (modules, the session,
 the channel) out of the collected generations: the full collections that still happen then
-have far fewer objects to walk (measured: ~48 ms pauses at 512 streams without it).
+have far fewer objects to walk (their pauses without it: BENCHMARKS.md, section 2).
 """
 
 from __future__ import annotations

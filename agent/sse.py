@@ -19,9 +19,9 @@ answer. Definitions follow METRICS.md:
 Each `data:` line is taken as one event (OpenAI-compatible servers put each JSON chunk on
 one line; multi-line `data:` events are not used by them). An event is stamped with the
 read that completed its line, since that is when the whole event had arrived. Only `data:`
-lines whose payload starts with `{` are JSON-decoded (with orjson, about twice as fast as
-`json` here): keep-alive comments, `event:`/`id:` fields and blank lines cost one slice
-comparison each. (Recognising plain token chunks from their bytes instead of decoding them
+lines whose payload starts with `{` are JSON-decoded (with orjson, faster than `json` here:
+BENCHMARKS.md, section 1): keep-alive comments, `event:`/`id:` fields and blank lines cost
+one slice comparison each. (Recognising plain token chunks from their bytes instead of decoding them
 was measured too: the handful of `bytes.count` scans it takes cost more than orjson's
 decode of a ~150-byte chunk.)
 """

@@ -7,9 +7,10 @@ level: achieved output tokens/s over the steady window, the agent's CPU utilisat
 mock's, the TTFT p99 error and the *capacity* = achieved / agent CPU utilisation, i.e. the
 rate at which the agent's core would be full at the measured cost per token.
 
-On a 2-core machine the mock (one core paces ~45k tok/s) is reached before the agent is:
-when the mock's CPU is near 100 % the achieved rate is the mock's limit and the capacity
-column is the agent's figure. Goal: >= 40k output tokens/s for one agent process.
+On a 2-core machine the one-core mock's limit (BENCHMARKS.md, "Mock capacity") is reached
+before the agent's: when the mock's CPU is near 100 % the achieved rate is the mock's limit
+and the capacity column is the agent's figure. Goal: >= 40k output tokens/s for one agent
+process.
 
     .venv/bin/python bench/agent_throughput.py                      # ~1.5 minutes
     .venv/bin/python bench/agent_throughput.py --streams 256,512 --itl-ms 5

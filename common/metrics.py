@@ -376,8 +376,8 @@ def _output_tokens_by_second(ok_cols: SampleColumns, t0: int) -> FloatArray:
     per_event = tokens[streamed] / (counts + 1)
     # The first token is an event of its own, before the first gap.
     by_second = _add(by_second, _histogram(first_at // _NS_PER_S, per_event))
-    # Requests a slice at a time: the working arrays stay in the CPU's cache (one pass over
-    # 8M gaps took ~2x as long as eight passes over 1M).
+    # Requests a slice at a time: the working arrays stay in the CPU's cache (one pass over a
+    # large stage's gaps is slower: BENCHMARKS.md, "Results stored when a run ends").
     gap_at = np.concatenate(([0], np.cumsum(counts)))
     for a in range(0, len(streams), _CHUNK_REQUESTS):
         b = min(a + _CHUNK_REQUESTS, len(streams))

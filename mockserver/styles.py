@@ -90,7 +90,8 @@ CONNECTION_STYLES: tuple[ConnectionStyle, ...] = get_args(ConnectionStyle)
 # What `close_after_response` and `close_idle` advertise (llama-server's header).
 ADVERTISED_KEEP_ALIVE = "timeout=5, max=100"
 # Long enough for a client's next request to go out on the connection before the close
-# reaches it (llama-server's came 0.6-0.8 ms after the agent's send), even on a busy host.
+# reaches it, as llama-server's close does (BENCHMARKS.md, "Figures behind constants in the
+# code"), even on a busy host.
 CLOSE_AFTER_RESPONSE_DELAY_S = 0.005
 IDLE_CLOSE_S = 0.1
 

@@ -1,11 +1,12 @@
 """`llm-loadtest mock-server --workers N`: N mock processes sharing one port.
 
-One mock process paces about 500 streams (~46k tokens/s) on one core; benchmarks of clients
-that go further must not measure the mock instead. With `--workers N` the command starts N
-worker processes, each a complete `MockServer` bound to the same address with SO_REUSEPORT,
-so the kernel spreads new connections over them (a keep-alive connection stays with the
-worker that accepted it). The parent process only starts, watches and stops the workers;
-signals (SIGINT, SIGTERM) stop them all, and if one worker dies the others are stopped too.
+One mock process paces a limited number of streams on one core (BENCHMARKS.md, "Mock
+capacity"); benchmarks of clients that go further must not measure the mock instead. With
+`--workers N` the command starts N worker processes, each a complete `MockServer` bound to
+the same address with SO_REUSEPORT, so the kernel spreads new connections over them (a
+keep-alive connection stays with the worker that accepted it). The parent process only
+starts, watches and stops the workers; signals (SIGINT, SIGTERM) stop them all, and if one
+worker dies the others are stopped too.
 
 `/stats`, `/stats/reset` and `/stats/emission` are **aggregated over all workers**,
 whichever worker answers: each worker publishes its counters and emission histograms into

@@ -120,7 +120,7 @@ class RunOutcome:
 
 
 def parse_spec(record: repo.RunRecord) -> run_pb2.RunSpec:
-    if record.spec_pb:  # binary since migration 7: ~100x cheaper than parsing the JSON
+    if record.spec_pb:  # empty when the spec is in spec_json only (see migration 7)
         return run_pb2.RunSpec.FromString(record.spec_pb)
     return json_format.Parse(record.spec_json, run_pb2.RunSpec())
 

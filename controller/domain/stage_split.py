@@ -4,7 +4,8 @@ Every batch belongs to one agent, so each agent's samples are contiguous runs; a
 for results (`repository.load_stage_samples`) comes agent by agent, one run each, and an
 agent's part is then a slice of the stage's arrays, no copy. Any other order works too:
 runs are gathered (each sample copied once), where `SampleColumns.select(agent == i)` would
-scan every sample and every gap once per agent (~0.2 s of a 1M-sample result with 8 agents).
+scan every sample and every gap once per agent (measured on a 1M-sample result with 8 agents:
+BENCHMARKS.md, section 6).
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ def stage_and_agent_metrics(data: StageSamples, slo: Slo | None) -> tuple[StageM
     """The stage's metrics and, with more than one agent, each agent's.
 
     With several agents the whole stage is computed on a second thread while this one splits
-    and computes the agents: numpy's large passes release the GIL, so on two cores a 1M-sample
-    stage of 8 agents takes ~0.7 s instead of ~0.85-1.2 s (measured in-process).
+    and computes the agents: numpy's large passes release the GIL, so on two cores the two
+    overlap (measured: BENCHMARKS.md, "Results stored when a run ends").
     """
     if len(data.agent_names) <= 1:
         return compute_stage_metrics(data.columns, slo), []

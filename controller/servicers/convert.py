@@ -28,7 +28,7 @@ def fill_run(run: run_pb2.Run, record: RunRecord) -> run_pb2.Run:
     run.progress.requests_ok = record.requests_ok
     run.progress.requests_failed = record.requests_failed
     run.progress.output_tokens = record.output_tokens
-    if record.spec_pb:  # binary since migration 7 (ListRuns: ~1 us a run instead of ~110 us)
+    if record.spec_pb:  # empty when the spec is in spec_json only (see migration 7)
         run.spec.MergeFromString(record.spec_pb)
     else:
         json_format.Parse(record.spec_json, run.spec)

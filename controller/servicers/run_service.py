@@ -135,8 +135,8 @@ class RunServiceServicer(run_service_pb2_grpc.RunServiceServicer):
     ) -> bytes:
         async with self._list_gate:
             await self._list_pacer.turn()
-            # Parsing a page of specs and serializing it (~4 ms a MiB) is done off the event loop
-            # the agent streams' heartbeats share.
+            # Parsing a page of specs and serializing it is done off the event loop the agent
+            # streams' heartbeats share: on the loop it delayed them (BENCHMARKS.md, section 8).
             page = await self._runs.list_runs(
                 request.page_size, request.page_token, request.state, request.model, _serialized_page
             )

@@ -2,15 +2,14 @@
 
 A batch's per-sample columns are one blob (`sample_batches.sample_columns`): the
 `SAMPLE_COLUMNS` in that order, each as `n_samples` little-endian int64 — a (13, n) C-order
-array. Its inter-token gaps stay in `itl_ns` (one blob of little-endian int64 for the whole
-batch, as since migration 1). Error messages are rare, so only samples that carry one have a
-row in `sample_errors` (batch pk, offset in the batch); every other sample's error is "".
+array. Its inter-token gaps are in `itl_ns` (one blob of little-endian int64 for the whole
+batch). Error messages are rare, so only samples that carry one have a row in
+`sample_errors` (batch pk, offset in the batch); every other sample's error is "".
 
-Why: one SQLite row per sample (an `executemany` of 16 values each) capped ingest near 130k
-samples/s and reading a 1M-sample stage back row by row took seconds; a blob per batch is one
-row insert per 512 samples and `np.frombuffer` to read. A sample's position is the pair
-(batch pk, offset): storage order is batch pk, then offset, as the rowid order of the old
-`samples` table was.
+Why: a blob per batch is one row insert per 512 samples and `np.frombuffer` to read, where
+one SQLite row per sample (an `executemany` of 16 values each) held ingest far below its goal
+and made reading a large stage back slow (BENCHMARKS.md, sections 5 and 6). A sample's
+position is the pair (batch pk, offset): storage order is batch pk, then offset.
 """
 
 from __future__ import annotations
@@ -167,8 +166,8 @@ _MIGRATION_DDL = (
     "CREATE TABLE sample_errors ("
     " batch_pk INTEGER NOT NULL REFERENCES sample_batches (pk) ON DELETE CASCADE,"
     " idx INTEGER NOT NULL, error TEXT NOT NULL, PRIMARY KEY (batch_pk, idx)) WITHOUT ROWID",
-    # The spec in protobuf binary form: ListRuns decodes it in ~1 us instead of ~110 us of
-    # JSON parsing per run. Empty for a run whose spec could not be converted (JSON is used).
+    # The spec in protobuf binary form: ListRuns decodes it far faster than it parses the JSON
+    # (BENCHMARKS.md, section 6). Empty for a run whose spec could not be converted (JSON is used).
     "ALTER TABLE runs ADD COLUMN spec_pb BLOB NOT NULL DEFAULT x''",
 )
 

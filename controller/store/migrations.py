@@ -229,6 +229,11 @@ MIGRATIONS: Sequence[tuple[int, str, str | Callable[[Database], None]]] = (
         7,
         "columnar samples: one column blob per batch, errors apart; binary run specs",
         # See controller/store/columnar.py: converts every stored sample, drops `samples`.
+        # Before it a sample was a row of `samples` (migrations 1 and 3), its gaps in its
+        # batch's `itl_ns` blob as now, and a run's spec was only `spec_json`. The conversion
+        # keeps the samples' order (the old rowid order is the new batch pk, then offset) and
+        # fills `spec_pb` for every run whose JSON parses; a run whose JSON does not keeps an
+        # empty `spec_pb` and is read through `spec_json`.
         lambda db: migrate_to_columnar(db.connection()),
     ),
     (

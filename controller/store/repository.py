@@ -55,7 +55,7 @@ class RunRecord:
     requests_ok: int
     requests_failed: int
     output_tokens: int
-    spec_pb: bytes = b""  # the spec as protobuf binary (empty: runs from before migration 7)
+    spec_pb: bytes = b""  # the spec as protobuf binary (empty: in spec_json only, see migration 7)
 
     @property
     def is_final(self) -> bool:
@@ -180,7 +180,7 @@ def insert_run(
 
 def get_run(run_id: str) -> RunRecord | None:
     # Plain SQL, as list_runs: GetRun, WatchRun and every run-scoped call start here, and a
-    # Peewee query object per call cost ~0.5 ms.
+    # Peewee query object per call cost far more than the query (BENCHMARKS.md, "GetRun").
     row = database_proxy.connection().execute(f"SELECT {_RUN_FIELDS} FROM runs WHERE run_id = ?", (run_id,)).fetchone()
     return RunRecord(*row) if row is not None else None
 
@@ -246,8 +246,8 @@ def listed_bytes(record: RunRecord) -> int:
     return len(record.spec_pb or record.spec_json) + len(record.state_reason) + 128
 
 
-# spec_json only for runs without the binary spec (from before migration 7): every reader
-# prefers spec_pb, and reading both doubled the bytes of every run read.
+# spec_json only for runs without the binary spec: every reader prefers spec_pb, and reading
+# both doubled the bytes of every run read.
 _RUN_FIELDS = (
     "pk, run_id, display_name, model, state, state_reason,"
     " CASE WHEN length(spec_pb) > 0 THEN '' ELSE spec_json END, created_at, started_at, ended_at,"
