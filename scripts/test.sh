@@ -25,6 +25,8 @@ echo "== ruff" >&2
 .venv/bin/ruff check .
 echo "== mypy --strict" >&2
 .venv/bin/mypy
+echo "== import-linter: the layer contracts in pyproject.toml" >&2
+.venv/bin/lint-imports --no-cache --no-logo
 if [[ $# == 0 ]]; then
   echo "== llama-server for tests/realserver (built from source once per machine, then cached)" >&2
   time scripts/build_llama_server.sh >/dev/null
