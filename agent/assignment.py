@@ -50,6 +50,7 @@ from agent.sample import MAX_ERROR_CHARS, PROCESS_CLOCK_ANCHOR, ClockAnchor, Req
 from agent.scheduler import ClosedLoopSchedule, LoadSchedule, UnsupportedStageError, schedule_for_stage
 from agent.scrape import ServerMetricsScraper
 from agent.stalls import STALL_POLL_S, Stall, StallWatch
+from common import codes
 from common.proto.loadtest.v1 import agent_service_pb2, run_pb2
 
 log = structlog.get_logger(__name__)
@@ -104,14 +105,6 @@ class Lease:
     def valid(self) -> bool:
         """False once `duration_s` passed without a renewal."""
         return self.duration_s is None or time.monotonic() - self._renewed < self.duration_s
-
-
-_STATE_NAMES = {
-    agent_service_pb2.ASSIGNMENT_STATE_RUNNING: "running",
-    agent_service_pb2.ASSIGNMENT_STATE_COMPLETED: "completed",
-    agent_service_pb2.ASSIGNMENT_STATE_FAILED: "failed",
-    agent_service_pb2.ASSIGNMENT_STATE_CANCELLED: "cancelled",
-}
 
 
 class AssignmentRunner:
@@ -454,7 +447,7 @@ class AssignmentRunner:
         log.info(
             "assignment_finished",
             assignment_id=self.assignment_id,
-            state=_STATE_NAMES.get(state, "unspecified"),
+            state=codes.AssignmentState(state).name.lower(),
             message=message,
             requests_sent=self._requests_sent,
             batch_count=self._batcher.batch_count,

@@ -16,7 +16,8 @@ import numpy as np
 import structlog
 from google.protobuf import json_format
 
-from common.metrics import SampleColumns, Slo, StageMetrics, compute_stage_metrics
+from common.codes import AssignmentState, RequestStatus, RunState, SampleFlag
+from common.metrics import SampleColumns, Slo, StageMetrics, compute_stage_metrics, counted_mask
 from common.proto.loadtest.v1 import run_pb2
 from controller.domain import sample_limits as limits
 from controller.domain.checks import parse_check
@@ -90,7 +91,7 @@ def stage_fleet(run_pk: int, stage_idx: int) -> StageFleet:
     rows = repo.stage_assignments(run_pk, stage_idx)
     starts = [r.started_ns for r in rows if not r.takeover and r.started_ns]
     skew_ms = (max(starts) - min(starts)) / 1e6 if len(starts) > 1 else 0.0
-    lost = [r for r in rows if r.state == repo.ASSIGNMENT_LOST_STATE]
+    lost = [r for r in rows if r.state == AssignmentState.LOST]
     sessions: dict[str, list[str]] = {}
     offsets: dict[str, float] = {}
     for r in rows:
@@ -216,10 +217,10 @@ def compute_run_result(run_pk: int, spec: run_pb2.RunSpec, state: int) -> RunOut
             passed, measured, message = check.evaluate(metrics)
             outcomes.append(CheckOutcome(check.expression, idx, passed, measured, check.threshold, message))
         saturated, why = _saturation(stage, metrics, data.max_loop_lag_ms, data.max_cpu_percent)
-        counted = (cols.flags & repo.WARMUP_FLAG) == 0
-        ok = counted & (cols.status == repo.OK_STATUS)
+        counted = counted_mask(cols.flags)
+        ok = counted & (cols.status == RequestStatus.OK)
         server = stage_server_metrics(run_pk, idx, spec.server_metrics, cols)
-        retried = int(np.count_nonzero(counted & ((cols.flags & repo.RETRIED_FLAG) != 0)))
+        retried = int(np.count_nonzero(counted & ((cols.flags & SampleFlag.RETRIED) != 0)))
         stages.append(
             StageOutcome(
                 index=idx, name=stage.name, concurrency=stage.concurrency, request_rate=stage.request_rate,
@@ -237,7 +238,7 @@ def compute_run_result(run_pk: int, spec: run_pb2.RunSpec, state: int) -> RunOut
     all_checks = [c for s in stages for c in s.checks]
     if not checks:
         verdict = run_pb2.VERDICT_NONE
-    elif all(c.passed for c in all_checks) and all_checks and state == repo.SUCCEEDED:
+    elif all(c.passed for c in all_checks) and all_checks and state == RunState.SUCCEEDED:
         verdict = run_pb2.VERDICT_PASS
     else:
         verdict = run_pb2.VERDICT_FAIL

@@ -25,7 +25,8 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from common.metrics import FLAG_WARMUP, STATUS_OK, SampleColumns
+from common.codes import RequestStatus
+from common.metrics import SampleColumns, counted_mask
 from common.proto.loadtest.v1 import agent_service_pb2, run_pb2
 from controller.domain.errors import FieldViolation
 from controller.store.server_metrics import ScrapeRow, StageScrapes, load_stage_scrapes
@@ -271,7 +272,7 @@ def compute_server_view(data: StageScrapes, cols: SampleColumns, tolerance_perce
         s = scrape_of[pk]
         readings[(s.endpoint, name, kind)].append((s.time_unix_ns, value))
 
-    counted = (cols.flags & FLAG_WARMUP) == 0
+    counted = counted_mask(cols.flags)
     sent = cols.sent_unix_ns[counted] if counted.any() else cols.sent_unix_ns
     t0 = int(sent.min()) if len(sent) else min(s.time_unix_ns for s in data.scrapes)
 
@@ -356,7 +357,7 @@ def _cross_check(
     elif quantity == PROMPT_TOKENS:
         client = float(cols.prompt_tokens.sum())
     else:
-        client = float(np.count_nonzero(cols.status == STATUS_OK))
+        client = float(np.count_nonzero(cols.status == RequestStatus.OK))
     # A server that counted nothing while the client did is infinitely far off.
     diff = (client - server) / server * 100.0 if server > 0 else (0.0 if client == 0 else math.inf)
     mismatch = complete and abs(diff) > tolerance

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 from google.protobuf import duration_pb2
 
-from common.metrics import FLAG_WARMUP, STATUS_OK, SampleColumns, StageMetrics
+from common.metrics import SampleColumns, StageMetrics, counted_ok_mask
 from common.proto.loadtest.v1 import run_pb2
 from controller.domain.server_metrics import ServerStageOutcome
 
@@ -84,7 +84,7 @@ def planned_window(stage: run_pb2.Stage) -> tuple[float, float, bool] | None:
 
 def _drain_allowance(cols: SampleColumns) -> float:
     """DRAIN_S + DRAIN_FACTOR x (smallest TTFT + p90 generation time) of the ok requests."""
-    ok = (cols.status == STATUS_OK) & ((cols.flags & FLAG_WARMUP) == 0)
+    ok = counted_ok_mask(cols.status, cols.flags)
     if not ok.any():
         return DRAIN_S
     first = cols.first_token_ns[ok]
