@@ -45,13 +45,15 @@ from agent.batcher import SampleBatcher
 from agent.client import OpenAIClient, TargetConfigError
 from agent.gcload import load_thresholds
 from agent.prompts import PromptSource, PromptSourceError, prompt_source
-from agent.reachability import DEFAULT_UNREACHABLE_TIMEOUT_S, TargetReachability
+from agent.reachability import TargetReachability
 from agent.sample import MAX_ERROR_CHARS, PROCESS_CLOCK_ANCHOR, ClockAnchor, RequestSample
 from agent.scheduler import ClosedLoopSchedule, LoadSchedule, UnsupportedStageError, schedule_for_stage
 from agent.scrape import ServerMetricsScraper
 from agent.stalls import STALL_POLL_S, Stall, StallWatch
 from common import codes
+from common.durations import seconds
 from common.proto.loadtest.v1 import agent_service_pb2, run_pb2
+from common.spec_defaults import unreachable_timeout_s
 
 log = structlog.get_logger(__name__)
 
@@ -72,15 +74,6 @@ START_SPIN_S = 0.0
 # With this much time left before the start, collect garbage first (and not at the start).
 START_GC_MARGIN_S = 0.1
 START_LATE_WARN_MS = 5.0
-
-
-def unreachable_timeout_s(target: run_pb2.Target) -> float:
-    """How long the target may refuse connections before the stage fails (default 10 s)."""
-    if target.HasField("unreachable_timeout"):
-        seconds = target.unreachable_timeout.ToNanoseconds() / 1e9
-        if seconds > 0:
-            return seconds
-    return DEFAULT_UNREACHABLE_TIMEOUT_S
 
 
 class Lease:
@@ -256,7 +249,7 @@ class AssignmentRunner:
             load=assign.stage.WhichOneof("load"),
             concurrency=assign.stage.concurrency,
             request_rate=assign.stage.request_rate,
-            duration_s=assign.stage.duration.ToNanoseconds() / 1e9,
+            duration_s=seconds(assign.stage.duration),
             requests=assign.stage.requests,
             model=assign.target.model,
             # Host only: a base URL may carry credentials in its user-info part.

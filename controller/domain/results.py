@@ -17,6 +17,7 @@ import structlog
 from google.protobuf import json_format
 
 from common.codes import AssignmentState, RequestStatus, RunState, SampleFlag
+from common.durations import millis_if_set
 from common.metrics import SampleColumns, Slo, StageMetrics, compute_stage_metrics, counted_mask
 from common.proto.loadtest.v1 import run_pb2
 from controller.domain import sample_limits as limits
@@ -130,15 +131,7 @@ def slo_of(spec: run_pb2.RunSpec) -> Slo | None:
     if not spec.HasField("slo"):
         return None
     s = spec.slo
-
-    def ms(d: object, present: bool) -> float | None:
-        return d.ToNanoseconds() / 1e6 if present else None  # type: ignore[attr-defined]
-
-    slo = Slo(
-        ttft_ms=ms(s.ttft, s.HasField("ttft")),
-        tpot_ms=ms(s.tpot, s.HasField("tpot")),
-        e2e_ms=ms(s.e2e, s.HasField("e2e")),
-    )
+    slo = Slo(ttft_ms=millis_if_set(s, "ttft"), tpot_ms=millis_if_set(s, "tpot"), e2e_ms=millis_if_set(s, "e2e"))
     return slo if any(v is not None for v in (slo.ttft_ms, slo.tpot_ms, slo.e2e_ms)) else None
 
 

@@ -26,13 +26,13 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from common.codes import RequestStatus
+from common.durations import seconds
 from common.metrics import SampleColumns, counted_mask
 from common.proto.loadtest.v1 import agent_service_pb2, run_pb2
+from common.spec_defaults import DEFAULT_SCRAPE_INTERVAL_S, MIN_SCRAPE_INTERVAL_S
 from controller.domain.errors import FieldViolation
 from controller.store.server_metrics import ScrapeRow, StageScrapes, load_stage_scrapes
 
-DEFAULT_INTERVAL_S = 1.0
-MIN_INTERVAL_S = 0.1
 MAX_INTERVAL_S = 3600.0
 DEFAULT_TOLERANCE_PERCENT = 2.0
 MAX_ENDPOINTS = 16
@@ -114,11 +114,9 @@ def validate_server_metrics(sm: run_pb2.ServerMetricsSpec, v: list[FieldViolatio
             problem = "listed twice"
         if problem:
             v.append(FieldViolation(f"{path}.endpoints[{i}]", problem))
-    if sm.HasField("scrape_interval"):
-        seconds = sm.scrape_interval.seconds + sm.scrape_interval.nanos / 1e9
-        if not MIN_INTERVAL_S <= seconds <= MAX_INTERVAL_S:
-            v.append(FieldViolation(f"{path}.scrape_interval", f"must be between {MIN_INTERVAL_S:g} s and "
-                                    f"{MAX_INTERVAL_S:g} s"))  # fmt: skip
+    if sm.HasField("scrape_interval") and not MIN_SCRAPE_INTERVAL_S <= seconds(sm.scrape_interval) <= MAX_INTERVAL_S:
+        v.append(FieldViolation(f"{path}.scrape_interval", f"must be between {MIN_SCRAPE_INTERVAL_S:g} s and "
+                                f"{MAX_INTERVAL_S:g} s"))  # fmt: skip
     if len(sm.metric_filters) > MAX_FILTERS:
         v.append(FieldViolation(f"{path}.metric_filters", f"at most {MAX_FILTERS} filters"))
     for i, pattern in enumerate(sm.metric_filters[:MAX_FILTERS]):
@@ -155,7 +153,7 @@ def default_server_metrics(sm: run_pb2.ServerMetricsSpec) -> None:
     if not sm.endpoints:
         return
     if not sm.HasField("scrape_interval"):
-        sm.scrape_interval.FromMilliseconds(int(DEFAULT_INTERVAL_S * 1000))
+        sm.scrape_interval.FromMilliseconds(int(DEFAULT_SCRAPE_INTERVAL_S * 1000))
     if not sm.HasField("mismatch_tolerance_percent"):
         sm.mismatch_tolerance_percent = DEFAULT_TOLERANCE_PERCENT
 
