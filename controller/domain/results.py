@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import structlog
-from google.protobuf import json_format
 
 from common.codes import AssignmentState, RequestStatus, RunState, SampleFlag
 from common.durations import millis_if_set
@@ -24,6 +23,7 @@ from controller.domain import sample_limits as limits
 from controller.domain.checks import parse_check
 from controller.domain.preflight import WARNING_EVENT as PREFLIGHT_WARNING_EVENT
 from controller.domain.server_metrics import ServerStageOutcome, stage_server_metrics
+from controller.domain.spec import parse_spec as _parse_spec
 from controller.domain.stage_split import stage_and_agent_metrics
 from controller.domain.target_saturation import NOT_SATURATED, TargetSaturation, target_saturation
 from controller.store import repository as repo
@@ -38,6 +38,9 @@ SATURATION_CPU_PERCENT = 95.0
 RETRIED_WARNING_FRACTION = 0.1
 
 log = structlog.get_logger(__name__)
+
+# For controller/domain/coordinator.py only: remove once it imports parse_spec from controller.domain.spec.
+parse_spec = _parse_spec
 
 
 @dataclass(frozen=True)
@@ -119,12 +122,6 @@ class RunOutcome:
     # Every counted sample of every stage together (None when the run has no samples).
     overall: StageMetrics | None = None
     warnings: list[str] = field(default_factory=list)
-
-
-def parse_spec(record: repo.RunRecord) -> run_pb2.RunSpec:
-    if record.spec_pb:  # binary since migration 7: ~100x cheaper than parsing the JSON
-        return run_pb2.RunSpec.FromString(record.spec_pb)
-    return json_format.Parse(record.spec_json, run_pb2.RunSpec())
 
 
 def slo_of(spec: run_pb2.RunSpec) -> Slo | None:

@@ -1,4 +1,4 @@
-"""Validation and defaulting of run specs (what CreateRun accepts).
+"""Validation and defaulting of run specs (what CreateRun accepts), and reading a stored one back.
 
 Every violation names the offending field by its path in the request, so a user of
 grpcurl sees `spec.stages[1].concurrency: must be at least 1` rather than a stack trace.
@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from typing import TypeVar
 from urllib.parse import urlsplit
 
-from google.protobuf import duration_pb2, struct_pb2
+from google.protobuf import duration_pb2, json_format, struct_pb2
 from google.protobuf.message import Message
 
 from common.durations import seconds
@@ -26,6 +26,7 @@ from common.target_url import credential_problem
 from controller.domain.checks import CheckSyntaxError, parse_check
 from controller.domain.errors import FieldViolation, InvalidArgument
 from controller.domain.server_metrics import default_server_metrics, validate_server_metrics
+from controller.store.repository import RunRecord
 
 MAX_STAGES = 100
 MAX_CHECKS = 50
@@ -175,6 +176,17 @@ def check_stored_size(spec: run_pb2.RunSpec) -> None:
     if size > MAX_STORED_SPEC_BYTES:
         what = f"is {size} bytes as stored (labels, headers, extra_body, checks...); at most {MAX_STORED_SPEC_BYTES}"
         raise InvalidArgument([FieldViolation("spec", what)])
+
+
+def parse_spec(record: RunRecord, into: run_pb2.RunSpec | None = None) -> run_pb2.RunSpec:
+    """The run's stored spec, decoded into `into` (an empty message, e.g. a Run's `spec`: that
+    saves copying it there) or into a new message."""
+    spec = run_pb2.RunSpec() if into is None else into
+    if record.spec_pb:  # binary since migration 7: ~1 us a run, ~100x cheaper than parsing the JSON
+        spec.MergeFromString(record.spec_pb)
+    else:
+        json_format.Parse(record.spec_json, spec)
+    return spec
 
 
 def _first(items: Iterable[T], n: int) -> Iterator[T]:

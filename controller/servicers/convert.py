@@ -5,15 +5,13 @@ from __future__ import annotations
 
 from typing import Final
 
-from google.protobuf import json_format
-
 from common.codes import SampleFlag
 from common.proto.loadtest.v1 import run_pb2, run_service_pb2
 from controller.domain.agents import AgentSession
 from controller.domain.compare import RunComparison
 from controller.domain.live import LiveSnapshot
 from controller.domain.result_message import timestamp
-from controller.domain.spec import MAX_NAME_CHARS, MAX_STORED_SPEC_BYTES
+from controller.domain.spec import MAX_NAME_CHARS, MAX_STORED_SPEC_BYTES, parse_spec
 from controller.store.repository import EventRecord, RunRecord, listed_bytes
 
 
@@ -31,10 +29,7 @@ def fill_run(run: run_pb2.Run, record: RunRecord) -> run_pb2.Run:
     run.progress.requests_ok = record.requests_ok
     run.progress.requests_failed = record.requests_failed
     run.progress.output_tokens = record.output_tokens
-    if record.spec_pb:  # binary since migration 7 (ListRuns: ~1 us a run instead of ~110 us)
-        run.spec.MergeFromString(record.spec_pb)
-    else:
-        json_format.Parse(record.spec_json, run.spec)
+    parse_spec(record, into=run.spec)
     run.spec.target.api_key = ""  # never stored in spec_json; cleared again on principle
     # Seconds and nanos set directly: Timestamp.FromNanoseconds is pure Python and was a third
     # of a ListRuns page's cost. Times are positive (ns since the epoch), as `timestamp` assumes.

@@ -14,8 +14,8 @@ from google.protobuf import json_format
 
 from common.codes import RequestStatus, SampleFlag
 from common.proto.loadtest.v1 import run_pb2
-from controller.domain.results import parse_spec
 from controller.domain.runs import MAX_PAGE_BYTES
+from controller.domain.spec import parse_spec
 from controller.store import columnar
 from controller.store import repository as repo
 from controller.store.database import Database
