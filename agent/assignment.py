@@ -45,12 +45,15 @@ from agent.batcher import SampleBatcher
 from agent.client import OpenAIClient, TargetConfigError
 from agent.gcload import load_thresholds
 from agent.prompts import PromptSource, PromptSourceError, prompt_source
-from agent.reachability import DEFAULT_UNREACHABLE_TIMEOUT_S, TargetReachability
+from agent.reachability import TargetReachability
 from agent.sample import MAX_ERROR_CHARS, PROCESS_CLOCK_ANCHOR, ClockAnchor, RequestSample
 from agent.scheduler import ClosedLoopSchedule, LoadSchedule, UnsupportedStageError, schedule_for_stage
 from agent.scrape import ServerMetricsScraper
 from agent.stalls import STALL_POLL_S, Stall, StallWatch
+from common import codes
+from common.durations import seconds
 from common.proto.loadtest.v1 import agent_service_pb2, run_pb2
+from common.spec_defaults import unreachable_timeout_s
 
 log = structlog.get_logger(__name__)
 
@@ -72,15 +75,6 @@ START_SPIN_S = 0.0
 # With this much time left before the start, collect garbage first (and not at the start).
 START_GC_MARGIN_S = 0.1
 START_LATE_WARN_MS = 5.0
-
-
-def unreachable_timeout_s(target: run_pb2.Target) -> float:
-    """How long the target may refuse connections before the stage fails (default 10 s)."""
-    if target.HasField("unreachable_timeout"):
-        seconds = target.unreachable_timeout.ToNanoseconds() / 1e9
-        if seconds > 0:
-            return seconds
-    return DEFAULT_UNREACHABLE_TIMEOUT_S
 
 
 class Lease:
@@ -105,14 +99,6 @@ class Lease:
     def valid(self) -> bool:
         """False once `duration_s` passed without a renewal."""
         return self.duration_s is None or time.monotonic() - self._renewed < self.duration_s
-
-
-_STATE_NAMES = {
-    agent_service_pb2.ASSIGNMENT_STATE_RUNNING: "running",
-    agent_service_pb2.ASSIGNMENT_STATE_COMPLETED: "completed",
-    agent_service_pb2.ASSIGNMENT_STATE_FAILED: "failed",
-    agent_service_pb2.ASSIGNMENT_STATE_CANCELLED: "cancelled",
-}
 
 
 class AssignmentRunner:
@@ -264,7 +250,7 @@ class AssignmentRunner:
             load=assign.stage.WhichOneof("load"),
             concurrency=assign.stage.concurrency,
             request_rate=assign.stage.request_rate,
-            duration_s=assign.stage.duration.ToNanoseconds() / 1e9,
+            duration_s=seconds(assign.stage.duration),
             requests=assign.stage.requests,
             model=assign.target.model,
             # Host only: a base URL may carry credentials in its user-info part.
@@ -455,7 +441,7 @@ class AssignmentRunner:
         log.info(
             "assignment_finished",
             assignment_id=self.assignment_id,
-            state=_STATE_NAMES.get(state, "unspecified"),
+            state=codes.AssignmentState(state).name.lower(),
             message=message,
             requests_sent=self._requests_sent,
             batch_count=self._batcher.batch_count,

@@ -55,9 +55,8 @@ from agent.stream import BodySink, StreamingConnector, TimedResponseHandler, Tra
 from agent.wire_errors import printable, transport_error
 from common.proto.loadtest.v1 import run_pb2
 from common.request_body import PROTECTED_BODY_KEYS
+from common.spec_defaults import request_timeout_s
 from common.version import __version__
-
-DEFAULT_REQUEST_TIMEOUT_S = 300.0
 
 # Enough of an error body for the server's message; more would only bloat the samples.
 _ERROR_BODY_BYTES = 1024
@@ -71,15 +70,6 @@ log = structlog.get_logger(__name__)
 
 class TargetConfigError(ValueError):
     """The target cannot be used (bad URL scheme, no model)."""
-
-
-def request_timeout_s(target: run_pb2.Target) -> float:
-    """The target's per-request timeout in seconds (300 s when unset)."""
-    if target.HasField("request_timeout"):
-        seconds = target.request_timeout.ToNanoseconds() / 1e9
-        if seconds > 0:
-            return seconds
-    return DEFAULT_REQUEST_TIMEOUT_S
 
 
 class OpenAIClient:

@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 
 from agent.health import CpuMeter, LoopLagMonitor
 from agent.session import AgentSession
-from common.metrics import STATUS_OK
+from common.codes import RequestStatus
 from common.metrics_http import MetricsServer
 from common.proto.loadtest.v1 import agent_service_pb2
 
@@ -106,7 +106,7 @@ class AgentMetrics:
             return
         batch = message.sample_batch
         status = np.asarray(batch.status, dtype=np.int64)
-        ok = int((status == STATUS_OK).sum())
+        ok = int((status == RequestStatus.OK).sum())
         self._requests.labels("ok").inc(ok)
         self._requests.labels("error").inc(status.size - ok)
         for delay_ns in batch.queue_delay_ns:

@@ -23,8 +23,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-DEFAULT_UNREACHABLE_TIMEOUT_S = 10.0
-
 
 @dataclass(frozen=True, slots=True)
 class RefusalBackoff:

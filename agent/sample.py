@@ -17,17 +17,6 @@ from common.proto.loadtest.v1 import run_pb2
 
 RequestStatus: TypeAlias = run_pb2.RequestStatus.ValueType
 
-STATUS_NAMES: dict[RequestStatus, str] = {
-    run_pb2.REQUEST_STATUS_UNSPECIFIED: "unspecified",
-    run_pb2.REQUEST_STATUS_OK: "ok",
-    run_pb2.REQUEST_STATUS_HTTP_4XX: "http_4xx",
-    run_pb2.REQUEST_STATUS_HTTP_5XX: "http_5xx",
-    run_pb2.REQUEST_STATUS_TIMEOUT: "timeout",
-    run_pb2.REQUEST_STATUS_CONNECTION: "connection",
-    run_pb2.REQUEST_STATUS_PROTOCOL: "protocol",
-    run_pb2.REQUEST_STATUS_CANCELLED: "cancelled",
-}
-
 MAX_ERROR_CHARS = 200
 
 
@@ -60,11 +49,6 @@ class RequestSample:
     status: RequestStatus = run_pb2.REQUEST_STATUS_UNSPECIFIED
     error: str = ""
     itl_ns: list[int] = field(default_factory=list)
-
-    @property
-    def status_name(self) -> str:
-        """The status as METRICS.md spells it (`ok`, `http_5xx`, ...)."""
-        return STATUS_NAMES.get(self.status, "unspecified")
 
     def fail(self, status: RequestStatus, error: str) -> None:
         """Record an error outcome; the first error wins, later ones are consequences."""

@@ -48,6 +48,7 @@ from typing import Protocol
 from google.protobuf import duration_pb2
 
 from agent.arrivals import ArrivalSchedule
+from common.durations import seconds
 from common.proto.loadtest.v1 import run_pb2
 
 SendOne = Callable[[int, bool], Awaitable[None]]
@@ -238,7 +239,8 @@ async def _send_and_release(send_one: SendOne, scheduled_ns: int, warmup: bool, 
 
 
 def _seconds(duration: duration_pb2.Duration) -> float:
-    return max(duration.ToNanoseconds() / 1e9, 0.0)
+    """`duration` in seconds, a negative one as 0 (the controller rejects those anyway)."""
+    return max(seconds(duration), 0.0)
 
 
 def schedule_for_stage(stage: run_pb2.Stage, seed: int = 0) -> LoadSchedule:

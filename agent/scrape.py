@@ -35,15 +35,15 @@ import aiohttp
 import structlog
 
 from agent.wire_errors import printable, transport_error
+from common.durations import seconds
 from common.proto.loadtest.v1 import agent_service_pb2, run_pb2
+from common.spec_defaults import DEFAULT_SCRAPE_INTERVAL_S, MIN_SCRAPE_INTERVAL_S
 
 log = structlog.get_logger(__name__)
 
 GAUGE = run_pb2.SERVER_METRIC_KIND_GAUGE
 COUNTER = run_pb2.SERVER_METRIC_KIND_COUNTER
 
-DEFAULT_INTERVAL_S = 1.0
-MIN_INTERVAL_S = 0.1
 MIN_TIMEOUT_S = 2.0
 # A page larger than this is not a model server's metrics page; refusing it bounds memory.
 MAX_PAGE_BYTES = 8 * 1024 * 1024
@@ -197,8 +197,7 @@ class ServerMetricsScraper:
         clock: Callable[[], int] = time.time_ns,
     ) -> None:
         self._endpoints = list(dict.fromkeys(spec.endpoints))
-        seconds = spec.scrape_interval.ToNanoseconds() / 1e9 if spec.HasField("scrape_interval") else 0.0
-        self._interval_s = max(seconds or DEFAULT_INTERVAL_S, MIN_INTERVAL_S)
+        self._interval_s = max(seconds(spec.scrape_interval) or DEFAULT_SCRAPE_INTERVAL_S, MIN_SCRAPE_INTERVAL_S)
         self._keep = name_filter(list(spec.metric_filters))
         self._emit = emit
         self._insecure = insecure_skip_verify

@@ -62,6 +62,7 @@ from agent.assignment import AssignmentRunner, Lease
 from agent.health import CpuMeter, LoopLagMonitor
 from agent.preflight import check_target
 from agent.sample import PROCESS_CLOCK_ANCHOR, ClockAnchor
+from common.durations import seconds
 from common.grpc_options import CLIENT_OPTIONS, auth_metadata
 from common.proto.loadtest.v1 import agent_service_pb2, agent_service_pb2_grpc, run_pb2
 from common.version import __version__
@@ -260,14 +261,10 @@ class AgentSession:
                 return  # stopped before the controller answered
             self._welcomed = True
             self._session_id = welcome.session_id
-            lease_s = welcome.lease_duration.ToNanoseconds() / 1e9 if welcome.HasField("lease_duration") else 0.0
-            self.lease.configure(lease_s or None)
+            self.lease.configure(seconds(welcome.lease_duration) or None)
             self.lease.renew()
-            interval = DEFAULT_HEARTBEAT_INTERVAL_S
-            if welcome.HasField("heartbeat_interval"):
-                seconds = welcome.heartbeat_interval.ToNanoseconds() / 1e9
-                if seconds > 0:
-                    interval = max(seconds, MIN_HEARTBEAT_INTERVAL_S)
+            asked_s = seconds(welcome.heartbeat_interval)
+            interval = max(asked_s, MIN_HEARTBEAT_INTERVAL_S) if asked_s > 0 else DEFAULT_HEARTBEAT_INTERVAL_S
 
             replayed = 0
             for runner in self._assignments.values():

@@ -45,11 +45,9 @@ from controller_queries import add_runs, start_controller, stop_controller
 sys.path.insert(0, str(ROOT))
 
 from client.sdk import ControllerClient
+from common.codes import FINAL_RUN_STATES
 from common.proto.loadtest.v1 import agent_service_pb2, agent_service_pb2_grpc, run_pb2
 from common.tls import open_channel
-
-FINAL = {run_pb2.RUN_STATE_SUCCEEDED, run_pb2.RUN_STATE_FAILED, run_pb2.RUN_STATE_CANCELLED,
-         run_pb2.RUN_STATE_INTERRUPTED}  # fmt: skip
 
 
 def labelled_spec(args: argparse.Namespace) -> run_pb2.RunSpec:
@@ -81,7 +79,7 @@ async def wait_final(client: ControllerClient, run_id: str, timeout_s: float) ->
     deadline = time.monotonic() + timeout_s
     while True:
         run = await client.get_run(run_id)
-        if run.state in FINAL or time.monotonic() > deadline:
+        if run.state in FINAL_RUN_STATES or time.monotonic() > deadline:
             return run
         await asyncio.sleep(0.2)
 

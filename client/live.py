@@ -22,12 +22,10 @@ from rich.text import Text
 
 from client import render
 from client.sdk import ControllerClient
+from common.codes import FINAL_RUN_STATES
 from common.proto.loadtest.v1 import run_pb2, run_service_pb2
 
 PLAIN_PROGRESS_EVERY_S = 5.0
-_FINAL_STATES = frozenset({
-    run_pb2.RUN_STATE_SUCCEEDED, run_pb2.RUN_STATE_FAILED, run_pb2.RUN_STATE_CANCELLED, run_pb2.RUN_STATE_INTERRUPTED,
-})  # fmt: skip
 
 
 def stage_load(stage: run_pb2.Stage) -> str:
@@ -59,7 +57,7 @@ class RunProgressView:
         self.live = message.live
         if len(self.stages) != len(run.spec.stages):
             self.stages = [_StageProgress() for _ in run.spec.stages]
-        final = run.state in _FINAL_STATES
+        final = run.state in FINAL_RUN_STATES
         for i, progress in enumerate(self.stages):
             if i < run.current_stage or (final and i == run.current_stage and run.state == run_pb2.RUN_STATE_SUCCEEDED):
                 progress.finished = True

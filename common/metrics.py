@@ -21,19 +21,16 @@ from typing import Any, Final, Self
 import numpy as np
 import numpy.typing as npt
 
+from common.codes import RequestStatus, SampleFlag
+
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
 
-STATUS_OK: Final = 1
-# Bit 0 of `flags`: token counts came from the server's `usage`, not from counting events.
-FLAG_USAGE: Final = 1
-# Bit 1 of `flags`: a warmup request, excluded from every metric.
-FLAG_WARMUP: Final = 2
-
-# Status code (loadtest.v1.RequestStatus) -> error kind, as reported in `StageMetrics.errors`.
+# Status code (loadtest.v1.RequestStatus) -> error kind, as reported in `StageMetrics.errors`:
+# every status but OK, by its name.
 ERROR_KINDS: Final[Mapping[int, str]] = MappingProxyType(
-    {2: "http_4xx", 3: "http_5xx", 4: "timeout", 5: "connection", 6: "protocol", 7: "cancelled"}
+    {int(status): status.name.lower() for status in RequestStatus if status is not RequestStatus.OK}
 )
 # A status this version does not know (e.g. from a newer agent) is still a failure: counting it
 # under its own key keeps failed traffic from disappearing out of the results.
@@ -47,13 +44,29 @@ PERCENTILES: Final = (50.0, 90.0, 95.0, 99.0, 99.9)
 MAX_SERIES_SECONDS: Final = 8 * 24 * 3600
 _NS_PER_MS: Final = 1e6
 _NS_PER_S: Final = 1_000_000_000
+# Plain ints for the masks below: numpy compares an array with an enum member ~4x slower
+# than with an int, and the ingest path builds these masks for every batch.
+_OK: Final = int(RequestStatus.OK)
+_WARMUP: Final = int(SampleFlag.WARMUP)
 
 
 def error_kind_name(status: int) -> str:
     """The error kind of a failed request's status code; raises ValueError for OK."""
-    if status == STATUS_OK:
+    if status == RequestStatus.OK:
         raise ValueError("status 1 (OK) is not an error")
     return ERROR_KINDS.get(status, UNKNOWN_ERROR_KIND)
+
+
+def counted_mask(flags: IntArray) -> BoolArray:
+    """Which requests the metrics count (one bool per `flags` entry): all but warmup requests."""
+    counted: BoolArray = (flags & _WARMUP) == 0
+    return counted
+
+
+def counted_ok_mask(status: IntArray, flags: IntArray) -> BoolArray:
+    """Which requests count (not warmup) and succeeded (status OK)."""
+    ok: BoolArray = counted_mask(flags) & (status == _OK)
+    return ok
 
 
 # eq=False: the generated __eq__ would compare arrays element-wise and raise on truth testing.
@@ -224,8 +237,8 @@ def summarize(values_ns: npt.ArrayLike) -> LatencySummary:
 
 def compute_stage_metrics(cols: SampleColumns, slo: Slo | None = None) -> StageMetrics:
     """Every metric of the requests in `cols` (warmup requests are dropped first)."""
-    cols = cols.select((cols.flags & FLAG_WARMUP) == 0)
-    ok = cols.status == STATUS_OK
+    cols = cols.select(counted_mask(cols.flags))
+    ok = cols.status == _OK
     ok_cols = cols.select(ok)
 
     # A request's end is `done`; a sample without one (e.g. a failure before the stream closed)
@@ -270,7 +283,7 @@ def compute_stage_metrics(cols: SampleColumns, slo: Slo | None = None) -> StageM
         achieved_concurrency=float(end_ns.sum()) / duration_ns if duration_ns > 0 else 0.0,
         prompt_tokens=prompt_tokens,
         output_tokens=output_tokens,
-        output_tokens_estimated=bool(((ok_cols.flags & FLAG_USAGE) == 0).any()),
+        output_tokens_estimated=bool(((ok_cols.flags & SampleFlag.USAGE_FROM_SERVER) == 0).any()),
         ttft=summarize(first[first > 0]),
         tpot=summarize(tpot_ns[has_tpot]),
         itl=summarize(ok_cols.itl_ns),

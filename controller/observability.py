@@ -33,7 +33,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from common.metrics import FLAG_WARMUP, STATUS_OK
+from common.codes import RequestStatus
+from common.metrics import counted_mask
 from common.proto.loadtest.v1 import run_pb2
 from controller.domain.agents import AgentRegistry
 from controller.store import repository as repo
@@ -86,11 +87,11 @@ class LiveRunCollector(Collector):
     def observe(self, run_id: str, batch: repo.BatchIngest) -> None:
         """Count one newly committed batch (called by the ingestor after the commit)."""
         cols = batch.metric_columns
-        measured = (cols.flags & FLAG_WARMUP) == 0
+        measured = counted_mask(cols.flags)
         if not measured.any():
             return
         stage = self._stages.setdefault((run_id, batch.stage_idx), _StageLive())
-        ok = measured & (cols.status == STATUS_OK)
+        ok = measured & (cols.status == RequestStatus.OK)
         stage.requests += int(measured.sum())
         stage.errors += int(measured.sum() - ok.sum())
         stage.output_tokens += int(cols.output_tokens[ok].sum())

@@ -18,6 +18,7 @@ from typing import Protocol
 import numpy as np
 import structlog
 
+from common.codes import RequestStatus
 from common.proto.loadtest.v1 import agent_service_pb2
 from controller.domain import sample_limits as limits
 from controller.domain.server_metrics import scrape_rows
@@ -118,7 +119,7 @@ def to_ingest(
         # Only failed samples carry a message (agent/sample.py `fail`): look at those alone.
         errors=[
             (i, e[:MAX_ERROR_CHARS])
-            for i in np.flatnonzero(table[_STATUS] != repo.OK_STATUS).tolist()
+            for i in np.flatnonzero(table[_STATUS] != RequestStatus.OK).tolist()
             if (e := batch.error[i])
         ],
         itl_ns=itl.astype("<i8", copy=False).tobytes(),

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.metrics import FLAG_WARMUP, STATUS_OK, SampleColumns, compute_stage_metrics
+from common.metrics import SampleColumns, compute_stage_metrics, counted_ok_mask
 from controller.domain.checks import ParsedCheck
 
 WINDOW_S = 10.0
@@ -65,7 +65,7 @@ class LiveWindow:
 
     def add(self, ok: int, failed: int, tokens: int, columns: SampleColumns) -> None:
         now = time.monotonic()
-        keep = (columns.status == STATUS_OK) & ((columns.flags & FLAG_WARMUP) == 0) & (columns.first_token_ns > 0)
+        keep = counted_ok_mask(columns.status, columns.flags) & (columns.first_token_ns > 0)
         self.chunks.append(_Chunk(now, ok, tokens, columns.first_token_ns[keep] / 1e6, columns))
         self.stage_requests_done += ok + failed
         self._trim(now)

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common.proto.loadtest.v1 import agent_service_pb2, run_pb2
+from common.spec_defaults import request_timeout_s
 from controller.domain.agents import AgentSession
 
 WARNING_EVENT = "preflight_warning"
-DEFAULT_REQUEST_TIMEOUT_S = 300.0
 # Beyond the check's own request timeout: its GET /models (at most 30 s) and the round trips.
 ANSWER_SLACK_S = 40.0
 POLL_S = 0.25
@@ -75,9 +75,7 @@ async def check_run_target(
     cancelled: asyncio.Event,
 ) -> PreflightVerdict:
     """Have every agent check `target` (with its credentials); wait for all the answers."""
-    timeout_s = DEFAULT_REQUEST_TIMEOUT_S
-    if target.HasField("request_timeout") and target.request_timeout.ToNanoseconds() > 0:
-        timeout_s = target.request_timeout.ToNanoseconds() / 1e9
+    timeout_s = request_timeout_s(target)
     deadline = time.monotonic() + timeout_s + ANSWER_SLACK_S
     pending: dict[str, tuple[AgentSession, asyncio.Future[agent_service_pb2.PreflightResult]]] = {}
     for session in sessions:
@@ -123,6 +121,6 @@ async def check_run_target(
     return PreflightVerdict(True, warnings=sorted(set(warnings)))
 
 
-def deadline_s(request_timeout_s: float) -> float:
-    """How long the controller waits for every answer."""
-    return request_timeout_s + ANSWER_SLACK_S
+def deadline_s(timeout_s: float) -> float:
+    """How long the controller waits for every answer, for checks with this request timeout."""
+    return timeout_s + ANSWER_SLACK_S

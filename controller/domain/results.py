@@ -14,14 +14,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import structlog
-from google.protobuf import json_format
 
-from common.metrics import SampleColumns, Slo, StageMetrics, compute_stage_metrics
+from common.codes import AssignmentState, RequestStatus, RunState, SampleFlag
+from common.durations import millis_if_set
+from common.metrics import SampleColumns, Slo, StageMetrics, compute_stage_metrics, counted_mask
 from common.proto.loadtest.v1 import run_pb2
 from controller.domain import sample_limits as limits
 from controller.domain.checks import parse_check
 from controller.domain.preflight import WARNING_EVENT as PREFLIGHT_WARNING_EVENT
 from controller.domain.server_metrics import ServerStageOutcome, stage_server_metrics
+from controller.domain.spec import parse_spec as _parse_spec
 from controller.domain.stage_split import stage_and_agent_metrics
 from controller.domain.target_saturation import NOT_SATURATED, TargetSaturation, target_saturation
 from controller.store import repository as repo
@@ -36,6 +38,9 @@ SATURATION_CPU_PERCENT = 95.0
 RETRIED_WARNING_FRACTION = 0.1
 
 log = structlog.get_logger(__name__)
+
+# For controller/domain/coordinator.py only: remove once it imports parse_spec from controller.domain.spec.
+parse_spec = _parse_spec
 
 
 @dataclass(frozen=True)
@@ -90,7 +95,7 @@ def stage_fleet(run_pk: int, stage_idx: int) -> StageFleet:
     rows = repo.stage_assignments(run_pk, stage_idx)
     starts = [r.started_ns for r in rows if not r.takeover and r.started_ns]
     skew_ms = (max(starts) - min(starts)) / 1e6 if len(starts) > 1 else 0.0
-    lost = [r for r in rows if r.state == repo.ASSIGNMENT_LOST_STATE]
+    lost = [r for r in rows if r.state == AssignmentState.LOST]
     sessions: dict[str, list[str]] = {}
     offsets: dict[str, float] = {}
     for r in rows:
@@ -119,25 +124,11 @@ class RunOutcome:
     warnings: list[str] = field(default_factory=list)
 
 
-def parse_spec(record: repo.RunRecord) -> run_pb2.RunSpec:
-    if record.spec_pb:  # empty when the spec is in spec_json only (see migration 7)
-        return run_pb2.RunSpec.FromString(record.spec_pb)
-    return json_format.Parse(record.spec_json, run_pb2.RunSpec())
-
-
 def slo_of(spec: run_pb2.RunSpec) -> Slo | None:
     if not spec.HasField("slo"):
         return None
     s = spec.slo
-
-    def ms(d: object, present: bool) -> float | None:
-        return d.ToNanoseconds() / 1e6 if present else None  # type: ignore[attr-defined]
-
-    slo = Slo(
-        ttft_ms=ms(s.ttft, s.HasField("ttft")),
-        tpot_ms=ms(s.tpot, s.HasField("tpot")),
-        e2e_ms=ms(s.e2e, s.HasField("e2e")),
-    )
+    slo = Slo(ttft_ms=millis_if_set(s, "ttft"), tpot_ms=millis_if_set(s, "tpot"), e2e_ms=millis_if_set(s, "e2e"))
     return slo if any(v is not None for v in (slo.ttft_ms, slo.tpot_ms, slo.e2e_ms)) else None
 
 
@@ -216,10 +207,10 @@ def compute_run_result(run_pk: int, spec: run_pb2.RunSpec, state: int) -> RunOut
             passed, measured, message = check.evaluate(metrics)
             outcomes.append(CheckOutcome(check.expression, idx, passed, measured, check.threshold, message))
         saturated, why = _saturation(stage, metrics, data.max_loop_lag_ms, data.max_cpu_percent)
-        counted = (cols.flags & repo.WARMUP_FLAG) == 0
-        ok = counted & (cols.status == repo.OK_STATUS)
+        counted = counted_mask(cols.flags)
+        ok = counted & (cols.status == RequestStatus.OK)
         server = stage_server_metrics(run_pk, idx, spec.server_metrics, cols)
-        retried = int(np.count_nonzero(counted & ((cols.flags & repo.RETRIED_FLAG) != 0)))
+        retried = int(np.count_nonzero(counted & ((cols.flags & SampleFlag.RETRIED) != 0)))
         stages.append(
             StageOutcome(
                 index=idx, name=stage.name, concurrency=stage.concurrency, request_rate=stage.request_rate,
@@ -237,7 +228,7 @@ def compute_run_result(run_pk: int, spec: run_pb2.RunSpec, state: int) -> RunOut
     all_checks = [c for s in stages for c in s.checks]
     if not checks:
         verdict = run_pb2.VERDICT_NONE
-    elif all(c.passed for c in all_checks) and all_checks and state == repo.SUCCEEDED:
+    elif all(c.passed for c in all_checks) and all_checks and state == RunState.SUCCEEDED:
         verdict = run_pb2.VERDICT_PASS
     else:
         verdict = run_pb2.VERDICT_FAIL

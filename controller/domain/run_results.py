@@ -27,7 +27,8 @@ from google.protobuf.message import DecodeError
 
 from common.proto.loadtest.v1 import run_pb2
 from controller.domain.result_message import result_message
-from controller.domain.results import compute_run_result, parse_spec
+from controller.domain.results import compute_run_result
+from controller.domain.spec import parse_spec
 from controller.store import repository as repo
 from controller.store.database import Database
 

@@ -16,6 +16,7 @@ from typing import TypeVar
 import structlog
 from google.protobuf import json_format
 
+from common.codes import RunState
 from common.proto.loadtest.v1 import run_pb2
 from controller.domain.agents import AgentSession
 from controller.domain.compare import DEFAULT_TOLERANCE_PERCENT, RunComparison, compare_runs
@@ -139,8 +140,8 @@ class Runs:
                 f"run {run_id} already finished ({state_name(record.state)})"
             )
         reason = reason[:500] or "cancelled by user"
-        if self._coordinator.withdraw(run_id) or record.state == repo.PENDING:
-            await self._db.write(repo.finish_run, record.pk, repo.CANCELLED, reason, time.time_ns())
+        if self._coordinator.withdraw(run_id) or record.state == RunState.PENDING:
+            await self._db.write(repo.finish_run, record.pk, RunState.CANCELLED, reason, time.time_ns())
             await self._coordinator.add_event(run_id, record.pk, "run_cancelled", reason)
             log.info("run_cancelled", run_id=run_id, reason=reason)
             self._results.run_finished(run_id)

@@ -25,13 +25,14 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from common.metrics import FLAG_WARMUP, STATUS_OK, SampleColumns
+from common.codes import RequestStatus
+from common.durations import seconds
+from common.metrics import SampleColumns, counted_mask
 from common.proto.loadtest.v1 import agent_service_pb2, run_pb2
+from common.spec_defaults import DEFAULT_SCRAPE_INTERVAL_S, MIN_SCRAPE_INTERVAL_S
 from controller.domain.errors import FieldViolation
 from controller.store.server_metrics import ScrapeRow, StageScrapes, load_stage_scrapes
 
-DEFAULT_INTERVAL_S = 1.0
-MIN_INTERVAL_S = 0.1
 MAX_INTERVAL_S = 3600.0
 DEFAULT_TOLERANCE_PERCENT = 2.0
 MAX_ENDPOINTS = 16
@@ -113,11 +114,9 @@ def validate_server_metrics(sm: run_pb2.ServerMetricsSpec, v: list[FieldViolatio
             problem = "listed twice"
         if problem:
             v.append(FieldViolation(f"{path}.endpoints[{i}]", problem))
-    if sm.HasField("scrape_interval"):
-        seconds = sm.scrape_interval.seconds + sm.scrape_interval.nanos / 1e9
-        if not MIN_INTERVAL_S <= seconds <= MAX_INTERVAL_S:
-            v.append(FieldViolation(f"{path}.scrape_interval", f"must be between {MIN_INTERVAL_S:g} s and "
-                                    f"{MAX_INTERVAL_S:g} s"))  # fmt: skip
+    if sm.HasField("scrape_interval") and not MIN_SCRAPE_INTERVAL_S <= seconds(sm.scrape_interval) <= MAX_INTERVAL_S:
+        v.append(FieldViolation(f"{path}.scrape_interval", f"must be between {MIN_SCRAPE_INTERVAL_S:g} s and "
+                                f"{MAX_INTERVAL_S:g} s"))  # fmt: skip
     if len(sm.metric_filters) > MAX_FILTERS:
         v.append(FieldViolation(f"{path}.metric_filters", f"at most {MAX_FILTERS} filters"))
     for i, pattern in enumerate(sm.metric_filters[:MAX_FILTERS]):
@@ -154,7 +153,7 @@ def default_server_metrics(sm: run_pb2.ServerMetricsSpec) -> None:
     if not sm.endpoints:
         return
     if not sm.HasField("scrape_interval"):
-        sm.scrape_interval.FromMilliseconds(int(DEFAULT_INTERVAL_S * 1000))
+        sm.scrape_interval.FromMilliseconds(int(DEFAULT_SCRAPE_INTERVAL_S * 1000))
     if not sm.HasField("mismatch_tolerance_percent"):
         sm.mismatch_tolerance_percent = DEFAULT_TOLERANCE_PERCENT
 
@@ -271,7 +270,7 @@ def compute_server_view(data: StageScrapes, cols: SampleColumns, tolerance_perce
         s = scrape_of[pk]
         readings[(s.endpoint, name, kind)].append((s.time_unix_ns, value))
 
-    counted = (cols.flags & FLAG_WARMUP) == 0
+    counted = counted_mask(cols.flags)
     sent = cols.sent_unix_ns[counted] if counted.any() else cols.sent_unix_ns
     t0 = int(sent.min()) if len(sent) else min(s.time_unix_ns for s in data.scrapes)
 
@@ -356,7 +355,7 @@ def _cross_check(
     elif quantity == PROMPT_TOKENS:
         client = float(cols.prompt_tokens.sum())
     else:
-        client = float(np.count_nonzero(cols.status == STATUS_OK))
+        client = float(np.count_nonzero(cols.status == RequestStatus.OK))
     # A server that counted nothing while the client did is infinitely far off.
     diff = (client - server) / server * 100.0 if server > 0 else (0.0 if client == 0 else math.inf)
     mismatch = complete and abs(diff) > tolerance

@@ -1,4 +1,4 @@
-"""Validation and defaulting of run specs (what CreateRun accepts).
+"""Validation and defaulting of run specs (what CreateRun accepts), and reading a stored one back.
 
 Every violation names the offending field by its path in the request, so a user of
 grpcurl sees `spec.stages[1].concurrency: must be at least 1` rather than a stack trace.
@@ -15,15 +15,18 @@ from collections.abc import Iterable, Iterator
 from typing import TypeVar
 from urllib.parse import urlsplit
 
-from google.protobuf import duration_pb2, struct_pb2
+from google.protobuf import duration_pb2, json_format, struct_pb2
 from google.protobuf.message import Message
 
+from common.durations import seconds
 from common.proto.loadtest.v1 import run_pb2
 from common.request_body import PROTECTED_BODY_KEYS
+from common.spec_defaults import DEFAULT_REQUEST_TIMEOUT_S, DEFAULT_UNREACHABLE_TIMEOUT_S
 from common.target_url import credential_problem
 from controller.domain.checks import CheckSyntaxError, parse_check
 from controller.domain.errors import FieldViolation, InvalidArgument
 from controller.domain.server_metrics import default_server_metrics, validate_server_metrics
+from controller.store.repository import RunRecord
 
 MAX_STAGES = 100
 MAX_CHECKS = 50
@@ -67,12 +70,6 @@ T = TypeVar("T")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,256}$")
 
 
-def _duration_s(d: object) -> float:
-    seconds = getattr(d, "seconds", 0)
-    nanos = getattr(d, "nanos", 0)
-    return float(seconds) + float(nanos) / 1e9
-
-
 def validate_and_default(spec: run_pb2.RunSpec, rng: random.Random | None = None) -> run_pb2.RunSpec:
     """Return a validated copy of `spec` with defaults filled in, or raise InvalidArgument."""
     v: list[FieldViolation] = []
@@ -110,9 +107,9 @@ def validate_and_default(spec: run_pb2.RunSpec, rng: random.Random | None = None
         d = getattr(out.slo, name)
         if out.slo.HasField(name) and not (d.seconds > 0 or (d.seconds == 0 and d.nanos > 0)):
             v.append(FieldViolation(f"spec.slo.{name}", "must be positive"))
-        elif out.slo.HasField(name) and _duration_s(d) > MAX_SLO_SECONDS:
+        elif out.slo.HasField(name) and seconds(d) > MAX_SLO_SECONDS:
             v.append(FieldViolation(f"spec.slo.{name}", f"at most {MAX_SLO_SECONDS} s"))
-    if out.placement.HasField("wait_timeout") and _duration_s(out.placement.wait_timeout) > MAX_STAGE_SECONDS:
+    if out.placement.HasField("wait_timeout") and seconds(out.placement.wait_timeout) > MAX_STAGE_SECONDS:
         v.append(FieldViolation("spec.placement.wait_timeout", f"at most {MAX_STAGE_SECONDS} s"))
     if len(out.stages) <= MAX_STAGES and len(out.checks) <= MAX_CHECKS:
         _check_durations(out, "spec", v)
@@ -152,9 +149,9 @@ def validate_and_default(spec: run_pb2.RunSpec, rng: random.Random | None = None
     if not out.target.HasField("stream"):
         out.target.stream = True
     if not out.target.HasField("request_timeout"):
-        out.target.request_timeout.FromSeconds(300)
+        out.target.request_timeout.FromSeconds(int(DEFAULT_REQUEST_TIMEOUT_S))
     if not out.target.HasField("unreachable_timeout"):
-        out.target.unreachable_timeout.FromSeconds(10)
+        out.target.unreachable_timeout.FromSeconds(int(DEFAULT_UNREACHABLE_TIMEOUT_S))
     if out.workload.WhichOneof("source") is None:
         out.workload.synthetic.SetInParent()
     if out.workload.HasField("synthetic"):
@@ -179,6 +176,17 @@ def check_stored_size(spec: run_pb2.RunSpec) -> None:
     if size > MAX_STORED_SPEC_BYTES:
         what = f"is {size} bytes as stored (labels, headers, extra_body, checks...); at most {MAX_STORED_SPEC_BYTES}"
         raise InvalidArgument([FieldViolation("spec", what)])
+
+
+def parse_spec(record: RunRecord, into: run_pb2.RunSpec | None = None) -> run_pb2.RunSpec:
+    """The run's stored spec, decoded into `into` (an empty message, e.g. a Run's `spec`: that
+    saves copying it there) or into a new message."""
+    spec = run_pb2.RunSpec() if into is None else into
+    if record.spec_pb:  # binary since migration 7: ~1 us a run, ~100x cheaper than parsing the JSON
+        spec.MergeFromString(record.spec_pb)
+    else:
+        json_format.Parse(record.spec_json, spec)
+    return spec
 
 
 def _first(items: Iterable[T], n: int) -> Iterator[T]:
@@ -219,18 +227,9 @@ def _check_target(t: run_pb2.Target, v: list[FieldViolation]) -> None:
         v.append(FieldViolation("spec.target.model", "at most 512 characters"))
     if t.api_kind not in run_pb2.ApiKind.values():
         v.append(FieldViolation("spec.target.api_kind", f"unknown API kind {t.api_kind}"))
-    if t.HasField("request_timeout"):
-        seconds = _duration_s(t.request_timeout)
-        if not 0 < seconds <= MAX_REQUEST_TIMEOUT_S:
-            v.append(
-                FieldViolation(
-                    "spec.target.request_timeout", f"must be in (0, {MAX_REQUEST_TIMEOUT_S}] s"
-                )
-            )
-    if t.HasField("unreachable_timeout"):
-        seconds = _duration_s(t.unreachable_timeout)
-        if not 0 < seconds <= MAX_REQUEST_TIMEOUT_S:
-            v.append(FieldViolation("spec.target.unreachable_timeout", f"must be in (0, {MAX_REQUEST_TIMEOUT_S}] s"))
+    for name in ("request_timeout", "unreachable_timeout"):
+        if t.HasField(name) and not 0 < seconds(getattr(t, name)) <= MAX_REQUEST_TIMEOUT_S:
+            v.append(FieldViolation(f"spec.target.{name}", f"must be in (0, {MAX_REQUEST_TIMEOUT_S}] s"))
     if len(t.headers) > MAX_HEADERS:
         v.append(FieldViolation("spec.target.headers", f"at most {MAX_HEADERS} headers"))
     elif sum(len(n.encode()) + len(x.encode()) for n, x in t.headers.items()) > MAX_HEADERS_BYTES:
@@ -274,18 +273,18 @@ def _check_stage(stage: run_pb2.Stage, path: str, v: list[FieldViolation]) -> No
     elif stage.max_concurrency > MAX_CONCURRENCY:
         v.append(FieldViolation(f"{path}.max_concurrency", f"at most {MAX_CONCURRENCY}"))
 
-    seconds = _duration_s(stage.duration) if stage.HasField("duration") else 0.0
+    stage_s = seconds(stage.duration)
     for name in ("duration", "warmup_duration", "ramp"):
         d = getattr(stage, name)
         if d.seconds < 0 or d.nanos < 0:
             v.append(FieldViolation(f"{path}.{name}", "must not be negative"))
-        elif _duration_s(d) > MAX_STAGE_SECONDS:
+        elif seconds(d) > MAX_STAGE_SECONDS:
             v.append(FieldViolation(f"{path}.{name}", f"at most {MAX_STAGE_SECONDS} s"))
-    if stage.duration.seconds >= 0 and stage.duration.nanos >= 0 and seconds == 0 and stage.requests == 0:
+    if stage.duration.seconds >= 0 and stage.duration.nanos >= 0 and stage_s == 0 and stage.requests == 0:
         v.append(FieldViolation(f"{path}.duration", "set a duration or a request count (or both)"))
-    if seconds and _duration_s(stage.warmup_duration) >= seconds:
+    if stage_s and seconds(stage.warmup_duration) >= stage_s:
         v.append(FieldViolation(f"{path}.warmup_duration", "must be shorter than the stage"))
-    if seconds and _duration_s(stage.ramp) > seconds:
+    if stage_s and seconds(stage.ramp) > stage_s:
         v.append(FieldViolation(f"{path}.ramp", "must not be longer than the stage"))
     for name in ("requests", "warmup_requests"):
         if getattr(stage, name) > MAX_REQUESTS:

@@ -29,9 +29,9 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from google.protobuf import duration_pb2
 
-from common.metrics import FLAG_WARMUP, STATUS_OK, SampleColumns, StageMetrics
+from common.durations import seconds
+from common.metrics import SampleColumns, StageMetrics, counted_ok_mask
 from common.proto.loadtest.v1 import run_pb2
 from controller.domain.server_metrics import ServerStageOutcome
 
@@ -51,10 +51,6 @@ class TargetSaturation:
 NOT_SATURATED = TargetSaturation(False, "")
 
 
-def _seconds(d: duration_pb2.Duration) -> float:
-    return d.ToNanoseconds() / 1e9
-
-
 def planned_window(stage: run_pb2.Stage) -> tuple[float, float, bool] | None:
     """(counted duration in s, expected counted requests, duration came from the spec) of an
     open-loop stage; None for a closed-loop one or one without a duration or request budget."""
@@ -62,8 +58,8 @@ def planned_window(stage: run_pb2.Stage) -> tuple[float, float, bool] | None:
         return None
     rate = stage.request_rate
     spans: list[tuple[float, bool]] = []
-    if stage.HasField("duration") and _seconds(stage.duration) > 0:
-        spans.append((_seconds(stage.duration), True))
+    if stage.HasField("duration") and seconds(stage.duration) > 0:
+        spans.append((seconds(stage.duration), True))
     if stage.requests:
         spans.append((stage.requests / rate, False))
     if not spans:
@@ -71,11 +67,11 @@ def planned_window(stage: run_pb2.Stage) -> tuple[float, float, bool] | None:
     total, from_duration = min(spans)
     warm = 0.0
     if stage.HasField("warmup_duration"):
-        warm = _seconds(stage.warmup_duration)
+        warm = seconds(stage.warmup_duration)
     if stage.warmup_requests:
         warm = max(warm, stage.warmup_requests / rate)
     counted = max(total - warm, 0.0)
-    ramp = _seconds(stage.ramp) if stage.HasField("ramp") else 0.0
+    ramp = seconds(stage.ramp) if stage.HasField("ramp") else 0.0
     # The rate rises linearly from 0 over the ramp: the counted part of the ramp, from `warm`
     # to `ramp`, misses (ramp - warm)^2 / (2 ramp) seconds' worth of arrivals.
     missing = (min(ramp, total) - warm) ** 2 / (2 * ramp) if ramp > warm else 0.0
@@ -84,7 +80,7 @@ def planned_window(stage: run_pb2.Stage) -> tuple[float, float, bool] | None:
 
 def _drain_allowance(cols: SampleColumns) -> float:
     """DRAIN_S + DRAIN_FACTOR x (smallest TTFT + p90 generation time) of the ok requests."""
-    ok = (cols.status == STATUS_OK) & ((cols.flags & FLAG_WARMUP) == 0)
+    ok = counted_ok_mask(cols.status, cols.flags)
     if not ok.any():
         return DRAIN_S
     first = cols.first_token_ns[ok]

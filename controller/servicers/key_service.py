@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 
+from common.durations import seconds_if_set
 from common.proto.loadtest.v1 import key_service_pb2, key_service_pb2_grpc
 from controller.domain.audit import AuditLog
 from controller.domain.keys import KeyStore, Role
@@ -47,7 +48,7 @@ class KeyServiceServicer(key_service_pb2_grpc.KeyServiceServicer):
     async def CreateKey(
         self, request: key_service_pb2.CreateKeyRequest, context: grpc.aio.ServicerContext
     ) -> key_service_pb2.CreateKeyResponse:
-        ttl = request.ttl.ToNanoseconds() / 1e9 if request.HasField("ttl") else None
+        ttl = seconds_if_set(request, "ttl")
         record, token = await self._keys.create(request.name, _PROTO_TO_ROLE.get(request.role, ""), ttl)
         return key_service_pb2.CreateKeyResponse(key=key_message(record), secret=token)
 

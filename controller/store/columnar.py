@@ -21,6 +21,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from common.codes import RequestStatus
+from common.metrics import counted_mask
+
 SAMPLE_COLUMNS = (
     "sent_unix_ns",
     "queue_delay_ns",
@@ -37,8 +40,6 @@ SAMPLE_COLUMNS = (
     "requested_output_tokens",
 )
 COL = {name: i for i, name in enumerate(SAMPLE_COLUMNS)}
-OK_STATUS = 1
-WARMUP_FLAG = 2
 
 # An export cursor is one integer: (batch pk << 32) | offset of the last sample exported.
 _OFFSET_BITS = 32
@@ -104,8 +105,8 @@ def read_stage(
 
 def tally(table: Table) -> tuple[int, int, int]:
     """(ok, failed, output tokens of the OK ones) over a batch's non-warmup samples."""
-    counted = (table[COL["flags"]] & WARMUP_FLAG) == 0
-    ok = counted & (table[COL["status"]] == OK_STATUS)
+    counted = counted_mask(table[COL["flags"]])
+    ok = counted & (table[COL["status"]] == RequestStatus.OK)
     n_ok = int(np.count_nonzero(ok))
     return n_ok, int(np.count_nonzero(counted)) - n_ok, int(table[COL["output_tokens"]][ok].sum())
 
@@ -140,7 +141,7 @@ def export_rows(
         start = after_offset + 1 if batch_pk == after_pk else 0
         offsets = np.arange(start, n)
         if not include_warmup:
-            offsets = offsets[(table[COL["flags"], offsets] & WARMUP_FLAG) == 0]
+            offsets = offsets[counted_mask(table[COL["flags"], offsets])]
         offsets = offsets[: limit - len(out)]
         if not offsets.size:
             continue

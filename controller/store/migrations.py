@@ -273,6 +273,15 @@ MIGRATIONS: Sequence[tuple[int, str, str | Callable[[Database], None]]] = (
         ALTER TABLE audit_events ADD COLUMN count INTEGER NOT NULL DEFAULT 1;
         """,
     ),
+    (
+        11,
+        "lost assignments stored as ASSIGNMENT_STATE_LOST",
+        """
+        -- An assignment whose agent was lost was stored with state -1, a number outside
+        -- loadtest.v1.AssignmentState; it is that enum's ASSIGNMENT_STATE_LOST (5) from now on.
+        UPDATE assignments SET state = 5 WHERE state = -1;
+        """,
+    ),
 )
 
 

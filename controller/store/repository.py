@@ -15,6 +15,7 @@ from typing import cast
 import numpy as np
 from peewee import IntegrityError, fn
 
+from common.codes import FINAL_RUN_STATES, AssignmentState, RunState
 from common.metrics import SampleColumns
 from controller.store import columnar
 from controller.store.database import erases_secrets
@@ -29,12 +30,14 @@ from controller.store.models import (
 )
 from controller.store.server_metrics import ScrapeRow, delete_run_scrapes, insert_scrapes
 
-# RunState values (mirrors loadtest.v1.RunState; the store does not import protos).
-PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED, INTERRUPTED = 1, 2, 3, 4, 5, 6
-FINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED, INTERRUPTED})
-OK_STATUS = 1
-WARMUP_FLAG = 2
-RETRIED_FLAG = 4  # sent again on a fresh connection (SampleBatch.flags bit 2)
+# The old names of the run states, for controller/domain/coordinator.py only: remove them once
+# it uses common.codes.RunState.
+PENDING = RunState.PENDING
+RUNNING = RunState.RUNNING
+SUCCEEDED = RunState.SUCCEEDED
+FAILED = RunState.FAILED
+CANCELLED = RunState.CANCELLED
+INTERRUPTED = RunState.INTERRUPTED
 # The per-sample columns, in stored order (how they are stored: controller/store/columnar.py).
 SAMPLE_COLUMNS = columnar.SAMPLE_COLUMNS
 
@@ -59,7 +62,7 @@ class RunRecord:
 
     @property
     def is_final(self) -> bool:
-        return self.state in FINAL_STATES
+        return self.state in FINAL_RUN_STATES
 
 
 @dataclass(frozen=True)
@@ -157,7 +160,7 @@ def insert_run(
                 request_id=request_id or None,
                 display_name=display_name,
                 model=model,
-                state=PENDING,
+                state=RunState.PENDING,
                 spec_json=spec_json,
                 spec_pb=spec_pb,
                 created_at=now_ns,
@@ -283,15 +286,15 @@ def delete_run(run_pk: int) -> None:
 @erases_secrets
 def interrupt_running(reason: str, now_ns: int) -> list[str]:
     """At start-up: runs left RUNNING by a previous controller become INTERRUPTED."""
-    rows = list(RunRow.select(RunRow.pk, RunRow.run_id).where(RunRow.state == RUNNING))
+    rows = list(RunRow.select(RunRow.pk, RunRow.run_id).where(RunRow.state == RunState.RUNNING))
     for row in rows:
-        finish_run(row.pk, INTERRUPTED, reason, now_ns)
+        finish_run(row.pk, RunState.INTERRUPTED, reason, now_ns)
         RunEventRow.create(run=row.pk, time_ns=now_ns, kind="run_interrupted", message=reason)
     return [r.run_id for r in rows]
 
 
 def pending_run_ids() -> list[str]:
-    query = RunRow.select(RunRow.run_id).where(RunRow.state == PENDING)
+    query = RunRow.select(RunRow.run_id).where(RunRow.state == RunState.PENDING)
     return [r.run_id for r in query.order_by(RunRow.created_at, RunRow.pk)]
 
 
@@ -544,8 +547,8 @@ def sample_batches_version(run_pk: int) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class StoredResult:
-    """A final run's stored result (bytes of a serialized loadtest.v1.RunResult: the store
-    does not import protos) and the version of the run it was computed at."""
+    """A final run's stored result (the bytes of a serialized loadtest.v1.RunResult, which the
+    store does not decode) and the version of the run it was computed at."""
 
     state: int
     batches: int
@@ -595,7 +598,9 @@ def failure_summary(run_pk: int) -> tuple[int, int, str]:
 
 # --- fleet: synchronized starts, lost agents ---------------------------------------------
 
-ASSIGNMENT_LOST_STATE = -1  # assignments.state of an assignment whose agent was lost
+# The old name of AssignmentState.LOST, for controller/domain/coordinator.py only: remove it once
+# it uses common.codes.
+ASSIGNMENT_LOST_STATE = AssignmentState.LOST
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from agent.preflight import PREFLIGHT_REQUESTS
+from common.codes import AssignmentState
 from common.proto.loadtest.v1 import run_pb2
 from tests.fleet.harness import (
     Fleet,
@@ -105,7 +106,8 @@ async def test_frozen_agent_stops_at_lease_and_rejoins(fleet: Fleet) -> None:
     assert any(e.kind == "agent_rejoined" and "freeze-1" in e.message for e in events), [e.kind for e in events]
     assert "lease expired" in frozen.log_tail(20_000)
     # It stopped firing: nothing of its lost assignment was sent after the freeze.
-    last_sent = max((t for _, t in sent_times(fleet, "a.agent_name = 'freeze-1' AND a.state = -1")), default=None)
+    lost = f"a.agent_name = 'freeze-1' AND a.state = {AssignmentState.LOST:d}"
+    last_sent = max((t for _, t in sent_times(fleet, lost)), default=None)
     assert last_sent is not None and last_sent < stopped_ns
     assert duplicate_samples(fleet, run.id) == 0
     # Less the preflight check of each of the 2 agents (it is in no stage).
@@ -141,7 +143,7 @@ async def test_agent_sigterm_flushes_says_goodbye_and_its_share_moves(fleet: Fle
         "SELECT a.state, a.batch_count, (SELECT COUNT(*) FROM sample_batches b WHERE b.assignment_pk = a.pk)"
         " FROM assignments a WHERE a.agent_name = 'leaver-0'"
     )
-    assert rows and all(state == 4 and count == stored for state, count, stored in rows), rows
+    assert rows and all(state == AssignmentState.CANCELLED and count == stored for state, count, stored in rows), rows
     assert duplicate_samples(fleet, run.id) == 0
 
 

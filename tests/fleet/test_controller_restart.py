@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from common.codes import AssignmentState
 from common.proto.loadtest.v1 import run_pb2, run_service_pb2
 from tests.fleet.harness import Fleet, closed, eventually, make_spec, wait_final
 
@@ -107,7 +108,7 @@ async def test_controller_sigterm_with_agents_and_watchers(fleet: Fleet) -> None
     )
     assert len(rows) == 2
     for assignment_id, state, batch_count, stored in rows:
-        assert state == 4, (assignment_id, state)  # ASSIGNMENT_STATE_CANCELLED
+        assert state == AssignmentState.CANCELLED, (assignment_id, state)
         assert batch_count == stored, (assignment_id, batch_count, stored)
     with contextlib.closing(sqlite3.connect(fleet.db)) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

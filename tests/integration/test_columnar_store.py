@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from google.protobuf import json_format
 
+from common.codes import RequestStatus, SampleFlag
 from common.proto.loadtest.v1 import run_pb2
-from controller.domain.results import parse_spec
 from controller.domain.runs import MAX_PAGE_BYTES
+from controller.domain.spec import parse_spec
 from controller.store import columnar
 from controller.store import repository as repo
 from controller.store.database import Database
@@ -132,7 +133,7 @@ def test_migration_7_converts_samples_written_the_old_way(tmp_path: Path) -> Non
                 rows.extend(chunk)
                 after = int(chunk[-1][0])  # type: ignore[call-overload]
             assert [r[1:] for r in rows] == [r[1:] for r in old_rows]
-        counted = [r for r in old_rows if not int(r[12]) & repo.WARMUP_FLAG]  # type: ignore[call-overload]
+        counted = [r for r in old_rows if not int(r[12]) & SampleFlag.WARMUP]  # type: ignore[call-overload]
         rows, after = [], 0
         while chunk := repo.export_page(run_pk, after, 5, False):
             rows.extend(chunk)
@@ -167,8 +168,8 @@ def test_ingest_is_idempotent_and_counts_without_warmup(fresh_db: Database) -> N
     version0 = repo.sample_batches_version(record.pk)
     first, again = repo.ingest_batches([batch, batch])
     c = columnar.COL
-    counted = (table[c["flags"]] & repo.WARMUP_FLAG) == 0
-    ok = counted & (table[c["status"]] == repo.OK_STATUS)
+    counted = (table[c["flags"]] & SampleFlag.WARMUP) == 0
+    ok = counted & (table[c["status"]] == RequestStatus.OK)
     assert first == repo.IngestOutcome(True, int(ok.sum()), int((counted & ~ok).sum()),
                                        int(table[c["output_tokens"]][ok].sum()))  # fmt: skip
     assert again == repo.IngestOutcome(False, 0, 0, 0)

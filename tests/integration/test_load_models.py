@@ -28,8 +28,8 @@ from google.protobuf import struct_pb2
 
 from agent.arrivals import ArrivalSchedule
 from agent.assignment import AssignmentRunner
-from agent.batcher import FLAG_WARMUP
 from agent.prompts import shared_prefix
+from common.codes import SampleFlag
 from common.proto.loadtest.v1 import agent_service_pb2, run_pb2
 from mockserver.app import create_app
 from mockserver.config import MockConfig
@@ -101,7 +101,7 @@ class Samples:
 
     @property
     def warmup(self) -> npt.NDArray[np.bool_]:
-        return (self.flags & FLAG_WARMUP) != 0
+        return (self.flags & SampleFlag.WARMUP) != 0
 
     def __len__(self) -> int:
         return len(self.sent)

@@ -18,6 +18,7 @@ import pytest
 import structlog
 
 from client.sdk import ControllerClient
+from common.codes import RunState
 from common.proto.loadtest.v1 import run_pb2
 from controller.domain import run_results
 from controller.domain.run_results import RESULT_FORMAT, RunResults
@@ -233,7 +234,7 @@ async def test_shutdown_cancels_a_computation_in_progress_cleanly(
     record, _ = await db.write(
         repo.insert_run, "run_x", None, "", "m", "{}", ["s0"], "", 1, "", spec.SerializeToString()
     )
-    await db.write(repo.finish_run, record.pk, repo.SUCCEEDED, "", 2)
+    await db.write(repo.finish_run, record.pk, RunState.SUCCEEDED, "", 2)
     entered, release = threading.Event(), threading.Event()
     real: Callable[..., run_results.ComputedResult] = run_results.compute_result
 

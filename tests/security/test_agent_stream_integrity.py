@@ -152,6 +152,45 @@ async def test_impossible_values_are_refused_and_nothing_is_stored(keyed_control
     assert len(await refusals(controller, "INVALID_ARGUMENT", run.id)) == len(bad)
 
 
+async def test_an_agent_cannot_report_its_assignment_lost(keyed_controller: Controller) -> None:
+    """ASSIGNMENT_STATE_LOST is the controller's to set: an agent's report of it for its own
+    assignment is no final report (a later real one still counts), and is not acknowledged."""
+    controller = keyed_controller
+    address = f"127.0.0.1:{controller.port}"
+    _, key = await controller.keys.create("claims-lost", Role.AGENT)
+    async with (
+        MockServer(MockConfig(ttft_ms=10, itl_ms=2, output_tokens=8)) as mock,
+        ControllerClient(address, api_key=AGENT_BOOTSTRAP, timeout_s=10) as admin,
+    ):
+        run = await admin.create_run(placed(spec_for(mock, [(1, 30.0)]), "claims"))
+        async with HostileAgent(address, key, labels={"role": "claims"}) as h:
+            await h.next("welcome")
+            await h.become_placeable()
+            assign = (await h.next("assign", timeout_s=30)).assign
+
+            def report(state: agent_service_pb2.AssignmentState.ValueType) -> None:
+                update = agent_service_pb2.AssignmentUpdate(assignment_id=assign.assignment_id, state=state)
+                h.send(agent_service_pb2.ConnectRequest(assignment_update=update))
+
+            report(agent_service_pb2.ASSIGNMENT_STATE_LOST)
+            h.send(h._heartbeat())  # messages are handled in order: its ack comes after any for the report
+            answered: list[str] = []
+            async with asyncio.timeout(20):
+                while not answered or answered[-1] != "heartbeat_ack":
+                    answered.append(str((await h.responses.get()).WhichOneof("body")))
+            report(agent_service_pb2.ASSIGNMENT_STATE_COMPLETED)
+            await h.next("ack")
+            query = "SELECT state FROM assignments WHERE assignment_id = ?"
+            stored = await controller.db.read(
+                lambda: repo.database_proxy.execute_sql(query, (assign.assignment_id,)).fetchone()[0]
+            )
+        final = await wait_final(admin, run.id)
+    assert "ack" not in answered, answered
+    # Had LOST been taken as the final state, the COMPLETED report would have been ignored.
+    assert stored == agent_service_pb2.ASSIGNMENT_STATE_COMPLETED
+    assert final.state == run_pb2.RUN_STATE_SUCCEEDED, final.state_reason  # its only assignment completed
+
+
 async def test_stored_outliers_cannot_exhaust_a_result_read(keyed_controller: Controller) -> None:
     """Samples as an older controller stored them (no ingest checks): GetRunResult still
     answers, with the outliers left out and said so, and a series as long as the stage."""

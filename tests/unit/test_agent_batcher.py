@@ -6,8 +6,9 @@ import asyncio
 
 import pytest
 
-from agent.batcher import FLAG_USAGE_FROM_SERVER, FLAG_WARMUP, SampleBatcher
+from agent.batcher import SampleBatcher
 from agent.sample import ClockAnchor, RequestSample
+from common.codes import SampleFlag
 from common.proto.loadtest.v1 import agent_service_pb2, run_pb2
 from tests.conftest import poll_until
 
@@ -68,7 +69,7 @@ def test_columns_offsets_and_wall_clock() -> None:
     assert list(batch.output_tokens) == [32, 0]
     assert list(batch.status) == [run_pb2.REQUEST_STATUS_OK, run_pb2.REQUEST_STATUS_HTTP_5XX]
     assert list(batch.error) == ["", "HTTP 500: boom"]
-    assert list(batch.flags) == [FLAG_USAGE_FROM_SERVER, 0]
+    assert list(batch.flags) == [SampleFlag.USAGE_FROM_SERVER, 0]
 
 
 def test_itl_concatenated_in_sample_order_with_counts() -> None:
@@ -92,7 +93,7 @@ def test_flags_warmup_and_estimated_counts() -> None:
     batcher.add(estimated)
     batch = batcher.flush()
     assert batch is not None
-    assert list(batch.flags) == [FLAG_USAGE_FROM_SERVER | FLAG_WARMUP, 0]
+    assert list(batch.flags) == [SampleFlag.USAGE_FROM_SERVER | SampleFlag.WARMUP, 0]
 
 
 def test_time_equal_to_sent_stays_present() -> None:

@@ -9,11 +9,9 @@ import numpy as np
 import pytest
 
 from common import metrics
+from common.codes import RequestStatus, SampleFlag
 from common.metrics import (
     ERROR_KINDS,
-    FLAG_USAGE,
-    FLAG_WARMUP,
-    STATUS_OK,
     LatencySummary,
     SampleColumns,
     SecondBucket,
@@ -41,12 +39,12 @@ class Req:
     queue: float = 0.0
     prompt: int = 0
     output: int = 0
-    status: int = STATUS_OK
-    flags: int = FLAG_USAGE
+    status: int = RequestStatus.OK
+    flags: int = SampleFlag.USAGE_FROM_SERVER
     gaps: Sequence[float] = ()
 
 
-def streamed(sent: float, first: float, gaps: Sequence[float], output: int, status: int = STATUS_OK) -> Req:
+def streamed(sent: float, first: float, gaps: Sequence[float], output: int, status: int = RequestStatus.OK) -> Req:
     """A streaming request whose last token is its first plus its gaps, done 1 ms later."""
     last = first + sum(gaps)
     return Req(sent=sent, first=first, last=last, done=last + 1, gaps=gaps, output=output, status=status)
@@ -207,11 +205,11 @@ def test_errors_by_kind_and_names() -> None:
     assert dict(ERROR_KINDS) == {s: error_kind_name(s) for s in range(2, 8)}
     assert error_kind_name(0) == "unknown"
     with pytest.raises(ValueError):
-        error_kind_name(STATUS_OK)
+        error_kind_name(RequestStatus.OK)
 
 
 def test_warmup_requests_are_excluded_everywhere() -> None:
-    warm = FLAG_USAGE | FLAG_WARMUP
+    warm = SampleFlag.USAGE_FROM_SERVER | SampleFlag.WARMUP
     m = compute_stage_metrics(
         columns(
             # warmup: earlier, slower, failing and token-heavy; none of it may show
@@ -429,7 +427,8 @@ def test_columns_are_validated() -> None:
 
 
 def test_empty_inputs_give_zeros() -> None:
-    for cols in (SampleColumns.empty(), columns(Req(done=5, output=3, flags=FLAG_USAGE | FLAG_WARMUP))):
+    warm = SampleFlag.USAGE_FROM_SERVER | SampleFlag.WARMUP
+    for cols in (SampleColumns.empty(), columns(Req(done=5, output=3, flags=warm))):
         m = compute_stage_metrics(cols)
         assert (m.requests_ok, m.requests_failed, m.errors) == (0, 0, {})
         assert (m.duration_s, m.request_throughput, m.output_token_throughput) == (0.0, 0.0, 0.0)

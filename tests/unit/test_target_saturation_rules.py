@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.metrics import STATUS_OK, SampleColumns, compute_stage_metrics
+from common.codes import RequestStatus
+from common.metrics import SampleColumns, compute_stage_metrics
 from common.proto.loadtest.v1 import run_pb2
 from controller.domain.server_metrics import GAUGE, SeriesOutcome, ServerStageOutcome
 from controller.domain.target_saturation import planned_window, target_saturation
@@ -21,18 +22,18 @@ def columns(
     n = len(sent_s)
     ttft = np.broadcast_to(np.asarray(ttft_s, dtype=float), (n,))
     e2e = np.broadcast_to(np.asarray(e2e_s, dtype=float), (n,))
-    status = np.full(n, STATUS_OK)
+    status = np.full(n, RequestStatus.OK)
     if ok is not None:
         status[ok:] = 7  # cancelled: held back by a cap past the stage's end
     zeros = np.zeros(n, dtype=np.int64)
     return SampleColumns(
         sent_unix_ns=T0 + (sent_s * 1e9).astype(np.int64),
         queue_delay_ns=zeros,
-        first_token_ns=np.where(status == STATUS_OK, ttft * 1e9, 0).astype(np.int64),
-        last_token_ns=np.where(status == STATUS_OK, e2e * 1e9, 0).astype(np.int64),
-        done_ns=np.where(status == STATUS_OK, e2e * 1e9 + 1e6, 1e3).astype(np.int64),
+        first_token_ns=np.where(status == RequestStatus.OK, ttft * 1e9, 0).astype(np.int64),
+        last_token_ns=np.where(status == RequestStatus.OK, e2e * 1e9, 0).astype(np.int64),
+        done_ns=np.where(status == RequestStatus.OK, e2e * 1e9 + 1e6, 1e3).astype(np.int64),
         prompt_tokens=np.full(n, 64),
-        output_tokens=np.where(status == STATUS_OK, 32, 0),
+        output_tokens=np.where(status == RequestStatus.OK, 32, 0),
         status=status,
         flags=zeros,
         itl_count=zeros,

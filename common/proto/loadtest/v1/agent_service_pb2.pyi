@@ -38,9 +38,11 @@ class _AssignmentStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Assig
     """The agent could not run the assignment; `message` says why."""
     ASSIGNMENT_STATE_CANCELLED: _AssignmentState.ValueType  # 4
     """The assignment was cancelled; every batch up to `batch_count` has been sent."""
+    ASSIGNMENT_STATE_LOST: _AssignmentState.ValueType  # 5
+    """Set by the controller only: the agent running it was lost."""
 
 class AssignmentState(_AssignmentState, metaclass=_AssignmentStateEnumTypeWrapper):
-    """The state of an assignment on the agent."""
+    """The state of an assignment, as its agent reports it (LOST excepted)."""
 
 ASSIGNMENT_STATE_UNSPECIFIED: AssignmentState.ValueType  # 0
 """Not set."""
@@ -52,6 +54,8 @@ ASSIGNMENT_STATE_FAILED: AssignmentState.ValueType  # 3
 """The agent could not run the assignment; `message` says why."""
 ASSIGNMENT_STATE_CANCELLED: AssignmentState.ValueType  # 4
 """The assignment was cancelled; every batch up to `batch_count` has been sent."""
+ASSIGNMENT_STATE_LOST: AssignmentState.ValueType  # 5
+"""Set by the controller only: the agent running it was lost."""
 Global___AssignmentState: _TypeAlias = AssignmentState  # noqa: Y015
 
 @_typing.final
