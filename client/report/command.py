@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from client.commands import _errors, add_connection_arguments, failure, open_reader
+from client.commands import add_connection_arguments, failure, failure_types, open_reader
 from client.report.collect import collect
 from client.report.page import build_report
 
@@ -24,7 +24,7 @@ async def cmd_report(args: argparse.Namespace) -> int:
     try:
         async with open_reader(args) as client:
             runs = [await collect(client, run_id, not args.no_samples) for run_id in args.run_ids]
-    except _errors() as exc:
+    except failure_types(args) as exc:
         return failure(exc, args)
     for data in runs:
         if data.samples is None and data.samples_note and not args.no_samples:
