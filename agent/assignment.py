@@ -1,11 +1,11 @@
 """One assignment on this agent: the load path wired together, and its lifecycle.
 
-`AssignmentRunner` owns what an `Assign` needs: a `LoadSchedule` (when), an `OpenAIClient`
+`AssignmentRunner` owns what an `Assign` needs: a `LoadSchedule` (when), an `TargetClient`
 (how), a `PromptSource` (what: synthetic prompts or dataset entries) and a `SampleBatcher`
 (where samples go). Its lifecycle:
 
 1. `start()` runs it as a task and emits `AssignmentUpdate(RUNNING)`.
-2. A closed loop first opens its connections (`OpenAIClient.preconnect`, one per worker),
+2. A closed loop first opens its connections (`TargetClient.preconnect`, one per worker),
    so that the first request of each worker does not pay for a TCP/TLS handshake inside
    its TTFT. It then waits for the stage's common start time (`Assign.start_unix_ns`, in
    the controller's clock, minus this agent's estimated clock offset), reports RUNNING with
@@ -42,7 +42,6 @@ from urllib.parse import urlsplit
 import structlog
 
 from agent.batcher import SampleBatcher
-from agent.client import OpenAIClient, TargetConfigError
 from agent.gcload import load_thresholds
 from agent.prompts import PromptSource, PromptSourceError, prompt_source
 from agent.reachability import TargetReachability
@@ -50,6 +49,7 @@ from agent.sample import MAX_ERROR_CHARS, PROCESS_CLOCK_ANCHOR, ClockAnchor, Req
 from agent.scheduler import ClosedLoopSchedule, LoadSchedule, UnsupportedStageError, schedule_for_stage
 from agent.scrape import ServerMetricsScraper
 from agent.stalls import STALL_POLL_S, Stall, StallWatch
+from agent.target_client import TargetClient, TargetConfigError
 from common import codes
 from common.durations import seconds
 from common.proto.loadtest.v1 import agent_service_pb2, run_pb2
@@ -122,7 +122,7 @@ class AssignmentRunner:
         self._batcher = batcher or SampleBatcher(assign.assignment_id, self._emit_batch, anchor=anchor)
         self._task: asyncio.Task[None] | None = None
         self._load_task: asyncio.Task[None] | None = None
-        self._client: OpenAIClient | None = None
+        self._client: TargetClient | None = None
         self._prompts: PromptSource | None = None
         self._cancel_reason: str | None = None
         self._in_flight = 0
@@ -262,7 +262,7 @@ class AssignmentRunner:
         try:
             schedule: LoadSchedule = schedule_for_stage(assign.stage, assign.workload.seed)
             self._prompts = prompt_source(assign.workload, assign.dataset_entries)
-            self._client = OpenAIClient(
+            self._client = TargetClient(
                 assign.target,
                 ignore_eos=assign.workload.ignore_eos,
                 pin_min_tokens=assign.workload.pin_min_tokens,
@@ -317,7 +317,7 @@ class AssignmentRunner:
             if self._client is not None:
                 await self._client.close()
 
-    async def _load(self, schedule: LoadSchedule, client: OpenAIClient) -> None:
+    async def _load(self, schedule: LoadSchedule, client: TargetClient) -> None:
         if isinstance(schedule, ClosedLoopSchedule):
             opened = await client.preconnect(min(schedule.concurrency, MAX_PRECONNECT), PRECONNECT_TIMEOUT_S)
             log.debug("preconnected", assignment_id=self.assignment_id, connections=opened)

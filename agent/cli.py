@@ -1,7 +1,7 @@
 """`llm-loadtest agent`: run a load-generating agent connected to a controller.
 
 `add_arguments` and `run` are mounted as a subcommand by the `llm-loadtest` entry point;
-`run_agent` (re-exported from `agent.session`) runs an agent inside an existing event loop
+`run_agent` (re-exported from `agent.controller_link`) runs an agent inside an existing event loop
 for tests and the in-process quickstart.
 
 Exit codes: 0 after a clean shutdown (SIGINT/SIGTERM), 1 when the controller refuses our API
@@ -22,9 +22,9 @@ from typing import Any
 
 import structlog
 
+from agent.controller_link import AgentAuthError, run_agent
 from agent.gcload import freeze_startup
 from agent.observability import AgentMetrics
-from agent.session import AgentAuthError, run_agent
 from common.grpc_options import API_KEY_ENV
 from common.logging import configure_logging
 from common.tls import add_client_tls_arguments, client_tls_from_args, open_channel

@@ -24,8 +24,8 @@ import contextlib
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
+from agent.controller_link import ControllerLink
 from agent.health import CpuMeter, LoopLagMonitor
-from agent.session import AgentSession
 from common.codes import RequestStatus
 from common.metrics_http import MetricsServer
 from common.proto.loadtest.v1 import agent_service_pb2
@@ -35,11 +35,11 @@ SEND_LAG_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25
 
 
 class AgentMetrics:
-    """The agent's registry; a `SessionObserver` for `run_agent`."""
+    """The agent's registry; a `LinkObserver` for `run_agent`."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self._session: AgentSession | None = None
+        self._link: ControllerLink | None = None
         self._cpu = CpuMeter()
         ProcessCollector(registry=self.registry)
         Gauge("llm_loadtest_agent_in_flight_requests", "Requests in flight now",
@@ -84,22 +84,22 @@ class AgentMetrics:
         await self._server.stop()
 
     def _in_flight(self) -> int:
-        return sum(r.in_flight for r in self._session.assignments.values()) if self._session else 0
+        return sum(r.in_flight for r in self._link.assignments.values()) if self._link else 0
 
     def _assignments(self) -> int:
-        return len(self._session.assignments) if self._session else 0
+        return len(self._link.assignments) if self._link else 0
 
     def _connected(self) -> int:
-        return int(bool(self._session and self._session.connected))
+        return int(bool(self._link and self._link.connected))
 
     def _on_lag(self, lag_s: float) -> None:
         self._lag_last.set(lag_s)
         self._lag_hist.observe(lag_s)
 
-    # --- SessionObserver -----------------------------------------------------------------
+    # --- LinkObserver --------------------------------------------------------------------
 
-    def attach(self, session: AgentSession) -> None:
-        self._session = session
+    def attach(self, link: ControllerLink) -> None:
+        self._link = link
 
     def on_send(self, message: agent_service_pb2.ConnectRequest) -> None:
         if message.WhichOneof("body") != "sample_batch":

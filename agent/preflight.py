@@ -31,9 +31,9 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 import orjson
 
-from agent.client import OpenAIClient, TargetConfigError
 from agent.sample import MAX_ERROR_CHARS, RequestSample
 from agent.sse import StreamParser, parse_json_body
+from agent.target_client import TargetClient, TargetConfigError
 from agent.wire_errors import transport_error
 from common.proto.loadtest.v1 import run_pb2
 
@@ -70,7 +70,7 @@ def display_url(url: str) -> str:
 async def check_target(target: run_pb2.Target, workload: run_pb2.Workload) -> PreflightOutcome:
     """Check the target as described in the module docstring; never raises for the target's faults."""
     try:
-        client = OpenAIClient(target, ignore_eos=workload.ignore_eos, pin_min_tokens=workload.pin_min_tokens)
+        client = TargetClient(target, ignore_eos=workload.ignore_eos, pin_min_tokens=workload.pin_min_tokens)
     except TargetConfigError as exc:
         return PreflightOutcome(False, str(exc))
     async with client:
@@ -80,7 +80,7 @@ async def check_target(target: run_pb2.Target, workload: run_pb2.Workload) -> Pr
     )
 
 
-async def _check(client: OpenAIClient) -> PreflightOutcome:
+async def _check(client: TargetClient) -> PreflightOutcome:
     where = display_url(client.base_url)
     listed, unreachable = await _list_models(client)
     if unreachable:
@@ -103,7 +103,7 @@ async def _check(client: OpenAIClient) -> PreflightOutcome:
     return PreflightOutcome(True, "", models, response_model)
 
 
-async def _list_models(client: OpenAIClient) -> tuple[list[str] | None, str]:
+async def _list_models(client: TargetClient) -> tuple[list[str] | None, str]:
     """(model ids the server lists or None, connection error or "")."""
     try:
         async with client.session.get(
@@ -127,7 +127,7 @@ async def _list_models(client: OpenAIClient) -> tuple[list[str] | None, str]:
     return [str(m["id"]) for m in data if isinstance(m, dict) and "id" in m], ""
 
 
-async def _one_request(client: OpenAIClient) -> tuple[RequestSample, str]:
+async def _one_request(client: TargetClient) -> tuple[RequestSample, str]:
     """One small real request; its sample (status, error) and the answer's `model`."""
     sample = RequestSample()
     parser = StreamParser(sample, chat=client.chat) if client.streaming else None

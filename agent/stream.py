@@ -20,13 +20,13 @@ connection. The request's body is a `TrackedBody`; when aiohttp hands the reques
 connection, the connector notes on that body the connection and whether it had served a
 request before (`reused`). With the connection's `read_ns`, the client can then tell a pooled
 connection that the server had already closed (nothing of the response arrived after the
-send) from one that failed while the server was answering (see `OpenAIClient.send`).
+send) from one that failed while the server was answering (see `TargetClient.send`).
 
 Everything else is aiohttp's: connection pooling and keep-alive (the body is read to its
 end, so aiohttp releases the connection as usual), chunked and content-length framing,
 decompression, and its error reporting (`ClientPayloadError` for a cut body, the parser's
 errors for a malformed response). The sink only watches the `StreamReader` through its
-public methods; if a connection is not a `TimedResponseHandler`, `OpenAIClient` falls back
+public methods; if a connection is not a `TimedResponseHandler`, `TargetClient` falls back
 to reading the body in the task.
 """
 

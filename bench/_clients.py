@@ -10,7 +10,7 @@ KIND is one of:
   same connection. The cheapest a streaming client can be in Python: the floor.
 * `aiohttp`: a minimal aiohttp + uvloop client: one session, `iter_any()` over the body,
   the same byte scans as `floor`, no JSON decoding.
-* `agent`: llm-loadtest's own load path (`AssignmentRunner`: scheduler, `OpenAIClient`,
+* `agent`: llm-loadtest's own load path (`AssignmentRunner`: scheduler, `TargetClient`,
   `StreamParser`, `SampleBatcher`), with every sealed batch serialized as it would be for
   the gRPC stream and acked at once. Its Assign asks for 128-token prompts and `max_tokens`.
 

@@ -30,7 +30,7 @@ _COMMANDS: dict[str, tuple[str, str, str, str]] = {
                   "client.commands", "add_scenarios_arguments", "cmd_scenarios"),
     "runs": ("list, inspect, cancel and delete runs", "client.commands", "add_runs_arguments", "async:cmd_runs"),
     "report": ("write a self-contained HTML report of one run, or several runs overlaid",
-               "client.report", "add_arguments", "async:cmd_report"),
+               "client.report.command", "add_arguments", "async:cmd_report"),
     "controller": ("serve the controller (gRPC API and agent streams, SQLite store)",
                    "controller.cli", "add_arguments", "run"),
     "agent": ("run a load-generating agent connected to a controller", "agent.cli", "add_arguments", "run"),

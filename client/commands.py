@@ -27,7 +27,7 @@ from common.proto.loadtest.v1 import run_pb2
 from common.tls import add_client_tls_arguments, client_tls_from_args
 
 if TYPE_CHECKING:
-    from controller.domain.errors import DomainError
+    from controller.local import DomainError
 
 CONTROLLER_ENV = "LLM_LOADTEST_CONTROLLER"
 DEFAULT_PORT = 50051
@@ -80,11 +80,11 @@ def open_client(args: argparse.Namespace) -> ControllerClient:
 
 def open_reader(args: argparse.Namespace) -> ControllerClient:
     """The read calls of the controller named by the flags, or of the `--db` file when given
-    (client/local_store.py; raises FileNotFoundError for a missing file)."""
+    (controller/local.py; raises FileNotFoundError for a missing file)."""
     if getattr(args, "db", None) is not None:
-        from client.local_store import LocalStore
+        from controller.local import LocalRunReader
 
-        return cast(ControllerClient, LocalStore(args.db))
+        return cast(ControllerClient, LocalRunReader(args.db))
     return open_client(args)
 
 
@@ -101,15 +101,18 @@ def failure(exc: BaseException, args: argparse.Namespace, code: int = exitcodes.
     if isinstance(exc, FileNotFoundError):
         print(f"error: {exc}", file=sys.stderr)
         return exitcodes.USAGE
-    from client.local_store import error_text
+    from controller.local import error_text
 
     print(error_text(cast("DomainError", exc)), file=sys.stderr)
     return code
 
 
-def _errors() -> tuple[type[BaseException], ...]:
-    """What a call may raise that `failure` words (the domain's errors only with `--db`)."""
-    from controller.domain.errors import DomainError
+def failure_types(args: argparse.Namespace) -> tuple[type[BaseException], ...]:
+    """What a call may raise that `failure` words: the domain's errors too with `--db` (whose
+    reader has loaded the controller's code already; a remote call does not load it)."""
+    if getattr(args, "db", None) is None:
+        return grpc.aio.AioRpcError, FileNotFoundError
+    from controller.local import DomainError
 
     return grpc.aio.AioRpcError, DomainError, FileNotFoundError
 
@@ -328,7 +331,7 @@ async def cmd_runs(args: argparse.Namespace) -> int:
     try:
         async with open_reader(args) as client:
             return await _runs(args, client)
-    except _errors() as exc:
+    except failure_types(args) as exc:
         # A refused compare is a usage error: 1 means "regressed" there.
         return failure(exc, args, exitcodes.USAGE if args.runs_command == "compare" else exitcodes.FAILED)
 

@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -23,6 +24,9 @@ from client import render
 from client.commands import add_connection_arguments, open_client
 from common.durations import parse_duration
 from common.proto.loadtest.v1 import key_service_pb2
+
+if TYPE_CHECKING:
+    from controller.local import KeyRecord, LocalKeyAdmin
 
 ROLES = ("admin", "agent", "reader")
 _ROLE_ENUM = {
@@ -143,22 +147,18 @@ def _print_audit(rows: list[AuditRow], as_json: bool) -> None:
               f"{r.run_id or '-':<26}{r.peer:<24}{r.detail}")  # fmt: skip
 
 
-async def _on_db(path: str, job: Callable[..., Awaitable[int]]) -> int:
+async def _on_db(path: str, job: Callable[[LocalKeyAdmin], Awaitable[int]]) -> int:
     from common.logging import configure_logging
-    from controller.domain.audit import AuditLog
-    from controller.domain.keys import KeyStore
-    from controller.store.database import Database, UnusableDatabase
+    from controller.local import LocalKeyAdmin, UnusableDatabase
 
     configure_logging("console", "warning")  # stdout carries only the new key
-    db = Database(path, read_workers=1)
     try:
-        db.migrate()
-        return await job(KeyStore(db), AuditLog(db))
+        admin = LocalKeyAdmin(path)
     except UnusableDatabase as exc:
         print(f"llm-loadtest: {exc}", file=sys.stderr)
         return 1
-    finally:
-        db.close()
+    async with admin:
+        return await job(admin)
 
 
 async def cmd_keys(args: argparse.Namespace) -> int:
@@ -168,10 +168,10 @@ async def cmd_keys(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.db:
-        from controller.domain.errors import DomainError
+        from controller.local import DomainError
 
         try:
-            return await _on_db(args.db, lambda keys, _: _keys_on_db(args, keys, ttl))
+            return await _on_db(args.db, lambda admin: _keys_on_db(args, admin, ttl))
         except DomainError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
@@ -191,22 +191,17 @@ async def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _keys_on_db(args: argparse.Namespace, keys: object, ttl: float | None) -> int:
-    from controller.domain.keys import KeyStore
-    from controller.store.security import KeyRecord
-
-    assert isinstance(keys, KeyStore)
-
+async def _keys_on_db(args: argparse.Namespace, admin: LocalKeyAdmin, ttl: float | None) -> int:
     def row(r: KeyRecord) -> KeyRow:
         return KeyRow(r.key_id, r.name, r.role, r.created_at, r.expires_at, r.revoked_at)
 
     if args.keys_command == "create":
-        record, token = await keys.create(args.name, args.role, ttl)
+        record, token = await admin.create_key(args.name, args.role, ttl)
         _announce(row(record), token)
     elif args.keys_command == "list":
-        _print_keys([row(r) for r in await keys.list(args.all)], args.json)
+        _print_keys([row(r) for r in await admin.list_keys(args.all)], args.json)
     else:
-        record = await keys.revoke(args.key_id)
+        record = await admin.revoke_key(args.key_id)
         print(f"revoked key {record.key_id} ({record.name})", file=sys.stderr)
     return 0
 
@@ -222,11 +217,8 @@ async def cmd_audit(args: argparse.Namespace) -> int:
     limit = max(1, min(args.limit, 1000))
     if args.db:
 
-        async def job(_: object, audit: object) -> int:
-            from controller.domain.audit import AuditLog
-
-            assert isinstance(audit, AuditLog)
-            rows, _token = await audit.list(limit, "", args.key_id, args.run_id)
+        async def job(admin: LocalKeyAdmin) -> int:
+            rows, _token = await admin.list_audit_events(limit, "", args.key_id, args.run_id)
             _print_audit([AuditRow(r.time_ns, r.key_id, r.method, r.run_id, r.outcome, r.request_id, r.peer,
                                    r.detail, r.count) for r in rows], args.json)  # fmt: skip
             return 0

@@ -17,7 +17,6 @@ from rich.table import Table
 
 from client import formats
 from client.formats import NA
-from client.report_server import server_facts
 from common.proto.loadtest.v1 import run_pb2, run_service_pb2
 
 # Where stdout is no terminal, rows stay whole on one line instead of wrapping at 80 columns.
@@ -255,7 +254,17 @@ def _stage_facts(s: run_pb2.StageResult) -> list[str]:
     if s.target_saturated:
         lines.append(f"WARNING {s.target_saturation_reason}")
     if s.HasField("server_metrics"):
-        lines.extend(server_facts(s.server_metrics))
+        lines.extend(_server_facts(s.server_metrics))
+    return lines
+
+
+def _server_facts(sm: run_pb2.ServerMetricsResult) -> list[str]:
+    """Plain-text lines of a stage's server view."""
+    lines = [f"server metrics: {sm.scrapes_ok} scrapes, {sm.scrapes_failed} failed, {len(sm.series)} series"]
+    for c in sm.cross_checks:
+        lines.append(("WARNING " if c.mismatch else "") + c.message)
+    for e in sm.errors:
+        lines.append(f"scrape of {e.endpoint} failed {e.count}x: {e.message}")
     return lines
 
 

@@ -235,6 +235,23 @@ def summarize(values_ns: npt.ArrayLike) -> LatencySummary:
     )
 
 
+def per_request_tpot(
+    first_token: npt.ArrayLike, last_token: npt.ArrayLike, output_tokens: npt.ArrayLike
+) -> tuple[FloatArray, BoolArray]:
+    """Each request's TPOT and where it is defined: (last token - first token) / (output
+    tokens - 1), in the unit of the token times, for a request with more than one output token
+    and both a first and a last token (a time of 0 meaning "did not happen"); NaN elsewhere.
+
+    The controller applies it to nanosecond offsets, the HTML report to the milliseconds of
+    exported samples.
+    """
+    first, last, tokens = np.asarray(first_token), np.asarray(last_token), np.asarray(output_tokens)
+    defined = (tokens > 1) & (first > 0) & (last > 0)
+    values = np.full(len(defined), np.nan)
+    np.divide(last - first, tokens - 1, out=values, where=defined)
+    return values, defined
+
+
 def compute_stage_metrics(cols: SampleColumns, slo: Slo | None = None) -> StageMetrics:
     """Every metric of the requests in `cols` (warmup requests are dropped first)."""
     cols = cols.select(counted_mask(cols.flags))
@@ -259,10 +276,8 @@ def compute_stage_metrics(cols: SampleColumns, slo: Slo | None = None) -> StageM
     output_tokens = int(ok_cols.output_tokens.sum())
 
     first, last = ok_cols.first_token_ns, ok_cols.last_token_ns
-    has_tpot = (ok_cols.output_tokens > 1) & (first > 0) & (last > 0)
     # Full-length TPOT (NaN where undefined) so goodput can test it request by request.
-    tpot_ns = np.full(requests_ok, np.nan)
-    np.divide(last - first, ok_cols.output_tokens - 1, out=tpot_ns, where=has_tpot)
+    tpot_ns, has_tpot = per_request_tpot(first, last, ok_cols.output_tokens)
     # E2E ends at the last token as vLLM does; non-streaming responses have only `done`.
     e2e_ns = np.where(last > 0, last, ok_cols.done_ns)
     has_e2e = e2e_ns > 0

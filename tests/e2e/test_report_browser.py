@@ -22,7 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from client import formats, report
+from client import formats
+from client.report.collect import collect
+from client.report.page import build_report
 from client.sdk import ControllerClient
 from common.proto.loadtest.v1 import run_pb2
 from controller.server import Controller
@@ -187,7 +189,7 @@ async def test_report_of_a_real_run_renders_in_chromium(
         run = await client.create_run(spec)
         final = await wait_final(client, run.id)
     assert final.state == run_pb2.RUN_STATE_SUCCEEDED, final.state_reason
-    data = await report.collect(client, run.id)
+    data = await collect(client, run.id)
     assert data.samples is not None, data.samples_note
 
     # The export holds exactly the stored samples, and the report used all of them.
@@ -208,7 +210,7 @@ async def test_report_of_a_real_run_renders_in_chromium(
     vllm = formats.vllm_results(data.run, result)
     assert [v["mean_ttft_ms"] for v in vllm] == [s.ttft.mean_ms for s in result.stages]
 
-    html = report.build_report([data])
+    html = build_report([data])
     ARTIFACTS.mkdir(exist_ok=True)
     page = ARTIFACTS / "report_browser.html"
     page.write_text(html, encoding="utf-8")

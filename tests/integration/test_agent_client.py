@@ -19,8 +19,8 @@ import pytest
 from aiohttp import web
 
 from agent.assignment import AssignmentRunner
-from agent.client import OpenAIClient
 from agent.sample import RequestSample
+from agent.target_client import TargetClient
 from common.proto.loadtest.v1 import agent_service_pb2, run_pb2
 from mockserver.config import MockConfig
 from mockserver.server import MockServer
@@ -60,7 +60,7 @@ async def stats(server: MockServer) -> dict[str, int]:
 
 
 async def send_one(t: run_pb2.Target, max_tokens: int = 64) -> RequestSample:
-    async with OpenAIClient(t) as client:
+    async with TargetClient(t) as client:
         return await client.send("1 the of and to in", max_tokens)
 
 
@@ -163,7 +163,7 @@ async def test_timeout_with_a_tiny_timeout(mock: MockServer) -> None:
 
 async def test_cancellation_records_cancelled_and_propagates(mock: MockServer) -> None:
     sample = RequestSample()
-    async with OpenAIClient(target(mock.base_url)) as client:
+    async with TargetClient(target(mock.base_url)) as client:
         task = asyncio.create_task(client.send("1 the of", 64, sample))
         assert await poll_until(lambda: sample.first_token_ns > 0)
         task.cancel()
@@ -369,7 +369,7 @@ async def test_request_body_merges_extra_body_under_the_protected_fields() -> No
             "ignore_eos": False,  # the workload's flag wins
         }
     )
-    async with OpenAIClient(t, ignore_eos=True, pin_min_tokens=True) as client:
+    async with TargetClient(t, ignore_eos=True, pin_min_tokens=True) as client:
         body = json.loads(client.encode_body("a b c", 40))
         chat = json.loads(client.encode_body("a b c", 40, [{"role": "system", "content": "s"}]))
     assert body == {
@@ -390,13 +390,13 @@ async def test_request_body_merges_extra_body_under_the_protected_fields() -> No
 
 async def test_request_body_completions_non_streaming_without_extras() -> None:
     t = target("http://127.0.0.1:1/v1", api_kind=run_pb2.API_KIND_COMPLETIONS, stream=False)
-    async with OpenAIClient(t) as client:
+    async with TargetClient(t) as client:
         body = json.loads(client.encode_body("a b c", 8, [{"role": "user", "content": "ignored"}]))
     assert body == {"model": "mock", "max_tokens": 8, "prompt": "a b c", "stream": False}
 
 
 async def test_preconnect_opens_pooled_connections(mock: MockServer) -> None:
-    async with OpenAIClient(target(mock.base_url)) as client:
+    async with TargetClient(target(mock.base_url)) as client:
         assert await client.preconnect(4) == 4
         sample = await client.send("1 the of", 4)
     assert sample.status == run_pb2.REQUEST_STATUS_OK
@@ -407,7 +407,7 @@ async def test_preconnect_ignores_a_dead_target() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    async with OpenAIClient(target(f"http://127.0.0.1:{port}/v1")) as client:
+    async with TargetClient(target(f"http://127.0.0.1:{port}/v1")) as client:
         assert await client.preconnect(3, timeout_s=5) == 0
 
 
@@ -419,7 +419,7 @@ async def test_a_closed_pooled_connection_is_retried_once_on_a_fresh_one(connect
     """A request that meets a pooled connection the server had closed (nothing of the answer
     arrived) goes again on a fresh connection: no failure, the model sees it once, flagged."""
     config = MockConfig(ttft_ms=2, itl_ms=1, output_tokens=4, connections=connections)  # type: ignore[arg-type]
-    async with MockServer(config) as server, OpenAIClient(target(server.base_url)) as client:
+    async with MockServer(config) as server, TargetClient(target(server.base_url)) as client:
         samples = []
         for _ in range(12):
             samples.append(await client.send("hello there", 4))
@@ -440,7 +440,7 @@ async def test_requests_on_connections_that_are_not_pooled_are_not_retried() -> 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    async with OpenAIClient(target(f"http://127.0.0.1:{port}/v1")) as client:
+    async with TargetClient(target(f"http://127.0.0.1:{port}/v1")) as client:
         refused = await client.send("hi", 4)
     assert refused.status == run_pb2.REQUEST_STATUS_CONNECTION
     assert refused.connect_failed and not refused.retried
@@ -459,7 +459,7 @@ async def test_requests_on_connections_that_are_not_pooled_are_not_retried() -> 
     server = await asyncio.start_server(half_answer, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        async with OpenAIClient(target(f"http://127.0.0.1:{port}/v1")) as client:
+        async with TargetClient(target(f"http://127.0.0.1:{port}/v1")) as client:
             cut = await client.send("hi", 4)
     finally:
         server.close()

@@ -1,4 +1,4 @@
-"""AgentSession over a real grpc.aio stream against a scripted fake controller.
+"""ControllerLink over a real grpc.aio stream against a scripted fake controller.
 
 The fake implements the controller's side of `AgentService.Connect` as the proto describes
 it (Welcome first, cumulative acks after "commit", Cancel on demand, optional API key), so
@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 import pytest
 
-from agent.session import AgentAuthError, AgentSession, ReconnectBackoff, run_agent
+from agent.controller_link import AgentAuthError, ControllerLink, ReconnectBackoff, run_agent
 from common.grpc_options import API_KEY_ENV, API_KEY_METADATA, SERVER_OPTIONS
 from common.proto.loadtest.v1 import agent_service_pb2, agent_service_pb2_grpc, run_pb2
 from mockserver.config import MockConfig
@@ -175,8 +175,8 @@ def assign_message(
     )
 
 
-def make_session(port: int, stop: asyncio.Event, api_key: str | None = None) -> AgentSession:
-    return AgentSession(
+def make_session(port: int, stop: asyncio.Event, api_key: str | None = None) -> ControllerLink:
+    return ControllerLink(
         f"127.0.0.1:{port}",
         name="agent-under-test",
         labels={"zone": "a"},

@@ -16,9 +16,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from agent.client import OpenAIClient
 from agent.sample import RequestSample
 from agent.stream import StreamingConnector, TimedResponseHandler
+from agent.target_client import TargetClient
 from common.proto.loadtest.v1 import run_pb2
 from tests.conftest import poll_until
 
@@ -96,7 +96,7 @@ async def chunked_in_reads(writer: asyncio.StreamWriter) -> None:
 
 
 async def test_chunked_stream_is_parsed_and_the_connection_reused() -> None:
-    async with raw_server(chunked_in_reads) as (base_url, per_connection), OpenAIClient(target(base_url)) as client:
+    async with raw_server(chunked_in_reads) as (base_url, per_connection), TargetClient(target(base_url)) as client:
         samples = [await client.send("x", 4) for _ in range(3)]
     for sample in samples:
         assert sample.status == OK, sample.error
@@ -134,7 +134,7 @@ async def test_other_framings(framing: str) -> None:
             writer.write(chunk(packed[20:]) + b"0\r\n\r\n")
         await writer.drain()
 
-    async with raw_server(script) as (base_url, per_connection), OpenAIClient(target(base_url)) as client:
+    async with raw_server(script) as (base_url, per_connection), TargetClient(target(base_url)) as client:
         first = await client.send("x", 4)
         second = await client.send("x", 4)
     for sample in (first, second):
@@ -173,7 +173,7 @@ async def test_broken_bodies(behaviour: str, status: int, text: str) -> None:
             await asyncio.sleep(30)
         await writer.drain()
 
-    async with raw_server(script) as (base_url, _), OpenAIClient(target(base_url, timeout_s=1)) as client:
+    async with raw_server(script) as (base_url, _), TargetClient(target(base_url, timeout_s=1)) as client:
         loop = asyncio.get_running_loop()
         started = loop.time()
         sample = await client.send("x", 4)
@@ -195,7 +195,7 @@ async def test_cancelled_mid_stream_closes_the_connection_and_the_client_still_w
             await asyncio.sleep(30)
         await chunked_in_reads(writer)
 
-    async with raw_server(script) as (base_url, per_connection), OpenAIClient(target(base_url)) as client:
+    async with raw_server(script) as (base_url, per_connection), TargetClient(target(base_url)) as client:
         cancelled = RequestSample()
         task = asyncio.create_task(client.send("x", 4, cancelled))
         assert await poll_until(lambda: cancelled.first_token_ns > 0)
@@ -209,7 +209,7 @@ async def test_cancelled_mid_stream_closes_the_connection_and_the_client_still_w
 
 
 async def test_connector_builds_timed_connections() -> None:
-    async with raw_server(chunked_in_reads) as (base_url, _), OpenAIClient(target(base_url)) as client:
+    async with raw_server(chunked_in_reads) as (base_url, _), TargetClient(target(base_url)) as client:
         await client.send("x", 4)
         connector = client._session.connector
         assert isinstance(connector, StreamingConnector)

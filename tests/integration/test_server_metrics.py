@@ -13,7 +13,8 @@ import pytest
 
 from agent.scrape import COUNTER, GAUGE, ExpositionError, MetricSample, parse_exposition
 from client.formats import result_warnings
-from client.report import build_report, collect
+from client.report.collect import collect
+from client.report.page import build_report
 from client.sdk import ControllerClient
 from common.proto.loadtest.v1 import run_pb2
 from controller.server import Controller

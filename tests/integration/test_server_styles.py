@@ -16,8 +16,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from agent.client import OpenAIClient
 from agent.sample import RequestSample
+from agent.target_client import TargetClient
 from common.proto.loadtest.v1 import run_pb2
 from mockserver import MockConfig, MockServer
 from mockserver.styles import STYLES, Style
@@ -101,7 +101,7 @@ async def test_the_agent_measures_every_style_right(style: Style, api: str) -> N
     expected = EXPECTED[style]
     config = MockConfig(style=style, ttft_ms=TTFT_MS, itl_ms=ITL_MS, output_tokens=OUTPUT_TOKENS)
     async with MockServer(config) as server:
-        async with OpenAIClient(target(server.base_url, api)) as client:
+        async with TargetClient(target(server.base_url, api)) as client:
             warmup = await client.send(PROMPT, 64)  # also opens the pooled connection
             await server_stats(server, "/reset", "POST")  # the emission reference: this sample's only
             sample = await client.send(PROMPT, 64)
@@ -158,9 +158,9 @@ async def test_proxy_style_reads_end_mid_line(api: str) -> None:
 async def test_under_reported_usage_is_what_the_agent_sees_and_stats_count_the_truth(style: Style) -> None:
     config = MockConfig(style=style, ttft_ms=1.0, itl_ms=1.0, output_tokens=OUTPUT_TOKENS, under_report_usage=0.25)
     async with MockServer(config) as server:
-        async with OpenAIClient(target(server.base_url, "chat")) as client:
+        async with TargetClient(target(server.base_url, "chat")) as client:
             sample = await client.send(PROMPT, 64)
-        async with OpenAIClient(target(server.base_url, "chat", stream=False)) as client:
+        async with TargetClient(target(server.base_url, "chat", stream=False)) as client:
             whole = await client.send(PROMPT, 64)
         stats = await server_stats(server)
     assert sample.status == whole.status == run_pb2.REQUEST_STATUS_OK
@@ -173,7 +173,7 @@ async def test_under_reported_usage_is_what_the_agent_sees_and_stats_count_the_t
 async def test_multi_token_last_event_carries_the_remainder() -> None:
     config = MockConfig(style="multi_token", ttft_ms=1.0, itl_ms=1.0, output_tokens=OUTPUT_TOKENS)
     async with MockServer(config) as server:
-        async with OpenAIClient(target(server.base_url, "chat")) as client:
+        async with TargetClient(target(server.base_url, "chat")) as client:
             sample = await client.send(PROMPT, 10)  # events of 4, 4 and 2 tokens
         stats = await server_stats(server)
     assert sample.status == run_pb2.REQUEST_STATUS_OK, sample.error

@@ -15,7 +15,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from agent.session import AgentAuthError, run_agent
+from agent.controller_link import AgentAuthError, run_agent
 from client.sdk import ControllerClient
 from common.proto.loadtest.v1 import agent_service_pb2, agent_service_pb2_grpc, key_service_pb2
 from controller.domain.keys import Role

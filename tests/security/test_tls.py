@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from agent.session import run_agent
+from agent.controller_link import run_agent
 from client.sdk import ControllerClient
 from common.tls import ClientTls, ServerTls, open_channel
 from controller.server import Controller

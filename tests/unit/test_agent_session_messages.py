@@ -1,4 +1,4 @@
-"""AgentSession without a network: backoff, messages it builds, how it answers the controller."""
+"""ControllerLink without a network: backoff, messages it builds, how it answers the controller."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from agent.session import AgentSession, ReconnectBackoff
+from agent.controller_link import ControllerLink, ReconnectBackoff
 from common.proto.loadtest.v1 import agent_service_pb2, run_pb2
 
 pytestmark = pytest.mark.timeout(60)
@@ -16,9 +16,9 @@ pytestmark = pytest.mark.timeout(60)
 ConnectResponse = agent_service_pb2.ConnectResponse
 
 
-def make_session() -> tuple[AgentSession, list[agent_service_pb2.ConnectRequest], asyncio.Event]:
+def make_session() -> tuple[ControllerLink, list[agent_service_pb2.ConnectRequest], asyncio.Event]:
     stop = asyncio.Event()
-    session = AgentSession("127.0.0.1:1", name="n", labels={"zone": "a"}, api_key="k", stop=stop)
+    session = ControllerLink("127.0.0.1:1", name="n", labels={"zone": "a"}, api_key="k", stop=stop)
     sent: list[agent_service_pb2.ConnectRequest] = []
     session.send = sent.append  # type: ignore[method-assign,assignment]
     return session, sent, stop

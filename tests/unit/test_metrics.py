@@ -144,6 +144,18 @@ def test_tpot_is_per_token_after_the_first() -> None:
     assert m.tpot.mean == pytest.approx(100.0)
 
 
+def test_per_request_tpot_is_defined_only_with_two_tokens_and_both_token_times() -> None:
+    values, defined = metrics.per_request_tpot(
+        # (1000 - 100) / 9; one token; no first token; no last token; (70 - 40) / 3, in ms
+        [100.0, 50.0, 0.0, 30.0, 40.0],
+        [1000.0, 50.0, 900.0, 0.0, 70.0],
+        [10, 1, 8, 4, 4],
+    )
+    assert defined.tolist() == [True, False, False, False, True]
+    assert values[defined].tolist() == [100.0, 10.0]
+    assert np.isnan(values[~defined]).all()
+
+
 def test_itl_pools_every_gap_of_ok_requests() -> None:
     m = compute_stage_metrics(
         columns(

@@ -10,8 +10,11 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 
-from client import charts
-from client.report import RunReportData, SampleDigest, build_report
+from client.report import charts
+from client.report.collect import RunReportData, SampleDigest
+from client.report.page import build_report
+from common.codes import RequestStatus
+from common.metrics import SampleColumns, compute_stage_metrics
 from common.proto.loadtest.v1 import run_pb2, run_service_pb2
 
 pytestmark = pytest.mark.timeout(30)
@@ -267,6 +270,31 @@ def test_sample_digest_computes_tpot_per_request() -> None:
     assert digest.count == 5
     assert digest.stages[1].ttft_ms == [50, 40]
     assert digest.stages[1].tpot_ms == [10.0]  # (360 - 50) / 31
+
+
+def test_sample_digest_tpot_agrees_with_the_controllers_metrics() -> None:
+    # The same requests as the controller stores them (ns) and as the export gives them (ms).
+    requests = [(50, 360, 32), (40, 40, 1), (12, 90, 7), (30, 31, 2), (25, 1025, 101)]  # first, last ms; tokens
+    ms = 1_000_000
+    n = len(requests)
+    zeros = np.zeros(n, dtype=np.int64)
+    cols = SampleColumns(
+        sent_unix_ns=np.arange(n, dtype=np.int64) * 1_000 * ms, queue_delay_ns=zeros,
+        first_token_ns=[f * ms for f, _, _ in requests],
+        last_token_ns=[last * ms for _, last, _ in requests], done_ns=[(last + 1) * ms for _, last, _ in requests],
+        prompt_tokens=zeros, output_tokens=[t for _, _, t in requests], status=np.full(n, int(RequestStatus.OK)),
+        flags=zeros,
+        itl_count=zeros, itl_ns=np.zeros(0, dtype=np.int64),
+    )  # fmt: skip
+    digest = SampleDigest()
+    for first, last, tokens in requests:
+        digest.add(run_service_pb2.ExportedSample(stage_index=0, ttft_ms=first, e2e_ms=last, done_ms=last + 1,
+                                                  output_tokens=tokens, status=run_pb2.REQUEST_STATUS_OK))  # fmt: skip
+    tpot = digest.stages[0].tpot_ms
+    controller = compute_stage_metrics(cols).tpot
+    assert len(tpot) == controller.count == 4
+    assert min(tpot) == pytest.approx(controller.min) and max(tpot) == pytest.approx(controller.max)
+    assert float(np.mean(tpot)) == pytest.approx(controller.mean)
 
 
 def test_axes_have_round_ticks_with_the_decimals_they_need() -> None:

@@ -16,27 +16,11 @@ from collections import defaultdict
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from html import escape
-from typing import Protocol
 
-from client import charts
-from client.charts import Band, Series
+from client.report import charts
+from client.report.charts import Band, Series
+from client.report.formatting import RunStyle
 from common.proto.loadtest.v1 import run_pb2
-
-
-class RunStyle(Protocol):
-    """How one run is drawn (the report's per-run label, colour and CSS group)."""
-
-    @property
-    def label(self) -> str:
-        """The run's label."""
-
-    @property
-    def color(self) -> str:
-        """Its colour."""
-
-    @property
-    def group(self) -> str:
-        """The CSS class of its elements."""
 
 
 def has_server_metrics(results: Sequence[run_pb2.RunResult]) -> bool:
@@ -184,25 +168,3 @@ def server_section(results: Sequence[run_pb2.RunResult], styles: Sequence[RunSty
         )
     parts.append("</section>")
     return "".join(parts)
-
-
-def server_facts(sm: run_pb2.ServerMetricsResult) -> list[str]:
-    """Plain-text lines of a stage's server view, for the terminal."""
-    lines = [f"server metrics: {sm.scrapes_ok} scrapes, {sm.scrapes_failed} failed, {len(sm.series)} series"]
-    for c in sm.cross_checks:
-        lines.append(("WARNING " if c.mismatch else "") + c.message)
-    for e in sm.errors:
-        lines.append(f"scrape of {e.endpoint} failed {e.count}x: {e.message}")
-    return lines
-
-
-def server_notes(result: run_pb2.RunResult) -> list[str]:
-    """One line per cross-check and per stage with scrape failures (the result table's caption)."""
-    notes: list[str] = []
-    for s in result.stages:
-        sm = s.server_metrics
-        notes.extend(f"stage {s.index}: {'WARNING ' if c.mismatch else ''}{c.message}" for c in sm.cross_checks)
-        if sm.scrapes_failed:
-            endpoints = ", ".join(sorted({e.endpoint for e in sm.errors}))
-            notes.append(f"stage {s.index}: {sm.scrapes_failed} server-metrics scrapes failed ({endpoints})")
-    return notes

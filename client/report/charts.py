@@ -112,7 +112,7 @@ def _attrs(attrs: Mapping[str, str]) -> str:
 def empty_chart(name: str, title: str, note: str, attrs: Mapping[str, str] | None = None) -> str:
     return (
         f'<figure class="chart" data-chart="{escape(name)}" data-empty="true"{_attrs(attrs or {})}>'
-        f"<h3>{escape(title)}</h3><div class=\"no-data\">No data: {escape(note)}</div></figure>"
+        f'<h3>{escape(title)}</h3><div class="no-data">No data: {escape(note)}</div></figure>'
     )
 
 

@@ -1,6 +1,6 @@
 """How a request is sent: OpenAI-compatible chat/completions over one shared aiohttp session.
 
-`OpenAIClient` is created per assignment from its `Target`. `send()` performs one request
+`TargetClient` is created per assignment from its `Target`. `send()` performs one request
 and fills in a `RequestSample`; it never raises for anything that happens on the wire:
 HTTP errors, timeouts, broken connections and malformed streams become samples with an
 error status. The one exception that passes through is `asyncio.CancelledError` (a cancelled
@@ -72,7 +72,7 @@ class TargetConfigError(ValueError):
     """The target cannot be used (bad URL scheme, no model)."""
 
 
-class OpenAIClient:
+class TargetClient:
     """Sends completion requests to one target and records what happened.
 
     Must be created inside a running event loop (aiohttp binds its session to it); close it
@@ -154,7 +154,7 @@ class OpenAIClient:
         """`text` with the target's credentials replaced by `[redacted]`."""
         return self._redact(text)
 
-    async def __aenter__(self) -> OpenAIClient:
+    async def __aenter__(self) -> TargetClient:
         return self
 
     async def __aexit__(

@@ -1,6 +1,7 @@
-"""The agent's session with the controller: one `AgentService.Connect` stream at a time.
+"""The agent's link to its controller (`ControllerLink`): one `AgentService.Connect` stream, one
+controller session, at a time.
 
-Connection lifecycle (`AgentSession.run`):
+Connection lifecycle (`ControllerLink.run`):
 
 1. Open a channel and the bidi stream with our API key as call metadata; send `Hello`
    (name, labels, version, ids of assignments still running in this process, and the
@@ -39,7 +40,7 @@ Shutdown (the `stop` event): cancel running assignments (their in-flight request
 `shutdown_grace_s` for the controller to ack every batch, send Goodbye, half-close the
 stream and close.
 
-The session holds no state that outlives the process; assignments are registered here from
+The link holds no state that outlives the process; assignments are registered here from
 `Assign` until the controller has acked all their batches after their final update
 (`AssignmentRunner.released`).
 """
@@ -119,17 +120,17 @@ class _Outbound:
         self.queue: asyncio.Queue[agent_service_pb2.ConnectRequest] = asyncio.Queue()
 
 
-class SessionObserver(Protocol):
-    """Watches a session for metrics (agent/observability.py); never changes what it does."""
+class LinkObserver(Protocol):
+    """Watches a link for metrics (agent/observability.py); never changes what it does."""
 
-    def attach(self, session: AgentSession) -> None:
-        """Called once by the session's constructor."""
+    def attach(self, link: ControllerLink) -> None:
+        """Called once by the link's constructor."""
 
     def on_send(self, message: agent_service_pb2.ConnectRequest) -> None:
-        """Every message the session emits (sample batches once, when sealed)."""
+        """Every message the link emits (sample batches once, when sealed)."""
 
 
-class AgentSession:
+class ControllerLink:
     """Keeps one agent connected to its controller and runs the assignments it gets."""
 
     def __init__(
@@ -146,7 +147,7 @@ class AgentSession:
         channel_factory: ChannelFactory = _insecure_channel,
         welcome_timeout_s: float = 30.0,
         shutdown_grace_s: float = 5.0,
-        observer: SessionObserver | None = None,
+        observer: LinkObserver | None = None,
     ) -> None:
         self._controller = controller
         self._name = name
@@ -637,7 +638,7 @@ async def run_agent(
     labels: dict[str, str],
     api_key: str | None,
     stop: asyncio.Event,
-    observer: SessionObserver | None = None,
+    observer: LinkObserver | None = None,
     channel_factory: ChannelFactory = _insecure_channel,
 ) -> None:
     """Run an agent in the current event loop until `stop` is set.
@@ -645,8 +646,8 @@ async def run_agent(
     Raises `AgentAuthError` if the controller refuses `api_key`. `channel_factory` opens the
     channel (e.g. with TLS credentials, see common/tls.py).
     """
-    session = AgentSession(
+    link = ControllerLink(
         controller, name=name, labels=labels, api_key=api_key, stop=stop, observer=observer,
         channel_factory=channel_factory,
     )  # fmt: skip
-    await session.run()
+    await link.run()

@@ -1,0 +1,90 @@
+"""What the report shows of one run, gathered from the controller (or a `--db` file): the run,
+its result and, unless skipped, a digest of its exported samples.
+
+The samples are digested as they stream in (a long run has millions): only the per-request
+TTFT and TPOT of each stage's OK requests are kept, TPOT as common/metrics.py defines it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+
+from client.sdk import ControllerClient
+from common.metrics import per_request_tpot
+from common.proto.loadtest.v1 import run_pb2, run_service_pb2
+
+
+class StageLatencies:
+    """Per-request latencies of one stage's OK streamed requests, in ms."""
+
+    def __init__(self) -> None:
+        self.ttft_ms: list[float] = []
+        # The TPOT inputs of each request in `ttft_ms`; TPOT itself is computed when first read.
+        self._last_token_ms: list[float] = []
+        self._output_tokens: list[int] = []
+        self._tpot_ms: list[float] | None = None
+
+    def add(self, ttft_ms: float, last_token_ms: float, output_tokens: int) -> None:
+        self.ttft_ms.append(ttft_ms)
+        self._last_token_ms.append(last_token_ms)
+        self._output_tokens.append(output_tokens)
+        self._tpot_ms = None
+
+    @property
+    def tpot_ms(self) -> list[float]:
+        """TPOT of each request that has one, in the order they were added."""
+        if self._tpot_ms is None:
+            values, defined = per_request_tpot(self.ttft_ms, self._last_token_ms, self._output_tokens)
+            self._tpot_ms = values[defined].tolist()
+        return self._tpot_ms
+
+
+class SampleDigest:
+    """The columns of exported samples the report draws, kept per stage (the samples
+    themselves are not kept: a long run has millions)."""
+
+    def __init__(self) -> None:
+        self.stages: dict[int, StageLatencies] = {}
+        self.count = 0
+
+    def add(self, sample: run_service_pb2.ExportedSample) -> None:
+        self.count += 1
+        if sample.status != run_pb2.REQUEST_STATUS_OK or sample.warmup:
+            return
+        stage = self.stages.setdefault(sample.stage_index, StageLatencies())
+        if sample.ttft_ms > 0:
+            # The export's e2e_ms is the last token's time; it falls back to `done` only for a
+            # response without text events, which has no TTFT either.
+            stage.add(sample.ttft_ms, sample.e2e_ms, sample.output_tokens)
+
+
+@dataclass
+class RunReportData:
+    """Everything the report shows of one run."""
+
+    run: run_pb2.Run
+    result: run_pb2.RunResult
+    samples: SampleDigest | None = None  # None: samples not fetched or not available
+    samples_note: str = ""
+
+
+async def collect(client: ControllerClient, run_id: str, with_samples: bool = True) -> RunReportData:
+    run = await client.get_run(run_id)
+    result = await client.get_result(run_id)
+    data = RunReportData(run, result)
+    if not with_samples:
+        data.samples_note = "samples not fetched (--no-samples)"
+        return data
+    digest = SampleDigest()
+    try:
+        async for sample in client.export_samples(run_id, page_size=5000):
+            digest.add(sample)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+            raise
+        data.samples_note = "the controller cannot export samples (ExportRunSamples: UNIMPLEMENTED)"
+        return data
+    data.samples = digest
+    return data
