@@ -35,8 +35,8 @@ class LocalStore:
     def __init__(self, path: str | Path) -> None:
         if not Path(path).is_file():
             raise FileNotFoundError(f"no database file at {path}")
-        from controller.domain.coordinator import RunCoordinator
         from controller.domain.destinations import DestinationPolicy
+        from controller.domain.execution.coordinator import RunCoordinator
 
         self._db = Database(path, read_workers=1, read_only=True)
         hub = RunHub()

@@ -6,8 +6,8 @@ from __future__ import annotations
 from google.protobuf import json_format
 
 from common.proto.loadtest.v1 import run_pb2, run_service_pb2
-from controller.domain.agents import AgentSession
 from controller.domain.compare import RunComparison
+from controller.domain.execution.agents import AgentSession
 from controller.domain.live import LiveSnapshot
 from controller.domain.result_message import timestamp
 from controller.domain.spec import MAX_NAME_CHARS, MAX_STORED_SPEC_BYTES
