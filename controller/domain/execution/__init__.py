@@ -1,9 +1,10 @@
 """Run execution: which agents run which run, stage by stage, and what happens when one of
 them is lost (docs/fleet.md).
 
-`coordinator.RunCoordinator` is the entry point; the servicers, `Runs` and the controller
-process use nothing else of this package but the types it hands out. It is composed of one
-part per job, over the state in `state.py`:
+`coordinator.RunCoordinator` is the entry point: the servicers, `Runs` and the controller
+process call its methods, and use no more of the package than the types those take and
+give (`AgentSession` of `agents.py`, `AssignmentRefused` of `loss.py`). It is composed of
+one part per job, over the state in `state.py`:
 
 * `placement.py`: the queue of pending runs and which free agents each gets.
 * `executor.py`: one run's task: preflight (`preflight.py`), its stages, its final state.

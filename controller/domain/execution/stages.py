@@ -53,6 +53,8 @@ CANCEL_GRACE_S = 20.0
 ABORT_CHECK_EVERY_S = 1.0
 # While waiting out CANCEL_GRACE_S, how often the stage looks at its assignments.
 CANCEL_POLL_S = 0.5
+# A REPORTED assignment is sent the Cancel too but stays REPORTED: only its batches are awaited.
+_STOPPABLE = (AssignmentPhase.PLANNED, AssignmentPhase.STARTING, AssignmentPhase.RUNNING)
 
 
 class StageRunner:
@@ -202,7 +204,7 @@ class StageRunner:
         for a in st.active:
             if a.done:
                 continue
-            if a.phase is not AssignmentPhase.REPORTED:
+            if a.phase in _STOPPABLE:
                 a.stop()
             if a.slot.session is not None:
                 a.slot.session.send(
