@@ -21,9 +21,9 @@ from types import TracebackType
 
 from common.proto.loadtest.v1 import run_pb2, run_service_pb2
 from controller.domain.audit import AuditLog
-from controller.domain.coordinator import RunCoordinator
 from controller.domain.destinations import DestinationPolicy
 from controller.domain.errors import DomainError
+from controller.domain.execution.coordinator import RunCoordinator
 from controller.domain.keys import KeyStore
 from controller.domain.live import RunHub
 from controller.domain.run_results import RunResults

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +36,7 @@ from prometheus_client.registry import Collector
 from common.codes import RequestStatus
 from common.metrics import counted_mask
 from common.proto.loadtest.v1 import run_pb2
-from controller.domain.agents import AgentRegistry
+from controller.domain.execution.agents import AgentSession
 from controller.store import repository as repo
 
 TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
@@ -135,7 +135,7 @@ class LiveRunCollector(Collector):
 class _StateCollector(Collector):
     """Runs by state and connected agents, from what the controller knows at scrape time."""
 
-    def __init__(self, agents: Callable[[], AgentRegistry | None]) -> None:
+    def __init__(self, agents: Callable[[], Sequence[AgentSession]]) -> None:
         self._agents = agents
         self.runs_by_state: dict[int, int] = {}
 
@@ -146,8 +146,7 @@ class _StateCollector(Collector):
                 name = run_pb2.RunState.Name(value).removeprefix("RUN_STATE_").lower()
                 runs.add_metric([name], self.runs_by_state.get(value, 0))
         yield runs
-        registry = self._agents()
-        sessions = registry.all() if registry is not None else []
+        sessions = self._agents()
         yield GaugeMetricFamily("llm_loadtest_agents_connected", "Connected agent streams", value=len(sessions))
         yield GaugeMetricFamily(
             "llm_loadtest_agents_busy", "Connected agents reserved for a run", value=sum(not s.free for s in sessions)
@@ -163,10 +162,10 @@ class ControllerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self._running: Callable[[], set[str]] = set
-        self._agents: AgentRegistry | None = None
+        self._agents: Callable[[], Sequence[AgentSession]] = list
         self._count_runs: Callable[[], Awaitable[dict[int, int]]] | None = None
         self._queue_depth: Callable[[], int] = lambda: 0
-        self.state = _StateCollector(lambda: self._agents)
+        self.state = _StateCollector(self._agents_now)
         self.live = LiveRunCollector(self._running_now)
         self.registry.register(self.state)
         self.registry.register(self.live)
@@ -205,12 +204,15 @@ class ControllerMetrics:
         self,
         *,
         running: Callable[[], set[str]],
-        agents: AgentRegistry,
+        agents: Callable[[], Sequence[AgentSession]],
         count_runs: Callable[[], Awaitable[dict[int, int]]],
         queue_depth: Callable[[], int],
     ) -> None:
         """Connect the collectors to the controller's domain objects."""
         self._running, self._agents, self._count_runs, self._queue_depth = running, agents, count_runs, queue_depth
+
+    def _agents_now(self) -> Sequence[AgentSession]:
+        return self._agents()
 
     def _running_now(self) -> set[str]:
         return self._running()

@@ -24,8 +24,8 @@ from common.proto.loadtest.v1 import (
 from common.tls import ServerTls
 from controller.auth import AuthInterceptor
 from controller.domain.audit import AuditLog
-from controller.domain.coordinator import RunCoordinator
 from controller.domain.destinations import DestinationPolicy, is_loopback_listen
+from controller.domain.execution.coordinator import RunCoordinator
 from controller.domain.ingest import Ingestor
 from controller.domain.keys import KeyStore
 from controller.domain.live import RunHub
@@ -94,8 +94,8 @@ class Controller:
         )  # fmt: skip
         self.ingestor = Ingestor(self.db, self.metrics)
         self.metrics.bind(
-            running=lambda: set(self.coordinator.executions),
-            agents=self.coordinator.registry,
+            running=self.coordinator.running_run_ids,
+            agents=self.coordinator.agents,
             count_runs=lambda: self.db.read(repo.count_runs_by_state),
             queue_depth=lambda: self.ingestor.queue_depth,
         )

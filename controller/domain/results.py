@@ -21,9 +21,8 @@ from common.metrics import SampleColumns, Slo, StageMetrics, compute_stage_metri
 from common.proto.loadtest.v1 import run_pb2
 from controller.domain import sample_limits as limits
 from controller.domain.checks import parse_check
-from controller.domain.preflight import WARNING_EVENT as PREFLIGHT_WARNING_EVENT
+from controller.domain.execution.preflight import WARNING_EVENT as PREFLIGHT_WARNING_EVENT
 from controller.domain.server_metrics import ServerStageOutcome, stage_server_metrics
-from controller.domain.spec import parse_spec as _parse_spec
 from controller.domain.stage_split import stage_and_agent_metrics
 from controller.domain.target_saturation import NOT_SATURATED, TargetSaturation, target_saturation
 from controller.store import repository as repo
@@ -39,8 +38,6 @@ RETRIED_WARNING_FRACTION = 0.1
 
 log = structlog.get_logger(__name__)
 
-# For controller/domain/coordinator.py only: remove once it imports parse_spec from controller.domain.spec.
-parse_spec = _parse_spec
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,6 @@ data); nothing here knows about gRPC.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import time
 import uuid
@@ -18,12 +17,12 @@ from google.protobuf import json_format
 
 from common.codes import RunState
 from common.proto.loadtest.v1 import run_pb2
-from controller.domain.agents import AgentSession
 from controller.domain.compare import DEFAULT_TOLERANCE_PERCENT, RunComparison, compare_runs
-from controller.domain.coordinator import RunCoordinator
 from controller.domain.datasets import content_digest, entries_to_json, parse_dataset
 from controller.domain.destinations import DestinationPolicy
 from controller.domain.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
+from controller.domain.execution.agents import AgentSession
+from controller.domain.execution.coordinator import RunCoordinator
 from controller.domain.live import LiveSnapshot, RunHub
 from controller.domain.run_results import RunResults
 from controller.domain.secrets import split_secrets
@@ -146,10 +145,8 @@ class Runs:
             log.info("run_cancelled", run_id=run_id, reason=reason)
             self._results.run_finished(run_id)
         else:
-            ex = self._coordinator.request_cancel(run_id, reason)
-            if ex is not None and ex.task is not None:
-                # Wait (bounded) for agents to stop and flush, so the answer is final.
-                await asyncio.wait({ex.task}, timeout=CANCEL_WAIT_S)
+            # Wait (bounded) for agents to stop and flush, so the answer is final.
+            await self._coordinator.cancel_running(run_id, reason, wait_s=CANCEL_WAIT_S)
         return await self.get(run_id)
 
     async def delete(self, run_id: str) -> None:
@@ -196,11 +193,10 @@ class Runs:
         return await self._db.read(repo.list_events, record.pk, after_pk)
 
     def live(self, run_id: str) -> LiveSnapshot | None:
-        ex = self._coordinator.executions.get(run_id)
-        return ex.live.snapshot() if ex is not None else None
+        return self._coordinator.live_snapshot(run_id)
 
     def agents(self) -> list[AgentSession]:
-        return list(self._coordinator.registry.all())
+        return self._coordinator.agents()
 
 
 def _spec_json(spec: run_pb2.RunSpec) -> str:

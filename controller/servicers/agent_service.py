@@ -24,9 +24,10 @@ import structlog
 from google.protobuf import duration_pb2
 
 from common.proto.loadtest.v1 import agent_service_pb2, agent_service_pb2_grpc
-from controller.domain.agents import AgentHealthReport, AgentSession
 from controller.domain.audit import AuditEntry, AuditLog
-from controller.domain.coordinator import AssignmentRefused, RunCoordinator
+from controller.domain.execution.agents import AgentHealthReport, AgentSession
+from controller.domain.execution.coordinator import RunCoordinator
+from controller.domain.execution.loss import AssignmentRefused
 from controller.domain.ingest import Ingestor, IngestTarget, MalformedBatch
 from controller.store.repository import BatchIngest, IngestOutcome
 
@@ -180,7 +181,7 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
                 self._coordinator.heartbeat(session, AgentHealthReport(h.event_loop_lag_ms, h.cpu_percent, h.in_flight))
                 if hb.HasField("clock_sample"):
                     c = hb.clock_sample
-                    self._coordinator.registry.clock_sample(
+                    self._coordinator.clock_sample(
                         session,
                         c.agent_send_unix_ns,
                         c.controller_receive_unix_ns,

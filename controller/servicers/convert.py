@@ -7,8 +7,8 @@ from typing import Final
 
 from common.codes import SampleFlag
 from common.proto.loadtest.v1 import run_pb2, run_service_pb2
-from controller.domain.agents import AgentSession
 from controller.domain.compare import RunComparison
+from controller.domain.execution.agents import AgentSession
 from controller.domain.live import LiveSnapshot
 from controller.domain.result_message import timestamp
 from controller.domain.spec import MAX_NAME_CHARS, MAX_STORED_SPEC_BYTES, parse_spec

@@ -15,7 +15,7 @@ from typing import cast
 import numpy as np
 from peewee import IntegrityError, fn
 
-from common.codes import FINAL_RUN_STATES, AssignmentState, RunState
+from common.codes import FINAL_RUN_STATES, RunState
 from common.metrics import SampleColumns
 from controller.store import columnar
 from controller.store.database import erases_secrets
@@ -30,14 +30,6 @@ from controller.store.models import (
 )
 from controller.store.server_metrics import ScrapeRow, delete_run_scrapes, insert_scrapes
 
-# The old names of the run states, for controller/domain/coordinator.py only: remove them once
-# it uses common.codes.RunState.
-PENDING = RunState.PENDING
-RUNNING = RunState.RUNNING
-SUCCEEDED = RunState.SUCCEEDED
-FAILED = RunState.FAILED
-CANCELLED = RunState.CANCELLED
-INTERRUPTED = RunState.INTERRUPTED
 # The per-sample columns, in stored order (how they are stored: controller/store/columnar.py).
 SAMPLE_COLUMNS = columnar.SAMPLE_COLUMNS
 
@@ -597,10 +589,6 @@ def failure_summary(run_pk: int) -> tuple[int, int, str]:
 
 
 # --- fleet: synchronized starts, lost agents ---------------------------------------------
-
-# The old name of AssignmentState.LOST, for controller/domain/coordinator.py only: remove it once
-# it uses common.codes.
-ASSIGNMENT_LOST_STATE = AssignmentState.LOST
 
 
 @dataclass(frozen=True)

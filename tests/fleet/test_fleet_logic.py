@@ -7,9 +7,9 @@ import pytest
 from agent.assignment import Lease
 from client import spec_builder
 from common.proto.loadtest.v1 import run_pb2
-from controller.domain.agents import AgentSession, ClockEstimate
-from controller.domain.coordinator import stage_shares
 from controller.domain.errors import InvalidArgument
+from controller.domain.execution.agents import AgentSession, ClockEstimate
+from controller.domain.execution.planning import stage_shares
 from controller.domain.spec import validate_and_default
 
 MS = 1_000_000

@@ -33,6 +33,7 @@ def test_the_sdk_and_the_types_its_signatures_use_are_marked_typed() -> None:
         assert (Path(package.__file__).parent / "py.typed").is_file(), package.__name__
 
 
+@pytest.mark.e2e
 def test_importing_the_cli_leaves_the_sdk_unloaded() -> None:
     code = "import sys, client.cli; print('client.sdk' in sys.modules, 'grpc' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=20)

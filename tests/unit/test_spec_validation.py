@@ -8,9 +8,9 @@ from collections.abc import Callable
 import pytest
 
 from common.proto.loadtest.v1 import run_pb2
-from controller.domain.coordinator import stage_shares
 from controller.domain.datasets import entries_from_json, entries_to_json, parse_dataset
 from controller.domain.errors import InvalidArgument
+from controller.domain.execution.planning import stage_shares
 from controller.domain.spec import (
     MAX_LABEL_KEY_CHARS,
     MAX_LABEL_VALUE_CHARS,

@@ -82,7 +82,7 @@ class AgentSession:
     # The agent said Goodbye: its disconnect is a departure, not a loss.
     departing: bool = False
     # The assignments this session may report for: given to it (Assign) or proved on resume
-    # with their tokens (coordinator.prove_resume). Anything else it sends is refused.
+    # with their tokens (`AgentLoss.prove_resume`). Anything else it sends is refused.
     owned: set[str] = field(default_factory=set)
 
     def send(self, message: agent_service_pb2.ConnectResponse) -> None:

@@ -1,7 +1,8 @@
 """The preflight check of a run: every agent checks the target before the first stage.
 
-The coordinator calls `check_run_target` once a run has its agents and before it plans the
-first stage's start time, so the check's duration never eats into a synchronized start.
+A run's task (`RunExecutor`) calls `check_run_target` once the run has its agents and before
+it plans the first stage's start time, so the check's duration never eats into a
+synchronized start.
 Each agent gets a `Preflight` (the target with its credentials, the workload) and answers
 with a `PreflightResult` (agent/preflight.py does the checking); `PreflightAnswers` matches
 the answers, which the AgentService servicer hands in, to the waiting check.
@@ -22,7 +23,7 @@ from typing import Any
 
 from common.proto.loadtest.v1 import agent_service_pb2, run_pb2
 from common.spec_defaults import request_timeout_s
-from controller.domain.agents import AgentSession
+from controller.domain.execution.agents import AgentSession
 
 WARNING_EVENT = "preflight_warning"
 # Beyond the check's own request timeout: its GET /models (at most 30 s) and the round trips.
