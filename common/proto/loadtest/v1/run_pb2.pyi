@@ -218,6 +218,30 @@ AGENT_LOSS_POLICY_FAIL: AgentLossPolicy.ValueType  # 3
 """The run fails."""
 Global___AgentLossPolicy: _TypeAlias = AgentLossPolicy  # noqa: Y015
 
+class _SearchVariable:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SearchVariableEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SearchVariable.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SEARCH_VARIABLE_UNSPECIFIED: _SearchVariable.ValueType  # 0
+    """Not set: invalid."""
+    SEARCH_VARIABLE_CONCURRENCY: _SearchVariable.ValueType  # 1
+    """Closed loop: the number of requests in flight (integer loads)."""
+    SEARCH_VARIABLE_RATE: _SearchVariable.ValueType  # 2
+    """Open loop: requests per second (Poisson arrivals)."""
+
+class SearchVariable(_SearchVariable, metaclass=_SearchVariableEnumTypeWrapper):
+    """What a capacity search varies."""
+
+SEARCH_VARIABLE_UNSPECIFIED: SearchVariable.ValueType  # 0
+"""Not set: invalid."""
+SEARCH_VARIABLE_CONCURRENCY: SearchVariable.ValueType  # 1
+"""Closed loop: the number of requests in flight (integer loads)."""
+SEARCH_VARIABLE_RATE: SearchVariable.ValueType  # 2
+"""Open loop: requests per second (Poisson arrivals)."""
+Global___SearchVariable: _TypeAlias = SearchVariable  # noqa: Y015
+
 class _Verdict:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -245,6 +269,86 @@ VERDICT_PASS: Verdict.ValueType  # 2
 VERDICT_FAIL: Verdict.ValueType  # 3
 """At least one check failed on some stage (or the run did not succeed)."""
 Global___Verdict: _TypeAlias = Verdict  # noqa: Y015
+
+class _ProbeOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ProbeOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ProbeOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PROBE_OUTCOME_UNSPECIFIED: _ProbeOutcome.ValueType  # 0
+    """Not set."""
+    PROBE_OUTCOME_PASS: _ProbeOutcome.ValueType  # 1
+    """The probe's good fraction met the goodput target."""
+    PROBE_OUTCOME_FAIL: _ProbeOutcome.ValueType  # 2
+    """It did not."""
+    PROBE_OUTCOME_INCONCLUSIVE: _ProbeOutcome.ValueType  # 3
+    """The probe proves nothing: its load generator was saturated (it could not send the
+    load asked of it), or it ended early (cancelled, agent lost).
+    """
+
+class ProbeOutcome(_ProbeOutcome, metaclass=_ProbeOutcomeEnumTypeWrapper):
+    """How a probe of a capacity search was judged."""
+
+PROBE_OUTCOME_UNSPECIFIED: ProbeOutcome.ValueType  # 0
+"""Not set."""
+PROBE_OUTCOME_PASS: ProbeOutcome.ValueType  # 1
+"""The probe's good fraction met the goodput target."""
+PROBE_OUTCOME_FAIL: ProbeOutcome.ValueType  # 2
+"""It did not."""
+PROBE_OUTCOME_INCONCLUSIVE: ProbeOutcome.ValueType  # 3
+"""The probe proves nothing: its load generator was saturated (it could not send the
+load asked of it), or it ended early (cancelled, agent lost).
+"""
+Global___ProbeOutcome: _TypeAlias = ProbeOutcome  # noqa: Y015
+
+class _SearchStopReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SearchStopReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SearchStopReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SEARCH_STOP_REASON_UNSPECIFIED: _SearchStopReason.ValueType  # 0
+    """Not set (the search is still running)."""
+    SEARCH_STOP_REASON_CONVERGED: _SearchStopReason.ValueType  # 1
+    """The highest passing and lowest failing loads are within the tolerance."""
+    SEARCH_STOP_REASON_MAX_PASSED: _SearchStopReason.ValueType  # 2
+    """Even `search.max` passed: the capacity is at least that."""
+    SEARCH_STOP_REASON_MIN_FAILED: _SearchStopReason.ValueType  # 3
+    """Even `search.min` failed: the capacity is below it."""
+    SEARCH_STOP_REASON_GENERATOR_SATURATED: _SearchStopReason.ValueType  # 4
+    """The load generator was saturated: more load cannot be sent with the agents there are,
+    so the search cannot tell the server's limit from the generator's.
+    """
+    SEARCH_STOP_REASON_TARGET_ERRORS: _SearchStopReason.ValueType  # 5
+    """Most requests of a probe failed (the target errors rather than slows down)."""
+    SEARCH_STOP_REASON_MAX_PROBES: _SearchStopReason.ValueType  # 6
+    """`search.max_probes` probes ran before the search converged."""
+    SEARCH_STOP_REASON_RUN_ENDED: _SearchStopReason.ValueType  # 7
+    """The run ended before the search did (cancelled, failed or interrupted)."""
+
+class SearchStopReason(_SearchStopReason, metaclass=_SearchStopReasonEnumTypeWrapper):
+    """Why a capacity search stopped."""
+
+SEARCH_STOP_REASON_UNSPECIFIED: SearchStopReason.ValueType  # 0
+"""Not set (the search is still running)."""
+SEARCH_STOP_REASON_CONVERGED: SearchStopReason.ValueType  # 1
+"""The highest passing and lowest failing loads are within the tolerance."""
+SEARCH_STOP_REASON_MAX_PASSED: SearchStopReason.ValueType  # 2
+"""Even `search.max` passed: the capacity is at least that."""
+SEARCH_STOP_REASON_MIN_FAILED: SearchStopReason.ValueType  # 3
+"""Even `search.min` failed: the capacity is below it."""
+SEARCH_STOP_REASON_GENERATOR_SATURATED: SearchStopReason.ValueType  # 4
+"""The load generator was saturated: more load cannot be sent with the agents there are,
+so the search cannot tell the server's limit from the generator's.
+"""
+SEARCH_STOP_REASON_TARGET_ERRORS: SearchStopReason.ValueType  # 5
+"""Most requests of a probe failed (the target errors rather than slows down)."""
+SEARCH_STOP_REASON_MAX_PROBES: SearchStopReason.ValueType  # 6
+"""`search.max_probes` probes ran before the search converged."""
+SEARCH_STOP_REASON_RUN_ENDED: SearchStopReason.ValueType  # 7
+"""The run ended before the search did (cancelled, failed or interrupted)."""
+Global___SearchStopReason: _TypeAlias = SearchStopReason  # noqa: Y015
 
 class _ServerMetricKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -836,6 +940,7 @@ class RunSpec(_message.Message):
     CHECKS_FIELD_NUMBER: _builtins.int
     SERVER_METRICS_FIELD_NUMBER: _builtins.int
     SKIP_PREFLIGHT_FIELD_NUMBER: _builtins.int
+    SEARCH_FIELD_NUMBER: _builtins.int
     display_name: _builtins.str
     """Optional human-readable name."""
     skip_preflight: _builtins.bool
@@ -876,6 +981,15 @@ class RunSpec(_message.Message):
     def server_metrics(self) -> Global___ServerMetricsSpec:
         """The model server's own Prometheus metrics, scraped by the agents during every stage."""
 
+    @_builtins.property
+    def search(self) -> Global___SearchSpec:
+        """A capacity search (docs/capacity.md): instead of fixed `stages`, the controller plans
+        one probe at a time, each a real stage of this run at one load level, until it has
+        found the highest load whose goodput meets `search.goodput_target_percent` under `slo`.
+        Requires `slo` and no `stages`; the controller appends every probe it plans to the
+        stored spec's `stages` (so GetRun, results, exports and reports show them as stages).
+        """
+
     def __init__(
         self,
         *,
@@ -889,14 +1003,104 @@ class RunSpec(_message.Message):
         checks: _abc.Iterable[Global___Check] | None = ...,
         server_metrics: Global___ServerMetricsSpec | None = ...,
         skip_preflight: _builtins.bool = ...,
+        search: Global___SearchSpec | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["placement", b"placement", "server_metrics", b"server_metrics", "slo", b"slo", "target", b"target", "workload", b"workload"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["placement", b"placement", "search", b"search", "server_metrics", b"server_metrics", "slo", b"slo", "target", b"target", "workload", b"workload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "display_name", b"display_name", "labels", b"labels", "placement", b"placement", "server_metrics", b"server_metrics", "skip_preflight", b"skip_preflight", "slo", b"slo", "stages", b"stages", "target", b"target", "workload", b"workload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "display_name", b"display_name", "labels", b"labels", "placement", b"placement", "search", b"search", "server_metrics", b"server_metrics", "skip_preflight", b"skip_preflight", "slo", b"slo", "stages", b"stages", "target", b"target", "workload", b"workload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RunSpec: _TypeAlias = RunSpec  # noqa: Y015
+
+@_typing.final
+class SearchSpec(_message.Message):
+    """An automatic search for the most load a deployment serves within its SLO, in one run."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VARIABLE_FIELD_NUMBER: _builtins.int
+    GOODPUT_TARGET_PERCENT_FIELD_NUMBER: _builtins.int
+    MIN_FIELD_NUMBER: _builtins.int
+    MAX_FIELD_NUMBER: _builtins.int
+    TOLERANCE_PERCENT_FIELD_NUMBER: _builtins.int
+    PROBE_DURATION_FIELD_NUMBER: _builtins.int
+    PROBE_WARMUP_FIELD_NUMBER: _builtins.int
+    MIN_REQUESTS_FIELD_NUMBER: _builtins.int
+    MAX_PROBES_FIELD_NUMBER: _builtins.int
+    COST_PER_HOUR_USD_FIELD_NUMBER: _builtins.int
+    RESUME_FROM_RUN_ID_FIELD_NUMBER: _builtins.int
+    variable: Global___SearchVariable.ValueType
+    """Required. Concurrency or request rate."""
+    goodput_target_percent: _builtins.float
+    """A probe passes when at least this share of its requests (percent) meets every SLO.
+    Defaults to 95.
+    """
+    min: _builtins.float
+    """The lowest load probed, and the first probe. Defaults to 1 (concurrency) or 1/s (rate)."""
+    max: _builtins.float
+    """The highest load probed. Defaults to 1024 (concurrency) or 1000/s (rate)."""
+    tolerance_percent: _builtins.float
+    """The search has converged when the lowest failing load is within this many percent
+    above the highest passing one (for concurrency, also when they are 1 apart). Defaults to 5.
+    """
+    min_requests: _builtins.int
+    """A probe whose counted requests are fewer than this proves nothing on its own: it is
+    repeated at the same load and judged on both. Defaults to 100.
+    """
+    max_probes: _builtins.int
+    """At most this many probes. Defaults to 16."""
+    cost_per_hour_usd: _builtins.float
+    """The deployment's cost in USD per hour, for the cost per million output tokens at
+    capacity. Unset: no cost figure.
+    """
+    resume_from_run_id: _builtins.str
+    """Continue the search of this earlier run (same target, workload and SLO): its probes
+    count as if they were this run's, and the search starts from their bracket.
+    """
+    @_builtins.property
+    def probe_duration(self) -> _duration_pb2.Duration:
+        """How long each probe sends load, warmup included. Defaults to 30 s."""
+
+    @_builtins.property
+    def probe_warmup(self) -> _duration_pb2.Duration:
+        """The first part of each probe, left out of its judgement (the load is still sent).
+        Defaults to a sixth of `probe_duration`.
+        """
+
+    def __init__(
+        self,
+        *,
+        variable: Global___SearchVariable.ValueType = ...,
+        goodput_target_percent: _builtins.float | None = ...,
+        min: _builtins.float = ...,
+        max: _builtins.float = ...,
+        tolerance_percent: _builtins.float | None = ...,
+        probe_duration: _duration_pb2.Duration | None = ...,
+        probe_warmup: _duration_pb2.Duration | None = ...,
+        min_requests: _builtins.int = ...,
+        max_probes: _builtins.int = ...,
+        cost_per_hour_usd: _builtins.float | None = ...,
+        resume_from_run_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cost_per_hour_usd", b"_cost_per_hour_usd", "_goodput_target_percent", b"_goodput_target_percent", "_tolerance_percent", b"_tolerance_percent", "cost_per_hour_usd", b"cost_per_hour_usd", "goodput_target_percent", b"goodput_target_percent", "probe_duration", b"probe_duration", "probe_warmup", b"probe_warmup", "tolerance_percent", b"tolerance_percent"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cost_per_hour_usd", b"_cost_per_hour_usd", "_goodput_target_percent", b"_goodput_target_percent", "_tolerance_percent", b"_tolerance_percent", "cost_per_hour_usd", b"cost_per_hour_usd", "goodput_target_percent", b"goodput_target_percent", "max", b"max", "max_probes", b"max_probes", "min", b"min", "min_requests", b"min_requests", "probe_duration", b"probe_duration", "probe_warmup", b"probe_warmup", "resume_from_run_id", b"resume_from_run_id", "tolerance_percent", b"tolerance_percent", "variable", b"variable"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__cost_per_hour_usd: _TypeAlias = _typing.Literal["cost_per_hour_usd"]  # noqa: Y015
+    _WhichOneofArgType__cost_per_hour_usd: _TypeAlias = _typing.Literal["_cost_per_hour_usd", b"_cost_per_hour_usd"]  # noqa: Y015
+    _WhichOneofReturnType__goodput_target_percent: _TypeAlias = _typing.Literal["goodput_target_percent"]  # noqa: Y015
+    _WhichOneofArgType__goodput_target_percent: _TypeAlias = _typing.Literal["_goodput_target_percent", b"_goodput_target_percent"]  # noqa: Y015
+    _WhichOneofReturnType__tolerance_percent: _TypeAlias = _typing.Literal["tolerance_percent"]  # noqa: Y015
+    _WhichOneofArgType__tolerance_percent: _TypeAlias = _typing.Literal["_tolerance_percent", b"_tolerance_percent"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__cost_per_hour_usd) -> _WhichOneofReturnType__cost_per_hour_usd | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__goodput_target_percent) -> _WhichOneofReturnType__goodput_target_percent | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tolerance_percent) -> _WhichOneofReturnType__tolerance_percent | None: ...
+
+Global___SearchSpec: _TypeAlias = SearchSpec  # noqa: Y015
 
 @_typing.final
 class Slo(_message.Message):
@@ -1502,6 +1706,7 @@ class RunResult(_message.Message):
     CHECKS_FIELD_NUMBER: _builtins.int
     OVERALL_FIELD_NUMBER: _builtins.int
     WARNINGS_FIELD_NUMBER: _builtins.int
+    CAPACITY_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The run's id."""
     state: Global___RunState.ValueType
@@ -1530,6 +1735,10 @@ class RunResult(_message.Message):
         differs from the requested one (seen by the preflight check).
         """
 
+    @_builtins.property
+    def capacity(self) -> Global___CapacityResult:
+        """Output only. A capacity search's outcome (only for a run with `spec.search`)."""
+
     def __init__(
         self,
         *,
@@ -1540,14 +1749,179 @@ class RunResult(_message.Message):
         checks: _abc.Iterable[Global___CheckResult] | None = ...,
         overall: Global___StageResult | None = ...,
         warnings: _abc.Iterable[_builtins.str] | None = ...,
+        capacity: Global___CapacityResult | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["overall", b"overall"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "overall", b"overall"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "overall", b"overall", "run_id", b"run_id", "stages", b"stages", "state", b"state", "verdict", b"verdict", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "checks", b"checks", "overall", b"overall", "run_id", b"run_id", "stages", b"stages", "state", b"state", "verdict", b"verdict", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RunResult: _TypeAlias = RunResult  # noqa: Y015
+
+@_typing.final
+class CapacityProbe(_message.Message):
+    """One probe of a capacity search."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STAGE_INDEX_FIELD_NUMBER: _builtins.int
+    LOAD_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    GOOD_PERCENT_FIELD_NUMBER: _builtins.int
+    GOOD_PERCENT_LOW_FIELD_NUMBER: _builtins.int
+    GOOD_PERCENT_HIGH_FIELD_NUMBER: _builtins.int
+    TTFT_P50_MS_FIELD_NUMBER: _builtins.int
+    TTFT_P99_MS_FIELD_NUMBER: _builtins.int
+    TPOT_P50_MS_FIELD_NUMBER: _builtins.int
+    TPOT_P99_MS_FIELD_NUMBER: _builtins.int
+    E2E_P99_MS_FIELD_NUMBER: _builtins.int
+    REQUEST_THROUGHPUT_FIELD_NUMBER: _builtins.int
+    OUTPUT_TOKEN_THROUGHPUT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    REPEAT_FIELD_NUMBER: _builtins.int
+    stage_index: _builtins.int
+    """The stage the probe ran as (an index into `RunResult.stages`); -1 for a probe
+    carried over from the run named in `search.resume_from_run_id`.
+    """
+    load: _builtins.float
+    """The load level: concurrency, or requests per second."""
+    outcome: Global___ProbeOutcome.ValueType
+    """How it was judged."""
+    requests: _builtins.int
+    """Requests counted (warmup excluded), over every repeat at this load."""
+    good_percent: _builtins.float
+    """Percent of them that met every SLO."""
+    good_percent_low: _builtins.float
+    """The 95 % confidence interval of `good_percent` (Wilson score), percent."""
+    good_percent_high: _builtins.float
+    """The interval's upper end, percent."""
+    ttft_p50_ms: _builtins.float
+    """TTFT p50 of the probe's counted requests, ms."""
+    ttft_p99_ms: _builtins.float
+    """TTFT p99, ms."""
+    tpot_p50_ms: _builtins.float
+    """TPOT p50, ms."""
+    tpot_p99_ms: _builtins.float
+    """TPOT p99, ms."""
+    e2e_p99_ms: _builtins.float
+    """End-to-end latency p99, ms."""
+    request_throughput: _builtins.float
+    """Requests completed per second."""
+    output_token_throughput: _builtins.float
+    """Output tokens per second."""
+    reason: _builtins.str
+    """Why the probe was judged as it was, one sentence."""
+    repeat: _builtins.bool
+    """True when the probe repeats an earlier one at the same load (the earlier one was too
+    short or too close to the target to decide).
+    """
+    def __init__(
+        self,
+        *,
+        stage_index: _builtins.int = ...,
+        load: _builtins.float = ...,
+        outcome: Global___ProbeOutcome.ValueType = ...,
+        requests: _builtins.int = ...,
+        good_percent: _builtins.float = ...,
+        good_percent_low: _builtins.float = ...,
+        good_percent_high: _builtins.float = ...,
+        ttft_p50_ms: _builtins.float = ...,
+        ttft_p99_ms: _builtins.float = ...,
+        tpot_p50_ms: _builtins.float = ...,
+        tpot_p99_ms: _builtins.float = ...,
+        e2e_p99_ms: _builtins.float = ...,
+        request_throughput: _builtins.float = ...,
+        output_token_throughput: _builtins.float = ...,
+        reason: _builtins.str = ...,
+        repeat: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["e2e_p99_ms", b"e2e_p99_ms", "good_percent", b"good_percent", "good_percent_high", b"good_percent_high", "good_percent_low", b"good_percent_low", "load", b"load", "outcome", b"outcome", "output_token_throughput", b"output_token_throughput", "reason", b"reason", "repeat", b"repeat", "request_throughput", b"request_throughput", "requests", b"requests", "stage_index", b"stage_index", "tpot_p50_ms", b"tpot_p50_ms", "tpot_p99_ms", b"tpot_p99_ms", "ttft_p50_ms", b"ttft_p50_ms", "ttft_p99_ms", b"ttft_p99_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CapacityProbe: _TypeAlias = CapacityProbe  # noqa: Y015
+
+@_typing.final
+class CapacityResult(_message.Message):
+    """The outcome of a capacity search."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VARIABLE_FIELD_NUMBER: _builtins.int
+    GOODPUT_TARGET_PERCENT_FIELD_NUMBER: _builtins.int
+    HIGHEST_PASSING_FIELD_NUMBER: _builtins.int
+    LOWEST_FAILING_FIELD_NUMBER: _builtins.int
+    STOP_REASON_FIELD_NUMBER: _builtins.int
+    STOP_MESSAGE_FIELD_NUMBER: _builtins.int
+    PROBES_FIELD_NUMBER: _builtins.int
+    REQUEST_THROUGHPUT_FIELD_NUMBER: _builtins.int
+    OUTPUT_TOKEN_THROUGHPUT_FIELD_NUMBER: _builtins.int
+    COST_PER_MILLION_OUTPUT_TOKENS_USD_FIELD_NUMBER: _builtins.int
+    CONFIDENT_FIELD_NUMBER: _builtins.int
+    variable: Global___SearchVariable.ValueType
+    """What the search varied."""
+    goodput_target_percent: _builtins.float
+    """The goodput target, percent."""
+    highest_passing: _builtins.float
+    """The highest load that passed: the capacity. Absent when none passed."""
+    lowest_failing: _builtins.float
+    """The lowest load that failed. Absent when none failed."""
+    stop_reason: Global___SearchStopReason.ValueType
+    """Why the search stopped."""
+    stop_message: _builtins.str
+    """The stop reason in words, with the figures."""
+    request_throughput: _builtins.float
+    """Requests per second at capacity (the highest passing probe)."""
+    output_token_throughput: _builtins.float
+    """Output tokens per second at capacity."""
+    cost_per_million_output_tokens_usd: _builtins.float
+    """USD per million output tokens at capacity (only with `search.cost_per_hour_usd`)."""
+    confident: _builtins.bool
+    """True when both boundary probes were decided at 95 % confidence (their good-fraction
+    intervals lie on either side of the target); false when one was decided on its point
+    estimate after its repeat was still within noise.
+    """
+    @_builtins.property
+    def probes(self) -> _containers.RepeatedCompositeFieldContainer[Global___CapacityProbe]:
+        """Every probe in the order they ran."""
+
+    def __init__(
+        self,
+        *,
+        variable: Global___SearchVariable.ValueType = ...,
+        goodput_target_percent: _builtins.float = ...,
+        highest_passing: _builtins.float | None = ...,
+        lowest_failing: _builtins.float | None = ...,
+        stop_reason: Global___SearchStopReason.ValueType = ...,
+        stop_message: _builtins.str = ...,
+        probes: _abc.Iterable[Global___CapacityProbe] | None = ...,
+        request_throughput: _builtins.float = ...,
+        output_token_throughput: _builtins.float = ...,
+        cost_per_million_output_tokens_usd: _builtins.float | None = ...,
+        confident: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cost_per_million_output_tokens_usd", b"_cost_per_million_output_tokens_usd", "_highest_passing", b"_highest_passing", "_lowest_failing", b"_lowest_failing", "cost_per_million_output_tokens_usd", b"cost_per_million_output_tokens_usd", "highest_passing", b"highest_passing", "lowest_failing", b"lowest_failing"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cost_per_million_output_tokens_usd", b"_cost_per_million_output_tokens_usd", "_highest_passing", b"_highest_passing", "_lowest_failing", b"_lowest_failing", "confident", b"confident", "cost_per_million_output_tokens_usd", b"cost_per_million_output_tokens_usd", "goodput_target_percent", b"goodput_target_percent", "highest_passing", b"highest_passing", "lowest_failing", b"lowest_failing", "output_token_throughput", b"output_token_throughput", "probes", b"probes", "request_throughput", b"request_throughput", "stop_message", b"stop_message", "stop_reason", b"stop_reason", "variable", b"variable"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__cost_per_million_output_tokens_usd: _TypeAlias = _typing.Literal["cost_per_million_output_tokens_usd"]  # noqa: Y015
+    _WhichOneofArgType__cost_per_million_output_tokens_usd: _TypeAlias = _typing.Literal["_cost_per_million_output_tokens_usd", b"_cost_per_million_output_tokens_usd"]  # noqa: Y015
+    _WhichOneofReturnType__highest_passing: _TypeAlias = _typing.Literal["highest_passing"]  # noqa: Y015
+    _WhichOneofArgType__highest_passing: _TypeAlias = _typing.Literal["_highest_passing", b"_highest_passing"]  # noqa: Y015
+    _WhichOneofReturnType__lowest_failing: _TypeAlias = _typing.Literal["lowest_failing"]  # noqa: Y015
+    _WhichOneofArgType__lowest_failing: _TypeAlias = _typing.Literal["_lowest_failing", b"_lowest_failing"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__cost_per_million_output_tokens_usd) -> _WhichOneofReturnType__cost_per_million_output_tokens_usd | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__highest_passing) -> _WhichOneofReturnType__highest_passing | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__lowest_failing) -> _WhichOneofReturnType__lowest_failing | None: ...
+
+Global___CapacityResult: _TypeAlias = CapacityResult  # noqa: Y015
 
 @_typing.final
 class AgentHealth(_message.Message):
