@@ -124,10 +124,11 @@ class AuditLog:
 
     async def flush(self) -> None:
         """Bring every refusal row's count up to date; forget groups of past windows."""
-        pending = [(g, g.count) for g in self._groups.values() if g.pk is not None and g.count > g.written]
+        # (group, count to write, its row's pk); groups whose first write is still under way have no pk yet
+        pending = [(g, g.count, g.pk) for g in self._groups.values() if g.pk is not None and g.count > g.written]
         if pending:
-            await self._db.write(store.set_audit_counts, [(count, g.pk) for g, count in pending])
-            for g, count in pending:
+            await self._db.write(store.set_audit_counts, [(count, pk) for _, count, pk in pending])
+            for g, count, _ in pending:
                 g.written = count
         self._drop_settled(self._clock() // WINDOW_NS)
 

@@ -10,7 +10,7 @@ import functools
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import TypedDict, Unpack, cast
 
 import numpy as np
 from peewee import IntegrityError, fn
@@ -255,7 +255,17 @@ _RUN_FIELDS = (
 )
 
 
-def update_run(run_pk: int, **fields: object) -> None:
+class RunChanges(TypedDict, total=False):
+    """The columns of a run that `update_run` may set."""
+
+    state: int
+    state_reason: str
+    started_at: int
+    ended_at: int
+    current_stage: int
+
+
+def update_run(run_pk: int, **fields: Unpack[RunChanges]) -> None:
     RunRow.update(**fields).where(RunRow.pk == run_pk).execute()
 
 
@@ -395,7 +405,21 @@ def lookup_assignment(assignment_id: str) -> StoredAssignment | None:
     )  # fmt: skip
 
 
-def update_assignment(assignment_pk: int, **fields: object) -> None:
+class AssignmentChanges(TypedDict, total=False):
+    """The columns of an assignment that `update_assignment` may set (times: controller clock)."""
+
+    state: int
+    message: str
+    batch_count: int
+    requests_sent: int
+    ended_at: int
+    planned_start_ns: int
+    started_ns: int
+    clock_offset_ns: int
+    takeover: int  # 0 or 1
+
+
+def update_assignment(assignment_pk: int, **fields: Unpack[AssignmentChanges]) -> None:
     AssignmentRow.update(**fields).where(AssignmentRow.pk == assignment_pk).execute()
 
 
