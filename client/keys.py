@@ -148,12 +148,14 @@ async def _on_db(path: str, job: Callable[..., Awaitable[int]]) -> int:
     from controller.domain.audit import AuditLog
     from controller.domain.keys import KeyStore
     from controller.store.database import Database, UnusableDatabase
+    from controller.store.sqlite import SqliteStore
 
     configure_logging("console", "warning")  # stdout carries only the new key
     db = Database(path, read_workers=1)
     try:
         db.migrate()
-        return await job(KeyStore(db), AuditLog(db))
+        store = SqliteStore(db)
+        return await job(KeyStore(store), AuditLog(store))
     except UnusableDatabase as exc:
         print(f"llm-loadtest: {exc}", file=sys.stderr)
         return 1

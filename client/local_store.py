@@ -21,6 +21,7 @@ from controller.domain.runs import Runs
 from controller.servicers import convert
 from controller.servicers.errors import to_status
 from controller.store.database import Database
+from controller.store.sqlite import SqliteStore
 
 
 def error_text(exc: DomainError) -> str:
@@ -39,11 +40,12 @@ class LocalStore:
         from controller.domain.destinations import DestinationPolicy
 
         self._db = Database(path, read_workers=1, read_only=True)
+        store = SqliteStore(self._db)
         hub = RunHub()
         # The coordinator is never started: it only answers "is this run executing here" (no);
         # no run is created here, so the destination policy is never consulted.
         self._runs = Runs(
-            self._db, RunCoordinator(self._db, hub), hub, RunResults(self._db, store=False), DestinationPolicy()
+            store, RunCoordinator(self._db, hub), hub, RunResults(store, keep=False), DestinationPolicy()
         )
 
     async def __aenter__(self) -> LocalStore:
