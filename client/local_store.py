@@ -44,9 +44,7 @@ class LocalStore:
         hub = RunHub()
         # The coordinator is never started: it only answers "is this run executing here" (no);
         # no run is created here, so the destination policy is never consulted.
-        self._runs = Runs(
-            store, RunCoordinator(self._db, hub), hub, RunResults(store, keep=False), DestinationPolicy()
-        )
+        self._runs = Runs(store, RunCoordinator(self._db, hub), hub, RunResults(store, keep=False), DestinationPolicy())
 
     async def __aenter__(self) -> LocalStore:
         return self

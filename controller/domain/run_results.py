@@ -80,9 +80,7 @@ class ComputedResult:
     compute_ms: float
 
 
-def compute_result(
-    reads: SnapshotReads, run_pk: int, run_id: str, spec: run_pb2.RunSpec, state: int
-) -> ComputedResult:
+def compute_result(reads: SnapshotReads, run_pk: int, run_id: str, spec: run_pb2.RunSpec, state: int) -> ComputedResult:
     """A snapshot job: the result computed from the stored samples. The version is read in the
     same snapshot as the samples, so it is exactly the version computed."""
     started = time.perf_counter()

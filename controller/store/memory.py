@@ -280,9 +280,7 @@ class MemoryTables:
             del self.assignments[a.pk], self._assignment_by_id[a.assignment_id]
         for b in [b for b in self.batches.values() if b.run_pk == run_pk or b.assignment_pk not in self.assignments]:
             del self.batches[b.pk], self._batch_by_seq[(b.assignment_pk, b.batch_seq)]
-        self.scrapes = {
-            pk: s for pk, s in self.scrapes.items() if s.run_pk != run_pk and s.batch_pk in self.batches
-        }
+        self.scrapes = {pk: s for pk, s in self.scrapes.items() if s.run_pk != run_pk and s.batch_pk in self.batches}
 
     def interrupt_running(self, reason: str, now_ns: int) -> list[str]:
         running = [r for r in self.runs.values() if r.state == RUNNING]
@@ -742,9 +740,7 @@ class MemoryStore(Store):
     async def ingest_batches(self, batches: Sequence[BatchIngest]) -> list[IngestOutcome]:
         return await _after_a_turn(self.tables.ingest_batches(batches))
 
-    async def export_page(
-        self, run_pk: int, after: int, limit: int, include_warmup: bool
-    ) -> list[tuple[object, ...]]:
+    async def export_page(self, run_pk: int, after: int, limit: int, include_warmup: bool) -> list[tuple[object, ...]]:
         return await _after_a_turn(self.tables.export_page(run_pk, after, limit, include_warmup))
 
     async def count_samples(self, run_pk: int) -> int:

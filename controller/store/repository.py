@@ -1,4 +1,5 @@
-"""Repository functions: each one is a whole job for `Database.write`/`Database.read`.
+"""Repository functions: each one is a whole job for `Database.write`/`Database.read`, run by
+the SQLite store (controller/store/sqlite.py) for the operation of the same name.
 
 They run on a worker thread inside a transaction and return plain dataclasses, never
 Peewee model instances, so nothing lazy leaks back to the event loop.
@@ -386,8 +387,7 @@ class AgentRecord:
 def get_agent(session_id: str) -> AgentRecord | None:
     """An agent session (for tools and tests: the domain keeps live sessions in memory)."""
     row = database_proxy.execute_sql(
-        "SELECT session_id, name, labels_json, version, connected_at, disconnected_at FROM agents"
-        " WHERE session_id = ?",
+        "SELECT session_id, name, labels_json, version, connected_at, disconnected_at FROM agents WHERE session_id = ?",
         (session_id,),
     ).fetchone()
     if row is None:

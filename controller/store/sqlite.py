@@ -204,9 +204,7 @@ class SqliteStore(Store):
     async def ingest_batches(self, batches: Sequence[BatchIngest]) -> list[IngestOutcome]:
         return await self.db.write(repo.ingest_batches, batches)
 
-    async def export_page(
-        self, run_pk: int, after: int, limit: int, include_warmup: bool
-    ) -> list[tuple[object, ...]]:
+    async def export_page(self, run_pk: int, after: int, limit: int, include_warmup: bool) -> list[tuple[object, ...]]:
         return await self.db.read(repo.export_page, run_pk, after, limit, include_warmup)
 
     async def count_samples(self, run_pk: int) -> int:

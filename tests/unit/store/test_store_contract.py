@@ -387,7 +387,8 @@ async def test_agent_sessions(store: Store) -> None:
 async def test_a_new_assignment_and_its_lookup(store: Store) -> None:
     run = await new_run(store)
     pk = await store.insert_assignment("asg_1", run.pk, 1, "ses-1", "agent-a", 4, 100, 1, 50, "digest")
-    assert await store.lookup_assignment("asg_1") == repo.StoredAssignment(pk, run.pk, "run_a", 1, "digest", 50, None, 0)
+    found = await store.lookup_assignment("asg_1")
+    assert found == repo.StoredAssignment(pk, run.pk, "run_a", 1, "digest", 50, None, 0)
     assert await store.get_assignment("asg_1") == repo.AssignmentRecord(
         pk, "asg_1", run.pk, 1, "ses-1", "agent-a", 4, 100, 1, "", None, 0, 50, None, 0.0, 0.0, None, None, 0, 0,
         "digest",
@@ -435,7 +436,9 @@ async def test_stage_assignments_count_their_stored_samples(store: Store) -> Non
                                   state=repo.ASSIGNMENT_LOST_STATE)  # fmt: skip
     t1, g1 = sample_table(3)
     t2, g2 = sample_table(5)
-    await store.ingest_batches([batch(a1, run.pk, 1, t1, g1), batch(a2, run.pk, 1, t2, g2), batch(a1, run.pk, 2, t1, g1)])
+    await store.ingest_batches(
+        [batch(a1, run.pk, 1, t1, g1), batch(a2, run.pk, 1, t2, g2), batch(a1, run.pk, 2, t1, g1)]
+    )
     rows = await snapshot_of(store, "stage_assignments", run.pk, 0)
     assert rows == [
         repo.AssignmentSummary("agent-b", "ses-asg_1", 1, 0, 6, None, None, False),
@@ -581,8 +584,11 @@ async def test_failure_summary_names_the_first_stored_error(store: Store) -> Non
     ok, g_ok = sample_table(2)
     assert await store.failure_summary(run.pk) == (0, 0, "")
     bad, g_bad = sample_table(3, status=[1, 3, 3])
-    await store.ingest_batches([batch(a, run.pk, 1, ok, g_ok), batch(a, run.pk, 2, bad, g_bad, errors=[(2, "late"), (1, "early")]),
-                                batch(a, run.pk, 3, bad, g_bad, errors=[(1, "next batch")])])  # fmt: skip
+    await store.ingest_batches([
+        batch(a, run.pk, 1, ok, g_ok),
+        batch(a, run.pk, 2, bad, g_bad, errors=[(2, "late"), (1, "early")]),
+        batch(a, run.pk, 3, bad, g_bad, errors=[(1, "next batch")]),
+    ])  # fmt: skip
     assert await store.failure_summary(run.pk) == (4, 4, "early")
 
 
@@ -590,8 +596,8 @@ async def test_server_scrapes_and_their_failure_events(store: Store) -> None:
     run = await new_run(store)
     a = await new_assignment(store, run.pk, "asg_1")
     url, other = "http://m:8000/metrics", "http://n:8000/metrics"
-    values = (("vllm:num_requests_running", 'model="x"', GAUGE, 2.0), ("vllm:num_requests_running", 'model="y"', GAUGE, 3.0),
-              ("vllm:generation_tokens_total", "", COUNTER, 40.0))  # fmt: skip
+    running, generated = "vllm:num_requests_running", "vllm:generation_tokens_total"
+    values = ((running, 'model="x"', GAUGE, 2.0), (running, 'model="y"', GAUGE, 3.0), (generated, "", COUNTER, 40.0))
     # An endpoint's state is that of its latest scrape by scrape time, whatever the arrival order.
     rounds = [
         [ScrapeRow(url, T0 + 3, "", values), ScrapeRow(other, T0 + 1, "refused", ())],  # other fails
@@ -623,7 +629,7 @@ async def test_server_scrapes_and_their_failure_events(store: Store) -> None:
     assert sorted(data.values) == sorted(  # type: ignore[attr-defined]
         (pk_of[t], name, kind, total)
         for t in (T0 + 3, T0 + 7)
-        for name, kind, total in (("vllm:num_requests_running", GAUGE, 5.0), ("vllm:generation_tokens_total", COUNTER, 40.0))
+        for name, kind, total in ((running, GAUGE, 5.0), (generated, COUNTER, 40.0))
     )  # fmt: skip
     assert (await snapshot_of(store, "load_stage_scrapes", run.pk, 1)).scrapes == []  # type: ignore[attr-defined]
 
