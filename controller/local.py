@@ -32,6 +32,7 @@ from controller.servicers import convert
 from controller.servicers.errors import to_status
 from controller.store.database import Database, UnusableDatabase
 from controller.store.security import AuditRecord, KeyRecord
+from controller.store.sqlite import SqliteStore
 
 __all__ = [
     "AuditRecord",
@@ -60,9 +61,8 @@ class LocalRunReader:
         hub = RunHub()
         # The coordinator is never started: it only answers "is this run executing here" (no);
         # no run is created here, so the destination policy is never consulted.
-        self._runs = Runs(
-            self._db, RunCoordinator(self._db, hub), hub, RunResults(self._db, store=False), DestinationPolicy()
-        )
+        store = SqliteStore(self._db)
+        self._runs = Runs(store, RunCoordinator(store, hub), hub, RunResults(store, keep=False), DestinationPolicy())
 
     async def __aenter__(self) -> LocalRunReader:
         return self
@@ -111,8 +111,9 @@ class LocalKeyAdmin:
         except BaseException:
             self._db.close()
             raise
-        self._keys = KeyStore(self._db)
-        self._audit = AuditLog(self._db)
+        store = SqliteStore(self._db)
+        self._keys = KeyStore(store)
+        self._audit = AuditLog(store)
 
     async def __aenter__(self) -> LocalKeyAdmin:
         return self

@@ -38,8 +38,8 @@ from controller.servicers import run_service
 from controller.servicers.agent_service import AgentServiceServicer
 from controller.servicers.key_service import KeyServiceServicer
 from controller.servicers.run_service import RunServiceServicer
-from controller.store import repository as repo
 from controller.store.database import Database
+from controller.store.sqlite import SqliteStore
 
 log = structlog.get_logger(__name__)
 
@@ -72,11 +72,12 @@ class Controller:
         insecure_open: bool = False,
     ) -> None:
         self.db = Database(db_path)
+        self.store = SqliteStore(self.db)
         self._insecure_open = insecure_open
         self.destinations = DestinationPolicy(allow_targets)
         self._tls = tls
-        self.keys = KeyStore(self.db, api_key)
-        self.audit = AuditLog(self.db)
+        self.keys = KeyStore(self.store, api_key)
+        self.audit = AuditLog(self.store)
         self.auth = AuthInterceptor(
             self.keys, self.audit, require_auth_for_reads=require_auth_for_reads, limiter=RateLimiter(rate_limits)
         )
@@ -86,20 +87,20 @@ class Controller:
         self.metrics_server = MetricsServer(self.metrics.registry, self.metrics.refresh)
         self.metrics_port = 0
         self.hub = RunHub()
-        self.results = RunResults(self.db)
+        self.results = RunResults(self.store)
         self.memory = MemoryReleaser(self.db.shrink_memory)
         self.coordinator = RunCoordinator(
-            self.db, self.hub, heartbeat_interval_s=heartbeat_interval_s, lost_grace_s=lost_grace_s,
+            self.store, self.hub, heartbeat_interval_s=heartbeat_interval_s, lost_grace_s=lost_grace_s,
             on_run_final=self.results.run_finished,
         )  # fmt: skip
-        self.ingestor = Ingestor(self.db, self.metrics)
+        self.ingestor = Ingestor(self.store, self.metrics)
         self.metrics.bind(
             running=self.coordinator.running_run_ids,
             agents=self.coordinator.agents,
-            count_runs=lambda: self.db.read(repo.count_runs_by_state),
+            count_runs=self.store.count_runs_by_state,
             queue_depth=lambda: self.ingestor.queue_depth,
         )
-        self.runs = Runs(self.db, self.coordinator, self.hub, self.results, self.destinations)
+        self.runs = Runs(self.store, self.coordinator, self.hub, self.results, self.destinations)
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(
             interceptors=[self.metrics.interceptor, self.auth], options=SERVER_OPTIONS

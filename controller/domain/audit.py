@@ -24,8 +24,7 @@ from dataclasses import dataclass
 import structlog
 
 from controller.domain.errors import FieldViolation, InvalidArgument
-from controller.store import security as store
-from controller.store.database import Database
+from controller.store.interface import AuditStore
 from controller.store.security import AuditRecord
 
 log = structlog.get_logger(__name__)
@@ -67,9 +66,9 @@ class AuditLog:
     """Writes and pages through the audit table."""
 
     def __init__(
-        self, db: Database, clock: Callable[[], int] = time.time_ns, max_open_groups: int = MAX_OPEN_GROUPS
+        self, store: AuditStore, clock: Callable[[], int] = time.time_ns, max_open_groups: int = MAX_OPEN_GROUPS
     ) -> None:
-        self._db = db
+        self._store = store
         self._clock = clock
         self._max_open_groups = max_open_groups
         self._groups: dict[_GroupKey, _Group] = {}
@@ -83,7 +82,7 @@ class AuditLog:
 
     async def record(self, entry: AuditEntry) -> None:
         """One row for one call."""
-        await self._db.write(store.insert_audit, [self._row(entry, self._clock())])
+        await self._store.insert_audit([self._row(entry, self._clock())])
 
     async def record_refusal(self, entry: AuditEntry) -> bool:
         """Count a refused call in its group's row (writing the row if it is the first);
@@ -103,7 +102,7 @@ class AuditLog:
             return False
         group = self._groups[key] = _Group()  # before the write: refusals meanwhile count here
         try:
-            group.pk = await self._db.write(store.insert_audit, [self._row(entry, now)])
+            group.pk = await self._store.insert_audit([self._row(entry, now)])
         except BaseException:
             del self._groups[key]
             raise
@@ -124,10 +123,11 @@ class AuditLog:
 
     async def flush(self) -> None:
         """Bring every refusal row's count up to date; forget groups of past windows."""
-        pending = [(g, g.count) for g in self._groups.values() if g.pk is not None and g.count > g.written]
+        # (group, count to write, its row's pk); groups whose first write is still under way have no pk yet
+        pending = [(g, g.count, g.pk) for g in self._groups.values() if g.pk is not None and g.count > g.written]
         if pending:
-            await self._db.write(store.set_audit_counts, [(count, g.pk) for g, count in pending])
-            for g, count in pending:
+            await self._store.set_audit_counts([(count, pk) for _, count, pk in pending])
+            for g, count, _ in pending:
                 g.written = count
         self._drop_settled(self._clock() // WINDOW_NS)
 
@@ -164,7 +164,7 @@ class AuditLog:
             if not page_token.isdigit() or len(page_token) > 19:
                 raise InvalidArgument([FieldViolation("page_token", "malformed page token")])
             before = int(page_token)
-        rows = await self._db.read(store.list_audit, size + 1, before, key_id, run_id)
+        rows = await self._store.list_audit(size + 1, before, key_id, run_id)
         more = len(rows) > size
         rows = rows[:size]
         return rows, str(rows[-1].pk) if more and rows else ""

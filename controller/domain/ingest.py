@@ -1,7 +1,7 @@
 """Sample ingest: batches from every agent stream go through one queue to the single
 SQLite writer, many batches per transaction; acks go back only after the commit.
 
-The queue is bounded: when SQLite falls behind, `submit` blocks, the servicer stops
+The queue is bounded: when the store (SQLite) falls behind, `submit` blocks, the servicer stops
 reading its stream, and gRPC flow control pushes back on the agents (backpressure
 instead of unbounded memory).
 """
@@ -23,7 +23,7 @@ from common.proto.loadtest.v1 import agent_service_pb2
 from controller.domain import sample_limits as limits
 from controller.domain.server_metrics import scrape_rows
 from controller.store import repository as repo
-from controller.store.database import Database
+from controller.store.interface import SampleStore
 
 log = structlog.get_logger(__name__)
 
@@ -138,8 +138,8 @@ def _int64(name: str, values: Sequence[int]) -> np.ndarray:
 class Ingestor:
     """Commits sample batches in order and calls back after each commit."""
 
-    def __init__(self, db: Database, observer: IngestObserver | None = None) -> None:
-        self._db = db
+    def __init__(self, store: SampleStore, observer: IngestObserver | None = None) -> None:
+        self._store = store
         self._observer = observer
         self._queue: asyncio.Queue[_Item] = asyncio.Queue(QUEUE_BATCHES)
         self._task: asyncio.Task[None] | None = None
@@ -194,7 +194,7 @@ class Ingestor:
         that cannot be written fails by itself and never takes the others down with it."""
         started = time.perf_counter()
         try:
-            outcomes = await self._db.write(repo.ingest_batches, [i.batch for i in items])
+            outcomes = await self._store.ingest_batches([i.batch for i in items])
             if self._observer is not None:
                 self._observer.commit_took(time.perf_counter() - started)
             return list(zip(items, outcomes, strict=True))

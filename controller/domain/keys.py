@@ -31,8 +31,7 @@ from dataclasses import dataclass
 import structlog
 
 from controller.domain.errors import FieldViolation, InvalidArgument, NotFound
-from controller.store import security as store
-from controller.store.database import Database
+from controller.store.interface import ApiKeyStore
 from controller.store.security import KeyRecord
 
 log = structlog.get_logger(__name__)
@@ -98,9 +97,9 @@ class KeyStore:
     """The controller's keys: verification, management and revocation of open streams."""
 
     def __init__(
-        self, db: Database, bootstrap_key: str | None = None, clock: Callable[[], int] = time.time_ns
+        self, store: ApiKeyStore, bootstrap_key: str | None = None, clock: Callable[[], int] = time.time_ns
     ) -> None:
-        self._db = db
+        self._store = store
         self._bootstrap = digest(bootstrap_key) if bootstrap_key else None
         self._clock = clock
         self._closed = self._bootstrap is not None  # once closed, never open again
@@ -117,7 +116,7 @@ class KeyStore:
         now = time.monotonic()
         if now - self._open_checked >= OPEN_RECHECK_S:
             self._open_checked = now
-            self._closed = await self._db.read(store.any_keys)
+            self._closed = await self._store.any_keys()
         return self._closed
 
     async def authenticate(self, token: str) -> Principal:
@@ -132,7 +131,7 @@ class KeyStore:
                 )
             raise InvalidCredentials("malformed API key (expected llt_<id>_<secret>)")
         key_id, secret = parsed
-        record = await self._db.read(store.get_key, key_id)
+        record = await self._store.get_key(key_id)
         if record is None or not hmac.compare_digest(digest(secret), record.secret_sha256):
             raise InvalidCredentials(f"invalid API key (id {key_id})")
         if record.revoked_at is not None:
@@ -165,19 +164,19 @@ class KeyStore:
         key_id, token = new_token()
         secret = token[len(KEY_PREFIX) + len(key_id) + 1 :]
         record = KeyRecord(key_id, digest(secret), role.value, name, now_ns or self._clock(), expires_at_ns, None)
-        await self._db.write(store.insert_key, record)
+        await self._store.insert_key(record)
         self._closed = True
         log.info("api_key_created", key_id=key_id, role=role.value, name=name)
         return record, token
 
     async def list(self, include_revoked: bool = False) -> list[KeyRecord]:
-        return await self._db.read(store.list_keys, include_revoked)
+        return await self._store.list_keys(include_revoked)
 
     async def revoke(self, key_id: str) -> KeyRecord:
         """Revoke a key now and end the streams opened with it."""
         if not key_id:
             raise InvalidArgument([FieldViolation("key_id", "required")])
-        record = await self._db.write(store.revoke_key, key_id, self._clock())
+        record = await self._store.revoke_key(key_id, self._clock())
         if record is None:
             raise NotFound(f"API key {key_id!r} not found")
         log.info("api_key_revoked", key_id=key_id)
@@ -222,7 +221,7 @@ class KeyStore:
             if not ids:
                 continue
             try:
-                records = await self._db.read(store.get_keys, ids)
+                records = await self._store.get_keys(ids)
             except Exception:  # a failed poll must not end the watcher; the next one retries
                 log.exception("key_watch_failed")
                 continue

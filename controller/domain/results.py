@@ -3,7 +3,8 @@ and the run's verdict, whether the load generator itself was saturated, whether 
 kept up (`controller.domain.target_saturation`), and the warnings a reader should see
 (requests retried on fresh connections, the preflight's run events).
 
-Runs on a read-pool thread (pure numpy over one SQLite read per stage).
+Runs inside one snapshot of the store (`SampleStore.read_snapshot`; over SQLite, on a
+read-pool thread): pure numpy over one read of the samples per stage.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from controller.domain.server_metrics import ServerStageOutcome, stage_server_me
 from controller.domain.stage_split import stage_and_agent_metrics
 from controller.domain.target_saturation import NOT_SATURATED, TargetSaturation, target_saturation
 from controller.store import repository as repo
+from controller.store.interface import SnapshotReads
 
 # A load generator whose event loop ran this late, or whose open-loop requests went out this
 # late (p99 of sent - scheduled, no concurrency cap), measured itself as much as the target.
@@ -86,10 +88,10 @@ class StageFleet:
     agent_start_offset_ms: dict[str, float] = field(default_factory=dict)
 
 
-def stage_fleet(run_pk: int, stage_idx: int) -> StageFleet:
+def stage_fleet(reads: SnapshotReads, run_pk: int, stage_idx: int) -> StageFleet:
     """Start skew over the stage's initial assignments (controller clock) and the requests
     that lost agents sent but never reported (replayed late batches reduce the count)."""
-    rows = repo.stage_assignments(run_pk, stage_idx)
+    rows = reads.stage_assignments(run_pk, stage_idx)
     starts = [r.started_ns for r in rows if not r.takeover and r.started_ns]
     skew_ms = (max(starts) - min(starts)) / 1e6 if len(starts) > 1 else 0.0
     lost = [r for r in rows if r.state == AssignmentState.LOST]
@@ -105,7 +107,7 @@ def stage_fleet(run_pk: int, stage_idx: int) -> StageFleet:
         start_skew_ms=skew_ms,
         requests_lost=sum(max(0, r.requests_sent - r.stored_samples) for r in lost),
         agents_lost=len({r.agent_session for r in lost}),
-        reduced_load_reason=repo.stage_reduced_load_reason(run_pk, stage_idx),
+        reduced_load_reason=reads.stage_reduced_load_reason(run_pk, stage_idx),
         agent_sessions={k: ",".join(v) for k, v in sessions.items()},
         agent_start_offset_ms=offsets,
     )
@@ -186,14 +188,14 @@ def admissible_samples(data: repo.StageSamples, now_ns: int) -> tuple[repo.Stage
     )
 
 
-def compute_run_result(run_pk: int, spec: run_pb2.RunSpec, state: int) -> RunOutcome:
+def compute_run_result(reads: SnapshotReads, run_pk: int, spec: run_pb2.RunSpec, state: int) -> RunOutcome:
     slo = slo_of(spec)
     checks = [parse_check(c.expression, c.abort_on_fail) for c in spec.checks]
     stages: list[StageOutcome] = []
     every_stage: list[SampleColumns] = []
-    for idx in repo.stage_indexes_with_samples(run_pk):
+    for idx in reads.stage_indexes_with_samples(run_pk):
         stage = spec.stages[idx] if idx < len(spec.stages) else run_pb2.Stage()
-        data, ignored, ignored_reason = admissible_samples(repo.load_stage_samples(run_pk, idx), time.time_ns())
+        data, ignored, ignored_reason = admissible_samples(reads.load_stage_samples(run_pk, idx), time.time_ns())
         if ignored:
             log.warning("stored_samples_ignored", run_pk=run_pk, stage=idx, samples=ignored, reason=ignored_reason)
         cols = data.columns
@@ -206,7 +208,7 @@ def compute_run_result(run_pk: int, spec: run_pb2.RunSpec, state: int) -> RunOut
         saturated, why = _saturation(stage, metrics, data.max_loop_lag_ms, data.max_cpu_percent)
         counted = counted_mask(cols.flags)
         ok = counted & (cols.status == RequestStatus.OK)
-        server = stage_server_metrics(run_pk, idx, spec.server_metrics, cols)
+        server = stage_server_metrics(reads, run_pk, idx, spec.server_metrics, cols)
         retried = int(np.count_nonzero(counted & ((cols.flags & SampleFlag.RETRIED) != 0)))
         stages.append(
             StageOutcome(
@@ -217,7 +219,7 @@ def compute_run_result(run_pk: int, spec: run_pb2.RunSpec, state: int) -> RunOut
                 mean_input_tokens=_mean_known(cols.prompt_tokens[ok]),
                 mean_requested_output_tokens=_mean_known(data.requested_output_tokens[counted]),
                 mean_output_tokens=float(cols.output_tokens[ok].mean()) if ok.any() else 0.0,
-                fleet=stage_fleet(run_pk, idx),
+                fleet=stage_fleet(reads, run_pk, idx),
                 server_metrics=server, target=target_saturation(stage, metrics, cols, server),
                 samples_ignored=ignored, samples_ignored_reason=ignored_reason, requests_retried=retried,
             )
@@ -232,10 +234,10 @@ def compute_run_result(run_pk: int, spec: run_pb2.RunSpec, state: int) -> RunOut
     overall = None
     if every_stage:
         overall = metrics if len(every_stage) == 1 else compute_stage_metrics(SampleColumns.concat(every_stage), slo)
-    return RunOutcome(stages, all_checks, verdict, overall, run_warnings(run_pk, stages))
+    return RunOutcome(stages, all_checks, verdict, overall, run_warnings(reads, run_pk, stages))
 
 
-def run_warnings(run_pk: int, stages: list[StageOutcome]) -> list[str]:
+def run_warnings(reads: SnapshotReads, run_pk: int, stages: list[StageOutcome]) -> list[str]:
     """The result's warnings: stages whose server closed kept-alive connections under many of
     their requests, then the preflight's warnings (run events)."""
     warnings = []
@@ -248,5 +250,5 @@ def run_warnings(run_pk: int, stages: list[StageOutcome]) -> list[str]:
                 "again on fresh connections (a server that closes connections after responding while advertising "
                 "keep-alive, as llama-server does: every request may pay for a new connection)"
             )
-    warnings += [e.message for e in repo.list_events(run_pk) if e.kind == PREFLIGHT_WARNING_EVENT]
+    warnings += [e.message for e in reads.list_events(run_pk) if e.kind == PREFLIGHT_WARNING_EVENT]
     return warnings

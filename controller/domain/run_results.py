@@ -3,7 +3,7 @@
 A result is a pure function of the run's stored batches, its spec and its state. A running
 run's result is computed on every call. A final run's is computed when the run ends (a
 background task: the coordinator calls `run_finished` on every path to a final state, and so
-does cancelling a pending run) and stored in `run_results` (migration 8) as the serialized
+does cancelling a pending run) and stored (SQLite: `run_results`, migration 8) as the serialized
 loadtest.v1.RunResult itself; the most recently read ones are also kept in memory. A stored
 or cached result is used while the run's version is the one it was computed at: (state,
 stored batches, highest batch pk) and `RESULT_FORMAT`. A batch stored later (a replay after
@@ -30,7 +30,7 @@ from controller.domain.result_message import result_message
 from controller.domain.results import compute_run_result
 from controller.domain.spec import parse_spec
 from controller.store import repository as repo
-from controller.store.database import Database
+from controller.store.interface import SnapshotReads, Store
 
 log = structlog.get_logger(__name__)
 
@@ -81,19 +81,20 @@ class ComputedResult:
     compute_ms: float
 
 
-def compute_result(run_pk: int, run_id: str, spec: run_pb2.RunSpec, state: int) -> ComputedResult:
-    """A read job: the result computed from the stored samples. The version is read in the same
-    read transaction (one snapshot) as the samples, so it is exactly the version computed."""
+def compute_result(reads: SnapshotReads, run_pk: int, run_id: str, spec: run_pb2.RunSpec, state: int) -> ComputedResult:
+    """A snapshot job: the result computed from the stored samples. The version is read in the
+    same snapshot as the samples, so it is exactly the version computed."""
     started = time.perf_counter()
-    batches, last_batch_pk = repo.sample_batches_version(run_pk)
-    message = result_message(run_id, state, compute_run_result(run_pk, spec, state))
+    batches, last_batch_pk = reads.sample_batches_version(run_pk)
+    message = result_message(run_id, state, compute_run_result(reads, run_pk, spec, state))
     compute_ms = (time.perf_counter() - started) * 1000.0
     return ComputedResult((state, batches, last_batch_pk), message, compute_ms)
 
 
-def stored_result(run_pk: int, run_id: str, version: Version) -> run_pb2.RunResult | None:
-    """A read job: the run's stored result if it was computed at `version` in this format."""
-    row = repo.get_run_result(run_pk)
+def stored_result(reads: SnapshotReads, run_pk: int, run_id: str, version: Version) -> run_pb2.RunResult | None:
+    """A snapshot job (the parse runs where the row is read): the run's stored result if it was
+    computed at `version` in this format."""
+    row = reads.get_run_result(run_pk)
     if row is None or row.version != version or row.format != RESULT_FORMAT:
         return None
     try:
@@ -106,9 +107,9 @@ def stored_result(run_pk: int, run_id: str, version: Version) -> run_pb2.RunResu
 class RunResults:
     """Results of runs: computed for running runs, stored once for final ones."""
 
-    def __init__(self, db: Database, max_cached: int = DEFAULT_MAX_CACHED, *, store: bool = True) -> None:
-        self._db = db
-        self._store = store  # False on a read-only database (the CLI's --db): compute, keep nothing
+    def __init__(self, store: Store, max_cached: int = DEFAULT_MAX_CACHED, *, keep: bool = True) -> None:
+        self._store = store
+        self._keep = keep  # False on a read-only database (the CLI's --db): compute, keep nothing
         self._cache = ResultCache(max_cached)
         # One computation (or stored-row read) per run and version, shared by whoever asks.
         self._shared: dict[tuple[str, Version], asyncio.Task[run_pb2.RunResult]] = {}
@@ -119,9 +120,11 @@ class RunResults:
     async def get(self, record: repo.RunRecord) -> run_pb2.RunResult:
         """The run's result. A final run's is shared with other callers: read it, don't modify it."""
         if not record.is_final:
-            computed = await self._db.read(compute_result, record.pk, record.run_id, parse_spec(record), record.state)
+            computed = await self._store.read_snapshot(
+                compute_result, record.pk, record.run_id, parse_spec(record), record.state
+            )
             return computed.message
-        version = (record.state, *await self._db.read(repo.sample_batches_version, record.pk))
+        version = (record.state, *await self._store.sample_batches_version(record.pk))
         cached = self._cache.get(record.run_id, version)
         if cached is not None:
             return cached
@@ -156,17 +159,19 @@ class RunResults:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _load_or_compute(self, record: repo.RunRecord, version: Version) -> run_pb2.RunResult:
-        message = await self._db.read(stored_result, record.pk, record.run_id, version)
+        message = await self._store.read_snapshot(stored_result, record.pk, record.run_id, version)
         if message is None:
-            computed = await self._db.read(compute_result, record.pk, record.run_id, parse_spec(record), record.state)
-            if not self._store:
+            computed = await self._store.read_snapshot(
+                compute_result, record.pk, record.run_id, parse_spec(record), record.state
+            )
+            if not self._keep:
                 return computed.message
             serialized = computed.message.SerializeToString(deterministic=True)
             row = repo.StoredResult(*computed.version, RESULT_FORMAT, serialized)
-            if not await self._db.write(repo.put_run_result, record.pk, record.run_id, row):
+            if not await self._store.put_run_result(record.pk, record.run_id, row):
                 return computed.message  # the run was deleted meanwhile: nothing to keep
             log.info(
-                "run_result_stored", run_id=record.run_id, samples=await self._db.read(repo.count_samples, record.pk),
+                "run_result_stored", run_id=record.run_id, samples=await self._store.count_samples(record.pk),
                 compute_ms=round(computed.compute_ms, 1), result_bytes=len(serialized),
             )  # fmt: skip
             message, version = computed.message, computed.version
@@ -176,7 +181,7 @@ class RunResults:
     async def _store_finished(self, run_id: str) -> None:
         async with self._background_slots:
             try:
-                record = await self._db.read(repo.get_run, run_id)
+                record = await self._store.get_run(run_id)
                 if record is not None and record.is_final:
                     await self.get(record)
             except Exception:

@@ -28,7 +28,7 @@ from controller.domain.run_results import RunResults
 from controller.domain.secrets import split_secrets
 from controller.domain.spec import check_stored_size, validate_and_default
 from controller.store import repository as repo
-from controller.store.database import Database
+from controller.store.interface import Store
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -58,13 +58,13 @@ class Runs:
 
     def __init__(
         self,
-        db: Database,
+        store: Store,
         coordinator: RunCoordinator,
         hub: RunHub,
         results: RunResults,
         destinations: DestinationPolicy,
     ) -> None:
-        self._db = db
+        self._store = store
         self._destinations = destinations
         self._coordinator = coordinator
         self.hub = hub
@@ -88,8 +88,7 @@ class Runs:
             dataset.entry_count = len(entries)
             dataset.content = ""  # the parsed entries are stored apart
         check_stored_size(valid)
-        record, created = await self._db.write(
-            repo.insert_run,
+        record, created = await self._store.insert_run(
             new_run_id(),
             request_id or None,
             valid.display_name,
@@ -102,7 +101,7 @@ class Runs:
             valid.SerializeToString(deterministic=True),
         )
         if created:
-            await self._db.write(repo.add_event, record.pk, "run_created", "", record.created_at)
+            await self._store.add_event(record.pk, "run_created", "", record.created_at)
             log.info("run_created", run_id=record.run_id, model=record.model, stages=len(valid.stages))
             self._coordinator.enqueue(record.run_id)
         return record
@@ -110,7 +109,7 @@ class Runs:
     async def get(self, run_id: str) -> repo.RunRecord:
         if not run_id:
             raise InvalidArgument([FieldViolation("run_id", "required")])
-        record = await self._db.read(repo.get_run, run_id)
+        record = await self._store.get_run(run_id)
         if record is None:
             raise NotFound(f"run {run_id!r} not found")
         return record
@@ -126,11 +125,10 @@ class Runs:
         if state and state not in run_pb2.RunState.values():
             raise InvalidArgument([FieldViolation("state", f"unknown run state {state}")])
 
-        def page() -> T:
-            records, cursor = repo.list_runs(size, after, state, model, MAX_PAGE_BYTES)
+        def page(records: list[repo.RunRecord], cursor: tuple[int, int] | None) -> T:
             return build(records, _encode_token(cursor) if cursor else "")
 
-        return await self._db.read(page)
+        return await self._store.list_runs(size, after, state, model, MAX_PAGE_BYTES, page)
 
     async def cancel(self, run_id: str, reason: str) -> repo.RunRecord:
         record = await self.get(run_id)
@@ -140,7 +138,7 @@ class Runs:
             )
         reason = reason[:500] or "cancelled by user"
         if self._coordinator.withdraw(run_id) or record.state == RunState.PENDING:
-            await self._db.write(repo.finish_run, record.pk, RunState.CANCELLED, reason, time.time_ns())
+            await self._store.finish_run(record.pk, RunState.CANCELLED, reason, time.time_ns())
             await self._coordinator.add_event(run_id, record.pk, "run_cancelled", reason)
             log.info("run_cancelled", run_id=run_id, reason=reason)
             self._results.run_finished(run_id)
@@ -153,7 +151,7 @@ class Runs:
         record = await self.get(run_id)
         if not record.is_final:
             raise FailedPrecondition(f"run {run_id} is {state_name(record.state)}; cancel it first")
-        await self._db.write(repo.delete_run, record.pk)
+        await self._store.delete_run(record.pk)
         self._results.forget(record.run_id)
         log.info("run_deleted", run_id=run_id)
         self.hub.notify(run_id)
@@ -172,7 +170,7 @@ class Runs:
         size = min(page_size or DEFAULT_EXPORT_PAGE, MAX_EXPORT_PAGE)
         after = 0
         while True:
-            rows = await self._db.read(repo.export_page, record.pk, after, size, include_warmup)
+            rows = await self._store.export_page(record.pk, after, size, include_warmup)
             if not rows:
                 return
             yield rows
@@ -190,7 +188,7 @@ class Runs:
         return baseline_id, compare_runs(base, others, tolerance_percent or DEFAULT_TOLERANCE_PERCENT)
 
     async def events(self, record: repo.RunRecord, after_pk: int) -> list[repo.EventRecord]:
-        return await self._db.read(repo.list_events, record.pk, after_pk)
+        return await self._store.list_events(record.pk, after_pk)
 
     def live(self, run_id: str) -> LiveSnapshot | None:
         return self._coordinator.live_snapshot(run_id)

@@ -31,7 +31,8 @@ from common.metrics import SampleColumns, counted_mask
 from common.proto.loadtest.v1 import agent_service_pb2, run_pb2
 from common.spec_defaults import DEFAULT_SCRAPE_INTERVAL_S, MIN_SCRAPE_INTERVAL_S
 from controller.domain.errors import FieldViolation
-from controller.store.server_metrics import ScrapeRow, StageScrapes, load_stage_scrapes
+from controller.store.interface import SnapshotReads
+from controller.store.server_metrics import ScrapeRow, StageScrapes
 
 MAX_INTERVAL_S = 3600.0
 DEFAULT_TOLERANCE_PERCENT = 2.0
@@ -246,12 +247,12 @@ def counter_increase(values: Sequence[float]) -> float:
 
 
 def stage_server_metrics(
-    run_pk: int, stage_idx: int, sm: run_pb2.ServerMetricsSpec, cols: SampleColumns
+    reads: SnapshotReads, run_pk: int, stage_idx: int, sm: run_pb2.ServerMetricsSpec, cols: SampleColumns
 ) -> ServerStageOutcome | None:
-    """The server view of one stage (None when nothing was scraped). Runs on a read thread."""
+    """The server view of one stage (None when nothing was scraped), inside a result's snapshot."""
     if not sm.endpoints:
         return None
-    data = load_stage_scrapes(run_pk, stage_idx)
+    data = reads.load_stage_scrapes(run_pk, stage_idx)
     if not data.scrapes:
         return None
     tolerance = DEFAULT_TOLERANCE_PERCENT

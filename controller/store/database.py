@@ -14,7 +14,7 @@ import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import ParamSpec, TypeVar
 
 from peewee import DatabaseError, SqliteDatabase
 
@@ -22,6 +22,7 @@ from controller.store.migrations import apply_migrations
 from controller.store.models import database_proxy
 
 T = TypeVar("T")
+P = ParamSpec("P")
 F = TypeVar("F", bound=Callable[..., object])
 WAL_WIPE_BUSY_MS = 250
 WAL_WIPE_RETRY_S = 1.0
@@ -92,7 +93,7 @@ class Database:
         except DatabaseError as exc:  # peewee's, also for sqlite3's OperationalError
             raise UnusableDatabase(self.path, exc) from None
 
-    async def write(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+    async def write(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run `fn(*args, **kwargs)` in one transaction on the writer thread."""
         result = await self._run(self._writer, functools.partial(fn, *args, **kwargs))
         erased = bool(getattr(fn, "erases_secrets", False))
@@ -113,7 +114,7 @@ class Database:
             self.db.execute_sql(f"PRAGMA busy_timeout = {PRAGMAS['busy_timeout']}")
         return bool(busy == 0)
 
-    async def read(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+    async def read(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run `fn(*args, **kwargs)` in a read transaction on the read pool."""
         return await self._run(self._readers, functools.partial(fn, *args, **kwargs))
 

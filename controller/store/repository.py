@@ -1,4 +1,5 @@
-"""Repository functions: each one is a whole job for `Database.write`/`Database.read`.
+"""Repository functions: each one is a whole job for `Database.write`/`Database.read`, run by
+the SQLite store (controller/store/sqlite.py) for the operation of the same name.
 
 They run on a worker thread inside a transaction and return plain dataclasses, never
 Peewee model instances, so nothing lazy leaks back to the event loop.
@@ -10,7 +11,7 @@ import functools
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import TypedDict, Unpack, cast
 
 import numpy as np
 from peewee import IntegrityError, fn
@@ -250,7 +251,17 @@ _RUN_FIELDS = (
 )
 
 
-def update_run(run_pk: int, **fields: object) -> None:
+class RunChanges(TypedDict, total=False):
+    """The columns of a run that `update_run` may set."""
+
+    state: int
+    state_reason: str
+    started_at: int
+    ended_at: int
+    current_stage: int
+
+
+def update_run(run_pk: int, **fields: Unpack[RunChanges]) -> None:
     RunRow.update(**fields).where(RunRow.pk == run_pk).execute()
 
 
@@ -301,6 +312,27 @@ def set_stage_time(run_pk: int, idx: int, *, started_at: int | None = None, ende
     StageRow.update(**fields).where((StageRow.run == run_pk) & (StageRow.idx == idx)).execute()
 
 
+@dataclass(frozen=True)
+class StageRecord:
+    """One stage of a run as stored (times: controller clock)."""
+
+    idx: int
+    name: str
+    started_at: int | None
+    ended_at: int | None
+    reduced_load_reason: str
+
+
+def list_stages(run_pk: int) -> list[StageRecord]:
+    """A run's stages in order (for tools and tests: the domain reads what it needs of them
+    through the results' reads)."""
+    rows = database_proxy.execute_sql(
+        "SELECT idx, name, started_at, ended_at, reduced_load_reason FROM stages WHERE run_pk = ? ORDER BY idx",
+        (run_pk,),
+    ).fetchall()
+    return [StageRecord(int(r[0]), str(r[1]), r[2], r[3], str(r[4])) for r in rows]
+
+
 # --- events -----------------------------------------------------------------------------
 
 
@@ -333,6 +365,29 @@ def record_agent_connected(
 
 def record_agent_disconnected(session_id: str, now_ns: int) -> None:
     AgentRow.update(disconnected_at=now_ns).where(AgentRow.session_id == session_id).execute()
+
+
+@dataclass(frozen=True)
+class AgentRecord:
+    """One agent session as stored."""
+
+    session_id: str
+    name: str
+    labels: dict[str, str]
+    version: str
+    connected_at: int
+    disconnected_at: int | None
+
+
+def get_agent(session_id: str) -> AgentRecord | None:
+    """An agent session (for tools and tests: the domain keeps live sessions in memory)."""
+    row = database_proxy.execute_sql(
+        "SELECT session_id, name, labels_json, version, connected_at, disconnected_at FROM agents WHERE session_id = ?",
+        (session_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    return AgentRecord(str(row[0]), str(row[1]), json.loads(row[2]), str(row[3]), int(row[4]), row[5])
 
 
 def insert_assignment(
@@ -390,7 +445,59 @@ def lookup_assignment(assignment_id: str) -> StoredAssignment | None:
     )  # fmt: skip
 
 
-def update_assignment(assignment_pk: int, **fields: object) -> None:
+@dataclass(frozen=True)
+class AssignmentRecord:
+    """Every stored column of an assignment (for tools and tests; times: controller clock)."""
+
+    pk: int
+    assignment_id: str
+    run_pk: int
+    stage_idx: int
+    agent_session: str
+    agent_name: str
+    concurrency: int
+    requests: int
+    state: int
+    message: str
+    batch_count: int | None
+    requests_sent: int
+    created_at: int
+    ended_at: int | None
+    max_loop_lag_ms: float
+    max_cpu_percent: float
+    planned_start_ns: int | None
+    started_ns: int | None
+    clock_offset_ns: int
+    takeover: int
+    resume_token_sha256: str
+
+
+def get_assignment(assignment_id: str) -> AssignmentRecord | None:
+    row = database_proxy.execute_sql(
+        "SELECT pk, assignment_id, run_pk, stage_idx, agent_session, agent_name, concurrency, requests, state,"
+        " message, batch_count, requests_sent, created_at, ended_at, max_loop_lag_ms, max_cpu_percent,"
+        " planned_start_ns, started_ns, clock_offset_ns, takeover, resume_token_sha256 FROM assignments"
+        " WHERE assignment_id = ?",
+        (assignment_id,),
+    ).fetchone()
+    return AssignmentRecord(*row) if row is not None else None
+
+
+class AssignmentChanges(TypedDict, total=False):
+    """The columns of an assignment that `update_assignment` may set (times: controller clock)."""
+
+    state: int
+    message: str
+    batch_count: int
+    requests_sent: int
+    ended_at: int
+    planned_start_ns: int
+    started_ns: int
+    clock_offset_ns: int
+    takeover: int  # 0 or 1
+
+
+def update_assignment(assignment_pk: int, **fields: Unpack[AssignmentChanges]) -> None:
     AssignmentRow.update(**fields).where(AssignmentRow.pk == assignment_pk).execute()
 
 
@@ -463,25 +570,62 @@ def load_stage_samples(run_pk: int, stage_idx: int) -> StageSamples:
     agent (by name, then assignment, then batch): the stage's batch blobs copied into place
     (controller/store/columnar.py). Metrics do not depend on the order of samples."""
     conn = database_proxy.connection()
-    assignments = conn.execute(
+    rows = conn.execute(
         "SELECT pk, agent_name, max_loop_lag_ms, max_cpu_percent, created_at, ended_at, clock_offset_ns"
         " FROM assignments WHERE run_pk = ? AND stage_idx = ? ORDER BY pk",
         (run_pk, stage_idx),
     ).fetchall()
+    assignments = [
+        StageAssignment(int(r[0]), str(r[1]), float(r[2]), float(r[3]), int(r[4]), None if r[5] is None else int(r[5]),
+                        int(r[6] or 0))
+        for r in rows
+    ]  # fmt: skip
     ended = conn.execute("SELECT ended_at FROM stages WHERE run_pk = ? AND idx = ?", (run_pk, stage_idx)).fetchone()
-    names = sorted({a[1] for a in assignments})
-    lag = max((float(a[2]) for a in assignments), default=0.0)
-    cpu = max((float(a[3]) for a in assignments), default=0.0)
-    order = [int(a[0]) for a in sorted(assignments, key=lambda a: (a[1], a[0]))]
-    table, itl, batch_assignments, counts = columnar.read_stage(conn, run_pk, stage_idx, order)
+    table, itl, batch_assignments, counts = columnar.read_stage(conn, run_pk, stage_idx, reading_order(assignments))
+    stage_ended_at = None if ended is None or ended[0] is None else int(ended[0])
+    return assemble_stage_samples(assignments, stage_ended_at, table, itl, batch_assignments, counts)
+
+
+@dataclass(frozen=True)
+class StageAssignment:
+    """What `load_stage_samples` needs of each assignment of the stage."""
+
+    pk: int
+    agent_name: str
+    max_loop_lag_ms: float
+    max_cpu_percent: float
+    created_at: int
+    ended_at: int | None
+    clock_offset_ns: int
+
+
+def reading_order(assignments: Sequence[StageAssignment]) -> list[int]:
+    """The assignment pks in the order a stage's samples are laid out: by agent name, then pk."""
+    return [a.pk for a in sorted(assignments, key=lambda a: (a.agent_name, a.pk))]
+
+
+def assemble_stage_samples(
+    assignments: Sequence[StageAssignment],
+    stage_ended_at: int | None,
+    table: columnar.Table,
+    itl: columnar.Table,
+    batch_assignments: Sequence[int],
+    counts: Sequence[int],
+) -> StageSamples:
+    """A stage's StageSamples from its assignments (pk order) and its samples read in
+    `reading_order`: the (13, n) table, the pooled gaps, each batch's assignment pk and sample
+    count. Shared by both stores (how the samples were kept is theirs; this is the layout)."""
+    names = sorted({a.agent_name for a in assignments})
+    lag = max((a.max_loop_lag_ms for a in assignments), default=0.0)
+    cpu = max((a.max_cpu_percent for a in assignments), default=0.0)
     if not table.shape[1]:
         empty = np.zeros(0, dtype=np.int64)
         return StageSamples(SampleColumns.empty(), empty, names, empty, empty, lag, cpu)
-    name_of = {int(a[0]): names.index(a[1]) for a in assignments}
+    name_of = {a.pk: names.index(a.agent_name) for a in assignments}
     agent = np.repeat(np.array([name_of[pk] for pk in batch_assignments], dtype=np.int64), counts)
-    index_of = {int(a[0]): i for i, a in enumerate(assignments)}
+    index_of = {a.pk: i for i, a in enumerate(assignments)}
     assignment = np.repeat(np.array([index_of[pk] for pk in batch_assignments], dtype=np.int64), counts)
-    windows = [(int(a[4]), None if a[5] is None else int(a[5]), int(a[6] or 0)) for a in assignments]
+    windows = [(a.created_at, a.ended_at, a.clock_offset_ns) for a in assignments]
     col = columnar.COL
     columns = SampleColumns(
         **{name: table[col[name]] for name in SampleColumns.__dataclass_fields__ if name != "itl_ns"},
@@ -490,7 +634,7 @@ def load_stage_samples(run_pk: int, stage_idx: int) -> StageSamples:
     return StageSamples(
         columns, agent, names, table[col["requested_input_tokens"]], table[col["requested_output_tokens"]], lag, cpu,
         first_byte_ns=table[col["first_byte_ns"]], assignment=assignment, windows=windows,
-        stage_ended_at=None if ended is None or ended[0] is None else int(ended[0]),
+        stage_ended_at=stage_ended_at,
     )  # fmt: skip
 
 

@@ -14,6 +14,7 @@ from common.proto.loadtest.v1 import agent_service_pb2
 from controller.domain.results import stage_fleet
 from controller.store import migrations
 from controller.store.database import Database
+from controller.store.sqlite import SqliteStore
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -26,7 +27,7 @@ OLD_ASSIGNMENTS = (
 )
 
 
-def test_lost_assignment_state_is_migrated_and_still_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_lost_assignment_state_is_migrated_and_still_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "old.db"
     with monkeypatch.context() as m:
         m.setattr(migrations, "MIGRATIONS", migrations.MIGRATIONS[:10])
@@ -54,7 +55,7 @@ def test_lost_assignment_state_is_migrated_and_still_counted(tmp_path: Path, mon
             "as_lost_too": AssignmentState.LOST,
         }
         assert AssignmentState.LOST == 5
-        fleet = stage_fleet(int(run_pk or 0), 0)
+        fleet = await SqliteStore(db).read_snapshot(stage_fleet, int(run_pk or 0), 0)
         # The two lost ones, with every request they announced (none of them stored a sample).
         assert (fleet.agents_lost, fleet.requests_lost) == (2, 14)
     finally:

@@ -26,6 +26,8 @@ from controller.server import Controller
 from controller.store import columnar, migrations
 from controller.store import repository as repo
 from controller.store.database import Database
+from controller.store.interface import SnapshotReads
+from controller.store.sqlite import SqliteStore
 from mockserver.config import MockConfig
 from mockserver.server import MockServer
 from tests.conftest import eventually, poll_until
@@ -98,9 +100,11 @@ def counting(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
     real = run_results.compute_result
 
-    def compute(run_pk: int, run_id: str, spec: run_pb2.RunSpec, state: int) -> run_results.ComputedResult:
+    def compute(
+        reads: SnapshotReads, run_pk: int, run_id: str, spec: run_pb2.RunSpec, state: int
+    ) -> run_results.ComputedResult:
         calls.append(run_id)
-        return real(run_pk, run_id, spec, state)
+        return real(reads, run_pk, run_id, spec, state)
 
     monkeypatch.setattr(run_results, "compute_result", compute)
     return calls
@@ -245,7 +249,7 @@ async def test_shutdown_cancels_a_computation_in_progress_cleanly(
 
     monkeypatch.setattr(run_results, "compute_result", slow)
     caplog.set_level(logging.WARNING)
-    results = RunResults(db)
+    results = RunResults(SqliteStore(db))
     with structlog_events() as logs:
         results.run_finished("run_x")
         assert await poll_until(entered.is_set, 10)

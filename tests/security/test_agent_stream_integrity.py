@@ -267,7 +267,7 @@ async def test_a_batch_that_fails_its_write_fails_alone(keyed_controller: Contro
     """A write that fails despite the checks (here: its assignment does not exist) is retried
     alone; the other batches of its write group are committed and acked."""
     controller = keyed_controller
-    ingestor = Ingestor(controller.db)
+    ingestor = Ingestor(controller.store)
     ingestor.start()
     try:
         record, _ = await controller.db.write(repo.insert_run, "run_w", None, "", "m", "{}", ["s"], "", time.time_ns())

@@ -14,6 +14,7 @@ from controller.domain.ratelimit import TokenBuckets
 from controller.store import migrations
 from controller.store import security as store
 from controller.store.database import Database
+from controller.store.sqlite import SqliteStore
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -34,7 +35,7 @@ async def test_refusals_aggregate_per_address_and_minute(tmp_path: Path) -> None
     db = Database(tmp_path / "audit.db")
     db.migrate()
     now = [7 * WINDOW_NS]
-    audit = AuditLog(db, clock=lambda: now[0], max_open_groups=50)
+    audit = AuditLog(SqliteStore(db), clock=lambda: now[0], max_open_groups=50)
     try:
         for _minute in range(2):
             for i in range(300):

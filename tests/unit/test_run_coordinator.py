@@ -1,5 +1,5 @@
-"""RunCoordinator without a network: placement, stages, agent loss, rejoin, takeover, cancel
-and acks, with the agents' side played by the controller's own AgentSession.
+"""RunCoordinator without a network, on the in-memory store and on SQLite: placement, stages,
+agent loss, rejoin, takeover, cancel and acks, with the agents' side played by the controller's own AgentSession.
 
 Each fake agent is what the AgentService servicer makes of a stream: a session whose outbox
 the test reads (the servicer would write it to the stream) and the coordinator calls the
@@ -13,7 +13,7 @@ import contextlib
 import itertools
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,9 @@ from controller.domain.live import RunHub
 from controller.domain.spec import validate_and_default
 from controller.store import repository as repo
 from controller.store.database import Database
+from controller.store.interface import Store
+from controller.store.memory import MemoryStore
+from controller.store.sqlite import SqliteStore
 from tests.conftest import eventually
 
 pytestmark = pytest.mark.timeout(60)
@@ -41,11 +44,17 @@ CANCELLED = agent_service_pb2.ASSIGNMENT_STATE_CANCELLED
 _session_ids = itertools.count()
 
 
-@pytest.fixture
-def db(tmp_path: Path) -> Database:
+@pytest.fixture(params=["memory", "sqlite"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """The coordinator over the in-memory store, and over SQLite on a real file: the same
+    behaviour from both."""
+    if request.param == "memory":
+        yield MemoryStore()
+        return
     database = Database(tmp_path / "runs.db", read_workers=1)
     database.migrate()
-    return database
+    yield SqliteStore(database)
+    database.close()
 
 
 class Finals:
@@ -68,18 +77,17 @@ class Finals:
 
 @contextlib.asynccontextmanager
 async def coordinator(
-    db: Database, *, heartbeat_interval_s: float = 30.0, lost_grace_s: float = 30.0
+    store: Store, *, heartbeat_interval_s: float = 30.0, lost_grace_s: float = 30.0
 ) -> AsyncIterator[tuple[RunCoordinator, Finals]]:
     finals = Finals()
     c = RunCoordinator(
-        db, RunHub(), heartbeat_interval_s=heartbeat_interval_s, lost_grace_s=lost_grace_s, on_run_final=finals
+        store, RunHub(), heartbeat_interval_s=heartbeat_interval_s, lost_grace_s=lost_grace_s, on_run_final=finals
     )
     await c.start()
     try:
         yield c, finals
     finally:
         await c.stop(timeout_s=1.0)
-        db.close()
 
 
 class FakeAgent:
@@ -188,11 +196,11 @@ def make_spec(
     return spec
 
 
-async def create_run(db: Database, c: RunCoordinator, spec: run_pb2.RunSpec) -> repo.RunRecord:
+async def create_run(store: Store, c: RunCoordinator, spec: run_pb2.RunSpec) -> repo.RunRecord:
     """As `Runs.create` stores a run: PENDING, then queued for placement."""
     valid = validate_and_default(spec)
-    record, _ = await db.write(
-        repo.insert_run, f"run_{uuid.uuid4().hex[:20]}", None, valid.display_name, valid.target.model,
+    record, _ = await store.insert_run(
+        f"run_{uuid.uuid4().hex[:20]}", None, valid.display_name, valid.target.model,
         json_format.MessageToJson(valid), [s.name for s in valid.stages], "", time.time_ns(), "",
         valid.SerializeToString(deterministic=True),
     )  # fmt: skip
@@ -200,22 +208,22 @@ async def create_run(db: Database, c: RunCoordinator, spec: run_pb2.RunSpec) -> 
     return record
 
 
-async def final_run(db: Database, finals: Finals, record: repo.RunRecord) -> repo.RunRecord:
+async def final_run(store: Store, finals: Finals, record: repo.RunRecord) -> repo.RunRecord:
     await finals.wait(record.run_id)
-    stored = await db.read(repo.get_run, record.run_id)
+    stored = await store.get_run(record.run_id)
     assert stored is not None
     return stored
 
 
-async def events(db: Database, record: repo.RunRecord) -> list[tuple[str, str]]:
-    return [(e.kind, e.message) for e in await db.read(repo.list_events, record.pk, 0)]
+async def events(store: Store, record: repo.RunRecord) -> list[tuple[str, str]]:
+    return [(e.kind, e.message) for e in await store.list_events(record.pk, 0)]
 
 
-async def first_assigns(db: Database, record: repo.RunRecord, *agents: FakeAgent) -> list[agent_service_pb2.Assign]:
+async def first_assigns(store: Store, record: repo.RunRecord, *agents: FakeAgent) -> list[agent_service_pb2.Assign]:
     """Each agent's Assign of the first stage, once the stage's start is recorded (its
     Assigns go out just before its `stage_started` event)."""
     assigns = [await agent.assign() for agent in agents]
-    await eventually(lambda: events(db, record), lambda evs: "stage_started" in kinds(evs))
+    await eventually(lambda: events(store, record), lambda evs: "stage_started" in kinds(evs))
     return assigns
 
 
@@ -229,14 +237,14 @@ def phase(c: RunCoordinator, assignment_id: str) -> AssignmentPhase | None:
     return a.phase if a is not None else None
 
 
-async def test_a_stage_ends_once_every_announced_batch_is_committed(db: Database) -> None:
-    async with coordinator(db) as (c, finals):
+async def test_a_stage_ends_once_every_announced_batch_is_committed(store: Store) -> None:
+    async with coordinator(store) as (c, finals):
         a, b = FakeAgent(c, "a"), FakeAgent(c, "b")
         await a.connect()
         await b.connect()
-        record = await create_run(db, c, make_spec(agents=2, requests=20))
+        record = await create_run(store, c, make_spec(agents=2, requests=20))
         sent_before = time.time_ns()
-        assign_a, assign_b = await first_assigns(db, record, a, b)
+        assign_a, assign_b = await first_assigns(store, record, a, b)
 
         # One share each, one common start in the future (offsets are 0), independent seeds.
         assert (assign_a.stage.concurrency, assign_a.stage.requests) == (1, 10)
@@ -261,24 +269,24 @@ async def test_a_stage_ends_once_every_announced_batch_is_committed(db: Database
         assert phase(c, assign_a.assignment_id) is AssignmentPhase.DONE
 
         await b.report(assign_b.assignment_id, COMPLETED, requests_sent=10, batch_count=0)
-        stored = await final_run(db, finals, record)
+        stored = await final_run(store, finals, record)
         assert (stored.state, stored.state_reason) == (RunState.SUCCEEDED, "")
         assert record.run_id not in c.running_run_ids()
-        rows = await db.read(repo.stage_assignments, record.pk, 0)
+        rows = await store.read_snapshot(lambda reads: reads.stage_assignments(record.pk, 0))
         assert [(r.agent_name, r.state, r.requests_sent, r.takeover) for r in rows] == [
             ("a", COMPLETED, 10, False), ("b", COMPLETED, 10, False),
         ]  # fmt: skip
-        assert kinds(await events(db, record)) == ["run_started", "stage_started", "run_succeeded"]
+        assert kinds(await events(store, record)) == ["run_started", "stage_started", "run_succeeded"]
         # Both agents are free for the next run.
         assert all(s.free for s in c.agents())
 
 
-async def test_rejoin_within_the_grace_resumes_the_same_assignment(db: Database) -> None:
-    async with coordinator(db, lost_grace_s=30.0) as (c, finals):
+async def test_rejoin_within_the_grace_resumes_the_same_assignment(store: Store) -> None:
+    async with coordinator(store, lost_grace_s=30.0) as (c, finals):
         a = FakeAgent(c, "a")
         await a.connect()
-        record = await create_run(db, c, make_spec(agents=1, requests=5))
-        (assign,) = await first_assigns(db, record, a)
+        record = await create_run(store, c, make_spec(agents=1, requests=5))
+        (assign,) = await first_assigns(store, record, a)
         await a.update(assign.assignment_id, requests_sent=2)
 
         await a.disconnect()
@@ -291,22 +299,22 @@ async def test_rejoin_within_the_grace_resumes_the_same_assignment(db: Database)
         # The new session carries on (well before the 30 s grace could have run out).
         assert await a.report(assign.assignment_id, COMPLETED, requests_sent=5, batch_count=1) == 0
         assert await a.committed(assign.assignment_id, 1) == 1
-        stored = await final_run(db, finals, record)
+        stored = await final_run(store, finals, record)
         assert stored.state == RunState.SUCCEEDED
         assert "cancel" not in a.unread()
-        evs = await events(db, record)
+        evs = await events(store, record)
         assert kinds(evs) == ["run_started", "stage_started", "agent_disconnected", "agent_rejoined", "run_succeeded"]
         assert evs[3][1] == f"a resumed {assign.assignment_id}"
-        rows = await db.read(repo.stage_assignments, record.pk, 0)
+        rows = await store.read_snapshot(lambda reads: reads.stage_assignments(record.pk, 0))
         assert [(r.state, r.requests_sent) for r in rows] == [(COMPLETED, 5)]
 
 
-async def test_a_rejoin_before_the_old_stream_ended_moves_the_assignment_to_the_new_session(db: Database) -> None:
-    async with coordinator(db, lost_grace_s=0.2) as (c, finals):
+async def test_a_rejoin_before_the_old_stream_ended_moves_the_assignment_to_the_new_session(store: Store) -> None:
+    async with coordinator(store, lost_grace_s=0.2) as (c, finals):
         a = FakeAgent(c, "a")
         await a.connect()
-        record = await create_run(db, c, make_spec(agents=1, requests=5))
-        (assign,) = await first_assigns(db, record, a)
+        record = await create_run(store, c, make_spec(agents=1, requests=5))
+        (assign,) = await first_assigns(store, record, a)
         old = a.session
 
         # The agent reconnects while the controller still holds its old stream.
@@ -316,17 +324,17 @@ async def test_a_rejoin_before_the_old_stream_ended_moves_the_assignment_to_the_
         await c.agent_disconnected(old)  # the old stream's end is noticed later: no grace starts
 
         assert await a.report(assign.assignment_id, COMPLETED, requests_sent=5, batch_count=0) == 0
-        stored = await final_run(db, finals, record)
+        stored = await final_run(store, finals, record)
         assert stored.state == RunState.SUCCEEDED
-        assert kinds(await events(db, record)) == ["run_started", "stage_started", "agent_rejoined", "run_succeeded"]
+        assert kinds(await events(store, record)) == ["run_started", "stage_started", "agent_rejoined", "run_succeeded"]
 
 
-async def test_resume_claims_are_proved_by_their_tokens(db: Database) -> None:
-    async with coordinator(db) as (c, finals):
+async def test_resume_claims_are_proved_by_their_tokens(store: Store) -> None:
+    async with coordinator(store) as (c, finals):
         a = FakeAgent(c, "a")
         await a.connect()
-        record = await create_run(db, c, make_spec(agents=1, requests=5))
-        (assign,) = await first_assigns(db, record, a)
+        record = await create_run(store, c, make_spec(agents=1, requests=5))
+        (assign,) = await first_assigns(store, record, a)
 
         # Another agent knows the id (ListAgents shows it) but not the token.
         with pytest.raises(AssignmentRefused) as refused:
@@ -339,7 +347,7 @@ async def test_resume_claims_are_proved_by_their_tokens(db: Database) -> None:
         assert await c.prove_resume(["asg_unknown"], {}) == set()  # nothing to take over
 
         await a.report(assign.assignment_id, COMPLETED, requests_sent=5, batch_count=0)
-        await final_run(db, finals, record)
+        await final_run(store, finals, record)
 
         # Finished: still proved (from the store), but no longer active, so the agent drops it.
         late = FakeAgent(c, "a")
@@ -351,13 +359,13 @@ async def test_resume_claims_are_proved_by_their_tokens(db: Database) -> None:
         assert await c.run_of_assignment("asg_unknown") is None
 
 
-async def test_an_agent_lost_after_the_grace_has_the_rest_of_its_share_redistributed(db: Database) -> None:
-    async with coordinator(db, lost_grace_s=0.2) as (c, finals):
+async def test_an_agent_lost_after_the_grace_has_the_rest_of_its_share_redistributed(store: Store) -> None:
+    async with coordinator(store, lost_grace_s=0.2) as (c, finals):
         a, b = FakeAgent(c, "a"), FakeAgent(c, "b")
         await a.connect()
         await b.connect()
-        record = await create_run(db, c, make_spec(agents=2, requests=20))
-        assign_a, assign_b = await first_assigns(db, record, a, b)
+        record = await create_run(store, c, make_spec(agents=2, requests=20))
+        assign_a, assign_b = await first_assigns(store, record, a, b)
         await a.update(assign_a.assignment_id, requests_sent=4)
         await a.disconnect()
 
@@ -373,9 +381,9 @@ async def test_an_agent_lost_after_the_grace_has_the_rest_of_its_share_redistrib
 
         for assignment_id, sent in ((assign_b.assignment_id, 10), (takeover.assignment_id, 6)):
             await b.report(assignment_id, COMPLETED, requests_sent=sent, batch_count=0)
-        stored = await final_run(db, finals, record)
+        stored = await final_run(store, finals, record)
         assert stored.state == RunState.SUCCEEDED
-        evs = await events(db, record)
+        evs = await events(store, record)
         assert kinds(evs) == [
             "run_started", "stage_started", "agent_disconnected", "agent_lost", "takeover", "agent_rejoined",
             "run_succeeded",
@@ -385,7 +393,7 @@ async def test_an_agent_lost_after_the_grace_has_the_rest_of_its_share_redistrib
             "had announced 4 requests"
         )
         assert evs[4][1] == "stage 0: the share of a (concurrency 1, 6 requests) goes to b (concurrency 1, 6 requests)"
-        rows = await db.read(repo.stage_assignments, record.pk, 0)
+        rows = await store.read_snapshot(lambda reads: reads.stage_assignments(record.pk, 0))
         assert [(r.agent_name, r.state, r.requests_sent, r.takeover) for r in rows] == [
             ("a", ASSIGNMENT_LOST, 4, False), ("b", COMPLETED, 10, False), ("b", COMPLETED, 6, True),
         ]  # fmt: skip
@@ -393,13 +401,13 @@ async def test_an_agent_lost_after_the_grace_has_the_rest_of_its_share_redistrib
         assert "assign" not in a.unread()
 
 
-async def test_cancel_during_a_takeover_stops_the_takeover_too(db: Database) -> None:
-    async with coordinator(db, lost_grace_s=0.2) as (c, finals):
+async def test_cancel_during_a_takeover_stops_the_takeover_too(store: Store) -> None:
+    async with coordinator(store, lost_grace_s=0.2) as (c, finals):
         a, b = FakeAgent(c, "a"), FakeAgent(c, "b")
         await a.connect()
         await b.connect()
-        record = await create_run(db, c, make_spec(agents=2, requests=20))
-        _, assign_b = await first_assigns(db, record, a, b)
+        record = await create_run(store, c, make_spec(agents=2, requests=20))
+        _, assign_b = await first_assigns(store, record, a, b)
         await a.disconnect()
         takeover = await b.assign()
 
@@ -412,46 +420,46 @@ async def test_cancel_during_a_takeover_stops_the_takeover_too(db: Database) -> 
         await cancelling  # returns once the run's final state is stored
         assert record.run_id in finals.run_ids
 
-        stored = await final_run(db, finals, record)
+        stored = await final_run(store, finals, record)
         assert (stored.state, stored.state_reason) == (RunState.CANCELLED, "stopped by the test")
         # Cancelled as asked: not an agent leaving, so no share moves again.
-        assert kinds(await events(db, record)) == [
+        assert kinds(await events(store, record)) == [
             "run_started", "stage_started", "agent_disconnected", "agent_lost", "takeover", "run_cancelled",
         ]  # fmt: skip
 
 
-async def test_a_loss_while_the_run_is_cancelled_hands_nothing_over(db: Database) -> None:
-    async with coordinator(db, lost_grace_s=1.0) as (c, finals):
+async def test_a_loss_while_the_run_is_cancelled_hands_nothing_over(store: Store) -> None:
+    async with coordinator(store, lost_grace_s=1.0) as (c, finals):
         a, b = FakeAgent(c, "a"), FakeAgent(c, "b")
         await a.connect()
         await b.connect()
-        record = await create_run(db, c, make_spec(agents=2, requests=20))
-        _, assign_b = await first_assigns(db, record, a, b)
+        record = await create_run(store, c, make_spec(agents=2, requests=20))
+        _, assign_b = await first_assigns(store, record, a, b)
         await a.disconnect()  # in its grace when the cancel comes
 
         cancelling = asyncio.create_task(c.cancel_running(record.run_id, "stop", wait_s=20.0))
         assert (await b.receive("cancel")).cancel.assignment_id == assign_b.assignment_id
         # a's grace runs out while b is still stopping: the stage is not over yet.
-        await eventually(lambda: events(db, record), lambda evs: "agent_lost" in kinds(evs))
+        await eventually(lambda: events(store, record), lambda evs: "agent_lost" in kinds(evs))
         await b.report(assign_b.assignment_id, CANCELLED, batch_count=0)
         await cancelling
 
-        stored = await final_run(db, finals, record)
+        stored = await final_run(store, finals, record)
         assert stored.state == RunState.CANCELLED
         # Lost during the cancel, but the cancelled run hands nothing over.
-        assert kinds(await events(db, record)) == [
+        assert kinds(await events(store, record)) == [
             "run_started", "stage_started", "agent_disconnected", "agent_lost", "run_cancelled",
         ]  # fmt: skip
         assert "assign" not in b.unread()
 
 
-async def test_an_agent_that_stops_on_its_own_has_left_and_its_share_moves(db: Database) -> None:
-    async with coordinator(db) as (c, finals):
+async def test_an_agent_that_stops_on_its_own_has_left_and_its_share_moves(store: Store) -> None:
+    async with coordinator(store) as (c, finals):
         a, b = FakeAgent(c, "a"), FakeAgent(c, "b")
         await a.connect()
         await b.connect()
-        record = await create_run(db, c, make_spec(agents=2, requests=20))
-        assign_a, assign_b = await first_assigns(db, record, a, b)
+        record = await create_run(store, c, make_spec(agents=2, requests=20))
+        assign_a, assign_b = await first_assigns(store, record, a, b)
         # SIGTERM on the agent: it cancels its assignment without being asked.
         await a.report(assign_a.assignment_id, CANCELLED, requests_sent=3, batch_count=0, message="agent stopping")
 
@@ -459,15 +467,15 @@ async def test_an_agent_that_stops_on_its_own_has_left_and_its_share_moves(db: D
         assert takeover.takeover and takeover.stage.requests == 7
         for assignment_id in (assign_b.assignment_id, takeover.assignment_id):
             await b.report(assignment_id, COMPLETED, batch_count=0)
-        stored = await final_run(db, finals, record)
+        stored = await final_run(store, finals, record)
         assert stored.state == RunState.SUCCEEDED
-        evs = await events(db, record)
+        evs = await events(store, record)
         assert kinds(evs) == ["run_started", "stage_started", "agent_left", "takeover", "run_succeeded"]
         assert evs[2][1] == "stage 0: a stopped its assignment early (agent stopping)"
 
 
-async def test_heartbeat_silence_loses_the_agent_and_fail_fails_the_run(db: Database) -> None:
-    async with coordinator(db, heartbeat_interval_s=0.1) as (c, finals):
+async def test_heartbeat_silence_loses_the_agent_and_fail_fails_the_run(store: Store) -> None:
+    async with coordinator(store, heartbeat_interval_s=0.1) as (c, finals):
         a = FakeAgent(c, "a")
         await a.connect()
 
@@ -477,17 +485,17 @@ async def test_heartbeat_silence_loses_the_agent_and_fail_fails_the_run(db: Data
                 await asyncio.sleep(0.02)
 
         beating = asyncio.create_task(keep_beating())  # until the run is placed on it
-        record = await create_run(db, c, make_spec(agents=1, policy=run_pb2.AGENT_LOSS_POLICY_FAIL))
-        (assign,) = await first_assigns(db, record, a)
+        record = await create_run(store, c, make_spec(agents=1, policy=run_pb2.AGENT_LOSS_POLICY_FAIL))
+        (assign,) = await first_assigns(store, record, a)
         beating.cancel()  # the agent freezes
 
-        stored = await final_run(db, finals, record)
+        stored = await final_run(store, finals, record)
         assert a.session.close_reason.startswith("a missed 3 heartbeats (silent for ")
         assert stored.state == RunState.FAILED
         assert stored.state_reason.startswith("stage 0: agent lost (a missed 3 heartbeats")
         assert stored.state_reason.endswith("and on_agent_loss is FAIL")
-        assert kinds(await events(db, record)) == ["run_started", "stage_started", "agent_lost", "run_failed"]
-        rows = await db.read(repo.stage_assignments, record.pk, 0)
+        assert kinds(await events(store, record)) == ["run_started", "stage_started", "agent_lost", "run_failed"]
+        rows = await store.read_snapshot(lambda reads: reads.stage_assignments(record.pk, 0))
         assert [r.state for r in rows] == [ASSIGNMENT_LOST]
         assert c.agents() == []  # the frozen agent's stream is closed; it rejoins with a new session
         with pytest.raises(AssertionError, match="stream closed"):
@@ -495,45 +503,46 @@ async def test_heartbeat_silence_loses_the_agent_and_fail_fails_the_run(db: Data
         assert phase(c, assign.assignment_id) is None  # the stage is over
 
 
-async def test_a_refused_batch_loses_the_assignment_and_continue_reduces_the_load(db: Database) -> None:
-    async with coordinator(db) as (c, finals):
+async def test_a_refused_batch_loses_the_assignment_and_continue_reduces_the_load(store: Store) -> None:
+    async with coordinator(store) as (c, finals):
         a, b = FakeAgent(c, "a"), FakeAgent(c, "b")
         await a.connect()
         await b.connect()
-        record = await create_run(db, c, make_spec(agents=2, policy=run_pb2.AGENT_LOSS_POLICY_CONTINUE))
-        assign_a, assign_b = await first_assigns(db, record, a, b)
+        record = await create_run(store, c, make_spec(agents=2, policy=run_pb2.AGENT_LOSS_POLICY_CONTINUE))
+        assign_a, assign_b = await first_assigns(store, record, a, b)
         await c.batch_refused(a.session, assign_a.assignment_id, "sample 3: negative latency")
         await b.report(assign_b.assignment_id, COMPLETED, batch_count=0)
 
-        stored = await final_run(db, finals, record)
+        stored = await final_run(store, finals, record)
         assert stored.state == RunState.SUCCEEDED
-        evs = await events(db, record)
+        evs = await events(store, record)
         assert kinds(evs) == ["run_started", "stage_started", "batch_refused", "agent_lost", "reduced_load",
                               "run_succeeded"]  # fmt: skip
         assert evs[2][1] == "a: sample 3: negative latency"
         assert evs[4][1] == "stage 0: a lost; on_agent_loss is CONTINUE"
-        assert await db.read(repo.stage_reduced_load_reason, record.pk, 0) == "a lost; on_agent_loss is CONTINUE"
+        reason = await store.read_snapshot(lambda reads: reads.stage_reduced_load_reason(record.pk, 0))
+        assert reason == "a lost; on_agent_loss is CONTINUE"
         assert "assign" not in b.unread()
 
 
-async def test_a_run_that_cannot_be_placed_fails_naming_what_was_missing(db: Database) -> None:
-    async with coordinator(db) as (c, finals):
+async def test_a_run_that_cannot_be_placed_fails_naming_what_was_missing(store: Store) -> None:
+    async with coordinator(store) as (c, finals):
         a = FakeAgent(c, "a")
         await a.connect()
-        record = await create_run(db, c, make_spec(agents=2, wait_timeout_ns=100_000_000))
-        stored = await final_run(db, finals, record)
+        record = await create_run(store, c, make_spec(agents=2, wait_timeout_ns=100_000_000))
+        stored = await final_run(store, finals, record)
         reason = "placement: needed 2 agents, but after waiting 0.1 s only 1 was connected (1 free)"
         assert (stored.state, stored.state_reason) == (RunState.FAILED, reason)
-        assert kinds(await events(db, record)) == ["run_failed"]
+        assert kinds(await events(store, record)) == ["run_failed"]
         assert a.unread() == []  # nothing was assigned
 
 
-async def test_stop_interrupts_a_running_run(db: Database) -> None:
-    async with coordinator(db) as (c, finals):
+async def test_stop_interrupts_a_running_run(store: Store) -> None:
+    async with coordinator(store) as (c, finals):
         a = FakeAgent(c, "a")
         await a.connect()
-        record = await create_run(db, c, make_spec(agents=1))
-        (assign,) = await first_assigns(db, record, a)
+        record = await create_run(store, c, make_spec(agents=1))
+        (assign,) = await first_assigns(store, record, a)
 
         stopping = asyncio.create_task(c.stop(timeout_s=10.0))
         cancel = (await a.receive("cancel")).cancel
@@ -542,7 +551,7 @@ async def test_stop_interrupts_a_running_run(db: Database) -> None:
         assert await a.committed(assign.assignment_id, 1) == 1  # the last batch still counts
         await stopping
 
-        stored = await final_run(db, finals, record)
+        stored = await final_run(store, finals, record)
         assert stored.state == RunState.INTERRUPTED
         assert stored.state_reason == "the controller stopped while the run was running"
-        assert kinds(await events(db, record))[-1] == "run_interrupted"
+        assert kinds(await events(store, record))[-1] == "run_interrupted"

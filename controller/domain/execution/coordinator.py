@@ -32,7 +32,7 @@ from controller.domain.execution.takeover import LossPolicy
 from controller.domain.ingest import IngestTarget
 from controller.domain.live import LiveSnapshot, RunHub
 from controller.store import repository as repo
-from controller.store.database import Database
+from controller.store.interface import Store
 
 log = structlog.get_logger(__name__)
 
@@ -42,27 +42,29 @@ class RunCoordinator:
 
     def __init__(
         self,
-        db: Database,
+        store: Store,
         hub: RunHub,
         *,
         heartbeat_interval_s: float = 1.0,
         lost_grace_s: float | None = None,
         on_run_final: Callable[[str], None] | None = None,
     ) -> None:
-        self._db = db
-        self._events = RunEvents(db, hub, on_run_final or (lambda _run_id: None))
+        self._store = store
+        self._events = RunEvents(store, hub, on_run_final or (lambda _run_id: None))
         self._agents = AgentRegistry(on_change=self._agents_changed)
         self._active = ActiveRuns()
         acks, preflights = AckTracker(), PreflightAnswers()
-        self._placement = Placement(db, self._agents, self._active, self._events, on_placed=self._start_run)
-        stages = StageRunner(db, self._active, self._placement, self._events)
-        self._executor = RunExecutor(db, self._active, self._placement, stages, self._events, preflights)
-        policy = LossPolicy(db, stages, self._events)
+        self._placement = Placement(store, self._agents, self._active, self._events, on_placed=self._start_run)
+        stages = StageRunner(store, self._active, self._placement, self._events)
+        self._executor = RunExecutor(store, self._active, self._placement, stages, self._events, preflights)
+        policy = LossPolicy(store, stages, self._events)
         self._loss = AgentLoss(
-            db, self._agents, self._active, self._events, policy, heartbeat_interval_s=heartbeat_interval_s,
+            store, self._agents, self._active, self._events, policy, heartbeat_interval_s=heartbeat_interval_s,
             disconnect_grace_s=lost_grace_s if lost_grace_s is not None else heartbeat_interval_s,
         )  # fmt: skip
-        self._reports = AgentReports(db, self._agents, self._active, self._events, self._loss, policy, acks, preflights)
+        self._reports = AgentReports(
+            store, self._agents, self._active, self._events, self._loss, policy, acks, preflights
+        )
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = False
 
@@ -76,7 +78,7 @@ class RunCoordinator:
     async def start(self) -> None:
         """Runs left RUNNING by a previous process become INTERRUPTED; stored pending runs
         queue up; the dispatcher and the heartbeat watchdog start."""
-        for run_id in await self._db.write(repo.interrupt_running, INTERRUPT_REASON, time.time_ns()):
+        for run_id in await self._store.interrupt_running(INTERRUPT_REASON, time.time_ns()):
             log.warning("run_interrupted", run_id=run_id)
             self._events.final(run_id)
         await self._placement.load_pending()
@@ -103,7 +105,7 @@ class RunCoordinator:
                 task.cancel()
             if late:
                 await asyncio.wait(late)
-        for run_id in await self._db.write(repo.interrupt_running, INTERRUPT_REASON, time.time_ns()):
+        for run_id in await self._store.interrupt_running(INTERRUPT_REASON, time.time_ns()):
             log.warning("run_interrupted", run_id=run_id)
             self._events.final(run_id)
             self._events.changed(run_id)

@@ -8,21 +8,20 @@ import time
 from collections.abc import Callable
 
 from controller.domain.live import RunHub
-from controller.store import repository as repo
-from controller.store.database import Database
+from controller.store.interface import Store
 
 
 class RunEvents:
     """The outward side of run execution, shared by all its parts."""
 
-    def __init__(self, db: Database, hub: RunHub, on_run_final: Callable[[str], None]) -> None:
-        self._db = db
+    def __init__(self, store: Store, hub: RunHub, on_run_final: Callable[[str], None]) -> None:
+        self._store = store
         self._hub = hub
         self._on_run_final = on_run_final
 
     async def add(self, run_id: str, run_pk: int, kind: str, message: str) -> None:
         """Store a run event and wake the run's watchers."""
-        await self._db.write(repo.add_event, run_pk, kind, message, time.time_ns())
+        await self._store.add_event(run_pk, kind, message, time.time_ns())
         self._hub.notify(run_id)
 
     def changed(self, run_id: str) -> None:

@@ -23,8 +23,7 @@ from controller.domain.execution.preflight import WARNING_EVENT, PreflightAnswer
 from controller.domain.execution.stages import StageRunner
 from controller.domain.execution.state import ActiveRuns, RunExecution
 from controller.domain.secrets import restore_secrets
-from controller.store import repository as repo
-from controller.store.database import Database
+from controller.store.interface import Store
 
 log = structlog.get_logger(__name__)
 
@@ -41,14 +40,14 @@ class RunExecutor:
 
     def __init__(
         self,
-        db: Database,
+        store: Store,
         active: ActiveRuns,
         placement: Placement,
         stages: StageRunner,
         events: RunEvents,
         preflights: PreflightAnswers,
     ) -> None:
-        self._db = db
+        self._store = store
         self._active = active
         self._placement = placement
         self._stages = stages
@@ -59,7 +58,7 @@ class RunExecutor:
         run = ex.record
         state, reason = RunState.SUCCEEDED, ""
         try:
-            await self._db.write(repo.update_run, run.pk, state=RunState.RUNNING, started_at=time.time_ns())
+            await self._store.update_run(run.pk, state=RunState.RUNNING, started_at=time.time_ns())
             names = ", ".join(s.session.name for s in ex.slots if s.session is not None)
             await self._events.add(ex.run_id, run.pk, "run_started", f"agents: {names}")
             log.info("run_started", run_id=ex.run_id, agents=len(ex.slots))
@@ -80,7 +79,7 @@ class RunExecutor:
             elif ex.cancelled.is_set() and state == RunState.SUCCEEDED:
                 state, reason = RunState.CANCELLED, ex.cancel_reason
             elif state == RunState.SUCCEEDED:
-                n_ok, n_failed, error = await self._db.read(repo.failure_summary, run.pk)
+                n_ok, n_failed, error = await self._store.failure_summary(run.pk)
                 if n_failed and not n_ok:
                     # A run that measured nothing but errors must not look like a result.
                     state, reason = RunState.FAILED, f"every request failed ({n_failed}); e.g. {error[:300]}"
@@ -95,7 +94,7 @@ class RunExecutor:
         kind = _FINAL_EVENT.get(state, "run_cancelled")
         # The event first: a watcher that sees the final state must also see its event.
         await self._events.add(ex.run_id, run.pk, kind, reason)
-        await self._db.write(repo.finish_run, run.pk, state, reason, time.time_ns())
+        await self._store.finish_run(run.pk, state, reason, time.time_ns())
         log.info(kind, run_id=ex.run_id, reason=reason)
         self._active.remove_run(ex.run_id)
         self._events.final(ex.run_id)

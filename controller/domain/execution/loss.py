@@ -26,8 +26,7 @@ from controller.domain.execution.agents import AgentRegistry, AgentSession
 from controller.domain.execution.events import RunEvents
 from controller.domain.execution.state import ASSIGNMENT_LOST, ActiveAssignment, ActiveRuns, token_sha256
 from controller.domain.execution.takeover import LossPolicy
-from controller.store import repository as repo
-from controller.store.database import Database
+from controller.store.interface import Store
 
 log = structlog.get_logger(__name__)
 
@@ -54,7 +53,7 @@ class AgentLoss:
 
     def __init__(
         self,
-        db: Database,
+        store: Store,
         agents: AgentRegistry,
         active: ActiveRuns,
         events: RunEvents,
@@ -63,7 +62,7 @@ class AgentLoss:
         heartbeat_interval_s: float,
         disconnect_grace_s: float,
     ) -> None:
-        self._db = db
+        self._store = store
         self._agents = agents
         self._active = active
         self._events = events
@@ -96,7 +95,7 @@ class AgentLoss:
         self._agents.remove(session)
         if shutting_down:
             return  # the store may already be closed
-        await self._db.write(repo.record_agent_disconnected, session.session_id, time.time_ns())
+        await self._store.record_agent_disconnected(session.session_id, time.time_ns())
         log.info("agent_disconnected", session_id=session.session_id, agent=session.name,
                  goodbye=session.departing)  # fmt: skip
         if not was_registered and session.close_reason:
@@ -136,7 +135,7 @@ class AgentLoss:
         ex, run = a.execution, a.execution.record
         a.mark_lost(reason)
         ex.lost_names.add(a.agent_name)
-        await self._db.write(repo.update_assignment, a.pk, state=ASSIGNMENT_LOST, message=a.message,
+        await self._store.update_assignment(a.pk, state=ASSIGNMENT_LOST, message=a.message,
                              requests_sent=a.requests_sent, ended_at=time.time_ns())  # fmt: skip
         await self._events.add(ex.run_id, run.pk, "agent_lost",
                                f"stage {a.stage_idx}: {reason}; assignment {a.assignment_id} had announced "
@@ -173,7 +172,7 @@ class AgentLoss:
         a = self._active.assignment(assignment_id)
         if a is not None:
             return a.resume_token_sha256, a.execution.run_id
-        found = await self._db.read(repo.lookup_assignment, assignment_id)
+        found = await self._store.lookup_assignment(assignment_id)
         return (found.resume_token_sha256, found.run_id) if found is not None else None
 
     async def run_of_assignment(self, assignment_id: str) -> str | None:
@@ -184,8 +183,7 @@ class AgentLoss:
     async def connected(self, session: AgentSession, active_assignment_ids: list[str]) -> None:
         """A (re)connected agent: its proven live assignments resume on this session, the
         rest are cancelled on the agent; then it may be placed."""
-        await self._db.write(
-            repo.record_agent_connected, session.session_id, session.name, session.labels,
+        await self._store.record_agent_connected(session.session_id, session.name, session.labels,
             session.version, session.connected_at_ns,
         )  # fmt: skip
         log.info("agent_connected", session_id=session.session_id, agent=session.name)

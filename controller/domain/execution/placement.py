@@ -25,7 +25,7 @@ from controller.domain.execution.planning import placement_failure, placement_wa
 from controller.domain.execution.state import ActiveRuns, AgentSlot, RunExecution
 from controller.domain.spec import parse_spec
 from controller.store import repository as repo
-from controller.store.database import Database
+from controller.store.interface import Store
 
 log = structlog.get_logger(__name__)
 
@@ -38,13 +38,13 @@ class Placement:
 
     def __init__(
         self,
-        db: Database,
+        store: Store,
         agents: AgentRegistry,
         active: ActiveRuns,
         events: RunEvents,
         on_placed: Callable[[RunExecution], None],
     ) -> None:
-        self._db = db
+        self._store = store
         self._agents = agents
         self._active = active
         self._events = events
@@ -55,7 +55,7 @@ class Placement:
 
     async def load_pending(self) -> None:
         """Take the stored pending runs as the queue (at startup)."""
-        self._pending = await self._db.read(repo.pending_run_ids)
+        self._pending = await self._store.pending_run_ids()
 
     def wake(self) -> None:
         """Something changed (a run, an agent): look at the queue again."""
@@ -87,7 +87,7 @@ class Placement:
     async def _dispatch_once(self) -> None:
         blocked = False
         for run_id in list(self._pending):
-            record = await self._db.read(repo.get_run, run_id)
+            record = await self._store.get_run(run_id)
             if record is None or record.state != RunState.PENDING:
                 self._pending.remove(run_id)
                 continue
@@ -103,10 +103,10 @@ class Placement:
                 continue
             self._pending.remove(run_id)
             chosen = free[:needed]
-            secret = await self._db.read(repo.get_run_secret, record.pk)
+            secret = await self._store.get_run_secret(record.pk)
             ex = RunExecution(record, spec, secret, [AgentSlot(s) for s in chosen])
             if spec.workload.HasField("dataset"):
-                ex.dataset = entries_from_json(await self._db.read(repo.get_run_dataset, record.pk))
+                ex.dataset = entries_from_json(await self._store.get_run_dataset(record.pk))
             for s in chosen:
                 s.run_id = run_id
             self._active.add_run(ex)
@@ -124,7 +124,7 @@ class Placement:
         reason = placement_failure(needed, selector, timeout_s, len(matching), len(free))
         self._pending.remove(record.run_id)
         await self._events.add(record.run_id, record.pk, "run_failed", reason)
-        await self._db.write(repo.finish_run, record.pk, RunState.FAILED, reason, time.time_ns())
+        await self._store.finish_run(record.pk, RunState.FAILED, reason, time.time_ns())
         self._events.final(record.run_id)
         self._events.changed(record.run_id)
         log.warning("run_failed", run_id=record.run_id, reason=reason)

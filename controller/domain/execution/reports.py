@@ -27,7 +27,7 @@ from controller.domain.execution.state import FINAL_REPORTS, ActiveAssignment, A
 from controller.domain.execution.takeover import LossPolicy
 from controller.domain.ingest import IngestTarget
 from controller.store import repository as repo
-from controller.store.database import Database
+from controller.store.interface import Store
 
 log = structlog.get_logger(__name__)
 
@@ -37,7 +37,7 @@ class AgentReports:
 
     def __init__(
         self,
-        db: Database,
+        store: Store,
         agents: AgentRegistry,
         active: ActiveRuns,
         events: RunEvents,
@@ -46,7 +46,7 @@ class AgentReports:
         acks: AckTracker,
         preflights: PreflightAnswers,
     ) -> None:
-        self._db = db
+        self._store = store
         self._agents = agents
         self._active = active
         self._events = events
@@ -62,7 +62,7 @@ class AgentReports:
             a.requests_sent = max(a.requests_sent, update.requests_sent)
             started_ns = update.start_unix_ns + session.clock.offset_ns
             if update.start_unix_ns and a.start_reported(started_ns):
-                await self._db.write(repo.update_assignment, a.pk, started_ns=started_ns,
+                await self._store.update_assignment(a.pk, started_ns=started_ns,
                                      clock_offset_ns=session.clock.offset_ns)  # fmt: skip
             if state in FINAL_REPORTS and a.awaiting_report:
                 await self._final_report(a, update)
@@ -80,8 +80,7 @@ class AgentReports:
     async def _final_report(self, a: ActiveAssignment, update: agent_service_pb2.AssignmentUpdate) -> None:
         asked_to_stop = a.phase is AssignmentPhase.STOPPING
         a.report(update.state, update.message, update.batch_count, update.requests_sent)
-        await self._db.write(
-            repo.update_assignment, a.pk, state=update.state, message=a.message,
+        await self._store.update_assignment(a.pk, state=update.state, message=a.message,
             batch_count=update.batch_count, requests_sent=update.requests_sent, ended_at=time.time_ns(),
         )  # fmt: skip
         if int(update.state) == AssignmentState.FAILED:
@@ -120,7 +119,7 @@ class AgentReports:
         if a is not None:
             ex = a.execution
             return IngestTarget(a.pk, ex.record.pk, ex.run_id, a.stage_idx, a.created_ns, None, a.clock_offset_ns)
-        found = await self._db.read(repo.lookup_assignment, assignment_id)
+        found = await self._store.lookup_assignment(assignment_id)
         if found is None:
             return None
         return IngestTarget(found.pk, found.run_pk, found.run_id, found.stage_idx, found.created_at, found.ended_at,

@@ -45,8 +45,7 @@ from controller.domain.execution.state import (
 from controller.domain.live import WINDOW_S
 from controller.domain.secrets import restore_secrets
 from controller.domain.server_metrics import plan_scrapes
-from controller.store import repository as repo
-from controller.store.database import Database
+from controller.store.interface import Store
 
 log = structlog.get_logger(__name__)
 
@@ -61,8 +60,8 @@ _STOPPABLE = (AssignmentPhase.PLANNED, AssignmentPhase.STARTING, AssignmentPhase
 class StageRunner:
     """Plans, starts, watches and ends one stage at a time of a run."""
 
-    def __init__(self, db: Database, active: ActiveRuns, placement: Placement, events: RunEvents) -> None:
-        self._db = db
+    def __init__(self, store: Store, active: ActiveRuns, placement: Placement, events: RunEvents) -> None:
+        self._store = store
         self._active = active
         self._placement = placement
         self._events = events
@@ -87,7 +86,7 @@ class StageRunner:
         ex.live.start_stage(idx, planned_s, stage.requests)
         st = StageRun(idx, stage, time.time_ns(), None)
         ex.stage = st
-        await self._db.write(repo.update_run, run.pk, current_stage=idx)
+        await self._store.update_run(run.pk, current_stage=idx)
 
         shares = stage_shares(stage, len(slots))
         scrapers = plan_scrapes(ex.spec.server_metrics, [share is not None for share in shares])
@@ -99,7 +98,7 @@ class StageRunner:
         st.start_ns = time.time_ns() + int(lead_s * 1e9)
         st.end_ns = st.start_ns + int(planned_s * 1e9) if planned_s > 0 else None
         await self._send_assigns(list(st.active), st.start_ns)
-        await self._db.write(repo.set_stage_time, run.pk, idx, started_at=st.start_ns)
+        await self._store.set_stage_time(run.pk, idx, started_at=st.start_ns)
         await self._events.add(ex.run_id, run.pk, "stage_started", f"stage {idx}: {stage.name}")
         log.info("stage_started", run_id=ex.run_id, stage=idx, name=stage.name, agents=len(slots), lead_s=lead_s)
         return st
@@ -124,8 +123,7 @@ class StageRunner:
         # hash is kept, so a reconnecting agent proves it was given the assignment.
         resume_token = secrets.token_urlsafe(24)
         created_ns = time.time_ns()
-        pk = await self._db.write(
-            repo.insert_assignment, assignment_id, ex.record.pk, st.idx, session.session_id,
+        pk = await self._store.insert_assignment(assignment_id, ex.record.pk, st.idx, session.session_id,
             session.name, share.concurrency or share.max_concurrency, share.requests,
             AssignmentState.RUNNING, created_ns, token_sha256(resume_token),
         )  # fmt: skip
@@ -168,7 +166,7 @@ class StageRunner:
             a.clock_offset_ns = session.clock.offset_ns
             session.send(message)
         for a in assignments:
-            await self._db.write(repo.update_assignment, a.pk, planned_start_ns=start_ns, takeover=int(a.takeover),
+            await self._store.update_assignment(a.pk, planned_start_ns=start_ns, takeover=int(a.takeover),
                                  clock_offset_ns=a.slot.session.clock.offset_ns if a.slot.session else 0)  # fmt: skip
 
     async def _wait_until_done(self, ex: RunExecution, st: StageRun) -> None:
@@ -230,15 +228,15 @@ class StageRunner:
             self._active.remove_assignment(a.assignment_id)
             if a.slot.session is not None and a.slot.session.assignment_id == a.assignment_id:
                 a.slot.session.assignment_id = ""
-        await self._db.write(repo.set_stage_time, ex.record.pk, st.idx, ended_at=time.time_ns())
+        await self._store.set_stage_time(ex.record.pk, st.idx, ended_at=time.time_ns())
 
     async def _verdict(self, st: StageRun) -> tuple[bool, str]:
         """Store each assignment's health and how it ended; the stage fails the run only
         when every assignment failed or was lost."""
         for a in st.active:
-            await self._db.write(repo.record_assignment_health, a.pk, a.max_loop_lag_ms, a.max_cpu_percent)
+            await self._store.record_assignment_health(a.pk, a.max_loop_lag_ms, a.max_cpu_percent)
             if a.final_state in (ASSIGNMENT_LOST, AssignmentState.FAILED):
-                await self._db.write(repo.update_assignment, a.pk, state=a.final_state, message=a.message,
+                await self._store.update_assignment(a.pk, state=a.final_state, message=a.message,
                                      requests_sent=a.requests_sent, ended_at=time.time_ns())  # fmt: skip
         failed = [a for a in st.active if a.final_state == AssignmentState.FAILED]
         lost = [a for a in st.active if a.final_state == ASSIGNMENT_LOST]

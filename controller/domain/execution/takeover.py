@@ -19,8 +19,7 @@ from controller.domain.execution.events import RunEvents
 from controller.domain.execution.planning import load_text, remaining_share, stage_shares, takeover_seed_index
 from controller.domain.execution.stages import StageRunner
 from controller.domain.execution.state import ActiveAssignment, RunExecution, StageRun
-from controller.store import repository as repo
-from controller.store.database import Database
+from controller.store.interface import Store
 
 log = structlog.get_logger(__name__)
 
@@ -28,8 +27,8 @@ log = structlog.get_logger(__name__)
 class LossPolicy:
     """Applies a run's `on_agent_loss` to an assignment that ended early."""
 
-    def __init__(self, db: Database, stages: StageRunner, events: RunEvents) -> None:
-        self._db = db
+    def __init__(self, store: Store, stages: StageRunner, events: RunEvents) -> None:
+        self._store = store
         self._stages = stages
         self._events = events
 
@@ -51,7 +50,7 @@ class LossPolicy:
         await self._redistribute(ex, st, a)
 
     async def reduce_load(self, ex: RunExecution, st: StageRun, reason: str) -> None:
-        await self._db.write(repo.set_stage_reduced_load, ex.record.pk, st.idx, reason)
+        await self._store.set_stage_reduced_load(ex.record.pk, st.idx, reason)
         await self._events.add(ex.run_id, ex.record.pk, "reduced_load", f"stage {st.idx}: {reason}")
 
     async def _redistribute(self, ex: RunExecution, st: StageRun, lost: ActiveAssignment) -> None:
