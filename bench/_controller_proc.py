@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from controller.domain.ratelimit import RateLimits
+from controller.domain.access.ratelimit import RateLimits
 from controller.server import Controller
 
 PROBE_S = 0.005

@@ -39,7 +39,7 @@ UNKNOWN_ERROR_KIND: Final = "unknown"
 PERCENTILES: Final = (50.0, 90.0, 95.0, 99.0, 99.9)
 # The per-second series covers at most this many seconds (8 days: the longest stage a spec
 # may set, 7 days, plus its requests' timeouts and more). It is sized by the span of the
-# samples, which the controller bounds before computing (controller/domain/sample_limits.py);
+# samples, which the controller bounds before computing (controller/domain/results/sample_limits.py);
 # this keeps any other input from allocating without limit. Later seconds are left out.
 MAX_SERIES_SECONDS: Final = 8 * 24 * 3600
 _NS_PER_MS: Final = 1e6

@@ -16,11 +16,11 @@ Kinds:
 
 Refused calls (UNAUTHENTICATED, PERMISSION_DENIED, of any kind) are limited per client
 address (its IP, without the port): past the refusal bucket they get RESOURCE_EXHAUSTED
-(see controller/domain/ratelimit.py), and they are audited and logged aggregated, one row
-per address, key id, method and outcome per minute (controller/domain/audit.py).
+(see controller/domain/access/ratelimit.py), and they are audited and logged aggregated, one row
+per address, key id, method and outcome per minute (controller/domain/access/audit.py).
 
 Keys come from `x-api-key` or `authorization: Bearer ...` metadata (see
-controller/domain/keys.py). Only key ids reach logs and audit rows. A controller with no
+controller/domain/access/keys.py). Only key ids reach logs and audit rows. A controller with no
 key at all runs open: every call in the table is allowed, limits and audit still apply.
 
 Refusals are raised inside a wrapper of the same streaming kind as the refused method (a
@@ -48,9 +48,9 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from common.grpc_options import API_KEY_ENV, API_KEY_METADATA, REQUEST_ID_METADATA
-from controller.domain.audit import AuditEntry, AuditLog
-from controller.domain.keys import InvalidCredentials, KeyStore, Principal, Role, key_id_of
-from controller.domain.ratelimit import RateLimiter
+from controller.domain.access.audit import AuditEntry, AuditLog
+from controller.domain.access.keys import InvalidCredentials, KeyStore, Principal, Role, key_id_of
+from controller.domain.access.ratelimit import RateLimiter
 
 log = structlog.get_logger(__name__)
 

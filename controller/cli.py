@@ -13,8 +13,8 @@ from typing import TypedDict
 from common.grpc_options import API_KEY_ENV
 from common.logging import configure_logging
 from common.tls import ServerTls
-from controller.domain import ratelimit
-from controller.domain.destinations import parse_allow_entry
+from controller.domain.access import ratelimit
+from controller.domain.access.destinations import parse_allow_entry
 from controller.memory import limit_arenas
 from controller.server import Controller, OpenListenerError
 from controller.store.database import UnusableDatabase

@@ -20,13 +20,13 @@ from pathlib import Path
 from types import TracebackType
 
 from common.proto.loadtest.v1 import run_pb2, run_service_pb2
-from controller.domain.audit import AuditLog
-from controller.domain.destinations import DestinationPolicy
+from controller.domain.access.audit import AuditLog
+from controller.domain.access.destinations import DestinationPolicy
+from controller.domain.access.keys import KeyStore
 from controller.domain.errors import DomainError
 from controller.domain.execution.coordinator import RunCoordinator
-from controller.domain.keys import KeyStore
-from controller.domain.live import RunHub
-from controller.domain.run_results import RunResults
+from controller.domain.results.live import RunHub
+from controller.domain.results.provider import RunResults
 from controller.domain.runs import Runs
 from controller.servicers import convert
 from controller.servicers.errors import to_status

@@ -23,14 +23,14 @@ from common.proto.loadtest.v1 import (
 )
 from common.tls import ServerTls
 from controller.auth import AuthInterceptor
-from controller.domain.audit import AuditLog
-from controller.domain.destinations import DestinationPolicy, is_loopback_listen
+from controller.domain.access.audit import AuditLog
+from controller.domain.access.destinations import DestinationPolicy, is_loopback_listen
+from controller.domain.access.keys import KeyStore
+from controller.domain.access.ratelimit import RateLimiter, RateLimits
 from controller.domain.execution.coordinator import RunCoordinator
-from controller.domain.ingest import Ingestor
-from controller.domain.keys import KeyStore
-from controller.domain.live import RunHub
-from controller.domain.ratelimit import RateLimiter, RateLimits
-from controller.domain.run_results import RunResults
+from controller.domain.results.ingest import Ingestor
+from controller.domain.results.live import RunHub
+from controller.domain.results.provider import RunResults
 from controller.domain.runs import Runs
 from controller.memory import MemoryReleaser
 from controller.observability import ControllerMetrics

@@ -17,15 +17,15 @@ from google.protobuf import json_format
 
 from common.codes import RunState
 from common.proto.loadtest.v1 import run_pb2
-from controller.domain.compare import DEFAULT_TOLERANCE_PERCENT, RunComparison, compare_runs
+from controller.domain.access.destinations import DestinationPolicy
+from controller.domain.access.secrets import split_secrets
 from controller.domain.datasets import content_digest, entries_to_json, parse_dataset
-from controller.domain.destinations import DestinationPolicy
 from controller.domain.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from controller.domain.execution.agents import AgentSession
 from controller.domain.execution.coordinator import RunCoordinator
-from controller.domain.live import LiveSnapshot, RunHub
-from controller.domain.run_results import RunResults
-from controller.domain.secrets import split_secrets
+from controller.domain.results.compare import DEFAULT_TOLERANCE_PERCENT, RunComparison, compare_runs
+from controller.domain.results.live import LiveSnapshot, RunHub
+from controller.domain.results.provider import RunResults
 from controller.domain.spec import check_stored_size, validate_and_default
 from controller.store import repository as repo
 from controller.store.interface import Store
@@ -158,7 +158,7 @@ class Runs:
 
     async def result(self, run_id: str) -> tuple[repo.RunRecord, run_pb2.RunResult]:
         """The run's result as the API message; a final run's is stored once computed
-        (controller/domain/run_results.py) and shared: read it, don't modify it."""
+        (controller/domain/results/provider.py) and shared: read it, don't modify it."""
         record = await self.get(run_id)
         return record, await self._results.get(record)
 

@@ -23,9 +23,9 @@ from common.proto.loadtest.v1 import run_pb2
 from common.request_body import PROTECTED_BODY_KEYS
 from common.spec_defaults import DEFAULT_REQUEST_TIMEOUT_S, DEFAULT_UNREACHABLE_TIMEOUT_S
 from common.target_url import credential_problem
-from controller.domain.checks import CheckSyntaxError, parse_check
 from controller.domain.errors import FieldViolation, InvalidArgument
-from controller.domain.server_metrics import default_server_metrics, validate_server_metrics
+from controller.domain.results.checks import CheckSyntaxError, parse_check
+from controller.domain.results.server_metrics import default_server_metrics, validate_server_metrics
 from controller.store.repository import RunRecord
 
 MAX_STAGES = 100

@@ -24,11 +24,11 @@ import structlog
 from google.protobuf import duration_pb2
 
 from common.proto.loadtest.v1 import agent_service_pb2, agent_service_pb2_grpc
-from controller.domain.audit import AuditEntry, AuditLog
+from controller.domain.access.audit import AuditEntry, AuditLog
 from controller.domain.execution.agents import AgentHealthReport, AgentSession
 from controller.domain.execution.coordinator import RunCoordinator
 from controller.domain.execution.loss import AssignmentRefused
-from controller.domain.ingest import Ingestor, IngestTarget, MalformedBatch
+from controller.domain.results.ingest import Ingestor, IngestTarget, MalformedBatch
 from controller.store.repository import BatchIngest, IngestOutcome
 
 log = structlog.get_logger(__name__)

@@ -1,5 +1,5 @@
 """Packing domain values into API messages (and nothing else). A run's result is packed in the
-domain (controller/domain/result_message.py): it is stored as that message."""
+domain (controller/domain/results/message.py): it is stored as that message."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from typing import Final
 
 from common.codes import SampleFlag
 from common.proto.loadtest.v1 import run_pb2, run_service_pb2
-from controller.domain.compare import RunComparison
 from controller.domain.execution.agents import AgentSession
-from controller.domain.live import LiveSnapshot
-from controller.domain.result_message import timestamp
+from controller.domain.results.compare import RunComparison
+from controller.domain.results.live import LiveSnapshot
+from controller.domain.results.message import timestamp
 from controller.domain.spec import MAX_NAME_CHARS, MAX_STORED_SPEC_BYTES, parse_spec
 from controller.store.repository import EventRecord, RunRecord, listed_bytes
 

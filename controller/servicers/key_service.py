@@ -6,9 +6,9 @@ import grpc
 
 from common.durations import seconds_if_set
 from common.proto.loadtest.v1 import key_service_pb2, key_service_pb2_grpc
-from controller.domain.audit import AuditLog
-from controller.domain.keys import KeyStore, Role
-from controller.domain.result_message import timestamp
+from controller.domain.access.audit import AuditLog
+from controller.domain.access.keys import KeyStore, Role
+from controller.domain.results.message import timestamp
 from controller.servicers.errors import unary_errors
 from controller.store.security import AuditRecord, KeyRecord
 

@@ -243,7 +243,7 @@ MIGRATIONS: Sequence[tuple[int, str, str | Callable[[Database], None]]] = (
         -- A final run's result as the API returns it (a serialized loadtest.v1.RunResult),
         -- computed once when the run ends. It is valid while the run's state, its stored
         -- batches (count, highest pk) and the computation's format (RESULT_FORMAT in
-        -- controller/domain/run_results.py) are still the ones it was computed at.
+        -- controller/domain/results/provider.py) are still the ones it was computed at.
         CREATE TABLE run_results (
             run_pk INTEGER PRIMARY KEY REFERENCES runs (pk) ON DELETE CASCADE,
             state INTEGER NOT NULL,

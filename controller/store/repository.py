@@ -161,7 +161,7 @@ def insert_run(
             StageRow.insert_many(
                 [{"run": row.pk, "idx": i, "name": n} for i, n in enumerate(stage_names)]
             ).execute()
-            if secret:  # the target's credentials (see controller/domain/secrets.py)
+            if secret:  # the target's credentials (see controller/domain/access/secrets.py)
                 RunSecretRow.create(run=row.pk, target_api_key=secret)
             if dataset_json:
                 database_proxy.execute_sql(

@@ -43,7 +43,7 @@ class AuditRecord:
     request_id: str
     peer: str
     detail: str
-    count: int = 1  # the calls the row stands for (refusals are aggregated; see domain/audit.py)
+    count: int = 1  # the calls the row stands for (refusals are aggregated; see domain/access/audit.py)
 
 
 _KEY_COLUMNS = "key_id, secret_sha256, role, name, created_at, expires_at, revoked_at"

@@ -20,7 +20,7 @@ import pytest
 
 from client.cli import _parser
 from client.envconfig import apply_env_defaults
-from controller.domain.destinations import is_loopback_listen
+from controller.domain.access.destinations import is_loopback_listen
 from tests.ecosystem.conftest import ROOT, require_node_tool
 from tests.processes import CLI, ENV
 

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from client.sdk import ControllerClient
 from common.proto.loadtest.v1 import agent_service_pb2, run_pb2
-from controller.domain.ingest import IngestTarget, to_ingest
+from controller.domain.results.ingest import IngestTarget, to_ingest
 from controller.observability import TTFT_BUCKETS_S, LiveRunCollector
 from controller.server import Controller
 from tests.conftest import eventually

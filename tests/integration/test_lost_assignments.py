@@ -11,7 +11,7 @@ import pytest
 
 from common.codes import AssignmentState
 from common.proto.loadtest.v1 import agent_service_pb2
-from controller.domain.results import stage_fleet
+from controller.domain.results.compute import stage_fleet
 from controller.store import migrations
 from controller.store.database import Database
 from controller.store.sqlite import SqliteStore
@@ -27,7 +27,9 @@ OLD_ASSIGNMENTS = (
 )
 
 
-async def test_lost_assignment_state_is_migrated_and_still_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_lost_assignment_state_is_migrated_and_still_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "old.db"
     with monkeypatch.context() as m:
         m.setattr(migrations, "MIGRATIONS", migrations.MIGRATIONS[:10])

@@ -1,4 +1,4 @@
-"""Stored results of final runs (migration 8, controller/domain/run_results.py): computed once
+"""Stored results of final runs (migration 8, controller/domain/results/provider.py): computed once
 when a run ends, without anyone asking; read back after a restart; recomputed when late
 batches or a new result format make them stale; gone with their run; never computed twice
 for concurrent requests; and cancelled cleanly at shutdown."""
@@ -20,8 +20,8 @@ import structlog
 from client.sdk import ControllerClient
 from common.codes import RunState
 from common.proto.loadtest.v1 import run_pb2
-from controller.domain import run_results
-from controller.domain.run_results import RESULT_FORMAT, RunResults
+from controller.domain.results import provider
+from controller.domain.results.provider import RESULT_FORMAT, RunResults
 from controller.server import Controller
 from controller.store import columnar, migrations
 from controller.store import repository as repo
@@ -98,15 +98,15 @@ async def finished_run(controller: Controller, client: ControllerClient) -> str:
 def counting(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Record every computation of a result (the run id) from now on."""
     calls: list[str] = []
-    real = run_results.compute_result
+    real = provider.compute_result
 
     def compute(
         reads: SnapshotReads, run_pk: int, run_id: str, spec: run_pb2.RunSpec, state: int
-    ) -> run_results.ComputedResult:
+    ) -> provider.ComputedResult:
         calls.append(run_id)
         return real(reads, run_pk, run_id, spec, state)
 
-    monkeypatch.setattr(run_results, "compute_result", compute)
+    monkeypatch.setattr(provider, "compute_result", compute)
     return calls
 
 
@@ -173,7 +173,7 @@ async def test_a_result_stored_in_an_older_format_or_damaged_is_recomputed(
     # What an older controller stored: a different message, marked with the older format.
     stale = run_pb2.RunResult(run_id=run_id, state=run_pb2.RUN_STATE_SUCCEEDED)
     sql(db_path, "UPDATE run_results SET result = ?", stale.SerializeToString())
-    monkeypatch.setattr(run_results, "RESULT_FORMAT", RESULT_FORMAT + 1)  # this controller's format is newer
+    monkeypatch.setattr(provider, "RESULT_FORMAT", RESULT_FORMAT + 1)  # this controller's format is newer
     calls = counting(monkeypatch)
     async with started(db_path) as (_, client):
         assert await client.get_result(run_id) == first
@@ -240,14 +240,14 @@ async def test_shutdown_cancels_a_computation_in_progress_cleanly(
     )
     await db.write(repo.finish_run, record.pk, RunState.SUCCEEDED, "", 2)
     entered, release = threading.Event(), threading.Event()
-    real: Callable[..., run_results.ComputedResult] = run_results.compute_result
+    real: Callable[..., provider.ComputedResult] = provider.compute_result
 
-    def slow(*args: Any) -> run_results.ComputedResult:
+    def slow(*args: Any) -> provider.ComputedResult:
         entered.set()
         release.wait(30)  # a long computation on a reader thread
         return real(*args)
 
-    monkeypatch.setattr(run_results, "compute_result", slow)
+    monkeypatch.setattr(provider, "compute_result", slow)
     caplog.set_level(logging.WARNING)
     results = RunResults(SqliteStore(db))
     with structlog_events() as logs:

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from controller.domain.ratelimit import RateLimits
+from controller.domain.access.ratelimit import RateLimits
 from controller.server import Controller
 
 T = TypeVar("T")

@@ -17,9 +17,9 @@ import pytest
 
 from client.sdk import ControllerClient
 from common.proto.loadtest.v1 import agent_service_pb2, run_pb2
-from controller.domain import sample_limits as limits
-from controller.domain.ingest import Ingestor, IngestTarget
-from controller.domain.keys import Role
+from controller.domain.access.keys import Role
+from controller.domain.results import sample_limits as limits
+from controller.domain.results.ingest import Ingestor, IngestTarget
 from controller.server import Controller
 from controller.store import repository as repo
 from mockserver.config import MockConfig

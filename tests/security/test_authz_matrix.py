@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from common.proto.loadtest.v1 import agent_service_pb2, key_service_pb2, run_service_pb2
 from controller.auth import METHOD_RULES, Kind
-from controller.domain.keys import Role
+from controller.domain.access.keys import Role
 from controller.server import SERVICE_NAMES, Controller
 from tests.security.conftest import NO_LIMITS
 

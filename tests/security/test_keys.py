@@ -18,8 +18,8 @@ from grpc_status import rpc_status
 from agent.controller_link import AgentAuthError, run_agent
 from client.sdk import ControllerClient
 from common.proto.loadtest.v1 import agent_service_pb2, agent_service_pb2_grpc, key_service_pb2
-from controller.domain.keys import Role
-from controller.domain.ratelimit import RateLimits
+from controller.domain.access.keys import Role
+from controller.domain.access.ratelimit import RateLimits
 from controller.server import Controller
 from tests.conftest import eventually
 from tests.integration.test_controller_api import valid_spec

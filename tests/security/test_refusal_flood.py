@@ -22,8 +22,8 @@ from grpc_status import rpc_status
 
 from client.sdk import ControllerClient
 from common.proto.loadtest.v1 import key_service_pb2, run_service_pb2
-from controller.domain.keys import Role
-from controller.domain.ratelimit import DEFAULT_REFUSAL_BURST, DEFAULT_REFUSAL_RATE, RateLimits
+from controller.domain.access.keys import Role
+from controller.domain.access.ratelimit import DEFAULT_REFUSAL_BURST, DEFAULT_REFUSAL_RATE, RateLimits
 from controller.server import Controller
 from controller.store.security import AuditRecord
 from tests.conftest import eventually

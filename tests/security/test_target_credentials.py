@@ -20,7 +20,7 @@ import pytest
 
 from client.sdk import ControllerClient
 from common.proto.loadtest.v1 import run_pb2
-from controller.domain.secrets import REDACTED
+from controller.domain.access.secrets import REDACTED
 from controller.server import Controller
 from tests.integration.test_controller_api import violations
 from tests.processes import CLI, ENV

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from controller.domain.audit import WINDOW_NS, AuditEntry, AuditLog
-from controller.domain.ratelimit import TokenBuckets
+from controller.domain.access.audit import WINDOW_NS, AuditEntry, AuditLog
+from controller.domain.access.ratelimit import TokenBuckets
 from controller.store import migrations
 from controller.store import security as store
 from controller.store.database import Database

@@ -26,7 +26,7 @@ from controller.domain.execution.agents import MIN_CLOCK_SAMPLES, AgentHealthRep
 from controller.domain.execution.coordinator import RunCoordinator
 from controller.domain.execution.loss import MAX_RESUME_CLAIMS, AssignmentRefused
 from controller.domain.execution.state import ASSIGNMENT_LOST, AssignmentPhase
-from controller.domain.live import RunHub
+from controller.domain.results.live import RunHub
 from controller.domain.spec import validate_and_default
 from controller.store import repository as repo
 from controller.store.database import Database

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from common.proto.loadtest.v1 import run_pb2
-from controller.domain.secrets import REDACTED, is_credential_header, restore_secrets, split_secrets
+from controller.domain.access.secrets import REDACTED, is_credential_header, restore_secrets, split_secrets
 
 
 def target() -> run_pb2.Target:

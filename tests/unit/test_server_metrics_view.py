@@ -10,7 +10,7 @@ from client.spec_builder import build_spec, spec_parser
 from common.metrics import SampleColumns
 from common.proto.loadtest.v1 import run_pb2
 from controller.domain.errors import InvalidArgument
-from controller.domain.server_metrics import (
+from controller.domain.results.server_metrics import (
     COUNTER,
     GAUGE,
     ROLE_OF,

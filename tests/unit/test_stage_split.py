@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from common.metrics import SampleColumns
-from controller.domain.stage_split import split_by_group
+from controller.domain.results.stage_split import split_by_group
 
 
 def _columns(rng: np.random.Generator, n: int) -> SampleColumns:

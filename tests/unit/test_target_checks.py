@@ -8,7 +8,7 @@ import pytest
 
 from agent.wire_errors import printable, transport_error
 from common.target_url import credential_problem
-from controller.domain.destinations import is_loopback_listen, parse_allow_entry
+from controller.domain.access.destinations import is_loopback_listen, parse_allow_entry
 from controller.domain.errors import InvalidArgument
 from controller.domain.spec import validate_and_default
 from tests.unit.test_spec_validation import spec

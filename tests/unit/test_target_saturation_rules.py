@@ -9,8 +9,8 @@ import pytest
 from common.codes import RequestStatus
 from common.metrics import SampleColumns, compute_stage_metrics
 from common.proto.loadtest.v1 import run_pb2
-from controller.domain.server_metrics import GAUGE, SeriesOutcome, ServerStageOutcome
-from controller.domain.target_saturation import planned_window, target_saturation
+from controller.domain.results.server_metrics import GAUGE, SeriesOutcome, ServerStageOutcome
+from controller.domain.results.target_saturation import planned_window, target_saturation
 
 pytestmark = pytest.mark.timeout(30)
 T0 = 1_700_000_000 * 10**9

@@ -29,8 +29,8 @@ from controller.domain.execution.reports import AgentReports
 from controller.domain.execution.stages import StageRunner
 from controller.domain.execution.state import ActiveRuns, RunExecution
 from controller.domain.execution.takeover import LossPolicy
-from controller.domain.ingest import IngestTarget
-from controller.domain.live import LiveSnapshot, RunHub
+from controller.domain.results.ingest import IngestTarget
+from controller.domain.results.live import LiveSnapshot, RunHub
 from controller.store import repository as repo
 from controller.store.interface import Store
 

@@ -1,13 +1,13 @@
 """What run execution tells the rest of the controller: a run's events (stored, watchers
 woken), that a run changed (watchers woken), and that a run reached its final state (its
-result is then computed and stored: controller/domain/run_results.py)."""
+result is then computed and stored: controller/domain/results/provider.py)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 
-from controller.domain.live import RunHub
+from controller.domain.results.live import RunHub
 from controller.store.interface import Store
 
 

@@ -17,12 +17,12 @@ import structlog
 
 from common.codes import RunState
 from common.proto.loadtest.v1 import run_pb2
+from controller.domain.access.secrets import restore_secrets
 from controller.domain.execution.events import RunEvents
 from controller.domain.execution.placement import Placement
 from controller.domain.execution.preflight import WARNING_EVENT, PreflightAnswers, check_run_target
 from controller.domain.execution.stages import StageRunner
 from controller.domain.execution.state import ActiveRuns, RunExecution
-from controller.domain.secrets import restore_secrets
 from controller.store.interface import Store
 
 log = structlog.get_logger(__name__)

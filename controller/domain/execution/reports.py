@@ -25,7 +25,7 @@ from controller.domain.execution.planning import stall_text
 from controller.domain.execution.preflight import PreflightAnswers
 from controller.domain.execution.state import FINAL_REPORTS, ActiveAssignment, ActiveRuns, AssignmentPhase
 from controller.domain.execution.takeover import LossPolicy
-from controller.domain.ingest import IngestTarget
+from controller.domain.results.ingest import IngestTarget
 from controller.store import repository as repo
 from controller.store.interface import Store
 

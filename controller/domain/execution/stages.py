@@ -22,7 +22,7 @@ import structlog
 from common.codes import AssignmentState
 from common.durations import seconds
 from common.proto.loadtest.v1 import agent_service_pb2, run_pb2
-from controller.domain.checks import parse_check
+from controller.domain.access.secrets import restore_secrets
 from controller.domain.execution.events import RunEvents
 from controller.domain.execution.placement import Placement
 from controller.domain.execution.planning import (
@@ -42,9 +42,9 @@ from controller.domain.execution.state import (
     StageRun,
     token_sha256,
 )
-from controller.domain.live import WINDOW_S
-from controller.domain.secrets import restore_secrets
-from controller.domain.server_metrics import plan_scrapes
+from controller.domain.results.checks import parse_check
+from controller.domain.results.live import WINDOW_S
+from controller.domain.results.server_metrics import plan_scrapes
 from controller.store.interface import Store
 
 log = structlog.get_logger(__name__)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from common.codes import AssignmentState
 from common.proto.loadtest.v1 import agent_service_pb2, run_pb2
 from controller.domain.execution.agents import AgentSession
-from controller.domain.live import LiveWindow
+from controller.domain.results.live import LiveWindow
 from controller.store import repository as repo
 
 ASSIGNMENT_LOST = AssignmentState.LOST  # final state of an assignment whose agent was lost
@@ -195,7 +195,7 @@ class RunExecution:
 
     record: repo.RunRecord
     spec: run_pb2.RunSpec
-    secret: str  # the target's credentials, stored apart from the spec (controller/domain/secrets.py)
+    secret: str  # the target's credentials, stored apart from the spec (controller/domain/access/secrets.py)
     slots: list[AgentSlot]
     live: LiveWindow = field(default_factory=LiveWindow)
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)

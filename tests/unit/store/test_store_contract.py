@@ -13,7 +13,7 @@ import pytest
 
 from common.codes import AssignmentState, RunState, SampleFlag
 from common.proto.loadtest.v1 import run_pb2
-from controller.domain import run_results
+from controller.domain.results import provider
 from controller.store import columnar
 from controller.store import repository as repo
 from controller.store.database import Database
@@ -711,7 +711,7 @@ async def stored_run_for_result(store: Store) -> repo.RunRecord:
 async def test_a_result_computed_over_the_store(store: Store) -> None:
     record = await stored_run_for_result(store)
     computed = await store.read_snapshot(
-        run_results.compute_result, record.pk, record.run_id, result_spec(), record.state
+        provider.compute_result, record.pk, record.run_id, result_spec(), record.state
     )
     assert computed.version == (record.state, *await store.sample_batches_version(record.pk))
     result = computed.message
@@ -737,7 +737,7 @@ async def test_both_stores_compute_the_same_result(tmp_path: Path) -> None:
         for store in (SqliteStore(db), MemoryStore()):
             record = await stored_run_for_result(store)
             computed = await store.read_snapshot(
-                run_results.compute_result, record.pk, record.run_id, result_spec(), record.state
+                provider.compute_result, record.pk, record.run_id, result_spec(), record.state
             )
             results.append((computed.version, computed.message))
     finally:

@@ -1,8 +1,8 @@
 """The limits of one stored sample: what values an agent can report at all.
 
 One definition for two places: ingest refuses a batch holding any sample outside them
-(controller/domain/ingest.py), and results leave out stored samples outside them
-(controller/domain/results.py: data stored before ingest checked them), so that no stored
+(controller/domain/results/ingest.py), and results leave out stored samples outside them
+(controller/domain/results/compute.py: data stored before ingest checked them), so that no stored
 value can make a result's per-second series, or anything else sized by a span of time,
 grow without bound. docs/security.md ("Agent stream integrity") lists every limit.
 """

@@ -1,7 +1,7 @@
 """A run's result as the API message: the computed `RunOutcome` packed as loadtest.v1.RunResult.
 
 It is domain code, not the servicers' packing, because that message is what a final run keeps
-in SQLite (controller/domain/run_results.py): what GetRunResult, WatchRun and CompareRuns
+in SQLite (controller/domain/results/provider.py): what GetRunResult, WatchRun and CompareRuns
 read is the same message, computed once.
 """
 
@@ -11,8 +11,8 @@ from google.protobuf import timestamp_pb2
 
 from common.metrics import LatencySummary, StageMetrics
 from common.proto.loadtest.v1 import run_pb2
-from controller.domain.results import CheckOutcome, RunOutcome, StageOutcome
-from controller.domain.server_metrics import ServerStageOutcome
+from controller.domain.results.compute import CheckOutcome, RunOutcome, StageOutcome
+from controller.domain.results.server_metrics import ServerStageOutcome
 
 
 def timestamp(ns: int | None) -> timestamp_pb2.Timestamp | None:

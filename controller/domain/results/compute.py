@@ -1,6 +1,6 @@
 """Run results computed from the stored samples: per stage, per agent, SLO goodput, checks
 and the run's verdict, whether the load generator itself was saturated, whether the target
-kept up (`controller.domain.target_saturation`), and the warnings a reader should see
+kept up (`controller.domain.results.target_saturation`), and the warnings a reader should see
 (requests retried on fresh connections, the preflight's run events).
 
 Runs inside one snapshot of the store (`SampleStore.read_snapshot`; over SQLite, on a
@@ -20,12 +20,12 @@ from common.codes import AssignmentState, RequestStatus, RunState, SampleFlag
 from common.durations import millis_if_set
 from common.metrics import SampleColumns, Slo, StageMetrics, compute_stage_metrics, counted_mask
 from common.proto.loadtest.v1 import run_pb2
-from controller.domain import sample_limits as limits
-from controller.domain.checks import parse_check
 from controller.domain.execution.preflight import WARNING_EVENT as PREFLIGHT_WARNING_EVENT
-from controller.domain.server_metrics import ServerStageOutcome, stage_server_metrics
-from controller.domain.stage_split import stage_and_agent_metrics
-from controller.domain.target_saturation import NOT_SATURATED, TargetSaturation, target_saturation
+from controller.domain.results import sample_limits as limits
+from controller.domain.results.checks import parse_check
+from controller.domain.results.server_metrics import ServerStageOutcome, stage_server_metrics
+from controller.domain.results.stage_split import stage_and_agent_metrics
+from controller.domain.results.target_saturation import NOT_SATURATED, TargetSaturation, target_saturation
 from controller.store import repository as repo
 from controller.store.interface import SnapshotReads
 
@@ -151,7 +151,7 @@ def _saturation(stage: run_pb2.Stage, m: StageMetrics, lag_ms: float, cpu: float
 
 
 def admissible_samples(data: repo.StageSamples, now_ns: int) -> tuple[repo.StageSamples, int, str]:
-    """The stage's samples without those outside controller/domain/sample_limits.py, how many
+    """The stage's samples without those outside controller/domain/results/sample_limits.py, how many
     were left out and why. Ingest refuses such samples; stored ones come from older versions,
     and left in, one of them can make the per-second series as long as it likes."""
     cols = data.columns

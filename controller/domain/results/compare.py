@@ -2,7 +2,7 @@
 a regression flag where a run got worse than the tolerance.
 
 Works on the results as the API returns them (loadtest.v1.RunResult), so comparing finished
-runs reads their stored results (controller/domain/run_results.py) instead of recomputing them.
+runs reads their stored results (controller/domain/results/provider.py) instead of recomputing them.
 """
 
 from __future__ import annotations

@@ -26,8 +26,8 @@ import structlog
 from google.protobuf.message import DecodeError
 
 from common.proto.loadtest.v1 import run_pb2
-from controller.domain.result_message import result_message
-from controller.domain.results import compute_run_result
+from controller.domain.results.compute import compute_run_result
+from controller.domain.results.message import result_message
 from controller.domain.spec import parse_spec
 from controller.store import repository as repo
 from controller.store.interface import SnapshotReads, Store
@@ -35,7 +35,7 @@ from controller.store.interface import SnapshotReads, Store
 log = structlog.get_logger(__name__)
 
 # The version of the computation and of its message. Bump it whenever either changes
-# (controller/domain/results.py, the metric math in common/metrics.py, controller/domain/
+# (controller/domain/results/compute.py, the metric math in common/metrics.py, controller/domain/
 # result_message.py, loadtest.v1.RunResult): results stored with another format are
 # recomputed and replaced when next read.
 # 2: stored samples impossible for their stage are left out (StageResult.samples_ignored).

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from common.metrics import SampleColumns, compute_stage_metrics, counted_ok_mask
-from controller.domain.checks import ParsedCheck
+from controller.domain.results.checks import ParsedCheck
 
 WINDOW_S = 10.0
 

@@ -33,7 +33,7 @@ import numpy as np
 from common.durations import seconds
 from common.metrics import SampleColumns, StageMetrics, counted_ok_mask
 from common.proto.loadtest.v1 import run_pb2
-from controller.domain.server_metrics import ServerStageOutcome
+from controller.domain.results.server_metrics import ServerStageOutcome
 
 DRAIN_S = 10.0
 DRAIN_FACTOR = 2.0

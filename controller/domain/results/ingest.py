@@ -20,8 +20,8 @@ import structlog
 
 from common.codes import RequestStatus
 from common.proto.loadtest.v1 import agent_service_pb2
-from controller.domain import sample_limits as limits
-from controller.domain.server_metrics import scrape_rows
+from controller.domain.results import sample_limits as limits
+from controller.domain.results.server_metrics import scrape_rows
 from controller.store import repository as repo
 from controller.store.interface import SampleStore
 
@@ -80,7 +80,7 @@ class MalformedBatch(ValueError):
 def to_ingest(
     target: IngestTarget, batch: agent_service_pb2.SampleBatch, now_ns: int | None = None
 ) -> repo.BatchIngest:
-    """Check a batch's shape and every value against controller/domain/sample_limits.py, and
+    """Check a batch's shape and every value against controller/domain/results/sample_limits.py, and
     turn it into a column table for the writer (numpy reads the packed repeated fields in a
     few microseconds each; no Python loop per sample). Raises MalformedBatch naming the
     batch, the rule and the first sample breaking it."""
