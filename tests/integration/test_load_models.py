@@ -213,9 +213,12 @@ async def test_poisson_rate_and_closed_loop_concurrency() -> None:
     assert len(s) / 20 == pytest.approx(50, rel=0.03)  # achieved send rate
     scheduled = np.sort(s.scheduled)
     assert np.abs((scheduled - scheduled[0]) - due).max() < MS  # scheduled = the arrival times
-    # Sent at its time: no backlog (at 50/s one would grow to seconds). The bound leaves room
-    # for a loaded machine's stalls; the send lag itself is measured by bench/agent_stream_start.py.
-    assert np.percentile(s.queue, 99) < 250 * MS, np.percentile(s.queue, 99) / MS
+    # Sent at its time: no backlog (an agent slower than 50/s would build one that grows for
+    # the whole 20 s, to seconds). The bounds leave room for a loaded machine's stalls, which
+    # delay a burst of sends by a few hundred ms and then clear (measured at 367 ms p99 beside
+    # stress-ng and five other jobs); the send lag itself is measured by bench/agent_stream_start.py.
+    assert np.percentile(s.queue, 50) < 50 * MS, np.percentile(s.queue, 50) / MS
+    assert np.percentile(s.queue, 99) < 1000 * MS, np.percentile(s.queue, 99) / MS
 
     # Closed loop: 16 in flight throughout (mean over the stage's 10 s).
     c = closed.samples
