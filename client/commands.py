@@ -155,6 +155,9 @@ async def cmd_run(args: argparse.Namespace) -> int:
             return await _run(args, spec, interrupts)
     except grpc.aio.AioRpcError as exc:
         return failure(exc, args, exitcodes.USAGE)
+    except argparse.ArgumentTypeError as exc:  # `--resume` of a run that cannot be resumed
+        print(f"llm-loadtest run: error: {exc}", file=sys.stderr)
+        return exitcodes.USAGE
 
 
 class Interrupts:
@@ -193,6 +196,8 @@ def _cancel_command(args: argparse.Namespace, run_id: str) -> str:
 
 async def _run(args: argparse.Namespace, spec: run_pb2.RunSpec, interrupts: Interrupts) -> int:
     async with open_client(args) as client:
+        if spec.search.resume_from_run_id:
+            spec_builder.resume_search(spec, await client.get_run(spec.search.resume_from_run_id))
         run = await client.create_run(spec, request_id=uuid.uuid4().hex)
         name = f" ({spec.display_name})" if spec.display_name else ""
         print(f"created run {run.id}{name}", file=sys.stderr, flush=True)
@@ -256,14 +261,23 @@ def print_result(
     allow = getattr(args, "allow_suspect", False)
     verdict = formats.honest_verdict(result, allow)
     warnings = formats.result_warnings(result)
+    searched = result.HasField("capacity")
+    capacity = formats.capacity_line(result.capacity, run.spec.search) if searched else None
     if args.json:
-        print(render.to_json(result, cli={"verdict": verdict, "warnings": warnings}))
+        cli: dict[str, object] = {"verdict": verdict, "warnings": warnings}
+        if capacity is not None:
+            cli["capacity"] = capacity
+        print(render.to_json(result, cli=cli))
     else:
-        con = render.console(getattr(args, "wide", False))
-        con.print(render.result_table(result, getattr(args, "wide", False)))
+        wide = getattr(args, "wide", False)
+        con = render.console(wide)
+        # A search's stages are its probes: the probe table says what the stage table would, and how each was judged.
+        con.print(render.probe_table(result, wide) if searched else render.result_table(result, wide))
         if details:
             for part in render.result_details(result):
                 con.print(part)
+        if capacity is not None:
+            print(capacity)
         shown = f" ({run.spec.display_name})" if run.spec.display_name else ""
         print(f"run id: {run.id}{shown}  state: {render.state_name(run.state)}"
               + (f"  reason: {run.state_reason}" if run.state_reason else ""))  # fmt: skip

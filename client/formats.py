@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from collections.abc import AsyncIterable
 from datetime import datetime
 from typing import Any, TextIO
@@ -71,6 +72,140 @@ def stage_spec(run: run_pb2.Run | None, index: int) -> run_pb2.Stage | None:
     if run is None or index >= len(run.spec.stages):
         return None
     return run.spec.stages[index]
+
+
+# --- capacity search ------------------------------------------------------------------------
+
+DEFAULT_SEARCH_TOLERANCE_PERCENT = 5.0  # SearchSpec.tolerance_percent's default
+# Stop reasons after which the highest passing load is the server's capacity (a lower bound
+# for MAX_PASSED and MAX_PROBES); after the others no capacity was measured.
+CAPACITY_STOP_REASONS = frozenset({
+    run_pb2.SEARCH_STOP_REASON_CONVERGED, run_pb2.SEARCH_STOP_REASON_MAX_PASSED,
+    run_pb2.SEARCH_STOP_REASON_MAX_PROBES,
+})  # fmt: skip
+OUTCOME_TEXT = {
+    run_pb2.PROBE_OUTCOME_PASS: "pass",
+    run_pb2.PROBE_OUTCOME_FAIL: "fail",
+    run_pb2.PROBE_OUTCOME_INCONCLUSIVE: "inconcl.",
+    run_pb2.PROBE_OUTCOME_UNSPECIFIED: NA,
+}
+
+
+def search_load(variable: int, load: float) -> str:
+    """A probe's load: `24` (concurrency) or `12.5/s` (rate)."""
+    if variable == run_pb2.SEARCH_VARIABLE_RATE:
+        return f"{load:g}/s"
+    return f"{load:.0f}" if load == int(load) else f"{load:g}"
+
+
+def _search_load_words(variable: int, load: float) -> str:
+    """A load in a sentence: `concurrency 24`, `rate 12.5 req/s`."""
+    if variable == run_pb2.SEARCH_VARIABLE_RATE:
+        return f"rate {load:g} req/s"
+    return f"concurrency {search_load(variable, load)}"
+
+
+def capacity_measured(capacity: run_pb2.CapacityResult) -> bool:
+    """True when the search found a capacity: a passing load, and a stop that makes it the
+    server's limit (not the load generator's, not an early end)."""
+    return capacity.HasField("highest_passing") and capacity.stop_reason in CAPACITY_STOP_REASONS
+
+
+def capacity_value(capacity: run_pb2.CapacityResult) -> float | None:
+    """The capacity as a number to compare and gate on: the highest passing load after a
+    stop that measured one, 0 when even the lowest load failed (or the target errored before
+    any load passed), None when nothing was measured (generator saturated, the run ended)."""
+    if capacity_measured(capacity):
+        return capacity.highest_passing
+    if capacity.stop_reason == run_pb2.SEARCH_STOP_REASON_MIN_FAILED:
+        return 0.0
+    if capacity.stop_reason == run_pb2.SEARCH_STOP_REASON_TARGET_ERRORS:
+        return capacity.highest_passing if capacity.HasField("highest_passing") else 0.0
+    return None
+
+
+def _throughput_words(capacity: run_pb2.CapacityResult) -> list[str]:
+    parts = [f"{capacity.request_throughput:,.1f} req/s", f"{capacity.output_token_throughput:,.0f} tok/s"]
+    if capacity.HasField("cost_per_million_output_tokens_usd"):
+        parts.append(f"${capacity.cost_per_million_output_tokens_usd:,.2f} per 1M output tokens")
+    return parts
+
+
+def capacity_line(capacity: run_pb2.CapacityResult, search: run_pb2.SearchSpec | None = None) -> str:
+    """The search's outcome in one line, what its stop reason means included, e.g.
+    `capacity: concurrency 24 (highest passing; 26 failed) · 512.3 req/s · 8,120 tok/s ·
+    converged within 5 %`. `search` (the run's spec) gives the tolerance and the limits."""
+    var = capacity.variable
+    passing = capacity.highest_passing if capacity.HasField("highest_passing") else None
+    failing = capacity.lowest_failing if capacity.HasField("lowest_failing") else None
+    reason = capacity.stop_reason
+    so_far = f" (highest passing so far: {_search_load_words(var, passing)})" if passing is not None else ""
+    if reason == run_pb2.SEARCH_STOP_REASON_GENERATOR_SATURATED:
+        return ("generator saturated: no capacity measured — the load generator could not send more load, so the "
+                f"server's limit is unknown{so_far}; add agents or cores and run again")  # fmt: skip
+    if reason == run_pb2.SEARCH_STOP_REASON_TARGET_ERRORS:
+        at = f" at {_search_load_words(var, failing)}" if failing is not None else ""
+        return f"target errors: most requests of a probe{at} failed, the target errors rather than slows down{so_far}"
+    if reason == run_pb2.SEARCH_STOP_REASON_MIN_FAILED:
+        low = failing if failing is not None else (search.min if search is not None and search.min else None)
+        below = f" below {_search_load_words(var, low)}" if low is not None else " below the search minimum"
+        return f"capacity{below}: even the lowest load probed missed the goodput target; lower --search-min"
+    if reason == run_pb2.SEARCH_STOP_REASON_RUN_ENDED:
+        bracket = [f"highest passing {_search_load_words(var, passing)}"] if passing is not None else []
+        bracket += [f"lowest failing {_search_load_words(var, failing)}"] if failing is not None else []
+        found = f" ({', '.join(bracket)})" if bracket else ""
+        return f"search ended with the run: no capacity measured{found}; `run --resume RUN_ID` continues it"
+    if reason not in CAPACITY_STOP_REASONS or passing is None:
+        return "capacity search: no outcome yet (the search is still running or reported nothing)"
+    head = f"capacity: {'at least ' if reason == run_pb2.SEARCH_STOP_REASON_MAX_PASSED else ''}"
+    head += _search_load_words(var, passing)
+    head += f" (highest passing; {search_load(var, failing)} failed)" if failing is not None else " (highest passing)"
+    parts = [head, *_throughput_words(capacity)]
+    if reason == run_pb2.SEARCH_STOP_REASON_CONVERGED:
+        tolerance = search.tolerance_percent if search is not None and search.HasField("tolerance_percent") else (
+            DEFAULT_SEARCH_TOLERANCE_PERCENT)  # fmt: skip
+        parts.append(f"converged within {tolerance:g} %")
+        if not capacity.confident:
+            parts.append("boundary within noise")
+    elif reason == run_pb2.SEARCH_STOP_REASON_MAX_PASSED:
+        parts.append("the search maximum passed: raise --search-max")
+    else:
+        parts.append(f"not converged: --max-probes reached after {len(capacity.probes)} probes")
+    return " · ".join(parts)
+
+
+def _good_interval(p: run_pb2.CapacityProbe) -> str:
+    """`97.2 (94-99)`: the good percent and its 95 % interval, widened to whole percents."""
+    if not p.requests:
+        return NA
+    return f"{p.good_percent:.1f} ({math.floor(p.good_percent_low):.0f}-{math.ceil(p.good_percent_high):.0f})"
+
+
+def _pair(low: float, high: float) -> str:
+    if not low and not high:
+        return NA
+    return f"{_short(low)}/{_short(high)}"
+
+
+def _short(value: float) -> str:
+    return f"{value:.1f}" if abs(value) < 1000 else f"{value:.0f}"
+
+
+def probe_cells(capacity: run_pb2.CapacityResult) -> list[dict[str, str]]:
+    """Every probe as the cells of the probe table (render.probe_table), by column name."""
+    rows = []
+    for i, p in enumerate(capacity.probes):
+        rows.append({
+            "#": f"{i}{'*' if p.repeat else ''}", "stage": str(p.stage_index) if p.stage_index >= 0 else "earlier",
+            "load": search_load(capacity.variable, p.load), "outcome": OUTCOME_TEXT.get(p.outcome, NA),
+            "repeat": "yes" if p.repeat else "", "requests": str(p.requests), "good %": _good_interval(p),
+            "TTFT p50/p99": _pair(p.ttft_p50_ms, p.ttft_p99_ms), "TPOT p50/p99": _pair(p.tpot_p50_ms, p.tpot_p99_ms),
+            "TTFT p50": _short(p.ttft_p50_ms), "TTFT p99": _short(p.ttft_p99_ms),
+            "TPOT p50": _short(p.tpot_p50_ms), "TPOT p99": _short(p.tpot_p99_ms), "E2E p99": _short(p.e2e_p99_ms),
+            "req/s": _short(p.request_throughput) if p.request_throughput < 100 else f"{p.request_throughput:.0f}",
+            "out tok/s": f"{p.output_token_throughput:.0f}", "reason": p.reason,
+        })  # fmt: skip
+    return rows
 
 
 # --- warnings and the verdict ------------------------------------------------------------
