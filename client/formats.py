@@ -346,6 +346,9 @@ def markdown(result: run_pb2.RunResult, run: run_pb2.Run | None = None) -> str:
             title += f" — model {_md_code(run.spec.target.model)}"
     title += f" — {run_pb2.RunState.Name(result.state).removeprefix('RUN_STATE_')}"
     lines += [title, ""]
+    if result.HasField("capacity"):
+        search = run.spec.search if run is not None else None
+        lines += [f"**{_md_text(capacity_line(result.capacity, search))}**", ""]
     lines.append("| " + " | ".join(MARKDOWN_COLUMNS) + " |")
     lines.append("|" + "|".join(":---" if i < 2 else "---:" for i in range(len(MARKDOWN_COLUMNS))) + "|")
     for s in result.stages:
