@@ -331,8 +331,8 @@ def add_runs_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=formats.EXPORT_FORMATS, default="csv")
     p.add_argument("-o", "--output", type=Path, help="file to write (default: stdout)")
     p.add_argument("--include-warmup", action="store_true", help="include warmup samples (flagged)")
-    p = sub.add_parser("compare", help="compare runs with a baseline stage by stage; exit 1 on a regression, 2 "
-                       "when no stage matched")  # fmt: skip
+    p = sub.add_parser("compare", help="compare runs with a baseline stage by stage (capacity searches by their "
+                       "capacity); exit 1 on a regression, 2 when nothing could be compared")  # fmt: skip
     add_connection_arguments(p, read_only=True)
     p.add_argument("run_id", metavar="BASE", help="the baseline run")
     p.add_argument("others", nargs="+", metavar="OTHER", help="runs to compare with the baseline")
@@ -408,7 +408,13 @@ async def _compare(args: argparse.Namespace, client: ControllerClient) -> int:
     else:
         for table in formats.comparison_tables(comparison, args.all_metrics):
             render.console().print(table)
-    unmatched = [c.run_id for c in comparison.comparisons if not c.stages]
+    # Two searches compare by capacity; when a search could not be compared, say why.
+    for c in comparison.comparisons:
+        if c.capacity.note and not c.stages:
+            print(f"error: {c.capacity.note}", file=sys.stderr)
+    if any(c.capacity.note and not c.stages for c in comparison.comparisons):
+        return exitcodes.USAGE
+    unmatched = [c.run_id for c in comparison.comparisons if not c.stages and not formats.capacity_compared(c)]
     if unmatched:
         # Nothing compared is no pass: say which loads each side ran.
         loads = {run_id: [formats.load_label(s) for s in (await client.get_result(run_id)).stages]

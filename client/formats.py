@@ -17,7 +17,7 @@
     adds keys, so a file can be traced back to its run.
 - `csv` / `jsonl` rows of ExportRunSamples: ExportedSample's fields in declaration order,
   the status as its lowercase name without prefix (`ok`, `http_5xx`).
-- the CompareRuns table, one per compared run.
+- the CompareRuns table, one per compared run (its capacities first, for capacity searches).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from rich.table import Table
 from rich.text import Text
 
 from common.proto.loadtest.v1 import run_pb2, run_service_pb2
+from common.search_outcome import CAPACITY_STOP_REASONS, DEFAULT_SEARCH_TOLERANCE_PERCENT, variable_name
 
 NA = "\u2013"  # an en dash where a value does not exist
 RESULT_FORMATS = ("table", "json", "markdown", "vllm-json")
@@ -76,13 +77,6 @@ def stage_spec(run: run_pb2.Run | None, index: int) -> run_pb2.Stage | None:
 
 # --- capacity search ------------------------------------------------------------------------
 
-DEFAULT_SEARCH_TOLERANCE_PERCENT = 5.0  # SearchSpec.tolerance_percent's default
-# Stop reasons after which the highest passing load is the server's capacity (a lower bound
-# for MAX_PASSED and MAX_PROBES); after the others no capacity was measured.
-CAPACITY_STOP_REASONS = frozenset({
-    run_pb2.SEARCH_STOP_REASON_CONVERGED, run_pb2.SEARCH_STOP_REASON_MAX_PASSED,
-    run_pb2.SEARCH_STOP_REASON_MAX_PROBES,
-})  # fmt: skip
 OUTCOME_TEXT = {
     run_pb2.PROBE_OUTCOME_PASS: "pass",
     run_pb2.PROBE_OUTCOME_FAIL: "fail",
@@ -103,25 +97,6 @@ def _search_load_words(variable: int, load: float) -> str:
     if variable == run_pb2.SEARCH_VARIABLE_RATE:
         return f"rate {load:g} req/s"
     return f"concurrency {search_load(variable, load)}"
-
-
-def capacity_measured(capacity: run_pb2.CapacityResult) -> bool:
-    """True when the search found a capacity: a passing load, and a stop that makes it the
-    server's limit (not the load generator's, not an early end)."""
-    return capacity.HasField("highest_passing") and capacity.stop_reason in CAPACITY_STOP_REASONS
-
-
-def capacity_value(capacity: run_pb2.CapacityResult) -> float | None:
-    """The capacity as a number to compare and gate on: the highest passing load after a
-    stop that measured one, 0 when even the lowest load failed (or the target errored before
-    any load passed), None when nothing was measured (generator saturated, the run ended)."""
-    if capacity_measured(capacity):
-        return capacity.highest_passing
-    if capacity.stop_reason == run_pb2.SEARCH_STOP_REASON_MIN_FAILED:
-        return 0.0
-    if capacity.stop_reason == run_pb2.SEARCH_STOP_REASON_TARGET_ERRORS:
-        return capacity.highest_passing if capacity.HasField("highest_passing") else 0.0
-    return None
 
 
 def _throughput_words(capacity: run_pb2.CapacityResult) -> list[str]:
@@ -535,6 +510,22 @@ def _shown_metrics(stage: run_service_pb2.StageComparison, all_metrics: bool) ->
     return shown or list(stage.metrics)
 
 
+def capacity_compared(comparison: run_service_pb2.RunComparison) -> bool:
+    """True when the comparison holds two capacities compared (not a note why not)."""
+    return comparison.HasField("capacity") and not comparison.capacity.note
+
+
+def _capacity_cells(c: run_service_pb2.CapacityComparison) -> tuple[str | Text, ...]:
+    if c.note:
+        return "capacity", Text(c.note, style="yellow"), "", "", "", "", ""
+    marker = Text("▲ REGRESSED", style="bold red") if c.regressed else Text("")
+    delta = c.value - c.baseline
+    return (
+        "capacity", variable_name(c.variable), search_load(c.variable, c.baseline), search_load(c.variable, c.value),
+        f"{delta:+g}", f"{c.delta_percent:+.1f}%" if c.baseline else NA, marker,
+    )  # fmt: skip
+
+
 def comparison_tables(response: run_service_pb2.CompareRunsResponse, all_metrics: bool = False) -> list[Table]:
     """One table per compared run: per matched stage, each key metric with the baseline's
     value, this run's, the change and a REGRESSED marker."""
@@ -545,7 +536,10 @@ def comparison_tables(response: run_service_pb2.CompareRunsResponse, all_metrics
                       title_justify="left")  # fmt: skip
         for name in ("load", "metric", "baseline", "value", "delta", "delta %", ""):
             table.add_column(name, justify="left" if name in ("load", "metric", "") else "right")
-        if not comparison.stages:
+        if comparison.HasField("capacity"):
+            table.add_row(*_capacity_cells(comparison.capacity))
+            table.add_section()
+        if not comparison.stages and not capacity_compared(comparison):
             table.add_row("-", "no stage matches a baseline stage's load", "", "", "", "", "")
         for stage in comparison.stages:
             for i, m in enumerate(_shown_metrics(stage, all_metrics)):

@@ -15,6 +15,7 @@ from client.envconfig import not_from_env
 from client.scenarios import SCENARIOS, scale
 from common.durations import parse_duration
 from common.proto.loadtest.v1 import run_pb2
+from common.search_outcome import variable_name
 from common.target_url import credential_problem
 
 TARGET_API_KEY_ENV = "LLM_LOADTEST_TARGET_API_KEY"
@@ -410,11 +411,6 @@ def resume_search(spec: run_pb2.RunSpec, earlier: run_pb2.Run) -> None:
             setattr(mine, field.name, getattr(theirs, field.name))
     if not spec.HasField("slo"):
         spec.slo.CopyFrom(earlier.spec.slo)
-
-
-def variable_name(variable: int) -> str:
-    """`concurrency` or `rate`."""
-    return run_pb2.SearchVariable.Name(variable).removeprefix("SEARCH_VARIABLE_").lower()  # type: ignore[arg-type]
 
 
 def _set_duration(field: object, seconds: float) -> None:

@@ -14,6 +14,7 @@ from rich.console import Console
 
 from client import exitcodes, formats, render
 from client.commands import print_result
+from common import search_outcome
 from common.proto.loadtest.v1 import run_pb2, run_service_pb2
 
 pytestmark = pytest.mark.timeout(10)
@@ -116,19 +117,19 @@ def test_every_stop_reason_has_its_own_wording() -> None:
 def test_no_capacity_is_claimed_when_none_was_measured(stop: int) -> None:
     # The generator's limit, or a search cut short, must never read as the server's capacity.
     assert not line(stop).startswith("capacity: ")
-    assert not formats.capacity_measured(converged(stop_reason=stop))
+    assert not search_outcome.capacity_measured(converged(stop_reason=stop))
 
 
 def test_the_capacity_value_gated_and_compared() -> None:
-    assert formats.capacity_value(converged()) == 24
-    assert formats.capacity_value(converged(stop_reason=run_pb2.SEARCH_STOP_REASON_MAX_PASSED)) == 24
-    assert formats.capacity_value(converged(stop_reason=run_pb2.SEARCH_STOP_REASON_MIN_FAILED)) == 0
-    assert formats.capacity_value(converged(stop_reason=run_pb2.SEARCH_STOP_REASON_GENERATOR_SATURATED)) is None
-    assert formats.capacity_value(converged(stop_reason=run_pb2.SEARCH_STOP_REASON_RUN_ENDED)) is None
+    assert search_outcome.capacity_value(converged()) == 24
+    assert search_outcome.capacity_value(converged(stop_reason=run_pb2.SEARCH_STOP_REASON_MAX_PASSED)) == 24
+    assert search_outcome.capacity_value(converged(stop_reason=run_pb2.SEARCH_STOP_REASON_MIN_FAILED)) == 0
+    assert search_outcome.capacity_value(converged(stop_reason=run_pb2.SEARCH_STOP_REASON_GENERATOR_SATURATED)) is None
+    assert search_outcome.capacity_value(converged(stop_reason=run_pb2.SEARCH_STOP_REASON_RUN_ENDED)) is None
     errors = converged(stop_reason=run_pb2.SEARCH_STOP_REASON_TARGET_ERRORS)
-    assert formats.capacity_value(errors) == 24
+    assert search_outcome.capacity_value(errors) == 24
     errors.ClearField("highest_passing")
-    assert formats.capacity_value(errors) == 0
+    assert search_outcome.capacity_value(errors) == 0
 
 
 def rendered(result: run_pb2.RunResult, width: int, wide: bool = False) -> str:
