@@ -1,5 +1,5 @@
-"""Turning `run` flags into a RunSpec: load shapes (sweeps, open loop, scenarios), lengths,
-datasets and target options. The flags mirror the spec's fields."""
+"""Turning `run` flags into a RunSpec: load shapes (sweeps, open loop, scenarios) or a capacity
+search, lengths, datasets and target options. The flags mirror the spec's fields."""
 
 from __future__ import annotations
 
@@ -125,6 +125,7 @@ def positive_int(text: str) -> int:
 
 
 def positive_duration(text: str) -> float:
+    """A duration longer than 0, in seconds."""
     seconds = duration(text)
     if not seconds > 0:
         raise argparse.ArgumentTypeError(f"must be longer than 0, got {text!r}")
