@@ -88,14 +88,15 @@ OUTCOME_TEXT = {
 def search_load(variable: int, load: float) -> str:
     """A probe's load: `24` (concurrency) or `12.5/s` (rate)."""
     if variable == run_pb2.SEARCH_VARIABLE_RATE:
-        return f"{load:g}/s"
+        # Four significant digits: a bisected rate (12.3456...) must not widen the table.
+        return f"{load:.0f}/s" if load >= 1000 else f"{load:.4g}/s"
     return f"{load:.0f}" if load == int(load) else f"{load:g}"
 
 
 def _search_load_words(variable: int, load: float) -> str:
     """A load in a sentence: `concurrency 24`, `rate 12.5 req/s`."""
     if variable == run_pb2.SEARCH_VARIABLE_RATE:
-        return f"rate {load:g} req/s"
+        return f"rate {search_load(variable, load).removesuffix('/s')} req/s"
     return f"concurrency {search_load(variable, load)}"
 
 

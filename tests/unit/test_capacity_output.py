@@ -229,3 +229,13 @@ def test_markdown_starts_with_the_capacity_line() -> None:
     assert text.splitlines()[2] == "**capacity: concurrency 24 (highest passing; 26 failed) · 512.3 req/s · 8,120 " \
         "tok/s · $0.41 per 1M output tokens · converged within 5 %**"  # fmt: skip
     assert "capacity" not in formats.markdown(run_pb2.RunResult(run_id="run_x"))
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_a_rate_search_fits_too_with_bisected_rates(width: int) -> None:
+    loads = (1.0, 1000.0, 12.3456789, 999.54321, 0.123456)
+    capacity = converged(variable=R, probes=[probe(i, load, PASS, 97.0) for i, load in enumerate(loads)])
+    text = rendered(search_result(capacity), width)
+    assert max(len(row) for row in text.splitlines()) <= width
+    for shown in ("1/s", "1000/s", "12.35/s", "999.5/s", "0.1235/s"):
+        assert re.search(rf"\s{re.escape(shown)}\s", text), (shown, text)
