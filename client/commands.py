@@ -408,21 +408,22 @@ async def _compare(args: argparse.Namespace, client: ControllerClient) -> int:
     else:
         for table in formats.comparison_tables(comparison, args.all_metrics):
             render.console().print(table)
-    # Two searches compare by capacity; when a search could not be compared, say why.
-    for c in comparison.comparisons:
-        if c.capacity.note and not c.stages:
-            print(f"error: {c.capacity.note}", file=sys.stderr)
-    if any(c.capacity.note and not c.stages for c in comparison.comparisons):
-        return exitcodes.USAGE
-    unmatched = [c.run_id for c in comparison.comparisons if not c.stages and not formats.capacity_compared(c)]
+    unmatched = [c for c in comparison.comparisons if not c.stages and not formats.capacity_compared(c)]
     if unmatched:
-        # Nothing compared is no pass: say which loads each side ran.
-        loads = {run_id: [formats.load_label(s) for s in (await client.get_result(run_id)).stages]
-                 for run_id in [args.run_id, *unmatched]}  # fmt: skip
-        print(f"error: no stage of {', '.join(unmatched)} matches a stage of {args.run_id} by load; loads:",
-              file=sys.stderr)  # fmt: skip
-        for run_id, labels in loads.items():
-            print(f"  {run_id}: {', '.join(labels) or 'no stages'}", file=sys.stderr)
+        # Nothing compared is no pass: say why a capacity was not compared, and which loads each side ran.
+        for c in unmatched:
+            if c.capacity.note:
+                print(f"error: {c.capacity.note}", file=sys.stderr)
+        results = {run_id: await client.get_result(run_id) for run_id in [args.run_id, *(c.run_id for c in unmatched)]}
+        # Two searches are not matched by load at all (the note said why they were not compared).
+        searches = {run_id for run_id, result in results.items() if result.HasField("capacity")}
+        by_load = [c.run_id for c in unmatched if not {args.run_id, c.run_id} <= searches]
+        if by_load:
+            print(f"error: no stage of {', '.join(by_load)} matches a stage of {args.run_id} by load; loads:",
+                  file=sys.stderr)  # fmt: skip
+            for run_id in [args.run_id, *by_load]:
+                labels = [formats.load_label(s) for s in results[run_id].stages]
+                print(f"  {run_id}: {', '.join(labels) or 'no stages'}", file=sys.stderr)
         return exitcodes.USAGE
     return exitcodes.FAILED if formats.any_regressed(comparison) else exitcodes.OK
 

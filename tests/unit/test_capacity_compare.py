@@ -133,24 +133,38 @@ def test_the_comparison_table_shows_the_capacity_row() -> None:
 
 
 class FakeClient:
-    def __init__(self, message: run_service_pb2.CompareRunsResponse) -> None:
-        self.message = message
+    """CompareRuns and GetResult of the results given, compared by the domain's code."""
+
+    def __init__(self, *results: run_pb2.RunResult) -> None:
+        self.results = {r.run_id: r for r in results}
 
     async def compare_runs(self, base: str, others: list[str], tolerance: float) -> run_service_pb2.CompareRunsResponse:
-        return self.message
+        return compare_message(base, compare_runs(self.results[base], [self.results[o] for o in others], tolerance))
 
     async def get_result(self, run_id: str) -> run_pb2.RunResult:
-        return run_pb2.RunResult(run_id=run_id)
+        return self.results[run_id]
 
 
-def exit_code(message: run_service_pb2.CompareRunsResponse) -> int:
-    args = argparse.Namespace(run_id="b", others=["o"], tolerance=10.0, json=False, all_metrics=False)
-    return asyncio.run(_compare(args, FakeClient(message)))  # type: ignore[arg-type]
+def exit_code(baseline: run_pb2.RunResult, other: run_pb2.RunResult) -> int:
+    args = argparse.Namespace(run_id=baseline.run_id, others=[other.run_id], tolerance=10.0, json=False,
+                              all_metrics=False)  # fmt: skip
+    return asyncio.run(_compare(args, FakeClient(baseline, other)))  # type: ignore[arg-type]
 
 
 def test_the_exit_code_of_compare(capsys: pytest.CaptureFixture[str]) -> None:
-    assert exit_code(response(search("b", 24), search("o", 23))) == exitcodes.OK
-    assert exit_code(response(search("b", 24), search("o", 12))) == exitcodes.FAILED
+    assert exit_code(search("b", 24), search("o", 23)) == exitcodes.OK
+    assert exit_code(search("b", 24), search("o", 12)) == exitcodes.FAILED
+    capsys.readouterr()
     saturated = search("o", 4, stop=run_pb2.SEARCH_STOP_REASON_GENERATOR_SATURATED)
-    assert exit_code(response(search("b", 24), saturated)) == exitcodes.USAGE  # nothing compared is no pass
-    assert "error: no capacity measured by o" in capsys.readouterr().err
+    assert exit_code(search("b", 24), saturated) == exitcodes.USAGE  # nothing compared is no pass
+    err = capsys.readouterr().err
+    assert "error: no capacity measured by o" in err and "matches a stage" not in err
+
+
+def test_a_search_and_a_run_with_no_matching_stage_says_both(capsys: pytest.CaptureFixture[str]) -> None:
+    other = plain("o")
+    other.stages[0].concurrency = 3
+    assert exit_code(search("b", 24), other) == exitcodes.USAGE
+    err = capsys.readouterr().err
+    assert "error: the baseline b is a capacity search, o is no capacity search" in err
+    assert "error: no stage of o matches a stage of b by load" in err and "b: concurrency=8, concurrency=64" in err
