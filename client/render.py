@@ -212,7 +212,7 @@ def _search_progress_line(update: run_service_pb2.WatchRunResponse) -> str:
     planned = f"/{live.stage_planned_s:.0f}" if live.stage_planned_s else ""
     ttft = f"{live.ttft_p50_ms:.0f}/{live.ttft_p99_ms:.0f}ms" if live.ttft_p50_ms or live.ttft_p99_ms else NA
     return (
-        f"{state_name(run.state):<9} search probe {run.current_stage} at {load} "
+        f"{state_name(run.state):<9} search stage {run.current_stage} at {load} "
         f"t={live.stage_elapsed_s:.0f}{planned}s requests={live.stage_requests_done} | "
         f"run ok={run.progress.requests_ok} failed={run.progress.requests_failed} "
         f"TTFT p50/p99={ttft} {live.output_token_throughput:.0f} tok/s"

@@ -221,7 +221,7 @@ def test_the_progress_line_of_a_search_names_the_probe_and_its_load() -> None:
     update.spec.stages.add(request_rate=2)
     update.spec.stages.add(request_rate=8.5)
     text = render.progress_line(run_service_pb2.WatchRunResponse(run=update))
-    assert "search probe 1 at 8.5/s" in text and " of " not in text
+    assert "search stage 1 at 8.5/s" in text and " of " not in text
 
 
 def test_markdown_starts_with_the_capacity_line() -> None:
