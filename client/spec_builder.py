@@ -91,15 +91,24 @@ def duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
-def percent(text: str) -> float:
-    """`95%` or `95`: a percentage above 0 and at most 100."""
+def _percent_up_to(text: str, highest: float) -> float:
     try:
         value = float(text.strip().removesuffix("%"))
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"expected a percentage such as 95% or 5%, got {text!r}") from exc
-    if not 0 < value <= 100:  # also refuses NaN
-        raise argparse.ArgumentTypeError(f"a percentage above 0 and at most 100, got {text!r}")
+    if not 0 < value <= highest:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"a percentage above 0 and at most {highest:g}, got {text!r}")
     return value
+
+
+def percent(text: str) -> float:
+    """`95%` or `95`: a share, above 0 and at most 100 percent."""
+    return _percent_up_to(text, 100.0)
+
+
+def tolerance_percent(text: str) -> float:
+    """`5%` or `5`: a relative gap, above 0 and at most 1000 percent (SearchSpec's limit)."""
+    return _percent_up_to(text, 1000.0)
 
 
 def positive_number(text: str) -> float:
@@ -307,7 +316,7 @@ def _add_search_arguments(parser: argparse.ArgumentParser) -> None:
     search.add_argument("--search-max", type=positive_number, default=None, metavar="N",
                         help="highest load probed (default 1024 concurrency, 1000 req/s)")  # fmt: skip
     search.add_argument(
-        "--search-tolerance", type=percent, default=None, metavar="PERCENT",
+        "--search-tolerance", type=tolerance_percent, default=None, metavar="PERCENT",
         help="converged when the lowest failing load is within this much above the highest passing (default 5%%)",
     )  # fmt: skip
     search.add_argument("--probe-duration", type=positive_duration, default=None, metavar="DURATION",

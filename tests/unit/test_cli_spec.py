@@ -149,7 +149,8 @@ def test_a_rate_search_takes_fractional_loads() -> None:
 @pytest.mark.parametrize(
     ("flag", "value"),
     [("--goodput-target", "0"), ("--goodput-target", "101%"), ("--goodput-target", "high"),
-     ("--search-tolerance", "0%"), ("--search-min", "0"), ("--search-max", "-3"), ("--search-max", "nan"),
+     ("--search-tolerance", "0%"), ("--search-tolerance", "1001%"),
+     ("--search-min", "0"), ("--search-max", "-3"), ("--search-max", "nan"),
      ("--probe-duration", "0s"), ("--probe-duration", "soon"), ("--probe-warmup", "-1s"), ("--min-requests", "0"),
      ("--min-requests", "1.5"), ("--max-probes", "0"), ("--cost-per-hour", "0"), ("--cost-per-hour", "$3"),
      ("--search", "latency")],
@@ -165,6 +166,11 @@ def test_bad_search_values_are_one_line_usage_errors(flag: str, value: str, caps
 @pytest.mark.parametrize(("text", "percent"), [("95%", 95.0), ("95", 95.0), ("2.5 %", 2.5), ("100%", 100.0)])
 def test_percent_flags_take_a_percent_sign_or_not(text: str, percent: float) -> None:
     assert spec(*SEARCH, "--goodput-target", text).search.goodput_target_percent == percent
+    assert spec(*SEARCH, "--search-tolerance", text).search.tolerance_percent == percent
+
+
+def test_a_tolerance_may_exceed_100_percent() -> None:
+    assert spec(*SEARCH, "--search-tolerance", "250%").search.tolerance_percent == 250
 
 
 def earlier_search_run() -> run_pb2.Run:
