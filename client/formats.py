@@ -517,8 +517,8 @@ def capacity_compared(comparison: run_service_pb2.RunComparison) -> bool:
 
 
 def _capacity_cells(c: run_service_pb2.CapacityComparison) -> tuple[str | Text, ...]:
-    if c.note:
-        return "capacity", Text(c.note, style="yellow"), "", "", "", "", ""
+    if c.note:  # the note itself is the table's caption: a row would stretch the metric column
+        return "capacity", Text("not compared (below)", style="yellow"), "", "", "", "", ""
     marker = Text("▲ REGRESSED", style="bold red") if c.regressed else Text("")
     delta = c.value - c.baseline
     return (
@@ -540,6 +540,8 @@ def comparison_tables(response: run_service_pb2.CompareRunsResponse, all_metrics
         if comparison.HasField("capacity"):
             table.add_row(*_capacity_cells(comparison.capacity))
             table.add_section()
+            if comparison.capacity.note:
+                table.caption, table.caption_justify = comparison.capacity.note, "left"
         if not comparison.stages and not capacity_compared(comparison):
             table.add_row("-", "no stage matches a baseline stage's load", "", "", "", "", "")
         for stage in comparison.stages:

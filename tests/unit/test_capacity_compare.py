@@ -129,7 +129,10 @@ def test_the_comparison_table_shows_the_capacity_row() -> None:
     assert "REGRESSED" in row
     assert "no stage matches" not in text
     text = table_text(response(search("b", 24), plain("o")))
-    assert "capacities not compared" in text and "concurrency=8" in text
+    # The note is the caption (wrapped to the table's width), the row says to read it.
+    assert "not compared (below)" in text and "concurrency=8" in text
+    assert "the baseline b is a capacity search, o is no capacity search: capacities not compared" in " ".join(
+        text.split())  # fmt: skip
 
 
 class FakeClient:
