@@ -67,6 +67,8 @@ def _probe_series(data: RunReportData, style: RunStyle, metric: str, several: bo
                 loads.append(load if percentile == "p99" else "")
                 tips.append(f"{style.label} · probe {i} · {load} · {word} · good {p.good_percent:.1f} % · "
                             f"{metric.upper()} {percentile} {value:.1f} ms at {p.output_token_throughput:.0f} tok/s")
+            if not points:  # no legend entry for an outcome no probe had
+                continue
             label = f"{word} · {metric.upper()} {percentile}"
             out.append(Series(f"{style.label} · {label}" if several else label, points, color, style.group,
                               marker=marker, point_labels=loads, tooltips=tips, line=False))  # fmt: skip

@@ -115,8 +115,8 @@ def capacity_section(runs: Sequence[RunReportData], styles: Sequence[RunStyle]) 
         line = escape(capacity_line(capacity, data.run.spec.search))
         parts.append(f'<p class="{"ok-note" if measured else "warn"}" data-capacity="{"yes" if measured else "no"}">'
                      f"<strong>{line}</strong></p>")  # fmt: skip
-        parts.append(f'<p class="note">Search {escape(_search_settings(data.run.spec.search))}'
-                     + (f". {escape(capacity.stop_message)}" if capacity.stop_message else "") + "</p>")  # fmt: skip
+        stopped = f". Stopped: {escape(capacity.stop_message)}" if capacity.stop_message else ""
+        parts.append(f'<p class="note">Search {escape(_search_settings(data.run.spec.search))}{stopped}</p>')
         rows = []
         for i, p in enumerate(capacity.probes):
             outcome = OUTCOME_TEXT.get(p.outcome, NA)

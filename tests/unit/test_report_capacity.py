@@ -115,3 +115,12 @@ def test_probe_reasons_are_escaped() -> None:
     result.capacity.probes[0].reason = "<script>alert(1)</script>"
     html = report_for((run, result))
     assert "<script>alert(1)" not in html and "&lt;script&gt;alert(1)" in html
+
+
+def test_the_legend_names_only_the_outcomes_there_were() -> None:
+    run, result = search_run()
+    for p in result.capacity.probes:
+        p.outcome = PASS
+    legend = chart(report_for((run, result)), "ttft-vs-throughput").split('<div class="legend">')[1]
+    legend = legend.split("<figcaption>")[0]
+    assert "pass · TTFT p50" in legend and "fail" not in legend and "inconclusive" not in legend
