@@ -155,6 +155,9 @@ async def cmd_run(args: argparse.Namespace) -> int:
             return await _run(args, spec, interrupts)
     except grpc.aio.AioRpcError as exc:
         return failure(exc, args, exitcodes.USAGE)
+    except argparse.ArgumentTypeError as exc:  # `--resume` of a run that cannot be resumed
+        print(f"llm-loadtest run: error: {exc}", file=sys.stderr)
+        return exitcodes.USAGE
 
 
 class Interrupts:
@@ -193,6 +196,8 @@ def _cancel_command(args: argparse.Namespace, run_id: str) -> str:
 
 async def _run(args: argparse.Namespace, spec: run_pb2.RunSpec, interrupts: Interrupts) -> int:
     async with open_client(args) as client:
+        if spec.search.resume_from_run_id:
+            spec_builder.resume_search(spec, await client.get_run(spec.search.resume_from_run_id))
         run = await client.create_run(spec, request_id=uuid.uuid4().hex)
         name = f" ({spec.display_name})" if spec.display_name else ""
         print(f"created run {run.id}{name}", file=sys.stderr, flush=True)
@@ -256,14 +261,23 @@ def print_result(
     allow = getattr(args, "allow_suspect", False)
     verdict = formats.honest_verdict(result, allow)
     warnings = formats.result_warnings(result)
+    searched = result.HasField("capacity")
+    capacity = formats.capacity_line(result.capacity, run.spec.search) if searched else None
     if args.json:
-        print(render.to_json(result, cli={"verdict": verdict, "warnings": warnings}))
+        cli: dict[str, object] = {"verdict": verdict, "warnings": warnings}
+        if capacity is not None:
+            cli["capacity"] = capacity
+        print(render.to_json(result, cli=cli))
     else:
-        con = render.console(getattr(args, "wide", False))
-        con.print(render.result_table(result, getattr(args, "wide", False)))
+        wide = getattr(args, "wide", False)
+        con = render.console(wide)
+        # A search's stages are its probes: the probe table says what the stage table would, and how each was judged.
+        con.print(render.probe_table(result, wide) if searched else render.result_table(result, wide))
         if details:
             for part in render.result_details(result):
                 con.print(part)
+        if capacity is not None:
+            print(capacity)
         shown = f" ({run.spec.display_name})" if run.spec.display_name else ""
         print(f"run id: {run.id}{shown}  state: {render.state_name(run.state)}"
               + (f"  reason: {run.state_reason}" if run.state_reason else ""))  # fmt: skip
@@ -317,8 +331,8 @@ def add_runs_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=formats.EXPORT_FORMATS, default="csv")
     p.add_argument("-o", "--output", type=Path, help="file to write (default: stdout)")
     p.add_argument("--include-warmup", action="store_true", help="include warmup samples (flagged)")
-    p = sub.add_parser("compare", help="compare runs with a baseline stage by stage; exit 1 on a regression, 2 "
-                       "when no stage matched")  # fmt: skip
+    p = sub.add_parser("compare", help="compare runs with a baseline stage by stage (capacity searches by their "
+                       "capacity); exit 1 on a regression, 2 when nothing could be compared")  # fmt: skip
     add_connection_arguments(p, read_only=True)
     p.add_argument("run_id", metavar="BASE", help="the baseline run")
     p.add_argument("others", nargs="+", metavar="OTHER", help="runs to compare with the baseline")
@@ -394,15 +408,22 @@ async def _compare(args: argparse.Namespace, client: ControllerClient) -> int:
     else:
         for table in formats.comparison_tables(comparison, args.all_metrics):
             render.console().print(table)
-    unmatched = [c.run_id for c in comparison.comparisons if not c.stages]
+    unmatched = [c for c in comparison.comparisons if not c.stages and not formats.capacity_compared(c)]
     if unmatched:
-        # Nothing compared is no pass: say which loads each side ran.
-        loads = {run_id: [formats.load_label(s) for s in (await client.get_result(run_id)).stages]
-                 for run_id in [args.run_id, *unmatched]}  # fmt: skip
-        print(f"error: no stage of {', '.join(unmatched)} matches a stage of {args.run_id} by load; loads:",
-              file=sys.stderr)  # fmt: skip
-        for run_id, labels in loads.items():
-            print(f"  {run_id}: {', '.join(labels) or 'no stages'}", file=sys.stderr)
+        # Nothing compared is no pass: say why a capacity was not compared, and which loads each side ran.
+        for c in unmatched:
+            if c.capacity.note:
+                print(f"error: {c.capacity.note}", file=sys.stderr)
+        results = {run_id: await client.get_result(run_id) for run_id in [args.run_id, *(c.run_id for c in unmatched)]}
+        # Two searches are not matched by load at all (the note said why they were not compared).
+        searches = {run_id for run_id, result in results.items() if result.HasField("capacity")}
+        by_load = [c.run_id for c in unmatched if not {args.run_id, c.run_id} <= searches]
+        if by_load:
+            print(f"error: no stage of {', '.join(by_load)} matches a stage of {args.run_id} by load; loads:",
+                  file=sys.stderr)  # fmt: skip
+            for run_id in [args.run_id, *by_load]:
+                labels = [formats.load_label(s) for s in results[run_id].stages]
+                print(f"  {run_id}: {', '.join(labels) or 'no stages'}", file=sys.stderr)
         return exitcodes.USAGE
     return exitcodes.FAILED if formats.any_regressed(comparison) else exitcodes.OK
 

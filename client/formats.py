@@ -17,13 +17,14 @@
     adds keys, so a file can be traced back to its run.
 - `csv` / `jsonl` rows of ExportRunSamples: ExportedSample's fields in declaration order,
   the status as its lowercase name without prefix (`ok`, `http_5xx`).
-- the CompareRuns table, one per compared run.
+- the CompareRuns table, one per compared run (its capacities first, for capacity searches).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 from collections.abc import AsyncIterable
 from datetime import datetime
 from typing import Any, TextIO
@@ -32,6 +33,7 @@ from rich.table import Table
 from rich.text import Text
 
 from common.proto.loadtest.v1 import run_pb2, run_service_pb2
+from common.search_outcome import CAPACITY_STOP_REASONS, DEFAULT_SEARCH_TOLERANCE_PERCENT, variable_name
 
 NA = "\u2013"  # an en dash where a value does not exist
 RESULT_FORMATS = ("table", "json", "markdown", "vllm-json")
@@ -71,6 +73,115 @@ def stage_spec(run: run_pb2.Run | None, index: int) -> run_pb2.Stage | None:
     if run is None or index >= len(run.spec.stages):
         return None
     return run.spec.stages[index]
+
+
+# --- capacity search ------------------------------------------------------------------------
+
+OUTCOME_TEXT = {
+    run_pb2.PROBE_OUTCOME_PASS: "pass",
+    run_pb2.PROBE_OUTCOME_FAIL: "fail",
+    run_pb2.PROBE_OUTCOME_INCONCLUSIVE: "inconcl.",
+    run_pb2.PROBE_OUTCOME_UNSPECIFIED: NA,
+}
+
+
+def search_load(variable: int, load: float) -> str:
+    """A probe's load: `24` (concurrency) or `12.5/s` (rate)."""
+    if variable == run_pb2.SEARCH_VARIABLE_RATE:
+        # Four significant digits: a bisected rate (12.3456...) must not widen the table.
+        return f"{load:.0f}/s" if load >= 1000 else f"{load:.4g}/s"
+    return f"{load:.0f}" if load == int(load) else f"{load:g}"
+
+
+def _search_load_words(variable: int, load: float) -> str:
+    """A load in a sentence: `concurrency 24`, `rate 12.5 req/s`."""
+    if variable == run_pb2.SEARCH_VARIABLE_RATE:
+        return f"rate {search_load(variable, load).removesuffix('/s')} req/s"
+    return f"concurrency {search_load(variable, load)}"
+
+
+def _throughput_words(capacity: run_pb2.CapacityResult) -> list[str]:
+    parts = [f"{capacity.request_throughput:,.1f} req/s", f"{capacity.output_token_throughput:,.0f} tok/s"]
+    if capacity.HasField("cost_per_million_output_tokens_usd"):
+        parts.append(f"${capacity.cost_per_million_output_tokens_usd:,.2f} per 1M output tokens")
+    return parts
+
+
+def capacity_line(capacity: run_pb2.CapacityResult, search: run_pb2.SearchSpec | None = None) -> str:
+    """The search's outcome in one line, what its stop reason means included, e.g.
+    `capacity: concurrency 24 (highest passing; 26 failed) · 512.3 req/s · 8,120 tok/s ·
+    converged within 5 %`. `search` (the run's spec) gives the tolerance and the limits."""
+    var = capacity.variable
+    passing = capacity.highest_passing if capacity.HasField("highest_passing") else None
+    failing = capacity.lowest_failing if capacity.HasField("lowest_failing") else None
+    reason = capacity.stop_reason
+    so_far = f" (highest passing so far: {_search_load_words(var, passing)})" if passing is not None else ""
+    if reason == run_pb2.SEARCH_STOP_REASON_GENERATOR_SATURATED:
+        return ("generator saturated: no capacity measured — the load generator could not send more load, so the "
+                f"server's limit is unknown{so_far}; add agents or cores and run again")  # fmt: skip
+    if reason == run_pb2.SEARCH_STOP_REASON_TARGET_ERRORS:
+        at = f" at {_search_load_words(var, failing)}" if failing is not None else ""
+        return f"target errors: most requests of a probe{at} failed, the target errors rather than slows down{so_far}"
+    if reason == run_pb2.SEARCH_STOP_REASON_MIN_FAILED:
+        low = failing if failing is not None else (search.min if search is not None and search.min else None)
+        below = f" below {_search_load_words(var, low)}" if low is not None else " below the search minimum"
+        return f"capacity{below}: even the lowest load probed missed the goodput target; lower --search-min"
+    if reason == run_pb2.SEARCH_STOP_REASON_RUN_ENDED:
+        bracket = [f"highest passing {_search_load_words(var, passing)}"] if passing is not None else []
+        bracket += [f"lowest failing {_search_load_words(var, failing)}"] if failing is not None else []
+        found = f" ({', '.join(bracket)})" if bracket else ""
+        return f"search ended with the run: no capacity measured{found}; `run --resume RUN_ID` continues it"
+    if reason not in CAPACITY_STOP_REASONS or passing is None:
+        return "capacity search: no outcome yet (the search is still running or reported nothing)"
+    head = f"capacity: {'at least ' if reason == run_pb2.SEARCH_STOP_REASON_MAX_PASSED else ''}"
+    head += _search_load_words(var, passing)
+    head += f" (highest passing; {search_load(var, failing)} failed)" if failing is not None else " (highest passing)"
+    parts = [head, *_throughput_words(capacity)]
+    if reason == run_pb2.SEARCH_STOP_REASON_CONVERGED:
+        tolerance = search.tolerance_percent if search is not None and search.HasField("tolerance_percent") else (
+            DEFAULT_SEARCH_TOLERANCE_PERCENT)  # fmt: skip
+        parts.append(f"converged within {tolerance:g} %")
+        if not capacity.confident:
+            parts.append("boundary within noise")
+    elif reason == run_pb2.SEARCH_STOP_REASON_MAX_PASSED:
+        parts.append("the search maximum passed: raise --search-max")
+    else:
+        parts.append(f"not converged: --max-probes reached after {len(capacity.probes)} probes")
+    return " · ".join(parts)
+
+
+def _good_interval(p: run_pb2.CapacityProbe) -> str:
+    """`97.2 (94-99)`: the good percent and its 95 % interval, widened to whole percents."""
+    if not p.requests:
+        return NA
+    return f"{p.good_percent:.1f} ({math.floor(p.good_percent_low):.0f}-{math.ceil(p.good_percent_high):.0f})"
+
+
+def _pair(low: float, high: float) -> str:
+    if not low and not high:
+        return NA
+    return f"{_short(low)}/{_short(high)}"
+
+
+def _short(value: float) -> str:
+    return f"{value:.1f}" if abs(value) < 1000 else f"{value:.0f}"
+
+
+def probe_cells(capacity: run_pb2.CapacityResult) -> list[dict[str, str]]:
+    """Every probe as the cells of the probe table (render.probe_table), by column name."""
+    rows = []
+    for i, p in enumerate(capacity.probes):
+        rows.append({
+            "#": f"{i}{'*' if p.repeat else ''}", "stage": str(p.stage_index) if p.stage_index >= 0 else "earlier",
+            "load": search_load(capacity.variable, p.load), "outcome": OUTCOME_TEXT.get(p.outcome, NA),
+            "repeat": "yes" if p.repeat else "", "requests": str(p.requests), "good %": _good_interval(p),
+            "TTFT p50/p99": _pair(p.ttft_p50_ms, p.ttft_p99_ms), "TPOT p50/p99": _pair(p.tpot_p50_ms, p.tpot_p99_ms),
+            "TTFT p50": _short(p.ttft_p50_ms), "TTFT p99": _short(p.ttft_p99_ms),
+            "TPOT p50": _short(p.tpot_p50_ms), "TPOT p99": _short(p.tpot_p99_ms), "E2E p99": _short(p.e2e_p99_ms),
+            "req/s": _short(p.request_throughput) if p.request_throughput < 100 else f"{p.request_throughput:.0f}",
+            "out tok/s": f"{p.output_token_throughput:.0f}", "reason": p.reason,
+        })  # fmt: skip
+    return rows
 
 
 # --- warnings and the verdict ------------------------------------------------------------
@@ -211,6 +322,9 @@ def markdown(result: run_pb2.RunResult, run: run_pb2.Run | None = None) -> str:
             title += f" — model {_md_code(run.spec.target.model)}"
     title += f" — {run_pb2.RunState.Name(result.state).removeprefix('RUN_STATE_')}"
     lines += [title, ""]
+    if result.HasField("capacity"):
+        search = run.spec.search if run is not None else None
+        lines += [f"**{_md_text(capacity_line(result.capacity, search))}**", ""]
     lines.append("| " + " | ".join(MARKDOWN_COLUMNS) + " |")
     lines.append("|" + "|".join(":---" if i < 2 else "---:" for i in range(len(MARKDOWN_COLUMNS))) + "|")
     for s in result.stages:
@@ -397,6 +511,22 @@ def _shown_metrics(stage: run_service_pb2.StageComparison, all_metrics: bool) ->
     return shown or list(stage.metrics)
 
 
+def capacity_compared(comparison: run_service_pb2.RunComparison) -> bool:
+    """True when the comparison holds two capacities compared (not a note why not)."""
+    return comparison.HasField("capacity") and not comparison.capacity.note
+
+
+def _capacity_cells(c: run_service_pb2.CapacityComparison) -> tuple[str | Text, ...]:
+    if c.note:  # the note itself is the table's caption: a row would stretch the metric column
+        return "capacity", Text("not compared (below)", style="yellow"), "", "", "", "", ""
+    marker = Text("▲ REGRESSED", style="bold red") if c.regressed else Text("")
+    delta = c.value - c.baseline
+    return (
+        "capacity", variable_name(c.variable), search_load(c.variable, c.baseline), search_load(c.variable, c.value),
+        f"{delta:+g}", f"{c.delta_percent:+.1f}%" if c.baseline else NA, marker,
+    )  # fmt: skip
+
+
 def comparison_tables(response: run_service_pb2.CompareRunsResponse, all_metrics: bool = False) -> list[Table]:
     """One table per compared run: per matched stage, each key metric with the baseline's
     value, this run's, the change and a REGRESSED marker."""
@@ -407,7 +537,12 @@ def comparison_tables(response: run_service_pb2.CompareRunsResponse, all_metrics
                       title_justify="left")  # fmt: skip
         for name in ("load", "metric", "baseline", "value", "delta", "delta %", ""):
             table.add_column(name, justify="left" if name in ("load", "metric", "") else "right")
-        if not comparison.stages:
+        if comparison.HasField("capacity"):
+            table.add_row(*_capacity_cells(comparison.capacity))
+            table.add_section()
+            if comparison.capacity.note:
+                table.caption, table.caption_justify = comparison.capacity.note, "left"
+        if not comparison.stages and not capacity_compared(comparison):
             table.add_row("-", "no stage matches a baseline stage's load", "", "", "", "", "")
         for stage in comparison.stages:
             for i, m in enumerate(_shown_metrics(stage, all_metrics)):

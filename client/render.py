@@ -105,6 +105,35 @@ def result_table(result: run_pb2.RunResult, wide: bool = False) -> Table:
     return table
 
 
+# The probe table of a capacity search: the default columns fit 80, `--wide` shows them all.
+PROBE_COLUMNS = ("#", "load", "outcome", "requests", "good %", "TTFT p50/p99", "TPOT p50/p99", "req/s")
+PROBE_WIDE_COLUMNS = ("#", "stage", "load", "outcome", "requests", "good %", "TTFT p50", "TTFT p99", "TPOT p50",
+                      "TPOT p99", "E2E p99", "req/s", "out tok/s", "reason")  # fmt: skip
+
+
+def probe_table(result: run_pb2.RunResult, wide: bool = False) -> Table:
+    """A capacity search's probes, one a row, in the order they ran, under the run's title;
+    the caption explains the columns and gives the search's stop message."""
+    table = _table(f"run {result.run_id} — {state_name(result.state)} — capacity search")
+    cells = formats.probe_cells(result.capacity)
+    names = PROBE_WIDE_COLUMNS if wide else PROBE_COLUMNS
+    _add_columns(table, [(name, [c[name] for c in cells]) for name in names], left=("#", "outcome", "reason"),
+                 shrinkable=("reason",))  # fmt: skip
+    notes = [
+        "good %: requests within every SLO, with its 95 % interval; latencies in ms"
+        + ("" if wide else "; --wide for every column"),
+    ]
+    if any(p.repeat for p in result.capacity.probes):
+        notes.append("*: a repeat at the same load (judged with the earlier probe)")
+    if any(p.outcome == run_pb2.PROBE_OUTCOME_INCONCLUSIVE for p in result.capacity.probes):
+        notes.append("inconcl.: inconclusive, proves nothing (load generator saturated, or the probe ended early)")
+    if result.capacity.stop_message:
+        notes.append(f"stopped: {result.capacity.stop_message}")
+    table.caption = "\n".join([*notes, *fleet_notes(result), *cross_check_notes(result), *retry_notes(result)])
+    table.caption_justify = "left"
+    return table
+
+
 def fleet_notes(result: run_pb2.RunResult) -> list[str]:
     """One line per multi-agent stage: its agents and their start skew (lost agents and
     reduced load are warnings: formats.stage_warnings)."""
@@ -160,6 +189,8 @@ def progress_line(update: run_service_pb2.WatchRunResponse) -> str:
     the first response."""
     run, live = update.run, update.live
     stages = len(run.spec.stages)
+    if run.spec.HasField("search"):  # probes are planned one at a time: there is no "of N" yet
+        return _search_progress_line(update)
     planned = f"/{live.stage_planned_s:.0f}" if live.stage_planned_s else ""
     requests = f"/{live.stage_requests_planned}" if live.stage_requests_planned else ""
     ttft = f"{live.ttft_p50_ms:.0f}/{live.ttft_p99_ms:.0f}ms" if live.ttft_p50_ms or live.ttft_p99_ms else NA
@@ -171,6 +202,25 @@ def progress_line(update: run_service_pb2.WatchRunResponse) -> str:
         f"TTFT p50/p99={ttft} "
         f"{live.output_token_throughput:.0f} tok/s"
     )
+
+
+def _search_progress_line(update: run_service_pb2.WatchRunResponse) -> str:
+    run, live = update.run, update.live
+    stages = run.spec.stages
+    load = formats.search_load(run.spec.search.variable, _stage_load(stages[run.current_stage])) if (
+        run.current_stage < len(stages)) else NA  # fmt: skip
+    planned = f"/{live.stage_planned_s:.0f}" if live.stage_planned_s else ""
+    ttft = f"{live.ttft_p50_ms:.0f}/{live.ttft_p99_ms:.0f}ms" if live.ttft_p50_ms or live.ttft_p99_ms else NA
+    return (
+        f"{state_name(run.state):<9} search stage {run.current_stage} at {load} "
+        f"t={live.stage_elapsed_s:.0f}{planned}s requests={live.stage_requests_done} | "
+        f"run ok={run.progress.requests_ok} failed={run.progress.requests_failed} "
+        f"TTFT p50/p99={ttft} {live.output_token_throughput:.0f} tok/s"
+    )
+
+
+def _stage_load(stage: run_pb2.Stage) -> float:
+    return stage.request_rate if stage.WhichOneof("load") == "request_rate" else float(stage.concurrency)
 
 
 def rpc_error_text(exc: grpc.aio.AioRpcError) -> str:

@@ -1,5 +1,5 @@
-"""Turning `run` flags into a RunSpec: load shapes (sweeps, open loop, scenarios), lengths,
-datasets and target options. The flags mirror the spec's fields."""
+"""Turning `run` flags into a RunSpec: load shapes (sweeps, open loop, scenarios) or a capacity
+search, lengths, datasets and target options. The flags mirror the spec's fields."""
 
 from __future__ import annotations
 
@@ -9,10 +9,13 @@ import os
 from pathlib import Path
 
 from google.protobuf import struct_pb2
+from google.protobuf.message import Message
 
+from client.envconfig import not_from_env
 from client.scenarios import SCENARIOS, scale
 from common.durations import parse_duration
 from common.proto.loadtest.v1 import run_pb2
+from common.search_outcome import variable_name
 from common.target_url import credential_problem
 
 TARGET_API_KEY_ENV = "LLM_LOADTEST_TARGET_API_KEY"
@@ -22,6 +25,25 @@ ARRIVALS = {
     "constant": run_pb2.ARRIVAL_PROCESS_CONSTANT,
     "gamma": run_pb2.ARRIVAL_PROCESS_GAMMA,
 }
+
+
+SEARCH_VARIABLES = {
+    "concurrency": run_pb2.SEARCH_VARIABLE_CONCURRENCY,
+    "rate": run_pb2.SEARCH_VARIABLE_RATE,
+}
+# The flags that describe stages: a search plans its own, so they are refused beside --search
+# (flag, attribute, its value when not given).
+STAGE_FLAGS = (
+    ("--concurrency", "concurrency", None), ("--rate", "rate", None), ("--scenario", "scenario", None),
+    ("--peak-concurrency", "peak_concurrency", None), ("--peak-rate", "peak_rate", None),
+    ("--duration", "duration", None), ("--requests", "requests", 0), ("--warmup", "warmup", (0.0, 0)),
+    ("--ramp", "ramp", 0.0), ("--arrival", "arrival", None), ("--burstiness", "burstiness", None),
+    ("--max-concurrency", "max_concurrency", 0),
+)  # fmt: skip
+# What to use instead of a stage flag in a search.
+_SEARCH_INSTEAD = {"--concurrency": "--search-min/--search-max", "--rate": "--search-min/--search-max",
+                   "--duration": "--probe-duration", "--warmup": "--probe-warmup",
+                   "--requests": "--min-requests"}  # fmt: skip
 
 
 LOSS_POLICIES = {
@@ -67,6 +89,56 @@ def duration(text: str) -> float:
         return parse_duration(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _percent_up_to(text: str, highest: float) -> float:
+    try:
+        value = float(text.strip().removesuffix("%"))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a percentage such as 95% or 5%, got {text!r}") from exc
+    if not 0 < value <= highest:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"a percentage above 0 and at most {highest:g}, got {text!r}")
+    return value
+
+
+def percent(text: str) -> float:
+    """`95%` or `95`: a share, above 0 and at most 100 percent."""
+    return _percent_up_to(text, 100.0)
+
+
+def tolerance_percent(text: str) -> float:
+    """`5%` or `5`: a relative gap, above 0 and at most 1000 percent (SearchSpec's limit)."""
+    return _percent_up_to(text, 1000.0)
+
+
+def positive_number(text: str) -> float:
+    """A number above 0 (a load level, a price)."""
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from exc
+    if not value > 0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """A whole number of at least 1 (a count)."""
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from exc
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
+    return value
+
+
+def positive_duration(text: str) -> float:
+    """A duration longer than 0, in seconds."""
+    seconds = duration(text)
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"must be longer than 0, got {text!r}")
+    return seconds
 
 
 def header(text: str) -> tuple[str, str]:
@@ -208,6 +280,7 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
         "--abort-on-fail", action="append", default=[], metavar="EXPR",
         help="a check that stops the run (FAILED) as soon as it is lost over the last 10 s",
     )  # fmt: skip
+    _add_search_arguments(parser)
     server = parser.add_argument_group("server metrics (the model server's own view, docs/server-metrics.md)")
     server.add_argument(
         "--server-metrics", action="append", default=[], metavar="URL",
@@ -222,6 +295,132 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--mismatch-tolerance", type=float, default=None, metavar="PERCENT",
                         help="client vs server token/request counts may differ by this much (default 2)")  # fmt: skip
     parser.add_argument("--name", default="", help="display name of the run (shown by run, runs list and reports)")
+
+
+def _add_search_arguments(parser: argparse.ArgumentParser) -> None:
+    search = parser.add_argument_group(
+        "capacity search (docs/capacity.md): instead of stages, probes planned one at a time until the highest "
+        "load within --slo is found"
+    )  # fmt: skip
+    search.add_argument(
+        "--search", choices=sorted(SEARCH_VARIABLES), default=None,
+        help="search the capacity by concurrency (closed loop) or request rate (open loop); needs --slo, no "
+        "stage flags",
+    )  # fmt: skip
+    search.add_argument(
+        "--goodput-target", type=percent, default=None, metavar="PERCENT",
+        help="a probe passes when this share of its requests meets every SLO (default 95%%)",
+    )  # fmt: skip
+    search.add_argument("--search-min", type=positive_number, default=None, metavar="N",
+                        help="lowest load probed, the first probe (default 1)")  # fmt: skip
+    search.add_argument("--search-max", type=positive_number, default=None, metavar="N",
+                        help="highest load probed (default 1024 concurrency, 1000 req/s)")  # fmt: skip
+    search.add_argument(
+        "--search-tolerance", type=tolerance_percent, default=None, metavar="PERCENT",
+        help="converged when the lowest failing load is within this much above the highest passing (default 5%%)",
+    )  # fmt: skip
+    search.add_argument("--probe-duration", type=positive_duration, default=None, metavar="DURATION",
+                        help="how long each probe sends load, warmup included (default 30s)")  # fmt: skip
+    search.add_argument(
+        "--probe-warmup", type=duration, default=None, metavar="DURATION",
+        help="first part of each probe left out of its judgement (default a sixth of the probe)",
+    )  # fmt: skip
+    search.add_argument(
+        "--min-requests", type=positive_int, default=None, metavar="N",
+        help="a probe with fewer counted requests is repeated at the same load (default 100)",
+    )  # fmt: skip
+    search.add_argument("--max-probes", type=positive_int, default=None, metavar="N",
+                        help="stop after this many probes (default 16)")  # fmt: skip
+    search.add_argument("--cost-per-hour", type=positive_number, default=None, metavar="USD",
+                        help="the deployment's cost per hour: the cost per 1M output tokens at capacity")  # fmt: skip
+    not_from_env(search.add_argument(
+        "--resume", default=None, metavar="RUN_ID",
+        help="continue the search of this earlier run (after a controller restart): its probes count, and its "
+        "search settings and SLO are used where not given",
+    ))  # fmt: skip
+
+
+def _search_given(args: argparse.Namespace) -> list[str]:
+    """The search flags given (other than --search and --resume)."""
+    names = ("goodput_target", "search_min", "search_max", "search_tolerance", "probe_duration", "probe_warmup",
+             "min_requests", "max_probes", "cost_per_hour")  # fmt: skip
+    return ["--" + n.replace("_", "-") for n in names if getattr(args, n, None) is not None]
+
+
+def _search_spec(args: argparse.Namespace) -> run_pb2.SearchSpec | None:
+    """The SearchSpec the search flags describe; None without --search or --resume. Fields not
+    given stay unset (the controller's defaults, or the resumed run's: `resume_search`)."""
+    if getattr(args, "search", None) is None and getattr(args, "resume", None) is None:
+        given = _search_given(args)
+        if given:
+            raise argparse.ArgumentTypeError(f"{given[0]} needs --search concurrency|rate")
+        return None
+    for flag, attr, unset in STAGE_FLAGS:
+        if getattr(args, attr, unset) != unset:
+            instead = _SEARCH_INSTEAD.get(flag)
+            hint = f" (use {instead})" if instead else ""
+            raise argparse.ArgumentTypeError(f"--search plans its own stages: {flag} cannot be given with it{hint}")
+    if args.slo is None and args.resume is None:
+        raise argparse.ArgumentTypeError("--search needs --slo, e.g. --slo ttft=500ms,tpot=50ms")
+    search = run_pb2.SearchSpec(resume_from_run_id=args.resume or "")
+    if args.search is not None:
+        search.variable = SEARCH_VARIABLES[args.search]
+    if args.goodput_target is not None:
+        search.goodput_target_percent = args.goodput_target
+    for flag, attr in (("--search-min", "search_min"), ("--search-max", "search_max")):
+        value = getattr(args, attr)
+        if value is not None and args.search == "concurrency" and value != int(value):
+            raise argparse.ArgumentTypeError(f"{flag}: a concurrency is a whole number, got {value:g}")
+    if args.search_min is not None:
+        search.min = args.search_min
+    if args.search_max is not None:
+        search.max = args.search_max
+    if args.search_min is not None and args.search_max is not None and args.search_min > args.search_max:
+        raise argparse.ArgumentTypeError(f"--search-min {args.search_min:g} is above --search-max {args.search_max:g}")
+    if args.search_tolerance is not None:
+        search.tolerance_percent = args.search_tolerance
+    if args.probe_duration is not None:
+        _set_duration(search.probe_duration, args.probe_duration)
+    if args.probe_warmup is not None:
+        if args.probe_duration is not None and args.probe_warmup >= args.probe_duration:
+            raise argparse.ArgumentTypeError("--probe-warmup must be shorter than --probe-duration")
+        _set_duration(search.probe_warmup, args.probe_warmup)
+    if args.min_requests is not None:
+        search.min_requests = args.min_requests
+    if args.max_probes is not None:
+        search.max_probes = args.max_probes
+    if args.cost_per_hour is not None:
+        search.cost_per_hour_usd = args.cost_per_hour
+    return search
+
+
+def resume_search(spec: run_pb2.RunSpec, earlier: run_pb2.Run) -> None:
+    """Completes `spec` (from `run --resume`) with the earlier run's search settings and SLO
+    where the command line left them out; raises ArgumentTypeError when the earlier run was no
+    search or searched the other variable."""
+    if not earlier.spec.HasField("search"):
+        raise argparse.ArgumentTypeError(f"--resume: run {earlier.id} is not a capacity search")
+    # As plain messages: the field names below come from the descriptor, not from literals.
+    mine: Message = spec.search
+    theirs: Message = earlier.spec.search
+    if spec.search.variable and spec.search.variable != earlier.spec.search.variable:
+        raise argparse.ArgumentTypeError(
+            f"--resume: run {earlier.id} searched {variable_name(earlier.spec.search.variable)}, not "
+            f"{variable_name(spec.search.variable)}"
+        )
+    for field in run_pb2.SearchSpec.DESCRIPTOR.fields:
+        if field.name == "resume_from_run_id":
+            continue
+        given = mine.HasField(field.name) if field.has_presence else bool(getattr(mine, field.name))
+        known = theirs.HasField(field.name) if field.has_presence else bool(getattr(theirs, field.name))
+        if given or not known:
+            continue
+        if field.message_type is not None:
+            getattr(mine, field.name).CopyFrom(getattr(theirs, field.name))
+        else:
+            setattr(mine, field.name, getattr(theirs, field.name))
+    if not spec.HasField("slo"):
+        spec.slo.CopyFrom(earlier.spec.slo)
 
 
 def _set_duration(field: object, seconds: float) -> None:
@@ -337,7 +536,11 @@ def build_spec(args: argparse.Namespace) -> run_pb2.RunSpec:
     if getattr(args, "agent_wait", None) is not None:
         _set_duration(spec.placement.wait_timeout, args.agent_wait)
     spec.placement.on_agent_loss = LOSS_POLICIES[getattr(args, "on_agent_loss", "redistribute")]
-    spec.stages.extend(_stages(args))
+    search = _search_spec(args)
+    if search is not None:
+        spec.search.CopyFrom(search)
+    else:
+        spec.stages.extend(_stages(args))
     for name, seconds in (args.slo or {}).items():
         _set_duration(getattr(spec.slo, name), seconds)
     spec.checks.extend(run_pb2.Check(expression=e) for e in args.check)

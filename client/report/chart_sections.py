@@ -11,11 +11,13 @@ from html import escape
 
 import numpy as np
 
+from client import formats
 from client.report import charts
-from client.report.charts import Band, Marker, Series
+from client.report.charts import Band, Level, Marker, Series
 from client.report.collect import RunReportData, StageLatencies
 from client.report.formatting import RunStyle, short_load
 from client.report.server_sections import server_timeline_charts
+from common import durations, search_outcome
 from common.proto.loadtest.v1 import run_pb2
 
 HISTOGRAM_BINS = 30  # across the narrowest run's spread
@@ -39,9 +41,61 @@ def _stage_points(
     return points, loads, tips
 
 
+# Probes of a capacity search, coloured by how they were judged.
+OUTCOME_COLORS = {
+    run_pb2.PROBE_OUTCOME_PASS: ("pass", "#59a14f"),
+    run_pb2.PROBE_OUTCOME_FAIL: ("fail", "#e15759"),
+    run_pb2.PROBE_OUTCOME_INCONCLUSIVE: ("inconclusive", "#9c9c9c"),
+}
+CAPACITY_COLOR = "#116329"
+
+
+def _probe_series(data: RunReportData, style: RunStyle, metric: str, several: bool) -> list[Series]:
+    """A search's probes on one latency-vs-throughput chart: per outcome, p50 (circles) and p99
+    (squares, labelled with the load), points alone since probes run in search order."""
+    capacity = data.result.capacity
+    out: list[Series] = []
+    for outcome, (word, color) in OUTCOME_COLORS.items():
+        for percentile, marker in (("p50", "circle"), ("p99", "square")):
+            points, loads, tips = [], [], []
+            for i, p in enumerate(capacity.probes):
+                value = float(getattr(p, f"{metric}_{percentile}_ms"))
+                if p.outcome != outcome or not p.requests or not value:
+                    continue
+                load = formats.search_load(capacity.variable, p.load)
+                points.append((p.output_token_throughput, value))
+                loads.append(load if percentile == "p99" else "")
+                tips.append(f"{style.label} · probe {i} · {load} · {word} · good {p.good_percent:.1f} % · "
+                            f"{metric.upper()} {percentile} {value:.1f} ms at {p.output_token_throughput:.0f} tok/s")
+            if not points:  # no legend entry for an outcome no probe had
+                continue
+            label = f"{word} · {metric.upper()} {percentile}"
+            out.append(Series(f"{style.label} · {label}" if several else label, points, color, style.group,
+                              marker=marker, point_labels=loads, tooltips=tips, line=False))  # fmt: skip
+    return out
+
+
+def _search_lines(data: RunReportData, style: RunStyle, metric: str, several: bool) -> tuple[list[Marker], list[Level]]:
+    """The capacity (a vertical line at its throughput) and the run's SLO on `metric`."""
+    prefix = f"{style.label} · " if several else ""
+    markers: list[Marker] = []
+    capacity = data.result.capacity
+    if search_outcome.capacity_measured(capacity):
+        load = formats.search_load(capacity.variable, capacity.highest_passing)
+        markers.append(Marker(capacity.output_token_throughput, f"{prefix}capacity {load}",
+                              style.color if several else CAPACITY_COLOR, style.group, dashed=False))  # fmt: skip
+    levels: list[Level] = []
+    slo = data.run.spec.slo
+    if slo.HasField(metric):  # type: ignore[arg-type]
+        ms = durations.millis(getattr(slo, metric))
+        levels.append(Level(ms, f"{prefix}SLO {metric.upper()} {ms:g} ms", group=style.group))
+    return markers, levels
+
+
 def latency_throughput_section(runs: Sequence[RunReportData], styles: Sequence[RunStyle]) -> str:
     ttft: list[Series] = []
     tpot: list[Series] = []
+    extras: dict[str, tuple[list[Marker], list[Level]]] = {"ttft": ([], []), "tpot": ([], [])}
     # (metric, percentile, label, dashed, marker, label the points with the stage's load)
     lines = (
         (ttft, "ttft", "p50_ms", "TTFT p50", False, "circle", False),
@@ -49,18 +103,33 @@ def latency_throughput_section(runs: Sequence[RunReportData], styles: Sequence[R
         (tpot, "tpot", "p50_ms", "TPOT p50", False, "circle", True),
         (tpot, "tpot", "p99_ms", "TPOT p99", True, "square", False),
     )
+    several = len(runs) > 1
     for data, st in zip(runs, styles, strict=True):
+        if data.result.HasField("capacity"):
+            for target, metric in ((ttft, "ttft"), (tpot, "tpot")):
+                target.extend(_probe_series(data, st, metric, several))
+                markers, levels = _search_lines(data, st, metric, several)
+                extras[metric][0].extend(markers)
+                extras[metric][1].extend(levels)
+            continue
         for target, metric, attr, label, dashed, marker, labelled in lines:
             points, loads, tips = _stage_points(data.result.stages, metric, attr, label, st)
-            name = f"{st.label} · {label}" if len(runs) > 1 else label
+            name = f"{st.label} · {label}" if several else label
             target.append(Series(name, points, st.color, st.group, dashed, marker, loads if labelled else (), tips))
     caption = ("One point per stage (labelled with its load). Pick the operating point where throughput "
                "still rises and the latency you care about is still inside its objective.")  # fmt: skip
+    if any(d.result.HasField("capacity") for d in runs):
+        caption = ("Stages: one point per stage (labelled with its load). Capacity searches: one point per probe "
+                   "(circles p50, squares p99 labelled with the load), green passed, red failed, grey "
+                   "inconclusive; the dotted line is the SLO, the solid vertical line the capacity (the highest "
+                   "passing probe's throughput).")  # fmt: skip
     return (
         '<section id="latency-throughput"><h2>Latency vs throughput</h2><div class="charts">'
         + charts.xy_chart("ttft-vs-throughput", "TTFT vs output throughput", ttft, "output tokens/s", "TTFT (ms)",
+                          markers=extras["ttft"][0], levels=extras["ttft"][1],
                           caption=caption, empty_note="no stage completed a streamed request")
         + charts.xy_chart("tpot-vs-throughput", "TPOT vs output throughput", tpot, "output tokens/s", "TPOT (ms)",
+                          markers=extras["tpot"][0], levels=extras["tpot"][1],
                           caption=caption, empty_note="no stage completed a request with more than one token")
         + "</div></section>"
     )  # fmt: skip

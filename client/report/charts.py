@@ -1,6 +1,6 @@
 """Static SVG charts for the HTML report, drawn in Python so the report needs no network and
 no JavaScript to show them: x/y line charts (with markers, point labels, step and area
-series, vertical markers and shaded bands) and a "no data" placeholder.
+series, scatters, vertical markers, horizontal levels and shaded bands) and a "no data" placeholder.
 
 Every chart is a `<figure class="chart" data-chart="NAME">`; user text is escaped here, so
 callers pass plain strings.
@@ -36,6 +36,7 @@ class Series:
     tooltips: Sequence[str] = ()
     step: bool = False  # step-after: each y holds until the next x
     fill: bool = False  # shade the area under the line
+    line: bool = True  # False: the markers alone (a scatter, e.g. probes in the order they ran)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,16 @@ class Marker:
     color: str = "#8a8f98"
     group: str = ""
     dashed: bool = True
+
+
+@dataclass(frozen=True)
+class Level:
+    """A horizontal line at y across the plot, e.g. an objective."""
+
+    y: float
+    label: str
+    color: str = "#a40e26"
+    group: str = ""
 
 
 @dataclass(frozen=True)
@@ -124,6 +135,7 @@ def xy_chart(
     y_label: str,
     *,
     markers: Sequence[Marker] = (),
+    levels: Sequence[Level] = (),
     bands: Sequence[Band] = (),
     x_from_zero: bool = True,
     caption: str = "",
@@ -135,6 +147,7 @@ def xy_chart(
     ys = [y for s in series for _, y in s.points]
     if not ys or not all(math.isfinite(v) for v in xs + ys):
         return empty_chart(name, title, empty_note, attrs)
+    ys += [level.y for level in levels if math.isfinite(level.y)]
     x_axis = nice_axis(min(xs), max(xs), x_from_zero, 6)
     y_axis = nice_axis(min(ys), max(ys), True, 5)
     plot_w = WIDTH - MARGIN_LEFT - MARGIN_RIGHT
@@ -189,6 +202,14 @@ def xy_chart(
                    f'stroke="{escape(m.color)}"{dash}/>'
                    f'<text class="marker-label" x="{_f(label_x)}" y="{label_y}" fill="{escape(m.color)}"{anchor}>'
                    f"{escape(m.label)}</text></g>")  # fmt: skip
+    for level in levels:
+        y = py(level.y)
+        cls = f"level {escape(level.group)}".strip()
+        out.append(f'<g class="{cls}"><title>{escape(level.label)}</title>'
+                   f'<line x1="{MARGIN_LEFT}" x2="{WIDTH - MARGIN_RIGHT}" y1="{_f(y)}" y2="{_f(y)}" '
+                   f'stroke="{escape(level.color)}" stroke-width="1.5" stroke-dasharray="2 3"/>'
+                   f'<text class="marker-label" x="{WIDTH - MARGIN_RIGHT - 3}" y="{_f(y - 4)}" text-anchor="end" '
+                   f'fill="{escape(level.color)}">{escape(level.label)}</text></g>')  # fmt: skip
     for s in series:
         if not s.points:
             continue
@@ -213,7 +234,8 @@ def _series_svg(s: Series, px: Callable[[float], float], py: Callable[[float], f
     if s.fill:
         parts.append(f'<path class="area" d="{d}V{_f(baseline)}H{_f(pts[0][0])}Z" fill="{escape(s.color)}"/>')
     dash = ' stroke-dasharray="6 4"' if s.dashed else ""
-    parts.append(f'<path class="line" d="{d}" stroke="{escape(s.color)}"{dash}/>')
+    if s.line:
+        parts.append(f'<path class="line" d="{d}" stroke="{escape(s.color)}"{dash}/>')
     for i, (x, y) in enumerate(pts):
         tip = f"<title>{escape(s.tooltips[i])}</title>" if i < len(s.tooltips) else ""
         if s.marker == "circle":
@@ -240,9 +262,15 @@ def _legend(series: Sequence[Series]) -> str:
         seen.add(key)
         dash = ' stroke-dasharray="6 4"' if s.dashed else ""
         toggle = f' data-toggle="{escape(s.group)}"' if s.group else ""
+        if s.line:
+            swatch = f'<line x1="1" y1="5" x2="25" y2="5" stroke="{escape(s.color)}" stroke-width="2.5"{dash}/>'
+        elif s.marker == "square":
+            swatch = (f'<rect x="9.5" y="1.5" width="7" height="7" fill="#fff" stroke="{escape(s.color)}" '
+                      'stroke-width="2"/>')
+        else:
+            swatch = f'<circle cx="13" cy="5" r="4" fill="{escape(s.color)}"/>'
         items.append(
-            f'<span class="legend-item"{toggle}><svg width="26" height="10" aria-hidden="true">'
-            f'<line x1="1" y1="5" x2="25" y2="5" stroke="{escape(s.color)}" stroke-width="2.5"{dash}/></svg>'
+            f'<span class="legend-item"{toggle}><svg width="26" height="10" aria-hidden="true">{swatch}</svg>'
             f"{escape(s.label)}</span>"
         )
     return f'<div class="legend">{"".join(items)}</div>' if items else ""

@@ -10,7 +10,14 @@ from client.report.assets import CSS, SCRIPT, toggle_css
 from client.report.chart_sections import distributions_section, latency_throughput_section, timeline_section
 from client.report.collect import RunReportData
 from client.report.formatting import run_styles
-from client.report.sections import agents_section, checks_section, header_section, health_section, summary_section
+from client.report.sections import (
+    agents_section,
+    capacity_section,
+    checks_section,
+    header_section,
+    health_section,
+    summary_section,
+)
 from client.report.server_sections import server_section
 
 
@@ -21,6 +28,7 @@ def build_report(runs: Sequence[RunReportData], generated: datetime | None = Non
     title = "llm-loadtest report: " + ", ".join(s.label for s in styles)
     body = (
         header_section(runs, styles, generated.astimezone(UTC))
+        + capacity_section(runs, styles)
         + summary_section(runs, styles)
         + latency_throughput_section(runs, styles)
         + timeline_section(runs, styles)

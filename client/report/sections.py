@@ -1,6 +1,6 @@
-"""The report's sections of tables and text: the header with one card per run, the summary per
-stage, SLOs, checks and verdict, load generator and target health, and the per-agent table.
-Every user-supplied string is HTML-escaped here."""
+"""The report's sections of tables and text: the header with one card per run, a capacity
+search's outcome and probes, the summary per stage, SLOs, checks and verdict, load generator
+and target health, and the per-agent table. Every user-supplied string is HTML-escaped here."""
 
 from __future__ import annotations
 
@@ -9,7 +9,15 @@ from datetime import datetime
 from html import escape
 
 from client import render
-from client.formats import NA, iter_checks, success_percent, verdict_name
+from client.formats import (
+    NA,
+    OUTCOME_TEXT,
+    capacity_line,
+    iter_checks,
+    search_load,
+    success_percent,
+    verdict_name,
+)
 from client.report.collect import RunReportData
 from client.report.formatting import (
     RunStyle,
@@ -21,8 +29,9 @@ from client.report.formatting import (
     utc_time,
     workload_text,
 )
-from common import durations
+from common import durations, search_outcome
 from common.proto.loadtest.v1 import run_pb2
+from common.search_outcome import variable_name
 
 
 def header_section(runs: Sequence[RunReportData], styles: Sequence[RunStyle], generated: datetime) -> str:
@@ -49,6 +58,8 @@ def header_section(runs: Sequence[RunReportData], styles: Sequence[RunStyle], ge
         ]
         if run.state_reason:
             rows.insert(1, ("Reason", escape(run.state_reason)))
+        if result.HasField("capacity"):
+            rows.insert(1, ("Capacity", escape(capacity_line(result.capacity, spec.search))))
         body = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
         cards.append(
             f'<div class="run-card {style.group}-card" style="border-top-color:{style.color}">'
@@ -67,6 +78,73 @@ def header_section(runs: Sequence[RunReportData], styles: Sequence[RunStyle], ge
         "TPOT per token excluding the first, ITL per streamed event, E2E = last token - sent).</p>"
         f'<div class="run-cards">{"".join(cards)}</div></header>'
     )
+
+
+def _search_settings(search: run_pb2.SearchSpec) -> str:
+    """The search's settings as given (the controller's defaults where left out)."""
+    parts = [f"by {variable_name(search.variable)}"]
+    if search.HasField("goodput_target_percent"):
+        parts.append(f"goodput target {search.goodput_target_percent:g} %")
+    if search.min or search.max:
+        parts.append(f"loads {f'{search.min:g}' if search.min else 'default'} to "
+                     f"{f'{search.max:g}' if search.max else 'default'}")
+    if search.HasField("tolerance_percent"):
+        parts.append(f"tolerance {search.tolerance_percent:g} %")
+    if search.HasField("probe_duration"):
+        parts.append(f"probes of {durations.seconds(search.probe_duration):g} s")
+    if search.resume_from_run_id:
+        parts.append(f"resumed from {search.resume_from_run_id}")
+    return ", ".join(parts)
+
+
+def capacity_section(runs: Sequence[RunReportData], styles: Sequence[RunStyle]) -> str:
+    """Each capacity search's outcome in one line and its probes in the order they ran (nothing
+    when no run is a search)."""
+    searches = [(d, st) for d, st in zip(runs, styles, strict=True) if d.result.HasField("capacity")]
+    if not searches:
+        return ""
+    parts = ['<section id="capacity" data-section="capacity"><h2>Capacity search</h2>']
+    heads = ["#", "Stage", "Load", "Outcome", "Requests", "good %", "95 % interval", "TTFT p50", "TTFT p99",
+             "TPOT p50", "TPOT p99", "E2E p99", "req/s", "out tok/s", "Why"]  # fmt: skip
+    for data, style in searches:
+        capacity = data.result.capacity
+        measured = search_outcome.capacity_measured(capacity)
+        if len(runs) > 1:
+            parts.append(f'<h3 class="run-heading"><span class="swatch" style="background:{style.color}"></span>'
+                         f"{escape(style.label)}</h3>")  # fmt: skip
+        line = escape(capacity_line(capacity, data.run.spec.search))
+        parts.append(f'<p class="{"ok-note" if measured else "warn"}" data-capacity="{"yes" if measured else "no"}">'
+                     f"<strong>{line}</strong></p>")  # fmt: skip
+        stopped = f". Stopped: {escape(capacity.stop_message)}" if capacity.stop_message else ""
+        parts.append(f'<p class="note">Search {escape(_search_settings(data.run.spec.search))}{stopped}</p>')
+        rows = []
+        for i, p in enumerate(capacity.probes):
+            outcome = OUTCOME_TEXT.get(p.outcome, NA)
+            word = {"inconcl.": "inconclusive"}.get(outcome, outcome)
+            cells = [
+                f'<td class="l">{i}{" (repeat)" if p.repeat else ""}</td>',
+                f"<td>{p.stage_index if p.stage_index >= 0 else 'earlier run'}</td>",
+                f"<td>{escape(search_load(capacity.variable, p.load))}</td>",
+                f'<td class="l result">{escape(word)}</td>',
+                f"<td>{p.requests:,}</td>",
+                f"<td>{p.good_percent:.1f}%</td>",
+                f"<td>{p.good_percent_low:.1f} to {p.good_percent_high:.1f}</td>",
+                *(f"<td>{number(v)}</td>" for v in (p.ttft_p50_ms, p.ttft_p99_ms, p.tpot_p50_ms, p.tpot_p99_ms,
+                                                    p.e2e_p99_ms)),
+                f"<td>{number(p.request_throughput, 2)}</td>",
+                f"<td>{number(p.output_token_throughput)}</td>",
+                f'<td class="l">{escape(p.reason)}</td>',
+            ]  # fmt: skip
+            kind = {"pass": "pass", "fail": "fail"}.get(word, "inconclusive")
+            rows.append(f'<tr class="{kind}" data-probe="{i}">{"".join(cells)}</tr>')
+        head = "".join(f'<th class="{"l" if h in ("#", "Outcome", "Why") else ""}">{h}</th>' for h in heads)
+        parts.append(f'<div class="table-wrap"><table class="data checks probes"><thead><tr>{head}</tr></thead>'
+                     f"<tbody>{''.join(rows)}</tbody></table></div>")  # fmt: skip
+    parts.append('<p class="note">A probe passes when the share of its requests meeting every SLO (good %) is at '
+                 "least the goodput target; the interval is the share's 95 % confidence interval. An inconclusive "
+                 "probe proves nothing (its load generator was saturated, or it ended early). Latencies in ms, "
+                 "warmup excluded.</p></section>")  # fmt: skip
+    return "".join(parts)
 
 
 def summary_section(runs: Sequence[RunReportData], styles: Sequence[RunStyle]) -> str:

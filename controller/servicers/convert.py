@@ -8,7 +8,7 @@ from typing import Final
 from common.codes import SampleFlag
 from common.proto.loadtest.v1 import run_pb2, run_service_pb2
 from controller.domain.execution.agents import AgentSession
-from controller.domain.results.compare import RunComparison
+from controller.domain.results.compare import CapacityDelta, RunComparison
 from controller.domain.results.live import LiveSnapshot
 from controller.domain.results.message import timestamp
 from controller.domain.spec import MAX_NAME_CHARS, MAX_STORED_SPEC_BYTES, parse_spec
@@ -139,7 +139,18 @@ def compare_message(baseline: str, comparisons: list[RunComparison]) -> run_serv
                     )
                     for s in c.stages
                 ],
+                capacity=_capacity_comparison(c.capacity),
             )
             for c in comparisons
         ],
+    )  # fmt: skip
+
+
+def _capacity_comparison(delta: CapacityDelta | None) -> run_service_pb2.CapacityComparison | None:
+    if delta is None:
+        return None
+    return run_service_pb2.CapacityComparison(
+        variable=delta.variable,  # type: ignore[arg-type]
+        baseline=delta.baseline, value=delta.value, delta_percent=delta.delta_percent, regressed=delta.regressed,
+        note=delta.note,
     )  # fmt: skip

@@ -88,6 +88,15 @@ def test_user_flow(stack: tuple[str, str, list[Proc]], tmp_path: Path) -> None:
     assert compared.returncode == 2, compared.stdout + compared.stderr
     assert "concurrency=1, concurrency=4" in compared.stderr and "concurrency=2" in compared.stderr
 
+    # `run --resume` reads the earlier run first: one of fixed stages is no search to continue,
+    # and nothing is created.
+    resumed = cli("run", "--controller", address, "--target", target, "--model", "mock", "--resume", run_id)
+    assert resumed.returncode == 2, resumed.stdout + resumed.stderr
+    assert resumed.stderr.strip() == f"llm-loadtest run: error: --resume: run {run_id} is not a capacity search"
+    gone = cli("run", "--controller", address, "--target", target, "--model", "mock", "--resume", "run_nope")
+    assert gone.returncode == 2 and "NOT_FOUND" in gone.stderr, gone.stderr
+    assert len(json.loads(cli("runs", "list", "--controller", address, "--json").stdout)) == 2
+
     # The read commands read the database file itself, as the RPCs would answer.
     from_db = cli("runs", "result", run_id, "--db", str(tmp_path / "runs.db"), "--json")
     assert from_db.returncode == 0, from_db.stderr

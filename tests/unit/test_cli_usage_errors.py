@@ -49,7 +49,10 @@ def test_the_enumeration_finds_the_flags_of_every_kind_of_command() -> None:
     found = set(NUMERIC_FLAGS)
     for expected in [("run", "--concurrency"), ("run", "--duration"), ("run", "--rate"), ("run", "--warmup"),
                      ("runs list", "--limit"), ("runs compare", "--tolerance"), ("mock-server", "--ttft-ms"),
-                     ("controller", "--grace"), ("quickstart", "--duration"), ("audit", "--limit")]:  # fmt: skip
+                     ("controller", "--grace"), ("quickstart", "--duration"), ("audit", "--limit"),
+                     ("run", "--goodput-target"), ("run", "--search-min"), ("run", "--search-max"),
+                     ("run", "--search-tolerance"), ("run", "--probe-duration"), ("run", "--probe-warmup"),
+                     ("run", "--min-requests"), ("run", "--max-probes"), ("run", "--cost-per-hour")]:  # fmt: skip
         assert expected in found
 
 

@@ -1,5 +1,6 @@
 """Comparing runs with a baseline: stages matched by load level, per-metric deltas, and
-a regression flag where a run got worse than the tolerance.
+a regression flag where a run got worse than the tolerance; for capacity searches, the
+capacities (a drop beyond the tolerance is a regression).
 
 Works on the results as the API returns them (loadtest.v1.RunResult), so comparing finished
 runs reads their stored results (controller/domain/results/provider.py) instead of recomputing them.
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from common.proto.loadtest.v1 import run_pb2
+from common.search_outcome import capacity_value, variable_name
 
 DEFAULT_TOLERANCE_PERCENT = 10.0
 
@@ -53,13 +55,27 @@ class StageComparison:
 
 
 @dataclass(frozen=True)
+class CapacityDelta:
+    """A run's capacity against the baseline's (either absent when it measured none)."""
+
+    variable: int
+    baseline: float | None
+    value: float | None
+    delta_percent: float
+    regressed: bool
+    note: str  # why they were not compared; empty when they were
+
+
+@dataclass(frozen=True)
 class RunComparison:
     run_id: str
     stages: list[StageComparison]
+    capacity: CapacityDelta | None = None  # when the baseline or this run is a capacity search
 
     @property
     def regressed(self) -> bool:
-        return any(m.regressed for s in self.stages for m in s.metrics)
+        capacity = self.capacity is not None and self.capacity.regressed
+        return capacity or any(m.regressed for s in self.stages for m in s.metrics)
 
 
 def load_label(s: run_pb2.StageResult) -> str:
@@ -75,6 +91,41 @@ def _delta(name: str, base: float, value: float, worse_up: bool, tolerance: floa
     return MetricDelta(name, base, value, delta, pct, worse)
 
 
+def _searched(result: run_pb2.RunResult) -> str:
+    return "a capacity search" if result.HasField("capacity") else "no capacity search"
+
+
+def compare_capacities(
+    baseline: run_pb2.RunResult, other: run_pb2.RunResult, tolerance_percent: float
+) -> CapacityDelta | None:
+    """The capacity of `other` against the baseline's; None when neither is a capacity search.
+    A capacity that dropped by more than `tolerance_percent` is a regression; capacities that
+    cannot be compared (one run is no search, different variables, none measured) say why."""
+    base_cap, cap = baseline.capacity, other.capacity
+    if not baseline.HasField("capacity") and not other.HasField("capacity"):
+        return None
+    variable = base_cap.variable or cap.variable
+    base = capacity_value(base_cap) if baseline.HasField("capacity") else None
+    value = capacity_value(cap) if other.HasField("capacity") else None
+    note = ""
+    if baseline.HasField("capacity") != other.HasField("capacity"):
+        note = (f"the baseline {baseline.run_id} is {_searched(baseline)}, {other.run_id} is {_searched(other)}: "
+                "capacities not compared")  # fmt: skip
+    elif base_cap.variable != cap.variable:
+        note = (f"the baseline searched {variable_name(base_cap.variable)}, {other.run_id} "
+                f"{variable_name(cap.variable)}: capacities not compared")  # fmt: skip
+    elif base is None or value is None:
+        which = [r.run_id for r, v in ((baseline, base), (other, value)) if v is None]
+        note = f"no capacity measured by {' and '.join(which)}: capacities not compared"
+    if note:
+        return CapacityDelta(variable, base, value, 0.0, False, note)
+    assert base is not None and value is not None
+    if not base:  # nothing passed in the baseline: no drop is possible
+        return CapacityDelta(variable, base, value, 0.0, False, "")
+    pct = (value - base) / base * 100
+    return CapacityDelta(variable, base, value, pct, pct < -tolerance_percent, "")
+
+
 def compare_runs(
     baseline: run_pb2.RunResult, others: list[run_pb2.RunResult], tolerance_percent: float
 ) -> list[RunComparison]:
@@ -83,6 +134,12 @@ def compare_runs(
         base_by_load.setdefault(load_label(s), s)
     out = []
     for result in others:
+        capacity = compare_capacities(baseline, result, tolerance_percent)
+        if baseline.HasField("capacity") and result.HasField("capacity"):
+            # Probe loads follow earlier outcomes and the probes above the capacity are
+            # overloaded by design: two searches compare by capacity alone.
+            out.append(RunComparison(result.run_id, [], capacity))
+            continue
         stages = []
         for s in result.stages:
             b = base_by_load.get(load_label(s))
@@ -90,5 +147,5 @@ def compare_runs(
                 continue  # no stage at this load level in the baseline
             metrics = [_delta(name, get(b), get(s), worse_up, tolerance_percent) for name, get, worse_up in METRICS]
             stages.append(StageComparison(load_label(s), b.index, s.index, metrics))
-        out.append(RunComparison(result.run_id, stages))
+        out.append(RunComparison(result.run_id, stages, capacity))
     return out

@@ -773,13 +773,22 @@ class RunComparison(_message.Message):
     RUN_ID_FIELD_NUMBER: _builtins.int
     STAGES_FIELD_NUMBER: _builtins.int
     REGRESSED_FIELD_NUMBER: _builtins.int
+    CAPACITY_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The compared run."""
     regressed: _builtins.bool
-    """True when any metric of any stage regressed."""
+    """True when any metric of any stage regressed, or the capacity did."""
     @_builtins.property
     def stages(self) -> _containers.RepeatedCompositeFieldContainer[Global___StageComparison]:
         """Stages matched by load level."""
+
+    @_builtins.property
+    def capacity(self) -> Global___CapacityComparison:
+        """The capacities compared, when the baseline or this run is a capacity search (either
+        has `RunResult.capacity`). Two searches are compared by capacity only: their probes'
+        loads depend on earlier outcomes, and a probe above the capacity is overloaded by design,
+        so `stages` is empty then.
+        """
 
     def __init__(
         self,
@@ -787,14 +796,68 @@ class RunComparison(_message.Message):
         run_id: _builtins.str = ...,
         stages: _abc.Iterable[Global___StageComparison] | None = ...,
         regressed: _builtins.bool = ...,
+        capacity: Global___CapacityComparison | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["regressed", b"regressed", "run_id", b"run_id", "stages", b"stages"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "regressed", b"regressed", "run_id", b"run_id", "stages", b"stages"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RunComparison: _TypeAlias = RunComparison  # noqa: Y015
+
+@_typing.final
+class CapacityComparison(_message.Message):
+    """The capacity of a run (a capacity search) against the baseline's."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VARIABLE_FIELD_NUMBER: _builtins.int
+    BASELINE_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    DELTA_PERCENT_FIELD_NUMBER: _builtins.int
+    REGRESSED_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    variable: _run_pb2.SearchVariable.ValueType
+    """What the searches varied (the baseline's; unset when it is no search)."""
+    baseline: _builtins.float
+    """The baseline's capacity: its highest passing load (0 when even the lowest load failed).
+    Absent when it measured none (no search, generator saturated, the run ended early).
+    """
+    value: _builtins.float
+    """This run's capacity, the same way."""
+    delta_percent: _builtins.float
+    """(value - baseline) / baseline, percent; 0 when either is absent or the baseline is 0."""
+    regressed: _builtins.bool
+    """True when the capacity dropped by more than the tolerance."""
+    note: _builtins.str
+    """Why the capacities were not compared, when they were not (one run is no search, they
+    searched different variables, one measured no capacity); empty when they were.
+    """
+    def __init__(
+        self,
+        *,
+        variable: _run_pb2.SearchVariable.ValueType = ...,
+        baseline: _builtins.float | None = ...,
+        value: _builtins.float | None = ...,
+        delta_percent: _builtins.float = ...,
+        regressed: _builtins.bool = ...,
+        note: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_baseline", b"_baseline", "_value", b"_value", "baseline", b"baseline", "value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_baseline", b"_baseline", "_value", b"_value", "baseline", b"baseline", "delta_percent", b"delta_percent", "note", b"note", "regressed", b"regressed", "value", b"value", "variable", b"variable"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__baseline: _TypeAlias = _typing.Literal["baseline"]  # noqa: Y015
+    _WhichOneofArgType__baseline: _TypeAlias = _typing.Literal["_baseline", b"_baseline"]  # noqa: Y015
+    _WhichOneofReturnType__value: _TypeAlias = _typing.Literal["value"]  # noqa: Y015
+    _WhichOneofArgType__value: _TypeAlias = _typing.Literal["_value", b"_value"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__baseline) -> _WhichOneofReturnType__baseline | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__value) -> _WhichOneofReturnType__value | None: ...
+
+Global___CapacityComparison: _TypeAlias = CapacityComparison  # noqa: Y015
 
 @_typing.final
 class CompareRunsResponse(_message.Message):
