@@ -286,11 +286,11 @@ def plan_next(
     if last is not None and last.verdict is Verdict.UNDECIDED:
         return NextProbe(last.load, last.agents, True, f"{fmt(last.load)} undecided: repeated")
     if lf is not None and lf.load <= settings.min_load:
-        return SearchStop(run_pb2.SEARCH_STOP_REASON_MIN_FAILED,
-                          f"even the minimum {fmt(lf.load)} failed ({lf.reason}): the capacity is below it")  # fmt: skip
+        why = f"even the minimum {fmt(lf.load)} failed ({lf.reason}): the capacity is below it"
+        return SearchStop(run_pb2.SEARCH_STOP_REASON_MIN_FAILED, why)
     if hp is not None and hp.load >= settings.max_load:
-        return SearchStop(run_pb2.SEARCH_STOP_REASON_MAX_PASSED,
-                          f"even the maximum {fmt(hp.load)} passed ({hp.reason}): the capacity is at least that")  # fmt: skip
+        why = f"even the maximum {fmt(hp.load)} passed ({hp.reason}): the capacity is at least that"
+        return SearchStop(run_pb2.SEARCH_STOP_REASON_MAX_PASSED, why)
     if hp is not None and lf is not None and converged(settings, hp.load, lf.load):
         return SearchStop(
             run_pb2.SEARCH_STOP_REASON_CONVERGED,
