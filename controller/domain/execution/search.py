@@ -93,13 +93,14 @@ class SearchSettings:
     max_probes: int
 
     @classmethod
-    def of(cls, search: run_pb2.SearchSpec) -> SearchSettings:
+    def of(cls, search: run_pb2.SearchSpec, carried: int = 0) -> SearchSettings:
+        """The settings of a search; `carried` probes of a resumed run do not use up `max_probes`."""
         s = run_pb2.SearchSpec()
         s.CopyFrom(search)
         apply_search_defaults(s)
         return cls(
             s.variable, s.goodput_target_percent / 100.0, s.min, s.max, s.tolerance_percent / 100.0,
-            s.min_requests, s.max_probes,
+            s.min_requests, s.max_probes + carried,
         )  # fmt: skip
 
     @property
