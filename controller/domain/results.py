@@ -358,6 +358,7 @@ def capacity_outcome(
     indexes = [-1] * len(carried) + list(range(len(own)))
     rows = [ProbeRow(i, j, p.metrics) for i, j, p in zip(indexes, judged, probes, strict=True)]
     b = bracket(judged)
+    reason: int
     if state == RunState.RUNNING:
         reason, message = run_pb2.SEARCH_STOP_REASON_UNSPECIFIED, "the search is running"
     else:

@@ -289,7 +289,7 @@ def check_resume(spec: run_pb2.RunSpec, earlier: RunRecord | None) -> None:
     if not other.HasField("search"):
         raise InvalidArgument([FieldViolation("spec.search.resume_from_run_id", f"run {run_id} has no search")])
     if other.search.variable != spec.search.variable:
-        name = run_pb2.SearchVariable.Name(other.search.variable)  # type: ignore[arg-type]
+        name = run_pb2.SearchVariable.Name(other.search.variable)
         raise InvalidArgument([FieldViolation("spec.search.resume_from_run_id", f"run {run_id} searched {name}")])
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import random
 
+import grpc
 import pytest
 
 from client.sdk import ControllerClient
@@ -88,8 +89,12 @@ async def test_concurrency_search_finds_max_running(controller: Controller, clie
         final = await wait_final(client, run.id, 100)
         assert final.state == run_pb2.RUN_STATE_SUCCEEDED, final.state_reason
         result = await client.get_result(run.id)
+        events = await client.get_run_events(run.id)
     cap = result.capacity
     assert cap.stop_reason == run_pb2.SEARCH_STOP_REASON_CONVERGED, cap.stop_message
+    # The result replays the judgement the run made as it went: the same stop, the same words.
+    assert [e.message for e in events if e.kind == "search_stopped"] == [cap.stop_message]
+    assert sum(e.kind == "probe_planned" for e in events) == len(cap.probes)
     assert cap.highest_passing == MAX_RUNNING and cap.lowest_failing == MAX_RUNNING + 1, cap
     # Every probe is a stage of the run, stored like any other.
     assert len(final.spec.stages) == len(cap.probes) == len(result.stages)
@@ -179,8 +184,6 @@ async def test_resume_continues_from_the_stored_probes(controller: Controller, c
 
 
 async def test_invalid_searches_are_refused(controller: Controller, client: ControllerClient) -> None:
-    import grpc
-
     async with MockServer(mock_config()) as mock:
         spec = search_spec(mock, run_pb2.SEARCH_VARIABLE_CONCURRENCY, ttft_slo_ms=35, lo=8, hi=4)
         with pytest.raises(grpc.aio.AioRpcError) as err:
