@@ -150,6 +150,8 @@ def test_saturated_probe_uses_spare_agents_then_stops_saturated() -> None:
     assert stop.reason == run_pb2.SEARCH_STOP_REASON_GENERATOR_SATURATED, stop.message
     assert any(j.saturated and j.verdict is Verdict.INCONCLUSIVE for j in judged)
     assert max(p.agents for p in probes) == 3  # the spare agents were used
+    # Then once more on all three before giving up: a single stall is not a limit.
+    assert [(p.load, p.agents) for p in probes[-2:]] == [(probes[-1].load, 3)] * 2
     b = bracket(judged)
     # The generator's limit (3 x 300/s) is never reported as a failure.
     assert b.lowest_failing is None
@@ -214,3 +216,17 @@ def test_defaults_and_probe_stage() -> None:
     conc = run_pb2.SearchSpec(variable=CONCURRENCY)
     apply_search_defaults(conc)
     assert conc.max == 1024 and probe_stage(conc, 8, 0).concurrency == 8
+
+
+def test_one_saturated_probe_is_repeated_before_the_search_gives_up() -> None:
+    s = settings()
+    first = [ProbeMeasurement(1, 1, 500, 500, 0), ProbeMeasurement(2, 1, 500, 500, 0, saturated=True)]
+    step = plan_next(s, judge_probes(s, first), agents=1, available_agents=1)
+    assert isinstance(step, NextProbe) and (step.load, step.agents, step.repeat) == (2, 1, True)
+    recovered = [*first, ProbeMeasurement(2, 1, 500, 500, 0)]
+    step = plan_next(s, judge_probes(s, recovered), agents=1, available_agents=1)
+    assert isinstance(step, NextProbe) and step.load == 4
+    twice = [*first, ProbeMeasurement(2, 1, 500, 500, 0, saturated=True)]
+    stop = plan_next(s, judge_probes(s, twice), agents=1, available_agents=1)
+    assert isinstance(stop, SearchStop) and stop.reason == run_pb2.SEARCH_STOP_REASON_GENERATOR_SATURATED
+    assert "at least concurrency 1" in stop.message

@@ -278,6 +278,11 @@ def plan_next(
             more = min(available_agents, max(last.agents + 1, last.agents * 2))
             return NextProbe(last.load, more, True, f"the generator was saturated at {fmt(last.load)} "
                              f"on {last.agents} agent(s): repeated on {more}")  # fmt: skip
+        prev = judgements[-2] if len(judgements) > 1 else None
+        if prev is None or not (prev.saturated and prev.load == last.load and prev.agents == last.agents):
+            # Once may be a stall of the generator's own (its first assignment, a pause): twice is its limit.
+            return NextProbe(last.load, last.agents, True, f"the generator was saturated at {fmt(last.load)} "
+                             f"on {last.agents} agent(s) and no other agent is free: repeated once")  # fmt: skip
         known = f"; the capacity is at least {fmt(hp.load)}" if hp is not None else ""
         return SearchStop(
             run_pb2.SEARCH_STOP_REASON_GENERATOR_SATURATED,
