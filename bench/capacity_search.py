@@ -5,12 +5,13 @@ Real processes: the controller (`bench/_controller_proc.py`, fresh SQLite file),
 capacity: `--max-running` at concurrency, docs/capacity.md). First one run with a
 concurrency search (`--probe-s` probes, 0.5 s warmup each); then, for each probe that search
 ran, a new run with one stage at that probe's load and length, one after the other, as a
-tool without a search (or vLLM's serve_sla, one benchmark a probe) has to do it. Each side
-is timed from the first CreateRun to the last run's final state; requests are what the mock
-served (its `/stats`, preflight checks included).
+tool without a search has to do it; with `--fresh-agent` each of those runs also gets a new
+agent process (as vLLM's serve_sla starts a new benchmark a probe), its start counted. Each
+side is timed from the first CreateRun to the last run's final state; requests are what the
+mock served (its `/stats`, preflight checks included).
 
     .venv/bin/python bench/capacity_search.py                 # ~1 minute
-    .venv/bin/python bench/capacity_search.py --max-running 8 --probe-s 5
+    .venv/bin/python bench/capacity_search.py --max-running 8 --slo-ms 25 --fresh-agent
 """
 
 from __future__ import annotations
@@ -55,11 +56,42 @@ def served(url: str) -> int:
     return int(http_json(url.removesuffix("/v1") + "/stats")["requests_total"])
 
 
-async def bench(address: str, url: str, args: argparse.Namespace) -> None:
+async def until_agent(client: ControllerClient, name: str) -> None:
+    """Polls ListAgents until the agent of that name is connected."""
+    while True:
+        if any(a.name == name for a in await client.list_agents()):
+            return
+        await asyncio.sleep(0.05)
+
+
+class Agents:
+    """The one agent process, or a new one per run."""
+
+    def __init__(self, address: str) -> None:
+        self._address = address
+        self._count = 0
+        self.proc = self._start()
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        self._count += 1
+        return subprocess.Popen([CLI, "agent", "--controller", self._address, "--name", f"bench-{self._count}"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+
+    async def restart(self, client: ControllerClient) -> None:
+        self.stop()
+        self.proc = self._start()
+        name = f"bench-{self._count}"
+        await until_agent(client, name)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+async def bench(address: str, url: str, args: argparse.Namespace, agents: Agents) -> None:
     async with ControllerClient(address, timeout_s=30) as client:
         await client.wait_ready(30)
-        while not await client.list_agents():
-            await asyncio.sleep(0.1)
+        await until_agent(client, "bench-1")
         spec = base_spec(url, args)
         s = spec.search
         s.variable = run_pb2.SEARCH_VARIABLE_CONCURRENCY
@@ -76,6 +108,8 @@ async def bench(address: str, url: str, args: argparse.Namespace) -> None:
 
         before, started = served(url), time.perf_counter()
         for load in loads:
+            if args.fresh_agent:
+                await agents.restart(client)
             one = base_spec(url, args)
             stage = one.stages.add(concurrency=load)
             stage.duration.FromMilliseconds(int(args.probe_s * 1000))
@@ -94,7 +128,8 @@ async def bench(address: str, url: str, args: argparse.Namespace) -> None:
         print(f"  probe {probe.stage_index}: {probe.load:g} {outcome}: {probe.reason}")
     rows = [
         ["one run with a search", len(loads), search_s, search_requests, 1],
-        ["a run per probe", len(loads), separate_s, separate_requests, len(loads)],
+        ["a run per probe" + (", a new agent each" if args.fresh_agent else ""), len(loads), separate_s,
+         separate_requests, len(loads)],
         ["ratio (per probe / search)", "", separate_s / search_s, f"{separate_requests / search_requests:.2f}", ""],
     ]
     print(table(["how", "probes", "seconds", "requests served", "runs"], rows))
@@ -110,6 +145,7 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=80.0)
     parser.add_argument("--max", type=float, default=64)
     parser.add_argument("--probe-s", type=float, default=3.0)
+    parser.add_argument("--fresh-agent", action="store_true", help="a new agent process for each separate run")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         mock = subprocess.Popen(
@@ -118,15 +154,13 @@ def main() -> None:
             stdout=subprocess.PIPE, text=True, preexec_fn=pin(0),  # noqa: PLW1509
         )  # fmt: skip
         controller, address = start_controller(str(Path(tmp) / "runs.db"), tmp)
-        agent = subprocess.Popen([CLI, "agent", "--controller", address, "--name", "bench"],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        agents = Agents(address)
         try:
             assert mock.stdout is not None
             url = mock.stdout.readline().rsplit(" ", 1)[-1].strip()
-            asyncio.run(bench(address, url, args))
+            asyncio.run(bench(address, url, args, agents))
         finally:
-            agent.terminate()
-            agent.wait(30)
+            agents.stop()
             stop_controller(controller)
             mock.terminate()
             mock.wait(15)
