@@ -17,6 +17,7 @@ counts in their TTFT). A request holds a slot for S = ttft + (output_tokens - 1)
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import grpc
 import pytest
@@ -194,3 +195,49 @@ async def test_invalid_searches_are_refused(controller: Controller, client: Cont
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await client.create_run(spec)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_restart_interrupts_the_search_and_resume_continues_it(db_path: Path) -> None:
+    async with MockServer(mock_config()) as mock:
+        spec = search_spec(mock, run_pb2.SEARCH_VARIABLE_CONCURRENCY, ttft_slo_ms=35, lo=1, hi=16)
+        first = Controller(str(db_path))
+        await first.start("127.0.0.1:0")
+        stopped = False
+        try:
+            async with (
+                ControllerClient(f"127.0.0.1:{first.port}") as client,
+                running_agent(f"127.0.0.1:{first.port}"),
+            ):
+                run = await client.create_run(spec)
+                # The second probe is running: one judged, one cut short by the restart.
+                await eventually(lambda: client.get_run(run.id), lambda r: len(r.spec.stages) >= 2, 60)
+                await first.stop(1.0)
+                stopped = True
+        finally:
+            if not stopped:
+                await first.stop(1.0)
+        second = Controller(str(db_path))
+        await second.start("127.0.0.1:0")
+        try:
+            async with (
+                ControllerClient(f"127.0.0.1:{second.port}") as client,
+                running_agent(f"127.0.0.1:{second.port}"),
+            ):
+                interrupted = await client.get_run(run.id)
+                assert interrupted.state == run_pb2.RUN_STATE_INTERRUPTED
+                before = (await client.get_result(run.id)).capacity
+                assert before.stop_reason == run_pb2.SEARCH_STOP_REASON_RUN_ENDED, before
+                assert before.probes[0].outcome == run_pb2.PROBE_OUTCOME_PASS
+                assert before.probes[-1].outcome == run_pb2.PROBE_OUTCOME_INCONCLUSIVE
+                spec.search.resume_from_run_id = run.id
+                resumed = await client.create_run(spec)
+                final = await wait_final(client, resumed.id, 80)
+                assert final.state == run_pb2.RUN_STATE_SUCCEEDED, final.state_reason
+                cap = (await client.get_result(resumed.id)).capacity
+        finally:
+            await second.stop(1.0)
+    # The probe the restart cut short is run again first, then the search goes on.
+    assert final.spec.stages[0].concurrency == before.probes[-1].load
+    assert [p.stage_index for p in cap.probes[: len(before.probes)]] == [-1] * len(before.probes)
+    assert cap.stop_reason == run_pb2.SEARCH_STOP_REASON_CONVERGED, cap
+    assert cap.highest_passing == MAX_RUNNING
