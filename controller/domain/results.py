@@ -323,11 +323,11 @@ def run_probes(spec: run_pb2.RunSpec, state: int, stages: list[StageOutcome]) ->
     by_index = {s.index: s for s in stages}
     ended_early = state != RunState.SUCCEEDED
     out = []
+    why = "the run is still running" if state == RunState.RUNNING else f"the run ended {_state_word(state)}"
     for idx in range(len(spec.stages)):
-        last = idx == len(spec.stages) - 1
+        cut_short = ended_early and idx == len(spec.stages) - 1
         stage = by_index.get(idx)
-        why = "the run is still running" if state == RunState.RUNNING else f"the run ended {_state_word(state)}"
-        measurement = probe_measurement(spec, idx, stage, not (last and ended_early), why if last else "")
+        measurement = probe_measurement(spec, idx, stage, not cut_short, why if cut_short else "")
         out.append(StoredProbe(measurement, stage.metrics if stage is not None else None))
     return out
 

@@ -150,8 +150,8 @@ def test_saturated_probe_uses_spare_agents_then_stops_saturated() -> None:
     assert stop.reason == run_pb2.SEARCH_STOP_REASON_GENERATOR_SATURATED, stop.message
     assert any(j.saturated and j.verdict is Verdict.INCONCLUSIVE for j in judged)
     assert max(p.agents for p in probes) == 3  # the spare agents were used
-    # Then once more on all three before giving up: a single stall is not a limit.
-    assert [(p.load, p.agents) for p in probes[-2:]] == [(probes[-1].load, 3)] * 2
+    # Saturated at one load on 1, 2, then 3 agents: a limit, not a single stall; no repeat on 3.
+    assert [(p.load, p.agents) for p in probes[-3:]] == [(probes[-1].load, n) for n in (1, 2, 3)]
     b = bracket(judged)
     # The generator's limit (3 x 300/s) is never reported as a failure.
     assert b.lowest_failing is None
@@ -230,3 +230,14 @@ def test_one_saturated_probe_is_repeated_before_the_search_gives_up() -> None:
     stop = plan_next(s, judge_probes(s, twice), agents=1, available_agents=1)
     assert isinstance(stop, SearchStop) and stop.reason == run_pb2.SEARCH_STOP_REASON_GENERATOR_SATURATED
     assert "at least concurrency 1" in stop.message
+
+
+def test_more_agents_are_not_asked_for_twice_when_the_probe_could_not_use_them() -> None:
+    # Concurrency 1 runs on one agent however many the run has: saturated twice, it stops.
+    s = settings()
+    probes = [ProbeMeasurement(1, 1, 500, 500, 0, saturated=True)]
+    step = plan_next(s, judge_probes(s, probes), agents=2, available_agents=2)
+    assert isinstance(step, NextProbe) and step.agents == 2
+    probes.append(ProbeMeasurement(1, 1, 500, 500, 0, saturated=True))
+    stop = plan_next(s, judge_probes(s, probes), agents=2, available_agents=2)
+    assert isinstance(stop, SearchStop) and stop.reason == run_pb2.SEARCH_STOP_REASON_GENERATOR_SATURATED

@@ -274,12 +274,14 @@ def plan_next(
     b = bracket(judgements)
     hp, lf = b.highest_passing, b.lowest_failing
     if last is not None and last.saturated:
-        if available_agents > last.agents:
+        prev = judgements[-2] if len(judgements) > 1 else None
+        again = prev if prev is not None and prev.saturated and prev.load == last.load else None
+        # More agents, unless the last probe already asked for them and did not get to use them.
+        if available_agents > last.agents and (again is None or again.agents < last.agents):
             more = min(available_agents, max(last.agents + 1, last.agents * 2))
             return NextProbe(last.load, more, True, f"the generator was saturated at {fmt(last.load)} "
                              f"on {last.agents} agent(s): repeated on {more}")  # fmt: skip
-        prev = judgements[-2] if len(judgements) > 1 else None
-        if prev is None or not (prev.saturated and prev.load == last.load and prev.agents == last.agents):
+        if again is None:
             # Once may be a stall of the generator's own (its first assignment, a pause): twice is its limit.
             return NextProbe(last.load, last.agents, True, f"the generator was saturated at {fmt(last.load)} "
                              f"on {last.agents} agent(s) and no other agent is free: repeated once")  # fmt: skip
