@@ -241,3 +241,11 @@ def test_more_agents_are_not_asked_for_twice_when_the_probe_could_not_use_them()
     probes.append(ProbeMeasurement(1, 1, 500, 500, 0, saturated=True))
     stop = plan_next(s, judge_probes(s, probes), agents=2, available_agents=2)
     assert isinstance(stop, SearchStop) and stop.reason == run_pb2.SEARCH_STOP_REASON_GENERATOR_SATURATED
+
+
+def test_a_probe_that_counted_nothing_proves_nothing() -> None:
+    s = settings()
+    judged = judge_probes(s, [ProbeMeasurement(1, 1, 0, 0, 0), ProbeMeasurement(1, 1, 0, 0, 0)])
+    assert [j.verdict for j in judged] == [Verdict.INCONCLUSIVE] * 2
+    step = plan_next(s, judged, agents=1, available_agents=1)
+    assert isinstance(step, NextProbe) and step.load == 1  # repeated, bounded by max_probes

@@ -214,6 +214,8 @@ def _judge(settings: SearchSettings, m: ProbeMeasurement, first: ProbeJudgement 
         fraction = good / n if n else 0.0
         low, high = wilson_interval(good, n)
         base = dataclasses.replace(base, requests=n, good=good, good_fraction=fraction, low=low, high=high)
+    if n == 0:
+        return dataclasses.replace(base, reason="no request was counted")
     figures = f"{fraction:.1%} good of {n} (95 % CI {low:.1%}-{high:.1%}), target {target:.1%}"
     if n >= settings.min_requests and not low <= target <= high:
         verdict = Verdict.PASS if low > target else Verdict.FAIL
