@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
 import structlog
-from google.protobuf import json_format
 
 from common.codes import RunState
 from common.proto.loadtest.v1 import run_pb2
@@ -26,7 +25,7 @@ from controller.domain.execution.coordinator import RunCoordinator
 from controller.domain.results.compare import DEFAULT_TOLERANCE_PERCENT, RunComparison, compare_runs
 from controller.domain.results.live import LiveSnapshot, RunHub
 from controller.domain.results.provider import RunResults
-from controller.domain.spec import check_stored_size, validate_and_default
+from controller.domain.spec import check_resume, check_stored_size, spec_json, validate_and_default
 from controller.store import repository as repo
 from controller.store.interface import Store
 
@@ -74,6 +73,8 @@ class Runs:
         if len(request_id) > 128:
             raise InvalidArgument([FieldViolation("request_id", "at most 128 characters")])
         valid = validate_and_default(spec)
+        if valid.search.resume_from_run_id:
+            check_resume(valid, await self._store.get_run(valid.search.resume_from_run_id))
         refused = await self._destinations.violations(valid)
         if refused:
             raise InvalidArgument(refused)
@@ -93,7 +94,7 @@ class Runs:
             request_id or None,
             valid.display_name,
             valid.target.model,
-            _spec_json(valid),
+            spec_json(valid),
             [s.name for s in valid.stages],
             secret,
             time.time_ns(),
@@ -195,15 +196,6 @@ class Runs:
 
     def agents(self) -> list[AgentSession]:
         return self._coordinator.agents()
-
-
-def _spec_json(spec: run_pb2.RunSpec) -> str:
-    """The spec as stored; a value validation let through but JSON cannot hold is still the
-    caller's error (INVALID_ARGUMENT), never an internal one."""
-    try:
-        return json_format.MessageToJson(spec, indent=None, sort_keys=True)
-    except (json_format.SerializeToJsonError, ValueError) as exc:
-        raise InvalidArgument([FieldViolation("spec", f"cannot be stored: {str(exc)[:200]}")]) from None
 
 
 def _encode_token(cursor: tuple[int, int]) -> str:

@@ -23,7 +23,8 @@ from common.proto.loadtest.v1 import run_pb2
 from common.request_body import PROTECTED_BODY_KEYS
 from common.spec_defaults import DEFAULT_REQUEST_TIMEOUT_S, DEFAULT_UNREACHABLE_TIMEOUT_S
 from common.target_url import credential_problem
-from controller.domain.errors import FieldViolation, InvalidArgument
+from controller.domain.errors import FieldViolation, InvalidArgument, NotFound
+from controller.domain.execution.search import apply_search_defaults
 from controller.domain.results.checks import CheckSyntaxError, parse_check
 from controller.domain.results.server_metrics import default_server_metrics, validate_server_metrics
 from controller.store.repository import RunRecord
@@ -81,8 +82,11 @@ def validate_and_default(spec: run_pb2.RunSpec, rng: random.Random | None = None
     else:
         _check_target(out.target, v)
 
-    if not spec.stages:
-        v.append(FieldViolation("spec.stages", "at least one stage is required"))
+    searching = spec.HasField("search")
+    if searching:
+        _check_search(out, v)
+    elif not spec.stages:
+        v.append(FieldViolation("spec.stages", "at least one stage is required (or a search)"))
     elif len(spec.stages) > MAX_STAGES:
         v.append(FieldViolation("spec.stages", f"at most {MAX_STAGES} stages"))
     agents = max(out.placement.agents, 1)
@@ -100,9 +104,14 @@ def validate_and_default(spec: run_pb2.RunSpec, rng: random.Random | None = None
             v.append(FieldViolation(f"spec.checks[{i}].expression", f"at most {MAX_CHECK_CHARS} characters"))
             continue
         try:
-            parse_check(check.expression, check.abort_on_fail)
+            parsed = parse_check(check.expression, check.abort_on_fail)
         except CheckSyntaxError as exc:
             v.append(FieldViolation(f"spec.checks[{i}].expression", str(exc)))
+            continue
+        if parsed.run_level and not searching:
+            v.append(FieldViolation(f"spec.checks[{i}].expression", f"{parsed.metric} needs a search (spec.search)"))
+        elif parsed.run_level and check.abort_on_fail:
+            v.append(FieldViolation(f"spec.checks[{i}].abort_on_fail", f"{parsed.metric} is known only at the end"))
     for name in ("ttft", "tpot", "e2e"):
         d = getattr(out.slo, name)
         if out.slo.HasField(name) and not (d.seconds > 0 or (d.seconds == 0 and d.nanos > 0)):
@@ -161,6 +170,8 @@ def validate_and_default(spec: run_pb2.RunSpec, rng: random.Random | None = None
                 lengths.fixed = DEFAULT_TOKENS
     if out.workload.seed == 0:
         out.workload.seed = (rng or random.SystemRandom()).randrange(1, 2**63)
+    if searching:
+        apply_search_defaults(out.search)
     for stage in out.stages:
         if stage.WhichOneof("load") == "request_rate" and stage.arrival == run_pb2.ARRIVAL_PROCESS_UNSPECIFIED:
             stage.arrival = run_pb2.ARRIVAL_PROCESS_POISSON
@@ -189,6 +200,15 @@ def parse_spec(record: RunRecord, into: run_pb2.RunSpec | None = None) -> run_pb
     return spec
 
 
+def spec_json(spec: run_pb2.RunSpec) -> str:
+    """The spec as stored in JSON; a value validation let through but JSON cannot hold is still
+    the caller's error (INVALID_ARGUMENT), never an internal one."""
+    try:
+        return json_format.MessageToJson(spec, indent=None, sort_keys=True)
+    except (json_format.SerializeToJsonError, ValueError) as exc:
+        raise InvalidArgument([FieldViolation("spec", f"cannot be stored: {str(exc)[:200]}")]) from None
+
+
 def _first(items: Iterable[T], n: int) -> Iterator[T]:
     """The first `n` of `items`: a map with a million entries is refused by its count once, not
     also entry by entry."""
@@ -201,6 +221,76 @@ def describe_stage(stage: run_pb2.Stage) -> str:
     if kind == "request_rate":
         return f"rate={stage.request_rate:g}/s"
     return f"{kind}={getattr(stage, kind)}" if kind else "stage"
+
+
+def _check_search(spec: run_pb2.RunSpec, v: list[FieldViolation]) -> None:
+    """A search plans its own stages, judged against the SLO; its limits are checked with the
+    defaults filled in (a default min above a given max is the caller's mistake too)."""
+    path = "spec.search"
+    if spec.stages:
+        v.append(FieldViolation("spec.stages", "a search plans its own stages: give either stages or a search"))
+    if slo_objectives(spec.slo) == 0:
+        v.append(FieldViolation("spec.slo", "a search needs at least one objective (ttft, tpot or e2e)"))
+    s = run_pb2.SearchSpec()
+    s.CopyFrom(spec.search)
+    if s.variable not in (run_pb2.SEARCH_VARIABLE_CONCURRENCY, run_pb2.SEARCH_VARIABLE_RATE):
+        v.append(FieldViolation(f"{path}.variable", "required: SEARCH_VARIABLE_CONCURRENCY or SEARCH_VARIABLE_RATE"))
+        return
+    given = {name: getattr(s, name) for name in ("min", "max")}
+    apply_search_defaults(s)
+    concurrency = s.variable == run_pb2.SEARCH_VARIABLE_CONCURRENCY
+    agents = max(spec.placement.agents, 1)
+    low, high = (1.0, float(MAX_CONCURRENCY)) if concurrency else (MIN_RATE, MAX_RATE)
+    per_agent = MAX_CONCURRENCY_PER_AGENT if concurrency else MAX_RATE_PER_AGENT
+    for name in ("min", "max"):
+        value = getattr(s, name)
+        if not math.isfinite(value) or not low <= value <= high:  # also refuses NaN and negatives
+            v.append(FieldViolation(f"{path}.{name}", f"must be between {low:g} and {high:g}"))
+        elif concurrency and value != int(value):
+            v.append(FieldViolation(f"{path}.{name}", "a concurrency must be a whole number"))
+        elif name == "max" and value > per_agent * agents:
+            v.append(FieldViolation(f"{path}.max", f"at most {per_agent:g} per agent ({agents} agent(s))"))
+    if math.isfinite(s.min) and math.isfinite(s.max) and s.min > s.max:
+        which = "min" if given["min"] else "max"
+        v.append(FieldViolation(f"{path}.{which}", f"min ({s.min:g}) must not be above max ({s.max:g})"))
+    if not 0 < s.goodput_target_percent <= 100:  # also refuses NaN
+        v.append(FieldViolation(f"{path}.goodput_target_percent", "must be in (0, 100]"))
+    if not 0 < s.tolerance_percent <= 1000:
+        v.append(FieldViolation(f"{path}.tolerance_percent", "must be in (0, 1000]"))
+    probe_s, warmup_s = seconds(s.probe_duration), seconds(s.probe_warmup)
+    if not 0 < probe_s <= MAX_STAGE_SECONDS:
+        v.append(FieldViolation(f"{path}.probe_duration", f"must be in (0, {MAX_STAGE_SECONDS}] s"))
+    if warmup_s < 0 or s.probe_warmup.seconds < 0 or s.probe_warmup.nanos < 0:
+        v.append(FieldViolation(f"{path}.probe_warmup", "must not be negative"))
+    elif warmup_s >= probe_s:
+        v.append(FieldViolation(f"{path}.probe_warmup", "must be shorter than probe_duration"))
+    if s.min_requests > MAX_REQUESTS:
+        v.append(FieldViolation(f"{path}.min_requests", f"at most {MAX_REQUESTS}"))
+    if s.max_probes > MAX_STAGES:
+        v.append(FieldViolation(f"{path}.max_probes", f"at most {MAX_STAGES} (each probe is a stage)"))
+    if s.HasField("cost_per_hour_usd") and not (math.isfinite(s.cost_per_hour_usd) and s.cost_per_hour_usd > 0):
+        v.append(FieldViolation(f"{path}.cost_per_hour_usd", "must be a positive number"))
+    if len(s.resume_from_run_id) > 128:
+        v.append(FieldViolation(f"{path}.resume_from_run_id", "at most 128 characters"))
+
+
+def slo_objectives(slo: run_pb2.Slo) -> int:
+    """How many latency objectives the SLO sets."""
+    return sum(slo.HasField(name) for name in ("ttft", "tpot", "e2e"))
+
+
+def check_resume(spec: run_pb2.RunSpec, earlier: RunRecord | None) -> None:
+    """`spec.search.resume_from_run_id` must name a stored run whose spec has a search of the
+    same variable: NotFound or InvalidArgument (the caller looked the run up)."""
+    run_id = spec.search.resume_from_run_id
+    if earlier is None:
+        raise NotFound(f"spec.search.resume_from_run_id: run {run_id!r} not found")
+    other = parse_spec(earlier)
+    if not other.HasField("search"):
+        raise InvalidArgument([FieldViolation("spec.search.resume_from_run_id", f"run {run_id} has no search")])
+    if other.search.variable != spec.search.variable:
+        name = run_pb2.SearchVariable.Name(other.search.variable)
+        raise InvalidArgument([FieldViolation("spec.search.resume_from_run_id", f"run {run_id} searched {name}")])
 
 
 def _check_target(t: run_pb2.Target, v: list[FieldViolation]) -> None:

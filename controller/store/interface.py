@@ -139,6 +139,12 @@ class RunStore(Protocol):
 
     async def set_stage_reduced_load(self, run_pk: int, stage_idx: int, reason: str) -> None: ...
 
+    async def append_stage(self, run_pk: int, idx: int, name: str, spec_json: str, spec_pb: bytes) -> None:
+        """A stage planned while the run runs (a capacity search's probe): its row, and the run's
+        stored spec (both forms) replaced by one whose `stages` ends with it, together.
+        IntegrityError for an unknown run or a stage index the run already has."""
+        ...
+
     async def list_stages(self, run_pk: int) -> list[StageRecord]:
         """A run's stages in order (for tools and tests)."""
         ...
@@ -195,6 +201,8 @@ class FleetStore(Protocol):
 class SnapshotReads(Protocol):
     """Reads of one consistent snapshot of the store, for `SampleStore.read_snapshot` (all
     synchronous: they run inside the snapshot, on whatever thread holds it)."""
+
+    def get_run(self, run_id: str) -> RunRecord | None: ...
 
     def sample_batches_version(self, run_pk: int) -> tuple[int, int]: ...
 

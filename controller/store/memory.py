@@ -309,6 +309,15 @@ class MemoryTables:
             stage.started_at = started_at if started_at is not None else stage.started_at
             stage.ended_at = ended_at if ended_at is not None else stage.ended_at
 
+    def append_stage(self, run_pk: int, idx: int, name: str, spec_json: str, spec_pb: bytes) -> None:
+        run = self.runs.get(run_pk)
+        if run is None:
+            raise IntegrityError("FOREIGN KEY constraint failed")
+        if self._stage(run_pk, idx) is not None:
+            raise IntegrityError("UNIQUE constraint failed: stages.run_pk, stages.idx")
+        run.spec_json, run.spec_pb = spec_json, spec_pb
+        self.stages[run_pk].append(_Stage(idx, name))
+
     def set_stage_reduced_load(self, run_pk: int, stage_idx: int, reason: str) -> None:
         stage = self._stage(run_pk, stage_idx)
         if stage is not None:
@@ -671,6 +680,10 @@ class MemoryStore(Store):
         self, run_pk: int, idx: int, *, started_at: int | None = None, ended_at: int | None = None
     ) -> None:
         self.tables.set_stage_time(run_pk, idx, started_at=started_at, ended_at=ended_at)
+        await _turn()
+
+    async def append_stage(self, run_pk: int, idx: int, name: str, spec_json: str, spec_pb: bytes) -> None:
+        self.tables.append_stage(run_pk, idx, name, spec_json, spec_pb)
         await _turn()
 
     async def set_stage_reduced_load(self, run_pk: int, stage_idx: int, reason: str) -> None:

@@ -307,6 +307,14 @@ def count_runs_by_state() -> dict[int, int]:
     return {int(state): int(n) for state, n in cast(Iterable[tuple[int, int]], query)}
 
 
+def append_stage(run_pk: int, idx: int, name: str, spec_json: str, spec_pb: bytes) -> None:
+    """A stage planned while the run runs (a capacity search's probe): its row, and the run's
+    stored spec (both forms) replaced by one whose `stages` ends with it, in one transaction."""
+    with database_proxy.atomic():
+        RunRow.update(spec_json=spec_json, spec_pb=spec_pb).where(RunRow.pk == run_pk).execute()
+        StageRow.insert(run=run_pk, idx=idx, name=name).execute()
+
+
 def set_stage_time(run_pk: int, idx: int, *, started_at: int | None = None, ended_at: int | None = None) -> None:
     fields = {k: v for k, v in (("started_at", started_at), ("ended_at", ended_at)) if v is not None}
     StageRow.update(**fields).where((StageRow.run == run_pk) & (StageRow.idx == idx)).execute()

@@ -42,6 +42,9 @@ P = ParamSpec("P")
 class _TransactionReads:
     """`SnapshotReads` inside the read transaction of the thread that runs the job."""
 
+    def get_run(self, run_id: str) -> RunRecord | None:
+        return repo.get_run(run_id)
+
     def sample_batches_version(self, run_pk: int) -> tuple[int, int]:
         return repo.sample_batches_version(run_pk)
 
@@ -144,6 +147,9 @@ class SqliteStore(Store):
 
     async def set_stage_reduced_load(self, run_pk: int, stage_idx: int, reason: str) -> None:
         await self.db.write(repo.set_stage_reduced_load, run_pk, stage_idx, reason)
+
+    async def append_stage(self, run_pk: int, idx: int, name: str, spec_json: str, spec_pb: bytes) -> None:
+        await self.db.write(repo.append_stage, run_pk, idx, name, spec_json, spec_pb)
 
     async def list_stages(self, run_pk: int) -> list[StageRecord]:
         return await self.db.read(repo.list_stages, run_pk)

@@ -27,7 +27,7 @@ from controller.domain.execution.coordinator import RunCoordinator
 from controller.domain.execution.loss import MAX_RESUME_CLAIMS, AssignmentRefused
 from controller.domain.execution.state import ASSIGNMENT_LOST, AssignmentPhase
 from controller.domain.results.live import RunHub
-from controller.domain.spec import validate_and_default
+from controller.domain.spec import parse_spec, validate_and_default
 from controller.store import repository as repo
 from controller.store.database import Database
 from controller.store.interface import Store
@@ -555,3 +555,34 @@ async def test_stop_interrupts_a_running_run(store: Store) -> None:
         assert stored.state == RunState.INTERRUPTED
         assert stored.state_reason == "the controller stopped while the run was running"
         assert kinds(await events(store, record))[-1] == "run_interrupted"
+
+
+async def test_a_search_plans_its_probes_as_stored_stages_one_at_a_time(store: Store) -> None:
+    spec = make_spec(agents=1)
+    del spec.stages[:]
+    spec.slo.ttft.FromMilliseconds(100)
+    spec.search.variable = run_pb2.SEARCH_VARIABLE_CONCURRENCY
+    spec.search.max_probes = 3
+    spec.search.probe_duration.FromSeconds(1)
+    async with coordinator(store) as (c, finals):
+        a = FakeAgent(c, "a")
+        await a.connect()
+        record = await create_run(store, c, spec)
+        for probe in range(3):
+            assign = await a.assign()
+            # The probe is a stage of the stored spec before it runs.
+            stored = await store.get_run(record.run_id)
+            assert stored is not None
+            decoded = parse_spec(stored)
+            assert len(decoded.stages) == probe + 1
+            assert decoded.stages[probe].concurrency == assign.stage.concurrency == 1
+            assert assign.stage_index == probe and assign.stage.warmup_duration.nanos == 166_666_666
+            await a.report(assign.assignment_id, COMPLETED, batch_count=0)
+        stored = await final_run(store, finals, record)
+        assert stored.state == RunState.SUCCEEDED
+        evs = await events(store, record)
+        # Nothing was counted: each probe proved nothing and was repeated, until max_probes.
+        assert kinds(evs).count("probe_planned") == 3
+        [stop] = [message for kind, message in evs if kind == "search_stopped"]
+        assert stop.startswith("3 probes ran before the search converged")
+        assert a.unread().count("assign") == 0

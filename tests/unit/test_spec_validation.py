@@ -9,7 +9,7 @@ import pytest
 
 from common.proto.loadtest.v1 import run_pb2
 from controller.domain.datasets import entries_from_json, entries_to_json, parse_dataset
-from controller.domain.errors import InvalidArgument
+from controller.domain.errors import InvalidArgument, NotFound
 from controller.domain.execution.planning import stage_shares
 from controller.domain.spec import (
     MAX_LABEL_KEY_CHARS,
@@ -20,9 +20,11 @@ from controller.domain.spec import (
     MAX_STORED_SPEC_BYTES,
     MIN_BURSTINESS,
     MIN_RATE,
+    check_resume,
     check_stored_size,
     validate_and_default,
 )
+from controller.store.repository import RunRecord
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -271,3 +273,84 @@ def test_json_python_cannot_hold_is_invalid_argument(content: str, fmt: int, tex
         parse_dataset(dataset_spec(content, fmt).workload.dataset)
     assert info.value.violations[0].field == "spec.workload.dataset.content"
     assert text in info.value.violations[0].description
+
+
+def search_spec(**search: object) -> run_pb2.RunSpec:
+    s = spec()
+    del s.stages[:]
+    s.slo.ttft.FromMilliseconds(500)
+    s.search.variable = run_pb2.SEARCH_VARIABLE_CONCURRENCY
+    for k, val in search.items():
+        if k in ("probe_duration", "probe_warmup"):
+            getattr(s.search, k).FromNanoseconds(int(float(val) * 1e9))  # type: ignore[arg-type]
+        else:
+            setattr(s.search, k, val)
+    return s
+
+
+def test_a_search_gets_its_defaults_in_one_place() -> None:
+    out = validate_and_default(search_spec())
+    s = out.search
+    assert (s.goodput_target_percent, s.min, s.max, s.tolerance_percent) == (95, 1, 1024, 5)
+    assert s.probe_duration.seconds == 30 and s.probe_warmup.seconds == 5
+    assert (s.min_requests, s.max_probes) == (100, 16)
+    assert not out.stages  # planned as the run goes
+    rate = validate_and_default(search_spec(variable=run_pb2.SEARCH_VARIABLE_RATE, min=0.5)).search
+    assert (rate.min, rate.max) == (0.5, 1000)
+    short = validate_and_default(search_spec(probe_duration=3)).search
+    assert short.probe_warmup.ToNanoseconds() == 500_000_000
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (lambda s: s.search.ClearField("variable"), "spec.search.variable"),
+        (lambda s: s.ClearField("slo"), "spec.slo"),
+        (lambda s: s.stages.add(concurrency=1).duration.FromSeconds(1), "spec.stages"),
+        (lambda s: setattr(s.search, "min", 8.0) or setattr(s.search, "max", 4.0), "spec.search.min"),
+        (lambda s: setattr(s.search, "max", 0.5), "spec.search.max"),  # below the default min (1)
+        (lambda s: setattr(s.search, "min", -3.0), "spec.search.min"),
+        (lambda s: setattr(s.search, "max", float("inf")), "spec.search.max"),
+        (lambda s: setattr(s.search, "min", float("nan")), "spec.search.min"),
+        (lambda s: setattr(s.search, "min", 2.5), "spec.search.min"),  # concurrency is whole
+        (lambda s: setattr(s.search, "max", 50_000.0), "spec.search.max"),  # per agent
+        (lambda s: setattr(s.search, "goodput_target_percent", 0.0), "spec.search.goodput_target_percent"),
+        (lambda s: setattr(s.search, "goodput_target_percent", 101.0), "spec.search.goodput_target_percent"),
+        (lambda s: setattr(s.search, "tolerance_percent", 0.0), "spec.search.tolerance_percent"),
+        (lambda s: s.search.probe_warmup.FromSeconds(30), "spec.search.probe_warmup"),
+        (lambda s: s.search.probe_duration.FromSeconds(-1), "spec.search.probe_duration"),
+        (lambda s: setattr(s.search, "max_probes", 101), "spec.search.max_probes"),
+        (lambda s: setattr(s.search, "cost_per_hour_usd", -1.0), "spec.search.cost_per_hour_usd"),
+        (lambda s: s.checks.add(expression="capacity >= 20", abort_on_fail=True), "spec.checks[0].abort_on_fail"),
+    ],
+)
+def test_invalid_searches_name_the_field(change: Callable[[run_pb2.RunSpec], object], field: str) -> None:
+    s = search_spec()
+    change(s)
+    assert field in fields_of(s)
+
+
+def test_a_capacity_check_needs_a_search() -> None:
+    s = spec()
+    s.checks.add(expression="capacity >= 20")
+    assert fields_of(s) == ["spec.checks[0].expression"]
+    ok = search_spec()
+    ok.checks.add(expression="capacity >= 20")
+    validate_and_default(ok)
+    rate = search_spec(variable=run_pb2.SEARCH_VARIABLE_RATE, min=0.25, max=2.5)
+    assert validate_and_default(rate).search.max == 2.5
+
+
+def test_resume_must_name_a_stored_search_of_the_same_variable() -> None:
+    def record(spec: run_pb2.RunSpec) -> RunRecord:
+        return RunRecord(1, "run_a", "", "m", 3, "", "", 0, None, None, 0, 0, 0, 0, spec.SerializeToString())
+
+    s = validate_and_default(search_spec(resume_from_run_id="run_a"))
+    with pytest.raises(NotFound):
+        check_resume(s, None)
+    with pytest.raises(InvalidArgument) as info:
+        check_resume(s, record(spec()))
+    assert info.value.violations[0].field == "spec.search.resume_from_run_id"
+    with pytest.raises(InvalidArgument):
+        check_resume(s, record(search_spec(variable=run_pb2.SEARCH_VARIABLE_RATE)))
+    check_resume(s, record(search_spec()))

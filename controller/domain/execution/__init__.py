@@ -8,6 +8,7 @@ one part per job, over the state in `state.py`:
 
 * `placement.py`: the queue of pending runs and which free agents each gets.
 * `executor.py`: one run's task: preflight (`preflight.py`), its stages, its final state.
+* `capacity.py`: a capacity search's probes, planned one at a time by the pure `search.py`.
 * `stages.py`: one stage on its agents: synchronized start, waiting for every final report
   and batch, deadlines, cancel.
 * `loss.py`: agents declared lost (heartbeats, disconnect grace) and rejoining ones;

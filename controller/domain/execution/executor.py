@@ -1,7 +1,8 @@
 """One run from its placement to its final state: RUNNING, the preflight check (unless the
 spec skips it), its stages in order, then the final state and its reason.
 
-Each running run has one task doing this (`RunExecutor.execute`). The final state is
+Each running run has one task doing this (`RunExecutor.execute`). A capacity search plans
+its stages as it goes (`capacity.CapacitySearch`) instead of running the spec's. The final state is
 SUCCEEDED unless a stage failed the run, a check or the loss policy aborted it (FAILED), it
 was cancelled (CANCELLED), or the controller stopped under it (INTERRUPTED); a run that
 measured nothing but errors is FAILED. Its event is stored before its state, so that a
@@ -18,6 +19,7 @@ import structlog
 from common.codes import RunState
 from common.proto.loadtest.v1 import run_pb2
 from controller.domain.access.secrets import restore_secrets
+from controller.domain.execution.capacity import CapacitySearch
 from controller.domain.execution.events import RunEvents
 from controller.domain.execution.placement import Placement
 from controller.domain.execution.preflight import WARNING_EVENT, PreflightAnswers, check_run_target
@@ -53,6 +55,7 @@ class RunExecutor:
         self._stages = stages
         self._events = events
         self._preflights = preflights
+        self._search = CapacitySearch(store, placement, stages, events)
 
     async def execute(self, ex: RunExecution) -> None:
         run = ex.record
@@ -65,8 +68,12 @@ class RunExecutor:
             preflight_failure = "" if ex.spec.skip_preflight else await self._preflight(ex)
             if preflight_failure:
                 state, reason = RunState.FAILED, preflight_failure
+            if ex.spec.HasField("search") and not preflight_failure and not ex.cancelled.is_set():
+                ok, why = await self._search.run(ex)
+                if not ok:
+                    state, reason = RunState.FAILED, why
             for idx, stage in enumerate(ex.spec.stages):
-                if ex.cancelled.is_set() or preflight_failure:
+                if ex.cancelled.is_set() or preflight_failure or ex.spec.HasField("search"):
                     break
                 ok, why = await self._stages.run_stage(ex, idx, stage)
                 if not ok:

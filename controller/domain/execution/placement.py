@@ -141,6 +141,19 @@ class Placement:
                     free[0].run_id = ex.run_id
         return [s for s in ex.slots if s.session is not None]
 
+    def spare_agents(self, ex: RunExecution) -> int:
+        """Free agents matching the run's selector: more a capacity search may take."""
+        return len(self._agents.free(dict(ex.spec.placement.selector)))
+
+    def add_slots(self, ex: RunExecution, n: int) -> int:
+        """Give the run up to `n` more free matching agents (a capacity search whose generator
+        was saturated); how many it got. They stay the run's until it ends."""
+        free = self._agents.free(dict(ex.spec.placement.selector))[:n]
+        for session in free:
+            session.run_id = ex.run_id
+            ex.slots.append(AgentSlot(session))
+        return len(free)
+
     def release(self, ex: RunExecution) -> None:
         """The run's agents are free again."""
         for slot in ex.slots:

@@ -2,7 +2,8 @@
 `output_throughput > 1000`.
 
 A check is parsed at CreateRun (a malformed one is INVALID_ARGUMENT then, not a failure at
-the end of a long run) and evaluated on every stage's metrics.
+the end of a long run) and evaluated on every stage's metrics; a run-level metric
+(`capacity`, the highest passing load of a capacity search) is evaluated once per run.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ SCALARS = (
     "error_rate", "request_throughput", "output_throughput", "total_throughput", "goodput",
     "good_fraction", "achieved_concurrency", "requests_ok", "requests_failed",
 )  # fmt: skip
+# Metrics of the whole run rather than of a stage: evaluated once, with the run's value.
+RUN_METRICS = ("capacity",)
 _FRACTIONS = frozenset({"error_rate", "good_fraction"})
 _OPS: dict[str, Callable[[float, float], bool]] = {
     "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
@@ -43,8 +46,15 @@ class ParsedCheck:
     percent: bool  # threshold written in percent
     abort_on_fail: bool = False
 
+    @property
+    def run_level(self) -> bool:
+        """Evaluated once per run (`evaluate_value`), not on each stage."""
+        return self.metric in RUN_METRICS
+
     def measure(self, m: StageMetrics) -> float | None:
         """The metric's value in the threshold's unit (None when not measurable)."""
+        if self.run_level:
+            return None
         if "." in self.metric:
             name, agg = self.metric.split(".")
             summary: LatencySummary = getattr(m, name)
@@ -65,7 +75,10 @@ class ParsedCheck:
 
     def evaluate(self, m: StageMetrics) -> tuple[bool, float, str]:
         """(passed, measured, message). An unmeasurable metric fails."""
-        value = self.measure(m)
+        return self.evaluate_value(self.measure(m))
+
+    def evaluate_value(self, value: float | None) -> tuple[bool, float, str]:
+        """(passed, measured, message) for the metric's value; None (not measured) fails."""
         unit = "%" if self.percent else (" ms" if "." in self.metric else "")
         want = f"want {self.op} {self.threshold:g}{unit}"
         if value is None:
@@ -99,8 +112,9 @@ def parse_check(expression: str, abort_on_fail: bool = False) -> ParsedCheck:
         return ParsedCheck(expression, f"{lat}.{agg}", m["op"], threshold * 1000 if unit == "s" else threshold,
                            False, abort_on_fail)  # fmt: skip
     scalar = m["scalar"]
-    if scalar not in SCALARS:
-        raise CheckSyntaxError(f"unknown metric {scalar!r}; one of {', '.join(SCALARS)} or agg(latency)")
+    if scalar not in SCALARS and scalar not in RUN_METRICS:
+        names = ", ".join((*SCALARS, *RUN_METRICS))
+        raise CheckSyntaxError(f"unknown metric {scalar!r}; one of {names} or agg(latency)")
     if unit in ("ms", "s"):
         raise CheckSyntaxError(f"{scalar} is not a latency; drop the unit {unit!r}")
     if unit == "%" and scalar not in _FRACTIONS:

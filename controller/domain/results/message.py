@@ -11,7 +11,8 @@ from google.protobuf import timestamp_pb2
 
 from common.metrics import LatencySummary, StageMetrics
 from common.proto.loadtest.v1 import run_pb2
-from controller.domain.results.compute import CheckOutcome, RunOutcome, StageOutcome
+from controller.domain.execution.search import PROBE_OUTCOME
+from controller.domain.results.compute import CapacityOutcome, CheckOutcome, ProbeRow, RunOutcome, StageOutcome
 from controller.domain.results.server_metrics import ServerStageOutcome
 
 
@@ -69,7 +70,7 @@ def _stage_fields(m: StageMetrics) -> run_pb2.StageResult:
 def check_message(c: CheckOutcome) -> run_pb2.CheckResult:
     return run_pb2.CheckResult(
         expression=c.expression, stage_index=c.stage_index, passed=c.passed,
-        measured=c.measured, threshold=c.threshold, message=c.message,
+        measured=c.measured, threshold=c.threshold, message=c.message, run_level=c.run_level,
     )  # fmt: skip
 
 
@@ -140,9 +141,46 @@ def result_message(run_id: str, state: int, outcome: RunOutcome) -> run_pb2.RunR
         checks=[check_message(c) for c in outcome.checks],
         warnings=outcome.warnings,
     )
+    if outcome.capacity is not None:
+        out.capacity.CopyFrom(capacity_message(outcome.capacity))
     if outcome.overall is not None:
         overall = _stage_fields(outcome.overall)
         overall.name = "run"
         del overall.time_series[:]
         out.overall.CopyFrom(overall)
+    return out
+
+
+def probe_message(row: ProbeRow) -> run_pb2.CapacityProbe:
+    j, m = row.judgement, row.metrics
+    out = run_pb2.CapacityProbe(
+        stage_index=row.stage_index, load=j.load, outcome=PROBE_OUTCOME[j.verdict], requests=j.requests,
+        good_percent=j.good_fraction * 100, good_percent_low=j.low * 100, good_percent_high=j.high * 100,
+        reason=j.reason, repeat=j.repeat,
+    )  # fmt: skip
+    if m is not None:
+        out.ttft_p50_ms, out.ttft_p99_ms = m.ttft.p50, m.ttft.p99
+        out.tpot_p50_ms, out.tpot_p99_ms = m.tpot.p50, m.tpot.p99
+        out.e2e_p99_ms = m.e2e.p99
+        out.request_throughput, out.output_token_throughput = m.request_throughput, m.output_token_throughput
+    return out
+
+
+def capacity_message(c: CapacityOutcome) -> run_pb2.CapacityResult:
+    out = run_pb2.CapacityResult(
+        variable=c.variable,  # type: ignore[arg-type]
+        goodput_target_percent=c.goodput_target_percent,
+        stop_reason=c.stop_reason,  # type: ignore[arg-type]
+        stop_message=c.stop_message,
+        probes=[probe_message(p) for p in c.probes],
+        request_throughput=c.request_throughput,
+        output_token_throughput=c.output_token_throughput,
+        confident=c.confident,
+    )
+    if c.highest_passing is not None:
+        out.highest_passing = c.highest_passing
+    if c.lowest_failing is not None:
+        out.lowest_failing = c.lowest_failing
+    if c.cost_per_million_output_tokens_usd is not None:
+        out.cost_per_million_output_tokens_usd = c.cost_per_million_output_tokens_usd
     return out

@@ -40,7 +40,8 @@ log = structlog.get_logger(__name__)
 # recomputed and replaced when next read.
 # 2: stored samples impossible for their stage are left out (StageResult.samples_ignored).
 # 3: StageResult.requests_retried, RunResult.warnings.
-RESULT_FORMAT = 3
+# 4: RunResult.capacity (a capacity search), run-level checks (`capacity`, stage_index -1).
+RESULT_FORMAT = 4
 DEFAULT_MAX_CACHED = 16
 # Background computations run one at a time: a burst of finishing runs leaves the rest of the
 # read pool to the API's reads.

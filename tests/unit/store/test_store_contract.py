@@ -14,6 +14,7 @@ import pytest
 from common.codes import AssignmentState, RunState, SampleFlag
 from common.proto.loadtest.v1 import run_pb2
 from controller.domain.results import provider
+from controller.domain.spec import parse_spec
 from controller.store import columnar
 from controller.store import repository as repo
 from controller.store.database import Database
@@ -309,6 +310,21 @@ async def test_stage_times_and_reduced_load(store: Store) -> None:
     assert await snapshot_of(store, "stage_reduced_load_reason", record.pk, 1) == "agent lost"
     assert await snapshot_of(store, "stage_reduced_load_reason", record.pk, 0) == ""
     assert await snapshot_of(store, "stage_reduced_load_reason", 404, 0) == ""
+
+
+async def test_an_appended_stage_extends_the_stored_spec_and_the_stages(store: Store) -> None:
+    spec = run_pb2.RunSpec(display_name="search")
+    spec.stages.add(name="s0", concurrency=1)
+    record = await new_run(store, stages=["s0"], spec_pb=spec.SerializeToString())
+    spec.stages.add(name="probe 1: concurrency=2", concurrency=2)
+    await store.append_stage(record.pk, 1, "probe 1: concurrency=2", "{}", spec.SerializeToString())
+    stored = await store.get_run("run_a")
+    assert stored is not None and parse_spec(stored) == spec
+    assert [(s.idx, s.name) for s in await store.list_stages(record.pk)] == [(0, "s0"), (1, "probe 1: concurrency=2")]
+    for run_pk, idx in ((record.pk, 1), (404, 0)):  # the index is taken; no such run
+        with pytest.raises(INTEGRITY_ERRORS):
+            await store.append_stage(run_pk, idx, "again", "{}", b"")
+    assert len(await store.list_stages(record.pk)) == 2
 
 
 async def test_events_are_listed_in_order_after_a_pk(store: Store) -> None:

@@ -1145,6 +1145,8 @@ class Check(_message.Message):
     e2e_including_queue) take an aggregate: mean, std, min, max, p50, p90, p95, p99, p999;
     rates and counts (error_rate, request_throughput, output_throughput, total_throughput,
     goodput, good_fraction, achieved_concurrency, requests_ok, requests_failed) stand alone.
+    `capacity` (the highest passing load of a capacity search, e.g. `capacity >= 20`) is a
+    metric of the whole run: evaluated once, only in a run with `search`, never abort_on_fail.
     Units: ms, s, % (or none).
     """
 
@@ -1184,6 +1186,7 @@ class CheckResult(_message.Message):
     MEASURED_FIELD_NUMBER: _builtins.int
     THRESHOLD_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    RUN_LEVEL_FIELD_NUMBER: _builtins.int
     expression: _builtins.str
     """The check's expression."""
     stage_index: _builtins.int
@@ -1196,6 +1199,10 @@ class CheckResult(_message.Message):
     """The threshold, in the same unit."""
     message: _builtins.str
     """Human-readable, e.g. `p99(ttft) = 612.3 ms, want < 500 ms`."""
+    run_level: _builtins.bool
+    """True for a check on a metric of the whole run (`capacity`): evaluated once, not on a
+    stage (`stage_index` is then 0).
+    """
     def __init__(
         self,
         *,
@@ -1205,10 +1212,11 @@ class CheckResult(_message.Message):
         measured: _builtins.float = ...,
         threshold: _builtins.float = ...,
         message: _builtins.str = ...,
+        run_level: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expression", b"expression", "measured", b"measured", "message", b"message", "passed", b"passed", "stage_index", b"stage_index", "threshold", b"threshold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expression", b"expression", "measured", b"measured", "message", b"message", "passed", b"passed", "run_level", b"run_level", "stage_index", b"stage_index", "threshold", b"threshold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
