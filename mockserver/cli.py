@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--ttft-ms",
         type=float,
         default=defaults.ttft_ms,
-        help="time to first token in ms, from the request being read (default: %(default)s)",
+        help="time to first token in ms, from the request being read (with --max-running: from "
+        "taking a slot) (default: %(default)s)",
     )
     parser.add_argument(
         "--itl-ms",
