@@ -87,8 +87,9 @@ class MockStats:
     `requests_total == requests_ok + requests_failed + requests_cancelled + running` for
     counters reset while the server was idle. `waiting` (a gauge, within `running`) counts the
     requests queued for one of `max_running` slots, `generating` (a gauge, within `running`,
-    not in `/stats`) those holding one — without a limit, every valid request until its
-    response is written; it is the R of `itl_per_running_ms` and `vllm:num_requests_running`.
+    not in `/stats`) those holding one — without a limit, every request past validation and
+    the error draw until its response is written; it is the R of `itl_per_running_ms` and
+    `vllm:num_requests_running`.
 
     `prompt_tokens_total` counts the prompts of requests that started generating (the ok and
     the cancelled ones); `output_tokens_total` the tokens actually written to clients.

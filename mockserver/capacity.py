@@ -313,8 +313,8 @@ def share_within_objectives(state: ClosedLoopState, objectives: Objectives) -> t
 
 
 def concurrency_capacity(config: MockConfig, workload: Workload, objectives: Objectives) -> ConcurrencyCapacity:
-    """The highest concurrency at which `objectives` hold, as `highest_passing` (certain) and
-    `lowest_failing` (certain); equal neighbours unless the capacity lies in the queue."""
+    """The highest concurrency at which `objectives` hold: `highest_passing` and
+    `lowest_failing`, both certain, and neighbours unless the boundary lies in the queue."""
 
     def certain_pass(c: int) -> bool:
         return closed_loop_verdict(closed_loop(config, workload, c), objectives)[0] == "pass"
