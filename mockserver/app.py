@@ -9,14 +9,19 @@ Routes:
 * `GET /health`: 200 while serving (as vLLM).
 * `GET /metrics`: Prometheus text with vLLM's metric names (`mockserver.metrics`).
 
-Timing is measured from the moment the request body has been read (`t0`): the first token is
-emitted at `t0 + ttft`, each next one `itl` after the previous token's deadline or, if that
-token went out late, after it actually went out (each delay with its own jitter) — so no gap
-is ever shorter than `itl`, as in a real decode loop. Tokens are never early and typically
-within a millisecond late (see `mockserver.pacing`). All
-streams of an app share one `DeadlineScheduler`, which writes each due token straight to its
-connection; a handler task only sets its stream up and closes it. A non-streamed response is
-sent at the deadline of its last token.
+Timing is measured from the moment the request body has been read or, with `max_running`
+slots, from the moment the request took a slot (`t0`): the first token is emitted at
+`t0 + ttft + prefill` (prefill: `prefill_ms_per_1k_tokens` x prompt tokens / 1000), each next
+one `itl + itl_per_running x R` after the previous token's deadline or, if that token went
+out late, after it actually went out (each delay with its own jitter) — so no gap is ever
+shorter than the model's, as in a real decode loop. R, the number of requests generating
+(`MockStats.generating`: holding a slot, this one included), is read when the gap starts,
+right after the previous token was written; a request that starts or ends during a gap
+changes the gaps after it, not that one. Tokens are never early and typically within a
+millisecond late (see `mockserver.pacing`). All streams of an app share one
+`DeadlineScheduler`, which writes each due token straight to its connection; a handler task
+only sets its stream up and closes it. A non-streamed response is sent at the deadline of
+its last token (its gaps read R as a stream's do).
 
 The configured connection style (`MockConfig.connections`) applies to the `/v1` routes only
 (the test endpoints always keep connections alive): `_connection_middleware` closes
@@ -81,7 +86,10 @@ class MockStats:
     and `requests_cancelled` (the client went away); until then it counts in `running`. So
     `requests_total == requests_ok + requests_failed + requests_cancelled + running` for
     counters reset while the server was idle. `waiting` (a gauge, within `running`) counts the
-    requests queued for one of `max_running` slots.
+    requests queued for one of `max_running` slots, `generating` (a gauge, within `running`,
+    not in `/stats`) those holding one — without a limit, every request past validation and
+    the error draw until its response is written; it is the R of `itl_per_running_ms` and
+    `vllm:num_requests_running`.
 
     `prompt_tokens_total` counts the prompts of requests that started generating (the ok and
     the cancelled ones); `output_tokens_total` the tokens actually written to clients.
@@ -90,13 +98,14 @@ class MockStats:
     def __init__(self) -> None:
         self.running = 0
         self.waiting = 0
+        self.generating = 0
         self.server = ServerCounters()
         self.output_tokens_total = self.prompt_tokens_total = 0
         self.emission = EmissionStats()
         self.reset()
 
     def reset(self) -> None:
-        """Zero the counters. `running` is a gauge of requests in flight and is kept."""
+        """Zero the counters. The gauges (`running`, `waiting`, `generating`) are kept."""
         # The /metrics counters are monotonic: they keep what is zeroed here.
         self.server.prompt_tokens_before_reset += self.prompt_tokens_total
         self.server.generation_tokens_before_reset += self.output_tokens_total
@@ -160,7 +169,7 @@ def create_app(config: MockConfig) -> web.Application:
             return web.Response(text=MALFORMED_PAGE, headers={"Content-Type": METRICS_CONTENT_TYPE})
         server = stats.server
         text = render_metrics(
-            config.model, server, stats.running - stats.waiting, waiting=stats.waiting,
+            config.model, server, stats.generating, waiting=stats.waiting,
             prompt_tokens=server.prompt_tokens_before_reset + stats.prompt_tokens_total,
             generation_tokens=server.generation_tokens_before_reset + stats.output_tokens_total,
         )  # fmt: skip
@@ -248,6 +257,8 @@ class _CompletionRoutes:
             config.itl_ms * self._tokens_per_event,
             config.jitter_ms,
             random.Random(f"jitter/{config.seed}"),
+            itl_per_running_ms=config.itl_per_running_ms * self._tokens_per_event,
+            prefill_ms_per_1k_tokens=config.prefill_ms_per_1k_tokens,
         )
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
@@ -300,21 +311,22 @@ class _CompletionRoutes:
 
     @contextlib.asynccontextmanager
     async def _slot(self) -> AsyncIterator[bool]:
-        """Hold one of the `max_running` slots (waiting for it first); yields whether there
-        are slots at all."""
-        slots = self._slots
-        if slots is None:
-            yield False
-            return
-        self._stats.waiting += 1
+        """Hold one of the `max_running` slots (waiting for it first) and count as generating
+        meanwhile; yields whether there are slots at all."""
+        slots, stats = self._slots, self._stats
+        if slots is not None:
+            stats.waiting += 1
+            try:
+                await slots.acquire()
+            finally:
+                stats.waiting -= 1
+        stats.generating += 1
         try:
-            await slots.acquire()
+            yield slots is not None
         finally:
-            self._stats.waiting -= 1
-        try:
-            yield True
-        finally:
-            slots.release()
+            stats.generating -= 1
+            if slots is not None:
+                slots.release()
 
     async def _stream(
         self, request: web.Request, parsed: CompletionRequest, plan: OutputPlan, t0: float
@@ -338,7 +350,7 @@ class _CompletionRoutes:
         frame = _chunk if response.headers.get("Transfer-Encoding") == "chunked" else bytes
         events = encoder.token_events(plan.tokens, plan.finish_reason)
         finished: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        first_deadline = t0 + self._latency.ttft()
+        first_deadline = t0 + self._latency.ttft(parsed.prompt_tokens)
         stream: _TokenStream
         if encoder.split_writes:
             stream = _SplitTokenStream(
@@ -396,7 +408,16 @@ class _CompletionRoutes:
         self, request: web.Request, parsed: CompletionRequest, plan: OutputPlan, t0: float
     ) -> web.Response:
         steps = -(-plan.tokens // self._tokens_per_event)
-        await sleep_until(t0 + self._latency.generation_time(steps))
+        latency = self._latency
+        if latency.depends_on_running:
+            # Step by step, so that each gap reads R when it starts, as a stream's does.
+            deadline = t0 + latency.ttft(parsed.prompt_tokens)
+            await sleep_until(deadline)
+            for _ in range(steps - 1):
+                deadline = max(deadline, now()) + latency.itl(self._stats.generating)
+                await sleep_until(deadline)
+        else:
+            await sleep_until(t0 + latency.generation_time(steps, parsed.prompt_tokens))
         transport = request.transport
         if transport is None or transport.is_closing():
             self._stats.requests_cancelled += 1
@@ -504,7 +525,7 @@ class _TokenStream:
     def _next_deadline(self) -> float:
         # Like a real decode loop, a late event delays the ones after it: the next gap is
         # never shorter than the inter-token latency (a stream never "catches up" with a burst).
-        self.deadline = max(self.deadline, now()) + self._latency.itl()
+        self.deadline = max(self.deadline, now()) + self._latency.itl(self._stats.generating)
         return self.deadline
 
 

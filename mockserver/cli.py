@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--ttft-ms",
         type=float,
         default=defaults.ttft_ms,
-        help="time to first token in ms, from the request being read (default: %(default)s)",
+        help="time to first token in ms, from the request being read (with --max-running: from "
+        "taking a slot) (default: %(default)s)",
     )
     parser.add_argument(
         "--itl-ms",
@@ -94,6 +95,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "wait in arrival order and their wait counts in TTFT; 0: no limit (default: %(default)s)",
     )
     parser.add_argument(
+        "--itl-per-running-ms",
+        type=float,
+        default=defaults.itl_per_running_ms,
+        help="added to the inter-token latency per request generating when a gap starts (this one "
+        "included, per worker): ITL = itl-ms + this x running (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--prefill-ms-per-1k-tokens",
+        type=float,
+        default=defaults.prefill_ms_per_1k_tokens,
+        help="added to the TTFT: ms per 1000 prompt tokens as usage.prompt_tokens counts them (default: %(default)s)",
+    )
+    parser.add_argument(
         "--connections",
         choices=CONNECTION_STYLES,
         default=defaults.connections,
@@ -124,6 +138,8 @@ def run(args: argparse.Namespace) -> int:
             malformed_metrics=args.malformed_metrics,
             max_running=args.max_running,
             connections=getattr(args, "connections", "keep_alive"),
+            itl_per_running_ms=getattr(args, "itl_per_running_ms", 0.0),
+            prefill_ms_per_1k_tokens=getattr(args, "prefill_ms_per_1k_tokens", 0.0),
         )
     except ValueError as exc:
         print(f"mock-server: error: {exc}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Configuration of the mock model: latencies, output length, failure rate and server style.
+"""Configuration of the mock model: latencies, batch slots, output length, failure rate, style.
 
 The mock server is the ground truth for accuracy tests, so every number here is something a
 test can assert a measurement against; invalid values are refused up front rather than
@@ -18,8 +18,10 @@ class MockConfig:
     """How the mock model behaves.
 
     Attributes:
-        ttft_ms: Time to first token, from the moment the request body has been read.
-        itl_ms: Inter-token latency: the gap between consecutive tokens.
+        ttft_ms: Time to first token, from the moment the request body has been read (or,
+            with `max_running`, a slot taken), before `prefill_ms_per_1k_tokens` is added.
+        itl_ms: Inter-token latency: the gap between consecutive tokens, before
+            `itl_per_running_ms` is added.
         output_tokens: The model's natural output length, where it would emit EOS.
         jitter_ms: Each delay (TTFT and every ITL) gets a uniform offset in
             [-jitter_ms, +jitter_ms], clamped so that no delay is negative.
@@ -38,6 +40,12 @@ class MockConfig:
         connections: What the server does with kept-alive connections of the `/v1` API
             (see `mockserver.styles`): `keep_alive`, `close_after_response` (llama-server)
             or `close_idle`.
+        itl_per_running_ms: Each gap between tokens is `itl_ms + itl_per_running_ms x R`,
+            where R is the number of requests generating (holding a slot) when the gap's
+            first token is written, this request included: a batch that decodes slower the
+            fuller it is. The capacity model is `mockserver.capacity`.
+        prefill_ms_per_1k_tokens: Added to the TTFT: this many ms per 1000 prompt tokens
+            (the `usage.prompt_tokens` count), as a prefill that grows with the prompt.
     """
 
     ttft_ms: float = 50.0
@@ -52,9 +60,11 @@ class MockConfig:
     malformed_metrics: bool = False
     max_running: int = 0
     connections: ConnectionStyle = "keep_alive"
+    itl_per_running_ms: float = 0.0
+    prefill_ms_per_1k_tokens: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("ttft_ms", "itl_ms", "jitter_ms"):
+        for name in ("ttft_ms", "itl_ms", "jitter_ms", "itl_per_running_ms", "prefill_ms_per_1k_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ValueError(f"{name} must be a number, got {value!r}")

@@ -132,25 +132,47 @@ def reported_tokens(emitted: int, under_report: float) -> int:
 
 
 class LatencyModel:
-    """Draws the delays before the first token and between tokens, in seconds."""
+    """Draws the delays before the first token and between tokens, in seconds.
 
-    def __init__(self, ttft_ms: float, itl_ms: float, jitter_ms: float, rng: random.Random):
+    The TTFT grows with the prompt (`prefill_ms_per_1k_tokens`) and each gap between tokens
+    with the number of requests generating at once (`itl_per_running_ms`); jitter is drawn
+    once per delay, around the sum.
+    """
+
+    def __init__(
+        self,
+        ttft_ms: float,
+        itl_ms: float,
+        jitter_ms: float,
+        rng: random.Random,
+        *,
+        itl_per_running_ms: float = 0.0,
+        prefill_ms_per_1k_tokens: float = 0.0,
+    ):
         self._ttft = ttft_ms / 1000.0
         self._itl = itl_ms / 1000.0
         self._jitter = jitter_ms / 1000.0
+        self._itl_per_running = itl_per_running_ms / 1000.0
+        self._prefill_per_token = prefill_ms_per_1k_tokens / 1_000_000.0
         self._rng = rng
 
-    def ttft(self) -> float:
-        """Delay from the request being read to the first token."""
-        return self._draw(self._ttft)
+    @property
+    def depends_on_running(self) -> bool:
+        """Whether a gap between tokens depends on how many requests are generating."""
+        return self._itl_per_running != 0.0
 
-    def itl(self) -> float:
-        """Delay from one token to the next."""
-        return self._draw(self._itl)
+    def ttft(self, prompt_tokens: int = 0) -> float:
+        """Delay from the request being read (or taking a slot) to the first token."""
+        return self._draw(self._ttft + self._prefill_per_token * prompt_tokens)
 
-    def generation_time(self, tokens: int) -> float:
-        """Time to produce `tokens` tokens: TTFT plus `tokens - 1` inter-token gaps."""
-        return self.ttft() + sum(self.itl() for _ in range(tokens - 1))
+    def itl(self, running: int = 0) -> float:
+        """Delay from one token to the next while `running` requests generate."""
+        return self._draw(self._itl + self._itl_per_running * running)
+
+    def generation_time(self, tokens: int, prompt_tokens: int = 0, running: int = 0) -> float:
+        """Time to produce `tokens` tokens: TTFT plus `tokens - 1` inter-token gaps, with
+        `running` requests generating throughout."""
+        return self.ttft(prompt_tokens) + sum(self.itl(running) for _ in range(tokens - 1))
 
     def _draw(self, base: float) -> float:
         if self._jitter == 0.0:

@@ -6,7 +6,7 @@ does not, so a load tester's cross-check between its own counts and the server's
 
 | metric | kind | meaning in the mock |
 |---|---|---|
-| `vllm:num_requests_running` | gauge | completion requests being handled now |
+| `vllm:num_requests_running` | gauge | requests generating now (holding a slot; the R of `itl_per_running_ms`) |
 | `vllm:num_requests_waiting` | gauge | requests queued for a slot (`max_running`; 0 without a limit) |
 | `vllm:kv_cache_usage_perc` | gauge | simulated: prompt + planned output tokens of running requests |
 |  |  | over `KV_CACHE_CAPACITY_TOKENS`, a fraction in 0..1 as in vLLM |

@@ -17,8 +17,10 @@ request), and the answer sums the rows. So another worker's figures can be up to
 A reset bumps a generation number in the table and zeroes every row; each worker zeroes
 its own counters when it next sees the new generation, at the latest before it serves its next
 request (so a request served after a reset is always counted). Each worker's `/health`,
-`/v1/models` and completions behave exactly as a single server's; the `MockServer.stats`
-of a worker object stays that worker's own.
+`/v1/models` and completions behave exactly as a single server's — with its own
+`max_running` slots, queue and count of requests generating (the R of `itl_per_running_ms`),
+so N workers are N independent servers of the model; the `MockServer.stats` of a worker
+object stays that worker's own.
 
 Port 0 picks a free port: the parent first binds (without listening) a SO_REUSEPORT socket
 to learn the port and holds it until every worker listens, so no other program can take it
