@@ -286,7 +286,8 @@ def print_result(
         print(f"WARNING {line}", file=out)
     for check in result.checks:
         mark = "PASS" if check.passed else "FAIL"
-        print(f"check {mark} stage {check.stage_index}: {check.expression} — {check.message}", file=out)
+        where = "run" if check.run_level else f"stage {check.stage_index}"
+        print(f"check {mark} {where}: {check.expression} — {check.message}", file=out)
     if verdict not in ("NONE", "UNSPECIFIED"):
         print(f"verdict: {verdict}", file=out)
     if verdict == formats.VERDICT_INCONCLUSIVE:

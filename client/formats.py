@@ -266,9 +266,11 @@ def honest_verdict(result: run_pb2.RunResult, allow_suspect: bool = False) -> st
         return verdict
     if verdict == "FAIL" and all(c.passed for c in result.checks):
         return verdict  # the run itself did not succeed
-    if any(not c.passed and c.stage_index not in suspect for c in result.checks):
+    # A run-level check (on a capacity search's outcome) is judged on no one stage: the search
+    # itself never takes a saturated probe for a capacity.
+    if any(not c.passed and (c.run_level or c.stage_index not in suspect) for c in result.checks):
         return "FAIL"
-    if any(c.stage_index in suspect for c in result.checks):
+    if any(not c.run_level and c.stage_index in suspect for c in result.checks):
         return VERDICT_INCONCLUSIVE
     return verdict
 
@@ -349,7 +351,7 @@ def markdown(result: run_pb2.RunResult, run: run_pb2.Run | None = None) -> str:
         lines += ["| Check | Stage | Measured | Threshold | Result |", "|:---|---:|---:|---:|:---|"]
         for c in checks:
             lines.append(
-                f"| {_md_code(c.expression)} | {c.stage_index} | {c.measured:.4g} "
+                f"| {_md_code(c.expression)} | {'run' if c.run_level else c.stage_index} | {c.measured:.4g} "
                 f"| {c.threshold:.4g} | {'✅ pass' if c.passed else '❌ fail'} |"
             )
     saturated = [s for s in result.stages if s.saturated]

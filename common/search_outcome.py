@@ -26,16 +26,22 @@ def capacity_measured(capacity: run_pb2.CapacityResult) -> bool:
 
 
 def capacity_value(capacity: run_pb2.CapacityResult) -> float | None:
+    """`capacity_number` of a CapacityResult."""
+    highest = capacity.highest_passing if capacity.HasField("highest_passing") else None
+    return capacity_number(highest, capacity.stop_reason)
+
+
+def capacity_number(highest_passing: float | None, stop_reason: int) -> float | None:
     """The capacity as a number: the highest passing load after a stop that measured one; 0
     when even the lowest load failed; after target errors the highest passing load (0 when
     none passed: the server fails, a capacity of its own making); None when nothing was
     measured (the generator saturated, the run ended, the search reported nothing)."""
-    if capacity_measured(capacity):
-        return capacity.highest_passing
-    if capacity.stop_reason == run_pb2.SEARCH_STOP_REASON_MIN_FAILED:
+    if highest_passing is not None and stop_reason in CAPACITY_STOP_REASONS:
+        return highest_passing
+    if stop_reason == run_pb2.SEARCH_STOP_REASON_MIN_FAILED:
         return 0.0
-    if capacity.stop_reason == run_pb2.SEARCH_STOP_REASON_TARGET_ERRORS:
-        return capacity.highest_passing if capacity.HasField("highest_passing") else 0.0
+    if stop_reason == run_pb2.SEARCH_STOP_REASON_TARGET_ERRORS:
+        return highest_passing if highest_passing is not None else 0.0
     return None
 
 

@@ -219,7 +219,10 @@ def checks_section(runs: Sequence[RunReportData], styles: Sequence[RunStyle]) ->
         rows = []
         for c in sorted(checks, key=lambda c: (c.stage_index, c.expression)):
             stage = stages.get(c.stage_index)
-            where = f"{c.stage_index}: {short_load(stage)}" if stage is not None else str(c.stage_index)
+            if c.run_level:
+                where = "run"
+            else:
+                where = f"{c.stage_index}: {short_load(stage)}" if stage is not None else str(c.stage_index)
             rows.append(
                 f'<tr class="{"pass" if c.passed else "fail"}"><td class="l"><code>{escape(c.expression)}</code></td>'
                 f'<td class="l">{escape(where)}</td><td>{c.measured:,.4g}</td><td>{c.threshold:,.4g}</td>'

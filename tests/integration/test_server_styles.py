@@ -124,7 +124,11 @@ async def test_the_agent_measures_every_style_right(style: Style, api: str) -> N
         assert ms(sample.first_token_ns - sample.first_byte_ns) >= TTFT_MS - 10
     step_ms = ITL_MS * expected.tokens_per_event
     median_itl = statistics.median(sample.itl_ns) / MS
-    assert abs(median_itl - emitted["itl"]["p50_ms"]) <= ITL_SLACK_MS, (sample.itl_ns, emitted["itl"])
+    # With several tokens an event there are only a few gaps, so one late read moves their
+    # median: the bound grows with the gap (half of it still tells a per-event gap from a
+    # per-token one, a quarter of its length).
+    slack_ms = max(ITL_SLACK_MS, 0.5 * emitted["itl"]["p50_ms"]) if expected.tokens_per_event > 1 else ITL_SLACK_MS
+    assert abs(median_itl - emitted["itl"]["p50_ms"]) <= slack_ms, (sample.itl_ns, emitted["itl"])
     # TPOT is per token (docs/metrics.md): with 4 tokens an event it is about a quarter of the
     # per-event ITL. (No upper bound on it: one stall of the machine moves a whole span.) The
     # deadlines are absolute, so the span is short of its planned length by at most how late

@@ -68,8 +68,13 @@ async def test_a_target_slower_than_the_rate_is_flagged(controller: Controller, 
     assert overloaded.request_throughput < 10  # a one-slot server of ~5 requests/s
     assert f"the stage ran {overloaded.duration_s:.1f} s for a planned 4.0 s" in reason
     assert "vllm:num_requests_waiting rose" in reason
-    # The generator was fine: it is the target that did not keep up.
-    assert not overloaded.saturated
+    # It is the target that did not keep up, not the generator: without a concurrency cap every
+    # request went out at its time however slow the answers, so no send lag comes of it. (On a
+    # busy machine the agent's own loop can lag, and then the flag is right and names it: a
+    # send lag from a stalled loop comes with the loop's lag.)
+    why = overloaded.saturation_reason
+    assert not overloaded.saturated or "event-loop lag" in why or "CPU" in why, why
+    assert "send lag" not in why or "event-loop lag" in why, why
 
     # Where people read it: the warnings under the table (`run` and `runs result` print each
     # after "WARNING ") and the markdown.

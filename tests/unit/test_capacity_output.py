@@ -239,3 +239,28 @@ def test_a_rate_search_fits_too_with_bisected_rates(width: int) -> None:
     assert max(len(row) for row in text.splitlines()) <= width
     for shown in ("1/s", "1000/s", "12.35/s", "999.5/s", "0.1235/s"):
         assert re.search(rf"\s{re.escape(shown)}\s", text), (shown, text)
+
+
+def test_a_run_level_capacity_check_is_judged_whatever_stage_was_suspect() -> None:
+    # A search whose first probe saturated the generator (a suspect stage 0) and then found a
+    # capacity: the capacity check is the search's, on no one stage.
+    result = run_pb2.RunResult(verdict=run_pb2.VERDICT_PASS)
+    result.stages.add(index=0, saturated=True)
+    result.stages.add(index=1)
+    result.checks.add(expression="capacity >= 2", stage_index=0, passed=True, run_level=True)
+    assert formats.honest_verdict(result) == "PASS"
+    result.checks[0].passed = False
+    result.verdict = run_pb2.VERDICT_FAIL
+    assert formats.honest_verdict(result) == "FAIL"
+    # A stage check on the suspect stage still makes it inconclusive.
+    result.checks[0].passed = True
+    result.verdict = run_pb2.VERDICT_PASS
+    result.checks.add(expression="p99(ttft) < 1s", stage_index=0, passed=True)
+    assert formats.honest_verdict(result) == formats.VERDICT_INCONCLUSIVE
+
+
+def test_the_capacity_number_is_none_when_the_generator_saturated() -> None:
+    saturated = run_pb2.SEARCH_STOP_REASON_GENERATOR_SATURATED
+    assert search_outcome.capacity_number(8.0, saturated) is None
+    assert search_outcome.capacity_number(8.0, run_pb2.SEARCH_STOP_REASON_CONVERGED) == 8.0
+    assert search_outcome.capacity_number(None, run_pb2.SEARCH_STOP_REASON_MIN_FAILED) == 0.0

@@ -20,6 +20,7 @@ from common.codes import AssignmentState, RequestStatus, RunState, SampleFlag
 from common.durations import millis_if_set
 from common.metrics import SampleColumns, Slo, StageMetrics, compute_stage_metrics, counted_mask
 from common.proto.loadtest.v1 import run_pb2
+from common.search_outcome import capacity_number
 from controller.domain.execution.preflight import WARNING_EVENT as PREFLIGHT_WARNING_EVENT
 from controller.domain.execution.search import (
     ProbeJudgement,
@@ -256,7 +257,8 @@ def compute_run_result(reads: SnapshotReads, run_pk: int, spec: run_pb2.RunSpec,
     all_checks = [c for s in stages for c in s.checks]
     for check in checks:
         if check.run_level:
-            value = capacity.highest_passing if capacity is not None else None
+            # The same number `runs compare` and the CLI use: none when the generator saturated.
+            value = capacity_number(capacity.highest_passing, capacity.stop_reason) if capacity is not None else None
             passed, measured, message = check.evaluate_value(value)
             all_checks.append(CheckOutcome(check.expression, 0, passed, measured, check.threshold, message, True))
     if not checks:
