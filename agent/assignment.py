@@ -270,10 +270,11 @@ class AssignmentRunner:
             if assign.server_metrics.endpoints:
                 # The first scrape is the stage's counter baseline: taken before any request.
                 self._scraper = ServerMetricsScraper(
-                    assign.server_metrics, self._batcher.add_server_scrape,
+                    assign.server_metrics,
+                    self._batcher.add_server_scrape,
                     insecure_skip_verify=assign.target.insecure_skip_verify,
                     clock=lambda: self._anchor.to_unix_ns(time.perf_counter_ns()),  # the samples' clock
-                )  # fmt: skip
+                )
                 await self._scraper.start()
             self._load_task = asyncio.create_task(self._load(schedule, self._client), name="load")
             if self._cancel_reason is not None:  # cancelled before the load began
@@ -366,8 +367,12 @@ class AssignmentRunner:
             gc.enable()
         late_ms = (time.time_ns() - target_ns) / 1e6
         if late_ms > START_LATE_WARN_MS:
-            log.warning("assignment_started_late", assignment_id=self.assignment_id, late_ms=round(late_ms, 3),
-                        lead_ms=round(lead_s * 1000, 3))  # fmt: skip
+            log.warning(
+                "assignment_started_late",
+                assignment_id=self.assignment_id,
+                late_ms=round(late_ms, 3),
+                lead_ms=round(lead_s * 1000, 3),
+            )
 
     async def _send_one(self, scheduled_ns: int, warmup: bool) -> None:
         assert self._client is not None  # set before the schedule starts

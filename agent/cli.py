@@ -101,10 +101,17 @@ async def _main(args: argparse.Namespace) -> int:
     tls = client_tls_from_args(args)
     # Everything imported and built so far lives for the whole process (see agent/gcload.py).
     freeze_startup()
-    agent = asyncio.create_task(run_agent(
-        args.controller, name, labels, args.api_key, stop, observer=metrics,
-        channel_factory=lambda target: open_channel(target, tls),
-    ))  # fmt: skip
+    agent = asyncio.create_task(
+        run_agent(
+            args.controller,
+            name,
+            labels,
+            args.api_key,
+            stop,
+            observer=metrics,
+            channel_factory=lambda target: open_channel(target, tls),
+        )
+    )
 
     def on_signal() -> None:
         # First signal: graceful stop (flush samples, wait briefly for acks). A second one

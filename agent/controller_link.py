@@ -464,8 +464,9 @@ class ControllerLink:
             running = [r for r in self._assignments.values() if not r.finished]
             for runner in running:
                 if not runner.cancelling:
-                    log.warning("agent_lease_expired", assignment_id=runner.assignment_id,
-                                lease_s=self.lease.duration_s)  # fmt: skip
+                    log.warning(
+                        "agent_lease_expired", assignment_id=runner.assignment_id, lease_s=self.lease.duration_s
+                    )
                     runner.cancel(f"lease expired: no word from the controller for {self.lease.duration_s:g} s")
 
     async def _read_loop(self, call: Any) -> None:
@@ -578,16 +579,24 @@ class ControllerLink:
     async def _preflight(self, preflight: agent_service_pb2.Preflight) -> None:
         """Check the target and answer the controller."""
         outcome = await check_target(preflight.target, preflight.workload)
-        log.info("preflight_done", run_id=preflight.run_id, ok=outcome.ok, message=outcome.message,
-                 response_model=outcome.response_model)  # fmt: skip
+        log.info(
+            "preflight_done",
+            run_id=preflight.run_id,
+            ok=outcome.ok,
+            message=outcome.message,
+            response_model=outcome.response_model,
+        )
         self.send(
             ConnectRequest(
                 preflight_result=agent_service_pb2.PreflightResult(
-                    preflight_id=preflight.preflight_id, ok=outcome.ok, message=outcome.message,
-                    served_models=outcome.served_models, response_model=outcome.response_model,
+                    preflight_id=preflight.preflight_id,
+                    ok=outcome.ok,
+                    message=outcome.message,
+                    served_models=outcome.served_models,
+                    response_model=outcome.response_model,
                 )
             )
-        )  # fmt: skip
+        )
 
     def _on_cancel(self, cancel: agent_service_pb2.Cancel) -> None:
         runner = self._assignments.get(cancel.assignment_id)
@@ -647,7 +656,12 @@ async def run_agent(
     channel (e.g. with TLS credentials, see common/tls.py).
     """
     link = ControllerLink(
-        controller, name=name, labels=labels, api_key=api_key, stop=stop, observer=observer,
+        controller,
+        name=name,
+        labels=labels,
+        api_key=api_key,
+        stop=stop,
+        observer=observer,
         channel_factory=channel_factory,
-    )  # fmt: skip
+    )
     await link.run()

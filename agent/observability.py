@@ -42,30 +42,47 @@ class AgentMetrics:
         self._link: ControllerLink | None = None
         self._cpu = CpuMeter()
         ProcessCollector(registry=self.registry)
-        Gauge("llm_loadtest_agent_in_flight_requests", "Requests in flight now",
-              registry=self.registry).set_function(self._in_flight)  # fmt: skip
-        Gauge("llm_loadtest_agent_assignments", "Assignments held (running, or finished and not yet acked)",
-              registry=self.registry).set_function(self._assignments)  # fmt: skip
-        Gauge("llm_loadtest_agent_connected", "1 while a welcomed stream to the controller is live",
-              registry=self.registry).set_function(self._connected)  # fmt: skip
-        Gauge("llm_loadtest_agent_cpu_percent", "CPU of this process since the previous scrape, percent of one core",
-              registry=self.registry).set_function(self._cpu.take_percent)  # fmt: skip
+        Gauge("llm_loadtest_agent_in_flight_requests", "Requests in flight now", registry=self.registry).set_function(
+            self._in_flight
+        )
+        Gauge(
+            "llm_loadtest_agent_assignments",
+            "Assignments held (running, or finished and not yet acked)",
+            registry=self.registry,
+        ).set_function(self._assignments)
+        Gauge(
+            "llm_loadtest_agent_connected",
+            "1 while a welcomed stream to the controller is live",
+            registry=self.registry,
+        ).set_function(self._connected)
+        Gauge(
+            "llm_loadtest_agent_cpu_percent",
+            "CPU of this process since the previous scrape, percent of one core",
+            registry=self.registry,
+        ).set_function(self._cpu.take_percent)
         self._lag_last = Gauge(
-            "llm_loadtest_agent_event_loop_lag_seconds", "Event-loop lag: how late a 100 ms timer fired, last reading",
+            "llm_loadtest_agent_event_loop_lag_seconds",
+            "Event-loop lag: how late a 100 ms timer fired, last reading",
             registry=self.registry,
-        )  # fmt: skip
+        )
         self._lag_hist = Histogram(
-            "llm_loadtest_agent_event_loop_lag_seconds_hist", "Event-loop lag readings (10 a second)",
-            buckets=LAG_BUCKETS_S, registry=self.registry,
-        )  # fmt: skip
-        self._send_lag = Histogram(
-            "llm_loadtest_agent_send_lag_seconds", "Send lag of every request: sent minus scheduled",
-            buckets=SEND_LAG_BUCKETS_S, registry=self.registry,
-        )  # fmt: skip
-        self._requests = Counter(
-            "llm_loadtest_agent_requests", "Finished requests by status (ok or error)", ["status"],
+            "llm_loadtest_agent_event_loop_lag_seconds_hist",
+            "Event-loop lag readings (10 a second)",
+            buckets=LAG_BUCKETS_S,
             registry=self.registry,
-        )  # fmt: skip
+        )
+        self._send_lag = Histogram(
+            "llm_loadtest_agent_send_lag_seconds",
+            "Send lag of every request: sent minus scheduled",
+            buckets=SEND_LAG_BUCKETS_S,
+            registry=self.registry,
+        )
+        self._requests = Counter(
+            "llm_loadtest_agent_requests",
+            "Finished requests by status (ok or error)",
+            ["status"],
+            registry=self.registry,
+        )
         self.lag_monitor = LoopLagMonitor(on_sample=self._on_lag)
         self._server = MetricsServer(self.registry)
         self._lag_task: asyncio.Task[None] | None = None

@@ -269,8 +269,13 @@ class ServerMetricsScraper:
             samples = [s for s in parse_exposition(text) if self._keep(s.name)]
             if len(samples) > MAX_VALUES_PER_SCRAPE:
                 if not self._truncation_logged:
-                    log.warning("server_metrics_truncated", endpoint=endpoint, values=len(samples),
-                                kept=MAX_VALUES_PER_SCRAPE, hint="set metric filters")  # fmt: skip
+                    log.warning(
+                        "server_metrics_truncated",
+                        endpoint=endpoint,
+                        values=len(samples),
+                        kept=MAX_VALUES_PER_SCRAPE,
+                        hint="set metric filters",
+                    )
                     self._truncation_logged = True
                 samples = samples[:MAX_VALUES_PER_SCRAPE]
             scrape.values.extend(
@@ -279,8 +284,15 @@ class ServerMetricsScraper:
             )
         except asyncio.CancelledError:
             raise
-        except (aiohttp.ClientError, TimeoutError, OSError, ExpositionError, ScrapeHTTPError, RuntimeError,
-                UnicodeDecodeError) as exc:
+        except (
+            aiohttp.ClientError,
+            TimeoutError,
+            OSError,
+            ExpositionError,
+            ScrapeHTTPError,
+            RuntimeError,
+            UnicodeDecodeError,
+        ) as exc:
             scrape.time_unix_ns = self._clock()
             del scrape.values[:]
             if isinstance(exc, TimeoutError):
@@ -307,4 +319,3 @@ class ServerMetricsScraper:
                 if len(body) > MAX_PAGE_BYTES:
                     raise ExpositionError(0, f"page larger than {MAX_PAGE_BYTES} bytes")
             return body.decode("utf-8")
-

@@ -229,9 +229,7 @@ class ClientRun:
         return float(np.percentile(self.itl_ms, 99)) if len(self.itl_ms) else float("nan")
 
 
-def run_client(
-    kind: str, base_url: str, streams: int, duration_s: float, warmup_s: float, out_dir: Path
-) -> ClientRun:
+def run_client(kind: str, base_url: str, streams: int, duration_s: float, warmup_s: float, out_dir: Path) -> ClientRun:
     """Run `bench/_clients.py KIND` pinned to `CLIENT_CPU`; its steady-window figures."""
     out = out_dir / f"{kind}-{streams}.npz"
     cmd = [sys.executable, str(ROOT / "bench" / "_clients.py"), kind, "--url", base_url]
@@ -272,6 +270,7 @@ def run_arguments(
 
 def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub-markdown table."""
+
     def cell(v: Any) -> str:
         return f"{v:.1f}" if isinstance(v, float) else str(v)
 

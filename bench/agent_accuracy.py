@@ -28,8 +28,10 @@ def main() -> None:
     parser = run_arguments(__doc__, streams="128,256,512", duration_s=14.0, clients="floor,agent")
     args = parser.parse_args()
     print(machine())
-    print(f"mock: ttft {TTFT_MS:g} ms, itl {ITL_MS:g} ms, {TOKENS} tokens, {args.mock_workers} worker(s) on CPU 0; "
-          f"clients on CPU 1")
+    print(
+        f"mock: ttft {TTFT_MS:g} ms, itl {ITL_MS:g} ms, {TOKENS} tokens, {args.mock_workers} worker(s) on CPU 0; "
+        f"clients on CPU 1"
+    )
     rows = []
     notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="bench-accuracy-") as tmp:
@@ -39,20 +41,40 @@ def main() -> None:
                     run = run_client(kind, url, streams, args.duration, args.warmup, Path(tmp))
                 em = run.window.mock_emission
                 itl_p99, mock_itl_p99 = run.itl_p99_ms(), em.get("itl", {}).get("p99_ms", float("nan"))
-                rows.append([
-                    streams, kind, len(run.ttft_ms), round(run.ttft_p99_error_ms(TTFT_MS), 2),
-                    em.get("ttft_late", {}).get("p99_ms", "-"), round(itl_p99, 2), mock_itl_p99,
-                    round(itl_p99 - mock_itl_p99, 2), f"{run.window.mock_utilisation:.0%}",
-                    f"{run.window.cpu_utilisation:.0%}",
-                ])
+                rows.append(
+                    [
+                        streams,
+                        kind,
+                        len(run.ttft_ms),
+                        round(run.ttft_p99_error_ms(TTFT_MS), 2),
+                        em.get("ttft_late", {}).get("p99_ms", "-"),
+                        round(itl_p99, 2),
+                        mock_itl_p99,
+                        round(itl_p99 - mock_itl_p99, 2),
+                        f"{run.window.mock_utilisation:.0%}",
+                        f"{run.window.cpu_utilisation:.0%}",
+                    ]
+                )
                 notes += mock_busy_note(streams, kind, run.window)
                 print(f"  {streams} streams {kind}: TTFT p99 error {rows[-1][3]} ms", flush=True)
     print()
-    print(table(
-        ["streams", "client", "requests", "TTFT p99 err ms", "mock first-token late p99 ms", "ITL p99 ms",
-         "mock emission ITL p99 ms", "ITL p99 - mock", "mock CPU", "client CPU"],
-        rows,
-    ))
+    print(
+        table(
+            [
+                "streams",
+                "client",
+                "requests",
+                "TTFT p99 err ms",
+                "mock first-token late p99 ms",
+                "ITL p99 ms",
+                "mock emission ITL p99 ms",
+                "ITL p99 - mock",
+                "mock CPU",
+                "client CPU",
+            ],
+            rows,
+        )
+    )
     for note in notes:
         print(note)
 

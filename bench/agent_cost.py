@@ -32,8 +32,10 @@ def main() -> None:
     parser = run_arguments(__doc__, streams="128,512", duration_s=14.0, clients="floor,aiohttp,agent")
     args = parser.parse_args()
     print(machine())
-    print(f"mock: ttft {TTFT_MS:g} ms, itl {ITL_MS:g} ms, {TOKENS} tokens, {args.mock_workers} worker(s) on CPU 0; "
-          f"clients on CPU 1; {args.duration:g} s runs, window from {args.warmup:g} s")
+    print(
+        f"mock: ttft {TTFT_MS:g} ms, itl {ITL_MS:g} ms, {TOKENS} tokens, {args.mock_workers} worker(s) on CPU 0; "
+        f"clients on CPU 1; {args.duration:g} s runs, window from {args.warmup:g} s"
+    )
     rows = []
     notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="bench-cost-") as tmp:
@@ -46,20 +48,40 @@ def main() -> None:
                 cost = w.cpu_ms_per_1k_tokens
                 if kind == "floor":
                     floor = cost
-                rows.append([
-                    streams, kind, round(cost, 2), f"{cost / floor:.2f}x" if floor else "-",
-                    round(w.tokens_per_s), f"{w.cpu_utilisation:.0%}", f"{w.mock_utilisation:.0%}",
-                    round(run.ttft_p99_error_ms(TTFT_MS), 2), round(run.itl_p99_ms(), 2),
-                    w.mock_emission.get("itl", {}).get("p99_ms", "-"),
-                ])
+                rows.append(
+                    [
+                        streams,
+                        kind,
+                        round(cost, 2),
+                        f"{cost / floor:.2f}x" if floor else "-",
+                        round(w.tokens_per_s),
+                        f"{w.cpu_utilisation:.0%}",
+                        f"{w.mock_utilisation:.0%}",
+                        round(run.ttft_p99_error_ms(TTFT_MS), 2),
+                        round(run.itl_p99_ms(), 2),
+                        w.mock_emission.get("itl", {}).get("p99_ms", "-"),
+                    ]
+                )
                 notes += mock_busy_note(streams, kind, run.window)
                 print(f"  {streams} streams {kind}: {cost:.2f} ms/1k tokens", flush=True)
     print()
-    print(table(
-        ["streams", "client", "CPU ms / 1k tok", "vs floor", "tok/s", "client CPU", "mock CPU", "TTFT p99 err ms",
-         "ITL p99 ms", "mock emission ITL p99 ms"],
-        rows,
-    ))
+    print(
+        table(
+            [
+                "streams",
+                "client",
+                "CPU ms / 1k tok",
+                "vs floor",
+                "tok/s",
+                "client CPU",
+                "mock CPU",
+                "TTFT p99 err ms",
+                "ITL p99 ms",
+                "mock emission ITL p99 ms",
+            ],
+            rows,
+        )
+    )
     for note in notes:
         print(note)
 

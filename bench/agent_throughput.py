@@ -41,15 +41,34 @@ def main() -> None:
             w = run.window
             capacity = w.tokens_per_s / w.cpu_utilisation if w.cpu_utilisation else float("nan")
             best = max(best, w.tokens_per_s)
-            rows.append([
-                streams, round(w.tokens_per_s), f"{w.cpu_utilisation:.0%}", f"{w.mock_utilisation:.0%}",
-                round(w.cpu_ms_per_1k_tokens, 2), round(run.ttft_p99_error_ms(args.ttft_ms), 1), round(capacity),
-            ])
+            rows.append(
+                [
+                    streams,
+                    round(w.tokens_per_s),
+                    f"{w.cpu_utilisation:.0%}",
+                    f"{w.mock_utilisation:.0%}",
+                    round(w.cpu_ms_per_1k_tokens, 2),
+                    round(run.ttft_p99_error_ms(args.ttft_ms), 1),
+                    round(capacity),
+                ]
+            )
             notes += mock_busy_note(streams, "agent", run.window)
             print(f"  {streams} streams: {w.tokens_per_s:.0f} tok/s at {w.cpu_utilisation:.0%} agent CPU", flush=True)
     print()
-    print(table(["streams", "achieved tok/s", "agent CPU", "mock CPU", "CPU ms / 1k tok", "TTFT p99 err ms",
-                 "capacity tok/s (achieved / agent CPU)"], rows))
+    print(
+        table(
+            [
+                "streams",
+                "achieved tok/s",
+                "agent CPU",
+                "mock CPU",
+                "CPU ms / 1k tok",
+                "TTFT p99 err ms",
+                "capacity tok/s (achieved / agent CPU)",
+            ],
+            rows,
+        )
+    )
     print(f"\nmax achieved: {best:.0f} output tok/s from one agent process")
     for note in notes:
         print(note)

@@ -74,8 +74,11 @@ class Agents:
 
     def _start(self) -> subprocess.Popen[bytes]:
         self._count += 1
-        return subprocess.Popen([CLI, "agent", "--controller", self._address, "--name", f"bench-{self._count}"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        return subprocess.Popen(
+            [CLI, "agent", "--controller", self._address, "--name", f"bench-{self._count}"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
     async def restart(self, client: ControllerClient) -> None:
         self.stop()
@@ -118,18 +121,27 @@ async def bench(address: str, url: str, args: argparse.Namespace, agents: Agents
         separate_s, separate_requests = time.perf_counter() - started, served(url) - before
 
     print(machine())
-    print(f"mock: ttft {args.ttft_ms} ms, itl {args.itl_ms} ms, {args.output_tokens} tokens, "
-          f"--max-running {args.max_running}; SLO ttft {args.slo_ms} ms, target {args.target:g} %")  # fmt: skip
+    print(
+        f"mock: ttft {args.ttft_ms} ms, itl {args.itl_ms} ms, {args.output_tokens} tokens, "
+        f"--max-running {args.max_running}; SLO ttft {args.slo_ms} ms, target {args.target:g} %"
+    )
     stop = run_pb2.SearchStopReason.Name(cap.stop_reason).removeprefix("SEARCH_STOP_REASON_")
-    print(f"search: {final.state_reason or run_pb2.RunState.Name(final.state)}; capacity "
-          f"{cap.highest_passing:g} (failing {cap.lowest_failing:g}), {stop}; probes {loads}")  # fmt: skip
+    print(
+        f"search: {final.state_reason or run_pb2.RunState.Name(final.state)}; capacity "
+        f"{cap.highest_passing:g} (failing {cap.lowest_failing:g}), {stop}; probes {loads}"
+    )
     for probe in cap.probes:
         outcome = run_pb2.ProbeOutcome.Name(probe.outcome).removeprefix("PROBE_OUTCOME_")
         print(f"  probe {probe.stage_index}: {probe.load:g} {outcome}: {probe.reason}")
     rows = [
         ["one run with a search", len(loads), search_s, search_requests, 1],
-        ["a run per probe" + (", a new agent each" if args.fresh_agent else ""), len(loads), separate_s,
-         separate_requests, len(loads)],
+        [
+            "a run per probe" + (", a new agent each" if args.fresh_agent else ""),
+            len(loads),
+            separate_s,
+            separate_requests,
+            len(loads),
+        ],
         ["ratio (per probe / search)", "", separate_s / search_s, f"{separate_requests / search_requests:.2f}", ""],
     ]
     print(table(["how", "probes", "seconds", "requests served", "runs"], rows))
@@ -149,10 +161,24 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         mock = subprocess.Popen(
-            [CLI, "mock-server", "--port", "0", "--ttft-ms", str(args.ttft_ms), "--itl-ms", str(args.itl_ms),
-             "--output-tokens", str(args.output_tokens), "--max-running", str(args.max_running)],
-            stdout=subprocess.PIPE, text=True, preexec_fn=pin(0),  # noqa: PLW1509
-        )  # fmt: skip
+            [
+                CLI,
+                "mock-server",
+                "--port",
+                "0",
+                "--ttft-ms",
+                str(args.ttft_ms),
+                "--itl-ms",
+                str(args.itl_ms),
+                "--output-tokens",
+                str(args.output_tokens),
+                "--max-running",
+                str(args.max_running),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            preexec_fn=pin(0),  # noqa: PLW1509
+        )
         controller, address = start_controller(str(Path(tmp) / "runs.db"), tmp)
         agents = Agents(address)
         try:

@@ -128,8 +128,11 @@ class FakeAgent:
 
     async def complete(self, batches: int) -> None:
         aid = await self.assignment_id
-        done = agent_service_pb2.ConnectRequest(assignment_update=agent_service_pb2.AssignmentUpdate(
-            assignment_id=aid, state=agent_service_pb2.ASSIGNMENT_STATE_COMPLETED, batch_count=batches))
+        done = agent_service_pb2.ConnectRequest(
+            assignment_update=agent_service_pb2.AssignmentUpdate(
+                assignment_id=aid, state=agent_service_pb2.ASSIGNMENT_STATE_COMPLETED, batch_count=batches
+            )
+        )
         await self._write(done.SerializeToString())
 
     async def close(self) -> None:
@@ -188,9 +191,14 @@ async def run_ingest(address: str, args: argparse.Namespace, itl_per_sample: int
     lat = np.asarray([x for a in agents for x in a.latencies]) * 1000.0
     samples = args.agents * args.batches * args.batch_samples
     return {
-        "itl": itl_per_sample, "samples": samples, "seconds": ended - started, "rate": samples / (ended - started),
-        "ack_p50": float(np.percentile(lat, 50)), "ack_p99": float(np.percentile(lat, 99)),
-        "window": (start_ns, end_ns), "state": run_pb2.RunState.Name(final.state),
+        "itl": itl_per_sample,
+        "samples": samples,
+        "seconds": ended - started,
+        "rate": samples / (ended - started),
+        "ack_p50": float(np.percentile(lat, 50)),
+        "ack_p99": float(np.percentile(lat, 99)),
+        "window": (start_ns, end_ns),
+        "state": run_pb2.RunState.Name(final.state),
         # Counted by the controller at commit: every sample sent must be stored exactly once.
         "stored": final.progress.requests_ok + final.progress.requests_failed,
     }
@@ -218,8 +226,11 @@ def main() -> None:
     parser.add_argument("--agents", type=int, default=8, help="concurrent agent streams (default: %(default)s)")
     parser.add_argument("--batches", type=int, default=100, help="batches per agent (default: %(default)s)")
     parser.add_argument("--batch-samples", type=int, default=512, help="samples per batch (default: %(default)s)")
-    parser.add_argument("--itl-per-sample", default="0,16", help="comma-separated ITL values per sample, one "
-                        "round each (default: %(default)s)")
+    parser.add_argument(
+        "--itl-per-sample",
+        default="0,16",
+        help="comma-separated ITL values per sample, one round each (default: %(default)s)",
+    )
     parser.add_argument("--window", type=int, default=16, help="unacked batches per agent (default: %(default)s)")
     args = parser.parse_args()
     print(machine())
@@ -227,7 +238,9 @@ def main() -> None:
         db, lag_out = str(Path(tmp) / "ingest.db"), str(Path(tmp) / "lag.npy")
         proc = subprocess.Popen(
             [sys.executable, str(ROOT / "bench" / "_controller_proc.py"), "--db", db, "--lag-out", lag_out],
-            stdout=subprocess.PIPE, text=True, cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
         )
         results = []
         try:
@@ -245,15 +258,43 @@ def main() -> None:
     for r in results:
         start, end = r["window"]
         sel = lags[(lags[:, 0] >= start) & (lags[:, 0] <= end), 1]
-        rows.append([
-            args.agents, r["itl"], r["samples"], round(r["seconds"], 2), round(r["rate"]), round(r["ack_p50"], 1),
-            round(r["ack_p99"], 1), round(float(np.percentile(sel, 99)), 1) if len(sel) else "-",
-            round(float(sel.max()), 1) if len(sel) else "-", r["stored"], r["state"],
-        ])
-    print(f"\nbatches of {args.batch_samples} samples, {args.batches} per agent, window {args.window}; "
-          f"db {db_mb:.0f} MB at the end")
-    print(table(["agents", "ITL/sample", "samples", "s", "samples/s committed+acked", "ack p50 ms", "ack p99 ms",
-                 "loop lag p99 ms", "loop lag max ms", "stored", "run"], rows))
+        rows.append(
+            [
+                args.agents,
+                r["itl"],
+                r["samples"],
+                round(r["seconds"], 2),
+                round(r["rate"]),
+                round(r["ack_p50"], 1),
+                round(r["ack_p99"], 1),
+                round(float(np.percentile(sel, 99)), 1) if len(sel) else "-",
+                round(float(sel.max()), 1) if len(sel) else "-",
+                r["stored"],
+                r["state"],
+            ]
+        )
+    print(
+        f"\nbatches of {args.batch_samples} samples, {args.batches} per agent, window {args.window}; "
+        f"db {db_mb:.0f} MB at the end"
+    )
+    print(
+        table(
+            [
+                "agents",
+                "ITL/sample",
+                "samples",
+                "s",
+                "samples/s committed+acked",
+                "ack p50 ms",
+                "ack p99 ms",
+                "loop lag p99 ms",
+                "loop lag max ms",
+                "stored",
+                "run",
+            ],
+            rows,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -46,8 +46,10 @@ def start_controller(db: str) -> tuple[subprocess.Popen[str], str]:
     limits = [f"--{kind}-{what}={1e6}" for kind in ("write", "read") for what in ("rate-limit", "burst")]
     proc = subprocess.Popen(
         [CLI, "controller", "--listen", "127.0.0.1:0", "--db", db, "--log-level", "warning", *limits],
-        stdout=subprocess.PIPE, text=True, cwd=ROOT,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.stdout is not None
     return proc, proc.stdout.readline().split()[-1]
 
@@ -93,8 +95,9 @@ def pending_spec(name: str) -> run_pb2.RunSpec:
     return spec
 
 
-async def phases(address: str, pid: int, run_id: str, args: argparse.Namespace,
-                 measure: list[tuple[str, dict[str, float]]]) -> None:  # fmt: skip
+async def phases(
+    address: str, pid: int, run_id: str, args: argparse.Namespace, measure: list[tuple[str, dict[str, float]]]
+) -> None:
     async with ControllerClient(address) as client:
         await client.wait_ready(30)
         for _ in range(args.result_calls):
@@ -161,8 +164,18 @@ def main() -> None:
         finally:
             stop_controller(proc)
     base = measure[0][1]["VmRSS"]
-    rows = [[name, round(m["VmRSS"]), f"{m['VmRSS'] / base:.2f}", round(m["RssAnon"]), round(m["RssFile"]),
-             round(m["VmHWM"]), f"{m['VmHWM'] / base:.2f}"] for name, m in measure]  # fmt: skip
+    rows = [
+        [
+            name,
+            round(m["VmRSS"]),
+            f"{m['VmRSS'] / base:.2f}",
+            round(m["RssAnon"]),
+            round(m["RssFile"]),
+            round(m["VmHWM"]),
+            f"{m['VmHWM'] / base:.2f}",
+        ]
+        for name, m in measure
+    ]
     print(f"\nController RSS (idle: {base:.0f} MB = 1.00; anon: heap, file: mapped database and libraries)")
     print(table(["after", "RSS MB", "RSS / idle", "anon MB", "file MB", "peak MB", "peak / idle"], rows))
 

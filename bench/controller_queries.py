@@ -49,9 +49,19 @@ from common.proto.loadtest.v1 import run_pb2
 
 def start_controller(db: str, tmp: str) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "bench" / "_controller_proc.py"), "--db", db, "--lag-out",
-         str(Path(tmp) / "lag.npy"), "--log-out", str(Path(tmp) / "controller.jsonl")],
-        stdout=subprocess.PIPE, text=True, cwd=ROOT,
+        [
+            sys.executable,
+            str(ROOT / "bench" / "_controller_proc.py"),
+            "--db",
+            db,
+            "--lag-out",
+            str(Path(tmp) / "lag.npy"),
+            "--log-out",
+            str(Path(tmp) / "controller.jsonl"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
     )
     assert proc.stdout is not None
     return proc, f"127.0.0.1:{int(proc.stdout.readline().split()[1])}"
@@ -92,8 +102,10 @@ def add_runs(db: str, n: int) -> None:
         elif c == "created_at":
             select.append(f"{base} - x * 1000000000")
         elif c == "state":
-            select.append(f"CASE WHEN x % 10 = 0 THEN {run_pb2.RUN_STATE_FAILED} WHEN x % 10 = 1 "
-                          f"THEN {run_pb2.RUN_STATE_CANCELLED} ELSE {run_pb2.RUN_STATE_SUCCEEDED} END")
+            select.append(
+                f"CASE WHEN x % 10 = 0 THEN {run_pb2.RUN_STATE_FAILED} WHEN x % 10 = 1 "
+                f"THEN {run_pb2.RUN_STATE_CANCELLED} ELSE {run_pb2.RUN_STATE_SUCCEEDED} END"
+            )
         elif c == "model":
             select.append("CASE WHEN x % 2 = 0 THEN 'mock' ELSE 'llama-70b' END")
         else:
@@ -135,8 +147,15 @@ async def query(address: str, run_id: str, args: argparse.Namespace) -> tuple[li
         ]
         for name, fn in cases:
             ms = await timed(args.list_calls, fn)
-            rows.append([name, args.list_calls, round(float(np.percentile(ms, 50)), 2),
-                         round(float(np.percentile(ms, 99)), 2), round(float(ms.max()), 2)])
+            rows.append(
+                [
+                    name,
+                    args.list_calls,
+                    round(float(np.percentile(ms, 50)), 2),
+                    round(float(np.percentile(ms, 99)), 2),
+                    round(float(ms.max()), 2),
+                ]
+            )
         total = len((await client.list_runs(page_size=1)).runs)
         result_ms = list(await timed(args.result_calls, lambda: client.get_result(run_id)))
     return rows, result_ms, total

@@ -127,10 +127,20 @@ class HeartbeatProbe:
         times = np.asarray([a for a, _ in self.acks if t0 <= a <= t1])
         rtt = np.asarray([r for a, r in self.acks if t0 <= a <= t1]) * 1000.0
         if len(rtt) < 2:
-            return {"n": float(len(rtt)), "p50": float("nan"), "p99": float("nan"), "max": float("nan"),
-                    "gap": float("nan")}  # fmt: skip
-        return {"n": float(len(rtt)), "p50": float(np.percentile(rtt, 50)), "p99": float(np.percentile(rtt, 99)),
-                "max": float(rtt.max()), "gap": float(np.diff(times).max() * 1000.0)}  # fmt: skip
+            return {
+                "n": float(len(rtt)),
+                "p50": float("nan"),
+                "p99": float("nan"),
+                "max": float("nan"),
+                "gap": float("nan"),
+            }
+        return {
+            "n": float(len(rtt)),
+            "p50": float(np.percentile(rtt, 50)),
+            "p99": float(np.percentile(rtt, 99)),
+            "max": float(rtt.max()),
+            "gap": float(np.diff(times).max() * 1000.0),
+        }
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -172,7 +182,11 @@ async def readers_child(address: str, run_id: str, pollers: int, watchers: int, 
 
 
 async def one_run(
-    client: ControllerClient, probe: HeartbeatProbe, base_url: str, args: argparse.Namespace, address: str,
+    client: ControllerClient,
+    probe: HeartbeatProbe,
+    base_url: str,
+    args: argparse.Namespace,
+    address: str,
     with_readers: bool,
 ) -> dict[str, Any]:
     run = await client.create_run(load_spec(base_url, args))
@@ -180,18 +194,32 @@ async def one_run(
     readers: asyncio.subprocess.Process | None = None
     if with_readers:
         readers = await asyncio.create_subprocess_exec(
-            sys.executable, __file__, "--readers-child", address, run.id, str(args.pollers), str(args.watchers),
-            str(args.duration + 5), stdout=asyncio.subprocess.PIPE, cwd=ROOT,
-        )  # fmt: skip
+            sys.executable,
+            __file__,
+            "--readers-child",
+            address,
+            run.id,
+            str(args.pollers),
+            str(args.watchers),
+            str(args.duration + 5),
+            stdout=asyncio.subprocess.PIPE,
+            cwd=ROOT,
+        )
     final = await wait_final(client, run.id, args.duration + 60)
     t1_wall, t1 = time.time_ns(), time.perf_counter()
     counts: dict[str, int] = {}
     if readers is not None:
         out, _ = await readers.communicate()
         counts = json.loads(out.decode().strip().splitlines()[-1]) if out.strip() else {}
-    return {"state": run_pb2.RunState.Name(final.state), "reason": final.state_reason,
-            "probe": probe.between(t0, t1), "wall": (t0_wall, t1_wall), "seconds": t1 - t0, "counts": counts,
-            "requests_ok": final.progress.requests_ok}  # fmt: skip
+    return {
+        "state": run_pb2.RunState.Name(final.state),
+        "reason": final.state_reason,
+        "probe": probe.between(t0, t1),
+        "wall": (t0_wall, t1_wall),
+        "seconds": t1 - t0,
+        "counts": counts,
+        "requests_ok": final.progress.requests_ok,
+    }
 
 
 async def measure(address: str, base_url: str, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -226,8 +254,9 @@ def main() -> None:
     parser.add_argument("--pollers", type=int, default=8, help="ListRuns loops (default: %(default)s)")
     parser.add_argument("--watchers", type=int, default=200, help="WatchRun streams (default: %(default)s)")
     parser.add_argument("--probe-interval", type=float, default=0.1, help="probe heartbeat s (default: %(default)s)")
-    parser.add_argument("--readers-child", nargs=5, metavar=("ADDRESS", "RUN", "POLLERS", "WATCHERS", "SECONDS"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--readers-child", nargs=5, metavar=("ADDRESS", "RUN", "POLLERS", "WATCHERS", "SECONDS"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.readers_child:
         address, run_id, pollers, watchers, seconds = args.readers_child
@@ -238,6 +267,7 @@ def main() -> None:
         db = str(Path(tmp) / "readers.db")
         proc, address = start_controller(db, tmp)
         try:
+
             async def template() -> int:
                 async with ControllerClient(address, timeout_s=60.0) as client:
                     await client.wait_ready(30)
@@ -253,8 +283,12 @@ def main() -> None:
         with mock_server(20.0, 5.0, 32, cpu=None) as base_url:
             proc, address = start_controller(db, tmp)
             agent_log = (Path(tmp) / "agent.log").open("wb")
-            agent = subprocess.Popen([CLI, "agent", "--controller", address, "--name", "load", "--label", "pool=load"],
-                                     stdout=agent_log, stderr=agent_log, cwd=ROOT)  # fmt: skip
+            agent = subprocess.Popen(
+                [CLI, "agent", "--controller", address, "--name", "load", "--label", "pool=load"],
+                stdout=agent_log,
+                stderr=agent_log,
+                cwd=ROOT,
+            )
             try:
                 runs = asyncio.run(measure(address, base_url, args))
             finally:
@@ -268,20 +302,53 @@ def main() -> None:
     for name, r in (("quiet", quiet), ("readers", loaded)):
         lag_p99, lag_max = lag_between(lag, r["wall"])
         p = r["probe"]
-        rows.append([name, r["state"], r["requests_ok"], int(p["n"]), round(p["p50"], 1), round(p["p99"], 1),
-                     round(p["max"], 1), round(p["gap"], 1), round(lag_p99, 1), round(lag_max, 1)])  # fmt: skip
-    print(f"\ncontroller + 1 agent + mock; {args.duration:g} s runs at concurrency {args.concurrency}; "
-          f"{args.runs + 1} stored runs of {spec_bytes} spec bytes")  # fmt: skip
-    print(table(["run", "state", "requests", "heartbeats", "hb rtt p50 ms", "hb rtt p99 ms", "hb rtt max ms",
-                 "max ack gap ms", "loop lag p99 ms", "loop lag max ms"], rows))  # fmt: skip
+        rows.append(
+            [
+                name,
+                r["state"],
+                r["requests_ok"],
+                int(p["n"]),
+                round(p["p50"], 1),
+                round(p["p99"], 1),
+                round(p["max"], 1),
+                round(p["gap"], 1),
+                round(lag_p99, 1),
+                round(lag_max, 1),
+            ]
+        )
+    print(
+        f"\ncontroller + 1 agent + mock; {args.duration:g} s runs at concurrency {args.concurrency}; "
+        f"{args.runs + 1} stored runs of {spec_bytes} spec bytes"
+    )
+    print(
+        table(
+            [
+                "run",
+                "state",
+                "requests",
+                "heartbeats",
+                "hb rtt p50 ms",
+                "hb rtt p99 ms",
+                "hb rtt max ms",
+                "max ack gap ms",
+                "loop lag p99 ms",
+                "loop lag max ms",
+            ],
+            rows,
+        )
+    )
     q, lo = quiet["probe"], loaded["probe"]
-    print(f"\nreaders / quiet: heartbeat rtt p99 x{lo['p99'] / q['p99']:.1f}, max x{lo['max'] / q['max']:.1f}; "
-          f"max gap between acks x{lo['gap'] / q['gap']:.1f} (probe interval {args.probe_interval * 1000:.0f} ms)")
+    print(
+        f"\nreaders / quiet: heartbeat rtt p99 x{lo['p99'] / q['p99']:.1f}, max x{lo['max'] / q['max']:.1f}; "
+        f"max gap between acks x{lo['gap'] / q['gap']:.1f} (probe interval {args.probe_interval * 1000:.0f} ms)"
+    )
     c, secs = loaded["counts"], loaded["seconds"]
     if c:
-        print(f"readers: {c['list_calls'] / secs:.0f} ListRuns/s ({c['list_bytes'] / secs / 1e6:.1f} MB/s, "
-              f"{c['list_errors']} failed), {c['watch_updates'] / secs:.0f} WatchRun updates/s "
-              f"({c['watch_errors']} streams failed)")
+        print(
+            f"readers: {c['list_calls'] / secs:.0f} ListRuns/s ({c['list_bytes'] / secs / 1e6:.1f} MB/s, "
+            f"{c['list_errors']} failed), {c['watch_updates'] / secs:.0f} WatchRun updates/s "
+            f"({c['watch_errors']} streams failed)"
+        )
     for name, r in (("quiet", quiet), ("readers", loaded)):
         if r["state"] != "RUN_STATE_SUCCEEDED":
             print(f"{name} run {r['state']}: {r['reason']}")

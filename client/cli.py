@@ -22,27 +22,63 @@ from common.version import __version__
 # Modules are imported only for the command being run: a process pays for its own imports
 # (the agent does not load the report renderer, and so on).
 _COMMANDS: dict[str, tuple[str, str, str, str]] = {
-    "quickstart": ("benchmark the built-in mock server end to end (controller, agent, mock on 127.0.0.1)",
-                   "client.quickstart", "add_arguments", "async:quickstart"),
-    "run": ("create a run, watch it and print its per-stage results",
-            "client.commands", "add_run_arguments", "async:cmd_run"),
-    "scenarios": ("list the named load scenarios and their stages",
-                  "client.commands", "add_scenarios_arguments", "cmd_scenarios"),
+    "quickstart": (
+        "benchmark the built-in mock server end to end (controller, agent, mock on 127.0.0.1)",
+        "client.quickstart",
+        "add_arguments",
+        "async:quickstart",
+    ),
+    "run": (
+        "create a run, watch it and print its per-stage results",
+        "client.commands",
+        "add_run_arguments",
+        "async:cmd_run",
+    ),
+    "scenarios": (
+        "list the named load scenarios and their stages",
+        "client.commands",
+        "add_scenarios_arguments",
+        "cmd_scenarios",
+    ),
     "runs": ("list, inspect, cancel and delete runs", "client.commands", "add_runs_arguments", "async:cmd_runs"),
-    "report": ("write a self-contained HTML report of one run, or several runs overlaid",
-               "client.report.command", "add_arguments", "async:cmd_report"),
-    "controller": ("serve the controller (gRPC API and agent streams, SQLite store)",
-                   "controller.cli", "add_arguments", "run"),
+    "report": (
+        "write a self-contained HTML report of one run, or several runs overlaid",
+        "client.report.command",
+        "add_arguments",
+        "async:cmd_report",
+    ),
+    "controller": (
+        "serve the controller (gRPC API and agent streams, SQLite store)",
+        "controller.cli",
+        "add_arguments",
+        "run",
+    ),
     "agent": ("run a load-generating agent connected to a controller", "agent.cli", "add_arguments", "run"),
-    "mock-server": ("serve a mock OpenAI-compatible model server with known latencies",
-                    "mockserver.cli", "add_arguments", "run"),
-    "health": ("check a controller's gRPC health service (exit 0 when SERVING; for container probes)",
-               "client.health_check", "add_arguments", "run"),
-    "keys": ("create, list and revoke the controller's API keys (admin)",
-             "client.keys", "add_keys_arguments", "async:cmd_keys"),
-    "audit": ("list the controller's audit log: mutating and refused calls (admin)",
-              "client.keys", "add_audit_arguments", "async:cmd_audit"),
-}  # fmt: skip
+    "mock-server": (
+        "serve a mock OpenAI-compatible model server with known latencies",
+        "mockserver.cli",
+        "add_arguments",
+        "run",
+    ),
+    "health": (
+        "check a controller's gRPC health service (exit 0 when SERVING; for container probes)",
+        "client.health_check",
+        "add_arguments",
+        "run",
+    ),
+    "keys": (
+        "create, list and revoke the controller's API keys (admin)",
+        "client.keys",
+        "add_keys_arguments",
+        "async:cmd_keys",
+    ),
+    "audit": (
+        "list the controller's audit log: mutating and refused calls (admin)",
+        "client.keys",
+        "add_audit_arguments",
+        "async:cmd_audit",
+    ),
+}
 
 
 class _Parser(argparse.ArgumentParser):

@@ -66,10 +66,15 @@ def add_connection_arguments(parser: argparse.ArgumentParser, *, read_only: bool
     )
     parser.add_argument("--timeout", type=float, default=30.0, help="deadline of each call, seconds")
     if read_only:
-        not_from_env(parser.add_argument(
-            "--db", type=Path, default=None, metavar="PATH",
-            help="read this controller database file directly (read-only; no controller needed)",
-        ))  # fmt: skip
+        not_from_env(
+            parser.add_argument(
+                "--db",
+                type=Path,
+                default=None,
+                metavar="PATH",
+                help="read this controller database file directly (read-only; no controller needed)",
+            )
+        )
     add_client_tls_arguments(parser)
 
 
@@ -93,8 +98,11 @@ def failure(exc: BaseException, args: argparse.Namespace, code: int = exitcodes.
     no controller answered, else `code` (the command's own meaning of a refused call)."""
     if isinstance(exc, grpc.aio.AioRpcError):
         if exc.code() == grpc.StatusCode.UNAVAILABLE:
-            print(f"error: no controller at {args.controller} — start one with `llm-loadtest controller` or set "
-                  f"--controller ({exc.details()})", file=sys.stderr)  # fmt: skip
+            print(
+                f"error: no controller at {args.controller} — start one with `llm-loadtest controller` or set "
+                f"--controller ({exc.details()})",
+                file=sys.stderr,
+            )
             return exitcodes.UNREACHABLE
         print(render.rpc_error_text(exc), file=sys.stderr)
         return code
@@ -122,9 +130,12 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     spec_builder.add_spec_arguments(parser)
     add_output_arguments(parser)
     parser.add_argument(
-        "--detach", "--no-watch", dest="detach", action="store_true",
+        "--detach",
+        "--no-watch",
+        dest="detach",
+        action="store_true",
         help="create the run, print its id and return: the run goes on (fire and forget)",
-    )  # fmt: skip
+    )
 
 
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
@@ -132,10 +143,11 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as JSON (docs/json.md)")
     parser.add_argument("--wide", action="store_true", help="every column of the table, however wide")
     parser.add_argument(
-        "--allow-suspect", action="store_true",
+        "--allow-suspect",
+        action="store_true",
         help="judge checks on stages flagged as suspect (saturated load generator, lost agents) instead of "
         "calling the verdict INCONCLUSIVE (exit 3)",
-    )  # fmt: skip
+    )
 
 
 async def watch_until_done(client: ControllerClient, run_id: str) -> run_pb2.RunResult:
@@ -203,8 +215,11 @@ async def _run(args: argparse.Namespace, spec: run_pb2.RunSpec, interrupts: Inte
         print(f"created run {run.id}{name}", file=sys.stderr, flush=True)
         if args.detach:
             print(run.id)
-            print(f"watch: llm-loadtest runs get {run.id} --controller {args.controller}; "
-                  f"cancel: {_cancel_command(args, run.id)}", file=sys.stderr)  # fmt: skip
+            print(
+                f"watch: llm-loadtest runs get {run.id} --controller {args.controller}; "
+                f"cancel: {_cancel_command(args, run.id)}",
+                file=sys.stderr,
+            )
             return exitcodes.OK
         watch = asyncio.create_task(watch_until_done(client, run.id))
         first = asyncio.create_task(interrupts.next()) if not interrupts.count else None
@@ -224,13 +239,19 @@ async def _run(args: argparse.Namespace, spec: run_pb2.RunSpec, interrupts: Inte
 
 
 async def _cancel_and_wait(
-    args: argparse.Namespace, client: ControllerClient, run_id: str, watch: asyncio.Task[run_pb2.RunResult],
+    args: argparse.Namespace,
+    client: ControllerClient,
+    run_id: str,
+    watch: asyncio.Task[run_pb2.RunResult],
     interrupts: Interrupts,
 ) -> bool:
     """After the first Ctrl-C: cancel the run and wait for it to end, counting down; True when
     it ended, False when a second Ctrl-C (or the wait running out) detached."""
-    print(f"\nCtrl-C: cancelling run {run_id} and waiting for it to end (Ctrl-C again to detach and leave it "
-          f"running)", file=sys.stderr, flush=True)  # fmt: skip
+    print(
+        f"\nCtrl-C: cancelling run {run_id} and waiting for it to end (Ctrl-C again to detach and leave it running)",
+        file=sys.stderr,
+        flush=True,
+    )
     cancel = asyncio.create_task(client.cancel_run(run_id, INTERRUPT_REASON))
     second = asyncio.create_task(interrupts.next())
     deadline = time.monotonic() + CANCEL_WAIT_S
@@ -239,8 +260,12 @@ async def _cancel_and_wait(
             left = deadline - time.monotonic()
             if left <= 0 or second.done():
                 why = "Ctrl-C again" if second.done() else f"the run did not end within {CANCEL_WAIT_S:.0f} s"
-                print(f"detached ({why}): run {run_id} may still be running; to cancel it:\n"
-                      f"  {_cancel_command(args, run_id)}", file=sys.stderr, flush=True)  # fmt: skip
+                print(
+                    f"detached ({why}): run {run_id} may still be running; to cancel it:\n"
+                    f"  {_cancel_command(args, run_id)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 return False
             print(f"waiting for run {run_id} to end: {left:.0f} s left", file=sys.stderr, flush=True)
             await asyncio.wait({watch, second}, timeout=min(1.0, left), return_when=asyncio.FIRST_COMPLETED)
@@ -279,8 +304,10 @@ def print_result(
         if capacity is not None:
             print(capacity)
         shown = f" ({run.spec.display_name})" if run.spec.display_name else ""
-        print(f"run id: {run.id}{shown}  state: {render.state_name(run.state)}"
-              + (f"  reason: {run.state_reason}" if run.state_reason else ""))  # fmt: skip
+        print(
+            f"run id: {run.id}{shown}  state: {render.state_name(run.state)}"
+            + (f"  reason: {run.state_reason}" if run.state_reason else "")
+        )
     out = sys.stderr if args.json else sys.stdout
     for line in warnings:
         print(f"WARNING {line}", file=out)
@@ -292,8 +319,10 @@ def print_result(
         print(f"verdict: {verdict}", file=out)
     if verdict == formats.VERDICT_INCONCLUSIVE:
         suspect = ", ".join(map(str, sorted(formats.suspect_stages(result))))
-        print(f"  (checks judged on stage(s) {suspect}, whose numbers are suspect; --allow-suspect to accept them)",
-              file=out)  # fmt: skip
+        print(
+            f"  (checks judged on stage(s) {suspect}, whose numbers are suspect; --allow-suspect to accept them)",
+            file=out,
+        )
     if run.state != run_pb2.RUN_STATE_SUCCEEDED or verdict == "FAIL":
         return exitcodes.FAILED
     return exitcodes.INCONCLUSIVE if verdict == formats.VERDICT_INCONCLUSIVE else exitcodes.OK
@@ -310,8 +339,12 @@ def add_runs_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=50, help="how many runs to show")
     p.add_argument("--json", action="store_true", help="print a JSON array of runs (docs/json.md)")
     p.add_argument("--wide", action="store_true", help="every column (model, stages, reason)")
-    for name, text in (("get", "show one run"), ("cancel", "cancel a run"), ("delete", "delete a finished run"),
-                       ("result", "show a run's per-stage metrics")):  # fmt: skip
+    for name, text in (
+        ("get", "show one run"),
+        ("cancel", "cancel a run"),
+        ("delete", "delete a finished run"),
+        ("result", "show a run's per-stage metrics"),
+    ):
         p = sub.add_parser(name, help=text)
         add_connection_arguments(p, read_only=name in ("get", "result"))
         p.add_argument("run_id")
@@ -322,8 +355,12 @@ def add_runs_arguments(parser: argparse.ArgumentParser) -> None:
             p.add_argument("--reason", default="")
         if name == "result":
             add_output_arguments(p)
-            p.add_argument("--format", choices=formats.RESULT_FORMATS, default=None,
-                           help="table (default), json, markdown (for a PR) or vllm-json (vLLM bench serve keys)")
+            p.add_argument(
+                "--format",
+                choices=formats.RESULT_FORMATS,
+                default=None,
+                help="table (default), json, markdown (for a PR) or vllm-json (vLLM bench serve keys)",
+            )
             p.add_argument("--output-dir", type=Path, help="vllm-json: write <run>_stage<i>.json files here")
             p.add_argument("--summary", action="store_true", help="table: only the per-stage summary table")
     p = sub.add_parser("export", help="stream a run's per-request samples as CSV or JSON Lines")
@@ -332,8 +369,11 @@ def add_runs_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=formats.EXPORT_FORMATS, default="csv")
     p.add_argument("-o", "--output", type=Path, help="file to write (default: stdout)")
     p.add_argument("--include-warmup", action="store_true", help="include warmup samples (flagged)")
-    p = sub.add_parser("compare", help="compare runs with a baseline stage by stage (capacity searches by their "
-                       "capacity); exit 1 on a regression, 2 when nothing could be compared")  # fmt: skip
+    p = sub.add_parser(
+        "compare",
+        help="compare runs with a baseline stage by stage (capacity searches by their "
+        "capacity); exit 1 on a regression, 2 when nothing could be compared",
+    )
     add_connection_arguments(p, read_only=True)
     p.add_argument("run_id", metavar="BASE", help="the baseline run")
     p.add_argument("others", nargs="+", metavar="OTHER", help="runs to compare with the baseline")
@@ -420,8 +460,10 @@ async def _compare(args: argparse.Namespace, client: ControllerClient) -> int:
         searches = {run_id for run_id, result in results.items() if result.HasField("capacity")}
         by_load = [c.run_id for c in unmatched if not {args.run_id, c.run_id} <= searches]
         if by_load:
-            print(f"error: no stage of {', '.join(by_load)} matches a stage of {args.run_id} by load; loads:",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"error: no stage of {', '.join(by_load)} matches a stage of {args.run_id} by load; loads:",
+                file=sys.stderr,
+            )
             for run_id in [args.run_id, *by_load]:
                 labels = [formats.load_label(s) for s in results[run_id].stages]
                 print(f"  {run_id}: {', '.join(labels) or 'no stages'}", file=sys.stderr)

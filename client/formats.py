@@ -41,8 +41,13 @@ EXPORT_FORMATS = ("csv", "jsonl")
 VLLM_PERCENTILES = (90.0, 95.0, 99.0, 99.9)
 # Metrics shown by `runs compare` (any other metric is shown too when it regressed).
 KEY_COMPARE_METRICS = (
-    "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "e2e_p99_ms", "output_token_throughput", "request_throughput",
-)  # fmt: skip
+    "ttft_p50_ms",
+    "ttft_p99_ms",
+    "tpot_p50_ms",
+    "e2e_p99_ms",
+    "output_token_throughput",
+    "request_throughput",
+)
 SAMPLE_FIELDS: tuple[str, ...] = tuple(f.name for f in run_service_pb2.ExportedSample.DESCRIPTOR.fields)
 
 
@@ -117,8 +122,10 @@ def capacity_line(capacity: run_pb2.CapacityResult, search: run_pb2.SearchSpec |
     reason = capacity.stop_reason
     so_far = f" (highest passing so far: {_search_load_words(var, passing)})" if passing is not None else ""
     if reason == run_pb2.SEARCH_STOP_REASON_GENERATOR_SATURATED:
-        return ("generator saturated: no capacity measured — the load generator could not send more load, so the "
-                f"server's limit is unknown{so_far}; add agents or cores and run again")  # fmt: skip
+        return (
+            "generator saturated: no capacity measured — the load generator could not send more load, so the "
+            f"server's limit is unknown{so_far}; add agents or cores and run again"
+        )
     if reason == run_pb2.SEARCH_STOP_REASON_TARGET_ERRORS:
         at = f" at {_search_load_words(var, failing)}" if failing is not None else ""
         return f"target errors: most requests of a probe{at} failed, the target errors rather than slows down{so_far}"
@@ -138,8 +145,11 @@ def capacity_line(capacity: run_pb2.CapacityResult, search: run_pb2.SearchSpec |
     head += f" (highest passing; {search_load(var, failing)} failed)" if failing is not None else " (highest passing)"
     parts = [head, *_throughput_words(capacity)]
     if reason == run_pb2.SEARCH_STOP_REASON_CONVERGED:
-        tolerance = search.tolerance_percent if search is not None and search.HasField("tolerance_percent") else (
-            DEFAULT_SEARCH_TOLERANCE_PERCENT)  # fmt: skip
+        tolerance = (
+            search.tolerance_percent
+            if search is not None and search.HasField("tolerance_percent")
+            else (DEFAULT_SEARCH_TOLERANCE_PERCENT)
+        )
         parts.append(f"converged within {tolerance:g} %")
         if not capacity.confident:
             parts.append("boundary within noise")
@@ -171,16 +181,27 @@ def probe_cells(capacity: run_pb2.CapacityResult) -> list[dict[str, str]]:
     """Every probe as the cells of the probe table (render.probe_table), by column name."""
     rows = []
     for i, p in enumerate(capacity.probes):
-        rows.append({
-            "#": f"{i}{'*' if p.repeat else ''}", "stage": str(p.stage_index) if p.stage_index >= 0 else "earlier",
-            "load": search_load(capacity.variable, p.load), "outcome": OUTCOME_TEXT.get(p.outcome, NA),
-            "repeat": "yes" if p.repeat else "", "requests": str(p.requests), "good %": _good_interval(p),
-            "TTFT p50/p99": _pair(p.ttft_p50_ms, p.ttft_p99_ms), "TPOT p50/p99": _pair(p.tpot_p50_ms, p.tpot_p99_ms),
-            "TTFT p50": _short(p.ttft_p50_ms), "TTFT p99": _short(p.ttft_p99_ms),
-            "TPOT p50": _short(p.tpot_p50_ms), "TPOT p99": _short(p.tpot_p99_ms), "E2E p99": _short(p.e2e_p99_ms),
-            "req/s": _short(p.request_throughput) if p.request_throughput < 100 else f"{p.request_throughput:.0f}",
-            "out tok/s": f"{p.output_token_throughput:.0f}", "reason": p.reason,
-        })  # fmt: skip
+        rows.append(
+            {
+                "#": f"{i}{'*' if p.repeat else ''}",
+                "stage": str(p.stage_index) if p.stage_index >= 0 else "earlier",
+                "load": search_load(capacity.variable, p.load),
+                "outcome": OUTCOME_TEXT.get(p.outcome, NA),
+                "repeat": "yes" if p.repeat else "",
+                "requests": str(p.requests),
+                "good %": _good_interval(p),
+                "TTFT p50/p99": _pair(p.ttft_p50_ms, p.ttft_p99_ms),
+                "TPOT p50/p99": _pair(p.tpot_p50_ms, p.tpot_p99_ms),
+                "TTFT p50": _short(p.ttft_p50_ms),
+                "TTFT p99": _short(p.ttft_p99_ms),
+                "TPOT p50": _short(p.tpot_p50_ms),
+                "TPOT p99": _short(p.tpot_p99_ms),
+                "E2E p99": _short(p.e2e_p99_ms),
+                "req/s": _short(p.request_throughput) if p.request_throughput < 100 else f"{p.request_throughput:.0f}",
+                "out tok/s": f"{p.output_token_throughput:.0f}",
+                "reason": p.reason,
+            }
+        )
     return rows
 
 
@@ -281,9 +302,13 @@ def honest_verdict(result: run_pb2.RunResult, allow_suspect: bool = False) -> st
 def _md_text(value: str) -> str:
     """User text inside a Markdown table cell: no row breaks, no column breaks, no HTML."""
     return (
-        value.replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
-        .replace("\r", " ").replace("\n", " ")
-    )  # fmt: skip
+        value.replace("\\", "\\\\")
+        .replace("|", "\\|")
+        .replace("<", "&lt;")
+        .replace(">", "&gt;")
+        .replace("\r", " ")
+        .replace("\n", " ")
+    )
 
 
 def _md_code(value: str) -> str:
@@ -304,12 +329,24 @@ def _md_ms(stats: run_pb2.LatencyStats, field: str) -> str:
 
 
 MARKDOWN_COLUMNS = (
-    "Stage", "Load", "Requests", "Failed", "Success %",
-    "TTFT avg", "TTFT p50", "TTFT p95", "TTFT p99",
-    "TPOT p50", "TPOT p99",
-    "E2E avg", "E2E p50", "E2E p95", "E2E p99",
-    "req/s", "out tok/s",
-)  # fmt: skip
+    "Stage",
+    "Load",
+    "Requests",
+    "Failed",
+    "Success %",
+    "TTFT avg",
+    "TTFT p50",
+    "TTFT p95",
+    "TTFT p99",
+    "TPOT p50",
+    "TPOT p99",
+    "E2E avg",
+    "E2E p50",
+    "E2E p95",
+    "E2E p99",
+    "req/s",
+    "out tok/s",
+)
 
 
 def markdown(result: run_pb2.RunResult, run: run_pb2.Run | None = None) -> str:
@@ -337,12 +374,19 @@ def markdown(result: run_pb2.RunResult, run: run_pb2.Run | None = None) -> str:
             str(s.requests_ok + s.requests_failed),
             str(s.requests_failed),
             f"{ok:.1f}" if ok is not None else NA,
-            _md_ms(s.ttft, "mean_ms"), _md_ms(s.ttft, "p50_ms"), _md_ms(s.ttft, "p95_ms"), _md_ms(s.ttft, "p99_ms"),
-            _md_ms(s.tpot, "p50_ms"), _md_ms(s.tpot, "p99_ms"),
-            _md_ms(s.e2e, "mean_ms"), _md_ms(s.e2e, "p50_ms"), _md_ms(s.e2e, "p95_ms"), _md_ms(s.e2e, "p99_ms"),
+            _md_ms(s.ttft, "mean_ms"),
+            _md_ms(s.ttft, "p50_ms"),
+            _md_ms(s.ttft, "p95_ms"),
+            _md_ms(s.ttft, "p99_ms"),
+            _md_ms(s.tpot, "p50_ms"),
+            _md_ms(s.tpot, "p99_ms"),
+            _md_ms(s.e2e, "mean_ms"),
+            _md_ms(s.e2e, "p50_ms"),
+            _md_ms(s.e2e, "p95_ms"),
+            _md_ms(s.e2e, "p99_ms"),
             f"{s.request_throughput:.2f}",
             f"{s.output_token_throughput:.1f}",
-        ]  # fmt: skip
+        ]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "Latencies in ms. TPOT excludes the first token; E2E is `last_token - sent`."]
     checks = iter_checks(result)
@@ -475,9 +519,7 @@ def _csv_value(value: Any) -> Any:
     return value
 
 
-async def write_samples(
-    samples: AsyncIterable[run_service_pb2.ExportedSample], out: TextIO, fmt: str
-) -> int:
+async def write_samples(samples: AsyncIterable[run_service_pb2.ExportedSample], out: TextIO, fmt: str) -> int:
     """Writes every sample as CSV (with a header row) or JSON Lines; returns the row count."""
     count = 0
     if fmt == "csv":
@@ -524,9 +566,14 @@ def _capacity_cells(c: run_service_pb2.CapacityComparison) -> tuple[str | Text, 
     marker = Text("▲ REGRESSED", style="bold red") if c.regressed else Text("")
     delta = c.value - c.baseline
     return (
-        "capacity", variable_name(c.variable), search_load(c.variable, c.baseline), search_load(c.variable, c.value),
-        f"{delta:+g}", f"{c.delta_percent:+.1f}%" if c.baseline else NA, marker,
-    )  # fmt: skip
+        "capacity",
+        variable_name(c.variable),
+        search_load(c.variable, c.baseline),
+        search_load(c.variable, c.value),
+        f"{delta:+g}",
+        f"{c.delta_percent:+.1f}%" if c.baseline else NA,
+        marker,
+    )
 
 
 def comparison_tables(response: run_service_pb2.CompareRunsResponse, all_metrics: bool = False) -> list[Table]:
@@ -535,8 +582,9 @@ def comparison_tables(response: run_service_pb2.CompareRunsResponse, all_metrics
     tables = []
     for comparison in response.comparisons:
         verdict = "[bold red]REGRESSED[/]" if comparison.regressed else "[green]no regression[/]"
-        table = Table(title=f"{comparison.run_id} vs baseline {response.baseline_run_id} — {verdict}",
-                      title_justify="left")  # fmt: skip
+        table = Table(
+            title=f"{comparison.run_id} vs baseline {response.baseline_run_id} — {verdict}", title_justify="left"
+        )
         for name in ("load", "metric", "baseline", "value", "delta", "delta %", ""):
             table.add_column(name, justify="left" if name in ("load", "metric", "") else "right")
         if comparison.HasField("capacity"):

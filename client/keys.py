@@ -122,12 +122,22 @@ def _key_from_proto(k: key_service_pb2.ApiKey) -> KeyRow:
 
 def _print_keys(rows: list[KeyRow], as_json: bool) -> None:
     if as_json:
-        print(json.dumps([
-            {"id": r.key_id, "name": r.name, "role": r.role, "created": _iso(r.created_ns),
-             "expires": _iso(r.expires_ns) if r.expires_ns else None,
-             "revoked": _iso(r.revoked_ns) if r.revoked_ns else None}
-            for r in rows
-        ], indent=2))  # fmt: skip
+        print(
+            json.dumps(
+                [
+                    {
+                        "id": r.key_id,
+                        "name": r.name,
+                        "role": r.role,
+                        "created": _iso(r.created_ns),
+                        "expires": _iso(r.expires_ns) if r.expires_ns else None,
+                        "revoked": _iso(r.revoked_ns) if r.revoked_ns else None,
+                    }
+                    for r in rows
+                ],
+                indent=2,
+            )
+        )
         return
     now = time.time_ns()
     print(f"{'ID':<14}{'ROLE':<8}{'NAME':<24}{'CREATED':<22}{'EXPIRES':<22}STATE")
@@ -143,8 +153,10 @@ def _print_audit(rows: list[AuditRow], as_json: bool) -> None:
     print(f"{'TIME':<22}{'KEY':<14}{'OUTCOME':<20}{'COUNT':>7}  {'METHOD':<40}{'RUN':<26}{'PEER':<24}DETAIL")
     for r in rows:
         method = r.method.rsplit("/", 1)[-1] if r.method.startswith("/loadtest.") else r.method
-        print(f"{_iso(r.time_ns):<22}{r.key_id or '-':<14}{r.outcome:<20}{r.count:>7}  {method:<40}"
-              f"{r.run_id or '-':<26}{r.peer:<24}{r.detail}")  # fmt: skip
+        print(
+            f"{_iso(r.time_ns):<22}{r.key_id or '-':<14}{r.outcome:<20}{r.count:>7}  {method:<40}"
+            f"{r.run_id or '-':<26}{r.peer:<24}{r.detail}"
+        )
 
 
 async def _on_db(path: str, job: Callable[[LocalKeyAdmin], Awaitable[int]]) -> int:
@@ -219,8 +231,15 @@ async def cmd_audit(args: argparse.Namespace) -> int:
 
         async def job(admin: LocalKeyAdmin) -> int:
             rows, _token = await admin.list_audit_events(limit, "", args.key_id, args.run_id)
-            _print_audit([AuditRow(r.time_ns, r.key_id, r.method, r.run_id, r.outcome, r.request_id, r.peer,
-                                   r.detail, r.count) for r in rows], args.json)  # fmt: skip
+            _print_audit(
+                [
+                    AuditRow(
+                        r.time_ns, r.key_id, r.method, r.run_id, r.outcome, r.request_id, r.peer, r.detail, r.count
+                    )
+                    for r in rows
+                ],
+                args.json,
+            )
             return 0
 
         return await _on_db(args.db, job)
@@ -230,6 +249,21 @@ async def cmd_audit(args: argparse.Namespace) -> int:
     except grpc.aio.AioRpcError as exc:
         print(render.rpc_error_text(exc), file=sys.stderr)
         return 1
-    _print_audit([AuditRow(_ts_ns(e, "time") or 0, e.key_id, e.method, e.run_id, e.outcome, e.request_id, e.peer,
-                           e.detail, e.count or 1) for e in response.events], args.json)  # fmt: skip
+    _print_audit(
+        [
+            AuditRow(
+                _ts_ns(e, "time") or 0,
+                e.key_id,
+                e.method,
+                e.run_id,
+                e.outcome,
+                e.request_id,
+                e.peer,
+                e.detail,
+                e.count or 1,
+            )
+            for e in response.events
+        ],
+        args.json,
+    )
     return 0

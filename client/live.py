@@ -91,8 +91,12 @@ class RunProgressView:
                 width=32,
                 pulse=running and progress.fraction is None,
             )
-            bars.add_row(Text(f"{marker} stage {i}", style=style), Text(name, style=style), bar,
-                         Text(progress.amount, style="dim"))  # fmt: skip
+            bars.add_row(
+                Text(f"{marker} stage {i}", style=style),
+                Text(name, style=style),
+                bar,
+                Text(progress.amount, style="dim"),
+            )
         status = Text.assemble(
             (f"{render.state_name(run.state):<9}", "bold cyan"),
             f"  ok {run.progress.requests_ok}",

@@ -66,9 +66,14 @@ async def _spawn(name: str, args: list[str], log_dir: Path) -> _Process:
     log_path = log_dir / f"{name}.log"
     log_file = log_path.open("wb")
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "client.cli", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=log_file, stdin=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
+        sys.executable,
+        "-m",
+        "client.cli",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=log_file,
+        stdin=asyncio.subprocess.DEVNULL,
+    )
     log_file.close()
     return _Process(name, proc, log_path)
 
@@ -83,11 +88,14 @@ def _print_next_steps(run_id: str, db_file: Path) -> None:
     """The commands that look at the run afterwards: read from the database file, since the
     controller stops with the quickstart."""
     db = shlex.quote(str(db_file))
-    print(f"""
+    print(
+        f"""
 look at this run again (no controller needed, the database file is read directly):
   llm-loadtest runs result {run_id} --db {db}
   llm-loadtest report {run_id} --db {db} -o report.html
-  llm-loadtest runs export {run_id} --db {db} --format csv -o samples.csv""", file=sys.stderr)
+  llm-loadtest runs export {run_id} --db {db} --format csv -o samples.csv""",
+        file=sys.stderr,
+    )
 
 
 async def quickstart(args: argparse.Namespace) -> int:
@@ -96,9 +104,21 @@ async def quickstart(args: argparse.Namespace) -> int:
     procs: list[_Process] = []
     try:
         print("starting mock model server, controller and one agent on 127.0.0.1 ...", file=sys.stderr)
-        mock = await _spawn("mock-server", [
-            "mock-server", "--port", "0", "--ttft-ms", str(args.ttft_ms), "--itl-ms", str(args.itl_ms),
-            "--output-tokens", str(args.output_tokens)], log_dir)  # fmt: skip
+        mock = await _spawn(
+            "mock-server",
+            [
+                "mock-server",
+                "--port",
+                "0",
+                "--ttft-ms",
+                str(args.ttft_ms),
+                "--itl-ms",
+                str(args.itl_ms),
+                "--output-tokens",
+                str(args.output_tokens),
+            ],
+            log_dir,
+        )
         procs.append(mock)
         target = (await mock.ready_line("listening on")).rsplit(" ", 1)[-1]
         controller = await _spawn("controller", ["controller", "--listen", "127.0.0.1:0", "--db", args.db], log_dir)
@@ -109,11 +129,22 @@ async def quickstart(args: argparse.Namespace) -> int:
         async with ControllerClient(address, timeout_s=10.0) as client:
             await _wait_for_agent(client)
             print(f"mock at {target}, controller at {address}, database {db_file}", file=sys.stderr)
-            run_args = spec_builder.spec_parser().parse_args([
-                "--target", target, "--model", "mock", "--name", "quickstart",
-                "--concurrency", ",".join(map(str, args.concurrency)), "--duration", f"{args.duration}s",
-                "--output-tokens", str(args.output_tokens),
-            ])  # fmt: skip
+            run_args = spec_builder.spec_parser().parse_args(
+                [
+                    "--target",
+                    target,
+                    "--model",
+                    "mock",
+                    "--name",
+                    "quickstart",
+                    "--concurrency",
+                    ",".join(map(str, args.concurrency)),
+                    "--duration",
+                    f"{args.duration}s",
+                    "--output-tokens",
+                    str(args.output_tokens),
+                ]
+            )
             run_args.json = args.json
             run = await client.create_run(spec_builder.build_spec(run_args))
             print(f"created run {run.id}", file=sys.stderr, flush=True)

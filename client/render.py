@@ -28,8 +28,10 @@ def console(wide: bool = False) -> Console:
     for pipes (a long row then wraps in the terminal instead of a number being cut)."""
     if sys.stdout.isatty() and not wide:
         return Console()
-    return Console(width=PIPE_WIDTH if not sys.stdout.isatty() else max(PIPE_WIDTH, Console().width),
-                   no_color=not sys.stdout.isatty())  # fmt: skip
+    return Console(
+        width=PIPE_WIDTH if not sys.stdout.isatty() else max(PIPE_WIDTH, Console().width),
+        no_color=not sys.stdout.isatty(),
+    )
 
 
 def state_name(state: int) -> str:
@@ -43,8 +45,9 @@ def _ms(value: float) -> str:
 def _table(title: str | None = None) -> Table:
     # Compact: two spaces between columns and a line under the header only, so the default
     # columns fit 80.
-    return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), pad_edge=False,
-                 show_edge=False)  # fmt: skip
+    return Table(
+        title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), pad_edge=False, show_edge=False
+    )
 
 
 def _num(value: float, decimals: int = 1) -> str:
@@ -62,17 +65,34 @@ def _add_columns(
         shrinks = name in shrinkable
         widest = max([len(name), *(len(c) for c in cells)])
         table.add_column(
-            name, justify="left" if name in left else "right", no_wrap=not shrinks,
-            min_width=None if shrinks else widest, overflow="fold",
-        )  # fmt: skip
+            name,
+            justify="left" if name in left else "right",
+            no_wrap=not shrinks,
+            min_width=None if shrinks else widest,
+            overflow="fold",
+        )
     for row in zip(*(cells for _, cells in columns), strict=True):
         table.add_row(*row)
 
 
 # The summary columns that fit an 80-column terminal; `--wide` shows RESULT_WIDE_COLUMNS.
 RESULT_COLUMNS = ("stage", "load", "ok/failed", "req/s", "tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "E2E p99")
-RESULT_WIDE_COLUMNS = ("stage", "load", "ok", "failed", "req/s", "out tok/s", "TTFT p50", "TTFT p99", "TPOT p50",
-                       "TPOT p99", "ITL p50", "ITL p99", "E2E p50", "E2E p99")  # fmt: skip
+RESULT_WIDE_COLUMNS = (
+    "stage",
+    "load",
+    "ok",
+    "failed",
+    "req/s",
+    "out tok/s",
+    "TTFT p50",
+    "TTFT p99",
+    "TPOT p50",
+    "TPOT p99",
+    "ITL p50",
+    "ITL p99",
+    "E2E p50",
+    "E2E p99",
+)
 
 
 def _stage_cell(s: run_pb2.StageResult) -> str:
@@ -82,14 +102,23 @@ def _stage_cell(s: run_pb2.StageResult) -> str:
 def _result_cells(s: run_pb2.StageResult) -> dict[str, str]:
     load = f"{s.request_rate:g}/s" if s.request_rate else str(s.concurrency or NA)
     return {
-        "stage": _stage_cell(s), "load": load, "ok": str(s.requests_ok), "failed": str(s.requests_failed),
-        "ok/failed": f"{s.requests_ok}/{s.requests_failed}", "req/s": _num(s.request_throughput, 2),
-        "tok/s": _num(s.output_token_throughput), "out tok/s": _num(s.output_token_throughput),
-        "TTFT p50": _ms(s.ttft.p50_ms), "TTFT p99": _ms(s.ttft.p99_ms),
-        "TPOT p50": _ms(s.tpot.p50_ms), "TPOT p99": _ms(s.tpot.p99_ms),
-        "ITL p50": _ms(s.itl.p50_ms), "ITL p99": _ms(s.itl.p99_ms),
-        "E2E p50": _ms(s.e2e.p50_ms), "E2E p99": _ms(s.e2e.p99_ms),
-    }  # fmt: skip
+        "stage": _stage_cell(s),
+        "load": load,
+        "ok": str(s.requests_ok),
+        "failed": str(s.requests_failed),
+        "ok/failed": f"{s.requests_ok}/{s.requests_failed}",
+        "req/s": _num(s.request_throughput, 2),
+        "tok/s": _num(s.output_token_throughput),
+        "out tok/s": _num(s.output_token_throughput),
+        "TTFT p50": _ms(s.ttft.p50_ms),
+        "TTFT p99": _ms(s.ttft.p99_ms),
+        "TPOT p50": _ms(s.tpot.p50_ms),
+        "TPOT p99": _ms(s.tpot.p99_ms),
+        "ITL p50": _ms(s.itl.p50_ms),
+        "ITL p99": _ms(s.itl.p99_ms),
+        "E2E p50": _ms(s.e2e.p50_ms),
+        "E2E p99": _ms(s.e2e.p99_ms),
+    }
 
 
 def result_table(result: run_pb2.RunResult, wide: bool = False) -> Table:
@@ -107,8 +136,22 @@ def result_table(result: run_pb2.RunResult, wide: bool = False) -> Table:
 
 # The probe table of a capacity search: the default columns fit 80, `--wide` shows them all.
 PROBE_COLUMNS = ("#", "load", "outcome", "requests", "good %", "TTFT p50/p99", "TPOT p50/p99", "req/s")
-PROBE_WIDE_COLUMNS = ("#", "stage", "load", "outcome", "requests", "good %", "TTFT p50", "TTFT p99", "TPOT p50",
-                      "TPOT p99", "E2E p99", "req/s", "out tok/s", "reason")  # fmt: skip
+PROBE_WIDE_COLUMNS = (
+    "#",
+    "stage",
+    "load",
+    "outcome",
+    "requests",
+    "good %",
+    "TTFT p50",
+    "TTFT p99",
+    "TPOT p50",
+    "TPOT p99",
+    "E2E p99",
+    "req/s",
+    "out tok/s",
+    "reason",
+)
 
 
 def probe_table(result: run_pb2.RunResult, wide: bool = False) -> Table:
@@ -117,8 +160,12 @@ def probe_table(result: run_pb2.RunResult, wide: bool = False) -> Table:
     table = _table(f"run {result.run_id} — {state_name(result.state)} — capacity search")
     cells = formats.probe_cells(result.capacity)
     names = PROBE_WIDE_COLUMNS if wide else PROBE_COLUMNS
-    _add_columns(table, [(name, [c[name] for c in cells]) for name in names], left=("#", "outcome", "reason"),
-                 shrinkable=("reason",))  # fmt: skip
+    _add_columns(
+        table,
+        [(name, [c[name] for c in cells]) for name in names],
+        left=("#", "outcome", "reason"),
+        shrinkable=("reason",),
+    )
     notes = [
         "good %: requests within every SLO, with its 95 % interval; latencies in ms"
         + ("" if wide else "; --wide for every column"),
@@ -156,8 +203,9 @@ def retry_notes(result: run_pb2.RunResult) -> list[str]:
 
 def cross_check_notes(result: run_pb2.RunResult) -> list[str]:
     """The client/server cross-checks that agree (a mismatch is a warning)."""
-    return [f"stage {s.index}: {c.message}" for s in result.stages for c in s.server_metrics.cross_checks
-            if not c.mismatch]  # fmt: skip
+    return [
+        f"stage {s.index}: {c.message}" for s in result.stages for c in s.server_metrics.cross_checks if not c.mismatch
+    ]
 
 
 RUNS_COLUMNS = ("id", "state", "name", "ok", "failed", "created")
@@ -167,10 +215,16 @@ RUNS_WIDE_COLUMNS = ("id", "state", "name", "model", "stages", "ok", "failed", "
 def _run_cells(r: run_pb2.Run) -> dict[str, str]:
     created = r.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M") if r.HasField("create_time") else ""
     return {
-        "id": r.id, "state": state_name(r.state), "name": r.spec.display_name or r.spec.target.model,
-        "model": r.spec.target.model, "stages": str(len(r.spec.stages)), "ok": str(r.progress.requests_ok),
-        "failed": str(r.progress.requests_failed), "created": created, "reason": r.state_reason,
-    }  # fmt: skip
+        "id": r.id,
+        "state": state_name(r.state),
+        "name": r.spec.display_name or r.spec.target.model,
+        "model": r.spec.target.model,
+        "stages": str(len(r.spec.stages)),
+        "ok": str(r.progress.requests_ok),
+        "failed": str(r.progress.requests_failed),
+        "created": created,
+        "reason": r.state_reason,
+    }
 
 
 def runs_table(runs: list[run_pb2.Run], wide: bool = False) -> Table:
@@ -179,8 +233,12 @@ def runs_table(runs: list[run_pb2.Run], wide: bool = False) -> Table:
     table = _table()
     cells = [_run_cells(r) for r in runs]
     names = RUNS_WIDE_COLUMNS if wide else RUNS_COLUMNS
-    _add_columns(table, [(n, [c[n] for c in cells]) for n in names], left=("id", "state", "name", "model", "reason"),
-                 shrinkable=("name", "model", "reason"))  # fmt: skip
+    _add_columns(
+        table,
+        [(n, [c[n] for c in cells]) for n in names],
+        left=("id", "state", "name", "model", "reason"),
+        shrinkable=("name", "model", "reason"),
+    )
     return table
 
 
@@ -207,8 +265,11 @@ def progress_line(update: run_service_pb2.WatchRunResponse) -> str:
 def _search_progress_line(update: run_service_pb2.WatchRunResponse) -> str:
     run, live = update.run, update.live
     stages = run.spec.stages
-    load = formats.search_load(run.spec.search.variable, _stage_load(stages[run.current_stage])) if (
-        run.current_stage < len(stages)) else NA  # fmt: skip
+    load = (
+        formats.search_load(run.spec.search.variable, _stage_load(stages[run.current_stage]))
+        if (run.current_stage < len(stages))
+        else NA
+    )
     planned = f"/{live.stage_planned_s:.0f}" if live.stage_planned_s else ""
     ttft = f"{live.ttft_p50_ms:.0f}/{live.ttft_p99_ms:.0f}ms" if live.ttft_p50_ms or live.ttft_p99_ms else NA
     return (
@@ -239,9 +300,11 @@ def message_dict(message: Message) -> dict[str, Any]:
     (zeros and empty lists too), 64-bit integers as JSON numbers, enums by name, timestamps
     as RFC 3339 strings and durations as `1.5s`, as in the proto3 JSON mapping."""
     return json_format.MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True,
+        message,
+        preserving_proto_field_name=True,
+        always_print_fields_with_no_presence=True,
         unquote_int64_if_possible=True,
-    )  # fmt: skip
+    )
 
 
 def to_json(message: Message, **extra: object) -> str:
@@ -269,10 +332,23 @@ def _latency_table(s: run_pb2.StageResult, title: str) -> Table:
             table.add_row(label, "0", *["-"] * 9)
             continue
         table.add_row(
-            label, str(st.count),
-            *(f"{v:.1f}" for v in (st.mean_ms, st.std_ms, st.min_ms, st.p50_ms, st.p90_ms, st.p95_ms,
-                                   st.p99_ms, st.p999_ms, st.max_ms)),
-        )  # fmt: skip
+            label,
+            str(st.count),
+            *(
+                f"{v:.1f}"
+                for v in (
+                    st.mean_ms,
+                    st.std_ms,
+                    st.min_ms,
+                    st.p50_ms,
+                    st.p90_ms,
+                    st.p95_ms,
+                    st.p99_ms,
+                    st.p999_ms,
+                    st.max_ms,
+                )
+            ),
+        )
     return table
 
 
@@ -324,10 +400,16 @@ def _agents_table(s: run_pb2.StageResult) -> Table:
         table.add_column(name, justify="left" if name == "agent" else "right")
     for a in s.agents:
         table.add_row(
-            a.agent_name, str(a.requests_ok), str(a.requests_failed), f"{a.request_throughput:.2f}",
-            f"{a.output_token_throughput:.1f}", _ms(a.ttft.p50_ms), _ms(a.ttft.p99_ms), _ms(a.itl.p50_ms),
+            a.agent_name,
+            str(a.requests_ok),
+            str(a.requests_failed),
+            f"{a.request_throughput:.2f}",
+            f"{a.output_token_throughput:.1f}",
+            _ms(a.ttft.p50_ms),
+            _ms(a.ttft.p99_ms),
+            _ms(a.itl.p50_ms),
             _ms(a.e2e.p50_ms),
-        )  # fmt: skip
+        )
     return table
 
 

@@ -73,7 +73,10 @@ class ControllerClient:
     ) -> run_service_pb2.ListRunsResponse:
         response: run_service_pb2.ListRunsResponse = await self._stub.ListRuns(
             run_service_pb2.ListRunsRequest(
-                page_size=page_size, page_token=page_token, state=state, model=model  # type: ignore[arg-type]
+                page_size=page_size,
+                page_token=page_token,
+                state=state,  # type: ignore[arg-type]
+                model=model,
             ),
             metadata=self._metadata,
             timeout=self.timeout_s,

@@ -34,16 +34,27 @@ SEARCH_VARIABLES = {
 # The flags that describe stages: a search plans its own, so they are refused beside --search
 # (flag, attribute, its value when not given).
 STAGE_FLAGS = (
-    ("--concurrency", "concurrency", None), ("--rate", "rate", None), ("--scenario", "scenario", None),
-    ("--peak-concurrency", "peak_concurrency", None), ("--peak-rate", "peak_rate", None),
-    ("--duration", "duration", None), ("--requests", "requests", 0), ("--warmup", "warmup", (0.0, 0)),
-    ("--ramp", "ramp", 0.0), ("--arrival", "arrival", None), ("--burstiness", "burstiness", None),
+    ("--concurrency", "concurrency", None),
+    ("--rate", "rate", None),
+    ("--scenario", "scenario", None),
+    ("--peak-concurrency", "peak_concurrency", None),
+    ("--peak-rate", "peak_rate", None),
+    ("--duration", "duration", None),
+    ("--requests", "requests", 0),
+    ("--warmup", "warmup", (0.0, 0)),
+    ("--ramp", "ramp", 0.0),
+    ("--arrival", "arrival", None),
+    ("--burstiness", "burstiness", None),
     ("--max-concurrency", "max_concurrency", 0),
-)  # fmt: skip
+)
 # What to use instead of a stage flag in a search.
-_SEARCH_INSTEAD = {"--concurrency": "--search-min/--search-max", "--rate": "--search-min/--search-max",
-                   "--duration": "--probe-duration", "--warmup": "--probe-warmup",
-                   "--requests": "--min-requests"}  # fmt: skip
+_SEARCH_INSTEAD = {
+    "--concurrency": "--search-min/--search-max",
+    "--rate": "--search-min/--search-max",
+    "--duration": "--probe-duration",
+    "--warmup": "--probe-warmup",
+    "--requests": "--min-requests",
+}
 
 
 LOSS_POLICIES = {
@@ -207,15 +218,18 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--request-timeout", type=duration, default=None, help="per-request timeout (default 300s)")
     target.add_argument("--insecure", action="store_true", help="skip TLS certificate verification of the target")
     target.add_argument(
-        "--unreachable-timeout", type=duration, default=None,
+        "--unreachable-timeout",
+        type=duration,
+        default=None,
         help="fail the stage when no connection to the target could be opened for this long (default 10s)",
-    )  # fmt: skip
+    )
     target.add_argument(
-        "--skip-preflight", action="store_true",
+        "--skip-preflight",
+        action="store_true",
         help="start the load without first checking the target (GET /models and one small request)",
-    )  # fmt: skip
+    )
     target.add_argument(
-        "--extra-body", default="", help='JSON merged into each request body, e.g. \'{"cache_prompt": false}\''
+        "--extra-body", default="", help="JSON merged into each request body, e.g. '{\"cache_prompt\": false}'"
     )
 
     load = parser.add_argument_group("load (one stage per value of --concurrency or --rate)")
@@ -223,9 +237,10 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     shape.add_argument("--concurrency", type=int_list, help="closed loop: requests in flight, e.g. 1,8,32")
     shape.add_argument("--rate", type=float_list, help="open loop: requests per second, e.g. 2,4,8,16")
     shape.add_argument(
-        "--scenario", choices=sorted(SCENARIOS),
+        "--scenario",
+        choices=sorted(SCENARIOS),
         help="named scenario (`llm-loadtest scenarios`); needs --peak-concurrency or --peak-rate",
-    )  # fmt: skip
+    )
     load.add_argument("--peak-concurrency", type=int, help="peak of a --scenario, closed loop")
     load.add_argument("--peak-rate", type=float, help="peak of a --scenario, open loop (requests/s)")
     load.add_argument("--arrival", choices=sorted(ARRIVALS), help="open loop arrivals (default poisson)")
@@ -239,25 +254,35 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     )
     load.add_argument("--requests", type=int, default=0, help="requests per stage (with --duration: whichever first)")
     load.add_argument(
-        "--warmup", type=warmup, default=(0.0, 0),
+        "--warmup",
+        type=warmup,
+        default=(0.0, 0),
         help="excluded from metrics: 10s or 20req per stage; part of the stage, not added to it (--duration 30s "
         "--warmup 10s measures 20 s; --requests counts warmup requests too)",
-    )  # fmt: skip
+    )
     load.add_argument("--ramp", type=duration, default=0.0, help="linear ramp of the load at the start of each stage")
     load.add_argument("--agents", type=int, default=1, help="agents sharing each stage")
     load.add_argument(
-        "--agent-selector", type=selector, default={}, metavar="K=V[,K=V]",
+        "--agent-selector",
+        type=selector,
+        default={},
+        metavar="K=V[,K=V]",
         help="only agents with these labels, e.g. zone=a,gpu=h100",
-    )  # fmt: skip
+    )
     load.add_argument(
-        "--agent-wait", type=duration, default=None, metavar="DURATION",
+        "--agent-wait",
+        type=duration,
+        default=None,
+        metavar="DURATION",
         help="how long the run may wait for enough matching agents before it fails (default 5m)",
-    )  # fmt: skip
+    )
     load.add_argument(
-        "--on-agent-loss", choices=sorted(LOSS_POLICIES), default="redistribute",
+        "--on-agent-loss",
+        choices=sorted(LOSS_POLICIES),
+        default="redistribute",
         help="when an agent is lost mid-stage: others take over its share (default), continue with "
         "less load (flagged), or fail the run",
-    )  # fmt: skip
+    )
 
     work = parser.add_argument_group("workload")
     work.add_argument("--input-tokens", type=lengths, default=None, help="prompt length: 128, 64-256 or normal:200,50")
@@ -273,27 +298,44 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     verdict = parser.add_argument_group("SLOs and checks (the run's verdict and exit code)")
     verdict.add_argument("--slo", type=slo, default=None, help="goodput objectives, e.g. ttft=500ms,tpot=50ms,e2e=10s")
     verdict.add_argument(
-        "--check", action="append", default=[], metavar="EXPR",
+        "--check",
+        action="append",
+        default=[],
+        metavar="EXPR",
         help="pass/fail per stage, e.g. 'p99(ttft) < 500ms', 'error_rate < 1%%' (repeatable)",
-    )  # fmt: skip
+    )
     verdict.add_argument(
-        "--abort-on-fail", action="append", default=[], metavar="EXPR",
+        "--abort-on-fail",
+        action="append",
+        default=[],
+        metavar="EXPR",
         help="a check that stops the run (FAILED) as soon as it is lost over the last 10 s",
-    )  # fmt: skip
+    )
     _add_search_arguments(parser)
     server = parser.add_argument_group("server metrics (the model server's own view, docs/server-metrics.md)")
     server.add_argument(
-        "--server-metrics", action="append", default=[], metavar="URL",
+        "--server-metrics",
+        action="append",
+        default=[],
+        metavar="URL",
         help="Prometheus endpoint of the model server to scrape during each stage, e.g. "
         "http://model:8000/metrics (repeatable)",
-    )  # fmt: skip
+    )
     server.add_argument("--scrape-interval", type=duration, default=None, help="time between scrapes (default 1s)")
     server.add_argument(
-        "--metric-filter", action="append", default=[], metavar="PATTERN",
+        "--metric-filter",
+        action="append",
+        default=[],
+        metavar="PATTERN",
         help="only keep server metrics matching this pattern, e.g. 'vllm:*' (repeatable; default: all)",
-    )  # fmt: skip
-    server.add_argument("--mismatch-tolerance", type=float, default=None, metavar="PERCENT",
-                        help="client vs server token/request counts may differ by this much (default 2)")  # fmt: skip
+    )
+    server.add_argument(
+        "--mismatch-tolerance",
+        type=float,
+        default=None,
+        metavar="PERCENT",
+        help="client vs server token/request counts may differ by this much (default 2)",
+    )
     parser.add_argument("--name", default="", help="display name of the run (shown by run, runs list and reports)")
 
 
@@ -301,49 +343,97 @@ def _add_search_arguments(parser: argparse.ArgumentParser) -> None:
     search = parser.add_argument_group(
         "capacity search (docs/capacity.md): instead of stages, probes planned one at a time until the highest "
         "load within --slo is found"
-    )  # fmt: skip
+    )
     search.add_argument(
-        "--search", choices=sorted(SEARCH_VARIABLES), default=None,
+        "--search",
+        choices=sorted(SEARCH_VARIABLES),
+        default=None,
         help="search the capacity by concurrency (closed loop) or request rate (open loop); needs --slo, no "
         "stage flags",
-    )  # fmt: skip
+    )
     search.add_argument(
-        "--goodput-target", type=percent, default=None, metavar="PERCENT",
+        "--goodput-target",
+        type=percent,
+        default=None,
+        metavar="PERCENT",
         help="a probe passes when this share of its requests meets every SLO (default 95%%)",
-    )  # fmt: skip
-    search.add_argument("--search-min", type=positive_number, default=None, metavar="N",
-                        help="lowest load probed, the first probe (default 1)")  # fmt: skip
-    search.add_argument("--search-max", type=positive_number, default=None, metavar="N",
-                        help="highest load probed (default 1024 concurrency, 1000 req/s)")  # fmt: skip
+    )
     search.add_argument(
-        "--search-tolerance", type=tolerance_percent, default=None, metavar="PERCENT",
+        "--search-min",
+        type=positive_number,
+        default=None,
+        metavar="N",
+        help="lowest load probed, the first probe (default 1)",
+    )
+    search.add_argument(
+        "--search-max",
+        type=positive_number,
+        default=None,
+        metavar="N",
+        help="highest load probed (default 1024 concurrency, 1000 req/s)",
+    )
+    search.add_argument(
+        "--search-tolerance",
+        type=tolerance_percent,
+        default=None,
+        metavar="PERCENT",
         help="converged when the lowest failing load is within this much above the highest passing (default 5%%)",
-    )  # fmt: skip
-    search.add_argument("--probe-duration", type=positive_duration, default=None, metavar="DURATION",
-                        help="how long each probe sends load, warmup included (default 30s)")  # fmt: skip
+    )
     search.add_argument(
-        "--probe-warmup", type=duration, default=None, metavar="DURATION",
+        "--probe-duration",
+        type=positive_duration,
+        default=None,
+        metavar="DURATION",
+        help="how long each probe sends load, warmup included (default 30s)",
+    )
+    search.add_argument(
+        "--probe-warmup",
+        type=duration,
+        default=None,
+        metavar="DURATION",
         help="first part of each probe left out of its judgement (default a sixth of the probe)",
-    )  # fmt: skip
+    )
     search.add_argument(
-        "--min-requests", type=positive_int, default=None, metavar="N",
+        "--min-requests",
+        type=positive_int,
+        default=None,
+        metavar="N",
         help="a probe with fewer counted requests is repeated at the same load (default 100)",
-    )  # fmt: skip
-    search.add_argument("--max-probes", type=positive_int, default=None, metavar="N",
-                        help="stop after this many probes (default 16)")  # fmt: skip
-    search.add_argument("--cost-per-hour", type=positive_number, default=None, metavar="USD",
-                        help="the deployment's cost per hour: the cost per 1M output tokens at capacity")  # fmt: skip
-    not_from_env(search.add_argument(
-        "--resume", default=None, metavar="RUN_ID",
-        help="continue the search of this earlier run (after a controller restart): its probes count, and its "
-        "search settings and SLO are used where not given",
-    ))  # fmt: skip
+    )
+    search.add_argument(
+        "--max-probes", type=positive_int, default=None, metavar="N", help="stop after this many probes (default 16)"
+    )
+    search.add_argument(
+        "--cost-per-hour",
+        type=positive_number,
+        default=None,
+        metavar="USD",
+        help="the deployment's cost per hour: the cost per 1M output tokens at capacity",
+    )
+    not_from_env(
+        search.add_argument(
+            "--resume",
+            default=None,
+            metavar="RUN_ID",
+            help="continue the search of this earlier run (after a controller restart): its probes count, and its "
+            "search settings and SLO are used where not given",
+        )
+    )
 
 
 def _search_given(args: argparse.Namespace) -> list[str]:
     """The search flags given (other than --search and --resume)."""
-    names = ("goodput_target", "search_min", "search_max", "search_tolerance", "probe_duration", "probe_warmup",
-             "min_requests", "max_probes", "cost_per_hour")  # fmt: skip
+    names = (
+        "goodput_target",
+        "search_min",
+        "search_max",
+        "search_tolerance",
+        "probe_duration",
+        "probe_warmup",
+        "min_requests",
+        "max_probes",
+        "cost_per_hour",
+    )
     return ["--" + n.replace("_", "-") for n in names if getattr(args, n, None) is not None]
 
 
@@ -474,11 +564,16 @@ _UINT32, _UINT64 = 2**32 - 1, 2**64 - 1
 def _check_integers(args: argparse.Namespace) -> None:
     """Integer flags the spec's fields cannot hold are usage errors, not a protobuf ValueError's
     traceback (the controller's own limits, smaller, come back as INVALID_ARGUMENT)."""
-    flags = [("--requests", args.requests, _UINT64), ("--warmup", args.warmup[1], _UINT64),
-             ("--seed", args.seed, _UINT64), ("--max-concurrency", args.max_concurrency, _UINT32),
-             ("--shared-prefix", args.shared_prefix, _UINT32), ("--agents", args.agents, _UINT32),
-             ("--min-prompt-words", args.min_prompt_words, _UINT32),
-             ("--max-prompt-words", args.max_prompt_words, _UINT32)]  # fmt: skip
+    flags = [
+        ("--requests", args.requests, _UINT64),
+        ("--warmup", args.warmup[1], _UINT64),
+        ("--seed", args.seed, _UINT64),
+        ("--max-concurrency", args.max_concurrency, _UINT32),
+        ("--shared-prefix", args.shared_prefix, _UINT32),
+        ("--agents", args.agents, _UINT32),
+        ("--min-prompt-words", args.min_prompt_words, _UINT32),
+        ("--max-prompt-words", args.max_prompt_words, _UINT32),
+    ]
     flags += [("--concurrency", c, _UINT32) for c in args.concurrency or ()]
     for flag, value, high in flags:
         if not 0 <= value <= high:

@@ -13,10 +13,13 @@ DEFAULT_SEARCH_TOLERANCE_PERCENT: Final = 5.0
 # Stop reasons after which the highest passing load is the server's capacity (a lower bound
 # after MAX_PASSED and MAX_PROBES). After GENERATOR_SATURATED the limit may be the load
 # generator's, and after RUN_ENDED the search was cut short: no capacity then.
-CAPACITY_STOP_REASONS: Final = frozenset({
-    run_pb2.SEARCH_STOP_REASON_CONVERGED, run_pb2.SEARCH_STOP_REASON_MAX_PASSED,
-    run_pb2.SEARCH_STOP_REASON_MAX_PROBES,
-})  # fmt: skip
+CAPACITY_STOP_REASONS: Final = frozenset(
+    {
+        run_pb2.SEARCH_STOP_REASON_CONVERGED,
+        run_pb2.SEARCH_STOP_REASON_MAX_PASSED,
+        run_pb2.SEARCH_STOP_REASON_MAX_PROBES,
+    }
+)
 
 
 def capacity_measured(capacity: run_pb2.CapacityResult) -> bool:

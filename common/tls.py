@@ -92,8 +92,7 @@ def add_client_tls_arguments(parser: argparse.ArgumentParser) -> None:
 def client_tls_from_args(args: argparse.Namespace) -> ClientTls | None:
     """The ClientTls the flags ask for, or None for plaintext. Raises ValueError."""
     wanted = any(
-        getattr(args, name, None)
-        for name in ("tls", "tls_ca", "tls_client_cert", "tls_client_key", "tls_server_name")
+        getattr(args, name, None) for name in ("tls", "tls_ca", "tls_client_cert", "tls_client_key", "tls_server_name")
     )
     if not wanted:
         return None

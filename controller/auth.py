@@ -274,8 +274,15 @@ class _Call:
             await asyncio.shield(self.record(context, outcome, key_id, request, response, ""))
 
     async def record(
-        self, context: grpc.aio.ServicerContext, outcome: str, key_id: str, request: Any, response: Any, detail: str,
-        *, refused: bool = False,
+        self,
+        context: grpc.aio.ServicerContext,
+        outcome: str,
+        key_id: str,
+        request: Any,
+        response: Any,
+        detail: str,
+        *,
+        refused: bool = False,
     ) -> bool:
         """Audit this call: a row of its own, or (a refusal) a count in its address's row of the
         minute. True when a new row was written."""

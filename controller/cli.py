@@ -47,32 +47,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tls-client-ca", metavar="PEM", help="require client certificates signed by this CA (mutual TLS)"
     )
     parser.add_argument(
-        "--allow-target", action="append", default=[], metavar="CIDR|HOST_PATTERN",
+        "--allow-target",
+        action="append",
+        default=[],
+        metavar="CIDR|HOST_PATTERN",
         help="runs may send traffic (targets, server-metrics scrapes) only to these destinations, e.g. "
-             "10.0.0.0/8 or '*.internal' (repeatable; default: anywhere except link-local addresses and this "
-             "controller's own ports)",
-    )  # fmt: skip
+        "10.0.0.0/8 or '*.internal' (repeatable; default: anywhere except link-local addresses and this "
+        "controller's own ports)",
+    )
     parser.add_argument(
-        "--insecure-open", action="store_true",
+        "--insecure-open",
+        action="store_true",
         help="serve a non-loopback --listen address with no API key at all (refused without this flag)",
-    )  # fmt: skip
-    for kind, rate, burst in (("write", ratelimit.DEFAULT_WRITE_RATE, ratelimit.DEFAULT_WRITE_BURST),
-                              ("read", ratelimit.DEFAULT_READ_RATE, ratelimit.DEFAULT_READ_BURST)):  # fmt: skip
+    )
+    for kind, rate, burst in (
+        ("write", ratelimit.DEFAULT_WRITE_RATE, ratelimit.DEFAULT_WRITE_BURST),
+        ("read", ratelimit.DEFAULT_READ_RATE, ratelimit.DEFAULT_READ_BURST),
+    ):
         parser.add_argument(
-            f"--{kind}-rate-limit", type=float, default=rate, metavar="PER_S",
+            f"--{kind}-rate-limit",
+            type=float,
+            default=rate,
+            metavar="PER_S",
             help=f"{kind} calls per second per key (token bucket; default {rate:g})",
-        )  # fmt: skip
+        )
         parser.add_argument(
-            f"--{kind}-burst", type=float, default=burst, metavar="N",
+            f"--{kind}-burst",
+            type=float,
+            default=burst,
+            metavar="N",
             help=f"{kind} calls a key may make at once (default {burst:g})",
-        )  # fmt: skip
+        )
     parser.add_argument(
-        "--refusal-rate-limit", type=float, default=ratelimit.DEFAULT_REFUSAL_RATE, metavar="PER_S",
+        "--refusal-rate-limit",
+        type=float,
+        default=ratelimit.DEFAULT_REFUSAL_RATE,
+        metavar="PER_S",
         help="refused calls (bad key, wrong role) per second per client address; past the burst they get"
-             f" RESOURCE_EXHAUSTED (token bucket; default {ratelimit.DEFAULT_REFUSAL_RATE:g})",
-    )  # fmt: skip
+        f" RESOURCE_EXHAUSTED (token bucket; default {ratelimit.DEFAULT_REFUSAL_RATE:g})",
+    )
     parser.add_argument(
-        "--refusal-burst", type=float, default=ratelimit.DEFAULT_REFUSAL_BURST, metavar="N",
+        "--refusal-burst",
+        type=float,
+        default=ratelimit.DEFAULT_REFUSAL_BURST,
+        metavar="N",
         help=f"refused calls a client address may make at once (default {ratelimit.DEFAULT_REFUSAL_BURST:g})",
     )
 
@@ -97,7 +115,11 @@ def security_options(args: argparse.Namespace) -> SecurityOptions:
         require_auth_for_reads=args.require_auth_for_reads,
         tls=ServerTls(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
         rate_limits=ratelimit.RateLimits(
-            args.write_rate_limit, args.write_burst, args.read_rate_limit, args.read_burst, args.refusal_rate_limit,
+            args.write_rate_limit,
+            args.write_burst,
+            args.read_rate_limit,
+            args.read_burst,
+            args.refusal_rate_limit,
             args.refusal_burst,
         ),
         allow_targets=list(args.allow_target),
@@ -106,9 +128,7 @@ def security_options(args: argparse.Namespace) -> SecurityOptions:
 
 
 async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
-    controller = Controller(
-        args.db, api_key=args.api_key, metrics_listen=args.metrics_listen, **security_options(args)
-    )
+    controller = Controller(args.db, api_key=args.api_key, metrics_listen=args.metrics_listen, **security_options(args))
     await controller.start(args.listen)
     print(f"controller listening on {args.listen.rsplit(':', 1)[0]}:{controller.port}", flush=True)
     if args.metrics_listen:

@@ -178,8 +178,9 @@ class ControllerMetrics:
             ["outcome"],
             registry=self.registry,
         )
-        queue = Gauge("llm_loadtest_ingest_queue_batches", "Sample batches waiting for the writer",
-                      registry=self.registry)  # fmt: skip
+        queue = Gauge(
+            "llm_loadtest_ingest_queue_batches", "Sample batches waiting for the writer", registry=self.registry
+        )
         queue.set_function(self._queue_depth_now)
         self.commit_seconds = Histogram(
             "llm_loadtest_ingest_commit_seconds",
@@ -188,16 +189,22 @@ class ControllerMetrics:
             registry=self.registry,
         )
         rpc_labels = ["grpc_type", "grpc_service", "grpc_method"]
-        self.rpc_started = Counter("grpc_server_started", "RPCs started on the server", rpc_labels,
-                                   registry=self.registry)  # fmt: skip
+        self.rpc_started = Counter(
+            "grpc_server_started", "RPCs started on the server", rpc_labels, registry=self.registry
+        )
         self.rpc_handled = Counter(
-            "grpc_server_handled", "RPCs completed on the server, by status code", [*rpc_labels, "grpc_code"],
+            "grpc_server_handled",
+            "RPCs completed on the server, by status code",
+            [*rpc_labels, "grpc_code"],
             registry=self.registry,
-        )  # fmt: skip
+        )
         self.rpc_seconds = Histogram(
-            "grpc_server_handling_seconds", "Time from the start of an RPC to its end (streams: their life)",
-            rpc_labels, buckets=RPC_BUCKETS_S, registry=self.registry,
-        )  # fmt: skip
+            "grpc_server_handling_seconds",
+            "Time from the start of an RPC to its end (streams: their life)",
+            rpc_labels,
+            buckets=RPC_BUCKETS_S,
+            registry=self.registry,
+        )
         self.interceptor = RpcMetricsInterceptor(self)
 
     def bind(
@@ -266,9 +273,11 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
             return handler
         service, method = _split_method(details.method)
         kind = {
-            (False, False): "unary", (True, False): "client_stream",
-            (False, True): "server_stream", (True, True): "bidi_stream",
-        }[(bool(handler.request_streaming), bool(handler.response_streaming))]  # fmt: skip
+            (False, False): "unary",
+            (True, False): "client_stream",
+            (False, True): "server_stream",
+            (True, True): "bidi_stream",
+        }[(bool(handler.request_streaming), bool(handler.response_streaming))]
         labels = (kind, service, method)
         m = self._m
 

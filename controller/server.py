@@ -90,9 +90,12 @@ class Controller:
         self.results = RunResults(self.store)
         self.memory = MemoryReleaser(self.db.shrink_memory)
         self.coordinator = RunCoordinator(
-            self.store, self.hub, heartbeat_interval_s=heartbeat_interval_s, lost_grace_s=lost_grace_s,
+            self.store,
+            self.hub,
+            heartbeat_interval_s=heartbeat_interval_s,
+            lost_grace_s=lost_grace_s,
             on_run_final=self.results.run_finished,
-        )  # fmt: skip
+        )
         self.ingestor = Ingestor(self.store, self.metrics)
         self.metrics.bind(
             running=self.coordinator.running_run_ids,
@@ -102,18 +105,14 @@ class Controller:
         )
         self.runs = Runs(self.store, self.coordinator, self.hub, self.results, self.destinations)
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(
-            interceptors=[self.metrics.interceptor, self.auth], options=SERVER_OPTIONS
-        )
+        self.server = grpc.aio.server(interceptors=[self.metrics.interceptor, self.auth], options=SERVER_OPTIONS)
         run_service.add_to_server(RunServiceServicer(self.runs), self.server)
         agent_service_pb2_grpc.add_AgentServiceServicer_to_server(
             AgentServiceServicer(self.coordinator, self.ingestor, heartbeat_interval_s, self.audit), self.server
         )
         key_service_pb2_grpc.add_KeyServiceServicer_to_server(KeyServiceServicer(self.keys, self.audit), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
-        )
+        reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self.port = 0
 
     async def start(self, listen: str) -> int:
@@ -163,9 +162,12 @@ class Controller:
                 )
             log.warning("controller_open", listen=listen, hint="--insecure-open: no key is required for any call")
         if not self.destinations.explicit:
-            log.warning("no_target_allow_list", listen=listen,
-                        hint="runs may aim the agents at any destination except link-local addresses and this "
-                             "controller; restrict them with --allow-target")  # fmt: skip
+            log.warning(
+                "no_target_allow_list",
+                listen=listen,
+                hint="runs may aim the agents at any destination except link-local addresses and this "
+                "controller; restrict them with --allow-target",
+            )
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stop within `grace_s`: NOT_SERVING; running runs are stopped on their agents and

@@ -169,10 +169,13 @@ def create_app(config: MockConfig) -> web.Application:
             return web.Response(text=MALFORMED_PAGE, headers={"Content-Type": METRICS_CONTENT_TYPE})
         server = stats.server
         text = render_metrics(
-            config.model, server, stats.generating, waiting=stats.waiting,
+            config.model,
+            server,
+            stats.generating,
+            waiting=stats.waiting,
             prompt_tokens=server.prompt_tokens_before_reset + stats.prompt_tokens_total,
             generation_tokens=server.generation_tokens_before_reset + stats.output_tokens_total,
-        )  # fmt: skip
+        )
         return web.Response(text=text, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     app.router.add_get("/v1/models", list_models)

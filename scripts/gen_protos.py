@@ -32,12 +32,17 @@ def generate(dest: Path) -> None:
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
     result = subprocess.run(
         [
-            sys.executable, "-m", "grpc_tools.protoc",
-            f"-I{PROTO_ROOT}", f"-I{well_known}",
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{PROTO_ROOT}",
+            f"-I{well_known}",
             f"--plugin=protoc-gen-mypy={plugin_dir / 'protoc-gen-mypy'}",
             f"--plugin=protoc-gen-mypy_grpc={plugin_dir / 'protoc-gen-mypy_grpc'}",
-            f"--python_out={dest}", f"--grpc_python_out={dest}",
-            f"--mypy_out={dest}", f"--mypy_grpc_out={dest}",
+            f"--python_out={dest}",
+            f"--grpc_python_out={dest}",
+            f"--mypy_out={dest}",
+            f"--mypy_grpc_out={dest}",
             *protos,
         ],
         check=False,

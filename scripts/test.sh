@@ -23,6 +23,7 @@ echo "== generated docs are fresh (docs/api.md, docs/configuration.md)" >&2
 .venv/bin/python scripts/gen_config_docs.py --check
 echo "== ruff" >&2
 .venv/bin/ruff check .
+.venv/bin/ruff format --check .
 echo "== mypy --strict" >&2
 .venv/bin/mypy
 echo "== import-linter: the layer contracts in pyproject.toml" >&2

@@ -20,9 +20,7 @@ from tests.processes import CLI
 T = TypeVar("T")
 
 
-async def eventually(
-    probe: Callable[[], Awaitable[T]], check: Callable[[T], bool], timeout_s: float = 10.0
-) -> T:
+async def eventually(probe: Callable[[], Awaitable[T]], check: Callable[[T], bool], timeout_s: float = 10.0) -> T:
     """Poll `probe` until `check` holds (no sleeping as synchronisation: a deadline)."""
     deadline = time.monotonic() + timeout_s
     while True:

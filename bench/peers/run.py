@@ -52,13 +52,23 @@ def ensure_venv() -> str:
         missing = [p for p in PACKAGES if not (VENV / "bin" / p.split("==")[0]).exists()]
         if missing:
             print(f"installing {' '.join(missing)} into {VENV} ...", flush=True)
-            done = subprocess.run([str(PY), "-m", "pip", "install", "-q", *missing], capture_output=True, text=True,
-                                  timeout=1800, check=False)
+            done = subprocess.run(
+                [str(PY), "-m", "pip", "install", "-q", *missing],
+                capture_output=True,
+                text=True,
+                timeout=1800,
+                check=False,
+            )
             if done.returncode != 0:
                 return f"pip install failed: {done.stderr.strip()[-400:]}"
         if not (TOKENIZER / "tokenizer.json").exists():
-            build = subprocess.run([str(PY), "-c", _TOKENIZER_SCRIPT, str(TOKENIZER)], capture_output=True, text=True,
-                                   timeout=300, check=False)
+            build = subprocess.run(
+                [str(PY), "-c", _TOKENIZER_SCRIPT, str(TOKENIZER)],
+                capture_output=True,
+                text=True,
+                timeout=300,
+                check=False,
+            )
             if build.returncode != 0:
                 return f"building the local tokenizer failed: {build.stderr.strip()[-400:]}"
     except (OSError, subprocess.SubprocessError) as exc:
@@ -88,19 +98,51 @@ fast.save_pretrained(sys.argv[1])
 def peer_command(name: str, url: str, streams: int, duration: float, out: Path) -> list[str]:
     if name == "aiperf":
         return [
-            str(VENV / "bin" / "aiperf"), "profile", "--model", "mock", "--url", url.removesuffix("/v1"),
-            "--endpoint-type", "chat", "--streaming", "--tokenizer", str(TOKENIZER),
-            "--concurrency", str(streams), "--benchmark-duration", str(duration),
-            "--synthetic-input-tokens-mean", "128", "--synthetic-input-tokens-stddev", "0",
-            "--output-tokens-mean", "128", "--output-tokens-stddev", "0",
-            "--output-artifact-dir", str(out), "--ui-type", "none", "--no-auto-plot",
+            str(VENV / "bin" / "aiperf"),
+            "profile",
+            "--model",
+            "mock",
+            "--url",
+            url.removesuffix("/v1"),
+            "--endpoint-type",
+            "chat",
+            "--streaming",
+            "--tokenizer",
+            str(TOKENIZER),
+            "--concurrency",
+            str(streams),
+            "--benchmark-duration",
+            str(duration),
+            "--synthetic-input-tokens-mean",
+            "128",
+            "--synthetic-input-tokens-stddev",
+            "0",
+            "--output-tokens-mean",
+            "128",
+            "--output-tokens-stddev",
+            "0",
+            "--output-artifact-dir",
+            str(out),
+            "--ui-type",
+            "none",
+            "--no-auto-plot",
         ]
     return [
-        str(VENV / "bin" / "guidellm"), "run", "--backend", f"kind=openai_http,target={url.removesuffix('/v1')}",
-        "--profile", f"kind=concurrent,streams={streams}", "--constraint", f"kind=max_duration,seconds={duration}",
-        "--data", "kind=synthetic_text,prompt_tokens=128,output_tokens=128",
-        "--tokenizer", f"kind=huggingface_auto,model={TOKENIZER}",
-        "--output", f"kind=json,path={out / 'guidellm.json'}", "--disable-console-interactive",
+        str(VENV / "bin" / "guidellm"),
+        "run",
+        "--backend",
+        f"kind=openai_http,target={url.removesuffix('/v1')}",
+        "--profile",
+        f"kind=concurrent,streams={streams}",
+        "--constraint",
+        f"kind=max_duration,seconds={duration}",
+        "--data",
+        "kind=synthetic_text,prompt_tokens=128,output_tokens=128",
+        "--tokenizer",
+        f"kind=huggingface_auto,model={TOKENIZER}",
+        "--output",
+        f"kind=json,path={out / 'guidellm.json'}",
+        "--disable-console-interactive",
     ]
 
 
@@ -141,8 +183,13 @@ def run_peer(name: str, url: str, streams: int, args: argparse.Namespace, tmp: P
     out.mkdir()
     log_path = out / "log.txt"
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(peer_command(name, url, streams, args.duration, out), stdout=log, stderr=log,
-                                cwd=out, preexec_fn=pin(CLIENT_CPU))  # noqa: PLW1509
+        proc = subprocess.Popen(
+            peer_command(name, url, streams, args.duration, out),
+            stdout=log,
+            stderr=log,
+            cwd=out,
+            preexec_fn=pin(CLIENT_CPU),  # noqa: PLW1509
+        )
         try:
             window = measure(proc, url, args.warmup, args.duration, first_token_within_s=args.peer_startup)
             proc.wait(args.duration + args.peer_startup + 300)
@@ -163,8 +210,11 @@ def run_peer(name: str, url: str, streams: int, args: argparse.Namespace, tmp: P
             break
     if ttft is not None and ttft > 10_000:  # reported in µs or ns
         ttft = ttft / 1000.0 if ttft < 1e7 else ttft / 1e6
-    return {"cpu": window.cpu_ms_per_1k_tokens, "ttft_err": (ttft - TTFT_MS) if ttft is not None else math.nan,
-            "tok_s": window.tokens_per_s}
+    return {
+        "cpu": window.cpu_ms_per_1k_tokens,
+        "ttft_err": (ttft - TTFT_MS) if ttft is not None else math.nan,
+        "tok_s": window.tokens_per_s,
+    }
 
 
 def _tail(path: Path) -> str:
@@ -176,12 +226,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--streams", default="16,128,512", help="comma-separated stream counts (default: %(default)s)")
     parser.add_argument("--peers", default="guidellm,aiperf", help="which peers (default: %(default)s)")
-    parser.add_argument("--duration", type=float, default=20.0,
-                        help="seconds of load per client (default: %(default)s)")
+    parser.add_argument(
+        "--duration", type=float, default=20.0, help="seconds of load per client (default: %(default)s)"
+    )
     parser.add_argument("--warmup", type=float, default=4.0, help="seconds before the window (default: %(default)s)")
-    parser.add_argument("--peer-startup", type=float, default=120.0,
-                        help="at most this many seconds for a peer's first token; its window starts --warmup s "
-                             "after that token (default: %(default)s)")
+    parser.add_argument(
+        "--peer-startup",
+        type=float,
+        default=120.0,
+        help="at most this many seconds for a peer's first token; its window starts --warmup s "
+        "after that token (default: %(default)s)",
+    )
     args = parser.parse_args()
     print(machine())
     problem = ensure_venv()
@@ -195,10 +250,12 @@ def main() -> None:
             with mock_server(TTFT_MS, ITL_MS, TOKENS) as url:
                 ours = run_client("agent", url, streams, args.duration, args.warmup, tmp)
             our_cpu, our_err = ours.window.cpu_ms_per_1k_tokens, ours.ttft_p99_error_ms(TTFT_MS)
-            rows.append([streams, "llm-loadtest agent", round(our_cpu, 1), round(our_err, 1),
-                         round(ours.window.tokens_per_s)])
-            print(f"  {streams} streams llm-loadtest: {our_cpu:.1f} ms/1k tok, TTFT p99 err {our_err:.1f} ms",
-                  flush=True)
+            rows.append(
+                [streams, "llm-loadtest agent", round(our_cpu, 1), round(our_err, 1), round(ours.window.tokens_per_s)]
+            )
+            print(
+                f"  {streams} streams llm-loadtest: {our_cpu:.1f} ms/1k tok, TTFT p99 err {our_err:.1f} ms", flush=True
+            )
             for name in peers:
                 if problem:
                     notes.append(f"{name} @ {streams}: not run ({problem})")
@@ -210,10 +267,18 @@ def main() -> None:
                     print(f"  {streams} streams {name}: FAILED", flush=True)
                     continue
                 rows.append([streams, name, round(r["cpu"], 1), round(r["ttft_err"], 1), round(r["tok_s"])])
-                ratios.append([streams, name, f"{r['cpu'] / our_cpu:.1f}x",
-                               f"{r['ttft_err'] / our_err:.1f}x" if our_err > 0 else "-"])
-                print(f"  {streams} streams {name}: {r['cpu']:.1f} ms/1k tok, TTFT p99 err {r['ttft_err']:.1f} ms",
-                      flush=True)
+                ratios.append(
+                    [
+                        streams,
+                        name,
+                        f"{r['cpu'] / our_cpu:.1f}x",
+                        f"{r['ttft_err'] / our_err:.1f}x" if our_err > 0 else "-",
+                    ]
+                )
+                print(
+                    f"  {streams} streams {name}: {r['cpu']:.1f} ms/1k tok, TTFT p99 err {r['ttft_err']:.1f} ms",
+                    flush=True,
+                )
     print()
     print(table(["streams", "client", "CPU ms / 1k tok", "TTFT p99 err ms", "tok/s"], rows))
     if ratios:

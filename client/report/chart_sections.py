@@ -65,13 +65,25 @@ def _probe_series(data: RunReportData, style: RunStyle, metric: str, several: bo
                 load = formats.search_load(capacity.variable, p.load)
                 points.append((p.output_token_throughput, value))
                 loads.append(load if percentile == "p99" else "")
-                tips.append(f"{style.label} · probe {i} · {load} · {word} · good {p.good_percent:.1f} % · "
-                            f"{metric.upper()} {percentile} {value:.1f} ms at {p.output_token_throughput:.0f} tok/s")
+                tips.append(
+                    f"{style.label} · probe {i} · {load} · {word} · good {p.good_percent:.1f} % · "
+                    f"{metric.upper()} {percentile} {value:.1f} ms at {p.output_token_throughput:.0f} tok/s"
+                )
             if not points:  # no legend entry for an outcome no probe had
                 continue
             label = f"{word} · {metric.upper()} {percentile}"
-            out.append(Series(f"{style.label} · {label}" if several else label, points, color, style.group,
-                              marker=marker, point_labels=loads, tooltips=tips, line=False))  # fmt: skip
+            out.append(
+                Series(
+                    f"{style.label} · {label}" if several else label,
+                    points,
+                    color,
+                    style.group,
+                    marker=marker,
+                    point_labels=loads,
+                    tooltips=tips,
+                    line=False,
+                )
+            )
     return out
 
 
@@ -82,8 +94,15 @@ def _search_lines(data: RunReportData, style: RunStyle, metric: str, several: bo
     capacity = data.result.capacity
     if search_outcome.capacity_measured(capacity):
         load = formats.search_load(capacity.variable, capacity.highest_passing)
-        markers.append(Marker(capacity.output_token_throughput, f"{prefix}capacity {load}",
-                              style.color if several else CAPACITY_COLOR, style.group, dashed=False))  # fmt: skip
+        markers.append(
+            Marker(
+                capacity.output_token_throughput,
+                f"{prefix}capacity {load}",
+                style.color if several else CAPACITY_COLOR,
+                style.group,
+                dashed=False,
+            )
+        )
     levels: list[Level] = []
     slo = data.run.spec.slo
     if slo.HasField(metric):  # type: ignore[arg-type]
@@ -116,23 +135,43 @@ def latency_throughput_section(runs: Sequence[RunReportData], styles: Sequence[R
             points, loads, tips = _stage_points(data.result.stages, metric, attr, label, st)
             name = f"{st.label} · {label}" if several else label
             target.append(Series(name, points, st.color, st.group, dashed, marker, loads if labelled else (), tips))
-    caption = ("One point per stage (labelled with its load). Pick the operating point where throughput "
-               "still rises and the latency you care about is still inside its objective.")  # fmt: skip
+    caption = (
+        "One point per stage (labelled with its load). Pick the operating point where throughput "
+        "still rises and the latency you care about is still inside its objective."
+    )
     if any(d.result.HasField("capacity") for d in runs):
-        caption = ("Stages: one point per stage (labelled with its load). Capacity searches: one point per probe "
-                   "(circles p50, squares p99 labelled with the load), green passed, red failed, grey "
-                   "inconclusive; the dotted line is the SLO, the solid vertical line the capacity (the highest "
-                   "passing probe's throughput).")  # fmt: skip
+        caption = (
+            "Stages: one point per stage (labelled with its load). Capacity searches: one point per probe "
+            "(circles p50, squares p99 labelled with the load), green passed, red failed, grey "
+            "inconclusive; the dotted line is the SLO, the solid vertical line the capacity (the highest "
+            "passing probe's throughput)."
+        )
     return (
         '<section id="latency-throughput"><h2>Latency vs throughput</h2><div class="charts">'
-        + charts.xy_chart("ttft-vs-throughput", "TTFT vs output throughput", ttft, "output tokens/s", "TTFT (ms)",
-                          markers=extras["ttft"][0], levels=extras["ttft"][1],
-                          caption=caption, empty_note="no stage completed a streamed request")
-        + charts.xy_chart("tpot-vs-throughput", "TPOT vs output throughput", tpot, "output tokens/s", "TPOT (ms)",
-                          markers=extras["tpot"][0], levels=extras["tpot"][1],
-                          caption=caption, empty_note="no stage completed a request with more than one token")
+        + charts.xy_chart(
+            "ttft-vs-throughput",
+            "TTFT vs output throughput",
+            ttft,
+            "output tokens/s",
+            "TTFT (ms)",
+            markers=extras["ttft"][0],
+            levels=extras["ttft"][1],
+            caption=caption,
+            empty_note="no stage completed a streamed request",
+        )
+        + charts.xy_chart(
+            "tpot-vs-throughput",
+            "TPOT vs output throughput",
+            tpot,
+            "output tokens/s",
+            "TPOT (ms)",
+            markers=extras["tpot"][0],
+            levels=extras["tpot"][1],
+            caption=caption,
+            empty_note="no stage completed a request with more than one token",
+        )
         + "</div></section>"
-    )  # fmt: skip
+    )
 
 
 def _stage_offsets(result: run_pb2.RunResult) -> list[float]:
@@ -175,8 +214,9 @@ def timeline_section(runs: Sequence[RunReportData], styles: Sequence[RunStyle]) 
             err.append((end, err[-1][1]))
         prefix = f"{st.label} · " if len(runs) > 1 else ""
         if tok:
-            throughput.append(Series(f"{prefix}output tok/s", tok, st.color, st.group, marker="none", step=True,
-                                     fill=len(runs) == 1))  # fmt: skip
+            throughput.append(
+                Series(f"{prefix}output tok/s", tok, st.color, st.group, marker="none", step=True, fill=len(runs) == 1)
+            )
             errors.append(Series(f"{prefix}errors/s", err, st.color, st.group, marker="none", step=True, fill=True))
         if p50:
             ttft.append(Series(f"{prefix}TTFT p50", p50, st.color, st.group, marker="none"))
@@ -185,8 +225,10 @@ def timeline_section(runs: Sequence[RunReportData], styles: Sequence[RunStyle]) 
     if runs:
         first = runs[0].result
         offsets = _stage_offsets(first)
-        bands = [Band(offsets[i], offsets[i + 1], f"{s.index} · {short_load(s)}", i % 2 == 1)
-                 for i, s in enumerate(first.stages)]  # fmt: skip
+        bands = [
+            Band(offsets[i], offsets[i + 1], f"{s.index} · {short_load(s)}", i % 2 == 1)
+            for i, s in enumerate(first.stages)
+        ]
     caption = "Per 1-second bucket of each stage, stages placed back to back (bands: the first run's stages)."
     note = "the result has no per-second time series"
     # The server's charts sit under the client's (two columns): requests under throughput, KV under TTFT.
@@ -195,16 +237,41 @@ def timeline_section(runs: Sequence[RunReportData], styles: Sequence[RunStyle]) 
     )
     return (
         '<section id="timeline"><h2>Timeline</h2><div class="charts">'
-        + charts.xy_chart("timeline-throughput", "Output tokens per second", throughput, "seconds", "tokens/s",
-                          bands=bands, caption=caption, empty_note=note)
-        + charts.xy_chart("timeline-ttft", "TTFT p50 / p99 of requests completing each second", ttft, "seconds",
-                          "TTFT (ms)", bands=bands, caption=caption, empty_note=note)
-        + server_requests + server_kv
-        + charts.xy_chart("timeline-errors", f"Errors per second ({total_errors:,} in total)", errors, "seconds",
-                          "errors/s", bands=bands, caption=caption, empty_note=note)
+        + charts.xy_chart(
+            "timeline-throughput",
+            "Output tokens per second",
+            throughput,
+            "seconds",
+            "tokens/s",
+            bands=bands,
+            caption=caption,
+            empty_note=note,
+        )
+        + charts.xy_chart(
+            "timeline-ttft",
+            "TTFT p50 / p99 of requests completing each second",
+            ttft,
+            "seconds",
+            "TTFT (ms)",
+            bands=bands,
+            caption=caption,
+            empty_note=note,
+        )
+        + server_requests
+        + server_kv
+        + charts.xy_chart(
+            "timeline-errors",
+            f"Errors per second ({total_errors:,} in total)",
+            errors,
+            "seconds",
+            "errors/s",
+            bands=bands,
+            caption=caption,
+            empty_note=note,
+        )
         + server_tokens
         + "</div></section>"
-    )  # fmt: skip
+    )
 
 
 def _histogram_series(values: Sequence[Sequence[float]]) -> tuple[np.ndarray, list[np.ndarray], float, int]:
@@ -231,9 +298,16 @@ def _histogram_series(values: Sequence[Sequence[float]]) -> tuple[np.ndarray, li
 
 
 def _distribution_chart(
-    name: str, stage_index: int, title: str, metric: str, runs: Sequence[RunReportData],
-    styles: Sequence[RunStyle], markers_from: str, marker_prefix: str, caption: str,
-) -> str:  # fmt: skip
+    name: str,
+    stage_index: int,
+    title: str,
+    metric: str,
+    runs: Sequence[RunReportData],
+    styles: Sequence[RunStyle],
+    markers_from: str,
+    marker_prefix: str,
+    caption: str,
+) -> str:
     attrs = {"data-stage": str(stage_index)}
     columns: list[tuple[RunStyle, list[float], run_pb2.StageResult | None]] = []
     for data, st in zip(runs, styles, strict=True):
@@ -267,10 +341,10 @@ def _distribution_chart(
     if off_chart:
         caption += f" Off the chart: {', '.join(off_chart)}."
     if above:
-        caption += (f" {above:,} value{'s are' if above > 1 else ' is'} above {hi:,.1f} ms, counted in the "
-                    "last bin.")  # fmt: skip
-    return charts.xy_chart(name, title, series, "ms", "% of requests", markers=markers, x_from_zero=False,
-                           caption=caption, attrs=attrs)  # fmt: skip
+        caption += f" {above:,} value{'s are' if above > 1 else ' is'} above {hi:,.1f} ms, counted in the last bin."
+    return charts.xy_chart(
+        name, title, series, "ms", "% of requests", markers=markers, x_from_zero=False, caption=caption, attrs=attrs
+    )
 
 
 def distributions_section(runs: Sequence[RunReportData], styles: Sequence[RunStyle]) -> str:
@@ -286,18 +360,35 @@ def distributions_section(runs: Sequence[RunReportData], styles: Sequence[RunSty
         names = sorted({s.name for r in runs for s in r.result.stages if s.index == index and s.name})
         heading = f"Stage {index}" + (f" — {names[0]}" if len(names) == 1 else f" — {', '.join(loads)}")
         parts.append(f'<h3 class="stage-heading">{escape(heading)}</h3><div class="charts">')
-        parts.append(_distribution_chart(
-            "ttft-distribution", index, "TTFT distribution", "ttft_ms", runs, styles, "ttft", "",
-            "Share of OK streamed requests by TTFT, from the exported samples; lines: the stage's p50 and p99.",
-        ))  # fmt: skip
-        parts.append(_distribution_chart(
-            "tpot-distribution", index, "TPOT per request (ITL percentiles marked)", "tpot_ms", runs, styles, "itl",
-            "ITL ",
-            "TPOT per request = (last token - first token) / (output tokens - 1), from the exported samples "
-            "(the export carries only each request's count of inter-token gaps, not the gaps). Lines: the "
-            "stage's pooled ITL p50 and p99 from the result; ITL is per streamed event, so it exceeds TPOT "
-            "when a server sends several tokens per event.",
-        ))  # fmt: skip
+        parts.append(
+            _distribution_chart(
+                "ttft-distribution",
+                index,
+                "TTFT distribution",
+                "ttft_ms",
+                runs,
+                styles,
+                "ttft",
+                "",
+                "Share of OK streamed requests by TTFT, from the exported samples; lines: the stage's p50 and p99.",
+            )
+        )
+        parts.append(
+            _distribution_chart(
+                "tpot-distribution",
+                index,
+                "TPOT per request (ITL percentiles marked)",
+                "tpot_ms",
+                runs,
+                styles,
+                "itl",
+                "ITL ",
+                "TPOT per request = (last token - first token) / (output tokens - 1), from the exported samples "
+                "(the export carries only each request's count of inter-token gaps, not the gaps). Lines: the "
+                "stage's pooled ITL p50 and p99 from the result; ITL is per streamed event, so it exceeds TPOT "
+                "when a server sends several tokens per event.",
+            )
+        )
         parts.append("</div>")
     parts.append("</section>")
     return "".join(parts)

@@ -15,8 +15,17 @@ from html import escape
 
 # Tableau 10: distinguishable, print-friendly, and readable for most colour-vision deficiencies.
 PALETTE = (
-    "#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#b07aa1", "#edc948", "#ff9da7", "#9c755f", "#bab0ac",
-)  # fmt: skip
+    "#4e79a7",
+    "#f28e2b",
+    "#59a14f",
+    "#e15759",
+    "#76b7b2",
+    "#b07aa1",
+    "#edc948",
+    "#ff9da7",
+    "#9c755f",
+    "#bab0ac",
+)
 
 WIDTH, HEIGHT = 640, 300
 MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, MARGIN_BOTTOM = 60, 18, 16, 44
@@ -166,30 +175,43 @@ def xy_chart(
     for b in bands:
         x0, x1 = px(b.x0), px(b.x1)
         if b.shade:
-            out.append(f'<rect class="band" x="{_f(x0)}" y="{MARGIN_TOP}" width="{_f(max(0.0, x1 - x0))}" '
-                       f'height="{plot_h}"/>')  # fmt: skip
+            out.append(
+                f'<rect class="band" x="{_f(x0)}" y="{MARGIN_TOP}" width="{_f(max(0.0, x1 - x0))}" height="{plot_h}"/>'
+            )
         out.append(f'<text class="band-label" x="{_f(x0 + 4)}" y="{MARGIN_TOP + 11}">{escape(b.label)}</text>')
     y_step = y_axis.ticks[1] - y_axis.ticks[0] if len(y_axis.ticks) > 1 else 1.0
     x_step = x_axis.ticks[1] - x_axis.ticks[0] if len(x_axis.ticks) > 1 else 1.0
     for t in y_axis.ticks:
         y = py(t)
         out.append(f'<line class="grid" x1="{MARGIN_LEFT}" x2="{WIDTH - MARGIN_RIGHT}" y1="{_f(y)}" y2="{_f(y)}"/>')
-        out.append(f'<text class="tick" x="{MARGIN_LEFT - 6}" y="{_f(y + 4)}" text-anchor="end">'
-                   f"{tick_text(t, y_step)}</text>")  # fmt: skip
+        out.append(
+            f'<text class="tick" x="{MARGIN_LEFT - 6}" y="{_f(y + 4)}" text-anchor="end">{tick_text(t, y_step)}</text>'
+        )
     for t in x_axis.ticks:
         x = px(t)
-        out.append(f'<line class="tick-mark" x1="{_f(x)}" x2="{_f(x)}" y1="{MARGIN_TOP + plot_h}" '
-                   f'y2="{MARGIN_TOP + plot_h + 4}"/>')  # fmt: skip
-        out.append(f'<text class="tick" x="{_f(x)}" y="{MARGIN_TOP + plot_h + 17}" text-anchor="middle">'
-                   f"{tick_text(t, x_step)}</text>")  # fmt: skip
-    out.append(f'<line class="axis" x1="{MARGIN_LEFT}" x2="{WIDTH - MARGIN_RIGHT}" y1="{MARGIN_TOP + plot_h}" '
-               f'y2="{MARGIN_TOP + plot_h}"/>')  # fmt: skip
-    out.append(f'<line class="axis" x1="{MARGIN_LEFT}" x2="{MARGIN_LEFT}" y1="{MARGIN_TOP}" '
-               f'y2="{MARGIN_TOP + plot_h}"/>')  # fmt: skip
-    out.append(f'<text class="axis-label" x="{MARGIN_LEFT + plot_w / 2:.1f}" y="{HEIGHT - 6}" '
-               f'text-anchor="middle">{escape(x_label)}</text>')  # fmt: skip
-    out.append(f'<text class="axis-label" transform="translate(14 {MARGIN_TOP + plot_h / 2:.1f}) rotate(-90)" '
-               f'text-anchor="middle">{escape(y_label)}</text>')  # fmt: skip
+        out.append(
+            f'<line class="tick-mark" x1="{_f(x)}" x2="{_f(x)}" y1="{MARGIN_TOP + plot_h}" '
+            f'y2="{MARGIN_TOP + plot_h + 4}"/>'
+        )
+        out.append(
+            f'<text class="tick" x="{_f(x)}" y="{MARGIN_TOP + plot_h + 17}" text-anchor="middle">'
+            f"{tick_text(t, x_step)}</text>"
+        )
+    out.append(
+        f'<line class="axis" x1="{MARGIN_LEFT}" x2="{WIDTH - MARGIN_RIGHT}" y1="{MARGIN_TOP + plot_h}" '
+        f'y2="{MARGIN_TOP + plot_h}"/>'
+    )
+    out.append(
+        f'<line class="axis" x1="{MARGIN_LEFT}" x2="{MARGIN_LEFT}" y1="{MARGIN_TOP}" y2="{MARGIN_TOP + plot_h}"/>'
+    )
+    out.append(
+        f'<text class="axis-label" x="{MARGIN_LEFT + plot_w / 2:.1f}" y="{HEIGHT - 6}" '
+        f'text-anchor="middle">{escape(x_label)}</text>'
+    )
+    out.append(
+        f'<text class="axis-label" transform="translate(14 {MARGIN_TOP + plot_h / 2:.1f}) rotate(-90)" '
+        f'text-anchor="middle">{escape(y_label)}</text>'
+    )
     for row, m in enumerate(markers):
         x = px(m.x)
         label_y = MARGIN_TOP + 12 + (row % 4) * 12
@@ -197,19 +219,23 @@ def xy_chart(
         label_x, anchor = (x - 3, ' text-anchor="end"') if near_right else (x + 3, "")
         cls = f"marker {escape(m.group)}".strip()
         dash = ' stroke-dasharray="4 3"' if m.dashed else ""
-        out.append(f'<g class="{cls}"><title>{escape(m.label)}</title>'
-                   f'<line x1="{_f(x)}" x2="{_f(x)}" y1="{MARGIN_TOP}" y2="{MARGIN_TOP + plot_h}" '
-                   f'stroke="{escape(m.color)}"{dash}/>'
-                   f'<text class="marker-label" x="{_f(label_x)}" y="{label_y}" fill="{escape(m.color)}"{anchor}>'
-                   f"{escape(m.label)}</text></g>")  # fmt: skip
+        out.append(
+            f'<g class="{cls}"><title>{escape(m.label)}</title>'
+            f'<line x1="{_f(x)}" x2="{_f(x)}" y1="{MARGIN_TOP}" y2="{MARGIN_TOP + plot_h}" '
+            f'stroke="{escape(m.color)}"{dash}/>'
+            f'<text class="marker-label" x="{_f(label_x)}" y="{label_y}" fill="{escape(m.color)}"{anchor}>'
+            f"{escape(m.label)}</text></g>"
+        )
     for level in levels:
         y = py(level.y)
         cls = f"level {escape(level.group)}".strip()
-        out.append(f'<g class="{cls}"><title>{escape(level.label)}</title>'
-                   f'<line x1="{MARGIN_LEFT}" x2="{WIDTH - MARGIN_RIGHT}" y1="{_f(y)}" y2="{_f(y)}" '
-                   f'stroke="{escape(level.color)}" stroke-width="1.5" stroke-dasharray="2 3"/>'
-                   f'<text class="marker-label" x="{WIDTH - MARGIN_RIGHT - 3}" y="{_f(y - 4)}" text-anchor="end" '
-                   f'fill="{escape(level.color)}">{escape(level.label)}</text></g>')  # fmt: skip
+        out.append(
+            f'<g class="{cls}"><title>{escape(level.label)}</title>'
+            f'<line x1="{MARGIN_LEFT}" x2="{WIDTH - MARGIN_RIGHT}" y1="{_f(y)}" y2="{_f(y)}" '
+            f'stroke="{escape(level.color)}" stroke-width="1.5" stroke-dasharray="2 3"/>'
+            f'<text class="marker-label" x="{WIDTH - MARGIN_RIGHT - 3}" y="{_f(y - 4)}" text-anchor="end" '
+            f'fill="{escape(level.color)}">{escape(level.label)}</text></g>'
+        )
     for s in series:
         if not s.points:
             continue
@@ -241,13 +267,17 @@ def _series_svg(s: Series, px: Callable[[float], float], py: Callable[[float], f
         if s.marker == "circle":
             parts.append(f'<circle cx="{_f(x)}" cy="{_f(y)}" r="4" fill="{escape(s.color)}">{tip}</circle>')
         elif s.marker == "square":
-            parts.append(f'<rect x="{_f(x - 3.5)}" y="{_f(y - 3.5)}" width="7" height="7" '
-                         f'fill="#fff" stroke="{escape(s.color)}" stroke-width="2">{tip}</rect>')  # fmt: skip
+            parts.append(
+                f'<rect x="{_f(x - 3.5)}" y="{_f(y - 3.5)}" width="7" height="7" '
+                f'fill="#fff" stroke="{escape(s.color)}" stroke-width="2">{tip}</rect>'
+            )
         if i < len(s.point_labels) and s.point_labels[i]:
             near_right = x > WIDTH - MARGIN_RIGHT - 50
             anchor = ' text-anchor="end"' if near_right else ""
-            parts.append(f'<text class="point-label" x="{_f(x - 6 if near_right else x + 6)}" y="{_f(y - 8)}"'
-                         f"{anchor}>{escape(s.point_labels[i])}</text>")  # fmt: skip
+            parts.append(
+                f'<text class="point-label" x="{_f(x - 6 if near_right else x + 6)}" y="{_f(y - 8)}"'
+                f"{anchor}>{escape(s.point_labels[i])}</text>"
+            )
     parts.append("</g>")
     return "".join(parts)
 
@@ -265,8 +295,9 @@ def _legend(series: Sequence[Series]) -> str:
         if s.line:
             swatch = f'<line x1="1" y1="5" x2="25" y2="5" stroke="{escape(s.color)}" stroke-width="2.5"{dash}/>'
         elif s.marker == "square":
-            swatch = (f'<rect x="9.5" y="1.5" width="7" height="7" fill="#fff" stroke="{escape(s.color)}" '
-                      'stroke-width="2"/>')
+            swatch = (
+                f'<rect x="9.5" y="1.5" width="7" height="7" fill="#fff" stroke="{escape(s.color)}" stroke-width="2"/>'
+            )
         else:
             swatch = f'<circle cx="13" cy="5" r="4" fill="{escape(s.color)}"/>'
         items.append(

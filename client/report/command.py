@@ -16,8 +16,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_connection_arguments(parser, read_only=True)
     parser.add_argument("run_ids", nargs="+", metavar="RUN", help="run id(s); several runs are overlaid")
     parser.add_argument("-o", "--output", type=Path, default=Path("report.html"), help="HTML file to write")
-    parser.add_argument("--no-samples", action="store_true",
-                        help="skip ExportRunSamples (no per-request distributions; faster for huge runs)")  # fmt: skip
+    parser.add_argument(
+        "--no-samples",
+        action="store_true",
+        help="skip ExportRunSamples (no per-request distributions; faster for huge runs)",
+    )
 
 
 async def cmd_report(args: argparse.Namespace) -> int:

@@ -51,8 +51,10 @@ def workload_text(spec: run_pb2.RunSpec) -> str:
     w = spec.workload
     if w.WhichOneof("source") == "dataset":
         name = w.dataset.name or "dataset"
-        return f"{name} ({run_pb2.DatasetFormat.Name(w.dataset.format).removeprefix('DATASET_FORMAT_').lower()}, " \
-               f"{w.dataset.entry_count} entries)"  # fmt: skip
+        return (
+            f"{name} ({run_pb2.DatasetFormat.Name(w.dataset.format).removeprefix('DATASET_FORMAT_').lower()}, "
+            f"{w.dataset.entry_count} entries)"
+        )
     syn = w.synthetic
     text = f"synthetic, input {length_text(syn.input_tokens)} tok, output {length_text(syn.output_tokens)} tok"
     if syn.shared_prefix_tokens:

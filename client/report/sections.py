@@ -42,8 +42,11 @@ def header_section(runs: Sequence[RunReportData], styles: Sequence[RunStyle], ge
         verdict = verdict_name(result.verdict)
         stages = ", ".join(stage_text(s) for s in spec.stages) or NA
         labels = " ".join(f'<span class="label">{escape(k)}={escape(v)}</span>' for k, v in sorted(spec.labels.items()))
-        samples = (f"{data.samples.count:,} samples exported" if data.samples is not None
-                   else escape(data.samples_note or "samples not available"))  # fmt: skip
+        samples = (
+            f"{data.samples.count:,} samples exported"
+            if data.samples is not None
+            else escape(data.samples_note or "samples not available")
+        )
         api = "completions" if spec.target.api_kind == run_pb2.API_KIND_COMPLETIONS else "chat"
         rows = [
             ("Run id", f"<code>{escape(run.id)}</code>"),
@@ -86,8 +89,10 @@ def _search_settings(search: run_pb2.SearchSpec) -> str:
     if search.HasField("goodput_target_percent"):
         parts.append(f"goodput target {search.goodput_target_percent:g} %")
     if search.min or search.max:
-        parts.append(f"loads {f'{search.min:g}' if search.min else 'default'} to "
-                     f"{f'{search.max:g}' if search.max else 'default'}")
+        parts.append(
+            f"loads {f'{search.min:g}' if search.min else 'default'} to "
+            f"{f'{search.max:g}' if search.max else 'default'}"
+        )
     if search.HasField("tolerance_percent"):
         parts.append(f"tolerance {search.tolerance_percent:g} %")
     if search.HasField("probe_duration"):
@@ -104,17 +109,36 @@ def capacity_section(runs: Sequence[RunReportData], styles: Sequence[RunStyle]) 
     if not searches:
         return ""
     parts = ['<section id="capacity" data-section="capacity"><h2>Capacity search</h2>']
-    heads = ["#", "Stage", "Load", "Outcome", "Requests", "good %", "95 % interval", "TTFT p50", "TTFT p99",
-             "TPOT p50", "TPOT p99", "E2E p99", "req/s", "out tok/s", "Why"]  # fmt: skip
+    heads = [
+        "#",
+        "Stage",
+        "Load",
+        "Outcome",
+        "Requests",
+        "good %",
+        "95 % interval",
+        "TTFT p50",
+        "TTFT p99",
+        "TPOT p50",
+        "TPOT p99",
+        "E2E p99",
+        "req/s",
+        "out tok/s",
+        "Why",
+    ]
     for data, style in searches:
         capacity = data.result.capacity
         measured = search_outcome.capacity_measured(capacity)
         if len(runs) > 1:
-            parts.append(f'<h3 class="run-heading"><span class="swatch" style="background:{style.color}"></span>'
-                         f"{escape(style.label)}</h3>")  # fmt: skip
+            parts.append(
+                f'<h3 class="run-heading"><span class="swatch" style="background:{style.color}"></span>'
+                f"{escape(style.label)}</h3>"
+            )
         line = escape(capacity_line(capacity, data.run.spec.search))
-        parts.append(f'<p class="{"ok-note" if measured else "warn"}" data-capacity="{"yes" if measured else "no"}">'
-                     f"<strong>{line}</strong></p>")  # fmt: skip
+        parts.append(
+            f'<p class="{"ok-note" if measured else "warn"}" data-capacity="{"yes" if measured else "no"}">'
+            f"<strong>{line}</strong></p>"
+        )
         stopped = f". Stopped: {escape(capacity.stop_message)}" if capacity.stop_message else ""
         parts.append(f'<p class="note">Search {escape(_search_settings(data.run.spec.search))}{stopped}</p>')
         rows = []
@@ -129,35 +153,60 @@ def capacity_section(runs: Sequence[RunReportData], styles: Sequence[RunStyle]) 
                 f"<td>{p.requests:,}</td>",
                 f"<td>{p.good_percent:.1f}%</td>",
                 f"<td>{p.good_percent_low:.1f} to {p.good_percent_high:.1f}</td>",
-                *(f"<td>{number(v)}</td>" for v in (p.ttft_p50_ms, p.ttft_p99_ms, p.tpot_p50_ms, p.tpot_p99_ms,
-                                                    p.e2e_p99_ms)),
+                *(
+                    f"<td>{number(v)}</td>"
+                    for v in (p.ttft_p50_ms, p.ttft_p99_ms, p.tpot_p50_ms, p.tpot_p99_ms, p.e2e_p99_ms)
+                ),
                 f"<td>{number(p.request_throughput, 2)}</td>",
                 f"<td>{number(p.output_token_throughput)}</td>",
                 f'<td class="l">{escape(p.reason)}</td>',
-            ]  # fmt: skip
+            ]
             kind = {"pass": "pass", "fail": "fail"}.get(word, "inconclusive")
             rows.append(f'<tr class="{kind}" data-probe="{i}">{"".join(cells)}</tr>')
         head = "".join(f'<th class="{"l" if h in ("#", "Outcome", "Why") else ""}">{h}</th>' for h in heads)
-        parts.append(f'<div class="table-wrap"><table class="data checks probes"><thead><tr>{head}</tr></thead>'
-                     f"<tbody>{''.join(rows)}</tbody></table></div>")  # fmt: skip
-    parts.append('<p class="note">A probe passes when the share of its requests meeting every SLO (good %) is at '
-                 "least the goodput target; the interval is the share's 95 % confidence interval. An inconclusive "
-                 "probe proves nothing (its load generator was saturated, or it ended early). Latencies in ms, "
-                 "warmup excluded.</p></section>")  # fmt: skip
+        parts.append(
+            f'<div class="table-wrap"><table class="data checks probes"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{''.join(rows)}</tbody></table></div>"
+        )
+    parts.append(
+        '<p class="note">A probe passes when the share of its requests meeting every SLO (good %) is at '
+        "least the goodput target; the interval is the share's 95 % confidence interval. An inconclusive "
+        "probe proves nothing (its load generator was saturated, or it ended early). Latencies in ms, "
+        "warmup excluded.</p></section>"
+    )
     return "".join(parts)
 
 
 def summary_section(runs: Sequence[RunReportData], styles: Sequence[RunStyle]) -> str:
     with_goodput = any(s.HasField("goodput") for r in runs for s in r.result.stages)
-    heads = ["Stage", "Load", "Requests", "Failed", "Success", "req/s", "out tok/s", "peak tok/s", "conc.",
-             "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "ITL p50", "ITL p99", "E2E p50", "E2E p99"]  # fmt: skip
+    heads = [
+        "Stage",
+        "Load",
+        "Requests",
+        "Failed",
+        "Success",
+        "req/s",
+        "out tok/s",
+        "peak tok/s",
+        "conc.",
+        "TTFT p50",
+        "TTFT p99",
+        "TPOT p50",
+        "TPOT p99",
+        "ITL p50",
+        "ITL p99",
+        "E2E p50",
+        "E2E p99",
+    ]
     if with_goodput:
         heads += ["goodput", "good %"]
     parts = ['<section id="summary"><h2>Summary per stage</h2>']
     for data, style in zip(runs, styles, strict=True):
         if len(runs) > 1:
-            parts.append(f'<h3 class="run-heading"><span class="swatch" style="background:{style.color}"></span>'
-                         f"{escape(style.label)}</h3>")  # fmt: skip
+            parts.append(
+                f'<h3 class="run-heading"><span class="swatch" style="background:{style.color}"></span>'
+                f"{escape(style.label)}</h3>"
+            )
         if not data.result.stages:
             parts.append('<p class="note">No stage produced a result.</p>')
             continue
@@ -186,16 +235,23 @@ def summary_section(runs: Sequence[RunReportData], styles: Sequence[RunStyle]) -
                 ]
             rows.append(f"<tr>{''.join(cells)}</tr>")
         head = "".join(f'<th class="{"l" if h == "Stage" else ""}">{h}</th>' for h in heads)
-        parts.append(f'<div class="table-wrap"><table class="data"><thead><tr>{head}</tr></thead>'
-                     f"<tbody>{''.join(rows)}</tbody></table></div>")  # fmt: skip
-    parts.append('<p class="note">Latencies in ms. conc. = achieved (mean) concurrency; peak tok/s = the largest '
-                 "1-second bucket. Hover a failure count for the error kinds.</p></section>")  # fmt: skip
+        parts.append(
+            f'<div class="table-wrap"><table class="data"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{''.join(rows)}</tbody></table></div>"
+        )
+    parts.append(
+        '<p class="note">Latencies in ms. conc. = achieved (mean) concurrency; peak tok/s = the largest '
+        "1-second bucket. Hover a failure count for the error kinds.</p></section>"
+    )
     return "".join(parts)
 
 
 def _slo_text(slo: run_pb2.Slo) -> str:
-    parts = [f"{name} ≤ {durations.millis(getattr(slo, name)):g} ms" for name in ("ttft", "tpot", "e2e")
-             if slo.HasField(name)]  # fmt: skip
+    parts = [
+        f"{name} ≤ {durations.millis(getattr(slo, name)):g} ms"
+        for name in ("ttft", "tpot", "e2e")
+        if slo.HasField(name)
+    ]
     return ", ".join(parts)
 
 

@@ -79,19 +79,46 @@ def server_timeline_charts(
                 for s, o in zip(result.stages, off, strict=False)
                 for b in s.time_series
             ]
-            tokens.append(Series(f"{prefix}client: received tok/s", client, st.color, st.group, dashed=True,
-                                 marker="none"))  # fmt: skip
-    caption = ("The model server's own metrics, scraped during each stage (summed over endpoints; KV-cache use "
-               "averaged), on the same seconds as the client charts.")  # fmt: skip
+            tokens.append(
+                Series(f"{prefix}client: received tok/s", client, st.color, st.group, dashed=True, marker="none")
+            )
+    caption = (
+        "The model server's own metrics, scraped during each stage (summed over endpoints; KV-cache use "
+        "averaged), on the same seconds as the client charts."
+    )
     note = "the scraped server exports no such metric (see docs/server-metrics.md)"
     return (
-        charts.xy_chart("server-requests", "Server: running / waiting requests", requests, "seconds", "requests",
-                        bands=bands, caption=caption, empty_note=note),
-        charts.xy_chart("server-kv-cache", "Server: KV-cache use", kv, "seconds", "% of KV cache",
-                        bands=bands, caption=caption, empty_note=note),
-        charts.xy_chart("server-tokens", "Generated tokens per second: server counter vs client", tokens,
-                        "seconds", "tokens/s", bands=bands, caption=caption, empty_note=note),
-    )  # fmt: skip
+        charts.xy_chart(
+            "server-requests",
+            "Server: running / waiting requests",
+            requests,
+            "seconds",
+            "requests",
+            bands=bands,
+            caption=caption,
+            empty_note=note,
+        ),
+        charts.xy_chart(
+            "server-kv-cache",
+            "Server: KV-cache use",
+            kv,
+            "seconds",
+            "% of KV cache",
+            bands=bands,
+            caption=caption,
+            empty_note=note,
+        ),
+        charts.xy_chart(
+            "server-tokens",
+            "Generated tokens per second: server counter vs client",
+            tokens,
+            "seconds",
+            "tokens/s",
+            bands=bands,
+            caption=caption,
+            empty_note=note,
+        ),
+    )
 
 
 def _value(v: float) -> str:
@@ -147,9 +174,11 @@ def server_section(results: Sequence[run_pb2.RunResult], styles: Sequence[RunSty
     head = '<th class="l">Run</th>' if several else ""
     parts = ['<section id="server-metrics" data-section="server-metrics"><h2>Server-side view</h2>']
     if flagged:
-        parts.append('<div class="warn">⚠ Mismatch: the client\'s token or request counts differ from the '
-                     "server's own counters by more than the tolerance. The server's usage reports (or the "
-                     "client's counting) cannot be trusted for this stage.</div>")  # fmt: skip
+        parts.append(
+            '<div class="warn">⚠ Mismatch: the client\'s token or request counts differ from the '
+            "server's own counters by more than the tolerance. The server's usage reports (or the "
+            "client's counting) cannot be trusted for this stage.</div>"
+        )
     if rows:
         parts.append(
             f'<div class="table-wrap"><table class="data checks"><thead><tr>{head}<th class="l">Stage</th>'
@@ -158,8 +187,10 @@ def server_section(results: Sequence[run_pb2.RunResult], styles: Sequence[RunSty
             f"<tbody>{''.join(rows)}</tbody></table></div>"
         )
     else:
-        parts.append('<p class="note">No cross-check: the scraped servers export no counter of generated tokens '
-                     "or finished requests that the mapping table knows (docs/server-metrics.md).</p>")  # fmt: skip
+        parts.append(
+            '<p class="note">No cross-check: the scraped servers export no counter of generated tokens '
+            "or finished requests that the mapping table knows (docs/server-metrics.md).</p>"
+        )
     if failures:
         parts.append(
             f'<h3>Scrape failures (the run went on)</h3><div class="table-wrap"><table class="data"><thead><tr>'

@@ -62,7 +62,7 @@ def _jsonl_entry(obj: Any, where: str) -> run_pb2.DatasetEntry:
     elif isinstance(obj.get("prompt"), str) and obj["prompt"]:
         entry.prompt = obj["prompt"]
     else:
-        raise _bad(f"{where}: needs a non-empty string \"prompt\" or a \"messages\" list")
+        raise _bad(f'{where}: needs a non-empty string "prompt" or a "messages" list')
     return entry
 
 
@@ -94,7 +94,7 @@ def _parse_sharegpt(content: str) -> list[run_pb2.DatasetEntry]:
     for i, conv in enumerate(data):
         turns = conv.get("conversations") if isinstance(conv, dict) else None
         if not isinstance(turns, list):
-            raise _bad(f"conversation {i}: missing \"conversations\" list")
+            raise _bad(f'conversation {i}: missing "conversations" list')
         # As vLLM's benchmark: the first human turn is the prompt, the reply's length the output.
         if len(turns) < 2 or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns[:2]):
             continue
@@ -140,9 +140,15 @@ def entries_to_json(entries: list[run_pb2.DatasetEntry]) -> str:
 
 
 def entries_from_json(text: str) -> list[run_pb2.DatasetEntry]:
-    return [
-        run_pb2.DatasetEntry(
-            prompt=prompt, messages=[run_pb2.ChatMessage(role=r, content=c) for r, c in messages], max_tokens=max_tokens
-        )
-        for prompt, messages, max_tokens in json.loads(text)
-    ] if text else []
+    return (
+        [
+            run_pb2.DatasetEntry(
+                prompt=prompt,
+                messages=[run_pb2.ChatMessage(role=r, content=c) for r, c in messages],
+                max_tokens=max_tokens,
+            )
+            for prompt, messages, max_tokens in json.loads(text)
+        ]
+        if text
+        else []
+    )

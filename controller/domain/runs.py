@@ -116,7 +116,11 @@ class Runs:
         return record
 
     async def list_runs(
-        self, page_size: int, page_token: str, state: int, model: str,
+        self,
+        page_size: int,
+        page_token: str,
+        state: int,
+        model: str,
         build: Callable[[list[repo.RunRecord], str], T],
     ) -> T:
         """A page of runs and the next page's token, passed to `build` on the reader thread (a
@@ -134,9 +138,7 @@ class Runs:
     async def cancel(self, run_id: str, reason: str) -> repo.RunRecord:
         record = await self.get(run_id)
         if record.is_final:
-            raise FailedPrecondition(
-                f"run {run_id} already finished ({state_name(record.state)})"
-            )
+            raise FailedPrecondition(f"run {run_id} already finished ({state_name(record.state)})")
         reason = reason[:500] or "cancelled by user"
         if self._coordinator.withdraw(run_id) or record.state == RunState.PENDING:
             await self._store.finish_run(record.pk, RunState.CANCELLED, reason, time.time_ns())

@@ -354,8 +354,12 @@ def _check_stage(stage: run_pb2.Stage, path: str, v: list[FieldViolation]) -> No
         v.append(FieldViolation(f"{path}.arrival", "only applies to request_rate stages"))
     if stage.arrival == run_pb2.ARRIVAL_PROCESS_GAMMA:
         if not MIN_BURSTINESS <= stage.burstiness <= MAX_BURSTINESS:  # also rejects NaN
-            v.append(FieldViolation(f"{path}.burstiness", f"gamma arrivals need burstiness between "
-                                    f"{MIN_BURSTINESS:g} and {MAX_BURSTINESS:g} (1 = Poisson)"))  # fmt: skip
+            v.append(
+                FieldViolation(
+                    f"{path}.burstiness",
+                    f"gamma arrivals need burstiness between {MIN_BURSTINESS:g} and {MAX_BURSTINESS:g} (1 = Poisson)",
+                )
+            )
     elif stage.burstiness != 0:
         v.append(FieldViolation(f"{path}.burstiness", "only applies to ARRIVAL_PROCESS_GAMMA"))
     if stage.max_concurrency and not open_loop:
@@ -403,8 +407,11 @@ def _check_workload(w: run_pb2.Workload, v: list[FieldViolation]) -> None:
         elif kind == "normal":
             n = lengths.normal
             if not (0 < n.std <= MAX_TOKENS and 1 <= n.min <= n.max <= MAX_TOKENS and n.min <= n.mean <= n.max):
-                v.append(FieldViolation(f"{path}.normal", f"need 0 < std <= {MAX_TOKENS} and "
-                                        f"1 <= min <= mean <= max <= {MAX_TOKENS}"))  # fmt: skip
+                v.append(
+                    FieldViolation(
+                        f"{path}.normal", f"need 0 < std <= {MAX_TOKENS} and 1 <= min <= mean <= max <= {MAX_TOKENS}"
+                    )
+                )
     if w.synthetic.shared_prefix_tokens > MAX_TOKENS:
         v.append(FieldViolation("spec.workload.synthetic.shared_prefix_tokens", f"at most {MAX_TOKENS}"))
 
@@ -413,13 +420,19 @@ def _check_per_agent(stage: run_pb2.Stage, path: str, agents: int, v: list[Field
     """Each agent's share of a stage must be something one agent process can generate."""
     kind = stage.WhichOneof("load")
     if kind == "concurrency" and stage.concurrency > MAX_CONCURRENCY_PER_AGENT * agents:
-        v.append(FieldViolation(
-            f"{path}.concurrency",
-            f"at most {MAX_CONCURRENCY_PER_AGENT} per agent ({agents} agent(s)): use more agents"))  # fmt: skip
+        v.append(
+            FieldViolation(
+                f"{path}.concurrency",
+                f"at most {MAX_CONCURRENCY_PER_AGENT} per agent ({agents} agent(s)): use more agents",
+            )
+        )
     elif kind == "request_rate" and stage.request_rate > MAX_RATE_PER_AGENT * agents:
-        v.append(FieldViolation(
-            f"{path}.request_rate",
-            f"at most {MAX_RATE_PER_AGENT:g}/s per agent ({agents} agent(s)): use more agents"))  # fmt: skip
+        v.append(
+            FieldViolation(
+                f"{path}.request_rate",
+                f"at most {MAX_RATE_PER_AGENT:g}/s per agent ({agents} agent(s)): use more agents",
+            )
+        )
     if stage.max_concurrency > MAX_CONCURRENCY_PER_AGENT * agents:
         v.append(FieldViolation(f"{path}.max_concurrency", f"at most {MAX_CONCURRENCY_PER_AGENT} per agent"))
 

@@ -129,19 +129,28 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
         if isinstance(refusal, _Refusal):
             _end_with(context, refusal.code, refusal.message)
 
-    async def _refuse(
-        self, peer: str, session: AgentSession, code: grpc.StatusCode, message: str, run_id: str
-    ) -> None:
+    async def _refuse(self, peer: str, session: AgentSession, code: grpc.StatusCode, message: str, run_id: str) -> None:
         """Log and audit a refusal (the caller ends the stream)."""
         bound = structlog.contextvars.get_contextvars()
-        log.warning("agent_message_refused", session_id=session.session_id, agent=session.name, code=code.name,
-                    run_id=run_id, reason=message)  # fmt: skip
+        log.warning(
+            "agent_message_refused",
+            session_id=session.session_id,
+            agent=session.name,
+            code=code.name,
+            run_id=run_id,
+            reason=message,
+        )
         if self._audit is None:
             return
         entry = AuditEntry(
-            str(bound.get("key_id", "")), CONNECT_METHOD, code.name, str(bound.get("request_id", "")), peer,
-            run_id, f"session {session.session_id}: {message}",
-        )  # fmt: skip
+            str(bound.get("key_id", "")),
+            CONNECT_METHOD,
+            code.name,
+            str(bound.get("request_id", "")),
+            peer,
+            run_id,
+            f"session {session.session_id}: {message}",
+        )
         try:
             await self._audit.record(entry)
         except Exception:  # the refusal matters more than its audit row

@@ -33,8 +33,11 @@ def fill_run(run: run_pb2.Run, record: RunRecord) -> run_pb2.Run:
     run.spec.target.api_key = ""  # never stored in spec_json; cleared again on principle
     # Seconds and nanos set directly: Timestamp.FromNanoseconds is pure Python and was a third
     # of a ListRuns page's cost. Times are positive (ns since the epoch), as `timestamp` assumes.
-    for ts, ns in ((run.create_time, record.created_at), (run.start_time, record.started_at),
-                   (run.end_time, record.ended_at)):  # fmt: skip
+    for ts, ns in (
+        (run.create_time, record.created_at),
+        (run.start_time, record.started_at),
+        (run.end_time, record.ended_at),
+    ):
         if ns:
             ts.seconds, ts.nanos = divmod(ns, 1_000_000_000)
     return run
@@ -102,21 +105,47 @@ _WARMUP: Final = int(SampleFlag.WARMUP)
 
 def exported_sample(row: tuple[object, ...]) -> run_service_pb2.ExportedSample:
     """A row of repository.export_page as the versioned export message."""
-    (_, stage, agent, sent, queue, first_byte, first_token, last_token, done, prompt, output, status, flags,
-     itl_count, error, agent_session) = row  # fmt: skip
+    (
+        _,
+        stage,
+        agent,
+        sent,
+        queue,
+        first_byte,
+        first_token,
+        last_token,
+        done,
+        prompt,
+        output,
+        status,
+        flags,
+        itl_count,
+        error,
+        agent_session,
+    ) = row
     flags_i = int(flags)  # type: ignore[call-overload]
 
     def ms(ns: object) -> float:
         return int(ns) / 1e6  # type: ignore[call-overload, no-any-return]
 
     return run_service_pb2.ExportedSample(
-        stage_index=int(stage), agent_name=str(agent), sent_unix_ns=int(sent),  # type: ignore[call-overload]
-        queue_delay_ms=ms(queue), first_byte_ms=ms(first_byte), ttft_ms=ms(first_token),
-        e2e_ms=ms(last_token or done), done_ms=ms(done), prompt_tokens=int(prompt),  # type: ignore[call-overload]
-        output_tokens=int(output), status=int(status),  # type: ignore[call-overload]
-        usage_reported=bool(flags_i & _USAGE_FROM_SERVER), warmup=bool(flags_i & _WARMUP),
-        itl_count=int(itl_count), error=str(error), agent_session=str(agent_session),  # type: ignore[call-overload]
-    )  # fmt: skip
+        stage_index=int(stage),  # type: ignore[call-overload]
+        agent_name=str(agent),
+        sent_unix_ns=int(sent),  # type: ignore[call-overload]
+        queue_delay_ms=ms(queue),
+        first_byte_ms=ms(first_byte),
+        ttft_ms=ms(first_token),
+        e2e_ms=ms(last_token or done),
+        done_ms=ms(done),
+        prompt_tokens=int(prompt),  # type: ignore[call-overload]
+        output_tokens=int(output),  # type: ignore[call-overload]
+        status=int(status),  # type: ignore[call-overload]
+        usage_reported=bool(flags_i & _USAGE_FROM_SERVER),
+        warmup=bool(flags_i & _WARMUP),
+        itl_count=int(itl_count),  # type: ignore[call-overload]
+        error=str(error),
+        agent_session=str(agent_session),
+    )
 
 
 def compare_message(baseline: str, comparisons: list[RunComparison]) -> run_service_pb2.CompareRunsResponse:
@@ -128,11 +157,17 @@ def compare_message(baseline: str, comparisons: list[RunComparison]) -> run_serv
                 regressed=c.regressed,
                 stages=[
                     run_service_pb2.StageComparison(
-                        load=s.load, baseline_stage_index=s.baseline_stage_index, stage_index=s.stage_index,
+                        load=s.load,
+                        baseline_stage_index=s.baseline_stage_index,
+                        stage_index=s.stage_index,
                         metrics=[
                             run_service_pb2.MetricDelta(
-                                metric=m.metric, baseline=m.baseline, value=m.value, delta=m.delta,
-                                delta_percent=m.delta_percent, regressed=m.regressed,
+                                metric=m.metric,
+                                baseline=m.baseline,
+                                value=m.value,
+                                delta=m.delta,
+                                delta_percent=m.delta_percent,
+                                regressed=m.regressed,
                             )
                             for m in s.metrics
                         ],
@@ -143,7 +178,7 @@ def compare_message(baseline: str, comparisons: list[RunComparison]) -> run_serv
             )
             for c in comparisons
         ],
-    )  # fmt: skip
+    )
 
 
 def _capacity_comparison(delta: CapacityDelta | None) -> run_service_pb2.CapacityComparison | None:
@@ -151,6 +186,9 @@ def _capacity_comparison(delta: CapacityDelta | None) -> run_service_pb2.Capacit
         return None
     return run_service_pb2.CapacityComparison(
         variable=delta.variable,  # type: ignore[arg-type]
-        baseline=delta.baseline, value=delta.value, delta_percent=delta.delta_percent, regressed=delta.regressed,
+        baseline=delta.baseline,
+        value=delta.value,
+        delta_percent=delta.delta_percent,
+        regressed=delta.regressed,
         note=delta.note,
-    )  # fmt: skip
+    )

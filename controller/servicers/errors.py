@@ -57,8 +57,11 @@ def to_status(exc: DomainError) -> grpc.Status:
             for v in shown
         ]
         if len(exc.violations) > len(shown):
-            violations.append(error_details_pb2.BadRequest.FieldViolation(
-                field="", description=f"and {len(exc.violations) - len(shown)} more violations"))
+            violations.append(
+                error_details_pb2.BadRequest.FieldViolation(
+                    field="", description=f"and {len(exc.violations) - len(shown)} more violations"
+                )
+            )
         detail = any_pb2.Any()
         detail.Pack(error_details_pb2.BadRequest(field_violations=violations))
         status.details.append(detail)

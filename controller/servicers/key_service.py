@@ -33,10 +33,16 @@ def key_message(record: KeyRecord) -> key_service_pb2.ApiKey:
 
 def audit_message(record: AuditRecord) -> key_service_pb2.AuditEvent:
     return key_service_pb2.AuditEvent(
-        time=timestamp(record.time_ns), key_id=record.key_id, method=record.method, run_id=record.run_id,
-        outcome=record.outcome, request_id=record.request_id, peer=record.peer, detail=record.detail,
+        time=timestamp(record.time_ns),
+        key_id=record.key_id,
+        method=record.method,
+        run_id=record.run_id,
+        outcome=record.outcome,
+        request_id=record.request_id,
+        peer=record.peer,
+        detail=record.detail,
         count=record.count,
-    )  # fmt: skip
+    )
 
 
 class KeyServiceServicer(key_service_pb2_grpc.KeyServiceServicer):

@@ -214,6 +214,4 @@ class RunServiceServicer(run_service_pb2_grpc.RunServiceServicer):
     async def ListAgents(
         self, request: run_service_pb2.ListAgentsRequest, context: grpc.aio.ServicerContext
     ) -> run_service_pb2.ListAgentsResponse:
-        return run_service_pb2.ListAgentsResponse(
-            agents=[convert.agent_message(s) for s in self._runs.agents()]
-        )
+        return run_service_pb2.ListAgentsResponse(agents=[convert.agent_message(s) for s in self._runs.agents()])

@@ -34,6 +34,7 @@ def erases_secrets(fn: F) -> F:
     fn.erases_secrets = True  # type: ignore[attr-defined]
     return fn
 
+
 PRAGMAS = {
     "journal_mode": "wal",
     # WAL + NORMAL survives a crash of the controller process (not of the OS) without
@@ -75,9 +76,7 @@ class Database:
             self.db = SqliteDatabase(self.path, pragmas=PRAGMAS, check_same_thread=False)
         database_proxy.initialize(self.db)
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
-        self._readers = concurrent.futures.ThreadPoolExecutor(
-            read_workers, thread_name_prefix="sqlite-reader"
-        )
+        self._readers = concurrent.futures.ThreadPoolExecutor(read_workers, thread_name_prefix="sqlite-reader")
         self._wipe_pending = False
         self._wipe_tried = -WAL_WIPE_RETRY_S
 

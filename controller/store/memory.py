@@ -96,10 +96,22 @@ class _Run:
         """The run as read; the spec JSON only when asked for or when there is no binary spec
         (what repository.get_run and list_runs read)."""
         return RunRecord(
-            self.pk, self.run_id, self.display_name, self.model, self.state, self.state_reason,
-            self.spec_json if spec_json or not self.spec_pb else "", self.created_at, self.started_at, self.ended_at,
-            self.current_stage, self.requests_ok, self.requests_failed, self.output_tokens, self.spec_pb,
-        )  # fmt: skip
+            self.pk,
+            self.run_id,
+            self.display_name,
+            self.model,
+            self.state,
+            self.state_reason,
+            self.spec_json if spec_json or not self.spec_pb else "",
+            self.created_at,
+            self.started_at,
+            self.ended_at,
+            self.current_stage,
+            self.requests_ok,
+            self.requests_failed,
+            self.output_tokens,
+            self.spec_pb,
+        )
 
 
 @dataclass
@@ -235,10 +247,12 @@ class MemoryTables:
         self, page_size: int, after: tuple[int, int] | None, state: int, model: str, max_bytes: int
     ) -> tuple[list[RunRecord], tuple[int, int] | None]:
         chosen = [
-            r for r in self.runs.values()
-            if (not state or r.state == state) and (not model or r.model == model)
+            r
+            for r in self.runs.values()
+            if (not state or r.state == state)
+            and (not model or r.model == model)
             and (after is None or (r.created_at, r.pk) < after)
-        ]  # fmt: skip
+        ]
         chosen.sort(key=lambda r: (r.created_at, r.pk), reverse=True)
         records: list[RunRecord] = []
         used = 0
@@ -381,9 +395,18 @@ class MemoryTables:
             raise IntegrityError("FOREIGN KEY constraint failed")
         pk = _next_pk(self.assignments)
         self.assignments[pk] = _Assignment(
-            pk, assignment_id, run_pk, stage_idx, agent_session, agent_name, concurrency, requests, state, now_ns,
+            pk,
+            assignment_id,
+            run_pk,
+            stage_idx,
+            agent_session,
+            agent_name,
+            concurrency,
+            requests,
+            state,
+            now_ns,
             resume_token_sha256,
-        )  # fmt: skip
+        )
         self._assignment_by_id[assignment_id] = pk
         return pk
 
@@ -393,9 +416,15 @@ class MemoryTables:
             return None
         a = self.assignments[pk]
         return StoredAssignment(
-            a.pk, a.run_pk, self.runs[a.run_pk].run_id, a.stage_idx, a.resume_token_sha256, a.created_at, a.ended_at,
+            a.pk,
+            a.run_pk,
+            self.runs[a.run_pk].run_id,
+            a.stage_idx,
+            a.resume_token_sha256,
+            a.created_at,
+            a.ended_at,
             a.clock_offset_ns,
-        )  # fmt: skip
+        )
 
     def get_assignment(self, assignment_id: str) -> AssignmentRecord | None:
         pk = self._assignment_by_id.get(assignment_id)
@@ -423,10 +452,18 @@ class MemoryTables:
         for b in self.batches.values():
             stored[b.assignment_pk] += b.n_samples
         return [
-            AssignmentSummary(a.agent_name, a.agent_session, a.state, a.requests_sent, stored[a.pk],
-                              a.planned_start_ns, a.started_ns, bool(a.takeover))
+            AssignmentSummary(
+                a.agent_name,
+                a.agent_session,
+                a.state,
+                a.requests_sent,
+                stored[a.pk],
+                a.planned_start_ns,
+                a.started_ns,
+                bool(a.takeover),
+            )
             for a in self._stage_assignments(run_pk, stage_idx)
-        ]  # fmt: skip
+        ]
 
     # --- samples ----------------------------------------------------------------------
 
@@ -442,9 +479,15 @@ class MemoryTables:
                 continue
             pk = _next_pk(self.batches)
             self.batches[pk] = _Batch(
-                pk, b.assignment_pk, b.batch_seq, b.run_pk, b.stage_idx, _frozen(b.columns),
-                _frozen(np.frombuffer(b.itl_ns, dtype="<i8")), dict(b.errors),
-            )  # fmt: skip
+                pk,
+                b.assignment_pk,
+                b.batch_seq,
+                b.run_pk,
+                b.stage_idx,
+                _frozen(b.columns),
+                _frozen(np.frombuffer(b.itl_ns, dtype="<i8")),
+                dict(b.errors),
+            )
             self._batch_by_seq[(b.assignment_pk, b.batch_seq)] = pk
             self._insert_scrapes(b.run_pk, b.stage_idx, pk, b.server_scrapes)
             ok, failed, tokens = columnar.tally(b.columns)
@@ -461,9 +504,10 @@ class MemoryTables:
         now_ns = time.time_ns()
         for s in scrapes:
             same = [
-                x.stored for x in self.scrapes.values()
+                x.stored
+                for x in self.scrapes.values()
                 if x.run_pk == run_pk and x.stage_idx == stage_idx and x.stored.endpoint == s.endpoint
-            ]  # fmt: skip
+            ]
             previous = max(same, key=lambda x: (x.time_unix_ns, x.pk), default=None)
             before = None if previous is None else previous.error
             if s.error and s.error != before:
@@ -494,10 +538,11 @@ class MemoryTables:
 
     def load_stage_samples(self, run_pk: int, stage_idx: int) -> StageSamples:
         assignments = [
-            StageAssignment(a.pk, a.agent_name, a.max_loop_lag_ms, a.max_cpu_percent, a.created_at, a.ended_at,
-                            a.clock_offset_ns)
+            StageAssignment(
+                a.pk, a.agent_name, a.max_loop_lag_ms, a.max_cpu_percent, a.created_at, a.ended_at, a.clock_offset_ns
+            )
             for a in self._stage_assignments(run_pk, stage_idx)
-        ]  # fmt: skip
+        ]
         stage = self._stage(run_pk, stage_idx)
         in_stage = [b for b in self._run_batches(run_pk) if b.stage_idx == stage_idx]
         chosen: list[_Batch] = []
@@ -507,9 +552,13 @@ class MemoryTables:
         table = np.concatenate([none, *(b.table for b in chosen)], axis=1)
         itl = np.concatenate([none[0], *(b.itl for b in chosen)])
         return assemble_stage_samples(
-            assignments, stage.ended_at if stage is not None else None, table, itl,
-            [b.assignment_pk for b in chosen], [b.n_samples for b in chosen],
-        )  # fmt: skip
+            assignments,
+            stage.ended_at if stage is not None else None,
+            table,
+            itl,
+            [b.assignment_pk for b in chosen],
+            [b.n_samples for b in chosen],
+        )
 
     def export_page(self, run_pk: int, after: int, limit: int, include_warmup: bool) -> list[tuple[object, ...]]:
         after_pk, after_offset = columnar.split_cursor(after)
@@ -523,8 +572,16 @@ class MemoryTables:
                     return out
                 if include_warmup or not b.table[_COL["flags"], i] & SampleFlag.WARMUP:
                     values = [int(b.table[c, i]) for c in _EXPORTED]
-                    out.append((columnar.cursor(b.pk, i), b.stage_idx, a.agent_name, *values, b.errors.get(i, ""),
-                                a.agent_session))  # fmt: skip
+                    out.append(
+                        (
+                            columnar.cursor(b.pk, i),
+                            b.stage_idx,
+                            a.agent_name,
+                            *values,
+                            b.errors.get(i, ""),
+                            a.agent_session,
+                        )
+                    )
         return out
 
     def count_samples(self, run_pk: int) -> int:
@@ -593,10 +650,12 @@ class MemoryTables:
 
     def list_audit(self, limit: int, before_pk: int | None, key_id: str, run_id: str) -> list[AuditRecord]:
         rows = [
-            r for r in reversed(self.audit.values())
-            if (not key_id or r.key_id == key_id) and (not run_id or r.run_id == run_id)
+            r
+            for r in reversed(self.audit.values())
+            if (not key_id or r.key_id == key_id)
+            and (not run_id or r.run_id == run_id)
             and (before_pk is None or r.pk < before_pk)
-        ]  # fmt: skip
+        ]
         return rows[:limit]
 
 
@@ -631,9 +690,11 @@ class MemoryStore(Store):
         dataset_json: str = "",
         spec_pb: bytes = b"",
     ) -> tuple[RunRecord, bool]:
-        return await _after_a_turn(self.tables.insert_run(
-            run_id, request_id, display_name, model, spec_json, stage_names, secret, now_ns, dataset_json, spec_pb
-        ))  # fmt: skip
+        return await _after_a_turn(
+            self.tables.insert_run(
+                run_id, request_id, display_name, model, spec_json, stage_names, secret, now_ns, dataset_json, spec_pb
+            )
+        )
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         return await _after_a_turn(self.tables.get_run(run_id))
@@ -727,10 +788,20 @@ class MemoryStore(Store):
         now_ns: int,
         resume_token_sha256: str = "",
     ) -> int:
-        return await _after_a_turn(self.tables.insert_assignment(
-            assignment_id, run_pk, stage_idx, agent_session, agent_name, concurrency, requests, state, now_ns,
-            resume_token_sha256,
-        ))  # fmt: skip
+        return await _after_a_turn(
+            self.tables.insert_assignment(
+                assignment_id,
+                run_pk,
+                stage_idx,
+                agent_session,
+                agent_name,
+                concurrency,
+                requests,
+                state,
+                now_ns,
+                resume_token_sha256,
+            )
+        )
 
     async def lookup_assignment(self, assignment_id: str) -> StoredAssignment | None:
         return await _after_a_turn(self.tables.lookup_assignment(assignment_id))

@@ -89,11 +89,18 @@ class BatchIngest:
         view, the abort checks and the live Prometheus histograms all read them)."""
         col = dict(zip(SAMPLE_COLUMNS, self.columns, strict=True))
         return SampleColumns(
-            sent_unix_ns=col["sent_unix_ns"], queue_delay_ns=col["queue_delay_ns"],
-            first_token_ns=col["first_token_ns"], last_token_ns=col["last_token_ns"], done_ns=col["done_ns"],
-            prompt_tokens=col["prompt_tokens"], output_tokens=col["output_tokens"], status=col["status"],
-            flags=col["flags"], itl_count=col["itl_count"], itl_ns=np.frombuffer(self.itl_ns, dtype="<i8"),
-        )  # fmt: skip
+            sent_unix_ns=col["sent_unix_ns"],
+            queue_delay_ns=col["queue_delay_ns"],
+            first_token_ns=col["first_token_ns"],
+            last_token_ns=col["last_token_ns"],
+            done_ns=col["done_ns"],
+            prompt_tokens=col["prompt_tokens"],
+            output_tokens=col["output_tokens"],
+            status=col["status"],
+            flags=col["flags"],
+            itl_count=col["itl_count"],
+            itl_ns=np.frombuffer(self.itl_ns, dtype="<i8"),
+        )
 
 
 @dataclass(frozen=True)
@@ -102,8 +109,6 @@ class IngestOutcome:
     ok: int
     failed: int
     output_tokens: int
-
-
 
 
 def _record(row: RunRow) -> RunRecord:
@@ -158,9 +163,7 @@ def insert_run(
                 spec_pb=spec_pb,
                 created_at=now_ns,
             )
-            StageRow.insert_many(
-                [{"run": row.pk, "idx": i, "name": n} for i, n in enumerate(stage_names)]
-            ).execute()
+            StageRow.insert_many([{"run": row.pk, "idx": i, "name": n} for i, n in enumerate(stage_names)]).execute()
             if secret:  # the target's credentials (see controller/domain/access/secrets.py)
                 RunSecretRow.create(run=row.pk, target_api_key=secret)
             if dataset_json:
@@ -268,9 +271,7 @@ def update_run(run_pk: int, **fields: Unpack[RunChanges]) -> None:
 @erases_secrets
 def finish_run(run_pk: int, state: int, reason: str, now_ns: int) -> None:
     """Move a run to a final state and erase its target API key."""
-    RunRow.update(state=state, state_reason=reason, ended_at=now_ns).where(
-        RunRow.pk == run_pk
-    ).execute()
+    RunRow.update(state=state, state_reason=reason, ended_at=now_ns).where(RunRow.pk == run_pk).execute()
     RunSecretRow.delete().where(RunSecretRow.run == run_pk).execute()
 
 
@@ -359,9 +360,7 @@ def list_events(run_pk: int, after_pk: int = 0) -> list[EventRecord]:
 # --- agents and assignments -------------------------------------------------------------
 
 
-def record_agent_connected(
-    session_id: str, name: str, labels: dict[str, str], version: str, now_ns: int
-) -> None:
+def record_agent_connected(session_id: str, name: str, labels: dict[str, str], version: str, now_ns: int) -> None:
     AgentRow.create(
         session_id=session_id,
         name=name,
@@ -448,9 +447,15 @@ def lookup_assignment(assignment_id: str) -> StoredAssignment | None:
     if row is None:
         return None
     return StoredAssignment(
-        int(row[0]), int(row[1]), str(row[2]), int(row[3]), str(row[4]), int(row[5]),
-        None if row[6] is None else int(row[6]), int(row[7] or 0),
-    )  # fmt: skip
+        int(row[0]),
+        int(row[1]),
+        str(row[2]),
+        int(row[3]),
+        str(row[4]),
+        int(row[5]),
+        None if row[6] is None else int(row[6]),
+        int(row[7] or 0),
+    )
 
 
 @dataclass(frozen=True)
@@ -584,10 +589,17 @@ def load_stage_samples(run_pk: int, stage_idx: int) -> StageSamples:
         (run_pk, stage_idx),
     ).fetchall()
     assignments = [
-        StageAssignment(int(r[0]), str(r[1]), float(r[2]), float(r[3]), int(r[4]), None if r[5] is None else int(r[5]),
-                        int(r[6] or 0))
+        StageAssignment(
+            int(r[0]),
+            str(r[1]),
+            float(r[2]),
+            float(r[3]),
+            int(r[4]),
+            None if r[5] is None else int(r[5]),
+            int(r[6] or 0),
+        )
         for r in rows
-    ]  # fmt: skip
+    ]
     ended = conn.execute("SELECT ended_at FROM stages WHERE run_pk = ? AND idx = ?", (run_pk, stage_idx)).fetchone()
     table, itl, batch_assignments, counts = columnar.read_stage(conn, run_pk, stage_idx, reading_order(assignments))
     stage_ended_at = None if ended is None or ended[0] is None else int(ended[0])
@@ -640,10 +652,18 @@ def assemble_stage_samples(
         itl_ns=itl,
     )
     return StageSamples(
-        columns, agent, names, table[col["requested_input_tokens"]], table[col["requested_output_tokens"]], lag, cpu,
-        first_byte_ns=table[col["first_byte_ns"]], assignment=assignment, windows=windows,
+        columns,
+        agent,
+        names,
+        table[col["requested_input_tokens"]],
+        table[col["requested_output_tokens"]],
+        lag,
+        cpu,
+        first_byte_ns=table[col["first_byte_ns"]],
+        assignment=assignment,
+        windows=windows,
         stage_ended_at=stage_ended_at,
-    )  # fmt: skip
+    )
 
 
 def load_stage_columns(run_pk: int, stage_idx: int) -> SampleColumns:
@@ -767,8 +787,7 @@ def stage_assignments(run_pk: int, stage_idx: int) -> list[AssignmentSummary]:
         (run_pk, stage_idx),
     ).fetchall()
     return [
-        AssignmentSummary(str(r[0]), str(r[1]), int(r[2]), int(r[3]), int(r[4]), r[5], r[6], bool(r[7]))
-        for r in rows
+        AssignmentSummary(str(r[0]), str(r[1]), int(r[2]), int(r[3]), int(r[4]), r[5], r[6], bool(r[7])) for r in rows
     ]
 
 

@@ -52,10 +52,14 @@ _KEY_COLUMNS = "key_id, secret_sha256, role, name, created_at, expires_at, revok
 def _key(row: Sequence[object]) -> KeyRecord:
     key_id, digest, role, name, created, expires, revoked = row
     return KeyRecord(
-        str(key_id), bytes(digest), str(role), str(name), int(created),  # type: ignore[call-overload]
+        str(key_id),
+        bytes(digest),  # type: ignore[call-overload]
+        str(role),
+        str(name),
+        int(created),  # type: ignore[call-overload]
         None if expires is None else int(expires),  # type: ignore[call-overload]
         None if revoked is None else int(revoked),  # type: ignore[call-overload]
-    )  # fmt: skip
+    )
 
 
 # --- keys -------------------------------------------------------------------------------
@@ -64,9 +68,16 @@ def _key(row: Sequence[object]) -> KeyRecord:
 def insert_key(record: KeyRecord) -> None:
     database_proxy.execute_sql(
         f"INSERT INTO api_keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (record.key_id, record.secret_sha256, record.role, record.name, record.created_at,
-         record.expires_at, record.revoked_at),
-    )  # fmt: skip
+        (
+            record.key_id,
+            record.secret_sha256,
+            record.role,
+            record.name,
+            record.created_at,
+            record.expires_at,
+            record.revoked_at,
+        ),
+    )
 
 
 def get_key(key_id: str) -> KeyRecord | None:
@@ -117,9 +128,8 @@ def insert_audit(events: Sequence[AuditRecord], retention: int = AUDIT_RETENTION
     conn.executemany(
         "INSERT INTO audit_events (time_ns, key_id, method, run_id, outcome, request_id, peer, detail, count)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [(e.time_ns, e.key_id, e.method, e.run_id, e.outcome, e.request_id, e.peer, e.detail, e.count)
-         for e in events],
-    )  # fmt: skip
+        [(e.time_ns, e.key_id, e.method, e.run_id, e.outcome, e.request_id, e.peer, e.detail, e.count) for e in events],
+    )
     newest = int(conn.execute("SELECT MAX(pk) FROM audit_events").fetchone()[0] or 0)
     # A range on the rowid: an index seek that finds nothing in the common case.
     conn.execute("DELETE FROM audit_events WHERE pk <= ?", (newest - retention,))

@@ -95,9 +95,18 @@ class SqliteStore(Store):
         spec_pb: bytes = b"",
     ) -> tuple[RunRecord, bool]:
         return await self.db.write(
-            repo.insert_run, run_id, request_id, display_name, model, spec_json, stage_names, secret, now_ns,
-            dataset_json, spec_pb,
-        )  # fmt: skip
+            repo.insert_run,
+            run_id,
+            request_id,
+            display_name,
+            model,
+            spec_json,
+            stage_names,
+            secret,
+            now_ns,
+            dataset_json,
+            spec_pb,
+        )
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         return await self.db.read(repo.get_run, run_id)
@@ -187,9 +196,18 @@ class SqliteStore(Store):
         resume_token_sha256: str = "",
     ) -> int:
         return await self.db.write(
-            repo.insert_assignment, assignment_id, run_pk, stage_idx, agent_session, agent_name, concurrency,
-            requests, state, now_ns, resume_token_sha256,
-        )  # fmt: skip
+            repo.insert_assignment,
+            assignment_id,
+            run_pk,
+            stage_idx,
+            agent_session,
+            agent_name,
+            concurrency,
+            requests,
+            state,
+            now_ns,
+            resume_token_sha256,
+        )
 
     async def lookup_assignment(self, assignment_id: str) -> StoredAssignment | None:
         return await self.db.read(repo.lookup_assignment, assignment_id)

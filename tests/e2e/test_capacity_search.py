@@ -42,9 +42,18 @@ def mock_config() -> MockConfig:
 
 
 def search_spec(
-    target_url: str, variable: int, *, ttft_slo_ms: float, lo: float, hi: float, probe_s: float = 3.0,
-    target: float = 80.0, tolerance: float = 5.0, max_probes: int = 12, min_requests: int = 15,
-) -> run_pb2.RunSpec:  # fmt: skip
+    target_url: str,
+    variable: int,
+    *,
+    ttft_slo_ms: float,
+    lo: float,
+    hi: float,
+    probe_s: float = 3.0,
+    target: float = 80.0,
+    tolerance: float = 5.0,
+    max_probes: int = 12,
+    min_requests: int = 15,
+) -> run_pb2.RunSpec:
     spec = run_pb2.RunSpec(display_name="capacity")
     spec.target.base_url = target_url
     spec.target.model = "mock"
@@ -113,8 +122,9 @@ async def test_rate_search_brackets_the_queueing_capacity(controller: Controller
     slo_ms, target = 60.0, 0.8
     truth = md_capacity(target, slo_ms - TTFT_MS)  # about 17/s of the 23.5/s the slots serve
     async with MockServer(mock_config()) as mock, running_agent(f"127.0.0.1:{controller.port}"):
-        spec = search_spec(mock.base_url, run_pb2.SEARCH_VARIABLE_RATE, ttft_slo_ms=slo_ms, lo=4, hi=40,
-                           tolerance=10, max_probes=10)  # fmt: skip
+        spec = search_spec(
+            mock.base_url, run_pb2.SEARCH_VARIABLE_RATE, ttft_slo_ms=slo_ms, lo=4, hi=40, tolerance=10, max_probes=10
+        )
         spec.search.cost_per_hour_usd = 2.0
         run = await client.create_run(spec)
         final = await wait_final(client, run.id, 110)
@@ -136,13 +146,24 @@ async def test_saturated_generator_is_not_a_capacity(
     # One in-process agent cannot send thousands of requests a second: its send lag shows it.
     # The mock is a process of its own (two workers) so that it answers at any of these rates:
     # the limit reached is the generator's, and requests still complete.
-    mock = Proc("mock-server", "--port", "0", "--ttft-ms", "1", "--itl-ms", "0", "--output-tokens", "1",
-                "--workers", "2", log=tmp_path / "mock.log")  # fmt: skip
+    mock = Proc(
+        "mock-server",
+        "--port",
+        "0",
+        "--ttft-ms",
+        "1",
+        "--itl-ms",
+        "0",
+        "--output-tokens",
+        "1",
+        "--workers",
+        "2",
+        log=tmp_path / "mock.log",
+    )
     try:
         base_url = mock.wait_line("listening on").rsplit(" ", 1)[-1]
         async with running_agent(f"127.0.0.1:{controller.port}"):
-            spec = search_spec(base_url, run_pb2.SEARCH_VARIABLE_RATE, ttft_slo_ms=1000, lo=4000, hi=16000,
-                               probe_s=2.0)  # fmt: skip
+            spec = search_spec(base_url, run_pb2.SEARCH_VARIABLE_RATE, ttft_slo_ms=1000, lo=4000, hi=16000, probe_s=2.0)
             spec.workload.synthetic.output_tokens.fixed = 1
             run = await client.create_run(spec)
             final = await wait_final(client, run.id, 100)

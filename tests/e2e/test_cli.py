@@ -20,6 +20,7 @@ from tests.processes import CLI, ENV, Proc, wait_for_agents
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 T = TypeVar("T")
 
+
 def cli(*args: str, timeout_s: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [CLI, *args], capture_output=True, text=True, timeout=timeout_s, env=ENV, cwd=cwd, check=False
@@ -30,16 +31,30 @@ def cli(*args: str, timeout_s: float = 120, cwd: Path | None = None) -> subproce
 def stack(tmp_path: Path) -> Iterator[tuple[str, str, list[Proc]]]:
     procs: list[Proc] = []
     try:
-        mock = Proc("mock-server", "--port", "0", "--ttft-ms", "20", "--itl-ms", "5", "--output-tokens", "16",
-                    log=tmp_path / "mock.log")  # fmt: skip
+        mock = Proc(
+            "mock-server",
+            "--port",
+            "0",
+            "--ttft-ms",
+            "20",
+            "--itl-ms",
+            "5",
+            "--output-tokens",
+            "16",
+            log=tmp_path / "mock.log",
+        )
         procs.append(mock)
         target = mock.wait_line("listening on").rsplit(" ", 1)[-1]
-        ctl = Proc("controller", "--listen", "127.0.0.1:0", "--db", str(tmp_path / "runs.db"),
-                   log=tmp_path / "controller.log")  # fmt: skip
+        ctl = Proc(
+            "controller", "--listen", "127.0.0.1:0", "--db", str(tmp_path / "runs.db"), log=tmp_path / "controller.log"
+        )
         procs.append(ctl)
         address = ctl.wait_line("listening on").rsplit(" ", 1)[-1]
-        procs.append(Proc("agent", "--controller", address, "--name", "e2e-agent", "--label", "zone=a",
-                          log=tmp_path / "agent.log"))  # fmt: skip
+        procs.append(
+            Proc(
+                "agent", "--controller", address, "--name", "e2e-agent", "--label", "zone=a", log=tmp_path / "agent.log"
+            )
+        )
         wait_for_agents(address)
         yield target, address, procs
     finally:
@@ -49,8 +64,21 @@ def stack(tmp_path: Path) -> Iterator[tuple[str, str, list[Proc]]]:
 
 def test_user_flow(stack: tuple[str, str, list[Proc]], tmp_path: Path) -> None:
     target, address, _ = stack
-    done = cli("run", "--controller", address, "--target", target, "--model", "mock",
-               "--concurrency", "1,4", "--duration", "2s", "--output-tokens", "16")  # fmt: skip
+    done = cli(
+        "run",
+        "--controller",
+        address,
+        "--target",
+        target,
+        "--model",
+        "mock",
+        "--concurrency",
+        "1,4",
+        "--duration",
+        "2s",
+        "--output-tokens",
+        "16",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "SUCCEEDED" in done.stdout
     assert "TTFT p50" in done.stdout
@@ -68,8 +96,20 @@ def test_user_flow(stack: tuple[str, str, list[Proc]], tmp_path: Path) -> None:
     assert len(stages) == 2
     assert all(s["output_tokens"] == 16 * s["requests_ok"] for s in stages)
 
-    as_json = cli("run", "--controller", address, "--target", target, "--model", "mock",
-                  "--concurrency", "2", "--requests", "10", "--json")  # fmt: skip
+    as_json = cli(
+        "run",
+        "--controller",
+        address,
+        "--target",
+        target,
+        "--model",
+        "mock",
+        "--concurrency",
+        "2",
+        "--requests",
+        "10",
+        "--json",
+    )
     assert as_json.returncode == 0, as_json.stderr[-3000:]
     printed = json.loads(as_json.stdout)
     # Numbers as numbers (uint64 too) and zero fields present (docs/json.md).
@@ -164,15 +204,33 @@ def _poll(probe: Callable[[], T], check: Callable[[T], bool], timeout_s: float =
 def _start_run(target: str, address: str) -> tuple[subprocess.Popen[str], str]:
     """A real `llm-loadtest run` of 60 s at concurrency 8, once its requests are flowing."""
     proc = subprocess.Popen(
-        [CLI, "run", "--controller", address, "--target", target, "--model", "mock", "--concurrency", "8",
-         "--duration", "60s"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-    )  # fmt: skip
+        [
+            CLI,
+            "run",
+            "--controller",
+            address,
+            "--target",
+            target,
+            "--model",
+            "mock",
+            "--concurrency",
+            "8",
+            "--duration",
+            "60s",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     assert proc.stderr is not None
     first = proc.stderr.readline()
     assert first.startswith("created run "), first
     run_id = first.split()[2]
-    _poll(lambda: json.loads(cli("runs", "get", run_id, "--controller", address, "--json").stdout),
-          lambda r: r["state"] == "RUN_STATE_RUNNING" and r["progress"]["requests_ok"] > 0)  # fmt: skip
+    _poll(
+        lambda: json.loads(cli("runs", "get", run_id, "--controller", address, "--json").stdout),
+        lambda r: r["state"] == "RUN_STATE_RUNNING" and r["progress"]["requests_ok"] > 0,
+    )
     return proc, run_id
 
 
@@ -222,16 +280,19 @@ def test_a_second_ctrl_c_detaches_and_names_the_cancel_command(stack: tuple[str,
     # The printed command is the one that cancels it (or finds it already cancelled by the first Ctrl-C).
     cancel = cli(*shlex.split(command)[1:])
     assert cancel.returncode == 0 or "already finished (RUN_STATE_CANCELLED)" in cancel.stderr, cancel.stderr
-    _poll(lambda: json.loads(cli("runs", "get", run_id, "--controller", address, "--json").stdout),
-          lambda r: r["state"] == "RUN_STATE_CANCELLED")  # fmt: skip
+    _poll(
+        lambda: json.loads(cli("runs", "get", run_id, "--controller", address, "--json").stdout),
+        lambda r: r["state"] == "RUN_STATE_CANCELLED",
+    )
 
 
 def test_detach_leaves_the_run_going(stack: tuple[str, str, list[Proc]]) -> None:
     target, address, _ = stack
-    out = cli("run", "--controller", address, "--target", target, "--model", "mock", "--requests", "20",
-              "--detach")  # fmt: skip
+    out = cli("run", "--controller", address, "--target", target, "--model", "mock", "--requests", "20", "--detach")
     assert out.returncode == 0, out.stderr
     run_id = out.stdout.strip()
     assert f"llm-loadtest runs cancel {run_id} --controller {address}" in out.stderr
-    _poll(lambda: json.loads(cli("runs", "get", run_id, "--controller", address, "--json").stdout),
-          lambda r: r["state"] == "RUN_STATE_SUCCEEDED")  # fmt: skip
+    _poll(
+        lambda: json.loads(cli("runs", "get", run_id, "--controller", address, "--json").stdout),
+        lambda r: r["state"] == "RUN_STATE_SUCCEEDED",
+    )

@@ -45,8 +45,9 @@ def dataset() -> str:
 
 @pytest.fixture
 def controller(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    ctl = Proc("controller", "--listen", "127.0.0.1:0", "--db", str(tmp_path / "runs.db"),
-               log=tmp_path / "controller.log")  # fmt: skip
+    ctl = Proc(
+        "controller", "--listen", "127.0.0.1:0", "--db", str(tmp_path / "runs.db"), log=tmp_path / "controller.log"
+    )
     try:
         address = ctl.wait_line("listening on").rsplit(" ", 1)[-1]
         yield ctl.p, address

@@ -40,8 +40,15 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
 CHROMIUM = Path("/usr/bin/chromium")
 INSTALL_LOCK = Path("/tmp/llm-loadtest-chromium-install.lock")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
-CHARTS = {"ttft-vs-throughput", "tpot-vs-throughput", "timeline-throughput", "timeline-ttft", "timeline-errors",
-          "ttft-distribution", "tpot-distribution"}  # fmt: skip
+CHARTS = {
+    "ttft-vs-throughput",
+    "tpot-vs-throughput",
+    "timeline-throughput",
+    "timeline-ttft",
+    "timeline-errors",
+    "ttft-distribution",
+    "tpot-distribution",
+}
 
 # Injected into a copy of the report before Chromium opens it: records uncaught errors and
 # console.error calls into a DOM node that --dump-dom then shows.
@@ -98,22 +105,36 @@ def ensure_chromium() -> Path:
 
 def chromium_args(profile: Path) -> list[str]:
     return [
-        str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
+        str(CHROMIUM),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
         f"--user-data-dir={profile}",
-    ]  # fmt: skip
+    ]
 
 
 def dump_dom(page: Path, profile: Path) -> str:
-    done = subprocess.run([*chromium_args(profile), "--dump-dom", page.as_uri()],
-                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    done = subprocess.run(
+        [*chromium_args(profile), "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120, check=False
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
 
 def screenshot(page: Path, profile: Path, png: Path) -> None:
-    done = subprocess.run([*chromium_args(profile), f"--screenshot={png}", "--window-size=1400,2400", page.as_uri()],
-                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    done = subprocess.run(
+        [*chromium_args(profile), f"--screenshot={png}", "--window-size=1400,2400", page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 0 and png.exists() and png.stat().st_size > 10_000, done.stderr[-3000:]
 
 
@@ -137,8 +158,12 @@ class RenderedDom(HTMLParser):
         if tag == "pre" and a.get("id") == "captured-errors":
             self._in_errors, self.errors = True, ""
         if "data-chart" in a:
-            self._chart = {"name": a["data-chart"] or "", "empty": a.get("data-empty") == "true", "shapes": 0,
-                           "lines": 0}  # fmt: skip
+            self._chart = {
+                "name": a["data-chart"] or "",
+                "empty": a.get("data-empty") == "true",
+                "shapes": 0,
+                "lines": 0,
+            }
             self.charts.append(self._chart)
             self._figures = 1
             return
@@ -204,8 +229,7 @@ async def test_report_of_a_real_run_renders_in_chromium(
     result = data.result
     assert [s.index for s in result.stages] == [0, 1]
     assert all(s.time_series for s in result.stages)
-    assert all(sorted(a.agent_name for a in s.agents) == ["browser-agent-1", "browser-agent-2"]
-               for s in result.stages)  # fmt: skip
+    assert all(sorted(a.agent_name for a in s.agents) == ["browser-agent-1", "browser-agent-2"] for s in result.stages)
     assert len(result.checks) == 4 and result.verdict in (run_pb2.VERDICT_PASS, run_pb2.VERDICT_FAIL)
     vllm = formats.vllm_results(data.run, result)
     assert [v["mean_ttft_ms"] for v in vllm] == [s.ttft.mean_ms for s in result.stages]
@@ -254,12 +278,23 @@ def two_targets(tmp_path: Path) -> Iterator[tuple[str, str, str]]:
     try:
         targets = []
         for name, ttft in (("fast", "20"), ("slow", "60")):
-            mock = Proc("mock-server", "--port", "0", "--ttft-ms", ttft, "--itl-ms", "4", "--output-tokens", "16",
-                        log=tmp_path / f"mock-{name}.log")  # fmt: skip
+            mock = Proc(
+                "mock-server",
+                "--port",
+                "0",
+                "--ttft-ms",
+                ttft,
+                "--itl-ms",
+                "4",
+                "--output-tokens",
+                "16",
+                log=tmp_path / f"mock-{name}.log",
+            )
             procs.append(mock)
             targets.append(mock.wait_line("listening on").rsplit(" ", 1)[-1])
-        ctl = Proc("controller", "--listen", "127.0.0.1:0", "--db", str(tmp_path / "runs.db"),
-                   log=tmp_path / "controller.log")  # fmt: skip
+        ctl = Proc(
+            "controller", "--listen", "127.0.0.1:0", "--db", str(tmp_path / "runs.db"), log=tmp_path / "controller.log"
+        )
         procs.append(ctl)
         address = ctl.wait_line("listening on").rsplit(" ", 1)[-1]
         procs.append(Proc("agent", "--controller", address, "--name", "cli-agent", log=tmp_path / "agent.log"))
@@ -276,9 +311,27 @@ def test_cli_result_formats_export_compare_and_report(
     fast, slow, address = two_targets
     ids = []
     for name, target in (("fast", fast), ("slow", slow)):
-        done = cli("run", "--controller", address, "--target", target, "--model", "mock", "--name", name,
-                   "--concurrency", "1,4", "--duration", "1s", "--output-tokens", "16",
-                   "--slo", "ttft=200ms", "--check", "p99(ttft) < 1s")  # fmt: skip
+        done = cli(
+            "run",
+            "--controller",
+            address,
+            "--target",
+            target,
+            "--model",
+            "mock",
+            "--name",
+            name,
+            "--concurrency",
+            "1,4",
+            "--duration",
+            "1s",
+            "--output-tokens",
+            "16",
+            "--slo",
+            "ttft=200ms",
+            "--check",
+            "p99(ttft) < 1s",
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         ids.append(next(w for w in done.stdout.split() if w.startswith("run_")))
     base, other = ids

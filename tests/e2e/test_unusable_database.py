@@ -18,8 +18,14 @@ COMMANDS = (("controller", "--listen", "127.0.0.1:0"), ("keys", "list"), ("audit
 def _damaged(tmp_path: Path) -> Path:
     """A real controller database whose first page (the schema) was overwritten."""
     path = tmp_path / "damaged.db"
-    made = subprocess.run([CLI, "keys", "create", "--db", str(path), "--role", "admin", "--name", "x"],
-                          capture_output=True, text=True, timeout=60, env=ENV, check=False)  # fmt: skip
+    made = subprocess.run(
+        [CLI, "keys", "create", "--db", str(path), "--role", "admin", "--name", "x"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=ENV,
+        check=False,
+    )
     assert made.returncode == 0, made.stderr
     with path.open("r+b") as f:
         f.seek(100)  # past the 100-byte header: the header still says SQLite
@@ -38,8 +44,9 @@ def test_unusable_database_is_one_line_and_exit_1(tmp_path: Path, kind: str, com
     else:
         path = tmp_path / "dir.db"
         path.mkdir()
-    done = subprocess.run([CLI, *command, "--db", str(path)], capture_output=True, text=True, timeout=60,
-                          env=ENV, check=False)  # fmt: skip
+    done = subprocess.run(
+        [CLI, *command, "--db", str(path)], capture_output=True, text=True, timeout=60, env=ENV, check=False
+    )
     assert done.returncode == 1, (done.returncode, done.stderr[-2000:])
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr[-2000:]

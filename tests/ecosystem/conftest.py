@@ -33,17 +33,43 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("ecosystem")
     procs: list[Proc] = []
     try:
-        mock = Proc("mock-server", "--port", "0", "--ttft-ms", "20", "--itl-ms", "5", "--output-tokens", "16",
-                    log=tmp / "mock.log")  # fmt: skip
+        mock = Proc(
+            "mock-server",
+            "--port",
+            "0",
+            "--ttft-ms",
+            "20",
+            "--itl-ms",
+            "5",
+            "--output-tokens",
+            "16",
+            log=tmp / "mock.log",
+        )
         procs.append(mock)
         target = _last_word(mock.wait_line("listening on"))
-        ctl = Proc("controller", "--listen", "127.0.0.1:0", "--db", str(tmp / "runs.db"),
-                   "--metrics-listen", "127.0.0.1:0", log=tmp / "controller.log")  # fmt: skip
+        ctl = Proc(
+            "controller",
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+            str(tmp / "runs.db"),
+            "--metrics-listen",
+            "127.0.0.1:0",
+            log=tmp / "controller.log",
+        )
         procs.append(ctl)
         address = _last_word(ctl.wait_line("listening on"))
         controller_metrics = _last_word(ctl.wait_line("metrics on"))
-        agent = Proc("agent", "--controller", address, "--name", "eco-agent", "--metrics-listen", "127.0.0.1:0",
-                     log=tmp / "agent.log")  # fmt: skip
+        agent = Proc(
+            "agent",
+            "--controller",
+            address,
+            "--name",
+            "eco-agent",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            log=tmp / "agent.log",
+        )
         procs.append(agent)
         agent_metrics = _last_word(agent.wait_line("metrics on"))
         yield Stack(target, address, controller_metrics, agent_metrics)

@@ -29,8 +29,9 @@ GRPC = ["--protocol", "grpc", "--http2-prior-knowledge"]
 
 def buf_curl(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
     require_node_tool(BUF)
-    return subprocess.run([str(BUF), "curl", *args], capture_output=True, text=True, timeout=timeout_s,
-                          env=ENV, check=False)  # fmt: skip
+    return subprocess.run(
+        [str(BUF), "curl", *args], capture_output=True, text=True, timeout=timeout_s, env=ENV, check=False
+    )
 
 
 def json_stream(text: str) -> list[dict[str, Any]]:
@@ -80,8 +81,10 @@ def test_list_services_and_describe_run_service(stack: Stack) -> None:
     described = buf_curl(*GRPC, "-d", '{"file_containing_symbol": "loadtest.v1.RunService"}', reflection)
     assert described.returncode == 0, described.stderr
     [reply] = json_stream(described.stdout)
-    files = [descriptor_pb2.FileDescriptorProto.FromString(base64.b64decode(b))
-             for b in reply["fileDescriptorResponse"]["fileDescriptorProto"]]  # fmt: skip
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(base64.b64decode(b))
+        for b in reply["fileDescriptorResponse"]["fileDescriptorProto"]
+    ]
     service = next(s for f in files for s in f.service if s.name == "RunService")
     methods = {m.name: (m.client_streaming, m.server_streaming) for m in service.method}
     assert methods["CreateRun"] == (False, False)
@@ -102,8 +105,13 @@ def test_create_list_and_watch_a_run_with_buf_curl(stack: Stack) -> None:
     assert created.returncode == 0, created.stderr
     run_id = json.loads(created.stdout)["run"]["id"]
 
-    watched = buf_curl(*GRPC, "-d", json.dumps({"run_id": run_id}),
-                       f"http://{stack.address}/loadtest.v1.RunService/WatchRun", timeout_s=90)  # fmt: skip
+    watched = buf_curl(
+        *GRPC,
+        "-d",
+        json.dumps({"run_id": run_id}),
+        f"http://{stack.address}/loadtest.v1.RunService/WatchRun",
+        timeout_s=90,
+    )
     assert watched.returncode == 0, watched.stderr
     updates = json_stream(watched.stdout)
     final = updates[-1]
@@ -112,15 +120,20 @@ def test_create_list_and_watch_a_run_with_buf_curl(stack: Stack) -> None:
     [stage] = final["result"]["stages"]
     assert int(stage["requestsOk"]) == 20
 
-    listed = buf_curl(*GRPC, "-d", '{"page_size": 100, "state": "RUN_STATE_SUCCEEDED"}',
-                      f"http://{stack.address}/loadtest.v1.RunService/ListRuns")  # fmt: skip
+    listed = buf_curl(
+        *GRPC,
+        "-d",
+        '{"page_size": 100, "state": "RUN_STATE_SUCCEEDED"}',
+        f"http://{stack.address}/loadtest.v1.RunService/ListRuns",
+    )
     assert listed.returncode == 0, listed.stderr
     runs = json.loads(listed.stdout)["runs"]
     assert run_id in [r["id"] for r in runs]
     assert all(r["state"] == "RUN_STATE_SUCCEEDED" for r in runs)
 
-    bad = buf_curl(*GRPC, "-d", '{"run_id": "run_does_not_exist"}',
-                   f"http://{stack.address}/loadtest.v1.RunService/GetRun")  # fmt: skip
+    bad = buf_curl(
+        *GRPC, "-d", '{"run_id": "run_does_not_exist"}', f"http://{stack.address}/loadtest.v1.RunService/GetRun"
+    )
     assert bad.returncode != 0
     assert "not_found" in bad.stderr.lower()
 
@@ -162,7 +175,7 @@ def test_readme_grpcurl_examples_work_as_buf_curl_calls(stack: Stack) -> None:
                 i += 2
             else:
                 break
-        address, rest = args[i], args[i + 1:]
+        address, rest = args[i], args[i + 1 :]
         if rest == ["list"]:
             translated += ["--list-services", f"http://{address}"]
         elif rest[0] == "describe":

@@ -25,8 +25,9 @@ def read_template() -> dict[str, object]:
         'const text = require("fs").readFileSync("buf.gen.yaml", "utf8");'
         'process.stdout.write(JSON.stringify(require("yaml").parse(text)));'
     )
-    done = subprocess.run(["node", "-e", script], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=60,
-                          check=False)  # fmt: skip
+    done = subprocess.run(
+        ["node", "-e", script], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=60, check=False
+    )
     assert done.returncode == 0, done.stderr
     template: dict[str, object] = json.loads(done.stdout)
     return template
@@ -55,8 +56,13 @@ def test_buf_generate_runs_the_local_plugin(tmp_path: Path) -> None:
     (tmp_path / "buf.gen.json").write_text(json.dumps(template))
     done = subprocess.run(
         [str(BUF), "generate", "--template", str(tmp_path / "buf.gen.json"), "-o", str(tmp_path / "out")],
-        capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=90, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=ENV,
+        timeout=90,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     stub = tmp_path / "out" / "gen" / "python" / "loadtest" / "v1" / "run_service_pb2.pyi"
     assert stub.exists(), sorted(str(p) for p in (tmp_path / "out").rglob("*"))

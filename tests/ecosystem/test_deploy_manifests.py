@@ -44,8 +44,9 @@ process.stdout.write(JSON.stringify(out));
 def load_yaml_files() -> dict[str, list[Any]]:
     require_node_tool(ROOT / "node_modules" / "yaml")
     files = [str(p) for p in sorted([*DEPLOY.rglob("*.yaml")])]
-    done = subprocess.run(["node", "-e", YAML_TO_JSON, *files], capture_output=True, text=True, timeout=60,
-                          cwd=ROOT, env=ENV, check=False)  # fmt: skip
+    done = subprocess.run(
+        ["node", "-e", YAML_TO_JSON, *files], capture_output=True, text=True, timeout=60, cwd=ROOT, env=ENV, check=False
+    )
     assert done.returncode == 0, done.stderr
     parsed: dict[str, list[Any]] = json.loads(done.stdout)
     return parsed
@@ -54,8 +55,9 @@ def load_yaml_files() -> dict[str, list[Any]]:
 @functools.cache
 def help_text(command: str) -> str:
     """`llm-loadtest <command> --help`, whitespace collapsed (help wraps long variable names)."""
-    done = subprocess.run([CLI, *command.split(), "--help"], capture_output=True, text=True, timeout=60,
-                          env=ENV, check=False)  # fmt: skip
+    done = subprocess.run(
+        [CLI, *command.split(), "--help"], capture_output=True, text=True, timeout=60, env=ENV, check=False
+    )
     assert done.returncode == 0, f"`llm-loadtest {command}` is not a command: {done.stderr}"
     return " ".join(done.stdout.split())
 

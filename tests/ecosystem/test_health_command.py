@@ -14,8 +14,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
 
 def health(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([CLI, "health", *args], capture_output=True, text=True, timeout=30,
-                          env=env or ENV, check=False)  # fmt: skip
+    return subprocess.run(
+        [CLI, "health", *args], capture_output=True, text=True, timeout=30, env=env or ENV, check=False
+    )
 
 
 def test_serving_controller_is_healthy(stack: Stack) -> None:

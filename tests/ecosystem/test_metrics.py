@@ -191,12 +191,22 @@ def test_live_collector_counts_and_buckets_exactly() -> None:
     """Known samples in, exact counters and bucket counts out; warmup excluded."""
     ok, err = run_pb2.REQUEST_STATUS_OK, run_pb2.REQUEST_STATUS_HTTP_5XX
     batch = agent_service_pb2.SampleBatch(
-        assignment_id="asg_1", batch_seq=1,
-        sent_unix_ns=[1, 2, 3, 4], queue_delay_ns=[0] * 4, first_byte_ns=[0] * 4,
-        first_token_ns=[50_000_000, 100_000_000, 0, 10_000_000], last_token_ns=[0] * 4, done_ns=[0] * 4,
-        prompt_tokens=[1] * 4, output_tokens=[3, 2, 0, 5], status=[ok, ok, err, ok], flags=[0, 0, 0, 2],
-        itl_count=[2, 1, 0, 4], itl_ns=[5_000_000, 20_000_000, 1_000_000, 1, 1, 1, 1], error=["", "", "boom", ""],
-    )  # fmt: skip
+        assignment_id="asg_1",
+        batch_seq=1,
+        sent_unix_ns=[1, 2, 3, 4],
+        queue_delay_ns=[0] * 4,
+        first_byte_ns=[0] * 4,
+        first_token_ns=[50_000_000, 100_000_000, 0, 10_000_000],
+        last_token_ns=[0] * 4,
+        done_ns=[0] * 4,
+        prompt_tokens=[1] * 4,
+        output_tokens=[3, 2, 0, 5],
+        status=[ok, ok, err, ok],
+        flags=[0, 0, 0, 2],
+        itl_count=[2, 1, 0, 4],
+        itl_ns=[5_000_000, 20_000_000, 1_000_000, 1, 1, 1, 1],
+        error=["", "", "boom", ""],
+    )
     running = {"run_a"}
     collector = LiveRunCollector(lambda: running)
     collector.observe("run_a", to_ingest(IngestTarget(1, 1, "run_a", 0, 0, 10, 0), batch))
@@ -215,4 +225,3 @@ def test_live_collector_counts_and_buckets_exactly() -> None:
     assert str(TTFT_BUCKETS_S[0]) in {le for _, le in sample if le}
     running.clear()
     assert all(not f.samples for f in collector.collect())
-

@@ -18,10 +18,29 @@ EXAMPLE = ROOT / "examples" / "node" / "watch_run.js"
 def test_node_client_creates_watches_and_prints_the_result(stack: Stack) -> None:
     require_node_tool(ROOT / "node_modules" / "@grpc" / "grpc-js")
     done = subprocess.run(
-        ["node", str(EXAMPLE), "--controller", stack.address, "--target", stack.target, "--model", "mock",
-         "--concurrency", "3", "--requests", "30", "--output-tokens", "16"],
-        capture_output=True, text=True, timeout=90, env=ENV, cwd=ROOT, check=False,
-    )  # fmt: skip
+        [
+            "node",
+            str(EXAMPLE),
+            "--controller",
+            stack.address,
+            "--target",
+            stack.target,
+            "--model",
+            "mock",
+            "--concurrency",
+            "3",
+            "--requests",
+            "30",
+            "--output-tokens",
+            "16",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env=ENV,
+        cwd=ROOT,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["state"] == "RUN_STATE_SUCCEEDED"
@@ -37,9 +56,24 @@ def test_node_client_creates_watches_and_prints_the_result(stack: Stack) -> None
 def test_node_client_reports_a_refused_run(stack: Stack) -> None:
     require_node_tool(ROOT / "node_modules" / "@grpc" / "grpc-js")
     done = subprocess.run(
-        ["node", str(EXAMPLE), "--controller", stack.address, "--target", stack.target, "--model", "mock",
-         "--concurrency", "0"],
-        capture_output=True, text=True, timeout=60, env=ENV, cwd=ROOT, check=False,
-    )  # fmt: skip
+        [
+            "node",
+            str(EXAMPLE),
+            "--controller",
+            stack.address,
+            "--target",
+            stack.target,
+            "--model",
+            "mock",
+            "--concurrency",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=ENV,
+        cwd=ROOT,
+        check=False,
+    )
     assert done.returncode == 2, done.stderr
     assert "INVALID_ARGUMENT" in done.stderr or " 3 " in done.stderr

@@ -42,9 +42,13 @@ class Proc:
         log = log_dir / f"{name}.log"
         with log.open("ab") as log_file:
             proc = await asyncio.create_subprocess_exec(
-                CLI, *args, stdout=asyncio.subprocess.PIPE, stderr=log_file,
-                stdin=asyncio.subprocess.DEVNULL, env=ENV,
-            )  # fmt: skip
+                CLI,
+                *args,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=log_file,
+                stdin=asyncio.subprocess.DEVNULL,
+                env=ENV,
+            )
         return cls(name, proc, log)
 
     async def line(self, marker: str, timeout_s: float = START_TIMEOUT_S) -> str:
@@ -97,16 +101,32 @@ class Fleet:
         self.agents: list[Proc] = []
 
     async def start_mock(self, ttft_ms: float = 20, itl_ms: float = 5, output_tokens: int = 16) -> str:
-        mock = await Proc.spawn("mock", ["mock-server", "--port", "0", "--ttft-ms", str(ttft_ms), "--itl-ms",
-                                         str(itl_ms), "--output-tokens", str(output_tokens)], self.tmp)  # fmt: skip
+        mock = await Proc.spawn(
+            "mock",
+            [
+                "mock-server",
+                "--port",
+                "0",
+                "--ttft-ms",
+                str(ttft_ms),
+                "--itl-ms",
+                str(itl_ms),
+                "--output-tokens",
+                str(output_tokens),
+            ],
+            self.tmp,
+        )
         self.procs.append(mock)
         self.target = (await mock.line("listening on")).rsplit(" ", 1)[-1]
         return self.target
 
     async def start_controller(self, listen: str = "127.0.0.1:0", grace_s: float = 5.0) -> str:
         n = sum(p.name.startswith("controller") for p in self.procs)
-        ctl = await Proc.spawn(f"controller{n}", ["controller", "--listen", listen, "--db", str(self.db),
-                                                  "--grace", str(grace_s)], self.tmp)  # fmt: skip
+        ctl = await Proc.spawn(
+            f"controller{n}",
+            ["controller", "--listen", listen, "--db", str(self.db), "--grace", str(grace_s)],
+            self.tmp,
+        )
         self.procs.append(ctl)
         self.controller = ctl
         self.address = (await ctl.line("listening on")).rsplit(" ", 1)[-1]
@@ -150,7 +170,6 @@ class Fleet:
         await asyncio.gather(*(p.stop() for p in reversed(self.procs)), return_exceptions=True)
 
 
-
 def seconds(value: float) -> duration_pb2.Duration:
     d = duration_pb2.Duration()
     d.FromNanoseconds(int(value * 1e9))
@@ -186,13 +205,21 @@ def closed(concurrency: int, duration_s: float, name: str = "") -> run_pb2.Stage
 
 
 def open_loop(rate: float, duration_s: float, name: str = "") -> run_pb2.Stage:
-    return run_pb2.Stage(name=name or f"r{rate:g}", request_rate=rate, duration=seconds(duration_s),
-                         arrival=run_pb2.ARRIVAL_PROCESS_CONSTANT)  # fmt: skip
+    return run_pb2.Stage(
+        name=name or f"r{rate:g}",
+        request_rate=rate,
+        duration=seconds(duration_s),
+        arrival=run_pb2.ARRIVAL_PROCESS_CONSTANT,
+    )
 
 
 async def wait_final(client: ControllerClient, run_id: str, timeout_s: float) -> run_pb2.Run:
-    final = (run_pb2.RUN_STATE_SUCCEEDED, run_pb2.RUN_STATE_FAILED, run_pb2.RUN_STATE_CANCELLED,
-             run_pb2.RUN_STATE_INTERRUPTED)  # fmt: skip
+    final = (
+        run_pb2.RUN_STATE_SUCCEEDED,
+        run_pb2.RUN_STATE_FAILED,
+        run_pb2.RUN_STATE_CANCELLED,
+        run_pb2.RUN_STATE_INTERRUPTED,
+    )
     return await eventually(lambda: client.get_run(run_id), lambda r: r.state in final, timeout_s)
 
 

@@ -87,16 +87,19 @@ async def test_frozen_agent_stops_at_lease_and_rejoins(fleet: Fleet) -> None:
         frozen = agents[1]
         frozen.send(signal.SIGSTOP)
         stopped_ns = time.time_ns()
-        events = await eventually(lambda: client.get_run_events(run.id),
-                                  lambda ev: any(e.kind == "agent_lost" for e in ev), 10)  # fmt: skip
+        events = await eventually(
+            lambda: client.get_run_events(run.id), lambda ev: any(e.kind == "agent_lost" for e in ev), 10
+        )
         lost = next(e for e in events if e.kind == "agent_lost")
         assert "freeze-1" in lost.message and "missed 3 heartbeats" in lost.message
         await asyncio.sleep(0.5)  # stay frozen past the lease (3 s), which the loss implies
         frozen.send(signal.SIGCONT)
 
         rejoined = await eventually(
-            client.list_agents, lambda ag: any(a.name == "freeze-1" and a.session_id != before["freeze-1"]
-                                               for a in ag), 15)  # fmt: skip
+            client.list_agents,
+            lambda ag: any(a.name == "freeze-1" and a.session_id != before["freeze-1"] for a in ag),
+            15,
+        )
         assert len(rejoined) == 2
         run = await wait_final(client, run.id, 60)
         assert run.state == run_pb2.RUN_STATE_SUCCEEDED, (run.state_reason, fleet.logs())

@@ -37,10 +37,24 @@ def test_selector_matches_every_pair() -> None:
 
 
 def test_run_flags_build_the_placement() -> None:
-    args = spec_builder.spec_parser().parse_args([
-        "--target", "http://x/v1", "--model", "m", "--concurrency", "4", "--agents", "3",
-        "--agent-selector", "zone=a,gpu=h100", "--agent-wait", "90s", "--on-agent-loss", "continue",
-    ])  # fmt: skip
+    args = spec_builder.spec_parser().parse_args(
+        [
+            "--target",
+            "http://x/v1",
+            "--model",
+            "m",
+            "--concurrency",
+            "4",
+            "--agents",
+            "3",
+            "--agent-selector",
+            "zone=a,gpu=h100",
+            "--agent-wait",
+            "90s",
+            "--on-agent-loss",
+            "continue",
+        ]
+    )
     placement = spec_builder.build_spec(args).placement
     assert placement.agents == 3 and dict(placement.selector) == {"zone": "a", "gpu": "h100"}
     assert placement.wait_timeout.seconds == 90

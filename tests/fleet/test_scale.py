@@ -34,6 +34,7 @@ async def test_32_agent_processes_complete_a_run(fleet: Fleet) -> None:
     assert len(stage.agents) == AGENTS
     assert stage.requests_ok == 40 and stage.requests_failed == 0
     assert stage.agents_lost == 0
-    rows = fleet.sql("SELECT COUNT(*), SUM(a.state = 2) FROM assignments a JOIN runs r ON r.pk = a.run_pk"
-                     " WHERE r.run_id = ?", run.id)  # fmt: skip
+    rows = fleet.sql(
+        "SELECT COUNT(*), SUM(a.state = 2) FROM assignments a JOIN runs r ON r.pk = a.run_pk WHERE r.run_id = ?", run.id
+    )
     assert rows[0] == (AGENTS, AGENTS)  # every agent completed its share

@@ -33,7 +33,6 @@ MS = 1_000_000
 TARGET_KEY = "sk-target-secret-0123456789"
 
 
-
 @pytest.fixture
 async def mock() -> AsyncIterator[MockServer]:
     async with MockServer(MockConfig(ttft_ms=50, itl_ms=10, output_tokens=32)) as server:

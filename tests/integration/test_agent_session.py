@@ -38,7 +38,6 @@ CANCELLED = agent_service_pb2.ASSIGNMENT_STATE_CANCELLED
 RUNNING = agent_service_pb2.ASSIGNMENT_STATE_RUNNING
 
 
-
 class FakeController(agent_service_pb2_grpc.AgentServiceServicer):
     """The controller side of the worker protocol, scripted by the test."""
 
@@ -377,10 +376,15 @@ async def start_agent_process(*args: str) -> asyncio.subprocess.Process:
     env = {**os.environ, "PYTHONPATH": REPO_ROOT}
     env.pop(API_KEY_ENV, None)
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-c", AGENT_MAIN, *args,
-        cwd=REPO_ROOT, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        sys.executable,
+        "-c",
+        AGENT_MAIN,
+        *args,
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
 
 
 @pytest.mark.e2e
@@ -399,9 +403,17 @@ async def test_process_stops_gracefully_on_sigterm() -> None:
     controller = FakeController(api_key="right-key")
     async with controller_server(controller) as port:
         proc = await start_agent_process(
-            "--controller", f"127.0.0.1:{port}", "--api-key", "right-key",
-            "--name", "proc-agent", "--label", "zone=b", "--log-format", "console",
-        )  # fmt: skip
+            "--controller",
+            f"127.0.0.1:{port}",
+            "--api-key",
+            "right-key",
+            "--name",
+            "proc-agent",
+            "--label",
+            "zone=b",
+            "--log-format",
+            "console",
+        )
         try:
             # A heartbeat proves the agent has taken the Welcome.
             assert await poll_until(lambda: controller.heartbeats() != [], timeout_s=30)

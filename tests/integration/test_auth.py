@@ -39,11 +39,14 @@ async def test_create_run_needs_the_key(secured: Controller, key: str | None) ->
         assert list((await client.list_runs()).runs) == []
 
 
-@pytest.mark.parametrize(("key", "says", "never"), [
-    (None, ["--api-key", "LLM_LOADTEST_API_KEY"], []),
-    # The bootstrap key may be of any form: a wrong one is not told to look like llt_...
-    ("wrong-key", ["not the bootstrap key"], ["expected llt_"]),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("key", "says", "never"),
+    [
+        (None, ["--api-key", "LLM_LOADTEST_API_KEY"], []),
+        # The bootstrap key may be of any form: a wrong one is not told to look like llt_...
+        ("wrong-key", ["not the bootstrap key"], ["expected llt_"]),
+    ],
+)
 async def test_a_refused_key_says_what_to_do(
     secured: Controller, key: str | None, says: list[str], never: list[str]
 ) -> None:

@@ -60,8 +60,10 @@ def _old_database(path: Path) -> tuple[int, list[tuple[object, ...]], dict[int, 
     """A database at schema 6 filled the old way; returns (run pk, old export rows,
     per stage (table, itl) in storage order, the spec JSON)."""
     conn = sqlite3.connect(path)
-    conn.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, description TEXT NOT NULL,"
-                 " applied_at INTEGER NOT NULL)")  # fmt: skip
+    conn.execute(
+        "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, description TEXT NOT NULL,"
+        " applied_at INTEGER NOT NULL)"
+    )
     for version, description, sql in MIGRATIONS[:6]:
         assert isinstance(sql, str) and version <= 6
         for statement in _statements(sql):
@@ -102,10 +104,13 @@ def _old_database(path: Path) -> tuple[int, list[tuple[object, ...]], dict[int, 
     old_rows = conn.execute(OLD_EXPORT, (run_pk,)).fetchall()
     conn.close()
     # Assignment i runs on agent-{i % 2}: within a stage, name order is assignment order here.
-    ordered = {s: [part for i in sorted(by_assignment) for part in by_assignment[i]]
-               for s, by_assignment in stages.items()}  # fmt: skip
-    joined = {s: (np.concatenate([t for t, _ in parts], axis=1), np.concatenate([i for _, i in parts]))
-              for s, parts in ordered.items()}  # fmt: skip
+    ordered = {
+        s: [part for i in sorted(by_assignment) for part in by_assignment[i]] for s, by_assignment in stages.items()
+    }
+    joined = {
+        s: (np.concatenate([t for t, _ in parts], axis=1), np.concatenate([i for _, i in parts]))
+        for s, parts in ordered.items()
+    }
     return run_pk, old_rows, joined, spec_json
 
 
@@ -163,15 +168,17 @@ def test_ingest_is_idempotent_and_counts_without_warmup(fresh_db: Database) -> N
     a = repo.insert_assignment("a0", record.pk, 0, "sess", "agent", 1, 0, 2, 5)
     rng = np.random.default_rng(3)
     table, errors, itl = _random_batch(rng, 64)
-    batch = repo.BatchIngest(a, record.pk, 0, 1, table, [(i, e) for i, e in enumerate(errors) if e],
-                             itl.astype("<i8").tobytes())  # fmt: skip
+    batch = repo.BatchIngest(
+        a, record.pk, 0, 1, table, [(i, e) for i, e in enumerate(errors) if e], itl.astype("<i8").tobytes()
+    )
     version0 = repo.sample_batches_version(record.pk)
     first, again = repo.ingest_batches([batch, batch])
     c = columnar.COL
     counted = (table[c["flags"]] & SampleFlag.WARMUP) == 0
     ok = counted & (table[c["status"]] == RequestStatus.OK)
-    assert first == repo.IngestOutcome(True, int(ok.sum()), int((counted & ~ok).sum()),
-                                       int(table[c["output_tokens"]][ok].sum()))  # fmt: skip
+    assert first == repo.IngestOutcome(
+        True, int(ok.sum()), int((counted & ~ok).sum()), int(table[c["output_tokens"]][ok].sum())
+    )
     assert again == repo.IngestOutcome(False, 0, 0, 0)
     assert repo.count_samples(record.pk) == 64
     assert repo.sample_batches_version(record.pk) != version0

@@ -45,8 +45,12 @@ async def scrape(mock: MockServer) -> dict[str, MetricSample]:
 
 
 async def complete(session: aiohttp.ClientSession, mock: MockServer, max_tokens: int, stream: bool) -> dict[str, int]:
-    body = {"model": "mock", "messages": [{"role": "user", "content": "one two three four"}],
-            "max_tokens": max_tokens, "stream": stream}  # fmt: skip
+    body = {
+        "model": "mock",
+        "messages": [{"role": "user", "content": "one two three four"}],
+        "max_tokens": max_tokens,
+        "stream": stream,
+    }
     if stream:
         body["stream_options"] = {"include_usage": True}
     async with session.post(mock.base_url + "/chat/completions", json=body) as r:
@@ -85,8 +89,10 @@ async def test_mock_metrics_count_what_it_did() -> None:
         assert [u["completion_tokens"] for u in usages] == [12, 12, 12, 12, 6]
         assert after["vllm:generation_tokens_total"].value == stats.output_tokens_total == 4 * 16 + 8
         assert after["vllm:generation_tokens_total"].kind == COUNTER
-        assert after["vllm:prompt_tokens_total"].value == stats.prompt_tokens_total == sum(
-            u["prompt_tokens"] for u in usages
+        assert (
+            after["vllm:prompt_tokens_total"].value
+            == stats.prompt_tokens_total
+            == sum(u["prompt_tokens"] for u in usages)
         )
         assert after['vllm:request_success_total{finished_reason="length",model_name="mock"}'].value == 5
         assert after["vllm:num_requests_running"].value == 0
@@ -101,9 +107,10 @@ async def test_mock_metrics_count_what_it_did() -> None:
             task.cancel()
 
         # Counters are monotonic: resetting /stats does not reset them.
-        async with aiohttp.ClientSession() as session, session.post(
-            mock.base_url.removesuffix("/v1") + "/stats/reset"
-        ) as r:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(mock.base_url.removesuffix("/v1") + "/stats/reset") as r,
+        ):
             assert r.status == 200
         assert (await scrape(mock))["vllm:generation_tokens_total"].value == 4 * 16 + 8
 
@@ -237,7 +244,11 @@ async def test_invalid_server_metrics_spec_names_the_field(client: ControllerCli
         await client.create_run(spec)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     details = info.value.details() or ""
-    for path in ("spec.server_metrics.endpoints[0]", "spec.server_metrics.endpoints[1]",
-                 "spec.server_metrics.scrape_interval", "spec.server_metrics.mismatch_tolerance_percent"):  # fmt: skip
+    for path in (
+        "spec.server_metrics.endpoints[0]",
+        "spec.server_metrics.endpoints[1]",
+        "spec.server_metrics.scrape_interval",
+        "spec.server_metrics.mismatch_tolerance_percent",
+    ):
         assert path in details
     assert "pw" not in details

@@ -75,8 +75,9 @@ async def test_a_server_closing_every_connection_causes_no_failure_and_is_report
 async def test_preflight_fails_a_run_for_a_model_the_server_does_not_serve(
     controller: Controller, client: ControllerClient
 ) -> None:
-    async with MockServer(MockConfig(ttft_ms=5, itl_ms=1, output_tokens=4)) as mock, running_agent(
-        f"127.0.0.1:{controller.port}"
+    async with (
+        MockServer(MockConfig(ttft_ms=5, itl_ms=1, output_tokens=4)) as mock,
+        running_agent(f"127.0.0.1:{controller.port}"),
     ):
         spec = spec_for(mock, [(4, 30.0)])
         spec.target.model = "llama-3-70b"
@@ -141,8 +142,9 @@ async def test_preflight_fails_a_run_against_a_501_server(
 
 
 async def test_skip_preflight_goes_ahead(controller: Controller, client: ControllerClient) -> None:
-    async with MockServer(MockConfig(ttft_ms=5, itl_ms=1, output_tokens=4)) as mock, running_agent(
-        f"127.0.0.1:{controller.port}"
+    async with (
+        MockServer(MockConfig(ttft_ms=5, itl_ms=1, output_tokens=4)) as mock,
+        running_agent(f"127.0.0.1:{controller.port}"),
     ):
         spec = spec_for(mock, [(2, 0.0)], output_tokens=4)
         spec.stages[0].ClearField("duration")
@@ -181,8 +183,18 @@ async def test_a_response_from_another_model_is_a_warning(controller: Controller
 
 
 def start_mock(tmp_path: Path) -> tuple[Proc, str]:
-    proc = Proc("mock-server", "--port", "0", "--ttft-ms", "5", "--itl-ms", "2", "--output-tokens", "16",
-                log=tmp_path / "mock.log")  # fmt: skip
+    proc = Proc(
+        "mock-server",
+        "--port",
+        "0",
+        "--ttft-ms",
+        "5",
+        "--itl-ms",
+        "2",
+        "--output-tokens",
+        "16",
+        log=tmp_path / "mock.log",
+    )
     base_url = proc.wait_line("listening on").rsplit(" ", 1)[-1]
     return proc, base_url
 

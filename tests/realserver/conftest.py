@@ -73,8 +73,27 @@ class LlamaServer:
         self.port = free_port()
         self.log = log
         self._log_file = log.open("wb")
-        args = [binary, "-m", str(model), "--alias", MODEL_ALIAS, "--host", "127.0.0.1", "--port", str(self.port),
-                "-np", str(slots), "-c", str(ctx), "-t", "2", "--metrics", "--slots", "--seed", "1"]  # fmt: skip
+        args = [
+            binary,
+            "-m",
+            str(model),
+            "--alias",
+            MODEL_ALIAS,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "-np",
+            str(slots),
+            "-c",
+            str(ctx),
+            "-t",
+            "2",
+            "--metrics",
+            "--slots",
+            "--seed",
+            "1",
+        ]
         self.p = subprocess.Popen(args, stdout=self._log_file, stderr=subprocess.STDOUT)
         self._wait_healthy(60.0)
 

@@ -78,8 +78,10 @@ async def test_token_counts_equal_the_servers_counters_and_the_server_view_agree
     for c in checks.values():
         assert c.window_complete and not c.mismatch and c.difference_percent == 0, c.message
     assert checks["generated_tokens"].server_metrics == ["llamacpp:tokens_predicted_total"]
-    assert checks["prompt_tokens"].server_metrics == ["llamacpp:prompt_tokens_cached_total",
-                                                      "llamacpp:prompt_tokens_total"]  # fmt: skip
+    assert checks["prompt_tokens"].server_metrics == [
+        "llamacpp:prompt_tokens_cached_total",
+        "llamacpp:prompt_tokens_total",
+    ]
     series = {s.name: s for s in sm.series}
     running = series["llamacpp:requests_processing"]
     assert running.role == "running_requests" and max(p.value for p in running.points) <= SLOTS
@@ -165,8 +167,7 @@ async def test_a_killed_server_fails_the_stage_within_the_refusal_limit(
             stage = spec.stages.add(concurrency=4)
             stage.duration.FromSeconds(45)
             run = await client.create_run(spec)
-            await eventually(lambda: asyncio.to_thread(completed_tokens, server), lambda n: n >= 20 * OUTPUT_TOKENS,
-                             60)  # fmt: skip
+            await eventually(lambda: asyncio.to_thread(completed_tokens, server), lambda n: n >= 20 * OUTPUT_TOKENS, 60)
             server.signal(signal.SIGKILL)
             killed = time.monotonic()
             final = await wait_final(client, run.id, 60)
@@ -196,8 +197,9 @@ async def test_a_terminated_server_that_holds_its_streams_shows_a_stall(
             run = await client.create_run(spec)
             await eventually(
                 lambda: asyncio.to_thread(server.metrics),
-                lambda m: m.get("llamacpp:requests_processing", 0) == SLOTS
-                and m["llamacpp:tokens_predicted_total"] > 0,
+                lambda m: (
+                    m.get("llamacpp:requests_processing", 0) == SLOTS and m["llamacpp:tokens_predicted_total"] > 0
+                ),
                 60,
             )
             server.signal(signal.SIGTERM)

@@ -67,8 +67,10 @@ class CertificateAuthority:
                 critical=False,
             )
         cert = builder.sign(self.key, hashes.SHA256())
-        pem = Pem(str(self.directory / f"{self.name}-{common_name}.pem"),
-                  str(self.directory / f"{self.name}-{common_name}-key.pem"))  # fmt: skip
+        pem = Pem(
+            str(self.directory / f"{self.name}-{common_name}.pem"),
+            str(self.directory / f"{self.name}-{common_name}-key.pem"),
+        )
         Path(pem.cert).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         Path(pem.key).write_bytes(
             key.private_bytes(

@@ -31,11 +31,17 @@ def forged_batch(
     now = time.time_ns()
     values: dict[str, list[int]] = {
         "sent_unix_ns": sent_unix_ns or [now - 1_000_000_000 + i for i in range(n)],
-        "queue_delay_ns": [0] * n, "first_byte_ns": [5_000_000] * n, "first_token_ns": [10_000_000] * n,
-        "last_token_ns": [20_000_000] * n, "done_ns": [21_000_000] * n, "prompt_tokens": [64] * n,
-        "output_tokens": [output_tokens] * n, "status": [run_pb2.REQUEST_STATUS_OK] * n, "flags": [1] * n,
+        "queue_delay_ns": [0] * n,
+        "first_byte_ns": [5_000_000] * n,
+        "first_token_ns": [10_000_000] * n,
+        "last_token_ns": [20_000_000] * n,
+        "done_ns": [21_000_000] * n,
+        "prompt_tokens": [64] * n,
+        "output_tokens": [output_tokens] * n,
+        "status": [run_pb2.REQUEST_STATUS_OK] * n,
+        "flags": [1] * n,
         "itl_count": [0] * n,
-    }  # fmt: skip
+    }
     values.update(columns)
     return agent_service_pb2.SampleBatch(assignment_id=assignment_id, batch_seq=batch_seq, error=[""] * n, **values)
 
@@ -56,9 +62,12 @@ class HostileAgent:
         self._address = address
         self._key = api_key
         self.hello = agent_service_pb2.Hello(
-            name=name, labels=dict(labels or {}), version="0",
-            active_assignment_ids=active_assignment_ids or [], resume_tokens=dict(resume_tokens or {}),
-        )  # fmt: skip
+            name=name,
+            labels=dict(labels or {}),
+            version="0",
+            active_assignment_ids=active_assignment_ids or [],
+            resume_tokens=dict(resume_tokens or {}),
+        )
         self.responses: asyncio.Queue[agent_service_pb2.ConnectResponse] = asyncio.Queue()
         self.code: grpc.StatusCode | None = None  # how the stream ended (None while open)
         self.details = ""
@@ -131,9 +140,11 @@ class HostileAgent:
             self.send(self._heartbeat())
             ack = (await self.next("heartbeat_ack")).heartbeat_ack
             self._clock = agent_service_pb2.ClockSample(
-                agent_send_unix_ns=ack.agent_send_unix_ns, controller_receive_unix_ns=ack.controller_receive_unix_ns,
-                controller_send_unix_ns=ack.controller_send_unix_ns, agent_receive_unix_ns=time.time_ns(),
-            )  # fmt: skip
+                agent_send_unix_ns=ack.agent_send_unix_ns,
+                controller_receive_unix_ns=ack.controller_receive_unix_ns,
+                controller_send_unix_ns=ack.controller_send_unix_ns,
+                agent_receive_unix_ns=time.time_ns(),
+            )
 
     _clock: agent_service_pb2.ClockSample | None = None
 

@@ -90,8 +90,9 @@ async def test_foreign_samples_and_hijack_are_refused_and_the_victim_run_is_exac
         assert code == grpc.StatusCode.PERMISSION_DENIED and victim_assignment in details, (code, details)
         # A resume of the victim's assignment: with no token, and with a guessed one.
         for tokens in ({}, {victim_assignment: "guessed-token"}):
-            async with HostileAgent(address, hostile_key, active_assignment_ids=[victim_assignment],
-                                    resume_tokens=tokens) as h:  # fmt: skip
+            async with HostileAgent(
+                address, hostile_key, active_assignment_ids=[victim_assignment], resume_tokens=tokens
+            ) as h:
                 code, details = await h.ended()
                 assert h.responses.empty()  # not even a Welcome
             assert code == grpc.StatusCode.PERMISSION_DENIED and victim_assignment in details, (code, details)
@@ -139,8 +140,9 @@ async def test_impossible_values_are_refused_and_nothing_is_stored(keyed_control
         ]
         for what, batch in bad:
             # Each on a resumed session: the Assign's token proves the assignment is ours.
-            async with HostileAgent(address, key, labels={"role": "x"},
-                                    resume_tokens={assign.assignment_id: assign.resume_token}) as h:  # fmt: skip
+            async with HostileAgent(
+                address, key, labels={"role": "x"}, resume_tokens={assign.assignment_id: assign.resume_token}
+            ) as h:
                 await h.next("welcome")
                 h.send(agent_service_pb2.ConnectRequest(sample_batch=batch))
                 code, details = await h.ended()
@@ -208,8 +210,13 @@ async def test_stored_outliers_cannot_exhaust_a_result_read(keyed_controller: Co
         clean = await admin.get_result(run.id)
         record = await controller.db.read(repo.get_run, run.id)
         assert record is not None
-        pk = int(await controller.db.read(lambda: repo.database_proxy.execute_sql(
-            "SELECT pk FROM assignments WHERE run_pk = ?", (record.pk,)).fetchone()[0]))  # fmt: skip
+        pk = int(
+            await controller.db.read(
+                lambda: repo.database_proxy.execute_sql(
+                    "SELECT pk FROM assignments WHERE run_pk = ?", (record.pk,)
+                ).fetchone()[0]
+            )
+        )
         now = time.time_ns()
         outliers = forged_batch("old", 99, 4, sent_unix_ns=[now - 2 * 10**16, -(2**62), now, now])
         table = np.array([np.asarray(getattr(outliers, c) or [0] * 4, dtype=np.int64) for c in repo.SAMPLE_COLUMNS])
@@ -245,13 +252,13 @@ async def test_overflowing_batch_seq_beside_a_legit_run(keyed_controller: Contro
         deadline = time.monotonic() + 60
         while (await admin.get_run(legit.id)).state in (run_pb2.RUN_STATE_PENDING, run_pb2.RUN_STATE_RUNNING):
             assert time.monotonic() < deadline
-            async with HostileAgent(address, key, labels={"role": "x"},
-                                    resume_tokens={assign.assignment_id: assign.resume_token}) as h:  # fmt: skip
+            async with HostileAgent(
+                address, key, labels={"role": "x"}, resume_tokens={assign.assignment_id: assign.resume_token}
+            ) as h:
                 await h.next("welcome")
                 # One batch a connection: the stream ends at the first, and writes racing that
                 # end would make the client's own status INTERNAL rather than the server's.
-                h.send(agent_service_pb2.ConnectRequest(
-                    sample_batch=forged_batch(assign.assignment_id, 2**64 - 1, 50)))  # fmt: skip
+                h.send(agent_service_pb2.ConnectRequest(sample_batch=forged_batch(assign.assignment_id, 2**64 - 1, 50)))
                 code, details = await h.ended()
             assert code == grpc.StatusCode.INVALID_ARGUMENT and "batch_seq" in details, (code, details)
             refused += 1
@@ -271,8 +278,9 @@ async def test_a_batch_that_fails_its_write_fails_alone(keyed_controller: Contro
     ingestor.start()
     try:
         record, _ = await controller.db.write(repo.insert_run, "run_w", None, "", "m", "{}", ["s"], "", time.time_ns())
-        pk = await controller.db.write(repo.insert_assignment, "asg_w", record.pk, 0, "ses", "a", 1, 0, 1,
-                                       time.time_ns())  # fmt: skip
+        pk = await controller.db.write(
+            repo.insert_assignment, "asg_w", record.pk, 0, "ses", "a", 1, 0, 1, time.time_ns()
+        )
         now = time.time_ns()
         good = IngestTarget(pk, record.pk, "run_w", 0, now - 10**9, None, 0)
         missing = IngestTarget(pk + 1000, record.pk, "run_w", 0, now - 10**9, None, 0)

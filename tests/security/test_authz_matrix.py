@@ -26,8 +26,12 @@ BOOTSTRAP = "bootstrap-admin-key-for-tests"
 DENIED = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
 # An allowed call with an empty request may be refused as invalid, never fail like this.
 # (UNIMPLEMENTED is the servicer's own answer, e.g. Health/List in this grpcio version.)
-BROKEN = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.DEADLINE_EXCEEDED,
-          grpc.StatusCode.RESOURCE_EXHAUSTED}
+BROKEN = {
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
 Creds = dict[str, tuple[str | None, Role | None, bool]]  # label -> (key, role, valid)
 Secured = tuple[Controller, Creds]
 MODULES = (run_service_pb2, agent_service_pb2, key_service_pb2, health_pb2, reflection_pb2)
@@ -58,8 +62,11 @@ async def call(channel: grpc.aio.Channel, method: str, cs: bool, ss: bool, key: 
         if cs and not ss:
             await channel.stream_unary(method)(_nothing(), metadata=metadata, timeout=5)
             return grpc.StatusCode.OK
-        stream = (channel.stream_stream(method)(_nothing(), metadata=metadata, timeout=5) if cs
-                  else channel.unary_stream(method)(b"", metadata=metadata, timeout=5))  # fmt: skip
+        stream = (
+            channel.stream_stream(method)(_nothing(), metadata=metadata, timeout=5)
+            if cs
+            else channel.unary_stream(method)(b"", metadata=metadata, timeout=5)
+        )
         first = await stream.read()
         if first is not grpc.aio.EOF:
             stream.cancel()
@@ -83,8 +90,9 @@ def expected(method: str, role: Role | None, valid: bool, reads_closed: bool) ->
 
 @pytest.fixture(params=[False, True], ids=["public-reads", "closed-reads"])
 async def secured(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Secured]:
-    c = Controller(str(tmp_path / "matrix.db"), api_key=BOOTSTRAP, require_auth_for_reads=request.param,
-                   rate_limits=NO_LIMITS)  # fmt: skip
+    c = Controller(
+        str(tmp_path / "matrix.db"), api_key=BOOTSTRAP, require_auth_for_reads=request.param, rate_limits=NO_LIMITS
+    )
     await c.start("127.0.0.1:0")
     try:
         _, admin = await c.keys.create("admin-1", Role.ADMIN)
@@ -126,8 +134,9 @@ async def test_authorization_matrix(secured: Secured) -> None:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         replies = stub.ServerReflectionInfo(
             iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
-            metadata=(("x-api-key", BOOTSTRAP),), timeout=5,
-        )  # fmt: skip
+            metadata=(("x-api-key", BOOTSTRAP),),
+            timeout=5,
+        )
         served = {s.name async for r in replies for s in r.list_services_response.service}
         enumerated = {m.split("/")[1] for m, _, _ in all_methods()}
         assert served == enumerated, (served, enumerated)

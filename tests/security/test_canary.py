@@ -46,8 +46,13 @@ class EchoingTarget:
         header_key = request.headers.get("X-Api-Key", "")
         subscription = request.headers.get("Ocp-Apim-Subscription-Key", "")
         self.seen.extend((auth, header_key, subscription))
-        body = {"error": {"message": f"invalid credentials: {auth} {header_key} {subscription}", "type": "auth",
-                          "key": auth[7:]}}  # fmt: skip
+        body = {
+            "error": {
+                "message": f"invalid credentials: {auth} {header_key} {subscription}",
+                "type": "auth",
+                "key": auth[7:],
+            }
+        }
         return web.json_response(body, status=401)
 
     async def start(self) -> None:
@@ -110,17 +115,44 @@ async def test_target_api_key_never_leaks(tmp_path: Path, targets: tuple[Echoing
     procs: list[Proc] = []
     seen: list[str] = []  # every response and output, as text
     try:
-        controller = await Proc.spawn("controller", [
-            "controller", "--listen", "127.0.0.1:0", "--db", str(db), "--api-key", BOOTSTRAP,
-            "--log-level", "debug", "--grace", "2",
-        ], tmp_path)  # fmt: skip
+        controller = await Proc.spawn(
+            "controller",
+            [
+                "controller",
+                "--listen",
+                "127.0.0.1:0",
+                "--db",
+                str(db),
+                "--api-key",
+                BOOTSTRAP,
+                "--log-level",
+                "debug",
+                "--grace",
+                "2",
+            ],
+            tmp_path,
+        )
         procs.append(controller)
         address = (await controller.line("listening on")).rsplit(" ", 1)[-1]
         async with ControllerClient(address, api_key=BOOTSTRAP, timeout_s=15) as admin:
             agent_key = (await admin.create_key("edge", key_service_pb2.KEY_ROLE_AGENT)).secret
-            procs.append(await Proc.spawn("agent", [
-                "agent", "--controller", address, "--name", "edge", "--api-key", agent_key, "--log-level", "debug",
-            ], tmp_path))  # fmt: skip
+            procs.append(
+                await Proc.spawn(
+                    "agent",
+                    [
+                        "agent",
+                        "--controller",
+                        address,
+                        "--name",
+                        "edge",
+                        "--api-key",
+                        agent_key,
+                        "--log-level",
+                        "debug",
+                    ],
+                    tmp_path,
+                )
+            )
             for _ in range(300):
                 if await admin.list_agents():
                     break
@@ -172,9 +204,13 @@ async def test_target_api_key_never_leaks(tmp_path: Path, targets: tuple[Echoing
                 seen.append(str(await admin.get_run_events(run.id)) if hasattr(admin, "get_run_events") else "")
             samples = [s async for s in admin.export_samples(run_401.id)]
             assert samples and all(s.status == run_pb2.REQUEST_STATUS_HTTP_4XX for s in samples)
-            seen += [str(await admin.list_runs()), str(await admin.list_agents()),
-                     str(await admin.compare_runs(run_401.id, [run_500.id])),
-                     str(await admin.list_audit_events(1000)), str(await admin.list_keys(True))]  # fmt: skip
+            seen += [
+                str(await admin.list_runs()),
+                str(await admin.list_agents()),
+                str(await admin.compare_runs(run_401.id, [run_500.id])),
+                str(await admin.list_audit_events(1000)),
+                str(await admin.list_keys(True)),
+            ]
 
         # The CLI: report (HTML), export, get, result, compare, list, audit.
         report = tmp_path / "report.html"
@@ -200,9 +236,9 @@ async def test_target_api_key_never_leaks(tmp_path: Path, targets: tuple[Echoing
         logs = {p.name: p.log.read_text(errors="replace") for p in procs}
         assert "api_key_created" in logs["controller"] and '"level": "debug"' in "".join(logs.values())
 
-        needles = [canary, canary[len("sk-canary-"):]]
+        needles = [canary, canary[len("sk-canary-") :]]
         for needle in needles:
-            leaks = [s[max(0, s.find(needle) - 80): s.find(needle) + 80] for s in seen if needle in s]
+            leaks = [s[max(0, s.find(needle) - 80) : s.find(needle) + 80] for s in seen if needle in s]
             assert not leaks, f"target API key in responses/CLI output: {leaks[:3]}"
             for name, text in logs.items():
                 assert needle not in text, f"target API key in the {name} log"

@@ -117,8 +117,12 @@ async def test_the_controllers_own_listeners_are_refused(controller: Controller)
     grpc_port, metrics_port = controller.port, controller.metrics_port
     assert metrics_port
     async with ControllerClient(f"127.0.0.1:{grpc_port}", timeout_s=10) as client:
-        for target in (f"http://127.0.0.1:{grpc_port}/v1", f"http://localhost:{grpc_port}/v1",
-                       f"http://0.0.0.0:{metrics_port}/v1", f"http://127.0.0.2:{grpc_port}/v1"):  # fmt: skip
+        for target in (
+            f"http://127.0.0.1:{grpc_port}/v1",
+            f"http://localhost:{grpc_port}/v1",
+            f"http://0.0.0.0:{metrics_port}/v1",
+            f"http://127.0.0.2:{grpc_port}/v1",
+        ):
             fields, details = await refused(client, spec(target))
             assert fields == ["spec.target.base_url"] and "own listener" in details, (target, details)
         scrape = f"http://127.0.0.1:{metrics_port}/metrics"
@@ -134,12 +138,21 @@ async def test_allow_target_admits_only_its_cidrs_and_host_patterns(tmp_path: Pa
     await c.start("127.0.0.1:0")
     try:
         async with ControllerClient(f"127.0.0.1:{c.port}", timeout_s=10) as client:
-            for url in ("http://127.0.0.1:9/v1", "http://10.20.3.4:8000/v1", "http://vllm.allowed.test/v1",
-                        "http://VLLM.Allowed.Test./v1"):  # fmt: skip
+            for url in (
+                "http://127.0.0.1:9/v1",
+                "http://10.20.3.4:8000/v1",
+                "http://vllm.allowed.test/v1",
+                "http://VLLM.Allowed.Test./v1",
+            ):
                 run = await client.create_run(spec(url))
                 await client.cancel_run(run.id)
-            for url in ("http://10.21.0.1/v1", "http://example.com/v1", "http://169.254.169.254/",
-                        "http://allowed.test.evil.example/v1", "http://[::1]:9/v1"):  # fmt: skip
+            for url in (
+                "http://10.21.0.1/v1",
+                "http://example.com/v1",
+                "http://169.254.169.254/",
+                "http://allowed.test.evil.example/v1",
+                "http://[::1]:9/v1",
+            ):
                 fields, details = await refused(client, spec(url))
                 assert fields == ["spec.target.base_url"] and "--allow-target" in details, (url, details)
             fields, _ = await refused(client, spec("http://127.0.0.1:9/v1", "http://10.99.0.1/metrics"))

@@ -35,8 +35,11 @@ DOUBLE = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_fr
 TEXT = st.one_of(st.text(max_size=40), st.sampled_from(["", " ", "\r\n", "\x00", "é" * 300, "a" * 3000]))
 URLS = st.one_of(
     TEXT,
-    st.builds(lambda s, rest: f"{s}://{rest}", st.sampled_from(["http", "https", "ftp", "file", "javascript", "HTTP"]),
-              st.text(max_size=30)),
+    st.builds(
+        lambda s, rest: f"{s}://{rest}",
+        st.sampled_from(["http", "https", "ftp", "file", "javascript", "HTTP"]),
+        st.text(max_size=30),
+    ),
     st.sampled_from(["http://127.0.0.1:9/v1", "http://[::1]:0/", "http://h:99999/", "https://x", "http://"]),
 )
 JSON_VALUES = st.recursive(
@@ -110,9 +113,20 @@ def specs(draw: st.DrawFn) -> run_pb2.RunSpec:
         w.synthetic.shared_prefix_tokens = draw(st.one_of(st.just(0), UINT32))
     elif source == "dataset":
         w.dataset.format = draw(st.one_of(st.integers(0, 3), INT32))  # type: ignore[assignment]
-        w.dataset.content = draw(st.one_of(TEXT, st.sampled_from([
-            '{"prompt": "hi"}\n', '{"messages": []}', "[]", '{"prompt": 1e999}', '[{"conversations": 5}]',
-        ])))  # fmt: skip
+        w.dataset.content = draw(
+            st.one_of(
+                TEXT,
+                st.sampled_from(
+                    [
+                        '{"prompt": "hi"}\n',
+                        '{"messages": []}',
+                        "[]",
+                        '{"prompt": 1e999}',
+                        '[{"conversations": 5}]',
+                    ]
+                ),
+            )
+        )
         w.dataset.min_prompt_words, w.dataset.max_prompt_words = draw(UINT32), draw(UINT32)
     w.seed = draw(UINT64)
     spec.placement.agents = draw(st.one_of(st.integers(0, 3), UINT32))
@@ -207,16 +221,23 @@ def near_valid_specs(draw: st.DrawFn) -> run_pb2.RunSpec:
             spec.target.extra_body.update(draw(st.dictionaries(TEXT, JSON_VALUES, max_size=3)))
     if draw(st.integers(0, 9)) == 0:  # maps around their count limits (docs/security.md)
         field = draw(st.sampled_from(["labels", "selector", "headers"]))
-        entries = spec.target.headers if field == "headers" else getattr(spec.placement if field == "selector"
-                                                                         else spec, field)  # fmt: skip
+        entries = (
+            spec.target.headers
+            if field == "headers"
+            else getattr(spec.placement if field == "selector" else spec, field)
+        )
         for i in range(draw(st.sampled_from([15, 16, 17, 63, 64, 65, 2000]))):
             entries[f"x-k{i}"] = draw(st.sampled_from(["v", "v" * 256, "v" * 257]))
     if draw(st.integers(0, 9)) == 0:
         spec.workload.dataset.format = run_pb2.DATASET_FORMAT_JSONL
-        spec.workload.dataset.content = draw(st.sampled_from([
-            '{"prompt": "x", "n": ' + "[" * 5000 + "]" * 5000 + "}",
-            '{"prompt": "x", "max_tokens": ' + "9" * 5000 + "}",
-        ]))  # fmt: skip
+        spec.workload.dataset.content = draw(
+            st.sampled_from(
+                [
+                    '{"prompt": "x", "n": ' + "[" * 5000 + "]" * 5000 + "}",
+                    '{"prompt": "x", "max_tokens": ' + "9" * 5000 + "}",
+                ]
+            )
+        )
     return spec
 
 

@@ -46,9 +46,13 @@ def _db_bytes(path: str) -> bytes:
 
 async def _cli(*args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "client.cli", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        sys.executable,
+        "-m",
+        "client.cli",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     return proc.returncode or 0, out.decode(), err.decode()
 
@@ -162,8 +166,10 @@ async def test_write_rate_limit_per_key(tmp_path: Path) -> None:
     try:
         _, first = await c.keys.create("a", Role.ADMIN)
         _, second = await c.keys.create("b", Role.ADMIN)
-        async with ControllerClient(f"127.0.0.1:{c.port}", api_key=first) as a, \
-                ControllerClient(f"127.0.0.1:{c.port}", api_key=second) as b:  # fmt: skip
+        async with (
+            ControllerClient(f"127.0.0.1:{c.port}", api_key=first) as a,
+            ControllerClient(f"127.0.0.1:{c.port}", api_key=second) as b,
+        ):
             for _ in range(3):
                 await a.create_run(valid_spec())
             with pytest.raises(grpc.aio.AioRpcError) as info:

@@ -24,8 +24,15 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def run_controller(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([CLI, "controller", *args], capture_output=True, text=True, timeout=30, env=ENV,
-                          stdin=subprocess.DEVNULL, check=False)  # fmt: skip
+    return subprocess.run(
+        [CLI, "controller", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=ENV,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
 
 
 @pytest.mark.e2e
@@ -77,9 +84,19 @@ async def test_the_rule_on_the_real_controller(tmp_path: Path) -> None:
 async def test_a_stored_key_is_enough(tmp_path: Path) -> None:
     fresh_db = tmp_path / "rule.db"
     proc = await asyncio.create_subprocess_exec(
-        CLI, "keys", "create", "--db", str(fresh_db), "--role", "admin", "--name", "ops",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=ENV,
-    )  # fmt: skip
+        CLI,
+        "keys",
+        "create",
+        "--db",
+        str(fresh_db),
+        "--role",
+        "admin",
+        "--name",
+        "ops",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=ENV,
+    )
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 0, err
     assert out.decode().startswith("llt_")

@@ -76,9 +76,20 @@ async def test_the_cli_refuses_such_a_target_before_sending(tmp_path: Path) -> N
     try:
         for url in urls(secret)[:3]:
             proc = await asyncio.create_subprocess_exec(
-                CLI, "run", "--controller", address, "--target", url, "--model", "m", "--requests", "1",
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=ENV,
-            )  # fmt: skip
+                CLI,
+                "run",
+                "--controller",
+                address,
+                "--target",
+                url,
+                "--model",
+                "m",
+                "--requests",
+                "1",
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=ENV,
+            )
             out, err = await asyncio.wait_for(proc.communicate(), 30)
             assert proc.returncode == 2
             lines = err.decode().strip().splitlines()
@@ -93,8 +104,11 @@ async def test_the_cli_refuses_such_a_target_before_sending(tmp_path: Path) -> N
 async def test_every_custom_header_is_secret_unless_harmless(controller: Controller, client: ControllerClient) -> None:
     canary = uuid.uuid4().hex
     s = spec("http://127.0.0.1:9/v1")
-    secret_headers = {"Ocp-Apim-Subscription-Key": f"apim-{canary}", "X-Functions-Key": f"fn-{canary}",
-                      "X-Org": f"org-{canary}"}  # fmt: skip
+    secret_headers = {
+        "Ocp-Apim-Subscription-Key": f"apim-{canary}",
+        "X-Functions-Key": f"fn-{canary}",
+        "X-Org": f"org-{canary}",
+    }
     s.target.headers.update(secret_headers)
     s.target.headers.update({"OpenAI-Organization": "team-a", "Accept-Language": "de"})
     run = await client.create_run(s)

@@ -17,7 +17,6 @@ pytestmark = pytest.mark.timeout(60)
 ANCHOR = ClockAnchor(unix_ns=1_700_000_000_000_000_000, perf_ns=1_000_000)
 
 
-
 def make_batcher(**kwargs: int) -> tuple[SampleBatcher, list[agent_service_pb2.SampleBatch]]:
     emitted: list[agent_service_pb2.SampleBatch] = []
     batcher = SampleBatcher("asg-1", emitted.append, anchor=ANCHOR, **kwargs)

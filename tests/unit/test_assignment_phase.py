@@ -31,8 +31,9 @@ def make_assignment() -> ActiveAssignment:
     ex = RunExecution(record, run_pb2.RunSpec(), "", [AgentSlot(None)])
     st = StageRun(0, run_pb2.Stage(concurrency=1), 0, None)
     assign = agent_service_pb2.ConnectResponse(assign=agent_service_pb2.Assign(assignment_id="asg_1"))
-    a = ActiveAssignment("asg_1", 7, ex, 0, ex.slots[0], run_pb2.Stage(concurrency=1), st, "agent-1", assign,
-                         False, "hash", 0)  # fmt: skip
+    a = ActiveAssignment(
+        "asg_1", 7, ex, 0, ex.slots[0], run_pb2.Stage(concurrency=1), st, "agent-1", assign, False, "hash", 0
+    )
     st.active.append(a)
     return a
 
@@ -68,8 +69,12 @@ def test_lost_from_every_phase_before_done_and_then_final() -> None:
     for steps in ([], ["take"], ["take", "start"], ["take", "stop"], ["take", "report"]):
         a = make_assignment()
         for step in steps:
-            {"take": a.take_assign, "start": lambda a=a: a.start_reported(1), "stop": a.stop,
-             "report": lambda a=a: a.report(COMPLETED, "", 1, 1)}[step]()  # fmt: skip
+            {
+                "take": a.take_assign,
+                "start": lambda a=a: a.start_reported(1),
+                "stop": a.stop,
+                "report": lambda a=a: a.report(COMPLETED, "", 1, 1),
+            }[step]()
         a.stage_run.changed.clear()
         a.mark_lost("gone " * 300)
         assert (a.phase, a.final_state, a.done) == (P.LOST, ASSIGNMENT_LOST, True), steps
@@ -96,9 +101,11 @@ def test_lost_from_every_phase_before_done_and_then_final() -> None:
 def test_illegal_transitions_are_refused(steps: list[str], illegal: str) -> None:
     a = make_assignment()
     actions = {
-        "take": a.take_assign, "stop": a.stop, "finish": a.finish,
+        "take": a.take_assign,
+        "stop": a.stop,
+        "finish": a.finish,
         "report": lambda: a.report(COMPLETED, "", 0, 0),
-    }  # fmt: skip
+    }
     for step in steps:
         actions[step]()
     before = a.phase

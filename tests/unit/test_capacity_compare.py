@@ -22,12 +22,14 @@ C, R = run_pb2.SEARCH_VARIABLE_CONCURRENCY, run_pb2.SEARCH_VARIABLE_RATE
 
 
 def stage(index: int, concurrency: int, ttft_p99: float) -> run_pb2.StageResult:
-    return run_pb2.StageResult(index=index, concurrency=concurrency, requests_ok=100,
-                               ttft=run_pb2.LatencyStats(count=100, p99_ms=ttft_p99))  # fmt: skip
+    return run_pb2.StageResult(
+        index=index, concurrency=concurrency, requests_ok=100, ttft=run_pb2.LatencyStats(count=100, p99_ms=ttft_p99)
+    )
 
 
-def search(run_id: str, capacity: float | None, variable: int = C,
-           stop: int = run_pb2.SEARCH_STOP_REASON_CONVERGED) -> run_pb2.RunResult:  # fmt: skip
+def search(
+    run_id: str, capacity: float | None, variable: int = C, stop: int = run_pb2.SEARCH_STOP_REASON_CONVERGED
+) -> run_pb2.RunResult:
     cap = run_pb2.CapacityResult(variable=variable, stop_reason=stop)  # type: ignore[arg-type]
     if capacity is not None:
         cap.highest_passing = capacity
@@ -49,7 +51,12 @@ def test_a_capacity_drop_beyond_the_tolerance_is_a_regression(
     delta = compare_capacities(search("b", base), search("o", value), 10.0)
     assert delta is not None
     assert (delta.baseline, delta.value, round(delta.delta_percent, 1), delta.regressed, delta.note) == (
-        base, value, pct, regressed, "")  # fmt: skip
+        base,
+        value,
+        pct,
+        regressed,
+        "",
+    )
 
 
 def test_two_searches_compare_by_capacity_alone() -> None:
@@ -65,12 +72,15 @@ def test_two_searches_compare_by_capacity_alone() -> None:
 def test_a_search_against_a_run_without_one_says_so_and_compares_stages() -> None:
     [comparison] = compare_runs(search("b", 24), [plain("o", ttft_p99=200.0)], 10.0)
     assert comparison.capacity is not None
-    assert comparison.capacity.note == "the baseline b is a capacity search, o is no capacity search: capacities " \
-        "not compared"  # fmt: skip
+    assert (
+        comparison.capacity.note == "the baseline b is a capacity search, o is no capacity search: capacities "
+        "not compared"
+    )
     assert [s.load for s in comparison.stages] == ["concurrency=8"] and comparison.regressed  # TTFT p99 doubled
     [reverse] = compare_runs(plain("b"), [search("o", 24)], 10.0)
     assert reverse.capacity is not None and "the baseline b is no capacity search, o is a capacity search" in (
-        reverse.capacity.note)  # fmt: skip
+        reverse.capacity.note
+    )
 
 
 def test_runs_without_searches_have_no_capacity_comparison() -> None:
@@ -83,12 +93,16 @@ def test_runs_without_searches_have_no_capacity_comparison() -> None:
     ("other", "note"),
     [
         (search("o", 24, variable=R), "the baseline searched concurrency, o rate: capacities not compared"),
-        (search("o", 4, stop=run_pb2.SEARCH_STOP_REASON_GENERATOR_SATURATED),
-         "no capacity measured by o: capacities not compared"),
-        (search("o", 16, stop=run_pb2.SEARCH_STOP_REASON_RUN_ENDED),
-         "no capacity measured by o: capacities not compared"),
+        (
+            search("o", 4, stop=run_pb2.SEARCH_STOP_REASON_GENERATOR_SATURATED),
+            "no capacity measured by o: capacities not compared",
+        ),
+        (
+            search("o", 16, stop=run_pb2.SEARCH_STOP_REASON_RUN_ENDED),
+            "no capacity measured by o: capacities not compared",
+        ),
     ],
-)  # fmt: skip
+)
 def test_capacities_that_cannot_be_compared_say_why(other: run_pb2.RunResult, note: str) -> None:
     delta = compare_capacities(search("b", 24), other, 10.0)
     assert delta is not None and delta.note == note and not delta.regressed
@@ -132,7 +146,8 @@ def test_the_comparison_table_shows_the_capacity_row() -> None:
     # The note is the caption (wrapped to the table's width), the row says to read it.
     assert "not compared (below)" in text and "concurrency=8" in text
     assert "the baseline b is a capacity search, o is no capacity search: capacities not compared" in " ".join(
-        text.split())  # fmt: skip
+        text.split()
+    )
 
 
 class FakeClient:
@@ -149,8 +164,9 @@ class FakeClient:
 
 
 def exit_code(baseline: run_pb2.RunResult, other: run_pb2.RunResult) -> int:
-    args = argparse.Namespace(run_id=baseline.run_id, others=[other.run_id], tolerance=10.0, json=False,
-                              all_metrics=False)  # fmt: skip
+    args = argparse.Namespace(
+        run_id=baseline.run_id, others=[other.run_id], tolerance=10.0, json=False, all_metrics=False
+    )
     return asyncio.run(_compare(args, FakeClient(baseline, other)))  # type: ignore[arg-type]
 
 

@@ -24,29 +24,53 @@ PASS, FAIL, INCONCLUSIVE = run_pb2.PROBE_OUTCOME_PASS, run_pb2.PROBE_OUTCOME_FAI
 
 def probe(index: int, load: float, outcome: int, good: float, **fields: object) -> run_pb2.CapacityProbe:
     return run_pb2.CapacityProbe(
-        stage_index=index, load=load, outcome=outcome, requests=123456, good_percent=good,  # type: ignore[arg-type]
-        good_percent_low=max(0.0, good - 2.3), good_percent_high=min(100.0, good + 1.6), ttft_p50_ms=1234.5,
-        ttft_p99_ms=9876.5, tpot_p50_ms=45.25, tpot_p99_ms=1234.9, e2e_p99_ms=99999.1, request_throughput=2637.8,
-        output_token_throughput=263780.0, reason="good 97.2 % >= target 95 %", **fields,  # type: ignore[arg-type]
-    )  # fmt: skip
+        stage_index=index,
+        load=load,
+        outcome=outcome,
+        requests=123456,
+        good_percent=good,  # type: ignore[arg-type]
+        good_percent_low=max(0.0, good - 2.3),
+        good_percent_high=min(100.0, good + 1.6),
+        ttft_p50_ms=1234.5,
+        ttft_p99_ms=9876.5,
+        tpot_p50_ms=45.25,
+        tpot_p99_ms=1234.9,
+        e2e_p99_ms=99999.1,
+        request_throughput=2637.8,
+        output_token_throughput=263780.0,
+        reason="good 97.2 % >= target 95 %",
+        **fields,  # type: ignore[arg-type]
+    )
 
 
 def converged(**fields: object) -> run_pb2.CapacityResult:
     values: dict[str, object] = dict(
-        variable=C, goodput_target_percent=95, highest_passing=24, lowest_failing=26,
-        stop_reason=run_pb2.SEARCH_STOP_REASON_CONVERGED, stop_message="24 passed, 26 failed: 8.3 % apart",
-        probes=[probe(0, 1, PASS, 100), probe(1, 1024, FAIL, 3.2), probe(2, 32, INCONCLUSIVE, 80),
-                probe(3, 24, PASS, 97.2, repeat=True), probe(4, 26, FAIL, 91.0)],
-        request_throughput=512.34, output_token_throughput=8120.4, cost_per_million_output_tokens_usd=0.4123,
+        variable=C,
+        goodput_target_percent=95,
+        highest_passing=24,
+        lowest_failing=26,
+        stop_reason=run_pb2.SEARCH_STOP_REASON_CONVERGED,
+        stop_message="24 passed, 26 failed: 8.3 % apart",
+        probes=[
+            probe(0, 1, PASS, 100),
+            probe(1, 1024, FAIL, 3.2),
+            probe(2, 32, INCONCLUSIVE, 80),
+            probe(3, 24, PASS, 97.2, repeat=True),
+            probe(4, 26, FAIL, 91.0),
+        ],
+        request_throughput=512.34,
+        output_token_throughput=8120.4,
+        cost_per_million_output_tokens_usd=0.4123,
         confident=True,
-    )  # fmt: skip
+    )
     values.update(fields)
     return run_pb2.CapacityResult(**values)  # type: ignore[arg-type]
 
 
 def search_result(capacity: run_pb2.CapacityResult, verdict: int = run_pb2.VERDICT_NONE) -> run_pb2.RunResult:
-    return run_pb2.RunResult(run_id="run_0123456789abcdef0123", state=run_pb2.RUN_STATE_SUCCEEDED,
-                             capacity=capacity, verdict=verdict)  # type: ignore[arg-type]  # fmt: skip
+    return run_pb2.RunResult(
+        run_id="run_0123456789abcdef0123", state=run_pb2.RUN_STATE_SUCCEEDED, capacity=capacity, verdict=verdict
+    )  # type: ignore[arg-type]
 
 
 def line(stop: int, search: run_pb2.SearchSpec | None = None, **fields: object) -> str:
@@ -76,27 +100,48 @@ def test_a_rate_search_names_its_loads_per_second() -> None:
 @pytest.mark.parametrize(
     ("stop", "fields", "expected"),
     [
-        (run_pb2.SEARCH_STOP_REASON_MAX_PASSED, {"highest_passing": 1024, "lowest_failing": None},
-         r"^capacity: at least concurrency 1024 \(highest passing\) · 512.3 req/s .* raise --search-max$"),
-        (run_pb2.SEARCH_STOP_REASON_MAX_PROBES, {},
-         r"^capacity: concurrency 24 \(highest passing; 26 failed\) .* not converged: --max-probes reached after "
-         r"5 probes$"),
-        (run_pb2.SEARCH_STOP_REASON_MIN_FAILED, {"highest_passing": None, "lowest_failing": 1},
-         r"^capacity below concurrency 1: even the lowest load probed missed the goodput target"),
-        (run_pb2.SEARCH_STOP_REASON_GENERATOR_SATURATED, {"lowest_failing": None},
-         r"^generator saturated: no capacity measured — .*server's limit is unknown \(highest passing so far: "
-         r"concurrency 24\); add agents"),
-        (run_pb2.SEARCH_STOP_REASON_GENERATOR_SATURATED, {"highest_passing": None, "lowest_failing": None},
-         r"^generator saturated: no capacity measured — [^(]*; add agents"),
-        (run_pb2.SEARCH_STOP_REASON_TARGET_ERRORS, {"lowest_failing": 32},
-         r"^target errors: most requests of a probe at concurrency 32 failed.*\(highest passing so far: "
-         r"concurrency 24\)$"),
-        (run_pb2.SEARCH_STOP_REASON_RUN_ENDED, {},
-         r"^search ended with the run: no capacity measured \(highest passing concurrency 24, lowest failing "
-         r"concurrency 26\); `run --resume RUN_ID` continues it$"),
+        (
+            run_pb2.SEARCH_STOP_REASON_MAX_PASSED,
+            {"highest_passing": 1024, "lowest_failing": None},
+            r"^capacity: at least concurrency 1024 \(highest passing\) · 512.3 req/s .* raise --search-max$",
+        ),
+        (
+            run_pb2.SEARCH_STOP_REASON_MAX_PROBES,
+            {},
+            r"^capacity: concurrency 24 \(highest passing; 26 failed\) .* not converged: --max-probes reached after "
+            r"5 probes$",
+        ),
+        (
+            run_pb2.SEARCH_STOP_REASON_MIN_FAILED,
+            {"highest_passing": None, "lowest_failing": 1},
+            r"^capacity below concurrency 1: even the lowest load probed missed the goodput target",
+        ),
+        (
+            run_pb2.SEARCH_STOP_REASON_GENERATOR_SATURATED,
+            {"lowest_failing": None},
+            r"^generator saturated: no capacity measured — .*server's limit is unknown \(highest passing so far: "
+            r"concurrency 24\); add agents",
+        ),
+        (
+            run_pb2.SEARCH_STOP_REASON_GENERATOR_SATURATED,
+            {"highest_passing": None, "lowest_failing": None},
+            r"^generator saturated: no capacity measured — [^(]*; add agents",
+        ),
+        (
+            run_pb2.SEARCH_STOP_REASON_TARGET_ERRORS,
+            {"lowest_failing": 32},
+            r"^target errors: most requests of a probe at concurrency 32 failed.*\(highest passing so far: "
+            r"concurrency 24\)$",
+        ),
+        (
+            run_pb2.SEARCH_STOP_REASON_RUN_ENDED,
+            {},
+            r"^search ended with the run: no capacity measured \(highest passing concurrency 24, lowest failing "
+            r"concurrency 26\); `run --resume RUN_ID` continues it$",
+        ),
         (run_pb2.SEARCH_STOP_REASON_UNSPECIFIED, {}, r"^capacity search: no outcome yet"),
     ],
-)  # fmt: skip
+)
 def test_every_stop_reason_says_what_it_means(stop: int, fields: dict[str, object], expected: str) -> None:
     text = line(stop, **fields)
     assert re.search(expected, text), text
@@ -111,9 +156,13 @@ def test_every_stop_reason_has_its_own_wording() -> None:
 
 @pytest.mark.parametrize(
     "stop",
-    [run_pb2.SEARCH_STOP_REASON_GENERATOR_SATURATED, run_pb2.SEARCH_STOP_REASON_RUN_ENDED,
-     run_pb2.SEARCH_STOP_REASON_TARGET_ERRORS, run_pb2.SEARCH_STOP_REASON_MIN_FAILED],
-)  # fmt: skip
+    [
+        run_pb2.SEARCH_STOP_REASON_GENERATOR_SATURATED,
+        run_pb2.SEARCH_STOP_REASON_RUN_ENDED,
+        run_pb2.SEARCH_STOP_REASON_TARGET_ERRORS,
+        run_pb2.SEARCH_STOP_REASON_MIN_FAILED,
+    ],
+)
 def test_no_capacity_is_claimed_when_none_was_measured(stop: int) -> None:
     # The generator's limit, or a search cut short, must never read as the server's capacity.
     assert not line(stop).startswith("capacity: ")
@@ -146,8 +195,12 @@ def test_the_probe_table_fits_the_terminal_and_no_number_is_cut(width: int) -> N
     assert "…" not in text
     rows = [row for row in text.splitlines() if re.match(r"^\d+\*? ", row)]
     assert [row.split()[:3] for row in rows] == [
-        ["0", "1", "pass"], ["1", "1024", "fail"], ["2", "32", "inconcl."], ["3*", "24", "pass"], ["4", "26", "fail"],
-    ]  # fmt: skip
+        ["0", "1", "pass"],
+        ["1", "1024", "fail"],
+        ["2", "32", "inconcl."],
+        ["3*", "24", "pass"],
+        ["4", "26", "fail"],
+    ]
     for cell in ("123456", "97.2 (94-99)", "100.0 (97-100)", "1234/9876", "45.2/1235", "2638"):
         assert cell in text
     for column in render.PROBE_COLUMNS:
@@ -226,8 +279,10 @@ def test_the_progress_line_of_a_search_names_the_probe_and_its_load() -> None:
 
 def test_markdown_starts_with_the_capacity_line() -> None:
     text = formats.markdown(search_result(converged()))
-    assert text.splitlines()[2] == "**capacity: concurrency 24 (highest passing; 26 failed) · 512.3 req/s · 8,120 " \
-        "tok/s · $0.41 per 1M output tokens · converged within 5 %**"  # fmt: skip
+    assert (
+        text.splitlines()[2] == "**capacity: concurrency 24 (highest passing; 26 failed) · 512.3 req/s · 8,120 "
+        "tok/s · $0.41 per 1M output tokens · converged within 5 %**"
+    )
     assert "capacity" not in formats.markdown(run_pb2.RunResult(run_id="run_x"))
 
 

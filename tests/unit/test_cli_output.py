@@ -21,24 +21,46 @@ pytestmark = pytest.mark.timeout(10)
 
 
 def stats(base: float) -> run_pb2.LatencyStats:
-    return run_pb2.LatencyStats(count=123456, mean_ms=base, p50_ms=base, p90_ms=base * 1.5, p95_ms=base * 1.7,
-                                p99_ms=base * 2.3, p999_ms=base * 2.9, max_ms=base * 3)  # fmt: skip
+    return run_pb2.LatencyStats(
+        count=123456,
+        mean_ms=base,
+        p50_ms=base,
+        p90_ms=base * 1.5,
+        p95_ms=base * 1.7,
+        p99_ms=base * 2.3,
+        p999_ms=base * 2.9,
+        max_ms=base * 3,
+    )
 
 
 def stage(index: int, concurrency: int, **fields: object) -> run_pb2.StageResult:
     return run_pb2.StageResult(
-        index=index, name=f"concurrency={concurrency}", concurrency=concurrency, requests_ok=123456,
-        requests_failed=789, request_throughput=2637.8123, output_token_throughput=263780.12,
-        ttft=stats(1234.5), tpot=stats(56.7), itl=stats(56.7), e2e=stats(98765.4), **fields,  # type: ignore[arg-type]
-    )  # fmt: skip
+        index=index,
+        name=f"concurrency={concurrency}",
+        concurrency=concurrency,
+        requests_ok=123456,
+        requests_failed=789,
+        request_throughput=2637.8123,
+        output_token_throughput=263780.12,
+        ttft=stats(1234.5),
+        tpot=stats(56.7),
+        itl=stats(56.7),
+        e2e=stats(98765.4),
+        **fields,  # type: ignore[arg-type]
+    )
 
 
 def result(*stages: run_pb2.StageResult, checks: list[run_pb2.CheckResult] | None = None) -> run_pb2.RunResult:
     checks = checks or []
     failed = any(not c.passed for c in checks)
     verdict = (run_pb2.VERDICT_FAIL if failed else run_pb2.VERDICT_PASS) if checks else run_pb2.VERDICT_NONE
-    return run_pb2.RunResult(run_id="run_0123456789abcdef0123", state=run_pb2.RUN_STATE_SUCCEEDED,
-                             stages=list(stages), checks=checks, verdict=verdict)  # fmt: skip
+    return run_pb2.RunResult(
+        run_id="run_0123456789abcdef0123",
+        state=run_pb2.RUN_STATE_SUCCEEDED,
+        stages=list(stages),
+        checks=checks,
+        verdict=verdict,
+    )
 
 
 def rendered(table: Table, width: int) -> str:
@@ -49,8 +71,15 @@ def rendered(table: Table, width: int) -> str:
 
 def cells(s: run_pb2.StageResult) -> list[str]:
     # Numbers of 1000 and more are shown without decimals: rounded, never cut.
-    return [f"{s.requests_ok}/{s.requests_failed}", f"{s.request_throughput:.0f}", f"{s.output_token_throughput:.0f}",
-            f"{s.ttft.p50_ms:.0f}", f"{s.ttft.p99_ms:.0f}", f"{s.tpot.p50_ms:.1f}", f"{s.e2e.p99_ms:.0f}"]  # fmt: skip
+    return [
+        f"{s.requests_ok}/{s.requests_failed}",
+        f"{s.request_throughput:.0f}",
+        f"{s.output_token_throughput:.0f}",
+        f"{s.ttft.p50_ms:.0f}",
+        f"{s.ttft.p99_ms:.0f}",
+        f"{s.tpot.p50_ms:.1f}",
+        f"{s.e2e.p99_ms:.0f}",
+    ]
 
 
 @pytest.mark.parametrize("width", [80, 100, 120])
@@ -76,11 +105,14 @@ def test_wide_shows_every_column() -> None:
 @pytest.mark.parametrize("width", [80, 120])
 def test_the_runs_list_fits_the_terminal(width: int) -> None:
     runs = [
-        run_pb2.Run(id=f"run_{i:020d}", state=run_pb2.RUN_STATE_SUCCEEDED,
-                    spec=run_pb2.RunSpec(display_name="nightly sweep of the 70B deployment"),
-                    progress=run_pb2.RunProgress(requests_ok=1234567, requests_failed=89))
+        run_pb2.Run(
+            id=f"run_{i:020d}",
+            state=run_pb2.RUN_STATE_SUCCEEDED,
+            spec=run_pb2.RunSpec(display_name="nightly sweep of the 70B deployment"),
+            progress=run_pb2.RunProgress(requests_ok=1234567, requests_failed=89),
+        )
         for i in range(3)
-    ]  # fmt: skip
+    ]
     runs[0].create_time.FromSeconds(1_700_000_000)
     text = rendered(render.runs_table(runs), width)
     assert max(len(line) for line in text.splitlines()) <= width
@@ -98,8 +130,12 @@ def run_of(r: run_pb2.RunResult) -> run_pb2.Run:
 
 
 def check(stage_index: int, passed: bool) -> run_pb2.CheckResult:
-    return run_pb2.CheckResult(expression="p99(ttft) < 500ms", stage_index=stage_index, passed=passed,
-                               message="p99(ttft) = 12.3 ms, want < 500 ms")  # fmt: skip
+    return run_pb2.CheckResult(
+        expression="p99(ttft) < 500ms",
+        stage_index=stage_index,
+        passed=passed,
+        message="p99(ttft) = 12.3 ms, want < 500 ms",
+    )
 
 
 SATURATED = {"saturated": True, "saturation_reason": "agent event-loop lag 88 ms"}
@@ -114,11 +150,13 @@ def test_every_warning_is_printed_under_the_table(capsys: pytest.CaptureFixture[
     assert print_result(args(), run_of(r), r) == exitcodes.OK  # no checks: nothing to be inconclusive about
     out = capsys.readouterr().out
     table_end = out.index("run id: run_0123456789abcdef0123 (tour)")
-    for warning in ("WARNING stage 0: load generator saturated: agent event-loop lag 88 ms",
-                    "WARNING stage 0: output length 256 → 64 tokens",
-                    "WARNING stage 1: usage not reported by the server",
-                    "WARNING stage 1: 1 agent(s) lost with 3 unreported requests",
-                    "WARNING stage 1: client/server mismatch: generated_tokens: client 100, server 80"):  # fmt: skip
+    for warning in (
+        "WARNING stage 0: load generator saturated: agent event-loop lag 88 ms",
+        "WARNING stage 0: output length 256 → 64 tokens",
+        "WARNING stage 1: usage not reported by the server",
+        "WARNING stage 1: 1 agent(s) lost with 3 unreported requests",
+        "WARNING stage 1: client/server mismatch: generated_tokens: client 100, server 80",
+    ):
         assert out.index(warning) > table_end
     assert "TTFT absent" not in out  # every request streamed
 
@@ -159,8 +197,12 @@ def test_a_warnings_field_added_to_the_result_is_printed_without_naming_it() -> 
     pool = descriptor_pool.DescriptorPool()
     proto = descriptor_pb2.FileDescriptorProto(name="w.proto", package="w")
     message = proto.message_type.add(name="M")
-    message.field.add(name="target_warnings", number=1, type=descriptor_pb2.FieldDescriptorProto.TYPE_STRING,
-                      label=descriptor_pb2.FieldDescriptorProto.LABEL_REPEATED)  # fmt: skip
+    message.field.add(
+        name="target_warnings",
+        number=1,
+        type=descriptor_pb2.FieldDescriptorProto.TYPE_STRING,
+        label=descriptor_pb2.FieldDescriptorProto.LABEL_REPEATED,
+    )
     pool.Add(proto)
     cls = message_factory.GetMessageClass(pool.FindMessageTypeByName("w.M"))
     assert formats._generic_warnings(cls(target_warnings=["target saturated: 503s"])) == ["target saturated: 503s"]

@@ -28,8 +28,20 @@ def test_concurrency_sweep() -> None:
 
 
 def test_rate_sweep_with_gamma_cap_warmup_and_ramp() -> None:
-    s = spec("--rate", "2,4.5", "--burstiness", "0.25", "--max-concurrency", "8", "--warmup", "20req",
-             "--ramp", "3s", "--requests", "100")  # fmt: skip
+    s = spec(
+        "--rate",
+        "2,4.5",
+        "--burstiness",
+        "0.25",
+        "--max-concurrency",
+        "8",
+        "--warmup",
+        "20req",
+        "--ramp",
+        "3s",
+        "--requests",
+        "100",
+    )
     assert [st.request_rate for st in s.stages] == [2.0, 4.5]
     st = s.stages[0]
     assert st.arrival == run_pb2.ARRIVAL_PROCESS_GAMMA and st.burstiness == 0.25
@@ -60,8 +72,18 @@ def test_spike_scenario() -> None:
 def test_dataset_and_target_options(tmp_path: Path) -> None:
     path = tmp_path / "prompts.jsonl"
     path.write_text(json.dumps({"prompt": "hi"}) + "\n")
-    s = spec("--dataset", str(path), "--ignore-eos", "--min-tokens", "--insecure",
-             "--extra-body", '{"cache_prompt": false}', "--api-kind", "completions", "--no-stream")  # fmt: skip
+    s = spec(
+        "--dataset",
+        str(path),
+        "--ignore-eos",
+        "--min-tokens",
+        "--insecure",
+        "--extra-body",
+        '{"cache_prompt": false}',
+        "--api-kind",
+        "completions",
+        "--no-stream",
+    )
     assert s.workload.dataset.format == run_pb2.DATASET_FORMAT_JSONL
     assert s.workload.dataset.content.startswith('{"prompt"')
     assert s.workload.ignore_eos and s.workload.pin_min_tokens
@@ -79,8 +101,14 @@ def test_preflight_and_unreachable_timeout_flags() -> None:
 
 @pytest.mark.parametrize(
     "flags",
-    [("--requests", str(2**64)), ("--requests", "-1"), ("--seed", "-5"), ("--concurrency", str(2**32)),
-     ("--warmup", f"{2**64}req"), ("--max-concurrency", "-1")],
+    [
+        ("--requests", str(2**64)),
+        ("--requests", "-1"),
+        ("--seed", "-5"),
+        ("--concurrency", str(2**32)),
+        ("--warmup", f"{2**64}req"),
+        ("--max-concurrency", "-1"),
+    ],
 )
 def test_integers_the_spec_cannot_hold_are_usage_errors(flags: tuple[str, str]) -> None:
     with pytest.raises(argparse.ArgumentTypeError, match=flags[0]):
@@ -91,9 +119,27 @@ SEARCH = ["--search", "concurrency", "--slo", "ttft=500ms,tpot=50ms"]
 
 
 def test_a_search_builds_a_search_spec_and_no_stages() -> None:
-    s = spec(*SEARCH, "--goodput-target", "90%", "--search-min", "2", "--search-max", "64", "--search-tolerance",
-             "10", "--probe-duration", "20s", "--probe-warmup", "4s", "--min-requests", "50", "--max-probes", "8",
-             "--cost-per-hour", "2.5")  # fmt: skip
+    s = spec(
+        *SEARCH,
+        "--goodput-target",
+        "90%",
+        "--search-min",
+        "2",
+        "--search-max",
+        "64",
+        "--search-tolerance",
+        "10",
+        "--probe-duration",
+        "20s",
+        "--probe-warmup",
+        "4s",
+        "--min-requests",
+        "50",
+        "--max-probes",
+        "8",
+        "--cost-per-hour",
+        "2.5",
+    )
     assert not s.stages
     assert s.slo.ttft.ToMilliseconds() == 500 and s.slo.tpot.ToMilliseconds() == 50
     search = s.search
@@ -148,13 +194,26 @@ def test_a_rate_search_takes_fractional_loads() -> None:
 
 @pytest.mark.parametrize(
     ("flag", "value"),
-    [("--goodput-target", "0"), ("--goodput-target", "101%"), ("--goodput-target", "high"),
-     ("--search-tolerance", "0%"), ("--search-tolerance", "1001%"),
-     ("--search-min", "0"), ("--search-max", "-3"), ("--search-max", "nan"),
-     ("--probe-duration", "0s"), ("--probe-duration", "soon"), ("--probe-warmup", "-1s"), ("--min-requests", "0"),
-     ("--min-requests", "1.5"), ("--max-probes", "0"), ("--cost-per-hour", "0"), ("--cost-per-hour", "$3"),
-     ("--search", "latency")],
-)  # fmt: skip
+    [
+        ("--goodput-target", "0"),
+        ("--goodput-target", "101%"),
+        ("--goodput-target", "high"),
+        ("--search-tolerance", "0%"),
+        ("--search-tolerance", "1001%"),
+        ("--search-min", "0"),
+        ("--search-max", "-3"),
+        ("--search-max", "nan"),
+        ("--probe-duration", "0s"),
+        ("--probe-duration", "soon"),
+        ("--probe-warmup", "-1s"),
+        ("--min-requests", "0"),
+        ("--min-requests", "1.5"),
+        ("--max-probes", "0"),
+        ("--cost-per-hour", "0"),
+        ("--cost-per-hour", "$3"),
+        ("--search", "latency"),
+    ],
+)
 def test_bad_search_values_are_one_line_usage_errors(flag: str, value: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["run", *BASE, *SEARCH, f"{flag}={value}"])
@@ -176,10 +235,17 @@ def test_a_tolerance_may_exceed_100_percent() -> None:
 def earlier_search_run() -> run_pb2.Run:
     earlier = run_pb2.Run(id="run_earlier")
     earlier.spec.slo.ttft.FromMilliseconds(300)
-    earlier.spec.search.CopyFrom(run_pb2.SearchSpec(
-        variable=run_pb2.SEARCH_VARIABLE_RATE, goodput_target_percent=99, min=2, max=40, tolerance_percent=3,
-        max_probes=12, cost_per_hour_usd=4.0,
-    ))  # fmt: skip
+    earlier.spec.search.CopyFrom(
+        run_pb2.SearchSpec(
+            variable=run_pb2.SEARCH_VARIABLE_RATE,
+            goodput_target_percent=99,
+            min=2,
+            max=40,
+            tolerance_percent=3,
+            max_probes=12,
+            cost_per_hour_usd=4.0,
+        )
+    )
     earlier.spec.search.probe_duration.FromSeconds(60)
     return earlier
 

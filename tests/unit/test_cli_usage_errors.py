@@ -47,12 +47,27 @@ NUMERIC_FLAGS = _numeric_flags()
 
 def test_the_enumeration_finds_the_flags_of_every_kind_of_command() -> None:
     found = set(NUMERIC_FLAGS)
-    for expected in [("run", "--concurrency"), ("run", "--duration"), ("run", "--rate"), ("run", "--warmup"),
-                     ("runs list", "--limit"), ("runs compare", "--tolerance"), ("mock-server", "--ttft-ms"),
-                     ("controller", "--grace"), ("quickstart", "--duration"), ("audit", "--limit"),
-                     ("run", "--goodput-target"), ("run", "--search-min"), ("run", "--search-max"),
-                     ("run", "--search-tolerance"), ("run", "--probe-duration"), ("run", "--probe-warmup"),
-                     ("run", "--min-requests"), ("run", "--max-probes"), ("run", "--cost-per-hour")]:  # fmt: skip
+    for expected in [
+        ("run", "--concurrency"),
+        ("run", "--duration"),
+        ("run", "--rate"),
+        ("run", "--warmup"),
+        ("runs list", "--limit"),
+        ("runs compare", "--tolerance"),
+        ("mock-server", "--ttft-ms"),
+        ("controller", "--grace"),
+        ("quickstart", "--duration"),
+        ("audit", "--limit"),
+        ("run", "--goodput-target"),
+        ("run", "--search-min"),
+        ("run", "--search-max"),
+        ("run", "--search-tolerance"),
+        ("run", "--probe-duration"),
+        ("run", "--probe-warmup"),
+        ("run", "--min-requests"),
+        ("run", "--max-probes"),
+        ("run", "--cost-per-hour"),
+    ]:
         assert expected in found
 
 
@@ -72,8 +87,15 @@ def test_a_bad_number_is_a_one_line_usage_error(
 
 @pytest.mark.parametrize(
     ("given", "dialled"),
-    [("127.0.0.1", "127.0.0.1:50051"), ("ctl.internal", "ctl.internal:50051"), ("127.0.0.1:7000", "127.0.0.1:7000"),
-     ("::1", "[::1]:50051"), ("[::1]", "[::1]:50051"), ("[::1]:7000", "[::1]:7000"), ("dns:///ctl:7000", "dns:///ctl:7000")],
-)  # fmt: skip
+    [
+        ("127.0.0.1", "127.0.0.1:50051"),
+        ("ctl.internal", "ctl.internal:50051"),
+        ("127.0.0.1:7000", "127.0.0.1:7000"),
+        ("::1", "[::1]:50051"),
+        ("[::1]", "[::1]:50051"),
+        ("[::1]:7000", "[::1]:7000"),
+        ("dns:///ctl:7000", "dns:///ctl:7000"),
+    ],
+)
 def test_the_controller_port_defaults_to_50051(given: str, dialled: str) -> None:
     assert controller_address(given) == dialled

@@ -19,9 +19,17 @@ pytestmark = pytest.mark.timeout(30)
 
 def stats(base: float) -> run_pb2.LatencyStats:
     return run_pb2.LatencyStats(
-        count=10, mean_ms=base + 1, std_ms=base / 10, min_ms=base / 2, max_ms=base * 3,
-        p50_ms=base, p90_ms=base + 2, p95_ms=base + 3, p99_ms=base + 4, p999_ms=base + 5,
-    )  # fmt: skip
+        count=10,
+        mean_ms=base + 1,
+        std_ms=base / 10,
+        min_ms=base / 2,
+        max_ms=base * 3,
+        p50_ms=base,
+        p90_ms=base + 2,
+        p95_ms=base + 3,
+        p99_ms=base + 4,
+        p999_ms=base + 5,
+    )
 
 
 def make() -> tuple[run_pb2.Run, run_pb2.RunResult]:
@@ -31,24 +39,53 @@ def make() -> tuple[run_pb2.Run, run_pb2.RunResult]:
     run.spec.target.api_kind = run_pb2.API_KIND_CHAT
     run.end_time.FromSeconds(1_700_000_000)
     run.spec.stages.add(concurrency=4)
-    open_loop = run.spec.stages.add(request_rate=2.5, max_concurrency=16, arrival=run_pb2.ARRIVAL_PROCESS_GAMMA,
-                                    burstiness=0.5)  # fmt: skip
+    open_loop = run.spec.stages.add(
+        request_rate=2.5, max_concurrency=16, arrival=run_pb2.ARRIVAL_PROCESS_GAMMA, burstiness=0.5
+    )
     del open_loop  # the spec is what vllm-json reads
     result = run_pb2.RunResult(run_id="run_01x", state=run_pb2.RUN_STATE_SUCCEEDED)
     result.stages.add(
-        index=0, name="concurrency=4", concurrency=4, requests_ok=98, requests_failed=2, duration_s=10.0,
-        request_throughput=9.8, output_token_throughput=1254.4, total_token_throughput=1881.6,
-        peak_output_token_throughput=1400.0, achieved_concurrency=3.9, prompt_tokens=6272, output_tokens=12544,
-        ttft=stats(50), tpot=stats(10), itl=stats(11), e2e=stats(1300), queue_delay=stats(0.1),
+        index=0,
+        name="concurrency=4",
+        concurrency=4,
+        requests_ok=98,
+        requests_failed=2,
+        duration_s=10.0,
+        request_throughput=9.8,
+        output_token_throughput=1254.4,
+        total_token_throughput=1881.6,
+        peak_output_token_throughput=1400.0,
+        achieved_concurrency=3.9,
+        prompt_tokens=6272,
+        output_tokens=12544,
+        ttft=stats(50),
+        tpot=stats(10),
+        itl=stats(11),
+        e2e=stats(1300),
+        queue_delay=stats(0.1),
         e2e_including_queue=stats(1300.1),
-    )  # fmt: skip
+    )
     result.stages[0].errors["http_5xx"] = 2
     second = result.stages.add(
-        index=1, name="rate=2.5/s", request_rate=2.5, requests_ok=25, duration_s=10.0, request_throughput=2.5,
-        output_token_throughput=320.0, total_token_throughput=480.0, peak_output_token_throughput=352.0,
-        achieved_concurrency=3.3, prompt_tokens=1600, output_tokens=3200, ttft=stats(40), tpot=stats(9),
-        itl=stats(9.5), e2e=stats(1200), queue_delay=stats(2.0), e2e_including_queue=stats(1202),
-    )  # fmt: skip
+        index=1,
+        name="rate=2.5/s",
+        request_rate=2.5,
+        requests_ok=25,
+        duration_s=10.0,
+        request_throughput=2.5,
+        output_token_throughput=320.0,
+        total_token_throughput=480.0,
+        peak_output_token_throughput=352.0,
+        achieved_concurrency=3.3,
+        prompt_tokens=1600,
+        output_tokens=3200,
+        ttft=stats(40),
+        tpot=stats(9),
+        itl=stats(9.5),
+        e2e=stats(1200),
+        queue_delay=stats(2.0),
+        e2e_including_queue=stats(1202),
+    )
     second.goodput = 2.25
     second.good_fraction = 0.9
     for c in (
@@ -101,14 +138,37 @@ def test_markdown_warns_about_saturation() -> None:
 
 
 VLLM_KEYS = {
-    "date", "endpoint_type", "backend", "label", "model_id", "tokenizer_id", "num_prompts", "request_rate",
-    "burstiness", "max_concurrency", "duration", "completed", "failed", "total_input_tokens", "total_output_tokens",
-    "request_throughput", "request_goodput", "output_throughput", "total_token_throughput",
-    "max_output_tokens_per_s", "max_concurrent_requests", "rtfx",
-    *(f"{agg}_{m}_ms" for m in ("ttft", "tpot", "itl", "e2el")
-      for agg in ("mean", "median", "std", "p90", "p95", "p99", "p99.9")),
-    "run_id", "stage_index", "stage_name",  # as vLLM's --metadata adds keys
-}  # fmt: skip
+    "date",
+    "endpoint_type",
+    "backend",
+    "label",
+    "model_id",
+    "tokenizer_id",
+    "num_prompts",
+    "request_rate",
+    "burstiness",
+    "max_concurrency",
+    "duration",
+    "completed",
+    "failed",
+    "total_input_tokens",
+    "total_output_tokens",
+    "request_throughput",
+    "request_goodput",
+    "output_throughput",
+    "total_token_throughput",
+    "max_output_tokens_per_s",
+    "max_concurrent_requests",
+    "rtfx",
+    *(
+        f"{agg}_{m}_ms"
+        for m in ("ttft", "tpot", "itl", "e2el")
+        for agg in ("mean", "median", "std", "p90", "p95", "p99", "p99.9")
+    ),
+    "run_id",
+    "stage_index",
+    "stage_name",  # as vLLM's --metadata adds keys
+}
 
 
 def test_vllm_json_keys_and_values() -> None:
@@ -140,9 +200,10 @@ def test_vllm_json_keys_and_values() -> None:
     assert opened["mean_client_queue_time_ms"] == 3.0
     assert opened["p99_e2el_including_client_queue_ms"] == 1206.0
     assert set(opened) - VLLM_KEYS == {
-        f"{agg}_{m}_ms" for m in ("client_queue_time", "e2el_including_client_queue")
+        f"{agg}_{m}_ms"
+        for m in ("client_queue_time", "e2el_including_client_queue")
         for agg in ("mean", "median", "std", "p90", "p95", "p99", "p99.9")
-    }  # fmt: skip
+    }
     json.dumps([closed, opened], allow_nan=False)  # strict JSON
     run.spec.target.api_kind = run_pb2.API_KIND_COMPLETIONS
     assert formats.vllm_stage_result(run, result.stages[0])["backend"] == "openai"
@@ -156,15 +217,28 @@ async def _samples(items: list[run_service_pb2.ExportedSample]) -> AsyncIterator
 
 SAMPLES = [
     run_service_pb2.ExportedSample(
-        stage_index=0, agent_name="a1", sent_unix_ns=1_700_000_000_123_456_789, queue_delay_ms=0.25,
-        first_byte_ms=40.5, ttft_ms=41.0, e2e_ms=360.0, done_ms=361.5, prompt_tokens=64, output_tokens=32,
-        status=run_pb2.REQUEST_STATUS_OK, usage_reported=True, itl_count=31,
+        stage_index=0,
+        agent_name="a1",
+        sent_unix_ns=1_700_000_000_123_456_789,
+        queue_delay_ms=0.25,
+        first_byte_ms=40.5,
+        ttft_ms=41.0,
+        e2e_ms=360.0,
+        done_ms=361.5,
+        prompt_tokens=64,
+        output_tokens=32,
+        status=run_pb2.REQUEST_STATUS_OK,
+        usage_reported=True,
+        itl_count=31,
     ),
     run_service_pb2.ExportedSample(
-        stage_index=1, agent_name="a2, \"quoted\"", sent_unix_ns=1_700_000_001_000_000_000,
-        status=run_pb2.REQUEST_STATUS_HTTP_5XX, error="HTTP 503: overloaded\nretry later",
+        stage_index=1,
+        agent_name='a2, "quoted"',
+        sent_unix_ns=1_700_000_001_000_000_000,
+        status=run_pb2.REQUEST_STATUS_HTTP_5XX,
+        error="HTTP 503: overloaded\nretry later",
     ),
-]  # fmt: skip
+]
 
 
 async def test_csv_header_and_rows() -> None:
@@ -200,12 +274,12 @@ def comparison(regressed: bool) -> run_service_pb2.CompareRunsResponse:
     response = run_service_pb2.CompareRunsResponse(baseline_run_id="run_base")
     c = response.comparisons.add(run_id="run_new", regressed=regressed)
     stage = c.stages.add(load="concurrency=8", baseline_stage_index=1, stage_index=1)
-    stage.metrics.add(metric="ttft_p99_ms", baseline=100.0, value=130.0, delta=30.0, delta_percent=30.0,
-                      regressed=regressed)  # fmt: skip
+    stage.metrics.add(
+        metric="ttft_p99_ms", baseline=100.0, value=130.0, delta=30.0, delta_percent=30.0, regressed=regressed
+    )
     stage.metrics.add(metric="output_token_throughput", baseline=2000.0, value=2050.0, delta=50.0, delta_percent=2.5)
     stage.metrics.add(metric="itl_p50_ms", baseline=10.0, value=10.1, delta=0.1, delta_percent=1.0)
-    stage.metrics.add(metric="error_rate", baseline=0.0, value=0.02, delta=0.02, delta_percent=0.0,
-                      regressed=regressed)  # fmt: skip
+    stage.metrics.add(metric="error_rate", baseline=0.0, value=0.02, delta=0.02, delta_percent=0.0, regressed=regressed)
     return response
 
 

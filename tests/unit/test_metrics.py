@@ -367,8 +367,9 @@ def test_tokens_per_second_match_a_per_event_count_in_any_slicing(chunk: int, mo
     reqs = []
     for _ in range(300):
         gaps = rng.integers(1, 400, size=int(rng.integers(1, 12))).tolist()
-        reqs.append(streamed(float(rng.integers(0, 5000)), float(rng.integers(1, 900)), gaps,
-                             output=int(rng.integers(1, 40))))  # fmt: skip
+        reqs.append(
+            streamed(float(rng.integers(0, 5000)), float(rng.integers(1, 900)), gaps, output=int(rng.integers(1, 40)))
+        )
     expected = np.zeros(16)
     t0 = min(r.sent for r in reqs)
     for r in reqs:

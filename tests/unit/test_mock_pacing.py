@@ -86,8 +86,9 @@ class _Ticker:
     """Fires `ticks` times, `itl_s` apart, recording how late each fire was, and how late a
     plain loop timer at the same deadline was (`reference`)."""
 
-    def __init__(self, first: float, ticks: int, itl_s: float, lateness: list[float],
-                 reference: list[float] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, first: float, ticks: int, itl_s: float, lateness: list[float], reference: list[float] | None = None
+    ) -> None:
         self.deadline = first
         self.remaining = ticks
         self.itl_s = itl_s

@@ -63,7 +63,7 @@ def test_labels_are_sorted_and_escapes_kept() -> None:
 
 
 def test_special_values() -> None:
-    page = "# TYPE g gauge\ng{a=\"1\"} NaN\ng{a=\"2\"} +Inf\ng{a=\"3\"} -Inf\ng{a=\"4\"} 1e-3\n"
+    page = '# TYPE g gauge\ng{a="1"} NaN\ng{a="2"} +Inf\ng{a="3"} -Inf\ng{a="4"} 1e-3\n'
     values = [s.value for s in parse_exposition(page)]
     assert math.isnan(values[0]) and values[1:] == [math.inf, -math.inf, 0.001]
 

@@ -69,8 +69,10 @@ def test_migration_10_counts_existing_rows_once(tmp_path: Path, monkeypatch: pyt
         old.close()
     conn = sqlite3.connect(path)
     with conn:
-        conn.execute("INSERT INTO audit_events (time_ns, key_id, method, run_id, outcome, request_id, peer, detail)"
-                     " VALUES (1, 'k', '/m', '', 'OK', 'r', 'ipv4:127.0.0.1:1', '')")  # fmt: skip
+        conn.execute(
+            "INSERT INTO audit_events (time_ns, key_id, method, run_id, outcome, request_id, peer, detail)"
+            " VALUES (1, 'k', '/m', '', 'OK', 'r', 'ipv4:127.0.0.1:1', '')"
+        )
     conn.close()
     db = Database(path)
     try:

@@ -19,39 +19,70 @@ from common.proto.loadtest.v1 import run_pb2, run_service_pb2
 
 pytestmark = pytest.mark.timeout(30)
 
-CHARTS = ("ttft-vs-throughput", "tpot-vs-throughput", "timeline-throughput", "timeline-ttft", "timeline-errors",
-          "ttft-distribution", "tpot-distribution")  # fmt: skip
+CHARTS = (
+    "ttft-vs-throughput",
+    "tpot-vs-throughput",
+    "timeline-throughput",
+    "timeline-ttft",
+    "timeline-errors",
+    "ttft-distribution",
+    "tpot-distribution",
+)
 
 
 def latency(p50: float, spread: float = 0.3, count: int = 100) -> run_pb2.LatencyStats:
     return run_pb2.LatencyStats(
-        count=count, mean_ms=p50 * 1.05, std_ms=p50 * spread / 2, min_ms=p50 * 0.7, max_ms=p50 * (1 + 2 * spread),
-        p50_ms=p50, p90_ms=p50 * (1 + spread * 0.6), p95_ms=p50 * (1 + spread * 0.8), p99_ms=p50 * (1 + spread),
+        count=count,
+        mean_ms=p50 * 1.05,
+        std_ms=p50 * spread / 2,
+        min_ms=p50 * 0.7,
+        max_ms=p50 * (1 + 2 * spread),
+        p50_ms=p50,
+        p90_ms=p50 * (1 + spread * 0.6),
+        p95_ms=p50 * (1 + spread * 0.8),
+        p99_ms=p50 * (1 + spread),
         p999_ms=p50 * (1 + 1.5 * spread),
-    )  # fmt: skip
+    )
 
 
-def make_stage(index: int, concurrency: int, ttft_p50: float, tok_s: float, seconds: int = 5,
-               errors_at: int | None = None) -> run_pb2.StageResult:  # fmt: skip
+def make_stage(
+    index: int, concurrency: int, ttft_p50: float, tok_s: float, seconds: int = 5, errors_at: int | None = None
+) -> run_pb2.StageResult:
     ok = int(tok_s * seconds / 32)
     failed = 2 if errors_at is not None else 0
     stage = run_pb2.StageResult(
-        index=index, name=f"concurrency={concurrency}", concurrency=concurrency, requests_ok=ok,
-        requests_failed=failed, duration_s=seconds - 0.2, request_throughput=ok / seconds,
-        output_token_throughput=tok_s, total_token_throughput=tok_s * 3, peak_output_token_throughput=tok_s * 1.2,
-        achieved_concurrency=concurrency * 0.97, prompt_tokens=ok * 64, output_tokens=ok * 32,
-        ttft=latency(ttft_p50), tpot=latency(10 + concurrency * 0.2, 0.1), itl=latency(10 + concurrency * 0.2, 0.15),
-        e2e=latency(ttft_p50 + 32 * 11), queue_delay=latency(0.2), e2e_including_queue=latency(ttft_p50 + 32 * 11),
+        index=index,
+        name=f"concurrency={concurrency}",
+        concurrency=concurrency,
+        requests_ok=ok,
+        requests_failed=failed,
+        duration_s=seconds - 0.2,
+        request_throughput=ok / seconds,
+        output_token_throughput=tok_s,
+        total_token_throughput=tok_s * 3,
+        peak_output_token_throughput=tok_s * 1.2,
+        achieved_concurrency=concurrency * 0.97,
+        prompt_tokens=ok * 64,
+        output_tokens=ok * 32,
+        ttft=latency(ttft_p50),
+        tpot=latency(10 + concurrency * 0.2, 0.1),
+        itl=latency(10 + concurrency * 0.2, 0.15),
+        e2e=latency(ttft_p50 + 32 * 11),
+        queue_delay=latency(0.2),
+        e2e_including_queue=latency(ttft_p50 + 32 * 11),
         max_event_loop_lag_ms=3.5,
-    )  # fmt: skip
+    )
     if errors_at is not None:
         stage.errors["http_5xx"] = failed
     for sec in range(seconds):
         stage.time_series.add(
-            second=sec, completed=ok // seconds, errors=failed if sec == errors_at else 0,
-            output_tokens=tok_s * (0.9 + 0.05 * (sec % 3)), ttft_p50_ms=ttft_p50 * (1 + 0.03 * sec),
+            second=sec,
+            completed=ok // seconds,
+            errors=failed if sec == errors_at else 0,
+            output_tokens=tok_s * (0.9 + 0.05 * (sec % 3)),
+            ttft_p50_ms=ttft_p50 * (1 + 0.03 * sec),
             ttft_p99_ms=ttft_p50 * 1.3,
-        )  # fmt: skip
+        )
     template = run_pb2.StageResult()
     template.CopyFrom(stage)
     del template.time_series[:]
@@ -85,9 +116,14 @@ def make_run(run_id: str, name: str, scale: float = 1.0, slo: bool = True) -> tu
         for s in result.stages:
             s.goodput = s.request_throughput * 0.9
             s.good_fraction = 0.9
-            check = run_pb2.CheckResult(expression="p99(ttft) < 100ms", stage_index=s.index,
-                                        passed=s.ttft.p99_ms < 100, measured=s.ttft.p99_ms, threshold=100,
-                                        message=f"p99(ttft) = {s.ttft.p99_ms:.4g} ms, want < 100 ms")  # fmt: skip
+            check = run_pb2.CheckResult(
+                expression="p99(ttft) < 100ms",
+                stage_index=s.index,
+                passed=s.ttft.p99_ms < 100,
+                measured=s.ttft.p99_ms,
+                threshold=100,
+                message=f"p99(ttft) = {s.ttft.p99_ms:.4g} ms, want < 100 ms",
+            )
             s.checks.append(check)
             result.checks.append(check)
         result.verdict = run_pb2.VERDICT_FAIL
@@ -103,18 +139,30 @@ def make_samples(result: run_pb2.RunResult, seed: int = 1) -> SampleDigest:
         for _ in range(200):
             ttft = float(rng.gamma(8.0, s.ttft.p50_ms / 8.0))
             tpot = float(rng.normal(s.tpot.p50_ms, 0.5))
-            digest.add(run_service_pb2.ExportedSample(
-                stage_index=s.index, ttft_ms=ttft, e2e_ms=ttft + 31 * tpot, output_tokens=32,
-                status=run_pb2.REQUEST_STATUS_OK, usage_reported=True,
-            ))  # fmt: skip
+            digest.add(
+                run_service_pb2.ExportedSample(
+                    stage_index=s.index,
+                    ttft_ms=ttft,
+                    e2e_ms=ttft + 31 * tpot,
+                    output_tokens=32,
+                    status=run_pb2.REQUEST_STATUS_OK,
+                    usage_reported=True,
+                )
+            )
         digest.add(run_service_pb2.ExportedSample(stage_index=s.index, status=run_pb2.REQUEST_STATUS_HTTP_5XX))
     return digest
 
 
 def report_for(*runs: tuple[run_pb2.Run, run_pb2.RunResult], samples: bool = True) -> str:
-    data = [RunReportData(run, result, make_samples(result) if samples else None,
-                          "" if samples else "the controller cannot export samples")
-            for run, result in runs]  # fmt: skip
+    data = [
+        RunReportData(
+            run,
+            result,
+            make_samples(result) if samples else None,
+            "" if samples else "the controller cannot export samples",
+        )
+        for run, result in runs
+    ]
     return build_report(data, datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC))
 
 
@@ -133,8 +181,12 @@ class _Charts(HTMLParser):
         if tag == "script":
             self._in_script = True
         if "data-chart" in a:
-            chart: dict[str, object] = {"name": a["data-chart"], "empty": a.get("data-empty") == "true",
-                                        "shapes": 0, "stage": a.get("data-stage")}  # fmt: skip
+            chart: dict[str, object] = {
+                "name": a["data-chart"],
+                "empty": a.get("data-empty") == "true",
+                "shapes": 0,
+                "stage": a.get("data-stage"),
+            }
             self.charts.append(chart)
             self._stack.append(chart)
             return
@@ -198,8 +250,8 @@ def test_report_shows_target_saturation_next_to_the_generators() -> None:
     result.stages[1].target_saturated = True
     result.stages[1].target_saturation_reason = "the target did not keep up at rate 2/s: achieved 0.69/s (<x>)"
     html = report_for((run, result))
-    health = html[html.index('data-section="saturation"'):]
-    health = health[:health.index("</section>")]
+    health = html[html.index('data-section="saturation"') :]
+    health = health[: health.index("</section>")]
     assert 'data-target-saturated="1"' in health
     assert "the target did not keep up at rate 2/s: achieved 0.69/s (&lt;x&gt;)" in health
     assert "The target kept up with every open-loop stage" not in health
@@ -234,7 +286,7 @@ def test_several_runs_are_overlaid_with_one_color_each() -> None:
     for group in ("run-0", "run-1"):
         assert f'data-toggle="{group}"' in html
         assert f'class="series {group}"' in html
-    ttft_chart = html[html.index('data-chart="ttft-vs-throughput"'):html.index('data-chart="tpot-vs-throughput"')]
+    ttft_chart = html[html.index('data-chart="ttft-vs-throughput"') : html.index('data-chart="tpot-vs-throughput"')]
     assert "before · TTFT p99" in ttft_chart and "after · TTFT p99" in ttft_chart
     assert "#4e79a7" in ttft_chart and "#f28e2b" in ttft_chart
 
@@ -265,8 +317,9 @@ def test_sample_digest_computes_tpot_per_request() -> None:
     digest.add(run_service_pb2.ExportedSample(stage_index=1, ttft_ms=40, e2e_ms=40, output_tokens=1, status=ok))
     digest.add(run_service_pb2.ExportedSample(stage_index=1, ttft_ms=0, e2e_ms=300, output_tokens=8, status=ok))
     digest.add(run_service_pb2.ExportedSample(stage_index=1, status=run_pb2.REQUEST_STATUS_TIMEOUT))
-    digest.add(run_service_pb2.ExportedSample(stage_index=1, ttft_ms=9, e2e_ms=20, output_tokens=3, status=ok,
-                                              warmup=True))  # fmt: skip
+    digest.add(
+        run_service_pb2.ExportedSample(stage_index=1, ttft_ms=9, e2e_ms=20, output_tokens=3, status=ok, warmup=True)
+    )
     assert digest.count == 5
     assert digest.stages[1].ttft_ms == [50, 40]
     assert digest.stages[1].tpot_ms == [10.0]  # (360 - 50) / 31
@@ -279,17 +332,30 @@ def test_sample_digest_tpot_agrees_with_the_controllers_metrics() -> None:
     n = len(requests)
     zeros = np.zeros(n, dtype=np.int64)
     cols = SampleColumns(
-        sent_unix_ns=np.arange(n, dtype=np.int64) * 1_000 * ms, queue_delay_ns=zeros,
+        sent_unix_ns=np.arange(n, dtype=np.int64) * 1_000 * ms,
+        queue_delay_ns=zeros,
         first_token_ns=[f * ms for f, _, _ in requests],
-        last_token_ns=[last * ms for _, last, _ in requests], done_ns=[(last + 1) * ms for _, last, _ in requests],
-        prompt_tokens=zeros, output_tokens=[t for _, _, t in requests], status=np.full(n, int(RequestStatus.OK)),
+        last_token_ns=[last * ms for _, last, _ in requests],
+        done_ns=[(last + 1) * ms for _, last, _ in requests],
+        prompt_tokens=zeros,
+        output_tokens=[t for _, _, t in requests],
+        status=np.full(n, int(RequestStatus.OK)),
         flags=zeros,
-        itl_count=zeros, itl_ns=np.zeros(0, dtype=np.int64),
-    )  # fmt: skip
+        itl_count=zeros,
+        itl_ns=np.zeros(0, dtype=np.int64),
+    )
     digest = SampleDigest()
     for first, last, tokens in requests:
-        digest.add(run_service_pb2.ExportedSample(stage_index=0, ttft_ms=first, e2e_ms=last, done_ms=last + 1,
-                                                  output_tokens=tokens, status=run_pb2.REQUEST_STATUS_OK))  # fmt: skip
+        digest.add(
+            run_service_pb2.ExportedSample(
+                stage_index=0,
+                ttft_ms=first,
+                e2e_ms=last,
+                done_ms=last + 1,
+                output_tokens=tokens,
+                status=run_pb2.REQUEST_STATUS_OK,
+            )
+        )
     tpot = digest.stages[0].tpot_ms
     controller = compute_stage_metrics(cols).tpot
     assert len(tpot) == controller.count == 4

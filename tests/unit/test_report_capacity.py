@@ -15,8 +15,13 @@ from tests.unit.test_report import make_run, make_stage, report_for
 pytestmark = pytest.mark.timeout(30)
 PASS, FAIL, INCONCLUSIVE = run_pb2.PROBE_OUTCOME_PASS, run_pb2.PROBE_OUTCOME_FAIL, run_pb2.PROBE_OUTCOME_INCONCLUSIVE
 # (concurrency, outcome, good %, TTFT p99, output tok/s) in the order the search ran them
-PROBES = ((1, PASS, 100.0, 60.0, 300.0), (64, FAIL, 40.0, 900.0, 6000.0), (16, PASS, 97.0, 180.0, 4000.0),
-          (32, INCONCLUSIVE, 90.0, 400.0, 5200.0), (24, FAIL, 93.0, 260.0, 4700.0))  # fmt: skip
+PROBES = (
+    (1, PASS, 100.0, 60.0, 300.0),
+    (64, FAIL, 40.0, 900.0, 6000.0),
+    (16, PASS, 97.0, 180.0, 4000.0),
+    (32, INCONCLUSIVE, 90.0, 400.0, 5200.0),
+    (24, FAIL, 93.0, 260.0, 4700.0),
+)
 
 
 def search_run(
@@ -36,11 +41,22 @@ def search_run(
         run.spec.stages.add(concurrency=c).duration.FromSeconds(5)
         result.stages.append(make_stage(i, c, ttft_p99 / 1.3, tok_s))
         capacity.probes.add(
-            stage_index=i, load=c, outcome=outcome, requests=500, good_percent=good, good_percent_low=good - 3,
-            good_percent_high=min(100.0, good + 2), ttft_p50_ms=ttft_p99 / 1.3, ttft_p99_ms=ttft_p99,
-            tpot_p50_ms=10 + c * 0.2, tpot_p99_ms=12 + c * 0.3, e2e_p99_ms=ttft_p99 + 400,
-            request_throughput=tok_s / 32, output_token_throughput=tok_s, reason=f"good {good} % vs target 95 %",
-        )  # fmt: skip
+            stage_index=i,
+            load=c,
+            outcome=outcome,
+            requests=500,
+            good_percent=good,
+            good_percent_low=good - 3,
+            good_percent_high=min(100.0, good + 2),
+            ttft_p50_ms=ttft_p99 / 1.3,
+            ttft_p99_ms=ttft_p99,
+            tpot_p50_ms=10 + c * 0.2,
+            tpot_p99_ms=12 + c * 0.3,
+            e2e_p99_ms=ttft_p99 + 400,
+            request_throughput=tok_s / 32,
+            output_token_throughput=tok_s,
+            reason=f"good {good} % vs target 95 %",
+        )
     capacity.highest_passing, capacity.lowest_failing = 16, 24
     capacity.request_throughput, capacity.output_token_throughput = 125.0, 4000.0
     capacity.confident = True
@@ -61,8 +77,10 @@ def test_the_probes_are_points_coloured_by_outcome_on_the_latency_chart() -> Non
     for outcome, count in ((PASS, 2), (FAIL, 2), (INCONCLUSIVE, 1)):
         color = OUTCOME_COLORS[outcome][1]
         assert len(re.findall(rf'<circle cx="[\d.]+" cy="[\d.]+" r="4" fill="{color}">', ttft)) == count
-        assert len(re.findall(rf'<rect x="[\d.]+" y="[\d.]+" width="7" height="7" fill="#fff" stroke="{color}"',
-                              ttft)) == count  # fmt: skip
+        assert (
+            len(re.findall(rf'<rect x="[\d.]+" y="[\d.]+" width="7" height="7" fill="#fff" stroke="{color}"', ttft))
+            == count
+        )
     # Points alone: the probes ran in search order, a line through them would zigzag.
     assert 'class="line"' not in ttft
     assert "probe 3 · 32 · inconclusive · good 90.0 %" in ttft

@@ -16,9 +16,12 @@ pytestmark = pytest.mark.timeout(30)
 
 
 def update(
-    stage: int, elapsed: float, state: int = run_pb2.RUN_STATE_RUNNING, events: tuple[str, ...] = (),
+    stage: int,
+    elapsed: float,
+    state: int = run_pb2.RUN_STATE_RUNNING,
+    events: tuple[str, ...] = (),
     result: bool = False,
-) -> run_service_pb2.WatchRunResponse:  # fmt: skip
+) -> run_service_pb2.WatchRunResponse:
     msg = run_service_pb2.WatchRunResponse()
     msg.run.id = "run_1"
     msg.run.state = state  # type: ignore[assignment]
@@ -96,9 +99,11 @@ def test_plain_log_prints_every_event_and_throttles_progress() -> None:
     log.update(update(1, 0, state=run_pb2.RUN_STATE_SUCCEEDED, events=("run_succeeded",), result=True))
     lines = out.getvalue().splitlines()
     assert [line for line in lines if line.startswith("event ")] == [
-        "event run_created run_created happened", "event stage_started stage_started happened",
-        "event agent_lost agent_lost happened", "event run_succeeded run_succeeded happened",
-    ]  # fmt: skip
+        "event run_created run_created happened",
+        "event stage_started stage_started happened",
+        "event agent_lost agent_lost happened",
+        "event run_succeeded run_succeeded happened",
+    ]
     progress = [line for line in lines if not line.startswith("event ")]
     assert len(progress) == 2  # at t=100 and t=105; none in between, none for the final message
     # Stages counted from 0 as in the tables, with the count beside.
@@ -120,8 +125,11 @@ async def _updates(items: list[run_service_pb2.WatchRunResponse]) -> AsyncIterat
 @pytest.mark.parametrize("interactive", [True, False])
 async def test_follow_returns_the_final_result(interactive: bool) -> None:
     out = io.StringIO()
-    items = [update(0, 1, events=("run_created",)), update(1, 2),
-             update(1, 3, state=run_pb2.RUN_STATE_SUCCEEDED, events=("run_succeeded",), result=True)]  # fmt: skip
+    items = [
+        update(0, 1, events=("run_created",)),
+        update(1, 2),
+        update(1, 3, state=run_pb2.RUN_STATE_SUCCEEDED, events=("run_succeeded",), result=True),
+    ]
     final = await live.follow(_updates(items), out, interactive)
     assert final is not None and final.run_id == "run_1"
     text = out.getvalue()

@@ -162,9 +162,13 @@ class FakeAgent:
     ) -> int:
         """The final report; returns the position its ack carries."""
         update = agent_service_pb2.AssignmentUpdate(
-            assignment_id=assignment_id, state=state, requests_sent=requests_sent, batch_count=batch_count,
-            message=message, start_unix_ns=time.time_ns(),
-        )  # fmt: skip
+            assignment_id=assignment_id,
+            state=state,
+            requests_sent=requests_sent,
+            batch_count=batch_count,
+            message=message,
+            start_unix_ns=time.time_ns(),
+        )
         await self.c.assignment_update(self.session, update)
         ack = (await self.receive("ack")).ack
         assert ack.assignment_id == assignment_id
@@ -184,9 +188,12 @@ class FakeAgent:
 
 
 def make_spec(
-    *, agents: int = 2, requests: int = 20, policy: int = run_pb2.AGENT_LOSS_POLICY_REDISTRIBUTE,
+    *,
+    agents: int = 2,
+    requests: int = 20,
+    policy: int = run_pb2.AGENT_LOSS_POLICY_REDISTRIBUTE,
     wait_timeout_ns: int = 0,
-) -> run_pb2.RunSpec:  # fmt: skip
+) -> run_pb2.RunSpec:
     spec = run_pb2.RunSpec(target=run_pb2.Target(base_url="http://127.0.0.1:9/v1", model="m"), skip_preflight=True)
     spec.placement.agents = agents
     spec.placement.on_agent_loss = policy  # type: ignore[assignment]
@@ -200,10 +207,17 @@ async def create_run(store: Store, c: RunCoordinator, spec: run_pb2.RunSpec) -> 
     """As `Runs.create` stores a run: PENDING, then queued for placement."""
     valid = validate_and_default(spec)
     record, _ = await store.insert_run(
-        f"run_{uuid.uuid4().hex[:20]}", None, valid.display_name, valid.target.model,
-        json_format.MessageToJson(valid), [s.name for s in valid.stages], "", time.time_ns(), "",
+        f"run_{uuid.uuid4().hex[:20]}",
+        None,
+        valid.display_name,
+        valid.target.model,
+        json_format.MessageToJson(valid),
+        [s.name for s in valid.stages],
+        "",
+        time.time_ns(),
+        "",
         valid.SerializeToString(deterministic=True),
-    )  # fmt: skip
+    )
     c.enqueue(record.run_id)
     return record
 
@@ -274,8 +288,9 @@ async def test_a_stage_ends_once_every_announced_batch_is_committed(store: Store
         assert record.run_id not in c.running_run_ids()
         rows = await store.read_snapshot(lambda reads: reads.stage_assignments(record.pk, 0))
         assert [(r.agent_name, r.state, r.requests_sent, r.takeover) for r in rows] == [
-            ("a", COMPLETED, 10, False), ("b", COMPLETED, 10, False),
-        ]  # fmt: skip
+            ("a", COMPLETED, 10, False),
+            ("b", COMPLETED, 10, False),
+        ]
         assert kinds(await events(store, record)) == ["run_started", "stage_started", "run_succeeded"]
         # Both agents are free for the next run.
         assert all(s.free for s in c.agents())
@@ -385,9 +400,14 @@ async def test_an_agent_lost_after_the_grace_has_the_rest_of_its_share_redistrib
         assert stored.state == RunState.SUCCEEDED
         evs = await events(store, record)
         assert kinds(evs) == [
-            "run_started", "stage_started", "agent_disconnected", "agent_lost", "takeover", "agent_rejoined",
+            "run_started",
+            "stage_started",
+            "agent_disconnected",
+            "agent_lost",
+            "takeover",
+            "agent_rejoined",
             "run_succeeded",
-        ]  # fmt: skip
+        ]
         assert evs[3][1] == (
             f"stage 0: a disconnected and did not resume within 0.2 s; assignment {assign_a.assignment_id} "
             "had announced 4 requests"
@@ -395,8 +415,10 @@ async def test_an_agent_lost_after_the_grace_has_the_rest_of_its_share_redistrib
         assert evs[4][1] == "stage 0: the share of a (concurrency 1, 6 requests) goes to b (concurrency 1, 6 requests)"
         rows = await store.read_snapshot(lambda reads: reads.stage_assignments(record.pk, 0))
         assert [(r.agent_name, r.state, r.requests_sent, r.takeover) for r in rows] == [
-            ("a", ASSIGNMENT_LOST, 4, False), ("b", COMPLETED, 10, False), ("b", COMPLETED, 6, True),
-        ]  # fmt: skip
+            ("a", ASSIGNMENT_LOST, 4, False),
+            ("b", COMPLETED, 10, False),
+            ("b", COMPLETED, 6, True),
+        ]
         assert evs[5][1] == f"a rejoined with new session {a.session.session_id} (its lost share stays with the others)"
         assert "assign" not in a.unread()
 
@@ -424,8 +446,13 @@ async def test_cancel_during_a_takeover_stops_the_takeover_too(store: Store) -> 
         assert (stored.state, stored.state_reason) == (RunState.CANCELLED, "stopped by the test")
         # Cancelled as asked: not an agent leaving, so no share moves again.
         assert kinds(await events(store, record)) == [
-            "run_started", "stage_started", "agent_disconnected", "agent_lost", "takeover", "run_cancelled",
-        ]  # fmt: skip
+            "run_started",
+            "stage_started",
+            "agent_disconnected",
+            "agent_lost",
+            "takeover",
+            "run_cancelled",
+        ]
 
 
 async def test_a_loss_while_the_run_is_cancelled_hands_nothing_over(store: Store) -> None:
@@ -448,8 +475,12 @@ async def test_a_loss_while_the_run_is_cancelled_hands_nothing_over(store: Store
         assert stored.state == RunState.CANCELLED
         # Lost during the cancel, but the cancelled run hands nothing over.
         assert kinds(await events(store, record)) == [
-            "run_started", "stage_started", "agent_disconnected", "agent_lost", "run_cancelled",
-        ]  # fmt: skip
+            "run_started",
+            "stage_started",
+            "agent_disconnected",
+            "agent_lost",
+            "run_cancelled",
+        ]
         assert "assign" not in b.unread()
 
 
@@ -516,8 +547,14 @@ async def test_a_refused_batch_loses_the_assignment_and_continue_reduces_the_loa
         stored = await final_run(store, finals, record)
         assert stored.state == RunState.SUCCEEDED
         evs = await events(store, record)
-        assert kinds(evs) == ["run_started", "stage_started", "batch_refused", "agent_lost", "reduced_load",
-                              "run_succeeded"]  # fmt: skip
+        assert kinds(evs) == [
+            "run_started",
+            "stage_started",
+            "batch_refused",
+            "agent_lost",
+            "reduced_load",
+            "run_succeeded",
+        ]
         assert evs[2][1] == "a: sample 3: negative latency"
         assert evs[4][1] == "stage 0: a lost; on_agent_loss is CONTINUE"
         reason = await store.read_snapshot(lambda reads: reads.stage_reduced_load_reason(record.pk, 0))

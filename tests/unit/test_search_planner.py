@@ -32,8 +32,15 @@ pytestmark = pytest.mark.timeout(60)
 def settings(variable: int = CONCURRENCY, **kw: float) -> SearchSettings:
     base = dict(target=0.95, min_load=1.0, max_load=1024.0, tolerance=0.05, min_requests=100, max_probes=16)
     base.update(kw)
-    return SearchSettings(variable, base["target"], base["min_load"], base["max_load"], base["tolerance"],
-                          int(base["min_requests"]), int(base["max_probes"]))  # fmt: skip
+    return SearchSettings(
+        variable,
+        base["target"],
+        base["min_load"],
+        base["max_load"],
+        base["tolerance"],
+        int(base["min_requests"]),
+        int(base["max_probes"]),
+    )
 
 
 def logistic(capacity: float, width: float, target: float = 0.95) -> Callable[[float], float]:
@@ -189,8 +196,11 @@ def test_an_incomplete_probe_is_repeated() -> None:
 
 def test_a_pass_above_a_failure_is_ignored() -> None:
     s = settings()
-    probes = [ProbeMeasurement(10, 1, 500, 500, 0), ProbeMeasurement(20, 1, 500, 100, 0),
-              ProbeMeasurement(30, 1, 500, 500, 0)]  # fmt: skip
+    probes = [
+        ProbeMeasurement(10, 1, 500, 500, 0),
+        ProbeMeasurement(20, 1, 500, 100, 0),
+        ProbeMeasurement(30, 1, 500, 500, 0),
+    ]
     b = bracket(judge_probes(s, probes))
     assert b.highest_passing is not None and b.highest_passing.load == 10
     assert b.lowest_failing is not None and b.lowest_failing.load == 20

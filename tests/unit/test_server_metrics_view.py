@@ -54,7 +54,8 @@ def test_defaults_and_validation() -> None:
     with pytest.raises(InvalidArgument) as info:
         validate_and_default(dup)
     assert {v.field for v in info.value.violations} == {
-        "spec.server_metrics.endpoints[1]", "spec.server_metrics.endpoints[2]"
+        "spec.server_metrics.endpoints[1]",
+        "spec.server_metrics.endpoints[2]",
     }
 
     # Credentials in an endpoint would be shown by every read: refused, the URL not repeated.
@@ -89,22 +90,32 @@ def columns(sent_s: list[float], duration_s: float, tokens: int, status: int = 1
     ns = np.array([T0 + int(s * S) for s in sent_s], dtype=np.int64)
     end = np.full(n, int(duration_s * S), dtype=np.int64)
     return SampleColumns(
-        sent_unix_ns=ns, queue_delay_ns=np.zeros(n, np.int64), first_token_ns=end // 2, last_token_ns=end,
-        done_ns=end, prompt_tokens=np.full(n, 10, np.int64), output_tokens=np.full(n, tokens, np.int64),
-        status=np.full(n, status, np.int64), flags=np.full(n, flags, np.int64), itl_count=np.zeros(n, np.int64),
+        sent_unix_ns=ns,
+        queue_delay_ns=np.zeros(n, np.int64),
+        first_token_ns=end // 2,
+        last_token_ns=end,
+        done_ns=end,
+        prompt_tokens=np.full(n, 10, np.int64),
+        output_tokens=np.full(n, tokens, np.int64),
+        status=np.full(n, status, np.int64),
+        flags=np.full(n, flags, np.int64),
+        itl_count=np.zeros(n, np.int64),
         itl_ns=np.zeros(0, np.int64),
-    )  # fmt: skip
+    )
 
 
-def scrapes(times_s: list[float], tokens: list[float], running: list[float], errors: dict[int, str] | None = None
-            ) -> StageScrapes:  # fmt: skip
+def scrapes(
+    times_s: list[float], tokens: list[float], running: list[float], errors: dict[int, str] | None = None
+) -> StageScrapes:
     errors = errors or {}
     stored = [StoredScrape(i, "http://m/metrics", T0 + int(t * S), errors.get(i, "")) for i, t in enumerate(times_s)]
     values: list[tuple[int, str, int, float]] = []
     for i in range(len(times_s)):
         if i not in errors:
-            values += [(i, "vllm:generation_tokens_total", COUNTER, tokens[i]),
-                       (i, "vllm:num_requests_running", GAUGE, running[i])]  # fmt: skip
+            values += [
+                (i, "vllm:generation_tokens_total", COUNTER, tokens[i]),
+                (i, "vllm:num_requests_running", GAUGE, running[i]),
+            ]
     return StageScrapes(stored, values)
 
 
@@ -142,11 +153,26 @@ def test_mismatch_beyond_tolerance_and_incomplete_windows() -> None:
 
 
 def test_cli_flags_build_the_server_metrics_spec() -> None:
-    args = spec_parser().parse_args([
-        "--target", "http://127.0.0.1:8000/v1", "--model", "m", "--concurrency", "1",
-        "--server-metrics", "http://a:8000/metrics", "--server-metrics", "http://b:8000/metrics",
-        "--scrape-interval", "500ms", "--metric-filter", "vllm:*", "--mismatch-tolerance", "5",
-    ])  # fmt: skip
+    args = spec_parser().parse_args(
+        [
+            "--target",
+            "http://127.0.0.1:8000/v1",
+            "--model",
+            "m",
+            "--concurrency",
+            "1",
+            "--server-metrics",
+            "http://a:8000/metrics",
+            "--server-metrics",
+            "http://b:8000/metrics",
+            "--scrape-interval",
+            "500ms",
+            "--metric-filter",
+            "vllm:*",
+            "--mismatch-tolerance",
+            "5",
+        ]
+    )
     sm = build_spec(args).server_metrics
     assert list(sm.endpoints) == ["http://a:8000/metrics", "http://b:8000/metrics"]
     assert sm.scrape_interval.ToMilliseconds() == 500 and list(sm.metric_filters) == ["vllm:*"]
@@ -161,9 +187,11 @@ def test_llamacpp_prompt_tokens_add_the_cached_ones_counted_apart() -> None:
     stored = [StoredScrape(i, "http://llama/metrics", T0 + int(t * S), "") for i, t in enumerate(times)]
     values: list[tuple[int, str, int, float]] = []
     for i, (evaluated, cached, predicted) in enumerate([(100, 0, 50), (112, 4, 58), (120, 10, 74)]):
-        values += [(i, "llamacpp:prompt_tokens_total", COUNTER, evaluated),
-                   (i, "llamacpp:prompt_tokens_cached_total", COUNTER, cached),
-                   (i, "llamacpp:tokens_predicted_total", COUNTER, predicted)]  # fmt: skip
+        values += [
+            (i, "llamacpp:prompt_tokens_total", COUNTER, evaluated),
+            (i, "llamacpp:prompt_tokens_cached_total", COUNTER, cached),
+            (i, "llamacpp:tokens_predicted_total", COUNTER, predicted),
+        ]
     checks = {c.quantity: c for c in compute_server_view(StageScrapes(stored, values), cols, 2.0).cross_checks}
     prompt = checks["prompt_tokens"]
     # 20 evaluated + 10 reused from the cache = the client's 30.

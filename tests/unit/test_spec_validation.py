@@ -93,6 +93,7 @@ def test_extra_body_cannot_override_our_fields() -> None:
     s.target.extra_body.update({"cache_prompt": False, "stream": False, "max_completion_tokens": 9})
     assert sorted(fields_of(s)) == ["spec.target.extra_body.max_completion_tokens", "spec.target.extra_body.stream"]
 
+
 def dataset_spec(content: str, fmt: int = run_pb2.DATASET_FORMAT_JSONL) -> run_pb2.RunSpec:
     s = spec()
     s.workload.dataset.format = fmt  # type: ignore[assignment]
@@ -193,7 +194,8 @@ def _long_check(s: run_pb2.RunSpec) -> None:
 
 def _normal_std(s: run_pb2.RunSpec) -> None:
     s.workload.synthetic.output_tokens.normal.CopyFrom(
-        run_pb2.NormalLength(mean=100, std=float("inf"), min=10, max=200))  # fmt: skip
+        run_pb2.NormalLength(mean=100, std=float("inf"), min=10, max=200)
+    )
 
 
 def _dataset_name(s: run_pb2.RunSpec) -> None:

@@ -16,8 +16,14 @@ from tests.unit.test_spec_validation import spec
 pytestmark = pytest.mark.timeout(10)
 
 
-IN_URL = ["http://u:SECRET@h/v1", "http://SECRET@h/v1", "http://:SECRET@h/v1", "http://h/v1?key=SECRET",
-          "http://h/v1?", "http://h/v1#SECRET"]  # fmt: skip
+IN_URL = [
+    "http://u:SECRET@h/v1",
+    "http://SECRET@h/v1",
+    "http://:SECRET@h/v1",
+    "http://h/v1?key=SECRET",
+    "http://h/v1?",
+    "http://h/v1#SECRET",
+]
 
 
 @pytest.mark.parametrize("url", IN_URL)
@@ -56,7 +62,9 @@ def test_loopback_listen_addresses() -> None:
 def test_a_parse_error_of_a_non_http_reply_keeps_none_of_its_bytes() -> None:
     exc = aiohttp.ClientResponseError(
         aiohttp.RequestInfo(aiohttp.client.URL("http://h/"), "GET", {}),  # type: ignore[arg-type]
-        (), status=400, message="Bad status line:\n  b'SSH-2.0-OpenSSH_9.6 CANARY'",
-    )  # fmt: skip
+        (),
+        status=400,
+        message="Bad status line:\n  b'SSH-2.0-OpenSSH_9.6 CANARY'",
+    )
     assert transport_error(exc) == "not an HTTP response (Bad status line)"
     assert printable("a\x00b\n\nc" + "x" * 300) == "a?b c" + "x" * 195

@@ -100,8 +100,9 @@ def test_a_rising_waiting_gauge_is_flagged_a_flat_one_is_not() -> None:
     cols = columns(sends, 0.05, 0.5)
 
     def server(values: list[float]) -> ServerStageOutcome:
-        series = SeriesOutcome("http://s/metrics", "llamacpp:requests_deferred", GAUGE, "waiting_requests",
-                               list(enumerate(values)))  # fmt: skip
+        series = SeriesOutcome(
+            "http://s/metrics", "llamacpp:requests_deferred", GAUGE, "waiting_requests", list(enumerate(values))
+        )
         return ServerStageOutcome([series], [], [], len(values), 0, False)
 
     rising = [float(i // 4) for i in range(20)]  # 0 .. 4: seconds 0-4 average 0.2, seconds 15-19 average 3.8

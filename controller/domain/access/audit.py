@@ -147,10 +147,16 @@ class AuditLog:
     @staticmethod
     def _row(entry: AuditEntry, now: int) -> AuditRecord:
         return AuditRecord(
-            0, now, entry.key_id[:_MAX_FIELD], entry.method[:_MAX_FIELD], entry.run_id[:_MAX_FIELD],
-            entry.outcome[:_MAX_FIELD], entry.request_id[:_MAX_FIELD], entry.peer[:_MAX_FIELD],
+            0,
+            now,
+            entry.key_id[:_MAX_FIELD],
+            entry.method[:_MAX_FIELD],
+            entry.run_id[:_MAX_FIELD],
+            entry.outcome[:_MAX_FIELD],
+            entry.request_id[:_MAX_FIELD],
+            entry.peer[:_MAX_FIELD],
             entry.detail[:_MAX_FIELD],
-        )  # fmt: skip
+        )
 
     async def list(
         self, page_size: int, page_token: str, key_id: str = "", run_id: str = ""

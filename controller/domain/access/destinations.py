@@ -50,8 +50,16 @@ FORBIDDEN_NETWORKS: tuple[IPNetwork, ...] = (
     ipaddress.ip_network("fd00:ec2::254/128"),  # AWS's IPv6 instance metadata address
 )
 # Names of metadata services that the agents may resolve even when the controller cannot.
-METADATA_NAMES = frozenset({"metadata", "metadata.google.internal", "metadata.goog", "instance-data",
-                            "instance-data.ec2.internal", "metadata.azure.internal"})  # fmt: skip
+METADATA_NAMES = frozenset(
+    {
+        "metadata",
+        "metadata.google.internal",
+        "metadata.goog",
+        "instance-data",
+        "instance-data.ec2.internal",
+        "metadata.azure.internal",
+    }
+)
 _LOOPBACK: tuple[IPNetwork, ...] = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 _UNSPECIFIED: frozenset[IPAddress] = frozenset({ipaddress.ip_address("0.0.0.0"), ipaddress.ip_address("::")})
 
@@ -159,8 +167,10 @@ class DestinationPolicy:
             for address in sorted(addresses, key=str):
                 if _in(address, FORBIDDEN_NETWORKS):
                     via = "" if literal else f" (what {shown} resolves to)"
-                    return (f"{address}{via} is a link-local or metadata address: refused unless the controller's "
-                            "--allow-target list covers it")  # fmt: skip
+                    return (
+                        f"{address}{via} is a link-local or metadata address: refused unless the controller's "
+                        "--allow-target list covers it"
+                    )
             return None
         if not literal and any(fnmatch.fnmatchcase(host.lower(), p) for p in self._patterns):
             return None

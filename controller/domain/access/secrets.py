@@ -23,11 +23,20 @@ REDACTED = "[redacted]"
 HARMLESS_HEADERS = frozenset(
     name.lower()
     for name in (
-        "Accept", "Accept-Encoding", "Accept-Language", "Cache-Control", "Content-Type", "User-Agent",
-        "X-Request-Id", "OpenAI-Organization", "OpenAI-Project", "OpenAI-Beta", "Anthropic-Version",
+        "Accept",
+        "Accept-Encoding",
+        "Accept-Language",
+        "Cache-Control",
+        "Content-Type",
+        "User-Agent",
+        "X-Request-Id",
+        "OpenAI-Organization",
+        "OpenAI-Project",
+        "OpenAI-Beta",
+        "Anthropic-Version",
         "Anthropic-Beta",
     )
-)  # fmt: skip
+)
 
 
 def is_credential_header(name: str) -> bool:

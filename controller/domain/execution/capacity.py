@@ -62,8 +62,9 @@ class CapacitySearch:
         while not ex.cancelled.is_set():
             slots = self._placement.fill_slots(ex)
             available = len(slots) + self._placement.spare_agents(ex)
-            step = plan_next(settings, judge_probes(settings, measurements), agents=len(slots),
-                             available_agents=available)  # fmt: skip
+            step = plan_next(
+                settings, judge_probes(settings, measurements), agents=len(slots), available_agents=available
+            )
             if isinstance(step, SearchStop):
                 await self._events.add(ex.run_id, ex.record.pk, SEARCH_STOPPED_EVENT, step.message)
                 log.info("search_stopped", run_id=ex.run_id, reason=step.reason, message=step.message)

@@ -59,9 +59,14 @@ class RunCoordinator:
         self._executor = RunExecutor(store, self._active, self._placement, stages, self._events, preflights)
         policy = LossPolicy(store, stages, self._events)
         self._loss = AgentLoss(
-            store, self._agents, self._active, self._events, policy, heartbeat_interval_s=heartbeat_interval_s,
+            store,
+            self._agents,
+            self._active,
+            self._events,
+            policy,
+            heartbeat_interval_s=heartbeat_interval_s,
             disconnect_grace_s=lost_grace_s if lost_grace_s is not None else heartbeat_interval_s,
-        )  # fmt: skip
+        )
         self._reports = AgentReports(
             store, self._agents, self._active, self._events, self._loss, policy, acks, preflights
         )
@@ -193,7 +198,12 @@ class RunCoordinator:
         await self._reports.batch_refused(session, assignment_id, reason)
 
     def batch_committed(
-        self, session: AgentSession, target: IngestTarget, assignment_id: str, batch_seq: int,
-        outcome: repo.IngestOutcome, stored: repo.BatchIngest,
-    ) -> None:  # fmt: skip
+        self,
+        session: AgentSession,
+        target: IngestTarget,
+        assignment_id: str,
+        batch_seq: int,
+        outcome: repo.IngestOutcome,
+        stored: repo.BatchIngest,
+    ) -> None:
         self._reports.batch_committed(session, target, assignment_id, batch_seq, outcome, stored)

@@ -118,6 +118,10 @@ class RunExecutor:
         for warning in verdict.warnings:
             await self._events.add(ex.run_id, ex.record.pk, WARNING_EVENT, warning)
         if verdict.ok and not ex.cancelled.is_set():
-            await self._events.add(ex.run_id, ex.record.pk, "preflight_passed",
-                                   f"the target answered the check of {len(sessions)} agent(s)")  # fmt: skip
+            await self._events.add(
+                ex.run_id,
+                ex.record.pk,
+                "preflight_passed",
+                f"the target answered the check of {len(sessions)} agent(s)",
+            )
         return verdict.reason

@@ -96,16 +96,19 @@ class AgentLoss:
         if shutting_down:
             return  # the store may already be closed
         await self._store.record_agent_disconnected(session.session_id, time.time_ns())
-        log.info("agent_disconnected", session_id=session.session_id, agent=session.name,
-                 goodbye=session.departing)  # fmt: skip
+        log.info("agent_disconnected", session_id=session.session_id, agent=session.name, goodbye=session.departing)
         if not was_registered and session.close_reason:
             return  # already declared lost by the watchdog
         for a in self._active.assignments_of(session):
             a.slot.session = None
             if not a.done:
                 a.grace_timer = asyncio.create_task(self._lose_after_grace(a, session.name))
-                await self._events.add(a.execution.run_id, a.execution.record.pk, "agent_disconnected",
-                                       f"{session.name} disconnected during {a.assignment_id}")  # fmt: skip
+                await self._events.add(
+                    a.execution.run_id,
+                    a.execution.record.pk,
+                    "agent_disconnected",
+                    f"{session.name} disconnected during {a.assignment_id}",
+                )
         self._free_slots(session)
 
     async def _session_gone(self, session: AgentSession, reason: str) -> None:
@@ -135,11 +138,15 @@ class AgentLoss:
         ex, run = a.execution, a.execution.record
         a.mark_lost(reason)
         ex.lost_names.add(a.agent_name)
-        await self._store.update_assignment(a.pk, state=ASSIGNMENT_LOST, message=a.message,
-                             requests_sent=a.requests_sent, ended_at=time.time_ns())  # fmt: skip
-        await self._events.add(ex.run_id, run.pk, "agent_lost",
-                               f"stage {a.stage_idx}: {reason}; assignment {a.assignment_id} had announced "
-                               f"{a.requests_sent} requests")  # fmt: skip
+        await self._store.update_assignment(
+            a.pk, state=ASSIGNMENT_LOST, message=a.message, requests_sent=a.requests_sent, ended_at=time.time_ns()
+        )
+        await self._events.add(
+            ex.run_id,
+            run.pk,
+            "agent_lost",
+            f"stage {a.stage_idx}: {reason}; assignment {a.assignment_id} had announced {a.requests_sent} requests",
+        )
         log.warning("assignment_lost", run_id=ex.run_id, assignment_id=a.assignment_id, reason=reason)
         await self._policy.apply(a, reason)
 
@@ -161,9 +168,10 @@ class AgentLoss:
             token = resume_tokens.get(assignment_id, "")
             if not expected or not hmac.compare_digest(token_sha256(token), expected):
                 raise AssignmentRefused(
-                    assignment_id, run_id,
+                    assignment_id,
+                    run_id,
                     f"assignment {assignment_id[:64]} was not given to this agent (missing or wrong resume token)",
-                )  # fmt: skip
+                )
             proven.add(assignment_id)
         return proven
 
@@ -183,9 +191,13 @@ class AgentLoss:
     async def connected(self, session: AgentSession, active_assignment_ids: list[str]) -> None:
         """A (re)connected agent: its proven live assignments resume on this session, the
         rest are cancelled on the agent; then it may be placed."""
-        await self._store.record_agent_connected(session.session_id, session.name, session.labels,
-            session.version, session.connected_at_ns,
-        )  # fmt: skip
+        await self._store.record_agent_connected(
+            session.session_id,
+            session.name,
+            session.labels,
+            session.version,
+            session.connected_at_ns,
+        )
         log.info("agent_connected", session_id=session.session_id, agent=session.name)
         for assignment_id in active_assignment_ids:
             a = self._active.assignment(assignment_id)
@@ -203,9 +215,13 @@ class AgentLoss:
         for ex in self._active.runs():  # add_event awaits: runs may start or end meanwhile
             if session.name in ex.lost_names and session.run_id != ex.run_id:
                 ex.lost_names.discard(session.name)
-                await self._events.add(ex.run_id, ex.record.pk, "agent_rejoined",
-                                       f"{session.name} rejoined with new session {session.session_id} "
-                                       "(its lost share stays with the others)")  # fmt: skip
+                await self._events.add(
+                    ex.run_id,
+                    ex.record.pk,
+                    "agent_rejoined",
+                    f"{session.name} rejoined with new session {session.session_id} "
+                    "(its lost share stays with the others)",
+                )
         self._agents.add(session)
 
     async def _resume(self, session: AgentSession, a: ActiveAssignment) -> None:
@@ -220,5 +236,6 @@ class AgentLoss:
         if a.grace_timer is not None:
             a.grace_timer.cancel()
             a.grace_timer = None
-        await self._events.add(a.execution.run_id, a.execution.record.pk, "agent_rejoined",
-                               f"{session.name} resumed {a.assignment_id}")  # fmt: skip
+        await self._events.add(
+            a.execution.run_id, a.execution.record.pk, "agent_rejoined", f"{session.name} resumed {a.assignment_id}"
+        )

@@ -62,8 +62,9 @@ class AgentReports:
             a.requests_sent = max(a.requests_sent, update.requests_sent)
             started_ns = update.start_unix_ns + session.clock.offset_ns
             if update.start_unix_ns and a.start_reported(started_ns):
-                await self._store.update_assignment(a.pk, started_ns=started_ns,
-                                     clock_offset_ns=session.clock.offset_ns)  # fmt: skip
+                await self._store.update_assignment(
+                    a.pk, started_ns=started_ns, clock_offset_ns=session.clock.offset_ns
+                )
             if state in FINAL_REPORTS and a.awaiting_report:
                 await self._final_report(a, update)
         if state in FINAL_REPORTS:
@@ -80,14 +81,20 @@ class AgentReports:
     async def _final_report(self, a: ActiveAssignment, update: agent_service_pb2.AssignmentUpdate) -> None:
         asked_to_stop = a.phase is AssignmentPhase.STOPPING
         a.report(update.state, update.message, update.batch_count, update.requests_sent)
-        await self._store.update_assignment(a.pk, state=update.state, message=a.message,
-            batch_count=update.batch_count, requests_sent=update.requests_sent, ended_at=time.time_ns(),
-        )  # fmt: skip
+        await self._store.update_assignment(
+            a.pk,
+            state=update.state,
+            message=a.message,
+            batch_count=update.batch_count,
+            requests_sent=update.requests_sent,
+            ended_at=time.time_ns(),
+        )
         if int(update.state) == AssignmentState.FAILED:
             log.warning("assignment_failed", assignment_id=a.assignment_id, message=a.message)
         for stall in update.stalls:
-            await self._events.add(a.execution.run_id, a.execution.record.pk, "stall",
-                                   stall_text(a.stage_idx, a.agent_name, stall))  # fmt: skip
+            await self._events.add(
+                a.execution.run_id, a.execution.record.pk, "stall", stall_text(a.stage_idx, a.agent_name, stall)
+            )
         self._finish_if_committed(a)
         ex = a.execution
         departed = int(update.state) == AssignmentState.CANCELLED and not asked_to_stop
@@ -122,8 +129,15 @@ class AgentReports:
         found = await self._store.lookup_assignment(assignment_id)
         if found is None:
             return None
-        return IngestTarget(found.pk, found.run_pk, found.run_id, found.stage_idx, found.created_at, found.ended_at,
-                            found.clock_offset_ns)  # fmt: skip
+        return IngestTarget(
+            found.pk,
+            found.run_pk,
+            found.run_id,
+            found.stage_idx,
+            found.created_at,
+            found.ended_at,
+            found.clock_offset_ns,
+        )
 
     async def batch_refused(self, session: AgentSession, assignment_id: str, reason: str) -> None:
         """An owned assignment's agent sent a batch that cannot be stored: the batch is
@@ -137,9 +151,14 @@ class AgentReports:
         await self._loss.lose(a, f"{session.name} sent a sample batch that was refused")
 
     def batch_committed(
-        self, session: AgentSession, target: IngestTarget, assignment_id: str, batch_seq: int,
-        outcome: repo.IngestOutcome, stored: repo.BatchIngest,
-    ) -> None:  # fmt: skip
+        self,
+        session: AgentSession,
+        target: IngestTarget,
+        assignment_id: str,
+        batch_seq: int,
+        outcome: repo.IngestOutcome,
+        stored: repo.BatchIngest,
+    ) -> None:
         through = self._acks.commit(assignment_id, batch_seq)
         session.send(
             agent_service_pb2.ConnectResponse(ack=agent_service_pb2.Ack(assignment_id=assignment_id, batch_seq=through))

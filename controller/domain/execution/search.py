@@ -99,9 +99,14 @@ class SearchSettings:
         s.CopyFrom(search)
         apply_search_defaults(s)
         return cls(
-            s.variable, s.goodput_target_percent / 100.0, s.min, s.max, s.tolerance_percent / 100.0,
-            s.min_requests, s.max_probes + carried,
-        )  # fmt: skip
+            s.variable,
+            s.goodput_target_percent / 100.0,
+            s.min,
+            s.max,
+            s.tolerance_percent / 100.0,
+            s.min_requests,
+            s.max_probes + carried,
+        )
 
     @property
     def integer(self) -> bool:
@@ -187,9 +192,11 @@ def judge_probes(settings: SearchSettings, probes: Sequence[ProbeMeasurement]) -
         judged = _judge(settings, m, prev if pair else None)
         if pair and prev is not None and judged.verdict in (Verdict.PASS, Verdict.FAIL):
             out[-1] = dataclasses.replace(
-                prev, verdict=judged.verdict, superseded=True,
+                prev,
+                verdict=judged.verdict,
+                superseded=True,
                 reason=f"{prev.reason}; decided with its repeat: {judged.verdict.value}",
-            )  # fmt: skip
+            )
         out.append(judged)
     return out
 
@@ -199,8 +206,20 @@ def _judge(settings: SearchSettings, m: ProbeMeasurement, first: ProbeJudgement 
     n, good = m.requests, m.good
     fraction = good / n if n else 0.0
     low, high = wilson_interval(good, n)
-    base = ProbeJudgement(m.load, m.agents, Verdict.INCONCLUSIVE, n, good, fraction, low, high, False,
-                          first is not None, "", saturated=m.saturated)  # fmt: skip
+    base = ProbeJudgement(
+        m.load,
+        m.agents,
+        Verdict.INCONCLUSIVE,
+        n,
+        good,
+        fraction,
+        low,
+        high,
+        False,
+        first is not None,
+        "",
+        saturated=m.saturated,
+    )
     if n and m.failed > TARGET_ERRORS_FRACTION * n:
         why = f"{m.failed} of {n} requests failed: the target errors at this load"
         return dataclasses.replace(base, verdict=Verdict.FAIL, confident=True, target_errors=True, reason=why)
@@ -271,8 +290,9 @@ def plan_next(
     fmt = _fmt(settings)
     last = judgements[-1] if judgements else None
     if last is not None and last.target_errors:
-        return SearchStop(run_pb2.SEARCH_STOP_REASON_TARGET_ERRORS,
-                          f"most requests at {fmt(last.load)} failed ({last.reason})")  # fmt: skip
+        return SearchStop(
+            run_pb2.SEARCH_STOP_REASON_TARGET_ERRORS, f"most requests at {fmt(last.load)} failed ({last.reason})"
+        )
     b = bracket(judgements)
     hp, lf = b.highest_passing, b.lowest_failing
     if last is not None and last.saturated:
@@ -281,12 +301,21 @@ def plan_next(
         # More agents, unless the last probe already asked for them and did not get to use them.
         if available_agents > last.agents and (again is None or again.agents < last.agents):
             more = min(available_agents, max(last.agents + 1, last.agents * 2))
-            return NextProbe(last.load, more, True, f"the generator was saturated at {fmt(last.load)} "
-                             f"on {last.agents} agent(s): repeated on {more}")  # fmt: skip
+            return NextProbe(
+                last.load,
+                more,
+                True,
+                f"the generator was saturated at {fmt(last.load)} on {last.agents} agent(s): repeated on {more}",
+            )
         if again is None:
             # Once may be a stall of the generator's own (its first assignment, a pause): twice is its limit.
-            return NextProbe(last.load, last.agents, True, f"the generator was saturated at {fmt(last.load)} "
-                             f"on {last.agents} agent(s) and no other agent is free: repeated once")  # fmt: skip
+            return NextProbe(
+                last.load,
+                last.agents,
+                True,
+                f"the generator was saturated at {fmt(last.load)} "
+                f"on {last.agents} agent(s) and no other agent is free: repeated once",
+            )
         known = f"; the capacity is at least {fmt(hp.load)}" if hp is not None else ""
         return SearchStop(
             run_pb2.SEARCH_STOP_REASON_GENERATOR_SATURATED,
@@ -310,8 +339,10 @@ def plan_next(
     if len(judgements) >= settings.max_probes:
         known = f"; the capacity is at least {fmt(hp.load)}" if hp is not None else ""
         above = f" and below {fmt(lf.load)}" if lf is not None else ""
-        return SearchStop(run_pb2.SEARCH_STOP_REASON_MAX_PROBES,
-                          f"{settings.max_probes} probes ran before the search converged{known}{above}")  # fmt: skip
+        return SearchStop(
+            run_pb2.SEARCH_STOP_REASON_MAX_PROBES,
+            f"{settings.max_probes} probes ran before the search converged{known}{above}",
+        )
     if last is not None and last.verdict is Verdict.INCONCLUSIVE:
         return NextProbe(last.load, last.agents, True, f"{fmt(last.load)} proved nothing ({last.reason}): repeated")
     decided = [j.verdict for j in judgements if j.verdict in (Verdict.PASS, Verdict.FAIL) and not j.superseded]

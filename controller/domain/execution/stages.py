@@ -123,10 +123,18 @@ class StageRunner:
         # hash is kept, so a reconnecting agent proves it was given the assignment.
         resume_token = secrets.token_urlsafe(24)
         created_ns = time.time_ns()
-        pk = await self._store.insert_assignment(assignment_id, ex.record.pk, st.idx, session.session_id,
-            session.name, share.concurrency or share.max_concurrency, share.requests,
-            AssignmentState.RUNNING, created_ns, token_sha256(resume_token),
-        )  # fmt: skip
+        pk = await self._store.insert_assignment(
+            assignment_id,
+            ex.record.pk,
+            st.idx,
+            session.session_id,
+            session.name,
+            share.concurrency or share.max_concurrency,
+            share.requests,
+            AssignmentState.RUNNING,
+            created_ns,
+            token_sha256(resume_token),
+        )
         workload = run_pb2.Workload()
         workload.CopyFrom(ex.spec.workload)
         workload.seed = derive_seed(ex.spec.workload.seed, st.idx, seed_idx)
@@ -135,15 +143,32 @@ class StageRunner:
         restore_secrets(target, ex.secret)
         message = agent_service_pb2.ConnectResponse(
             assign=agent_service_pb2.Assign(
-                assignment_id=assignment_id, run_id=ex.run_id, stage_index=st.idx,
-                target=target, workload=workload, stage=share, dataset_entries=ex.dataset,
-                takeover=takeover, server_metrics=server_metrics, resume_token=resume_token,
+                assignment_id=assignment_id,
+                run_id=ex.run_id,
+                stage_index=st.idx,
+                target=target,
+                workload=workload,
+                stage=share,
+                dataset_entries=ex.dataset,
+                takeover=takeover,
+                server_metrics=server_metrics,
+                resume_token=resume_token,
             )
-        )  # fmt: skip
+        )
         a = ActiveAssignment(
-            assignment_id, pk, ex, st.idx, slot, share, st, session.name, message, takeover,
-            token_sha256(resume_token), created_ns,
-        )  # fmt: skip
+            assignment_id,
+            pk,
+            ex,
+            st.idx,
+            slot,
+            share,
+            st,
+            session.name,
+            message,
+            takeover,
+            token_sha256(resume_token),
+            created_ns,
+        )
         self._active.add_assignment(a)
         session.owned.add(assignment_id)
         st.active.append(a)
@@ -166,8 +191,12 @@ class StageRunner:
             a.clock_offset_ns = session.clock.offset_ns
             session.send(message)
         for a in assignments:
-            await self._store.update_assignment(a.pk, planned_start_ns=start_ns, takeover=int(a.takeover),
-                                 clock_offset_ns=a.slot.session.clock.offset_ns if a.slot.session else 0)  # fmt: skip
+            await self._store.update_assignment(
+                a.pk,
+                planned_start_ns=start_ns,
+                takeover=int(a.takeover),
+                clock_offset_ns=a.slot.session.clock.offset_ns if a.slot.session else 0,
+            )
 
     async def _wait_until_done(self, ex: RunExecution, st: StageRun) -> None:
         """Until every assignment is done, the run is cancelled, an abort check fails (which
@@ -236,8 +265,9 @@ class StageRunner:
         for a in st.active:
             await self._store.record_assignment_health(a.pk, a.max_loop_lag_ms, a.max_cpu_percent)
             if a.final_state in (ASSIGNMENT_LOST, AssignmentState.FAILED):
-                await self._store.update_assignment(a.pk, state=a.final_state, message=a.message,
-                                     requests_sent=a.requests_sent, ended_at=time.time_ns())  # fmt: skip
+                await self._store.update_assignment(
+                    a.pk, state=a.final_state, message=a.message, requests_sent=a.requests_sent, ended_at=time.time_ns()
+                )
         failed = [a for a in st.active if a.final_state == AssignmentState.FAILED]
         lost = [a for a in st.active if a.final_state == ASSIGNMENT_LOST]
         if st.active and len(failed) + len(lost) == len(st.active):

@@ -58,9 +58,10 @@ class LossPolicy:
         if rest is None:
             return
         takers = [
-            slot for slot in ex.slots
+            slot
+            for slot in ex.slots
             if slot.session is not None and not slot.session.close_reason and slot.session is not lost.slot.session
-        ]  # fmt: skip
+        ]
         if not takers:
             await self.reduce_load(ex, st, f"{lost.agent_name} lost and no agent left to take over its share")
             return
@@ -72,7 +73,10 @@ class LossPolicy:
             seed_idx = takeover_seed_index(st.takeovers, len(names))
             a = await self._stages.assign(ex, st, slot, share, seed_idx, takeover=True)
             names.append(f"{a.agent_name} ({load_text(share)})")
-        await self._events.add(ex.run_id, ex.record.pk, "takeover",
-                               f"stage {st.idx}: the share of {lost.agent_name} ({load_text(rest)}) "
-                               f"goes to {', '.join(names)}")  # fmt: skip
+        await self._events.add(
+            ex.run_id,
+            ex.record.pk,
+            "takeover",
+            f"stage {st.idx}: the share of {lost.agent_name} ({load_text(rest)}) goes to {', '.join(names)}",
+        )
         log.info("takeover", run_id=ex.run_id, stage=st.idx, lost=lost.agent_name, takers=len(names))

@@ -18,15 +18,25 @@ from common.metrics import LatencySummary, StageMetrics
 LATENCIES = ("ttft", "tpot", "itl", "e2e", "queue_delay", "e2e_including_queue")
 AGGREGATES = ("mean", "std", "min", "max", "p50", "p90", "p95", "p99", "p999")
 SCALARS = (
-    "error_rate", "request_throughput", "output_throughput", "total_throughput", "goodput",
-    "good_fraction", "achieved_concurrency", "requests_ok", "requests_failed",
-)  # fmt: skip
+    "error_rate",
+    "request_throughput",
+    "output_throughput",
+    "total_throughput",
+    "goodput",
+    "good_fraction",
+    "achieved_concurrency",
+    "requests_ok",
+    "requests_failed",
+)
 # Metrics of the whole run rather than of a stage: evaluated once, with the run's value.
 RUN_METRICS = ("capacity",)
 _FRACTIONS = frozenset({"error_rate", "good_fraction"})
 _OPS: dict[str, Callable[[float, float], bool]] = {
-    "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
-}  # fmt: skip
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
+}
 _EXPR = re.compile(
     r"^\s*(?:(?P<agg>[a-z0-9]+)\((?P<lat>[a-z0-9_]+)\)|(?P<scalar>[a-z_]+))\s*"
     r"(?P<op><=|>=|<|>)\s*(?P<num>[0-9]+(?:\.[0-9]+)?)\s*(?P<unit>ms|s|%)?\s*$"
@@ -96,9 +106,7 @@ class ParsedCheck:
 def parse_check(expression: str, abort_on_fail: bool = False) -> ParsedCheck:
     m = _EXPR.match(expression.lower())
     if m is None:
-        raise CheckSyntaxError(
-            "expected e.g. 'p99(ttft) < 500ms', 'error_rate < 1%' or 'output_throughput > 1000'"
-        )
+        raise CheckSyntaxError("expected e.g. 'p99(ttft) < 500ms', 'error_rate < 1%' or 'output_throughput > 1000'")
     threshold = float(m["num"])
     unit = m["unit"]
     if m["lat"]:
@@ -109,8 +117,9 @@ def parse_check(expression: str, abort_on_fail: bool = False) -> ParsedCheck:
             raise CheckSyntaxError(f"unknown aggregate {agg!r}; one of {', '.join(AGGREGATES)}")
         if unit == "%":
             raise CheckSyntaxError("a latency threshold takes ms or s, not %")
-        return ParsedCheck(expression, f"{lat}.{agg}", m["op"], threshold * 1000 if unit == "s" else threshold,
-                           False, abort_on_fail)  # fmt: skip
+        return ParsedCheck(
+            expression, f"{lat}.{agg}", m["op"], threshold * 1000 if unit == "s" else threshold, False, abort_on_fail
+        )
     scalar = m["scalar"]
     if scalar not in SCALARS and scalar not in RUN_METRICS:
         names = ", ".join((*SCALARS, *RUN_METRICS))

@@ -109,11 +109,15 @@ def compare_capacities(
     value = capacity_value(cap) if other.HasField("capacity") else None
     note = ""
     if baseline.HasField("capacity") != other.HasField("capacity"):
-        note = (f"the baseline {baseline.run_id} is {_searched(baseline)}, {other.run_id} is {_searched(other)}: "
-                "capacities not compared")  # fmt: skip
+        note = (
+            f"the baseline {baseline.run_id} is {_searched(baseline)}, {other.run_id} is {_searched(other)}: "
+            "capacities not compared"
+        )
     elif base_cap.variable != cap.variable:
-        note = (f"the baseline searched {variable_name(base_cap.variable)}, {other.run_id} "
-                f"{variable_name(cap.variable)}: capacities not compared")  # fmt: skip
+        note = (
+            f"the baseline searched {variable_name(base_cap.variable)}, {other.run_id} "
+            f"{variable_name(cap.variable)}: capacities not compared"
+        )
     elif base is None or value is None:
         which = [r.run_id for r, v in ((baseline, base), (other, value)) if v is None]
         note = f"no capacity measured by {' and '.join(which)}: capacities not compared"

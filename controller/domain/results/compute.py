@@ -55,7 +55,6 @@ MAX_RESUME_CHAIN = 16
 log = structlog.get_logger(__name__)
 
 
-
 @dataclass(frozen=True)
 class CheckOutcome:
     expression: str
@@ -178,13 +177,18 @@ def admissible_samples(data: repo.StageSamples, now_ns: int) -> tuple[repo.Stage
     # stage's, else now), widened by the slack, as ingest checks it.
     lo = np.array([start - slack - offset for start, _, offset in data.windows], dtype=np.int64)
     hi = np.array(
-        [(end if end is not None else data.stage_ended_at or now_ns) + slack - offset
-         for _, end, offset in data.windows],
+        [
+            (end if end is not None else data.stage_ended_at or now_ns) + slack - offset
+            for _, end, offset in data.windows
+        ],
         dtype=np.int64,
-    )  # fmt: skip
+    )
     columns = {name: getattr(cols, name) for name in repo.SAMPLE_COLUMNS if hasattr(cols, name)}
-    columns |= {"first_byte_ns": data.first_byte_ns, "requested_input_tokens": data.requested_input_tokens,
-                "requested_output_tokens": data.requested_output_tokens}  # fmt: skip
+    columns |= {
+        "first_byte_ns": data.first_byte_ns,
+        "requested_input_tokens": data.requested_input_tokens,
+        "requested_output_tokens": data.requested_output_tokens,
+    }
     bad = np.zeros(len(cols), dtype=np.bool_)
     rules: list[str] = []
     for rule, broken in limits.violations(columns, cols.itl_ns, lo[data.assignment], hi[data.assignment]):
@@ -195,18 +199,23 @@ def admissible_samples(data: repo.StageSamples, now_ns: int) -> tuple[repo.Stage
         return data, 0, ""
     keep = ~bad
     kept = dataclasses.replace(
-        data, columns=cols.select(keep), agent=data.agent[keep], assignment=data.assignment[keep],
+        data,
+        columns=cols.select(keep),
+        agent=data.agent[keep],
+        assignment=data.assignment[keep],
         requested_input_tokens=data.requested_input_tokens[keep],
-        requested_output_tokens=data.requested_output_tokens[keep], first_byte_ns=data.first_byte_ns[keep],
-    )  # fmt: skip
-    return kept, ignored, f"{ignored} stored samples are impossible for this stage and were left out: " + "; ".join(
-        rules
+        requested_output_tokens=data.requested_output_tokens[keep],
+        first_byte_ns=data.first_byte_ns[keep],
+    )
+    return (
+        kept,
+        ignored,
+        f"{ignored} stored samples are impossible for this stage and were left out: " + "; ".join(rules),
     )
 
 
 def compute_stage_outcome(
-    reads: SnapshotReads,
-    run_pk: int, spec: run_pb2.RunSpec, idx: int, slo: Slo | None, checks: list[ParsedCheck]
+    reads: SnapshotReads, run_pk: int, spec: run_pb2.RunSpec, idx: int, slo: Slo | None, checks: list[ParsedCheck]
 ) -> tuple[StageOutcome, SampleColumns]:
     """One stage's outcome from its stored samples (and those samples' columns)."""
     stage = spec.stages[idx] if idx < len(spec.stages) else run_pb2.Stage()
@@ -227,17 +236,27 @@ def compute_stage_outcome(
     server = stage_server_metrics(reads, run_pk, idx, spec.server_metrics, cols)
     retried = int(np.count_nonzero(counted & ((cols.flags & SampleFlag.RETRIED) != 0)))
     outcome = StageOutcome(
-        index=idx, name=stage.name, concurrency=stage.concurrency, request_rate=stage.request_rate,
-        metrics=metrics, agents=agents, checks=outcomes, saturated=saturated, saturation_reason=why,
+        index=idx,
+        name=stage.name,
+        concurrency=stage.concurrency,
+        request_rate=stage.request_rate,
+        metrics=metrics,
+        agents=agents,
+        checks=outcomes,
+        saturated=saturated,
+        saturation_reason=why,
         max_loop_lag_ms=data.max_loop_lag_ms,
         mean_requested_input_tokens=_mean_known(data.requested_input_tokens[counted]),
         mean_input_tokens=_mean_known(cols.prompt_tokens[ok]),
         mean_requested_output_tokens=_mean_known(data.requested_output_tokens[counted]),
         mean_output_tokens=float(cols.output_tokens[ok].mean()) if ok.any() else 0.0,
         fleet=stage_fleet(reads, run_pk, idx),
-        server_metrics=server, target=target_saturation(stage, metrics, cols, server),
-        samples_ignored=ignored, samples_ignored_reason=ignored_reason, requests_retried=retried,
-    )  # fmt: skip
+        server_metrics=server,
+        target=target_saturation(stage, metrics, cols, server),
+        samples_ignored=ignored,
+        samples_ignored_reason=ignored_reason,
+        requests_retried=retried,
+    )
     return outcome, cols
 
 
@@ -269,8 +288,10 @@ def compute_run_result(reads: SnapshotReads, run_pk: int, spec: run_pb2.RunSpec,
         verdict = run_pb2.VERDICT_FAIL
     overall = None
     if every_stage:
-        overall = stages[0].metrics if len(every_stage) == 1 else compute_stage_metrics(
-            SampleColumns.concat(every_stage), slo
+        overall = (
+            stages[0].metrics
+            if len(every_stage) == 1
+            else compute_stage_metrics(SampleColumns.concat(every_stage), slo)
         )
     return RunOutcome(stages, all_checks, verdict, overall, run_warnings(reads, run_pk, stages), capacity)
 
@@ -307,8 +328,9 @@ class StoredProbe:
     metrics: StageMetrics | None
 
 
-def probe_measurement(spec: run_pb2.RunSpec, idx: int, stage: StageOutcome | None, complete: bool,
-                      why: str = "") -> ProbeMeasurement:  # fmt: skip
+def probe_measurement(
+    spec: run_pb2.RunSpec, idx: int, stage: StageOutcome | None, complete: bool, why: str = ""
+) -> ProbeMeasurement:
     """What the judgement needs of one probe's stage (None: the stage stored no samples)."""
     load = stage_load(spec.stages[idx]) if idx < len(spec.stages) else 0.0
     if stage is None:
@@ -317,9 +339,16 @@ def probe_measurement(spec: run_pb2.RunSpec, idx: int, stage: StageOutcome | Non
     n = m.requests_ok + m.requests_failed
     reduced = stage.fleet.reduced_load_reason if stage.fleet is not None else ""
     return ProbeMeasurement(
-        load, max(1, len(stage.agents)), n, round((m.good_fraction or 0.0) * n), m.requests_failed,
-        stage.saturated, stage.saturation_reason, complete and not reduced, why or reduced,
-    )  # fmt: skip
+        load,
+        max(1, len(stage.agents)),
+        n,
+        round((m.good_fraction or 0.0) * n),
+        m.requests_failed,
+        stage.saturated,
+        stage.saturation_reason,
+        complete and not reduced,
+        why or reduced,
+    )
 
 
 def run_probes(spec: run_pb2.RunSpec, state: int, stages: list[StageOutcome]) -> list[StoredProbe]:
@@ -387,9 +416,18 @@ def capacity_outcome(
         cost = spec.search.cost_per_hour_usd / (tokens * 3600) * 1e6
     confident = all(j.confident for j in (hp, lf) if j is not None) and (hp is not None or lf is not None)
     return CapacityOutcome(
-        settings.variable, settings.target * 100, hp.load if hp else None, lf.load if lf else None, reason, message,
-        rows, throughput, tokens, cost, confident,
-    )  # fmt: skip
+        settings.variable,
+        settings.target * 100,
+        hp.load if hp else None,
+        lf.load if lf else None,
+        reason,
+        message,
+        rows,
+        throughput,
+        tokens,
+        cost,
+        confident,
+    )
 
 
 def _state_word(state: int) -> str:

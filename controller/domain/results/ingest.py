@@ -202,8 +202,7 @@ class Ingestor:
             if len(items) == 1:
                 # Nothing was committed, so nothing is acked: the agent replays the batch
                 # after its next reconnect.
-                log.exception("ingest_failed", assignment_id=items[0].assignment_id,
-                              batch_seq=items[0].batch.batch_seq)  # fmt: skip
+                log.exception("ingest_failed", assignment_id=items[0].assignment_id, batch_seq=items[0].batch.batch_seq)
                 return []
             log.warning("ingest_group_failed_retrying_alone", batches=len(items))
         done: list[tuple[_Item, repo.IngestOutcome]] = []

@@ -78,7 +78,7 @@ class LiveWindow:
         ok = sum(c.ok for c in self.chunks)
         tokens = sum(c.tokens for c in self.chunks)
         ttft = np.concatenate([c.ttft_ms for c in self.chunks]) if self.chunks else np.empty(0)
-        p50, p99 = (np.percentile(ttft, [50, 99]) if ttft.size else (0.0, 0.0))
+        p50, p99 = np.percentile(ttft, [50, 99]) if ttft.size else (0.0, 0.0)
         return LiveSnapshot(
             window_s=window,
             request_throughput=ok / window,

@@ -27,9 +27,17 @@ def timestamp(ns: int | None) -> timestamp_pb2.Timestamp | None:
 
 def latency_message(s: LatencySummary) -> run_pb2.LatencyStats:
     return run_pb2.LatencyStats(
-        count=s.count, mean_ms=s.mean, std_ms=s.std, min_ms=s.min, max_ms=s.max,
-        p50_ms=s.p50, p90_ms=s.p90, p95_ms=s.p95, p99_ms=s.p99, p999_ms=s.p999,
-    )  # fmt: skip
+        count=s.count,
+        mean_ms=s.mean,
+        std_ms=s.std,
+        min_ms=s.min,
+        max_ms=s.max,
+        p50_ms=s.p50,
+        p90_ms=s.p90,
+        p95_ms=s.p95,
+        p99_ms=s.p99,
+        p999_ms=s.p999,
+    )
 
 
 def _stage_fields(m: StageMetrics) -> run_pb2.StageResult:
@@ -54,12 +62,16 @@ def _stage_fields(m: StageMetrics) -> run_pb2.StageResult:
         e2e_including_queue=latency_message(m.e2e_including_queue),
         time_series=[
             run_pb2.TimeBucket(
-                second=b.second, completed=b.completed, errors=b.errors, output_tokens=b.output_tokens,
-                ttft_p50_ms=b.ttft_p50_ms, ttft_p99_ms=b.ttft_p99_ms,
+                second=b.second,
+                completed=b.completed,
+                errors=b.errors,
+                output_tokens=b.output_tokens,
+                ttft_p50_ms=b.ttft_p50_ms,
+                ttft_p99_ms=b.ttft_p99_ms,
             )
             for b in m.time_series
         ],
-    )  # fmt: skip
+    )
     if m.goodput is not None:
         out.goodput = m.goodput
     if m.good_fraction is not None:
@@ -69,9 +81,14 @@ def _stage_fields(m: StageMetrics) -> run_pb2.StageResult:
 
 def check_message(c: CheckOutcome) -> run_pb2.CheckResult:
     return run_pb2.CheckResult(
-        expression=c.expression, stage_index=c.stage_index, passed=c.passed,
-        measured=c.measured, threshold=c.threshold, message=c.message, run_level=c.run_level,
-    )  # fmt: skip
+        expression=c.expression,
+        stage_index=c.stage_index,
+        passed=c.passed,
+        measured=c.measured,
+        threshold=c.threshold,
+        message=c.message,
+        run_level=c.run_level,
+    )
 
 
 def stage_message(s: StageOutcome) -> run_pb2.StageResult:
@@ -109,27 +126,42 @@ def server_metrics_message(m: ServerStageOutcome) -> run_pb2.ServerMetricsResult
     return run_pb2.ServerMetricsResult(
         series=[
             run_pb2.ServerMetricSeries(
-                endpoint=x.endpoint, name=x.name, kind=x.kind, role=x.role,  # type: ignore[arg-type]
+                endpoint=x.endpoint,
+                name=x.name,
+                kind=x.kind,  # type: ignore[arg-type]
+                role=x.role,
                 points=[run_pb2.ServerMetricPoint(second=sec, value=v) for sec, v in x.points],
             )
             for x in m.series
         ],
         cross_checks=[
             run_pb2.ServerCrossCheck(
-                quantity=c.quantity, server_metrics=c.server_metrics, client_value=c.client_value,
-                server_value=c.server_value, difference_percent=c.difference_percent,
-                tolerance_percent=c.tolerance_percent, mismatch=c.mismatch, window_complete=c.window_complete,
+                quantity=c.quantity,
+                server_metrics=c.server_metrics,
+                client_value=c.client_value,
+                server_value=c.server_value,
+                difference_percent=c.difference_percent,
+                tolerance_percent=c.tolerance_percent,
+                mismatch=c.mismatch,
+                window_complete=c.window_complete,
                 message=c.message,
             )
             for c in m.cross_checks
         ],
         errors=[
-            run_pb2.ServerScrapeError(endpoint=e.endpoint, message=e.message, count=e.count,
-                                      first_time=timestamp(e.first_ns), last_time=timestamp(e.last_ns))
+            run_pb2.ServerScrapeError(
+                endpoint=e.endpoint,
+                message=e.message,
+                count=e.count,
+                first_time=timestamp(e.first_ns),
+                last_time=timestamp(e.last_ns),
+            )
             for e in m.errors
         ],
-        scrapes_ok=m.scrapes_ok, scrapes_failed=m.scrapes_failed, series_truncated=m.series_truncated,
-    )  # fmt: skip
+        scrapes_ok=m.scrapes_ok,
+        scrapes_failed=m.scrapes_failed,
+        series_truncated=m.series_truncated,
+    )
 
 
 def result_message(run_id: str, state: int, outcome: RunOutcome) -> run_pb2.RunResult:
@@ -154,10 +186,16 @@ def result_message(run_id: str, state: int, outcome: RunOutcome) -> run_pb2.RunR
 def probe_message(row: ProbeRow) -> run_pb2.CapacityProbe:
     j, m = row.judgement, row.metrics
     out = run_pb2.CapacityProbe(
-        stage_index=row.stage_index, load=j.load, outcome=PROBE_OUTCOME[j.verdict], requests=j.requests,
-        good_percent=j.good_fraction * 100, good_percent_low=j.low * 100, good_percent_high=j.high * 100,
-        reason=j.reason, repeat=j.repeat,
-    )  # fmt: skip
+        stage_index=row.stage_index,
+        load=j.load,
+        outcome=PROBE_OUTCOME[j.verdict],
+        requests=j.requests,
+        good_percent=j.good_fraction * 100,
+        good_percent_low=j.low * 100,
+        good_percent_high=j.high * 100,
+        reason=j.reason,
+        repeat=j.repeat,
+    )
     if m is not None:
         out.ttft_p50_ms, out.ttft_p99_ms = m.ttft.p50, m.ttft.p99
         out.tpot_p50_ms, out.tpot_p99_ms = m.tpot.p50, m.tpot.p99

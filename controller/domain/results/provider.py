@@ -172,9 +172,12 @@ class RunResults:
             if not await self._store.put_run_result(record.pk, record.run_id, row):
                 return computed.message  # the run was deleted meanwhile: nothing to keep
             log.info(
-                "run_result_stored", run_id=record.run_id, samples=await self._store.count_samples(record.pk),
-                compute_ms=round(computed.compute_ms, 1), result_bytes=len(serialized),
-            )  # fmt: skip
+                "run_result_stored",
+                run_id=record.run_id,
+                samples=await self._store.count_samples(record.pk),
+                compute_ms=round(computed.compute_ms, 1),
+                result_bytes=len(serialized),
+            )
             message, version = computed.message, computed.version
         self._cache.put(record.run_id, version, message)
         return message

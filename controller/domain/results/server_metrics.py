@@ -69,30 +69,63 @@ class ServerMetricNames:
 
 
 SERVER_METRIC_MAP: tuple[ServerMetricNames, ...] = (
-    ServerMetricNames("vLLM", "vllm:generation_tokens_total", "vllm:request_success_total",
-                      "vllm:prompt_tokens_total", "vllm:num_requests_running", "vllm:num_requests_waiting",
-                      "vllm:kv_cache_usage_perc"),
+    ServerMetricNames(
+        "vLLM",
+        "vllm:generation_tokens_total",
+        "vllm:request_success_total",
+        "vllm:prompt_tokens_total",
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+    ),
     # vLLM's V0 engine and early V1 releases: the KV-cache gauge was renamed kv_cache_usage_perc
     # (vllm-project/vllm#18354); the old name is no longer exported by default.
     ServerMetricNames("vLLM (before kv_cache_usage_perc)", None, None, None, None, None, "vllm:gpu_cache_usage_perc"),
-    ServerMetricNames("SGLang", "sglang:generation_tokens_total", "sglang:num_requests_total",
-                      "sglang:prompt_tokens_total", "sglang:num_running_reqs", "sglang:num_queue_reqs",
-                      "sglang:token_usage"),
+    ServerMetricNames(
+        "SGLang",
+        "sglang:generation_tokens_total",
+        "sglang:num_requests_total",
+        "sglang:prompt_tokens_total",
+        "sglang:num_running_reqs",
+        "sglang:num_queue_reqs",
+        "sglang:token_usage",
+    ),
     # TGI exports generated tokens as a histogram; its `_sum` is the running total.
-    ServerMetricNames("TGI", "tgi_request_generated_tokens_sum", "tgi_request_success",
-                      "tgi_request_input_length_sum", "tgi_batch_current_size", "tgi_queue_size", None),
+    ServerMetricNames(
+        "TGI",
+        "tgi_request_generated_tokens_sum",
+        "tgi_request_success",
+        "tgi_request_input_length_sum",
+        "tgi_batch_current_size",
+        "tgi_queue_size",
+        None,
+    ),
     # llama.cpp's prompt_tokens_total counts the tokens it evaluated, not those reused from a
     # slot's cache; current builds count those apart (prompt_tokens_cached_total) and export
     # no KV-cache gauge.
-    ServerMetricNames("llama.cpp", "llamacpp:tokens_predicted_total", None, "llamacpp:prompt_tokens_total",
-                      "llamacpp:requests_processing", "llamacpp:requests_deferred", None,
-                      "llamacpp:prompt_tokens_cached_total"),
+    ServerMetricNames(
+        "llama.cpp",
+        "llamacpp:tokens_predicted_total",
+        None,
+        "llamacpp:prompt_tokens_total",
+        "llamacpp:requests_processing",
+        "llamacpp:requests_deferred",
+        None,
+        "llamacpp:prompt_tokens_cached_total",
+    ),
     # Older llama.cpp builds exported a KV-cache gauge (removed in ggml-org/llama.cpp#13660).
     ServerMetricNames("llama.cpp (older builds)", None, None, None, None, None, "llamacpp:kv_cache_usage_ratio"),
-)  # fmt: skip
+)
 
-ROLES = ("running_requests", "waiting_requests", "kv_cache_usage", GENERATED_TOKENS, FINISHED_REQUESTS,
-         PROMPT_TOKENS, "cached_prompt_tokens")  # fmt: skip
+ROLES = (
+    "running_requests",
+    "waiting_requests",
+    "kv_cache_usage",
+    GENERATED_TOKENS,
+    FINISHED_REQUESTS,
+    PROMPT_TOKENS,
+    "cached_prompt_tokens",
+)
 ROLE_OF: dict[str, str] = {
     getattr(row, role): role for row in SERVER_METRIC_MAP for role in ROLES if getattr(row, role) is not None
 }
@@ -116,8 +149,11 @@ def validate_server_metrics(sm: run_pb2.ServerMetricsSpec, v: list[FieldViolatio
         if problem:
             v.append(FieldViolation(f"{path}.endpoints[{i}]", problem))
     if sm.HasField("scrape_interval") and not MIN_SCRAPE_INTERVAL_S <= seconds(sm.scrape_interval) <= MAX_INTERVAL_S:
-        v.append(FieldViolation(f"{path}.scrape_interval", f"must be between {MIN_SCRAPE_INTERVAL_S:g} s and "
-                                f"{MAX_INTERVAL_S:g} s"))  # fmt: skip
+        v.append(
+            FieldViolation(
+                f"{path}.scrape_interval", f"must be between {MIN_SCRAPE_INTERVAL_S:g} s and {MAX_INTERVAL_S:g} s"
+            )
+        )
     if len(sm.metric_filters) > MAX_FILTERS:
         v.append(FieldViolation(f"{path}.metric_filters", f"at most {MAX_FILTERS} filters"))
     for i, pattern in enumerate(sm.metric_filters[:MAX_FILTERS]):
@@ -281,12 +317,14 @@ def compute_server_view(data: StageScrapes, cols: SampleColumns, tolerance_perce
     series = series[:MAX_SERIES]
 
     checks = [
-        c for c in (
+        c
+        for c in (
             _cross_check(GENERATED_TOKENS, readings, data, cols, tolerance_percent),
             _cross_check(FINISHED_REQUESTS, readings, data, cols, tolerance_percent),
             _cross_check(PROMPT_TOKENS, readings, data, cols, tolerance_percent),
-        ) if c is not None
-    ]  # fmt: skip
+        )
+        if c is not None
+    ]
 
     grouped: dict[tuple[str, str], list[int]] = defaultdict(list)
     for s in data.scrapes:

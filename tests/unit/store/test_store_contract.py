@@ -50,9 +50,18 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 
 
 async def new_run(
-    store: Store, run_id: str = "run_a", *, created: int = 1, model: str = "m", stages: Sequence[str] = ("s0", "s1"),
-    request_id: str | None = None, secret: str = "", dataset: str = "", spec_pb: bytes = b"", spec_json: str = "{}",
-) -> repo.RunRecord:  # fmt: skip
+    store: Store,
+    run_id: str = "run_a",
+    *,
+    created: int = 1,
+    model: str = "m",
+    stages: Sequence[str] = ("s0", "s1"),
+    request_id: str | None = None,
+    secret: str = "",
+    dataset: str = "",
+    spec_pb: bytes = b"",
+    spec_json: str = "{}",
+) -> repo.RunRecord:
     record, created_now = await store.insert_run(
         run_id, request_id, f"name of {run_id}", model, spec_json, stages, secret, created, dataset, spec_pb
     )
@@ -61,18 +70,29 @@ async def new_run(
 
 
 async def new_assignment(
-    store: Store, run_pk: int, assignment_id: str, *, stage: int = 0, agent: str = "agent-a",
-    session: str = "", created: int = T0, token: str = "",
-) -> int:  # fmt: skip
+    store: Store,
+    run_pk: int,
+    assignment_id: str,
+    *,
+    stage: int = 0,
+    agent: str = "agent-a",
+    session: str = "",
+    created: int = T0,
+    token: str = "",
+) -> int:
     return await store.insert_assignment(
         assignment_id, run_pk, stage, session or f"ses-{assignment_id}", agent, 2, 10, 1, created, token
     )
 
 
 def sample_table(
-    n: int, *, sent0: int = T0 + 10**9, status: Sequence[int] | None = None, flags: Sequence[int] | None = None,
+    n: int,
+    *,
+    sent0: int = T0 + 10**9,
+    status: Sequence[int] | None = None,
+    flags: Sequence[int] | None = None,
     seed: int = 0,
-) -> tuple[np.ndarray, bytes]:  # fmt: skip
+) -> tuple[np.ndarray, bytes]:
     """A (13, n) table of plausible samples (each 2 gaps) and its gaps as stored bytes."""
     rng = np.random.default_rng(seed)
     table = np.zeros((len(columnar.SAMPLE_COLUMNS), n), dtype=np.int64)
@@ -94,9 +114,16 @@ def sample_table(
 
 
 def batch(
-    assignment_pk: int, run_pk: int, seq: int, table: np.ndarray, itl: bytes, *, stage: int = 0,
-    errors: Sequence[tuple[int, str]] = (), scrapes: Sequence[ScrapeRow] = (),
-) -> repo.BatchIngest:  # fmt: skip
+    assignment_pk: int,
+    run_pk: int,
+    seq: int,
+    table: np.ndarray,
+    itl: bytes,
+    *,
+    stage: int = 0,
+    errors: Sequence[tuple[int, str]] = (),
+    scrapes: Sequence[ScrapeRow] = (),
+) -> repo.BatchIngest:
     return repo.BatchIngest(assignment_pk, run_pk, stage, seq, table, errors, itl, scrapes)
 
 
@@ -133,8 +160,9 @@ async def test_a_new_run_is_pending_with_its_stages_secret_and_dataset(store: St
     read = await store.get_run("run_a")
     assert read == dataclasses.replace(record, spec_json="")
     assert [(s.idx, s.name, s.started_at, s.ended_at) for s in await store.list_stages(record.pk)] == [
-        (0, "warm", None, None), (1, "load", None, None),
-    ]  # fmt: skip
+        (0, "warm", None, None),
+        (1, "load", None, None),
+    ]
     assert await store.get_run_secret(record.pk) == "sk-1"
     assert await store.get_run_dataset(record.pk) == '[{"p": 1}]'
     assert await store.list_events(record.pk) == []
@@ -277,8 +305,10 @@ async def test_interrupting_ends_running_runs_only(store: Store) -> None:
     for r in (runs[0], runs[2]):
         read = await store.get_run(r.run_id)
         assert read is not None and (read.state, read.state_reason, read.ended_at) == (
-            RunState.INTERRUPTED, "controller restarted", 30,
-        )  # fmt: skip
+            RunState.INTERRUPTED,
+            "controller restarted",
+            30,
+        )
         assert await store.get_run_secret(r.pk) == ""
         [event] = await store.list_events(r.pk)
         assert (event.kind, event.message, event.time_ns) == ("run_interrupted", "controller restarted", 30)
@@ -305,8 +335,9 @@ async def test_stage_times_and_reduced_load(store: Store) -> None:
     await store.set_stage_reduced_load(record.pk, 1, "agent lost")
     await store.set_stage_reduced_load(record.pk, 9, "nothing")
     assert await store.list_stages(record.pk) == [
-        repo.StageRecord(0, "s0", 100, 200, ""), repo.StageRecord(1, "s1", 300, 400, "agent lost"),
-    ]  # fmt: skip
+        repo.StageRecord(0, "s0", 100, 200, ""),
+        repo.StageRecord(1, "s1", 300, 400, "agent lost"),
+    ]
     assert await snapshot_of(store, "stage_reduced_load_reason", record.pk, 1) == "agent lost"
     assert await snapshot_of(store, "stage_reduced_load_reason", record.pk, 0) == ""
     assert await snapshot_of(store, "stage_reduced_load_reason", 404, 0) == ""
@@ -407,9 +438,28 @@ async def test_a_new_assignment_and_its_lookup(store: Store) -> None:
     found = await store.lookup_assignment("asg_1")
     assert found == repo.StoredAssignment(pk, run.pk, "run_a", 1, "digest", 50, None, 0)
     assert await store.get_assignment("asg_1") == repo.AssignmentRecord(
-        pk, "asg_1", run.pk, 1, "ses-1", "agent-a", 4, 100, 1, "", None, 0, 50, None, 0.0, 0.0, None, None, 0, 0,
+        pk,
+        "asg_1",
+        run.pk,
+        1,
+        "ses-1",
+        "agent-a",
+        4,
+        100,
+        1,
+        "",
+        None,
+        0,
+        50,
+        None,
+        0.0,
+        0.0,
+        None,
+        None,
+        0,
+        0,
         "digest",
-    )  # fmt: skip
+    )
     other = await new_assignment(store, run.pk, "asg_2")
     assert other > pk
     assert await store.lookup_assignment("asg_none") is None
@@ -449,8 +499,9 @@ async def test_stage_assignments_count_their_stored_samples(store: Store) -> Non
     a1 = await new_assignment(store, run.pk, "asg_1", agent="agent-b")
     a2 = await new_assignment(store, run.pk, "asg_2", agent="agent-a")
     await new_assignment(store, run.pk, "asg_3", stage=1)
-    await store.update_assignment(a2, takeover=1, requests_sent=7, planned_start_ns=3, started_ns=4,
-                                  state=AssignmentState.LOST)  # fmt: skip
+    await store.update_assignment(
+        a2, takeover=1, requests_sent=7, planned_start_ns=3, started_ns=4, state=AssignmentState.LOST
+    )
     t1, g1 = sample_table(3)
     t2, g2 = sample_table(5)
     await store.ingest_batches(
@@ -478,10 +529,14 @@ async def test_ingest_is_idempotent_and_counts_without_warmup(store: Store) -> N
     version = await store.sample_batches_version(run.pk)
     assert version[0] == 1 and version[1] > 0
     # A replay (same assignment and seq), alone or twice in one call, stores nothing.
-    again = await store.ingest_batches([batch(a, run.pk, 1, table, itl), batch(a, run.pk, 2, table, itl),
-                                        batch(a, run.pk, 2, table, itl)])  # fmt: skip
-    assert again == [repo.IngestOutcome(False, 0, 0, 0), repo.IngestOutcome(True, 3, 1, 9),
-                     repo.IngestOutcome(False, 0, 0, 0)]  # fmt: skip
+    again = await store.ingest_batches(
+        [batch(a, run.pk, 1, table, itl), batch(a, run.pk, 2, table, itl), batch(a, run.pk, 2, table, itl)]
+    )
+    assert again == [
+        repo.IngestOutcome(False, 0, 0, 0),
+        repo.IngestOutcome(True, 3, 1, 9),
+        repo.IngestOutcome(False, 0, 0, 0),
+    ]
     read = await store.get_run(run.run_id)
     assert read is not None and (read.requests_ok, read.requests_failed, read.output_tokens) == (6, 2, 18)
     assert await store.count_samples(run.pk) == 12  # warmup included
@@ -523,17 +578,22 @@ async def test_export_pages_through_samples_in_storage_order(store: Store) -> No
     t1, g1 = sample_table(4, flags=[0, WARMUP, 0, 0], status=[1, 3, 1, 4], seed=1)
     t2, g2 = sample_table(3, seed=2)
     t3, g3 = sample_table(2, flags=[WARMUP, WARMUP], seed=3)
-    await store.ingest_batches([
-        batch(a1, run.pk, 1, t1, g1, errors=[(1, "warm boom"), (3, "boom")]),
-        batch(a2, run.pk, 1, t2, g2, stage=1),
-        batch(a1, run.pk, 2, t3, g3),
-    ])  # fmt: skip
+    await store.ingest_batches(
+        [
+            batch(a1, run.pk, 1, t1, g1, errors=[(1, "warm boom"), (3, "boom")]),
+            batch(a2, run.pk, 1, t2, g2, stage=1),
+            batch(a1, run.pk, 2, t3, g3),
+        ]
+    )
 
     def rows(t: np.ndarray, stage: int, agent: str, session: str, errors: dict[int, str]) -> list[tuple[object, ...]]:
         return [(stage, agent, *(int(v) for v in t[:11, i]), errors.get(i, ""), session) for i in range(t.shape[1])]
 
-    everything = [*rows(t1, 0, "agent-a", "ses-a", {1: "warm boom", 3: "boom"}), *rows(t2, 1, "agent-b", "ses-b", {}),
-                  *rows(t3, 0, "agent-a", "ses-a", {})]  # fmt: skip
+    everything = [
+        *rows(t1, 0, "agent-a", "ses-a", {1: "warm boom", 3: "boom"}),
+        *rows(t2, 1, "agent-b", "ses-b", {}),
+        *rows(t3, 0, "agent-a", "ses-a", {}),
+    ]
     warm = everything[1][11]
     assert warm == WARMUP
     counted = [r for r in everything if not int(r[11]) & WARMUP]  # type: ignore[call-overload]
@@ -567,10 +627,15 @@ async def test_stage_samples_come_agent_by_agent(store: Store) -> None:
     await store.record_assignment_health(ab, 30.0, 50.0)
     await store.record_assignment_health(aa, 10.0, 90.0)
     parts = {name: sample_table(n, seed=n) for name, n in (("b2", 2), ("a1", 3), ("b1", 4), ("b3", 5), ("a2", 1))}
-    await store.ingest_batches([
-        batch(ab, run.pk, 2, *parts["b2"]), batch(aa, run.pk, 1, *parts["a1"]), batch(ab, run.pk, 1, *parts["b1"]),
-        batch(ab2, run.pk, 1, *parts["b3"]), batch(aa, run.pk, 2, *parts["a2"]),
-    ])  # fmt: skip
+    await store.ingest_batches(
+        [
+            batch(ab, run.pk, 2, *parts["b2"]),
+            batch(aa, run.pk, 1, *parts["a1"]),
+            batch(ab, run.pk, 1, *parts["b1"]),
+            batch(ab2, run.pk, 1, *parts["b3"]),
+            batch(aa, run.pk, 2, *parts["a2"]),
+        ]
+    )
     await store.set_stage_time(run.pk, 0, ended_at=T0 + 99)
     data = await snapshot_of(store, "load_stage_samples", run.pk, 0)
     assert isinstance(data, repo.StageSamples)
@@ -601,11 +666,13 @@ async def test_failure_summary_names_the_first_stored_error(store: Store) -> Non
     ok, g_ok = sample_table(2)
     assert await store.failure_summary(run.pk) == (0, 0, "")
     bad, g_bad = sample_table(3, status=[1, 3, 3])
-    await store.ingest_batches([
-        batch(a, run.pk, 1, ok, g_ok),
-        batch(a, run.pk, 2, bad, g_bad, errors=[(2, "late"), (1, "early")]),
-        batch(a, run.pk, 3, bad, g_bad, errors=[(1, "next batch")]),
-    ])  # fmt: skip
+    await store.ingest_batches(
+        [
+            batch(a, run.pk, 1, ok, g_ok),
+            batch(a, run.pk, 2, bad, g_bad, errors=[(2, "late"), (1, "early")]),
+            batch(a, run.pk, 3, bad, g_bad, errors=[(1, "next batch")]),
+        ]
+    )
     assert await store.failure_summary(run.pk) == (4, 4, "early")
 
 
@@ -639,15 +706,20 @@ async def test_server_scrapes_and_their_failure_events(store: Store) -> None:
     data = await snapshot_of(store, "load_stage_scrapes", run.pk, 0)
     scrapes = data.scrapes  # type: ignore[attr-defined]
     assert [(s.endpoint, s.time_unix_ns, s.error) for s in scrapes] == [
-        (other, T0 + 1, "refused"), (url, T0 + 2, "timeout"), (url, T0 + 3, ""), (other, T0 + 4, "refused"),
-        (url, T0 + 5, "timeout"), (other, T0 + 6, "HTTP 500"), (url, T0 + 7, ""),
-    ]  # fmt: skip
+        (other, T0 + 1, "refused"),
+        (url, T0 + 2, "timeout"),
+        (url, T0 + 3, ""),
+        (other, T0 + 4, "refused"),
+        (url, T0 + 5, "timeout"),
+        (other, T0 + 6, "HTTP 500"),
+        (url, T0 + 7, ""),
+    ]
     pk_of = {s.time_unix_ns: s.pk for s in scrapes}
     assert sorted(data.values) == sorted(  # type: ignore[attr-defined]
         (pk_of[t], name, kind, total)
         for t in (T0 + 3, T0 + 7)
         for name, kind, total in ((running, GAUGE, 5.0), (generated, COUNTER, 40.0))
-    )  # fmt: skip
+    )
     assert (await snapshot_of(store, "load_stage_scrapes", run.pk, 1)).scrapes == []  # type: ignore[attr-defined]
 
 
@@ -703,13 +775,32 @@ async def stored_run_for_result(store: Store) -> repo.RunRecord:
         await store.update_assignment(b, started_ns=T0 + 10**9 + 2 * 10**6, planned_start_ns=T0 + 10**9 - 5000)
         for i, pk in enumerate((a, b)):
             seq += 1
-            table, itl = sample_table(20, sent0=T0 + 10**9 + stage * 5 * 10**9, status=[1] * 18 + [3, 1],
-                                      flags=[WARMUP] + [0] * 18 + [RETRIED], seed=seq)  # fmt: skip
-            gauges = (("vllm:num_requests_running", "", GAUGE, float(2 + i)),
-                      ("vllm:generation_tokens_total", "", COUNTER, float(100 * seq)))  # fmt: skip
+            table, itl = sample_table(
+                20,
+                sent0=T0 + 10**9 + stage * 5 * 10**9,
+                status=[1] * 18 + [3, 1],
+                flags=[WARMUP] + [0] * 18 + [RETRIED],
+                seed=seq,
+            )
+            gauges = (
+                ("vllm:num_requests_running", "", GAUGE, float(2 + i)),
+                ("vllm:generation_tokens_total", "", COUNTER, float(100 * seq)),
+            )
             scrapes = [ScrapeRow(url, T0 + 10**9 + stage * 5 * 10**9 + k * 10**9, "", gauges) for k in range(2)]
-            await store.ingest_batches([batch(pk, run.pk, seq, table, itl, stage=stage, errors=[(18, "HTTP 500")],
-                                              scrapes=scrapes if i == 0 else ())])  # fmt: skip
+            await store.ingest_batches(
+                [
+                    batch(
+                        pk,
+                        run.pk,
+                        seq,
+                        table,
+                        itl,
+                        stage=stage,
+                        errors=[(18, "HTTP 500")],
+                        scrapes=scrapes if i == 0 else (),
+                    )
+                ]
+            )
         await store.record_assignment_health(a, 12.0, 40.0)
         await store.set_stage_time(run.pk, stage, started_at=T0 + 10**9 + stage * 5 * 10**9)
         await store.set_stage_time(run.pk, stage, ended_at=T0 + 10**9 + (stage + 1) * 5 * 10**9)
@@ -726,9 +817,7 @@ async def stored_run_for_result(store: Store) -> repo.RunRecord:
 
 async def test_a_result_computed_over_the_store(store: Store) -> None:
     record = await stored_run_for_result(store)
-    computed = await store.read_snapshot(
-        provider.compute_result, record.pk, record.run_id, result_spec(), record.state
-    )
+    computed = await store.read_snapshot(provider.compute_result, record.pk, record.run_id, result_spec(), record.state)
     assert computed.version == (record.state, *await store.sample_batches_version(record.pk))
     result = computed.message
     assert result.run_id == "run_a" and result.verdict == run_pb2.VERDICT_PASS
