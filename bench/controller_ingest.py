@@ -162,6 +162,7 @@ async def run_ingest(address: str, args: argparse.Namespace, itl_per_sample: int
         await _wait_agents(client, len(agents), labels)
         spec = run_pb2.RunSpec(display_name="ingest-bench")
         spec.target.base_url = "http://127.0.0.1:9/v1"
+        spec.skip_preflight = True  # the fake agents answer no preflight check
         spec.target.model = "mock"
         spec.workload.synthetic.input_tokens.fixed = 128
         spec.workload.synthetic.output_tokens.fixed = 128
