@@ -54,7 +54,7 @@ RATE_SETTINGS = {
     "tpot": Setting(
         MockConfig(ttft_ms=20, itl_ms=10, itl_per_running_ms=10, output_tokens=8),
         Objectives(tpot_ms=45, goodput_target=GOODPUT_TARGET),
-        6,
+        8,
         40,
     ),
     # E2E = S = 80 / (1 - 10 x 4 x L) ms: 400 ms at 20/s, 286 ms at 18/s.
@@ -94,15 +94,26 @@ def search_spec(
 
 
 async def run_search(
-    controller: Controller, client: ControllerClient, variable: int, setting: Setting, *, tolerance: float = 5.0
+    controller: Controller,
+    client: ControllerClient,
+    variable: int,
+    setting: Setting,
+    *,
+    tolerance: float = 5.0,
+    max_probes: int = 10,
 ) -> run_pb2.CapacityResult:
     async with MockServer(setting.mock) as mock, running_agent(f"127.0.0.1:{controller.port}"):
-        run = await client.create_run(search_spec(mock.base_url, variable, setting, tolerance=tolerance))
+        run = await client.create_run(
+            search_spec(mock.base_url, variable, setting, tolerance=tolerance, max_probes=max_probes)
+        )
         final = await wait_final(client, run.id, 80)
         assert final.state == run_pb2.RUN_STATE_SUCCEEDED, final.state_reason
         if variable == run_pb2.SEARCH_VARIABLE_RATE:
             assert all(stage.arrival == run_pb2.ARRIVAL_PROCESS_CONSTANT for stage in final.spec.stages)
         cap = (await client.get_result(run.id)).capacity
+    if cap.stop_reason == run_pb2.SEARCH_STOP_REASON_GENERATOR_SATURATED:
+        # On a starved machine the agent's event loop lags: the search rightly proves nothing.
+        pytest.skip(f"the load generator was saturated: {cap.stop_message}")
     assert cap.stop_reason == run_pb2.SEARCH_STOP_REASON_CONVERGED, cap
     assert cap.HasField("highest_passing") and cap.HasField("lowest_failing"), cap
     return cap
@@ -127,7 +138,10 @@ async def test_rate_search_brackets_the_formula(controller: Controller, client: 
     setting = RATE_SETTINGS[name]
     truth = rate_capacity(setting.mock, Workload(PROMPT_TOKENS, setting.mock.output_tokens), setting.objectives)
     assert setting.low < truth.rate < setting.high
-    cap = await run_search(controller, client, run_pb2.SEARCH_VARIABLE_RATE, setting, tolerance=RATE_TOLERANCE)
+    # Boundary probes within noise are repeated: a rate search may spend more probes.
+    cap = await run_search(
+        controller, client, run_pb2.SEARCH_VARIABLE_RATE, setting, tolerance=RATE_TOLERANCE, max_probes=14
+    )
     tolerance = RATE_TOLERANCE / 100
     assert cap.highest_passing <= truth.rate * (1 + tolerance), (truth.rate, cap)
     assert cap.lowest_failing >= truth.rate * (1 - tolerance), (truth.rate, cap)
