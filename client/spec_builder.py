@@ -43,7 +43,6 @@ STAGE_FLAGS = (
     ("--requests", "requests", 0),
     ("--warmup", "warmup", (0.0, 0)),
     ("--ramp", "ramp", 0.0),
-    ("--arrival", "arrival", None),
     ("--burstiness", "burstiness", None),
     ("--max-concurrency", "max_concurrency", 0),
 )
@@ -450,11 +449,17 @@ def _search_spec(args: argparse.Namespace) -> run_pb2.SearchSpec | None:
             instead = _SEARCH_INSTEAD.get(flag)
             hint = f" (use {instead})" if instead else ""
             raise argparse.ArgumentTypeError(f"--search plans its own stages: {flag} cannot be given with it{hint}")
+    if args.arrival is not None and args.search == "concurrency":
+        raise argparse.ArgumentTypeError("--arrival applies to a rate search only (--search rate)")
+    if args.arrival == "gamma":
+        raise argparse.ArgumentTypeError("--search rate takes --arrival poisson or constant")
     if args.slo is None and args.resume is None:
         raise argparse.ArgumentTypeError("--search needs --slo, e.g. --slo ttft=500ms,tpot=50ms")
     search = run_pb2.SearchSpec(resume_from_run_id=args.resume or "")
     if args.search is not None:
         search.variable = SEARCH_VARIABLES[args.search]
+    if args.arrival is not None:
+        search.arrival = ARRIVALS[args.arrival]
     if args.goodput_target is not None:
         search.goodput_target_percent = args.goodput_target
     for flag, attr in (("--search-min", "search_min"), ("--search-max", "search_max")):

@@ -270,6 +270,13 @@ def _check_search(spec: run_pb2.RunSpec, v: list[FieldViolation]) -> None:
         v.append(FieldViolation(f"{path}.max_probes", f"at most {MAX_STAGES} (each probe is a stage)"))
     if s.HasField("cost_per_hour_usd") and not (math.isfinite(s.cost_per_hour_usd) and s.cost_per_hour_usd > 0):
         v.append(FieldViolation(f"{path}.cost_per_hour_usd", "must be a positive number"))
+    if s.arrival not in run_pb2.ArrivalProcess.values():
+        v.append(FieldViolation(f"{path}.arrival", f"unknown arrival process {s.arrival}"))
+    elif s.arrival != run_pb2.ARRIVAL_PROCESS_UNSPECIFIED and concurrency:
+        v.append(FieldViolation(f"{path}.arrival", "only applies to a rate search"))
+    elif s.arrival == run_pb2.ARRIVAL_PROCESS_GAMMA:
+        # A search has no burstiness to give the gamma process its shape.
+        v.append(FieldViolation(f"{path}.arrival", "a rate search takes poisson or constant arrivals"))
     if len(s.resume_from_run_id) > 128:
         v.append(FieldViolation(f"{path}.resume_from_run_id", "at most 128 characters"))
 

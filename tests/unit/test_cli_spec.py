@@ -175,6 +175,11 @@ def test_a_run_without_search_flags_has_no_search() -> None:
         ([*SEARCH, "--warmup", "5s"], "use --probe-warmup"),
         ([*SEARCH, "--scenario", "stress", "--peak-concurrency", "8"], "--scenario cannot be given"),
         ([*SEARCH, "--max-concurrency", "8"], "--max-concurrency cannot be given"),
+        (
+            ["--search", "concurrency", "--slo", "ttft=1s", "--arrival", "constant"],
+            "--arrival applies to a rate search",
+        ),
+        (["--search", "rate", "--slo", "ttft=1s", "--arrival", "gamma"], "takes --arrival poisson or constant"),
         (["--concurrency", "8", "--goodput-target", "90"], "--goodput-target needs --search"),
         (["--probe-duration", "10s"], "--probe-duration needs --search"),
         ([*SEARCH, "--search-min", "1.5"], "--search-min: a concurrency is a whole number"),
@@ -185,6 +190,13 @@ def test_a_run_without_search_flags_has_no_search() -> None:
 def test_bad_search_combinations_are_usage_errors(flags: list[str], message: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError, match=re.escape(message)):
         spec(*flags)
+
+
+def test_a_rate_search_takes_its_arrival_process() -> None:
+    assert spec("--search", "rate", "--slo", "ttft=1s", "--arrival", "constant").search.arrival == (
+        run_pb2.ARRIVAL_PROCESS_CONSTANT
+    )
+    assert spec("--search", "rate", "--slo", "ttft=1s").search.arrival == run_pb2.ARRIVAL_PROCESS_UNSPECIFIED
 
 
 def test_a_rate_search_takes_fractional_loads() -> None:

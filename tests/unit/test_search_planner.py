@@ -223,6 +223,8 @@ def test_defaults_and_probe_stage() -> None:
     stage = probe_stage(spec, 12.5, 3)
     assert stage.request_rate == 12.5 and stage.arrival == run_pb2.ARRIVAL_PROCESS_POISSON
     assert stage.duration.seconds == 30 and stage.warmup_duration.seconds == 5
+    spec.arrival = run_pb2.ARRIVAL_PROCESS_CONSTANT
+    assert probe_stage(spec, 12.5, 4).arrival == run_pb2.ARRIVAL_PROCESS_CONSTANT
     conc = run_pb2.SearchSpec(variable=CONCURRENCY)
     apply_search_defaults(conc)
     assert conc.max == 1024 and probe_stage(conc, 8, 0).concurrency == 8

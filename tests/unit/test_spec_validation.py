@@ -324,6 +324,15 @@ def test_a_search_gets_its_defaults_in_one_place() -> None:
         (lambda s: setattr(s.search, "max_probes", 101), "spec.search.max_probes"),
         (lambda s: setattr(s.search, "cost_per_hour_usd", -1.0), "spec.search.cost_per_hour_usd"),
         (lambda s: s.checks.add(expression="capacity >= 20", abort_on_fail=True), "spec.checks[0].abort_on_fail"),
+        # A concurrency search has no arrivals; gamma would need a burstiness a search has not.
+        (lambda s: setattr(s.search, "arrival", run_pb2.ARRIVAL_PROCESS_CONSTANT), "spec.search.arrival"),
+        (
+            lambda s: (
+                setattr(s.search, "variable", run_pb2.SEARCH_VARIABLE_RATE)
+                or setattr(s.search, "arrival", run_pb2.ARRIVAL_PROCESS_GAMMA)
+            ),
+            "spec.search.arrival",
+        ),
     ],
 )
 def test_invalid_searches_name_the_field(change: Callable[[run_pb2.RunSpec], object], field: str) -> None:
@@ -341,6 +350,8 @@ def test_a_capacity_check_needs_a_search() -> None:
     validate_and_default(ok)
     rate = search_spec(variable=run_pb2.SEARCH_VARIABLE_RATE, min=0.25, max=2.5)
     assert validate_and_default(rate).search.max == 2.5
+    rate.search.arrival = run_pb2.ARRIVAL_PROCESS_CONSTANT
+    assert validate_and_default(rate).search.arrival == run_pb2.ARRIVAL_PROCESS_CONSTANT
 
 
 def test_resume_must_name_a_stored_search_of_the_same_variable() -> None:

@@ -121,7 +121,7 @@ def probe_stage(search: run_pb2.SearchSpec, load: float, index: int) -> run_pb2.
         stage.name = f"probe {index}: concurrency={round(load)}"
     else:
         stage.request_rate = load
-        stage.arrival = run_pb2.ARRIVAL_PROCESS_POISSON
+        stage.arrival = search.arrival or run_pb2.ARRIVAL_PROCESS_POISSON
         stage.name = f"probe {index}: rate={load:.4g}/s"
     stage.duration.CopyFrom(search.probe_duration)
     stage.warmup_duration.CopyFrom(search.probe_warmup)

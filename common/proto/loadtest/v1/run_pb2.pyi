@@ -1030,6 +1030,7 @@ class SearchSpec(_message.Message):
     MAX_PROBES_FIELD_NUMBER: _builtins.int
     COST_PER_HOUR_USD_FIELD_NUMBER: _builtins.int
     RESUME_FROM_RUN_ID_FIELD_NUMBER: _builtins.int
+    ARRIVAL_FIELD_NUMBER: _builtins.int
     variable: Global___SearchVariable.ValueType
     """Required. Concurrency or request rate."""
     goodput_target_percent: _builtins.float
@@ -1058,6 +1059,8 @@ class SearchSpec(_message.Message):
     """Continue the search of this earlier run (same target, workload and SLO): its probes
     count as if they were this run's, and the search starts from their bracket.
     """
+    arrival: Global___ArrivalProcess.ValueType
+    """Rate searches: how each probe's arrivals are spaced. Defaults to Poisson."""
     @_builtins.property
     def probe_duration(self) -> _duration_pb2.Duration:
         """How long each probe sends load, warmup included. Defaults to 30 s."""
@@ -1082,10 +1085,11 @@ class SearchSpec(_message.Message):
         max_probes: _builtins.int = ...,
         cost_per_hour_usd: _builtins.float | None = ...,
         resume_from_run_id: _builtins.str = ...,
+        arrival: Global___ArrivalProcess.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_cost_per_hour_usd", b"_cost_per_hour_usd", "_goodput_target_percent", b"_goodput_target_percent", "_tolerance_percent", b"_tolerance_percent", "cost_per_hour_usd", b"cost_per_hour_usd", "goodput_target_percent", b"goodput_target_percent", "probe_duration", b"probe_duration", "probe_warmup", b"probe_warmup", "tolerance_percent", b"tolerance_percent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cost_per_hour_usd", b"_cost_per_hour_usd", "_goodput_target_percent", b"_goodput_target_percent", "_tolerance_percent", b"_tolerance_percent", "cost_per_hour_usd", b"cost_per_hour_usd", "goodput_target_percent", b"goodput_target_percent", "max", b"max", "max_probes", b"max_probes", "min", b"min", "min_requests", b"min_requests", "probe_duration", b"probe_duration", "probe_warmup", b"probe_warmup", "resume_from_run_id", b"resume_from_run_id", "tolerance_percent", b"tolerance_percent", "variable", b"variable"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cost_per_hour_usd", b"_cost_per_hour_usd", "_goodput_target_percent", b"_goodput_target_percent", "_tolerance_percent", b"_tolerance_percent", "arrival", b"arrival", "cost_per_hour_usd", b"cost_per_hour_usd", "goodput_target_percent", b"goodput_target_percent", "max", b"max", "max_probes", b"max_probes", "min", b"min", "min_requests", b"min_requests", "probe_duration", b"probe_duration", "probe_warmup", b"probe_warmup", "resume_from_run_id", b"resume_from_run_id", "tolerance_percent", b"tolerance_percent", "variable", b"variable"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__cost_per_hour_usd: _TypeAlias = _typing.Literal["cost_per_hour_usd"]  # noqa: Y015
     _WhichOneofArgType__cost_per_hour_usd: _TypeAlias = _typing.Literal["_cost_per_hour_usd", b"_cost_per_hour_usd"]  # noqa: Y015
