@@ -35,8 +35,8 @@ from controller.store.interface import SnapshotReads, Store
 log = structlog.get_logger(__name__)
 
 # The version of the computation and of its message. Bump it whenever either changes
-# (controller/domain/results/compute.py, the metric math in common/metrics.py, controller/domain/
-# result_message.py, loadtest.v1.RunResult): results stored with another format are
+# (controller/domain/results/compute.py, the metric math in common/metrics.py,
+# controller/domain/results/message.py, loadtest.v1.RunResult): results stored with another format are
 # recomputed and replaced when next read.
 # 2: stored samples impossible for their stage are left out (StageResult.samples_ignored).
 # 3: StageResult.requests_retried, RunResult.warnings.
