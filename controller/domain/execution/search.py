@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from common.durations import seconds
 from common.proto.loadtest.v1 import run_pb2
+from common.search_outcome import DEFAULT_SEARCH_TOLERANCE_PERCENT
 
 # Two-sided 95 % normal quantile, for the Wilson score interval.
 Z95 = 1.959963984540054
@@ -30,7 +31,6 @@ GROWTH = 2.0
 CLAMP = 0.25
 
 DEFAULT_GOODPUT_TARGET_PERCENT = 95.0
-DEFAULT_TOLERANCE_PERCENT = 5.0
 DEFAULT_PROBE_S = 30
 DEFAULT_MIN_REQUESTS = 100
 DEFAULT_MAX_PROBES = 16
@@ -69,7 +69,7 @@ def apply_search_defaults(search: run_pb2.SearchSpec) -> None:
     if not search.max:
         search.max = DEFAULT_MAX.get(search.variable, DEFAULT_MAX[CONCURRENCY])
     if not search.HasField("tolerance_percent"):
-        search.tolerance_percent = DEFAULT_TOLERANCE_PERCENT
+        search.tolerance_percent = DEFAULT_SEARCH_TOLERANCE_PERCENT
     if not search.HasField("probe_duration"):
         search.probe_duration.FromSeconds(DEFAULT_PROBE_S)
     if not search.HasField("probe_warmup"):
