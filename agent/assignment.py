@@ -1,6 +1,6 @@
 """One assignment on this agent: the load path wired together, and its lifecycle.
 
-`AssignmentRunner` owns what an `Assign` needs: a `LoadSchedule` (when), an `TargetClient`
+`AssignmentRunner` owns what an `Assign` needs: a `LoadSchedule` (when), a `TargetClient`
 (how), a `PromptSource` (what: synthetic prompts or dataset entries) and a `SampleBatcher`
 (where samples go). Its lifecycle:
 
