@@ -98,6 +98,12 @@ METHOD_RULES: dict[str, MethodRule] = {
     _RUN + "ListAgents": MethodRule(_READERS, Kind.READ),
     _RUN + "ExportRunSamples": MethodRule(_READERS, Kind.READ),
     _RUN + "CompareRuns": MethodRule(_READERS, Kind.READ),
+    _RUN + "GetGroupResult": MethodRule(_READERS, Kind.READ),
+    _RUN + "SetBaseline": MethodRule(_ADMIN, Kind.WRITE),
+    _RUN + "DeleteBaseline": MethodRule(_ADMIN, Kind.WRITE),
+    _RUN + "GetBaseline": MethodRule(_READERS, Kind.READ),
+    _RUN + "ListBaselines": MethodRule(_READERS, Kind.READ),
+    _RUN + "GetSeriesHistory": MethodRule(_READERS, Kind.READ),
     # Admin keys may connect agents too: the bootstrap LLM_LOADTEST_API_KEY has always
     # served both (backward compatible); dedicated agent keys are the better practice.
     "/loadtest.v1.AgentService/Connect": MethodRule(frozenset({Role.AGENT, Role.ADMIN}), Kind.STREAM),

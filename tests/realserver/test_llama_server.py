@@ -183,6 +183,22 @@ async def test_a_killed_server_fails_the_stage_within_the_refusal_limit(
     assert s.errors.get("connection", 0) < 300, dict(s.errors)
 
 
+STALL_OUTPUT_TOKENS = 1900
+
+
+def all_slots_mid_stream(slots: list[dict[str, object]]) -> bool:
+    """Every slot is decoding, past its first tokens and with at least half still to come."""
+
+    def mid_stream(slot: dict[str, object]) -> bool:
+        tokens = slot.get("next_token")
+        if not slot.get("is_processing") or not isinstance(tokens, list) or not tokens:
+            return False
+        decoded, remaining = tokens[0].get("n_decoded", 0), tokens[0].get("n_remain", 0)
+        return decoded >= 16 and remaining >= STALL_OUTPUT_TOKENS // 2
+
+    return len(slots) == SLOTS and all(mid_stream(s) for s in slots)
+
+
 async def test_a_terminated_server_that_holds_its_streams_shows_a_stall(
     controller: Controller, client: ControllerClient, llama_server_binary: str, tiny_model: Path, tmp_path: Path
 ) -> None:
@@ -191,17 +207,15 @@ async def test_a_terminated_server_that_holds_its_streams_shows_a_stall(
     server = LlamaServer(llama_server_binary, tiny_model, tmp_path / "terminated.log", ctx=4 * 2048)
     try:
         async with running_agent(f"127.0.0.1:{controller.port}"):
-            spec = llama_spec(server, output_tokens=1500, scrape=False)  # seconds per stream
+            spec = llama_spec(server, output_tokens=STALL_OUTPUT_TOKENS, scrape=False)  # seconds per stream
             stage = spec.stages.add(concurrency=SLOTS)
             stage.duration.FromSeconds(12)
             run = await client.create_run(spec)
-            await eventually(
-                lambda: asyncio.to_thread(server.metrics),
-                lambda m: (
-                    m.get("llamacpp:requests_processing", 0) == SLOTS and m["llamacpp:tokens_predicted_total"] > 0
-                ),
-                60,
-            )
+            # The stall needs every worker waiting on a held stream: signal only while each
+            # slot streams with most of its tokens still to come. A request still in its
+            # prompt when the signal lands is dropped, and its worker's retries (refused)
+            # would be activity, not a stall.
+            await eventually(lambda: asyncio.to_thread(server.slots), all_slots_mid_stream, 60)
             server.signal(signal.SIGTERM)
             final = await wait_final(client, run.id, 90)
             events = await client.get_run_events(run.id)

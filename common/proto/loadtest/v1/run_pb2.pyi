@@ -941,6 +941,7 @@ class RunSpec(_message.Message):
     SERVER_METRICS_FIELD_NUMBER: _builtins.int
     SKIP_PREFLIGHT_FIELD_NUMBER: _builtins.int
     SEARCH_FIELD_NUMBER: _builtins.int
+    SERIES_FIELD_NUMBER: _builtins.int
     display_name: _builtins.str
     """Optional human-readable name."""
     skip_preflight: _builtins.bool
@@ -948,6 +949,11 @@ class RunSpec(_message.Message):
     target: `GET {base_url}/models` (the model must be listed, unless the server has no
     such endpoint) and one small real request of the run's kind; the run fails at once
     with the reason when either fails. The check's request is in no stage's samples.
+    """
+    series: _builtins.str
+    """Optional. The benchmark series this run belongs to, e.g. `llama-8b-chat` (letters,
+    digits, `.`, `_`, `-`; at most 64): a series has a baseline (SetBaseline) that later runs
+    compare with, and a history (GetSeriesHistory) of its runs' figures.
     """
     @_builtins.property
     def target(self) -> Global___Target:
@@ -1004,10 +1010,11 @@ class RunSpec(_message.Message):
         server_metrics: Global___ServerMetricsSpec | None = ...,
         skip_preflight: _builtins.bool = ...,
         search: Global___SearchSpec | None = ...,
+        series: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["placement", b"placement", "search", b"search", "server_metrics", b"server_metrics", "slo", b"slo", "target", b"target", "workload", b"workload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "display_name", b"display_name", "labels", b"labels", "placement", b"placement", "search", b"search", "server_metrics", b"server_metrics", "skip_preflight", b"skip_preflight", "slo", b"slo", "stages", b"stages", "target", b"target", "workload", b"workload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "display_name", b"display_name", "labels", b"labels", "placement", b"placement", "search", b"search", "series", b"series", "server_metrics", b"server_metrics", "skip_preflight", b"skip_preflight", "slo", b"slo", "stages", b"stages", "target", b"target", "workload", b"workload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1313,6 +1320,8 @@ class Run(_message.Message):
     END_TIME_FIELD_NUMBER: _builtins.int
     CURRENT_STAGE_FIELD_NUMBER: _builtins.int
     PROGRESS_FIELD_NUMBER: _builtins.int
+    GROUP_ID_FIELD_NUMBER: _builtins.int
+    REPEAT_INDEX_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Output only. The run's id, e.g. `run_01j9...`."""
     state: Global___RunState.ValueType
@@ -1321,6 +1330,12 @@ class Run(_message.Message):
     """Output only. Why the run is in its state (failure or cancellation reason)."""
     current_stage: _builtins.int
     """Output only. Index of the stage running now (or last run)."""
+    group_id: _builtins.str
+    """Output only. The group of repeats this run belongs to (`grp_...`, CreateRunRequest.repeat);
+    empty for a run created alone.
+    """
+    repeat_index: _builtins.int
+    """Output only. Which repeat of its group this run is, from 0."""
     @_builtins.property
     def spec(self) -> Global___RunSpec:
         """The spec as created, with the target API key removed."""
@@ -1353,14 +1368,91 @@ class Run(_message.Message):
         end_time: _timestamp_pb2.Timestamp | None = ...,
         current_stage: _builtins.int = ...,
         progress: Global___RunProgress | None = ...,
+        group_id: _builtins.str = ...,
+        repeat_index: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "progress", b"progress", "spec", b"spec", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "current_stage", b"current_stage", "end_time", b"end_time", "id", b"id", "progress", b"progress", "spec", b"spec", "start_time", b"start_time", "state", b"state", "state_reason", b"state_reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "current_stage", b"current_stage", "end_time", b"end_time", "group_id", b"group_id", "id", b"id", "progress", b"progress", "repeat_index", b"repeat_index", "spec", b"spec", "start_time", b"start_time", "state", b"state", "state_reason", b"state_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Run: _TypeAlias = Run  # noqa: Y015
+
+@_typing.final
+class Interval(_message.Message):
+    """A confidence interval of one figure, at the level `RunResult.confidence_percent` states
+    (docs/metrics.md, "Confidence intervals"). Unset where the figure has too little data for
+    any interval (e.g. a rate over less than 3 seconds).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOW_FIELD_NUMBER: _builtins.int
+    HIGH_FIELD_NUMBER: _builtins.int
+    LOW_OPEN_FIELD_NUMBER: _builtins.int
+    HIGH_OPEN_FIELD_NUMBER: _builtins.int
+    low: _builtins.float
+    """Lower bound."""
+    high: _builtins.float
+    """Upper bound."""
+    low_open: _builtins.bool
+    """True when the data cannot bound the figure from below at this level (too few values
+    for a tail percentile): `low` is then the smallest value seen, not a bound.
+    """
+    high_open: _builtins.bool
+    """True when the data cannot bound the figure from above: `high` is the largest value
+    seen, not a bound (e.g. p99 of fewer than ~300 values).
+    """
+    def __init__(
+        self,
+        *,
+        low: _builtins.float = ...,
+        high: _builtins.float = ...,
+        low_open: _builtins.bool = ...,
+        high_open: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["high", b"high", "high_open", b"high_open", "low", b"low", "low_open", b"low_open"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Interval: _TypeAlias = Interval  # noqa: Y015
+
+@_typing.final
+class RunGroup(_message.Message):
+    """A group of repeats: the same spec run several times, one after another, with fresh seeds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    RUN_IDS_FIELD_NUMBER: _builtins.int
+    COUNTED_RUN_IDS_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The group's id, `grp_...`."""
+    @_builtins.property
+    def run_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Its runs, in repeat order."""
+
+    @_builtins.property
+    def counted_run_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The runs that finished SUCCEEDED: only these enter the group's figures."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        run_ids: _abc.Iterable[_builtins.str] | None = ...,
+        counted_run_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counted_run_ids", b"counted_run_ids", "id", b"id", "run_ids", b"run_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunGroup: _TypeAlias = RunGroup  # noqa: Y015
 
 @_typing.final
 class LatencyStats(_message.Message):
@@ -1378,6 +1470,12 @@ class LatencyStats(_message.Message):
     P95_MS_FIELD_NUMBER: _builtins.int
     P99_MS_FIELD_NUMBER: _builtins.int
     P999_MS_FIELD_NUMBER: _builtins.int
+    MEAN_CI_FIELD_NUMBER: _builtins.int
+    P50_CI_FIELD_NUMBER: _builtins.int
+    P90_CI_FIELD_NUMBER: _builtins.int
+    P95_CI_FIELD_NUMBER: _builtins.int
+    P99_CI_FIELD_NUMBER: _builtins.int
+    P999_CI_FIELD_NUMBER: _builtins.int
     count: _builtins.int
     """Number of values."""
     mean_ms: _builtins.float
@@ -1398,6 +1496,30 @@ class LatencyStats(_message.Message):
     """99th percentile."""
     p999_ms: _builtins.float
     """99.9th percentile."""
+    @_builtins.property
+    def mean_ci(self) -> Global___Interval:
+        """Confidence interval of the mean."""
+
+    @_builtins.property
+    def p50_ci(self) -> Global___Interval:
+        """Confidence interval of the median."""
+
+    @_builtins.property
+    def p90_ci(self) -> Global___Interval:
+        """Confidence interval of the 90th percentile."""
+
+    @_builtins.property
+    def p95_ci(self) -> Global___Interval:
+        """Confidence interval of the 95th percentile."""
+
+    @_builtins.property
+    def p99_ci(self) -> Global___Interval:
+        """Confidence interval of the 99th percentile."""
+
+    @_builtins.property
+    def p999_ci(self) -> Global___Interval:
+        """Confidence interval of the 99.9th percentile."""
+
     def __init__(
         self,
         *,
@@ -1411,10 +1533,16 @@ class LatencyStats(_message.Message):
         p95_ms: _builtins.float = ...,
         p99_ms: _builtins.float = ...,
         p999_ms: _builtins.float = ...,
+        mean_ci: Global___Interval | None = ...,
+        p50_ci: Global___Interval | None = ...,
+        p90_ci: Global___Interval | None = ...,
+        p95_ci: Global___Interval | None = ...,
+        p99_ci: Global___Interval | None = ...,
+        p999_ci: Global___Interval | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["mean_ci", b"mean_ci", "p50_ci", b"p50_ci", "p90_ci", b"p90_ci", "p95_ci", b"p95_ci", "p999_ci", b"p999_ci", "p99_ci", b"p99_ci"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "max_ms", b"max_ms", "mean_ms", b"mean_ms", "min_ms", b"min_ms", "p50_ms", b"p50_ms", "p90_ms", b"p90_ms", "p95_ms", b"p95_ms", "p999_ms", b"p999_ms", "p99_ms", b"p99_ms", "std_ms", b"std_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "max_ms", b"max_ms", "mean_ci", b"mean_ci", "mean_ms", b"mean_ms", "min_ms", b"min_ms", "p50_ci", b"p50_ci", "p50_ms", b"p50_ms", "p90_ci", b"p90_ci", "p90_ms", b"p90_ms", "p95_ci", b"p95_ci", "p95_ms", b"p95_ms", "p999_ci", b"p999_ci", "p999_ms", b"p999_ms", "p99_ci", b"p99_ci", "p99_ms", b"p99_ms", "std_ms", b"std_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1494,6 +1622,14 @@ class StageResult(_message.Message):
     SAMPLES_IGNORED_FIELD_NUMBER: _builtins.int
     SAMPLES_IGNORED_REASON_FIELD_NUMBER: _builtins.int
     REQUESTS_RETRIED_FIELD_NUMBER: _builtins.int
+    REQUEST_THROUGHPUT_CI_FIELD_NUMBER: _builtins.int
+    OUTPUT_TOKEN_THROUGHPUT_CI_FIELD_NUMBER: _builtins.int
+    TOTAL_TOKEN_THROUGHPUT_CI_FIELD_NUMBER: _builtins.int
+    GOODPUT_CI_FIELD_NUMBER: _builtins.int
+    GOOD_FRACTION_CI_FIELD_NUMBER: _builtins.int
+    ERROR_RATE_FIELD_NUMBER: _builtins.int
+    ERROR_RATE_CI_FIELD_NUMBER: _builtins.int
+    REPEATS_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """Index of the stage in the spec; unset in the run-wide result."""
     name: _builtins.str
@@ -1592,6 +1728,10 @@ class StageResult(_message.Message):
     went out on had been closed by the server before anything of the response arrived
     (counted once each, in whatever outcome the second send had; warmup excluded).
     """
+    error_rate: _builtins.float
+    """Failed requests / all counted requests (0 when there were none)."""
+    repeats: _builtins.int
+    """In a group's result: how many runs' stages this one merges (0 in a run's result)."""
     @_builtins.property
     def errors(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Failed requests by error kind (`http_4xx`, `http_5xx`, `timeout`, `connection`,
@@ -1637,6 +1777,30 @@ class StageResult(_message.Message):
     @_builtins.property
     def server_metrics(self) -> Global___ServerMetricsResult:
         """The model server's metrics during the stage (only with `RunSpec.server_metrics`)."""
+
+    @_builtins.property
+    def request_throughput_ci(self) -> Global___Interval:
+        """Confidence interval of `request_throughput`."""
+
+    @_builtins.property
+    def output_token_throughput_ci(self) -> Global___Interval:
+        """Confidence interval of `output_token_throughput`."""
+
+    @_builtins.property
+    def total_token_throughput_ci(self) -> Global___Interval:
+        """Confidence interval of `total_token_throughput`."""
+
+    @_builtins.property
+    def goodput_ci(self) -> Global___Interval:
+        """Confidence interval of `goodput` (when an SLO is set)."""
+
+    @_builtins.property
+    def good_fraction_ci(self) -> Global___Interval:
+        """Confidence interval of `good_fraction` (when an SLO is set)."""
+
+    @_builtins.property
+    def error_rate_ci(self) -> Global___Interval:
+        """Confidence interval of `error_rate`."""
 
     def __init__(
         self,
@@ -1689,10 +1853,18 @@ class StageResult(_message.Message):
         samples_ignored: _builtins.int = ...,
         samples_ignored_reason: _builtins.str = ...,
         requests_retried: _builtins.int = ...,
+        request_throughput_ci: Global___Interval | None = ...,
+        output_token_throughput_ci: Global___Interval | None = ...,
+        total_token_throughput_ci: Global___Interval | None = ...,
+        goodput_ci: Global___Interval | None = ...,
+        good_fraction_ci: Global___Interval | None = ...,
+        error_rate: _builtins.float = ...,
+        error_rate_ci: Global___Interval | None = ...,
+        repeats: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_good_fraction", b"_good_fraction", "_goodput", b"_goodput", "e2e", b"e2e", "e2e_including_queue", b"e2e_including_queue", "good_fraction", b"good_fraction", "goodput", b"goodput", "itl", b"itl", "queue_delay", b"queue_delay", "server_metrics", b"server_metrics", "tpot", b"tpot", "ttft", b"ttft"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_good_fraction", b"_good_fraction", "_goodput", b"_goodput", "e2e", b"e2e", "e2e_including_queue", b"e2e_including_queue", "error_rate_ci", b"error_rate_ci", "good_fraction", b"good_fraction", "good_fraction_ci", b"good_fraction_ci", "goodput", b"goodput", "goodput_ci", b"goodput_ci", "itl", b"itl", "output_token_throughput_ci", b"output_token_throughput_ci", "queue_delay", b"queue_delay", "request_throughput_ci", b"request_throughput_ci", "server_metrics", b"server_metrics", "total_token_throughput_ci", b"total_token_throughput_ci", "tpot", b"tpot", "ttft", b"ttft"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_good_fraction", b"_good_fraction", "_goodput", b"_goodput", "achieved_concurrency", b"achieved_concurrency", "agent_name", b"agent_name", "agent_sessions", b"agent_sessions", "agents", b"agents", "agents_lost", b"agents_lost", "checks", b"checks", "concurrency", b"concurrency", "duration_s", b"duration_s", "e2e", b"e2e", "e2e_including_queue", b"e2e_including_queue", "errors", b"errors", "good_fraction", b"good_fraction", "goodput", b"goodput", "index", b"index", "itl", b"itl", "max_event_loop_lag_ms", b"max_event_loop_lag_ms", "mean_input_tokens", b"mean_input_tokens", "mean_output_tokens", b"mean_output_tokens", "mean_requested_input_tokens", b"mean_requested_input_tokens", "mean_requested_output_tokens", b"mean_requested_output_tokens", "name", b"name", "output_token_throughput", b"output_token_throughput", "output_tokens", b"output_tokens", "output_tokens_estimated", b"output_tokens_estimated", "peak_output_token_throughput", b"peak_output_token_throughput", "prompt_tokens", b"prompt_tokens", "queue_delay", b"queue_delay", "reduced_load", b"reduced_load", "reduced_load_reason", b"reduced_load_reason", "request_rate", b"request_rate", "request_throughput", b"request_throughput", "requests_failed", b"requests_failed", "requests_lost", b"requests_lost", "requests_ok", b"requests_ok", "requests_retried", b"requests_retried", "samples_ignored", b"samples_ignored", "samples_ignored_reason", b"samples_ignored_reason", "saturated", b"saturated", "saturation_reason", b"saturation_reason", "server_metrics", b"server_metrics", "start_offset_ms", b"start_offset_ms", "start_skew_ms", b"start_skew_ms", "target_saturated", b"target_saturated", "target_saturation_reason", b"target_saturation_reason", "time_series", b"time_series", "total_token_throughput", b"total_token_throughput", "tpot", b"tpot", "ttft", b"ttft"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_good_fraction", b"_good_fraction", "_goodput", b"_goodput", "achieved_concurrency", b"achieved_concurrency", "agent_name", b"agent_name", "agent_sessions", b"agent_sessions", "agents", b"agents", "agents_lost", b"agents_lost", "checks", b"checks", "concurrency", b"concurrency", "duration_s", b"duration_s", "e2e", b"e2e", "e2e_including_queue", b"e2e_including_queue", "error_rate", b"error_rate", "error_rate_ci", b"error_rate_ci", "errors", b"errors", "good_fraction", b"good_fraction", "good_fraction_ci", b"good_fraction_ci", "goodput", b"goodput", "goodput_ci", b"goodput_ci", "index", b"index", "itl", b"itl", "max_event_loop_lag_ms", b"max_event_loop_lag_ms", "mean_input_tokens", b"mean_input_tokens", "mean_output_tokens", b"mean_output_tokens", "mean_requested_input_tokens", b"mean_requested_input_tokens", "mean_requested_output_tokens", b"mean_requested_output_tokens", "name", b"name", "output_token_throughput", b"output_token_throughput", "output_token_throughput_ci", b"output_token_throughput_ci", "output_tokens", b"output_tokens", "output_tokens_estimated", b"output_tokens_estimated", "peak_output_token_throughput", b"peak_output_token_throughput", "prompt_tokens", b"prompt_tokens", "queue_delay", b"queue_delay", "reduced_load", b"reduced_load", "reduced_load_reason", b"reduced_load_reason", "repeats", b"repeats", "request_rate", b"request_rate", "request_throughput", b"request_throughput", "request_throughput_ci", b"request_throughput_ci", "requests_failed", b"requests_failed", "requests_lost", b"requests_lost", "requests_ok", b"requests_ok", "requests_retried", b"requests_retried", "samples_ignored", b"samples_ignored", "samples_ignored_reason", b"samples_ignored_reason", "saturated", b"saturated", "saturation_reason", b"saturation_reason", "server_metrics", b"server_metrics", "start_offset_ms", b"start_offset_ms", "start_skew_ms", b"start_skew_ms", "target_saturated", b"target_saturated", "target_saturation_reason", b"target_saturation_reason", "time_series", b"time_series", "total_token_throughput", b"total_token_throughput", "total_token_throughput_ci", b"total_token_throughput_ci", "tpot", b"tpot", "ttft", b"ttft"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__good_fraction: _TypeAlias = _typing.Literal["good_fraction"]  # noqa: Y015
     _WhichOneofArgType__good_fraction: _TypeAlias = _typing.Literal["_good_fraction", b"_good_fraction"]  # noqa: Y015
@@ -1719,12 +1891,16 @@ class RunResult(_message.Message):
     OVERALL_FIELD_NUMBER: _builtins.int
     WARNINGS_FIELD_NUMBER: _builtins.int
     CAPACITY_FIELD_NUMBER: _builtins.int
+    CONFIDENCE_PERCENT_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The run's id."""
     state: Global___RunState.ValueType
     """The run's state when the result was computed."""
     verdict: Global___Verdict.ValueType
     """The run's verdict from its checks."""
+    confidence_percent: _builtins.float
+    """The level of every `Interval` in this result, percent (95)."""
     @_builtins.property
     def stages(self) -> _containers.RepeatedCompositeFieldContainer[Global___StageResult]:
         """One entry per stage that ran, in order."""
@@ -1751,6 +1927,13 @@ class RunResult(_message.Message):
     def capacity(self) -> Global___CapacityResult:
         """Output only. A capacity search's outcome (only for a run with `spec.search`)."""
 
+    @_builtins.property
+    def group(self) -> Global___RunGroup:
+        """Set on a group's result (GetGroupResult): `run_id` is then the group's id, and every
+        figure is the mean over the group's counted runs, with an interval from the spread
+        between the runs (docs/metrics.md, "Groups of repeats").
+        """
+
     def __init__(
         self,
         *,
@@ -1762,10 +1945,12 @@ class RunResult(_message.Message):
         overall: Global___StageResult | None = ...,
         warnings: _abc.Iterable[_builtins.str] | None = ...,
         capacity: Global___CapacityResult | None = ...,
+        confidence_percent: _builtins.float = ...,
+        group: Global___RunGroup | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "overall", b"overall"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "group", b"group", "overall", b"overall"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "checks", b"checks", "overall", b"overall", "run_id", b"run_id", "stages", b"stages", "state", b"state", "verdict", b"verdict", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "checks", b"checks", "confidence_percent", b"confidence_percent", "group", b"group", "overall", b"overall", "run_id", b"run_id", "stages", b"stages", "state", b"state", "verdict", b"verdict", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

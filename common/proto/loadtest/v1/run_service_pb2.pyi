@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from common.proto.loadtest.v1 import run_pb2 as _run_pb2
 import builtins as _builtins
 import sys
@@ -20,6 +21,50 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _CompareOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CompareOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CompareOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    COMPARE_OUTCOME_UNSPECIFIED: _CompareOutcome.ValueType  # 0
+    """Not set."""
+    COMPARE_OUTCOME_NO_REGRESSION: _CompareOutcome.ValueType  # 1
+    """No change beyond the tolerance that the data can tell from noise, and none ruled out
+    being hidden by it: no regression.
+    """
+    COMPARE_OUTCOME_REGRESSED: _CompareOutcome.ValueType  # 2
+    """Worse by more than the tolerance, and the change is not noise (its interval excludes
+    zero, at the family-wise level).
+    """
+    COMPARE_OUTCOME_INCONCLUSIVE: _CompareOutcome.ValueType  # 3
+    """Not enough data to tell: the change might be beyond the tolerance or might be noise.
+    `requests_needed` / `repeats_needed` say how much data would decide it.
+    """
+    COMPARE_OUTCOME_IMPROVED: _CompareOutcome.ValueType  # 4
+    """Better by more than the tolerance, and not noise (metrics only)."""
+
+class CompareOutcome(_CompareOutcome, metaclass=_CompareOutcomeEnumTypeWrapper):
+    """What a comparison concluded."""
+
+COMPARE_OUTCOME_UNSPECIFIED: CompareOutcome.ValueType  # 0
+"""Not set."""
+COMPARE_OUTCOME_NO_REGRESSION: CompareOutcome.ValueType  # 1
+"""No change beyond the tolerance that the data can tell from noise, and none ruled out
+being hidden by it: no regression.
+"""
+COMPARE_OUTCOME_REGRESSED: CompareOutcome.ValueType  # 2
+"""Worse by more than the tolerance, and the change is not noise (its interval excludes
+zero, at the family-wise level).
+"""
+COMPARE_OUTCOME_INCONCLUSIVE: CompareOutcome.ValueType  # 3
+"""Not enough data to tell: the change might be beyond the tolerance or might be noise.
+`requests_needed` / `repeats_needed` say how much data would decide it.
+"""
+COMPARE_OUTCOME_IMPROVED: CompareOutcome.ValueType  # 4
+"""Better by more than the tolerance, and not noise (metrics only)."""
+Global___CompareOutcome: _TypeAlias = CompareOutcome  # noqa: Y015
+
 @_typing.final
 class CreateRunRequest(_message.Message):
     """Request of CreateRun."""
@@ -28,9 +73,16 @@ class CreateRunRequest(_message.Message):
 
     SPEC_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    REPEAT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Optional idempotency key: a second CreateRun with the same request_id returns
     the run the first one created instead of creating another.
+    """
+    repeat: _builtins.int
+    """Optional. Run the spec this many times (2 to 100), one run after another, as one group
+    (`RunGroup`); 0 or 1 creates a single run. Every repeat gets a fresh seed: the spec's
+    seed plus the repeat index when the spec sets one, a new random seed otherwise. A repeat
+    starts when the one before it has ended; cancelling a repeat cancels the later ones.
     """
     @_builtins.property
     def spec(self) -> _run_pb2.RunSpec:
@@ -41,10 +93,11 @@ class CreateRunRequest(_message.Message):
         *,
         spec: _run_pb2.RunSpec | None = ...,
         request_id: _builtins.str = ...,
+        repeat: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["repeat", b"repeat", "request_id", b"request_id", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -57,18 +110,24 @@ class CreateRunResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RUN_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def run(self) -> _run_pb2.Run:
-        """The created run."""
+        """The created run (the first repeat of a group)."""
+
+    @_builtins.property
+    def group(self) -> _run_pb2.RunGroup:
+        """The group, when `repeat` asked for one."""
 
     def __init__(
         self,
         *,
         run: _run_pb2.Run | None = ...,
+        group: _run_pb2.RunGroup | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["group", b"group", "run", b"run"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group", "run", b"run"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -136,6 +195,8 @@ class ListRunsRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    GROUP_ID_FIELD_NUMBER: _builtins.int
+    SERIES_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Maximum runs to return; default 50, at most 1000."""
     page_token: _builtins.str
@@ -144,6 +205,10 @@ class ListRunsRequest(_message.Message):
     """Only runs in this state (unset: any)."""
     model: _builtins.str
     """Only runs against this model (unset: any)."""
+    group_id: _builtins.str
+    """Only the runs of this group of repeats (unset: any)."""
+    series: _builtins.str
+    """Only the runs of this series (`RunSpec.series`; unset: any)."""
     def __init__(
         self,
         *,
@@ -151,10 +216,12 @@ class ListRunsRequest(_message.Message):
         page_token: _builtins.str = ...,
         state: _run_pb2.RunState.ValueType = ...,
         model: _builtins.str = ...,
+        group_id: _builtins.str = ...,
+        series: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "page_size", b"page_size", "page_token", b"page_token", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group_id", b"group_id", "model", b"model", "page_size", b"page_size", "page_token", b"page_token", "series", b"series", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -663,13 +730,27 @@ class CompareRunsRequest(_message.Message):
     BASELINE_RUN_ID_FIELD_NUMBER: _builtins.int
     RUN_IDS_FIELD_NUMBER: _builtins.int
     TOLERANCE_PERCENT_FIELD_NUMBER: _builtins.int
+    BASELINE_NAME_FIELD_NUMBER: _builtins.int
+    CONFIDENCE_PERCENT_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
     baseline_run_id: _builtins.str
-    """Required. The baseline run."""
+    """The baseline: a run's id or a group's id (`grp_...`). Required unless `baseline_name`."""
     tolerance_percent: _builtins.float
     """Relative change counted as a regression, percent (default 10)."""
+    baseline_name: _builtins.str
+    """Instead of `baseline_run_id`: the baseline set for this series (SetBaseline)."""
+    confidence_percent: _builtins.float
+    """Confidence level of the intervals and of the decision, percent (default 95; 80 to 99.9).
+    The chance that a comparison of two runs without a real change reports a regression is
+    at most 100 - confidence_percent (over all the metrics and stages compared).
+    """
     @_builtins.property
     def run_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Required. Up to 10 runs to compare with the baseline."""
+        """Required. Up to 10 runs or groups to compare with the baseline."""
+
+    @_builtins.property
+    def metrics(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only these metrics (names as in `MetricDelta.metric`); unset: all."""
 
     def __init__(
         self,
@@ -677,10 +758,13 @@ class CompareRunsRequest(_message.Message):
         baseline_run_id: _builtins.str = ...,
         run_ids: _abc.Iterable[_builtins.str] | None = ...,
         tolerance_percent: _builtins.float = ...,
+        baseline_name: _builtins.str = ...,
+        confidence_percent: _builtins.float = ...,
+        metrics: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_run_id", b"baseline_run_id", "run_ids", b"run_ids", "tolerance_percent", b"tolerance_percent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_name", b"baseline_name", "baseline_run_id", b"baseline_run_id", "confidence_percent", b"confidence_percent", "metrics", b"metrics", "run_ids", b"run_ids", "tolerance_percent", b"tolerance_percent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -698,6 +782,13 @@ class MetricDelta(_message.Message):
     DELTA_FIELD_NUMBER: _builtins.int
     DELTA_PERCENT_FIELD_NUMBER: _builtins.int
     REGRESSED_FIELD_NUMBER: _builtins.int
+    DELTA_CI_FIELD_NUMBER: _builtins.int
+    P_VALUE_FIELD_NUMBER: _builtins.int
+    P_ADJUSTED_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    REQUESTS_NEEDED_FIELD_NUMBER: _builtins.int
+    REPEATS_NEEDED_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
     metric: _builtins.str
     """Metric name, e.g. `ttft_p99_ms`, `output_token_throughput`."""
     baseline: _builtins.float
@@ -709,7 +800,25 @@ class MetricDelta(_message.Message):
     delta_percent: _builtins.float
     """(value - baseline) / baseline, percent (0 when the baseline is 0)."""
     regressed: _builtins.bool
-    """True when the change is worse than the tolerance (higher latency, lower throughput)."""
+    """True when the metric regressed (`outcome` is COMPARE_OUTCOME_REGRESSED)."""
+    p_value: _builtins.float
+    """Two-sided p-value of "no difference"."""
+    p_adjusted: _builtins.float
+    """`p_value` adjusted (Holm) for every metric and stage compared in this run comparison;
+    the decision uses this one.
+    """
+    outcome: Global___CompareOutcome.ValueType
+    """What this metric's comparison concluded."""
+    requests_needed: _builtins.int
+    """When inconclusive: about how many requests each run's stage would need to decide."""
+    repeats_needed: _builtins.int
+    """When inconclusive and either side is a group: about how many repeats would decide."""
+    note: _builtins.str
+    """Why it was not judged, or what limited it (e.g. an open interval of a tail percentile)."""
+    @_builtins.property
+    def delta_ci(self) -> _run_pb2.Interval:
+        """Confidence interval of `delta`."""
+
     def __init__(
         self,
         *,
@@ -719,10 +828,17 @@ class MetricDelta(_message.Message):
         delta: _builtins.float = ...,
         delta_percent: _builtins.float = ...,
         regressed: _builtins.bool = ...,
+        delta_ci: _run_pb2.Interval | None = ...,
+        p_value: _builtins.float = ...,
+        p_adjusted: _builtins.float = ...,
+        outcome: Global___CompareOutcome.ValueType = ...,
+        requests_needed: _builtins.int = ...,
+        repeats_needed: _builtins.int = ...,
+        note: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delta_ci", b"delta_ci"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "delta", b"delta", "delta_percent", b"delta_percent", "metric", b"metric", "regressed", b"regressed", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "delta", b"delta", "delta_ci", b"delta_ci", "delta_percent", b"delta_percent", "metric", b"metric", "note", b"note", "outcome", b"outcome", "p_adjusted", b"p_adjusted", "p_value", b"p_value", "regressed", b"regressed", "repeats_needed", b"repeats_needed", "requests_needed", b"requests_needed", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -738,12 +854,15 @@ class StageComparison(_message.Message):
     BASELINE_STAGE_INDEX_FIELD_NUMBER: _builtins.int
     STAGE_INDEX_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
     load: _builtins.str
     """The stage's load, e.g. `concurrency=8`; stages are matched by load level."""
     baseline_stage_index: _builtins.int
     """Stage index in the baseline."""
     stage_index: _builtins.int
     """Stage index in the compared run."""
+    outcome: Global___CompareOutcome.ValueType
+    """The stage's outcome: regressed if any metric did, else inconclusive if any metric was."""
     @_builtins.property
     def metrics(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetricDelta]:
         """Per-metric deltas."""
@@ -755,10 +874,11 @@ class StageComparison(_message.Message):
         baseline_stage_index: _builtins.int = ...,
         stage_index: _builtins.int = ...,
         metrics: _abc.Iterable[Global___MetricDelta] | None = ...,
+        outcome: Global___CompareOutcome.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_stage_index", b"baseline_stage_index", "load", b"load", "metrics", b"metrics", "stage_index", b"stage_index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_stage_index", b"baseline_stage_index", "load", b"load", "metrics", b"metrics", "outcome", b"outcome", "stage_index", b"stage_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -774,10 +894,15 @@ class RunComparison(_message.Message):
     STAGES_FIELD_NUMBER: _builtins.int
     REGRESSED_FIELD_NUMBER: _builtins.int
     CAPACITY_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The compared run."""
     regressed: _builtins.bool
     """True when any metric of any stage regressed, or the capacity did."""
+    outcome: Global___CompareOutcome.ValueType
+    """The run's outcome: regressed if any stage or the capacity did, else inconclusive if any
+    was, else no regression.
+    """
     @_builtins.property
     def stages(self) -> _containers.RepeatedCompositeFieldContainer[Global___StageComparison]:
         """Stages matched by load level."""
@@ -797,10 +922,11 @@ class RunComparison(_message.Message):
         stages: _abc.Iterable[Global___StageComparison] | None = ...,
         regressed: _builtins.bool = ...,
         capacity: Global___CapacityComparison | None = ...,
+        outcome: Global___CompareOutcome.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "regressed", b"regressed", "run_id", b"run_id", "stages", b"stages"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "outcome", b"outcome", "regressed", b"regressed", "run_id", b"run_id", "stages", b"stages"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -818,6 +944,7 @@ class CapacityComparison(_message.Message):
     DELTA_PERCENT_FIELD_NUMBER: _builtins.int
     REGRESSED_FIELD_NUMBER: _builtins.int
     NOTE_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
     variable: _run_pb2.SearchVariable.ValueType
     """What the searches varied (the baseline's; unset when it is no search)."""
     baseline: _builtins.float
@@ -834,6 +961,10 @@ class CapacityComparison(_message.Message):
     """Why the capacities were not compared, when they were not (one run is no search, they
     searched different variables, one measured no capacity); empty when they were.
     """
+    outcome: Global___CompareOutcome.ValueType
+    """What the capacity comparison concluded: a drop beyond the tolerance is a regression when
+    both searches are confident (`CapacityResult.confident`), inconclusive otherwise.
+    """
     def __init__(
         self,
         *,
@@ -843,10 +974,11 @@ class CapacityComparison(_message.Message):
         delta_percent: _builtins.float = ...,
         regressed: _builtins.bool = ...,
         note: _builtins.str = ...,
+        outcome: Global___CompareOutcome.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_baseline", b"_baseline", "_value", b"_value", "baseline", b"baseline", "value", b"value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_baseline", b"_baseline", "_value", b"_value", "baseline", b"baseline", "delta_percent", b"delta_percent", "note", b"note", "regressed", b"regressed", "value", b"value", "variable", b"variable"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_baseline", b"_baseline", "_value", b"_value", "baseline", b"baseline", "delta_percent", b"delta_percent", "note", b"note", "outcome", b"outcome", "regressed", b"regressed", "value", b"value", "variable", b"variable"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__baseline: _TypeAlias = _typing.Literal["baseline"]  # noqa: Y015
     _WhichOneofArgType__baseline: _TypeAlias = _typing.Literal["_baseline", b"_baseline"]  # noqa: Y015
@@ -867,8 +999,17 @@ class CompareRunsResponse(_message.Message):
 
     BASELINE_RUN_ID_FIELD_NUMBER: _builtins.int
     COMPARISONS_FIELD_NUMBER: _builtins.int
+    CONFIDENCE_PERCENT_FIELD_NUMBER: _builtins.int
+    BASELINE_NAME_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
     baseline_run_id: _builtins.str
     """The baseline run."""
+    confidence_percent: _builtins.float
+    """The confidence level used, percent."""
+    baseline_name: _builtins.str
+    """The series whose baseline was compared with, when the request named one."""
+    outcome: Global___CompareOutcome.ValueType
+    """The worst outcome over `comparisons`: what a CI gate acts on (exit code 0, 1 or 3)."""
     @_builtins.property
     def comparisons(self) -> _containers.RepeatedCompositeFieldContainer[Global___RunComparison]:
         """One entry per compared run."""
@@ -878,11 +1019,422 @@ class CompareRunsResponse(_message.Message):
         *,
         baseline_run_id: _builtins.str = ...,
         comparisons: _abc.Iterable[Global___RunComparison] | None = ...,
+        confidence_percent: _builtins.float = ...,
+        baseline_name: _builtins.str = ...,
+        outcome: Global___CompareOutcome.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_run_id", b"baseline_run_id", "comparisons", b"comparisons"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_name", b"baseline_name", "baseline_run_id", b"baseline_run_id", "comparisons", b"comparisons", "confidence_percent", b"confidence_percent", "outcome", b"outcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CompareRunsResponse: _TypeAlias = CompareRunsResponse  # noqa: Y015
+
+@_typing.final
+class GetGroupResultRequest(_message.Message):
+    """Request of GetGroupResult."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUP_ID_FIELD_NUMBER: _builtins.int
+    group_id: _builtins.str
+    """Required. The group's id (`grp_...`)."""
+    def __init__(
+        self,
+        *,
+        group_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group_id", b"group_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetGroupResultRequest: _TypeAlias = GetGroupResultRequest  # noqa: Y015
+
+@_typing.final
+class GetGroupResultResponse(_message.Message):
+    """Response of GetGroupResult."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULT_FIELD_NUMBER: _builtins.int
+    RUNS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def result(self) -> _run_pb2.RunResult:
+        """The group's result (`result.group` set, `result.run_id` the group's id)."""
+
+    @_builtins.property
+    def runs(self) -> _containers.RepeatedCompositeFieldContainer[_run_pb2.Run]:
+        """The group's runs, in repeat order."""
+
+    def __init__(
+        self,
+        *,
+        result: _run_pb2.RunResult | None = ...,
+        runs: _abc.Iterable[_run_pb2.Run] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["result", b"result", "runs", b"runs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetGroupResultResponse: _TypeAlias = GetGroupResultResponse  # noqa: Y015
+
+@_typing.final
+class Baseline(_message.Message):
+    """The baseline of a series."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    SET_TIME_FIELD_NUMBER: _builtins.int
+    SET_BY_KEY_ID_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The series' name."""
+    run_id: _builtins.str
+    """The baseline: a run's id or a group's id (`grp_...`)."""
+    set_by_key_id: _builtins.str
+    """The id of the key that set it (empty with authentication off)."""
+    @_builtins.property
+    def set_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was set."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        run_id: _builtins.str = ...,
+        set_time: _timestamp_pb2.Timestamp | None = ...,
+        set_by_key_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["set_time", b"set_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "run_id", b"run_id", "set_by_key_id", b"set_by_key_id", "set_time", b"set_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Baseline: _TypeAlias = Baseline  # noqa: Y015
+
+@_typing.final
+class SetBaselineRequest(_message.Message):
+    """Request of SetBaseline."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. The series' name (letters, digits, `.`, `_`, `-`; at most 64)."""
+    run_id: _builtins.str
+    """Required. A SUCCEEDED run, or a group with at least one SUCCEEDED run and none still
+    pending or running.
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        run_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetBaselineRequest: _TypeAlias = SetBaselineRequest  # noqa: Y015
+
+@_typing.final
+class SetBaselineResponse(_message.Message):
+    """Response of SetBaseline."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BASELINE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def baseline(self) -> Global___Baseline:
+        """The baseline now."""
+
+    def __init__(
+        self,
+        *,
+        baseline: Global___Baseline | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetBaselineResponse: _TypeAlias = SetBaselineResponse  # noqa: Y015
+
+@_typing.final
+class GetBaselineRequest(_message.Message):
+    """Request of GetBaseline."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. The series' name."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBaselineRequest: _TypeAlias = GetBaselineRequest  # noqa: Y015
+
+@_typing.final
+class GetBaselineResponse(_message.Message):
+    """Response of GetBaseline."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BASELINE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def baseline(self) -> Global___Baseline:
+        """The baseline."""
+
+    def __init__(
+        self,
+        *,
+        baseline: Global___Baseline | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBaselineResponse: _TypeAlias = GetBaselineResponse  # noqa: Y015
+
+@_typing.final
+class ListBaselinesRequest(_message.Message):
+    """Request of ListBaselines."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListBaselinesRequest: _TypeAlias = ListBaselinesRequest  # noqa: Y015
+
+@_typing.final
+class ListBaselinesResponse(_message.Message):
+    """Response of ListBaselines."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BASELINES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def baselines(self) -> _containers.RepeatedCompositeFieldContainer[Global___Baseline]:
+        """Every baseline, by name."""
+
+    def __init__(
+        self,
+        *,
+        baselines: _abc.Iterable[Global___Baseline] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baselines", b"baselines"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListBaselinesResponse: _TypeAlias = ListBaselinesResponse  # noqa: Y015
+
+@_typing.final
+class DeleteBaselineRequest(_message.Message):
+    """Request of DeleteBaseline."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. The series' name."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteBaselineRequest: _TypeAlias = DeleteBaselineRequest  # noqa: Y015
+
+@_typing.final
+class DeleteBaselineResponse(_message.Message):
+    """Response of DeleteBaseline."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteBaselineResponse: _TypeAlias = DeleteBaselineResponse  # noqa: Y015
+
+@_typing.final
+class GetSeriesHistoryRequest(_message.Message):
+    """Request of GetSeriesHistory."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    METRIC_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    LOAD_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. The series' name."""
+    metric: _builtins.str
+    """The metric, a name as in `MetricDelta.metric` (default `ttft_p99_ms`)."""
+    label: _builtins.str
+    """A label key whose value names each point (e.g. `commit`, `image`); runs without the
+    label still appear, with an empty value.
+    """
+    load: _builtins.str
+    """The stage by its load, e.g. `concurrency=8` (default: each run's first stage)."""
+    limit: _builtins.int
+    """Most recent points to return; default 50, at most 1000."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        metric: _builtins.str = ...,
+        label: _builtins.str = ...,
+        load: _builtins.str = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["label", b"label", "limit", b"limit", "load", b"load", "metric", b"metric", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSeriesHistoryRequest: _TypeAlias = GetSeriesHistoryRequest  # noqa: Y015
+
+@_typing.final
+class HistoryPoint(_message.Message):
+    """One run (or group) of a series in its history."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    LABEL_VALUE_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    CI_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    BASELINE_FIELD_NUMBER: _builtins.int
+    STAGE_INDEX_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """The run's id, or the group's id for a group of repeats (one point per group)."""
+    label_value: _builtins.str
+    """The value of the requested label (empty when the run has none)."""
+    value: _builtins.float
+    """The metric's value (absent when the run has no such stage or figure)."""
+    state: _run_pb2.RunState.ValueType
+    """The run's state (a group's: SUCCEEDED when any of its runs did)."""
+    baseline: _builtins.bool
+    """True for the series' current baseline."""
+    stage_index: _builtins.int
+    """The stage's index in the run."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the run (the group's first run) was created."""
+
+    @_builtins.property
+    def ci(self) -> _run_pb2.Interval:
+        """Its confidence interval."""
+
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        label_value: _builtins.str = ...,
+        value: _builtins.float | None = ...,
+        ci: _run_pb2.Interval | None = ...,
+        state: _run_pb2.RunState.ValueType = ...,
+        baseline: _builtins.bool = ...,
+        stage_index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_value", b"_value", "ci", b"ci", "create_time", b"create_time", "value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_value", b"_value", "baseline", b"baseline", "ci", b"ci", "create_time", b"create_time", "label_value", b"label_value", "run_id", b"run_id", "stage_index", b"stage_index", "state", b"state", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__value: _TypeAlias = _typing.Literal["value"]  # noqa: Y015
+    _WhichOneofArgType__value: _TypeAlias = _typing.Literal["_value", b"_value"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__value) -> _WhichOneofReturnType__value | None: ...
+
+Global___HistoryPoint: _TypeAlias = HistoryPoint  # noqa: Y015
+
+@_typing.final
+class GetSeriesHistoryResponse(_message.Message):
+    """Response of GetSeriesHistory."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    METRIC_FIELD_NUMBER: _builtins.int
+    LOAD_FIELD_NUMBER: _builtins.int
+    POINTS_FIELD_NUMBER: _builtins.int
+    BASELINE_FIELD_NUMBER: _builtins.int
+    CONFIDENCE_PERCENT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The series' name."""
+    metric: _builtins.str
+    """The metric."""
+    load: _builtins.str
+    """The stage's load the points were taken from (empty: each run's first stage)."""
+    confidence_percent: _builtins.float
+    """The confidence level of the intervals, percent."""
+    @_builtins.property
+    def points(self) -> _containers.RepeatedCompositeFieldContainer[Global___HistoryPoint]:
+        """The points, oldest first."""
+
+    @_builtins.property
+    def baseline(self) -> Global___Baseline:
+        """The series' baseline, when one is set."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        metric: _builtins.str = ...,
+        load: _builtins.str = ...,
+        points: _abc.Iterable[Global___HistoryPoint] | None = ...,
+        baseline: Global___Baseline | None = ...,
+        confidence_percent: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "confidence_percent", b"confidence_percent", "load", b"load", "metric", b"metric", "name", b"name", "points", b"points"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSeriesHistoryResponse: _TypeAlias = GetSeriesHistoryResponse  # noqa: Y015

@@ -85,6 +85,36 @@ class RunServiceStub:
                 request_serializer=loadtest_dot_v1_dot_run__service__pb2.CompareRunsRequest.SerializeToString,
                 response_deserializer=loadtest_dot_v1_dot_run__service__pb2.CompareRunsResponse.FromString,
                 _registered_method=True)
+        self.GetGroupResult = channel.unary_unary(
+                '/loadtest.v1.RunService/GetGroupResult',
+                request_serializer=loadtest_dot_v1_dot_run__service__pb2.GetGroupResultRequest.SerializeToString,
+                response_deserializer=loadtest_dot_v1_dot_run__service__pb2.GetGroupResultResponse.FromString,
+                _registered_method=True)
+        self.SetBaseline = channel.unary_unary(
+                '/loadtest.v1.RunService/SetBaseline',
+                request_serializer=loadtest_dot_v1_dot_run__service__pb2.SetBaselineRequest.SerializeToString,
+                response_deserializer=loadtest_dot_v1_dot_run__service__pb2.SetBaselineResponse.FromString,
+                _registered_method=True)
+        self.GetBaseline = channel.unary_unary(
+                '/loadtest.v1.RunService/GetBaseline',
+                request_serializer=loadtest_dot_v1_dot_run__service__pb2.GetBaselineRequest.SerializeToString,
+                response_deserializer=loadtest_dot_v1_dot_run__service__pb2.GetBaselineResponse.FromString,
+                _registered_method=True)
+        self.ListBaselines = channel.unary_unary(
+                '/loadtest.v1.RunService/ListBaselines',
+                request_serializer=loadtest_dot_v1_dot_run__service__pb2.ListBaselinesRequest.SerializeToString,
+                response_deserializer=loadtest_dot_v1_dot_run__service__pb2.ListBaselinesResponse.FromString,
+                _registered_method=True)
+        self.DeleteBaseline = channel.unary_unary(
+                '/loadtest.v1.RunService/DeleteBaseline',
+                request_serializer=loadtest_dot_v1_dot_run__service__pb2.DeleteBaselineRequest.SerializeToString,
+                response_deserializer=loadtest_dot_v1_dot_run__service__pb2.DeleteBaselineResponse.FromString,
+                _registered_method=True)
+        self.GetSeriesHistory = channel.unary_unary(
+                '/loadtest.v1.RunService/GetSeriesHistory',
+                request_serializer=loadtest_dot_v1_dot_run__service__pb2.GetSeriesHistoryRequest.SerializeToString,
+                response_deserializer=loadtest_dot_v1_dot_run__service__pb2.GetSeriesHistoryResponse.FromString,
+                _registered_method=True)
 
 
 class RunServiceServicer:
@@ -155,7 +185,51 @@ class RunServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CompareRuns(self, request, context):
-        """Compares runs with a baseline, stage by stage and metric by metric.
+        """Compares runs (or groups of repeats) with a baseline, stage by stage and metric by
+        metric, telling regressions from noise (docs/metrics.md, "Comparing runs").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetGroupResult(self, request, context):
+        """Returns the result of a group of repeats: every figure over its runs, with intervals
+        that include the variation between runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetBaseline(self, request, context):
+        """Marks a finished run or group as the baseline of a series (replacing the previous one).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBaseline(self, request, context):
+        """Returns the baseline of a series.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListBaselines(self, request, context):
+        """Lists every series' baseline, by name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteBaseline(self, request, context):
+        """Removes the baseline of a series (its runs stay).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSeriesHistory(self, request, context):
+        """One metric's trend over the runs of a series, oldest first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -213,6 +287,36 @@ def add_RunServiceServicer_to_server(servicer, server):
                     servicer.CompareRuns,
                     request_deserializer=loadtest_dot_v1_dot_run__service__pb2.CompareRunsRequest.FromString,
                     response_serializer=loadtest_dot_v1_dot_run__service__pb2.CompareRunsResponse.SerializeToString,
+            ),
+            'GetGroupResult': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetGroupResult,
+                    request_deserializer=loadtest_dot_v1_dot_run__service__pb2.GetGroupResultRequest.FromString,
+                    response_serializer=loadtest_dot_v1_dot_run__service__pb2.GetGroupResultResponse.SerializeToString,
+            ),
+            'SetBaseline': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetBaseline,
+                    request_deserializer=loadtest_dot_v1_dot_run__service__pb2.SetBaselineRequest.FromString,
+                    response_serializer=loadtest_dot_v1_dot_run__service__pb2.SetBaselineResponse.SerializeToString,
+            ),
+            'GetBaseline': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBaseline,
+                    request_deserializer=loadtest_dot_v1_dot_run__service__pb2.GetBaselineRequest.FromString,
+                    response_serializer=loadtest_dot_v1_dot_run__service__pb2.GetBaselineResponse.SerializeToString,
+            ),
+            'ListBaselines': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBaselines,
+                    request_deserializer=loadtest_dot_v1_dot_run__service__pb2.ListBaselinesRequest.FromString,
+                    response_serializer=loadtest_dot_v1_dot_run__service__pb2.ListBaselinesResponse.SerializeToString,
+            ),
+            'DeleteBaseline': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteBaseline,
+                    request_deserializer=loadtest_dot_v1_dot_run__service__pb2.DeleteBaselineRequest.FromString,
+                    response_serializer=loadtest_dot_v1_dot_run__service__pb2.DeleteBaselineResponse.SerializeToString,
+            ),
+            'GetSeriesHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSeriesHistory,
+                    request_deserializer=loadtest_dot_v1_dot_run__service__pb2.GetSeriesHistoryRequest.FromString,
+                    response_serializer=loadtest_dot_v1_dot_run__service__pb2.GetSeriesHistoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -486,6 +590,168 @@ class RunService:
             '/loadtest.v1.RunService/CompareRuns',
             loadtest_dot_v1_dot_run__service__pb2.CompareRunsRequest.SerializeToString,
             loadtest_dot_v1_dot_run__service__pb2.CompareRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetGroupResult(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loadtest.v1.RunService/GetGroupResult',
+            loadtest_dot_v1_dot_run__service__pb2.GetGroupResultRequest.SerializeToString,
+            loadtest_dot_v1_dot_run__service__pb2.GetGroupResultResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetBaseline(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loadtest.v1.RunService/SetBaseline',
+            loadtest_dot_v1_dot_run__service__pb2.SetBaselineRequest.SerializeToString,
+            loadtest_dot_v1_dot_run__service__pb2.SetBaselineResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBaseline(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loadtest.v1.RunService/GetBaseline',
+            loadtest_dot_v1_dot_run__service__pb2.GetBaselineRequest.SerializeToString,
+            loadtest_dot_v1_dot_run__service__pb2.GetBaselineResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBaselines(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loadtest.v1.RunService/ListBaselines',
+            loadtest_dot_v1_dot_run__service__pb2.ListBaselinesRequest.SerializeToString,
+            loadtest_dot_v1_dot_run__service__pb2.ListBaselinesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteBaseline(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loadtest.v1.RunService/DeleteBaseline',
+            loadtest_dot_v1_dot_run__service__pb2.DeleteBaselineRequest.SerializeToString,
+            loadtest_dot_v1_dot_run__service__pb2.DeleteBaselineResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSeriesHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loadtest.v1.RunService/GetSeriesHistory',
+            loadtest_dot_v1_dot_run__service__pb2.GetSeriesHistoryRequest.SerializeToString,
+            loadtest_dot_v1_dot_run__service__pb2.GetSeriesHistoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

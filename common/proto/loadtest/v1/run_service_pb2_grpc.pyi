@@ -52,7 +52,23 @@ class RunServiceStub:
     ExportRunSamples: _grpc.UnaryStreamMultiCallable[_run_service_pb2.ExportRunSamplesRequest, _run_service_pb2.ExportRunSamplesResponse]
     """Streams every stored per-request sample of a run, in pages."""
     CompareRuns: _grpc.UnaryUnaryMultiCallable[_run_service_pb2.CompareRunsRequest, _run_service_pb2.CompareRunsResponse]
-    """Compares runs with a baseline, stage by stage and metric by metric."""
+    """Compares runs (or groups of repeats) with a baseline, stage by stage and metric by
+    metric, telling regressions from noise (docs/metrics.md, "Comparing runs").
+    """
+    GetGroupResult: _grpc.UnaryUnaryMultiCallable[_run_service_pb2.GetGroupResultRequest, _run_service_pb2.GetGroupResultResponse]
+    """Returns the result of a group of repeats: every figure over its runs, with intervals
+    that include the variation between runs.
+    """
+    SetBaseline: _grpc.UnaryUnaryMultiCallable[_run_service_pb2.SetBaselineRequest, _run_service_pb2.SetBaselineResponse]
+    """Marks a finished run or group as the baseline of a series (replacing the previous one)."""
+    GetBaseline: _grpc.UnaryUnaryMultiCallable[_run_service_pb2.GetBaselineRequest, _run_service_pb2.GetBaselineResponse]
+    """Returns the baseline of a series."""
+    ListBaselines: _grpc.UnaryUnaryMultiCallable[_run_service_pb2.ListBaselinesRequest, _run_service_pb2.ListBaselinesResponse]
+    """Lists every series' baseline, by name."""
+    DeleteBaseline: _grpc.UnaryUnaryMultiCallable[_run_service_pb2.DeleteBaselineRequest, _run_service_pb2.DeleteBaselineResponse]
+    """Removes the baseline of a series (its runs stay)."""
+    GetSeriesHistory: _grpc.UnaryUnaryMultiCallable[_run_service_pb2.GetSeriesHistoryRequest, _run_service_pb2.GetSeriesHistoryResponse]
+    """One metric's trend over the runs of a series, oldest first."""
 
 @_typing.type_check_only
 class RunServiceAsyncStub(RunServiceStub):
@@ -78,7 +94,23 @@ class RunServiceAsyncStub(RunServiceStub):
     ExportRunSamples: _aio.UnaryStreamMultiCallable[_run_service_pb2.ExportRunSamplesRequest, _run_service_pb2.ExportRunSamplesResponse]  # type: ignore[assignment]
     """Streams every stored per-request sample of a run, in pages."""
     CompareRuns: _aio.UnaryUnaryMultiCallable[_run_service_pb2.CompareRunsRequest, _run_service_pb2.CompareRunsResponse]  # type: ignore[assignment]
-    """Compares runs with a baseline, stage by stage and metric by metric."""
+    """Compares runs (or groups of repeats) with a baseline, stage by stage and metric by
+    metric, telling regressions from noise (docs/metrics.md, "Comparing runs").
+    """
+    GetGroupResult: _aio.UnaryUnaryMultiCallable[_run_service_pb2.GetGroupResultRequest, _run_service_pb2.GetGroupResultResponse]  # type: ignore[assignment]
+    """Returns the result of a group of repeats: every figure over its runs, with intervals
+    that include the variation between runs.
+    """
+    SetBaseline: _aio.UnaryUnaryMultiCallable[_run_service_pb2.SetBaselineRequest, _run_service_pb2.SetBaselineResponse]  # type: ignore[assignment]
+    """Marks a finished run or group as the baseline of a series (replacing the previous one)."""
+    GetBaseline: _aio.UnaryUnaryMultiCallable[_run_service_pb2.GetBaselineRequest, _run_service_pb2.GetBaselineResponse]  # type: ignore[assignment]
+    """Returns the baseline of a series."""
+    ListBaselines: _aio.UnaryUnaryMultiCallable[_run_service_pb2.ListBaselinesRequest, _run_service_pb2.ListBaselinesResponse]  # type: ignore[assignment]
+    """Lists every series' baseline, by name."""
+    DeleteBaseline: _aio.UnaryUnaryMultiCallable[_run_service_pb2.DeleteBaselineRequest, _run_service_pb2.DeleteBaselineResponse]  # type: ignore[assignment]
+    """Removes the baseline of a series (its runs stay)."""
+    GetSeriesHistory: _aio.UnaryUnaryMultiCallable[_run_service_pb2.GetSeriesHistoryRequest, _run_service_pb2.GetSeriesHistoryResponse]  # type: ignore[assignment]
+    """One metric's trend over the runs of a series, oldest first."""
 
 class RunServiceServicer(metaclass=_abc_1.ABCMeta):
     """The user-facing API: create, inspect, watch and manage load test runs."""
@@ -161,6 +193,58 @@ class RunServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _run_service_pb2.CompareRunsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_run_service_pb2.CompareRunsResponse, _abc.Awaitable[_run_service_pb2.CompareRunsResponse]]:
-        """Compares runs with a baseline, stage by stage and metric by metric."""
+        """Compares runs (or groups of repeats) with a baseline, stage by stage and metric by
+        metric, telling regressions from noise (docs/metrics.md, "Comparing runs").
+        """
+
+    @_abc_1.abstractmethod
+    def GetGroupResult(
+        self,
+        request: _run_service_pb2.GetGroupResultRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_run_service_pb2.GetGroupResultResponse, _abc.Awaitable[_run_service_pb2.GetGroupResultResponse]]:
+        """Returns the result of a group of repeats: every figure over its runs, with intervals
+        that include the variation between runs.
+        """
+
+    @_abc_1.abstractmethod
+    def SetBaseline(
+        self,
+        request: _run_service_pb2.SetBaselineRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_run_service_pb2.SetBaselineResponse, _abc.Awaitable[_run_service_pb2.SetBaselineResponse]]:
+        """Marks a finished run or group as the baseline of a series (replacing the previous one)."""
+
+    @_abc_1.abstractmethod
+    def GetBaseline(
+        self,
+        request: _run_service_pb2.GetBaselineRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_run_service_pb2.GetBaselineResponse, _abc.Awaitable[_run_service_pb2.GetBaselineResponse]]:
+        """Returns the baseline of a series."""
+
+    @_abc_1.abstractmethod
+    def ListBaselines(
+        self,
+        request: _run_service_pb2.ListBaselinesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_run_service_pb2.ListBaselinesResponse, _abc.Awaitable[_run_service_pb2.ListBaselinesResponse]]:
+        """Lists every series' baseline, by name."""
+
+    @_abc_1.abstractmethod
+    def DeleteBaseline(
+        self,
+        request: _run_service_pb2.DeleteBaselineRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_run_service_pb2.DeleteBaselineResponse, _abc.Awaitable[_run_service_pb2.DeleteBaselineResponse]]:
+        """Removes the baseline of a series (its runs stay)."""
+
+    @_abc_1.abstractmethod
+    def GetSeriesHistory(
+        self,
+        request: _run_service_pb2.GetSeriesHistoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_run_service_pb2.GetSeriesHistoryResponse, _abc.Awaitable[_run_service_pb2.GetSeriesHistoryResponse]]:
+        """One metric's trend over the runs of a series, oldest first."""
 
 def add_RunServiceServicer_to_server(servicer: RunServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
