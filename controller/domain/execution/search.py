@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from common.durations import seconds
 from common.proto.loadtest.v1 import run_pb2
 from common.search_outcome import DEFAULT_SEARCH_TOLERANCE_PERCENT
+from common.stats import proportion_interval
 
-# Two-sided 95 % normal quantile, for the Wilson score interval.
-Z95 = 1.959963984540054
 # A probe where more than this share of requests failed: the target errors rather than slows
 # down, and a higher load would only fail faster.
 TARGET_ERRORS_FRACTION = 0.5
@@ -170,15 +169,9 @@ class ProbeJudgement:
     superseded: bool = False
 
 
-def wilson_interval(good: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """The Wilson score interval of a binomial proportion; (0, 1) with no trials."""
-    if n <= 0:
-        return 0.0, 1.0
-    p = good / n
-    denominator = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denominator
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
+def wilson_interval(good: int, n: int) -> tuple[float, float]:
+    """The 95 % Wilson score interval of a good fraction; (0, 1) with no trials."""
+    return proportion_interval(good, n) or (0.0, 1.0)
 
 
 def judge_probes(settings: SearchSettings, probes: Sequence[ProbeMeasurement]) -> list[ProbeJudgement]:
