@@ -210,6 +210,50 @@ class RunServiceServicer(run_service_pb2_grpc.RunServiceServicer):
         )
         return convert.compare_message(baseline, comparisons)
 
+    async def GetGroupResult(
+        self, request: run_service_pb2.GetGroupResultRequest, context: grpc.aio.ServicerContext
+    ) -> run_service_pb2.GetGroupResultResponse:
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED, "GetGroupResult: not implemented yet"
+        )  # issue 22, in progress
+        raise AssertionError("unreachable")
+
+    async def SetBaseline(
+        self, request: run_service_pb2.SetBaselineRequest, context: grpc.aio.ServicerContext
+    ) -> run_service_pb2.SetBaselineResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "SetBaseline: not implemented yet")  # issue 22, in progress
+        raise AssertionError("unreachable")
+
+    async def GetBaseline(
+        self, request: run_service_pb2.GetBaselineRequest, context: grpc.aio.ServicerContext
+    ) -> run_service_pb2.GetBaselineResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "GetBaseline: not implemented yet")  # issue 22, in progress
+        raise AssertionError("unreachable")
+
+    async def ListBaselines(
+        self, request: run_service_pb2.ListBaselinesRequest, context: grpc.aio.ServicerContext
+    ) -> run_service_pb2.ListBaselinesResponse:
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED, "ListBaselines: not implemented yet"
+        )  # issue 22, in progress
+        raise AssertionError("unreachable")
+
+    async def DeleteBaseline(
+        self, request: run_service_pb2.DeleteBaselineRequest, context: grpc.aio.ServicerContext
+    ) -> run_service_pb2.DeleteBaselineResponse:
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED, "DeleteBaseline: not implemented yet"
+        )  # issue 22, in progress
+        raise AssertionError("unreachable")
+
+    async def GetSeriesHistory(
+        self, request: run_service_pb2.GetSeriesHistoryRequest, context: grpc.aio.ServicerContext
+    ) -> run_service_pb2.GetSeriesHistoryResponse:
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED, "GetSeriesHistory: not implemented yet"
+        )  # issue 22, in progress
+        raise AssertionError("unreachable")
+
     @unary_errors
     async def ListAgents(
         self, request: run_service_pb2.ListAgentsRequest, context: grpc.aio.ServicerContext
