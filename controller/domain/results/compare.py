@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from google.protobuf.message import Message
+
 from common.proto.loadtest.v1 import run_pb2
 from common.search_outcome import capacity_value, variable_name
 
@@ -21,19 +23,52 @@ def _error_rate(s: run_pb2.StageResult) -> float:
     return s.requests_failed / max(1, s.requests_ok + s.requests_failed)
 
 
-# (name, how to read it from a stage, True when higher is worse)
-METRICS: tuple[tuple[str, Callable[[run_pb2.StageResult], float], bool], ...] = (
-    ("ttft_p50_ms", lambda s: s.ttft.p50_ms, True),
-    ("ttft_p99_ms", lambda s: s.ttft.p99_ms, True),
-    ("tpot_p50_ms", lambda s: s.tpot.p50_ms, True),
-    ("tpot_p99_ms", lambda s: s.tpot.p99_ms, True),
-    ("itl_p50_ms", lambda s: s.itl.p50_ms, True),
-    ("e2e_p50_ms", lambda s: s.e2e.p50_ms, True),
-    ("e2e_p99_ms", lambda s: s.e2e.p99_ms, True),
-    ("error_rate", _error_rate, True),
-    ("request_throughput", lambda s: s.request_throughput, False),
-    ("output_token_throughput", lambda s: s.output_token_throughput, False),
+def _optional(message: Message, field: str) -> run_pb2.Interval | None:
+    """`message.field` when set (an unset interval means "too little data for one")."""
+    interval: run_pb2.Interval = getattr(message, field)
+    return interval if message.HasField(field) else None
+
+
+def _latency(metric: str, p: str) -> Metric:
+    """`ttft`, `p99` -> ttft_p99_ms read from `stage.ttft.p99_ms` with `stage.ttft.p99_ci`."""
+    return Metric(
+        f"{metric}_{p}_ms",
+        lambda s: float(getattr(getattr(s, metric), f"{p}_ms")),
+        lambda s: _optional(getattr(s, metric), f"{p}_ci"),
+        True,
+    )
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One compared figure of a stage: how to read it and its interval, and which way is worse."""
+
+    name: str
+    value: Callable[[run_pb2.StageResult], float]
+    interval: Callable[[run_pb2.StageResult], run_pb2.Interval | None]
+    worse_up: bool  # True when higher is worse (latency, errors)
+
+
+METRICS: tuple[Metric, ...] = (
+    _latency("ttft", "p50"),
+    _latency("ttft", "p99"),
+    _latency("tpot", "p50"),
+    _latency("tpot", "p99"),
+    _latency("itl", "p50"),
+    _latency("e2e", "p50"),
+    _latency("e2e", "p99"),
+    Metric("error_rate", _error_rate, lambda s: _optional(s, "error_rate_ci"), True),
+    Metric(
+        "request_throughput", lambda s: s.request_throughput, lambda s: _optional(s, "request_throughput_ci"), False
+    ),
+    Metric(
+        "output_token_throughput",
+        lambda s: s.output_token_throughput,
+        lambda s: _optional(s, "output_token_throughput_ci"),
+        False,
+    ),
 )
+METRICS_BY_NAME: dict[str, Metric] = {m.name: m for m in METRICS}
 
 
 @dataclass(frozen=True)
@@ -149,7 +184,7 @@ def compare_runs(
             b = base_by_load.get(load_label(s))
             if b is None:
                 continue  # no stage at this load level in the baseline
-            metrics = [_delta(name, get(b), get(s), worse_up, tolerance_percent) for name, get, worse_up in METRICS]
+            metrics = [_delta(m.name, m.value(b), m.value(s), m.worse_up, tolerance_percent) for m in METRICS]
             stages.append(StageComparison(load_label(s), b.index, s.index, metrics))
         out.append(RunComparison(result.run_id, stages, capacity))
     return out
