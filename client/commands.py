@@ -24,6 +24,7 @@ from client.scenarios import SCENARIOS, describe
 from client.sdk import ControllerClient
 from common.grpc_options import API_KEY_ENV
 from common.proto.loadtest.v1 import run_pb2
+from common.stats import DEFAULT_CONFIDENCE_PERCENT
 from common.tls import add_client_tls_arguments, client_tls_from_args
 
 if TYPE_CHECKING:
@@ -372,12 +373,33 @@ def add_runs_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "compare",
         help="compare runs with a baseline stage by stage (capacity searches by their "
-        "capacity); exit 1 on a regression, 2 when nothing could be compared",
+        "capacity), telling changes from noise; exit 1 on a regression, 3 when the data cannot "
+        "tell, 2 when nothing could be compared",
     )
     add_connection_arguments(p, read_only=True)
     p.add_argument("run_id", metavar="BASE", help="the baseline run")
     p.add_argument("others", nargs="+", metavar="OTHER", help="runs to compare with the baseline")
-    p.add_argument("--tolerance", type=float, default=10.0, help="change counted as a regression, percent")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=10.0,
+        help="change counted as a regression, percent of the baseline (error rate: percentage points)",
+    )
+    p.add_argument(
+        "--confidence",
+        type=float,
+        default=DEFAULT_CONFIDENCE_PERCENT,
+        help="confidence level, percent (80 to 99.9): a run without a real change is reported as "
+        "regressed with a chance of at most 100 minus this",
+    )
+    p.add_argument(
+        "--metric",
+        action="append",
+        default=[],
+        dest="metrics",
+        metavar="NAME",
+        help="judge only this metric (repeatable; names as in the table, e.g. ttft_p99_ms); default: all",
+    )
     p.add_argument("--all-metrics", action="store_true", help="show every compared metric, not only the key ones")
     p.add_argument("--json", action="store_true", help="print the comparison as JSON (docs/json.md)")
 
@@ -443,7 +465,7 @@ async def _runs(args: argparse.Namespace, client: ControllerClient) -> int:
 
 
 async def _compare(args: argparse.Namespace, client: ControllerClient) -> int:
-    comparison = await client.compare_runs(args.run_id, args.others, args.tolerance)
+    comparison = await client.compare_runs(args.run_id, args.others, args.tolerance, args.confidence, args.metrics)
     if args.json:
         print(render.to_json(comparison))
     else:
@@ -468,7 +490,7 @@ async def _compare(args: argparse.Namespace, client: ControllerClient) -> int:
                 labels = [formats.load_label(s) for s in results[run_id].stages]
                 print(f"  {run_id}: {', '.join(labels) or 'no stages'}", file=sys.stderr)
         return exitcodes.USAGE
-    return exitcodes.FAILED if formats.any_regressed(comparison) else exitcodes.OK
+    return formats.compare_exit_code(comparison)
 
 
 def _write_vllm_json(run: run_pb2.Run, result: run_pb2.RunResult, output_dir: Path | None) -> None:

@@ -7,7 +7,8 @@ OK = 0
 FAILED = 1
 # A usage error, or the controller refused the request (a spec error names its fields).
 USAGE = 2
-# The checks were judged on stages whose numbers are flagged as suspect (`--allow-suspect`).
+# The checks were judged on stages whose numbers are flagged as suspect (`--allow-suspect`),
+# or `runs compare` could not tell a change beyond the tolerance from noise.
 INCONCLUSIVE = 3
 # No controller answered at the address (down, wrong address, TLS mismatch).
 UNREACHABLE = 4

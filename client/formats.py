@@ -17,7 +17,8 @@
     adds keys, so a file can be traced back to its run.
 - `csv` / `jsonl` rows of ExportRunSamples: ExportedSample's fields in declaration order,
   the status as its lowercase name without prefix (`ok`, `http_5xx`).
-- the CompareRuns table, one per compared run (its capacities first, for capacity searches).
+- the CompareRuns table, one per compared run (its capacities first, for capacity searches),
+  and the exit code a comparison gives (`compare_exit_code`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any, TextIO
 from rich.table import Table
 from rich.text import Text
 
+from client import exitcodes
 from common.proto.loadtest.v1 import run_pb2, run_service_pb2
 from common.search_outcome import CAPACITY_STOP_REASONS, DEFAULT_SEARCH_TOLERANCE_PERCENT, variable_name
 
@@ -39,7 +41,7 @@ NA = "\u2013"  # an en dash where a value does not exist
 RESULT_FORMATS = ("table", "json", "markdown", "vllm-json")
 EXPORT_FORMATS = ("csv", "jsonl")
 VLLM_PERCENTILES = (90.0, 95.0, 99.0, 99.9)
-# Metrics shown by `runs compare` (any other metric is shown too when it regressed).
+# Metrics shown by `runs compare` (any other is shown too when it did not simply pass).
 KEY_COMPARE_METRICS = (
     "ttft_p50_ms",
     "ttft_p99_ms",
@@ -546,12 +548,61 @@ def _value_text(metric: str, value: float) -> str:
     return f"{value:.1f}" if abs(value) >= 10 else f"{value:.3g}"
 
 
+def _signed(value: float) -> str:
+    return f"{value:+.1f}" if abs(value) >= 10 else f"{value:+.3g}"
+
+
+def _delta_text(m: run_service_pb2.MetricDelta) -> str:
+    """The change with its interval: `+10.2% [+4.1, +16.3]`; the error rate in percentage
+    points (its tolerance counts points), a metric whose baseline is 0 in its own unit."""
+    if m.metric == "error_rate":
+        scale, unit, fmt = 100.0, " pt", (lambda v: f"{v:+.2f}")
+    elif m.baseline:
+        scale, unit, fmt = 100.0 / abs(m.baseline), "%", (lambda v: f"{v:+.1f}")
+    else:
+        scale, unit, fmt = 1.0, "", _signed
+    text = f"{fmt(m.delta * scale)}{unit}"
+    if m.HasField("delta_ci"):
+        text += f" [{fmt(m.delta_ci.low * scale)}, {fmt(m.delta_ci.high * scale)}]"
+    return text
+
+
+def _p_text(m: run_service_pb2.MetricDelta) -> str:
+    if not m.HasField("delta_ci"):
+        return NA  # not judged: no test was made
+    return f"{m.p_adjusted:.2g}" if m.p_adjusted >= 0.001 else "<0.001"
+
+
+def _needs(requests: int, repeats: int) -> str:
+    if repeats:
+        return f" (needs ~{repeats} repeats)"
+    return f" (needs ~{requests} requests)" if requests else ""
+
+
+def outcome_text(outcome: int, requests_needed: int = 0, repeats_needed: int = 0) -> Text:
+    """`regressed` / `improved` / `inconclusive (needs ~N requests)` / `ok`, coloured."""
+    if outcome == run_service_pb2.COMPARE_OUTCOME_REGRESSED:
+        return Text("▲ regressed", style="bold red")
+    if outcome == run_service_pb2.COMPARE_OUTCOME_IMPROVED:
+        return Text("improved", style="green")
+    if outcome == run_service_pb2.COMPARE_OUTCOME_INCONCLUSIVE:
+        return Text("inconclusive" + _needs(requests_needed, repeats_needed), style="yellow")
+    if outcome == run_service_pb2.COMPARE_OUTCOME_NO_REGRESSION:
+        return Text("ok")
+    return Text(NA)
+
+
 def _shown_metrics(stage: run_service_pb2.StageComparison, all_metrics: bool) -> list[run_service_pb2.MetricDelta]:
+    """The key metrics, and any other that did not simply pass (regressed, improved, inconclusive)."""
     if all_metrics:
         return list(stage.metrics)
     by_name = {m.metric: m for m in stage.metrics}
     shown = [by_name[name] for name in KEY_COMPARE_METRICS if name in by_name]
-    shown += [m for m in stage.metrics if m.regressed and m.metric not in KEY_COMPARE_METRICS]
+    shown += [
+        m
+        for m in stage.metrics
+        if m.outcome != run_service_pb2.COMPARE_OUTCOME_NO_REGRESSION and m.metric not in KEY_COMPARE_METRICS
+    ]
     return shown or list(stage.metrics)
 
 
@@ -563,56 +614,85 @@ def capacity_compared(comparison: run_service_pb2.RunComparison) -> bool:
 def _capacity_cells(c: run_service_pb2.CapacityComparison) -> tuple[str | Text, ...]:
     if c.note:  # the note itself is the table's caption: a row would stretch the metric column
         return "capacity", Text("not compared (below)", style="yellow"), "", "", "", "", ""
-    marker = Text("▲ REGRESSED", style="bold red") if c.regressed else Text("")
-    delta = c.value - c.baseline
     return (
         "capacity",
         variable_name(c.variable),
         search_load(c.variable, c.baseline),
         search_load(c.variable, c.value),
-        f"{delta:+g}",
-        f"{c.delta_percent:+.1f}%" if c.baseline else NA,
-        marker,
+        f"{c.delta_percent:+.1f}%" if c.baseline else f"{c.value - c.baseline:+g}",
+        NA,
+        outcome_text(c.outcome),
     )
 
 
+_RUN_OUTCOMES = {
+    run_service_pb2.COMPARE_OUTCOME_REGRESSED: "[bold red]REGRESSED[/]",
+    run_service_pb2.COMPARE_OUTCOME_INCONCLUSIVE: "[yellow]inconclusive[/]",
+    run_service_pb2.COMPARE_OUTCOME_NO_REGRESSION: "[green]no regression[/]",
+}
+
+
 def comparison_tables(response: run_service_pb2.CompareRunsResponse, all_metrics: bool = False) -> list[Table]:
-    """One table per compared run: per matched stage, each key metric with the baseline's
-    value, this run's, the change and a REGRESSED marker."""
+    """One table per compared run: per matched stage, each key metric (and any other that did
+    not simply pass) with the baseline's value, this run's, the change in percent with its
+    interval, the adjusted p-value and the outcome; notes (why a metric could not be judged)
+    as the caption."""
     tables = []
+    level = f"{response.confidence_percent:g} % confidence" if response.confidence_percent else ""
     for comparison in response.comparisons:
-        verdict = "[bold red]REGRESSED[/]" if comparison.regressed else "[green]no regression[/]"
+        verdict = _RUN_OUTCOMES.get(comparison.outcome, "nothing compared")
         table = Table(
-            title=f"{comparison.run_id} vs baseline {response.baseline_run_id} — {verdict}", title_justify="left"
+            title=f"{comparison.run_id} vs baseline {response.baseline_run_id} — {verdict}"
+            + (f" ({level})" if level else ""),
+            title_justify="left",
         )
-        for name in ("load", "metric", "baseline", "value", "delta", "delta %", ""):
-            table.add_column(name, justify="left" if name in ("load", "metric", "") else "right")
+        for name in ("load", "metric", "baseline", "value", "delta [interval]", "p (adj.)", "outcome"):
+            table.add_column(name, justify="left" if name in ("load", "metric", "outcome") else "right")
+        notes: list[str] = []
         if comparison.HasField("capacity"):
             table.add_row(*_capacity_cells(comparison.capacity))
             table.add_section()
             if comparison.capacity.note:
-                table.caption, table.caption_justify = comparison.capacity.note, "left"
+                notes.append(comparison.capacity.note)
         if not comparison.stages and not capacity_compared(comparison):
             table.add_row("-", "no stage matches a baseline stage's load", "", "", "", "", "")
         for stage in comparison.stages:
             for i, m in enumerate(_shown_metrics(stage, all_metrics)):
-                marker = Text("▲ REGRESSED", style="bold red") if m.regressed else Text("")
                 table.add_row(
                     stage.load if i == 0 else "",
                     m.metric,
                     _value_text(m.metric, m.baseline),
                     _value_text(m.metric, m.value),
-                    f"{m.delta:+.3g}" if abs(m.delta) < 10 else f"{m.delta:+.1f}",
-                    f"{m.delta_percent:+.1f}%" if m.baseline else NA,
-                    marker,
+                    _delta_text(m),
+                    _p_text(m),
+                    outcome_text(m.outcome, m.requests_needed, m.repeats_needed),
                 )
+                if m.note:
+                    notes.append(f"{stage.load} {m.metric}: {m.note}")
             table.add_section()
+        if notes:
+            table.caption, table.caption_justify = "\n".join(notes), "left"
         tables.append(table)
     return tables
 
 
 def any_regressed(response: run_service_pb2.CompareRunsResponse) -> bool:
     return any(c.regressed or any(m.regressed for s in c.stages for m in s.metrics) for c in response.comparisons)
+
+
+def compare_exit_code(response: run_service_pb2.CompareRunsResponse) -> int:
+    """What a CI gate does with a comparison: 1 when anything regressed, 3 when the data could
+    not tell (inconclusive), 0 when there is no regression; 2 when some run compared nothing
+    (no stage matched the baseline's loads and no capacity was compared): no pass."""
+    if not response.comparisons or any(
+        c.outcome == run_service_pb2.COMPARE_OUTCOME_UNSPECIFIED for c in response.comparisons
+    ):
+        return exitcodes.USAGE
+    if response.outcome == run_service_pb2.COMPARE_OUTCOME_REGRESSED or any_regressed(response):
+        return exitcodes.FAILED
+    if response.outcome == run_service_pb2.COMPARE_OUTCOME_INCONCLUSIVE:
+        return exitcodes.INCONCLUSIVE
+    return exitcodes.OK
 
 
 def iter_checks(result: run_pb2.RunResult) -> list[run_pb2.CheckResult]:

@@ -3,7 +3,7 @@ the API key in metadata."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 
 from common.grpc_options import auth_metadata
@@ -123,11 +123,21 @@ class ControllerClient:
                 yield sample
 
     async def compare_runs(
-        self, baseline_run_id: str, run_ids: list[str], tolerance_percent: float = 0.0
+        self,
+        baseline_run_id: str,
+        run_ids: list[str],
+        tolerance_percent: float = 0.0,
+        confidence_percent: float = 0.0,
+        metrics: Sequence[str] = (),
     ) -> run_service_pb2.CompareRunsResponse:
+        """CompareRuns; 0 for the tolerance or the confidence means the controller's default."""
         response: run_service_pb2.CompareRunsResponse = await self._stub.CompareRuns(
             run_service_pb2.CompareRunsRequest(
-                baseline_run_id=baseline_run_id, run_ids=run_ids, tolerance_percent=tolerance_percent
+                baseline_run_id=baseline_run_id,
+                run_ids=run_ids,
+                tolerance_percent=tolerance_percent,
+                confidence_percent=confidence_percent,
+                metrics=metrics,
             ),
             metadata=self._metadata,
             timeout=self.timeout_s,

@@ -15,7 +15,7 @@ would be; `LocalKeyAdmin` raises `UnusableDatabase` for a file that is not a usa
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -95,10 +95,15 @@ class LocalRunReader:
                 yield convert.exported_sample(row)
 
     async def compare_runs(
-        self, baseline_run_id: str, run_ids: list[str], tolerance_percent: float = 0.0
+        self,
+        baseline_run_id: str,
+        run_ids: list[str],
+        tolerance_percent: float = 0.0,
+        confidence_percent: float = 0.0,
+        metrics: Sequence[str] = (),
     ) -> run_service_pb2.CompareRunsResponse:
-        baseline, comparisons = await self._runs.compare(baseline_run_id, run_ids, tolerance_percent)
-        return convert.compare_message(baseline, comparisons)
+        comparison = await self._runs.compare(baseline_run_id, run_ids, tolerance_percent, confidence_percent, metrics)
+        return convert.compare_message(comparison)
 
 
 class LocalKeyAdmin:

@@ -9,20 +9,27 @@ from __future__ import annotations
 import base64
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TypeVar
 
 import structlog
 
 from common.codes import RunState
 from common.proto.loadtest.v1 import run_pb2
+from common.stats import DEFAULT_CONFIDENCE_PERCENT, MAX_CONFIDENCE_PERCENT, MIN_CONFIDENCE_PERCENT
 from controller.domain.access.destinations import DestinationPolicy
 from controller.domain.access.secrets import split_secrets
 from controller.domain.datasets import content_digest, entries_to_json, parse_dataset
 from controller.domain.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from controller.domain.execution.agents import AgentSession
 from controller.domain.execution.coordinator import RunCoordinator
-from controller.domain.results.compare import DEFAULT_TOLERANCE_PERCENT, RunComparison, compare_runs
+from controller.domain.results.compare import (
+    DEFAULT_TOLERANCE_PERCENT,
+    METRICS,
+    METRICS_BY_NAME,
+    Comparison,
+    compare_runs,
+)
 from controller.domain.results.live import LiveSnapshot, RunHub
 from controller.domain.results.provider import RunResults
 from controller.domain.spec import check_resume, check_stored_size, spec_json, validate_and_default
@@ -180,15 +187,44 @@ class Runs:
             after = int(rows[-1][0])  # type: ignore[call-overload]
 
     async def compare(
-        self, baseline_id: str, run_ids: list[str], tolerance_percent: float
-    ) -> tuple[str, list[RunComparison]]:
+        self,
+        baseline_id: str,
+        run_ids: list[str],
+        tolerance_percent: float,
+        confidence_percent: float = 0.0,
+        metrics: Sequence[str] = (),
+    ) -> Comparison:
+        """Each of `run_ids` against the baseline (docs/metrics.md, "Comparing runs"); 0 for
+        the tolerance or the confidence means the default, no `metrics` every metric."""
         if not run_ids or len(run_ids) > MAX_COMPARED:
             raise InvalidArgument([FieldViolation("run_ids", f"give 1 to {MAX_COMPARED} runs to compare")])
         if not 0 <= tolerance_percent <= 1000:  # also rejects NaN
             raise InvalidArgument([FieldViolation("tolerance_percent", "must be between 0 and 1000")])
-        _, base = await self.result(baseline_id)
-        others = [(await self.result(run_id))[1] for run_id in run_ids]
-        return baseline_id, compare_runs(base, others, tolerance_percent or DEFAULT_TOLERANCE_PERCENT)
+        confidence = confidence_percent or DEFAULT_CONFIDENCE_PERCENT
+        if not MIN_CONFIDENCE_PERCENT <= confidence <= MAX_CONFIDENCE_PERCENT:
+            raise InvalidArgument(
+                [
+                    FieldViolation(
+                        "confidence_percent",
+                        f"must be between {MIN_CONFIDENCE_PERCENT:g} and {MAX_CONFIDENCE_PERCENT:g} "
+                        f"(default {DEFAULT_CONFIDENCE_PERCENT:g})",
+                    )
+                ]
+            )
+        unknown = [name for name in metrics if name not in METRICS_BY_NAME]
+        if unknown:
+            raise InvalidArgument(
+                [FieldViolation("metrics", f"unknown metric {', '.join(unknown)}; one of {', '.join(METRICS_BY_NAME)}")]
+            )
+        chosen = [m for m in METRICS if m.name in metrics] if metrics else list(METRICS)
+        base = await self.comparable_result(baseline_id)
+        others = [await self.comparable_result(run_id) for run_id in run_ids]
+        tolerance = tolerance_percent or DEFAULT_TOLERANCE_PERCENT
+        return Comparison(base.run_id, confidence, compare_runs(base, others, tolerance, confidence, chosen))
+
+    async def comparable_result(self, run_id: str) -> run_pb2.RunResult:
+        """The result a comparison reads for `run_id`: the run's stored result."""
+        return (await self.result(run_id))[1]
 
     async def events(self, record: repo.RunRecord, after_pk: int) -> list[repo.EventRecord]:
         return await self._store.list_events(record.pk, after_pk)

@@ -8,7 +8,7 @@ from typing import Final
 from common.codes import SampleFlag
 from common.proto.loadtest.v1 import run_pb2, run_service_pb2
 from controller.domain.execution.agents import AgentSession
-from controller.domain.results.compare import CapacityDelta, RunComparison
+from controller.domain.results.compare import CapacityDelta, Comparison, MetricDelta
 from controller.domain.results.live import LiveSnapshot
 from controller.domain.results.message import timestamp
 from controller.domain.spec import MAX_NAME_CHARS, MAX_STORED_SPEC_BYTES, parse_spec
@@ -148,36 +148,48 @@ def exported_sample(row: tuple[object, ...]) -> run_service_pb2.ExportedSample:
     )
 
 
-def compare_message(baseline: str, comparisons: list[RunComparison]) -> run_service_pb2.CompareRunsResponse:
+def compare_message(comparison: Comparison) -> run_service_pb2.CompareRunsResponse:
     return run_service_pb2.CompareRunsResponse(
-        baseline_run_id=baseline,
+        baseline_run_id=comparison.baseline_run_id,
+        confidence_percent=comparison.confidence_percent,
+        outcome=comparison.outcome,  # type: ignore[arg-type]
         comparisons=[
             run_service_pb2.RunComparison(
                 run_id=c.run_id,
                 regressed=c.regressed,
+                outcome=c.outcome,  # type: ignore[arg-type]
                 stages=[
                     run_service_pb2.StageComparison(
                         load=s.load,
                         baseline_stage_index=s.baseline_stage_index,
                         stage_index=s.stage_index,
-                        metrics=[
-                            run_service_pb2.MetricDelta(
-                                metric=m.metric,
-                                baseline=m.baseline,
-                                value=m.value,
-                                delta=m.delta,
-                                delta_percent=m.delta_percent,
-                                regressed=m.regressed,
-                            )
-                            for m in s.metrics
-                        ],
+                        metrics=[_metric_delta(m) for m in s.metrics],
+                        outcome=s.outcome,  # type: ignore[arg-type]
                     )
                     for s in c.stages
                 ],
                 capacity=_capacity_comparison(c.capacity),
             )
-            for c in comparisons
+            for c in comparison.runs
         ],
+    )
+
+
+def _metric_delta(m: MetricDelta) -> run_service_pb2.MetricDelta:
+    return run_service_pb2.MetricDelta(
+        metric=m.metric,
+        baseline=m.baseline,
+        value=m.value,
+        delta=m.delta,
+        delta_percent=m.delta_percent,
+        regressed=m.regressed,
+        delta_ci=run_pb2.Interval(low=m.delta_ci[0], high=m.delta_ci[1]) if m.delta_ci is not None else None,
+        p_value=m.p_value,
+        p_adjusted=m.p_adjusted,
+        outcome=m.outcome,  # type: ignore[arg-type]
+        requests_needed=m.requests_needed,
+        repeats_needed=m.repeats_needed,
+        note=m.note,
     )
 
 
@@ -191,4 +203,5 @@ def _capacity_comparison(delta: CapacityDelta | None) -> run_service_pb2.Capacit
         delta_percent=delta.delta_percent,
         regressed=delta.regressed,
         note=delta.note,
+        outcome=delta.outcome,  # type: ignore[arg-type]
     )

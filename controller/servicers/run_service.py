@@ -205,10 +205,14 @@ class RunServiceServicer(run_service_pb2_grpc.RunServiceServicer):
     async def CompareRuns(
         self, request: run_service_pb2.CompareRunsRequest, context: grpc.aio.ServicerContext
     ) -> run_service_pb2.CompareRunsResponse:
-        baseline, comparisons = await self._runs.compare(
-            request.baseline_run_id, list(request.run_ids), request.tolerance_percent
+        comparison = await self._runs.compare(
+            request.baseline_run_id,
+            list(request.run_ids),
+            request.tolerance_percent,
+            request.confidence_percent,
+            list(request.metrics),
         )
-        return convert.compare_message(baseline, comparisons)
+        return convert.compare_message(comparison)
 
     async def GetGroupResult(
         self, request: run_service_pb2.GetGroupResultRequest, context: grpc.aio.ServicerContext

@@ -271,15 +271,45 @@ async def test_jsonl_rows() -> None:
 
 
 def comparison(regressed: bool) -> run_service_pb2.CompareRunsResponse:
-    response = run_service_pb2.CompareRunsResponse(baseline_run_id="run_base")
-    c = response.comparisons.add(run_id="run_new", regressed=regressed)
-    stage = c.stages.add(load="concurrency=8", baseline_stage_index=1, stage_index=1)
+    ok, worse = run_service_pb2.COMPARE_OUTCOME_NO_REGRESSION, run_service_pb2.COMPARE_OUTCOME_REGRESSED
+    outcome = worse if regressed else ok
+    response = run_service_pb2.CompareRunsResponse(baseline_run_id="run_base", confidence_percent=95, outcome=outcome)
+    c = response.comparisons.add(run_id="run_new", regressed=regressed, outcome=outcome)
+    stage = c.stages.add(load="concurrency=8", baseline_stage_index=1, stage_index=1, outcome=outcome)
     stage.metrics.add(
-        metric="ttft_p99_ms", baseline=100.0, value=130.0, delta=30.0, delta_percent=30.0, regressed=regressed
+        metric="ttft_p99_ms",
+        baseline=100.0,
+        value=130.0,
+        delta=30.0,
+        delta_percent=30.0,
+        regressed=regressed,
+        outcome=outcome,
+        delta_ci=run_pb2.Interval(low=20.0, high=40.0),
+        p_value=0.0001,
+        p_adjusted=0.0004,
     )
-    stage.metrics.add(metric="output_token_throughput", baseline=2000.0, value=2050.0, delta=50.0, delta_percent=2.5)
-    stage.metrics.add(metric="itl_p50_ms", baseline=10.0, value=10.1, delta=0.1, delta_percent=1.0)
-    stage.metrics.add(metric="error_rate", baseline=0.0, value=0.02, delta=0.02, delta_percent=0.0, regressed=regressed)
+    stage.metrics.add(
+        metric="output_token_throughput",
+        baseline=2000.0,
+        value=2050.0,
+        delta=50.0,
+        delta_percent=2.5,
+        outcome=ok,
+        delta_ci=run_pb2.Interval(low=-10.0, high=110.0),
+        p_value=0.1,
+        p_adjusted=0.2,
+    )
+    stage.metrics.add(metric="itl_p50_ms", baseline=10.0, value=10.1, delta=0.1, delta_percent=1.0, outcome=ok)
+    stage.metrics.add(
+        metric="error_rate",
+        baseline=0.0,
+        value=0.02,
+        delta=0.02,
+        delta_percent=0.0,
+        regressed=regressed,
+        outcome=outcome,
+        delta_ci=run_pb2.Interval(low=0.01, high=0.03),
+    )
     return response
 
 
@@ -294,15 +324,18 @@ def render_tables(response: run_service_pb2.CompareRunsResponse, all_metrics: bo
 
 def test_comparison_table_marks_regressions() -> None:
     text = render_tables(comparison(True))
-    assert "run_new vs baseline run_base — REGRESSED" in text
+    assert "run_new vs baseline run_base — REGRESSED (95 % confidence)" in text
     ttft = next(line for line in text.splitlines() if "ttft_p99_ms" in line)
-    assert "concurrency=8" in ttft and "100.0" in ttft and "130.0" in ttft and "+30.0%" in ttft
-    assert "▲ REGRESSED" in ttft
+    assert "concurrency=8" in ttft and "100.0" in ttft and "130.0" in ttft and "+30.0% [+20.0, +40.0]" in ttft
+    assert "<0.001" in ttft and "▲ regressed" in ttft
     tput = next(line for line in text.splitlines() if "output_token_throughput" in line)
-    assert "+2.5%" in tput and "REGRESSED" not in tput
-    assert "itl_p50_ms" not in text  # not a key metric and not regressed
+    assert (
+        "+2.5% [-0.5, +5.5]" in tput and "0.2" in tput and "regressed" not in tput and tput.rstrip("│ ").endswith("ok")
+    )
+    assert "itl_p50_ms" not in text  # not a key metric and no more than ok
     err = next(line for line in text.splitlines() if "error_rate" in line)
-    assert "2.00%" in err and "▲ REGRESSED" in err  # regressed, so shown although not a key metric
+    # Regressed, so shown although not a key metric; its change in percentage points.
+    assert "2.00%" in err and "+2.00 pt [+1.00, +3.00]" in err and "▲ regressed" in err
     assert "itl_p50_ms" in render_tables(comparison(True), all_metrics=True)
     assert formats.any_regressed(comparison(True))
     assert not formats.any_regressed(comparison(False))

@@ -1,26 +1,46 @@
-"""Comparing runs with a baseline: stages matched by load level, per-metric deltas, and
-a regression flag where a run got worse than the tolerance; for capacity searches, the
-capacities (a drop beyond the tolerance is a regression).
+"""Comparing runs with a baseline: stages matched by load level, and per metric the difference
+with its confidence interval, a p-value adjusted over the whole comparison (Holm), and an
+outcome that knows noise — regressed, improved, no regression, or inconclusive with how much
+data would decide (the test: difference.py; docs/metrics.md, "Comparing runs"). For capacity
+searches, the capacities (a drop beyond the tolerance is a regression when both searches are
+confident).
 
 Works on the results as the API returns them (loadtest.v1.RunResult), so comparing finished
-runs reads their stored results (controller/domain/results/provider.py) instead of recomputing them.
+runs reads their stored results (controller/domain/results/provider.py) instead of recomputing
+them; a group's result (`RunResult.group`) compares the same way, its intervals then counting
+runs, not requests.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 from google.protobuf.message import Message
 
 from common.proto.loadtest.v1 import run_pb2
 from common.search_outcome import capacity_value, variable_name
+from common.stats import DEFAULT_CONFIDENCE_PERCENT
+from controller.domain.results.difference import (
+    Decision,
+    Difference,
+    Estimate,
+    Outcome,
+    decide,
+    difference,
+    holm,
+    standard_error,
+    values_to_bound_quantile,
+    worst,
+)
 
 DEFAULT_TOLERANCE_PERCENT = 10.0
 
 
 def _error_rate(s: run_pb2.StageResult) -> float:
-    return s.requests_failed / max(1, s.requests_ok + s.requests_failed)
+    if s.error_rate or s.HasField("error_rate_ci"):
+        return s.error_rate  # a group's is the mean over its runs, as its interval
+    return s.requests_failed / max(1, s.requests_ok + s.requests_failed)  # a result from before the field
 
 
 def _optional(message: Message, field: str) -> run_pb2.Interval | None:
@@ -36,6 +56,8 @@ def _latency(metric: str, p: str) -> Metric:
         lambda s: float(getattr(getattr(s, metric), f"{p}_ms")),
         lambda s: _optional(getattr(s, metric), f"{p}_ci"),
         True,
+        values=lambda s: int(getattr(s, metric).count),
+        quantile=int(p.removeprefix("p")) / 100,
     )
 
 
@@ -47,6 +69,9 @@ class Metric:
     value: Callable[[run_pb2.StageResult], float]
     interval: Callable[[run_pb2.StageResult], run_pb2.Interval | None]
     worse_up: bool  # True when higher is worse (latency, errors)
+    # A latency's number of values (a stage where neither side has any compares nothing).
+    values: Callable[[run_pb2.StageResult], int] | None = None
+    quantile: float | None = None  # a percentile's quantile, 0.99 for p99
 
 
 METRICS: tuple[Metric, ...] = (
@@ -78,7 +103,17 @@ class MetricDelta:
     value: float
     delta: float
     delta_percent: float
-    regressed: bool
+    outcome: Outcome = Outcome.NO_REGRESSION
+    delta_ci: tuple[float, float] | None = None  # unset when the metric could not be judged
+    p_value: float = 1.0  # 1 when not judged (no evidence of a difference)
+    p_adjusted: float = 1.0
+    requests_needed: int = 0
+    repeats_needed: int = 0
+    note: str = ""
+
+    @property
+    def regressed(self) -> bool:
+        return self.outcome == Outcome.REGRESSED
 
 
 @dataclass(frozen=True)
@@ -87,6 +122,10 @@ class StageComparison:
     baseline_stage_index: int
     stage_index: int
     metrics: list[MetricDelta]
+
+    @property
+    def outcome(self) -> Outcome:
+        return worst(m.outcome for m in self.metrics)
 
 
 @dataclass(frozen=True)
@@ -97,8 +136,12 @@ class CapacityDelta:
     baseline: float | None
     value: float | None
     delta_percent: float
-    regressed: bool
+    outcome: Outcome  # UNSPECIFIED when not compared
     note: str  # why they were not compared; empty when they were
+
+    @property
+    def regressed(self) -> bool:
+        return self.outcome == Outcome.REGRESSED
 
 
 @dataclass(frozen=True)
@@ -108,22 +151,31 @@ class RunComparison:
     capacity: CapacityDelta | None = None  # when the baseline or this run is a capacity search
 
     @property
+    def outcome(self) -> Outcome:
+        """The worst of the stages' and the capacity's; UNSPECIFIED when nothing was compared."""
+        capacity = [self.capacity.outcome] if self.capacity is not None else []
+        return worst([*(s.outcome for s in self.stages), *capacity])
+
+    @property
     def regressed(self) -> bool:
-        capacity = self.capacity is not None and self.capacity.regressed
-        return capacity or any(m.regressed for s in self.stages for m in s.metrics)
+        return self.outcome == Outcome.REGRESSED
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A CompareRuns answer: every run against the baseline, at one confidence level."""
+
+    baseline_run_id: str
+    confidence_percent: float
+    runs: list[RunComparison] = field(default_factory=list)
+
+    @property
+    def outcome(self) -> Outcome:
+        return worst(c.outcome for c in self.runs)
 
 
 def load_label(s: run_pb2.StageResult) -> str:
     return f"rate={s.request_rate:g}/s" if s.request_rate else f"concurrency={s.concurrency}"
-
-
-def _delta(name: str, base: float, value: float, worse_up: bool, tolerance: float) -> MetricDelta:
-    delta = value - base
-    pct = delta / base * 100 if base else 0.0
-    worse = pct > tolerance if worse_up else pct < -tolerance
-    if not base and name == "error_rate":
-        worse = value > 0  # errors where there were none is a regression whatever the percent
-    return MetricDelta(name, base, value, delta, pct, worse)
 
 
 def _searched(result: run_pb2.RunResult) -> str:
@@ -134,8 +186,9 @@ def compare_capacities(
     baseline: run_pb2.RunResult, other: run_pb2.RunResult, tolerance_percent: float
 ) -> CapacityDelta | None:
     """The capacity of `other` against the baseline's; None when neither is a capacity search.
-    A capacity that dropped by more than `tolerance_percent` is a regression; capacities that
-    cannot be compared (one run is no search, different variables, none measured) say why."""
+    A capacity that dropped by more than `tolerance_percent` is a regression when both searches
+    are confident (their boundary probes decided at 95 %), inconclusive otherwise; capacities
+    that cannot be compared (one run is no search, different variables, none measured) say why."""
     base_cap, cap = baseline.capacity, other.capacity
     if not baseline.HasField("capacity") and not other.HasField("capacity"):
         return None
@@ -157,20 +210,202 @@ def compare_capacities(
         which = [r.run_id for r, v in ((baseline, base), (other, value)) if v is None]
         note = f"no capacity measured by {' and '.join(which)}: capacities not compared"
     if note:
-        return CapacityDelta(variable, base, value, 0.0, False, note)
+        return CapacityDelta(variable, base, value, 0.0, Outcome.UNSPECIFIED, note)
     assert base is not None and value is not None
     if not base:  # nothing passed in the baseline: no drop is possible
-        return CapacityDelta(variable, base, value, 0.0, False, "")
+        return CapacityDelta(variable, base, value, 0.0, Outcome.NO_REGRESSION, "")
     pct = (value - base) / base * 100
-    return CapacityDelta(variable, base, value, pct, pct < -tolerance_percent, "")
+    outcome = Outcome.NO_REGRESSION
+    if pct < -tolerance_percent:
+        outcome = Outcome.REGRESSED if base_cap.confident and cap.confident else Outcome.INCONCLUSIVE
+    return CapacityDelta(variable, base, value, pct, outcome, "")
 
 
-def compare_runs(
-    baseline: run_pb2.RunResult, others: list[run_pb2.RunResult], tolerance_percent: float
-) -> list[RunComparison]:
+@dataclass(frozen=True)
+class _Side:
+    """One result's stage, as a side of a metric comparison."""
+
+    result: run_pb2.RunResult
+    stage: run_pb2.StageResult
+
+    @property
+    def level(self) -> float:
+        return self.result.confidence_percent or DEFAULT_CONFIDENCE_PERCENT
+
+    @property
+    def is_group(self) -> bool:
+        return self.result.HasField("group")
+
+    @property
+    def requests(self) -> int:
+        return int(self.stage.requests_ok + self.stage.requests_failed)
+
+    def estimate(self, value: float, interval: run_pb2.Interval, repeats: bool) -> Estimate:
+        se = standard_error(interval, self.level)
+        if repeats:  # a group's interval narrows with runs; a single run's does not
+            return Estimate(value, se, int(self.stage.repeats), scales=self.is_group)
+        return Estimate(value, se, self.requests)
+
+
+@dataclass(frozen=True)
+class _Row:
+    """A metric of a matched stage before the family's p-values are adjusted: judged (with
+    its difference) or not (with why, and the data that would let it be)."""
+
+    metric: Metric
+    base: _Side
+    other: _Side
+    estimates: tuple[Estimate, Estimate] | None
+    diff: Difference | None
+    note: str = ""
+    requests_needed: int = 0
+    repeats_needed: int = 0
+
+
+def _unbounded(metric: Metric, side: _Side, interval: run_pb2.Interval) -> tuple[str, int]:
+    """Why an open interval cannot be used, and about how many requests would close it."""
+    ends = " or ".join(e for e, is_open in (("below", interval.low_open), ("above", interval.high_open)) if is_open)
+    what = f"{metric.name} of {side.result.run_id}"
+    if metric.quantile is None or metric.values is None:
+        return f"the {what} cannot be bounded {ends} at {side.level:g} %", 0
+    values = metric.values(side.stage)
+    needed_values = values_to_bound_quantile(metric.quantile, side.level)
+    # Values per request (ITL has many per request; TTFT one per OK request).
+    needed = needed_values if not values else -(-needed_values * max(1, side.requests) // values)
+    return (
+        f"the {what} ({values} values) cannot be bounded {ends} at {side.level:g} %: "
+        f"about {needed} requests would bound it",
+        needed,
+    )
+
+
+def _row(metric: Metric, base: _Side, other: _Side, repeats: bool) -> _Row | None:
+    """The metric on both sides; None when neither has a value of it (e.g. TPOT of one-token
+    answers): there is nothing to compare."""
+    if metric.values is not None and metric.values(base.stage) == 0 and metric.values(other.stage) == 0:
+        return None
+    notes: list[str] = []
+    requests_needed = repeats_needed = 0
+    estimates: list[Estimate] = []
+    for side in (base, other):
+        value = metric.value(side.stage)
+        interval = metric.interval(side.stage)
+        if interval is None:
+            if not side.result.confidence_percent:
+                notes.append(f"the result of {side.result.run_id} has no intervals (computed before they existed)")
+            else:
+                notes.append(f"no interval for {metric.name} of {side.result.run_id} (too little data)")
+            if side.is_group and side.stage.repeats < 2:
+                repeats_needed = max(repeats_needed, 2)
+            elif metric.quantile is not None:
+                requests_needed = max(requests_needed, values_to_bound_quantile(metric.quantile, side.level))
+        elif interval.low_open or interval.high_open:
+            note, needed = _unbounded(metric, side, interval)
+            notes.append(note)
+            requests_needed = max(requests_needed, needed)
+        else:
+            estimates.append(side.estimate(value, interval, repeats))
+    if notes:
+        return _Row(metric, base, other, None, None, "; ".join(notes), requests_needed, repeats_needed)
+    b, o = estimates
+    return _Row(metric, base, other, (b, o), difference(b, o))
+
+
+def _tolerance(metric: Metric, baseline: float, tolerance_percent: float) -> float:
+    """The tolerance in the metric's unit: percent of the baseline, except for the error rate,
+    where it counts percentage points (a baseline of 0 % has no percent; a rise of t points
+    loses t % of the requests, as a t % drop of request throughput does)."""
+    if metric.name == "error_rate":
+        return tolerance_percent / 100.0
+    return abs(baseline) * tolerance_percent / 100.0
+
+
+def _delta(
+    row: _Row, p_adjusted: float, tolerance_percent: float, confidence_percent: float, family_size: int
+) -> MetricDelta:
+    base, value = row.metric.value(row.base.stage), row.metric.value(row.other.stage)
+    delta = value - base
+    pct = delta / base * 100 if base else 0.0
+    if row.diff is None or row.estimates is None:
+        return MetricDelta(
+            row.metric.name,
+            base,
+            value,
+            delta,
+            pct,
+            Outcome.INCONCLUSIVE,
+            note=row.note,
+            requests_needed=row.requests_needed,
+            repeats_needed=row.repeats_needed,
+        )
+    decision: Decision = decide(
+        row.diff,
+        p_adjusted,
+        row.metric.worse_up,
+        _tolerance(row.metric, base, tolerance_percent),
+        confidence_percent,
+        family_size,
+        row.estimates,
+    )
+    repeats = row.base.is_group or row.other.is_group
+    return MetricDelta(
+        row.metric.name,
+        base,
+        value,
+        delta,
+        pct,
+        decision.outcome,
+        row.diff.interval(confidence_percent),
+        row.diff.p_value,
+        p_adjusted,
+        requests_needed=0 if repeats else decision.needed,
+        repeats_needed=decision.needed if repeats else 0,
+        note=decision.note,
+    )
+
+
+def _compare_stages(
+    baseline: run_pb2.RunResult,
+    result: run_pb2.RunResult,
+    metrics: Sequence[Metric],
+    tolerance_percent: float,
+    confidence_percent: float,
+) -> list[StageComparison]:
+    """Every stage of `result` with a baseline stage at its load; the p-values of all their
+    judged metrics are adjusted together (one family per compared run)."""
     base_by_load: dict[str, run_pb2.StageResult] = {}
     for s in baseline.stages:
         base_by_load.setdefault(load_label(s), s)
+    repeats = baseline.HasField("group") or result.HasField("group")
+    matched: list[tuple[run_pb2.StageResult, run_pb2.StageResult, list[_Row]]] = []
+    for s in result.stages:
+        b = base_by_load.get(load_label(s))
+        if b is None:
+            continue  # no stage at this load level in the baseline
+        rows = [r for m in metrics if (r := _row(m, _Side(baseline, b), _Side(result, s), repeats)) is not None]
+        matched.append((b, s, rows))
+    family = [(id(r), r.diff.p_value) for _, _, rows in matched for r in rows if r.diff is not None]
+    adjusted = dict(zip((key for key, _ in family), holm([p for _, p in family]), strict=True))
+    return [
+        StageComparison(
+            load_label(s),
+            b.index,
+            s.index,
+            [_delta(r, adjusted.get(id(r), 1.0), tolerance_percent, confidence_percent, len(family)) for r in rows],
+        )
+        for b, s, rows in matched
+    ]
+
+
+def compare_runs(
+    baseline: run_pb2.RunResult,
+    others: list[run_pb2.RunResult],
+    tolerance_percent: float,
+    confidence_percent: float = DEFAULT_CONFIDENCE_PERCENT,
+    metrics: Sequence[Metric] = METRICS,
+) -> list[RunComparison]:
+    """Each of `others` against the baseline at `confidence_percent`: the chance that a run
+    without a real change is reported as regressed is at most 100 - confidence_percent."""
     out = []
     for result in others:
         capacity = compare_capacities(baseline, result, tolerance_percent)
@@ -179,12 +414,6 @@ def compare_runs(
             # overloaded by design: two searches compare by capacity alone.
             out.append(RunComparison(result.run_id, [], capacity))
             continue
-        stages = []
-        for s in result.stages:
-            b = base_by_load.get(load_label(s))
-            if b is None:
-                continue  # no stage at this load level in the baseline
-            metrics = [_delta(m.name, m.value(b), m.value(s), m.worse_up, tolerance_percent) for m in METRICS]
-            stages.append(StageComparison(load_label(s), b.index, s.index, metrics))
+        stages = _compare_stages(baseline, result, metrics, tolerance_percent, confidence_percent)
         out.append(RunComparison(result.run_id, stages, capacity))
     return out
