@@ -646,7 +646,7 @@ def comparison_tables(response: run_service_pb2.CompareRunsResponse, all_metrics
             + (f" ({level})" if level else ""),
             title_justify="left",
         )
-        for name in ("load", "metric", "baseline", "value", "delta [interval]", "p (adj.)", "outcome"):
+        for name in ("load", "metric", "baseline", "value", "delta \\[interval]", "p (adj.)", "outcome"):
             table.add_column(name, justify="left" if name in ("load", "metric", "outcome") else "right")
         notes: list[str] = []
         if comparison.HasField("capacity"):

@@ -70,8 +70,8 @@ async def test_a_ten_percent_ttft_change_is_regressed_with_enough_requests_and_i
         MockServer(MockConfig(ttft_ms=110, itl_ms=2, output_tokens=2, jitter_ms=40, seed=2)) as slow_mock,
         running_agent(address),
     ):
-        base = await measured(client, base_mock, ENOUGH, 16)
-        slow = await measured(client, slow_mock, ENOUGH, 16)
+        base = await measured(client, base_mock, ENOUGH, 32)
+        slow = await measured(client, slow_mock, ENOUGH, 32)
         # One request at a time: the mock's seeded jitter draws fall to the requests in order.
         few_base = await measured(client, base_mock, HANDFUL, 1)
         few_slow = await measured(client, slow_mock, HANDFUL, 1)

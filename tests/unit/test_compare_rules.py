@@ -367,6 +367,7 @@ def test_the_table_shows_inconclusive_with_the_data_needed_and_the_notes() -> No
     p50 = next(line for line in text.splitlines() if "ttft_p50_ms" in line)
     needed = runs[0].stages[0].metrics[0].requests_needed
     assert f"inconclusive (needs ~{needed} requests)" in p50 and "+12.0% [" in p50
+    assert "delta [interval]" in text and "p (adj.)" in text
     assert "o vs baseline b — inconclusive (95 % confidence)" in text
     assert "concurrency=8 ttft_p99_ms: no interval for ttft_p99_ms of b (too little data)" in " ".join(text.split())
     d = runs[0].stages[0].metrics[1]
