@@ -194,9 +194,7 @@ def test_an_open_tail_percentile_is_inconclusive_with_the_requests_to_bound_it()
     d = one(base, other, TTFT_P99)
     assert d.outcome == Outcome.INCONCLUSIVE and d.delta_ci is None and d.p_value == d.p_adjusted == 1.0
     assert d.requests_needed == values_to_bound_quantile(0.99, 95.0) == 368
-    assert (
-        d.note == "the ttft_p99_ms of o (120 values) cannot be bounded above at 95 %: about 368 requests would bound it"
-    )
+    assert d.note == "o: 120 values cannot bound it above at 95 % (about 368 requests would)"
     # Values per request count: ITL has several per request, so fewer requests bound it.
     other.itl.count, other.itl.p50_ms = 4, 5.0
     other.itl.p50_ci.CopyFrom(run_pb2.Interval(low=4.0, high=6.0, low_open=True, high_open=True))
@@ -205,7 +203,7 @@ def test_an_open_tail_percentile_is_inconclusive_with_the_requests_to_bound_it()
     other.requests_ok = 1
     d = one(base, other, METRICS_BY_NAME["itl_p50_ms"])
     assert d.requests_needed == math.ceil(values_to_bound_quantile(0.5, 95.0) * 1 / 4) == 2
-    assert "cannot be bounded below or above" in d.note
+    assert "cannot bound it below or above" in d.note
 
 
 def test_the_open_metric_leaves_the_family() -> None:
@@ -223,11 +221,25 @@ def test_a_missing_interval_says_why() -> None:
     other = stage(112.0)
     other.ttft.ClearField("p50_ci")
     d = one(stage(), other)
-    assert d.outcome == Outcome.INCONCLUSIVE and d.note == "no interval for ttft_p50_ms of o (too little data)"
+    assert d.outcome == Outcome.INCONCLUSIVE and d.note == "o: no interval (too little data)"
     assert d.requests_needed == values_to_bound_quantile(0.5, 95.0)
     old = run_pb2.RunResult(run_id="old", stages=[other])  # stored before results carried intervals
     [comparison] = compare_runs(result("b", stage()), [old], 10.0, 95.0, [TTFT_P50])
-    assert comparison.stages[0].metrics[0].note == "the result of old has no intervals (computed before they existed)"
+    assert comparison.stages[0].metrics[0].note == "old: its result has no intervals (computed before they existed)"
+
+
+def test_a_rate_of_a_short_stage_asks_for_its_seconds() -> None:
+    metric = METRICS_BY_NAME["request_throughput"]
+    base = stage(requests=1000)
+    base.duration_s, base.request_throughput = 10.0, 100.0
+    base.request_throughput_ci.CopyFrom(interval(100.0, 2.0))
+    short = stage(requests=150)
+    short.duration_s, short.request_throughput = 1.5, 100.0  # too short for a rate's interval
+    d = one(base, short, metric)
+    assert (
+        d.outcome == Outcome.INCONCLUSIVE and d.note == "o: no interval (a rate needs 3 s of the stage, it ran 1.5 s)"
+    )
+    assert d.requests_needed == 300  # 3 s at the 100 requests a second it ran
 
 
 def test_a_metric_neither_side_has_is_not_compared() -> None:
@@ -280,7 +292,9 @@ def test_a_group_side_counts_repeats() -> None:
     # A group of one counted run has no interval yet: two repeats would give it one.
     lone = stage(109.0, repeats=1)
     lone.ttft.ClearField("p50_ci")
-    assert one(stage(), lone, other_group=True).repeats_needed == 2
+    d = one(stage(), lone, other_group=True)
+    assert (d.repeats_needed, d.requests_needed) == (2, 0)
+    assert d.note == "o: no interval (a group needs 2 counted runs for one)"
 
 
 def test_data_needed() -> None:
@@ -369,6 +383,6 @@ def test_the_table_shows_inconclusive_with_the_data_needed_and_the_notes() -> No
     assert f"inconclusive (needs ~{needed} requests)" in p50 and "+12.0% [" in p50
     assert "delta [interval]" in text and "p (adj.)" in text
     assert "o vs baseline b — inconclusive (95 % confidence)" in text
-    assert "concurrency=8 ttft_p99_ms: no interval for ttft_p99_ms of b (too little data)" in " ".join(text.split())
+    assert "concurrency=8 ttft_p99_ms: b: no interval (too little data); o: 1000 values" in " ".join(text.split())
     d = runs[0].stages[0].metrics[1]
-    assert d.note.startswith("no interval for ttft_p99_ms of b") and "cannot be bounded above" in d.note
+    assert d.note.startswith("b: no interval (too little data); o: 1000 values cannot bound it above")

@@ -13,6 +13,7 @@ runs, not requests.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -20,7 +21,7 @@ from google.protobuf.message import Message
 
 from common.proto.loadtest.v1 import run_pb2
 from common.search_outcome import capacity_value, variable_name
-from common.stats import DEFAULT_CONFIDENCE_PERCENT
+from common.stats import DEFAULT_CONFIDENCE_PERCENT, MIN_RATE_SECONDS
 from controller.domain.results.difference import (
     Decision,
     Difference,
@@ -72,6 +73,7 @@ class Metric:
     # A latency's number of values (a stage where neither side has any compares nothing).
     values: Callable[[run_pb2.StageResult], int] | None = None
     quantile: float | None = None  # a percentile's quantile, 0.99 for p99
+    per_second: bool = False  # a rate: its interval comes from the stage's whole seconds
 
 
 METRICS: tuple[Metric, ...] = (
@@ -84,13 +86,18 @@ METRICS: tuple[Metric, ...] = (
     _latency("e2e", "p99"),
     Metric("error_rate", _error_rate, lambda s: _optional(s, "error_rate_ci"), True),
     Metric(
-        "request_throughput", lambda s: s.request_throughput, lambda s: _optional(s, "request_throughput_ci"), False
+        "request_throughput",
+        lambda s: s.request_throughput,
+        lambda s: _optional(s, "request_throughput_ci"),
+        False,
+        per_second=True,
     ),
     Metric(
         "output_token_throughput",
         lambda s: s.output_token_throughput,
         lambda s: _optional(s, "output_token_throughput_ci"),
         False,
+        per_second=True,
     ),
 )
 METRICS_BY_NAME: dict[str, Metric] = {m.name: m for m in METRICS}
@@ -265,18 +272,30 @@ class _Row:
 def _unbounded(metric: Metric, side: _Side, interval: run_pb2.Interval) -> tuple[str, int]:
     """Why an open interval cannot be used, and about how many requests would close it."""
     ends = " or ".join(e for e, is_open in (("below", interval.low_open), ("above", interval.high_open)) if is_open)
-    what = f"{metric.name} of {side.result.run_id}"
+    run = side.result.run_id
     if metric.quantile is None or metric.values is None:
-        return f"the {what} cannot be bounded {ends} at {side.level:g} %", 0
+        return f"{run}: its interval is open {ends} at {side.level:g} %", 0
     values = metric.values(side.stage)
     needed_values = values_to_bound_quantile(metric.quantile, side.level)
     # Values per request (ITL has many per request; TTFT one per OK request).
     needed = needed_values if not values else -(-needed_values * max(1, side.requests) // values)
-    return (
-        f"the {what} ({values} values) cannot be bounded {ends} at {side.level:g} %: "
-        f"about {needed} requests would bound it",
-        needed,
-    )
+    return f"{run}: {values} values cannot bound it {ends} at {side.level:g} % (about {needed} requests would)", needed
+
+
+def _missing(metric: Metric, side: _Side) -> tuple[str, int]:
+    """Why a side has no interval, and about how many requests would give it one."""
+    run, stage = side.result.run_id, side.stage
+    if not side.result.confidence_percent:
+        return f"{run}: its result has no intervals (computed before they existed)", 0
+    if metric.per_second and stage.duration_s < MIN_RATE_SECONDS:
+        # A rate's interval needs that many whole seconds: as many seconds of requests.
+        per_second = side.requests / stage.duration_s if stage.duration_s > 0 else 0.0
+        return (
+            f"{run}: no interval (a rate needs {MIN_RATE_SECONDS} s of the stage, it ran {stage.duration_s:.1f} s)",
+            math.ceil(MIN_RATE_SECONDS * per_second),
+        )
+    needed = values_to_bound_quantile(metric.quantile, side.level) if metric.quantile is not None else 0
+    return f"{run}: no interval (too little data)", needed
 
 
 def _row(metric: Metric, base: _Side, other: _Side, repeats: bool) -> _Row | None:
@@ -291,20 +310,17 @@ def _row(metric: Metric, base: _Side, other: _Side, repeats: bool) -> _Row | Non
         value = metric.value(side.stage)
         interval = metric.interval(side.stage)
         if interval is None:
-            if not side.result.confidence_percent:
-                notes.append(f"the result of {side.result.run_id} has no intervals (computed before they existed)")
-            else:
-                notes.append(f"no interval for {metric.name} of {side.result.run_id} (too little data)")
+            note, needed = _missing(metric, side)
             if side.is_group and side.stage.repeats < 2:
-                repeats_needed = max(repeats_needed, 2)
-            elif metric.quantile is not None:
-                requests_needed = max(requests_needed, values_to_bound_quantile(metric.quantile, side.level))
+                repeats_needed, needed = 2, 0
+                note = f"{side.result.run_id}: no interval (a group needs 2 counted runs for one)"
         elif interval.low_open or interval.high_open:
             note, needed = _unbounded(metric, side, interval)
-            notes.append(note)
-            requests_needed = max(requests_needed, needed)
         else:
             estimates.append(side.estimate(value, interval, repeats))
+            continue
+        notes.append(note)
+        requests_needed = max(requests_needed, needed)
     if notes:
         return _Row(metric, base, other, None, None, "; ".join(notes), requests_needed, repeats_needed)
     b, o = estimates
