@@ -400,14 +400,19 @@ def _compare_stages(
             continue  # no stage at this load level in the baseline
         rows = [r for m in metrics if (r := _row(m, _Side(baseline, b), _Side(result, s), repeats)) is not None]
         matched.append((b, s, rows))
-    family = [(id(r), r.diff.p_value) for _, _, rows in matched for r in rows if r.diff is not None]
-    adjusted = dict(zip((key for key, _ in family), holm([p for _, p in family]), strict=True))
+    family = [r.diff.p_value for _, _, rows in matched for r in rows if r.diff is not None]
+    adjusted = iter(holm(family))  # consumed in the same order
     return [
         StageComparison(
             load_label(s),
             b.index,
             s.index,
-            [_delta(r, adjusted.get(id(r), 1.0), tolerance_percent, confidence_percent, len(family)) for r in rows],
+            [
+                _delta(
+                    r, next(adjusted) if r.diff is not None else 1.0, tolerance_percent, confidence_percent, len(family)
+                )
+                for r in rows
+            ],
         )
         for b, s, rows in matched
     ]

@@ -144,7 +144,11 @@ def decide(
     needed = data_needed(target, sides)
     if needed:
         return Decision(Outcome.INCONCLUSIVE, needed)
-    return Decision(Outcome.INCONCLUSIVE, 0, "the noise of the side that cannot grow alone is too large to decide it")
+    if any(not s.scales for s in sides):
+        return Decision(Outcome.INCONCLUSIVE, 0, "the single run's own noise is too large: repeat it as a group too")
+    return Decision(
+        Outcome.INCONCLUSIVE, 0, "the change is too close to the tolerance for any practical amount of data"
+    )
 
 
 # An answer beyond this is no answer (and must fit the API's uint64).
