@@ -152,6 +152,9 @@ def test_a_change_at_the_tolerance_cannot_be_decided() -> None:
     d = one(stage(100.0, se=1.0), stage(110.0, se=1.0))
     assert d.outcome == Outcome.INCONCLUSIVE and d.requests_needed == 0
     assert d.note == "the change lies at the tolerance: more data would not decide it"
+    d = one(stage(100.0, se=1.0), stage(109.99999999, se=1.0))
+    assert d.outcome == Outcome.INCONCLUSIVE and d.requests_needed == 0
+    assert d.note == "the change is too close to the tolerance for any practical amount of data"
 
 
 def test_holm_adjusts_in_step_down_order() -> None:
