@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from pathlib import Path
 
 import grpc
 import pytest
@@ -42,7 +43,7 @@ async def measured(client: ControllerClient, mock: MockServer, requests: int, co
     return run.id
 
 
-async def cli_compare(address: str, *args: str) -> tuple[int, str]:
+async def cli_compare(*args: str) -> tuple[int, str]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -50,8 +51,6 @@ async def cli_compare(address: str, *args: str) -> tuple[int, str]:
         "runs",
         "compare",
         *args,
-        "--controller",
-        address,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
@@ -62,7 +61,7 @@ async def cli_compare(address: str, *args: str) -> tuple[int, str]:
 
 @pytest.mark.e2e
 async def test_a_ten_percent_ttft_change_is_regressed_with_enough_requests_and_inconclusive_with_a_handful(
-    controller: Controller, client: ControllerClient
+    controller: Controller, client: ControllerClient, db_path: Path
 ) -> None:
     address = f"127.0.0.1:{controller.port}"
     async with (
@@ -94,17 +93,20 @@ async def test_a_ten_percent_ttft_change_is_regressed_with_enough_requests_and_i
         assert HANDFUL < ttft.requests_needed < 100 * ENOUGH, ttft
         assert undecided.outcome == run_service_pb2.COMPARE_OUTCOME_INCONCLUSIVE
 
-        code, out = await cli_compare(address, base, slow, "--tolerance", "5", "--metric", TTFT)
+        code, out = await cli_compare("--controller", address, base, slow, "--tolerance", "5", "--metric", TTFT)
         assert code == 1, out
         assert "regressed" in out and f"{slow} vs baseline {base}" in out
-        code, out = await cli_compare(address, few_base, few_slow, "--tolerance", "5", "--metric", TTFT)
+        code, out = await cli_compare("--controller", address, few_base, few_slow, "--tolerance", "5", "--metric", TTFT)
         assert code == 3, out
         assert "inconclusive (needs ~" in out
         # A run against itself with enough data: no regression (exit 0).
-        code, out = await cli_compare(address, base, base, "--tolerance", "5", "--metric", TTFT)
+        code, out = await cli_compare("--controller", address, base, base, "--tolerance", "5", "--metric", TTFT)
         assert code == 0, out
-        code, out = await cli_compare(address, base, slow, "--confidence", "50")
+        code, out = await cli_compare("--controller", address, base, slow, "--confidence", "50")
         assert code == 2 and "confidence_percent" in out, out
+    # The same comparison read from the database file, no controller asked.
+    code, out = await cli_compare("--db", str(db_path), base, slow, "--tolerance", "5", "--metric", TTFT)
+    assert code == 1 and "regressed" in out, out
 
 
 async def test_bad_requests_name_the_field(controller: Controller) -> None:
