@@ -155,24 +155,28 @@ def history_table(history: run_service_pb2.GetSeriesHistoryResponse, label: str)
     stage = history.load or "each run's first stage"
     level = f"; intervals at {history.confidence_percent:g}%" if history.confidence_percent else ""
     table = Table(title=f"{history.name}: {history.metric} at {stage}{level}", title_justify="left")
-    for column in ("created", label or "label", "run", "state", history.metric, "interval", "vs baseline", ""):
-        table.add_column(column, justify="right" if column in (history.metric, "vs baseline") else "left")
+    intervals = any(p.HasField("ci") for p in history.points)
+    columns = ("created", label or "label", "run", "state", history.metric, "interval", "vs baseline", "")
+    for column in columns:
+        if column != "interval" or intervals:
+            table.add_column(column, justify="right" if column in (history.metric, "vs baseline") else "left")
     base = baseline_value(history)
     for p in history.points:
         has_value = p.HasField("value")
         change = ""
         if has_value and base:
             change = f"{(p.value - base) / base * 100:+.1f}%"
-        table.add_row(
+        cells: list[str | Text] = [
             _time(p.create_time),
             p.label_value,
             p.run_id,
             render.state_name(p.state),
             value_text(history.metric, p.value) if has_value else formats.NA,
-            _interval_text(history.metric, p),
-            change,
-            Text("◆ baseline", style="bold") if p.baseline else "",
-        )
+        ]
+        if intervals:
+            cells.append(_interval_text(history.metric, p))
+        cells += [change, Text("◆ baseline", style="bold") if p.baseline else ""]
+        table.add_row(*cells)
     return table
 
 
@@ -223,7 +227,7 @@ async def gate_on_baseline(
         )
         return None
     response = await client.compare_runs("", [run.id], tolerance_percent, baseline_name=name)
-    console = Console(file=out, no_color=not out.isatty(), width=max(100, Console(file=out).width))
+    console = render.console() if out is sys.stdout else Console(file=out, no_color=not out.isatty(), width=120)
     for table in formats.comparison_tables(response, False):
         console.print(table)
     unmatched = [c for c in response.comparisons if not c.stages and not formats.capacity_compared(c)]

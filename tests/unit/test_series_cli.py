@@ -141,3 +141,13 @@ def test_labels_and_series_go_into_the_spec() -> None:
     assert dict(spec.labels) == {"commit": "abc", "image": "v1=x", "empty": ""}
     with pytest.raises(SystemExit):
         spec_parser().parse_args(["--target", "t", "--model", "m", "--label", "novalue"])
+
+
+def test_the_interval_column_is_left_out_when_no_value_has_one() -> None:
+    bare = history(10.0, 20.0)
+    for point in bare.points:
+        point.ClearField("ci")
+    out = io.StringIO()
+    series.print_history(bare, "", Console(file=out, width=200, no_color=True), out)
+    header = next(line for line in out.getvalue().splitlines() if "created" in line)
+    assert "interval" not in header and "vs baseline" in header and "-50.0%" in out.getvalue()
