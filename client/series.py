@@ -17,6 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from client import exitcodes, formats, render
+from client.envconfig import not_from_env
 from client.sdk import ControllerClient
 from common.proto.loadtest.v1 import run_pb2, run_service_pb2
 
@@ -55,7 +56,10 @@ def add_series_parsers(
     add_connection(p, read_only=True)
     p.add_argument("name", metavar="NAME", help="the series")
     p.add_argument("--metric", default=DEFAULT_METRIC, help=f"the figure to follow (default {DEFAULT_METRIC})")
-    p.add_argument("--label", default="", metavar="KEY", help="name each run by this label's value, e.g. commit")
+    # Not from LLM_LOADTEST_LABEL: that variable holds KEY=VALUE labels (of agents and runs), this is a key.
+    not_from_env(
+        p.add_argument("--label", default="", metavar="KEY", help="name each run by this label's value, e.g. commit")
+    )
     p.add_argument(
         "--load", default="", metavar="LOAD", help="the stage by its load, e.g. concurrency=8 (default: the first)"
     )

@@ -16,6 +16,7 @@ import pytest
 
 from client.sdk import ControllerClient
 from common.proto.loadtest.v1 import key_service_pb2, run_pb2
+from controller.local import LocalRunReader
 from controller.server import Controller
 from controller.store import migrations
 from controller.store.database import Database
@@ -129,7 +130,7 @@ async def test_only_a_succeeded_run_with_a_good_name_is_a_baseline(
 
 
 async def test_history_follows_a_metric_over_labelled_runs(
-    controller: Controller, client: ControllerClient, mock: MockServer
+    controller: Controller, client: ControllerClient, mock: MockServer, db_path: Path
 ) -> None:
     async with running_agent(f"127.0.0.1:{controller.port}"):
         runs = [await finished(client, quick_spec(mock, "svc", commit=c)) for c in "abc"]
@@ -163,6 +164,12 @@ async def test_history_follows_a_metric_over_labelled_runs(
     recent = await client.series_history("svc", limit=2)
     assert [p.run_id for p in recent.points] == [runs[1].id, runs[2].id, failed.id]
     assert (await client.series_history("nothing")).points == []
+    # `--db`: the same domain code on the file, the same answer.
+    async with LocalRunReader(db_path) as local:
+        assert await local.series_history("svc", label="commit") == history
+        assert [b.run_id for b in await local.list_baselines()] == [runs[1].id]
+        assert (await local.get_baseline("svc")).run_id == runs[1].id
+        assert [r.id for r in (await local.list_runs(series="svc")).runs] == [failed.id, *(r.id for r in runs[::-1])]
 
     error = await rpc_error(client.series_history("svc", metric="ttft_p42"))
     assert violations(error) == ["metric"] and "ttft_p99_ms" in (error.details() or "")
