@@ -699,15 +699,13 @@ def any_regressed(response: run_service_pb2.CompareRunsResponse) -> bool:
 
 
 def compare_exit_code(response: run_service_pb2.CompareRunsResponse) -> int:
-    """What a CI gate does with a comparison: 1 when anything regressed, 3 when the data could
-    not tell (inconclusive), 0 when there is no regression; 2 when some run compared nothing
-    (no stage matched the baseline's loads and no capacity was compared): no pass."""
-    if not response.comparisons or any(
-        c.outcome == run_service_pb2.COMPARE_OUTCOME_UNSPECIFIED for c in response.comparisons
-    ):
-        return exitcodes.USAGE
+    """What a CI gate does with a comparison: 1 when anything regressed; else 2 when some run
+    compared nothing (no stage matched the baseline's loads and no capacity was compared: no
+    pass); else 3 when the data could not tell (inconclusive); else 0, no regression."""
     if response.outcome == run_service_pb2.COMPARE_OUTCOME_REGRESSED or any_regressed(response):
         return exitcodes.FAILED
+    if any(c.outcome == run_service_pb2.COMPARE_OUTCOME_UNSPECIFIED for c in response.comparisons):
+        return exitcodes.USAGE
     if response.outcome == run_service_pb2.COMPARE_OUTCOME_INCONCLUSIVE:
         return exitcodes.INCONCLUSIVE
     return exitcodes.OK

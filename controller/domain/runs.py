@@ -107,6 +107,7 @@ class Runs:
             time.time_ns(),
             dataset_json,
             valid.SerializeToString(deterministic=True),
+            valid.series,
         )
         if created:
             await self._store.add_event(record.pk, "run_created", "", record.created_at)
@@ -129,6 +130,7 @@ class Runs:
         state: int,
         model: str,
         build: Callable[[list[repo.RunRecord], str], T],
+        series: str = "",
     ) -> T:
         """A page of runs and the next page's token, passed to `build` on the reader thread (a
         page's conversion stays off the event loop and costs no second thread hop)."""
@@ -140,7 +142,7 @@ class Runs:
         def page(records: list[repo.RunRecord], cursor: tuple[int, int] | None) -> T:
             return build(records, _encode_token(cursor) if cursor else "")
 
-        return await self._store.list_runs(size, after, state, model, MAX_PAGE_BYTES, page)
+        return await self._store.list_runs(size, after, state, model, MAX_PAGE_BYTES, page, series)
 
     async def cancel(self, run_id: str, reason: str) -> repo.RunRecord:
         record = await self.get(run_id)

@@ -52,6 +52,7 @@ class RunRecord:
     requests_failed: int
     output_tokens: int
     spec_pb: bytes = b""  # the spec as protobuf binary (empty: in spec_json only, see migration 7)
+    series: str = ""  # RunSpec.series (migration 12)
 
     @property
     def is_final(self) -> bool:
@@ -128,6 +129,7 @@ def _record(row: RunRow) -> RunRecord:
         requests_failed=row.requests_failed,
         output_tokens=row.output_tokens,
         spec_pb=bytes(row.spec_pb or b""),
+        series=row.series,
     )
 
 
@@ -145,6 +147,7 @@ def insert_run(
     now_ns: int,
     dataset_json: str = "",
     spec_pb: bytes = b"",
+    series: str = "",
 ) -> tuple[RunRecord, bool]:
     """Create a run; with a request_id already used, return that run and False."""
     if request_id:
@@ -162,6 +165,7 @@ def insert_run(
                 spec_json=spec_json,
                 spec_pb=spec_pb,
                 created_at=now_ns,
+                series=series,
             )
             StageRow.insert_many([{"run": row.pk, "idx": i, "name": n} for i, n in enumerate(stage_names)]).execute()
             if secret:  # the target's credentials (see controller/domain/access/secrets.py)
@@ -195,7 +199,7 @@ def get_run_secret(run_pk: int) -> str:
 
 
 def list_runs(
-    page_size: int, after: tuple[int, int] | None, state: int, model: str, max_bytes: int
+    page_size: int, after: tuple[int, int] | None, state: int, model: str, max_bytes: int, series: str = ""
 ) -> tuple[list[RunRecord], tuple[int, int] | None]:
     """Newest first; `after` is the (created_at, pk) of the previous page's last run. The page
     ends after `page_size` runs or before the run that would take its stored specs past
@@ -203,8 +207,9 @@ def list_runs(
 
     Plain SQL rather than Peewee model rows (a page of model instances cost milliseconds);
     the row-value keyset `(created_at, pk) < (?, ?)` lets SQLite seek in the indexes on
-    (created_at DESC, pk DESC), (state, created_at DESC, pk DESC) and (model, created_at DESC,
-    pk DESC) and stop after the page (see EXPLAIN QUERY PLAN in tests/unit/test_columnar_store.py).
+    (created_at DESC, pk DESC), (state, created_at DESC, pk DESC), (model, created_at DESC,
+    pk DESC) and (series, created_at DESC, pk DESC) and stop after the page (see EXPLAIN QUERY
+    PLAN in tests/unit/test_columnar_store.py).
     Rows are fetched one at a time, so the runs past the byte budget are never read.
     """
     where: list[str] = []
@@ -215,6 +220,9 @@ def list_runs(
     if model:
         where.append("model = ?")
         params.append(model)
+    if series:
+        where.append("series = ?")
+        params.append(series)
     if after is not None:
         where.append("(created_at, pk) < (?, ?)")
         params.extend(after)
@@ -240,6 +248,15 @@ def list_runs(
     return records, last
 
 
+def series_runs(series: str, limit: int) -> list[RunRecord]:
+    """The series' `limit` most recent runs, newest first (the index on (series, created_at
+    DESC, pk DESC) serves it)."""
+    cursor = database_proxy.connection().execute(
+        f"SELECT {_RUN_FIELDS} FROM runs WHERE series = ? ORDER BY created_at DESC, pk DESC LIMIT ?", (series, limit)
+    )
+    return [RunRecord(*row) for row in cursor]
+
+
 def listed_bytes(record: RunRecord) -> int:
     """About what the run takes in a ListRuns page: its stored spec plus the other fields."""
     return len(record.spec_pb or record.spec_json) + len(record.state_reason) + 128
@@ -250,7 +267,7 @@ def listed_bytes(record: RunRecord) -> int:
 _RUN_FIELDS = (
     "pk, run_id, display_name, model, state, state_reason,"
     " CASE WHEN length(spec_pb) > 0 THEN '' ELSE spec_json END, created_at, started_at, ended_at,"
-    " current_stage, requests_ok, requests_failed, output_tokens, spec_pb"
+    " current_stage, requests_ok, requests_failed, output_tokens, spec_pb, series"
 )
 
 
@@ -282,6 +299,8 @@ def delete_run(run_pk: int) -> None:
         "DELETE FROM sample_errors WHERE batch_pk IN (SELECT pk FROM sample_batches WHERE run_pk = ?)", (run_pk,)
     )
     delete_run_scrapes(run_pk)
+    # A baseline names its run by id (it may name a group instead, so there is no foreign key).
+    database_proxy.execute_sql("DELETE FROM baselines WHERE run_id = (SELECT run_id FROM runs WHERE pk = ?)", (run_pk,))
     # The rest (stages, events, batches, its stored result in run_results, ...) goes with the
     # run: foreign keys are enforced (PRAGMAS in database.py), every child is ON DELETE CASCADE.
     RunRow.delete().where(RunRow.pk == run_pk).execute()

@@ -12,9 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Concatenate, ParamSpec, TypeVar, Unpack
 
+from controller.store import baselines, security
 from controller.store import repository as repo
-from controller.store import security
 from controller.store import server_metrics as scrapes
+from controller.store.baselines import BaselineRecord
 from controller.store.database import Database
 from controller.store.interface import SnapshotReads, Store
 from controller.store.repository import (
@@ -93,6 +94,7 @@ class SqliteStore(Store):
         now_ns: int,
         dataset_json: str = "",
         spec_pb: bytes = b"",
+        series: str = "",
     ) -> tuple[RunRecord, bool]:
         return await self.db.write(
             repo.insert_run,
@@ -106,6 +108,7 @@ class SqliteStore(Store):
             now_ns,
             dataset_json,
             spec_pb,
+            series,
         )
 
     async def get_run(self, run_id: str) -> RunRecord | None:
@@ -125,9 +128,10 @@ class SqliteStore(Store):
         model: str,
         max_bytes: int,
         build: Callable[[list[RunRecord], tuple[int, int] | None], T],
+        series: str = "",
     ) -> T:
         def page() -> T:
-            return build(*repo.list_runs(page_size, after, state, model, max_bytes))
+            return build(*repo.list_runs(page_size, after, state, model, max_bytes, series))
 
         return await self.db.read(page)
 
@@ -276,3 +280,20 @@ class SqliteStore(Store):
 
     async def list_audit(self, limit: int, before_pk: int | None, key_id: str, run_id: str) -> list[AuditRecord]:
         return await self.db.read(security.list_audit, limit, before_pk, key_id, run_id)
+
+    # --- series ------------------------------------------------------------------------
+
+    async def set_baseline(self, record: BaselineRecord) -> None:
+        await self.db.write(baselines.set_baseline, record)
+
+    async def get_baseline(self, name: str) -> BaselineRecord | None:
+        return await self.db.read(baselines.get_baseline, name)
+
+    async def list_baselines(self) -> list[BaselineRecord]:
+        return await self.db.read(baselines.list_baselines)
+
+    async def delete_baseline(self, name: str) -> bool:
+        return await self.db.write(baselines.delete_baseline, name)
+
+    async def series_runs(self, series: str, limit: int) -> list[RunRecord]:
+        return await self.db.read(repo.series_runs, series, limit)
