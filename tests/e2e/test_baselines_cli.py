@@ -83,7 +83,8 @@ def run_id_of(done: subprocess.CompletedProcess[str]) -> str:
 def test_run_compare_to_gates_on_the_series_baseline(stack: tuple[str, str, str], tmp_path: Path) -> None:
     fast, slow, address = stack
     # No baseline yet: the run's own exit code, and how to set one.
-    first = run(address, fast, "--compare-to", "svc", "--label", "commit=a")
+    # 400 requests, so that the p99s compared with the 400 of the run `same` below are bounded.
+    first = run(address, fast, "--compare-to", "svc", "--label", "commit=a", "--requests", "400")
     assert first.returncode == 0, first.stderr[-3000:]
     base = run_id_of(first)
     assert f"runs baseline set svc {base}" in first.stdout
@@ -93,7 +94,11 @@ def test_run_compare_to_gates_on_the_series_baseline(stack: tuple[str, str, str]
     regressed = run(address, slow, "--compare-to", "svc", "--label", "commit=b")
     assert regressed.returncode == 1, regressed.stdout[-3000:] + regressed.stderr[-3000:]
     assert "REGRESSED" in regressed.stdout and f"vs baseline {base}" in regressed.stdout
-    same = run(address, fast, "--compare-to", "svc", "--compare-tolerance", "500", "--label", "commit=c")
+    # The same server, 500 % tolerance: no regression, and with 400 requests (a p99 bounded
+    # from above) noise cannot hide one beyond it.
+    same = run(
+        address, fast, "--compare-to", "svc", "--compare-tolerance", "500", "--label", "commit=c", "--requests", "400"
+    )
     assert same.returncode == 0, same.stdout[-3000:] + same.stderr[-3000:]
     assert "no regression" in same.stdout
     # --json keeps stdout one JSON document: the comparison goes to stderr.

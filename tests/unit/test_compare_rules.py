@@ -245,6 +245,23 @@ def test_a_rate_of_a_short_stage_asks_for_its_seconds() -> None:
     assert d.requests_needed == 300  # 3 s at the 100 requests a second it ran
 
 
+def test_a_regression_the_range_excludes_is_ruled_out() -> None:
+    metric = METRICS_BY_NAME["request_throughput"]
+    short = stage(requests=150)
+    short.duration_s, short.request_throughput = 1.5, 100.0  # no interval
+    # Throughput cannot fall below 0: a drop beyond 100 % of the baseline is impossible.
+    d = one(short, short, metric, tolerance=100.0)
+    assert d.outcome == Outcome.NO_REGRESSION and d.requests_needed == 0
+    assert d.note == "a change for the worse beyond the tolerance is outside the figure's range"
+    assert one(short, short, metric, tolerance=99.0).outcome == Outcome.INCONCLUSIVE
+    # A judged but undecided change, the same way: an error rate cannot rise above 100 %.
+    errors = METRICS_BY_NAME["error_rate"]
+    noisy = error_stage(950, 1000)
+    noisy.error_rate_ci.CopyFrom(interval(0.95, 0.05))
+    assert one(noisy, noisy, errors, tolerance=6.0).outcome == Outcome.NO_REGRESSION
+    assert one(noisy, noisy, errors, tolerance=4.0).outcome == Outcome.INCONCLUSIVE
+
+
 def test_a_metric_neither_side_has_is_not_compared() -> None:
     [comparison] = compare_runs(result("b", stage()), [result("o", stage())], 10.0, 95.0, METRICS)
     names = [m.metric for m in comparison.stages[0].metrics]

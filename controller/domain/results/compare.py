@@ -74,6 +74,14 @@ class Metric:
     values: Callable[[run_pb2.StageResult], int] | None = None
     quantile: float | None = None  # a percentile's quantile, 0.99 for p99
     per_second: bool = False  # a rate: its interval comes from the stage's whole seconds
+    highest: float | None = None  # the largest value the figure can take (a fraction: 1); None: unbounded
+
+    def worst_change(self, baseline: float) -> float | None:
+        """The largest change for the worse the figure's range allows from `baseline` (to 0
+        for a throughput, to `highest` for the error rate); None when it is unbounded."""
+        if not self.worse_up:
+            return baseline
+        return None if self.highest is None else self.highest - baseline
 
 
 METRICS: tuple[Metric, ...] = (
@@ -84,7 +92,7 @@ METRICS: tuple[Metric, ...] = (
     _latency("itl", "p50"),
     _latency("e2e", "p50"),
     _latency("e2e", "p99"),
-    Metric("error_rate", _error_rate, lambda s: _optional(s, "error_rate_ci"), True),
+    Metric("error_rate", _error_rate, lambda s: _optional(s, "error_rate_ci"), True, highest=1.0),
     Metric(
         "request_throughput",
         lambda s: s.request_throughput,
@@ -327,6 +335,9 @@ def _row(metric: Metric, base: _Side, other: _Side, repeats: bool) -> _Row | Non
     return _Row(metric, base, other, (b, o), difference(b, o))
 
 
+_IMPOSSIBLE = "a change for the worse beyond the tolerance is outside the figure's range"
+
+
 def _tolerance(metric: Metric, baseline: float, tolerance_percent: float) -> float:
     """The tolerance in the metric's unit: percent of the baseline, except for the error rate,
     where it counts percentage points (a baseline of 0 % has no percent; a rise of t points
@@ -342,7 +353,14 @@ def _delta(
     base, value = row.metric.value(row.base.stage), row.metric.value(row.other.stage)
     delta = value - base
     pct = delta / base * 100 if base else 0.0
+    tolerance = _tolerance(row.metric, base, tolerance_percent)
+    worst = row.metric.worst_change(base)
+    # A regression beyond the tolerance that the figure's range excludes (a throughput below 0,
+    # an error rate above 100 %) is ruled out whatever the noise.
+    impossible = worst is not None and worst <= tolerance
     if row.diff is None or row.estimates is None:
+        if impossible:
+            return MetricDelta(row.metric.name, base, value, delta, pct, Outcome.NO_REGRESSION, note=_IMPOSSIBLE)
         return MetricDelta(
             row.metric.name,
             base,
@@ -355,14 +373,10 @@ def _delta(
             repeats_needed=row.repeats_needed,
         )
     decision: Decision = decide(
-        row.diff,
-        p_adjusted,
-        row.metric.worse_up,
-        _tolerance(row.metric, base, tolerance_percent),
-        confidence_percent,
-        family_size,
-        row.estimates,
+        row.diff, p_adjusted, row.metric.worse_up, tolerance, confidence_percent, family_size, row.estimates
     )
+    if impossible and decision.outcome == Outcome.INCONCLUSIVE:
+        decision = Decision(Outcome.NO_REGRESSION, 0, _IMPOSSIBLE)
     repeats = row.base.is_group or row.other.is_group
     return MetricDelta(
         row.metric.name,
