@@ -130,8 +130,9 @@ class RunStore(Protocol):
         group_id: str = "",
     ) -> T:
         """`build` of a page of runs, newest first, `after` the (created_at, pk) of the previous
-        page's last run (repository.list_runs), only those of `group_id` when given. `build` runs where the page is read (the
-        SQLite store: on the reader thread, so a page's conversion stays off the event loop)."""
+        page's last run (repository.list_runs), only those of `group_id` when given. `build` runs
+        where the page is read (the SQLite store: on the reader thread, so a page's conversion
+        stays off the event loop)."""
         ...
 
     async def update_run(self, run_pk: int, **fields: Unpack[RunChanges]) -> None: ...

@@ -300,8 +300,9 @@ def list_runs(
     Plain SQL rather than Peewee model rows (a page of model instances cost milliseconds);
     the row-value keyset `(created_at, pk) < (?, ?)` lets SQLite seek in the indexes on
     (created_at DESC, pk DESC), (state, created_at DESC, pk DESC), (model, created_at DESC,
-    pk DESC) and (group_id, created_at DESC, pk DESC) and stop after the page (see EXPLAIN QUERY PLAN in tests/unit/test_columnar_store.py).
-    Rows are fetched one at a time, so the runs past the byte budget are never read.
+    pk DESC) and (group_id, created_at DESC, pk DESC) and stop after the page (see EXPLAIN
+    QUERY PLAN in tests/integration/test_columnar_store.py). Rows are fetched one at a time,
+    so the runs past the byte budget are never read.
     """
     where: list[str] = []
     params: list[object] = []

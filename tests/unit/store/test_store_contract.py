@@ -230,7 +230,8 @@ async def test_a_group_is_created_together_in_repeat_order(store: Store) -> None
 
 
 async def test_a_request_id_creates_one_group_only(store: Store) -> None:
-    first, _ = await store.insert_group("grp_a", "req-g", "", "m", repeats("run_x", "run_y"), ["s"], "", 1)
+    first, created = await store.insert_group("grp_a", "req-g", "", "m", repeats("run_x", "run_y"), ["s"], "", 1)
+    assert created and len(first) == 2
     again, created = await store.insert_group("grp_b", "req-g", "", "m", repeats("run_p", "run_q"), ["s"], "", 2)
     assert not created and [r.run_id for r in again] == ["run_x", "run_y"]
     assert await store.list_group("grp_b") == [] and await store.get_run("run_p") is None
