@@ -122,7 +122,8 @@ def _result_cells(s: run_pb2.StageResult) -> dict[str, str]:
 
 
 def result_table(result: run_pb2.RunResult, wide: bool = False) -> Table:
-    table = _table(f"run {result.run_id} — {state_name(result.state)}")
+    what = f"group of {len(result.group.run_ids)} repeats" if result.HasField("group") else "run"
+    table = _table(f"{what} {result.run_id} — {state_name(result.state)}")
     cells = [_result_cells(s) for s in result.stages]
     names = RESULT_WIDE_COLUMNS if wide else RESULT_COLUMNS
     _add_columns(table, [(name, [c[name] for c in cells]) for name in names], left=("stage",), shrinkable=("stage",))
