@@ -1,5 +1,7 @@
-"""User commands: `run` (create, watch, print the table; Ctrl-C cancels) and
-`runs list|get|cancel|delete|result|export|compare` (the read ones also from a `--db` file)."""
+"""User commands: `run` (create, watch, print the table; Ctrl-C cancels; with `--compare-to`,
+compare with a series' baseline and gate on it) and
+`runs list|get|cancel|delete|result|export|compare|baseline|history` (the read ones also from a
+`--db` file; `baseline` and `history` are client/series.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING, cast
 
 import grpc
 
-from client import exitcodes, formats, live, render, spec_builder
+from client import exitcodes, formats, live, render, series, spec_builder
 from client.envconfig import not_from_env
 from client.scenarios import SCENARIOS, describe
 from client.sdk import ControllerClient
@@ -144,6 +146,20 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="run the spec N times (2-100), one run after another with fresh seeds, as one group: "
         "its result's intervals include the variation between runs (docs/user-guide.md, Repeats)",
     )
+    parser.add_argument(
+        "--compare-to",
+        default="",
+        metavar="SERIES",
+        help="the run joins this series (--series) and, when it ends, is compared with the series' baseline: "
+        "the exit code is the worse of the run's and the comparison's (1 regressed, 3 inconclusive)",
+    )
+    parser.add_argument(
+        "--compare-tolerance",
+        type=float,
+        default=10.0,
+        metavar="PERCENT",
+        help="with --compare-to: change counted as a regression, percent (default 10)",
+    )
 
 
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
@@ -166,6 +182,15 @@ async def watch_until_done(client: ControllerClient, run_id: str) -> run_pb2.Run
 async def cmd_run(args: argparse.Namespace) -> int:
     try:
         spec = spec_builder.build_spec(args)
+        if args.compare_to:
+            if spec.series and spec.series != args.compare_to:
+                raise argparse.ArgumentTypeError(
+                    f"--series {spec.series} and --compare-to {args.compare_to}: a run is compared with the "
+                    "baseline of its own series (give one of them)"
+                )
+            if args.detach:
+                raise argparse.ArgumentTypeError("--compare-to compares when the run ends: not with --detach")
+            spec.series = args.compare_to
     except (argparse.ArgumentTypeError, ValueError, OSError) as exc:
         print(f"llm-loadtest run: error: {exc}", file=sys.stderr)
         return exitcodes.USAGE
@@ -246,7 +271,12 @@ async def _run(args: argparse.Namespace, spec: run_pb2.RunSpec, interrupts: Inte
                 if task is not None and not task.done():
                     task.cancel()
         run = await client.get_run(run.id)
-    code = print_result(args, run, result)
+        code = print_result(args, run, result)
+        if args.compare_to and not interrupts.count:
+            # With --json the JSON document alone goes to stdout; the comparison to stderr.
+            out = sys.stderr if args.json else sys.stdout
+            compared = await series.gate_on_baseline(client, args.compare_to, run, args.compare_tolerance, out)
+            code = code if compared is None else series.worse_exit_code(code, compared)
     return exitcodes.INTERRUPTED if interrupts.count else code
 
 
@@ -346,12 +376,15 @@ def print_result(
 
 def add_runs_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(
-        dest="runs_command", required=True, metavar="{list,get,cancel,delete,result,export,compare}"
+        dest="runs_command",
+        required=True,
+        metavar="{list,get,cancel,delete,result,export,compare,baseline,history}",
     )
     p = sub.add_parser("list", help="list runs, newest first")
     add_connection_arguments(p, read_only=True)
     p.add_argument("--state", choices=[n.removeprefix("RUN_STATE_").lower() for n in run_pb2.RunState.keys()[1:]])
     p.add_argument("--model", default="")
+    p.add_argument("--series", default="", help="only the runs of this series (run --series)")
     p.add_argument("--group", default="", metavar="GROUP_ID", help="only the runs of this group of repeats (grp_...)")
     p.add_argument("--limit", type=int, default=50, help="how many runs to show")
     p.add_argument("--json", action="store_true", help="print a JSON array of runs (docs/json.md)")
@@ -397,6 +430,7 @@ def add_runs_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--tolerance", type=float, default=10.0, help="change counted as a regression, percent")
     p.add_argument("--all-metrics", action="store_true", help="show every compared metric, not only the key ones")
     p.add_argument("--json", action="store_true", help="print the comparison as JSON (docs/json.md)")
+    series.add_series_parsers(sub, add_connection_arguments)
 
 
 async def cmd_runs(args: argparse.Namespace) -> int:
@@ -415,7 +449,9 @@ async def _runs(args: argparse.Namespace, client: ControllerClient) -> int:
         runs: list[run_pb2.Run] = []
         token = ""
         while len(runs) < args.limit:
-            page = await client.list_runs(min(100, args.limit - len(runs)), token, state, args.model, args.group)
+            page = await client.list_runs(
+                min(100, args.limit - len(runs)), token, state, args.model, args.series, args.group
+            )
             runs.extend(page.runs)
             token = page.next_page_token
             if not token:
@@ -446,6 +482,8 @@ async def _runs(args: argparse.Namespace, client: ControllerClient) -> int:
         return await _export(args, client)
     if command == "compare":
         return await _compare(args, client)
+    if command in ("baseline", "history"):
+        return await series.run_command(args, client)
     if command == "result" and args.run_id.startswith("grp_"):
         from client.repeats import group_as_run
 

@@ -616,6 +616,14 @@ def any_regressed(response: run_service_pb2.CompareRunsResponse) -> bool:
     return any(c.regressed or any(m.regressed for s in c.stages for m in s.metrics) for c in response.comparisons)
 
 
+def compare_exit_code(response: run_service_pb2.CompareRunsResponse) -> int:
+    """What a comparison means for a CI gate: 1 a regression, 3 inconclusive (not enough data to
+    tell), 0 otherwise; `response.outcome`, or the regression flags when the outcome is unset."""
+    if response.outcome == run_service_pb2.COMPARE_OUTCOME_REGRESSED or any_regressed(response):
+        return 1
+    return 3 if response.outcome == run_service_pb2.COMPARE_OUTCOME_INCONCLUSIVE else 0
+
+
 def iter_checks(result: run_pb2.RunResult) -> list[run_pb2.CheckResult]:
     """Every check of the run: the run-wide list, or the stages' lists when that is empty."""
     if result.checks:

@@ -85,7 +85,13 @@ class ControllerClient:
         return list(response.events)
 
     async def list_runs(
-        self, page_size: int = 50, page_token: str = "", state: int = 0, model: str = "", group_id: str = ""
+        self,
+        page_size: int = 50,
+        page_token: str = "",
+        state: int = 0,
+        model: str = "",
+        series: str = "",
+        group_id: str = "",
     ) -> run_service_pb2.ListRunsResponse:
         response: run_service_pb2.ListRunsResponse = await self._stub.ListRuns(
             run_service_pb2.ListRunsRequest(
@@ -93,6 +99,7 @@ class ControllerClient:
                 page_token=page_token,
                 state=state,  # type: ignore[arg-type]
                 model=model,
+                series=series,
                 group_id=group_id,
             ),
             metadata=self._metadata,
@@ -140,12 +147,52 @@ class ControllerClient:
                 yield sample
 
     async def compare_runs(
-        self, baseline_run_id: str, run_ids: list[str], tolerance_percent: float = 0.0
+        self, baseline_run_id: str, run_ids: list[str], tolerance_percent: float = 0.0, *, baseline_name: str = ""
     ) -> run_service_pb2.CompareRunsResponse:
+        """Compare with a baseline run (or group), or with the baseline of the series `baseline_name`."""
         response: run_service_pb2.CompareRunsResponse = await self._stub.CompareRuns(
             run_service_pb2.CompareRunsRequest(
-                baseline_run_id=baseline_run_id, run_ids=run_ids, tolerance_percent=tolerance_percent
+                baseline_run_id=baseline_run_id,
+                run_ids=run_ids,
+                tolerance_percent=tolerance_percent,
+                baseline_name=baseline_name,
             ),
+            metadata=self._metadata,
+            timeout=self.timeout_s,
+        )
+        return response
+
+    async def set_baseline(self, name: str, run_id: str) -> run_service_pb2.Baseline:
+        response: run_service_pb2.SetBaselineResponse = await self._stub.SetBaseline(
+            run_service_pb2.SetBaselineRequest(name=name, run_id=run_id),
+            metadata=self._metadata,
+            timeout=self.timeout_s,
+        )
+        return response.baseline
+
+    async def get_baseline(self, name: str) -> run_service_pb2.Baseline:
+        response: run_service_pb2.GetBaselineResponse = await self._stub.GetBaseline(
+            run_service_pb2.GetBaselineRequest(name=name), metadata=self._metadata, timeout=self.timeout_s
+        )
+        return response.baseline
+
+    async def list_baselines(self) -> list[run_service_pb2.Baseline]:
+        response: run_service_pb2.ListBaselinesResponse = await self._stub.ListBaselines(
+            run_service_pb2.ListBaselinesRequest(), metadata=self._metadata, timeout=self.timeout_s
+        )
+        return list(response.baselines)
+
+    async def delete_baseline(self, name: str) -> None:
+        await self._stub.DeleteBaseline(
+            run_service_pb2.DeleteBaselineRequest(name=name), metadata=self._metadata, timeout=self.timeout_s
+        )
+
+    async def series_history(
+        self, name: str, metric: str = "", label: str = "", load: str = "", limit: int = 0
+    ) -> run_service_pb2.GetSeriesHistoryResponse:
+        """One metric over the series' runs, oldest first (GetSeriesHistory)."""
+        response: run_service_pb2.GetSeriesHistoryResponse = await self._stub.GetSeriesHistory(
+            run_service_pb2.GetSeriesHistoryRequest(name=name, metric=metric, label=label, load=load, limit=limit),
             metadata=self._metadata,
             timeout=self.timeout_s,
         )

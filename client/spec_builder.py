@@ -74,6 +74,14 @@ def selector(text: str) -> dict[str, str]:
     return out
 
 
+def label(text: str) -> tuple[str, str]:
+    """`commit=abc123` -> ("commit", "abc123") (the value may be empty, the key not)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value.strip()
+
+
 def int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -336,6 +344,20 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
         help="client vs server token/request counts may differ by this much (default 2)",
     )
     parser.add_argument("--name", default="", help="display name of the run (shown by run, runs list and reports)")
+    parser.add_argument(
+        "--series",
+        default="",
+        metavar="NAME",
+        help="the benchmark series the run belongs to (its baseline and history: runs baseline, runs history)",
+    )
+    parser.add_argument(
+        "--label",
+        type=label,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a label of the run, e.g. commit=$GIT_SHA (repeatable); runs history --label KEY names runs by it",
+    )
 
 
 def _add_search_arguments(parser: argparse.ArgumentParser) -> None:
@@ -588,7 +610,8 @@ def _check_integers(args: argparse.Namespace) -> None:
 def build_spec(args: argparse.Namespace) -> run_pb2.RunSpec:
     """The RunSpec the `run` flags describe (raises ArgumentTypeError for bad combinations)."""
     _check_integers(args)
-    spec = run_pb2.RunSpec(display_name=args.name)
+    spec = run_pb2.RunSpec(display_name=args.name, series=getattr(args, "series", ""))
+    spec.labels.update(dict(getattr(args, "label", ())))
     t = spec.target
     problem = credential_problem(args.target)
     if problem:

@@ -316,8 +316,8 @@ def _retry_status(message: str, retry_after_s: float) -> grpc.Status:
 
 
 def _subject(request: Any, response: Any) -> tuple[str, str]:
-    """(run id, key id detail) a call concerned, from its request or response."""
-    run_id = key = ""
+    """(run id, detail naming the key or the series) a call concerned, from its request or response."""
+    run_id = key = series = ""
     for message in (request, response):
         if message is None or isinstance(message, _Malformed) or not hasattr(message, "DESCRIPTOR"):
             continue
@@ -330,6 +330,10 @@ def _subject(request: Any, response: Any) -> tuple[str, str]:
             key = str(message.key_id)
         if "key" in fields and message.HasField("key") and not key:
             key = message.key.id
+        if message.DESCRIPTOR.name.endswith("BaselineRequest") and not series:
+            series = str(message.name)
+    if series:
+        return run_id[:128], f"baseline {series[:64]}"
     return run_id[:128], f"key {key[:64]}" if key else ""
 
 

@@ -23,6 +23,7 @@ from common.proto.loadtest.v1 import run_pb2, run_service_pb2
 from controller.domain.access.audit import AuditLog
 from controller.domain.access.destinations import DestinationPolicy
 from controller.domain.access.keys import KeyStore
+from controller.domain.baselines import Baselines
 from controller.domain.errors import DomainError
 from controller.domain.execution.coordinator import RunCoordinator
 from controller.domain.results.live import RunHub
@@ -63,6 +64,7 @@ class LocalRunReader:
         # no run is created here, so the destination policy is never consulted.
         store = SqliteStore(self._db)
         self._runs = Runs(store, RunCoordinator(store, hub), hub, RunResults(store, keep=False), DestinationPolicy())
+        self._baselines = Baselines(store, self._runs)
 
     async def __aenter__(self) -> LocalRunReader:
         return self
@@ -80,9 +82,15 @@ class LocalRunReader:
         return [convert.event_message(e) for e in await self._runs.events(record, 0)]
 
     async def list_runs(
-        self, page_size: int = 50, page_token: str = "", state: int = 0, model: str = "", group_id: str = ""
+        self,
+        page_size: int = 50,
+        page_token: str = "",
+        state: int = 0,
+        model: str = "",
+        series: str = "",
+        group_id: str = "",
     ) -> run_service_pb2.ListRunsResponse:
-        return await self._runs.list_runs(page_size, page_token, state, model, convert.list_response, group_id)
+        return await self._runs.list_runs(page_size, page_token, state, model, convert.list_response, series, group_id)
 
     async def get_group_result(self, group_id: str) -> run_service_pb2.GetGroupResultResponse:
         records, result = await self._runs.group(group_id)
@@ -103,6 +111,17 @@ class LocalRunReader:
     ) -> run_service_pb2.CompareRunsResponse:
         baseline, comparisons = await self._runs.compare(baseline_run_id, run_ids, tolerance_percent)
         return convert.compare_message(baseline, comparisons)
+
+    async def get_baseline(self, name: str) -> run_service_pb2.Baseline:
+        return convert.baseline_message(await self._baselines.get_baseline(name))
+
+    async def list_baselines(self) -> list[run_service_pb2.Baseline]:
+        return [convert.baseline_message(b) for b in await self._baselines.list_baselines()]
+
+    async def series_history(
+        self, name: str, metric: str = "", label: str = "", load: str = "", limit: int = 0
+    ) -> run_service_pb2.GetSeriesHistoryResponse:
+        return convert.history_message(await self._baselines.history(name, metric, label, load, limit))
 
 
 class LocalKeyAdmin:

@@ -27,6 +27,7 @@ from controller.domain.access.audit import AuditLog
 from controller.domain.access.destinations import DestinationPolicy, is_loopback_listen
 from controller.domain.access.keys import KeyStore
 from controller.domain.access.ratelimit import RateLimiter, RateLimits
+from controller.domain.baselines import Baselines
 from controller.domain.execution.coordinator import RunCoordinator
 from controller.domain.results.ingest import Ingestor
 from controller.domain.results.live import RunHub
@@ -106,7 +107,7 @@ class Controller:
         self.runs = Runs(self.store, self.coordinator, self.hub, self.results, self.destinations)
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(interceptors=[self.metrics.interceptor, self.auth], options=SERVER_OPTIONS)
-        run_service.add_to_server(RunServiceServicer(self.runs), self.server)
+        run_service.add_to_server(RunServiceServicer(self.runs, Baselines(self.store, self.runs)), self.server)
         agent_service_pb2_grpc.add_AgentServiceServicer_to_server(
             AgentServiceServicer(self.coordinator, self.ingestor, heartbeat_interval_s, self.audit), self.server
         )

@@ -68,12 +68,14 @@ class RunReportData:
     result: run_pb2.RunResult
     samples: SampleDigest | None = None  # None: samples not fetched or not available
     samples_note: str = ""
+    # The history of the run's series (RunSpec.series); None when it has none.
+    history: run_service_pb2.GetSeriesHistoryResponse | None = None
 
 
 async def collect(client: ControllerClient, run_id: str, with_samples: bool = True) -> RunReportData:
     run = await client.get_run(run_id)
     result = await client.get_result(run_id)
-    data = RunReportData(run, result)
+    data = RunReportData(run, result, history=await _history(client, run))
     if not with_samples:
         data.samples_note = "samples not fetched (--no-samples)"
         return data
@@ -88,3 +90,17 @@ async def collect(client: ControllerClient, run_id: str, with_samples: bool = Tr
         return data
     data.samples = digest
     return data
+
+
+async def _history(client: ControllerClient, run: run_pb2.Run) -> run_service_pb2.GetSeriesHistoryResponse | None:
+    """The series' history, each run named by the run's first label (e.g. `commit`); None for a
+    run of no series, or a controller that keeps no histories (UNIMPLEMENTED)."""
+    if not run.spec.series:
+        return None
+    label = min(run.spec.labels) if run.spec.labels else ""
+    try:
+        return await client.series_history(run.spec.series, label=label)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+            raise
+        return None

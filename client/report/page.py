@@ -10,6 +10,7 @@ from client.report.assets import CSS, SCRIPT, toggle_css
 from client.report.chart_sections import distributions_section, latency_throughput_section, timeline_section
 from client.report.collect import RunReportData
 from client.report.formatting import run_styles
+from client.report.history_section import history_section
 from client.report.sections import (
     agents_section,
     capacity_section,
@@ -34,6 +35,7 @@ def build_report(runs: Sequence[RunReportData], generated: datetime | None = Non
         + timeline_section(runs, styles)
         + server_section([d.result for d in runs], styles)
         + distributions_section(runs, styles)
+        + history_section(runs, styles)
         + checks_section(runs, styles)
         + health_section(runs, styles)
         + agents_section(runs, styles)

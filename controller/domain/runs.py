@@ -140,6 +140,7 @@ class Runs:
             time.time_ns(),
             dataset_json,
             valid.SerializeToString(deterministic=True),
+            valid.series,
         )
         if created:
             await self._created(record, "")
@@ -172,6 +173,7 @@ class Runs:
             secret,
             time.time_ns(),
             dataset_json,
+            valid.series,
         )
         if created:
             for record in records:
@@ -228,6 +230,7 @@ class Runs:
         state: int,
         model: str,
         build: Callable[[list[repo.RunRecord], str], T],
+        series: str = "",
         group_id: str = "",
     ) -> T:
         """A page of runs and the next page's token, passed to `build` on the reader thread (a
@@ -242,7 +245,7 @@ class Runs:
         def page(records: list[repo.RunRecord], cursor: tuple[int, int] | None) -> T:
             return build(records, _encode_token(cursor) if cursor else "")
 
-        return await self._store.list_runs(size, after, state, model, MAX_PAGE_BYTES, page, group_id=group_id)
+        return await self._store.list_runs(size, after, state, model, MAX_PAGE_BYTES, page, series, group_id)
 
     async def cancel(self, run_id: str, reason: str) -> repo.RunRecord:
         record = await self.get(run_id)

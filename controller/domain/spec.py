@@ -69,6 +69,14 @@ _MAX_DURATION_SECONDS = 315_576_000_000
 DEFAULT_TOKENS = 128
 T = TypeVar("T")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,256}$")
+# A series' name (RunSpec.series, the name of its baseline): safe in a URL, a file name, a shell.
+SERIES_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+SERIES_NAME_RULE = "letters, digits, '.', '_' and '-' only, 1 to 64 of them"
+
+
+def series_name_problem(name: str) -> str:
+    """Why `name` cannot name a series ("" when it can)."""
+    return "" if SERIES_NAME.fullmatch(name) else f"{name[:64]!r} is not a series name: {SERIES_NAME_RULE}"
 
 
 def validate_and_default(spec: run_pb2.RunSpec, rng: random.Random | None = None) -> run_pb2.RunSpec:
@@ -144,6 +152,8 @@ def validate_and_default(spec: run_pb2.RunSpec, rng: random.Random | None = None
         if not 1 <= len(key) <= MAX_LABEL_KEY_CHARS or len(value) > MAX_LABEL_VALUE_CHARS:
             limits = f"keys 1-{MAX_LABEL_KEY_CHARS}, values up to {MAX_LABEL_VALUE_CHARS} chars"
             v.append(FieldViolation(f"spec.labels[{key[:40]!r}]", limits))
+    if out.series and series_name_problem(out.series):
+        v.append(FieldViolation("spec.series", series_name_problem(out.series)))
 
     if v:
         raise InvalidArgument(v)

@@ -7,11 +7,13 @@ from typing import Final
 
 from common.codes import SampleFlag
 from common.proto.loadtest.v1 import run_pb2, run_service_pb2
+from controller.domain.baselines import SeriesHistory
 from controller.domain.execution.agents import AgentSession
 from controller.domain.results.compare import CapacityDelta, RunComparison
 from controller.domain.results.live import LiveSnapshot
 from controller.domain.results.message import timestamp
 from controller.domain.spec import MAX_NAME_CHARS, MAX_STORED_SPEC_BYTES, parse_spec
+from controller.store.baselines import BaselineRecord
 from controller.store.repository import EventRecord, RunRecord, listed_bytes
 
 
@@ -199,3 +201,37 @@ def _capacity_comparison(delta: CapacityDelta | None) -> run_service_pb2.Capacit
         regressed=delta.regressed,
         note=delta.note,
     )
+
+
+def baseline_message(record: BaselineRecord) -> run_service_pb2.Baseline:
+    return run_service_pb2.Baseline(
+        name=record.name,
+        run_id=record.run_id,
+        set_time=timestamp(record.set_at_ns),
+        set_by_key_id=record.set_by_key_id,
+    )
+
+
+def history_message(history: SeriesHistory) -> run_service_pb2.GetSeriesHistoryResponse:
+    response = run_service_pb2.GetSeriesHistoryResponse(
+        name=history.name,
+        metric=history.metric,
+        load=history.load,
+        confidence_percent=history.confidence_percent,
+    )
+    if history.baseline is not None:
+        response.baseline.CopyFrom(baseline_message(history.baseline))
+    for p in history.points:
+        point = response.points.add(
+            run_id=p.run_id,
+            create_time=timestamp(p.created_at),
+            label_value=p.label_value,
+            state=p.state,
+            baseline=p.baseline,
+            stage_index=p.stage_index,
+        )
+        if p.value is not None:
+            point.value = p.value
+        if p.ci is not None:
+            point.ci.CopyFrom(p.ci)
+    return response

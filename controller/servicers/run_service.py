@@ -8,9 +8,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+import structlog
 from google.protobuf.message import Message
 
 from common.proto.loadtest.v1 import run_pb2, run_service_pb2, run_service_pb2_grpc
+from controller.domain.baselines import Baselines
+from controller.domain.errors import FieldViolation, InvalidArgument
 from controller.domain.runs import Runs
 from controller.servicers import convert
 from controller.servicers.errors import stream_errors, unary_errors
@@ -103,8 +106,9 @@ class _SharedRunReads:
 
 
 class RunServiceServicer(run_service_pb2_grpc.RunServiceServicer):
-    def __init__(self, runs: Runs) -> None:
+    def __init__(self, runs: Runs, baselines: Baselines) -> None:
         self._runs = runs
+        self._baselines = baselines
         self._watched = _SharedRunReads(runs)
         # However many callers page at once, at most this many pages are built and sent at a
         # time: each is a slice of the event loop (serializing it), and the loop also reads
@@ -141,7 +145,13 @@ class RunServiceServicer(run_service_pb2_grpc.RunServiceServicer):
             # Parsing a page of specs and serializing it is done off the event loop the agent
             # streams' heartbeats share: on the loop it delayed them (BENCHMARKS.md, section 8).
             page = await self._runs.list_runs(
-                request.page_size, request.page_token, request.state, request.model, _serialized_page, request.group_id
+                request.page_size,
+                request.page_token,
+                request.state,
+                request.model,
+                _serialized_page,
+                request.series,
+                request.group_id,
             )
             self._list_pacer.spent(len(page))
             return page
@@ -208,10 +218,17 @@ class RunServiceServicer(run_service_pb2_grpc.RunServiceServicer):
     async def CompareRuns(
         self, request: run_service_pb2.CompareRunsRequest, context: grpc.aio.ServicerContext
     ) -> run_service_pb2.CompareRunsResponse:
+        baseline_run_id = request.baseline_run_id
+        if request.baseline_name:
+            if baseline_run_id:
+                raise InvalidArgument([FieldViolation("baseline_name", "give baseline_run_id or baseline_name")])
+            baseline_run_id = await self._baselines.resolve(request.baseline_name)
         baseline, comparisons = await self._runs.compare(
-            request.baseline_run_id, list(request.run_ids), request.tolerance_percent
+            baseline_run_id, list(request.run_ids), request.tolerance_percent
         )
-        return convert.compare_message(baseline, comparisons)
+        response = convert.compare_message(baseline, comparisons)
+        response.baseline_name = request.baseline_name
+        return response
 
     @unary_errors
     async def GetGroupResult(
@@ -220,41 +237,44 @@ class RunServiceServicer(run_service_pb2_grpc.RunServiceServicer):
         records, result = await self._runs.group(request.group_id)
         return run_service_pb2.GetGroupResultResponse(result=result, runs=[convert.run_message(r) for r in records])
 
+    @unary_errors
     async def SetBaseline(
         self, request: run_service_pb2.SetBaselineRequest, context: grpc.aio.ServicerContext
     ) -> run_service_pb2.SetBaselineResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "SetBaseline: not implemented yet")  # issue 22, in progress
-        raise AssertionError("unreachable")
+        # The caller's key id, as the auth interceptor bound it for this call (controller/auth.py).
+        key_id = str(structlog.contextvars.get_contextvars().get("key_id", ""))
+        record = await self._baselines.set_baseline(request.name, request.run_id, key_id)
+        return run_service_pb2.SetBaselineResponse(baseline=convert.baseline_message(record))
 
+    @unary_errors
     async def GetBaseline(
         self, request: run_service_pb2.GetBaselineRequest, context: grpc.aio.ServicerContext
     ) -> run_service_pb2.GetBaselineResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "GetBaseline: not implemented yet")  # issue 22, in progress
-        raise AssertionError("unreachable")
+        record = await self._baselines.get_baseline(request.name)
+        return run_service_pb2.GetBaselineResponse(baseline=convert.baseline_message(record))
 
+    @unary_errors
     async def ListBaselines(
         self, request: run_service_pb2.ListBaselinesRequest, context: grpc.aio.ServicerContext
     ) -> run_service_pb2.ListBaselinesResponse:
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED, "ListBaselines: not implemented yet"
-        )  # issue 22, in progress
-        raise AssertionError("unreachable")
+        records = await self._baselines.list_baselines()
+        return run_service_pb2.ListBaselinesResponse(baselines=[convert.baseline_message(r) for r in records])
 
+    @unary_errors
     async def DeleteBaseline(
         self, request: run_service_pb2.DeleteBaselineRequest, context: grpc.aio.ServicerContext
     ) -> run_service_pb2.DeleteBaselineResponse:
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED, "DeleteBaseline: not implemented yet"
-        )  # issue 22, in progress
-        raise AssertionError("unreachable")
+        await self._baselines.delete_baseline(request.name)
+        return run_service_pb2.DeleteBaselineResponse()
 
+    @unary_errors
     async def GetSeriesHistory(
         self, request: run_service_pb2.GetSeriesHistoryRequest, context: grpc.aio.ServicerContext
     ) -> run_service_pb2.GetSeriesHistoryResponse:
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED, "GetSeriesHistory: not implemented yet"
-        )  # issue 22, in progress
-        raise AssertionError("unreachable")
+        history = await self._baselines.history(
+            request.name, request.metric, request.label, request.load, request.limit
+        )
+        return convert.history_message(history)
 
     @unary_errors
     async def ListAgents(

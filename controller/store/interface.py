@@ -9,7 +9,8 @@ the reference for what each one does.
 
 The interface is split by subsystem, as the schema is: runs with their stages and events
 (`RunStore`), agents and assignments (`FleetStore`), samples and results (`SampleStore`), API
-keys (`ApiKeyStore`) and the audit log (`AuditStore`); `Store` is all of them. A domain object
+keys (`ApiKeyStore`), the audit log (`AuditStore`) and the baselines of series (`SeriesStore`);
+`Store` is all of them. A domain object
 takes the part it uses (the key store and the audit log need no run tables, the ingestor
 only samples), so its dependencies read off its signature and a test can hand it a small
 double.
@@ -34,6 +35,7 @@ from typing import Concatenate, ParamSpec, Protocol, TypeVar, Unpack
 
 import peewee
 
+from controller.store.baselines import BaselineRecord
 from controller.store.repository import (
     AgentRecord,
     AssignmentChanges,
@@ -80,6 +82,7 @@ class RunStore(Protocol):
         now_ns: int,
         dataset_json: str = "",
         spec_pb: bytes = b"",
+        series: str = "",
     ) -> tuple[RunRecord, bool]:
         """Create a PENDING run with its stages (and its secret and dataset when not empty);
         with a request_id already used, that run and False instead. The record returned
@@ -97,11 +100,12 @@ class RunStore(Protocol):
         secret: str,
         now_ns: int,
         dataset_json: str = "",
+        series: str = "",
     ) -> tuple[list[RunRecord], bool]:
         """Create a group of repeats, one PENDING run per entry of `repeats` (all or none), each
-        with its stages, secret and dataset, `repeat_index` in the order given; the request_id
-        goes with the first. With a request_id already used: the runs of the group it created
-        (or its single run) and False."""
+        with its stages, secret and dataset and in `series` (RunSpec.series), `repeat_index` in
+        the order given; the request_id goes with the first. With a request_id already used:
+        the runs of the group it created (or its single run) and False."""
         ...
 
     async def get_run(self, run_id: str) -> RunRecord | None: ...
@@ -126,13 +130,13 @@ class RunStore(Protocol):
         model: str,
         max_bytes: int,
         build: Callable[[list[RunRecord], tuple[int, int] | None], T],
-        *,
+        series: str = "",
         group_id: str = "",
     ) -> T:
         """`build` of a page of runs, newest first, `after` the (created_at, pk) of the previous
-        page's last run (repository.list_runs), only those of `group_id` when given. `build` runs
-        where the page is read (the SQLite store: on the reader thread, so a page's conversion
-        stays off the event loop)."""
+        page's last run, only of `series` / `group_id` when given (repository.list_runs). `build`
+        runs where the page is read (the SQLite store: on the reader thread, so a page's
+        conversion stays off the event loop)."""
         ...
 
     async def update_run(self, run_pk: int, **fields: Unpack[RunChanges]) -> None: ...
@@ -143,7 +147,7 @@ class RunStore(Protocol):
 
     async def delete_run(self, run_pk: int) -> None:
         """Delete a run and everything of it (stages, events, secret, dataset, assignments,
-        samples, scrapes, stored result); agent sessions stay."""
+        samples, scrapes, stored result, the baselines naming it); agent sessions stay."""
         ...
 
     async def interrupt_running(self, reason: str, now_ns: int) -> list[str]:
@@ -310,5 +314,27 @@ class AuditStore(Protocol):
     async def list_audit(self, limit: int, before_pk: int | None, key_id: str, run_id: str) -> list[AuditRecord]: ...
 
 
-class Store(RunStore, FleetStore, SampleStore, ApiKeyStore, AuditStore, Protocol):
+class SeriesStore(Protocol):
+    """The baseline of each series (a run's or a group's id), and the runs of a series."""
+
+    async def set_baseline(self, record: BaselineRecord) -> None:
+        """Set the series' baseline, replacing the one it had."""
+        ...
+
+    async def get_baseline(self, name: str) -> BaselineRecord | None: ...
+
+    async def list_baselines(self) -> list[BaselineRecord]:
+        """Every baseline, by name."""
+        ...
+
+    async def delete_baseline(self, name: str) -> bool:
+        """True when the series had a baseline."""
+        ...
+
+    async def series_runs(self, series: str, limit: int) -> list[RunRecord]:
+        """The series' `limit` most recent runs, newest first (created_at, then pk)."""
+        ...
+
+
+class Store(RunStore, FleetStore, SampleStore, ApiKeyStore, AuditStore, SeriesStore, Protocol):
     """Everything the controller keeps."""

@@ -30,6 +30,7 @@ from peewee import IntegrityError
 
 from common.codes import RunState, SampleFlag
 from controller.store import columnar
+from controller.store.baselines import BaselineRecord
 from controller.store.interface import SnapshotReads, Store
 from controller.store.repository import (
     AgentRecord,
@@ -92,6 +93,7 @@ class _Run:
     requests_ok: int = 0
     requests_failed: int = 0
     output_tokens: int = 0
+    series: str = ""
     group_id: str = ""
     repeat_index: int = 0
 
@@ -114,6 +116,7 @@ class _Run:
             self.requests_failed,
             self.output_tokens,
             self.spec_pb,
+            self.series,
             self.group_id,
             self.repeat_index,
         )
@@ -201,6 +204,7 @@ class MemoryTables:
         self.results: dict[int, StoredResult] = {}
         self.keys: dict[str, KeyRecord] = {}
         self.audit: dict[int, AuditRecord] = {}
+        self.baselines: dict[str, BaselineRecord] = {}
         # the unique keys of the tables above
         self._run_by_id: dict[str, int] = {}
         self._run_by_request: dict[str, int] = {}
@@ -221,13 +225,16 @@ class MemoryTables:
         now_ns: int,
         dataset_json: str = "",
         spec_pb: bytes = b"",
+        series: str = "",
     ) -> tuple[RunRecord, bool]:
         if request_id and request_id in self._run_by_request:
             return self.runs[self._run_by_request[request_id]].record(spec_json=True), False
         if run_id in self._run_by_id:
             raise IntegrityError("UNIQUE constraint failed: runs.run_id")
         pk = _next_pk(self.runs)
-        run = self.runs[pk] = _Run(pk, run_id, request_id or None, display_name, model, spec_json, spec_pb, now_ns)
+        run = self.runs[pk] = _Run(
+            pk, run_id, request_id or None, display_name, model, spec_json, spec_pb, now_ns, series=series
+        )
         self._run_by_id[run_id] = pk
         if request_id:
             self._run_by_request[request_id] = pk
@@ -249,6 +256,7 @@ class MemoryTables:
         secret: str,
         now_ns: int,
         dataset_json: str = "",
+        series: str = "",
     ) -> tuple[list[RunRecord], bool]:
         if request_id and request_id in self._run_by_request:
             first = self.runs[self._run_by_request[request_id]]
@@ -269,6 +277,7 @@ class MemoryTables:
                 now_ns,
                 dataset_json,
                 r.spec_pb,
+                series,
             )
             run = self.runs[record.pk]
             run.group_id, run.repeat_index = group_id, i
@@ -292,13 +301,21 @@ class MemoryTables:
         return self.secrets.get(run_pk, "")
 
     def list_runs(
-        self, page_size: int, after: tuple[int, int] | None, state: int, model: str, max_bytes: int, group_id: str = ""
+        self,
+        page_size: int,
+        after: tuple[int, int] | None,
+        state: int,
+        model: str,
+        max_bytes: int,
+        series: str = "",
+        group_id: str = "",
     ) -> tuple[list[RunRecord], tuple[int, int] | None]:
         chosen = [
             r
             for r in self.runs.values()
             if (not state or r.state == state)
             and (not model or r.model == model)
+            and (not series or r.series == series)
             and (not group_id or r.group_id == group_id)
             and (after is None or (r.created_at, r.pk) < after)
         ]
@@ -342,6 +359,7 @@ class MemoryTables:
         for b in [b for b in self.batches.values() if b.run_pk == run_pk or b.assignment_pk not in self.assignments]:
             del self.batches[b.pk], self._batch_by_seq[(b.assignment_pk, b.batch_seq)]
         self.scrapes = {pk: s for pk, s in self.scrapes.items() if s.run_pk != run_pk and s.batch_pk in self.batches}
+        self.baselines = {name: b for name, b in self.baselines.items() if b.run_id != run.run_id}
 
     def interrupt_running(self, reason: str, now_ns: int) -> list[str]:
         running = [r for r in self.runs.values() if r.state == RunState.RUNNING]
@@ -707,6 +725,24 @@ class MemoryTables:
         ]
         return rows[:limit]
 
+    # --- series ------------------------------------------------------------------------
+
+    def set_baseline(self, record: BaselineRecord) -> None:
+        self.baselines[record.name] = record
+
+    def get_baseline(self, name: str) -> BaselineRecord | None:
+        return self.baselines.get(name)
+
+    def list_baselines(self) -> list[BaselineRecord]:
+        return [self.baselines[name] for name in sorted(self.baselines)]
+
+    def delete_baseline(self, name: str) -> bool:
+        return self.baselines.pop(name, None) is not None
+
+    def series_runs(self, series: str, limit: int) -> list[RunRecord]:
+        chosen = sorted((r for r in self.runs.values() if r.series == series), key=lambda r: (r.created_at, r.pk))
+        return [r.record() for r in reversed(chosen[-limit:])] if limit > 0 else []
+
 
 async def _turn() -> None:
     """Give the event loop one turn, as waiting for an answer from a thread does."""
@@ -738,10 +774,21 @@ class MemoryStore(Store):
         now_ns: int,
         dataset_json: str = "",
         spec_pb: bytes = b"",
+        series: str = "",
     ) -> tuple[RunRecord, bool]:
         return await _after_a_turn(
             self.tables.insert_run(
-                run_id, request_id, display_name, model, spec_json, stage_names, secret, now_ns, dataset_json, spec_pb
+                run_id,
+                request_id,
+                display_name,
+                model,
+                spec_json,
+                stage_names,
+                secret,
+                now_ns,
+                dataset_json,
+                spec_pb,
+                series,
             )
         )
 
@@ -756,10 +803,11 @@ class MemoryStore(Store):
         secret: str,
         now_ns: int,
         dataset_json: str = "",
+        series: str = "",
     ) -> tuple[list[RunRecord], bool]:
         return await _after_a_turn(
             self.tables.insert_group(
-                group_id, request_id, display_name, model, repeats, stage_names, secret, now_ns, dataset_json
+                group_id, request_id, display_name, model, repeats, stage_names, secret, now_ns, dataset_json, series
             )
         )
 
@@ -783,10 +831,12 @@ class MemoryStore(Store):
         model: str,
         max_bytes: int,
         build: Callable[[list[RunRecord], tuple[int, int] | None], T],
-        *,
+        series: str = "",
         group_id: str = "",
     ) -> T:
-        return await _after_a_turn(build(*self.tables.list_runs(page_size, after, state, model, max_bytes, group_id)))
+        return await _after_a_turn(
+            build(*self.tables.list_runs(page_size, after, state, model, max_bytes, series, group_id))
+        )
 
     async def update_run(self, run_pk: int, **fields: Unpack[RunChanges]) -> None:
         self.tables.update_run(run_pk, **fields)
@@ -947,3 +997,21 @@ class MemoryStore(Store):
 
     async def list_audit(self, limit: int, before_pk: int | None, key_id: str, run_id: str) -> list[AuditRecord]:
         return await _after_a_turn(self.tables.list_audit(limit, before_pk, key_id, run_id))
+
+    # --- series ------------------------------------------------------------------------
+
+    async def set_baseline(self, record: BaselineRecord) -> None:
+        self.tables.set_baseline(record)
+        await _turn()
+
+    async def get_baseline(self, name: str) -> BaselineRecord | None:
+        return await _after_a_turn(self.tables.get_baseline(name))
+
+    async def list_baselines(self) -> list[BaselineRecord]:
+        return await _after_a_turn(self.tables.list_baselines())
+
+    async def delete_baseline(self, name: str) -> bool:
+        return await _after_a_turn(self.tables.delete_baseline(name))
+
+    async def series_runs(self, series: str, limit: int) -> list[RunRecord]:
+        return await _after_a_turn(self.tables.series_runs(series, limit))

@@ -283,6 +283,29 @@ MIGRATIONS: Sequence[tuple[int, str, str | Callable[[Database], None]]] = (
         """,
     ),
     (
+        12,
+        "series of runs and their baselines",
+        """
+        -- The series a run belongs to (RunSpec.series, '' for none), kept apart from the spec so
+        -- a series' runs are one index range. Runs stored before: from their JSON spec when it
+        -- names one (no released controller wrote one, so this is normally '').
+        ALTER TABLE runs ADD COLUMN series TEXT NOT NULL DEFAULT '';
+        UPDATE runs SET series = json_extract(spec_json, '$.series')
+            WHERE CASE WHEN json_valid(spec_json) THEN json_type(spec_json, '$.series') = 'text' ELSE 0 END;
+        CREATE INDEX runs_series ON runs (series, created_at DESC, pk DESC);
+
+        -- The baseline of each series: a run's id or a group's id (`grp_...`), so no foreign
+        -- key; deleting a run deletes the baselines that name it (repository.delete_run).
+        CREATE TABLE baselines (
+            name TEXT PRIMARY KEY,
+            run_id TEXT NOT NULL,
+            set_at_ns INTEGER NOT NULL,
+            set_by_key_id TEXT NOT NULL DEFAULT ''
+        );
+        CREATE INDEX baselines_run ON baselines (run_id);
+        """,
+    ),
+    (
         13,
         "groups of repeats",
         """

@@ -52,6 +52,7 @@ class RunRecord:
     requests_failed: int
     output_tokens: int
     spec_pb: bytes = b""  # the spec as protobuf binary (empty: in spec_json only, see migration 7)
+    series: str = ""  # RunSpec.series (migration 12)
     group_id: str = ""  # its group of repeats (migration 13); "" for a run created alone
     repeat_index: int = 0  # which repeat of its group, from 0
 
@@ -130,6 +131,7 @@ def _record(row: RunRow) -> RunRecord:
         requests_failed=row.requests_failed,
         output_tokens=row.output_tokens,
         spec_pb=bytes(row.spec_pb or b""),
+        series=row.series,
         group_id=row.group_id or "",
         repeat_index=row.repeat_index,
     )
@@ -149,6 +151,7 @@ def insert_run(
     now_ns: int,
     dataset_json: str = "",
     spec_pb: bytes = b"",
+    series: str = "",
 ) -> tuple[RunRecord, bool]:
     """Create a run; with a request_id already used, return that run and False."""
     if request_id:
@@ -158,7 +161,17 @@ def insert_run(
     try:
         with database_proxy.atomic():
             row = _create_run(
-                run_id, request_id, display_name, model, spec_json, spec_pb, stage_names, secret, now_ns, dataset_json
+                run_id,
+                request_id,
+                display_name,
+                model,
+                spec_json,
+                spec_pb,
+                stage_names,
+                secret,
+                now_ns,
+                dataset_json,
+                series,
             )
     except IntegrityError:
         if request_id:  # lost a race with the same request_id
@@ -178,6 +191,7 @@ def _create_run(
     secret: str,
     now_ns: int,
     dataset_json: str,
+    series: str,
     group_id: str | None = None,
     repeat_index: int = 0,
 ) -> RunRow:
@@ -190,6 +204,7 @@ def _create_run(
         spec_json=spec_json,
         spec_pb=spec_pb,
         created_at=now_ns,
+        series=series,
         group_id=group_id,
         repeat_index=repeat_index,
     )
@@ -222,6 +237,7 @@ def insert_group(
     secret: str,
     now_ns: int,
     dataset_json: str = "",
+    series: str = "",
 ) -> tuple[list[RunRecord], bool]:
     """Create a group's runs together (all or none), PENDING, `repeat_index` 0.. in the order
     given; the request_id is kept on the first. With a request_id already used: the runs of
@@ -251,6 +267,7 @@ def insert_group(
                     secret,
                     now_ns,
                     dataset_json,
+                    series,
                     group_id,
                     i,
                 )
@@ -291,7 +308,13 @@ def get_run_secret(run_pk: int) -> str:
 
 
 def list_runs(
-    page_size: int, after: tuple[int, int] | None, state: int, model: str, max_bytes: int, group_id: str = ""
+    page_size: int,
+    after: tuple[int, int] | None,
+    state: int,
+    model: str,
+    max_bytes: int,
+    series: str = "",
+    group_id: str = "",
 ) -> tuple[list[RunRecord], tuple[int, int] | None]:
     """Newest first; `after` is the (created_at, pk) of the previous page's last run. The page
     ends after `page_size` runs or before the run that would take its stored specs past
@@ -300,9 +323,9 @@ def list_runs(
     Plain SQL rather than Peewee model rows (a page of model instances cost milliseconds);
     the row-value keyset `(created_at, pk) < (?, ?)` lets SQLite seek in the indexes on
     (created_at DESC, pk DESC), (state, created_at DESC, pk DESC), (model, created_at DESC,
-    pk DESC) and (group_id, created_at DESC, pk DESC) and stop after the page (see EXPLAIN
-    QUERY PLAN in tests/integration/test_columnar_store.py). Rows are fetched one at a time,
-    so the runs past the byte budget are never read.
+    pk DESC), (series, created_at DESC, pk DESC) and (group_id, created_at DESC, pk DESC) and
+    stop after the page (see EXPLAIN QUERY PLAN in tests/integration/test_columnar_store.py).
+    Rows are fetched one at a time, so the runs past the byte budget are never read.
     """
     where: list[str] = []
     params: list[object] = []
@@ -312,6 +335,9 @@ def list_runs(
     if model:
         where.append("model = ?")
         params.append(model)
+    if series:
+        where.append("series = ?")
+        params.append(series)
     if group_id:
         where.append("group_id = ?")
         params.append(group_id)
@@ -340,6 +366,15 @@ def list_runs(
     return records, last
 
 
+def series_runs(series: str, limit: int) -> list[RunRecord]:
+    """The series' `limit` most recent runs, newest first (the index on (series, created_at
+    DESC, pk DESC) serves it)."""
+    cursor = database_proxy.connection().execute(
+        f"SELECT {_RUN_FIELDS} FROM runs WHERE series = ? ORDER BY created_at DESC, pk DESC LIMIT ?", (series, limit)
+    )
+    return [RunRecord(*row) for row in cursor]
+
+
 def listed_bytes(record: RunRecord) -> int:
     """About what the run takes in a ListRuns page: its stored spec plus the other fields."""
     return len(record.spec_pb or record.spec_json) + len(record.state_reason) + 128
@@ -350,7 +385,7 @@ def listed_bytes(record: RunRecord) -> int:
 _RUN_FIELDS = (
     "pk, run_id, display_name, model, state, state_reason,"
     " CASE WHEN length(spec_pb) > 0 THEN '' ELSE spec_json END, created_at, started_at, ended_at,"
-    " current_stage, requests_ok, requests_failed, output_tokens, spec_pb, IFNULL(group_id, ''), repeat_index"
+    " current_stage, requests_ok, requests_failed, output_tokens, spec_pb, series, IFNULL(group_id, ''), repeat_index"
 )
 
 
@@ -382,6 +417,8 @@ def delete_run(run_pk: int) -> None:
         "DELETE FROM sample_errors WHERE batch_pk IN (SELECT pk FROM sample_batches WHERE run_pk = ?)", (run_pk,)
     )
     delete_run_scrapes(run_pk)
+    # A baseline names its run by id (it may name a group instead, so there is no foreign key).
+    database_proxy.execute_sql("DELETE FROM baselines WHERE run_id = (SELECT run_id FROM runs WHERE pk = ?)", (run_pk,))
     # The rest (stages, events, batches, its stored result in run_results, ...) goes with the
     # run: foreign keys are enforced (PRAGMAS in database.py), every child is ON DELETE CASCADE.
     RunRow.delete().where(RunRow.pk == run_pk).execute()

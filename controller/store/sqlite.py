@@ -12,9 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Concatenate, ParamSpec, TypeVar, Unpack
 
+from controller.store import baselines, security
 from controller.store import repository as repo
-from controller.store import security
 from controller.store import server_metrics as scrapes
+from controller.store.baselines import BaselineRecord
 from controller.store.database import Database
 from controller.store.interface import SnapshotReads, Store
 from controller.store.repository import (
@@ -94,6 +95,7 @@ class SqliteStore(Store):
         now_ns: int,
         dataset_json: str = "",
         spec_pb: bytes = b"",
+        series: str = "",
     ) -> tuple[RunRecord, bool]:
         return await self.db.write(
             repo.insert_run,
@@ -107,6 +109,7 @@ class SqliteStore(Store):
             now_ns,
             dataset_json,
             spec_pb,
+            series,
         )
 
     async def insert_group(
@@ -120,6 +123,7 @@ class SqliteStore(Store):
         secret: str,
         now_ns: int,
         dataset_json: str = "",
+        series: str = "",
     ) -> tuple[list[RunRecord], bool]:
         return await self.db.write(
             repo.insert_group,
@@ -132,6 +136,7 @@ class SqliteStore(Store):
             secret,
             now_ns,
             dataset_json,
+            series,
         )
 
     async def get_run(self, run_id: str) -> RunRecord | None:
@@ -154,11 +159,11 @@ class SqliteStore(Store):
         model: str,
         max_bytes: int,
         build: Callable[[list[RunRecord], tuple[int, int] | None], T],
-        *,
+        series: str = "",
         group_id: str = "",
     ) -> T:
         def page() -> T:
-            return build(*repo.list_runs(page_size, after, state, model, max_bytes, group_id))
+            return build(*repo.list_runs(page_size, after, state, model, max_bytes, series, group_id))
 
         return await self.db.read(page)
 
@@ -307,3 +312,20 @@ class SqliteStore(Store):
 
     async def list_audit(self, limit: int, before_pk: int | None, key_id: str, run_id: str) -> list[AuditRecord]:
         return await self.db.read(security.list_audit, limit, before_pk, key_id, run_id)
+
+    # --- series ------------------------------------------------------------------------
+
+    async def set_baseline(self, record: BaselineRecord) -> None:
+        await self.db.write(baselines.set_baseline, record)
+
+    async def get_baseline(self, name: str) -> BaselineRecord | None:
+        return await self.db.read(baselines.get_baseline, name)
+
+    async def list_baselines(self) -> list[BaselineRecord]:
+        return await self.db.read(baselines.list_baselines)
+
+    async def delete_baseline(self, name: str) -> bool:
+        return await self.db.write(baselines.delete_baseline, name)
+
+    async def series_runs(self, series: str, limit: int) -> list[RunRecord]:
+        return await self.db.read(repo.series_runs, series, limit)

@@ -17,6 +17,7 @@ from controller.domain.results import provider
 from controller.domain.spec import parse_spec
 from controller.store import columnar
 from controller.store import repository as repo
+from controller.store.baselines import BaselineRecord
 from controller.store.database import Database
 from controller.store.interface import INTEGRITY_ERRORS, SnapshotReads, Store
 from controller.store.memory import MemoryStore
@@ -61,9 +62,10 @@ async def new_run(
     dataset: str = "",
     spec_pb: bytes = b"",
     spec_json: str = "{}",
+    series: str = "",
 ) -> repo.RunRecord:
     record, created_now = await store.insert_run(
-        run_id, request_id, f"name of {run_id}", model, spec_json, stages, secret, created, dataset, spec_pb
+        run_id, request_id, f"name of {run_id}", model, spec_json, stages, secret, created, dataset, spec_pb, series
     )
     assert created_now
     return record
@@ -992,3 +994,60 @@ async def test_audit_counts_and_retention(store: Store) -> None:
     assert [r.count for r in rows] == [7, 1, 1]
     assert await store.insert_audit([audit(5), audit(6)], 3) == pks[4] + 2
     assert [r.time_ns for r in await store.list_audit(10, None, "", "")] == [6, 5, 4]
+
+
+# --- series and baselines -----------------------------------------------------------------
+
+
+async def test_a_run_keeps_its_series_and_lists_filter_by_it(store: Store) -> None:
+    for i in range(6):
+        await new_run(store, f"run_{i}", created=i, series="chat" if i % 2 else "", model="a" if i < 4 else "b")
+    record = await store.get_run("run_3")
+    assert record is not None and record.series == "chat"
+    assert (await store.get_run("run_2")).series == ""  # type: ignore[union-attr]
+    assert (await store.list_runs(10, None, 0, "", 10**9, page_of, "chat"))[0] == ["run_5", "run_3", "run_1"]
+    assert (await store.list_runs(10, None, 0, "a", 10**9, page_of, "chat"))[0] == ["run_3", "run_1"]
+    assert (await store.list_runs(10, None, 0, "", 10**9, page_of, "other")) == ([], None)
+    ids, cursor = await store.list_runs(2, None, 0, "", 10**9, page_of, "chat")
+    assert ids == ["run_5", "run_3"] and cursor is not None
+    assert (await store.list_runs(2, cursor, 0, "", 10**9, page_of, "chat")) == (["run_1"], None)
+
+
+async def test_series_runs_are_the_most_recent_newest_first(store: Store) -> None:
+    created = [5, 3, 3, 9, 1]
+    for i, t in enumerate(created):
+        await new_run(store, f"run_{i}", created=t, series="s")
+    await new_run(store, "run_other", created=100, series="t")
+    assert [r.run_id for r in await store.series_runs("s", 10)] == ["run_3", "run_0", "run_2", "run_1", "run_4"]
+    assert [r.run_id for r in await store.series_runs("s", 2)] == ["run_3", "run_0"]
+    assert [r.run_id for r in await store.series_runs("t", 10)] == ["run_other"]
+    assert await store.series_runs("none", 10) == []
+    record = (await store.series_runs("t", 1))[0]
+    assert record == await store.get_run("run_other")
+
+
+async def test_a_baseline_per_name_replaced_by_the_next(store: Store) -> None:
+    assert await store.get_baseline("chat") is None
+    assert await store.list_baselines() == []
+    first = BaselineRecord("chat", "run_a", 10, "k1")
+    await store.set_baseline(first)
+    assert await store.get_baseline("chat") == first
+    second = BaselineRecord("chat", "grp_b", 20, "")  # a group's id is a baseline too
+    await store.set_baseline(second)
+    await store.set_baseline(BaselineRecord("api", "run_c", 30, "k2"))
+    assert await store.get_baseline("chat") == second
+    assert [b.name for b in await store.list_baselines()] == ["api", "chat"]
+    assert await store.delete_baseline("chat")
+    assert not await store.delete_baseline("chat")
+    assert await store.get_baseline("chat") is None
+    assert [b.name for b in await store.list_baselines()] == ["api"]
+
+
+async def test_deleting_a_run_deletes_the_baselines_naming_it(store: Store) -> None:
+    gone = await new_run(store, "run_gone")
+    await new_run(store, "run_keep")
+    await store.set_baseline(BaselineRecord("a", "run_gone", 1, ""))
+    await store.set_baseline(BaselineRecord("b", "run_gone", 2, ""))
+    await store.set_baseline(BaselineRecord("c", "run_keep", 3, ""))
+    await store.delete_run(gone.pk)
+    assert [b.name for b in await store.list_baselines()] == ["c"]

@@ -1415,7 +1415,9 @@ class GetSeriesHistoryResponse(_message.Message):
     """The confidence level of the intervals, percent."""
     @_builtins.property
     def points(self) -> _containers.RepeatedCompositeFieldContainer[Global___HistoryPoint]:
-        """The points, oldest first."""
+        """The points, oldest first: the series' `limit` most recent runs, and the baseline's run
+        when it is not among them (older, or of no series).
+        """
 
     @_builtins.property
     def baseline(self) -> Global___Baseline:
