@@ -14,7 +14,7 @@ import asyncio
 import sys
 import uuid
 
-from client import exitcodes, live, render
+from client import exitcodes, live, render, series
 from client.commands import Interrupts, _cancel_and_wait, _cancel_command, print_result
 from client.sdk import ControllerClient
 from common.codes import FINAL_RUN_STATES
@@ -84,5 +84,11 @@ async def run_group(
         run = await client.get_run(run_id)
         print(repeat_line(run, result, count), file=sys.stderr, flush=True)
     response = await client.get_group_result(group.id)
-    code = print_result(args, group_as_run(response), response.result)
+    group_run = group_as_run(response)
+    code = print_result(args, group_run, response.result)
+    if getattr(args, "compare_to", "") and not interrupts.count:
+        # As `run --compare-to`: the group compared with the series' baseline, the worse exit code.
+        out = sys.stderr if args.json else sys.stdout
+        compared = await series.gate_on_baseline(client, args.compare_to, group_run, args.compare_tolerance, out)
+        code = code if compared is None else series.worse_exit_code(code, compared)
     return exitcodes.INTERRUPTED if interrupts.count else code

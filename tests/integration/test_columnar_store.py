@@ -212,7 +212,7 @@ def test_list_runs_seeks_in_an_index(fresh_db: Database, state: int, model: str,
 
     conn.set_trace_callback(trace)
     for after in (None, (10**18, 99)):
-        repo.list_runs(50, after, state, model, MAX_PAGE_BYTES, group_id)
+        repo.list_runs(50, after, state, model, MAX_PAGE_BYTES, group_id=group_id)
     conn.set_trace_callback(None)
     assert len(plans) == 2
     for sql in plans:
