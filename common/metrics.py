@@ -8,6 +8,10 @@ inter-token gaps each, so there is no Python loop per request or per gap, only p
 Times in samples are integer nanoseconds; `sent_unix_ns` is the agent's wall clock and every other
 time is an offset from `sent` (0 meaning "did not happen"). Results are in milliseconds (latencies)
 and seconds (duration, rates).
+
+Every mean, percentile, rate and fraction carries a confidence interval (common/stats.py;
+docs/metrics.md, "Confidence intervals"): a percentile's from two more order statistics found
+in the same pass as the percentile itself, a rate's from batch means over its per-second series.
 """
 
 from __future__ import annotations
@@ -22,6 +26,14 @@ import numpy as np
 import numpy.typing as npt
 
 from common.codes import RequestStatus, SampleFlag
+from common.stats import (
+    DEFAULT_CONFIDENCE_PERCENT,
+    Interval,
+    mean_interval,
+    percentile_rank_interval,
+    proportion_interval,
+    rate_interval,
+)
 
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
@@ -145,7 +157,11 @@ _PER_REQUEST: Final = tuple(f.name for f in dataclasses.fields(SampleColumns) if
 
 @dataclass(frozen=True)
 class LatencySummary:
-    """Summary of one latency metric in milliseconds; every field is 0 when `count` is 0."""
+    """Summary of one latency metric in milliseconds; every field is 0 when `count` is 0.
+
+    The `*_ci` intervals are None where there is too little data for one: the mean's below 2
+    values, the percentiles' with no value. An interval always contains its figure.
+    """
 
     count: int = 0
     mean: float = 0.0
@@ -157,6 +173,12 @@ class LatencySummary:
     p95: float = 0.0
     p99: float = 0.0
     p999: float = 0.0
+    mean_ci: Interval | None = None
+    p50_ci: Interval | None = None
+    p90_ci: Interval | None = None
+    p95_ci: Interval | None = None
+    p99_ci: Interval | None = None
+    p999_ci: Interval | None = None
 
 
 @dataclass(frozen=True)
@@ -183,7 +205,11 @@ class SecondBucket:
 
 @dataclass(frozen=True)
 class StageMetrics:
-    """The numbers of one stage (or agent, or run), as defined in docs/metrics.md."""
+    """The numbers of one stage (or agent, or run), as defined in docs/metrics.md.
+
+    The `*_ci` intervals are None where there is too little data for one (a rate over fewer
+    than 3 whole seconds, a fraction of no requests, goodput without an SLO).
+    """
 
     requests_ok: int
     requests_failed: int
@@ -206,10 +232,18 @@ class StageMetrics:
     goodput: float | None
     good_fraction: float | None
     time_series: list[SecondBucket]
+    request_throughput_ci: Interval | None = None
+    output_token_throughput_ci: Interval | None = None
+    total_token_throughput_ci: Interval | None = None
+    goodput_ci: Interval | None = None
+    good_fraction_ci: Interval | None = None
+    error_rate: float = 0.0  # failed / counted requests
+    error_rate_ci: Interval | None = None
 
 
-def summarize(values_ns: npt.ArrayLike) -> LatencySummary:
-    """Count, mean, population std, min, max and linear percentiles of `values_ns`, in ms."""
+def summarize(values_ns: npt.ArrayLike, confidence_percent: float = DEFAULT_CONFIDENCE_PERCENT) -> LatencySummary:
+    """Count, mean, population std, min, max and linear percentiles of `values_ns`, in ms, with
+    the mean's t interval and the percentiles' order-statistic intervals at `confidence_percent`."""
     values = np.asarray(values_ns)
     n = values.size
     if n == 0:
@@ -219,8 +253,17 @@ def summarize(values_ns: npt.ArrayLike) -> LatencySummary:
     # pooled gaps, a fresh allocation (page faults) costs as much as the arithmetic done in it.
     scratch = np.empty(n, dtype=np.float64)
     mean, std = _mean_std(values, scratch)
-    percentiles = _percentiles(values, PERCENTILES, lo, hi, scratch.view(np.int64))
+    rank_intervals = [percentile_rank_interval(int(n), p, confidence_percent) for p in PERCENTILES]
+    bound_ranks = np.array([(r.low - 1, r.high - 1) for r in rank_intervals], dtype=np.int64).ravel()
+    percentiles, bounds = _percentiles(values, PERCENTILES, lo, hi, scratch.view(np.int64), bound_ranks)
     p50, p90, p95, p99, p999 = (percentiles / _NS_PER_MS).tolist()
+    bounds_ms = (bounds / _NS_PER_MS).reshape(-1, 2).tolist()
+    p50_ci, p90_ci, p95_ci, p99_ci, p999_ci = (
+        # min/max: a tiny sample's interpolated percentile may fall just outside its ranks' values.
+        Interval(min(low, p), max(high, p), r.low_open, r.high_open)
+        for (low, high), p, r in zip(bounds_ms, (p50, p90, p95, p99, p999), rank_intervals, strict=True)
+    )
+    mean_bounds = mean_interval(mean, std, int(n), confidence_percent)
     return LatencySummary(
         count=int(n),
         mean=mean / _NS_PER_MS,
@@ -232,6 +275,12 @@ def summarize(values_ns: npt.ArrayLike) -> LatencySummary:
         p95=p95,
         p99=p99,
         p999=p999,
+        mean_ci=None if mean_bounds is None else Interval(mean_bounds[0] / _NS_PER_MS, mean_bounds[1] / _NS_PER_MS),
+        p50_ci=p50_ci,
+        p90_ci=p90_ci,
+        p95_ci=p95_ci,
+        p99_ci=p99_ci,
+        p999_ci=p999_ci,
     )
 
 
@@ -252,8 +301,11 @@ def per_request_tpot(
     return values, defined
 
 
-def compute_stage_metrics(cols: SampleColumns, slo: Slo | None = None) -> StageMetrics:
-    """Every metric of the requests in `cols` (warmup requests are dropped first)."""
+def compute_stage_metrics(
+    cols: SampleColumns, slo: Slo | None = None, confidence_percent: float = DEFAULT_CONFIDENCE_PERCENT
+) -> StageMetrics:
+    """Every metric of the requests in `cols` (warmup requests are dropped first), with
+    intervals at `confidence_percent`."""
     cols = cols.select(counted_mask(cols.flags))
     ok = cols.status == _OK
     ok_cols = cols.select(ok)
@@ -282,17 +334,35 @@ def compute_stage_metrics(cols: SampleColumns, slo: Slo | None = None) -> StageM
     e2e_ns = np.where(last > 0, last, ok_cols.done_ns)
     has_e2e = e2e_ns > 0
 
-    time_series = _time_series(cols, ok, ok_cols, end_ns, t0)
+    seconds = _per_second(cols, ok, ok_cols, end_ns, t0)
+    time_series = _time_series(seconds, ok_cols)
     good = _meets_slo(ok_cols, slo, tpot_ns, e2e_ns)
     good_count = None if good is None else int(good.sum())
+    counted = len(cols)
+
+    # Rates' intervals from the stage's whole seconds (the last, partial one left out).
+    whole = min(duration_ns // _NS_PER_S, seconds.length)
+
+    def rate_ci(rate: float, per_second: FloatArray | IntArray) -> Interval | None:
+        return rate_interval(rate, per_second[:whole], confidence_percent)
+
+    def fraction_ci(part: int) -> Interval | None:
+        bounds = proportion_interval(part, counted, confidence_percent)
+        return None if bounds is None else Interval(*bounds)
+
+    request_throughput = per_second(requests_ok)
+    output_token_throughput = per_second(output_tokens)
+    total_token_throughput = per_second(prompt_tokens + output_tokens)
+    goodput = None if good_count is None else per_second(good_count)
+    failed = counted - requests_ok
     return StageMetrics(
         requests_ok=requests_ok,
         requests_failed=len(cols) - requests_ok,
         errors=_count_errors(cols.status[~ok]),
         duration_s=duration_s,
-        request_throughput=per_second(requests_ok),
-        output_token_throughput=per_second(output_tokens),
-        total_token_throughput=per_second(prompt_tokens + output_tokens),
+        request_throughput=request_throughput,
+        output_token_throughput=output_token_throughput,
+        total_token_throughput=total_token_throughput,
         peak_output_token_throughput=max((b.output_tokens for b in time_series), default=0.0),
         # Little's law: the summed time requests spent in flight over the window's length.
         achieved_concurrency=float(end_ns.sum()) / duration_ns if duration_ns > 0 else 0.0,
@@ -305,10 +375,21 @@ def compute_stage_metrics(cols: SampleColumns, slo: Slo | None = None) -> StageM
         e2e=summarize(e2e_ns[has_e2e]),
         queue_delay=summarize(cols.queue_delay_ns),
         e2e_including_queue=summarize(e2e_ns[has_e2e] + ok_cols.queue_delay_ns[has_e2e]),
-        goodput=None if good_count is None else per_second(good_count),
+        goodput=goodput,
         # Divided by every request, failed ones included, so dropped traffic never looks good.
-        good_fraction=None if good_count is None else good_count / max(len(cols), 1),
+        good_fraction=None if good_count is None else good_count / max(counted, 1),
         time_series=time_series,
+        request_throughput_ci=rate_ci(request_throughput, seconds.completed),
+        output_token_throughput_ci=rate_ci(output_token_throughput, seconds.output_tokens),
+        total_token_throughput_ci=rate_ci(total_token_throughput, seconds.output_tokens + seconds.prompt_tokens),
+        goodput_ci=(
+            None
+            if good is None or goodput is None
+            else rate_ci(goodput, _bincount(seconds.ok_end_second[good], seconds.length))
+        ),
+        good_fraction_ci=None if good_count is None else fraction_ci(good_count),
+        error_rate=failed / counted if counted else 0.0,
+        error_rate_ci=fraction_ci(failed),
     )
 
 
@@ -344,12 +425,25 @@ def _meets_slo(ok_cols: SampleColumns, slo: Slo | None, tpot_ns: FloatArray, e2e
     return good
 
 
-def _time_series(
-    cols: SampleColumns, ok: BoolArray, ok_cols: SampleColumns, end_ns: IntArray, t0: int
-) -> list[SecondBucket]:
-    """Per-second buckets from the stage's first `sent`; requests count where they ended."""
+# eq=False: arrays (see SampleColumns).
+@dataclass(frozen=True, eq=False)
+class _Seconds:
+    """A stage's amounts per second from its first `sent` (OK requests count where they ended,
+    output tokens where the events carrying them arrived); `length` entries each."""
+
+    length: int
+    ok_end_second: IntArray  # per OK request; may lie outside 0..length-1
+    in_series: BoolArray  # per OK request: its end second is in the series
+    completed: IntArray
+    errors: IntArray
+    output_tokens: FloatArray
+    prompt_tokens: FloatArray
+
+
+def _per_second(cols: SampleColumns, ok: BoolArray, ok_cols: SampleColumns, end_ns: IntArray, t0: int) -> _Seconds:
     if not len(cols):
-        return []
+        empty = np.zeros(0, dtype=np.int64)
+        return _Seconds(0, empty, np.zeros(0, dtype=np.bool_), empty, empty, np.zeros(0), np.zeros(0))
     end_second = (cols.sent_unix_ns - t0 + end_ns) // _NS_PER_S
     ok_end_second = end_second[ok]
     tokens = _output_tokens_by_second(ok_cols, t0)
@@ -357,9 +451,30 @@ def _time_series(
     n = min(max(int(end_second.max()) + 1, len(tokens)), MAX_SERIES_SECONDS)
     tokens = _add(tokens, np.zeros(n))[:n]
     in_series = (end_second >= 0) & (end_second < n)
-    completed = np.bincount(ok_end_second[in_series[ok]], minlength=n)
-    errors = np.bincount(end_second[~ok & in_series], minlength=n)
-    has_ttft = (ok_cols.first_token_ns > 0) & in_series[ok]
+    ok_in_series = in_series[ok]
+    ok_seconds = ok_end_second[ok_in_series]
+    return _Seconds(
+        length=n,
+        ok_end_second=ok_end_second,
+        in_series=ok_in_series,
+        completed=np.bincount(ok_seconds, minlength=n),
+        errors=np.bincount(end_second[~ok & in_series], minlength=n),
+        output_tokens=tokens,
+        prompt_tokens=_histogram(ok_seconds, ok_cols.prompt_tokens[ok_in_series].astype(np.float64), n),
+    )
+
+
+def _bincount(seconds: IntArray, n: int) -> IntArray:
+    """Entries per second 0..n-1 (seconds outside the series are left out)."""
+    return np.bincount(seconds[(seconds >= 0) & (seconds < n)], minlength=n)
+
+
+def _time_series(seconds: _Seconds, ok_cols: SampleColumns) -> list[SecondBucket]:
+    """Per-second buckets from the stage's first `sent`; requests count where they ended."""
+    if not seconds.length:
+        return []
+    n, ok_end_second = seconds.length, seconds.ok_end_second
+    has_ttft = (ok_cols.first_token_ns > 0) & seconds.in_series
     ttft_p50, ttft_p99 = (
         _grouped_percentiles(ok_end_second[has_ttft], ok_cols.first_token_ns[has_ttft], n, (50.0, 99.0)) / _NS_PER_MS
     )
@@ -367,9 +482,9 @@ def _time_series(
         SecondBucket(second=i, completed=c, errors=e, output_tokens=t, ttft_p50_ms=a, ttft_p99_ms=b)
         for i, (c, e, t, a, b) in enumerate(
             zip(
-                completed.tolist(),
-                errors.tolist(),
-                tokens.tolist(),
+                seconds.completed.tolist(),
+                seconds.errors.tolist(),
+                seconds.output_tokens.tolist(),
                 ttft_p50.tolist(),
                 ttft_p99.tolist(),
                 strict=True,
@@ -462,21 +577,24 @@ def _percentiles(
     lo: Any,
     hi: Any,
     scratch: IntArray,
-) -> FloatArray:
-    """np.percentile(values, percentiles) with the default 'linear' method, bit for bit.
+    extra_ranks: IntArray,
+) -> tuple[FloatArray, npt.NDArray[Any]]:
+    """np.percentile(values, percentiles) with the default 'linear' method, bit for bit, and
+    the order statistics at `extra_ranks` (0-based; the percentiles' interval bounds).
 
     numpy's recipe: virtual index (n - 1) * q, and a lerp that starts from the far end when the
-    fraction is >= 0.5. Only the order statistics it needs are computed (see below).
+    fraction is >= 0.5. Only the order statistics it needs are computed (see below), all of them
+    in one pass: the interval bounds lie next to their percentiles, mostly in the same buckets.
     """
     n = len(values)
     virtual = (n - 1) * (np.asarray(percentiles, dtype=np.float64) / 100.0)
     below = np.floor(virtual).astype(np.int64)
     above = np.minimum(below + 1, n - 1)
-    ranks = np.unique(np.concatenate([below, above]))
+    ranks = np.unique(np.concatenate([below, above, extra_ranks]))
     stats = _order_statistics(values, ranks, lo, hi, scratch)
     a = stats[np.searchsorted(ranks, below)]
     b = stats[np.searchsorted(ranks, above)]
-    return _lerp(a, b, virtual - below)
+    return _lerp(a, b, virtual - below), stats[np.searchsorted(ranks, extra_ranks)]
 
 
 def _order_statistics(
@@ -563,12 +681,13 @@ def _grouped_percentiles(groups: IntArray, values: IntArray, n_groups: int, perc
     return out
 
 
-def _histogram(seconds: IntArray, weights: FloatArray) -> FloatArray:
-    """Sum of `weights` per second index (indexes outside the series are left out)."""
+def _histogram(seconds: IntArray, weights: FloatArray, length: int = 0) -> FloatArray:
+    """Sum of `weights` per second index (indexes outside the series are left out), at least
+    `length` entries."""
     if len(seconds) and (int(seconds.min()) < 0 or int(seconds.max()) >= MAX_SERIES_SECONDS):
         keep = (seconds >= 0) & (seconds < MAX_SERIES_SECONDS)
         seconds, weights = seconds[keep], weights[keep]
-    return np.asarray(np.bincount(seconds, weights=weights), dtype=np.float64)
+    return np.asarray(np.bincount(seconds, weights=weights, minlength=length), dtype=np.float64)
 
 
 def _add(a: FloatArray, b: FloatArray) -> FloatArray:

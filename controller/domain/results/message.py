@@ -11,6 +11,7 @@ from google.protobuf import timestamp_pb2
 
 from common.metrics import LatencySummary, StageMetrics
 from common.proto.loadtest.v1 import run_pb2
+from common.stats import DEFAULT_CONFIDENCE_PERCENT, Interval
 from controller.domain.execution.search import PROBE_OUTCOME
 from controller.domain.results.compute import CapacityOutcome, CheckOutcome, ProbeRow, RunOutcome, StageOutcome
 from controller.domain.results.server_metrics import ServerStageOutcome
@@ -25,6 +26,15 @@ def timestamp(ns: int | None) -> timestamp_pb2.Timestamp | None:
     return ts
 
 
+def interval_message(interval: Interval | None) -> run_pb2.Interval | None:
+    """The Interval message; None (the field stays unset) where there was too little data."""
+    if interval is None:
+        return None
+    return run_pb2.Interval(
+        low=interval.low, high=interval.high, low_open=interval.low_open, high_open=interval.high_open
+    )
+
+
 def latency_message(s: LatencySummary) -> run_pb2.LatencyStats:
     return run_pb2.LatencyStats(
         count=s.count,
@@ -37,6 +47,12 @@ def latency_message(s: LatencySummary) -> run_pb2.LatencyStats:
         p95_ms=s.p95,
         p99_ms=s.p99,
         p999_ms=s.p999,
+        mean_ci=interval_message(s.mean_ci),
+        p50_ci=interval_message(s.p50_ci),
+        p90_ci=interval_message(s.p90_ci),
+        p95_ci=interval_message(s.p95_ci),
+        p99_ci=interval_message(s.p99_ci),
+        p999_ci=interval_message(s.p999_ci),
     )
 
 
@@ -71,6 +87,13 @@ def _stage_fields(m: StageMetrics) -> run_pb2.StageResult:
             )
             for b in m.time_series
         ],
+        request_throughput_ci=interval_message(m.request_throughput_ci),
+        output_token_throughput_ci=interval_message(m.output_token_throughput_ci),
+        total_token_throughput_ci=interval_message(m.total_token_throughput_ci),
+        goodput_ci=interval_message(m.goodput_ci),
+        good_fraction_ci=interval_message(m.good_fraction_ci),
+        error_rate=m.error_rate,
+        error_rate_ci=interval_message(m.error_rate_ci),
     )
     if m.goodput is not None:
         out.goodput = m.goodput
@@ -172,6 +195,8 @@ def result_message(run_id: str, state: int, outcome: RunOutcome) -> run_pb2.RunR
         verdict=outcome.verdict,  # type: ignore[arg-type]
         checks=[check_message(c) for c in outcome.checks],
         warnings=outcome.warnings,
+        # common/metrics.py computes every interval at the default level.
+        confidence_percent=DEFAULT_CONFIDENCE_PERCENT,
     )
     if outcome.capacity is not None:
         out.capacity.CopyFrom(capacity_message(outcome.capacity))

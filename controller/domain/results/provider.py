@@ -41,7 +41,9 @@ log = structlog.get_logger(__name__)
 # 2: stored samples impossible for their stage are left out (StageResult.samples_ignored).
 # 3: StageResult.requests_retried, RunResult.warnings.
 # 4: RunResult.capacity (a capacity search), run-level checks (`capacity`, stage_index -1).
-RESULT_FORMAT = 4
+# 5: confidence intervals (LatencyStats.*_ci, StageResult.*_ci and error_rate,
+#    RunResult.confidence_percent); results stored before them gain them when next read.
+RESULT_FORMAT = 5
 DEFAULT_MAX_CACHED = 16
 # Background computations run one at a time: a burst of finishing runs leaves the rest of the
 # read pool to the API's reads.
