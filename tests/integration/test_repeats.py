@@ -6,6 +6,7 @@ ones after it; bad requests are refused naming the field."""
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Awaitable
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 
 from client.sdk import ControllerClient
 from common.proto.loadtest.v1 import run_pb2, run_service_pb2
+from common.stats import z_value
 from controller.server import Controller
 from mockserver.config import MockConfig
 from mockserver.server import MockServer
@@ -66,6 +68,11 @@ async def test_a_group_runs_its_repeats_one_after_another(controller: Controller
     mean_p50 = sum(s.stages[0].ttft.p50_ms for s in singles) / 3
     assert merged.ttft.p50_ms == pytest.approx(mean_p50)
     assert merged.ttft.HasField("p50_ci") and merged.ttft.p50_ci.low <= mean_p50 <= merged.ttft.p50_ci.high
+    # Never narrower than the runs' own intervals combined (docs/metrics.md, "Groups of repeats").
+    assert all(s.stages[0].ttft.HasField("p50_ci") for s in singles)
+    own_se = [(s.stages[0].ttft.p50_ci.high - s.stages[0].ttft.p50_ci.low) / (2 * z_value(95)) for s in singles]
+    floor = z_value(95) * math.sqrt(sum(se * se for se in own_se) / 3 / 3)
+    assert merged.ttft.p50_ci.high - mean_p50 >= floor * (1 - 1e-9)
 
     listed = await client.list_runs(group_id=group.id)
     assert sorted(r.id for r in listed.runs) == sorted(group.run_ids)

@@ -1,6 +1,6 @@
 """controller/domain/results/groups.py with known numbers: a group's figures are the means over
-its SUCCEEDED runs, their intervals t(N-1) * s / sqrt(N) around them, floored by the runs' own
-intervals; counts summed; checks judged on the group's figures."""
+its SUCCEEDED runs, their intervals t(N-1) * s / sqrt(N) around them, never narrower than the
+runs' own intervals combined; counts summed; checks judged on the group's figures."""
 
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def test_runs_that_agree_get_no_narrower_interval_than_their_own_allow() -> None
     members = [member(i, [stage(p99=12.0, p99_ci=interval(10.0, 14.0))]) for i in range(3)]
     p99 = group_result("grp_x", members).stages[0].ttft
     se_each = 4.0 / (2 * Z95)
-    half = T2_95 * math.sqrt(se_each**2 / 3)  # floor: sqrt(mean(se_i^2) / N)
+    half = Z95 * math.sqrt(se_each**2 / 3)  # the runs' own intervals combined: z * sqrt(mean(se_i^2) / N)
     assert p99.p99_ms == pytest.approx(12.0)
     assert p99.p99_ci.high - p99.p99_ci.low == pytest.approx(2 * half, rel=1e-6)
     # Wider spread than the floor: the spread decides.

@@ -9,11 +9,13 @@ nothing read or written. Only SUCCEEDED runs are counted; the rules are in docs/
   requests, ignored samples) are summed;
 * every figure that has an interval (each latency's mean and percentiles, the three
   throughputs, goodput, good fraction, error rate) is the mean over the runs, its interval
-  mean +- t(N-1) * se, with se the standard error of the runs' values (s / sqrt(N), s their
-  sample standard deviation) floored at sqrt(mean(se_i^2) / N), the standard error of a mean
-  of N figures each as uncertain as its own interval says (se_i = (high_i - low_i) / (2 z)):
-  three runs that happen to agree closely do not make an interval narrower than their own
-  measurements allow. One counted run: its own figures and intervals;
+  mean +- max(t(N-1) * s / sqrt(N), z * sqrt(mean(se_i^2) / N)): s the sample standard
+  deviation of the runs' values, se_i = (high_i - low_i) / (2 z) each run's standard error
+  read off its own interval. The first term is Student's interval of the spread between runs
+  (it has its level whatever that spread is); the second the runs' own intervals combined (a
+  mean of N independent figures each as uncertain as its interval says): three runs that
+  happen to agree closely do not make an interval narrower than their own measurements
+  allow. One counted run: its own figures and intervals;
 * the other figures: min of the minima, max of the maxima and peaks, the pooled standard
   deviation of a latency, the mean of durations, concurrencies and token means; a flag
   (saturated, reduced load, target saturated, estimated tokens) is set when any run's is;
@@ -103,11 +105,11 @@ def combine(
         copy = run_pb2.Interval()
         copy.CopyFrom(own)
         return mean, copy
-    between = statistics.stdev(values) / math.sqrt(n)
+    between = t_value(confidence_percent, n - 1) * statistics.stdev(values) / math.sqrt(n)
     z = z_value(confidence_percent)
     own_se = [(iv.high - iv.low) / (2 * z) for iv in intervals if iv is not None]
-    floor = math.sqrt(math.fsum(se * se for se in own_se) / len(own_se) / n) if own_se else 0.0
-    half = t_value(confidence_percent, n - 1) * max(between, floor)
+    combined = z * math.sqrt(math.fsum(se * se for se in own_se) / len(own_se) / n) if own_se else 0.0
+    half = max(between, combined)
     return mean, run_pb2.Interval(
         low=max(0.0, mean - half),
         high=min(upper, mean + half),
