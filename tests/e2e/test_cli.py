@@ -328,6 +328,15 @@ def test_run_repeat_runs_a_group_one_repeat_after_another(stack: tuple[str, str,
     refused = cli("run", *base, "--repeat", "101")
     assert refused.returncode == 2 and "repeat" in refused.stderr, refused.stderr
 
+    detached = cli("run", *base, "--repeat", "2", "--detach")
+    assert detached.returncode == 0, detached.stderr
+    other = detached.stdout.strip()
+    assert other.startswith("grp_") and f"llm-loadtest runs result {other}" in detached.stderr
+    _poll(
+        lambda: json.loads(cli("runs", "list", "--group", other, "--controller", address, "--json").stdout),
+        lambda runs: [r["state"] for r in runs] == ["RUN_STATE_SUCCEEDED"] * 2,
+    )
+
 
 def test_ctrl_c_on_a_group_cancels_the_current_and_later_repeats(stack: tuple[str, str, list[Proc]]) -> None:
     target, address, _ = stack
