@@ -1,4 +1,6 @@
-"""The run API in domain terms: create, read, list, cancel, delete, results, live view.
+"""The run API in domain terms: create, read, list, cancel, delete, results, live view, and
+groups of repeats (CreateRunRequest.repeat: created together, each with its own seed; a
+cancelled repeat cancels the later ones; the group's result from controller/domain/results/groups.py).
 
 Servicers call these methods with plain values and protobuf messages (the spec is
 data); nothing here knows about gRPC.
