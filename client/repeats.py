@@ -14,13 +14,13 @@ import asyncio
 import sys
 import uuid
 
+import grpc
+
 from client import exitcodes, live, render, series
-from client.commands import Interrupts, _cancel_and_wait, _cancel_command, print_result
+from client.commands import INTERRUPT_REASON, Interrupts, _cancel_and_wait, _cancel_command, print_result
 from client.sdk import ControllerClient
 from common.codes import FINAL_RUN_STATES
 from common.proto.loadtest.v1 import run_pb2, run_service_pb2
-
-GROUP_PREFIX = "grp_"
 
 
 def group_as_run(response: run_service_pb2.GetGroupResultResponse) -> run_pb2.Run:
@@ -31,6 +31,14 @@ def group_as_run(response: run_service_pb2.GetGroupResultResponse) -> run_pb2.Ru
         run.spec.CopyFrom(response.runs[0].spec)
         run.spec.workload.seed = 0  # each repeat has its own
     return run
+
+
+async def _cancel_quietly(client: ControllerClient, run_id: str) -> None:
+    try:
+        await client.cancel_run(run_id, INTERRUPT_REASON)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:  # it had ended by itself meanwhile
+            raise
 
 
 def repeat_line(run: run_pb2.Run, result: run_pb2.RunResult, count: int) -> str:
@@ -59,9 +67,12 @@ async def run_group(
         )
         return exitcodes.OK
     count = len(group.run_ids)
+    cancelled = False
     for run_id in group.run_ids:
         if interrupts.count:
-            break  # cancelled: the cancelled repeat took the later ones with it
+            if not cancelled:  # Ctrl-C came between two repeats: cancel the next (and the rest)
+                await _cancel_quietly(client, run_id)
+            break  # the cancelled repeat took the later ones with it
         run = await client.get_run(run_id)
         if run.state in FINAL_RUN_STATES:  # e.g. cancelled from elsewhere with an earlier repeat
             print(repeat_line(run, await client.get_result(run_id), count), file=sys.stderr, flush=True)
@@ -72,6 +83,7 @@ async def run_group(
         try:
             await asyncio.wait({watch, first}, return_when=asyncio.FIRST_COMPLETED)
             if not watch.done():
+                cancelled = True
                 print(f"(cancelling repeat {run.repeat_index + 1} cancels the later repeats)", file=sys.stderr)
                 if not await _cancel_and_wait(args, client, run_id, watch, interrupts):
                     print(f"group {group.id} left running", file=sys.stderr)
