@@ -32,6 +32,7 @@ from typing import Any, TextIO
 from rich.table import Table
 from rich.text import Text
 
+from client import intervals
 from common.proto.loadtest.v1 import run_pb2, run_service_pb2
 from common.search_outcome import CAPACITY_STOP_REASONS, DEFAULT_SEARCH_TOLERANCE_PERCENT, variable_name
 
@@ -325,7 +326,10 @@ def _md_stage(stage: run_pb2.StageResult) -> str:
 
 
 def _md_ms(stats: run_pb2.LatencyStats, field: str) -> str:
-    return f"{getattr(stats, field):.1f}" if stats.count else NA
+    """`12.3 ±0.4`: the figure (`p50_ms`) with its interval (`p50_ci`) when it has one."""
+    if not stats.count:
+        return NA
+    return intervals.inline(f"{getattr(stats, field):.1f}", intervals.interval_of(stats, field.replace("_ms", "_ci")))
 
 
 MARKDOWN_COLUMNS = (
@@ -374,7 +378,7 @@ def markdown(result: run_pb2.RunResult, run: run_pb2.Run | None = None) -> str:
             load_label(s),
             str(s.requests_ok + s.requests_failed),
             str(s.requests_failed),
-            f"{ok:.1f}" if ok is not None else NA,
+            f"{ok:.1f}" if ok is not None else NA,  # the error rate's interval is in the note below
             _md_ms(s.ttft, "mean_ms"),
             _md_ms(s.ttft, "p50_ms"),
             _md_ms(s.ttft, "p95_ms"),
@@ -385,11 +389,26 @@ def markdown(result: run_pb2.RunResult, run: run_pb2.Run | None = None) -> str:
             _md_ms(s.e2e, "p50_ms"),
             _md_ms(s.e2e, "p95_ms"),
             _md_ms(s.e2e, "p99_ms"),
-            f"{s.request_throughput:.2f}",
-            f"{s.output_token_throughput:.1f}",
+            intervals.inline(f"{s.request_throughput:.2f}", intervals.interval_of(s, "request_throughput_ci"), 2),
+            intervals.inline(
+                f"{s.output_token_throughput:.1f}", intervals.interval_of(s, "output_token_throughput_ci")
+            ),
         ]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "Latencies in ms. TPOT excludes the first token; E2E is `last_token - sent`."]
+    if result.confidence_percent:
+        level = intervals.level(result)
+        lines[-1] += (
+            f" ±: half the {level:g} % confidence interval; (≥x): bounded from below only, (≤x): from"
+            " above only, (?): not at all (too few requests)."
+        )
+        failed = [
+            f"stage {s.index} {100 * s.error_rate:.2f} % {intervals.bounds(intervals.percent(s.error_rate_ci), 2)}"
+            for s in result.stages
+            if s.requests_failed and s.HasField("error_rate_ci")
+        ]
+        if failed:
+            lines[-1] += " Error rates: " + ", ".join(failed) + "."
     checks = iter_checks(result)
     if result.verdict not in (run_pb2.VERDICT_UNSPECIFIED, run_pb2.VERDICT_NONE) or checks:
         lines += ["", f"**Verdict: {verdict_name(result.verdict)}**", ""]

@@ -13,10 +13,13 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from client import formats
+from client import intervals as ci_text
 from client.formats import NA
+from client.intervals import interval_of
 from common.proto.loadtest.v1 import run_pb2, run_service_pb2
 
 # Where stdout is no terminal, rows stay whole on one line instead of wrapping at 80 columns.
@@ -63,7 +66,7 @@ def _add_columns(
     is never narrower than its widest cell, so none is cut."""
     for name, cells in columns:
         shrinks = name in shrinkable
-        widest = max([len(name), *(len(c) for c in cells)])
+        widest = max([len(name), *(len(line) for c in cells for line in c.split("\n"))])
         table.add_column(
             name,
             justify="left" if name in left else "right",
@@ -75,13 +78,15 @@ def _add_columns(
         table.add_row(*row)
 
 
-# The summary columns that fit an 80-column terminal; `--wide` shows RESULT_WIDE_COLUMNS.
+# The summary columns that fit an 80-column terminal; `--wide` shows RESULT_WIDE_COLUMNS. A
+# figure with an interval has it on a second line: `±h` by default, `[low, high]` with --wide.
 RESULT_COLUMNS = ("stage", "load", "ok/failed", "req/s", "tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "E2E p99")
 RESULT_WIDE_COLUMNS = (
     "stage",
     "load",
     "ok",
     "failed",
+    "err %",
     "req/s",
     "out tok/s",
     "TTFT p50",
@@ -107,6 +112,7 @@ def _result_cells(s: run_pb2.StageResult) -> dict[str, str]:
         "ok": str(s.requests_ok),
         "failed": str(s.requests_failed),
         "ok/failed": f"{s.requests_ok}/{s.requests_failed}",
+        "err %": _num(100 * s.error_rate, 2) if s.requests_ok + s.requests_failed else NA,
         "req/s": _num(s.request_throughput, 2),
         "tok/s": _num(s.output_token_throughput),
         "out tok/s": _num(s.output_token_throughput),
@@ -121,13 +127,43 @@ def _result_cells(s: run_pb2.StageResult) -> dict[str, str]:
     }
 
 
+def _result_intervals(s: run_pb2.StageResult) -> dict[str, tuple[run_pb2.Interval | None, int]]:
+    """The interval of each column that has one, with the decimals of its figure."""
+    return {
+        "err %": (ci_text.percent(interval_of(s, "error_rate_ci")), 2),
+        "req/s": (interval_of(s, "request_throughput_ci"), 2),
+        "tok/s": (interval_of(s, "output_token_throughput_ci"), 1),
+        "out tok/s": (interval_of(s, "output_token_throughput_ci"), 1),
+        **{
+            f"{label} {p}": (interval_of(getattr(s, field), f"{p}_ci"), 1)
+            for label, field in (("TTFT", "ttft"), ("TPOT", "tpot"), ("ITL", "itl"), ("E2E", "e2e"))
+            for p in ("p50", "p99")
+        },
+    }
+
+
+def _with_intervals(s: run_pb2.StageResult, wide: bool) -> tuple[dict[str, str], bool]:
+    """The stage's cells, each figure with its interval on a second line; and whether any has one."""
+    cells = _result_cells(s)
+    shown = False
+    for name, (ci, decimals) in _result_intervals(s).items():
+        text = ci_text.bounds(ci, decimals) if wide else ci_text.short(ci, decimals)
+        if text and cells[name] != NA:
+            cells[name] += "\n" + escape(text)
+            shown = True
+    return cells, shown
+
+
 def result_table(result: run_pb2.RunResult, wide: bool = False) -> Table:
     what = f"group of {len(result.group.run_ids)} repeats" if result.HasField("group") else "run"
     table = _table(f"{what} {result.run_id} — {state_name(result.state)}")
-    cells = [_result_cells(s) for s in result.stages]
+    rows = [_with_intervals(s, wide) for s in result.stages]
+    cells = [c for c, _ in rows]
     names = RESULT_WIDE_COLUMNS if wide else RESULT_COLUMNS
     _add_columns(table, [(name, [c[name] for c in cells]) for name in names], left=("stage",), shrinkable=("stage",))
     notes = ["latencies in ms" + ("" if wide else "; --wide for every column")]
+    if any(shown for _, shown in rows):
+        notes.append(escape((ci_text.WIDE_LEGEND if wide else ci_text.LEGEND).format(level=ci_text.level(result))))
     if any(s.requests_ok and s.ttft.count < s.requests_ok for s in result.stages):
         notes.append("TTFT absent for non-streaming requests")
     table.caption = "\n".join([*notes, *fleet_notes(result), *cross_check_notes(result), *retry_notes(result)])
@@ -324,6 +360,7 @@ _LATENCIES = (
 
 
 def _latency_table(s: run_pb2.StageResult, title: str) -> Table:
+    """Every latency's figures; mean and percentiles with their intervals on a second line."""
     table = Table(title=title, title_justify="left")
     for name in ("metric", "count", "mean", "std", "min", "p50", "p90", "p95", "p99", "p99.9", "max"):
         table.add_column(name, justify="left" if name == "metric" else "right")
@@ -332,25 +369,27 @@ def _latency_table(s: run_pb2.StageResult, title: str) -> Table:
         if not st.count:
             table.add_row(label, "0", *["-"] * 9)
             continue
+
+        def figure(name: str, st: run_pb2.LatencyStats = st) -> str:
+            ci = ci_text.bounds(interval_of(st, f"{name}_ci"))
+            return f"{getattr(st, f'{name}_ms'):.1f}" + (f"\n{escape(ci)}" if ci else "")
+
         table.add_row(
             label,
             str(st.count),
-            *(
-                f"{v:.1f}"
-                for v in (
-                    st.mean_ms,
-                    st.std_ms,
-                    st.min_ms,
-                    st.p50_ms,
-                    st.p90_ms,
-                    st.p95_ms,
-                    st.p99_ms,
-                    st.p999_ms,
-                    st.max_ms,
-                )
-            ),
+            figure("mean"),
+            f"{st.std_ms:.1f}",
+            f"{st.min_ms:.1f}",
+            *(figure(p) for p in ("p50", "p90", "p95", "p99", "p999")),
+            f"{st.max_ms:.1f}",
         )
     return table
+
+
+def _with_bounds(text: str, ci: run_pb2.Interval | None, decimals: int = 1) -> str:
+    """`text` followed by the interval, e.g. `2.50 req/s [2.41, 2.59]`."""
+    shown = ci_text.bounds(ci, decimals)
+    return f"{text} {escape(shown)}" if shown else text
 
 
 def _stage_facts(s: run_pb2.StageResult) -> list[str]:
@@ -358,12 +397,20 @@ def _stage_facts(s: run_pb2.StageResult) -> list[str]:
     lines = [
         f"requests {total}: ok {s.requests_ok}, failed {s.requests_failed}"
         + (" (" + ", ".join(f"{k} {v}" for k, v in sorted(s.errors.items())) + ")" if s.errors else ""),
-        f"throughput {s.request_throughput:.2f} req/s, {s.output_token_throughput:.1f} output tok/s "
-        f"(peak {s.peak_output_token_throughput:.1f}), {s.total_token_throughput:.1f} total tok/s; "
-        f"achieved concurrency {s.achieved_concurrency:.2f} over {s.duration_s:.1f} s",
+        "throughput "
+        + _with_bounds(f"{s.request_throughput:.2f} req/s", interval_of(s, "request_throughput_ci"), 2)
+        + ", "
+        + _with_bounds(f"{s.output_token_throughput:.1f} output tok/s", interval_of(s, "output_token_throughput_ci"))
+        + f" (peak {s.peak_output_token_throughput:.1f}), "
+        + _with_bounds(f"{s.total_token_throughput:.1f} total tok/s", interval_of(s, "total_token_throughput_ci"))
+        + f"; achieved concurrency {s.achieved_concurrency:.2f} over {s.duration_s:.1f} s",
         f"tokens: {s.prompt_tokens} prompt, {s.output_tokens} output, counted from "
         + ("estimates (the server sent no usage)" if s.output_tokens_estimated else "the server's usage"),
     ]
+    if total:
+        lines.append(
+            _with_bounds(f"error rate {100 * s.error_rate:.2f} %", ci_text.percent(interval_of(s, "error_rate_ci")), 2)
+        )
     if s.requests_retried:
         lines.append(
             f"retried {s.requests_retried} request(s) on a fresh connection: the server had closed the "
@@ -375,7 +422,13 @@ def _stage_facts(s: run_pb2.StageResult) -> list[str]:
             f"{s.mean_input_tokens:.1f}, output {s.mean_requested_output_tokens:.1f} -> {s.mean_output_tokens:.1f}"
         )
     if s.HasField("goodput"):
-        lines.append(f"goodput {s.goodput:.2f} req/s, good fraction {s.good_fraction:.1%} (SLO met, of all requests)")
+        lines.append(
+            "goodput "
+            + _with_bounds(f"{s.goodput:.2f} req/s", interval_of(s, "goodput_ci"), 2)
+            + ", good fraction "
+            + _with_bounds(f"{100 * s.good_fraction:.1f} %", ci_text.percent(interval_of(s, "good_fraction_ci")))
+            + " (SLO met, of all requests)"
+        )
     if s.saturated:
         lines.append(f"WARNING load generator saturated: {s.saturation_reason}")
     if s.target_saturated:
@@ -400,16 +453,12 @@ def _agents_table(s: run_pb2.StageResult) -> Table:
     for name in ("agent", "ok", "failed", "req/s", "out tok/s", "TTFT p50", "TTFT p99", "ITL p50", "E2E p50"):
         table.add_column(name, justify="left" if name == "agent" else "right")
     for a in s.agents:
+        cells, _ = _with_intervals(a, wide=False)
         table.add_row(
             a.agent_name,
             str(a.requests_ok),
             str(a.requests_failed),
-            f"{a.request_throughput:.2f}",
-            f"{a.output_token_throughput:.1f}",
-            _ms(a.ttft.p50_ms),
-            _ms(a.ttft.p99_ms),
-            _ms(a.itl.p50_ms),
-            _ms(a.e2e.p50_ms),
+            *(cells[c] for c in ("req/s", "out tok/s", "TTFT p50", "TTFT p99", "ITL p50", "E2E p50")),
         )
     return table
 

@@ -42,6 +42,8 @@ figcaption{color:var(--muted);font-size:12px;margin-top:4px}
 svg text{font-size:11px;fill:#59636e}svg .axis-label{font-size:12px;fill:#3d444d}
 svg .grid{stroke:#eceff2}svg .axis,svg .tick-mark{stroke:#a3aab2}
 svg .line{fill:none;stroke-width:2;stroke-linejoin:round}svg .area{opacity:.16}
+svg .error-bars line{stroke-width:1.2;opacity:.7}
+.ci{font-size:11px;color:#8a929b;white-space:nowrap}
 svg .band{fill:#f2f4f7}svg .band-label{font-size:10.5px;fill:#8a929b}
 svg .marker line{stroke-width:1.5}svg .marker-label{font-size:10.5px}
 svg .point-label{font-size:10.5px;fill:#3d444d}

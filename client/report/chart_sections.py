@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from html import escape
 
 import numpy as np
 
 from client import formats
+from client import intervals as ci_text
+from client.intervals import interval_of
 from client.report import charts
-from client.report.charts import Band, Level, Marker, Series
+from client.report.charts import Band, ErrorBar, Level, Marker, Series
 from client.report.collect import RunReportData, StageLatencies
 from client.report.formatting import RunStyle, short_load
 from client.report.server_sections import server_timeline_charts
@@ -25,20 +28,45 @@ HISTOGRAM_MAX_BINS = 240
 HISTOGRAM_UPPER_QUANTILE = 0.995  # a few outliers must not squash the whole distribution
 
 
+def _error_bar(ci: run_pb2.Interval | None) -> ErrorBar | None:
+    return None if ci is None else ErrorBar(ci.low, ci.high, ci.low_open, ci.high_open)
+
+
+@dataclass
+class _StagePoints:
+    """One chart line's points, a point per stage, with what goes with each."""
+
+    points: list[tuple[float, float]] = field(default_factory=list)
+    loads: list[str] = field(default_factory=list)
+    tips: list[str] = field(default_factory=list)
+    y_errors: list[ErrorBar | None] = field(default_factory=list)
+    x_errors: list[ErrorBar | None] = field(default_factory=list)
+
+
 def _stage_points(
     stages: Sequence[run_pb2.StageResult], metric: str, attr: str, label: str, run: RunStyle
-) -> tuple[list[tuple[float, float]], list[str], list[str]]:
-    """(output tok/s, latency) per stage that measured the metric, the stages' loads, tooltips."""
-    points, loads, tips = [], [], []
+) -> _StagePoints:
+    """(output tok/s, latency) per stage that measured the metric, with the stages' loads,
+    tooltips and the two figures' confidence intervals (error bars)."""
+    out = _StagePoints()
     for s in stages:
         stats: run_pb2.LatencyStats = getattr(s, metric)
         if not s.requests_ok or not stats.count:
             continue
         value = float(getattr(stats, attr))
-        points.append((s.output_token_throughput, value))
-        loads.append(short_load(s))
-        tips.append(f"{run.label} · {short_load(s)} · {label} {value:.1f} ms at {s.output_token_throughput:.0f} tok/s")
-    return points, loads, tips
+        ci = interval_of(stats, attr.replace("_ms", "_ci"))
+        rate_ci = interval_of(s, "output_token_throughput_ci")
+        out.points.append((s.output_token_throughput, value))
+        out.loads.append(short_load(s))
+        shown = f" {ci_text.bounds(ci)}" if ci is not None else ""
+        rate_shown = f" {ci_text.bounds(rate_ci)}" if rate_ci is not None else ""
+        out.tips.append(
+            f"{run.label} · {short_load(s)} · {label} {value:.1f} ms{shown} at "
+            f"{s.output_token_throughput:.0f} tok/s{rate_shown}"
+        )
+        out.y_errors.append(_error_bar(ci))
+        out.x_errors.append(_error_bar(rate_ci))
+    return out
 
 
 # Probes of a capacity search, coloured by how they were judged.
@@ -132,12 +160,26 @@ def latency_throughput_section(runs: Sequence[RunReportData], styles: Sequence[R
                 extras[metric][1].extend(levels)
             continue
         for target, metric, attr, label, dashed, marker, labelled in lines:
-            points, loads, tips = _stage_points(data.result.stages, metric, attr, label, st)
+            p = _stage_points(data.result.stages, metric, attr, label, st)
             name = f"{st.label} · {label}" if several else label
-            target.append(Series(name, points, st.color, st.group, dashed, marker, loads if labelled else (), tips))
+            target.append(
+                Series(
+                    name,
+                    p.points,
+                    st.color,
+                    st.group,
+                    dashed,
+                    marker,
+                    p.loads if labelled else (),
+                    p.tips,
+                    y_errors=p.y_errors,
+                    x_errors=p.x_errors,
+                )
+            )
     caption = (
-        "One point per stage (labelled with its load). Pick the operating point where throughput "
-        "still rises and the latency you care about is still inside its objective."
+        "One point per stage (labelled with its load), with its 95 % confidence intervals as error bars "
+        "(a dashed stub without a cap: that side is not bounded, too few requests). Pick the operating "
+        "point where throughput still rises and the latency you care about is still inside its objective."
     )
     if any(d.result.HasField("capacity") for d in runs):
         caption = (

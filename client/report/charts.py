@@ -1,6 +1,7 @@
 """Static SVG charts for the HTML report, drawn in Python so the report needs no network and
 no JavaScript to show them: x/y line charts (with markers, point labels, step and area
-series, scatters, vertical markers, horizontal levels and shaded bands) and a "no data" placeholder.
+series, scatters, error bars, vertical markers, horizontal levels and shaded bands) and a "no
+data" placeholder.
 
 Every chart is a `<figure class="chart" data-chart="NAME">`; user text is escaped here, so
 callers pass plain strings.
@@ -9,7 +10,7 @@ callers pass plain strings.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from html import escape
 
@@ -31,6 +32,22 @@ WIDTH, HEIGHT = 640, 300
 MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, MARGIN_BOTTOM = 60, 18, 16, 44
 
 
+# An open side of an error bar (a confidence interval that bounds nothing there) is a dashed
+# stub this long, pointing away from the point, without a cap.
+OPEN_STUB_PX = 10.0
+CAP_PX = 3.0
+
+
+@dataclass(frozen=True)
+class ErrorBar:
+    """A point's confidence interval along one axis; an open side has no bound to draw."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+
+
 @dataclass(frozen=True)
 class Series:
     """A line through points (x ascending), drawn in one colour."""
@@ -46,6 +63,9 @@ class Series:
     step: bool = False  # step-after: each y holds until the next x
     fill: bool = False  # shade the area under the line
     line: bool = True  # False: the markers alone (a scatter, e.g. probes in the order they ran)
+    # Per point (None: no interval): the y value's and the x value's confidence intervals.
+    y_errors: Sequence[ErrorBar | None] = ()
+    x_errors: Sequence[ErrorBar | None] = ()
 
 
 @dataclass(frozen=True)
@@ -156,6 +176,9 @@ def xy_chart(
     ys = [y for s in series for _, y in s.points]
     if not ys or not all(math.isfinite(v) for v in xs + ys):
         return empty_chart(name, title, empty_note, attrs)
+    # The axes reach every bounded end of an error bar (an open end is only a stub).
+    xs += _bounded_ends(e for s in series for e in s.x_errors)
+    ys += _bounded_ends(e for s in series for e in s.y_errors)
     ys += [level.y for level in levels if math.isfinite(level.y)]
     x_axis = nice_axis(min(xs), max(xs), x_from_zero, 6)
     y_axis = nice_axis(min(ys), max(ys), True, 5)
@@ -249,6 +272,36 @@ def xy_chart(
     )
 
 
+def _bounded_ends(bars: Iterable[ErrorBar | None]) -> list[float]:
+    ends: list[float] = []
+    for e in bars:
+        if e is not None:
+            ends += [
+                v for v, is_open in ((e.low, e.low_open), (e.high, e.high_open)) if not is_open and math.isfinite(v)
+            ]
+    return ends
+
+
+def _error_bar_svg(at: float, centre: float, bar: ErrorBar, to_px: Callable[[float], float], vertical: bool) -> str:
+    """One error bar through the point (`at` across the bar, `centre` along it, in px): a line
+    to each bounded end with a cap, a dashed stub towards each open end."""
+    parts: list[str] = []
+    # Along a vertical bar, a larger value is higher on the screen: a smaller px.
+    outward = -1.0 if vertical else 1.0
+    for value, is_open, sign in ((bar.low, bar.low_open, -outward), (bar.high, bar.high_open, outward)):
+        end = centre + sign * OPEN_STUB_PX if is_open else to_px(value)
+        dash = ' stroke-dasharray="2 2"' if is_open else ""
+        if vertical:
+            parts.append(f'<line x1="{_f(at)}" x2="{_f(at)}" y1="{_f(centre)}" y2="{_f(end)}"{dash}/>')
+            if not is_open:
+                parts.append(f'<line x1="{_f(at - CAP_PX)}" x2="{_f(at + CAP_PX)}" y1="{_f(end)}" y2="{_f(end)}"/>')
+        else:
+            parts.append(f'<line x1="{_f(centre)}" x2="{_f(end)}" y1="{_f(at)}" y2="{_f(at)}"{dash}/>')
+            if not is_open:
+                parts.append(f'<line x1="{_f(end)}" x2="{_f(end)}" y1="{_f(at - CAP_PX)}" y2="{_f(at + CAP_PX)}"/>')
+    return "".join(parts)
+
+
 def _series_svg(s: Series, px: Callable[[float], float], py: Callable[[float], float], baseline: float) -> str:
     pts = [(px(x), py(y)) for x, y in s.points]
     if s.step:
@@ -262,6 +315,13 @@ def _series_svg(s: Series, px: Callable[[float], float], py: Callable[[float], f
     dash = ' stroke-dasharray="6 4"' if s.dashed else ""
     if s.line:
         parts.append(f'<path class="line" d="{d}" stroke="{escape(s.color)}"{dash}/>')
+    bars = [
+        _error_bar_svg(x, y, e, py, vertical=True) for (x, y), e in zip(pts, s.y_errors, strict=False) if e is not None
+    ] + [
+        _error_bar_svg(y, x, e, px, vertical=False) for (x, y), e in zip(pts, s.x_errors, strict=False) if e is not None
+    ]
+    if bars:
+        parts.append(f'<g class="error-bars" stroke="{escape(s.color)}">{"".join(bars)}</g>')
     for i, (x, y) in enumerate(pts):
         tip = f"<title>{escape(s.tooltips[i])}</title>" if i < len(s.tooltips) else ""
         if s.marker == "circle":

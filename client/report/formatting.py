@@ -9,7 +9,9 @@ from datetime import UTC
 from html import escape
 
 from google.protobuf import timestamp_pb2
+from google.protobuf.message import Message
 
+from client import intervals
 from client.formats import NA, load_label
 from client.report import charts
 from client.report.collect import RunReportData
@@ -20,6 +22,22 @@ from common.proto.loadtest.v1 import run_pb2
 def latency_ms(stats: run_pb2.LatencyStats, attr: str) -> str:
     """One field of a latency summary in ms, or n/a when the summary counted nothing."""
     return f"{getattr(stats, attr):,.1f}" if stats.count else NA
+
+
+def ci_span(ci: run_pb2.Interval | None, decimals: int = 1) -> str:
+    """A confidence interval under its figure in a table cell: `±0.3` (its bounds on hover),
+    '' without one."""
+    if ci is None:
+        return ""
+    return (
+        f'<br><span class="ci" title="95 % interval {escape(intervals.bounds(ci, decimals))}">'
+        f"{escape(intervals.short(ci, decimals))}</span>"
+    )
+
+
+def interval_html(message: Message, field: str, decimals: int = 1) -> str:
+    """`ci_span` of `message.field` (unset: '')."""
+    return ci_span(intervals.interval_of(message, field), decimals)
 
 
 def number(v: float, digits: int = 1) -> str:

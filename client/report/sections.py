@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from html import escape
 
-from client import render
+from client import intervals, render
 from client.formats import (
     NA,
     OUTCOME_TEXT,
@@ -21,6 +21,8 @@ from client.formats import (
 from client.report.collect import RunReportData
 from client.report.formatting import (
     RunStyle,
+    ci_span,
+    interval_html,
     latency_ms,
     number,
     short_load,
@@ -221,17 +223,21 @@ def summary_section(runs: Sequence[RunReportData], styles: Sequence[RunStyle]) -
                 f"<td>{s.requests_ok + s.requests_failed:,}</td>",
                 f'<td class="{"bad" if s.requests_failed else ""}">{failed}</td>',
                 f"<td>{f'{ok:.1f}%' if ok is not None else NA}</td>",
-                f"<td>{number(s.request_throughput, 2)}</td>",
-                f"<td>{number(s.output_token_throughput)}</td>",
+                f"<td>{number(s.request_throughput, 2)}{interval_html(s, 'request_throughput_ci', 2)}</td>",
+                f"<td>{number(s.output_token_throughput)}{interval_html(s, 'output_token_throughput_ci')}</td>",
                 f"<td>{number(s.peak_output_token_throughput, 0)}</td>",
                 f"<td>{number(s.achieved_concurrency)}</td>",
             ]
             for stats in (s.ttft, s.tpot, s.itl, s.e2e):
-                cells += [f"<td>{latency_ms(stats, 'p50_ms')}</td>", f"<td>{latency_ms(stats, 'p99_ms')}</td>"]
-            if with_goodput:
                 cells += [
-                    f"<td>{number(s.goodput, 2) if s.HasField('goodput') else NA}</td>",
-                    f"<td>{f'{s.good_fraction * 100:.1f}%' if s.HasField('good_fraction') else NA}</td>",
+                    f"<td>{latency_ms(stats, p + '_ms')}{interval_html(stats, p + '_ci')}</td>" for p in ("p50", "p99")
+                ]
+            if with_goodput:
+                good = intervals.percent(intervals.interval_of(s, "good_fraction_ci"))
+                cells += [
+                    f"<td>{number(s.goodput, 2) if s.HasField('goodput') else NA}"
+                    f"{interval_html(s, 'goodput_ci', 2)}</td>",
+                    f"<td>{f'{s.good_fraction * 100:.1f}%' if s.HasField('good_fraction') else NA}{ci_span(good)}</td>",
                 ]
             rows.append(f"<tr>{''.join(cells)}</tr>")
         head = "".join(f'<th class="{"l" if h == "Stage" else ""}">{h}</th>' for h in heads)
@@ -241,7 +247,9 @@ def summary_section(runs: Sequence[RunReportData], styles: Sequence[RunStyle]) -
         )
     parts.append(
         '<p class="note">Latencies in ms. conc. = achieved (mean) concurrency; peak tok/s = the largest '
-        "1-second bucket. Hover a failure count for the error kinds.</p></section>"
+        "1-second bucket. Hover a failure count for the error kinds. Under a figure: ± half its 95 % "
+        "confidence interval (hover for the interval); ≥x: bounded from below only, ≤x: from above only, "
+        "?: not at all (too few requests).</p></section>"
     )
     return "".join(parts)
 
