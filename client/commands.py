@@ -140,6 +140,14 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="create the run, print its id and return: the run goes on (fire and forget)",
     )
     parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run the spec N times (2-100), one run after another with fresh seeds, as one group: "
+        "its result's intervals include the variation between runs (docs/user-guide.md, Repeats)",
+    )
+    parser.add_argument(
         "--compare-to",
         default="",
         metavar="SERIES",
@@ -234,6 +242,10 @@ def _cancel_command(args: argparse.Namespace, run_id: str) -> str:
 
 async def _run(args: argparse.Namespace, spec: run_pb2.RunSpec, interrupts: Interrupts) -> int:
     async with open_client(args) as client:
+        if getattr(args, "repeat", 1) > 1:
+            from client.repeats import run_group
+
+            return await run_group(args, client, spec, interrupts)
         if spec.search.resume_from_run_id:
             spec_builder.resume_search(spec, await client.get_run(spec.search.resume_from_run_id))
         run = await client.create_run(spec, request_id=uuid.uuid4().hex)
@@ -335,10 +347,14 @@ def print_result(
         if capacity is not None:
             print(capacity)
         shown = f" ({run.spec.display_name})" if run.spec.display_name else ""
-        print(
-            f"run id: {run.id}{shown}  state: {render.state_name(run.state)}"
-            + (f"  reason: {run.state_reason}" if run.state_reason else "")
-        )
+        if result.HasField("group"):
+            counted, repeats = len(result.group.counted_run_ids), len(result.group.run_ids)
+            print(f"group id: {run.id}{shown}  state: {render.state_name(run.state)}  counted: {counted} of {repeats}")
+        else:
+            print(
+                f"run id: {run.id}{shown}  state: {render.state_name(run.state)}"
+                + (f"  reason: {run.state_reason}" if run.state_reason else "")
+            )
     out = sys.stderr if args.json else sys.stdout
     for line in warnings:
         print(f"WARNING {line}", file=out)
@@ -370,6 +386,7 @@ def add_runs_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--state", choices=[n.removeprefix("RUN_STATE_").lower() for n in run_pb2.RunState.keys()[1:]])
     p.add_argument("--model", default="")
     p.add_argument("--series", default="", help="only the runs of this series (run --series)")
+    p.add_argument("--group", default="", metavar="GROUP_ID", help="only the runs of this group of repeats (grp_...)")
     p.add_argument("--limit", type=int, default=50, help="how many runs to show")
     p.add_argument("--json", action="store_true", help="print a JSON array of runs (docs/json.md)")
     p.add_argument("--wide", action="store_true", help="every column (model, stages, reason)")
@@ -377,7 +394,7 @@ def add_runs_arguments(parser: argparse.ArgumentParser) -> None:
         ("get", "show one run"),
         ("cancel", "cancel a run"),
         ("delete", "delete a finished run"),
-        ("result", "show a run's per-stage metrics"),
+        ("result", "show a run's per-stage metrics (or a group's: grp_...)"),
     ):
         p = sub.add_parser(name, help=text)
         add_connection_arguments(p, read_only=name in ("get", "result"))
@@ -454,7 +471,9 @@ async def _runs(args: argparse.Namespace, client: ControllerClient) -> int:
         runs: list[run_pb2.Run] = []
         token = ""
         while len(runs) < args.limit:
-            page = await client.list_runs(min(100, args.limit - len(runs)), token, state, args.model, args.series)
+            page = await client.list_runs(
+                min(100, args.limit - len(runs)), token, state, args.model, args.series, args.group
+            )
             runs.extend(page.runs)
             token = page.next_page_token
             if not token:
@@ -487,8 +506,14 @@ async def _runs(args: argparse.Namespace, client: ControllerClient) -> int:
         return await _compare(args, client)
     if command in ("baseline", "history"):
         return await series.run_command(args, client)
-    run = await client.get_run(args.run_id)
-    result = await client.get_result(args.run_id)
+    if command == "result" and args.run_id.startswith("grp_"):
+        from client.repeats import group_as_run
+
+        response = await client.get_group_result(args.run_id)
+        run, result = group_as_run(response), response.result
+    else:
+        run = await client.get_run(args.run_id)
+        result = await client.get_result(args.run_id)
     fmt = args.format or ("json" if args.json else "table")
     if fmt == "markdown":
         sys.stdout.write(formats.markdown(result, run))

@@ -358,7 +358,8 @@ def markdown(result: run_pb2.RunResult, run: run_pb2.Run | None = None) -> str:
     """The result as GitHub-flavoured Markdown: a heading line, the stage table, the verdict
     and checks when the run has checks, and saturation warnings (the generator's and the target's)."""
     lines: list[str] = []
-    title = f"**llm-loadtest run `{result.run_id}`**"
+    what = f"group of {len(result.group.run_ids)} repeats" if result.HasField("group") else "run"
+    title = f"**llm-loadtest {what} `{result.run_id}`**"
     if run is not None:
         if run.spec.display_name:
             title += f" — {_md_text(run.spec.display_name)}"

@@ -155,7 +155,8 @@ def _with_intervals(s: run_pb2.StageResult, wide: bool) -> tuple[dict[str, str],
 
 
 def result_table(result: run_pb2.RunResult, wide: bool = False) -> Table:
-    table = _table(f"run {result.run_id} — {state_name(result.state)}")
+    what = f"group of {len(result.group.run_ids)} repeats" if result.HasField("group") else "run"
+    table = _table(f"{what} {result.run_id} — {state_name(result.state)}")
     rows = [_with_intervals(s, wide) for s in result.stages]
     cells = [c for c, _ in rows]
     names = RESULT_WIDE_COLUMNS if wide else RESULT_COLUMNS

@@ -55,6 +55,22 @@ class ControllerClient:
         )
         return response.run
 
+    async def create_group(self, spec: run_pb2.RunSpec, repeat: int, request_id: str = "") -> run_pb2.RunGroup:
+        """A group of `repeat` runs of the spec, run one after another (CreateRun's `repeat`)."""
+        response: run_service_pb2.CreateRunResponse = await self._stub.CreateRun(
+            run_service_pb2.CreateRunRequest(spec=spec, request_id=request_id, repeat=repeat),
+            metadata=self._metadata,
+            timeout=self.timeout_s,
+        )
+        return response.group
+
+    async def get_group_result(self, group_id: str) -> run_service_pb2.GetGroupResultResponse:
+        """A group's result (figures over its SUCCEEDED runs) and its runs."""
+        response: run_service_pb2.GetGroupResultResponse = await self._stub.GetGroupResult(
+            run_service_pb2.GetGroupResultRequest(group_id=group_id), metadata=self._metadata, timeout=self.timeout_s
+        )
+        return response
+
     async def get_run(self, run_id: str) -> run_pb2.Run:
         response: run_service_pb2.GetRunResponse = await self._stub.GetRun(
             run_service_pb2.GetRunRequest(run_id=run_id), metadata=self._metadata, timeout=self.timeout_s
@@ -69,7 +85,13 @@ class ControllerClient:
         return list(response.events)
 
     async def list_runs(
-        self, page_size: int = 50, page_token: str = "", state: int = 0, model: str = "", series: str = ""
+        self,
+        page_size: int = 50,
+        page_token: str = "",
+        state: int = 0,
+        model: str = "",
+        series: str = "",
+        group_id: str = "",
     ) -> run_service_pb2.ListRunsResponse:
         response: run_service_pb2.ListRunsResponse = await self._stub.ListRuns(
             run_service_pb2.ListRunsRequest(
@@ -78,6 +100,7 @@ class ControllerClient:
                 state=state,  # type: ignore[arg-type]
                 model=model,
                 series=series,
+                group_id=group_id,
             ),
             metadata=self._metadata,
             timeout=self.timeout_s,

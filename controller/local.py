@@ -82,9 +82,19 @@ class LocalRunReader:
         return [convert.event_message(e) for e in await self._runs.events(record, 0)]
 
     async def list_runs(
-        self, page_size: int = 50, page_token: str = "", state: int = 0, model: str = "", series: str = ""
+        self,
+        page_size: int = 50,
+        page_token: str = "",
+        state: int = 0,
+        model: str = "",
+        series: str = "",
+        group_id: str = "",
     ) -> run_service_pb2.ListRunsResponse:
-        return await self._runs.list_runs(page_size, page_token, state, model, convert.list_response, series)
+        return await self._runs.list_runs(page_size, page_token, state, model, convert.list_response, series, group_id)
+
+    async def get_group_result(self, group_id: str) -> run_service_pb2.GetGroupResultResponse:
+        records, result = await self._runs.group(group_id)
+        return run_service_pb2.GetGroupResultResponse(result=result, runs=[convert.run_message(r) for r in records])
 
     async def get_result(self, run_id: str) -> run_pb2.RunResult:
         return (await self._runs.result(run_id))[1]

@@ -19,14 +19,12 @@ from common.codes import RunState
 from common.proto.loadtest.v1 import run_pb2
 from controller.domain.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from controller.domain.results.compare import METRICS_BY_NAME, Metric, load_label
-from controller.domain.runs import Runs, state_name
+from controller.domain.runs import Runs, is_group_id, state_name
 from controller.domain.spec import parse_spec, series_name_problem
 from controller.store import repository as repo
 from controller.store.baselines import BaselineRecord
 from controller.store.interface import SeriesStore
 
-# How a group of repeats' id starts (a baseline may name a group instead of a run).
-GROUP_ID_PREFIX = "grp_"
 DEFAULT_METRIC = "ttft_p99_ms"
 DEFAULT_HISTORY_LIMIT = 50
 MAX_HISTORY_LIMIT = 1000
@@ -98,7 +96,7 @@ class Baselines:
         _check_name(name)
         if not run_id:
             raise InvalidArgument([FieldViolation("run_id", "required")])
-        if run_id.startswith(GROUP_ID_PREFIX):
+        if is_group_id(run_id):
             await self._check_group(run_id)
         else:
             record = await self._runs.get(run_id)
@@ -113,9 +111,11 @@ class Baselines:
     async def _check_group(self, group_id: str) -> None:
         """A group may be a baseline when at least one of its runs SUCCEEDED and none is still
         pending or running (SetBaselineRequest.run_id)."""
-        # Groups of repeats are not stored on this branch: no group exists. With them, this reads
-        # the group (NotFound when there is none) and raises FailedPrecondition as the docstring says.
-        raise NotFound(f"group {group_id!r} not found")
+        records, _ = await self._runs.group(group_id)  # NotFound for an unknown group
+        if any(not r.is_final for r in records):
+            raise FailedPrecondition(f"group {group_id} is still running: a baseline must be finished")
+        if all(r.state != RunState.SUCCEEDED for r in records):
+            raise FailedPrecondition(f"group {group_id} has no SUCCEEDED run: it cannot be a baseline")
 
     async def get_baseline(self, name: str) -> BaselineRecord:
         _check_name(name)
@@ -146,44 +146,63 @@ class Baselines:
             raise InvalidArgument([FieldViolation("limit", f"at most {MAX_HISTORY_LIMIT}")])
         records = await self._store.series_runs(name, limit or DEFAULT_HISTORY_LIMIT)
         baseline = await self._store.get_baseline(name)
-        if baseline is not None and all(r.run_id != baseline.run_id for r in records):
+        if baseline is not None and all(_point_id(r) != baseline.run_id for r in records):
             records.extend(await self._baseline_runs(baseline.run_id))
-        records.sort(key=lambda r: (r.created_at, r.pk))
+        # One point per run, and one per group of repeats (its figures over its runs).
+        subjects: dict[str, list[repo.RunRecord]] = {}
+        for record in sorted(records, key=lambda r: (r.created_at, r.pk)):
+            subjects.setdefault(_point_id(record), []).append(record)
         points: list[HistoryPoint] = []
         confidence = 0.0
-        for record in records:
-            point, level = await self._run_point(record, metric, label, load, baseline)
+        for point_id, members in subjects.items():
+            point, level = await self._point(point_id, members, metric, label, load, baseline)
             points.append(point)
             confidence = confidence or level
         return SeriesHistory(name, metric.name, load, points, baseline, confidence)
 
     async def _baseline_runs(self, run_id: str) -> list[repo.RunRecord]:
         """The baseline's run to add to a history it is not part of."""
-        if run_id.startswith(GROUP_ID_PREFIX):
-            return []  # groups are not stored on this branch (see _check_group)
         try:
+            if is_group_id(run_id):
+                return (await self._runs.group(run_id))[0]
             return [await self._runs.get(run_id)]
         except NotFound:  # deleted since the baseline was read (its baseline went with it)
             return []
 
-    async def _run_point(
-        self, record: repo.RunRecord, metric: Metric, label: str, load: str, baseline: BaselineRecord | None
+    async def _point(
+        self,
+        point_id: str,
+        members: list[repo.RunRecord],
+        metric: Metric,
+        label: str,
+        load: str,
+        baseline: BaselineRecord | None,
     ) -> tuple[HistoryPoint, float]:
-        """One run's point and the confidence level of its interval (0 without one)."""
-        label_value = parse_spec(record).labels.get(label, "") if label else ""
+        """The point of one run, or of a group (`members` its runs of the history, oldest first),
+        and the confidence level of its interval (0 without one)."""
+        first = members[0]
+        label_value = parse_spec(first).labels.get(label, "") if label else ""
         value: float | None = None
         ci: run_pb2.Interval | None = None
         stage_index = 0
         level = 0.0
-        if record.state == RunState.SUCCEEDED:
-            _, result = await self._runs.result(record.run_id)
+        succeeded = any(r.state == RunState.SUCCEEDED for r in members)
+        state = RunState.SUCCEEDED if succeeded else first.state
+        if succeeded:
+            if is_group_id(point_id):
+                result = await self._runs.group_result(point_id)
+            else:
+                _, result = await self._runs.result(point_id)
             stage = _stage(result, load)
             if stage is not None:
                 value, ci = _figure(metric, stage)
                 stage_index = stage.index
                 level = result.confidence_percent if ci is not None else 0.0
-        is_baseline = baseline is not None and baseline.run_id == record.run_id
-        point = HistoryPoint(
-            record.run_id, record.created_at, label_value, value, ci, record.state, is_baseline, stage_index
-        )
+        is_baseline = baseline is not None and baseline.run_id == point_id
+        point = HistoryPoint(point_id, first.created_at, label_value, value, ci, state, is_baseline, stage_index)
         return point, level
+
+
+def _point_id(record: repo.RunRecord) -> str:
+    """The id a run's figures appear under in a history: its group's, or its own."""
+    return record.group_id or record.run_id

@@ -31,6 +31,8 @@ def fill_run(run: run_pb2.Run, record: RunRecord) -> run_pb2.Run:
     run.progress.requests_ok = record.requests_ok
     run.progress.requests_failed = record.requests_failed
     run.progress.output_tokens = record.output_tokens
+    if record.group_id:
+        run.group_id, run.repeat_index = record.group_id, record.repeat_index
     parse_spec(record, into=run.spec)
     run.spec.target.api_key = ""  # never stored in spec_json; cleared again on principle
     # Seconds and nanos set directly: Timestamp.FromNanoseconds is pure Python and was a third
@@ -43,6 +45,11 @@ def fill_run(run: run_pb2.Run, record: RunRecord) -> run_pb2.Run:
         if ns:
             ts.seconds, ts.nanos = divmod(ns, 1_000_000_000)
     return run
+
+
+def group_message(records: list[RunRecord]) -> run_pb2.RunGroup:
+    """A new group (CreateRun's answer): its id and runs; none is counted yet."""
+    return run_pb2.RunGroup(id=records[0].group_id, run_ids=[r.run_id for r in records])
 
 
 def list_response(records: list[RunRecord], next_page_token: str) -> run_service_pb2.ListRunsResponse:

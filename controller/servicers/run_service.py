@@ -120,8 +120,11 @@ class RunServiceServicer(run_service_pb2_grpc.RunServiceServicer):
     async def CreateRun(
         self, request: run_service_pb2.CreateRunRequest, context: grpc.aio.ServicerContext
     ) -> run_service_pb2.CreateRunResponse:
-        record = await self._runs.create(request.spec, request.request_id)
-        return run_service_pb2.CreateRunResponse(run=convert.run_message(record))
+        records = await self._runs.create(request.spec, request.request_id, request.repeat)
+        response = run_service_pb2.CreateRunResponse(run=convert.run_message(records[0]))
+        if records[0].group_id:
+            response.group.CopyFrom(convert.group_message(records))
+        return response
 
     @unary_errors
     async def GetRun(
@@ -142,7 +145,13 @@ class RunServiceServicer(run_service_pb2_grpc.RunServiceServicer):
             # Parsing a page of specs and serializing it is done off the event loop the agent
             # streams' heartbeats share: on the loop it delayed them (BENCHMARKS.md, section 8).
             page = await self._runs.list_runs(
-                request.page_size, request.page_token, request.state, request.model, _serialized_page, request.series
+                request.page_size,
+                request.page_token,
+                request.state,
+                request.model,
+                _serialized_page,
+                request.series,
+                request.group_id,
             )
             self._list_pacer.spent(len(page))
             return page
@@ -225,13 +234,12 @@ class RunServiceServicer(run_service_pb2_grpc.RunServiceServicer):
         response.baseline_name = request.baseline_name
         return response
 
+    @unary_errors
     async def GetGroupResult(
         self, request: run_service_pb2.GetGroupResultRequest, context: grpc.aio.ServicerContext
     ) -> run_service_pb2.GetGroupResultResponse:
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED, "GetGroupResult: not implemented yet"
-        )  # issue 22, in progress
-        raise AssertionError("unreachable")
+        records, result = await self._runs.group(request.group_id)
+        return run_service_pb2.GetGroupResultResponse(result=result, runs=[convert.run_message(r) for r in records])
 
     @unary_errors
     async def SetBaseline(

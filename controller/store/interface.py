@@ -44,6 +44,7 @@ from controller.store.repository import (
     BatchIngest,
     EventRecord,
     IngestOutcome,
+    NewRepeat,
     RunChanges,
     RunRecord,
     StageRecord,
@@ -88,7 +89,30 @@ class RunStore(Protocol):
         carries the spec JSON as given (reads leave it out when the binary spec is kept)."""
         ...
 
+    async def insert_group(
+        self,
+        group_id: str,
+        request_id: str | None,
+        display_name: str,
+        model: str,
+        repeats: Sequence[NewRepeat],
+        stage_names: Sequence[str],
+        secret: str,
+        now_ns: int,
+        dataset_json: str = "",
+        series: str = "",
+    ) -> tuple[list[RunRecord], bool]:
+        """Create a group of repeats, one PENDING run per entry of `repeats` (all or none), each
+        with its stages, secret and dataset and in `series` (RunSpec.series), `repeat_index` in
+        the order given; the request_id goes with the first. With a request_id already used:
+        the runs of the group it created (or its single run) and False."""
+        ...
+
     async def get_run(self, run_id: str) -> RunRecord | None: ...
+
+    async def list_group(self, group_id: str) -> list[RunRecord]:
+        """A group's runs in repeat order; [] for an unknown group."""
+        ...
 
     async def get_run_dataset(self, run_pk: int) -> str:
         """The run's parsed dataset entries (JSON); "" when it has none."""
@@ -107,11 +131,12 @@ class RunStore(Protocol):
         max_bytes: int,
         build: Callable[[list[RunRecord], tuple[int, int] | None], T],
         series: str = "",
+        group_id: str = "",
     ) -> T:
         """`build` of a page of runs, newest first, `after` the (created_at, pk) of the previous
-        page's last run, only of `series` when given (repository.list_runs). `build` runs where
-        the page is read (the SQLite store: on the reader thread, so a page's conversion stays
-        off the event loop)."""
+        page's last run, only of `series` / `group_id` when given (repository.list_runs). `build`
+        runs where the page is read (the SQLite store: on the reader thread, so a page's
+        conversion stays off the event loop)."""
         ...
 
     async def update_run(self, run_pk: int, **fields: Unpack[RunChanges]) -> None: ...

@@ -40,6 +40,7 @@ from controller.store.repository import (
     BatchIngest,
     EventRecord,
     IngestOutcome,
+    NewRepeat,
     RunChanges,
     RunRecord,
     StageAssignment,
@@ -93,6 +94,8 @@ class _Run:
     requests_failed: int = 0
     output_tokens: int = 0
     series: str = ""
+    group_id: str = ""
+    repeat_index: int = 0
 
     def record(self, *, spec_json: bool = False) -> RunRecord:
         """The run as read; the spec JSON only when asked for or when there is no binary spec
@@ -114,6 +117,8 @@ class _Run:
             self.output_tokens,
             self.spec_pb,
             self.series,
+            self.group_id,
+            self.repeat_index,
         )
 
 
@@ -240,9 +245,54 @@ class MemoryTables:
             self.datasets[pk] = dataset_json
         return run.record(spec_json=True), True
 
+    def insert_group(
+        self,
+        group_id: str,
+        request_id: str | None,
+        display_name: str,
+        model: str,
+        repeats: Sequence[NewRepeat],
+        stage_names: Sequence[str],
+        secret: str,
+        now_ns: int,
+        dataset_json: str = "",
+        series: str = "",
+    ) -> tuple[list[RunRecord], bool]:
+        if request_id and request_id in self._run_by_request:
+            first = self.runs[self._run_by_request[request_id]]
+            return (self.list_group(first.group_id) if first.group_id else [first.record()]), False
+        ids = [r.run_id for r in repeats]
+        if len(set(ids)) != len(ids) or any(run_id in self._run_by_id for run_id in ids):
+            raise IntegrityError("UNIQUE constraint failed: runs.run_id")  # before any is stored
+        records: list[RunRecord] = []
+        for i, r in enumerate(repeats):
+            record, _ = self.insert_run(
+                r.run_id,
+                request_id if i == 0 else None,
+                display_name,
+                model,
+                r.spec_json,
+                stage_names,
+                secret,
+                now_ns,
+                dataset_json,
+                r.spec_pb,
+                series,
+            )
+            run = self.runs[record.pk]
+            run.group_id, run.repeat_index = group_id, i
+            records.append(run.record(spec_json=True))
+        return records, True
+
     def get_run(self, run_id: str) -> RunRecord | None:
         pk = self._run_by_id.get(run_id)
         return self.runs[pk].record() if pk is not None else None
+
+    def list_group(self, group_id: str) -> list[RunRecord]:
+        runs = sorted(
+            (r for r in self.runs.values() if group_id and r.group_id == group_id), key=lambda r: r.repeat_index
+        )
+        return [r.record() for r in runs]
 
     def get_run_dataset(self, run_pk: int) -> str:
         return self.datasets.get(run_pk, "")
@@ -251,7 +301,14 @@ class MemoryTables:
         return self.secrets.get(run_pk, "")
 
     def list_runs(
-        self, page_size: int, after: tuple[int, int] | None, state: int, model: str, max_bytes: int, series: str = ""
+        self,
+        page_size: int,
+        after: tuple[int, int] | None,
+        state: int,
+        model: str,
+        max_bytes: int,
+        series: str = "",
+        group_id: str = "",
     ) -> tuple[list[RunRecord], tuple[int, int] | None]:
         chosen = [
             r
@@ -259,6 +316,7 @@ class MemoryTables:
             if (not state or r.state == state)
             and (not model or r.model == model)
             and (not series or r.series == series)
+            and (not group_id or r.group_id == group_id)
             and (after is None or (r.created_at, r.pk) < after)
         ]
         chosen.sort(key=lambda r: (r.created_at, r.pk), reverse=True)
@@ -734,8 +792,30 @@ class MemoryStore(Store):
             )
         )
 
+    async def insert_group(
+        self,
+        group_id: str,
+        request_id: str | None,
+        display_name: str,
+        model: str,
+        repeats: Sequence[NewRepeat],
+        stage_names: Sequence[str],
+        secret: str,
+        now_ns: int,
+        dataset_json: str = "",
+        series: str = "",
+    ) -> tuple[list[RunRecord], bool]:
+        return await _after_a_turn(
+            self.tables.insert_group(
+                group_id, request_id, display_name, model, repeats, stage_names, secret, now_ns, dataset_json, series
+            )
+        )
+
     async def get_run(self, run_id: str) -> RunRecord | None:
         return await _after_a_turn(self.tables.get_run(run_id))
+
+    async def list_group(self, group_id: str) -> list[RunRecord]:
+        return await _after_a_turn(self.tables.list_group(group_id))
 
     async def get_run_dataset(self, run_pk: int) -> str:
         return await _after_a_turn(self.tables.get_run_dataset(run_pk))
@@ -752,8 +832,11 @@ class MemoryStore(Store):
         max_bytes: int,
         build: Callable[[list[RunRecord], tuple[int, int] | None], T],
         series: str = "",
+        group_id: str = "",
     ) -> T:
-        return await _after_a_turn(build(*self.tables.list_runs(page_size, after, state, model, max_bytes, series)))
+        return await _after_a_turn(
+            build(*self.tables.list_runs(page_size, after, state, model, max_bytes, series, group_id))
+        )
 
     async def update_run(self, run_pk: int, **fields: Unpack[RunChanges]) -> None:
         self.tables.update_run(run_pk, **fields)

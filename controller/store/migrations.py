@@ -305,6 +305,19 @@ MIGRATIONS: Sequence[tuple[int, str, str | Callable[[Database], None]]] = (
         CREATE INDEX baselines_run ON baselines (run_id);
         """,
     ),
+    (
+        13,
+        "groups of repeats",
+        """
+        -- A group of repeats (CreateRunRequest.repeat): its runs share `group_id` (`grp_...`;
+        -- NULL for a run created alone) and are numbered from 0 by `repeat_index`. The index
+        -- is partial (only grouped runs), and a query's `group_id = ?` implies its condition,
+        -- so ListRuns of a group seeks it by (created_at, pk) as the other filters do.
+        ALTER TABLE runs ADD COLUMN group_id TEXT;
+        ALTER TABLE runs ADD COLUMN repeat_index INTEGER NOT NULL DEFAULT 0;
+        CREATE INDEX runs_group ON runs (group_id, created_at DESC, pk DESC) WHERE group_id IS NOT NULL;
+        """,
+    ),
 )
 
 

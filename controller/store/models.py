@@ -43,6 +43,8 @@ class RunRow(BaseModel):
     output_tokens = IntegerField(default=0)
     spec_pb = BlobField(default=b"")  # migration 7: the spec as protobuf binary
     series = TextField(default="")  # migration 12: RunSpec.series
+    group_id = CharField(null=True)  # migration 13: its group of repeats (NULL: none)
+    repeat_index = IntegerField(default=0)  # migration 13
 
     class Meta:
         table_name = "runs"

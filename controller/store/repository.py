@@ -53,6 +53,8 @@ class RunRecord:
     output_tokens: int
     spec_pb: bytes = b""  # the spec as protobuf binary (empty: in spec_json only, see migration 7)
     series: str = ""  # RunSpec.series (migration 12)
+    group_id: str = ""  # its group of repeats (migration 13); "" for a run created alone
+    repeat_index: int = 0  # which repeat of its group, from 0
 
     @property
     def is_final(self) -> bool:
@@ -130,6 +132,8 @@ def _record(row: RunRow) -> RunRecord:
         output_tokens=row.output_tokens,
         spec_pb=bytes(row.spec_pb or b""),
         series=row.series,
+        group_id=row.group_id or "",
+        repeat_index=row.repeat_index,
     )
 
 
@@ -156,29 +160,134 @@ def insert_run(
             return _record(existing), False
     try:
         with database_proxy.atomic():
-            row = RunRow.create(
-                run_id=run_id,
-                request_id=request_id or None,
-                display_name=display_name,
-                model=model,
-                state=RunState.PENDING,
-                spec_json=spec_json,
-                spec_pb=spec_pb,
-                created_at=now_ns,
-                series=series,
+            row = _create_run(
+                run_id,
+                request_id,
+                display_name,
+                model,
+                spec_json,
+                spec_pb,
+                stage_names,
+                secret,
+                now_ns,
+                dataset_json,
+                series,
             )
-            StageRow.insert_many([{"run": row.pk, "idx": i, "name": n} for i, n in enumerate(stage_names)]).execute()
-            if secret:  # the target's credentials (see controller/domain/access/secrets.py)
-                RunSecretRow.create(run=row.pk, target_api_key=secret)
-            if dataset_json:
-                database_proxy.execute_sql(
-                    "INSERT INTO run_datasets (run_pk, entries_json) VALUES (?, ?)", (row.pk, dataset_json)
-                )
     except IntegrityError:
         if request_id:  # lost a race with the same request_id
             return _record(RunRow.get(RunRow.request_id == request_id)), False
         raise
     return _record(row), True
+
+
+def _create_run(
+    run_id: str,
+    request_id: str | None,
+    display_name: str,
+    model: str,
+    spec_json: str,
+    spec_pb: bytes,
+    stage_names: Sequence[str],
+    secret: str,
+    now_ns: int,
+    dataset_json: str,
+    series: str,
+    group_id: str | None = None,
+    repeat_index: int = 0,
+) -> RunRow:
+    row = RunRow.create(
+        run_id=run_id,
+        request_id=request_id or None,
+        display_name=display_name,
+        model=model,
+        state=RunState.PENDING,
+        spec_json=spec_json,
+        spec_pb=spec_pb,
+        created_at=now_ns,
+        series=series,
+        group_id=group_id,
+        repeat_index=repeat_index,
+    )
+    StageRow.insert_many([{"run": row.pk, "idx": i, "name": n} for i, n in enumerate(stage_names)]).execute()
+    if secret:  # the target's credentials (see controller/domain/access/secrets.py)
+        RunSecretRow.create(run=row.pk, target_api_key=secret)
+    if dataset_json:
+        database_proxy.execute_sql(
+            "INSERT INTO run_datasets (run_pk, entries_json) VALUES (?, ?)", (row.pk, dataset_json)
+        )
+    return row
+
+
+@dataclass(frozen=True)
+class NewRepeat:
+    """One run of a group to create: its id and its stored spec (each repeat has its own seed)."""
+
+    run_id: str
+    spec_json: str
+    spec_pb: bytes
+
+
+def insert_group(
+    group_id: str,
+    request_id: str | None,
+    display_name: str,
+    model: str,
+    repeats: Sequence[NewRepeat],
+    stage_names: Sequence[str],
+    secret: str,
+    now_ns: int,
+    dataset_json: str = "",
+    series: str = "",
+) -> tuple[list[RunRecord], bool]:
+    """Create a group's runs together (all or none), PENDING, `repeat_index` 0.. in the order
+    given; the request_id is kept on the first. With a request_id already used: the runs of
+    the group it created (or the single run) and False."""
+
+    def existing() -> list[RunRecord] | None:
+        row = RunRow.get_or_none(RunRow.request_id == request_id)
+        if row is None:
+            return None
+        return list_group(row.group_id) if row.group_id else [_record(row)]
+
+    if request_id:
+        found = existing()
+        if found is not None:
+            return found, False
+    try:
+        with database_proxy.atomic():
+            rows = [
+                _create_run(
+                    r.run_id,
+                    request_id if i == 0 else None,
+                    display_name,
+                    model,
+                    r.spec_json,
+                    r.spec_pb,
+                    stage_names,
+                    secret,
+                    now_ns,
+                    dataset_json,
+                    series,
+                    group_id,
+                    i,
+                )
+                for i, r in enumerate(repeats)
+            ]
+    except IntegrityError:
+        found = existing() if request_id else None
+        if found is not None:  # lost a race with the same request_id
+            return found, False
+        raise
+    return [_record(row) for row in rows], True
+
+
+def list_group(group_id: str) -> list[RunRecord]:
+    """The runs of a group, in repeat order; [] for an unknown group (the partial index
+    runs_group finds them)."""
+    rows = database_proxy.connection().execute(
+        f"SELECT {_RUN_FIELDS} FROM runs WHERE group_id = ? ORDER BY repeat_index", (group_id,)
+    )
+    return [RunRecord(*row) for row in rows]
 
 
 def get_run(run_id: str) -> RunRecord | None:
@@ -199,7 +308,13 @@ def get_run_secret(run_pk: int) -> str:
 
 
 def list_runs(
-    page_size: int, after: tuple[int, int] | None, state: int, model: str, max_bytes: int, series: str = ""
+    page_size: int,
+    after: tuple[int, int] | None,
+    state: int,
+    model: str,
+    max_bytes: int,
+    series: str = "",
+    group_id: str = "",
 ) -> tuple[list[RunRecord], tuple[int, int] | None]:
     """Newest first; `after` is the (created_at, pk) of the previous page's last run. The page
     ends after `page_size` runs or before the run that would take its stored specs past
@@ -208,8 +323,8 @@ def list_runs(
     Plain SQL rather than Peewee model rows (a page of model instances cost milliseconds);
     the row-value keyset `(created_at, pk) < (?, ?)` lets SQLite seek in the indexes on
     (created_at DESC, pk DESC), (state, created_at DESC, pk DESC), (model, created_at DESC,
-    pk DESC) and (series, created_at DESC, pk DESC) and stop after the page (see EXPLAIN QUERY
-    PLAN in tests/unit/test_columnar_store.py).
+    pk DESC), (series, created_at DESC, pk DESC) and (group_id, created_at DESC, pk DESC) and
+    stop after the page (see EXPLAIN QUERY PLAN in tests/integration/test_columnar_store.py).
     Rows are fetched one at a time, so the runs past the byte budget are never read.
     """
     where: list[str] = []
@@ -223,6 +338,9 @@ def list_runs(
     if series:
         where.append("series = ?")
         params.append(series)
+    if group_id:
+        where.append("group_id = ?")
+        params.append(group_id)
     if after is not None:
         where.append("(created_at, pk) < (?, ?)")
         params.extend(after)
@@ -267,7 +385,7 @@ def listed_bytes(record: RunRecord) -> int:
 _RUN_FIELDS = (
     "pk, run_id, display_name, model, state, state_reason,"
     " CASE WHEN length(spec_pb) > 0 THEN '' ELSE spec_json END, created_at, started_at, ended_at,"
-    " current_stage, requests_ok, requests_failed, output_tokens, spec_pb, series"
+    " current_stage, requests_ok, requests_failed, output_tokens, spec_pb, series, IFNULL(group_id, ''), repeat_index"
 )
 
 

@@ -26,6 +26,7 @@ from controller.store.repository import (
     BatchIngest,
     EventRecord,
     IngestOutcome,
+    NewRepeat,
     RunChanges,
     RunRecord,
     StageRecord,
@@ -111,8 +112,38 @@ class SqliteStore(Store):
             series,
         )
 
+    async def insert_group(
+        self,
+        group_id: str,
+        request_id: str | None,
+        display_name: str,
+        model: str,
+        repeats: Sequence[NewRepeat],
+        stage_names: Sequence[str],
+        secret: str,
+        now_ns: int,
+        dataset_json: str = "",
+        series: str = "",
+    ) -> tuple[list[RunRecord], bool]:
+        return await self.db.write(
+            repo.insert_group,
+            group_id,
+            request_id,
+            display_name,
+            model,
+            repeats,
+            stage_names,
+            secret,
+            now_ns,
+            dataset_json,
+            series,
+        )
+
     async def get_run(self, run_id: str) -> RunRecord | None:
         return await self.db.read(repo.get_run, run_id)
+
+    async def list_group(self, group_id: str) -> list[RunRecord]:
+        return await self.db.read(repo.list_group, group_id)
 
     async def get_run_dataset(self, run_pk: int) -> str:
         return await self.db.read(repo.get_run_dataset, run_pk)
@@ -129,9 +160,10 @@ class SqliteStore(Store):
         max_bytes: int,
         build: Callable[[list[RunRecord], tuple[int, int] | None], T],
         series: str = "",
+        group_id: str = "",
     ) -> T:
         def page() -> T:
-            return build(*repo.list_runs(page_size, after, state, model, max_bytes, series))
+            return build(*repo.list_runs(page_size, after, state, model, max_bytes, series, group_id))
 
         return await self.db.read(page)
 

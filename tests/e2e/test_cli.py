@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from google.protobuf import timestamp_pb2
 
 from tests.processes import CLI, ENV, Proc, wait_for_agents
 
@@ -296,3 +297,78 @@ def test_detach_leaves_the_run_going(stack: tuple[str, str, list[Proc]]) -> None
         lambda: json.loads(cli("runs", "get", run_id, "--controller", address, "--json").stdout),
         lambda r: r["state"] == "RUN_STATE_SUCCEEDED",
     )
+
+
+def test_run_repeat_runs_a_group_one_repeat_after_another(stack: tuple[str, str, list[Proc]]) -> None:
+    target, address, _ = stack
+    base = ("--controller", address, "--target", target, "--model", "mock", "--concurrency", "2", "--requests", "10")
+    done = cli("run", *base, "--repeat", "2", "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = json.loads(done.stdout)
+    group_id = printed["run_id"]
+    assert group_id.startswith("grp_") and printed["group"]["id"] == group_id
+    run_ids = printed["group"]["run_ids"]
+    assert len(run_ids) == 2 and printed["group"]["counted_run_ids"] == run_ids
+    assert printed["stages"][0]["repeats"] == 2 and printed["stages"][0]["requests_ok"] == 20
+    assert f"created group {group_id}" in done.stderr
+    for i, run_id in enumerate(run_ids):
+        assert re.search(rf"^repeat {i + 1}/2 {run_id} SUCCEEDED  ok 10  failed 0", done.stderr, re.M), done.stderr
+
+    shown = cli("runs", "result", group_id, "--controller", address, "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["stages"][0]["requests_ok"] == 20
+    table = cli("runs", "result", group_id, "--controller", address)
+    assert table.returncode == 0 and f"group id: {group_id}" in table.stdout and "counted: 2 of 2" in table.stdout
+    listed = json.loads(cli("runs", "list", "--group", group_id, "--controller", address, "--json").stdout)
+    assert sorted((r["id"], r["group_id"]) for r in listed) == sorted((r, group_id) for r in run_ids)
+    runs = [json.loads(cli("runs", "get", r, "--controller", address, "--json").stdout) for r in run_ids]
+    assert _ns(runs[1]["start_time"]) >= _ns(runs[0]["end_time"])
+    assert runs[0]["spec"]["workload"]["seed"] != runs[1]["spec"]["workload"]["seed"]
+
+    refused = cli("run", *base, "--repeat", "101")
+    assert refused.returncode == 2 and "repeat" in refused.stderr, refused.stderr
+
+    detached = cli("run", *base, "--repeat", "2", "--detach")
+    assert detached.returncode == 0, detached.stderr
+    other = detached.stdout.strip()
+    assert other.startswith("grp_") and f"llm-loadtest runs result {other}" in detached.stderr
+    _poll(
+        lambda: json.loads(cli("runs", "list", "--group", other, "--controller", address, "--json").stdout),
+        lambda runs: [r["state"] for r in runs] == ["RUN_STATE_SUCCEEDED"] * 2,
+    )
+
+
+def test_ctrl_c_on_a_group_cancels_the_current_and_later_repeats(stack: tuple[str, str, list[Proc]]) -> None:
+    target, address, _ = stack
+    args = ["run", "--controller", address, "--target", target, "--model", "mock", "--duration", "60s"]
+    proc = subprocess.Popen(
+        [CLI, *args, "--concurrency", "4", "--repeat", "3"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    assert proc.stderr is not None
+    created = proc.stderr.readline()
+    assert created.startswith("created group grp_"), created
+    group_id = created.split()[2].rstrip(":")
+    watching = proc.stderr.readline()
+    assert watching.startswith("repeat 1/3: run "), watching
+    first = watching.split()[-1]
+    _poll(
+        lambda: json.loads(cli("runs", "get", first, "--controller", address, "--json").stdout),
+        lambda r: r["state"] == "RUN_STATE_RUNNING" and r["progress"]["requests_ok"] > 0,
+    )
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert f"Ctrl-C: cancelling run {first}" in stderr
+    assert f"group id: {group_id}" in stdout and "CANCELLED" in stdout, stdout
+    listed = json.loads(cli("runs", "list", "--group", group_id, "--controller", address, "--json").stdout)
+    assert len(listed) == 3 and {r["state"] for r in listed} == {"RUN_STATE_CANCELLED"}
+
+
+def _ns(rfc3339: str) -> int:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromJsonString(rfc3339)
+    return ts.ToNanoseconds()

@@ -193,10 +193,15 @@ def test_ingest_is_idempotent_and_counts_without_warmup(fresh_db: Database) -> N
 
 
 @pytest.mark.parametrize(
-    ("state", "model", "index"),
-    [(0, "", "runs_created_at"), (4, "", "runs_state_created_at"), (0, "llama", "runs_model")],
+    ("state", "model", "group_id", "index"),
+    [
+        (0, "", "", "runs_created_at"),
+        (4, "", "", "runs_state_created_at"),
+        (0, "llama", "", "runs_model"),
+        (0, "", "grp_0123456789abcdef0123", "runs_group"),
+    ],
 )
-def test_list_runs_seeks_in_an_index(fresh_db: Database, state: int, model: str, index: str) -> None:
+def test_list_runs_seeks_in_an_index(fresh_db: Database, state: int, model: str, group_id: str, index: str) -> None:
     """Every ListRuns shape reads its page from an index in order: no scan, no sort."""
     conn = fresh_db.db.connection()
     plans = []
@@ -207,7 +212,7 @@ def test_list_runs_seeks_in_an_index(fresh_db: Database, state: int, model: str,
 
     conn.set_trace_callback(trace)
     for after in (None, (10**18, 99)):
-        repo.list_runs(50, after, state, model, MAX_PAGE_BYTES)
+        repo.list_runs(50, after, state, model, MAX_PAGE_BYTES, group_id=group_id)
     conn.set_trace_callback(None)
     assert len(plans) == 2
     for sql in plans:

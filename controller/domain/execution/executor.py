@@ -106,6 +106,7 @@ class RunExecutor:
         self._active.remove_run(ex.run_id)
         self._events.final(ex.run_id)
         self._events.changed(ex.run_id)
+        self._placement.wake()  # the next repeat of its group may start now (its agents are free already)
 
     async def _preflight(self, ex: RunExecution) -> str:
         """Every agent of the run checks the target; the reason it failed, or "" to go ahead.

@@ -3,7 +3,9 @@
 A dispatcher starts pending runs in creation order (strict FIFO: later runs wait behind the
 first one that cannot start) as soon as enough free agents match the run's `placement` (a
 count and a label selector). A run that cannot be placed within `placement.wait_timeout`
-(default `DEFAULT_WAIT_TIMEOUT_S`) fails with a reason naming what was missing. Between
+(default `DEFAULT_WAIT_TIMEOUT_S`) fails with a reason naming what was missing. A repeat of a
+group (CreateRunRequest.repeat) waits until every earlier repeat of its group is final, and
+later runs wait behind it; its wait_timeout counts from when the last of them ended. Between
 stages, a slot whose agent is gone takes another free matching agent (`fill_slots`).
 """
 
@@ -86,10 +88,17 @@ class Placement:
 
     async def _dispatch_once(self) -> None:
         blocked = False
+        waiting_groups: set[str] = set()  # groups with a repeat still pending ahead in the queue
         for run_id in list(self._pending):
             record = await self._store.get_run(run_id)
             if record is None or record.state != RunState.PENDING:
                 self._pending.remove(run_id)
+                continue
+            waiting_since = None if record.group_id in waiting_groups else await self._turn_of(record)
+            if record.group_id:
+                waiting_groups.add(record.group_id)
+            if waiting_since is None:
+                blocked = True  # its group's earlier repeat is not final; later runs wait behind it
                 continue
             spec = parse_spec(record)
             placement = spec.placement
@@ -99,7 +108,7 @@ class Placement:
             if blocked or len(free) < needed:
                 # Strict FIFO: later runs wait behind the first one that cannot start.
                 blocked = True
-                await self._fail_if_waited_too_long(record, placement, needed, selector)
+                await self._fail_if_waited_too_long(record, waiting_since, placement, needed, selector)
                 continue
             self._pending.remove(run_id)
             chosen = free[:needed]
@@ -112,11 +121,26 @@ class Placement:
             self._active.add_run(ex)
             self._on_placed(ex)
 
+    async def _turn_of(self, record: repo.RunRecord) -> int | None:
+        """When the run's wait for agents began: at its creation, or for a repeat of a group
+        when the last earlier repeat ended; None while an earlier repeat is not final yet."""
+        if not record.group_id or record.repeat_index == 0:
+            return record.created_at
+        earlier = [r for r in await self._store.list_group(record.group_id) if r.repeat_index < record.repeat_index]
+        if any(not r.is_final for r in earlier):
+            return None
+        return max([record.created_at, *(r.ended_at or 0 for r in earlier)])
+
     async def _fail_if_waited_too_long(
-        self, record: repo.RunRecord, placement: run_pb2.Placement, needed: int, selector: dict[str, str]
+        self,
+        record: repo.RunRecord,
+        waiting_since: int,
+        placement: run_pb2.Placement,
+        needed: int,
+        selector: dict[str, str],
     ) -> None:
         timeout_s = placement_wait_s(placement)
-        waited_s = (time.time_ns() - record.created_at) / 1e9
+        waited_s = (time.time_ns() - waiting_since) / 1e9
         if waited_s < timeout_s:
             return
         matching = self._agents.matching(selector)

@@ -205,6 +205,96 @@ async def test_unknown_runs_read_as_nothing(store: Store) -> None:
     assert await store.pending_run_ids() == []
 
 
+def repeats(*run_ids: str) -> list[repo.NewRepeat]:
+    return [repo.NewRepeat(run_id, f'{{"seed": {i}}}', bytes([8, i + 1])) for i, run_id in enumerate(run_ids)]
+
+
+async def test_a_group_is_created_together_in_repeat_order(store: Store) -> None:
+    records, created = await store.insert_group(
+        "grp_a", "req-g", "grouped", "m", repeats("run_x", "run_y", "run_z"), ["s0", "s1"], "sk-g", 7, "[1]"
+    )
+    assert created
+    assert [(r.run_id, r.group_id, r.repeat_index, r.state) for r in records] == [
+        ("run_x", "grp_a", 0, RunState.PENDING),
+        ("run_y", "grp_a", 1, RunState.PENDING),
+        ("run_z", "grp_a", 2, RunState.PENDING),
+    ]
+    assert {(r.display_name, r.model, r.created_at) for r in records} == {("grouped", "m", 7)}
+    assert [r.spec_pb for r in records] == [b"\x08\x01", b"\x08\x02", b"\x08\x03"]  # each its own spec
+    assert records[1].spec_json == '{"seed": 1}'
+    for r in records:  # every repeat is a whole run: its stages, secret and dataset
+        assert [s.name for s in await store.list_stages(r.pk)] == ["s0", "s1"]
+        assert await store.get_run_secret(r.pk) == "sk-g"
+        assert await store.get_run_dataset(r.pk) == "[1]"
+    listed = await store.list_group("grp_a")
+    assert listed == [dataclasses.replace(r, spec_json="") for r in records]
+    assert await store.pending_run_ids() == ["run_x", "run_y", "run_z"]  # started in repeat order
+
+
+async def test_a_request_id_creates_one_group_only(store: Store) -> None:
+    first, created = await store.insert_group("grp_a", "req-g", "", "m", repeats("run_x", "run_y"), ["s"], "", 1)
+    assert created and len(first) == 2
+    again, created = await store.insert_group("grp_b", "req-g", "", "m", repeats("run_p", "run_q"), ["s"], "", 2)
+    assert not created and [r.run_id for r in again] == ["run_x", "run_y"]
+    assert await store.list_group("grp_b") == [] and await store.get_run("run_p") is None
+    # A single run with the group's request id is the group's first run, as created.
+    single, created = await store.insert_run("run_s", "req-g", "", "m", "{}", ["s"], "", 3)
+    assert not created and single.run_id == "run_x"
+    # A group with a single run's request id is that run.
+    await new_run(store, "run_solo", request_id="req-solo")
+    solo, created = await store.insert_group("grp_c", "req-solo", "", "m", repeats("run_c0", "run_c1"), ["s"], "", 4)
+    assert not created and [(r.run_id, r.group_id) for r in solo] == [("run_solo", "")]
+
+
+async def test_a_group_with_a_taken_run_id_stores_nothing(store: Store) -> None:
+    await new_run(store, "run_y")
+    with pytest.raises(INTEGRITY_ERRORS):
+        await store.insert_group("grp_a", None, "", "m", repeats("run_x", "run_y"), ["s"], "", 1)
+    assert await store.get_run("run_x") is None and await store.list_group("grp_a") == []
+    assert await store.count_runs_by_state() == {RunState.PENDING: 1}
+
+
+async def test_a_run_alone_has_no_group_and_an_unknown_group_no_runs(store: Store) -> None:
+    record = await new_run(store, "run_a")
+    read = await store.get_run("run_a")
+    assert (record.group_id, record.repeat_index) == ("", 0)
+    assert read is not None and (read.group_id, read.repeat_index) == ("", 0)
+    assert await store.list_group("grp_none") == [] and await store.list_group("") == []
+
+
+async def test_list_runs_filters_by_group(store: Store) -> None:
+    await new_run(store, "run_before", created=1)
+    await store.insert_group("grp_a", None, "", "m", repeats("run_a0", "run_a1", "run_a2"), ["s"], "", 2)
+    await store.insert_group("grp_b", None, "", "other", repeats("run_b0", "run_b1"), ["s"], "", 3)
+    await new_run(store, "run_after", created=4)
+    # Runs created together share their creation time: the later repeat (pk) first, as ever.
+    assert (await store.list_runs(10, None, 0, "", 10**9, page_of, group_id="grp_a"))[0] == [
+        "run_a2",
+        "run_a1",
+        "run_a0",
+    ]
+    ids, cursor = await store.list_runs(2, None, 0, "", 10**9, page_of, group_id="grp_a")
+    assert ids == ["run_a2", "run_a1"] and cursor is not None
+    ids, cursor = await store.list_runs(2, cursor, 0, "", 10**9, page_of, group_id="grp_a")
+    assert (ids, cursor) == (["run_a0"], None)
+    b0 = await store.get_run("run_b0")
+    assert b0 is not None
+    await store.update_run(b0.pk, state=RunState.RUNNING)
+    assert (await store.list_runs(10, None, RunState.RUNNING, "other", 10**9, page_of, group_id="grp_b"))[0] == [
+        "run_b0"
+    ]
+    assert (await store.list_runs(10, None, 0, "m", 10**9, page_of, group_id="grp_b")) == ([], None)
+    assert (await store.list_runs(10, None, 0, "", 10**9, page_of, group_id="grp_none")) == ([], None)
+    assert len((await store.list_runs(10, None, 0, "", 10**9, page_of))[0]) == 7  # no filter: every run
+
+
+async def test_deleting_a_repeat_leaves_the_rest_of_its_group(store: Store) -> None:
+    records, _ = await store.insert_group("grp_a", None, "", "m", repeats("run_x", "run_y"), ["s"], "", 1)
+    await store.finish_run(records[0].pk, RunState.SUCCEEDED, "", 2)
+    await store.delete_run(records[0].pk)
+    assert [(r.run_id, r.repeat_index) for r in await store.list_group("grp_a")] == [("run_y", 1)]
+
+
 def page_of(records: list[repo.RunRecord], cursor: tuple[int, int] | None) -> tuple[list[str], tuple[int, int] | None]:
     return [r.run_id for r in records], cursor
 

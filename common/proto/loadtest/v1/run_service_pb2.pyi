@@ -1319,7 +1319,7 @@ class GetSeriesHistoryRequest(_message.Message):
     load: _builtins.str
     """The stage by its load, e.g. `concurrency=8` (default: each run's first stage)."""
     limit: _builtins.int
-    """Most recent points to return; default 50, at most 1000."""
+    """Most recent runs to read; default 50, at most 1000 (the repeats of a group make one point)."""
     def __init__(
         self,
         *,
