@@ -3,14 +3,18 @@ of GetRunResult carries an interval that contains it, and more requests make it 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from client.sdk import ControllerClient
 from common.proto.loadtest.v1 import run_pb2
+from controller.domain.results.provider import RESULT_FORMAT
 from controller.server import Controller
 from mockserver.config import MockConfig
 from mockserver.server import MockServer
 from tests.integration.test_run_end_to_end import running_agent, spec_for, wait_final
+from tests.integration.test_stored_results import ROW, finished_run, sql, started, stored_row
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -42,8 +46,11 @@ def assert_intervals_contain_their_figures(row: run_pb2.StageResult) -> None:
     assert row.error_rate == row.requests_failed / counted
     assert row.HasField("error_rate_ci")
     assert row.error_rate_ci.low <= row.error_rate <= row.error_rate_ci.high
-    assert row.HasField("good_fraction_ci") and row.HasField("goodput_ci") == (row.duration_s >= 3.0)
-    assert row.good_fraction_ci.low <= row.good_fraction <= row.good_fraction_ci.high
+    # Goodput and the good fraction only with an SLO.
+    assert row.HasField("good_fraction_ci") == row.HasField("good_fraction")
+    assert row.HasField("goodput_ci") == (row.HasField("goodput") and row.duration_s >= 3.0)
+    if row.HasField("good_fraction"):
+        assert row.good_fraction_ci.low <= row.good_fraction <= row.good_fraction_ci.high
 
 
 async def test_get_run_result_carries_intervals_narrower_with_more_requests(
@@ -67,9 +74,35 @@ async def test_get_run_result_carries_intervals_narrower_with_more_requests(
     # 8 requests in flight for 4 s at ~50 ms each: hundreds of requests, even on a loaded machine.
     assert many.requests_ok > 5 * few.requests_ok
     for row in (few, many, *many.agents, result.overall):
+        assert row.HasField("good_fraction")  # the SLO is set
         assert_intervals_contain_their_figures(row)
     # About 1/sqrt(n): the median of hundreds of requests is known far better than of 20.
     width = [s.ttft.p50_ci.high - s.ttft.p50_ci.low for s in (few, many)]
     assert 0 < width[1] < width[0], width
     # 20 values do not bound p99 from above; the interval's top is then the largest value.
     assert few.ttft.p99_ci.high_open and few.ttft.p99_ci.high == few.ttft.max_ms
+
+
+async def test_a_result_stored_before_intervals_gains_them_when_read(db_path: Path) -> None:
+    async with started(db_path) as (controller, client):
+        run_id = await finished_run(controller, client)
+        await stored_row(db_path, run_id)
+    # What a controller before intervals stored (format 4): the same figures, no intervals.
+    _, _, _, fmt, stored = sql(db_path, ROW, run_id)[0]
+    assert fmt == RESULT_FORMAT > 4
+    old = run_pb2.RunResult.FromString(stored)
+    old.ClearField("confidence_percent")
+    for row in (*old.stages, old.overall):
+        for name in LATENCIES:
+            for figure in FIGURES:
+                getattr(row, name).ClearField(f"{figure}_ci")
+        for name in (*RATES, "goodput", "good_fraction", "error_rate"):
+            row.ClearField(f"{name}_ci")
+    sql(db_path, "UPDATE run_results SET result = ?, format = 4", old.SerializeToString())
+    async with started(db_path) as (_, client):
+        result = await client.get_result(run_id)
+    assert result.confidence_percent == 95.0
+    for row in (*result.stages, result.overall):
+        assert row.ttft.HasField("p50_ci") and row.HasField("error_rate_ci")
+        assert_intervals_contain_their_figures(row)
+    assert sql(db_path, ROW, run_id)[0][3] == RESULT_FORMAT  # and stored again in this format
