@@ -17,8 +17,6 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from google.protobuf.message import Message
-
 from common.proto.loadtest.v1 import run_pb2
 from common.search_outcome import capacity_value, variable_name
 from common.stats import DEFAULT_CONFIDENCE_PERCENT, MIN_RATE_SECONDS
@@ -34,6 +32,7 @@ from controller.domain.results.difference import (
     values_to_bound_quantile,
     worst,
 )
+from controller.domain.results.message import interval_field
 
 DEFAULT_TOLERANCE_PERCENT = 10.0
 
@@ -44,18 +43,12 @@ def _error_rate(s: run_pb2.StageResult) -> float:
     return s.requests_failed / max(1, s.requests_ok + s.requests_failed)  # a result from before the field
 
 
-def _optional(message: Message, field: str) -> run_pb2.Interval | None:
-    """`message.field` when set (an unset interval means "too little data for one")."""
-    interval: run_pb2.Interval = getattr(message, field)
-    return interval if message.HasField(field) else None
-
-
 def _latency(metric: str, p: str) -> Metric:
     """`ttft`, `p99` -> ttft_p99_ms read from `stage.ttft.p99_ms` with `stage.ttft.p99_ci`."""
     return Metric(
         f"{metric}_{p}_ms",
         lambda s: float(getattr(getattr(s, metric), f"{p}_ms")),
-        lambda s: _optional(getattr(s, metric), f"{p}_ci"),
+        lambda s: interval_field(getattr(s, metric), f"{p}_ci"),
         True,
         values=lambda s: int(getattr(s, metric).count),
         quantile=int(p.removeprefix("p")) / 100,
@@ -92,18 +85,18 @@ METRICS: tuple[Metric, ...] = (
     _latency("itl", "p50"),
     _latency("e2e", "p50"),
     _latency("e2e", "p99"),
-    Metric("error_rate", _error_rate, lambda s: _optional(s, "error_rate_ci"), True, highest=1.0),
+    Metric("error_rate", _error_rate, lambda s: interval_field(s, "error_rate_ci"), True, highest=1.0),
     Metric(
         "request_throughput",
         lambda s: s.request_throughput,
-        lambda s: _optional(s, "request_throughput_ci"),
+        lambda s: interval_field(s, "request_throughput_ci"),
         False,
         per_second=True,
     ),
     Metric(
         "output_token_throughput",
         lambda s: s.output_token_throughput,
-        lambda s: _optional(s, "output_token_throughput_ci"),
+        lambda s: interval_field(s, "output_token_throughput_ci"),
         False,
         per_second=True,
     ),

@@ -36,6 +36,7 @@ from common.codes import RunState
 from common.proto.loadtest.v1 import run_pb2
 from common.stats import DEFAULT_CONFIDENCE_PERCENT, t_value, z_value
 from controller.domain.results.checks import LATENCIES, ParsedCheck, parse_check
+from controller.domain.results.message import interval_field
 
 _AGGREGATES = ("mean", "p50", "p90", "p95", "p99", "p999")  # the latency figures with an interval
 _RATES = ("request_throughput", "output_token_throughput", "total_token_throughput")
@@ -120,10 +121,6 @@ def combine(
     )
 
 
-def _interval(message: run_pb2.LatencyStats | run_pb2.StageResult, field: str) -> run_pb2.Interval | None:
-    return getattr(message, field) if message.HasField(field) else None  # type: ignore[arg-type]
-
-
 def _set_figure(
     out: run_pb2.LatencyStats | run_pb2.StageResult,
     field: str,
@@ -156,7 +153,7 @@ def merge_latency(stats: Sequence[run_pb2.LatencyStats], confidence_percent: flo
     out.std_ms = math.sqrt(spread / out.count)
     for agg in _AGGREGATES:
         values = [getattr(s, f"{agg}_ms") for s in have]
-        intervals = [_interval(s, f"{agg}_ci") for s in have]
+        intervals = [interval_field(s, f"{agg}_ci") for s in have]
         _set_figure(out, f"{agg}_ms", f"{agg}_ci", values, intervals, confidence_percent)
     return out
 
@@ -200,13 +197,19 @@ def merge_stages(parts: Sequence[tuple[str, run_pb2.StageResult]], confidence_pe
     for field in _RATES:
         values = [getattr(s, field) for s in stages]
         _set_figure(
-            out, field, f"{field}_ci", values, [_interval(s, f"{field}_ci") for s in stages], confidence_percent
+            out, field, f"{field}_ci", values, [interval_field(s, f"{field}_ci") for s in stages], confidence_percent
         )
     for field, upper in (("goodput", math.inf), ("good_fraction", 1.0)):
         have = [s for s in stages if s.HasField(field)]  # type: ignore[arg-type]
         values = [getattr(s, field) for s in have]
         _set_figure(
-            out, field, f"{field}_ci", values, [_interval(s, f"{field}_ci") for s in have], confidence_percent, upper
+            out,
+            field,
+            f"{field}_ci",
+            values,
+            [interval_field(s, f"{field}_ci") for s in have],
+            confidence_percent,
+            upper,
         )
     rated = [(rate, s) for s in stages if (rate := _error_rate(s)) is not None]
     _set_figure(
@@ -214,7 +217,7 @@ def merge_stages(parts: Sequence[tuple[str, run_pb2.StageResult]], confidence_pe
         "error_rate",
         "error_rate_ci",
         [rate for rate, _ in rated],
-        [_interval(s, "error_rate_ci") for _, s in rated],
+        [interval_field(s, "error_rate_ci") for _, s in rated],
         confidence_percent,
         1.0,
     )

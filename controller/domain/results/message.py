@@ -8,6 +8,7 @@ read is the same message, computed once.
 from __future__ import annotations
 
 from google.protobuf import timestamp_pb2
+from google.protobuf.message import Message
 
 from common.metrics import LatencySummary, StageMetrics
 from common.proto.loadtest.v1 import run_pb2
@@ -24,6 +25,12 @@ def timestamp(ns: int | None) -> timestamp_pb2.Timestamp | None:
     ts = timestamp_pb2.Timestamp()
     ts.FromNanoseconds(ns)
     return ts
+
+
+def interval_field(message: Message, field: str) -> run_pb2.Interval | None:
+    """`message.field` when set: an unset Interval means too little data for one."""
+    interval: run_pb2.Interval = getattr(message, field)
+    return interval if message.HasField(field) else None
 
 
 def interval_message(interval: Interval | None) -> run_pb2.Interval | None:
