@@ -17,6 +17,7 @@ in the same pass as the percentile itself, a rate's from batch means over its pe
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -29,6 +30,7 @@ from common.codes import RequestStatus, SampleFlag
 from common.stats import (
     DEFAULT_CONFIDENCE_PERCENT,
     Interval,
+    RankInterval,
     mean_interval,
     percentile_rank_interval,
     proportion_interval,
@@ -241,19 +243,28 @@ class StageMetrics:
     error_rate_ci: Interval | None = None
 
 
-def summarize(values_ns: npt.ArrayLike, confidence_percent: float = DEFAULT_CONFIDENCE_PERCENT) -> LatencySummary:
+def summarize(
+    values_ns: npt.ArrayLike, confidence_percent: float = DEFAULT_CONFIDENCE_PERCENT, clusters: int = 0
+) -> LatencySummary:
     """Count, mean, population std, min, max and linear percentiles of `values_ns`, in ms, with
-    the mean's t interval and the percentiles' order-statistic intervals at `confidence_percent`."""
+    the mean's t interval and the percentiles' order-statistic intervals at `confidence_percent`.
+
+    `clusters` (when between 1 and the count) is the number of independent sources the values
+    come in groups from — requests, for the inter-token gaps pooled over them, which move
+    together within a request (a slow request is slow in every gap). The intervals then rest
+    on that many values, not on every value: see `_cluster_ranks`.
+    """
     values = np.asarray(values_ns)
     n = values.size
     if n == 0:
         return LatencySummary()
+    effective = clusters if 0 < clusters < n else int(n)
     lo, hi = values.min(), values.max()
     # One scratch array as long as `values`, shared by the steps below: with tens of millions of
     # pooled gaps, a fresh allocation (page faults) costs as much as the arithmetic done in it.
     scratch = np.empty(n, dtype=np.float64)
     mean, std = _mean_std(values, scratch)
-    rank_intervals = [percentile_rank_interval(int(n), p, confidence_percent) for p in PERCENTILES]
+    rank_intervals = [_cluster_ranks(int(n), effective, p, confidence_percent) for p in PERCENTILES]
     bound_ranks = np.array([(r.low - 1, r.high - 1) for r in rank_intervals], dtype=np.int64).ravel()
     percentiles, bounds = _percentiles(values, PERCENTILES, lo, hi, scratch.view(np.int64), bound_ranks)
     p50, p90, p95, p99, p999 = (percentiles / _NS_PER_MS).tolist()
@@ -263,7 +274,7 @@ def summarize(values_ns: npt.ArrayLike, confidence_percent: float = DEFAULT_CONF
         Interval(min(low, p), max(high, p), r.low_open, r.high_open)
         for (low, high), p, r in zip(bounds_ms, (p50, p90, p95, p99, p999), rank_intervals, strict=True)
     )
-    mean_bounds = mean_interval(mean, std, int(n), confidence_percent)
+    mean_bounds = mean_interval(mean, std, effective, confidence_percent)
     return LatencySummary(
         count=int(n),
         mean=mean / _NS_PER_MS,
@@ -282,6 +293,24 @@ def summarize(values_ns: npt.ArrayLike, confidence_percent: float = DEFAULT_CONF
         p99_ci=p99_ci,
         p999_ci=p999_ci,
     )
+
+
+def _cluster_ranks(n: int, effective: int, percentile: float, confidence_percent: float) -> RankInterval:
+    """The percentile's rank interval among `n` values that hold only `effective` independent
+    ones: the ranks of `effective` values (percentile_rank_interval), as shares of them,
+    widened to the same shares of the `n` values. With effective = n it is the exact interval.
+
+    Conservative for pooled inter-token gaps: it treats each request's gaps as one value, as
+    if a request's gaps were all alike; with gaps that vary within a request too, the true
+    interval is narrower. Counting every gap as independent instead would claim far more
+    certainty than the data holds (tests/unit/test_intervals.py measures both).
+    """
+    ranks = percentile_rank_interval(effective, percentile, confidence_percent)
+    if effective == n:
+        return ranks
+    low = max(1, math.floor((ranks.low - 1) / effective * n) + 1)
+    high = min(n, math.ceil(ranks.high / effective * n))
+    return RankInterval(low, high, ranks.low_open, ranks.high_open)
 
 
 def per_request_tpot(
@@ -371,7 +400,7 @@ def compute_stage_metrics(
         output_tokens_estimated=bool(((ok_cols.flags & SampleFlag.USAGE_FROM_SERVER) == 0).any()),
         ttft=summarize(first[first > 0]),
         tpot=summarize(tpot_ns[has_tpot]),
-        itl=summarize(ok_cols.itl_ns),
+        itl=summarize(ok_cols.itl_ns, clusters=int(np.count_nonzero(ok_cols.itl_count))),
         e2e=summarize(e2e_ns[has_e2e]),
         queue_delay=summarize(cols.queue_delay_ns),
         e2e_including_queue=summarize(e2e_ns[has_e2e] + ok_cols.queue_delay_ns[has_e2e]),

@@ -179,6 +179,20 @@ def test_holm_takes_every_judged_metric_of_every_stage_as_one_family() -> None:
     assert deltas[0].requests_needed == math.ceil(2 * se**2 * 1000 / (12 / z_value(100 - 5 / 3)) ** 2)
 
 
+def test_an_open_tail_percentile_of_a_group_asks_for_requests_per_run() -> None:
+    # Three runs of 300 requests: each run's p99 is open, so the group's is; 900 in all would
+    # be enough for one run, but each run needs 368.
+    base, other = stage(), stage(requests=900, repeats=3)
+    for s, value in ((base, 300.0), (other, 290.0)):
+        s.ttft.p99_ms = value
+        s.ttft.p99_ci.CopyFrom(interval(value, 2.0))
+    other.ttft.count = 900
+    other.ttft.p99_ci.high_open = True
+    d = one(base, other, TTFT_P99, other_group=True)
+    assert d.outcome == Outcome.INCONCLUSIVE and d.requests_needed == 368
+    assert d.note == "o: each run's ~300 values cannot bound it above at 95 % (about 368 requests per run would)"
+
+
 def test_each_compared_run_is_its_own_family() -> None:
     se = 12 / z_value(98.0) / math.sqrt(2)
     comparisons = compare_runs(

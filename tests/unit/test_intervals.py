@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from common import stats
-from common.codes import SampleFlag
+from common.codes import RequestStatus, SampleFlag
 from common.metrics import PERCENTILES, SampleColumns, Slo, compute_stage_metrics, summarize
 from common.proto.loadtest.v1 import run_pb2
 from common.stats import (
@@ -119,6 +119,51 @@ def test_percentile_intervals_cover_the_true_quantiles_at_the_level(n: int) -> N
         # Whether a side is open depends on n only.
         assert opened[p] in (0, trials)
         assert (opened[p] == trials) == ((p / 100) ** n > ALPHA_2)
+
+
+def test_pooled_gaps_of_correlated_requests_get_intervals_that_rest_on_the_requests() -> None:
+    # Each request's 50 gaps all equal one lognormal draw: 2000 gaps but 40 independent values.
+    # The true quantiles of a gap are the lognormal's. Counted as 2000 values the intervals
+    # are far too narrow; counted by request (clusters) they keep their level.
+    trials, requests, gaps = 400, 40, 50
+    rng = np.random.default_rng(7)
+    covered = {"gaps": 0, "requests": 0}
+    truth = true_quantile_ms(50.0)
+    for _ in range(trials):
+        pooled = np.repeat(rng.lognormal(MU, SIGMA, requests), gaps).astype(np.int64)
+        for name, clusters in (("gaps", 0), ("requests", requests)):
+            ci = summarize(pooled, clusters=clusters).p50_ci
+            assert ci is not None
+            covered[name] += ci.low <= truth <= ci.high
+    assert covered["requests"] / trials >= LEVEL / 100 - slack(trials)
+    assert covered["gaps"] / trials < 0.6  # what counting every gap as independent would claim
+    # Independent gaps lose little: the interval widens to the requests' shares, no more.
+    independent = rng.lognormal(MU, SIGMA, requests * gaps).astype(np.int64)
+    exact, by_request = summarize(independent).p50_ci, summarize(independent, clusters=requests).p50_ci
+    assert exact is not None and by_request is not None
+    assert by_request.low <= exact.low <= exact.high <= by_request.high
+
+
+def test_itl_intervals_count_requests_not_gaps() -> None:
+    rng = np.random.default_rng(3)
+    n, gaps = 30, 20
+    ok = np.full(n, int(RequestStatus.OK))
+    cols = SampleColumns(
+        sent_unix_ns=T0 + np.arange(n) * 100 * MS,
+        queue_delay_ns=np.zeros(n),
+        first_token_ns=np.full(n, 10 * MS),
+        last_token_ns=np.full(n, 50 * MS),
+        done_ns=np.full(n, 51 * MS),
+        prompt_tokens=np.full(n, 8),
+        output_tokens=np.full(n, gaps + 1),
+        status=ok,
+        flags=np.full(n, int(SampleFlag.USAGE_FROM_SERVER)),
+        itl_count=np.full(n, gaps),
+        itl_ns=rng.lognormal(MU, SIGMA, n * gaps).astype(np.int64),
+    )
+    itl = compute_stage_metrics(cols).itl
+    assert itl == summarize(cols.itl_ns, clusters=n)
+    assert itl.p99_ci is not None and itl.p99_ci.high_open  # 30 requests cannot bound a p99
 
 
 def test_intervals_are_order_statistics_of_the_values_and_contain_the_percentiles() -> None:

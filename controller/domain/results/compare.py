@@ -276,10 +276,19 @@ def _unbounded(metric: Metric, side: _Side, interval: run_pb2.Interval) -> tuple
     run = side.result.run_id
     if metric.quantile is None or metric.values is None:
         return f"{run}: its interval is open {ends} at {side.level:g} %", 0
-    values = metric.values(side.stage)
+    values, requests = metric.values(side.stage), side.requests
+    runs = side.stage.repeats if side.is_group and side.stage.repeats > 1 else 1
+    # A group's side is open where a run's was: each run needs the values, not the group.
+    values, requests = values // runs, requests // runs
     needed_values = values_to_bound_quantile(metric.quantile, side.level)
     # Values per request (ITL has many per request; TTFT one per OK request).
-    needed = needed_values if not values else -(-needed_values * max(1, side.requests) // values)
+    needed = needed_values if not values else -(-needed_values * max(1, requests) // values)
+    if runs > 1:
+        return (
+            f"{run}: each run's ~{values} values cannot bound it {ends} at {side.level:g} % "
+            f"(about {needed} requests per run would)",
+            needed,
+        )
     return f"{run}: {values} values cannot bound it {ends} at {side.level:g} % (about {needed} requests would)", needed
 
 
