@@ -30,6 +30,7 @@ from collections.abc import AsyncIterable
 from datetime import datetime
 from typing import Any, TextIO
 
+from google.protobuf.message import Message
 from rich.table import Table
 from rich.text import Text
 
@@ -453,13 +454,25 @@ def _percentile_key(p: float) -> str:
     return str(int(p)) if int(p) == p else str(p)  # as vLLM: 99 -> "99", 99.9 -> "99.9"
 
 
+def _vllm_interval(out: dict[str, Any], key: str, message: Message, field: str) -> None:
+    """`<key>_ci: [low, high]` beside a figure that has an interval (not a vLLM key: readers
+    of vLLM's files ignore it); a side the data cannot bound is null."""
+    ci = intervals.interval_of(message, field)
+    if ci is not None:
+        out[f"{key}_ci"] = [None if ci.low_open else ci.low, None if ci.high_open else ci.high]
+
+
 def _vllm_metric(out: dict[str, Any], name: str, stats: run_pb2.LatencyStats) -> None:
     by_percentile = {90.0: stats.p90_ms, 95.0: stats.p95_ms, 99.0: stats.p99_ms, 99.9: stats.p999_ms}
+    ci_field = {90.0: "p90_ci", 95.0: "p95_ci", 99.0: "p99_ci", 99.9: "p999_ci"}
     out[f"mean_{name}_ms"] = stats.mean_ms
+    _vllm_interval(out, f"mean_{name}_ms", stats, "mean_ci")
     out[f"median_{name}_ms"] = stats.p50_ms
+    _vllm_interval(out, f"median_{name}_ms", stats, "p50_ci")
     out[f"std_{name}_ms"] = stats.std_ms
     for p in VLLM_PERCENTILES:
         out[f"p{_percentile_key(p)}_{name}_ms"] = by_percentile[p]
+        _vllm_interval(out, f"p{_percentile_key(p)}_{name}_ms", stats, ci_field[p])
 
 
 def vllm_stage_result(run: run_pb2.Run, stage: run_pb2.StageResult) -> dict[str, Any]:
@@ -504,6 +517,13 @@ def vllm_stage_result(run: run_pb2.Run, stage: run_pb2.StageResult) -> dict[str,
         "max_concurrent_requests": stage.achieved_concurrency,
         "rtfx": 0.0,
     }
+    for key, field in (
+        ("request_throughput", "request_throughput_ci"),
+        ("request_goodput", "goodput_ci"),
+        ("output_throughput", "output_token_throughput_ci"),
+        ("total_token_throughput", "total_token_throughput_ci"),
+    ):
+        _vllm_interval(out, key, stage, field)
     for name, stats in (("ttft", stage.ttft), ("tpot", stage.tpot), ("itl", stage.itl), ("e2el", stage.e2e)):
         _vllm_metric(out, name, stats)
     # vLLM reports client-side queueing only with --max-concurrency, and queue-inclusive E2E

@@ -205,6 +205,16 @@ def test_vllm_json_keys_and_values() -> None:
         for agg in ("mean", "median", "std", "p90", "p95", "p99", "p99.9")
     }
     json.dumps([closed, opened], allow_nan=False)  # strict JSON
+    # Intervals go beside their figures as `<key>_ci` (null for a side the data cannot bound).
+    stage = result.stages[0]
+    stage.ttft.p99_ci.CopyFrom(run_pb2.Interval(low=53.0, high=54.0, high_open=True))
+    stage.ttft.p50_ci.CopyFrom(run_pb2.Interval(low=49.5, high=50.5))
+    stage.request_throughput_ci.CopyFrom(run_pb2.Interval(low=9.5, high=10.1))
+    with_ci = formats.vllm_stage_result(run, stage)
+    assert set(with_ci) - VLLM_KEYS == {"p99_ttft_ms_ci", "median_ttft_ms_ci", "request_throughput_ci"}
+    assert with_ci["p99_ttft_ms_ci"] == [53.0, None] and with_ci["median_ttft_ms_ci"] == [49.5, 50.5]
+    assert with_ci["request_throughput_ci"] == [9.5, 10.1]
+    json.dumps(with_ci, allow_nan=False)
     run.spec.target.api_kind = run_pb2.API_KIND_COMPLETIONS
     assert formats.vllm_stage_result(run, result.stages[0])["backend"] == "openai"
     assert formats.vllm_file_name("run_01x", 1) == "run_01x_stage1.json"
