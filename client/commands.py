@@ -506,11 +506,9 @@ async def _runs(args: argparse.Namespace, client: ControllerClient) -> int:
         return await _compare(args, client)
     if command in ("baseline", "history"):
         return await series.run_command(args, client)
-    if command == "result" and args.run_id.startswith("grp_"):
-        from client.repeats import group_as_run
-
+    if command == "result" and args.run_id.startswith(formats.GROUP_ID_PREFIX):
         response = await client.get_group_result(args.run_id)
-        run, result = group_as_run(response), response.result
+        run, result = formats.group_as_run(response), response.result
     else:
         run = await client.get_run(args.run_id)
         result = await client.get_result(args.run_id)

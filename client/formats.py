@@ -57,6 +57,20 @@ SAMPLE_FIELDS: tuple[str, ...] = tuple(f.name for f in run_service_pb2.ExportedS
 # --- shared helpers ---------------------------------------------------------------------
 
 
+# How the id of a group of repeats starts (`runs result`, `report` and compare take either).
+GROUP_ID_PREFIX = "grp_"
+
+
+def group_as_run(response: run_service_pb2.GetGroupResultResponse) -> run_pb2.Run:
+    """The group as the run `print_result` and the formats show: the group's id and state, the
+    first repeat's spec (every repeat's but for its seed)."""
+    run = run_pb2.Run(id=response.result.run_id, state=response.result.state)
+    if response.runs:
+        run.spec.CopyFrom(response.runs[0].spec)
+        run.spec.workload.seed = 0  # each repeat has its own
+    return run
+
+
 def load_label(stage: run_pb2.StageResult) -> str:
     """The stage's load level, e.g. `concurrency=8` or `rate=4/s` (CompareRuns' wording)."""
     if stage.request_rate:

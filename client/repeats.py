@@ -18,19 +18,10 @@ import grpc
 
 from client import exitcodes, live, render, series
 from client.commands import INTERRUPT_REASON, Interrupts, _cancel_and_wait, _cancel_command, print_result
+from client.formats import group_as_run
 from client.sdk import ControllerClient
 from common.codes import FINAL_RUN_STATES
-from common.proto.loadtest.v1 import run_pb2, run_service_pb2
-
-
-def group_as_run(response: run_service_pb2.GetGroupResultResponse) -> run_pb2.Run:
-    """The group as the run `print_result` and the formats show: the group's id and state, the
-    first repeat's spec (every repeat's but for its seed)."""
-    run = run_pb2.Run(id=response.result.run_id, state=response.result.state)
-    if response.runs:
-        run.spec.CopyFrom(response.runs[0].spec)
-        run.spec.workload.seed = 0  # each repeat has its own
-    return run
+from common.proto.loadtest.v1 import run_pb2
 
 
 async def _cancel_quietly(client: ControllerClient, run_id: str) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from client.formats import GROUP_ID_PREFIX, group_as_run
 from client.sdk import ControllerClient
 from common.metrics import per_request_tpot
 from common.proto.loadtest.v1 import run_pb2, run_service_pb2
@@ -73,16 +74,24 @@ class RunReportData:
 
 
 async def collect(client: ControllerClient, run_id: str, with_samples: bool = True) -> RunReportData:
-    run = await client.get_run(run_id)
-    result = await client.get_result(run_id)
+    """A run's, or a group's (`grp_...`: its result, with the samples of its counted runs
+    together in the distributions)."""
+    if run_id.startswith(GROUP_ID_PREFIX):
+        response = await client.get_group_result(run_id)
+        run, result = group_as_run(response), response.result
+        sources = list(result.group.counted_run_ids)
+    else:
+        run, result = await client.get_run(run_id), await client.get_result(run_id)
+        sources = [run_id]
     data = RunReportData(run, result, history=await _history(client, run))
     if not with_samples:
         data.samples_note = "samples not fetched (--no-samples)"
         return data
     digest = SampleDigest()
     try:
-        async for sample in client.export_samples(run_id, page_size=5000):
-            digest.add(sample)
+        for source in sources:
+            async for sample in client.export_samples(source, page_size=5000):
+                digest.add(sample)
     except grpc.aio.AioRpcError as exc:
         if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
             raise

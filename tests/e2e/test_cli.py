@@ -299,7 +299,7 @@ def test_detach_leaves_the_run_going(stack: tuple[str, str, list[Proc]]) -> None
     )
 
 
-def test_run_repeat_runs_a_group_one_repeat_after_another(stack: tuple[str, str, list[Proc]]) -> None:
+def test_run_repeat_runs_a_group_one_repeat_after_another(stack: tuple[str, str, list[Proc]], tmp_path: Path) -> None:
     target, address, _ = stack
     base = ("--controller", address, "--target", target, "--model", "mock", "--concurrency", "2", "--requests", "10")
     done = cli("run", *base, "--repeat", "2", "--json")
@@ -324,6 +324,12 @@ def test_run_repeat_runs_a_group_one_repeat_after_another(stack: tuple[str, str,
     runs = [json.loads(cli("runs", "get", r, "--controller", address, "--json").stdout) for r in run_ids]
     assert _ns(runs[1]["start_time"]) >= _ns(runs[0]["end_time"])
     assert runs[0]["spec"]["workload"]["seed"] != runs[1]["spec"]["workload"]["seed"]
+    # The report of a group: its result, and both runs' samples in the distributions.
+    page = tmp_path / "group.html"
+    reported = cli("report", group_id, "--controller", address, "-o", str(page))
+    assert reported.returncode == 0, reported.stderr
+    text = page.read_text()
+    assert group_id in text and "20 samples exported" in text
 
     refused = cli("run", *base, "--repeat", "101")
     assert refused.returncode == 2 and "repeat" in refused.stderr, refused.stderr
