@@ -158,7 +158,7 @@ class Runs:
             valid.series,
         )
         if created:
-            await self._created(record, "")
+            await self._created(record, "", len(stage_names))
         return [record]
 
     async def _create_group(
@@ -192,15 +192,17 @@ class Runs:
         )
         if created:
             for record in records:
-                await self._created(record, f"repeat {record.repeat_index + 1} of {repeat} in group {group_id}")
+                message = f"repeat {record.repeat_index + 1} of {repeat} in group {group_id}"
+                await self._created(record, message, len(stage_names))
         return records
 
-    async def _created(self, record: repo.RunRecord, message: str) -> None:
+    async def _created(self, record: repo.RunRecord, message: str, stages: int) -> None:
         await self._store.add_event(record.pk, "run_created", message, record.created_at)
         log.info(
             "run_created",
             run_id=record.run_id,
             model=record.model,
+            stages=stages,
             group_id=record.group_id or None,
             repeat_index=record.repeat_index,
         )
