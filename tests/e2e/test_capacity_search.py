@@ -140,12 +140,15 @@ async def test_rate_search_brackets_the_queueing_capacity(controller: Controller
     assert cap.cost_per_million_output_tokens_usd == pytest.approx(expected_cost)
 
 
-async def test_saturated_generator_is_not_a_capacity(
-    controller: Controller, client: ControllerClient, tmp_path: Path
-) -> None:
-    # One in-process agent cannot send thousands of requests a second: its send lag shows it.
-    # The mock is a process of its own (two workers) so that it answers at any of these rates:
-    # the limit reached is the generator's, and requests still complete.
+async def test_saturated_generator_is_not_a_capacity(db_path: Path, tmp_path: Path) -> None:
+    # One agent cannot send thousands of requests a second: its send lag shows it. The mock
+    # is a process of its own (two workers) so that it answers at any of these rates: the
+    # limit reached is the generator's, and requests still complete. The agent is a process
+    # too, so that its saturated event loop does not starve the controller's. Beside
+    # stress-ng a saturated agent fell silent for 3 s, which the default 1 s heartbeat counts
+    # as lost (3 missed): this controller's 3 s heartbeats give it 9 s, so the probe is judged.
+    controller = Controller(str(db_path), heartbeat_interval_s=3.0)
+    await controller.start("127.0.0.1:0")
     mock = Proc(
         "mock-server",
         "--port",
@@ -160,16 +163,21 @@ async def test_saturated_generator_is_not_a_capacity(
         "2",
         log=tmp_path / "mock.log",
     )
+    agent = Proc(
+        "agent", "--controller", f"127.0.0.1:{controller.port}", "--name", "agent-1", log=tmp_path / "agent.log"
+    )
     try:
         base_url = mock.wait_line("listening on").rsplit(" ", 1)[-1]
-        async with running_agent(f"127.0.0.1:{controller.port}"):
-            spec = search_spec(base_url, run_pb2.SEARCH_VARIABLE_RATE, ttft_slo_ms=1000, lo=4000, hi=16000, probe_s=2.0)
-            spec.workload.synthetic.output_tokens.fixed = 1
+        spec = search_spec(base_url, run_pb2.SEARCH_VARIABLE_RATE, ttft_slo_ms=1000, lo=4000, hi=16000, probe_s=2.0)
+        spec.workload.synthetic.output_tokens.fixed = 1
+        async with ControllerClient(f"127.0.0.1:{controller.port}", timeout_s=10.0) as client:
             run = await client.create_run(spec)
             final = await wait_final(client, run.id, 100)
             result = await client.get_result(run.id)
     finally:
+        agent.stop()
         mock.stop()
+        await controller.stop(1.0)
     cap = result.capacity
     assert final.state == run_pb2.RUN_STATE_SUCCEEDED, final.state_reason
     assert cap.stop_reason == run_pb2.SEARCH_STOP_REASON_GENERATOR_SATURATED, cap
