@@ -30,6 +30,11 @@ class RequestSample:
     `retried`: the request was sent again on a fresh connection because the pooled one it
     first went out on turned out closed by the server (its times are the second send's).
     `connect_failed`: no connection to the target could be opened (refused, unreachable).
+    Reasoning models: `first_reasoning_ns` / `first_answer_ns` are the first events carrying
+    reasoning / answer text (`first_token_ns` is the first of either); `reasoning_tokens` is
+    part of `output_tokens`. `cached_prompt_tokens` is the usage's prefix-cache count, valid
+    when `cached_reported`. Conversations: `session_id` (from 1, unique in the assignment)
+    and `turn_index` (from 1); `last_turn` marks a session's final turn.
     """
 
     scheduled_ns: int = 0
@@ -46,6 +51,14 @@ class RequestSample:
     warmup: bool = False
     retried: bool = False
     connect_failed: bool = False
+    first_reasoning_ns: int = 0
+    first_answer_ns: int = 0
+    reasoning_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    cached_reported: bool = False
+    session_id: int = 0
+    turn_index: int = 0
+    last_turn: bool = False
     status: RequestStatus = run_pb2.REQUEST_STATUS_UNSPECIFIED
     error: str = ""
     itl_ns: list[int] = field(default_factory=list)

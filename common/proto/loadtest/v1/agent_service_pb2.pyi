@@ -59,6 +59,62 @@ ASSIGNMENT_STATE_LOST: AssignmentState.ValueType  # 5
 Global___AssignmentState: _TypeAlias = AssignmentState  # noqa: Y015
 
 @_typing.final
+class FetchDatasetRequest(_message.Message):
+    """Request of FetchDataset."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATASET_ID_FIELD_NUMBER: _builtins.int
+    dataset_id: _builtins.str
+    """The dataset, `ds_...`."""
+    def __init__(
+        self,
+        *,
+        dataset_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_id", b"dataset_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchDatasetRequest: _TypeAlias = FetchDatasetRequest  # noqa: Y015
+
+@_typing.final
+class FetchDatasetResponse(_message.Message):
+    """One chunk of a dataset's bytes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHUNK_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    chunk: _builtins.bytes
+    """The next bytes (at most 1 MiB)."""
+    size_bytes: _builtins.int
+    """First message only: the dataset's size in bytes."""
+    sha256: _builtins.str
+    """First message only: SHA-256 of the whole content, hex (the agent checks it)."""
+    format: _run_pb2.DatasetFormat.ValueType
+    """First message only: the format."""
+    def __init__(
+        self,
+        *,
+        chunk: _builtins.bytes = ...,
+        size_bytes: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+        format: _run_pb2.DatasetFormat.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "format", b"format", "sha256", b"sha256", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchDatasetResponse: _TypeAlias = FetchDatasetResponse  # noqa: Y015
+
+@_typing.final
 class ConnectRequest(_message.Message):
     """A message from the agent to the controller."""
 
@@ -439,6 +495,8 @@ class Assign(_message.Message):
     START_UNIX_NS_FIELD_NUMBER: _builtins.int
     CLOCK_OFFSET_NS_FIELD_NUMBER: _builtins.int
     TAKEOVER_FIELD_NUMBER: _builtins.int
+    SHARE_INDEX_FIELD_NUMBER: _builtins.int
+    SHARE_COUNT_FIELD_NUMBER: _builtins.int
     RESUME_TOKEN_FIELD_NUMBER: _builtins.int
     assignment_id: _builtins.str
     """Id of the assignment; samples and updates refer to it."""
@@ -456,6 +514,12 @@ class Assign(_message.Message):
     """
     takeover: _builtins.bool
     """True for a share taken over from a lost agent."""
+    share_index: _builtins.int
+    """This agent's place among the stage's agents (0-based) and their number: a trace
+    replay sends the trace's requests i with i % share_count == share_index.
+    """
+    share_count: _builtins.int
+    """See `share_index`; 0 is read as 1."""
     resume_token: _builtins.str
     """A random secret of this assignment. The agent presents it in `Hello.resume_tokens`
     when it reconnects, to prove that the assignment was given to it; never shown to
@@ -497,11 +561,13 @@ class Assign(_message.Message):
         start_unix_ns: _builtins.int = ...,
         clock_offset_ns: _builtins.int = ...,
         takeover: _builtins.bool = ...,
+        share_index: _builtins.int = ...,
+        share_count: _builtins.int = ...,
         resume_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["server_metrics", b"server_metrics", "stage", b"stage", "target", b"target", "workload", b"workload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment_id", b"assignment_id", "clock_offset_ns", b"clock_offset_ns", "dataset_entries", b"dataset_entries", "resume_token", b"resume_token", "run_id", b"run_id", "server_metrics", b"server_metrics", "stage", b"stage", "stage_index", b"stage_index", "start_unix_ns", b"start_unix_ns", "takeover", b"takeover", "target", b"target", "workload", b"workload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment_id", b"assignment_id", "clock_offset_ns", b"clock_offset_ns", "dataset_entries", b"dataset_entries", "resume_token", b"resume_token", "run_id", b"run_id", "server_metrics", b"server_metrics", "share_count", b"share_count", "share_index", b"share_index", "stage", b"stage", "stage_index", b"stage_index", "start_unix_ns", b"start_unix_ns", "takeover", b"takeover", "target", b"target", "workload", b"workload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -649,6 +715,8 @@ class PreflightResult(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     SERVED_MODELS_FIELD_NUMBER: _builtins.int
     RESPONSE_MODEL_FIELD_NUMBER: _builtins.int
+    USAGE_PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    COUNTED_PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     preflight_id: _builtins.str
     """The Preflight answered."""
     ok: _builtins.bool
@@ -657,6 +725,10 @@ class PreflightResult(_message.Message):
     """Why not, with a hint (e.g. the models the server lists). Never contains secrets."""
     response_model: _builtins.str
     """The `model` of the check's response, when it had one."""
+    usage_prompt_tokens: _builtins.int
+    """The server's `usage.prompt_tokens` for the check's request (0: not reported)."""
+    counted_prompt_tokens: _builtins.int
+    """The check's prompt counted with the workload's tokenizer (0: no tokenizer)."""
     @_builtins.property
     def served_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The model ids `GET {base_url}/models` listed (empty when the server has no such endpoint)."""
@@ -669,10 +741,12 @@ class PreflightResult(_message.Message):
         message: _builtins.str = ...,
         served_models: _abc.Iterable[_builtins.str] | None = ...,
         response_model: _builtins.str = ...,
+        usage_prompt_tokens: _builtins.int = ...,
+        counted_prompt_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "ok", b"ok", "preflight_id", b"preflight_id", "response_model", b"response_model", "served_models", b"served_models"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counted_prompt_tokens", b"counted_prompt_tokens", "message", b"message", "ok", b"ok", "preflight_id", b"preflight_id", "response_model", b"response_model", "served_models", b"served_models", "usage_prompt_tokens", b"usage_prompt_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -707,6 +781,12 @@ class SampleBatch(_message.Message):
     REQUESTED_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     REQUESTED_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     SERVER_SCRAPES_FIELD_NUMBER: _builtins.int
+    FIRST_REASONING_NS_FIELD_NUMBER: _builtins.int
+    FIRST_ANSWER_NS_FIELD_NUMBER: _builtins.int
+    REASONING_TOKENS_FIELD_NUMBER: _builtins.int
+    CACHED_PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    TURN_INDEX_FIELD_NUMBER: _builtins.int
     assignment_id: _builtins.str
     """The assignment the samples belong to."""
     batch_seq: _builtins.int
@@ -752,6 +832,8 @@ class SampleBatch(_message.Message):
         """Bit 0: token counts came from the server's usage. Bit 1: warmup request. Bit 2: sent
         again on a fresh connection (the kept-alive one it first went out on had been closed by
         the server before anything of the response arrived); its times are the second send's.
+        Bit 3: the server's usage reported `cached_prompt_tokens`. Bit 4: the request is the
+        last turn of its conversation.
         """
 
     @_builtins.property
@@ -780,6 +862,32 @@ class SampleBatch(_message.Message):
         replayed with the batch; a batch may carry scrapes and no request samples).
         """
 
+    @_builtins.property
+    def first_reasoning_ns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The columns below may be empty (every value 0) or have one entry per sample.
+        First event carrying reasoning text, offset from sent (0: none).
+        """
+
+    @_builtins.property
+    def first_answer_ns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """First event carrying answer text, offset from sent (0: none)."""
+
+    @_builtins.property
+    def reasoning_tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Reasoning tokens (server usage, else the count of reasoning events); part of output_tokens."""
+
+    @_builtins.property
+    def cached_prompt_tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Prompt tokens served from the server's prefix cache (usage), else 0."""
+
+    @_builtins.property
+    def session_id(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Conversations: the session, unique within the assignment (0: not a conversation)."""
+
+    @_builtins.property
+    def turn_index(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Conversations: the turn within the session, from 1 (0: not a conversation)."""
+
     def __init__(
         self,
         *,
@@ -801,10 +909,16 @@ class SampleBatch(_message.Message):
         requested_input_tokens: _abc.Iterable[_builtins.int] | None = ...,
         requested_output_tokens: _abc.Iterable[_builtins.int] | None = ...,
         server_scrapes: _abc.Iterable[Global___ServerScrape] | None = ...,
+        first_reasoning_ns: _abc.Iterable[_builtins.int] | None = ...,
+        first_answer_ns: _abc.Iterable[_builtins.int] | None = ...,
+        reasoning_tokens: _abc.Iterable[_builtins.int] | None = ...,
+        cached_prompt_tokens: _abc.Iterable[_builtins.int] | None = ...,
+        session_id: _abc.Iterable[_builtins.int] | None = ...,
+        turn_index: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment_id", b"assignment_id", "batch_seq", b"batch_seq", "done_ns", b"done_ns", "error", b"error", "first_byte_ns", b"first_byte_ns", "first_token_ns", b"first_token_ns", "flags", b"flags", "itl_count", b"itl_count", "itl_ns", b"itl_ns", "last_token_ns", b"last_token_ns", "output_tokens", b"output_tokens", "prompt_tokens", b"prompt_tokens", "queue_delay_ns", b"queue_delay_ns", "requested_input_tokens", b"requested_input_tokens", "requested_output_tokens", b"requested_output_tokens", "sent_unix_ns", b"sent_unix_ns", "server_scrapes", b"server_scrapes", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment_id", b"assignment_id", "batch_seq", b"batch_seq", "cached_prompt_tokens", b"cached_prompt_tokens", "done_ns", b"done_ns", "error", b"error", "first_answer_ns", b"first_answer_ns", "first_byte_ns", b"first_byte_ns", "first_reasoning_ns", b"first_reasoning_ns", "first_token_ns", b"first_token_ns", "flags", b"flags", "itl_count", b"itl_count", "itl_ns", b"itl_ns", "last_token_ns", b"last_token_ns", "output_tokens", b"output_tokens", "prompt_tokens", b"prompt_tokens", "queue_delay_ns", b"queue_delay_ns", "reasoning_tokens", b"reasoning_tokens", "requested_input_tokens", b"requested_input_tokens", "requested_output_tokens", b"requested_output_tokens", "sent_unix_ns", b"sent_unix_ns", "server_scrapes", b"server_scrapes", "session_id", b"session_id", "status", b"status", "turn_index", b"turn_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

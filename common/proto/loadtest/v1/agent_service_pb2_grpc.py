@@ -52,6 +52,11 @@ class AgentServiceStub:
                 request_serializer=loadtest_dot_v1_dot_agent__service__pb2.ConnectRequest.SerializeToString,
                 response_deserializer=loadtest_dot_v1_dot_agent__service__pb2.ConnectResponse.FromString,
                 _registered_method=True)
+        self.FetchDataset = channel.unary_stream(
+                '/loadtest.v1.AgentService/FetchDataset',
+                request_serializer=loadtest_dot_v1_dot_agent__service__pb2.FetchDatasetRequest.SerializeToString,
+                response_deserializer=loadtest_dot_v1_dot_agent__service__pb2.FetchDatasetResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -77,6 +82,14 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchDataset(self, request, context):
+        """Streams an uploaded dataset's bytes (a dataset, trace or tokenizer an assignment or
+        preflight of this agent refers to) in chunks, in order. NOT_FOUND for an unknown id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -84,6 +97,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.Connect,
                     request_deserializer=loadtest_dot_v1_dot_agent__service__pb2.ConnectRequest.FromString,
                     response_serializer=loadtest_dot_v1_dot_agent__service__pb2.ConnectResponse.SerializeToString,
+            ),
+            'FetchDataset': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchDataset,
+                    request_deserializer=loadtest_dot_v1_dot_agent__service__pb2.FetchDatasetRequest.FromString,
+                    response_serializer=loadtest_dot_v1_dot_agent__service__pb2.FetchDatasetResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -126,6 +144,33 @@ class AgentService:
             '/loadtest.v1.AgentService/Connect',
             loadtest_dot_v1_dot_agent__service__pb2.ConnectRequest.SerializeToString,
             loadtest_dot_v1_dot_agent__service__pb2.ConnectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/loadtest.v1.AgentService/FetchDataset',
+            loadtest_dot_v1_dot_agent__service__pb2.FetchDatasetRequest.SerializeToString,
+            loadtest_dot_v1_dot_agent__service__pb2.FetchDatasetResponse.FromString,
             options,
             channel_credentials,
             insecure,

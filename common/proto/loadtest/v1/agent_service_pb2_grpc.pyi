@@ -48,6 +48,10 @@ class AgentServiceStub:
     def __new__(cls, channel: _aio.Channel) -> AgentServiceAsyncStub: ...
     Connect: _grpc.StreamStreamMultiCallable[_agent_service_pb2.ConnectRequest, _agent_service_pb2.ConnectResponse]
     """Opens an agent session."""
+    FetchDataset: _grpc.UnaryStreamMultiCallable[_agent_service_pb2.FetchDatasetRequest, _agent_service_pb2.FetchDatasetResponse]
+    """Streams an uploaded dataset's bytes (a dataset, trace or tokenizer an assignment or
+    preflight of this agent refers to) in chunks, in order. NOT_FOUND for an unknown id.
+    """
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -69,6 +73,10 @@ class AgentServiceAsyncStub(AgentServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Connect: _aio.StreamStreamMultiCallable[_agent_service_pb2.ConnectRequest, _agent_service_pb2.ConnectResponse]  # type: ignore[assignment]
     """Opens an agent session."""
+    FetchDataset: _aio.UnaryStreamMultiCallable[_agent_service_pb2.FetchDatasetRequest, _agent_service_pb2.FetchDatasetResponse]  # type: ignore[assignment]
+    """Streams an uploaded dataset's bytes (a dataset, trace or tokenizer an assignment or
+    preflight of this agent refers to) in chunks, in order. NOT_FOUND for an unknown id.
+    """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     """The worker protocol: one long-lived bidirectional stream per agent.
@@ -93,5 +101,15 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_agent_service_pb2.ConnectResponse], _abc.AsyncIterator[_agent_service_pb2.ConnectResponse]]:
         """Opens an agent session."""
+
+    @_abc_1.abstractmethod
+    def FetchDataset(
+        self,
+        request: _agent_service_pb2.FetchDatasetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_agent_service_pb2.FetchDatasetResponse], _abc.AsyncIterator[_agent_service_pb2.FetchDatasetResponse]]:
+        """Streams an uploaded dataset's bytes (a dataset, trace or tokenizer an assignment or
+        preflight of this agent refers to) in chunks, in order. NOT_FOUND for an unknown id.
+        """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -174,8 +174,22 @@ class _DatasetFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Dataset
     """One JSON object per line: `{"prompt": ...}` or `{"messages": [...]}`, optional `max_tokens`."""
     DATASET_FORMAT_SHAREGPT: _DatasetFormat.ValueType  # 2
     """ShareGPT JSON: a list of `{"conversations": [{"from": "human", "value": ...}, ...]}`;
-    the first human turn is the prompt, the following gpt turn's length sets max_tokens.
+    the first human turn is the prompt, the following gpt turn's length sets max_tokens
+    (with `Dataset.all_turns`, every human turn is a turn of a conversation).
     """
+    DATASET_FORMAT_CSV: _DatasetFormat.ValueType  # 3
+    """CSV with a header row: a `prompt` column, optional `max_tokens` and `system` columns."""
+    DATASET_FORMAT_MOONCAKE_TRACE: _DatasetFormat.ValueType  # 4
+    """A Mooncake trace (JSONL): `timestamp` (ms from the trace's start), `input_length`,
+    `output_length`, `hash_ids` (one id per block of `Trace.block_tokens` prompt tokens;
+    equal ids are equal text). Only for `Workload.trace`.
+    """
+    DATASET_FORMAT_AZURE_TRACE: _DatasetFormat.ValueType  # 5
+    """The Azure LLM inference trace (CSV): `TIMESTAMP` (date and time), `ContextTokens`,
+    `GeneratedTokens`. Only for `Workload.trace`.
+    """
+    DATASET_FORMAT_TOKENIZER: _DatasetFormat.ValueType  # 6
+    """A Hugging Face `tokenizer.json`. Only for `Workload.tokenizer_id`."""
 
 class DatasetFormat(_DatasetFormat, metaclass=_DatasetFormatEnumTypeWrapper):
     """File format of a dataset."""
@@ -186,9 +200,47 @@ DATASET_FORMAT_JSONL: DatasetFormat.ValueType  # 1
 """One JSON object per line: `{"prompt": ...}` or `{"messages": [...]}`, optional `max_tokens`."""
 DATASET_FORMAT_SHAREGPT: DatasetFormat.ValueType  # 2
 """ShareGPT JSON: a list of `{"conversations": [{"from": "human", "value": ...}, ...]}`;
-the first human turn is the prompt, the following gpt turn's length sets max_tokens.
+the first human turn is the prompt, the following gpt turn's length sets max_tokens
+(with `Dataset.all_turns`, every human turn is a turn of a conversation).
 """
+DATASET_FORMAT_CSV: DatasetFormat.ValueType  # 3
+"""CSV with a header row: a `prompt` column, optional `max_tokens` and `system` columns."""
+DATASET_FORMAT_MOONCAKE_TRACE: DatasetFormat.ValueType  # 4
+"""A Mooncake trace (JSONL): `timestamp` (ms from the trace's start), `input_length`,
+`output_length`, `hash_ids` (one id per block of `Trace.block_tokens` prompt tokens;
+equal ids are equal text). Only for `Workload.trace`.
+"""
+DATASET_FORMAT_AZURE_TRACE: DatasetFormat.ValueType  # 5
+"""The Azure LLM inference trace (CSV): `TIMESTAMP` (date and time), `ContextTokens`,
+`GeneratedTokens`. Only for `Workload.trace`.
+"""
+DATASET_FORMAT_TOKENIZER: DatasetFormat.ValueType  # 6
+"""A Hugging Face `tokenizer.json`. Only for `Workload.tokenizer_id`."""
 Global___DatasetFormat: _TypeAlias = DatasetFormat  # noqa: Y015
+
+class _PrefixPopularity:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PrefixPopularityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PrefixPopularity.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PREFIX_POPULARITY_UNSPECIFIED: _PrefixPopularity.ValueType  # 0
+    """Not set: uniform."""
+    PREFIX_POPULARITY_UNIFORM: _PrefixPopularity.ValueType  # 1
+    """Every prefix equally likely."""
+    PREFIX_POPULARITY_ZIPF: _PrefixPopularity.ValueType  # 2
+    """Zipf: prefix k (1-based) has weight 1 / k^`zipf_exponent`."""
+
+class PrefixPopularity(_PrefixPopularity, metaclass=_PrefixPopularityEnumTypeWrapper):
+    """How prompts pick one of `SyntheticWorkload.prefix_groups` shared prefixes."""
+
+PREFIX_POPULARITY_UNSPECIFIED: PrefixPopularity.ValueType  # 0
+"""Not set: uniform."""
+PREFIX_POPULARITY_UNIFORM: PrefixPopularity.ValueType  # 1
+"""Every prefix equally likely."""
+PREFIX_POPULARITY_ZIPF: PrefixPopularity.ValueType  # 2
+"""Zipf: prefix k (1-based) has weight 1 / k^`zipf_exponent`."""
+Global___PrefixPopularity: _TypeAlias = PrefixPopularity  # noqa: Y015
 
 class _AgentLossPolicy:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -478,6 +530,162 @@ class Target(_message.Message):
 Global___Target: _TypeAlias = Target  # noqa: Y015
 
 @_typing.final
+class DurationDistribution(_message.Message):
+    """A fixed or random duration (think time between the turns of a conversation)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIXED_FIELD_NUMBER: _builtins.int
+    UNIFORM_FIELD_NUMBER: _builtins.int
+    EXPONENTIAL_MEAN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def fixed(self) -> _duration_pb2.Duration:
+        """Always this long."""
+
+    @_builtins.property
+    def uniform(self) -> Global___UniformDuration:
+        """Uniform between min and max."""
+
+    @_builtins.property
+    def exponential_mean(self) -> _duration_pb2.Duration:
+        """Exponential with this mean."""
+
+    def __init__(
+        self,
+        *,
+        fixed: _duration_pb2.Duration | None = ...,
+        uniform: Global___UniformDuration | None = ...,
+        exponential_mean: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["distribution", b"distribution", "exponential_mean", b"exponential_mean", "fixed", b"fixed", "uniform", b"uniform"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["distribution", b"distribution", "exponential_mean", b"exponential_mean", "fixed", b"fixed", "uniform", b"uniform"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_distribution: _TypeAlias = _typing.Literal["fixed", "uniform", "exponential_mean"]  # noqa: Y015
+    _WhichOneofArgType_distribution: _TypeAlias = _typing.Literal["distribution", b"distribution"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_distribution) -> _WhichOneofReturnType_distribution | None: ...
+
+Global___DurationDistribution: _TypeAlias = DurationDistribution  # noqa: Y015
+
+@_typing.final
+class UniformDuration(_message.Message):
+    """Uniform duration on [min, max]."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MIN_FIELD_NUMBER: _builtins.int
+    MAX_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def min(self) -> _duration_pb2.Duration:
+        """Lower bound."""
+
+    @_builtins.property
+    def max(self) -> _duration_pb2.Duration:
+        """Upper bound."""
+
+    def __init__(
+        self,
+        *,
+        min: _duration_pb2.Duration | None = ...,
+        max: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["max", b"max", "min", b"min"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max", b"max", "min", b"min"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UniformDuration: _TypeAlias = UniformDuration  # noqa: Y015
+
+@_typing.final
+class ConversationWorkload(_message.Message):
+    """Multi-turn conversations of synthetic prompts (docs/workloads.md). Each session sends
+    `turns` requests one after another; every request carries the whole history (the system
+    prompt, every earlier user prompt and the server's own replies) plus a new user prompt.
+    With this workload a stage's `concurrency` is the number of sessions in progress and its
+    `request_rate` the rate at which sessions start.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TURNS_FIELD_NUMBER: _builtins.int
+    INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    SYSTEM_PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    system_prompt_tokens: _builtins.int
+    """A system prompt of this many tokens, the same text in every session (0: none)."""
+    @_builtins.property
+    def turns(self) -> Global___LengthDistribution:
+        """Turns per session. Defaults to fixed 3."""
+
+    @_builtins.property
+    def input_tokens(self) -> Global___LengthDistribution:
+        """Length of each turn's new user prompt, in tokens. Defaults to fixed 128."""
+
+    @_builtins.property
+    def output_tokens(self) -> Global___LengthDistribution:
+        """Requested output length of each turn (`max_tokens`). Defaults to fixed 128."""
+
+    def __init__(
+        self,
+        *,
+        turns: Global___LengthDistribution | None = ...,
+        input_tokens: Global___LengthDistribution | None = ...,
+        output_tokens: Global___LengthDistribution | None = ...,
+        system_prompt_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "turns", b"turns"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "system_prompt_tokens", b"system_prompt_tokens", "turns", b"turns"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConversationWorkload: _TypeAlias = ConversationWorkload  # noqa: Y015
+
+@_typing.final
+class Trace(_message.Message):
+    """Replay of a recorded trace's arrival times and lengths (docs/workloads.md). A stage of a
+    trace workload sets `trace_replay`; the stage's agents split the trace's requests between
+    them so the merged schedule is the trace's.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATASET_ID_FIELD_NUMBER: _builtins.int
+    REPLAY_SPEED_FIELD_NUMBER: _builtins.int
+    BLOCK_TOKENS_FIELD_NUMBER: _builtins.int
+    ENTRY_COUNT_FIELD_NUMBER: _builtins.int
+    SPAN_FIELD_NUMBER: _builtins.int
+    dataset_id: _builtins.str
+    """Required. An uploaded dataset (DatasetService) of format MOONCAKE_TRACE or AZURE_TRACE."""
+    replay_speed: _builtins.float
+    """Time scale: 2.0 replays twice as fast (arrival times divided by 2). Defaults to 1.0."""
+    block_tokens: _builtins.int
+    """Tokens per `hash_ids` block of a Mooncake trace. Defaults to 512."""
+    entry_count: _builtins.int
+    """Output only. Requests in the trace."""
+    @_builtins.property
+    def span(self) -> _duration_pb2.Duration:
+        """Output only. Time from the first to the last arrival at `replay_speed`."""
+
+    def __init__(
+        self,
+        *,
+        dataset_id: _builtins.str = ...,
+        replay_speed: _builtins.float = ...,
+        block_tokens: _builtins.int = ...,
+        entry_count: _builtins.int = ...,
+        span: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["span", b"span"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_tokens", b"block_tokens", "dataset_id", b"dataset_id", "entry_count", b"entry_count", "replay_speed", b"replay_speed", "span", b"span"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Trace: _TypeAlias = Trace  # noqa: Y015
+
+@_typing.final
 class LengthDistribution(_message.Message):
     """A fixed or random token-length distribution."""
 
@@ -582,10 +790,21 @@ class SyntheticWorkload(_message.Message):
     INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     SHARED_PREFIX_TOKENS_FIELD_NUMBER: _builtins.int
+    PREFIX_GROUPS_FIELD_NUMBER: _builtins.int
+    PREFIX_POPULARITY_FIELD_NUMBER: _builtins.int
+    ZIPF_EXPONENT_FIELD_NUMBER: _builtins.int
     shared_prefix_tokens: _builtins.int
     """When set, every prompt starts with the same prefix of this many tokens (prefix-cache
     workloads); the rest of each prompt stays unique.
     """
+    prefix_groups: _builtins.int
+    """With `shared_prefix_tokens`: this many different prefixes (0 or 1: one), each prompt
+    drawing one by `prefix_popularity`.
+    """
+    prefix_popularity: Global___PrefixPopularity.ValueType
+    """How prompts choose among `prefix_groups`. Defaults to uniform."""
+    zipf_exponent: _builtins.float
+    """Zipf exponent (> 0) for PREFIX_POPULARITY_ZIPF. Defaults to 1.0."""
     @_builtins.property
     def input_tokens(self) -> Global___LengthDistribution:
         """Prompt length in tokens (approximate: built from words that are one token
@@ -602,10 +821,13 @@ class SyntheticWorkload(_message.Message):
         input_tokens: Global___LengthDistribution | None = ...,
         output_tokens: Global___LengthDistribution | None = ...,
         shared_prefix_tokens: _builtins.int = ...,
+        prefix_groups: _builtins.int = ...,
+        prefix_popularity: Global___PrefixPopularity.ValueType = ...,
+        zipf_exponent: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["input_tokens", b"input_tokens", "output_tokens", b"output_tokens"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "shared_prefix_tokens", b"shared_prefix_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "prefix_groups", b"prefix_groups", "prefix_popularity", b"prefix_popularity", "shared_prefix_tokens", b"shared_prefix_tokens", "zipf_exponent", b"zipf_exponent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -626,6 +848,8 @@ class Dataset(_message.Message):
     ENTRY_COUNT_FIELD_NUMBER: _builtins.int
     CONTENT_SHA256_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
+    DATASET_ID_FIELD_NUMBER: _builtins.int
+    ALL_TURNS_FIELD_NUMBER: _builtins.int
     format: Global___DatasetFormat.ValueType
     """Required. File format."""
     content: _builtins.str
@@ -640,6 +864,14 @@ class Dataset(_message.Message):
     """Output only. SHA-256 of `content`, hex, to tell datasets apart."""
     name: _builtins.str
     """Optional name (e.g. the file name)."""
+    dataset_id: _builtins.str
+    """An uploaded dataset (DatasetService) instead of `content`: its id, `ds_...`."""
+    all_turns: _builtins.bool
+    """Replay every turn of each entry as a conversation (ShareGPT, or JSONL `messages` with
+    several user turns): each user turn is a request carrying the history, with the
+    server's own replies in place of the dataset's. Stage loads count sessions as for
+    `ConversationWorkload`.
+    """
     def __init__(
         self,
         *,
@@ -650,10 +882,12 @@ class Dataset(_message.Message):
         entry_count: _builtins.int = ...,
         content_sha256: _builtins.str = ...,
         name: _builtins.str = ...,
+        dataset_id: _builtins.str = ...,
+        all_turns: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "content_sha256", b"content_sha256", "entry_count", b"entry_count", "format", b"format", "max_prompt_words", b"max_prompt_words", "min_prompt_words", b"min_prompt_words", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_turns", b"all_turns", "content", b"content", "content_sha256", b"content_sha256", "dataset_id", b"dataset_id", "entry_count", b"entry_count", "format", b"format", "max_prompt_words", b"max_prompt_words", "min_prompt_words", b"min_prompt_words", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -727,9 +961,13 @@ class Workload(_message.Message):
 
     SYNTHETIC_FIELD_NUMBER: _builtins.int
     DATASET_FIELD_NUMBER: _builtins.int
+    CONVERSATION_FIELD_NUMBER: _builtins.int
+    TRACE_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     IGNORE_EOS_FIELD_NUMBER: _builtins.int
     PIN_MIN_TOKENS_FIELD_NUMBER: _builtins.int
+    THINK_TIME_FIELD_NUMBER: _builtins.int
+    TOKENIZER_ID_FIELD_NUMBER: _builtins.int
     seed: _builtins.int
     """Seed for every random choice (prompt text, lengths, arrivals, dataset sampling).
     0 picks one at creation; the chosen seed is returned in the run's spec so the run
@@ -741,6 +979,12 @@ class Workload(_message.Message):
     """Send `min_tokens` equal to max_tokens (vLLM extension), fixing the output length
     on servers that honour it.
     """
+    tokenizer_id: _builtins.str
+    """An uploaded dataset of format TOKENIZER (the model's tokenizer.json): synthetic prompts
+    are built to exactly the requested number of its tokens, dataset prompts are counted
+    with it, and output tokens are counted with it when a server reports no usage. Without
+    one, token counts of prompts are approximate (docs/workloads.md).
+    """
     @_builtins.property
     def synthetic(self) -> Global___SyntheticWorkload:
         """Generated prompts."""
@@ -749,20 +993,38 @@ class Workload(_message.Message):
     def dataset(self) -> Global___Dataset:
         """Prompts from a dataset file, sampled with the seed."""
 
+    @_builtins.property
+    def conversation(self) -> Global___ConversationWorkload:
+        """Multi-turn synthetic conversations."""
+
+    @_builtins.property
+    def trace(self) -> Global___Trace:
+        """A recorded trace replayed at its own times."""
+
+    @_builtins.property
+    def think_time(self) -> Global___DurationDistribution:
+        """Conversations (`conversation`, or a dataset with `all_turns`): the pause between a
+        turn's reply and the next turn's request. Defaults to none.
+        """
+
     def __init__(
         self,
         *,
         synthetic: Global___SyntheticWorkload | None = ...,
         dataset: Global___Dataset | None = ...,
+        conversation: Global___ConversationWorkload | None = ...,
+        trace: Global___Trace | None = ...,
         seed: _builtins.int = ...,
         ignore_eos: _builtins.bool = ...,
         pin_min_tokens: _builtins.bool = ...,
+        think_time: Global___DurationDistribution | None = ...,
+        tokenizer_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "source", b"source", "synthetic", b"synthetic"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation", "dataset", b"dataset", "source", b"source", "synthetic", b"synthetic", "think_time", b"think_time", "trace", b"trace"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "ignore_eos", b"ignore_eos", "pin_min_tokens", b"pin_min_tokens", "seed", b"seed", "source", b"source", "synthetic", b"synthetic"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation", "dataset", b"dataset", "ignore_eos", b"ignore_eos", "pin_min_tokens", b"pin_min_tokens", "seed", b"seed", "source", b"source", "synthetic", b"synthetic", "think_time", b"think_time", "tokenizer_id", b"tokenizer_id", "trace", b"trace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["synthetic", "dataset"]  # noqa: Y015
+    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["synthetic", "dataset", "conversation", "trace"]  # noqa: Y015
     _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_source) -> _WhichOneofReturnType_source | None: ...
 
@@ -777,6 +1039,7 @@ class Stage(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     CONCURRENCY_FIELD_NUMBER: _builtins.int
     REQUEST_RATE_FIELD_NUMBER: _builtins.int
+    TRACE_REPLAY_FIELD_NUMBER: _builtins.int
     DURATION_FIELD_NUMBER: _builtins.int
     REQUESTS_FIELD_NUMBER: _builtins.int
     ARRIVAL_FIELD_NUMBER: _builtins.int
@@ -791,6 +1054,8 @@ class Stage(_message.Message):
     """Closed loop: this many requests in flight at all times (N workers)."""
     request_rate: _builtins.float
     """Open loop: requests per second, arrivals computed up front from the seed."""
+    trace_replay: _builtins.bool
+    """Replay the workload's trace (`Workload.trace`) at its own arrival times."""
     requests: _builtins.int
     """Stop after this many requests have been sent (warmup requests included)."""
     arrival: Global___ArrivalProcess.ValueType
@@ -825,6 +1090,7 @@ class Stage(_message.Message):
         name: _builtins.str = ...,
         concurrency: _builtins.int = ...,
         request_rate: _builtins.float = ...,
+        trace_replay: _builtins.bool = ...,
         duration: _duration_pb2.Duration | None = ...,
         requests: _builtins.int = ...,
         arrival: Global___ArrivalProcess.ValueType = ...,
@@ -834,11 +1100,11 @@ class Stage(_message.Message):
         warmup_requests: _builtins.int = ...,
         ramp: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["concurrency", b"concurrency", "duration", b"duration", "load", b"load", "ramp", b"ramp", "request_rate", b"request_rate", "warmup_duration", b"warmup_duration"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["concurrency", b"concurrency", "duration", b"duration", "load", b"load", "ramp", b"ramp", "request_rate", b"request_rate", "trace_replay", b"trace_replay", "warmup_duration", b"warmup_duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arrival", b"arrival", "burstiness", b"burstiness", "concurrency", b"concurrency", "duration", b"duration", "load", b"load", "max_concurrency", b"max_concurrency", "name", b"name", "ramp", b"ramp", "request_rate", b"request_rate", "requests", b"requests", "warmup_duration", b"warmup_duration", "warmup_requests", b"warmup_requests"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arrival", b"arrival", "burstiness", b"burstiness", "concurrency", b"concurrency", "duration", b"duration", "load", b"load", "max_concurrency", b"max_concurrency", "name", b"name", "ramp", b"ramp", "request_rate", b"request_rate", "requests", b"requests", "trace_replay", b"trace_replay", "warmup_duration", b"warmup_duration", "warmup_requests", b"warmup_requests"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_load: _TypeAlias = _typing.Literal["concurrency", "request_rate"]  # noqa: Y015
+    _WhichOneofReturnType_load: _TypeAlias = _typing.Literal["concurrency", "request_rate", "trace_replay"]  # noqa: Y015
     _WhichOneofArgType_load: _TypeAlias = _typing.Literal["load", b"load"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_load) -> _WhichOneofReturnType_load | None: ...
 
@@ -1630,6 +1896,16 @@ class StageResult(_message.Message):
     ERROR_RATE_FIELD_NUMBER: _builtins.int
     ERROR_RATE_CI_FIELD_NUMBER: _builtins.int
     REPEATS_FIELD_NUMBER: _builtins.int
+    TTFR_FIELD_NUMBER: _builtins.int
+    TTFO_FIELD_NUMBER: _builtins.int
+    REASONING_TOKENS_FIELD_NUMBER: _builtins.int
+    MEAN_REASONING_TOKENS_FIELD_NUMBER: _builtins.int
+    MEAN_ANSWER_TOKENS_FIELD_NUMBER: _builtins.int
+    CACHED_PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    PREFIX_CACHE_HIT_PERCENT_FIELD_NUMBER: _builtins.int
+    TURNS_FIELD_NUMBER: _builtins.int
+    SESSIONS_COMPLETED_FIELD_NUMBER: _builtins.int
+    SESSION_DURATION_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """Index of the stage in the spec; unset in the run-wide result."""
     name: _builtins.str
@@ -1732,6 +2008,24 @@ class StageResult(_message.Message):
     """Failed requests / all counted requests (0 when there were none)."""
     repeats: _builtins.int
     """In a group's result: how many runs' stages this one merges (0 in a run's result)."""
+    reasoning_tokens: _builtins.int
+    """Reasoning tokens over counted requests (usage `completion_tokens_details.reasoning_tokens`,
+    else the count of reasoning events); included in `output_tokens`.
+    """
+    mean_reasoning_tokens: _builtins.float
+    """Mean reasoning tokens per counted request."""
+    mean_answer_tokens: _builtins.float
+    """Mean answer tokens (output minus reasoning) per counted request."""
+    cached_prompt_tokens: _builtins.int
+    """Prompt tokens the server reported as served from its prefix cache
+    (usage `prompt_tokens_details.cached_tokens`), over requests that reported it.
+    """
+    prefix_cache_hit_percent: _builtins.float
+    """The client's view of the prefix cache: cached prompt tokens over prompt tokens of the
+    requests that reported cached tokens, percent; unset when none did.
+    """
+    sessions_completed: _builtins.int
+    """Conversations: sessions whose every turn was sent and completed in the stage."""
     @_builtins.property
     def errors(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Failed requests by error kind (`http_4xx`, `http_5xx`, `timeout`, `connection`,
@@ -1802,6 +2096,28 @@ class StageResult(_message.Message):
     def error_rate_ci(self) -> Global___Interval:
         """Confidence interval of `error_rate`."""
 
+    @_builtins.property
+    def ttfr(self) -> Global___LatencyStats:
+        """Reasoning models: time from sent to the first event carrying reasoning text
+        (`reasoning_content` / `reasoning` deltas), over requests that had one.
+        """
+
+    @_builtins.property
+    def ttfo(self) -> Global___LatencyStats:
+        """Time from sent to the first event carrying answer text (after any reasoning), over
+        requests that had one. Equals TTFT for models that do not reason.
+        """
+
+    @_builtins.property
+    def turns(self) -> _containers.RepeatedCompositeFieldContainer[Global___TurnResult]:
+        """Conversations: the figures of each turn index (turn 1, 2, ...)."""
+
+    @_builtins.property
+    def session_duration(self) -> Global___LatencyStats:
+        """Conversations: a completed session's time from its first request's send to its last
+        request's end (think times included).
+        """
+
     def __init__(
         self,
         *,
@@ -1861,21 +2177,134 @@ class StageResult(_message.Message):
         error_rate: _builtins.float = ...,
         error_rate_ci: Global___Interval | None = ...,
         repeats: _builtins.int = ...,
+        ttfr: Global___LatencyStats | None = ...,
+        ttfo: Global___LatencyStats | None = ...,
+        reasoning_tokens: _builtins.int = ...,
+        mean_reasoning_tokens: _builtins.float = ...,
+        mean_answer_tokens: _builtins.float = ...,
+        cached_prompt_tokens: _builtins.int = ...,
+        prefix_cache_hit_percent: _builtins.float | None = ...,
+        turns: _abc.Iterable[Global___TurnResult] | None = ...,
+        sessions_completed: _builtins.int = ...,
+        session_duration: Global___LatencyStats | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_good_fraction", b"_good_fraction", "_goodput", b"_goodput", "e2e", b"e2e", "e2e_including_queue", b"e2e_including_queue", "error_rate_ci", b"error_rate_ci", "good_fraction", b"good_fraction", "good_fraction_ci", b"good_fraction_ci", "goodput", b"goodput", "goodput_ci", b"goodput_ci", "itl", b"itl", "output_token_throughput_ci", b"output_token_throughput_ci", "queue_delay", b"queue_delay", "request_throughput_ci", b"request_throughput_ci", "server_metrics", b"server_metrics", "total_token_throughput_ci", b"total_token_throughput_ci", "tpot", b"tpot", "ttft", b"ttft"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_good_fraction", b"_good_fraction", "_goodput", b"_goodput", "_prefix_cache_hit_percent", b"_prefix_cache_hit_percent", "e2e", b"e2e", "e2e_including_queue", b"e2e_including_queue", "error_rate_ci", b"error_rate_ci", "good_fraction", b"good_fraction", "good_fraction_ci", b"good_fraction_ci", "goodput", b"goodput", "goodput_ci", b"goodput_ci", "itl", b"itl", "output_token_throughput_ci", b"output_token_throughput_ci", "prefix_cache_hit_percent", b"prefix_cache_hit_percent", "queue_delay", b"queue_delay", "request_throughput_ci", b"request_throughput_ci", "server_metrics", b"server_metrics", "session_duration", b"session_duration", "total_token_throughput_ci", b"total_token_throughput_ci", "tpot", b"tpot", "ttfo", b"ttfo", "ttfr", b"ttfr", "ttft", b"ttft"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_good_fraction", b"_good_fraction", "_goodput", b"_goodput", "achieved_concurrency", b"achieved_concurrency", "agent_name", b"agent_name", "agent_sessions", b"agent_sessions", "agents", b"agents", "agents_lost", b"agents_lost", "checks", b"checks", "concurrency", b"concurrency", "duration_s", b"duration_s", "e2e", b"e2e", "e2e_including_queue", b"e2e_including_queue", "error_rate", b"error_rate", "error_rate_ci", b"error_rate_ci", "errors", b"errors", "good_fraction", b"good_fraction", "good_fraction_ci", b"good_fraction_ci", "goodput", b"goodput", "goodput_ci", b"goodput_ci", "index", b"index", "itl", b"itl", "max_event_loop_lag_ms", b"max_event_loop_lag_ms", "mean_input_tokens", b"mean_input_tokens", "mean_output_tokens", b"mean_output_tokens", "mean_requested_input_tokens", b"mean_requested_input_tokens", "mean_requested_output_tokens", b"mean_requested_output_tokens", "name", b"name", "output_token_throughput", b"output_token_throughput", "output_token_throughput_ci", b"output_token_throughput_ci", "output_tokens", b"output_tokens", "output_tokens_estimated", b"output_tokens_estimated", "peak_output_token_throughput", b"peak_output_token_throughput", "prompt_tokens", b"prompt_tokens", "queue_delay", b"queue_delay", "reduced_load", b"reduced_load", "reduced_load_reason", b"reduced_load_reason", "repeats", b"repeats", "request_rate", b"request_rate", "request_throughput", b"request_throughput", "request_throughput_ci", b"request_throughput_ci", "requests_failed", b"requests_failed", "requests_lost", b"requests_lost", "requests_ok", b"requests_ok", "requests_retried", b"requests_retried", "samples_ignored", b"samples_ignored", "samples_ignored_reason", b"samples_ignored_reason", "saturated", b"saturated", "saturation_reason", b"saturation_reason", "server_metrics", b"server_metrics", "start_offset_ms", b"start_offset_ms", "start_skew_ms", b"start_skew_ms", "target_saturated", b"target_saturated", "target_saturation_reason", b"target_saturation_reason", "time_series", b"time_series", "total_token_throughput", b"total_token_throughput", "total_token_throughput_ci", b"total_token_throughput_ci", "tpot", b"tpot", "ttft", b"ttft"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_good_fraction", b"_good_fraction", "_goodput", b"_goodput", "_prefix_cache_hit_percent", b"_prefix_cache_hit_percent", "achieved_concurrency", b"achieved_concurrency", "agent_name", b"agent_name", "agent_sessions", b"agent_sessions", "agents", b"agents", "agents_lost", b"agents_lost", "cached_prompt_tokens", b"cached_prompt_tokens", "checks", b"checks", "concurrency", b"concurrency", "duration_s", b"duration_s", "e2e", b"e2e", "e2e_including_queue", b"e2e_including_queue", "error_rate", b"error_rate", "error_rate_ci", b"error_rate_ci", "errors", b"errors", "good_fraction", b"good_fraction", "good_fraction_ci", b"good_fraction_ci", "goodput", b"goodput", "goodput_ci", b"goodput_ci", "index", b"index", "itl", b"itl", "max_event_loop_lag_ms", b"max_event_loop_lag_ms", "mean_answer_tokens", b"mean_answer_tokens", "mean_input_tokens", b"mean_input_tokens", "mean_output_tokens", b"mean_output_tokens", "mean_reasoning_tokens", b"mean_reasoning_tokens", "mean_requested_input_tokens", b"mean_requested_input_tokens", "mean_requested_output_tokens", b"mean_requested_output_tokens", "name", b"name", "output_token_throughput", b"output_token_throughput", "output_token_throughput_ci", b"output_token_throughput_ci", "output_tokens", b"output_tokens", "output_tokens_estimated", b"output_tokens_estimated", "peak_output_token_throughput", b"peak_output_token_throughput", "prefix_cache_hit_percent", b"prefix_cache_hit_percent", "prompt_tokens", b"prompt_tokens", "queue_delay", b"queue_delay", "reasoning_tokens", b"reasoning_tokens", "reduced_load", b"reduced_load", "reduced_load_reason", b"reduced_load_reason", "repeats", b"repeats", "request_rate", b"request_rate", "request_throughput", b"request_throughput", "request_throughput_ci", b"request_throughput_ci", "requests_failed", b"requests_failed", "requests_lost", b"requests_lost", "requests_ok", b"requests_ok", "requests_retried", b"requests_retried", "samples_ignored", b"samples_ignored", "samples_ignored_reason", b"samples_ignored_reason", "saturated", b"saturated", "saturation_reason", b"saturation_reason", "server_metrics", b"server_metrics", "session_duration", b"session_duration", "sessions_completed", b"sessions_completed", "start_offset_ms", b"start_offset_ms", "start_skew_ms", b"start_skew_ms", "target_saturated", b"target_saturated", "target_saturation_reason", b"target_saturation_reason", "time_series", b"time_series", "total_token_throughput", b"total_token_throughput", "total_token_throughput_ci", b"total_token_throughput_ci", "tpot", b"tpot", "ttfo", b"ttfo", "ttfr", b"ttfr", "ttft", b"ttft", "turns", b"turns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__good_fraction: _TypeAlias = _typing.Literal["good_fraction"]  # noqa: Y015
     _WhichOneofArgType__good_fraction: _TypeAlias = _typing.Literal["_good_fraction", b"_good_fraction"]  # noqa: Y015
     _WhichOneofReturnType__goodput: _TypeAlias = _typing.Literal["goodput"]  # noqa: Y015
     _WhichOneofArgType__goodput: _TypeAlias = _typing.Literal["_goodput", b"_goodput"]  # noqa: Y015
+    _WhichOneofReturnType__prefix_cache_hit_percent: _TypeAlias = _typing.Literal["prefix_cache_hit_percent"]  # noqa: Y015
+    _WhichOneofArgType__prefix_cache_hit_percent: _TypeAlias = _typing.Literal["_prefix_cache_hit_percent", b"_prefix_cache_hit_percent"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__good_fraction) -> _WhichOneofReturnType__good_fraction | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__goodput) -> _WhichOneofReturnType__goodput | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__prefix_cache_hit_percent) -> _WhichOneofReturnType__prefix_cache_hit_percent | None: ...
 
 Global___StageResult: _TypeAlias = StageResult  # noqa: Y015
+
+@_typing.final
+class TurnResult(_message.Message):
+    """The figures of one turn index of conversations (every session's n-th request)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TURN_FIELD_NUMBER: _builtins.int
+    REQUESTS_OK_FIELD_NUMBER: _builtins.int
+    REQUESTS_FAILED_FIELD_NUMBER: _builtins.int
+    TTFT_FIELD_NUMBER: _builtins.int
+    TPOT_FIELD_NUMBER: _builtins.int
+    E2E_FIELD_NUMBER: _builtins.int
+    MEAN_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    PREFIX_CACHE_HIT_PERCENT_FIELD_NUMBER: _builtins.int
+    turn: _builtins.int
+    """The turn, from 1."""
+    requests_ok: _builtins.int
+    """Completed requests of this turn."""
+    requests_failed: _builtins.int
+    """Failed requests of this turn."""
+    mean_input_tokens: _builtins.float
+    """Mean prompt tokens (history included)."""
+    prefix_cache_hit_percent: _builtins.float
+    """The client's view of the prefix cache for this turn (see StageResult)."""
+    @_builtins.property
+    def ttft(self) -> Global___LatencyStats:
+        """Time to first token."""
+
+    @_builtins.property
+    def tpot(self) -> Global___LatencyStats:
+        """Time per output token."""
+
+    @_builtins.property
+    def e2e(self) -> Global___LatencyStats:
+        """End-to-end latency."""
+
+    def __init__(
+        self,
+        *,
+        turn: _builtins.int = ...,
+        requests_ok: _builtins.int = ...,
+        requests_failed: _builtins.int = ...,
+        ttft: Global___LatencyStats | None = ...,
+        tpot: Global___LatencyStats | None = ...,
+        e2e: Global___LatencyStats | None = ...,
+        mean_input_tokens: _builtins.float = ...,
+        prefix_cache_hit_percent: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_prefix_cache_hit_percent", b"_prefix_cache_hit_percent", "e2e", b"e2e", "prefix_cache_hit_percent", b"prefix_cache_hit_percent", "tpot", b"tpot", "ttft", b"ttft"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_prefix_cache_hit_percent", b"_prefix_cache_hit_percent", "e2e", b"e2e", "mean_input_tokens", b"mean_input_tokens", "prefix_cache_hit_percent", b"prefix_cache_hit_percent", "requests_failed", b"requests_failed", "requests_ok", b"requests_ok", "tpot", b"tpot", "ttft", b"ttft", "turn", b"turn"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__prefix_cache_hit_percent: _TypeAlias = _typing.Literal["prefix_cache_hit_percent"]  # noqa: Y015
+    _WhichOneofArgType__prefix_cache_hit_percent: _TypeAlias = _typing.Literal["_prefix_cache_hit_percent", b"_prefix_cache_hit_percent"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__prefix_cache_hit_percent) -> _WhichOneofReturnType__prefix_cache_hit_percent | None: ...
+
+Global___TurnResult: _TypeAlias = TurnResult  # noqa: Y015
+
+@_typing.final
+class TokenAccounting(_message.Message):
+    """How exact a run's token counts are (docs/workloads.md, "Token counts")."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXACT_FIELD_NUMBER: _builtins.int
+    TOKENIZER_FIELD_NUMBER: _builtins.int
+    TEMPLATE_OVERHEAD_TOKENS_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    exact: _builtins.bool
+    """True when the run used the model's tokenizer (`Workload.tokenizer_id`): synthetic
+    prompts are exactly their requested length in its tokens. False: approximate.
+    """
+    tokenizer: _builtins.str
+    """The tokenizer's dataset name and id, when one was used."""
+    template_overhead_tokens: _builtins.int
+    """Prompt tokens the server counted for the preflight request (usage.prompt_tokens) minus
+    the request's own prompt tokens: what the chat template (or BOS tokens) adds to each
+    request. Unset when unknown (no tokenizer, no usage, or preflight skipped).
+    """
+    note: _builtins.str
+    """A sentence for people, e.g. "input 512 reaches the model as 519 tokens (+7 template)"."""
+    def __init__(
+        self,
+        *,
+        exact: _builtins.bool = ...,
+        tokenizer: _builtins.str = ...,
+        template_overhead_tokens: _builtins.int | None = ...,
+        note: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_template_overhead_tokens", b"_template_overhead_tokens", "template_overhead_tokens", b"template_overhead_tokens"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_template_overhead_tokens", b"_template_overhead_tokens", "exact", b"exact", "note", b"note", "template_overhead_tokens", b"template_overhead_tokens", "tokenizer", b"tokenizer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__template_overhead_tokens: _TypeAlias = _typing.Literal["template_overhead_tokens"]  # noqa: Y015
+    _WhichOneofArgType__template_overhead_tokens: _TypeAlias = _typing.Literal["_template_overhead_tokens", b"_template_overhead_tokens"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__template_overhead_tokens) -> _WhichOneofReturnType__template_overhead_tokens | None: ...
+
+Global___TokenAccounting: _TypeAlias = TokenAccounting  # noqa: Y015
 
 @_typing.final
 class RunResult(_message.Message):
@@ -1893,6 +2322,7 @@ class RunResult(_message.Message):
     CAPACITY_FIELD_NUMBER: _builtins.int
     CONFIDENCE_PERCENT_FIELD_NUMBER: _builtins.int
     GROUP_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The run's id."""
     state: Global___RunState.ValueType
@@ -1934,6 +2364,10 @@ class RunResult(_message.Message):
         between the runs (docs/metrics.md, "Groups of repeats").
         """
 
+    @_builtins.property
+    def tokens(self) -> Global___TokenAccounting:
+        """How exact the run's token counts are, and the chat template's overhead."""
+
     def __init__(
         self,
         *,
@@ -1947,10 +2381,11 @@ class RunResult(_message.Message):
         capacity: Global___CapacityResult | None = ...,
         confidence_percent: _builtins.float = ...,
         group: Global___RunGroup | None = ...,
+        tokens: Global___TokenAccounting | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "group", b"group", "overall", b"overall"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "group", b"group", "overall", b"overall", "tokens", b"tokens"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "checks", b"checks", "confidence_percent", b"confidence_percent", "group", b"group", "overall", b"overall", "run_id", b"run_id", "stages", b"stages", "state", b"state", "verdict", b"verdict", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "checks", b"checks", "confidence_percent", b"confidence_percent", "group", b"group", "overall", b"overall", "run_id", b"run_id", "stages", b"stages", "state", b"state", "tokens", b"tokens", "verdict", b"verdict", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2473,12 +2908,21 @@ class ServerMetricsResult(_message.Message):
     SCRAPES_OK_FIELD_NUMBER: _builtins.int
     SCRAPES_FAILED_FIELD_NUMBER: _builtins.int
     SERIES_TRUNCATED_FIELD_NUMBER: _builtins.int
+    PREFIX_CACHE_HIT_PERCENT_FIELD_NUMBER: _builtins.int
+    PREFIX_CACHE_SOURCE_FIELD_NUMBER: _builtins.int
     scrapes_ok: _builtins.int
     """Successful scrapes."""
     scrapes_failed: _builtins.int
     """Failed scrapes."""
     series_truncated: _builtins.bool
     """True when some series were left out (more than the result keeps)."""
+    prefix_cache_hit_percent: _builtins.float
+    """The server's prefix-cache hit rate over the stage, percent (hits over queries from the
+    server's counters: vLLM `prefix_cache_hits/queries`, SGLang `cache_hit_rate`, llama.cpp
+    where exposed); unset when the server exports none.
+    """
+    prefix_cache_source: _builtins.str
+    """The metric names the hit rate was computed from."""
     @_builtins.property
     def series(self) -> _containers.RepeatedCompositeFieldContainer[Global___ServerMetricSeries]:
         """Per-second series, aligned with the stage's `time_series`."""
@@ -2502,11 +2946,15 @@ class ServerMetricsResult(_message.Message):
         scrapes_ok: _builtins.int = ...,
         scrapes_failed: _builtins.int = ...,
         series_truncated: _builtins.bool = ...,
+        prefix_cache_hit_percent: _builtins.float | None = ...,
+        prefix_cache_source: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_prefix_cache_hit_percent", b"_prefix_cache_hit_percent", "prefix_cache_hit_percent", b"prefix_cache_hit_percent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cross_checks", b"cross_checks", "errors", b"errors", "scrapes_failed", b"scrapes_failed", "scrapes_ok", b"scrapes_ok", "series", b"series", "series_truncated", b"series_truncated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_prefix_cache_hit_percent", b"_prefix_cache_hit_percent", "cross_checks", b"cross_checks", "errors", b"errors", "prefix_cache_hit_percent", b"prefix_cache_hit_percent", "prefix_cache_source", b"prefix_cache_source", "scrapes_failed", b"scrapes_failed", "scrapes_ok", b"scrapes_ok", "series", b"series", "series_truncated", b"series_truncated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__prefix_cache_hit_percent: _TypeAlias = _typing.Literal["prefix_cache_hit_percent"]  # noqa: Y015
+    _WhichOneofArgType__prefix_cache_hit_percent: _TypeAlias = _typing.Literal["_prefix_cache_hit_percent", b"_prefix_cache_hit_percent"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__prefix_cache_hit_percent) -> _WhichOneofReturnType__prefix_cache_hit_percent | None: ...
 
 Global___ServerMetricsResult: _TypeAlias = ServerMetricsResult  # noqa: Y015
