@@ -34,7 +34,9 @@ class RequestSample:
     reasoning / answer text (`first_token_ns` is the first of either); `reasoning_tokens` is
     part of `output_tokens`. `cached_prompt_tokens` is the usage's prefix-cache count, valid
     when `cached_reported`. Conversations: `session_id` (from 1, unique in the assignment)
-    and `turn_index` (from 1); `last_turn` marks a session's final turn.
+    and `turn_index` (from 1); `last_turn` marks a session's final turn. `answer_chunks`:
+    when a list (conversations set it before sending), the parser appends every piece of
+    answer text to it (not reasoning), so the next turn can carry the server's own reply.
     """
 
     scheduled_ns: int = 0
@@ -59,6 +61,7 @@ class RequestSample:
     session_id: int = 0
     turn_index: int = 0
     last_turn: bool = False
+    answer_chunks: list[str] | None = None
     status: RequestStatus = run_pb2.REQUEST_STATUS_UNSPECIFIED
     error: str = ""
     itl_ns: list[int] = field(default_factory=list)
