@@ -13,7 +13,9 @@
    request waits for batcher backpressure, checks the `Lease` (an expired lease cancels the
    assignment instead of sending), is announced to the controller, is sent, and its sample
    (with its warmup flag) is added to the batcher (also when the request is cancelled). An open-loop arrival
-   the stage could not send before it ended becomes a `cancelled` sample.
+   the stage could not send before it ended becomes a `cancelled` sample. A conversation
+   workload runs sessions instead (`agent.conversation`): the schedule starts sessions, each
+   sends its turns through the same request path, its samples carrying the session and turn.
    While the target refuses connections, requests back off and go one at a time; when it
    has refused them for the target's `unreachable_timeout` the load stops and the
    assignment FAILS with that reason (`agent.reachability`). Stretches in which no request
@@ -42,6 +44,14 @@ from urllib.parse import urlsplit
 import structlog
 
 from agent.batcher import SampleBatcher
+from agent.conversation import (
+    ConversationEngine,
+    ConversationLoad,
+    TurnRequest,
+    conversation_load,
+    conversation_source,
+    is_conversation,
+)
 from agent.gcload import load_thresholds
 from agent.prompts import PromptSource, PromptSourceError, prompt_source
 from agent.reachability import TargetReachability
@@ -124,6 +134,7 @@ class AssignmentRunner:
         self._load_task: asyncio.Task[None] | None = None
         self._client: TargetClient | None = None
         self._prompts: PromptSource | None = None
+        self._conversations: ConversationEngine | None = None
         self._cancel_reason: str | None = None
         self._in_flight = 0
         self._requests_sent = 0
@@ -260,8 +271,14 @@ class AssignmentRunner:
         state: AssignmentState = agent_service_pb2.ASSIGNMENT_STATE_CANCELLED
         message = "agent stopped"
         try:
-            schedule: LoadSchedule = schedule_for_stage(assign.stage, assign.workload.seed)
-            self._prompts = prompt_source(assign.workload, assign.dataset_entries)
+            schedule: LoadSchedule | ConversationLoad
+            if is_conversation(assign.workload):
+                schedule = conversation_load(assign.stage, assign.workload.seed)
+                source = conversation_source(assign.workload, assign.target, assign.dataset_entries)
+                self._conversations = ConversationEngine(source, self._send_turn, self._abandon_one)
+            else:
+                schedule = schedule_for_stage(assign.stage, assign.workload.seed)
+                self._prompts = prompt_source(assign.workload, assign.dataset_entries)
             self._client = TargetClient(
                 assign.target,
                 ignore_eos=assign.workload.ignore_eos,
@@ -318,9 +335,10 @@ class AssignmentRunner:
             if self._client is not None:
                 await self._client.close()
 
-    async def _load(self, schedule: LoadSchedule, client: TargetClient) -> None:
-        if isinstance(schedule, ClosedLoopSchedule):
-            opened = await client.preconnect(min(schedule.concurrency, MAX_PRECONNECT), PRECONNECT_TIMEOUT_S)
+    async def _load(self, schedule: LoadSchedule | ConversationLoad, client: TargetClient) -> None:
+        closed_loop = schedule.concurrency if isinstance(schedule, ClosedLoopSchedule | ConversationLoad) else 0
+        if closed_loop:
+            opened = await client.preconnect(min(closed_loop, MAX_PRECONNECT), PRECONNECT_TIMEOUT_S)
             log.debug("preconnected", assignment_id=self.assignment_id, connections=opened)
         await self._wait_for_start()
         self._start_unix_ns = time.time_ns()
@@ -333,7 +351,11 @@ class AssignmentRunner:
         watcher = asyncio.create_task(self._watch_stalls(watch), name="stall-watch")
         try:
             with load_thresholds():
-                await schedule.run(self._send_one, self._abandon_one)
+                if isinstance(schedule, ConversationLoad):
+                    assert self._conversations is not None
+                    await self._conversations.run(schedule)
+                else:
+                    await schedule.run(self._send_one, self._abandon_one)
         finally:
             watcher.cancel()
             self._stalls = watch.finish(time.perf_counter_ns())
@@ -375,24 +397,38 @@ class AssignmentRunner:
             )
 
     async def _send_one(self, scheduled_ns: int, warmup: bool) -> None:
+        await self._send_request(scheduled_ns, warmup, None)
+
+    async def _send_turn(self, scheduled_ns: int, warmup: bool, turn: TurnRequest) -> RequestSample | None:
+        return await self._send_request(scheduled_ns, warmup, turn)
+
+    async def _send_request(self, scheduled_ns: int, warmup: bool, turn: TurnRequest | None) -> RequestSample | None:
+        """One request (a conversation's `turn`, else the next prompt); its sample, None if
+        it was not sent (the lease expired)."""
         assert self._client is not None  # set before the schedule starts
-        assert self._prompts is not None
         await self._batcher.wait_writable()
         if not self._lease.valid():
             # Checked per request: after a freeze (SIGSTOP) overdue requests would otherwise
             # go out before the session's lease watchdog gets to run.
             self.cancel(f"lease expired: no word from the controller for {self._lease.duration_s:g} s")
             await asyncio.sleep(0)  # the load task is cancelled here
-            return
+            return None
         reach = self._reach
         probe = await reach.wait_turn() if reach.refusing else False
-        prompt = self._prompts.next_prompt()
+        if turn is None:
+            assert self._prompts is not None
+            prompt = self._prompts.next_prompt()
+        else:
+            prompt = turn.prompt
         sample = RequestSample(
             scheduled_ns=scheduled_ns,
             warmup=warmup,
             requested_input_tokens=prompt.input_tokens,
             requested_output_tokens=prompt.max_tokens,
         )
+        if turn is not None:
+            sample.session_id, sample.turn_index, sample.last_turn = turn.session_id, turn.turn_index, turn.last_turn
+            sample.answer_chunks = []
         self._in_flight += 1
         self._requests_sent += 1
         in_flight = self._in_flight_samples
@@ -418,12 +454,15 @@ class AssignmentRunner:
             del in_flight[id(sample)]
             self._last_activity_ns = time.perf_counter_ns()
             self._batcher.add(sample)
+        return sample
 
-    def _abandon_one(self, scheduled_ns: int, warmup: bool) -> None:
+    def _abandon_one(self, scheduled_ns: int, warmup: bool, session_id: int = 0) -> None:
         # Never sent: `sent` is when it was given up, so its queue delay is how long it
         # waited, and nothing happened after it.
         now = time.perf_counter_ns()
         sample = RequestSample(scheduled_ns=scheduled_ns, sent_ns=now, done_ns=now, warmup=warmup)
+        if session_id:
+            sample.session_id, sample.turn_index = session_id, 1
         sample.fail(run_pb2.REQUEST_STATUS_CANCELLED, "not sent: the stage ended while the request was held back")
         self._requests_abandoned += 1
         self._batcher.add(sample)

@@ -34,12 +34,20 @@ budget (`requests`) counts every request, warmup included, sent or abandoned.
 Warmup (`Warmup`): a request *scheduled* within the first `warmup_duration` of the stage,
 or among its first `warmup_requests`, is flagged; it runs like any other.
 
+Stopping early (`stop`): `run()` takes an optional `asyncio.Event`; once it is set, no new
+unit is started (a closed-loop worker returns instead of sending again, the open-loop
+dispatcher stops dispatching, also while it sleeps until the next due time) and the units in
+flight finish. Conversations use it: a schedule unit is then a whole session
+(`agent.conversation`), and the stage's request budget, counted in turns, is spent inside
+the sessions, so only they know when it is used up.
+
 Cancelling `run()` (a cancelled assignment) cancels the in-flight requests.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -115,8 +123,8 @@ def default_start_window_s(concurrency: int) -> float:
 class LoadSchedule(Protocol):
     """Decides when requests start; `run` returns when the stage's load is done."""
 
-    async def run(self, send_one: SendOne, abandon: Abandon) -> None:
-        """Start requests through `send_one` until the stage ends; wait for them."""
+    async def run(self, send_one: SendOne, abandon: Abandon, stop: asyncio.Event | None = None) -> None:
+        """Start requests through `send_one` until the stage ends (or `stop` is set); wait for them."""
         ...
 
 
@@ -136,18 +144,24 @@ class ClosedLoopSchedule:
         window = self.ramp_s if self.ramp_s > 0 else self.start_window_s
         return window * worker / self.concurrency
 
-    async def run(self, send_one: SendOne, abandon: Abandon | None = None) -> None:
-        """Run the workers until the duration or the request budget is exhausted."""
+    async def run(self, send_one: SendOne, abandon: Abandon | None = None, stop: asyncio.Event | None = None) -> None:
+        """Run the workers until the duration or the request budget is exhausted (or `stop` is set)."""
         start_ns = time.perf_counter_ns()
         deadline_ns = start_ns + int(self.duration_s * 1e9) if self.duration_s is not None else None
         budget = RequestBudget(self.max_requests)
         async with asyncio.TaskGroup() as workers:
             for i in range(self.concurrency):
                 first_ns = start_ns + int(self.start_offset_s(i) * 1e9)
-                workers.create_task(self._worker(send_one, budget, start_ns, first_ns, deadline_ns))
+                workers.create_task(self._worker(send_one, budget, start_ns, first_ns, deadline_ns, stop))
 
     async def _worker(
-        self, send_one: SendOne, budget: RequestBudget, start_ns: int, first_ns: int, deadline_ns: int | None
+        self,
+        send_one: SendOne,
+        budget: RequestBudget,
+        start_ns: int,
+        first_ns: int,
+        deadline_ns: int | None,
+        stop: asyncio.Event | None = None,
     ) -> None:
         clock = time.perf_counter_ns
         if deadline_ns is not None and first_ns >= deadline_ns:
@@ -159,6 +173,8 @@ class ClosedLoopSchedule:
         warmup = self.warmup
         while True:
             if deadline_ns is not None and scheduled >= deadline_ns:
+                return
+            if stop is not None and stop.is_set():
                 return
             if not budget.take():
                 return
@@ -178,8 +194,8 @@ class OpenLoopSchedule:
     warmup: Warmup = field(default_factory=Warmup)
     end_grace_s: float = END_GRACE_S
 
-    async def run(self, send_one: SendOne, abandon: Abandon) -> None:
-        """Dispatch every arrival; return when all requests have finished."""
+    async def run(self, send_one: SendOne, abandon: Abandon, stop: asyncio.Event | None = None) -> None:
+        """Dispatch every arrival (until `stop` is set); return when all requests have finished."""
         clock = time.perf_counter_ns
         start_ns = clock()
         duration_s = self.arrivals.duration_s
@@ -191,7 +207,13 @@ class OpenLoopSchedule:
             for scheduled, warmup in due:
                 delay_ns = scheduled - clock()
                 if delay_ns > 0:
-                    await asyncio.sleep(delay_ns / 1e9)
+                    if stop is None:
+                        await asyncio.sleep(delay_ns / 1e9)
+                    else:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(stop.wait(), delay_ns / 1e9)
+                if stop is not None and stop.is_set():
+                    break
                 if cap is not None and not await _acquire(cap, cutoff_ns):
                     abandoned = True
                 elif cutoff_ns is not None and clock() >= cutoff_ns:

@@ -189,6 +189,9 @@ class StreamParser:
                     delta = choice.get("delta")
                     if delta and (delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning")):
                         text = True
+                        content = delta.get("content")
+                        if content and self._sample.answer_chunks is not None:
+                            self._sample.answer_chunks.append(content)
                 elif choice.get("text"):
                     text = True
                 if choice.get("finish_reason"):
@@ -240,6 +243,8 @@ def parse_json_body(sample: RequestSample, body: bytes, *, chat: bool) -> None:
                 # Reasoning and answer are both generated text; newer vLLM sends the
                 # reasoning as `reasoning` (and may repeat it as `reasoning_content`).
                 message = choice.get("message") or {}
+                if message.get("content") and sample.answer_chunks is not None:
+                    sample.answer_chunks.append(str(message["content"]))
                 texts: tuple[Any, ...] = (
                     message.get("content"),
                     message.get("reasoning_content") or message.get("reasoning"),
