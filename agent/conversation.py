@@ -279,6 +279,7 @@ class TurnGate:
     def __init__(self, duration_s: float | None = None, max_requests: int = 0, warmup: Warmup | None = None) -> None:
         self._duration_ns = int(duration_s * 1e9) if duration_s else None
         self._budget = RequestBudget(max_requests)
+        self._max_requests = max_requests
         self._warmup = warmup or Warmup()
         self._start_ns = 0
         self.deadline_ns: int | None = None
@@ -302,6 +303,8 @@ class TurnGate:
         if not self._budget.take():
             self.stop.set()
             return None
+        if self._max_requests and self._budget.taken >= self._max_requests:
+            self.stop.set()  # this is the last turn: sessions waiting to send another stop now
         return self._warmup.applies(self._budget.taken - 1, scheduled_ns - self._start_ns)
 
     def abandoned(self, scheduled_ns: int) -> bool:
@@ -310,10 +313,14 @@ class TurnGate:
         return self._warmup.applies(self._budget.taken - 1, scheduled_ns - self._start_ns)
 
     async def wait_until(self, due_ns: int) -> bool:
-        """Sleep until `due_ns`; False, at once, if the turn would be due after the end of the
-        stage or the budget is used up (before or while waiting)."""
-        if self.deadline_ns is not None and due_ns >= self.deadline_ns:
-            return False
+        """Sleep until `due_ns` and return True; False when the turn would be due after the
+        end of the stage (after sleeping until the end: the session is in progress, thinking,
+        until then, so a closed loop does not replace it early) or once the budget is used up
+        (at once, also while sleeping)."""
+        late = self.deadline_ns is not None and due_ns >= self.deadline_ns
+        if late:
+            assert self.deadline_ns is not None
+            due_ns = self.deadline_ns
         delay_ns = due_ns - time.perf_counter_ns()
         if delay_ns > 0 and not self.stop.is_set():
             try:
@@ -321,7 +328,7 @@ class TurnGate:
                     await self.stop.wait()
             except TimeoutError:
                 pass
-        return not self.stop.is_set()
+        return not late and not self.stop.is_set()
 
 
 @dataclass(frozen=True, slots=True)
