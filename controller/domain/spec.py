@@ -36,6 +36,8 @@ MAX_RATE = 1_000_000.0
 MAX_AGENTS = 1_000
 MAX_STAGE_SECONDS = 7 * 24 * 3600
 MAX_TOKENS = 1_000_000
+MAX_TURNS = 1_000  # turns of one conversation
+MAX_THINK_SECONDS = 600  # a think time between two turns
 MAX_REQUEST_TIMEOUT_S = 3600
 MAX_HEADERS = 64
 MAX_HEADER_VALUE_CHARS = 8192
@@ -67,6 +69,7 @@ MAX_SLO_SECONDS = 24 * 3600
 # protobuf's own range of a valid Duration (about 10,000 years).
 _MAX_DURATION_SECONDS = 315_576_000_000
 DEFAULT_TOKENS = 128
+DEFAULT_TURNS = 3
 T = TypeVar("T")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,256}$")
 # A series' name (RunSpec.series, the name of its baseline): safe in a URL, a file name, a shell.
@@ -102,7 +105,7 @@ def validate_and_default(spec: run_pb2.RunSpec, rng: random.Random | None = None
         _check_stage(stage, f"spec.stages[{i}]", v)
         _check_per_agent(stage, f"spec.stages[{i}]", agents, v)
 
-    _check_workload(out.workload, v)
+    _check_workload(out.workload, v, chat=out.target.api_kind != run_pb2.API_KIND_COMPLETIONS)
     validate_server_metrics(out.server_metrics, v)
 
     if len(out.checks) > MAX_CHECKS:
@@ -178,6 +181,15 @@ def validate_and_default(spec: run_pb2.RunSpec, rng: random.Random | None = None
         for lengths in (synthetic.input_tokens, synthetic.output_tokens):
             if lengths.WhichOneof("distribution") is None:
                 lengths.fixed = DEFAULT_TOKENS
+    if out.workload.HasField("conversation"):
+        conversation = out.workload.conversation
+        for lengths, default in (
+            (conversation.turns, DEFAULT_TURNS),
+            (conversation.input_tokens, DEFAULT_TOKENS),
+            (conversation.output_tokens, DEFAULT_TOKENS),
+        ):
+            if lengths.WhichOneof("distribution") is None:
+                lengths.fixed = default
     if out.workload.seed == 0:
         out.workload.seed = (rng or random.SystemRandom()).randrange(1, 2**63)
     if searching:
@@ -406,29 +418,75 @@ def _check_stage(stage: run_pb2.Stage, path: str, v: list[FieldViolation]) -> No
         v.append(FieldViolation(f"{path}.name", f"at most {MAX_NAME_CHARS} characters"))
 
 
-def _check_workload(w: run_pb2.Workload, v: list[FieldViolation]) -> None:
+def _check_lengths(lengths: run_pb2.LengthDistribution, path: str, high: int, v: list[FieldViolation]) -> None:
+    """A length distribution within 1..`high`."""
+    kind = lengths.WhichOneof("distribution")
+    if kind == "fixed" and not 1 <= lengths.fixed <= high:
+        v.append(FieldViolation(f"{path}.fixed", f"must be between 1 and {high}"))
+    elif kind == "uniform":
+        u = lengths.uniform
+        if not 1 <= u.min <= u.max <= high:
+            v.append(FieldViolation(f"{path}.uniform", f"need 1 <= min <= max <= {high}"))
+    elif kind == "normal":
+        n = lengths.normal
+        if not (0 < n.std <= high and 1 <= n.min <= n.max <= high and n.min <= n.mean <= n.max):
+            v.append(FieldViolation(f"{path}.normal", f"need 0 < std <= {high} and 1 <= min <= mean <= max <= {high}"))
+
+
+def _check_think_time(think: run_pb2.DurationDistribution, v: list[FieldViolation]) -> None:
+    """Each duration of the think time non-negative and at most MAX_THINK_SECONDS."""
+    path = "spec.workload.think_time"
+    kind = think.WhichOneof("distribution")
+    parts: list[tuple[str, duration_pb2.Duration]] = []
+    if kind == "fixed":
+        parts = [("fixed", think.fixed)]
+    elif kind == "uniform":
+        parts = [("uniform.min", think.uniform.min), ("uniform.max", think.uniform.max)]
+    elif kind == "exponential_mean":
+        parts = [("exponential_mean", think.exponential_mean)]
+    bad = False
+    for name, d in parts:
+        if d.seconds < 0 or d.nanos < 0:
+            v.append(FieldViolation(f"{path}.{name}", "must not be negative"))
+            bad = True
+        elif seconds(d) > MAX_THINK_SECONDS:
+            v.append(FieldViolation(f"{path}.{name}", f"at most {MAX_THINK_SECONDS} s"))
+            bad = True
+    if kind == "uniform" and not bad and seconds(think.uniform.min) > seconds(think.uniform.max):
+        v.append(FieldViolation(f"{path}.uniform", "need min <= max"))
+
+
+def _check_conversation(w: run_pb2.Workload, chat: bool, v: list[FieldViolation]) -> None:
+    """Conversations (`conversation`, or a dataset with `all_turns`) and their think time."""
+    conversation = w.WhichOneof("source") == "conversation"
+    all_turns = w.HasField("dataset") and w.dataset.all_turns
+    if conversation:
+        c = w.conversation
+        _check_lengths(c.turns, "spec.workload.conversation.turns", MAX_TURNS, v)
+        for name in ("input_tokens", "output_tokens"):
+            _check_lengths(getattr(c, name), f"spec.workload.conversation.{name}", MAX_TOKENS, v)
+        if c.system_prompt_tokens > MAX_TOKENS:
+            v.append(FieldViolation("spec.workload.conversation.system_prompt_tokens", f"at most {MAX_TOKENS}"))
+    if (conversation or all_turns) and not chat:
+        # A history of messages has no faithful rendering as one completions prompt: that
+        # is the model's chat template, which the server applies and we do not know.
+        v.append(FieldViolation("spec.target.api_kind", "conversations need the chat API, not completions"))
+    if w.HasField("think_time"):
+        if not (conversation or all_turns):
+            v.append(
+                FieldViolation("spec.workload.think_time", "only applies to conversations (or datasets with all_turns)")
+            )
+        _check_think_time(w.think_time, v)
+
+
+def _check_workload(w: run_pb2.Workload, v: list[FieldViolation], chat: bool = True) -> None:
     if w.HasField("dataset") and len(w.dataset.name) > MAX_NAME_CHARS:
         v.append(FieldViolation("spec.workload.dataset.name", f"at most {MAX_NAME_CHARS} characters"))
+    _check_conversation(w, chat, v)
     if not w.HasField("synthetic"):
         return
     for name in ("input_tokens", "output_tokens"):
-        lengths: run_pb2.LengthDistribution = getattr(w.synthetic, name)
-        path = f"spec.workload.synthetic.{name}"
-        kind = lengths.WhichOneof("distribution")
-        if kind == "fixed" and not 1 <= lengths.fixed <= MAX_TOKENS:
-            v.append(FieldViolation(f"{path}.fixed", f"must be between 1 and {MAX_TOKENS}"))
-        elif kind == "uniform":
-            u = lengths.uniform
-            if not 1 <= u.min <= u.max <= MAX_TOKENS:
-                v.append(FieldViolation(f"{path}.uniform", f"need 1 <= min <= max <= {MAX_TOKENS}"))
-        elif kind == "normal":
-            n = lengths.normal
-            if not (0 < n.std <= MAX_TOKENS and 1 <= n.min <= n.max <= MAX_TOKENS and n.min <= n.mean <= n.max):
-                v.append(
-                    FieldViolation(
-                        f"{path}.normal", f"need 0 < std <= {MAX_TOKENS} and 1 <= min <= mean <= max <= {MAX_TOKENS}"
-                    )
-                )
+        _check_lengths(getattr(w.synthetic, name), f"spec.workload.synthetic.{name}", MAX_TOKENS, v)
     if w.synthetic.shared_prefix_tokens > MAX_TOKENS:
         v.append(FieldViolation("spec.workload.synthetic.shared_prefix_tokens", f"at most {MAX_TOKENS}"))
 
