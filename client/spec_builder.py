@@ -20,6 +20,7 @@ from common.target_url import credential_problem
 
 TARGET_API_KEY_ENV = "LLM_LOADTEST_TARGET_API_KEY"
 DEFAULT_STAGE_S = 10.0
+MAX_THINK_TIME_S = 600
 ARRIVALS = {
     "poisson": run_pb2.ARRIVAL_PROCESS_POISSON,
     "constant": run_pb2.ARRIVAL_PROCESS_CONSTANT,
@@ -186,6 +187,31 @@ def lengths(text: str) -> run_pb2.LengthDistribution:
     return out
 
 
+def think_time(text: str) -> run_pb2.DurationDistribution:
+    """`2s` (fixed), `1s-5s` (uniform) or `exp:3s` (exponential with that mean), each at most
+    10 minutes (the controller's limit)."""
+    out = run_pb2.DurationDistribution()
+    spelled = text.strip().lower()
+
+    def bounded(part: str) -> float:
+        value = duration(part)
+        if value > MAX_THINK_TIME_S:
+            raise argparse.ArgumentTypeError(f"a think time is at most {MAX_THINK_TIME_S // 60} minutes, got {text!r}")
+        return value
+
+    if spelled.startswith("exp:"):
+        _set_duration(out.exponential_mean, bounded(spelled.removeprefix("exp:")))
+    elif "-" in spelled:
+        low, high = (bounded(part) for part in spelled.split("-", 1))
+        if low > high:
+            raise argparse.ArgumentTypeError(f"expected MIN-MAX with MIN <= MAX, got {text!r}")
+        _set_duration(out.uniform.min, low)
+        _set_duration(out.uniform.max, high)
+    else:
+        _set_duration(out.fixed, bounded(spelled))
+    return out
+
+
 def warmup(text: str) -> tuple[float, int]:
     """`10s` (a duration) or `20req` (a request count)."""
     lowered = text.strip().lower()
@@ -241,8 +267,14 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
 
     load = parser.add_argument_group("load (one stage per value of --concurrency or --rate)")
     shape = load.add_mutually_exclusive_group()
-    shape.add_argument("--concurrency", type=int_list, help="closed loop: requests in flight, e.g. 1,8,32")
-    shape.add_argument("--rate", type=float_list, help="open loop: requests per second, e.g. 2,4,8,16")
+    shape.add_argument(
+        "--concurrency",
+        type=int_list,
+        help="closed loop: requests in flight, e.g. 1,8,32 (conversations: sessions in progress)",
+    )
+    shape.add_argument(
+        "--rate", type=float_list, help="open loop: requests per second, e.g. 2,4,8,16 (conversations: sessions/s)"
+    )
     shape.add_argument(
         "--scenario",
         choices=sorted(SCENARIOS),
@@ -252,14 +284,24 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--peak-rate", type=float, help="peak of a --scenario, open loop (requests/s)")
     load.add_argument("--arrival", choices=sorted(ARRIVALS), help="open loop arrivals (default poisson)")
     load.add_argument("--burstiness", type=float, help="gamma shape for --arrival gamma (1 = Poisson, <1 burstier)")
-    load.add_argument("--max-concurrency", type=int, default=0, help="open loop: cap on requests in flight")
+    load.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=0,
+        help="open loop: cap on requests in flight (conversations: on sessions in progress)",
+    )
     load.add_argument(
         "--duration",
         type=duration,
         default=None,
         help="duration of each stage, e.g. 30s (default 10s, none with --requests; overrides scenarios)",
     )
-    load.add_argument("--requests", type=int, default=0, help="requests per stage (with --duration: whichever first)")
+    load.add_argument(
+        "--requests",
+        type=int,
+        default=0,
+        help="requests per stage (with --duration: whichever first; conversations: turns)",
+    )
     load.add_argument(
         "--warmup",
         type=warmup,
@@ -299,6 +341,33 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     work.add_argument("--dataset-format", choices=["jsonl", "sharegpt"], help="default: from the file extension")
     work.add_argument("--min-prompt-words", type=int, default=0, help="dataset filter")
     work.add_argument("--max-prompt-words", type=int, default=0, help="dataset filter")
+    work.add_argument(
+        "--turns",
+        type=lengths,
+        default=None,
+        help="conversations: turns per session, 3, 2-6 or normal:4,1 (each turn sends the whole history "
+        "with the server's replies; --concurrency then counts sessions in progress, --rate session starts "
+        "per second; --input-tokens / --output-tokens are each turn's new prompt and max_tokens)",
+    )
+    work.add_argument(
+        "--think-time",
+        type=think_time,
+        default=None,
+        help="conversations: pause between a reply and the next turn, 2s, 1s-5s (uniform) or exp:3s "
+        "(exponential mean); default none",
+    )
+    work.add_argument(
+        "--system-prompt-tokens",
+        type=int,
+        default=0,
+        help="conversations: a system prompt of this many tokens, the same in every session",
+    )
+    work.add_argument(
+        "--all-turns",
+        action="store_true",
+        help="with --dataset: replay every user turn of each entry as a conversation (the server's replies "
+        "in place of the dataset's; --concurrency counts sessions)",
+    )
     work.add_argument("--ignore-eos", action="store_true", help="send ignore_eos so outputs have exactly max_tokens")
     work.add_argument("--min-tokens", action="store_true", help="send min_tokens = max_tokens (vLLM)")
     work.add_argument("--seed", type=int, default=0, help="seed of every random choice (0: random, shown in the spec)")
@@ -597,6 +666,7 @@ def _check_integers(args: argparse.Namespace) -> None:
         ("--seed", args.seed, _UINT64),
         ("--max-concurrency", args.max_concurrency, _UINT32),
         ("--shared-prefix", args.shared_prefix, _UINT32),
+        ("--system-prompt-tokens", getattr(args, "system_prompt_tokens", 0), _UINT32),
         ("--agents", args.agents, _UINT32),
         ("--min-prompt-words", args.min_prompt_words, _UINT32),
         ("--max-prompt-words", args.max_prompt_words, _UINT32),
@@ -640,6 +710,9 @@ def build_spec(args: argparse.Namespace) -> run_pb2.RunSpec:
 
     w = spec.workload
     w.seed, w.ignore_eos, w.pin_min_tokens = args.seed, args.ignore_eos, args.min_tokens
+    _conversation_flags(args)
+    if getattr(args, "think_time", None) is not None:
+        w.think_time.CopyFrom(args.think_time)
     if args.dataset is not None:
         fmt = args.dataset_format or ("jsonl" if args.dataset.suffix == ".jsonl" else "sharegpt")
         w.dataset.format = run_pb2.DATASET_FORMAT_JSONL if fmt == "jsonl" else run_pb2.DATASET_FORMAT_SHAREGPT
@@ -647,6 +720,17 @@ def build_spec(args: argparse.Namespace) -> run_pb2.RunSpec:
         w.dataset.name = args.dataset.name
         w.dataset.min_prompt_words = args.min_prompt_words
         w.dataset.max_prompt_words = args.max_prompt_words
+        w.dataset.all_turns = getattr(args, "all_turns", False)
+    elif _conversation(args):
+        c = w.conversation
+        c.SetInParent()
+        if args.turns is not None:
+            c.turns.CopyFrom(args.turns)
+        if args.input_tokens is not None:
+            c.input_tokens.CopyFrom(args.input_tokens)
+        if args.output_tokens is not None:
+            c.output_tokens.CopyFrom(args.output_tokens)
+        c.system_prompt_tokens = args.system_prompt_tokens
     else:
         w.synthetic.SetInParent()
         if args.input_tokens is not None:
@@ -670,6 +754,36 @@ def build_spec(args: argparse.Namespace) -> run_pb2.RunSpec:
     spec.checks.extend(run_pb2.Check(expression=e, abort_on_fail=True) for e in args.abort_on_fail)
     _server_metrics(spec.server_metrics, args)
     return spec
+
+
+def _conversation(args: argparse.Namespace) -> bool:
+    """Whether the flags ask for synthetic conversations."""
+    return (
+        getattr(args, "turns", None) is not None
+        or getattr(args, "think_time", None) is not None
+        or bool(getattr(args, "system_prompt_tokens", 0))
+    )
+
+
+def _conversation_flags(args: argparse.Namespace) -> None:
+    """Refuse conversation flags that contradict the rest."""
+    dataset = args.dataset is not None
+    all_turns = getattr(args, "all_turns", False)
+    if all_turns and not dataset:
+        raise argparse.ArgumentTypeError("--all-turns needs --dataset")
+    if dataset:
+        for flag, given in (
+            ("--turns", getattr(args, "turns", None) is not None),
+            ("--system-prompt-tokens", bool(getattr(args, "system_prompt_tokens", 0))),
+        ):
+            if given:
+                raise argparse.ArgumentTypeError(f"{flag} is for synthetic conversations, not --dataset")
+        if getattr(args, "think_time", None) is not None and not all_turns:
+            raise argparse.ArgumentTypeError("--think-time with --dataset needs --all-turns")
+    elif _conversation(args) and args.shared_prefix:
+        raise argparse.ArgumentTypeError(
+            "--shared-prefix does not apply to conversations: their shared part is --system-prompt-tokens"
+        )
 
 
 def _server_metrics(sm: run_pb2.ServerMetricsSpec, args: argparse.Namespace) -> None:
