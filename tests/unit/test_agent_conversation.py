@@ -323,3 +323,15 @@ def test_sources_refuse_what_they_cannot_run() -> None:
     with pytest.raises(PromptSourceError, match="user turn"):
         conversation_source(w, chat, [run_pb2.DatasetEntry(messages=[run_pb2.ChatMessage(role="system", content="x")])])
     assert not is_conversation(run_pb2.Workload())
+
+
+async def test_open_loop_stops_dispatching_once_the_budget_is_used_up() -> None:
+    # Session arrivals at 0, 2 s and 4 s; the first session's 3 turns use the whole budget.
+    stage = run_pb2.Stage(request_rate=0.5, arrival=run_pb2.ARRIVAL_PROCESS_CONSTANT, requests=3)
+    server = FakeServer()
+    engine = ConversationEngine(SyntheticConversations(workload(turns=3)), server.send, server.abandon)
+    started = time.perf_counter_ns()
+    await engine.run(conversation_load(stage))
+    assert [(s.session_id, s.turn_index) for s in server.sent] == [(1, 1), (1, 2), (1, 3)]
+    assert engine.sessions_started == 1 and not server.abandoned
+    assert (time.perf_counter_ns() - started) / 1e9 < 1.5  # not waiting for the arrival at 2 s
