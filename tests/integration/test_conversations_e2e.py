@@ -8,6 +8,7 @@ agent put the server's own answers into the history.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections import defaultdict
@@ -117,7 +118,7 @@ async def test_turns_carry_the_history_and_the_servers_replies(
     assert len(system) == 1 and len(next(iter(system)).split()) == 10  # the same system prompt everywhere
     for session in sessions.values():
         assert [len(t.messages) for t in session] == [2, 4, 6][: len(session)]
-        for before, after in zip(session, session[1:], strict=False):
+        for before, after in itertools.pairwise(session):
             k = len(before.messages)
             # The history as sent before, then the mock's actual reply to it, then a new prompt.
             assert after.messages[:k] == before.messages
@@ -156,7 +157,7 @@ async def test_closed_loop_keeps_concurrency_sessions_in_progress(
     edges = sorted([(a, 1) for a, _ in spans] + [(e, -1) for _, e in spans])
     level, most, weighted = 0, 0, 0.0
     window = (min(a for a, _ in spans), max(a for a, _ in spans))  # up to the last session start
-    for (t, step), (t_next, _) in zip(edges, edges[1:], strict=False):
+    for (t, step), (t_next, _) in itertools.pairwise(edges):
         level += step
         most = max(most, level)
         lo, hi = max(t, window[0]), min(t_next, window[1])
