@@ -201,3 +201,36 @@ async def test_dataset_all_turns_replays_each_user_turn(controller: Controller, 
         # The mock's reply, not the dataset's, in the history.
         assert second.messages[2] == {"role": "assistant", "content": output_text(5)}
         assert second.messages[3]["content"].endswith("second question")
+
+
+async def test_open_loop_starts_sessions_at_the_rate(controller: Controller, client: ControllerClient) -> None:
+    rate, seconds = 4.0, 2
+    mock = MockServer(MockConfig(ttft_ms=TTFT_MS, itl_ms=ITL_MS, output_tokens=100))
+    seen = recording(mock)
+    async with mock, running_agent(f"127.0.0.1:{controller.port}"):
+        spec = conversation_spec(mock, 1, 0, 0.1)
+        spec.stages[0].request_rate = rate  # replaces the concurrency (one oneof)
+        spec.stages[0].arrival = run_pb2.ARRIVAL_PROCESS_CONSTANT
+        spec.stages[0].duration.FromSeconds(seconds)
+        final = await wait_final(client, (await client.create_run(spec)).id, 90)
+        assert final.state == run_pb2.RUN_STATE_SUCCEEDED, final.state_reason
+    sessions = sessions_of(seen)
+    # Constant arrivals: exactly rate x duration session starts, each then running its turns.
+    assert len(sessions) == rate * seconds
+    starts = sorted(s[0].arrived_ns for s in sessions.values())
+    assert (starts[-1] - starts[0]) / 1e9 == pytest.approx((rate * seconds - 1) / rate, abs=0.2)
+    assert max(len(s) for s in sessions.values()) == 3  # sessions run several turns each
+
+
+async def test_non_streaming_turns_carry_the_replies(controller: Controller, client: ControllerClient) -> None:
+    mock = MockServer(MockConfig(ttft_ms=5, itl_ms=1, output_tokens=100))
+    seen = recording(mock)
+    async with mock, running_agent(f"127.0.0.1:{controller.port}"):
+        spec = conversation_spec(mock, 1, 3, 0.0)
+        spec.target.stream = False
+        final = await wait_final(client, (await client.create_run(spec)).id, 90)
+        assert final.state == run_pb2.RUN_STATE_SUCCEEDED, final.state_reason
+    (session,) = sessions_of(seen).values()
+    assert [len(t.messages) for t in session] == [2, 4, 6]
+    for before, after in itertools.pairwise(session):
+        assert after.messages[len(before.messages)]["content"] == output_text(before.body["max_tokens"])
