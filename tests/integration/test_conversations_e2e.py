@@ -142,7 +142,7 @@ async def test_turns_carry_the_history_and_the_servers_replies(
 async def test_closed_loop_keeps_concurrency_sessions_in_progress(
     controller: Controller, client: ControllerClient
 ) -> None:
-    concurrency, think_s = 4, 0.1
+    concurrency, think_s = 4, 0.2
     mock = MockServer(MockConfig(ttft_ms=TTFT_MS, itl_ms=ITL_MS, output_tokens=100))
     seen = recording(mock)  # before the mock starts: its middlewares are then frozen
     async with mock, running_agent(f"127.0.0.1:{controller.port}"):

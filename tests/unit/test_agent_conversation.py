@@ -166,16 +166,16 @@ async def test_think_time_separates_the_turns() -> None:
 
 async def test_no_turn_starts_after_the_stage_ends() -> None:
     server = FakeServer()
-    engine = ConversationEngine(SyntheticConversations(workload(turns=3, think_s=0.4)), server.send, server.abandon)
+    engine = ConversationEngine(SyntheticConversations(workload(turns=3, think_s=1.0)), server.send, server.abandon)
     started = time.perf_counter_ns()
-    await engine.run(closed_load(2, duration_s=0.5))
+    await engine.run(closed_load(2, duration_s=1.5))
     elapsed_s = (time.perf_counter_ns() - started) / 1e9
-    # Turn 1 at 0, turn 2 at ~0.4 s, turn 3 would be due at ~0.8 s: past the end, not sent.
+    # Turn 1 at 0, turn 2 at ~1 s, turn 3 would be due at ~2 s: past the end, not sent.
     # The sessions stay in progress (thinking) until the end: none is replaced by a new one,
     # and nobody waits for the think time past the end.
     assert sorted((s.session_id, s.turn_index) for s in server.sent) == [(1, 1), (1, 2), (2, 1), (2, 2)]
     assert not any(s.last_turn for s in server.sent)
-    assert 0.5 <= elapsed_s < 0.8
+    assert 1.5 <= elapsed_s < 2.0
 
 
 async def test_budget_used_up_during_a_think_time_ends_the_stage_at_once() -> None:
@@ -326,12 +326,12 @@ def test_sources_refuse_what_they_cannot_run() -> None:
 
 
 async def test_open_loop_stops_dispatching_once_the_budget_is_used_up() -> None:
-    # Session arrivals at 0, 2 s and 4 s; the first session's 3 turns use the whole budget.
-    stage = run_pb2.Stage(request_rate=0.5, arrival=run_pb2.ARRIVAL_PROCESS_CONSTANT, requests=3)
+    # Session arrivals at 0, 4 s and 8 s; the first session's 3 turns use the whole budget.
+    stage = run_pb2.Stage(request_rate=0.25, arrival=run_pb2.ARRIVAL_PROCESS_CONSTANT, requests=3)
     server = FakeServer()
     engine = ConversationEngine(SyntheticConversations(workload(turns=3)), server.send, server.abandon)
     started = time.perf_counter_ns()
     await engine.run(conversation_load(stage))
     assert [(s.session_id, s.turn_index) for s in server.sent] == [(1, 1), (1, 2), (1, 3)]
     assert engine.sessions_started == 1 and not server.abandoned
-    assert (time.perf_counter_ns() - started) / 1e9 < 1.5  # not waiting for the arrival at 2 s
+    assert (time.perf_counter_ns() - started) / 1e9 < 3.0  # not waiting for the arrival at 4 s
