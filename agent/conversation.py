@@ -33,7 +33,10 @@ to turns: `requests` counts turns (requests), warmup flags a turn as a request i
 today (scheduled within `warmup_duration`, or among the first `warmup_requests` turns), and
 at the end of the duration no new turn starts while turns in flight finish. A session cut
 short by the end of the stage (or by the request budget) just stops: its last sent turn is
-not `last_turn`. When the budget is used up the gate's `stop` event ends the schedule.
+not `last_turn`. A session whose next turn would be due after the end stays in progress
+(thinking) until the end, so a closed loop does not replace it by a fresh session in the
+stage's last seconds. When the budget's last turn is taken the gate's `stop` event is set:
+the schedule starts no more sessions, and sessions thinking stop at once.
 
 A turn is due (`scheduled_ns`) when its session started (turn 1) or at the end of the
 previous turn's reply plus the think time (turn k > 1): whatever delays it past that
