@@ -7,7 +7,8 @@ Routes:
 * `GET /stats`, `POST /stats/reset`: what the server saw, for tests to reconcile against.
 * `GET /stats/emission`: when the mock really wrote its tokens (`mockserver.emission`).
 * `GET /health`: 200 while serving (as vLLM).
-* `GET /metrics`: Prometheus text with vLLM's metric names (`mockserver.metrics`).
+* `GET /metrics`: Prometheus text with vLLM's metric names, the prompt-token and prefix-cache
+  metrics in the style's server's names (`mockserver.metrics`).
 
 Timing is measured from the moment the request body has been read or, with `max_running`
 slots, from the moment the request took a slot (`t0`): the first token is emitted at

@@ -87,9 +87,13 @@ def parse_request(
     items: list[Hashable] | None
     if endpoint == "chat":
         messages = _chat_texts(data.get("messages"))
-        prompt_tokens = tokens.count_texts([t for _, texts in messages for t in texts])
-        prompt_tokens += tokens.chat_overhead(len(messages))
-        items = _render_chat(tokens, messages) if render else None
+        if render:
+            items = _render_chat(tokens, messages)
+            prompt_tokens = len(items)
+        else:
+            items = None
+            prompt_tokens = tokens.count_texts([t for _, texts in messages for t in texts])
+            prompt_tokens += tokens.chat_overhead(len(messages))
     else:
         prompt_tokens, items = _completion_prompt(tokens, data.get("prompt"), render)
 
@@ -248,13 +252,12 @@ def _completion_prompt(tokens: TokenModel, prompt: Any, render: bool) -> tuple[i
     elif isinstance(prompt, list) and prompt and all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
         return len(prompt), list(prompt) if render else None  # token ids: no BOS added
     if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        count = tokens.bos_tokens + tokens.count_texts(prompt)
         if not render:
-            return count, None
+            return tokens.bos_tokens + tokens.count_texts(prompt), None
         items = tokens.bos_items()
         for text in prompt:
             items += tokens.text_items(text)
-        return count, items
+        return len(items), items
     raise BadRequestError("prompt must be a string, a non-empty list of strings or a list of token ids", "prompt")
 
 

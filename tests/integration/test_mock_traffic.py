@@ -25,6 +25,7 @@ import pytest
 
 from common.tokenizer import Tokenizer
 from mockserver import MockConfig, MockServer
+from mockserver.capacity import Workload, closed_loop
 from mockserver.cli import add_arguments
 from mockserver.cli import run as run_cli
 from tests.tokenizers_fixture import build_bpe_tokenizer
@@ -317,17 +318,26 @@ async def test_the_cache_evicts_the_least_recently_used_blocks(
     assert await cached(b) == 16  # a's return evicted b's tail, and b's head survived
 
 
+@pytest.mark.parametrize("tokenizer", [True, False])
 async def test_the_second_turn_hits_the_first_turns_prompt_and_reply(
-    start_server: StartServer, session: aiohttp.ClientSession, tokenizer_path: Path, tok: Tokenizer
+    start_server: StartServer,
+    session: aiohttp.ClientSession,
+    tokenizer_path: Path,
+    tok: Tokenizer,
+    tokenizer: bool,
 ) -> None:
     server = await start_server(
-        tokenizer=str(tokenizer_path), bos_tokens=1, chat_template_tokens=3, prefix_cache=True, **INSTANT
+        tokenizer=str(tokenizer_path) if tokenizer else "",
+        bos_tokens=1,
+        chat_template_tokens=3,
+        prefix_cache=True,
+        **INSTANT,
     )
     history = _conversation("")[:2]
     turn1 = await _stream(session, server, "/chat/completions", {"messages": history, "max_tokens": 40})
     reply = "".join(t for _, t in turn1.texts("content"))
     prompt1, output1 = turn1.usage["prompt_tokens"], turn1.usage["completion_tokens"]
-    assert output1 == 40 == tok.count(reply)
+    assert output1 == 40 == (tok.count(reply) if tokenizer else len(reply.split()))
     turn2 = await _stream(session, server, "/chat/completions", {"messages": _conversation(reply), "max_tokens": 4})
     # Turn 2 repeats turn 1's prompt (its generation prompt is the assistant header) and the
     # reply: every whole block of the two is cached.
@@ -458,3 +468,31 @@ def test_reasoning_settings_are_validated() -> None:
     for field in ("prefix_cache_block_tokens", "prefix_cache_blocks"):
         with pytest.raises(ValueError, match=f"{field} must be an integer >= 1"):
             MockConfig(**{field: 0})
+
+
+async def test_the_prefix_cache_counts_prompts_as_without_it(
+    start_server: StartServer, session: aiohttp.ClientSession, tokenizer_path: Path
+) -> None:
+    counts: list[list[int]] = []
+    for cache in (False, True):
+        server = await start_server(
+            tokenizer=str(tokenizer_path), bos_tokens=2, chat_template_tokens=4, prefix_cache=cache, **INSTANT
+        )
+        bodies: list[tuple[str, dict[str, Any]]] = [
+            ("/chat/completions", {"messages": _conversation(" a reply")}),
+            ("/completions", {"prompt": TEXTS[1]}),
+            ("/completions", {"prompt": list(TEXTS)}),
+            ("/completions", {"prompt": [5, 6, 7]}),
+        ]
+        counts.append(
+            [
+                (await _post(session, server, path, {**b, "max_tokens": 1}))["usage"]["prompt_tokens"]
+                for path, b in bodies
+            ]
+        )
+    assert counts[0] == counts[1]
+
+
+def test_the_capacity_model_refuses_the_prefix_cache() -> None:
+    with pytest.raises(ValueError, match="no prefix cache"):
+        closed_loop(MockConfig(prefix_cache=True), Workload(prompt_tokens=10, output_tokens=4), 1)
