@@ -7,11 +7,13 @@ Routes:
 * `GET /stats`, `POST /stats/reset`: what the server saw, for tests to reconcile against.
 * `GET /stats/emission`: when the mock really wrote its tokens (`mockserver.emission`).
 * `GET /health`: 200 while serving (as vLLM).
-* `GET /metrics`: Prometheus text with vLLM's metric names (`mockserver.metrics`).
+* `GET /metrics`: Prometheus text with vLLM's metric names, the prompt-token and prefix-cache
+  metrics in the style's server's names (`mockserver.metrics`).
 
 Timing is measured from the moment the request body has been read or, with `max_running`
 slots, from the moment the request took a slot (`t0`): the first token is emitted at
-`t0 + ttft + prefill` (prefill: `prefill_ms_per_1k_tokens` x prompt tokens / 1000), each next
+`t0 + ttft + prefill` (prefill: `prefill_ms_per_1k_tokens` x prompt tokens / 1000, only the
+tokens not found in the prefix cache when it is on: `mockserver.prefix_cache`), each next
 one `itl + itl_per_running x R` after the previous token's deadline or, if that token went
 out late, after it actually went out (each delay with its own jitter) — so no gap is ever
 shorter than the model's, as in a real decode loop. R, the number of requests generating
@@ -31,6 +33,9 @@ The configured style (`mockserver.styles`) decides the bytes of a stream and how
 one event carries; with several tokens per event, each event is one decode step of that many
 inter-token latencies. Usage reports `completion_tokens` less the configured under-report;
 `/stats` counts the tokens actually written.
+
+Prompts are counted, and output words chosen, by a `mockserver.tokens.TokenModel`:
+whitespace words, or the configured tokenizer, plus the configured template overhead.
 """
 
 from __future__ import annotations
@@ -40,13 +45,14 @@ import contextlib
 import random
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiohttp import web
 
 from mockserver.config import MockConfig
 from mockserver.emission import EmissionStats
 from mockserver.generation import (
+    VOCABULARY,
     BadRequestError,
     CompletionRequest,
     Endpoint,
@@ -60,16 +66,19 @@ from mockserver.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from mockserver.metrics import MALFORMED_PAGE, ServerCounters
 from mockserver.metrics import render as render_metrics
 from mockserver.pacing import DeadlineScheduler, now, sleep_until
+from mockserver.prefix_cache import PrefixCache, block_hashes
 from mockserver.styles import (
     ADVERTISED_KEEP_ALIVE,
     CLOSE_AFTER_RESPONSE_DELAY_S,
     ENCODERS,
     IDLE_CLOSE_S,
     ConnectionStyle,
+    StreamEncoder,
     StreamSummary,
     TokenEvents,
     reasoning_tokens,
 )
+from mockserver.tokens import TokenModel, load_token_model
 from mockserver.wire import error_body, full_response, models_body
 
 # Long-context prompts run to megabytes of JSON; aiohttp's default limit is 1 MiB.
@@ -92,7 +101,8 @@ class MockStats:
     `vllm:num_requests_running`.
 
     `prompt_tokens_total` counts the prompts of requests that started generating (the ok and
-    the cancelled ones); `output_tokens_total` the tokens actually written to clients.
+    the cancelled ones), `cached_tokens_total` the part of them found in the prefix cache
+    (0 without one); `output_tokens_total` the tokens actually written to clients.
     """
 
     def __init__(self) -> None:
@@ -100,7 +110,7 @@ class MockStats:
         self.waiting = 0
         self.generating = 0
         self.server = ServerCounters()
-        self.output_tokens_total = self.prompt_tokens_total = 0
+        self.output_tokens_total = self.prompt_tokens_total = self.cached_tokens_total = 0
         self.emission = EmissionStats()
         self.reset()
 
@@ -115,6 +125,7 @@ class MockStats:
         self.requests_cancelled = 0
         self.output_tokens_total = 0
         self.prompt_tokens_total = 0
+        self.cached_tokens_total = 0
         self.by_endpoint: dict[Endpoint, int] = {"chat": 0, "completions": 0}
         self.emission.reset()
 
@@ -127,6 +138,7 @@ class MockStats:
             "requests_cancelled": self.requests_cancelled,
             "output_tokens_total": self.output_tokens_total,
             "prompt_tokens_total": self.prompt_tokens_total,
+            "cached_tokens_total": self.cached_tokens_total,
             "running": self.running,
             "waiting": self.waiting,
             "by_endpoint": dict(self.by_endpoint),
@@ -175,6 +187,8 @@ def create_app(config: MockConfig) -> web.Application:
             waiting=stats.waiting,
             prompt_tokens=server.prompt_tokens_before_reset + stats.prompt_tokens_total,
             generation_tokens=server.generation_tokens_before_reset + stats.output_tokens_total,
+            style=config.style,
+            prefix_cache=routes.prefix_cache,
         )
         return web.Response(text=text, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
@@ -255,6 +269,19 @@ class _CompletionRoutes:
         self._encoder = ENCODERS[config.style]
         # With several tokens per event, the gap between events is one step of that many tokens.
         self._tokens_per_event = self._encoder.tokens_per_event
+        if config.tokenizer:
+            self._tokens = load_token_model(
+                config.tokenizer, bos_tokens=config.bos_tokens, chat_template_tokens=config.chat_template_tokens
+            )
+        else:
+            self._tokens = TokenModel(
+                default_vocabulary=VOCABULARY,
+                bos_tokens=config.bos_tokens,
+                chat_template_tokens=config.chat_template_tokens,
+            )
+        self.prefix_cache = (
+            PrefixCache(config.prefix_cache_block_tokens, config.prefix_cache_blocks) if config.prefix_cache else None
+        )
         self._latency = LatencyModel(
             config.ttft_ms,
             config.itl_ms * self._tokens_per_event,
@@ -283,7 +310,7 @@ class _CompletionRoutes:
                 return web.Response(status=499)  # never reaches the client: it has gone
             t0 = now()
             try:
-                parsed = parse_request(endpoint, body)
+                parsed = parse_request(endpoint, body, self._tokens, render=self.prefix_cache is not None)
             except BadRequestError as exc:
                 stats.requests_failed += 1
                 return _error_response(400, exc.message, "invalid_request_error", exc.param)
@@ -297,12 +324,13 @@ class _CompletionRoutes:
                     t0 = now()  # a real server's TTFT includes the wait: timing starts here
                 plan = plan_output(parsed, self._config.output_tokens)
                 stats.prompt_tokens_total += parsed.prompt_tokens
+                cache = self._look_up(parsed)
                 kv_tokens = parsed.prompt_tokens + plan.tokens
                 stats.server.kv_tokens += kv_tokens
                 try:
                     if parsed.stream:
-                        return await self._stream(request, parsed, plan, t0)
-                    return await self._respond(request, parsed, plan, t0)
+                        return await self._stream(request, parsed, plan, t0, cache)
+                    return await self._respond(request, parsed, plan, t0, cache)
                 finally:
                     stats.server.kv_tokens -= kv_tokens
         except asyncio.CancelledError:
@@ -311,6 +339,44 @@ class _CompletionRoutes:
             raise
         finally:
             stats.running -= 1
+
+    def _look_up(self, parsed: CompletionRequest) -> _CacheLookup | None:
+        """Look the prompt up in the prefix cache and cache its blocks (None: no cache)."""
+        cache = self.prefix_cache
+        if cache is None or parsed.prompt_items is None:
+            return None
+        hashes = block_hashes(parsed.prompt_items, cache.block_tokens)
+        cached = cache.lookup(hashes, parsed.prompt_tokens)
+        cache.insert(hashes)
+        self._stats.cached_tokens_total += cached
+        return _CacheLookup(cached, hashes)
+
+    def _cache_output(self, parsed: CompletionRequest, plan: OutputPlan, lookup: _CacheLookup | None) -> None:
+        """Cache the full blocks of prompt + output of a finished generation."""
+        cache = self.prefix_cache
+        if cache is None or lookup is None or parsed.prompt_items is None:
+            return
+        items = [*parsed.prompt_items, *self._tokens.output_items(0, plan.tokens)]
+        done = len(lookup.hashes)
+        parent = lookup.hashes[-1] if done else 0
+        cache.insert(block_hashes(items, cache.block_tokens, start_block=done, parent=parent))
+
+    def _reasoning(self, parsed: CompletionRequest, plan: OutputPlan) -> int | None:
+        """Output tokens sent as reasoning (None: not a reasoning answer)."""
+        if not self._encoder.reasons or parsed.endpoint != "chat":
+            return None
+        return reasoning_tokens(plan.tokens, self._config.reasoning_tokens)
+
+    def _new_encoder(self, parsed: CompletionRequest) -> StreamEncoder:
+        config = self._config
+        return self._encoder(
+            parsed.endpoint,
+            config.model,
+            include_usage=parsed.include_usage,
+            vocabulary=self._tokens.vocabulary,
+            reasoning_tokens=config.reasoning_tokens,
+            reasoning_field=config.reasoning_field,
+        )
 
     @contextlib.asynccontextmanager
     async def _slot(self) -> AsyncIterator[bool]:
@@ -332,10 +398,15 @@ class _CompletionRoutes:
                 slots.release()
 
     async def _stream(
-        self, request: web.Request, parsed: CompletionRequest, plan: OutputPlan, t0: float
+        self,
+        request: web.Request,
+        parsed: CompletionRequest,
+        plan: OutputPlan,
+        t0: float,
+        lookup: _CacheLookup | None,
     ) -> web.StreamResponse:
         stats = self._stats
-        encoder = self._encoder(parsed.endpoint, self._config.model, include_usage=parsed.include_usage)
+        encoder = self._new_encoder(parsed)
         response = web.StreamResponse(headers=_SSE_HEADERS)
         try:
             await response.prepare(request)
@@ -353,7 +424,8 @@ class _CompletionRoutes:
         frame = _chunk if response.headers.get("Transfer-Encoding") == "chunked" else bytes
         events = encoder.token_events(plan.tokens, plan.finish_reason)
         finished: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        first_deadline = t0 + self._latency.ttft(parsed.prompt_tokens)
+        cached = lookup.cached if lookup is not None else None
+        first_deadline = t0 + self._latency.ttft(parsed.prompt_tokens - (cached or 0))
         stream: _TokenStream
         if encoder.split_writes:
             stream = _SplitTokenStream(
@@ -385,6 +457,7 @@ class _CompletionRoutes:
         if completed:
             # Generation is over: counted (as vLLM does) before the closing events go out.
             stats.server.finished[plan.finish_reason] += 1
+            self._cache_output(parsed, plan, lookup)
         try:
             if completed:
                 summary = StreamSummary(
@@ -393,6 +466,8 @@ class _CompletionRoutes:
                     finish_reason=plan.finish_reason,
                     prompt_ms=(first_deadline - t0) * 1000.0,
                     generation_ms=(stream.deadline - first_deadline) * 1000.0,
+                    cached_tokens=cached,
+                    reasoning_tokens=self._reasoning(parsed, plan),
                 )
                 *pieces, tail = encoder.pieces(encoder.closing(summary))
                 for piece in pieces:
@@ -408,24 +483,30 @@ class _CompletionRoutes:
         return response
 
     async def _respond(
-        self, request: web.Request, parsed: CompletionRequest, plan: OutputPlan, t0: float
+        self,
+        request: web.Request,
+        parsed: CompletionRequest,
+        plan: OutputPlan,
+        t0: float,
+        lookup: _CacheLookup | None,
     ) -> web.Response:
         steps = -(-plan.tokens // self._tokens_per_event)
         latency = self._latency
+        cached = lookup.cached if lookup is not None else None
+        uncached = parsed.prompt_tokens - (cached or 0)
         if latency.depends_on_running:
             # Step by step, so that each gap reads R when it starts, as a stream's does.
-            deadline = t0 + latency.ttft(parsed.prompt_tokens)
+            deadline = t0 + latency.ttft(uncached)
             await sleep_until(deadline)
             for _ in range(steps - 1):
                 deadline = max(deadline, now()) + latency.itl(self._stats.generating)
                 await sleep_until(deadline)
         else:
-            await sleep_until(t0 + latency.generation_time(steps, parsed.prompt_tokens))
+            await sleep_until(t0 + latency.generation_time(steps, uncached))
         transport = request.transport
         if transport is None or transport.is_closing():
             self._stats.requests_cancelled += 1
             return web.Response(status=499)  # never reaches the client: it has gone
-        reasoning = reasoning_tokens(plan.tokens) if self._encoder.reasons else 0
         body = full_response(
             parsed.endpoint,
             self._config.model,
@@ -433,12 +514,23 @@ class _CompletionRoutes:
             plan.finish_reason,
             parsed.prompt_tokens,
             reported_tokens=reported_tokens(plan.tokens, self._config.under_report_usage),
-            reasoning_tokens=reasoning,
+            reasoning_tokens=self._reasoning(parsed, plan),
+            reasoning_field=self._config.reasoning_field,
+            cached_tokens=cached,
+            vocabulary=self._tokens.vocabulary,
         )
         self._stats.requests_ok += 1
         self._stats.output_tokens_total += plan.tokens
         self._stats.server.finished[plan.finish_reason] += 1
+        self._cache_output(parsed, plan, lookup)
         return web.Response(body=body, content_type=_JSON)
+
+
+class _CacheLookup(NamedTuple):
+    """A request's prefix-cache lookup: its cached tokens and its prompt's block hashes."""
+
+    cached: int
+    hashes: list[int]
 
 
 def _error_response(status: int, message: str, error_type: str, param: str | None = None) -> web.Response:

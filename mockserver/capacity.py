@@ -59,7 +59,8 @@ class Workload:
 
     Attributes:
         prompt_tokens: The prompt's length as the mock counts it (whitespace-separated
-            words; what it reports as `usage.prompt_tokens`).
+            words, or its tokenizer's tokens, with the template overhead; what it reports
+            as `usage.prompt_tokens`).
         output_tokens: Tokens generated per request (`max_tokens` with `ignore_eos`, or the
             mock's `--output-tokens`).
     """
@@ -217,6 +218,8 @@ class _Model:
 def _model(config: MockConfig, workload: Workload) -> _Model:
     if config.jitter_ms:
         raise ValueError("the capacity model assumes jitter_ms = 0")
+    if config.prefix_cache:
+        raise ValueError("the capacity model assumes no prefix cache (a prompt's prefill would depend on the others)")
     per_event = ENCODERS[config.style].tokens_per_event
     tokens = workload.output_tokens
     decode_itls = (-(-tokens // per_event) - 1) * per_event

@@ -15,7 +15,8 @@ from collections.abc import Callable
 
 from mockserver.config import MockConfig
 from mockserver.server import MockServer
-from mockserver.styles import CONNECTION_STYLES, STYLES
+from mockserver.styles import CONNECTION_STYLES, REASONING_FIELDS, STYLES
+from mockserver.tokens import load_token_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -116,6 +117,58 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "connections idle for more than 0.1 s, drops the request that meets one) (default: %(default)s)",
     )
     parser.add_argument(
+        "--tokenizer",
+        default=defaults.tokenizer,
+        metavar="PATH",
+        help="a tokenizer.json or a model directory holding one: prompt tokens are counted with it and "
+        "the output words are one token each for it (default: whitespace-separated words)",
+    )
+    parser.add_argument(
+        "--bos-tokens",
+        type=int,
+        default=defaults.bos_tokens,
+        help="tokens added at the start of every prompt given as text (chat and text completions, "
+        "not token-id prompts) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--chat-template-tokens",
+        type=int,
+        default=defaults.chat_template_tokens,
+        help="tokens the chat template adds around each message and once more for the generation "
+        "prompt: chat prompt_tokens = messages' tokens + bos + this x (messages + 1) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--prefix-cache",
+        action="store_true",
+        help="model a prefix cache: cached prompt tokens cost no prefill time, are reported as "
+        "usage.prompt_tokens_details.cached_tokens and counted on /metrics",
+    )
+    parser.add_argument(
+        "--prefix-cache-block-tokens",
+        type=int,
+        default=defaults.prefix_cache_block_tokens,
+        help="tokens per prefix-cache block; only whole blocks of a shared prefix hit (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--prefix-cache-blocks",
+        type=int,
+        default=defaults.prefix_cache_blocks,
+        help="blocks the prefix cache holds, least recently used evicted first (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--reasoning-tokens",
+        type=int,
+        default=defaults.reasoning_tokens,
+        help="with --style reasoning: output tokens sent as reasoning, at most all but the last "
+        "(default: half of them)",
+    )
+    parser.add_argument(
+        "--reasoning-field",
+        choices=REASONING_FIELDS,
+        default=defaults.reasoning_field,
+        help="with --style reasoning: the delta field of the reasoning text (default: %(default)s)",
+    )
+    parser.add_argument(
         "--malformed-metrics",
         action="store_true",
         help="serve a broken /metrics page (to test scrapers' error handling)",
@@ -124,6 +177,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT or SIGTERM; 0 on a clean shutdown, 2 on a bad flag value."""
+    defaults = MockConfig()
     try:
         config = MockConfig(
             ttft_ms=args.ttft_ms,
@@ -140,7 +194,17 @@ def run(args: argparse.Namespace) -> int:
             connections=getattr(args, "connections", "keep_alive"),
             itl_per_running_ms=getattr(args, "itl_per_running_ms", 0.0),
             prefill_ms_per_1k_tokens=getattr(args, "prefill_ms_per_1k_tokens", 0.0),
+            tokenizer=getattr(args, "tokenizer", ""),
+            bos_tokens=getattr(args, "bos_tokens", 0),
+            chat_template_tokens=getattr(args, "chat_template_tokens", 0),
+            prefix_cache=getattr(args, "prefix_cache", False),
+            prefix_cache_block_tokens=getattr(args, "prefix_cache_block_tokens", defaults.prefix_cache_block_tokens),
+            prefix_cache_blocks=getattr(args, "prefix_cache_blocks", defaults.prefix_cache_blocks),
+            reasoning_tokens=getattr(args, "reasoning_tokens", None),
+            reasoning_field=getattr(args, "reasoning_field", "reasoning_content"),
         )
+        if config.tokenizer:
+            load_token_model(config.tokenizer)  # refused here rather than in every worker
     except ValueError as exc:
         print(f"mock-server: error: {exc}", file=sys.stderr)
         return 2

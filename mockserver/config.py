@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from mockserver.styles import CONNECTION_STYLES, STYLES, ConnectionStyle, Style
+from mockserver.prefix_cache import DEFAULT_BLOCK_TOKENS, DEFAULT_CAPACITY_BLOCKS
+from mockserver.styles import CONNECTION_STYLES, REASONING_FIELDS, STYLES, ConnectionStyle, ReasoningField, Style
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,26 @@ class MockConfig:
             first token is written, this request included: a batch that decodes slower the
             fuller it is. The capacity model is `mockserver.capacity`.
         prefill_ms_per_1k_tokens: Added to the TTFT: this many ms per 1000 prompt tokens
-            (the `usage.prompt_tokens` count), as a prefill that grows with the prompt.
+            (the `usage.prompt_tokens` count) not found in the prefix cache, as a prefill
+            that grows with the prompt.
+        tokenizer: A `tokenizer.json` or a model directory holding one ("": none): prompts
+            are counted with it and the output words are one token each for it
+            (`mockserver.tokens`); without one a token is a whitespace-separated word.
+        bos_tokens: Tokens added at the start of every prompt given as text (chat and text
+            completions; not a completions prompt of token ids).
+        chat_template_tokens: Tokens the chat template adds around each message and once
+            more for the generation prompt: a chat request's prompt_tokens are its
+            messages' tokens + `bos_tokens` + this x (messages + 1).
+        prefix_cache: Model a prefix cache (`mockserver.prefix_cache`): cached prompt
+            tokens cost no prefill time and are reported as
+            `usage.prompt_tokens_details.cached_tokens`.
+        prefix_cache_block_tokens: Tokens per cache block (vLLM's default: 16).
+        prefix_cache_blocks: Blocks the cache holds, least recently used evicted first.
+        reasoning_tokens: With style `reasoning`, the output tokens sent as reasoning (at
+            most all but the last); None: half of them, rounded down.
+        reasoning_field: With style `reasoning`, the delta (and message) field of the
+            reasoning text: `reasoning_content` (vLLM, SGLang, DeepSeek) or `reasoning`
+            (newer vLLM, OpenRouter).
     """
 
     ttft_ms: float = 50.0
@@ -62,6 +82,14 @@ class MockConfig:
     connections: ConnectionStyle = "keep_alive"
     itl_per_running_ms: float = 0.0
     prefill_ms_per_1k_tokens: float = 0.0
+    tokenizer: str = ""
+    bos_tokens: int = 0
+    chat_template_tokens: int = 0
+    prefix_cache: bool = False
+    prefix_cache_block_tokens: int = DEFAULT_BLOCK_TOKENS
+    prefix_cache_blocks: int = DEFAULT_CAPACITY_BLOCKS
+    reasoning_tokens: int | None = None
+    reasoning_field: ReasoningField = "reasoning_content"
 
     def __post_init__(self) -> None:
         for name in ("ttft_ms", "itl_ms", "jitter_ms", "itl_per_running_ms", "prefill_ms_per_1k_tokens"):
@@ -91,3 +119,26 @@ class MockConfig:
         under = self.under_report_usage
         if isinstance(under, bool) or not isinstance(under, int | float) or not 0.0 <= under <= 1.0:
             raise ValueError(f"under_report_usage must be between 0 and 1, got {under!r}")
+        if not isinstance(self.tokenizer, str):
+            raise ValueError(f"tokenizer must be a path, got {self.tokenizer!r}")
+        for name, minimum in (
+            ("bos_tokens", 0),
+            ("chat_template_tokens", 0),
+            ("prefix_cache_block_tokens", 1),
+            ("prefix_cache_blocks", 1),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        if not isinstance(self.prefix_cache, bool):
+            raise ValueError(f"prefix_cache must be a boolean, got {self.prefix_cache!r}")
+        reasoning = self.reasoning_tokens
+        if reasoning is not None:
+            if isinstance(reasoning, bool) or not isinstance(reasoning, int) or reasoning < 0:
+                raise ValueError(f"reasoning_tokens must be an integer >= 0, got {reasoning!r}")
+            if self.style != "reasoning":
+                raise ValueError(f"reasoning_tokens needs style reasoning, got style {self.style!r}")
+        if self.reasoning_field not in REASONING_FIELDS:
+            raise ValueError(
+                f"reasoning_field must be one of {', '.join(REASONING_FIELDS)}, got {self.reasoning_field!r}"
+            )

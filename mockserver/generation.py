@@ -4,14 +4,19 @@ Pure logic, no HTTP: parsing an OpenAI-style request body, counting prompt token
 the output length and finish reason, the output vocabulary, and the latency draws. The HTTP
 layer (`mockserver.app`) only sequences these in time.
 
-Token counts are approximations a test can reproduce without a tokenizer:
+Without a tokenizer, token counts are approximations a test can reproduce without one:
 
 * Prompt tokens are the number of whitespace-separated words in the prompt: the text of every
   chat message (string content, or the `text` of every `{"type": "text"}` part; other parts
   such as images count nothing), or the completions `prompt` (a string, a list of strings
-  counted together, or a list of token ids counted one each).
+  counted together, or a list of token ids counted one each). Every message counts, whatever
+  its role: a multi-turn body (system, user, assistant, user, ...) is counted over its whole
+  history.
 * Every output token is one word of `VOCABULARY`, each with a leading space, so the output
   text of n tokens has exactly n words (and is n tokens for common BPE tokenizers).
+
+With a `TokenModel` (`mockserver.tokens`) the same texts are counted with a tokenizer, the
+configured template overhead is added, and the output words are one token each for it.
 """
 
 from __future__ import annotations
@@ -19,13 +24,17 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from mockserver.tokens import TokenModel
 
 Endpoint = Literal["chat", "completions"]
 FinishReason = Literal["stop", "length"]
 
 VOCABULARY: tuple[str, ...] = (" the", " of", " and", " to", " in", " a", " is", " that")
+WHITESPACE = TokenModel(default_vocabulary=VOCABULARY)
 
 
 class BadRequestError(ValueError):
@@ -48,6 +57,8 @@ class CompletionRequest:
     max_tokens: int | None
     min_tokens: int
     ignore_eos: bool
+    # The prompt as the prefix cache sees it (`TokenModel`), when asked for.
+    prompt_items: tuple[Hashable, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -58,8 +69,14 @@ class OutputPlan:
     finish_reason: FinishReason
 
 
-def parse_request(endpoint: Endpoint, body: bytes) -> CompletionRequest:
-    """Parse and validate a request body. Raises BadRequestError when it is unusable."""
+def parse_request(
+    endpoint: Endpoint, body: bytes, tokens: TokenModel = WHITESPACE, *, render: bool = False
+) -> CompletionRequest:
+    """Parse and validate a request body. Raises BadRequestError when it is unusable.
+
+    Prompt tokens are counted by `tokens`; with `render`, `prompt_items` holds the prompt as
+    the prefix cache sees it (its length is `prompt_tokens`).
+    """
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -67,10 +84,18 @@ def parse_request(endpoint: Endpoint, body: bytes) -> CompletionRequest:
     if not isinstance(data, dict):
         raise BadRequestError("request body must be a JSON object")
 
+    items: list[Hashable] | None
     if endpoint == "chat":
-        prompt_tokens = _count_chat_prompt(data.get("messages"))
+        messages = _chat_texts(data.get("messages"))
+        if render:
+            items = _render_chat(tokens, messages)
+            prompt_tokens = len(items)
+        else:
+            items = None
+            prompt_tokens = tokens.count_texts([t for _, texts in messages for t in texts])
+            prompt_tokens += tokens.chat_overhead(len(messages))
     else:
-        prompt_tokens = _count_completion_prompt(data.get("prompt"))
+        prompt_tokens, items = _completion_prompt(tokens, data.get("prompt"), render)
 
     n = data.get("n")
     if n is not None and n != 1:
@@ -91,6 +116,7 @@ def parse_request(endpoint: Endpoint, body: bytes) -> CompletionRequest:
         max_tokens=max_tokens,
         min_tokens=_optional_int(data, "min_tokens", minimum=0) or 0,
         ignore_eos=_optional_bool(data, "ignore_eos"),
+        prompt_items=tuple(items) if items is not None else None,
     )
 
 
@@ -114,10 +140,10 @@ def plan_output(request: CompletionRequest, natural_tokens: int) -> OutputPlan:
     return OutputPlan(tokens, "length" if tokens == limit else "stop")
 
 
-def output_text(tokens: int, start: int = 0) -> str:
-    """The text of output tokens `start` to `start + tokens` (token i is `VOCABULARY[i % len]`)."""
-    size = len(VOCABULARY)
-    return "".join(VOCABULARY[i % size] for i in range(start, start + tokens))
+def output_text(tokens: int, start: int = 0, vocabulary: Sequence[str] = VOCABULARY) -> str:
+    """The text of output tokens `start` to `start + tokens` (token i is `vocabulary[i % len]`)."""
+    size = len(vocabulary)
+    return "".join(vocabulary[i % size] for i in range(start, start + tokens))
 
 
 def reported_tokens(emitted: int, under_report: float) -> int:
@@ -180,38 +206,58 @@ class LatencyModel:
         return max(0.0, base + self._rng.uniform(-self._jitter, self._jitter))
 
 
-def _count_chat_prompt(messages: Any) -> int:
+def _chat_texts(messages: Any) -> list[tuple[str, list[str]]]:
+    """Each message's role and text parts, validated."""
     if not isinstance(messages, list) or not messages:
         raise BadRequestError("messages must be a non-empty list", "messages")
-    words = 0
+    out: list[tuple[str, list[str]]] = []
     for message in messages:
         if not isinstance(message, dict):
             raise BadRequestError("every message must be an object", "messages")
+        role = message.get("role")
+        role = role if isinstance(role, str) else "user"
         content = message.get("content")
+        texts: list[str] = []
         if content is None:  # e.g. an assistant message that only carries tool calls
-            continue
-        if isinstance(content, str):
-            words += len(content.split())
+            pass
+        elif isinstance(content, str):
+            texts.append(content)
         elif isinstance(content, list):
             for part in content:
                 if not isinstance(part, dict):
                     raise BadRequestError("every content part must be an object", "messages")
                 text = part.get("text")
                 if part.get("type") == "text" and isinstance(text, str):
-                    words += len(text.split())
+                    texts.append(text)
         else:
             raise BadRequestError("message content must be a string or a list", "messages")
-    return words
+        out.append((role, texts))
+    return out
 
 
-def _count_completion_prompt(prompt: Any) -> int:
+def _render_chat(tokens: TokenModel, messages: list[tuple[str, list[str]]]) -> list[Hashable]:
+    """BOS, then each message's header and text, then the generation prompt (an assistant header)."""
+    items = tokens.bos_items()
+    for role, texts in messages:
+        items += tokens.header_items(role)
+        for text in texts:
+            items += tokens.text_items(text)
+    items += tokens.header_items("assistant")
+    return items
+
+
+def _completion_prompt(tokens: TokenModel, prompt: Any, render: bool) -> tuple[int, list[Hashable] | None]:
     if isinstance(prompt, str):
-        return len(prompt.split())
-    if isinstance(prompt, list) and prompt:
-        if all(isinstance(p, str) for p in prompt):
-            return sum(len(p.split()) for p in prompt)
-        if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
-            return len(prompt)
+        prompt = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+        return len(prompt), list(prompt) if render else None  # token ids: no BOS added
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        if not render:
+            return tokens.bos_tokens + tokens.count_texts(prompt), None
+        items = tokens.bos_items()
+        for text in prompt:
+            items += tokens.text_items(text)
+        return len(items), items
     raise BadRequestError("prompt must be a string, a non-empty list of strings or a list of token ids", "prompt")
 
 

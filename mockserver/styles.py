@@ -43,9 +43,19 @@ every style (`reasoning` adds `message.reasoning_content`).
   multi-token prediction, or a server that coalesces output): each event carries 4 tokens,
   one decode step of `4 x itl` after the previous; the last may carry fewer. Usage is exact,
   so ITL (per event) and TPOT (per token) differ by the factor 4.
-* `reasoning`: a reasoning model behind a reasoning parser (vLLM, SGLang): the first half of
-  the tokens arrive as `delta.reasoning_content`, the rest as `delta.content`; both are
-  generated text and usage counts all of them. Chat only; completions stream as `openai`.
+* `reasoning`: a reasoning model behind a reasoning parser (vLLM, SGLang): the first R tokens
+  arrive as `delta.reasoning_content` (or `delta.reasoning`, newer vLLM's and OpenRouter's
+  name: `MockConfig.reasoning_field`), the rest as `delta.content`; both are generated text
+  and usage counts all of them, with `completion_tokens_details.reasoning_tokens` = R.
+  R is `MockConfig.reasoning_tokens` (at most all tokens but the last, which is always
+  answer), or half the tokens (rounded down) when not set (`reasoning_tokens()`). With one
+  token per event, the first reasoning token goes out at the TTFT and the first answer
+  token R inter-token latencies later. Chat only; completions stream as `openai`.
+
+Usage details: with the prefix cache on (`MockConfig.prefix_cache`) every usage object
+carries `prompt_tokens_details.cached_tokens` (as vLLM with `--enable-prompt-tokens-details`,
+SGLang with `--enable-cache-report` and llama-server do), and llama.cpp's `timings` add
+`cache_n` (its `prompt_n` then counts only the uncached tokens).
 
 Streaming is the hot path (hundreds of streams, tens of thousands of events a second), so an
 encoder renders the few distinct events of one response once, when the response starts, with
@@ -76,11 +86,15 @@ import json
 import math
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, NamedTuple, get_args
 
 from mockserver.generation import VOCABULARY, Endpoint, FinishReason
-from mockserver.wire import ID_PREFIX, OBJECT_CHUNK, dumps, usage_counts
+from mockserver.wire import ID_PREFIX, OBJECT_CHUNK, dumps, usage_counts, with_details
+
+ReasoningField = Literal["reasoning_content", "reasoning"]
+REASONING_FIELDS: tuple[ReasoningField, ...] = get_args(ReasoningField)
 
 Style = Literal["openai", "vllm", "sglang", "tgi", "llamacpp", "litellm", "multi_token", "reasoning"]
 STYLES: tuple[Style, ...] = get_args(Style)
@@ -127,6 +141,10 @@ class StreamSummary:
         finish_reason: Why generation stopped.
         prompt_ms: From the request being read to the first token (llama.cpp's `prompt_ms`).
         generation_ms: From the first token to the last (llama.cpp's `predicted_ms`).
+        cached_tokens: Prompt tokens found in the prefix cache (None: no prefix cache, and
+            no `prompt_tokens_details` in the usage).
+        reasoning_tokens: Output tokens sent as reasoning (None: not a reasoning answer, and
+            no `completion_tokens_details` in the usage).
     """
 
     prompt_tokens: int
@@ -134,6 +152,8 @@ class StreamSummary:
     finish_reason: FinishReason
     prompt_ms: float
     generation_ms: float
+    cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
 
 
 class StreamEncoder:
@@ -158,6 +178,9 @@ class StreamEncoder:
         include_usage: bool,
         response_id: str | None = None,
         created: int | None = None,
+        vocabulary: Sequence[str] = VOCABULARY,
+        reasoning_tokens: int | None = None,
+        reasoning_field: ReasoningField = "reasoning_content",
     ) -> None:
         self._endpoint = endpoint
         self._chat = endpoint == "chat"
@@ -165,6 +188,12 @@ class StreamEncoder:
         self._include_usage = include_usage
         self._id = response_id if response_id is not None else self._new_id()
         self._created = created if created is not None else int(time.time())
+        self._words = tuple(vocabulary)
+        self._words_json = (
+            _VOCABULARY_JSON if self._words == VOCABULARY else tuple(json.dumps(w).encode() for w in self._words)
+        )
+        self._reasoning_setting = reasoning_tokens
+        self._reasoning_field = reasoning_field
 
     def opening(self) -> bytes:
         """The events sent before any token: the chat role chunk (b"" for none)."""
@@ -173,19 +202,20 @@ class StreamEncoder:
         return self._event(self._chunk([self._role_choice()]))
 
     def token_events(self, tokens: int, finish_reason: FinishReason) -> TokenEvents:
-        """The events carrying `tokens` output tokens (token i is `VOCABULARY[i % len]`)."""
+        """The events carrying `tokens` output tokens (token i is `vocabulary[i % len]`)."""
         per_event = self.tokens_per_event
         head, tail = self._halves(self._token_choice(_HOLE, None))
         if per_event == 1:  # every style but one: the per-response cost of the hot path
-            table = tuple(head + word + tail for word in _VOCABULARY_JSON)
+            table = tuple(head + word + tail for word in self._words_json)
         else:
             # Event j starts at token j * per_event, so events repeat with this period.
-            period = len(VOCABULARY) // math.gcd(len(VOCABULARY), per_event)
-            table = tuple(head + _text_json(m * per_event, per_event) + tail for m in range(period))
+            size = len(self._words)
+            period = size // math.gcd(size, per_event)
+            table = tuple(head + self._text_json(m * per_event, per_event) + tail for m in range(period))
         count = -(-tokens // per_event)
         last_start = (count - 1) * per_event
         head, tail = self._halves(self._token_choice(_HOLE, self._last_token_finish(finish_reason)))
-        last = head + _text_json(last_start, tokens - last_start) + tail
+        last = head + self._text_json(last_start, tokens - last_start) + tail
         return TokenEvents(table, last, count, per_event, tokens - last_start)
 
     def closing(self, summary: StreamSummary) -> bytes:
@@ -227,6 +257,10 @@ class StreamEncoder:
         return finish_reason
 
     def _usage(self, summary: StreamSummary) -> dict[str, Any]:
+        """The usage object: the style's counts, then the details the summary has."""
+        return with_details(self._counts(summary), summary.cached_tokens, summary.reasoning_tokens)
+
+    def _counts(self, summary: StreamSummary) -> dict[str, Any]:
         return usage_counts(summary.prompt_tokens, summary.completion_tokens)
 
     # --- rendering -------------------------------------------------------------------------
@@ -243,13 +277,12 @@ class StreamEncoder:
         assert hole and _HOLE_JSON not in tail, "a token event has exactly one placeholder"
         return head, tail
 
-
-def _text_json(start: int, tokens: int) -> bytes:
-    """The JSON string of output tokens `start` to `start + tokens`."""
-    size = len(VOCABULARY)
-    if tokens == 1:
-        return _VOCABULARY_JSON[start % size]
-    return json.dumps("".join(VOCABULARY[i % size] for i in range(start, start + tokens))).encode()
+    def _text_json(self, start: int, tokens: int) -> bytes:
+        """The JSON string of output tokens `start` to `start + tokens`."""
+        size = len(self._words)
+        if tokens == 1:
+            return self._words_json[start % size]
+        return json.dumps("".join(self._words[i % size] for i in range(start, start + tokens))).encode()
 
 
 class VLLMEncoder(StreamEncoder):
@@ -274,7 +307,7 @@ class VLLMEncoder(StreamEncoder):
             return choice
         return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason, "stop_reason": None}
 
-    def _usage(self, summary: StreamSummary) -> dict[str, Any]:
+    def _counts(self, summary: StreamSummary) -> dict[str, Any]:
         prompt, completion = summary.prompt_tokens, summary.completion_tokens
         return {"prompt_tokens": prompt, "total_tokens": prompt + completion, "completion_tokens": completion}
 
@@ -399,16 +432,21 @@ class LlamaCppEncoder(StreamEncoder):
         final = self._chunk([choice], usage=self._usage(summary), timings=_llamacpp_timings(summary))
         return self._event(final) + self._done()
 
-    def _usage(self, summary: StreamSummary) -> dict[str, Any]:
+    def _counts(self, summary: StreamSummary) -> dict[str, Any]:
         prompt, completion = summary.prompt_tokens, summary.completion_tokens
         return {"completion_tokens": completion, "prompt_tokens": prompt, "total_tokens": prompt + completion}
 
 
 def _llamacpp_timings(summary: StreamSummary) -> dict[str, Any]:
-    """llama.cpp's `timings`; a rate over zero is null, as nlohmann dumps inf and NaN."""
-    prompt_n, prompt_ms = summary.prompt_tokens, round(summary.prompt_ms, 3)
+    """llama.cpp's `timings`; a rate over zero is null, as nlohmann dumps inf and NaN.
+
+    With a prefix cache, `cache_n` counts the prompt tokens reused and `prompt_n` the rest."""
+    cached = summary.cached_tokens
+    prompt_n, prompt_ms = summary.prompt_tokens - (cached or 0), round(summary.prompt_ms, 3)
     predicted_n, predicted_ms = summary.completion_tokens, round(summary.generation_ms, 3)
+    timings: dict[str, Any] = {} if cached is None else {"cache_n": cached}
     return {
+        **timings,
         "prompt_n": prompt_n,
         "prompt_ms": prompt_ms,
         "prompt_per_token_ms": _ratio(prompt_ms, prompt_n),
@@ -438,8 +476,20 @@ class LiteLLMEncoder(StreamEncoder):
         include_usage: bool,
         response_id: str | None = None,
         created: int | None = None,
+        vocabulary: Sequence[str] = VOCABULARY,
+        reasoning_tokens: int | None = None,
+        reasoning_field: ReasoningField = "reasoning_content",
     ) -> None:
-        super().__init__(endpoint, model, include_usage=include_usage, response_id=response_id, created=created)
+        super().__init__(
+            endpoint,
+            model,
+            include_usage=include_usage,
+            response_id=response_id,
+            created=created,
+            vocabulary=vocabulary,
+            reasoning_tokens=reasoning_tokens,
+            reasoning_field=reasoning_field,
+        )
         when = datetime.datetime.fromtimestamp(self._created, datetime.UTC)
         self._ping = b": ping - " + str(when).encode() + self._end  # as sse-starlette words it
 
@@ -473,33 +523,34 @@ class MultiTokenEncoder(StreamEncoder):
 
 
 class ReasoningEncoder(StreamEncoder):
-    """The first half of the tokens as `reasoning_content`, the rest as `content` (chat)."""
+    """The first R tokens as `reasoning_content` (or `reasoning`), the rest as `content` (chat)."""
 
     reasons = True
 
     def token_events(self, tokens: int, finish_reason: FinishReason) -> TokenEvents:
         if not self._chat:
             return super().token_events(tokens, finish_reason)
-        reasoning = reasoning_tokens(tokens)
-        think_head, think_tail = self._halves(_reasoning_choice(_HOLE))
+        reasoning = reasoning_tokens(tokens, self._reasoning_setting)
+        think = {"index": 0, "delta": {self._reasoning_field: _HOLE}, "finish_reason": None}
+        think_head, think_tail = self._halves(think)
         head, tail = self._halves(self._token_choice(_HOLE, None))
-        size = len(_VOCABULARY_JSON)
-        thinking = tuple(think_head + _VOCABULARY_JSON[i % size] + think_tail for i in range(size))
-        answer = tuple(head + _VOCABULARY_JSON[i % size] + tail for i in range(size))
+        words = self._words_json
+        size = len(words)
+        thinking = tuple(think_head + words[i % size] + think_tail for i in range(size))
+        answer = tuple(head + words[i % size] + tail for i in range(size))
         # Not periodic: the table holds every event but the last (which is always content).
         table = tuple(thinking[i % size] if i < reasoning else answer[i % size] for i in range(tokens - 1))
         head, tail = self._halves(self._token_choice(_HOLE, finish_reason))
-        last = head + _VOCABULARY_JSON[(tokens - 1) % size] + tail
+        last = head + words[(tokens - 1) % size] + tail
         return TokenEvents(table, last, tokens, 1, 1)
 
 
-def _reasoning_choice(text: str) -> dict[str, Any]:
-    return {"index": 0, "delta": {"reasoning_content": text}, "finish_reason": None}
-
-
-def reasoning_tokens(tokens: int) -> int:
-    """How many of `tokens` output tokens the `reasoning` style sends as reasoning."""
-    return tokens // 2
+def reasoning_tokens(tokens: int, configured: int | None = None) -> int:
+    """How many of `tokens` output tokens the `reasoning` style sends as reasoning: the
+    configured count, at most all but the last token; half of them when not configured."""
+    if configured is None:
+        return tokens // 2
+    return max(0, min(configured, tokens - 1))
 
 
 ENCODERS: dict[Style, type[StreamEncoder]] = {

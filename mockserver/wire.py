@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
-from mockserver.generation import Endpoint, FinishReason, output_text
+from mockserver.generation import VOCABULARY, Endpoint, FinishReason, output_text
 
 OBJECT_CHUNK = {"chat": "chat.completion.chunk", "completions": "text_completion"}
 OBJECT_FULL = {"chat": "chat.completion", "completions": "text_completion"}
@@ -32,6 +33,16 @@ def usage_counts(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+def with_details(usage: dict[str, Any], cached_tokens: int | None, reasoning_tokens: int | None) -> dict[str, Any]:
+    """`usage` with `prompt_tokens_details.cached_tokens` and
+    `completion_tokens_details.reasoning_tokens` where known (None: left out)."""
+    if cached_tokens is not None:
+        usage["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    if reasoning_tokens is not None:
+        usage["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
+    return usage
+
+
 def error_body(message: str, error_type: str, code: int, param: str | None = None) -> bytes:
     """An OpenAI-style error body."""
     return dumps({"error": {"message": message, "type": error_type, "param": param, "code": code}})
@@ -45,25 +56,34 @@ def full_response(
     prompt_tokens: int,
     *,
     reported_tokens: int | None = None,
-    reasoning_tokens: int = 0,
+    reasoning_tokens: int | None = None,
+    reasoning_field: str = "reasoning_content",
+    cached_tokens: int | None = None,
+    vocabulary: Sequence[str] = VOCABULARY,
 ) -> bytes:
     """The JSON body of a non-streamed response of `tokens` tokens.
 
     `reported_tokens` is the completion count put in `usage` (default: `tokens`); the first
-    `reasoning_tokens` tokens of a chat answer go to `message.reasoning_content`, as reasoning
-    parsers (vLLM, SGLang) return them.
+    `reasoning_tokens` tokens of a chat answer go to `message.reasoning_content` (or the
+    `reasoning_field` named), as reasoning parsers (vLLM, SGLang) return them, and are
+    reported as `usage.completion_tokens_details.reasoning_tokens` (None: not a reasoning
+    answer). `cached_tokens` (None: no prefix cache) goes to
+    `usage.prompt_tokens_details.cached_tokens`.
     """
     choice: dict[str, Any]
+    reasoning = reasoning_tokens or 0
     if endpoint == "chat":
         message: dict[str, Any] = {
             "role": "assistant",
-            "content": output_text(tokens - reasoning_tokens, start=reasoning_tokens),
+            "content": output_text(tokens - reasoning, start=reasoning, vocabulary=vocabulary),
         }
-        if reasoning_tokens:
-            message["reasoning_content"] = output_text(reasoning_tokens)
+        if reasoning:
+            message[reasoning_field] = output_text(reasoning, vocabulary=vocabulary)
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
     else:
-        choice = {"index": 0, "text": output_text(tokens), "logprobs": None, "finish_reason": finish_reason}
+        reasoning_tokens = None
+        text = output_text(tokens, vocabulary=vocabulary)
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
     completion_tokens = tokens if reported_tokens is None else reported_tokens
     return dumps(
         {
@@ -72,7 +92,7 @@ def full_response(
             "created": int(time.time()),
             "model": model,
             "choices": [choice],
-            "usage": usage_counts(prompt_tokens, completion_tokens),
+            "usage": with_details(usage_counts(prompt_tokens, completion_tokens), cached_tokens, reasoning_tokens),
         }
     )
 

@@ -64,6 +64,7 @@ COUNTERS = (
     "requests_cancelled",
     "output_tokens_total",
     "prompt_tokens_total",
+    "cached_tokens_total",
     "running",
 )
 ENDPOINTS: tuple[Endpoint, ...] = ("chat", "completions")

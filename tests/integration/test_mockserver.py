@@ -489,6 +489,7 @@ async def test_stats_match_what_was_sent_and_reset_zeroes_them(
         "requests_cancelled": 0,
         "output_tokens_total": 6 + 2 + 4 + 6,
         "prompt_tokens_total": 2 + 2 + 3 + 4,
+        "cached_tokens_total": 0,  # no prefix cache
         "running": 0,
         "waiting": 0,
         "by_endpoint": {"chat": 2, "completions": 3},
@@ -594,7 +595,12 @@ async def test_non_streamed_answer_under_reports_and_splits_reasoning(
     message = body["choices"][0]["message"]
     assert len(message["reasoning_content"].split()) == len(message["content"].split()) == 8
     assert message["reasoning_content"] + message["content"] == output_text(16)
-    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 12, "total_tokens": 14}
+    assert body["usage"] == {
+        "prompt_tokens": 2,
+        "completion_tokens": 12,
+        "total_tokens": 14,
+        "completion_tokens_details": {"reasoning_tokens": 8},  # not under-reported
+    }
     assert (await _stats(session, server.base_url))["output_tokens_total"] == 16  # what was sent
 
 

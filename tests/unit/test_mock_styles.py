@@ -366,3 +366,28 @@ def test_connection_styles_are_validated_and_reach_the_config() -> None:
     assert parser.parse_args([]).connections == "keep_alive"
     with pytest.raises(SystemExit):
         parser.parse_args(["--connections", "nope"])
+
+
+def test_reasoning_field_count_and_usage_details() -> None:
+    enc = ENCODERS["reasoning"](
+        "chat", "m", include_usage=True, response_id="X", created=7, reasoning_tokens=1, reasoning_field="reasoning"
+    )
+    summary = StreamSummary(
+        prompt_tokens=2,
+        completion_tokens=3,
+        finish_reason="length",
+        prompt_ms=1.0,
+        generation_ms=1.0,
+        cached_tokens=0,
+        reasoning_tokens=1,
+    )
+    body = b"".join(events_of(enc.token_events(3, "length")))
+    assert enc.opening() + body + enc.closing(summary) == lines(
+        b"{" + CHAT + b',"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}',
+        b"{" + CHAT + b',"choices":[{"index":0,"delta":{"reasoning":" the"},"finish_reason":null}]}',
+        b"{" + CHAT + b',"choices":[{"index":0,"delta":{"content":" of"},"finish_reason":null}]}',
+        b"{" + CHAT + b',"choices":[{"index":0,"delta":{"content":" and"},"finish_reason":"length"}]}',
+        b"{" + CHAT + b',"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":3,"total_tokens":5,'
+        b'"prompt_tokens_details":{"cached_tokens":0},"completion_tokens_details":{"reasoning_tokens":1}}}',
+        b"[DONE]",
+    )
