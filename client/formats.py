@@ -50,7 +50,13 @@ KEY_COMPARE_METRICS = (
     "e2e_p99_ms",
     "output_token_throughput",
     "request_throughput",
+    # Only in comparisons of reasoning runs (the controller compares them only then).
+    "ttfr_p50_ms",
+    "ttfo_p50_ms",
+    "ttfo_p99_ms",
 )
+# Figures that are percentages already: changes shown in points.
+_PERCENT_METRICS = ("prefix_cache_hit_percent",)
 SAMPLE_FIELDS: tuple[str, ...] = tuple(f.name for f in run_service_pb2.ExportedSample.DESCRIPTOR.fields)
 
 
@@ -598,6 +604,8 @@ async def write_samples(samples: AsyncIterable[run_service_pb2.ExportedSample], 
 def _value_text(metric: str, value: float) -> str:
     if metric == "error_rate":
         return f"{value * 100:.2f}%"
+    if metric in _PERCENT_METRICS:
+        return f"{value:.1f}%"
     return f"{value:.1f}" if abs(value) >= 10 else f"{value:.3g}"
 
 
@@ -610,6 +618,8 @@ def _delta_text(m: run_service_pb2.MetricDelta) -> str:
     points (its tolerance counts points), a metric whose baseline is 0 in its own unit."""
     if m.metric == "error_rate":
         scale, unit, fmt = 100.0, " pt", (lambda v: f"{v:+.2f}")
+    elif m.metric in _PERCENT_METRICS:
+        scale, unit, fmt = 1.0, " pt", (lambda v: f"{v:+.1f}")
     elif m.baseline:
         scale, unit, fmt = 100.0 / abs(m.baseline), "%", (lambda v: f"{v:+.1f}")
     else:
