@@ -106,3 +106,15 @@ def test_ttfo_is_in_the_compare_table_of_reasoning_runs() -> None:
         Console(file=out, width=200, no_color=True).print(table)
     text = out.getvalue()
     assert "ttfo_p50_ms" in text and "ttfo_p99_ms" in text and "ttfr_p50_ms" in text
+
+
+def test_a_series_history_reads_them_only_from_stages_that_have_them() -> None:
+    from controller.domain.baselines import _figure
+
+    ttfo, hit = METRICS_BY_NAME["ttfo_p99_ms"], METRICS_BY_NAME["prefix_cache_hit_percent"]
+    assert _figure(ttfo, stage()) == (None, None)  # TTFO of a plain run is TTFT: not a point
+    reasoning = stage(ttfo=3000.0)
+    value, ci = _figure(ttfo, reasoning)
+    assert value == reasoning.ttfo.p99_ms == 6000.0 and ci == reasoning.ttfo.p99_ci
+    assert _figure(hit, stage()) == (None, None)
+    assert _figure(hit, stage(hit=0.0)) == (0.0, None)  # reported: 0 % is a value
