@@ -18,7 +18,7 @@ from rich.table import Table
 
 from client import formats
 from client import intervals as ci_text
-from client.formats import NA
+from client.formats import NA, has_prefix_cache, has_reasoning
 from client.intervals import interval_of
 from common.proto.loadtest.v1 import run_pb2, run_service_pb2
 
@@ -178,17 +178,6 @@ def token_notes(result: run_pb2.RunResult) -> list[str]:
 
 
 # --- reasoning, prefix cache and conversations (shown only for runs that have them) ---------
-
-
-def has_reasoning(s: run_pb2.StageResult) -> bool:
-    """Whether the stage saw reasoning (TTFO alone is TTFT for a model that does not reason)."""
-    return bool(s.ttfr.count or s.reasoning_tokens)
-
-
-def has_prefix_cache(s: run_pb2.StageResult) -> bool:
-    """Whether the stage has a prefix-cache view: the server's, or the client's with hits."""
-    client = s.HasField("prefix_cache_hit_percent") and s.cached_prompt_tokens > 0
-    return client or s.server_metrics.HasField("prefix_cache_hit_percent")
 
 
 def _percent(value: float | None) -> str:

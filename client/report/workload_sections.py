@@ -9,8 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from html import escape
 
-from client import render
-from client.formats import NA
+from client.formats import NA, has_prefix_cache, has_reasoning
 from client.intervals import interval_of
 from client.report import charts
 from client.report.chart_sections import _distribution_chart, _error_bar
@@ -60,7 +59,7 @@ def _server_hit(s: run_pb2.StageResult) -> float | None:
 def reasoning_section(runs: Sequence[RunReportData], styles: Sequence[RunStyle]) -> str:
     """Per reasoning stage: TTFR and TTFO p50/p99 (TTFT beside them), the mean reasoning and
     answer tokens, and the distributions of TTFR and TTFO from the exported samples."""
-    if not any(render.has_reasoning(s) for d in runs for s in d.result.stages):
+    if not any(has_reasoning(s) for d in runs for s in d.result.stages):
         return ""
     several = len(runs) > 1
     parts = ['<section id="reasoning" data-section="reasoning"><h2>Reasoning</h2>']
@@ -77,7 +76,7 @@ def reasoning_section(runs: Sequence[RunReportData], styles: Sequence[RunStyle])
         "reasoning tokens",
     ]
     for data, style in zip(runs, styles, strict=True):
-        stages = [s for s in data.result.stages if render.has_reasoning(s)]
+        stages = [s for s in data.result.stages if has_reasoning(s)]
         if not stages:
             continue
         parts.append(_run_heading(style, several))
@@ -96,7 +95,7 @@ def reasoning_section(runs: Sequence[RunReportData], styles: Sequence[RunStyle])
         "event carrying answer text (TTFT is the first of either). reasoning tok / answer tok: mean tokens per "
         "request (reasoning tokens count in the output tokens). Latencies in ms.</p>"
     )
-    indices = sorted({s.index for d in runs for s in d.result.stages if render.has_reasoning(s)})
+    indices = sorted({s.index for d in runs for s in d.result.stages if has_reasoning(s)})
     for index in indices:
         parts.append(f'<h3 class="stage-heading">Stage {index}</h3><div class="charts">')
         for name, title, metric, field in (
@@ -239,13 +238,13 @@ def conversations_section(runs: Sequence[RunReportData], styles: Sequence[RunSty
 def prefix_cache_section(runs: Sequence[RunReportData], styles: Sequence[RunStyle]) -> str:
     """Per stage with a prefix-cache view: the client's hit rate (usage cached tokens over
     prompt tokens) beside the server's (its own counters)."""
-    if not any(render.has_prefix_cache(s) for d in runs for s in d.result.stages):
+    if not any(has_prefix_cache(s) for d in runs for s in d.result.stages):
         return ""
     several = len(runs) > 1
     parts = ['<section id="prefix-cache" data-section="prefix-cache"><h2>Prefix cache</h2>']
     heads = ["Stage", "Load", "prompt tokens", "cached tokens", "client hit", "server hit", "server counters"]
     for data, style in zip(runs, styles, strict=True):
-        stages = [s for s in data.result.stages if render.has_prefix_cache(s)]
+        stages = [s for s in data.result.stages if has_prefix_cache(s)]
         if not stages:
             continue
         parts.append(_run_heading(style, several))

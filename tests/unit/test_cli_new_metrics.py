@@ -203,3 +203,22 @@ def test_json_has_every_new_field(capsys: pytest.CaptureFixture[str]) -> None:
         "note": "approximate: no tokenizer",
     }
     assert s0["turns"] == [] and s0["sessions_completed"] == 0  # present though empty
+
+
+def test_markdown_has_the_new_tables_only_when_they_apply() -> None:
+    from client import formats
+
+    plain_md = formats.markdown(result(plain()))
+    assert "TTFR" not in plain_md and "by turn" not in plain_md and "cached prompt tokens" not in plain_md
+    r = result(reasoning(0), conversation(1), note="input 512 reaches the model as 519 tokens (+7 template)")
+    md = formats.markdown(r)
+    s0, s1 = r.stages
+    row = next(line for line in md.splitlines() if line.startswith("| 0 |") and "402.0" in line)
+    assert f"| {s0.mean_reasoning_tokens:.1f} | {s0.mean_answer_tokens:.1f} |" in row
+    assert f"{s0.ttfo.p50_ms:.1f}" in row and f"{s0.ttfr.p99_ms:.1f}" in row
+    turns = [line for line in md.splitlines() if line.startswith("| ") and line.count("|") == 10]
+    assert [t.split("|")[1].strip() for t in turns[1:]] == ["1", "2", "3"]
+    assert turns[2].split("|")[4].strip() == f"{s1.turns[1].ttft.p50_ms:.1f}"
+    assert f"{s1.sessions_completed} sessions completed" in md
+    assert f"| 1 | {s1.cached_prompt_tokens} | {s1.prefix_cache_hit_percent:.1f} | \u2013 |" in md
+    assert "Tokens: input 512 reaches the model as 519 tokens (+7 template)" in md
