@@ -40,16 +40,6 @@ SAMPLE_COLUMNS = (
     "requested_output_tokens",
 )
 COL = {name: i for i, name in enumerate(SAMPLE_COLUMNS)}
-# The columns an export row carries after its agent session (ExportedSample's fields 200-),
-# each 0 where the stored table has no such column.
-EXPORT_EXTRA_COLUMNS = (
-    "first_reasoning_ns",
-    "first_answer_ns",
-    "reasoning_tokens",
-    "cached_prompt_tokens",
-    "session_id",
-    "turn_index",
-)
 
 # An export cursor is one integer: (batch pk << 32) | offset of the last sample exported.
 _OFFSET_BITS = 32
@@ -129,6 +119,18 @@ def cursor(batch_pk: int, offset: int) -> int:
 def split_cursor(value: int) -> tuple[int, int]:
     """(batch pk, offset) of an export cursor; (0, 0) is "before the first sample"."""
     return value >> _OFFSET_BITS, value & _OFFSET_MASK
+
+
+# The columns an export row carries after its agent session (ExportedSample's fields 200-),
+# each 0 where the stored table has no such column.
+EXPORT_EXTRA_COLUMNS = (
+    "first_reasoning_ns",
+    "first_answer_ns",
+    "reasoning_tokens",
+    "cached_prompt_tokens",
+    "session_id",
+    "turn_index",
+)
 
 
 def export_rows(
