@@ -341,6 +341,8 @@ def print_result(
         con = render.console(wide)
         # A search's stages are its probes: the probe table says what the stage table would, and how each was judged.
         con.print(render.probe_table(result, wide) if searched else render.result_table(result, wide))
+        for extra in render.result_extras(result, wide):
+            con.print(extra)
         if details:
             for part in render.result_details(result):
                 con.print(part)

@@ -50,7 +50,13 @@ KEY_COMPARE_METRICS = (
     "e2e_p99_ms",
     "output_token_throughput",
     "request_throughput",
+    # Only in comparisons of reasoning runs (the controller compares them only then).
+    "ttfr_p50_ms",
+    "ttfo_p50_ms",
+    "ttfo_p99_ms",
 )
+# Figures that are percentages already: changes shown in points.
+_PERCENT_METRICS = ("prefix_cache_hit_percent",)
 SAMPLE_FIELDS: tuple[str, ...] = tuple(f.name for f in run_service_pb2.ExportedSample.DESCRIPTOR.fields)
 
 
@@ -313,6 +319,73 @@ def honest_verdict(result: run_pb2.RunResult, allow_suspect: bool = False) -> st
     return verdict
 
 
+# --- reasoning, prefix cache, conversations ---------------------------------------------------
+
+
+def has_reasoning(s: run_pb2.StageResult) -> bool:
+    """Whether the stage saw reasoning (TTFO alone is TTFT for a model that does not reason)."""
+    return bool(s.ttfr.count or s.reasoning_tokens)
+
+
+def has_prefix_cache(s: run_pb2.StageResult) -> bool:
+    """Whether the stage has a prefix-cache view: the server's, or the client's with hits."""
+    client = s.HasField("prefix_cache_hit_percent") and s.cached_prompt_tokens > 0
+    return client or s.server_metrics.HasField("prefix_cache_hit_percent")
+
+
+def _md_percent(message: run_pb2.StageResult | run_pb2.TurnResult | run_pb2.ServerMetricsResult) -> str:
+    return f"{message.prefix_cache_hit_percent:.1f}" if message.HasField("prefix_cache_hit_percent") else NA
+
+
+def _md_workload_tables(result: run_pb2.RunResult) -> list[str]:
+    """The Markdown tables of reasoning, the prefix cache and conversation turns, each only
+    when some stage has its figures; the token accounting note."""
+    lines: list[str] = []
+    reasoning = [s for s in result.stages if has_reasoning(s)]
+    if reasoning:
+        lines += ["", "| Stage | TTFR p50 | TTFR p99 | TTFO p50 | TTFO p99 | reasoning tok | answer tok |"]
+        lines.append("|:---|---:|---:|---:|---:|---:|---:|")
+        for s in reasoning:
+            cells = [
+                _md_ms(s.ttfr, "p50_ms"),
+                _md_ms(s.ttfr, "p99_ms"),
+                _md_ms(s.ttfo, "p50_ms"),
+                _md_ms(s.ttfo, "p99_ms"),
+            ]
+            lines.append(
+                f"| {_md_stage(s)} | {' | '.join(cells)} | {s.mean_reasoning_tokens:.1f} | {s.mean_answer_tokens:.1f} |"
+            )
+        lines += ["", "TTFR / TTFO: time to the first reasoning / answer token (ms); tok: mean per request."]
+    cached = [s for s in result.stages if has_prefix_cache(s)]
+    if cached:
+        lines += ["", "| Stage | cached prompt tokens | client hit % | server hit % |", "|:---|---:|---:|---:|"]
+        lines += [
+            f"| {_md_stage(s)} | {s.cached_prompt_tokens} | {_md_percent(s)} | {_md_percent(s.server_metrics)} |"
+            for s in cached
+        ]
+    for s in result.stages:
+        if not s.turns:
+            continue
+        lines += ["", f"Stage {_md_stage(s)} by turn: {s.sessions_completed} sessions completed"]
+        if s.session_duration.count:
+            d = s.session_duration
+            lines[-1] += f", session duration p50 {d.p50_ms / 1000:.2f} s, p99 {d.p99_ms / 1000:.2f} s"
+        lines += [
+            "",
+            "| Turn | Requests | Failed | TTFT p50 | TTFT p99 | TPOT p50 | E2E p50 | input tok | cache hit % |",
+        ]
+        lines.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        lines += [
+            f"| {t.turn} | {t.requests_ok + t.requests_failed} | {t.requests_failed} | {_md_ms(t.ttft, 'p50_ms')} "
+            f"| {_md_ms(t.ttft, 'p99_ms')} | {_md_ms(t.tpot, 'p50_ms')} | {_md_ms(t.e2e, 'p50_ms')} "
+            f"| {t.mean_input_tokens:.1f} | {_md_percent(t)} |"
+            for t in s.turns
+        ]
+    if result.tokens.note:
+        lines += ["", f"Tokens: {_md_text(result.tokens.note)}"]
+    return lines
+
+
 # --- markdown ------------------------------------------------------------------------------
 
 
@@ -425,6 +498,7 @@ def markdown(result: run_pb2.RunResult, run: run_pb2.Run | None = None) -> str:
         ]
         if failed:
             lines[-1] += " Error rates: " + ", ".join(failed) + "."
+    lines += _md_workload_tables(result)
     checks = iter_checks(result)
     if result.verdict not in (run_pb2.VERDICT_UNSPECIFIED, run_pb2.VERDICT_NONE) or checks:
         lines += ["", f"**Verdict: {verdict_name(result.verdict)}**", ""]
@@ -598,6 +672,8 @@ async def write_samples(samples: AsyncIterable[run_service_pb2.ExportedSample], 
 def _value_text(metric: str, value: float) -> str:
     if metric == "error_rate":
         return f"{value * 100:.2f}%"
+    if metric in _PERCENT_METRICS:
+        return f"{value:.1f}%"
     return f"{value:.1f}" if abs(value) >= 10 else f"{value:.3g}"
 
 
@@ -610,6 +686,8 @@ def _delta_text(m: run_service_pb2.MetricDelta) -> str:
     points (its tolerance counts points), a metric whose baseline is 0 in its own unit."""
     if m.metric == "error_rate":
         scale, unit, fmt = 100.0, " pt", (lambda v: f"{v:+.2f}")
+    elif m.metric in _PERCENT_METRICS:
+        scale, unit, fmt = 1.0, " pt", (lambda v: f"{v:+.1f}")
     elif m.baseline:
         scale, unit, fmt = 100.0 / abs(m.baseline), "%", (lambda v: f"{v:+.1f}")
     else:

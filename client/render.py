@@ -18,7 +18,7 @@ from rich.table import Table
 
 from client import formats
 from client import intervals as ci_text
-from client.formats import NA
+from client.formats import NA, has_prefix_cache, has_reasoning
 from client.intervals import interval_of
 from common.proto.loadtest.v1 import run_pb2, run_service_pb2
 
@@ -166,9 +166,164 @@ def result_table(result: run_pb2.RunResult, wide: bool = False) -> Table:
         notes.append(escape((ci_text.WIDE_LEGEND if wide else ci_text.LEGEND).format(level=ci_text.level(result))))
     if any(s.requests_ok and s.ttft.count < s.requests_ok for s in result.stages):
         notes.append("TTFT absent for non-streaming requests")
+    notes.extend(token_notes(result))
     table.caption = "\n".join([*notes, *fleet_notes(result), *cross_check_notes(result), *retry_notes(result)])
     table.caption_justify = "left"
     return table
+
+
+def token_notes(result: run_pb2.RunResult) -> list[str]:
+    """How exact the run's token counts are (TokenAccounting's note), when the result says."""
+    return [escape(f"tokens: {result.tokens.note}")] if result.tokens.note else []
+
+
+# --- reasoning, prefix cache and conversations (shown only for runs that have them) ---------
+
+
+def _percent(value: float | None) -> str:
+    return NA if value is None else f"{value:.1f}"
+
+
+def _client_hit(m: run_pb2.StageResult | run_pb2.TurnResult) -> float | None:
+    return m.prefix_cache_hit_percent if m.HasField("prefix_cache_hit_percent") else None
+
+
+def _server_hit(s: run_pb2.StageResult) -> float | None:
+    sm = s.server_metrics
+    return sm.prefix_cache_hit_percent if sm.HasField("prefix_cache_hit_percent") else None
+
+
+REASONING_COLUMNS = ("stage", "TTFR p50", "TTFR p99", "TTFO p50", "TTFO p99", "reason tok", "answer tok")
+
+
+def reasoning_table(result: run_pb2.RunResult, wide: bool = False) -> Table | None:
+    """Time to first reasoning / answer token and the mean token split, per reasoning stage."""
+    stages = [s for s in result.stages if has_reasoning(s)]
+    if not stages:
+        return None
+    table = _table("reasoning")
+    cells = []
+    for s in stages:
+        c = {
+            "stage": _stage_cell(s),
+            "TTFR p50": _ms(s.ttfr.p50_ms),
+            "TTFR p99": _ms(s.ttfr.p99_ms),
+            "TTFO p50": _ms(s.ttfo.p50_ms),
+            "TTFO p99": _ms(s.ttfo.p99_ms),
+            "reason tok": _num(s.mean_reasoning_tokens),
+            "answer tok": _num(s.mean_answer_tokens),
+        }
+        for label, field in (("TTFR", "ttfr"), ("TTFO", "ttfo")):
+            for p in ("p50", "p99"):
+                ci = interval_of(getattr(s, field), f"{p}_ci")
+                text = ci_text.bounds(ci, 1) if wide else ci_text.short(ci, 1)
+                if text and c[f"{label} {p}"] != NA:
+                    c[f"{label} {p}"] += "\n" + escape(text)
+        cells.append(c)
+    _add_columns(table, [(n, [c[n] for c in cells]) for n in REASONING_COLUMNS], left=("stage",), shrinkable=("stage",))
+    table.caption = "TTFR/TTFO: to first reasoning/answer token, ms\ntok: mean tokens per request"
+    table.caption_justify = "left"
+    return table
+
+
+def prefix_cache_table(result: run_pb2.RunResult, wide: bool = False) -> Table | None:
+    """The prefix-cache hit rate per stage: the client's (usage cached tokens over prompt
+    tokens) and the server's (its own counters), the server's only where it has one."""
+    stages = [s for s in result.stages if has_prefix_cache(s)]
+    if not stages:
+        return None
+    server = any(_server_hit(s) is not None for s in stages)
+    names = ["stage", "cached tok", "client hit %"] + (["server hit %"] if server else [])
+    if wide and server:
+        names.append("server source")
+    cells = [
+        {
+            "stage": _stage_cell(s),
+            "cached tok": str(s.cached_prompt_tokens),
+            "client hit %": _percent(_client_hit(s)),
+            "server hit %": _percent(_server_hit(s)),
+            "server source": s.server_metrics.prefix_cache_source or NA,
+        }
+        for s in stages
+    ]
+    table = _table("prefix cache")
+    _add_columns(
+        table,
+        [(n, [c[n] for c in cells]) for n in names],
+        left=("stage", "server source"),
+        shrinkable=("stage", "server source"),
+    )
+    table.caption = "client: usage's cached / prompt tokens"
+    if server:
+        table.caption += "\nserver: its own cache counters"
+    table.caption_justify = "left"
+    return table
+
+
+TURN_COLUMNS = ("turn", "ok/failed", "TTFT p50", "TTFT p99", "TPOT p50", "E2E p50", "in tok", "cache %")
+TURN_WIDE_COLUMNS = (
+    "turn",
+    "ok",
+    "failed",
+    "TTFT p50",
+    "TTFT p99",
+    "TPOT p50",
+    "TPOT p99",
+    "E2E p50",
+    "E2E p99",
+    "in tok",
+    "cache %",
+)
+
+
+def _turn_cells(t: run_pb2.TurnResult) -> dict[str, str]:
+    return {
+        "turn": str(t.turn),
+        "ok": str(t.requests_ok),
+        "failed": str(t.requests_failed),
+        "ok/failed": f"{t.requests_ok}/{t.requests_failed}",
+        "TTFT p50": _ms(t.ttft.p50_ms),
+        "TTFT p99": _ms(t.ttft.p99_ms),
+        "TPOT p50": _ms(t.tpot.p50_ms),
+        "TPOT p99": _ms(t.tpot.p99_ms),
+        "E2E p50": _ms(t.e2e.p50_ms),
+        "E2E p99": _ms(t.e2e.p99_ms),
+        "in tok": _num(t.mean_input_tokens),
+        "cache %": _percent(_client_hit(t)),
+    }
+
+
+def session_line(s: run_pb2.StageResult) -> str:
+    """`sessions completed 40, session duration p50 12.3 s, p99 20.1 s`."""
+    line = f"sessions completed {s.sessions_completed}"
+    d = s.session_duration
+    if d.count:
+        line += f", session duration p50 {d.p50_ms / 1000:.2f} s, p99 {d.p99_ms / 1000:.2f} s"
+    return line
+
+
+def turns_table(s: run_pb2.StageResult, wide: bool = False) -> Table | None:
+    """A conversation stage's figures by turn index (TTFT by turn shows what the prefix cache
+    buys), its completed sessions and their duration in the caption."""
+    if not s.turns:
+        return None
+    table = _table(f"stage {_stage_cell(s)} by turn")
+    cells = [_turn_cells(t) for t in s.turns]
+    names: tuple[str, ...] = TURN_WIDE_COLUMNS if wide else TURN_COLUMNS
+    if not any(t.HasField("prefix_cache_hit_percent") for t in s.turns):
+        names = tuple(n for n in names if n != "cache %")
+    _add_columns(table, [(n, [c[n] for c in cells]) for n in names], left=("turn",), shrinkable=())
+    table.caption = escape(session_line(s)) + "\nlatencies in ms; in tok: mean prompt tokens, history included"
+    table.caption_justify = "left"
+    return table
+
+
+def result_extras(result: run_pb2.RunResult, wide: bool = False) -> list[Table]:
+    """The tables shown under the summary when they apply: reasoning, prefix cache, and each
+    conversation stage by turn (none for a plain run)."""
+    tables = [reasoning_table(result, wide), prefix_cache_table(result, wide)]
+    tables += [turns_table(s, wide) for s in result.stages]
+    return [t for t in tables if t is not None]
 
 
 # The probe table of a capacity search: the default columns fit 80, `--wide` shows them all.
@@ -364,7 +519,12 @@ def _latency_table(s: run_pb2.StageResult, title: str) -> Table:
     table = Table(title=title, title_justify="left")
     for name in ("metric", "count", "mean", "std", "min", "p50", "p90", "p95", "p99", "p99.9", "max"):
         table.add_column(name, justify="left" if name == "metric" else "right")
-    for label, field in _LATENCIES:
+    latencies = list(_LATENCIES)
+    if has_reasoning(s):
+        latencies[1:1] = [("TTFR", "ttfr"), ("TTFO", "ttfo")]
+    if s.session_duration.count:
+        latencies.append(("session", "session_duration"))
+    for label, field in latencies:
         st: run_pb2.LatencyStats = getattr(s, field)
         if not st.count:
             table.add_row(label, "0", *["-"] * 9)
@@ -429,6 +589,22 @@ def _stage_facts(s: run_pb2.StageResult) -> list[str]:
             + _with_bounds(f"{100 * s.good_fraction:.1f} %", ci_text.percent(interval_of(s, "good_fraction_ci")))
             + " (SLO met, of all requests)"
         )
+    if has_reasoning(s):
+        lines.append(
+            f"reasoning: {s.reasoning_tokens} reasoning tokens (part of output); mean per request "
+            f"{s.mean_reasoning_tokens:.1f} reasoning, {s.mean_answer_tokens:.1f} answer"
+        )
+    if s.HasField("prefix_cache_hit_percent") or _server_hit(s) is not None:
+        lines.append(
+            f"prefix cache: client {_percent(_client_hit(s))} % ({s.cached_prompt_tokens} cached prompt tokens)"
+            + (
+                f", server {_percent(_server_hit(s))} % ({s.server_metrics.prefix_cache_source})"
+                if _server_hit(s) is not None
+                else ""
+            )
+        )
+    if s.turns or s.sessions_completed:
+        lines.append(session_line(s))
     if s.saturated:
         lines.append(f"WARNING load generator saturated: {s.saturation_reason}")
     if s.target_saturated:

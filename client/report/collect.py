@@ -2,7 +2,8 @@
 its result and, unless skipped, a digest of its exported samples.
 
 The samples are digested as they stream in (a long run has millions): only the per-request
-TTFT and TPOT of each stage's OK requests are kept, TPOT as common/metrics.py defines it.
+TTFT and TPOT of each stage's OK requests are kept, TPOT as common/metrics.py defines it, and
+for requests that reasoned their times to first reasoning and first answer token.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ class StageLatencies:
         self._last_token_ms: list[float] = []
         self._output_tokens: list[int] = []
         self._tpot_ms: list[float] | None = None
+        # Reasoning models: time to first reasoning / answer token of the requests that reasoned.
+        self.ttfr_ms: list[float] = []
+        self.ttfo_ms: list[float] = []
 
     def add(self, ttft_ms: float, last_token_ms: float, output_tokens: int) -> None:
         self.ttft_ms.append(ttft_ms)
@@ -59,6 +63,10 @@ class SampleDigest:
             # The export's e2e_ms is the last token's time; it falls back to `done` only for a
             # response without text events, which has no TTFT either.
             stage.add(sample.ttft_ms, sample.e2e_ms, sample.output_tokens)
+        if sample.first_reasoning_ms > 0:
+            stage.ttfr_ms.append(sample.first_reasoning_ms)
+            if sample.first_answer_ms > 0:
+                stage.ttfo_ms.append(sample.first_answer_ms)
 
 
 @dataclass

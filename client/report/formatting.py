@@ -67,6 +67,14 @@ def length_text(dist: run_pb2.LengthDistribution) -> str:
 def workload_text(spec: run_pb2.RunSpec) -> str:
     """The run's workload in one line: dataset or synthetic lengths."""
     w = spec.workload
+    if w.WhichOneof("source") == "conversation":
+        c = w.conversation
+        return (
+            f"conversations of {length_text(c.turns)} turns, input {length_text(c.input_tokens)} tok per turn, "
+            f"output {length_text(c.output_tokens)} tok"
+        )
+    if w.WhichOneof("source") == "trace":
+        return f"trace replay ({w.trace.dataset_id}, {w.trace.entry_count} requests, x{w.trace.replay_speed or 1:g})"
     if w.WhichOneof("source") == "dataset":
         name = w.dataset.name or "dataset"
         return (

@@ -20,6 +20,7 @@ from client.report.sections import (
     summary_section,
 )
 from client.report.server_sections import server_section
+from client.report.workload_sections import conversations_section, prefix_cache_section, reasoning_section
 
 
 def build_report(runs: Sequence[RunReportData], generated: datetime | None = None) -> str:
@@ -31,6 +32,9 @@ def build_report(runs: Sequence[RunReportData], generated: datetime | None = Non
         header_section(runs, styles, generated.astimezone(UTC))
         + capacity_section(runs, styles)
         + summary_section(runs, styles)
+        + reasoning_section(runs, styles)
+        + conversations_section(runs, styles)
+        + prefix_cache_section(runs, styles)
         + latency_throughput_section(runs, styles)
         + timeline_section(runs, styles)
         + server_section([d.result for d in runs], styles)

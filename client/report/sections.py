@@ -31,6 +31,7 @@ from client.report.formatting import (
     utc_time,
     workload_text,
 )
+from client.report.workload_sections import token_note_html
 from common import durations, search_outcome
 from common.proto.loadtest.v1 import run_pb2
 from common.search_outcome import variable_name
@@ -245,6 +246,7 @@ def summary_section(runs: Sequence[RunReportData], styles: Sequence[RunStyle]) -
             f'<div class="table-wrap"><table class="data"><thead><tr>{head}</tr></thead>'
             f"<tbody>{''.join(rows)}</tbody></table></div>"
         )
+        parts.append(token_note_html(data.result))
     parts.append(
         '<p class="note">Latencies in ms. conc. = achieved (mean) concurrency; peak tok/s = the largest '
         "1-second bucket. Hover a failure count for the error kinds. Under a figure: ± half its 95 % "

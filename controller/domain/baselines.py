@@ -81,6 +81,8 @@ def _figure(metric: Metric, stage: run_pb2.StageResult) -> tuple[float | None, r
     counted = stage.requests_ok + (stage.requests_failed if metric.name == "error_rate" else 0)
     if counted == 0:
         return None, None
+    if metric.present is not None and not metric.present(stage):
+        return None, None  # a figure of reasoning or the prefix cache in a run without it
     return metric.value(stage), metric.interval(stage)
 
 

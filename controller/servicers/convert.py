@@ -110,6 +110,9 @@ EXPORT_SCHEMA_VERSION = 1
 # Plain ints: `IntFlag` arithmetic costs ~20x int's, and an export tests these for every sample.
 _USAGE_FROM_SERVER: Final = int(SampleFlag.USAGE_FROM_SERVER)
 _WARMUP: Final = int(SampleFlag.WARMUP)
+# SampleBatch.flags bits 3 and 4 (common.codes.SampleFlag.CACHED_REPORTED / LAST_TURN).
+_CACHED_REPORTED: Final = 1 << 3
+_LAST_TURN: Final = 1 << 4
 
 
 def exported_sample(row: tuple[object, ...]) -> run_service_pb2.ExportedSample:
@@ -131,8 +134,11 @@ def exported_sample(row: tuple[object, ...]) -> run_service_pb2.ExportedSample:
         itl_count,
         error,
         agent_session,
+        *extra,
     ) = row
     flags_i = int(flags)  # type: ignore[call-overload]
+    # The columns after the session (columnar.EXPORT_EXTRA_COLUMNS); a row without them reads as 0s.
+    first_reasoning, first_answer, reasoning, cached, session_id, turn = (*extra, 0, 0, 0, 0, 0, 0)[:6]
 
     def ms(ns: object) -> float:
         return int(ns) / 1e6  # type: ignore[call-overload, no-any-return]
@@ -154,6 +160,14 @@ def exported_sample(row: tuple[object, ...]) -> run_service_pb2.ExportedSample:
         itl_count=int(itl_count),  # type: ignore[call-overload]
         error=str(error),
         agent_session=str(agent_session),
+        first_reasoning_ms=ms(first_reasoning),
+        first_answer_ms=ms(first_answer),
+        reasoning_tokens=int(reasoning),  # type: ignore[call-overload]
+        cached_prompt_tokens=int(cached),  # type: ignore[call-overload]
+        cached_reported=bool(flags_i & _CACHED_REPORTED),
+        session_id=int(session_id),  # type: ignore[call-overload]
+        turn_index=int(turn),  # type: ignore[call-overload]
+        last_turn=bool(flags_i & _LAST_TURN),
     )
 
 

@@ -121,12 +121,25 @@ def split_cursor(value: int) -> tuple[int, int]:
     return value >> _OFFSET_BITS, value & _OFFSET_MASK
 
 
+# The columns an export row carries after its agent session (ExportedSample's fields 200-),
+# each 0 where the stored table has no such column.
+EXPORT_EXTRA_COLUMNS = (
+    "first_reasoning_ns",
+    "first_answer_ns",
+    "reasoning_tokens",
+    "cached_prompt_tokens",
+    "session_id",
+    "turn_index",
+)
+
+
 def export_rows(
     conn: sqlite3.Connection, run_pk: int, after: int, limit: int, include_warmup: bool
 ) -> list[tuple[object, ...]]:
     """Up to `limit` samples after cursor `after`, in storage order, as export rows:
     (cursor, stage, agent name, sent, queue delay, first byte, first token, last token, done,
-    prompt tokens, output tokens, status, flags, itl_count, error, agent session)."""
+    prompt tokens, output tokens, status, flags, itl_count, error, agent session, then the
+    EXPORT_EXTRA_COLUMNS)."""
     after_pk, after_offset = split_cursor(after)
     batches = conn.execute(
         "SELECT b.pk, b.stage_idx, b.n_samples, b.sample_columns, a.agent_name, a.agent_session"
@@ -136,6 +149,7 @@ def export_rows(
     )
     out: list[tuple[object, ...]] = []
     wanted = [COL[c] for c in SAMPLE_COLUMNS[:11]]
+    extra = [COL.get(c) for c in EXPORT_EXTRA_COLUMNS]
     for batch_pk, stage, n, blob, agent, session in batches:
         table = unpack(blob, n)
         start = after_offset + 1 if batch_pk == after_pk else 0
@@ -152,9 +166,11 @@ def export_rows(
             ).fetchall()
         )
         values: list[list[Any]] = table[wanted][:, offsets].T.tolist()
-        for i, v in zip(offsets.tolist(), values, strict=True):
+        zeros = [0] * offsets.size
+        extras = list(zip(*(zeros if c is None else table[c, offsets].tolist() for c in extra), strict=True))
+        for i, v, x in zip(offsets.tolist(), values, extras, strict=True):
             # v: sent, queue, first_byte, first_token, last_token, done, prompt, output, status, flags, itl_count
-            out.append((cursor(batch_pk, i), stage, agent, *v, errors.get(i, ""), session))
+            out.append((cursor(batch_pk, i), stage, agent, *v, errors.get(i, ""), session, *x))
         if len(out) >= limit:
             break
     return out

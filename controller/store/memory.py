@@ -67,6 +67,7 @@ Row = TypeVar("Row")
 
 _COL = columnar.COL
 _EXPORTED = [_COL[c] for c in columnar.SAMPLE_COLUMNS[:11]]  # the sample columns of an export row
+_EXPORTED_EXTRA = [_COL.get(c) for c in columnar.EXPORT_EXTRA_COLUMNS]  # after the session; None: 0
 
 
 def _next_pk(table: dict[int, Row]) -> int:
@@ -647,6 +648,7 @@ class MemoryTables:
                             *values,
                             b.errors.get(i, ""),
                             a.agent_session,
+                            *(0 if c is None else int(b.table[c, i]) for c in _EXPORTED_EXTRA),
                         )
                     )
         return out

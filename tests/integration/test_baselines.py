@@ -160,6 +160,10 @@ async def test_history_follows_a_metric_over_labelled_runs(
     assert [p.value for p in throughput.points[:3]] == [r.stages[0].output_token_throughput for r in results]
     elsewhere = await client.series_history("svc", load="concurrency=99")
     assert not any(p.HasField("value") for p in elsewhere.points) and len(elsewhere.points) == 4
+    # A figure of reasoning models: the mock's plain replies have none (no value, not a 0).
+    ttfr = await client.series_history("svc", metric="ttfr_p99_ms")
+    assert ttfr.metric == "ttfr_p99_ms" and len(ttfr.points) == 4
+    assert not any(p.HasField("value") for p in ttfr.points)
     # The most recent two runs, and the baseline before them although it is older.
     recent = await client.series_history("svc", limit=2)
     assert [p.run_id for p in recent.points] == [runs[1].id, runs[2].id, failed.id]

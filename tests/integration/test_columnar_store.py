@@ -137,13 +137,15 @@ def test_migration_7_converts_samples_written_the_old_way(tmp_path: Path) -> Non
             while chunk := repo.export_page(run_pk, after, page, True):
                 rows.extend(chunk)
                 after = int(chunk[-1][0])  # type: ignore[call-overload]
-            assert [r[1:] for r in rows] == [r[1:] for r in old_rows]
+            # The columns after the session (EXPORT_EXTRA_COLUMNS) are 0 for samples of before them.
+            assert [r[1:16] for r in rows] == [r[1:] for r in old_rows]
+            assert {r[16:] for r in rows} == {(0,) * len(columnar.EXPORT_EXTRA_COLUMNS)}
         counted = [r for r in old_rows if not int(r[12]) & SampleFlag.WARMUP]  # type: ignore[call-overload]
         rows, after = [], 0
         while chunk := repo.export_page(run_pk, after, 5, False):
             rows.extend(chunk)
             after = int(chunk[-1][0])  # type: ignore[call-overload]
-        assert [r[1:] for r in rows] == [r[1:] for r in counted]
+        assert [r[1:16] for r in rows] == [r[1:] for r in counted]
         first_error = next(str(r[14]) for r in old_rows if r[14])
         assert repo.failure_summary(run_pk)[2] == first_error
         record = repo.get_run("run_old")

@@ -114,6 +114,10 @@ async def test_per_agent_rows_export_and_compare(controller: Controller, client:
         assert {s.agent_name for s in exported} == {"agent-a", "agent-b"}
         assert all(s.status == run_pb2.REQUEST_STATUS_OK and s.output_tokens == 8 for s in exported)
         assert all(10 <= s.ttft_ms < s.e2e_ms for s in exported)
+        # No reasoning and no conversation: those columns are 0 (TTFO, where stored, is TTFT).
+        assert all(s.first_reasoning_ms == 0 and s.reasoning_tokens == 0 for s in exported)
+        assert all(s.session_id == s.turn_index == 0 and not s.last_turn for s in exported)
+        assert all(s.first_answer_ms in (0.0, s.ttft_ms) for s in exported)
 
         itself = await client.compare_runs(base.id, [base.id])
         deltas = [m for st in itself.comparisons[0].stages for m in st.metrics]

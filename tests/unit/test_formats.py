@@ -240,6 +240,14 @@ SAMPLES = [
         status=run_pb2.REQUEST_STATUS_OK,
         usage_reported=True,
         itl_count=31,
+        first_reasoning_ms=12.5,
+        first_answer_ms=200.25,
+        reasoning_tokens=20,
+        cached_prompt_tokens=48,
+        cached_reported=True,
+        session_id=7,
+        turn_index=3,
+        last_turn=True,
     ),
     run_service_pb2.ExportedSample(
         stage_index=1,
@@ -256,10 +264,29 @@ async def test_csv_header_and_rows() -> None:
     assert await formats.write_samples(_samples(SAMPLES), out, "csv") == 2
     rows = list(csv.reader(io.StringIO(out.getvalue())))
     assert rows[0] == [f.name for f in run_service_pb2.ExportedSample.DESCRIPTOR.fields]
-    assert rows[0][:3] == ["stage_index", "agent_name", "sent_unix_ns"] and rows[0][-2:] == ["error", "agent_session"]
+    assert rows[0][:3] == ["stage_index", "agent_name", "sent_unix_ns"] and rows[0][14:16] == ["error", "agent_session"]
+    # Reasoning, prefix cache and conversation columns follow (schema version 1, added fields).
+    assert rows[0][16:] == [
+        "first_reasoning_ms",
+        "first_answer_ms",
+        "reasoning_tokens",
+        "cached_prompt_tokens",
+        "cached_reported",
+        "session_id",
+        "turn_index",
+        "last_turn",
+    ]
     first = dict(zip(rows[0], rows[1], strict=True))
     assert first["status"] == "ok" and first["sent_unix_ns"] == "1700000000123456789"
     assert first["ttft_ms"] == "41.0" and first["output_tokens"] == "32" and first["usage_reported"] == "true"
+    assert first["first_reasoning_ms"] == "12.5" and first["first_answer_ms"] == "200.25"
+    assert first["reasoning_tokens"] == "20" and first["cached_prompt_tokens"] == "48"
+    assert (first["cached_reported"], first["session_id"], first["turn_index"], first["last_turn"]) == (
+        "true",
+        "7",
+        "3",
+        "true",
+    )
     second = dict(zip(rows[0], rows[2], strict=True))
     assert second["status"] == "http_5xx" and second["agent_name"] == 'a2, "quoted"'
     assert second["error"] == "HTTP 503: overloaded\nretry later" and second["warmup"] == "false"
@@ -275,7 +302,10 @@ async def test_jsonl_rows() -> None:
     assert list(first) == [f.name for f in run_service_pb2.ExportedSample.DESCRIPTOR.fields]
     assert first["sent_unix_ns"] == 1_700_000_000_123_456_789  # a number, not a string
     assert first["status"] == "ok" and first["usage_reported"] is True and first["e2e_ms"] == 360.0
-    assert json.loads(lines[1])["status"] == "http_5xx"
+    assert first["session_id"] == 7 and first["last_turn"] is True and first["first_answer_ms"] == 200.25
+    second = json.loads(lines[1])
+    assert (second["first_reasoning_ms"], second["turn_index"], second["cached_reported"]) == (0.0, 0, False)
+    assert second["status"] == "http_5xx"
     with pytest.raises(ValueError, match="unknown sample format"):
         await formats.write_samples(_samples([]), io.StringIO(), "xml")
 

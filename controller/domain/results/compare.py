@@ -35,6 +35,8 @@ from controller.domain.results.difference import (
 from controller.domain.results.message import interval_field
 
 DEFAULT_TOLERANCE_PERCENT = 10.0
+# The note of a metric without an interval (`Metric.judged` False).
+NOT_JUDGED = "shown, not judged (results carry no interval of it)"
 
 
 def _error_rate(s: run_pb2.StageResult) -> float:
@@ -43,7 +45,7 @@ def _error_rate(s: run_pb2.StageResult) -> float:
     return s.requests_failed / max(1, s.requests_ok + s.requests_failed)  # a result from before the field
 
 
-def _latency(metric: str, p: str) -> Metric:
+def _latency(metric: str, p: str, present: Callable[[run_pb2.StageResult], bool] | None = None) -> Metric:
     """`ttft`, `p99` -> ttft_p99_ms read from `stage.ttft.p99_ms` with `stage.ttft.p99_ci`."""
     return Metric(
         f"{metric}_{p}_ms",
@@ -52,7 +54,17 @@ def _latency(metric: str, p: str) -> Metric:
         True,
         values=lambda s: int(getattr(s, metric).count),
         quantile=int(p.removeprefix("p")) / 100,
+        present=present,
     )
+
+
+def _reasons(s: run_pb2.StageResult) -> bool:
+    """The stage saw reasoning (without, TTFO is TTFT and TTFR does not exist)."""
+    return bool(s.ttfr.count or s.reasoning_tokens)
+
+
+def _reports_cache(s: run_pb2.StageResult) -> bool:
+    return s.HasField("prefix_cache_hit_percent")
 
 
 @dataclass(frozen=True)
@@ -68,6 +80,11 @@ class Metric:
     quantile: float | None = None  # a percentile's quantile, 0.99 for p99
     per_second: bool = False  # a rate: its interval comes from the stage's whole seconds
     highest: float | None = None  # the largest value the figure can take (a fraction: 1); None: unbounded
+    # When set, the metric is compared only where both stages have it (reasoning, the prefix
+    # cache): a run without it adds nothing to the comparison, not even to the Holm family.
+    present: Callable[[run_pb2.StageResult], bool] | None = None
+    # False: the figure has no interval to read its noise from; shown with its change, not judged.
+    judged: bool = True
 
     def worst_change(self, baseline: float) -> float | None:
         """The largest change for the worse the figure's range allows from `baseline` (to 0
@@ -99,6 +116,22 @@ METRICS: tuple[Metric, ...] = (
         lambda s: interval_field(s, "output_token_throughput_ci"),
         False,
         per_second=True,
+    ),
+    # Reasoning models: compared only when both stages reasoned (docs/metrics.md, "Comparing runs").
+    _latency("ttfr", "p50", _reasons),
+    _latency("ttfr", "p99", _reasons),
+    _latency("ttfo", "p50", _reasons),
+    _latency("ttfo", "p99", _reasons),
+    # The client's prefix-cache hit rate, percent; lower is worse. Results carry no interval
+    # of it, so its change is shown and not judged.
+    Metric(
+        "prefix_cache_hit_percent",
+        lambda s: s.prefix_cache_hit_percent,
+        lambda s: None,
+        False,
+        highest=100.0,
+        present=_reports_cache,
+        judged=False,
     ),
 )
 METRICS_BY_NAME: dict[str, Metric] = {m.name: m for m in METRICS}
@@ -313,6 +346,10 @@ def _row(metric: Metric, base: _Side, other: _Side, repeats: bool) -> _Row | Non
     answers): there is nothing to compare."""
     if metric.values is not None and metric.values(base.stage) == 0 and metric.values(other.stage) == 0:
         return None
+    if metric.present is not None and not (metric.present(base.stage) and metric.present(other.stage)):
+        return None
+    if not metric.judged:
+        return _Row(metric, base, other, None, None, NOT_JUDGED)
     notes: list[str] = []
     requests_needed = repeats_needed = 0
     estimates: list[Estimate] = []
@@ -360,6 +397,8 @@ def _delta(
     # A regression beyond the tolerance that the figure's range excludes (a throughput below 0,
     # an error rate above 100 %) is ruled out whatever the noise.
     impossible = worst is not None and worst <= tolerance
+    if not row.metric.judged:
+        return MetricDelta(row.metric.name, base, value, delta, pct, Outcome.UNSPECIFIED, note=row.note)
     if row.diff is None or row.estimates is None:
         if impossible:
             return MetricDelta(row.metric.name, base, value, delta, pct, Outcome.NO_REGRESSION, note=_IMPOSSIBLE)

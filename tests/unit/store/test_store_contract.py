@@ -663,6 +663,21 @@ async def test_a_stored_batch_is_a_copy(store: Store) -> None:
     assert np.array_equal(data.columns.sent_unix_ns, sent)  # type: ignore[attr-defined]
 
 
+async def test_export_rows_end_with_the_reasoning_and_conversation_columns(store: Store) -> None:
+    run = await new_run(store)
+    a1 = await new_assignment(store, run.pk, "asg_1", session="ses-a")
+    t, g = sample_table(3, seed=4)
+    stored = [c for c in columnar.EXPORT_EXTRA_COLUMNS if c in COL]
+    for k, name in enumerate(stored):
+        t[COL[name]] = (k + 1) * 1000 + np.arange(3)
+    await store.ingest_batches([batch(a1, run.pk, 1, t, g)])
+    rows = await store.export_page(run.pk, 0, 10, True)
+    extra = {name: [r[16 + k] for r in rows] for k, name in enumerate(columnar.EXPORT_EXTRA_COLUMNS)}
+    for name, values in extra.items():
+        k = stored.index(name) if name in stored else -1
+        assert values == ([(k + 1) * 1000 + i for i in range(3)] if k >= 0 else [0, 0, 0]), name
+
+
 async def test_export_pages_through_samples_in_storage_order(store: Store) -> None:
     run = await new_run(store)
     a1 = await new_assignment(store, run.pk, "asg_1", agent="agent-a", session="ses-a")
@@ -679,7 +694,18 @@ async def test_export_pages_through_samples_in_storage_order(store: Store) -> No
     )
 
     def rows(t: np.ndarray, stage: int, agent: str, session: str, errors: dict[int, str]) -> list[tuple[object, ...]]:
-        return [(stage, agent, *(int(v) for v in t[:11, i]), errors.get(i, ""), session) for i in range(t.shape[1])]
+        extra = [COL.get(c) for c in columnar.EXPORT_EXTRA_COLUMNS]
+        return [
+            (
+                stage,
+                agent,
+                *(int(v) for v in t[:11, i]),
+                errors.get(i, ""),
+                session,
+                *(0 if c is None else int(t[c, i]) for c in extra),
+            )
+            for i in range(t.shape[1])
+        ]
 
     everything = [
         *rows(t1, 0, "agent-a", "ses-a", {1: "warm boom", 3: "boom"}),

@@ -633,6 +633,14 @@ class ExportedSample(_message.Message):
     ITL_COUNT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     AGENT_SESSION_FIELD_NUMBER: _builtins.int
+    FIRST_REASONING_MS_FIELD_NUMBER: _builtins.int
+    FIRST_ANSWER_MS_FIELD_NUMBER: _builtins.int
+    REASONING_TOKENS_FIELD_NUMBER: _builtins.int
+    CACHED_PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    CACHED_REPORTED_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    TURN_INDEX_FIELD_NUMBER: _builtins.int
+    LAST_TURN_FIELD_NUMBER: _builtins.int
     stage_index: _builtins.int
     """Index of the stage."""
     agent_name: _builtins.str
@@ -665,6 +673,26 @@ class ExportedSample(_message.Message):
     """Error description (empty when OK)."""
     agent_session: _builtins.str
     """Session id of the agent connection that ran the request's assignment."""
+    first_reasoning_ms: _builtins.float
+    """Reasoning models: the first event carrying reasoning text, ms after sent (0: none)."""
+    first_answer_ms: _builtins.float
+    """The first event carrying answer text, ms after sent (0: none)."""
+    reasoning_tokens: _builtins.int
+    """Reasoning tokens (server usage, else the count of reasoning events); part of
+    `output_tokens`.
+    """
+    cached_prompt_tokens: _builtins.int
+    """Prompt tokens the server reported as served from its prefix cache (0: none or not
+    reported; see `cached_reported`).
+    """
+    cached_reported: _builtins.bool
+    """The server's usage reported `cached_prompt_tokens`."""
+    session_id: _builtins.int
+    """Conversations: the session, unique within the assignment (0: not a conversation)."""
+    turn_index: _builtins.int
+    """Conversations: the turn within the session, from 1 (0: not a conversation)."""
+    last_turn: _builtins.bool
+    """Conversations: the last turn of its session."""
     def __init__(
         self,
         *,
@@ -684,10 +712,18 @@ class ExportedSample(_message.Message):
         itl_count: _builtins.int = ...,
         error: _builtins.str = ...,
         agent_session: _builtins.str = ...,
+        first_reasoning_ms: _builtins.float = ...,
+        first_answer_ms: _builtins.float = ...,
+        reasoning_tokens: _builtins.int = ...,
+        cached_prompt_tokens: _builtins.int = ...,
+        cached_reported: _builtins.bool = ...,
+        session_id: _builtins.int = ...,
+        turn_index: _builtins.int = ...,
+        last_turn: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_name", b"agent_name", "agent_session", b"agent_session", "done_ms", b"done_ms", "e2e_ms", b"e2e_ms", "error", b"error", "first_byte_ms", b"first_byte_ms", "itl_count", b"itl_count", "output_tokens", b"output_tokens", "prompt_tokens", b"prompt_tokens", "queue_delay_ms", b"queue_delay_ms", "sent_unix_ns", b"sent_unix_ns", "stage_index", b"stage_index", "status", b"status", "ttft_ms", b"ttft_ms", "usage_reported", b"usage_reported", "warmup", b"warmup"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_name", b"agent_name", "agent_session", b"agent_session", "cached_prompt_tokens", b"cached_prompt_tokens", "cached_reported", b"cached_reported", "done_ms", b"done_ms", "e2e_ms", b"e2e_ms", "error", b"error", "first_answer_ms", b"first_answer_ms", "first_byte_ms", b"first_byte_ms", "first_reasoning_ms", b"first_reasoning_ms", "itl_count", b"itl_count", "last_turn", b"last_turn", "output_tokens", b"output_tokens", "prompt_tokens", b"prompt_tokens", "queue_delay_ms", b"queue_delay_ms", "reasoning_tokens", b"reasoning_tokens", "sent_unix_ns", b"sent_unix_ns", "session_id", b"session_id", "stage_index", b"stage_index", "status", b"status", "ttft_ms", b"ttft_ms", "turn_index", b"turn_index", "usage_reported", b"usage_reported", "warmup", b"warmup"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
