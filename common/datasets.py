@@ -28,9 +28,10 @@ With `all_turns` an entry is a whole conversation, kept in `DatasetEntry.message
 Turn *i* of the conversation is the *i*-th user message; its `max_tokens` is the word count of
 the assistant message that follows it (at least 1) — the dataset's reply is only a length, the
 replay sends the server's own replies as history. A conversation may end with a user message
-without a reply (JSONL only): that turn uses the entry's `max_tokens`, else the workload's output
-length. `DatasetEntry.prompt` is the first user message and `DatasetEntry.max_tokens` the first
-turn's. `conversation_turns(entry)` returns `(system, [ConversationTurn(prompt, max_tokens)])`.
+without a reply (JSONL only): that turn uses the entry's `max_tokens` (the line's own
+`max_tokens` field, kept in `DatasetEntry.max_tokens`; 0: the workload's output length).
+`DatasetEntry.prompt` is the first user message. `conversation_turns(entry)` returns
+`(system, [ConversationTurn(prompt, max_tokens)])`.
 - ShareGPT: `human`/`user` turns are user messages, `gpt`/`assistant`/`chatgpt`/`bing`/`bard`
   replies, a leading `system` turn the system message. A conversation is cut where the
   alternation breaks and at a trailing human turn without a reply; one left without a complete
@@ -187,8 +188,9 @@ def iter_lines(data: bytes | Iterable[bytes]) -> Iterator[tuple[int, str]]:
     for chunk in _as_chunks(data):
         try:
             text = decoder.decode(bytes(chunk))
-        except UnicodeDecodeError:
-            raise DatasetError(f"line {number + pending.count(chr(10)) + 1}: not valid UTF-8") from None
+        except UnicodeDecodeError as exc:
+            at = number + pending.count("\n") + bytes(chunk)[: max(exc.start, 0)].count(b"\n") + 1
+            raise DatasetError(f"line {at}: not valid UTF-8") from None
         if not text:
             continue
         text = pending + text
@@ -291,9 +293,6 @@ def _jsonl_entry(obj: Any, where: str, all_turns: bool) -> run_pb2.DatasetEntry:
         if all_turns:
             _check_alternation(list(entry.messages), where)
             entry.prompt = users[0]
-            turns = conversation_turns(entry)[1]
-            if turns[0].max_tokens:
-                entry.max_tokens = turns[0].max_tokens
         else:
             entry.prompt = "\n".join(users)
     elif "prompt" in obj:
@@ -381,7 +380,6 @@ def _sharegpt_entry(conv: Any, index: int, all_turns: bool) -> run_pb2.DatasetEn
         entry.messages.add(role="assistant", content=reply["value"])
         if not pairs:
             entry.prompt = user["value"]
-            entry.max_tokens = _reply_tokens(reply["value"])
         pairs += 1
     return entry if pairs else None
 
@@ -412,8 +410,9 @@ def _json_list_items(data: bytes | Iterable[bytes]) -> Iterator[tuple[int, Any]]
                 break
             try:
                 buf += text_decoder.decode(bytes(chunk))
-            except UnicodeDecodeError:
-                raise DatasetError(f"line {lines_before + buf.count(chr(10)) + 1}: not valid UTF-8") from None
+            except UnicodeDecodeError as exc:
+                line = lines_before + buf.count("\n") + bytes(chunk)[: max(exc.start, 0)].count(b"\n") + 1
+                raise DatasetError(f"line {line}: not valid UTF-8") from None
         if eof:
             try:
                 buf += text_decoder.decode(b"", final=True)

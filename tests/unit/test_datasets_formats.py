@@ -5,17 +5,24 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from common.datasets import (
+    ConversationTurn,
     DatasetError,
     TraceRequest,
+    conversation_turns,
+    dataset_id,
+    iter_entries,
+    iter_lines,
     parse_entries,
     parse_trace,
     validate,
 )
 from common.proto.loadtest.v1 import run_pb2
+from tests.tokenizers_fixture import build_bpe_tokenizer
 
 JSONL = run_pb2.DATASET_FORMAT_JSONL
 SHAREGPT = run_pb2.DATASET_FORMAT_SHAREGPT
@@ -155,3 +162,235 @@ def test_trace_format_required() -> None:
     with pytest.raises(DatasetError) as info:
         parse_trace(JSONL, b'{"prompt": "x"}\n')
     assert info.value.field == "format"
+
+
+# --- prompt datasets -------------------------------------------------------------------------
+
+
+def jsonl(*rows: object) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+@pytest.mark.parametrize("size", [1, 3, 64, 1 << 20])
+def test_jsonl_in_chunks_of_any_size(size: int) -> None:
+    data = jsonl({"prompt": "héllo wörld ✓", "max_tokens": 5}, {"prompt": "two"}) + b"\n   \n" + jsonl({"prompt": "x"})
+    entries = list(iter_entries(JSONL, chunked(data, size)))
+    assert [(e.prompt, e.max_tokens) for e in entries] == [("héllo wörld ✓", 5), ("two", 0), ("x", 0)]
+
+
+def test_iter_lines_numbers_and_last_line_without_newline() -> None:
+    assert list(iter_lines(chunked(b"a\n\nb\nc", 2))) == [(1, "a\n"), (2, "\n"), (3, "b\n"), (4, "c")]
+    with pytest.raises(DatasetError, match="line 2: not valid UTF-8"):
+        list(iter_lines(b"ok\n\xff\xfe\n"))
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"prompt": "x", "max_tokens": 0}', 'line 2: field "max_tokens": must be an integer 1..1000000'),
+        ('{"prompt": "x", "max_tokens": "5"}', 'line 2: field "max_tokens": must be an integer 1..1000000'),
+        ('{"prompt": ""}', 'line 2: field "prompt": must be a non-empty string'),
+        ('{"prompt": 5}', 'line 2: field "prompt": must be a non-empty string'),
+        ('{"messages": []}', 'line 2: field "messages": must be a non-empty list'),
+        ('{"messages": [{"role": "bot", "content": "x"}]}', 'line 2: field "messages[0].role"'),
+        ('{"messages": [{"role": "user", "content": 1}]}', 'line 2: field "messages[0].content": must be a string'),
+        ('{"text": "x"}', 'line 2: needs a field "prompt"'),
+        ("[1, 2]", "line 2: expected a JSON object"),
+        ("{nope", "line 2: not valid JSON"),
+    ],
+)
+def test_jsonl_errors_name_line_and_field(line: str, message: str) -> None:
+    data = b'{"prompt": "fine"}\n' + line.encode() + b"\n"
+    assert str(error_of(JSONL, data)).startswith(message)
+
+
+def test_jsonl_messages_and_all_turns() -> None:
+    conv = {
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "first question"},
+            {"role": "assistant", "content": "one two three"},
+            {"role": "user", "content": "second"},
+        ],
+        "max_tokens": 9,
+    }
+    (single,) = parse_entries(JSONL, jsonl(conv))
+    assert single.prompt == "first question\nsecond" and len(single.messages) == 4 and single.max_tokens == 9
+    (entry,) = parse_entries(JSONL, jsonl(conv), all_turns=True)
+    assert entry.prompt == "first question" and entry.max_tokens == 9
+    assert conversation_turns(entry) == (
+        "be brief",
+        [ConversationTurn("first question", 3), ConversationTurn("second", 9)],
+    )
+    (prompt_only,) = parse_entries(JSONL, jsonl({"prompt": "alone"}), all_turns=True)
+    assert conversation_turns(prompt_only) == ("", [ConversationTurn("alone", 0)])
+
+
+@pytest.mark.parametrize(
+    ("messages", "field"),
+    [
+        ([{"role": "assistant", "content": "x"}], "messages[0].role"),
+        ([{"role": "user", "content": "x"}, {"role": "user", "content": "y"}], "messages[1].role"),
+        ([{"role": "system", "content": "x"}], "messages"),
+        (
+            [
+                {"role": "user", "content": "x"},
+                {"role": "assistant", "content": "y"},
+                {"role": "system", "content": "z"},
+            ],
+            "messages[2].role",
+        ),
+    ],
+)
+def test_all_turns_needs_alternating_messages(messages: list[dict[str, str]], field: str) -> None:
+    data = jsonl({"prompt": "ok"}, {"messages": messages})
+    assert len(parse_entries(JSONL, data)) == 2  # fine as single requests
+    err = error_of(JSONL, data, all_turns=True)
+    assert str(err).startswith(f'line 2: field "{field}"') and err.field == field
+
+
+def test_word_filters_and_nothing_left() -> None:
+    data = jsonl({"prompt": "a b c"}, {"prompt": "a"}, {"prompt": " ".join("w" * 20)})
+    assert [e.prompt for e in parse_entries(JSONL, data, min_prompt_words=2, max_prompt_words=10)] == ["a b c"]
+    assert "no usable entries (3 parsed" in str(error_of(JSONL, data, min_prompt_words=100))
+    assert error_of(JSONL, data, min_prompt_words=5, max_prompt_words=2).field == "min_prompt_words"
+    assert "no usable entries" in str(error_of(JSONL, b"\n\n"))
+
+
+def sharegpt(*convs: object) -> bytes:
+    return json.dumps(list(convs), indent=1).encode()
+
+
+def turn(who: str, text: str) -> dict[str, str]:
+    return {"from": who, "value": text}
+
+
+def test_sharegpt_first_turn_and_all_turns() -> None:
+    data = sharegpt(
+        {
+            "conversations": [
+                turn("system", "sys"),
+                turn("human", "q1"),
+                turn("gpt", "a b"),
+                turn("human", "q2"),
+                turn("gpt", "c d e"),
+                turn("human", "dangling"),
+            ]
+        },
+        {"conversations": [turn("human", "hi there"), turn("gpt", "a b c d")]},
+        {"conversations": [turn("human", "lonely")]},
+        {"conversations": [turn("gpt", "starts with a reply"), turn("human", "x")]},
+    )
+    entries = parse_entries(SHAREGPT, data)
+    assert [(e.prompt, e.max_tokens) for e in entries] == [("hi there", 4)]  # the first needs human first
+    convs = parse_entries(SHAREGPT, chunked(data, 5), all_turns=True)
+    assert [conversation_turns(e) for e in convs] == [
+        ("sys", [ConversationTurn("q1", 2), ConversationTurn("q2", 3)]),
+        ("", [ConversationTurn("hi there", 4)]),
+    ]
+    assert [m.role for m in convs[0].messages] == ["system", "user", "assistant", "user", "assistant"]
+
+
+def test_sharegpt_cut_where_alternation_breaks() -> None:
+    data = sharegpt(
+        {
+            "conversations": [
+                turn("human", "q1"),
+                turn("gpt", "a"),
+                turn("human", "q2"),
+                turn("human", "q3"),
+                turn("gpt", "b"),
+            ]
+        }
+    )
+    (entry,) = parse_entries(SHAREGPT, data, all_turns=True)
+    assert conversation_turns(entry)[1] == [ConversationTurn("q1", 1)]
+
+
+@pytest.mark.parametrize("size", [1, 7, 1 << 20])
+def test_sharegpt_incremental_matches_whole(size: int) -> None:
+    convs = [
+        {"conversations": [turn("human", f"question {i} " + "word " * (i % 50)), turn("gpt", "x " * (i % 7 + 1))]}
+        for i in range(300)
+    ]
+    data = sharegpt(*convs)
+    whole = parse_entries(SHAREGPT, data)
+    assert len(whole) == 300 and whole[5].max_tokens == 6
+    assert parse_entries(SHAREGPT, chunked(data, size)) == whole
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (b'{"conversations": []}', "line 1: ShareGPT data must be a JSON list"),
+        (b'[{"conversations": []},\n {"conversations": 5}]', '[1]: field "conversations": must be a list'),
+        (b'[{"conversations": []},\n 7]', "[1]: expected a JSON object"),
+        (b'[{"conversations": []},\n\n {"conversations": [}]', "line 3: not valid JSON"),
+        (b'[{"conversations": []}\n\n {"conversations": []}]', "line 3: not valid JSON (expected , or ]"),
+        (b'[{"conversations": []}', "line 1: not valid JSON (the list is not closed)"),
+        (b'[{"conversations": []}] x', "line 1: not valid JSON (extra data"),
+        (b"  ", "the file is empty"),
+        (b"[]", "no usable entries"),
+    ],
+)
+def test_sharegpt_errors(text: bytes, message: str) -> None:
+    for size in (2, 1 << 20):
+        with pytest.raises(DatasetError) as info:
+            parse_entries(SHAREGPT, chunked(text, size))
+        assert str(info.value).startswith(message), (size, str(info.value))
+
+
+def test_csv() -> None:
+    data = b'prompt,max_tokens,system\nhello world,5,\n"multi\nline, quoted",,be brief\n\nlast,7,\n'
+    entries = parse_entries(CSV, chunked(data, 3))
+    assert [(e.prompt, e.max_tokens) for e in entries] == [("hello world", 5), ("multi\nline, quoted", 0), ("last", 7)]
+    assert [(m.role, m.content) for m in entries[1].messages] == [
+        ("system", "be brief"),
+        ("user", "multi\nline, quoted"),
+    ]
+    assert not entries[0].messages
+    (only,) = parse_entries(CSV, b"prompt\njust a prompt\n", all_turns=True)
+    assert conversation_turns(only) == ("", [ConversationTurn("just a prompt", 0)])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (b"text,max_tokens\nx,5\n", 'line 1: the header needs a "prompt" column'),
+        (b'prompt,max_tokens\nok,1\n"a\nb",zero\n', 'line 3: field "max_tokens": must be an integer 1..1000000'),
+        (b"prompt,max_tokens\nok,1\n,5\n", 'line 3: field "prompt": must be a non-empty string'),
+        (b"prompt\nok\nx,y\n", "line 3: 2 columns; the header has 1"),
+        (b"", "the file is empty"),
+        (b"prompt\n", "no usable entries"),
+    ],
+)
+def test_csv_errors(text: bytes, message: str) -> None:
+    assert str(error_of(CSV, text)).startswith(message)
+
+
+# --- tokenizers, validate, ids ---------------------------------------------------------------
+
+
+def test_tokenizer_format(tmp_path: Path) -> None:
+    path = build_bpe_tokenizer(tmp_path / "tokenizer.json")
+    assert validate(TOKENIZER, chunked(Path(path).read_bytes(), 1000)).entry_count == 0
+    with pytest.raises(DatasetError, match="tokenizer"):
+        validate(TOKENIZER, b'{"not": "a tokenizer"}')
+
+
+def test_validate_counts_and_format_required() -> None:
+    assert validate(JSONL, jsonl({"prompt": "a"}, {"prompt": "b"})).entry_count == 2
+    assert validate(CSV, b"prompt\na\nb\nc\n").entry_count == 3
+    with pytest.raises(DatasetError) as info:
+        validate(run_pb2.DATASET_FORMAT_UNSPECIFIED, b"x")
+    assert info.value.field == "format"
+    with pytest.raises(DatasetError) as info:
+        list(iter_entries(MOONCAKE, b"{}"))
+    assert info.value.field == "format"
+
+
+def test_dataset_id_depends_on_format_and_content() -> None:
+    sha = "ab" * 32
+    a = dataset_id(JSONL, sha)
+    assert a.startswith("ds_") and len(a) == 35 and int(a[3:], 16) >= 0
+    assert a == dataset_id(JSONL, sha) and a != dataset_id(CSV, sha) and a != dataset_id(JSONL, "cd" * 32)
