@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from common.datasets import DatasetError, parse_entries
+from common.datasets import PROMPT_FORMATS, DatasetError, parse_entries
 from common.proto.loadtest.v1 import run_pb2
 from controller.domain.errors import FieldViolation, InvalidArgument
 
@@ -27,10 +27,9 @@ def _bad(description: str, field: str = FIELD) -> InvalidArgument:
 
 def parse_dataset(dataset: run_pb2.Dataset) -> list[run_pb2.DatasetEntry]:
     """The entries of an inline dataset after filtering, or InvalidArgument naming what is wrong."""
-    if dataset.format not in (run_pb2.DATASET_FORMAT_JSONL, run_pb2.DATASET_FORMAT_SHAREGPT, run_pb2.DATASET_FORMAT_CSV):
-        raise _bad(
-            "required: DATASET_FORMAT_JSONL, DATASET_FORMAT_SHAREGPT or DATASET_FORMAT_CSV", "spec.workload.dataset.format"
-        )
+    if dataset.format not in PROMPT_FORMATS:
+        required = "required: DATASET_FORMAT_JSONL, DATASET_FORMAT_SHAREGPT or DATASET_FORMAT_CSV"
+        raise _bad(required, "spec.workload.dataset.format")
     data = dataset.content.encode()
     if len(data) > MAX_DATASET_BYTES:
         raise _bad(

@@ -17,8 +17,8 @@ from controller.store import datasets as ds
 from controller.store import repository as repo
 from controller.store import server_metrics as scrapes
 from controller.store.baselines import BaselineRecord
-from controller.store.datasets import DatasetRecord, DatasetsPage
 from controller.store.database import Database
+from controller.store.datasets import DatasetRecord, DatasetsPage
 from controller.store.interface import SnapshotReads, Store
 from controller.store.repository import (
     AgentRecord,
