@@ -679,3 +679,29 @@ def validate(fmt: int, data: bytes | Iterable[bytes]) -> Summary:
     raise DatasetError(
         "required: one of DATASET_FORMAT_JSONL, _SHAREGPT, _CSV, _MOONCAKE_TRACE, _AZURE_TRACE, _TOKENIZER", "format"
     )
+
+
+def guess_format(name: str, head: bytes) -> int:
+    """The format of a file from its name and its first bytes: `.jsonl` is JSONL, or Mooncake
+    when its first object has `input_length` and `hash_ids`/`timestamp`; `.csv` is CSV, or Azure
+    when its header has `ContextTokens`; `tokenizer.json` a tokenizer; another `.json` ShareGPT.
+    0 when unknown."""
+    lower = name.lower().rsplit("/", 1)[-1]
+    first = head.lstrip(b"\xef\xbb\xbf").split(b"\n", 1)[0]
+    if lower.endswith(".jsonl"):
+        try:
+            obj = json.loads(first) if first.strip() else None
+        except (ValueError, RecursionError):
+            obj = None
+        if isinstance(obj, dict) and "input_length" in obj and ("hash_ids" in obj or "timestamp" in obj):
+            return run_pb2.DATASET_FORMAT_MOONCAKE_TRACE
+        return run_pb2.DATASET_FORMAT_JSONL
+    if lower.endswith(".csv"):
+        if b"ContextTokens" in first and b"TIMESTAMP" in first:
+            return run_pb2.DATASET_FORMAT_AZURE_TRACE
+        return run_pb2.DATASET_FORMAT_CSV
+    if lower == "tokenizer.json" or lower.endswith(".tokenizer.json"):
+        return run_pb2.DATASET_FORMAT_TOKENIZER
+    if lower.endswith(".json"):
+        return run_pb2.DATASET_FORMAT_SHAREGPT
+    return 0

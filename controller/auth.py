@@ -10,7 +10,8 @@ Kinds:
 * `READ`: public by default (as the original API); with `require_auth_for_reads`, only the
   roles listed. Read-rate limited.
 * `WRITE`: mutating; only the roles listed; write-rate limited; audited whatever the outcome.
-* `ADMIN_READ`: never public (key listing, the audit log); read-rate limited.
+* `ADMIN_READ`: never public (key listing, the audit log; a dataset's content for agents);
+  read-rate limited.
 * `STREAM`: AgentService.Connect; not rate limited; the stream is ended (UNAUTHENTICATED)
   within seconds when its key is revoked or expires.
 
@@ -84,6 +85,7 @@ _EVERYONE = frozenset(Role)
 _RUN = "/loadtest.v1.RunService/"
 _KEYS = "/loadtest.v1.KeyService/"
 _HEALTH = "/grpc.health.v1.Health/"
+_DATASETS = "/loadtest.v1.DatasetService/"
 
 # The one table of who may call what. Tests enumerate every method of every served
 # service from the descriptors and fail on any method missing here.
@@ -107,6 +109,12 @@ METHOD_RULES: dict[str, MethodRule] = {
     # Admin keys may connect agents too: the bootstrap LLM_LOADTEST_API_KEY has always
     # served both (backward compatible); dedicated agent keys are the better practice.
     "/loadtest.v1.AgentService/Connect": MethodRule(frozenset({Role.AGENT, Role.ADMIN}), Kind.STREAM),
+    # Datasets' content goes to agents only (and admins), never public even with open reads.
+    "/loadtest.v1.AgentService/FetchDataset": MethodRule(frozenset({Role.AGENT, Role.ADMIN}), Kind.ADMIN_READ),
+    _DATASETS + "UploadDataset": MethodRule(_ADMIN, Kind.WRITE),
+    _DATASETS + "DeleteDataset": MethodRule(_ADMIN, Kind.WRITE),
+    _DATASETS + "GetDataset": MethodRule(_READERS, Kind.READ),
+    _DATASETS + "ListDatasets": MethodRule(_READERS, Kind.READ),
     _KEYS + "CreateKey": MethodRule(_ADMIN, Kind.WRITE),
     _KEYS + "RevokeKey": MethodRule(_ADMIN, Kind.WRITE),
     _KEYS + "ListKeys": MethodRule(_ADMIN, Kind.ADMIN_READ),
