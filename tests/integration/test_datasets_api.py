@@ -30,6 +30,10 @@ from tests.tokenizers_fixture import build_bpe_tokenizer
 pytestmark = pytest.mark.timeout(60)
 KEY = "test-admin-key-datasets"
 JSONL = run_pb2.DATASET_FORMAT_JSONL
+MOONCAKE = (
+    b'{"timestamp": 0, "input_length": 10, "output_length": 2}\n'
+    b'{"timestamp": 4000, "input_length": 10, "output_length": 2}\n'
+)
 
 
 def jsonl(n: int, width: int = 5) -> bytes:
@@ -201,7 +205,7 @@ async def test_tokenizer_and_traces_upload(client: ControllerClient, tmp_path: P
 
 async def test_create_run_references(client: ControllerClient) -> None:
     prompts = (await client.upload_dataset(jsonl(20), JSONL, name="p.jsonl")).dataset
-    mooncake = b'{"timestamp": 0, "input_length": 10, "output_length": 2}\n{"timestamp": 4000, "input_length": 10, "output_length": 2}\n'
+    mooncake = MOONCAKE
     trace = (await client.upload_dataset(mooncake, run_pb2.DATASET_FORMAT_MOONCAKE_TRACE)).dataset
 
     spec = valid_spec()
@@ -251,7 +255,7 @@ async def test_create_run_references(client: ControllerClient) -> None:
 
 
 async def test_create_run_trace_reference_fills_its_outputs(client: ControllerClient) -> None:
-    mooncake = b'{"timestamp": 0, "input_length": 10, "output_length": 2}\n{"timestamp": 4000, "input_length": 10, "output_length": 2}\n'
+    mooncake = MOONCAKE
     trace = (await client.upload_dataset(mooncake, run_pb2.DATASET_FORMAT_MOONCAKE_TRACE)).dataset
     spec = valid_spec()
     spec.workload.trace.dataset_id = trace.id
