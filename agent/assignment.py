@@ -42,6 +42,7 @@ from urllib.parse import urlsplit
 import structlog
 
 from agent.batcher import SampleBatcher
+from agent.datasets import DatasetCache, DatasetFetchError
 from agent.gcload import load_thresholds
 from agent.prompts import PromptSource, PromptSourceError, prompt_source
 from agent.reachability import TargetReachability
@@ -113,8 +114,12 @@ class AssignmentRunner:
         batcher: SampleBatcher | None = None,
         lease: Lease | None = None,
         announce: Announce | None = None,
+        datasets: DatasetCache | None = None,
     ) -> None:
         self._assign = assign
+        # Uploaded datasets, traces and tokenizers by id (agent/datasets.py), shared by the
+        # process's assignments; None where no controller can be asked (unit tests).
+        self.datasets = datasets
         self._emit = emit
         self._lease = lease or Lease()
         self._announce = announce
@@ -261,7 +266,7 @@ class AssignmentRunner:
         message = "agent stopped"
         try:
             schedule: LoadSchedule = schedule_for_stage(assign.stage, assign.workload.seed)
-            self._prompts = prompt_source(assign.workload, assign.dataset_entries)
+            self._prompts = prompt_source(assign.workload, await self._dataset_entries())
             self._client = TargetClient(
                 assign.target,
                 ignore_eos=assign.workload.ignore_eos,
@@ -297,7 +302,7 @@ class AssignmentRunner:
             if current is not None and current.cancelling():
                 raise  # our own task is being cancelled, not just the load: propagate
             # Otherwise the CancelledError is the load task's, caused by cancel(): done.
-        except (UnsupportedStageError, TargetConfigError, PromptSourceError) as exc:
+        except (UnsupportedStageError, TargetConfigError, PromptSourceError, DatasetFetchError) as exc:
             state, message = agent_service_pb2.ASSIGNMENT_STATE_FAILED, str(exc)
         except Exception as exc:
             log.exception("assignment_error", assignment_id=assign.assignment_id)
@@ -317,6 +322,24 @@ class AssignmentRunner:
                 await self._scraper.close()
             if self._client is not None:
                 await self._client.close()
+
+    async def _dataset_entries(self) -> list[run_pb2.DatasetEntry]:
+        """The Assign's dataset entries; for an uploaded dataset (`Dataset.dataset_id`, sent
+        without entries), fetched and parsed here with the run's `all_turns` and word filters."""
+        workload = self._assign.workload
+        entries = list(self._assign.dataset_entries)
+        if workload.WhichOneof("source") != "dataset" or not workload.dataset.dataset_id or entries:
+            return entries
+        dataset = workload.dataset
+        if self.datasets is None:
+            raise DatasetFetchError(f"dataset {dataset.dataset_id}: this agent has no controller to fetch it from")
+        return await self.datasets.entries(
+            dataset.dataset_id,
+            fmt=dataset.format,
+            all_turns=dataset.all_turns,
+            min_prompt_words=dataset.min_prompt_words,
+            max_prompt_words=dataset.max_prompt_words,
+        )
 
     async def _load(self, schedule: LoadSchedule, client: TargetClient) -> None:
         if isinstance(schedule, ClosedLoopSchedule):
