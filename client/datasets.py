@@ -12,6 +12,7 @@ from rich.table import Table
 
 from client import exitcodes, render
 from client.commands import add_connection_arguments, failure, failure_types, open_client
+from client.envconfig import not_from_env
 from client.sdk import ControllerClient
 from common.datasets import FORMAT_BY_NAME, format_name, guess_format
 from common.proto.loadtest.v1 import dataset_service_pb2
@@ -25,17 +26,20 @@ def add_datasets_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("upload", help="upload a dataset, trace or tokenizer (content-addressed: once)")
     add_connection_arguments(p)
     p.add_argument("file", type=Path, metavar="FILE")
-    p.add_argument(
-        "--format",
-        choices=sorted(FORMAT_BY_NAME),
-        help="default: from the file (.jsonl, .json ShareGPT, .csv, tokenizer.json; a Mooncake .jsonl or an "
-        "Azure .csv by its first line)",
+    # No variable sets these: LLM_LOADTEST_FORMAT and LLM_LOADTEST_NAME mean other commands' flags.
+    not_from_env(
+        p.add_argument(
+            "--format",
+            choices=sorted(FORMAT_BY_NAME),
+            help="default: from the file (.jsonl, .json ShareGPT, .csv, tokenizer.json; a Mooncake .jsonl or an "
+            "Azure .csv by its first line)",
+        )
     )
-    p.add_argument("--name", default=None, help="default: the file's name")
+    not_from_env(p.add_argument("--name", default=None, help="default: the file's name"))
     p.add_argument("--json", action="store_true", help="print the stored dataset as JSON (docs/json.md)")
     p = sub.add_parser("list", help="list uploaded datasets, newest first")
     add_connection_arguments(p)
-    p.add_argument("--format", choices=sorted(FORMAT_BY_NAME), help="only datasets of this format")
+    not_from_env(p.add_argument("--format", choices=sorted(FORMAT_BY_NAME), help="only datasets of this format"))
     p.add_argument("--limit", type=int, default=100, help="how many to show")
     p.add_argument("--json", action="store_true", help="print a JSON array of datasets (docs/json.md)")
     p = sub.add_parser("get", help="show one dataset")
