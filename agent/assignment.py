@@ -266,7 +266,13 @@ class AssignmentRunner:
         message = "agent stopped"
         try:
             schedule: LoadSchedule = schedule_for_stage(assign.stage, assign.workload.seed)
-            self._prompts = prompt_source(assign.workload, await self._dataset_entries())
+            if assign.workload.dataset.dataset_id and not assign.dataset_entries:
+                # An uploaded dataset may be large: its prompts are prepared on a thread, not on
+                # the loop that must keep heartbeating.
+                entries = await self._dataset_entries()
+                self._prompts = await asyncio.to_thread(prompt_source, assign.workload, entries)
+            else:
+                self._prompts = prompt_source(assign.workload, assign.dataset_entries)
             self._client = TargetClient(
                 assign.target,
                 ignore_eos=assign.workload.ignore_eos,
@@ -327,9 +333,12 @@ class AssignmentRunner:
         """The Assign's dataset entries; for an uploaded dataset (`Dataset.dataset_id`, sent
         without entries), fetched and parsed here with the run's `all_turns` and word filters."""
         workload = self._assign.workload
-        entries = list(self._assign.dataset_entries)
-        if workload.WhichOneof("source") != "dataset" or not workload.dataset.dataset_id or entries:
-            return entries
+        if (
+            workload.WhichOneof("source") != "dataset"
+            or not workload.dataset.dataset_id
+            or self._assign.dataset_entries
+        ):
+            return list(self._assign.dataset_entries)
         dataset = workload.dataset
         if self.datasets is None:
             raise DatasetFetchError(f"dataset {dataset.dataset_id}: this agent has no controller to fetch it from")

@@ -174,9 +174,15 @@ def _reply_tokens(text: str) -> int:
 # --- reading bytes ---------------------------------------------------------------------------
 
 
+_SLICE_BYTES = 1 << 20
+
+
 def _as_chunks(data: bytes | Iterable[bytes]) -> Iterable[bytes]:
+    """Chunks of the content: whole bytes are read in slices of 1 MiB (decoding and splitting a
+    200 MB string at once costs several times more than in slices)."""
     if isinstance(data, (bytes, bytearray, memoryview)):
-        return (bytes(data),)
+        view = memoryview(data)
+        return (bytes(view[i : i + _SLICE_BYTES]) for i in range(0, len(view), _SLICE_BYTES))
     return data
 
 
@@ -518,9 +524,10 @@ def parse_entries(
     high = max_prompt_words or 2**62
     parsed = 0
     kept = []
+    filtered = bool(min_prompt_words or max_prompt_words)
     for entry in iter_entries(fmt, data, all_turns=all_turns):
         parsed += 1
-        if min_prompt_words <= entry_words(entry) <= high:
+        if not filtered or min_prompt_words <= entry_words(entry) <= high:
             kept.append(entry)
     if not kept:
         raise DatasetError(f"no usable entries ({parsed} parsed, none left after the length filter)")
