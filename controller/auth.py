@@ -325,7 +325,7 @@ def _retry_status(message: str, retry_after_s: float) -> grpc.Status:
 
 def _subject(request: Any, response: Any) -> tuple[str, str]:
     """(run id, detail naming the key or the series) a call concerned, from its request or response."""
-    run_id = key = series = ""
+    run_id = key = series = dataset = ""
     for message in (request, response):
         if message is None or isinstance(message, _Malformed) or not hasattr(message, "DESCRIPTOR"):
             continue
@@ -340,6 +340,12 @@ def _subject(request: Any, response: Any) -> tuple[str, str]:
             key = message.key.id
         if message.DESCRIPTOR.name.endswith("BaselineRequest") and not series:
             series = str(message.name)
+        if "dataset_id" in fields and not dataset:
+            dataset = str(message.dataset_id)
+        if "dataset" in fields and message.DESCRIPTOR.name.endswith("DatasetResponse") and not dataset:
+            dataset = message.dataset.id
+    if dataset:
+        return run_id[:128], f"dataset {dataset[:64]}"
     if series:
         return run_id[:128], f"baseline {series[:64]}"
     return run_id[:128], f"key {key[:64]}" if key else ""
@@ -423,7 +429,13 @@ def _wrap(handler: grpc.RpcMethodHandler, call: _Call) -> grpc.RpcMethodHandler:
 
         async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
             await call.admit(context)
-            return await inner_su(_checked(requests, context), context)
+            try:
+                response = await inner_su(_checked(requests, context), context)
+            except BaseException as exc:
+                await call.finish(context, None, None, _outcome(context, exc))
+                raise
+            await call.finish(context, None, response, "OK")
+            return response
 
         return grpc.stream_unary_rpc_method_handler(stream_unary, deserializer, serializer)
 

@@ -302,3 +302,12 @@ async def test_auth_rules(secured: Controller) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await fetch_all(address, info.id, key)
         assert err.value.code() == code
+    # Uploads and deletes are audited like every write, naming the dataset.
+    async with ControllerClient(address, api_key=KEY) as admin:
+        await admin.delete_dataset(info.id)
+        await secured.audit.flush()
+        events = (await admin.list_audit_events()).events
+    rows = {(e.method.rsplit("/", 1)[-1], e.outcome, e.detail) for e in events}
+    assert ("UploadDataset", "OK", f"dataset {info.id}") in rows, rows
+    assert ("DeleteDataset", "OK", f"dataset {info.id}") in rows, rows
+    assert any(m == "UploadDataset" and o == "PERMISSION_DENIED" for m, o, _ in rows), rows
