@@ -34,6 +34,12 @@ class DatasetFetchError(RuntimeError):
     """A dataset could not be fetched or used; the message says which and why."""
 
 
+def _retrieved(task: asyncio.Task[Any]) -> None:
+    """A shared task's outcome is its callers'; one whose callers all gave up logs nothing."""
+    if not task.cancelled():
+        task.exception()
+
+
 def _insecure_channel(target: str) -> Any:
     return grpc.aio.insecure_channel(target, options=CLIENT_OPTIONS)
 
@@ -71,6 +77,7 @@ class DatasetCache:
         task = self._downloads.get(dataset_id)
         if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
             task = asyncio.create_task(self._download(dataset_id), name=f"fetch-{dataset_id}")
+            task.add_done_callback(_retrieved)
             self._downloads[dataset_id] = task
         # A caller that gives up (its assignment cancelled) does not cancel the others' download.
         return await asyncio.shield(task)
@@ -135,6 +142,7 @@ class DatasetCache:
         task = self._entries.get(key)
         if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
             task = asyncio.create_task(self._parse(dataset_id, fmt, all_turns, min_prompt_words, max_prompt_words))
+            task.add_done_callback(_retrieved)
             self._entries[key] = task
         return await asyncio.shield(task)
 

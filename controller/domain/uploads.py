@@ -67,6 +67,9 @@ class _Validation:
         self._stop = threading.Event()
         self._loop = asyncio.get_running_loop()
         self.future = self._loop.run_in_executor(None, self._run)
+        # An abandoned upload never awaits the parser: its outcome is retrieved here, so that no
+        # "exception was never retrieved" is logged when the future is collected.
+        self.future.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     def _chunks(self) -> Iterator[bytes]:
         while True:

@@ -147,6 +147,16 @@ def test_a_200_mb_dataset_is_uploaded_once_and_used_by_a_run(stack: tuple[str, s
     assert 2 <= stage["mean_output_tokens"] <= 5
     run_peak_mb = peak_mb(ctl.p.pid)
 
+    shown = cli("datasets", "get", info["id"], "--controller", address, "--json")
+    assert json.loads(shown.stdout)["sha256"] == info["sha256"]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("prompt,max_tokens\nfine,3\nnot fine,many\n")
+    refused = cli("datasets", "upload", str(bad), "--controller", address)
+    assert refused.returncode == 2 and 'line 3: field "max_tokens"' in refused.stderr, refused.stderr
+    deleted = cli("datasets", "delete", info["id"], "--controller", address)
+    assert deleted.returncode == 0, deleted.stderr
+    assert json.loads(cli("datasets", "list", "--controller", address, "--json").stdout) == []
+
     heap_peak_mb = heap.stop()
 
     # The controller never held the file: its heap's peak over the upload, the second upload and

@@ -4,6 +4,7 @@ failed upload, the auth rules, and CreateRun's references to uploaded datasets."
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import sqlite3
@@ -24,6 +25,7 @@ from common.proto.loadtest.v1 import (
     run_pb2,
 )
 from controller.server import Controller
+from tests.conftest import eventually
 from tests.integration.test_controller_api import valid_spec, violations
 from tests.tokenizers_fixture import build_bpe_tokenizer
 
@@ -311,3 +313,21 @@ async def test_auth_rules(secured: Controller) -> None:
     assert ("UploadDataset", "OK", f"dataset {info.id}") in rows, rows
     assert ("DeleteDataset", "OK", f"dataset {info.id}") in rows, rows
     assert any(m == "UploadDataset" and o == "PERMISSION_DENIED" for m, o, _ in rows), rows
+
+
+async def test_an_upload_abandoned_by_its_client_leaves_nothing(controller: Controller, db_path: Path) -> None:
+    data = jsonl(40_000, width=30)
+    assert len(data) > 3 << 20
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{controller.port}") as channel:
+        call = dataset_service_pb2_grpc.DatasetServiceStub(channel).UploadDataset(timeout=30)
+        await call.write(
+            dataset_service_pb2.UploadDatasetRequest(header=dataset_service_pb2.UploadDatasetHeader(format=JSONL))
+        )
+        for i in range(0, 3 << 20, 1 << 20):
+            await call.write(dataset_service_pb2.UploadDatasetRequest(chunk=data[i : i + (1 << 20)]))
+        # The chunks sent are being stored: the upload's row exists, without an id.
+        await eventually(lambda: asyncio.to_thread(db_counts, db_path), lambda c: c[0] == 1 and c[1] >= 2)
+        call.cancel()  # the client goes away without finishing
+        with pytest.raises(asyncio.CancelledError):
+            await call
+    await eventually(lambda: asyncio.to_thread(db_counts, db_path), lambda c: c == (0, 0))

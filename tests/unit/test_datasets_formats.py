@@ -15,6 +15,7 @@ from common.datasets import (
     TraceRequest,
     conversation_turns,
     dataset_id,
+    guess_format,
     iter_entries,
     iter_lines,
     parse_entries,
@@ -394,3 +395,20 @@ def test_dataset_id_depends_on_format_and_content() -> None:
     a = dataset_id(JSONL, sha)
     assert a.startswith("ds_") and len(a) == 35 and int(a[3:], 16) >= 0
     assert a == dataset_id(JSONL, sha) and a != dataset_id(CSV, sha) and a != dataset_id(JSONL, "cd" * 32)
+
+
+@pytest.mark.parametrize(
+    ("name", "head", "fmt"),
+    [
+        ("prompts.jsonl", b'{"prompt": "x"}\n', JSONL),
+        ("trace.JSONL", b'{"timestamp": 0, "input_length": 5, "output_length": 1, "hash_ids": [1]}\n', MOONCAKE),
+        ("empty.jsonl", b"", JSONL),
+        ("a.csv", b"prompt,max_tokens\nx,1\n", CSV),
+        ("azure.csv", b"TIMESTAMP,ContextTokens,GeneratedTokens\n", AZURE),
+        ("dir/tokenizer.json", b"{}", TOKENIZER),
+        ("sharegpt.json", b"[]", SHAREGPT),
+        ("notes.txt", b"hello", 0),
+    ],
+)
+def test_guess_format(name: str, head: bytes, fmt: int) -> None:
+    assert guess_format(name, head) == fmt
