@@ -14,7 +14,7 @@ from client import exitcodes, render
 from client.commands import add_connection_arguments, failure, failure_types, open_client
 from client.envconfig import not_from_env
 from client.sdk import ControllerClient
-from common.datasets import FORMAT_BY_NAME, format_name, guess_format
+from common.datasets import FORMAT_BY_NAME, format_name, guess_format, upload_name
 from common.proto.loadtest.v1 import dataset_service_pb2
 
 # Enough of a file to recognise its format (the first line of a JSONL or CSV file).
@@ -70,7 +70,7 @@ async def upload_file(
     client: ControllerClient, path: Path, fmt: int, name: str | None = None
 ) -> dataset_service_pb2.UploadDatasetResponse:
     """Upload (or find already stored) a file as a dataset; its name defaults to the file's."""
-    return await client.upload_dataset(path, fmt, name if name is not None else path.name[-200:])
+    return await client.upload_dataset(path, fmt, name if name is not None else upload_name(path.name))
 
 
 def _size(n: int) -> str:

@@ -136,6 +136,16 @@ def format_name(fmt: int) -> str:
     return NAME_BY_FORMAT.get(fmt, str(fmt))
 
 
+MAX_NAME_CHARS = 200
+_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9._/\-]")
+
+
+def upload_name(text: str) -> str:
+    """A name an upload accepts (letters, digits, `.`, `_`, `-`, `/`; at most 200), from any
+    text such as a file name: other characters become `_`, and a longer name keeps its end."""
+    return _NAME_UNSAFE.sub("_", text)[-MAX_NAME_CHARS:]
+
+
 def dataset_id(fmt: int, content_sha256: str) -> str:
     """The content-addressed id of an uploaded dataset: `ds_` and 32 hex digits of
     sha256(format enum name + ":" + the content's SHA-256 hex)."""

@@ -24,6 +24,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 
 from common.datasets import (
+    MAX_NAME_CHARS,
     PROMPT_FORMATS,
     TOKENIZER_FORMATS,
     TRACE_FORMATS,
@@ -39,7 +40,6 @@ from controller.store.datasets import MAX_CHUNK_BYTES, DatasetRecord
 from controller.store.interface import DatasetStore
 
 MAX_UPLOAD_BYTES = 8 * 1024**3
-MAX_NAME_CHARS = 200
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 FETCH_CHUNKS_PER_READ = 4  # chunks (1 MiB each) read from the store at a time

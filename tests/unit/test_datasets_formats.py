@@ -20,6 +20,7 @@ from common.datasets import (
     iter_lines,
     parse_entries,
     parse_trace,
+    upload_name,
     validate,
 )
 from common.proto.loadtest.v1 import run_pb2
@@ -412,3 +413,10 @@ def test_dataset_id_depends_on_format_and_content() -> None:
 )
 def test_guess_format(name: str, head: bytes, fmt: int) -> None:
     assert guess_format(name, head) == fmt
+
+
+def test_upload_name() -> None:
+    assert upload_name("my prompts (v2).jsonl") == "my_prompts__v2_.jsonl"
+    assert upload_name("data/sets/a-b_c.csv") == "data/sets/a-b_c.csv"
+    long = "x" * 300 + ".jsonl"
+    assert upload_name(long) == long[-200:] and len(upload_name(long)) == 200
