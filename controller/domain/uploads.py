@@ -21,7 +21,8 @@ import queue
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 from common.datasets import (
     MAX_NAME_CHARS,
@@ -59,55 +60,74 @@ def _bad(field: str, description: str) -> InvalidArgument:
 
 
 class _Validation:
-    """The parser of one upload, on a thread, reading the chunks as they are fed."""
+    """The parser of one upload, on a thread of its own, reading the chunks as they are fed
+    (at most `_QUEUE_CHUNKS` waiting: the upload waits for room, not the parser for bytes)."""
 
     def __init__(self, fmt: int) -> None:
         self._fmt = fmt
-        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=_QUEUE_CHUNKS)
-        self._stop = threading.Event()
         self._loop = asyncio.get_running_loop()
-        self.future = self._loop.run_in_executor(None, self._run)
+        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._room = asyncio.Semaphore(_QUEUE_CHUNKS)
+        self._stop = threading.Event()
+        self.future: asyncio.Future[Summary] = self._loop.create_future()
         # An abandoned upload never awaits the parser: its outcome is retrieved here, so that no
         # "exception was never retrieved" is logged when the future is collected.
         self.future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        threading.Thread(target=self._run, name="dataset-validation", daemon=True).start()
+
+    def _call(self, fn: Callable[..., object], *args: object) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            self._loop.call_soon_threadsafe(fn, *args)
 
     def _chunks(self) -> Iterator[bytes]:
         while True:
             item = self._queue.get()
             if item is None or self._stop.is_set():
                 return
+            self._call(self._room.release)
             yield item
 
-    def _run(self) -> Summary:
+    def _run(self) -> None:
         try:
-            return validate(self._fmt, self._chunks())
+            summary = validate(self._fmt, self._chunks())
+        except Exception as exc:
+            self._call(self._settle, None, exc)
+        else:
+            self._call(self._settle, summary, None)
         finally:
-            self._stop.set()  # producers waiting on a full queue stop waiting
+            self._stop.set()
 
-    def _put(self, item: bytes | None) -> None:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+    def _settle(self, summary: Summary | None, exc: Exception | None) -> None:
+        if self.future.done():
+            return
+        if exc is not None:
+            self.future.set_exception(exc)
+        else:
+            assert summary is not None
+            self.future.set_result(summary)
 
-    async def feed(self, blob: bytes | None) -> None:
-        if not self._stop.is_set():
-            await self._loop.run_in_executor(None, self._put, blob)
+    async def feed(self, blob: bytes) -> None:
+        """Queue a chunk for the parser once there is room (or drop it: the parser has ended)."""
+        if self.future.done() or self._stop.is_set():
+            return
+        room: asyncio.Future[Any] = asyncio.ensure_future(self._room.acquire())
+        waiters: set[asyncio.Future[Any]] = {room, self.future}
+        done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        if room not in done:
+            room.cancel()
+            return
+        self._queue.put(blob)
 
     def failed(self) -> bool:
         return self.future.done() and self.future.exception() is not None
 
     async def result(self) -> Summary:
-        await self.feed(None)
+        self._queue.put(None)
         return await self.future
 
     def abort(self) -> None:
         self._stop.set()
-        # When the queue is full the parser is not waiting: it sees the stop at its next chunk.
-        with contextlib.suppress(queue.Full):
-            self._queue.put_nowait(None)
+        self._queue.put(None)
 
 
 class DatasetLibrary:

@@ -331,3 +331,14 @@ async def test_an_upload_abandoned_by_its_client_leaves_nothing(controller: Cont
         with pytest.raises(asyncio.CancelledError):
             await call
     await eventually(lambda: asyncio.to_thread(db_counts, db_path), lambda c: c == (0, 0))
+
+
+async def test_concurrent_uploads(client: ControllerClient, db_path: Path) -> None:
+    contents = [jsonl(12_000 + i, width=30) for i in range(8)]  # each more than 1 MiB
+    assert all(len(c) > 1 << 20 for c in contents)
+    replies = await asyncio.gather(*(client.upload_dataset(c, JSONL, check_first=False) for c in contents))
+    assert [r.dataset.entry_count for r in replies] == [12_000 + i for i in range(8)]
+    assert len({r.dataset.id for r in replies}) == 8 and not any(r.already_present for r in replies)
+    same = await asyncio.gather(*(client.upload_dataset(contents[0], JSONL, check_first=False) for _ in range(3)))
+    assert {r.dataset.id for r in same} == {replies[0].dataset.id} and all(r.already_present for r in same)
+    assert db_counts(db_path)[0] == 8
