@@ -52,6 +52,7 @@ from agent.conversation import (
     conversation_source,
     is_conversation,
 )
+from agent.datasets import DatasetCache, DatasetFetchError
 from agent.gcload import load_thresholds
 from agent.prompts import PromptSource, PromptSourceError, prompt_source
 from agent.reachability import TargetReachability
@@ -123,8 +124,12 @@ class AssignmentRunner:
         batcher: SampleBatcher | None = None,
         lease: Lease | None = None,
         announce: Announce | None = None,
+        datasets: DatasetCache | None = None,
     ) -> None:
         self._assign = assign
+        # Uploaded datasets, traces and tokenizers by id (agent/datasets.py), shared by the
+        # process's assignments; None where no controller can be asked (unit tests).
+        self.datasets = datasets
         self._emit = emit
         self._lease = lease or Lease()
         self._announce = announce
@@ -272,13 +277,20 @@ class AssignmentRunner:
         message = "agent stopped"
         try:
             schedule: LoadSchedule | ConversationLoad
+            # An uploaded dataset may be large: it is fetched and its prompts prepared on a
+            # thread, not on the loop that must keep heartbeating.
+            uploaded = bool(assign.workload.dataset.dataset_id and not assign.dataset_entries)
+            entries = await self._dataset_entries()
             if is_conversation(assign.workload):
                 schedule = conversation_load(assign.stage, assign.workload.seed)
-                source = conversation_source(assign.workload, assign.target, assign.dataset_entries)
+                source = conversation_source(assign.workload, assign.target, entries)
                 self._conversations = ConversationEngine(source, self._send_turn, self._abandon_one)
             else:
                 schedule = schedule_for_stage(assign.stage, assign.workload.seed)
-                self._prompts = prompt_source(assign.workload, assign.dataset_entries)
+                if uploaded:
+                    self._prompts = await asyncio.to_thread(prompt_source, assign.workload, entries)
+                else:
+                    self._prompts = prompt_source(assign.workload, entries)
             self._client = TargetClient(
                 assign.target,
                 ignore_eos=assign.workload.ignore_eos,
@@ -314,7 +326,7 @@ class AssignmentRunner:
             if current is not None and current.cancelling():
                 raise  # our own task is being cancelled, not just the load: propagate
             # Otherwise the CancelledError is the load task's, caused by cancel(): done.
-        except (UnsupportedStageError, TargetConfigError, PromptSourceError) as exc:
+        except (UnsupportedStageError, TargetConfigError, PromptSourceError, DatasetFetchError) as exc:
             state, message = agent_service_pb2.ASSIGNMENT_STATE_FAILED, str(exc)
         except Exception as exc:
             log.exception("assignment_error", assignment_id=assign.assignment_id)
@@ -334,6 +346,27 @@ class AssignmentRunner:
                 await self._scraper.close()
             if self._client is not None:
                 await self._client.close()
+
+    async def _dataset_entries(self) -> list[run_pb2.DatasetEntry]:
+        """The Assign's dataset entries; for an uploaded dataset (`Dataset.dataset_id`, sent
+        without entries), fetched and parsed here with the run's `all_turns` and word filters."""
+        workload = self._assign.workload
+        if (
+            workload.WhichOneof("source") != "dataset"
+            or not workload.dataset.dataset_id
+            or self._assign.dataset_entries
+        ):
+            return list(self._assign.dataset_entries)
+        dataset = workload.dataset
+        if self.datasets is None:
+            raise DatasetFetchError(f"dataset {dataset.dataset_id}: this agent has no controller to fetch it from")
+        return await self.datasets.entries(
+            dataset.dataset_id,
+            fmt=dataset.format,
+            all_turns=dataset.all_turns,
+            min_prompt_words=dataset.min_prompt_words,
+            max_prompt_words=dataset.max_prompt_words,
+        )
 
     async def _load(self, schedule: LoadSchedule | ConversationLoad, client: TargetClient) -> None:
         closed_loop = schedule.concurrency if isinstance(schedule, ClosedLoopSchedule | ConversationLoad) else 0

@@ -60,6 +60,7 @@ import structlog
 from google.protobuf import timestamp_pb2
 
 from agent.assignment import AssignmentRunner, Lease
+from agent.datasets import DatasetCache
 from agent.health import CpuMeter, LoopLagMonitor
 from agent.preflight import check_target
 from agent.sample import PROCESS_CLOCK_ANCHOR, ClockAnchor
@@ -176,6 +177,8 @@ class ControllerLink:
         self._announcing: dict[str, tuple[agent_service_pb2.ConnectRequest, asyncio.Future[None]]] = {}
         self._observer = observer
         self._preflights: set[asyncio.Task[None]] = set()
+        # Uploaded datasets, fetched once per process on a channel of their own.
+        self.datasets = DatasetCache(controller, api_key, channel_factory)
         if observer is not None:
             observer.attach(self)
 
@@ -571,7 +574,9 @@ class ControllerLink:
                 )
             )
             return
-        runner = AssignmentRunner(assign, self.send, anchor=self._anchor, lease=self.lease, announce=self.announce)
+        runner = AssignmentRunner(
+            assign, self.send, anchor=self._anchor, lease=self.lease, announce=self.announce, datasets=self.datasets
+        )
         self._assignments[assignment_id] = runner
         runner.start().add_done_callback(_log_task_failure)
         self._prune_finished()

@@ -66,6 +66,12 @@ _COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "add_arguments",
         "run",
     ),
+    "datasets": (
+        "upload, list and delete datasets, traces and tokenizers stored by the controller",
+        "client.datasets",
+        "add_datasets_arguments",
+        "async:cmd_datasets",
+    ),
     "keys": (
         "create, list and revoke the controller's API keys (admin)",
         "client.keys",

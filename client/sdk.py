@@ -3,11 +3,19 @@ the API key in metadata."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from types import TracebackType
 
+import grpc
+
+from common.datasets import dataset_id
 from common.grpc_options import auth_metadata
 from common.proto.loadtest.v1 import (
+    dataset_service_pb2,
+    dataset_service_pb2_grpc,
     key_service_pb2,
     key_service_pb2_grpc,
     run_pb2,
@@ -26,6 +34,7 @@ class ControllerClient:
         self._channel = open_channel(address, tls)
         self._stub = run_service_pb2_grpc.RunServiceStub(self._channel)
         self._keys = key_service_pb2_grpc.KeyServiceStub(self._channel)
+        self._datasets = dataset_service_pb2_grpc.DatasetServiceStub(self._channel)
         self._metadata = auth_metadata(api_key)
         self.timeout_s = timeout_s
 
@@ -253,3 +262,82 @@ class ControllerClient:
             timeout=self.timeout_s,
         )
         return response
+
+    # --- datasets ----------------------------------------------------------------------
+
+    async def upload_dataset(
+        self, source: str | Path | bytes, fmt: int, name: str = "", *, check_first: bool = True
+    ) -> dataset_service_pb2.UploadDatasetResponse:
+        """Upload a file (a path, read in chunks, never whole) or bytes as a dataset of format
+        `fmt`. With `check_first` the content's id is computed locally first and, when the
+        controller has it already, nothing is sent (`already_present`)."""
+        if isinstance(source, bytes):
+            size, sha = len(source), hashlib.sha256(source).hexdigest()
+        else:
+            size, sha = await asyncio.to_thread(_file_digest, Path(source))
+        if check_first:
+            try:
+                known = await self.get_dataset(dataset_id(fmt, sha))
+                return dataset_service_pb2.UploadDatasetResponse(dataset=known, already_present=True)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+
+        async def requests() -> AsyncIterator[dataset_service_pb2.UploadDatasetRequest]:
+            header = dataset_service_pb2.UploadDatasetHeader(name=name, format=fmt, size_bytes=size)  # type: ignore[arg-type]
+            yield dataset_service_pb2.UploadDatasetRequest(header=header)
+            if isinstance(source, bytes):
+                for i in range(0, len(source), UPLOAD_CHUNK_BYTES):
+                    yield dataset_service_pb2.UploadDatasetRequest(chunk=source[i : i + UPLOAD_CHUNK_BYTES])
+                return
+            f = await asyncio.to_thread(Path(source).open, "rb")
+            try:
+                while block := await asyncio.to_thread(f.read, UPLOAD_CHUNK_BYTES):
+                    yield dataset_service_pb2.UploadDatasetRequest(chunk=block)
+            finally:
+                f.close()
+
+        # A deadline that grows with the size (at least 2 MB/s on top of the usual one).
+        timeout = self.timeout_s + size / 2e6
+        response: dataset_service_pb2.UploadDatasetResponse = await self._datasets.UploadDataset(
+            requests(), metadata=self._metadata, timeout=timeout
+        )
+        return response
+
+    async def get_dataset(self, dataset_id_: str) -> dataset_service_pb2.DatasetInfo:
+        response: dataset_service_pb2.GetDatasetResponse = await self._datasets.GetDataset(
+            dataset_service_pb2.GetDatasetRequest(dataset_id=dataset_id_),
+            metadata=self._metadata,
+            timeout=self.timeout_s,
+        )
+        return response.dataset
+
+    async def list_datasets(
+        self, page_size: int = 50, page_token: str = "", fmt: int = 0
+    ) -> dataset_service_pb2.ListDatasetsResponse:
+        response: dataset_service_pb2.ListDatasetsResponse = await self._datasets.ListDatasets(
+            dataset_service_pb2.ListDatasetsRequest(page_size=page_size, page_token=page_token, format=fmt),  # type: ignore[arg-type]
+            metadata=self._metadata,
+            timeout=self.timeout_s,
+        )
+        return response
+
+    async def delete_dataset(self, dataset_id_: str) -> None:
+        await self._datasets.DeleteDataset(
+            dataset_service_pb2.DeleteDatasetRequest(dataset_id=dataset_id_),
+            metadata=self._metadata,
+            timeout=self.timeout_s,
+        )
+
+
+UPLOAD_CHUNK_BYTES = 1 << 20
+
+
+def _file_digest(path: Path) -> tuple[int, str]:
+    """(size, SHA-256 hex) of a file, read in chunks."""
+    digest, size = hashlib.sha256(), 0
+    with path.open("rb") as f:
+        while block := f.read(UPLOAD_CHUNK_BYTES):
+            digest.update(block)
+            size += len(block)
+    return size, digest.hexdigest()

@@ -337,8 +337,13 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     work.add_argument("--input-tokens", type=lengths, default=None, help="prompt length: 128, 64-256 or normal:200,50")
     work.add_argument("--output-tokens", type=lengths, default=None, help="max_tokens: 128, 64-256 or normal:200,50")
     work.add_argument("--shared-prefix", type=int, default=0, help="tokens of prefix shared by every prompt")
-    work.add_argument("--dataset", type=Path, help="prompts from a .jsonl file or a ShareGPT .json file")
-    work.add_argument("--dataset-format", choices=["jsonl", "sharegpt"], help="default: from the file extension")
+    work.add_argument(
+        "--dataset",
+        type=Path,
+        help="prompts from a .jsonl, ShareGPT .json or .csv file of any size, uploaded to the controller "
+        "(once: content-addressed) and referred to by id",
+    )
+    work.add_argument("--dataset-format", choices=["jsonl", "sharegpt", "csv"], help="default: from the file extension")
     work.add_argument("--min-prompt-words", type=int, default=0, help="dataset filter")
     work.add_argument("--max-prompt-words", type=int, default=0, help="dataset filter")
     work.add_argument(
@@ -677,6 +682,21 @@ def _check_integers(args: argparse.Namespace) -> None:
             raise argparse.ArgumentTypeError(f"{flag}: must be between 0 and {high}, got {value}")
 
 
+_PROMPT_FORMATS = {
+    "jsonl": run_pb2.DATASET_FORMAT_JSONL,
+    "sharegpt": run_pb2.DATASET_FORMAT_SHAREGPT,
+    "csv": run_pb2.DATASET_FORMAT_CSV,
+}
+
+
+def dataset_file_format(path: Path, given: str | None) -> int:
+    """`--dataset-format`, else from the extension: .jsonl, .csv, otherwise ShareGPT JSON."""
+    if given:
+        return _PROMPT_FORMATS[given]
+    suffix = path.suffix.lower()
+    return _PROMPT_FORMATS["jsonl" if suffix == ".jsonl" else "csv" if suffix == ".csv" else "sharegpt"]
+
+
 def build_spec(args: argparse.Namespace) -> run_pb2.RunSpec:
     """The RunSpec the `run` flags describe (raises ArgumentTypeError for bad combinations)."""
     _check_integers(args)
@@ -714,10 +734,9 @@ def build_spec(args: argparse.Namespace) -> run_pb2.RunSpec:
     if getattr(args, "think_time", None) is not None:
         w.think_time.CopyFrom(args.think_time)
     if args.dataset is not None:
-        fmt = args.dataset_format or ("jsonl" if args.dataset.suffix == ".jsonl" else "sharegpt")
-        w.dataset.format = run_pb2.DATASET_FORMAT_JSONL if fmt == "jsonl" else run_pb2.DATASET_FORMAT_SHAREGPT
-        w.dataset.content = args.dataset.read_text(encoding="utf-8")
-        w.dataset.name = args.dataset.name
+        # The file itself is uploaded by `run` (client/commands.py), which sets `dataset_id`.
+        w.dataset.format = dataset_file_format(args.dataset, args.dataset_format)  # type: ignore[assignment]
+        w.dataset.name = args.dataset.name[-200:]
         w.dataset.min_prompt_words = args.min_prompt_words
         w.dataset.max_prompt_words = args.max_prompt_words
         w.dataset.all_turns = getattr(args, "all_turns", False)

@@ -10,7 +10,8 @@ Kinds:
 * `READ`: public by default (as the original API); with `require_auth_for_reads`, only the
   roles listed. Read-rate limited.
 * `WRITE`: mutating; only the roles listed; write-rate limited; audited whatever the outcome.
-* `ADMIN_READ`: never public (key listing, the audit log); read-rate limited.
+* `ADMIN_READ`: never public (key listing, the audit log; a dataset's content for agents);
+  read-rate limited.
 * `STREAM`: AgentService.Connect; not rate limited; the stream is ended (UNAUTHENTICATED)
   within seconds when its key is revoked or expires.
 
@@ -84,6 +85,7 @@ _EVERYONE = frozenset(Role)
 _RUN = "/loadtest.v1.RunService/"
 _KEYS = "/loadtest.v1.KeyService/"
 _HEALTH = "/grpc.health.v1.Health/"
+_DATASETS = "/loadtest.v1.DatasetService/"
 
 # The one table of who may call what. Tests enumerate every method of every served
 # service from the descriptors and fail on any method missing here.
@@ -107,6 +109,12 @@ METHOD_RULES: dict[str, MethodRule] = {
     # Admin keys may connect agents too: the bootstrap LLM_LOADTEST_API_KEY has always
     # served both (backward compatible); dedicated agent keys are the better practice.
     "/loadtest.v1.AgentService/Connect": MethodRule(frozenset({Role.AGENT, Role.ADMIN}), Kind.STREAM),
+    # Datasets' content goes to agents only (and admins), never public even with open reads.
+    "/loadtest.v1.AgentService/FetchDataset": MethodRule(frozenset({Role.AGENT, Role.ADMIN}), Kind.ADMIN_READ),
+    _DATASETS + "UploadDataset": MethodRule(_ADMIN, Kind.WRITE),
+    _DATASETS + "DeleteDataset": MethodRule(_ADMIN, Kind.WRITE),
+    _DATASETS + "GetDataset": MethodRule(_READERS, Kind.READ),
+    _DATASETS + "ListDatasets": MethodRule(_READERS, Kind.READ),
     _KEYS + "CreateKey": MethodRule(_ADMIN, Kind.WRITE),
     _KEYS + "RevokeKey": MethodRule(_ADMIN, Kind.WRITE),
     _KEYS + "ListKeys": MethodRule(_ADMIN, Kind.ADMIN_READ),
@@ -317,7 +325,7 @@ def _retry_status(message: str, retry_after_s: float) -> grpc.Status:
 
 def _subject(request: Any, response: Any) -> tuple[str, str]:
     """(run id, detail naming the key or the series) a call concerned, from its request or response."""
-    run_id = key = series = ""
+    run_id = key = series = dataset = ""
     for message in (request, response):
         if message is None or isinstance(message, _Malformed) or not hasattr(message, "DESCRIPTOR"):
             continue
@@ -332,6 +340,12 @@ def _subject(request: Any, response: Any) -> tuple[str, str]:
             key = message.key.id
         if message.DESCRIPTOR.name.endswith("BaselineRequest") and not series:
             series = str(message.name)
+        if "dataset_id" in fields and not dataset:
+            dataset = str(message.dataset_id)
+        if "dataset" in fields and message.DESCRIPTOR.name.endswith("DatasetResponse") and not dataset:
+            dataset = message.dataset.id
+    if dataset:
+        return run_id[:128], f"dataset {dataset[:64]}"
     if series:
         return run_id[:128], f"baseline {series[:64]}"
     return run_id[:128], f"key {key[:64]}" if key else ""
@@ -415,7 +429,13 @@ def _wrap(handler: grpc.RpcMethodHandler, call: _Call) -> grpc.RpcMethodHandler:
 
         async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
             await call.admit(context)
-            return await inner_su(_checked(requests, context), context)
+            try:
+                response = await inner_su(_checked(requests, context), context)
+            except BaseException as exc:
+                await call.finish(context, None, None, _outcome(context, exc))
+                raise
+            await call.finish(context, None, response, "OK")
+            return response
 
         return grpc.stream_unary_rpc_method_handler(stream_unary, deserializer, serializer)
 

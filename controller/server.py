@@ -17,6 +17,8 @@ from common.metrics_http import MetricsServer
 from common.proto.loadtest.v1 import (
     agent_service_pb2,
     agent_service_pb2_grpc,
+    dataset_service_pb2,
+    dataset_service_pb2_grpc,
     key_service_pb2,
     key_service_pb2_grpc,
     run_service_pb2,
@@ -33,10 +35,12 @@ from controller.domain.results.ingest import Ingestor
 from controller.domain.results.live import RunHub
 from controller.domain.results.provider import RunResults
 from controller.domain.runs import Runs
+from controller.domain.uploads import DatasetLibrary
 from controller.memory import MemoryReleaser
 from controller.observability import ControllerMetrics
 from controller.servicers import run_service
 from controller.servicers.agent_service import AgentServiceServicer
+from controller.servicers.dataset_service import DatasetServiceServicer
 from controller.servicers.key_service import KeyServiceServicer
 from controller.servicers.run_service import RunServiceServicer
 from controller.store.database import Database
@@ -48,6 +52,7 @@ SERVICE_NAMES = (
     run_service_pb2.DESCRIPTOR.services_by_name["RunService"].full_name,
     agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
     key_service_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name,
+    dataset_service_pb2.DESCRIPTOR.services_by_name["DatasetService"].full_name,
 )
 
 
@@ -104,12 +109,17 @@ class Controller:
             count_runs=self.store.count_runs_by_state,
             queue_depth=lambda: self.ingestor.queue_depth,
         )
-        self.runs = Runs(self.store, self.coordinator, self.hub, self.results, self.destinations)
+        self.datasets = DatasetLibrary(self.store)
+        self.runs = Runs(self.store, self.coordinator, self.hub, self.results, self.destinations, self.datasets)
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(interceptors=[self.metrics.interceptor, self.auth], options=SERVER_OPTIONS)
         run_service.add_to_server(RunServiceServicer(self.runs, Baselines(self.store, self.runs)), self.server)
         agent_service_pb2_grpc.add_AgentServiceServicer_to_server(
-            AgentServiceServicer(self.coordinator, self.ingestor, heartbeat_interval_s, self.audit), self.server
+            AgentServiceServicer(self.coordinator, self.ingestor, heartbeat_interval_s, self.audit, self.datasets),
+            self.server,
+        )
+        dataset_service_pb2_grpc.add_DatasetServiceServicer_to_server(
+            DatasetServiceServicer(self.datasets), self.server
         )
         key_service_pb2_grpc.add_KeyServiceServicer_to_server(KeyServiceServicer(self.keys, self.audit), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -125,6 +135,9 @@ class Controller:
         if applied:
             log.info("migrations_applied", versions=applied, db=self.db.path)
         await self.check_exposure(listen)
+        discarded = await self.datasets.start()
+        if discarded:
+            log.info("dataset_uploads_discarded", count=discarded, hint="uploads interrupted by a stop")
         if self._tls is not None:
             self.port = self.server.add_secure_port(listen, self._tls.credentials())
         else:

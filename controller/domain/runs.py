@@ -19,6 +19,7 @@ from typing import TypeVar
 import structlog
 
 from common.codes import RunState
+from common.datasets import format_name
 from common.proto.loadtest.v1 import run_pb2
 from common.stats import DEFAULT_CONFIDENCE_PERCENT, MAX_CONFIDENCE_PERCENT, MIN_CONFIDENCE_PERCENT
 from controller.domain.access.destinations import DestinationPolicy
@@ -38,6 +39,7 @@ from controller.domain.results.groups import GroupMember, group_result
 from controller.domain.results.live import LiveSnapshot, RunHub
 from controller.domain.results.provider import RunResults
 from controller.domain.spec import check_resume, check_stored_size, parse_spec, spec_json, validate_and_default
+from controller.domain.uploads import DatasetLibrary
 from controller.store import repository as repo
 from controller.store.interface import Store
 
@@ -105,8 +107,10 @@ class Runs:
         hub: RunHub,
         results: RunResults,
         destinations: DestinationPolicy,
+        datasets: DatasetLibrary | None = None,
     ) -> None:
         self._store = store
+        self._datasets = datasets if datasets is not None else DatasetLibrary(store)
         self._destinations = destinations
         self._coordinator = coordinator
         self.hub = hub
@@ -133,7 +137,8 @@ class Runs:
         # The API key and credential headers are stored apart (run_secrets), erased when the run ends.
         secret = split_secrets(valid.target)
         dataset_json = ""
-        if valid.workload.HasField("dataset"):
+        await self._resolve_uploads(valid.workload)
+        if valid.workload.HasField("dataset") and not valid.workload.dataset.dataset_id:
             dataset = valid.workload.dataset
             entries = parse_dataset(dataset)
             dataset_json = entries_to_json(entries)
@@ -160,6 +165,39 @@ class Runs:
         if created:
             await self._created(record, "", len(stage_names))
         return [record]
+
+    async def _resolve_uploads(self, workload: run_pb2.Workload) -> None:
+        """Check the workload's references to uploaded datasets (they must exist, of the right
+        kind of format) and fill their output-only fields. The agents fetch the content."""
+        if workload.HasField("dataset") and workload.dataset.dataset_id:
+            dataset = workload.dataset
+            field = "spec.workload.dataset"
+            if dataset.content:
+                raise InvalidArgument([FieldViolation(f"{field}.content", "set content or dataset_id, not both")])
+            record = await self._datasets.resolve(dataset.dataset_id, "dataset", f"{field}.dataset_id")
+            if dataset.format and dataset.format != record.format:
+                raise InvalidArgument(
+                    [
+                        FieldViolation(
+                            f"{field}.format", f"the dataset {record.dataset_id} is {format_name(record.format)}"
+                        )
+                    ]
+                )
+            if dataset.max_prompt_words and dataset.min_prompt_words > dataset.max_prompt_words:
+                raise InvalidArgument([FieldViolation(f"{field}.min_prompt_words", "exceeds max_prompt_words")])
+            dataset.format = record.format  # type: ignore[assignment]
+            dataset.content_sha256 = record.sha256
+            dataset.entry_count = record.entry_count  # before the word filters (the agents apply them)
+            if not dataset.name:
+                dataset.name = record.name
+        if workload.HasField("trace"):
+            trace = workload.trace
+            record = await self._datasets.resolve(trace.dataset_id, "trace", "spec.workload.trace.dataset_id")
+            trace.entry_count = record.entry_count
+            speed = trace.replay_speed if trace.replay_speed > 0 else 1.0
+            trace.span.FromNanoseconds(round(record.span_s / speed * 1e9))
+        if workload.tokenizer_id:
+            await self._datasets.resolve(workload.tokenizer_id, "tokenizer", "spec.workload.tokenizer_id")
 
     async def _create_group(
         self,

@@ -29,6 +29,9 @@ from controller.domain.execution.agents import AgentHealthReport, AgentSession
 from controller.domain.execution.coordinator import RunCoordinator
 from controller.domain.execution.loss import AssignmentRefused
 from controller.domain.results.ingest import Ingestor, IngestTarget, MalformedBatch
+from controller.domain.uploads import DatasetLibrary
+from controller.servicers.dataset_service import fetch
+from controller.servicers.errors import stream_errors
 from controller.store.repository import BatchIngest, IngestOutcome
 
 log = structlog.get_logger(__name__)
@@ -53,11 +56,23 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
         ingestor: Ingestor,
         heartbeat_interval_s: float = 1.0,
         audit: AuditLog | None = None,
+        datasets: DatasetLibrary | None = None,
     ) -> None:
         self._coordinator = coordinator
         self._ingestor = ingestor
         self._heartbeat_interval_s = heartbeat_interval_s
         self._audit = audit
+        self._datasets = datasets
+
+    @stream_errors
+    async def FetchDataset(
+        self, request: agent_service_pb2.FetchDatasetRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[agent_service_pb2.FetchDatasetResponse]:
+        if self._datasets is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this controller serves no datasets")
+            return
+        async for message in fetch(self._datasets, request):
+            yield message
 
     async def Connect(
         self,

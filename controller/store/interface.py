@@ -9,7 +9,8 @@ the reference for what each one does.
 
 The interface is split by subsystem, as the schema is: runs with their stages and events
 (`RunStore`), agents and assignments (`FleetStore`), samples and results (`SampleStore`), API
-keys (`ApiKeyStore`), the audit log (`AuditStore`) and the baselines of series (`SeriesStore`);
+keys (`ApiKeyStore`), the audit log (`AuditStore`), the baselines of series (`SeriesStore`)
+and uploaded datasets (`DatasetStore`);
 `Store` is all of them. A domain object
 takes the part it uses (the key store and the audit log need no run tables, the ingestor
 only samples), so its dependencies read off its signature and a test can hand it a small
@@ -36,6 +37,7 @@ from typing import Concatenate, ParamSpec, Protocol, TypeVar, Unpack
 import peewee
 
 from controller.store.baselines import BaselineRecord
+from controller.store.datasets import DatasetRecord, DatasetsPage
 from controller.store.repository import (
     AgentRecord,
     AssignmentChanges,
@@ -336,5 +338,29 @@ class SeriesStore(Protocol):
         ...
 
 
-class Store(RunStore, FleetStore, SampleStore, ApiKeyStore, AuditStore, SeriesStore, Protocol):
+class DatasetStore(Protocol):
+    """Uploaded datasets and their content in chunks (controller/store/datasets.py)."""
+
+    async def begin_dataset_upload(self, name: str, fmt: int, now_ns: int) -> int: ...
+
+    async def append_dataset_chunk(self, dataset_pk: int, seq: int, blob: bytes) -> None: ...
+
+    async def finish_dataset_upload(
+        self, dataset_pk: int, dataset_id: str, size: int, sha256: str, entry_count: int, span_s: float
+    ) -> tuple[DatasetRecord, bool]: ...
+
+    async def discard_dataset_upload(self, dataset_pk: int) -> None: ...
+
+    async def discard_incomplete_uploads(self) -> int: ...
+
+    async def get_dataset(self, dataset_id: str) -> DatasetRecord | None: ...
+
+    async def list_datasets(self, limit: int, after: tuple[int, int] | None, fmt: int) -> DatasetsPage: ...
+
+    async def read_dataset_chunks(self, dataset_pk: int, from_seq: int, limit: int) -> list[bytes]: ...
+
+    async def delete_dataset(self, dataset_id: str) -> tuple[bool, str]: ...
+
+
+class Store(RunStore, FleetStore, SampleStore, ApiKeyStore, AuditStore, SeriesStore, DatasetStore, Protocol):
     """Everything the controller keeps."""

@@ -31,6 +31,7 @@ from peewee import IntegrityError
 from common.codes import RunState, SampleFlag
 from controller.store import columnar
 from controller.store.baselines import BaselineRecord
+from controller.store.datasets import MAX_CHUNK_BYTES, DatasetRecord, DatasetsPage
 from controller.store.interface import SnapshotReads, Store
 from controller.store.repository import (
     AgentRecord,
@@ -206,6 +207,9 @@ class MemoryTables:
         self.keys: dict[str, KeyRecord] = {}
         self.audit: dict[int, AuditRecord] = {}
         self.baselines: dict[str, BaselineRecord] = {}
+        # Uploaded datasets by pk (dataset_id "" while the upload is under way) and their chunks.
+        self.uploaded: dict[int, DatasetRecord] = {}
+        self.uploaded_chunks: dict[int, dict[int, bytes]] = {}
         # the unique keys of the tables above
         self._run_by_id: dict[str, int] = {}
         self._run_by_request: dict[str, int] = {}
@@ -745,6 +749,89 @@ class MemoryTables:
         chosen = sorted((r for r in self.runs.values() if r.series == series), key=lambda r: (r.created_at, r.pk))
         return [r.record() for r in reversed(chosen[-limit:])] if limit > 0 else []
 
+    # --- uploaded datasets -------------------------------------------------------------
+
+    def begin_dataset_upload(self, name: str, fmt: int, now_ns: int) -> int:
+        pk = _next_pk(self.uploaded)
+        self.uploaded[pk] = DatasetRecord(pk, "", name, fmt, 0, "", 0, 0.0, now_ns)
+        self.uploaded_chunks[pk] = {}
+        return pk
+
+    def append_dataset_chunk(self, dataset_pk: int, seq: int, blob: bytes) -> None:
+        if len(blob) > MAX_CHUNK_BYTES:
+            raise ValueError(f"a dataset chunk is at most {MAX_CHUNK_BYTES} bytes")
+        chunks = self.uploaded_chunks.get(dataset_pk)
+        if chunks is None:
+            raise IntegrityError("FOREIGN KEY constraint failed")
+        if seq in chunks:
+            raise IntegrityError("UNIQUE constraint failed: dataset_chunks.dataset_pk, dataset_chunks.seq")
+        chunks[seq] = bytes(blob)
+
+    def _dataset(self, dataset_id: str) -> DatasetRecord | None:
+        return next((d for d in self.uploaded.values() if d.dataset_id == dataset_id and dataset_id), None)
+
+    def finish_dataset_upload(
+        self, dataset_pk: int, dataset_id: str, size: int, sha256: str, entry_count: int, span_s: float
+    ) -> tuple[DatasetRecord, bool]:
+        stored = self._dataset(dataset_id)
+        if stored is not None:
+            self.discard_dataset_upload(dataset_pk)
+            return stored, True
+        row = self.uploaded.get(dataset_pk)
+        if row is None or row.dataset_id:
+            raise LookupError(f"no upload {dataset_pk} under way")
+        self.uploaded[dataset_pk] = dataclasses.replace(
+            row, dataset_id=dataset_id, size=size, sha256=sha256, entry_count=entry_count, span_s=span_s
+        )
+        found = self.get_dataset(dataset_id)
+        assert found is not None
+        return found, False
+
+    def discard_dataset_upload(self, dataset_pk: int) -> None:
+        row = self.uploaded.get(dataset_pk)
+        if row is not None and not row.dataset_id:
+            del self.uploaded[dataset_pk]
+            del self.uploaded_chunks[dataset_pk]
+
+    def discard_incomplete_uploads(self) -> int:
+        pks = [pk for pk, d in self.uploaded.items() if not d.dataset_id]
+        for pk in pks:
+            self.discard_dataset_upload(pk)
+        return len(pks)
+
+    def get_dataset(self, dataset_id: str) -> DatasetRecord | None:
+        d = self._dataset(dataset_id)
+        return dataclasses.replace(d, chunks=len(self.uploaded_chunks[d.pk])) if d is not None else None
+
+    def list_datasets(self, limit: int, after: tuple[int, int] | None, fmt: int) -> DatasetsPage:
+        rows = sorted(
+            (
+                d
+                for d in self.uploaded.values()
+                if d.dataset_id and (not fmt or d.format == fmt) and (after is None or (d.created_at, d.pk) < after)
+            ),
+            key=lambda d: (d.created_at, d.pk),
+            reverse=True,
+        )
+        page = rows[:limit]
+        return page, ((page[-1].created_at, page[-1].pk) if len(rows) > limit and page else None)
+
+    def read_dataset_chunks(self, dataset_pk: int, from_seq: int, limit: int) -> list[bytes]:
+        chunks = self.uploaded_chunks.get(dataset_pk, {})
+        return [chunks[s] for s in sorted(chunks) if s >= from_seq][:limit]
+
+    def delete_dataset(self, dataset_id: str) -> tuple[bool, str]:
+        d = self._dataset(dataset_id)
+        if d is None:
+            return False, ""
+        active = (RunState.PENDING, RunState.RUNNING)
+        user = next((r.run_id for r in self.runs.values() if r.state in active and dataset_id in r.spec_json), "")
+        if user:
+            return True, user
+        del self.uploaded[d.pk]
+        del self.uploaded_chunks[d.pk]
+        return True, ""
+
 
 async def _turn() -> None:
     """Give the event loop one turn, as waiting for an answer from a thread does."""
@@ -1014,6 +1101,39 @@ class MemoryStore(Store):
 
     async def delete_baseline(self, name: str) -> bool:
         return await _after_a_turn(self.tables.delete_baseline(name))
+
+    async def begin_dataset_upload(self, name: str, fmt: int, now_ns: int) -> int:
+        return await _after_a_turn(self.tables.begin_dataset_upload(name, fmt, now_ns))
+
+    async def append_dataset_chunk(self, dataset_pk: int, seq: int, blob: bytes) -> None:
+        self.tables.append_dataset_chunk(dataset_pk, seq, blob)
+        await _turn()
+
+    async def finish_dataset_upload(
+        self, dataset_pk: int, dataset_id: str, size: int, sha256: str, entry_count: int, span_s: float
+    ) -> tuple[DatasetRecord, bool]:
+        return await _after_a_turn(
+            self.tables.finish_dataset_upload(dataset_pk, dataset_id, size, sha256, entry_count, span_s)
+        )
+
+    async def discard_dataset_upload(self, dataset_pk: int) -> None:
+        self.tables.discard_dataset_upload(dataset_pk)
+        await _turn()
+
+    async def discard_incomplete_uploads(self) -> int:
+        return await _after_a_turn(self.tables.discard_incomplete_uploads())
+
+    async def get_dataset(self, dataset_id: str) -> DatasetRecord | None:
+        return await _after_a_turn(self.tables.get_dataset(dataset_id))
+
+    async def list_datasets(self, limit: int, after: tuple[int, int] | None, fmt: int) -> DatasetsPage:
+        return await _after_a_turn(self.tables.list_datasets(limit, after, fmt))
+
+    async def read_dataset_chunks(self, dataset_pk: int, from_seq: int, limit: int) -> list[bytes]:
+        return await _after_a_turn(self.tables.read_dataset_chunks(dataset_pk, from_seq, limit))
+
+    async def delete_dataset(self, dataset_id: str) -> tuple[bool, str]:
+        return await _after_a_turn(self.tables.delete_dataset(dataset_id))
 
     async def series_runs(self, series: str, limit: int) -> list[RunRecord]:
         return await _after_a_turn(self.tables.series_runs(series, limit))

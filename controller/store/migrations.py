@@ -318,6 +318,36 @@ MIGRATIONS: Sequence[tuple[int, str, str | Callable[[Database], None]]] = (
         CREATE INDEX runs_group ON runs (group_id, created_at DESC, pk DESC) WHERE group_id IS NOT NULL;
         """,
     ),
+    (
+        14,
+        "uploaded datasets",
+        """
+        -- Datasets, traces and tokenizers uploaded once (DatasetService) and referred to by id
+        -- from runs. `id` (`ds_...`, content-addressed) is NULL while the upload is under way:
+        -- its chunks are written as they arrive, and the row gets its id, size and digest in
+        -- the transaction that completes the upload; a failed upload's row is deleted with its
+        -- chunks (and the controller deletes rows left without an id when it starts).
+        CREATE TABLE datasets (
+            pk INTEGER PRIMARY KEY,
+            id TEXT UNIQUE,
+            name TEXT NOT NULL DEFAULT '',
+            format INTEGER NOT NULL,
+            size INTEGER NOT NULL DEFAULT 0,
+            sha256 TEXT NOT NULL DEFAULT '',
+            entry_count INTEGER NOT NULL DEFAULT 0,
+            span_s REAL NOT NULL DEFAULT 0,
+            created_at INTEGER NOT NULL
+        );
+        CREATE INDEX datasets_created_at ON datasets (created_at DESC, pk DESC);
+        -- The content in order, each blob at most 1 MiB.
+        CREATE TABLE dataset_chunks (
+            dataset_pk INTEGER NOT NULL REFERENCES datasets (pk) ON DELETE CASCADE,
+            seq INTEGER NOT NULL,
+            blob BLOB NOT NULL,
+            PRIMARY KEY (dataset_pk, seq)
+        ) WITHOUT ROWID;
+        """,
+    ),
 )
 
 

@@ -13,10 +13,12 @@ from collections.abc import Callable, Sequence
 from typing import Concatenate, ParamSpec, TypeVar, Unpack
 
 from controller.store import baselines, security
+from controller.store import datasets as ds
 from controller.store import repository as repo
 from controller.store import server_metrics as scrapes
 from controller.store.baselines import BaselineRecord
 from controller.store.database import Database
+from controller.store.datasets import DatasetRecord, DatasetsPage
 from controller.store.interface import SnapshotReads, Store
 from controller.store.repository import (
     AgentRecord,
@@ -329,3 +331,34 @@ class SqliteStore(Store):
 
     async def series_runs(self, series: str, limit: int) -> list[RunRecord]:
         return await self.db.read(repo.series_runs, series, limit)
+
+    # --- uploaded datasets -------------------------------------------------------------
+
+    async def begin_dataset_upload(self, name: str, fmt: int, now_ns: int) -> int:
+        return await self.db.write(ds.begin_dataset_upload, name, fmt, now_ns)
+
+    async def append_dataset_chunk(self, dataset_pk: int, seq: int, blob: bytes) -> None:
+        await self.db.write(ds.append_dataset_chunk, dataset_pk, seq, blob)
+
+    async def finish_dataset_upload(
+        self, dataset_pk: int, dataset_id: str, size: int, sha256: str, entry_count: int, span_s: float
+    ) -> tuple[DatasetRecord, bool]:
+        return await self.db.write(ds.finish_dataset_upload, dataset_pk, dataset_id, size, sha256, entry_count, span_s)
+
+    async def discard_dataset_upload(self, dataset_pk: int) -> None:
+        await self.db.write(ds.discard_dataset_upload, dataset_pk)
+
+    async def discard_incomplete_uploads(self) -> int:
+        return await self.db.write(ds.discard_incomplete_uploads)
+
+    async def get_dataset(self, dataset_id: str) -> DatasetRecord | None:
+        return await self.db.read(ds.get_dataset, dataset_id)
+
+    async def list_datasets(self, limit: int, after: tuple[int, int] | None, fmt: int) -> DatasetsPage:
+        return await self.db.read(ds.list_datasets, limit, after, fmt)
+
+    async def read_dataset_chunks(self, dataset_pk: int, from_seq: int, limit: int) -> list[bytes]:
+        return await self.db.read(ds.read_dataset_chunks, dataset_pk, from_seq, limit)
+
+    async def delete_dataset(self, dataset_id: str) -> tuple[bool, str]:
+        return await self.db.write(ds.delete_dataset, dataset_id)

@@ -14,7 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from common.proto.loadtest.v1 import agent_service_pb2, key_service_pb2, run_service_pb2
+from common.proto.loadtest.v1 import agent_service_pb2, dataset_service_pb2, key_service_pb2, run_service_pb2
 from controller.auth import METHOD_RULES, Kind
 from controller.domain.access.keys import Role
 from controller.server import SERVICE_NAMES, Controller
@@ -34,7 +34,7 @@ BROKEN = {
 }
 Creds = dict[str, tuple[str | None, Role | None, bool]]  # label -> (key, role, valid)
 Secured = tuple[Controller, Creds]
-MODULES = (run_service_pb2, agent_service_pb2, key_service_pb2, health_pb2, reflection_pb2)
+MODULES = (run_service_pb2, agent_service_pb2, key_service_pb2, dataset_service_pb2, health_pb2, reflection_pb2)
 
 
 def all_methods() -> list[tuple[str, bool, bool]]:

@@ -85,7 +85,7 @@ def test_dataset_and_target_options(tmp_path: Path) -> None:
         "--no-stream",
     )
     assert s.workload.dataset.format == run_pb2.DATASET_FORMAT_JSONL
-    assert s.workload.dataset.content.startswith('{"prompt"')
+    assert s.workload.dataset.content == "" and s.workload.dataset.name == "prompts.jsonl"  # `run` uploads it
     assert s.workload.ignore_eos and s.workload.pin_min_tokens
     assert s.target.insecure_skip_verify and not s.target.stream
     assert s.target.extra_body["cache_prompt"] is False

@@ -1077,3 +1077,95 @@ async def test_deleting_a_run_deletes_the_baselines_naming_it(store: Store) -> N
     await store.set_baseline(BaselineRecord("c", "run_keep", 3, ""))
     await store.delete_run(gone.pk)
     assert [b.name for b in await store.list_baselines()] == ["c"]
+
+
+# --- uploaded datasets ----------------------------------------------------------------------
+
+
+async def upload(store: Store, dataset_id: str, chunks: Sequence[bytes], *, created: int = 1, fmt: int = 1) -> int:
+    pk = await store.begin_dataset_upload(f"name of {dataset_id}", fmt, created)
+    for seq, blob in enumerate(chunks):
+        await store.append_dataset_chunk(pk, seq, blob)
+    return pk
+
+
+async def test_dataset_upload_completes_under_its_id(store: Store) -> None:
+    pk = await upload(store, "ds_a", [b"one\n", b"two\n"], created=5)
+    assert await store.get_dataset("ds_a") is None  # not before it completes
+    assert (await store.list_datasets(10, None, 0))[0] == []
+    record, present = await store.finish_dataset_upload(pk, "ds_a", 8, "ab" * 32, 2, 1.5)
+    assert not present
+    assert (record.dataset_id, record.name, record.format, record.size, record.entry_count) == (
+        "ds_a",
+        "name of ds_a",
+        1,
+        8,
+        2,
+    )
+    assert (record.sha256, record.span_s, record.created_at, record.chunks) == ("ab" * 32, 1.5, 5, 2)
+    assert await store.get_dataset("ds_a") == record
+    assert await store.read_dataset_chunks(record.pk, 0, 10) == [b"one\n", b"two\n"]
+    assert await store.read_dataset_chunks(record.pk, 1, 10) == [b"two\n"]
+    assert await store.read_dataset_chunks(record.pk, 0, 1) == [b"one\n"]
+    assert await store.get_dataset("ds_missing") is None
+
+
+async def test_dataset_same_id_again_keeps_one_copy(store: Store) -> None:
+    first, _ = await store.finish_dataset_upload(await upload(store, "ds_a", [b"x"]), "ds_a", 1, "s", 1, 0.0)
+    again = await upload(store, "ds_a", [b"x"], created=9)
+    record, present = await store.finish_dataset_upload(again, "ds_a", 1, "s", 1, 0.0)
+    assert present and record.pk == first.pk and record.created_at == 1
+    assert await store.read_dataset_chunks(again, 0, 10) == []  # the second copy is gone
+    assert len((await store.list_datasets(10, None, 0))[0]) == 1
+
+
+async def test_dataset_discarded_uploads_leave_nothing(store: Store) -> None:
+    kept, _ = await store.finish_dataset_upload(await upload(store, "ds_k", [b"k"]), "ds_k", 1, "s", 1, 0.0)
+    pk = await upload(store, "ds_a", [b"x", b"y"])
+    await store.discard_dataset_upload(pk)
+    assert await store.read_dataset_chunks(pk, 0, 10) == []
+    await store.discard_dataset_upload(kept.pk)  # a completed dataset is not an upload: it stays
+    assert await store.read_dataset_chunks(kept.pk, 0, 10) == [b"k"]
+    left = [await upload(store, f"ds_{i}", [b"z"]) for i in range(2)]
+    assert await store.discard_incomplete_uploads() == 2
+    assert all([await store.read_dataset_chunks(p, 0, 10) == [] for p in left])
+    assert await store.get_dataset("ds_k") is not None
+    with pytest.raises(LookupError):
+        await store.finish_dataset_upload(pk, "ds_a", 2, "s", 1, 0.0)
+
+
+async def test_dataset_chunks_are_unique_and_bounded(store: Store) -> None:
+    pk = await upload(store, "ds_a", [b"x"])
+    with pytest.raises(INTEGRITY_ERRORS):
+        await store.append_dataset_chunk(pk, 0, b"again")
+    with pytest.raises(ValueError, match="at most"):
+        await store.append_dataset_chunk(pk, 1, b"x" * ((1 << 20) + 1))
+    with pytest.raises(INTEGRITY_ERRORS):
+        await store.append_dataset_chunk(pk + 100, 0, b"no such upload")
+
+
+async def test_list_datasets_pages_newest_first_and_by_format(store: Store) -> None:
+    for i, (created, fmt) in enumerate([(1, 1), (3, 2), (3, 1), (2, 1)]):
+        await store.finish_dataset_upload(
+            await upload(store, f"ds_{i}", [b"x"], created=created, fmt=fmt), f"ds_{i}", 1, "s", 1, 0.0
+        )
+    page, after = await store.list_datasets(2, None, 0)
+    assert [d.dataset_id for d in page] == ["ds_2", "ds_1"] and after is not None
+    page, after = await store.list_datasets(2, after, 0)
+    assert [d.dataset_id for d in page] == ["ds_3", "ds_0"] and after is None
+    assert [d.dataset_id for d in (await store.list_datasets(10, None, 1))[0]] == ["ds_2", "ds_3", "ds_0"]
+    assert [d.dataset_id for d in (await store.list_datasets(10, None, 5))[0]] == []
+
+
+async def test_delete_dataset_refused_while_an_active_run_refers_to_it(store: Store) -> None:
+    record, _ = await store.finish_dataset_upload(await upload(store, "ds_abc", [b"x"]), "ds_abc", 1, "s", 1, 0.0)
+    run = await new_run(store, "run_a", spec_json='{"workload": {"trace": {"datasetId": "ds_abc"}}}')
+    await new_run(store, "run_other", spec_json='{"workload": {"tokenizerId": "ds_other"}}')
+    assert await store.delete_dataset("ds_abc") == (True, "run_a")
+    await store.update_run(run.pk, state=RunState.RUNNING)
+    assert await store.delete_dataset("ds_abc") == (True, "run_a")
+    await store.finish_run(run.pk, RunState.SUCCEEDED, "", 10)
+    assert await store.delete_dataset("ds_abc") == (True, "")
+    assert await store.get_dataset("ds_abc") is None
+    assert await store.read_dataset_chunks(record.pk, 0, 10) == []
+    assert await store.delete_dataset("ds_abc") == (False, "")
