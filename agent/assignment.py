@@ -33,6 +33,7 @@ the replay covers what was dropped).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import time
 from collections.abc import Awaitable, Callable
@@ -43,17 +44,26 @@ import structlog
 
 from agent.batcher import SampleBatcher
 from agent.gcload import load_thresholds
-from agent.prompts import PromptSource, PromptSourceError, prompt_source
+from agent.prompts import Prompt, PromptSource, PromptSourceError, prompt_source
 from agent.reachability import TargetReachability
 from agent.sample import MAX_ERROR_CHARS, PROCESS_CLOCK_ANCHOR, ClockAnchor, RequestSample
 from agent.scheduler import ClosedLoopSchedule, LoadSchedule, UnsupportedStageError, schedule_for_stage
 from agent.scrape import ServerMetricsScraper
 from agent.stalls import STALL_POLL_S, Stall, StallWatch
 from agent.target_client import TargetClient, TargetConfigError
+from agent.tokens import (
+    DatasetSource,
+    DatasetUnavailableError,
+    estimate_output_tokens,
+    fetch_dataset,
+    load_tokenizer,
+)
+from agent.trace import TraceSchedule, load_trace, trace_schedule
 from common import codes
 from common.durations import seconds
 from common.proto.loadtest.v1 import agent_service_pb2, run_pb2
 from common.spec_defaults import unreachable_timeout_s
+from common.tokenizer import Tokenizer
 
 log = structlog.get_logger(__name__)
 
@@ -113,8 +123,11 @@ class AssignmentRunner:
         batcher: SampleBatcher | None = None,
         lease: Lease | None = None,
         announce: Announce | None = None,
+        datasets: DatasetSource | None = None,
     ) -> None:
         self._assign = assign
+        self._datasets = datasets
+        self._tokenizer: Tokenizer | None = None
         self._emit = emit
         self._lease = lease or Lease()
         self._announce = announce
@@ -260,8 +273,16 @@ class AssignmentRunner:
         state: AssignmentState = agent_service_pb2.ASSIGNMENT_STATE_CANCELLED
         message = "agent stopped"
         try:
-            schedule: LoadSchedule = schedule_for_stage(assign.stage, assign.workload.seed)
-            self._prompts = prompt_source(assign.workload, assign.dataset_entries)
+            tokenizer = await load_tokenizer(assign.workload, self._datasets)
+            self._tokenizer = tokenizer
+            schedule: LoadSchedule | TraceSchedule
+            if assign.stage.WhichOneof("load") == "trace_replay":
+                schedule = await self._trace_schedule(tokenizer)
+            else:
+                schedule = schedule_for_stage(assign.stage, assign.workload.seed)
+                self._prompts = await asyncio.to_thread(
+                    prompt_source, assign.workload, assign.dataset_entries, tokenizer
+                )
             self._client = TargetClient(
                 assign.target,
                 ignore_eos=assign.workload.ignore_eos,
@@ -297,7 +318,7 @@ class AssignmentRunner:
             if current is not None and current.cancelling():
                 raise  # our own task is being cancelled, not just the load: propagate
             # Otherwise the CancelledError is the load task's, caused by cancel(): done.
-        except (UnsupportedStageError, TargetConfigError, PromptSourceError) as exc:
+        except (UnsupportedStageError, TargetConfigError, PromptSourceError, DatasetUnavailableError) as exc:
             state, message = agent_service_pb2.ASSIGNMENT_STATE_FAILED, str(exc)
         except Exception as exc:
             log.exception("assignment_error", assignment_id=assign.assignment_id)
@@ -318,7 +339,37 @@ class AssignmentRunner:
             if self._client is not None:
                 await self._client.close()
 
-    async def _load(self, schedule: LoadSchedule, client: TargetClient) -> None:
+    async def _trace_schedule(self, tokenizer: Tokenizer | None) -> TraceSchedule:
+        """This agent's share of a trace_replay stage (the trace fetched and parsed)."""
+        assign = self._assign
+        trace = assign.workload.trace
+        if assign.workload.WhichOneof("source") != "trace" or not trace.dataset_id:
+            raise UnsupportedStageError("a trace_replay stage needs a trace workload (workload.trace.dataset_id)")
+        data = await fetch_dataset(self._datasets, trace.dataset_id, "trace")
+        try:
+            entries = await asyncio.to_thread(load_trace, data)
+        except ValueError as exc:
+            raise PromptSourceError(f"trace {trace.dataset_id}: {exc}") from None
+        return await asyncio.to_thread(
+            trace_schedule,
+            assign.stage,
+            trace,
+            entries,
+            seed=assign.workload.seed,
+            share_index=assign.share_index,
+            share_count=assign.share_count,
+            tokenizer=tokenizer,
+        )
+
+    def _trace_origin_ns(self) -> int:
+        """The stage's start (trace time 0) on the perf clock: the Assign's start time, which
+        for a takeover is the stage's original start (already past)."""
+        now_perf, now_unix = time.perf_counter_ns(), time.time_ns()
+        if not self._assign.start_unix_ns:
+            return now_perf
+        return now_perf - (now_unix - (self._assign.start_unix_ns - self._assign.clock_offset_ns))
+
+    async def _load(self, schedule: LoadSchedule | TraceSchedule, client: TargetClient) -> None:
         if isinstance(schedule, ClosedLoopSchedule):
             opened = await client.preconnect(min(schedule.concurrency, MAX_PRECONNECT), PRECONNECT_TIMEOUT_S)
             log.debug("preconnected", assignment_id=self.assignment_id, connections=opened)
@@ -333,7 +384,11 @@ class AssignmentRunner:
         watcher = asyncio.create_task(self._watch_stalls(watch), name="stall-watch")
         try:
             with load_thresholds():
-                await schedule.run(self._send_one, self._abandon_one)
+                if isinstance(schedule, TraceSchedule):
+                    schedule = dataclasses.replace(schedule, origin_ns=self._trace_origin_ns())
+                    await schedule.run(self._send_one, self._abandon_one)
+                else:
+                    await schedule.run(self._send_one, self._abandon_one)
         finally:
             watcher.cancel()
             self._stalls = watch.finish(time.perf_counter_ns())
@@ -366,7 +421,7 @@ class AssignmentRunner:
         finally:
             gc.enable()
         late_ms = (time.time_ns() - target_ns) / 1e6
-        if late_ms > START_LATE_WARN_MS:
+        if late_ms > START_LATE_WARN_MS and not self._assign.takeover:
             log.warning(
                 "assignment_started_late",
                 assignment_id=self.assignment_id,
@@ -374,9 +429,9 @@ class AssignmentRunner:
                 lead_ms=round(lead_s * 1000, 3),
             )
 
-    async def _send_one(self, scheduled_ns: int, warmup: bool) -> None:
+    async def _send_one(self, scheduled_ns: int, warmup: bool, prompt: Prompt | None = None) -> None:
+        """One request; `prompt` is the trace request's, else the prompt source's next."""
         assert self._client is not None  # set before the schedule starts
-        assert self._prompts is not None
         await self._batcher.wait_writable()
         if not self._lease.valid():
             # Checked per request: after a freeze (SIGSTOP) overdue requests would otherwise
@@ -386,13 +441,18 @@ class AssignmentRunner:
             return
         reach = self._reach
         probe = await reach.wait_turn() if reach.refusing else False
-        prompt = self._prompts.next_prompt()
+        if prompt is None:
+            assert self._prompts is not None
+            prompt = self._prompts.next_prompt()
         sample = RequestSample(
             scheduled_ns=scheduled_ns,
             warmup=warmup,
             requested_input_tokens=prompt.input_tokens,
             requested_output_tokens=prompt.max_tokens,
         )
+        tokenizer = self._tokenizer
+        if tokenizer is not None and sample.answer_chunks is None:
+            sample.answer_chunks = []  # the text counted when the server sends no usage
         self._in_flight += 1
         self._requests_sent += 1
         in_flight = self._in_flight_samples
@@ -402,6 +462,8 @@ class AssignmentRunner:
             if self._announce is not None:
                 await self._announce(self)
             await self._client.send(prompt.text, prompt.max_tokens, sample, messages=prompt.messages)
+            if tokenizer is not None:
+                estimate_output_tokens(sample, tokenizer)
             if probe or sample.connect_failed or reach.refusing:
                 reach.outcome(sample.connect_failed, sample.error, probe)
         except asyncio.CancelledError:

@@ -63,6 +63,7 @@ from agent.assignment import AssignmentRunner, Lease
 from agent.health import CpuMeter, LoopLagMonitor
 from agent.preflight import check_target
 from agent.sample import PROCESS_CLOCK_ANCHOR, ClockAnchor
+from agent.tokens import DatasetSource
 from common.durations import seconds
 from common.grpc_options import CLIENT_OPTIONS, auth_metadata
 from common.proto.loadtest.v1 import agent_service_pb2, agent_service_pb2_grpc, run_pb2
@@ -176,6 +177,9 @@ class ControllerLink:
         self._announcing: dict[str, tuple[agent_service_pb2.ConnectRequest, asyncio.Future[None]]] = {}
         self._observer = observer
         self._preflights: set[asyncio.Task[None]] = set()
+        # Uploaded datasets (traces, tokenizers) for assignments and preflights: the
+        # FetchDataset cache (agent.datasets.DatasetCache), set by whoever builds the link.
+        self.datasets: DatasetSource | None = None
         if observer is not None:
             observer.attach(self)
 
@@ -571,14 +575,16 @@ class ControllerLink:
                 )
             )
             return
-        runner = AssignmentRunner(assign, self.send, anchor=self._anchor, lease=self.lease, announce=self.announce)
+        runner = AssignmentRunner(
+            assign, self.send, anchor=self._anchor, lease=self.lease, announce=self.announce, datasets=self.datasets
+        )
         self._assignments[assignment_id] = runner
         runner.start().add_done_callback(_log_task_failure)
         self._prune_finished()
 
     async def _preflight(self, preflight: agent_service_pb2.Preflight) -> None:
         """Check the target and answer the controller."""
-        outcome = await check_target(preflight.target, preflight.workload)
+        outcome = await check_target(preflight.target, preflight.workload, self.datasets)
         log.info(
             "preflight_done",
             run_id=preflight.run_id,
@@ -594,6 +600,8 @@ class ControllerLink:
                     message=outcome.message,
                     served_models=outcome.served_models,
                     response_model=outcome.response_model,
+                    usage_prompt_tokens=outcome.usage_prompt_tokens,
+                    counted_prompt_tokens=outcome.counted_prompt_tokens,
                 )
             )
         )
