@@ -24,6 +24,7 @@ from client import exitcodes, formats, live, render, series, spec_builder
 from client.envconfig import not_from_env
 from client.scenarios import SCENARIOS, describe
 from client.sdk import ControllerClient
+from client.uploads import upload_run_files
 from common.grpc_options import API_KEY_ENV
 from common.proto.loadtest.v1 import run_pb2
 from common.stats import DEFAULT_CONFIDENCE_PERCENT
@@ -242,6 +243,7 @@ def _cancel_command(args: argparse.Namespace, run_id: str) -> str:
 
 async def _run(args: argparse.Namespace, spec: run_pb2.RunSpec, interrupts: Interrupts) -> int:
     async with open_client(args) as client:
+        await upload_run_files(client, args, spec)
         if getattr(args, "repeat", 1) > 1:
             from client.repeats import run_group
 
