@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import importlib
 import random
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
@@ -43,6 +42,7 @@ from typing import Any, Protocol
 
 from agent.prompts import WORDS, Prompt, TokenPieces, request_marker, token_pieces
 from agent.scheduler import END_GRACE_S, Abandon, UnsupportedStageError, Warmup
+from common.datasets import TraceRequest, parse_trace
 from common.durations import seconds
 from common.proto.loadtest.v1 import run_pb2
 from common.tokenizer import Tokenizer
@@ -77,10 +77,10 @@ def trace_format(data: bytes) -> run_pb2.DatasetFormat.ValueType:
     return run_pb2.DATASET_FORMAT_MOONCAKE_TRACE if head == b"{" else run_pb2.DATASET_FORMAT_AZURE_TRACE
 
 
-def load_trace(data: bytes) -> list[TraceEntry]:
-    """The trace's requests, parsed by `common.datasets.parse_trace` (the datasets module)."""
-    datasets: Any = importlib.import_module("common.datasets")
-    return list(datasets.parse_trace(trace_format(data), data))
+def load_trace(data: bytes) -> list[TraceRequest]:
+    """The trace's requests (`common.datasets.parse_trace`; DatasetError, a ValueError naming
+    the line and the field, for a bad trace)."""
+    return parse_trace(trace_format(data), data)
 
 
 def ordered(entries: Sequence[TraceEntry]) -> list[TraceEntry]:
