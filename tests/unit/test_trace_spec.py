@@ -189,3 +189,27 @@ def test_cli_tokenizer(tmp_path: Path) -> None:
         cli("--tokenizer", str(tmp_path / "bad.json"))
     with pytest.raises(argparse.ArgumentTypeError, match="--tokenizer"):
         cli("--tokenizer", str(tmp_path / "nothing"))
+
+
+def test_token_accounting_notes() -> None:
+    from controller.domain.execution.preflight import template_overhead, token_accounting, tokens_event_message
+
+    spec = run_pb2.RunSpec()
+    spec.workload.synthetic.input_tokens.fixed = 512
+    plain = token_accounting(spec, [tokens_event_message(19, 7)])
+    assert not plain.exact and not plain.HasField("template_overhead_tokens")
+    assert "approximate" in plain.note and "--tokenizer" in plain.note
+    spec.workload.tokenizer_id = "ds_" + "1" * 32
+    assert template_overhead([tokens_event_message(19, 7)]) == 12
+    known = token_accounting(spec, ["something else", tokens_event_message(19, 7)])
+    assert known.exact and known.tokenizer == spec.workload.tokenizer_id
+    assert known.template_overhead_tokens == 12
+    assert known.note == "exact: input 512 reaches the model as 524 tokens: the chat template adds 12"
+    unknown = token_accounting(spec, [])
+    assert unknown.exact and not unknown.HasField("template_overhead_tokens") and "unknown" in unknown.note
+    spec.workload.synthetic.input_tokens.uniform.min = 1
+    spec.workload.synthetic.input_tokens.uniform.max = 9
+    assert (
+        "a prompt of N tokens reaches the model as N +12" in token_accounting(spec, [tokens_event_message(19, 7)]).note
+    )
+    assert token_accounting(spec, [tokens_event_message(7, 7)]).template_overhead_tokens == 0
