@@ -13,13 +13,15 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 from agent.controller_link import ControllerLink
-from agent.preflight import PREFLIGHT_REQUESTS
+from agent.preflight import PREFLIGHT_PROMPT, PREFLIGHT_REQUESTS
 from client.sdk import ControllerClient
 from common.proto.loadtest.v1 import run_pb2
+from common.tokenizer import Tokenizer
 from controller.server import Controller
 from controller.store import repository as repo
 from mockserver.config import MockConfig
@@ -131,3 +133,43 @@ async def test_two_agents_replay_a_mooncake_trace_at_its_times(
         assert abs(values[0]) < 20e6, (name, values)  # the stage's start, up to the offset estimate
     # Sent no earlier than scheduled; the queue delay is the achieved-vs-scheduled gap.
     assert all(s.queue_delay_ms >= 0 for s in samples)
+
+
+async def test_tokenizer_exact_prompts_and_the_template_overhead(
+    controller: Controller, client: ControllerClient, tmp_path: Path
+) -> None:
+    from tests.tokenizers_fixture import build_bpe_tokenizer
+
+    path = build_bpe_tokenizer(tmp_path / "tokenizer.json")
+    tokenizer = Tokenizer.from_path(path)
+    tokenizer_id = "ds_" + "6" * 32
+    datasets = TraceBytes({tokenizer_id: path.read_bytes()})
+    address = f"127.0.0.1:{controller.port}"
+    async with (
+        MockServer(MockConfig(ttft_ms=5, itl_ms=1, output_tokens=1000)) as mock,
+        agent(address, "agent-1", datasets),
+    ):
+        spec = run_pb2.RunSpec(display_name="tokens")
+        spec.target.base_url = mock.base_url
+        spec.target.model = "mock"
+        spec.workload.tokenizer_id = tokenizer_id
+        spec.workload.synthetic.input_tokens.fixed = 100
+        spec.workload.synthetic.output_tokens.fixed = 4
+        spec.workload.synthetic.shared_prefix_tokens = 30
+        spec.workload.synthetic.prefix_groups = 3
+        spec.stages.add(concurrency=2, requests=20)
+        run = await client.create_run(spec)
+        final = await wait_final(client, run.id, 90)
+        assert final.state == run_pb2.RUN_STATE_SUCCEEDED, final.state_reason
+        samples = [s async for s in client.export_samples(run.id)]
+        result = await client.get_result(run.id)
+    # The mock counts words; the prompts are single-token pieces, one word each: the server's
+    # count is the tokenizer's, 100 exactly (a word-built prompt would be 100 words, far more tokens).
+    assert len(samples) == 20
+    assert all(s.prompt_tokens == 100 and s.usage_reported for s in samples)
+    # The preflight's prompt: the mock counted its words, the tokenizer its tokens.
+    overhead = len(PREFLIGHT_PROMPT.split()) - tokenizer.count(PREFLIGHT_PROMPT)
+    assert overhead != 0
+    assert result.tokens.exact and result.tokens.tokenizer == tokenizer_id
+    assert result.tokens.template_overhead_tokens == overhead
+    assert result.tokens.note.startswith(f"exact: input 100 reaches the model as {100 + overhead} tokens")
