@@ -498,6 +498,8 @@ def _check_trace(spec: run_pb2.RunSpec, v: list[FieldViolation]) -> None:
                     f"spec.stages[{i}].trace_replay", "a trace workload's stages replay it: set trace_replay"
                 )
             )
+        elif stage.HasField("ramp") and seconds(stage.ramp) > 0:
+            v.append(FieldViolation(f"spec.stages[{i}].ramp", "a trace replay keeps the trace's times: no ramp"))
 
 
 def _check_per_agent(stage: run_pb2.Stage, path: str, agents: int, v: list[FieldViolation]) -> None:

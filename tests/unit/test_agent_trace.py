@@ -173,7 +173,10 @@ async def test_a_takeover_origin_in_the_past_sends_overdue_requests_at_once() ->
 
 
 def test_load_trace_reads_both_formats() -> None:
-    mooncake = b'{"timestamp": 0, "input_length": 10, "output_length": 2, "hash_ids": [1]}\n{"timestamp": 7, "input_length": 3, "output_length": 1}\n'
+    mooncake = (
+        b'{"timestamp": 0, "input_length": 10, "output_length": 2, "hash_ids": [1]}\n'
+        b'{"timestamp": 7, "input_length": 3, "output_length": 1}\n'
+    )
     assert load_trace(mooncake) == [req(0.0, 10, 2, (1,)), req(7.0, 3, 1)]
     azure = b"TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.5,100,20\n2023-11-16 18:15:47.0,50,5\n"
     assert load_trace(azure) == [req(0.0, 100, 20), req(500.0, 50, 5)]

@@ -213,3 +213,10 @@ def test_token_accounting_notes() -> None:
         "a prompt of N tokens reaches the model as N +12" in token_accounting(spec, [tokens_event_message(19, 7)]).note
     )
     assert token_accounting(spec, [tokens_event_message(7, 7)]).template_overhead_tokens == 0
+
+
+def test_a_trace_stage_has_no_ramp() -> None:
+    s = trace_spec()
+    s.stages[0].duration.FromSeconds(10)
+    s.stages[0].ramp.FromSeconds(2)
+    assert "spec.stages[0].ramp" in violations(s)
