@@ -26,6 +26,7 @@ from controller.server import Controller
 from controller.store import repository as repo
 from mockserver.config import MockConfig
 from mockserver.server import MockServer
+from tests.conftest import eventually
 from tests.integration.test_run_end_to_end import mock_stats, wait_final
 
 pytestmark = pytest.mark.timeout(120)
@@ -173,3 +174,68 @@ async def test_tokenizer_exact_prompts_and_the_template_overhead(
     assert result.tokens.exact and result.tokens.tokenizer == tokenizer_id
     assert result.tokens.template_overhead_tokens == overhead
     assert result.tokens.note.startswith(f"exact: input 100 reaches the model as {100 + overhead} tokens")
+
+
+async def test_a_lost_agents_trace_share_is_taken_over_exactly(
+    controller: Controller, client: ControllerClient
+) -> None:
+    """Agent-2 dies mid-replay (its task cancelled, its stream cut: an in-process kill -9).
+    Agent-1 takes over the requests of agent-2's share that it had not announced, at the
+    trace's own times: nothing is sent twice, and the taken-over requests are exactly the
+    rest of that share."""
+    n, step_ms = 60, 100
+    trace = [{"timestamp": i * step_ms, "input_length": 10 + i, "output_length": 2, "hash_ids": [i]} for i in range(n)]
+    dataset_id = "ds_" + "5" * 32
+    datasets = TraceBytes({dataset_id: "".join(json.dumps(r) + "\n" for r in trace).encode()})
+    address = f"127.0.0.1:{controller.port}"
+    async with (
+        MockServer(MockConfig(ttft_ms=5, itl_ms=1, output_tokens=1000)) as mock,
+        agent(address, "agent-1", datasets),
+    ):
+        stop = asyncio.Event()
+        victim = ControllerLink(address, name="agent-2", labels={}, api_key=None, stop=stop)
+        victim.datasets = datasets
+        victim_task = asyncio.create_task(victim.run())
+        await eventually(client.list_agents, lambda agents: len(agents) == 2, 10)
+        spec = run_pb2.RunSpec(display_name="takeover")
+        spec.target.base_url = mock.base_url
+        spec.target.model = "mock"
+        spec.workload.trace.CopyFrom(run_pb2.Trace(dataset_id=dataset_id, replay_speed=1.0, block_tokens=4))
+        stage = spec.stages.add(trace_replay=True, requests=n)
+        stage.duration.FromSeconds(30)
+        spec.placement.agents = 2
+        run = await client.create_run(spec)
+        await eventually(lambda: mock_stats(mock), lambda s: s["requests_total"] >= 2 * PREFLIGHT_REQUESTS + 10, 20)
+        victim_task.cancel()  # the stream breaks; its assignment stops without a final word
+        with contextlib.suppress(asyncio.CancelledError):
+            await victim_task
+        final = await wait_final(client, run.id, 90)
+        assert final.state == run_pb2.RUN_STATE_SUCCEEDED, final.state_reason
+        samples = [s async for s in client.export_samples(run.id)]
+        events = await client.get_run_events(run.id)
+    takeover = next(e for e in events if e.kind == "takeover")
+    announced = int(takeover.message.split("not sent after its first ")[1].split()[0])
+
+    index_of = {r["input_length"]: i for i, r in enumerate(trace)}
+    indices = [index_of[s.prompt_tokens] for s in samples]
+    assert len(indices) == len(set(indices))  # nothing sent twice
+    survivor = {i for s, i in zip(samples, indices, strict=True) if s.agent_name == "agent-1"}
+    # The survivor's own share is whole; the victim's share is the other parity.
+    (parity,) = [p for p in (0, 1) if not all(i in survivor for i in range(p, n, 2))]
+    victim_share = list(range(parity, n, 2))
+    own = sorted(i for s, i in zip(samples, indices, strict=True) if s.agent_name == "agent-1" and i % 2 != parity)
+    taken = sorted(i for s, i in zip(samples, indices, strict=True) if s.agent_name == "agent-1" and i % 2 == parity)
+    delivered = sorted(i for s, i in zip(samples, indices, strict=True) if s.agent_name == "agent-2")
+    assert own == [i for i in range(n) if i % 2 != parity]  # agent-1's own share, whole
+    assert 0 < announced < len(victim_share)
+    assert taken == victim_share[announced:]  # exactly what the victim had not announced
+    assert set(delivered) <= set(victim_share[:announced])
+    # The taken-over requests keep the trace's times (those already due went out at once).
+    record = await controller.db.read(repo.get_run, run.id)
+    assert record is not None
+    (stage_record,) = await controller.db.read(repo.list_stages, record.pk)
+    assert stage_record.started_at
+    for s, i in zip(samples, indices, strict=True):
+        if s.agent_name == "agent-1" and i % 2 == parity:
+            scheduled_ns = s.sent_unix_ns - s.queue_delay_ms * 1e6
+            assert abs(scheduled_ns - (stage_record.started_at + i * step_ms * 1e6)) < 20e6, i
