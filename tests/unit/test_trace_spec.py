@@ -220,3 +220,39 @@ def test_a_trace_stage_has_no_ramp() -> None:
     s.stages[0].duration.FromSeconds(10)
     s.stages[0].ramp.FromSeconds(2)
     assert "spec.stages[0].ramp" in violations(s)
+
+
+async def test_run_files_are_uploaded_and_named_in_the_spec(tmp_path: Path) -> None:
+    """`upload_run_files` against a stand-in for `ControllerClient.upload_dataset` (the
+    datasets SDK call): the spec names what was uploaded, and the trace stage gets its length."""
+    from client.uploads import upload_run_files
+    from common.proto.loadtest.v1 import dataset_service_pb2
+
+    uploads: list[tuple[str, int]] = []
+
+    class Uploader:
+        async def upload_dataset(
+            self, path: Path, fmt: int, name: str = ""
+        ) -> dataset_service_pb2.UploadDatasetResponse:
+            uploads.append((path.name, fmt))
+            info = dataset_service_pb2.DatasetInfo(id=f"ds_{len(uploads):032d}", name=name, format=fmt)  # type: ignore[arg-type]
+            if fmt != run_pb2.DATASET_FORMAT_TOKENIZER:
+                info.entry_count, info.span_s = 50, 12.0
+            return dataset_service_pb2.UploadDatasetResponse(dataset=info)
+
+    build_bpe_tokenizer(tmp_path / "model" / "tokenizer.json")
+    trace = tmp_path / "azure.csv"
+    trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n")
+    args = spec_parser().parse_args(
+        [*BASE, "--trace", str(trace), "--replay-speed", "4", "--tokenizer", str(tmp_path / "model")]
+    )
+    spec = build_spec(args)
+    await upload_run_files(Uploader(), args, spec)
+    assert uploads == [
+        ("tokenizer.json", run_pb2.DATASET_FORMAT_TOKENIZER),
+        ("azure.csv", run_pb2.DATASET_FORMAT_AZURE_TRACE),
+    ]
+    assert spec.workload.tokenizer_id == "ds_" + "1".rjust(32, "0")
+    assert spec.workload.trace.dataset_id == "ds_" + "2".rjust(32, "0")
+    assert spec.stages[0].requests == 50 and seconds(spec.stages[0].duration) == 12.0 / 4 + 1.0
+    validate_and_default(spec)  # what the CLI sends is a valid spec
