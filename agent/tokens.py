@@ -72,11 +72,11 @@ def estimate_output_tokens(sample: RequestSample, tokenizer: Tokenizer | None) -
     """A completed request's output tokens counted with the tokenizer when the server sent
     no usage: the answer text (`sample.answer_chunks`, collected when it is a list) plus the
     reasoning tokens counted from events. Sets and returns `sample.output_tokens` (unchanged
-    with usage, without a tokenizer, or without collected text)."""
+    with usage, without a tokenizer, or when no answer text was collected)."""
     if (
         tokenizer is None
         or sample.usage_from_server
-        or sample.answer_chunks is None
+        or not sample.answer_chunks  # nothing collected: the parser's own estimate stays
         or sample.status != run_pb2.REQUEST_STATUS_OK
     ):
         return sample.output_tokens

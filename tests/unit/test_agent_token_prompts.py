@@ -180,6 +180,8 @@ def test_output_tokens_without_usage_are_counted_from_the_answer(tokenizer: Toke
     assert estimate_output_tokens(RequestSample(output_tokens=2, answer_chunks=["x"]), None) == 2
     not_collected = RequestSample(status=run_pb2.REQUEST_STATUS_OK, output_tokens=2)
     assert estimate_output_tokens(not_collected, tokenizer) == 2
+    empty = RequestSample(status=run_pb2.REQUEST_STATUS_OK, output_tokens=2, answer_chunks=[])
+    assert estimate_output_tokens(empty, tokenizer) == 2  # the parser's own estimate stays
     reasoning = RequestSample(status=run_pb2.REQUEST_STATUS_OK, reasoning_tokens=4, answer_chunks=["the"])
     assert estimate_output_tokens(reasoning, tokenizer) == 4 + tokenizer.count("the")
 
