@@ -2,7 +2,9 @@
 
 `AssignmentRunner` owns what an `Assign` needs: a `LoadSchedule` (when), a `TargetClient`
 (how), a `PromptSource` (what: synthetic prompts or dataset entries) and a `SampleBatcher`
-(where samples go). Its lifecycle:
+(where samples go). A trace_replay stage has a `TraceSchedule` (agent.trace) instead, which
+hands each request its own prompt. The workload's tokenizer and trace (uploaded datasets)
+come from the link's `DatasetSource` before the load starts. Its lifecycle:
 
 1. `start()` runs it as a task and emits `AssignmentUpdate(RUNNING)`.
 2. A closed loop first opens its connections (`TargetClient.preconnect`, one per worker),
@@ -55,10 +57,9 @@ from agent.tokens import (
     DatasetSource,
     DatasetUnavailableError,
     estimate_output_tokens,
-    fetch_dataset,
     load_tokenizer,
 )
-from agent.trace import TraceSchedule, load_trace, trace_schedule
+from agent.trace import TraceSchedule, fetch_trace, trace_schedule
 from common import codes
 from common.durations import seconds
 from common.proto.loadtest.v1 import agent_service_pb2, run_pb2
@@ -345,11 +346,7 @@ class AssignmentRunner:
         trace = assign.workload.trace
         if assign.workload.WhichOneof("source") != "trace" or not trace.dataset_id:
             raise UnsupportedStageError("a trace_replay stage needs a trace workload (workload.trace.dataset_id)")
-        data = await fetch_dataset(self._datasets, trace.dataset_id, "trace")
-        try:
-            entries = await asyncio.to_thread(load_trace, data)
-        except ValueError as exc:
-            raise PromptSourceError(f"trace {trace.dataset_id}: {exc}") from None
+        entries = await fetch_trace(self._datasets, trace.dataset_id)
         return await asyncio.to_thread(
             trace_schedule,
             assign.stage,

@@ -35,6 +35,7 @@ from agent.sample import MAX_ERROR_CHARS, RequestSample
 from agent.sse import StreamParser, parse_json_body
 from agent.target_client import TargetClient, TargetConfigError
 from agent.tokens import DatasetSource, DatasetUnavailableError, load_tokenizer
+from agent.trace import fetch_trace
 from agent.wire_errors import transport_error
 from common.proto.loadtest.v1 import run_pb2
 
@@ -78,7 +79,8 @@ async def check_target(
     With the workload's tokenizer (fetched through `datasets`), the check's prompt is also
     counted with it (`counted_prompt_tokens`: for chat, the message's content), beside the
     server's `usage.prompt_tokens` for it: their difference is what the chat template (or a
-    BOS token) adds to every request.
+    BOS token) adds to every request. A trace workload's trace is fetched and parsed here
+    too: a trace the agent cannot read fails the check, and the stages find it parsed.
     """
     try:
         client = TargetClient(target, ignore_eos=workload.ignore_eos, pin_min_tokens=workload.pin_min_tokens)
@@ -86,6 +88,8 @@ async def check_target(
         return PreflightOutcome(False, str(exc))
     try:
         tokenizer = await load_tokenizer(workload, datasets)
+        if workload.HasField("trace") and workload.trace.dataset_id:
+            await fetch_trace(datasets, workload.trace.dataset_id)  # a bad trace fails here; stages reuse it
     except DatasetUnavailableError as exc:
         await client.close()
         return PreflightOutcome(False, str(exc))

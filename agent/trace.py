@@ -36,12 +36,14 @@ import asyncio
 import functools
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from agent.prompts import WORDS, Prompt, TokenPieces, request_marker, token_pieces
 from agent.scheduler import END_GRACE_S, Abandon, UnsupportedStageError, Warmup
+from agent.tokens import DatasetSource, DatasetUnavailableError, fetch_dataset
 from common.datasets import TraceRequest, parse_trace
 from common.durations import seconds
 from common.proto.loadtest.v1 import run_pb2
@@ -81,6 +83,30 @@ def load_trace(data: bytes) -> list[TraceRequest]:
     """The trace's requests (`common.datasets.parse_trace`; DatasetError, a ValueError naming
     the line and the field, for a bad trace)."""
     return parse_trace(trace_format(data), data)
+
+
+_PARSED: OrderedDict[str, list[TraceRequest]] = OrderedDict()
+# Parsed traces kept (a run's stages and its preflight use the same one).
+KEEP_TRACES = 2
+
+
+async def fetch_trace(source: DatasetSource | None, dataset_id: str) -> list[TraceRequest]:
+    """The requests of the uploaded trace `dataset_id`, fetched and parsed once for the
+    preflight check and every stage of a run (DatasetUnavailableError when it cannot be had
+    or parsed: the message names the line and the field)."""
+    entries = _PARSED.get(dataset_id)
+    if entries is not None:
+        _PARSED.move_to_end(dataset_id)
+        return entries
+    data = await fetch_dataset(source, dataset_id, "trace")
+    try:
+        entries = await asyncio.to_thread(load_trace, data)
+    except ValueError as exc:
+        raise DatasetUnavailableError(f"trace {dataset_id}: {exc}") from None
+    _PARSED[dataset_id] = entries
+    while len(_PARSED) > KEEP_TRACES:
+        _PARSED.popitem(last=False)
+    return entries
 
 
 def ordered(entries: Sequence[TraceEntry]) -> list[TraceEntry]:

@@ -100,7 +100,8 @@ async def test_two_agents_replay_a_mooncake_trace_at_its_times(
         assert final.state == run_pb2.RUN_STATE_SUCCEEDED, final.state_reason
         samples = [s async for s in client.export_samples(run.id)]
         stats = await mock_stats(mock)
-    assert sorted(datasets.fetched) == [dataset_id, dataset_id]  # each agent fetched the trace once
+    # Fetched for the preflight, parsed once per process, reused by the stage.
+    assert datasets.fetched and set(datasets.fetched) == {dataset_id} and len(datasets.fetched) <= 2
 
     # Every request once: the prompt length names the trace request.
     index_of = {r["input_length"]: i for i, r in enumerate(trace)}
@@ -239,3 +240,28 @@ async def test_a_lost_agents_trace_share_is_taken_over_exactly(
         if s.agent_name == "agent-1" and i % 2 == parity:
             scheduled_ns = s.sent_unix_ns - s.queue_delay_ms * 1e6
             assert abs(scheduled_ns - (stage_record.started_at + i * step_ms * 1e6)) < 20e6, i
+
+
+async def test_a_trace_the_agent_cannot_read_fails_the_preflight(
+    controller: Controller, client: ControllerClient
+) -> None:
+    bad = b'{"timestamp": 0, "input_length": 5, "output_length": 1}\n'
+    bad += b'{"timestamp": 3, "input_length": 0, "output_length": 1}\n'
+    dataset_id = "ds_" + "4" * 32
+    datasets = TraceBytes({dataset_id: bad})
+    async with (
+        MockServer(MockConfig(ttft_ms=5, itl_ms=1)) as mock,
+        agent(f"127.0.0.1:{controller.port}", "a", datasets),
+    ):
+        spec = run_pb2.RunSpec()
+        spec.target.base_url = mock.base_url
+        spec.target.model = "mock"
+        spec.workload.trace.dataset_id = dataset_id
+        spec.stages.add(trace_replay=True, requests=2)
+        run = await client.create_run(spec)
+        final = await wait_final(client, run.id, 60)
+        stats = await mock_stats(mock)
+    assert final.state == run_pb2.RUN_STATE_FAILED
+    assert "preflight" in final.state_reason and "line 2" in final.state_reason, final.state_reason
+    assert "input_length" in final.state_reason
+    assert stats["requests_total"] == 0  # the check stopped before any request
