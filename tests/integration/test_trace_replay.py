@@ -44,15 +44,29 @@ class TraceBytes:
         self.fetched: list[str] = []
 
     async def get(self, dataset_id: str) -> bytes:
+        """The content of `dataset_id`."""
         self.fetched.append(dataset_id)
         return self._contents[dataset_id]
 
 
+async def provide(
+    client: ControllerClient, content: bytes, fmt: int, stand_in_id: str
+) -> tuple[str, TraceBytes | None]:
+    """The dataset's id: uploaded for real when the SDK can (`ControllerClient.upload_dataset`,
+    the agents then fetch it over FetchDataset), else served by a `TraceBytes` stand-in."""
+    upload = getattr(client, "upload_dataset", None)
+    if upload is None:
+        return stand_in_id, TraceBytes({stand_in_id: content})
+    response = await upload(content, fmt)
+    return str(response.dataset.id), None
+
+
 @contextlib.asynccontextmanager
-async def agent(address: str, name: str, datasets: TraceBytes) -> AsyncIterator[ControllerLink]:
+async def agent(address: str, name: str, datasets: TraceBytes | None) -> AsyncIterator[ControllerLink]:
     stop = asyncio.Event()
     link = ControllerLink(address, name=name, labels={}, api_key=None, stop=stop)
-    link.datasets = datasets
+    if datasets is not None:
+        link.datasets = datasets
     task = asyncio.create_task(link.run())
     try:
         yield link
@@ -80,8 +94,7 @@ async def test_two_agents_replay_a_mooncake_trace_at_its_times(
 ) -> None:
     trace = mooncake_trace()
     data = "".join(json.dumps(r) + "\n" for r in trace).encode()
-    dataset_id = "ds_" + "7" * 32
-    datasets = TraceBytes({dataset_id: data})
+    dataset_id, datasets = await provide(client, data, run_pb2.DATASET_FORMAT_MOONCAKE_TRACE, "ds_" + "7" * 32)
     address = f"127.0.0.1:{controller.port}"
     async with (
         MockServer(MockConfig(ttft_ms=5, itl_ms=1, output_tokens=1000)) as mock,
@@ -101,7 +114,8 @@ async def test_two_agents_replay_a_mooncake_trace_at_its_times(
         samples = [s async for s in client.export_samples(run.id)]
         stats = await mock_stats(mock)
     # Fetched for the preflight, parsed once per process, reused by the stage.
-    assert datasets.fetched and set(datasets.fetched) == {dataset_id} and len(datasets.fetched) <= 2
+    if datasets is not None:
+        assert datasets.fetched and set(datasets.fetched) == {dataset_id} and len(datasets.fetched) <= 2
 
     # Every request once: the prompt length names the trace request.
     index_of = {r["input_length"]: i for i, r in enumerate(trace)}
@@ -144,8 +158,9 @@ async def test_tokenizer_exact_prompts_and_the_template_overhead(
 
     path = build_bpe_tokenizer(tmp_path / "tokenizer.json")
     tokenizer = Tokenizer.from_path(path)
-    tokenizer_id = "ds_" + "6" * 32
-    datasets = TraceBytes({tokenizer_id: path.read_bytes()})
+    tokenizer_id, datasets = await provide(
+        client, path.read_bytes(), run_pb2.DATASET_FORMAT_TOKENIZER, "ds_" + "6" * 32
+    )
     address = f"127.0.0.1:{controller.port}"
     async with (
         MockServer(MockConfig(ttft_ms=5, itl_ms=1, output_tokens=1000)) as mock,
@@ -186,8 +201,8 @@ async def test_a_lost_agents_trace_share_is_taken_over_exactly(
     rest of that share."""
     n, step_ms = 60, 100
     trace = [{"timestamp": i * step_ms, "input_length": 10 + i, "output_length": 2, "hash_ids": [i]} for i in range(n)]
-    dataset_id = "ds_" + "5" * 32
-    datasets = TraceBytes({dataset_id: "".join(json.dumps(r) + "\n" for r in trace).encode()})
+    content = "".join(json.dumps(r) + "\n" for r in trace).encode()
+    dataset_id, datasets = await provide(client, content, run_pb2.DATASET_FORMAT_MOONCAKE_TRACE, "ds_" + "5" * 32)
     address = f"127.0.0.1:{controller.port}"
     async with (
         MockServer(MockConfig(ttft_ms=5, itl_ms=1, output_tokens=1000)) as mock,
@@ -195,7 +210,8 @@ async def test_a_lost_agents_trace_share_is_taken_over_exactly(
     ):
         stop = asyncio.Event()
         victim = ControllerLink(address, name="agent-2", labels={}, api_key=None, stop=stop)
-        victim.datasets = datasets
+        if datasets is not None:
+            victim.datasets = datasets
         victim_task = asyncio.create_task(victim.run())
         await eventually(client.list_agents, lambda agents: len(agents) == 2, 10)
         spec = run_pb2.RunSpec(display_name="takeover")
