@@ -15,6 +15,7 @@ import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from agent.controller_link import ControllerLink
@@ -261,8 +262,17 @@ async def test_a_lost_agents_trace_share_is_taken_over_exactly(
 async def test_a_trace_the_agent_cannot_read_fails_the_preflight(
     controller: Controller, client: ControllerClient
 ) -> None:
+    """A trace the agent cannot parse fails the run's preflight, naming the line and the field
+    (with the upload path, the controller refuses such a trace at upload already)."""
     bad = b'{"timestamp": 0, "input_length": 5, "output_length": 1}\n'
     bad += b'{"timestamp": 3, "input_length": 0, "output_length": 1}\n'
+    upload = getattr(client, "upload_dataset", None)
+    if upload is not None:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await upload(bad, run_pb2.DATASET_FORMAT_MOONCAKE_TRACE)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "line 2" in str(info.value.details()) and "input_length" in str(info.value.details())
+        return
     dataset_id = "ds_" + "4" * 32
     datasets = TraceBytes({dataset_id: bad})
     async with (
