@@ -41,7 +41,7 @@ from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from agent.prompts import WORDS, Prompt, TokenPieces, request_marker, token_pieces
+from agent.prompts import VERIFY_PROMPTS, WORDS, Prompt, TokenPieces, request_marker, token_pieces
 from agent.scheduler import END_GRACE_S, Abandon, UnsupportedStageError, Warmup
 from agent.tokens import DatasetSource, DatasetUnavailableError, fetch_dataset
 from common.datasets import TraceRequest, parse_trace
@@ -143,6 +143,7 @@ class TracePrompts:
         self._seed = seed
         self._pieces: TokenPieces | None = token_pieces(tokenizer) if tokenizer is not None else None
         self._block = functools.lru_cache(maxsize=BLOCK_CACHE)(self._make_block)
+        self._trusted = 0
 
     def _units(self, rng: random.Random, n: int) -> list[str]:
         if self._pieces is not None:
@@ -174,10 +175,17 @@ class TracePrompts:
             rest = length - len(units)
             tail = self._marker(index, min(MARKER_WIDTH, rest)) if not entry.hash_ids else []
             units += tail + self._units(rng, rest - len(tail))
-        text = "".join(units)
         # The units of a block start with a space; a prompt's first one keeps it (the count
         # of " word" is what the pieces were chosen by).
-        return Prompt(text=text, max_tokens=max(int(entry.output_length), 1), input_tokens=length)
+        max_tokens = max(int(entry.output_length), 1)
+        pieces = self._pieces
+        if pieces is None or self._trusted >= VERIFY_PROMPTS:
+            return Prompt(text="".join(units), max_tokens=max_tokens, input_tokens=length)
+        # As PromptGenerator: the first prompts are encoded to verify the construction (a
+        # tokenizer that merges across pieces has every prompt corrected at its end).
+        text, count = pieces.fit(units, length, rng)
+        self._trusted = -(1 << 62) if pieces.corrected else self._trusted + 1
+        return Prompt(text=text, max_tokens=max_tokens, input_tokens=count)
 
 
 @dataclass(frozen=True, slots=True)
