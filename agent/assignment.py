@@ -2,7 +2,10 @@
 
 `AssignmentRunner` owns what an `Assign` needs: a `LoadSchedule` (when), a `TargetClient`
 (how), a `PromptSource` (what: synthetic prompts or dataset entries) and a `SampleBatcher`
-(where samples go). Its lifecycle:
+(where samples go). A trace_replay stage has a `TraceSchedule` (agent.trace) instead, which
+hands each request its own prompt; a conversation workload a `ConversationLoad` whose
+sessions send their turns (agent.conversation). The workload's uploaded dataset, tokenizer
+and trace come from the link's `DatasetCache` before the load starts. Its lifecycle:
 
 1. `start()` runs it as a task and emits `AssignmentUpdate(RUNNING)`.
 2. A closed loop first opens its connections (`TargetClient.preconnect`, one per worker),
@@ -35,6 +38,7 @@ the replay covers what was dropped).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import time
 from collections.abc import Awaitable, Callable
@@ -54,17 +58,20 @@ from agent.conversation import (
 )
 from agent.datasets import DatasetCache, DatasetFetchError
 from agent.gcload import load_thresholds
-from agent.prompts import PromptSource, PromptSourceError, prompt_source
+from agent.prompts import Prompt, PromptSource, PromptSourceError, prompt_source
 from agent.reachability import TargetReachability
 from agent.sample import MAX_ERROR_CHARS, PROCESS_CLOCK_ANCHOR, ClockAnchor, RequestSample
 from agent.scheduler import ClosedLoopSchedule, LoadSchedule, UnsupportedStageError, schedule_for_stage
 from agent.scrape import ServerMetricsScraper
 from agent.stalls import STALL_POLL_S, Stall, StallWatch
 from agent.target_client import TargetClient, TargetConfigError
+from agent.tokens import DatasetUnavailableError, estimate_output_tokens, load_tokenizer
+from agent.trace import TraceSchedule, fetch_trace, trace_schedule
 from common import codes
 from common.durations import seconds
 from common.proto.loadtest.v1 import agent_service_pb2, run_pb2
 from common.spec_defaults import unreachable_timeout_s
+from common.tokenizer import Tokenizer
 
 log = structlog.get_logger(__name__)
 
@@ -130,6 +137,7 @@ class AssignmentRunner:
         # Uploaded datasets, traces and tokenizers by id (agent/datasets.py), shared by the
         # process's assignments; None where no controller can be asked (unit tests).
         self.datasets = datasets
+        self._tokenizer: Tokenizer | None = None
         self._emit = emit
         self._lease = lease or Lease()
         self._announce = announce
@@ -276,21 +284,23 @@ class AssignmentRunner:
         state: AssignmentState = agent_service_pb2.ASSIGNMENT_STATE_CANCELLED
         message = "agent stopped"
         try:
-            schedule: LoadSchedule | ConversationLoad
-            # An uploaded dataset may be large: it is fetched and its prompts prepared on a
-            # thread, not on the loop that must keep heartbeating.
-            uploaded = bool(assign.workload.dataset.dataset_id and not assign.dataset_entries)
-            entries = await self._dataset_entries()
-            if is_conversation(assign.workload):
+            tokenizer = await load_tokenizer(assign.workload, self.datasets)
+            self._tokenizer = tokenizer
+            schedule: LoadSchedule | ConversationLoad | TraceSchedule
+            if assign.stage.WhichOneof("load") == "trace_replay":
+                schedule = await self._trace_schedule(tokenizer)
+            elif is_conversation(assign.workload):
+                entries = await self._dataset_entries()
                 schedule = conversation_load(assign.stage, assign.workload.seed)
                 source = conversation_source(assign.workload, assign.target, entries)
                 self._conversations = ConversationEngine(source, self._send_turn, self._abandon_one)
             else:
+                # An uploaded dataset may be large: it is fetched, and every prompt source
+                # prepared (counted with the tokenizer), on a thread, not on the loop that must
+                # keep heartbeating.
+                entries = await self._dataset_entries()
                 schedule = schedule_for_stage(assign.stage, assign.workload.seed)
-                if uploaded:
-                    self._prompts = await asyncio.to_thread(prompt_source, assign.workload, entries)
-                else:
-                    self._prompts = prompt_source(assign.workload, entries)
+                self._prompts = await asyncio.to_thread(prompt_source, assign.workload, entries, tokenizer)
             self._client = TargetClient(
                 assign.target,
                 ignore_eos=assign.workload.ignore_eos,
@@ -326,7 +336,13 @@ class AssignmentRunner:
             if current is not None and current.cancelling():
                 raise  # our own task is being cancelled, not just the load: propagate
             # Otherwise the CancelledError is the load task's, caused by cancel(): done.
-        except (UnsupportedStageError, TargetConfigError, PromptSourceError, DatasetFetchError) as exc:
+        except (
+            UnsupportedStageError,
+            TargetConfigError,
+            PromptSourceError,
+            DatasetFetchError,
+            DatasetUnavailableError,
+        ) as exc:
             state, message = agent_service_pb2.ASSIGNMENT_STATE_FAILED, str(exc)
         except Exception as exc:
             log.exception("assignment_error", assignment_id=assign.assignment_id)
@@ -368,7 +384,40 @@ class AssignmentRunner:
             max_prompt_words=dataset.max_prompt_words,
         )
 
-    async def _load(self, schedule: LoadSchedule | ConversationLoad, client: TargetClient) -> None:
+    async def _trace_schedule(self, tokenizer: Tokenizer | None) -> TraceSchedule:
+        """This agent's share of a trace_replay stage (the trace fetched and parsed)."""
+        assign = self._assign
+        trace = assign.workload.trace
+        if assign.workload.WhichOneof("source") != "trace" or not trace.dataset_id:
+            raise UnsupportedStageError("a trace_replay stage needs a trace workload (workload.trace.dataset_id)")
+        entries = await fetch_trace(self.datasets, trace.dataset_id)
+        return await asyncio.to_thread(
+            trace_schedule,
+            assign.stage,
+            trace,
+            entries,
+            seed=assign.workload.seed,
+            share_index=assign.share_index,
+            share_count=assign.share_count,
+            tokenizer=tokenizer,
+        )
+
+    def _trace_origin_ns(self) -> int:
+        """The stage's start (trace time 0) on the perf clock: the Assign's start time, which
+        for a takeover is the stage's original start (already past)."""
+        if not self._assign.start_unix_ns:
+            return time.perf_counter_ns()
+        # The pair of readings least apart of a few (a preemption between them would shift every time).
+        best = None
+        for _ in range(3):
+            before, unix, after = time.perf_counter_ns(), time.time_ns(), time.perf_counter_ns()
+            if best is None or after - before < best[0]:
+                best = (after - before, (before + after) // 2, unix)
+        assert best is not None
+        _, now_perf, now_unix = best
+        return now_perf - (now_unix - (self._assign.start_unix_ns - self._assign.clock_offset_ns))
+
+    async def _load(self, schedule: LoadSchedule | ConversationLoad | TraceSchedule, client: TargetClient) -> None:
         closed_loop = schedule.concurrency if isinstance(schedule, ClosedLoopSchedule | ConversationLoad) else 0
         if closed_loop:
             opened = await client.preconnect(min(closed_loop, MAX_PRECONNECT), PRECONNECT_TIMEOUT_S)
@@ -387,6 +436,9 @@ class AssignmentRunner:
                 if isinstance(schedule, ConversationLoad):
                     assert self._conversations is not None
                     await self._conversations.run(schedule)
+                elif isinstance(schedule, TraceSchedule):
+                    schedule = dataclasses.replace(schedule, origin_ns=self._trace_origin_ns())
+                    await schedule.run(self._send_one, self._abandon_one)
                 else:
                     await schedule.run(self._send_one, self._abandon_one)
         finally:
@@ -421,7 +473,7 @@ class AssignmentRunner:
         finally:
             gc.enable()
         late_ms = (time.time_ns() - target_ns) / 1e6
-        if late_ms > START_LATE_WARN_MS:
+        if late_ms > START_LATE_WARN_MS and not self._assign.takeover:
             log.warning(
                 "assignment_started_late",
                 assignment_id=self.assignment_id,
@@ -429,15 +481,18 @@ class AssignmentRunner:
                 lead_ms=round(lead_s * 1000, 3),
             )
 
-    async def _send_one(self, scheduled_ns: int, warmup: bool) -> None:
-        await self._send_request(scheduled_ns, warmup, None)
+    async def _send_one(self, scheduled_ns: int, warmup: bool, prompt: Prompt | None = None) -> None:
+        """One request; `prompt` is the trace request's, else the prompt source's next."""
+        await self._send_request(scheduled_ns, warmup, None, prompt)
 
     async def _send_turn(self, scheduled_ns: int, warmup: bool, turn: TurnRequest) -> RequestSample | None:
         return await self._send_request(scheduled_ns, warmup, turn)
 
-    async def _send_request(self, scheduled_ns: int, warmup: bool, turn: TurnRequest | None) -> RequestSample | None:
-        """One request (a conversation's `turn`, else the next prompt); its sample, None if
-        it was not sent (the lease expired)."""
+    async def _send_request(
+        self, scheduled_ns: int, warmup: bool, turn: TurnRequest | None, prompt: Prompt | None = None
+    ) -> RequestSample | None:
+        """One request (a conversation's `turn`, a trace request's `prompt`, else the prompt
+        source's next); its sample, None if it was not sent (the lease expired)."""
         assert self._client is not None  # set before the schedule starts
         await self._batcher.wait_writable()
         if not self._lease.valid():
@@ -448,11 +503,11 @@ class AssignmentRunner:
             return None
         reach = self._reach
         probe = await reach.wait_turn() if reach.refusing else False
-        if turn is None:
+        if turn is not None:
+            prompt = turn.prompt
+        elif prompt is None:
             assert self._prompts is not None
             prompt = self._prompts.next_prompt()
-        else:
-            prompt = turn.prompt
         sample = RequestSample(
             scheduled_ns=scheduled_ns,
             warmup=warmup,
@@ -462,6 +517,8 @@ class AssignmentRunner:
         if turn is not None:
             sample.session_id, sample.turn_index, sample.last_turn = turn.session_id, turn.turn_index, turn.last_turn
             sample.answer_chunks = []
+        elif self._tokenizer is not None:
+            sample.answer_chunks = []  # the text counted when the server sends no usage
         self._in_flight += 1
         self._requests_sent += 1
         in_flight = self._in_flight_samples
@@ -471,6 +528,8 @@ class AssignmentRunner:
             if self._announce is not None:
                 await self._announce(self)
             await self._client.send(prompt.text, prompt.max_tokens, sample, messages=prompt.messages)
+            if self._tokenizer is not None:
+                estimate_output_tokens(sample, self._tokenizer)
             if probe or sample.connect_failed or reach.refusing:
                 reach.outcome(sample.connect_failed, sample.error, probe)
         except asyncio.CancelledError:

@@ -583,7 +583,7 @@ class ControllerLink:
 
     async def _preflight(self, preflight: agent_service_pb2.Preflight) -> None:
         """Check the target and answer the controller."""
-        outcome = await check_target(preflight.target, preflight.workload)
+        outcome = await check_target(preflight.target, preflight.workload, self.datasets)
         log.info(
             "preflight_done",
             run_id=preflight.run_id,
@@ -599,6 +599,8 @@ class ControllerLink:
                     message=outcome.message,
                     served_models=outcome.served_models,
                     response_model=outcome.response_model,
+                    usage_prompt_tokens=outcome.usage_prompt_tokens,
+                    counted_prompt_tokens=outcome.counted_prompt_tokens,
                 )
             )
         )

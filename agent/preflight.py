@@ -34,6 +34,8 @@ import orjson
 from agent.sample import MAX_ERROR_CHARS, RequestSample
 from agent.sse import StreamParser, parse_json_body
 from agent.target_client import TargetClient, TargetConfigError
+from agent.tokens import DatasetSource, DatasetUnavailableError, load_tokenizer
+from agent.trace import fetch_trace
 from agent.wire_errors import transport_error
 from common.proto.loadtest.v1 import run_pb2
 
@@ -55,6 +57,8 @@ class PreflightOutcome:
     message: str = ""
     served_models: list[str] = field(default_factory=list)
     response_model: str = ""
+    usage_prompt_tokens: int = 0
+    counted_prompt_tokens: int = 0
 
 
 def display_url(url: str) -> str:
@@ -67,16 +71,37 @@ def display_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
-async def check_target(target: run_pb2.Target, workload: run_pb2.Workload) -> PreflightOutcome:
-    """Check the target as described in the module docstring; never raises for the target's faults."""
+async def check_target(
+    target: run_pb2.Target, workload: run_pb2.Workload, datasets: DatasetSource | None = None
+) -> PreflightOutcome:
+    """Check the target as described in the module docstring; never raises for the target's faults.
+
+    With the workload's tokenizer (fetched through `datasets`), the check's prompt is also
+    counted with it (`counted_prompt_tokens`: for chat, the message's content), beside the
+    server's `usage.prompt_tokens` for it: their difference is what the chat template (or a
+    BOS token) adds to every request. A trace workload's trace is fetched and parsed here
+    too: a trace the agent cannot read fails the check, and the stages find it parsed.
+    """
     try:
         client = TargetClient(target, ignore_eos=workload.ignore_eos, pin_min_tokens=workload.pin_min_tokens)
     except TargetConfigError as exc:
         return PreflightOutcome(False, str(exc))
+    try:
+        tokenizer = await load_tokenizer(workload, datasets)
+        if workload.HasField("trace") and workload.trace.dataset_id:
+            await fetch_trace(datasets, workload.trace.dataset_id)  # a bad trace fails here; stages reuse it
+    except DatasetUnavailableError as exc:
+        await client.close()
+        return PreflightOutcome(False, str(exc))
     async with client:
         outcome = await _check(client)
     return PreflightOutcome(
-        outcome.ok, client.redact(outcome.message)[:1000], outcome.served_models, outcome.response_model
+        outcome.ok,
+        client.redact(outcome.message)[:1000],
+        outcome.served_models,
+        outcome.response_model,
+        usage_prompt_tokens=outcome.usage_prompt_tokens,
+        counted_prompt_tokens=tokenizer.count(PREFLIGHT_PROMPT) if tokenizer is not None and outcome.ok else 0,
     )
 
 
@@ -100,7 +125,8 @@ async def _check(client: TargetClient) -> PreflightOutcome:
         endpoint = display_url(client.url)
         message = f"the check request (POST {endpoint}) failed: {sample.error or 'no answer'}{_hint(sample)}"
         return PreflightOutcome(False, message, models, response_model)
-    return PreflightOutcome(True, "", models, response_model)
+    usage = sample.prompt_tokens if sample.usage_from_server else 0
+    return PreflightOutcome(True, "", models, response_model, usage_prompt_tokens=usage)
 
 
 async def _list_models(client: TargetClient) -> tuple[list[str] | None, str]:

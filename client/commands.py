@@ -24,6 +24,7 @@ from client import exitcodes, formats, live, render, series, spec_builder
 from client.envconfig import not_from_env
 from client.scenarios import SCENARIOS, describe
 from client.sdk import ControllerClient
+from client.uploads import upload_run_files
 from common.datasets import upload_name
 from common.grpc_options import API_KEY_ENV
 from common.proto.loadtest.v1 import run_pb2
@@ -257,6 +258,7 @@ async def _upload_run_dataset(args: argparse.Namespace, client: ControllerClient
 async def _run(args: argparse.Namespace, spec: run_pb2.RunSpec, interrupts: Interrupts) -> int:
     async with open_client(args) as client:
         await _upload_run_dataset(args, client, spec)
+        await upload_run_files(client, args, spec)
         if getattr(args, "repeat", 1) > 1:
             from client.repeats import run_group
 
@@ -363,6 +365,9 @@ def print_result(
                 con.print(part)
         if capacity is not None:
             print(capacity)
+        tokens = render.tokens_line(result)
+        if tokens:
+            print(tokens)
         shown = f" ({run.spec.display_name})" if run.spec.display_name else ""
         if result.HasField("group"):
             counted, repeats = len(result.group.counted_run_ids), len(result.group.run_ids)

@@ -31,6 +31,8 @@ PLAIN_PROGRESS_EVERY_S = 5.0
 def stage_load(stage: run_pb2.Stage) -> str:
     if stage.WhichOneof("load") == "request_rate":
         return f"rate={stage.request_rate:g}/s"
+    if stage.WhichOneof("load") == "trace_replay":
+        return "trace replay"
     return f"concurrency={stage.concurrency}"
 
 

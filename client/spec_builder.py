@@ -212,6 +212,60 @@ def think_time(text: str) -> run_pb2.DurationDistribution:
     return out
 
 
+def prefix_popularity(text: str) -> tuple[run_pb2.PrefixPopularity.ValueType, float]:
+    """`uniform`, `zipf` (exponent 1) or `zipf:S`."""
+    kind, _, exponent = text.strip().lower().partition(":")
+    if kind == "uniform" and not exponent:
+        return run_pb2.PREFIX_POPULARITY_UNIFORM, 0.0
+    if kind == "zipf":
+        try:
+            s = float(exponent) if exponent else 1.0
+        except ValueError:
+            s = float("nan")
+        if s > 0 and s != float("inf"):
+            return run_pb2.PREFIX_POPULARITY_ZIPF, s
+    raise argparse.ArgumentTypeError(f"expected uniform, zipf or zipf:S with S > 0; got {text!r}")
+
+
+TRACE_FORMATS = {"mooncake": run_pb2.DATASET_FORMAT_MOONCAKE_TRACE, "azure": run_pb2.DATASET_FORMAT_AZURE_TRACE}
+# A --trace stage lasts the trace's span at the replay speed plus this, so its last request is sent.
+TRACE_GRACE_S = 1.0
+
+
+def trace_format(path: Path, given: str | None) -> run_pb2.DatasetFormat.ValueType:
+    """The format of a --trace file: --trace-format, else .csv is Azure and anything else Mooncake."""
+    if given:
+        return TRACE_FORMATS[given]
+    return (
+        run_pb2.DATASET_FORMAT_AZURE_TRACE if path.suffix.lower() == ".csv" else run_pb2.DATASET_FORMAT_MOONCAKE_TRACE
+    )
+
+
+def tokenizer_file(path: Path) -> Path:
+    """The tokenizer.json a --tokenizer names (the file, or a model directory holding one)."""
+    from common.tokenizer import Tokenizer, TokenizerError
+
+    try:
+        Tokenizer.from_path(path)
+    except (TokenizerError, OSError) as exc:
+        raise argparse.ArgumentTypeError(f"--tokenizer {exc}") from None
+    return path / "tokenizer.json" if path.is_dir() else path
+
+
+def finish_trace_stage(spec: run_pb2.RunSpec, entry_count: int, span_s: float, args: argparse.Namespace) -> None:
+    """A --trace run's stage, once the upload told the trace's size: without --duration and
+    --requests, the whole trace (its requests, and its span at the replay speed plus
+    TRACE_GRACE_S: the stage ends after the last arrival; requests in flight finish)."""
+    speed = spec.workload.trace.replay_speed or 1.0
+    for stage in spec.stages:
+        if stage.WhichOneof("load") != "trace_replay" or args.duration is not None or args.requests:
+            continue
+        if entry_count:
+            stage.requests = entry_count
+        if span_s > 0 or entry_count:
+            _set_duration(stage.duration, span_s / speed + TRACE_GRACE_S)
+
+
 def warmup(text: str) -> tuple[float, int]:
     """`10s` (a duration) or `20req` (a request count)."""
     lowered = text.strip().lower()
@@ -344,6 +398,29 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
         "(once: content-addressed) and referred to by id",
     )
     work.add_argument("--dataset-format", choices=["jsonl", "sharegpt", "csv"], help="default: from the file extension")
+    work.add_argument(
+        "--prefix-groups", type=int, default=0, help="with --shared-prefix: K different prefixes, each prompt draws one"
+    )
+    work.add_argument(
+        "--prefix-popularity",
+        type=prefix_popularity,
+        default=None,
+        help="how prompts draw a prefix group: uniform (default), zipf or zipf:S (weight 1/k^S)",
+    )
+    work.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="the model's tokenizer.json (or a model directory): exact prompt lengths and counts (uploaded)",
+    )
+    work.add_argument(
+        "--trace", type=Path, help="replay a trace's arrivals and lengths: Mooncake .jsonl or Azure .csv (uploaded)"
+    )
+    work.add_argument("--trace-format", choices=sorted(TRACE_FORMATS), help="default: .csv is azure, else mooncake")
+    work.add_argument("--replay-speed", type=float, default=None, help="trace time scale: 2.0 replays twice as fast")
+    work.add_argument(
+        "--trace-block-tokens", type=int, default=None, help="tokens per Mooncake hash_ids block (default 512)"
+    )
     work.add_argument("--min-prompt-words", type=int, default=0, help="dataset filter")
     work.add_argument("--max-prompt-words", type=int, default=0, help="dataset filter")
     work.add_argument(
@@ -672,6 +749,8 @@ def _check_integers(args: argparse.Namespace) -> None:
         ("--max-concurrency", args.max_concurrency, _UINT32),
         ("--shared-prefix", args.shared_prefix, _UINT32),
         ("--system-prompt-tokens", getattr(args, "system_prompt_tokens", 0), _UINT32),
+        ("--prefix-groups", getattr(args, "prefix_groups", 0), _UINT32),
+        ("--trace-block-tokens", getattr(args, "trace_block_tokens", None) or 0, _UINT32),
         ("--agents", args.agents, _UINT32),
         ("--min-prompt-words", args.min_prompt_words, _UINT32),
         ("--max-prompt-words", args.max_prompt_words, _UINT32),
@@ -733,7 +812,18 @@ def build_spec(args: argparse.Namespace) -> run_pb2.RunSpec:
     _conversation_flags(args)
     if getattr(args, "think_time", None) is not None:
         w.think_time.CopyFrom(args.think_time)
-    if args.dataset is not None:
+    trace = getattr(args, "trace", None)
+    if getattr(args, "tokenizer", None) is not None:
+        tokenizer_file(args.tokenizer)  # a usage error now rather than after connecting
+    if trace is None and (
+        getattr(args, "replay_speed", None) is not None or getattr(args, "trace_block_tokens", None) is not None
+    ):
+        raise argparse.ArgumentTypeError("--replay-speed and --trace-block-tokens apply to --trace")
+    if trace is not None:
+        if not trace.is_file():
+            raise argparse.ArgumentTypeError(f"--trace {trace}: no such file")
+        _trace_workload(spec, args)  # the trace is the workload: no prompts of its own
+    elif args.dataset is not None:
         # The file itself is uploaded by `run` (client/commands.py), which sets `dataset_id`.
         w.dataset.format = dataset_file_format(args.dataset, args.dataset_format)  # type: ignore[assignment]
         w.dataset.name = args.dataset.name[-200:]
@@ -757,6 +847,9 @@ def build_spec(args: argparse.Namespace) -> run_pb2.RunSpec:
         if args.output_tokens is not None:
             w.synthetic.output_tokens.CopyFrom(args.output_tokens)
         w.synthetic.shared_prefix_tokens = args.shared_prefix
+        w.synthetic.prefix_groups = getattr(args, "prefix_groups", 0)
+        if getattr(args, "prefix_popularity", None) is not None:
+            w.synthetic.prefix_popularity, w.synthetic.zipf_exponent = args.prefix_popularity
     spec.placement.agents = args.agents
     spec.placement.selector.update(getattr(args, "agent_selector", {}))
     if getattr(args, "agent_wait", None) is not None:
@@ -765,7 +858,7 @@ def build_spec(args: argparse.Namespace) -> run_pb2.RunSpec:
     search = _search_spec(args)
     if search is not None:
         spec.search.CopyFrom(search)
-    else:
+    elif trace is None:
         spec.stages.extend(_stages(args))
     for name, seconds in (args.slo or {}).items():
         _set_duration(getattr(spec.slo, name), seconds)
@@ -803,6 +896,51 @@ def _conversation_flags(args: argparse.Namespace) -> None:
         raise argparse.ArgumentTypeError(
             "--shared-prefix does not apply to conversations: their shared part is --system-prompt-tokens"
         )
+
+
+def _trace_workload(spec: run_pb2.RunSpec, args: argparse.Namespace) -> None:
+    """`--trace`: one trace_replay stage; the file's dataset id and the stage's length are
+    filled in after the upload (`finish_trace_stage`)."""
+    given = [
+        flag
+        for flag, value in (
+            ("--dataset", args.dataset),
+            ("--concurrency", args.concurrency),
+            ("--rate", args.rate),
+            ("--scenario", args.scenario),
+            ("--input-tokens", args.input_tokens),
+            ("--output-tokens", args.output_tokens),
+            ("--shared-prefix", args.shared_prefix),
+            ("--prefix-groups", getattr(args, "prefix_groups", 0)),
+            ("--max-concurrency", args.max_concurrency),
+            ("--ramp", args.ramp),
+            ("--turns", getattr(args, "turns", None)),
+            ("--think-time", getattr(args, "think_time", None)),
+            ("--system-prompt-tokens", getattr(args, "system_prompt_tokens", 0)),
+        )
+        if value
+    ]
+    if _search_spec(args) is not None:
+        given.append("--search")
+    if given:
+        raise argparse.ArgumentTypeError(f"--trace replays the trace's own requests and times: not with {given[0]}")
+    trace = spec.workload.trace
+    if args.replay_speed is not None:
+        if not 0 < args.replay_speed <= 1000:  # also NaN
+            raise argparse.ArgumentTypeError(f"--replay-speed must be > 0 and at most 1000, got {args.replay_speed}")
+        trace.replay_speed = args.replay_speed
+    else:
+        trace.replay_speed = 1.0
+    if args.trace_block_tokens is not None:
+        trace.block_tokens = args.trace_block_tokens
+    stage = run_pb2.Stage(trace_replay=True, requests=args.requests)
+    if args.duration is not None:
+        _set_duration(stage.duration, args.duration)
+    warm_s, warm_n = args.warmup
+    if warm_s:
+        _set_duration(stage.warmup_duration, warm_s)
+    stage.warmup_requests = warm_n
+    spec.stages.append(stage)
 
 
 def _server_metrics(sm: run_pb2.ServerMetricsSpec, args: argparse.Namespace) -> None:

@@ -70,6 +70,13 @@ MAX_SLO_SECONDS = 24 * 3600
 _MAX_DURATION_SECONDS = 315_576_000_000
 DEFAULT_TOKENS = 128
 DEFAULT_TURNS = 3
+MAX_PREFIX_GROUPS = 10_000
+MAX_ZIPF_EXPONENT = 100.0
+DEFAULT_ZIPF_EXPONENT = 1.0
+MAX_REPLAY_SPEED = 1000.0
+DEFAULT_REPLAY_SPEED = 1.0
+MAX_BLOCK_TOKENS = 65_536
+DEFAULT_BLOCK_TOKENS = 512
 T = TypeVar("T")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,256}$")
 # A series' name (RunSpec.series, the name of its baseline): safe in a URL, a file name, a shell.
@@ -106,6 +113,7 @@ def validate_and_default(spec: run_pb2.RunSpec, rng: random.Random | None = None
         _check_per_agent(stage, f"spec.stages[{i}]", agents, v)
 
     _check_workload(out.workload, v, chat=out.target.api_kind != run_pb2.API_KIND_COMPLETIONS)
+    _check_trace(out, v)
     validate_server_metrics(out.server_metrics, v)
 
     if len(out.checks) > MAX_CHECKS:
@@ -190,6 +198,16 @@ def validate_and_default(spec: run_pb2.RunSpec, rng: random.Random | None = None
         ):
             if lengths.WhichOneof("distribution") is None:
                 lengths.fixed = default
+    if out.workload.HasField("trace"):
+        trace = out.workload.trace
+        trace.replay_speed = trace.replay_speed or DEFAULT_REPLAY_SPEED
+        trace.block_tokens = trace.block_tokens or DEFAULT_BLOCK_TOKENS
+    if out.workload.HasField("synthetic"):
+        synthetic = out.workload.synthetic
+        if synthetic.prefix_groups > 1 and synthetic.prefix_popularity == run_pb2.PREFIX_POPULARITY_UNSPECIFIED:
+            synthetic.prefix_popularity = run_pb2.PREFIX_POPULARITY_UNIFORM
+        if synthetic.prefix_popularity == run_pb2.PREFIX_POPULARITY_ZIPF and not synthetic.zipf_exponent:
+            synthetic.zipf_exponent = DEFAULT_ZIPF_EXPONENT
     if out.workload.seed == 0:
         out.workload.seed = (rng or random.SystemRandom()).randrange(1, 2**63)
     if searching:
@@ -242,6 +260,8 @@ def describe_stage(stage: run_pb2.Stage) -> str:
     kind = stage.WhichOneof("load")
     if kind == "request_rate":
         return f"rate={stage.request_rate:g}/s"
+    if kind == "trace_replay":
+        return "trace replay"
     return f"{kind}={getattr(stage, kind)}" if kind else "stage"
 
 
@@ -371,7 +391,9 @@ def _check_target(t: run_pb2.Target, v: list[FieldViolation]) -> None:
 def _check_stage(stage: run_pb2.Stage, path: str, v: list[FieldViolation]) -> None:
     kind = stage.WhichOneof("load")
     if kind is None:
-        v.append(FieldViolation(f"{path}.concurrency", "a load is required: concurrency or request_rate"))
+        v.append(FieldViolation(f"{path}.concurrency", "a load is required: concurrency, request_rate or trace_replay"))
+    elif kind == "trace_replay" and not stage.trace_replay:
+        v.append(FieldViolation(f"{path}.trace_replay", "must be true when set"))
     elif kind == "concurrency" and not 1 <= stage.concurrency <= MAX_CONCURRENCY:
         v.append(FieldViolation(f"{path}.concurrency", f"must be between 1 and {MAX_CONCURRENCY}"))
     elif kind == "request_rate" and not (MIN_RATE <= stage.request_rate <= MAX_RATE):  # also rejects NaN
@@ -489,6 +511,53 @@ def _check_workload(w: run_pb2.Workload, v: list[FieldViolation], chat: bool = T
         _check_lengths(getattr(w.synthetic, name), f"spec.workload.synthetic.{name}", MAX_TOKENS, v)
     if w.synthetic.shared_prefix_tokens > MAX_TOKENS:
         v.append(FieldViolation("spec.workload.synthetic.shared_prefix_tokens", f"at most {MAX_TOKENS}"))
+    _check_prefix_groups(w.synthetic, v)
+
+
+def _check_prefix_groups(s: run_pb2.SyntheticWorkload, v: list[FieldViolation]) -> None:
+    path = "spec.workload.synthetic"
+    if s.prefix_groups > MAX_PREFIX_GROUPS:
+        v.append(FieldViolation(f"{path}.prefix_groups", f"at most {MAX_PREFIX_GROUPS}"))
+    elif s.prefix_groups > 1 and not s.shared_prefix_tokens:
+        v.append(FieldViolation(f"{path}.prefix_groups", "needs shared_prefix_tokens (the length of each prefix)"))
+    if s.prefix_popularity not in run_pb2.PrefixPopularity.values():
+        v.append(FieldViolation(f"{path}.prefix_popularity", f"unknown popularity {s.prefix_popularity}"))
+    zipf = s.prefix_popularity == run_pb2.PREFIX_POPULARITY_ZIPF
+    if s.zipf_exponent and not zipf:
+        v.append(FieldViolation(f"{path}.zipf_exponent", "only applies to PREFIX_POPULARITY_ZIPF"))
+    elif zipf and not (s.zipf_exponent == 0 or 0 < s.zipf_exponent <= MAX_ZIPF_EXPONENT):  # also rejects NaN
+        v.append(FieldViolation(f"{path}.zipf_exponent", f"must be > 0 and at most {MAX_ZIPF_EXPONENT:g}"))
+
+
+def _check_trace(spec: run_pb2.RunSpec, v: list[FieldViolation]) -> None:
+    """A trace workload is replayed by trace_replay stages, and only those need one."""
+    w = spec.workload
+    replaying = [i for i, stage in enumerate(spec.stages) if stage.WhichOneof("load") == "trace_replay"]
+    if not w.HasField("trace"):
+        for i in replaying[:MAX_STAGES]:
+            v.append(FieldViolation(f"spec.stages[{i}].trace_replay", "needs a trace workload (spec.workload.trace)"))
+        return
+    path = "spec.workload.trace"
+    trace = w.trace
+    if not trace.dataset_id:
+        v.append(FieldViolation(f"{path}.dataset_id", "required: an uploaded trace (llm-loadtest datasets upload)"))
+    elif len(trace.dataset_id) > MAX_NAME_CHARS:
+        v.append(FieldViolation(f"{path}.dataset_id", f"at most {MAX_NAME_CHARS} characters"))
+    if not (trace.replay_speed == 0 or 0 < trace.replay_speed <= MAX_REPLAY_SPEED):  # also rejects NaN
+        v.append(FieldViolation(f"{path}.replay_speed", f"must be > 0 and at most {MAX_REPLAY_SPEED:g}"))
+    if trace.block_tokens > MAX_BLOCK_TOKENS:
+        v.append(FieldViolation(f"{path}.block_tokens", f"must be between 1 and {MAX_BLOCK_TOKENS}"))
+    if spec.HasField("search"):
+        v.append(FieldViolation("spec.search", "a trace workload replays the trace's own times: no search"))
+    for i, stage in enumerate(spec.stages[:MAX_STAGES]):
+        if stage.WhichOneof("load") != "trace_replay":
+            v.append(
+                FieldViolation(
+                    f"spec.stages[{i}].trace_replay", "a trace workload's stages replay it: set trace_replay"
+                )
+            )
+        elif stage.HasField("ramp") and seconds(stage.ramp) > 0:
+            v.append(FieldViolation(f"spec.stages[{i}].ramp", "a trace replay keeps the trace's times: no ramp"))
 
 
 def _check_per_agent(stage: run_pb2.Stage, path: str, agents: int, v: list[FieldViolation]) -> None:

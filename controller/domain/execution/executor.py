@@ -22,7 +22,13 @@ from controller.domain.access.secrets import restore_secrets
 from controller.domain.execution.capacity import CapacitySearch
 from controller.domain.execution.events import RunEvents
 from controller.domain.execution.placement import Placement
-from controller.domain.execution.preflight import WARNING_EVENT, PreflightAnswers, check_run_target
+from controller.domain.execution.preflight import (
+    TOKENS_EVENT,
+    WARNING_EVENT,
+    PreflightAnswers,
+    check_run_target,
+    tokens_event_message,
+)
 from controller.domain.execution.stages import StageRunner
 from controller.domain.execution.state import ActiveRuns, RunExecution
 from controller.store.interface import Store
@@ -118,6 +124,9 @@ class RunExecutor:
         verdict = await check_run_target(sessions, ex.run_id, target, ex.spec.workload, self._preflights, ex.cancelled)
         for warning in verdict.warnings:
             await self._events.add(ex.run_id, ex.record.pk, WARNING_EVENT, warning)
+        if verdict.usage_prompt_tokens and verdict.counted_prompt_tokens:
+            message = tokens_event_message(verdict.usage_prompt_tokens, verdict.counted_prompt_tokens)
+            await self._events.add(ex.run_id, ex.record.pk, TOKENS_EVENT, message)
         if verdict.ok and not ex.cancelled.is_set():
             await self._events.add(
                 ex.run_id,

@@ -46,8 +46,11 @@ def stage_shares(stage: run_pb2.Stage, agents: int) -> list[run_pb2.Stage | None
     requests = split_integer(stage.requests, agents)
     warmups = split_integer(stage.warmup_requests, agents)
     caps = split_integer(stage.max_concurrency, agents)
-    open_loop = stage.WhichOneof("load") == "request_rate"
-    levels = [0] * agents if open_loop else split_integer(stage.concurrency, agents)
+    load = stage.WhichOneof("load")
+    open_loop = load == "request_rate"
+    levels = [0] * agents if load in ("request_rate", "trace_replay") else split_integer(stage.concurrency, agents)
+    if load == "trace_replay":
+        open_loop = True  # no concurrency to split: each agent replays its share (trace_share)
     shares: list[run_pb2.Stage | None] = []
     for i in range(agents):
         if (not open_loop and levels[i] == 0) or (stage.requests and requests[i] == 0):
@@ -55,7 +58,9 @@ def stage_shares(stage: run_pb2.Stage, agents: int) -> list[run_pb2.Stage | None
             continue
         share = run_pb2.Stage()
         share.CopyFrom(stage)
-        if open_loop:
+        if load == "trace_replay":
+            pass
+        elif open_loop:
             share.request_rate = stage.request_rate / agents
             if stage.max_concurrency:
                 share.max_concurrency = max(1, caps[i])
@@ -65,6 +70,52 @@ def stage_shares(stage: run_pb2.Stage, agents: int) -> list[run_pb2.Stage | None
         share.warmup_requests = warmups[i]
         shares.append(share)
     return shares
+
+
+def trace_share(agent_idx: int, agents: int) -> tuple[int, int]:
+    """(share_index, share_count) of a trace_replay stage's agent `agent_idx` of `agents`: it
+    replays the trace's requests i with i % agents == agent_idx (split_integer of a stage's
+    `requests` gives each share exactly its part of the trace's first requests)."""
+    return agent_idx, agents
+
+
+def trace_takeover_shares(
+    lost: run_pb2.Stage,
+    share_index: int,
+    share_count: int,
+    requests_sent: int,
+    takers: int,
+    stage_end_ns: int | None,
+    now_ns: int,
+) -> list[tuple[run_pb2.Stage, int, int] | None]:
+    """Each taker's part of a lost trace replay share (share_index, share_count) that had
+    sent `requests_sent` of its requests: (stage, share_index, share_count), or None.
+
+    Taker m replays the lost share's requests from its (requests_sent + m + 1)-th on, every
+    `takers`-th (`agent.trace.takeover_share`): together exactly the requests it had not
+    sent, at the trace's times (the takeover starts at the stage's own start time, so its
+    duration stays the stage's). None for all when nothing worth handing over is left.
+    """
+    count = max(share_count, 1)
+    if stage_end_ns is not None and (stage_end_ns - now_ns - TAKEOVER_LEAD_S * 1e9) / 1e9 < MIN_TAKEOVER_S:
+        return [None] * takers
+    left = lost.requests - requests_sent if lost.requests else None
+    if left is not None and left <= 0:
+        return [None] * takers
+    out: list[tuple[run_pb2.Stage, int, int] | None] = []
+    parts = split_integer(left, takers) if left is not None else [0] * takers
+    for m in range(takers):
+        if left is not None and parts[m] == 0:
+            out.append(None)
+            continue
+        share = run_pb2.Stage()
+        share.CopyFrom(lost)
+        share.ClearField("warmup_duration")
+        share.ClearField("ramp")
+        share.warmup_requests = 0
+        share.requests = parts[m]
+        out.append((share, share_index + count * (requests_sent + m), count * takers))
+    return out
 
 
 def derive_seed(seed: int, stage_idx: int, agent_idx: int) -> int:

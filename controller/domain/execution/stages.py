@@ -31,6 +31,7 @@ from controller.domain.execution.planning import (
     stage_deadline_s,
     stage_shares,
     start_lead_s,
+    trace_share,
 )
 from controller.domain.execution.state import (
     ASSIGNMENT_LOST,
@@ -89,10 +90,20 @@ class StageRunner:
         await self._store.update_run(run.pk, current_stage=idx)
 
         shares = stage_shares(stage, len(slots))
+        replay = stage.WhichOneof("load") == "trace_replay"
         scrapers = plan_scrapes(ex.spec.server_metrics, [share is not None for share in shares])
         for agent_idx, (slot, share) in enumerate(zip(slots, shares, strict=True)):
             if share is not None:
-                await self.assign(ex, st, slot, share, agent_idx, takeover=False, server_metrics=scrapers[agent_idx])
+                await self.assign(
+                    ex,
+                    st,
+                    slot,
+                    share,
+                    agent_idx,
+                    takeover=False,
+                    server_metrics=scrapers[agent_idx],
+                    trace_share=trace_share(agent_idx, len(slots)) if replay else (0, 0),
+                )
         # Prepared first, sent together, so that the agents start at one common time.
         lead_s = start_lead_s(len(slots))
         st.start_ns = time.time_ns() + int(lead_s * 1e9)
@@ -113,9 +124,12 @@ class StageRunner:
         *,
         takeover: bool,
         server_metrics: run_pb2.ServerMetricsSpec | None = None,
+        trace_share: tuple[int, int] = (0, 0),
     ) -> ActiveAssignment:
         """Give `share` of the stage to the slot's agent. A takeover's Assign goes out at
-        once; a stage's first Assigns wait for `_send_assigns` to start them together."""
+        once; a stage's first Assigns wait for `_send_assigns` to start them together.
+        `trace_share`: a trace replay's (share_index, share_count); a trace takeover starts
+        at the stage's own start time (past), so its requests keep the trace's times."""
         session = slot.session
         assert session is not None
         assignment_id = f"asg_{uuid.uuid4().hex[:16]}"
@@ -153,6 +167,8 @@ class StageRunner:
                 takeover=takeover,
                 server_metrics=server_metrics,
                 resume_token=resume_token,
+                share_index=trace_share[0],
+                share_count=trace_share[1],
             )
         )
         a = ActiveAssignment(
@@ -168,6 +184,8 @@ class StageRunner:
             takeover,
             token_sha256(resume_token),
             created_ns,
+            share_index=trace_share[0],
+            share_count=trace_share[1],
         )
         self._active.add_assignment(a)
         session.owned.add(assignment_id)
@@ -176,7 +194,8 @@ class StageRunner:
         if not session.assignment_id:
             session.assignment_id = assignment_id
         if takeover:
-            await self._send_assigns([a], time.time_ns() + int(TAKEOVER_LEAD_S * 1e9))
+            replay = share.WhichOneof("load") == "trace_replay"
+            await self._send_assigns([a], st.start_ns if replay else time.time_ns() + int(TAKEOVER_LEAD_S * 1e9))
         return a
 
     async def _send_assigns(self, assignments: list[ActiveAssignment], start_ns: int) -> None:

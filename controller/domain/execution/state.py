@@ -126,6 +126,9 @@ class ActiveAssignment:
     grace_timer: asyncio.Task[None] | None = None
     max_loop_lag_ms: float = 0.0
     max_cpu_percent: float = 0.0
+    # Trace replay: which of the trace's requests the share has (agent.trace.share_entries).
+    share_index: int = 0
+    share_count: int = 0
 
     @property
     def done(self) -> bool:

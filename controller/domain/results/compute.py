@@ -21,7 +21,9 @@ from common.durations import millis_if_set
 from common.metrics import SampleColumns, Slo, StageMetrics, compute_stage_metrics, counted_mask
 from common.proto.loadtest.v1 import run_pb2
 from common.search_outcome import capacity_number
+from controller.domain.execution.preflight import TOKENS_EVENT as PREFLIGHT_TOKENS_EVENT
 from controller.domain.execution.preflight import WARNING_EVENT as PREFLIGHT_WARNING_EVENT
+from controller.domain.execution.preflight import token_accounting
 from controller.domain.execution.search import (
     ProbeJudgement,
     ProbeMeasurement,
@@ -136,6 +138,7 @@ class RunOutcome:
     overall: StageMetrics | None = None
     warnings: list[str] = field(default_factory=list)
     capacity: CapacityOutcome | None = None
+    tokens: run_pb2.TokenAccounting | None = None
 
 
 def slo_of(spec: run_pb2.RunSpec) -> Slo | None:
@@ -293,7 +296,9 @@ def compute_run_result(reads: SnapshotReads, run_pk: int, spec: run_pb2.RunSpec,
             if len(every_stage) == 1
             else compute_stage_metrics(SampleColumns.concat(every_stage), slo)
         )
-    return RunOutcome(stages, all_checks, verdict, overall, run_warnings(reads, run_pk, stages), capacity)
+    token_events = [e.message for e in reads.list_events(run_pk) if e.kind == PREFLIGHT_TOKENS_EVENT]
+    tokens = token_accounting(spec, token_events)
+    return RunOutcome(stages, all_checks, verdict, overall, run_warnings(reads, run_pk, stages), capacity, tokens)
 
 
 @dataclass(frozen=True)

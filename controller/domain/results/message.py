@@ -207,6 +207,8 @@ def result_message(run_id: str, state: int, outcome: RunOutcome) -> run_pb2.RunR
     )
     if outcome.capacity is not None:
         out.capacity.CopyFrom(capacity_message(outcome.capacity))
+    if outcome.tokens is not None:
+        out.tokens.CopyFrom(outcome.tokens)
     if outcome.overall is not None:
         overall = _stage_fields(outcome.overall)
         overall.name = "run"
