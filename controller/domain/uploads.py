@@ -41,6 +41,7 @@ from controller.store.datasets import MAX_CHUNK_BYTES, DatasetRecord
 from controller.store.interface import DatasetStore
 
 MAX_UPLOAD_BYTES = 8 * 1024**3
+MAX_TOKENIZER_BYTES = 512 * 1024**2
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 FETCH_CHUNKS_PER_READ = 4  # chunks (1 MiB each) read from the store at a time
@@ -148,8 +149,10 @@ class DatasetLibrary:
             raise _bad("header.name", f"at most {MAX_NAME_CHARS} letters, digits, '.', '_', '-' or '/'")
         if fmt == run_pb2.DATASET_FORMAT_UNSPECIFIED or fmt not in run_pb2.DatasetFormat.values():
             raise _bad("header.format", "required: one of jsonl, sharegpt, csv, mooncake, azure, tokenizer")
-        if size_bytes > MAX_UPLOAD_BYTES:
-            raise _bad("header.size_bytes", f"at most {MAX_UPLOAD_BYTES} bytes")
+        # A tokenizer is loaded whole to be checked (the tokenizers library reads one string).
+        most = MAX_TOKENIZER_BYTES if fmt in TOKENIZER_FORMATS else MAX_UPLOAD_BYTES
+        if size_bytes > most:
+            raise _bad("header.size_bytes", f"at most {most} bytes for {format_name(fmt)}")
         pk = await self._store.begin_dataset_upload(name, fmt, time.time_ns())
         validation = _Validation(fmt)
         try:
@@ -167,8 +170,8 @@ class DatasetLibrary:
 
             async for chunk in chunks:
                 size += len(chunk)
-                if size > (size_bytes or MAX_UPLOAD_BYTES):
-                    limit = f"header.size_bytes ({size_bytes})" if size_bytes else f"the limit ({MAX_UPLOAD_BYTES})"
+                if size > (size_bytes or most):
+                    limit = f"header.size_bytes ({size_bytes})" if size_bytes else f"the limit ({most})"
                     raise _bad("chunk", f"more than {limit} bytes")
                 digest.update(chunk)
                 pending += chunk

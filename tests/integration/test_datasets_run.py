@@ -8,9 +8,10 @@ import json
 
 import pytest
 
+from agent.assignment import AssignmentRunner
 from agent.datasets import DatasetCache, DatasetFetchError
 from client.sdk import ControllerClient
-from common.proto.loadtest.v1 import run_pb2
+from common.proto.loadtest.v1 import agent_service_pb2, run_pb2
 from controller.server import Controller
 from controller.store import repository as repo
 from mockserver.config import MockConfig
@@ -90,3 +91,25 @@ async def test_cache_downloads_once_and_checks(controller: Controller, client: C
     bad = (await client.upload_dataset(b'{"prompt": "x"}\n', run_pb2.DATASET_FORMAT_JSONL)).dataset
     with pytest.raises(DatasetFetchError, match="no usable entries"):
         await cache.entries(bad.id, min_prompt_words=3)
+
+
+@pytest.mark.parametrize("with_cache", [False, True])
+async def test_an_assignment_whose_dataset_cannot_be_fetched_fails(controller: Controller, with_cache: bool) -> None:
+    missing = "ds_" + "f" * 32
+    assign = agent_service_pb2.Assign(
+        assignment_id="asg-1",
+        run_id="run-1",
+        target=run_pb2.Target(base_url="http://127.0.0.1:9/v1", model="mock"),
+        workload=run_pb2.Workload(seed=7, dataset=run_pb2.Dataset(dataset_id=missing, format=1)),
+        stage=run_pb2.Stage(concurrency=1, requests=1),
+    )
+    messages: list[agent_service_pb2.ConnectRequest] = []
+    cache = DatasetCache(f"127.0.0.1:{controller.port}") if with_cache else None
+    runner = AssignmentRunner(assign, messages.append, datasets=cache)
+    assert runner.datasets is cache
+    await asyncio.wait_for(runner.start(), 20)
+    final = [m.assignment_update for m in messages if m.HasField("assignment_update")][-1]
+    assert final.state == agent_service_pb2.ASSIGNMENT_STATE_FAILED
+    assert missing in final.message
+    assert ("not on the controller" if with_cache else "no controller to fetch it") in final.message
+    assert not any(m.HasField("sample_batch") for m in messages)
