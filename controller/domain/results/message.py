@@ -222,6 +222,8 @@ def server_metrics_message(m: ServerStageOutcome) -> run_pb2.ServerMetricsResult
         scrapes_ok=m.scrapes_ok,
         scrapes_failed=m.scrapes_failed,
         series_truncated=m.series_truncated,
+        prefix_cache_hit_percent=m.prefix_cache_hit_percent,
+        prefix_cache_source=m.prefix_cache_source,
     )
 
 
