@@ -88,6 +88,7 @@ def counted_ok_mask(status: IntArray, flags: IntArray) -> BoolArray:
 
 
 _NONE: Final = np.zeros(0, dtype=np.int64)
+_ZERO: Final = np.zeros(1, dtype=np.int64)
 # The SampleColumns that may be given empty (all 0).
 _OPTIONAL: Final = frozenset(
     {
@@ -141,10 +142,13 @@ class SampleColumns:
             column = np.asarray(getattr(self, field.name), dtype=np.int64)
             if column.ndim != 1:
                 raise ValueError(f"{field.name} must be 1-D, got shape {column.shape}")
-            if field.name in _OPTIONAL and not column.size and n:
-                column = np.zeros(n, dtype=np.int64)
-            # Contiguous, because columns often arrive as strided slices of one row-major table.
-            object.__setattr__(self, field.name, np.ascontiguousarray(column))
+            if field.name in _OPTIONAL and (not column.size or _is_zeros(column)):
+                # All 0: one shared zero, broadcast (no memory, and select/concat copy nothing).
+                column = _zeros(n)
+            else:
+                # Contiguous, because columns often arrive as strided slices of one row-major table.
+                column = np.ascontiguousarray(column)
+            object.__setattr__(self, field.name, column)
         for name in _PER_REQUEST:
             if len(getattr(self, name)) != n:
                 raise ValueError(f"{name} has {len(getattr(self, name))} entries, expected {n}")
@@ -165,7 +169,14 @@ class SampleColumns:
         """All requests of `parts`, in order (gaps stay aligned because both orders agree)."""
         if not parts:
             return cls.empty()
-        return cls(**{f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(cls)})
+        return cls(
+            **{
+                f.name: _NONE
+                if f.name in _OPTIONAL and all(_is_zeros(getattr(p, f.name)) for p in parts)
+                else np.concatenate([getattr(p, f.name) for p in parts])
+                for f in dataclasses.fields(cls)
+            }
+        )
 
     def select(self, mask: npt.ArrayLike) -> SampleColumns:
         """The requests where `mask` (one bool per request) is true, with their gaps.
@@ -180,10 +191,27 @@ class SampleColumns:
             return self
         # Each request's flag repeated once per gap it owns lines up with itl_ns.
         keep_gaps = np.repeat(keep, self.itl_count)
-        return SampleColumns(
-            **{name: getattr(self, name)[keep] for name in _PER_REQUEST},
-            itl_ns=self.itl_ns[keep_gaps],
-        )
+        columns = {}
+        for name in _PER_REQUEST:
+            column = getattr(self, name)
+            columns[name] = _NONE if name in _OPTIONAL and _is_zeros(column) else column[keep]
+        return SampleColumns(**columns, itl_ns=self.itl_ns[keep_gaps])
+
+
+def _zeros(n: int) -> IntArray:
+    """n zeros as a read-only broadcast of one (an optional column that is all 0)."""
+    return np.broadcast_to(_ZERO, (n,))
+
+
+def is_zero_column(column: npt.NDArray[Any]) -> bool:
+    """True for an optional column SampleColumns holds as all 0 without storing it."""
+    return _is_zeros(column)
+
+
+def _is_zeros(column: npt.NDArray[Any]) -> bool:
+    """True for an empty column or one made by `_zeros`: every entry of a 1-D array with
+    stride 0 is its first, so this is exact without a pass over it."""
+    return column.ndim == 1 and (column.size == 0 or (column.strides == (0,) and column[0] == 0))
 
 
 _PER_REQUEST: Final = tuple(f.name for f in dataclasses.fields(SampleColumns) if f.name != "itl_ns")
@@ -440,7 +468,16 @@ def compute_stage_metrics(
 
     reasoning_tokens = int(ok_cols.reasoning_tokens.sum())
     cached_tokens, hit_percent = prefix_cache_hit(ok_cols.flags, ok_cols.cached_prompt_tokens, ok_cols.prompt_tokens)
-    ttfo_ns = ttfo_offsets(ok_cols.first_answer_ns, ok_cols.first_reasoning_ns, first)
+    ttft = summarize(first[first > 0])
+    reasoned = not _is_zeros(ok_cols.first_reasoning_ns) and bool(ok_cols.first_reasoning_ns.any())
+    if reasoned:
+        ttfo_ns = ttfo_offsets(ok_cols.first_answer_ns, ok_cols.first_reasoning_ns, first)
+        ttfo = summarize(ttfo_ns[ttfo_ns > 0])
+        ttfr = summarize(ok_cols.first_reasoning_ns[ok_cols.first_reasoning_ns > 0])
+    else:
+        # Without reasoning every text event is an answer: the first answer is the first
+        # token (the agent records them so), and TTFO is TTFT, not computed twice.
+        ttfo, ttfr = ttft, LatencySummary()
     sessions_completed, session_duration = session_metrics(cols, ok, end_ns)
 
     request_throughput = per_second(requests_ok)
@@ -462,7 +499,7 @@ def compute_stage_metrics(
         prompt_tokens=prompt_tokens,
         output_tokens=output_tokens,
         output_tokens_estimated=bool(((ok_cols.flags & SampleFlag.USAGE_FROM_SERVER) == 0).any()),
-        ttft=summarize(first[first > 0]),
+        ttft=ttft,
         tpot=summarize(tpot_ns[has_tpot]),
         itl=summarize(ok_cols.itl_ns, clusters=int(np.count_nonzero(ok_cols.itl_count))),
         e2e=summarize(e2e_ns[has_e2e]),
@@ -483,8 +520,8 @@ def compute_stage_metrics(
         good_fraction_ci=None if good_count is None else fraction_ci(good_count),
         error_rate=failed / counted if counted else 0.0,
         error_rate_ci=fraction_ci(failed),
-        ttfr=summarize(ok_cols.first_reasoning_ns[ok_cols.first_reasoning_ns > 0]),
-        ttfo=summarize(ttfo_ns[ttfo_ns > 0]),
+        ttfr=ttfr,
+        ttfo=ttfo,
         reasoning_tokens=reasoning_tokens,
         mean_reasoning_tokens=reasoning_tokens / requests_ok if requests_ok else 0.0,
         mean_answer_tokens=(output_tokens - reasoning_tokens) / requests_ok if requests_ok else 0.0,

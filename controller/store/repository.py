@@ -33,6 +33,7 @@ from controller.store.server_metrics import ScrapeRow, delete_run_scrapes, inser
 
 # The per-sample columns, in stored order (how they are stored: controller/store/columnar.py).
 SAMPLE_COLUMNS = columnar.SAMPLE_COLUMNS
+_EMPTY = np.zeros(0, dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -786,8 +787,15 @@ def assemble_stage_samples(
     windows = [(a.created_at, a.ended_at, a.clock_offset_ns) for a in assignments]
     col = columnar.COL
     pks = np.array(batch_assignments, dtype=np.int64)
+    optional = set(columnar.SAMPLE_COLUMNS[len(columnar.LEGACY_COLUMNS) :])
     columns = SampleColumns(
-        **{name: table[col[name]] for name in SampleColumns.__dataclass_fields__ if name in col},
+        # A column of the reasoning, cache and conversation columns that is all 0 (most stages)
+        # goes in empty: SampleColumns then keeps one shared zero, copied by no selection.
+        **{
+            name: _EMPTY if name in optional and not table[col[name]].any() else table[col[name]]
+            for name in SampleColumns.__dataclass_fields__
+            if name in col
+        },
         itl_ns=itl,
         # Session ids are unique per assignment: its pk (unique in the store) keys them.
         session_group=np.repeat(pks, counts),
