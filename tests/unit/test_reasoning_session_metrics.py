@@ -178,3 +178,21 @@ def test_sessions_survive_the_per_agent_split_and_concat() -> None:
     both = SampleColumns.concat([cols, cols.select(np.arange(6) < 2)])
     # The copy of session 1 (same group) duplicates its turns: no longer a complete session.
     assert compute_stage_metrics(both).sessions_completed == 2
+
+
+def test_checks_on_ttfo_ttfr_and_session_duration() -> None:
+    from controller.domain.results.checks import CheckSyntaxError, parse_check
+
+    m = compute_stage_metrics(
+        table(
+            Row(first=10, reasoning_at=10, answer_at=400, reasoning=40, output=60),
+            Row(first=20, reasoning_at=20, answer_at=600, reasoning=40, output=60),
+        )
+    )
+    passed, measured, _ = parse_check("max(ttfo) < 500ms").evaluate(m)
+    assert not passed and measured == pytest.approx(600)
+    assert parse_check("p50(ttfr) < 50ms").evaluate(m)[0]
+    # No conversation in the stage: a session-duration check cannot pass.
+    assert not parse_check("p99(session_duration) < 10s").evaluate(m)[0]
+    with pytest.raises(CheckSyntaxError, match="ttfo"):
+        parse_check("p99(ttfx) < 1s")

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from common.codes import RunState
 from common.proto.loadtest.v1 import run_pb2
 from common.stats import DEFAULT_CONFIDENCE_PERCENT, t_value, z_value
-from controller.domain.results.checks import LATENCIES, ParsedCheck, parse_check
+from controller.domain.results.checks import LATENCIES, OPTIONAL_LATENCIES, ParsedCheck, parse_check
 from controller.domain.results.message import interval_field
 
 _AGGREGATES = ("mean", "p50", "p90", "p95", "p99", "p999")  # the latency figures with an interval
@@ -69,7 +69,7 @@ _MEANS = (
     "mean_answer_tokens",
 )
 # Latencies a run may not have (no reasoning, no conversation): set only when some run has them.
-_OPTIONAL_LATENCIES = ("ttfr", "ttfo", "session_duration")
+_OPTIONAL_LATENCIES = OPTIONAL_LATENCIES
 _MAXIMA = ("peak_output_token_throughput", "max_event_loop_lag_ms", "start_skew_ms")
 # (flag, its reason): set when any run's is, the reasons each named by its run
 _FLAGS = (
