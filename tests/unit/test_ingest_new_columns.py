@@ -64,4 +64,4 @@ def test_empty_columns_are_zeros_and_full_ones_are_stored() -> None:
 )
 def test_impossible_values_are_refused(what: str, columns: dict[str, list[int]]) -> None:
     with pytest.raises(MalformedBatch, match=what):
-        to_ingest(TARGET, forged_batch("a", 1, 2, **columns), NOW)
+        to_ingest(TARGET, forged_batch("a", 1, 2, **columns), NOW)  # type: ignore[arg-type]
