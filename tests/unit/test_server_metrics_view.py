@@ -296,3 +296,43 @@ def test_hit_counters_of_several_endpoints_are_summed() -> None:
     assert view.prefix_cache_hit_percent == pytest.approx(50.0)
     assert "vllm:gpu_prefix_cache_hits_total" in view.prefix_cache_source
     assert "vllm:prefix_cache_hits_total" in view.prefix_cache_source
+
+
+VLLM_PAGE = """# HELP vllm:prefix_cache_queries_total Prefix cache queries, in terms of number of queried tokens.
+# TYPE vllm:prefix_cache_queries_total counter
+vllm:prefix_cache_queries_total{{engine="0",model_name="m"}} {queries}
+# HELP vllm:prefix_cache_hits_total Prefix cache hits, in terms of number of cached tokens.
+# TYPE vllm:prefix_cache_hits_total counter
+vllm:prefix_cache_hits_total{{engine="0",model_name="m"}} {hits}
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{{engine="0",model_name="m"}} 1.0
+"""
+SGLANG_PAGE = """# HELP sglang:cache_hit_rate The prefix cache hit rate.
+# TYPE sglang:cache_hit_rate gauge
+sglang:cache_hit_rate{{model_name="m"}} {rate}
+"""
+
+
+def test_hit_rate_from_pages_as_the_agent_parses_and_filters_them() -> None:
+    """The names as servers expose them survive the agent's parser and a user's filter."""
+    from agent.scrape import name_filter, parse_exposition
+
+    (plan,) = plan_scrapes(run_pb2.ServerMetricsSpec(endpoints=["http://v/metrics"], metric_filters=["x*"]), [True])
+    assert plan is not None
+    keep = name_filter(list(plan.metric_filters))
+    cols = columns([0.0, 0.5], 1.0, tokens=8)
+    pages = {
+        "http://v/metrics": [VLLM_PAGE.format(queries=q, hits=h) for q, h in ((100, 10), (300, 160), (500, 310))],
+        "http://s/metrics": [SGLANG_PAGE.format(rate=r) for r in (0.5, 0.25, 0.75)],
+    }
+    for endpoint, texts in pages.items():
+        stored, values = [], []
+        for i, (t, text) in enumerate(zip((-0.1, 0.7, 2.0), texts, strict=True)):
+            stored.append(StoredScrape(i, endpoint, T0 + int(t * S), ""))
+            values += [(i, v.name, v.kind, v.value) for v in parse_exposition(text) if keep(v.name)]
+        view = compute_server_view(StageScrapes(stored, values), cols, 2.0)
+        if endpoint == "http://v/metrics":
+            assert view.prefix_cache_hit_percent == pytest.approx(100 * 300 / 400)
+        else:  # the one reading inside the stage's window (0 .. 1.5 s)
+            assert view.prefix_cache_hit_percent == pytest.approx(25.0)
