@@ -15,7 +15,10 @@ of growing without bound.
 
 Column encoding (see `SampleBatch` in agent_service.proto): `sent_unix_ns` is wall clock via
 one `ClockAnchor`; every other time is an offset from `sent` in ns, 0 meaning absent (a
-present time equal to `sent` is stored as 1 ns so that it stays present).
+present time equal to `sent` is stored as 1 ns so that it stays present). The reasoning,
+prefix-cache and conversation columns (`first_reasoning_ns` ... `turn_index`) go out empty
+when every value of the batch is 0, which keeps the batches of plain workloads as small as
+before.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ SampleBatch = agent_service_pb2.SampleBatch
 _USAGE_FROM_SERVER: Final = int(SampleFlag.USAGE_FROM_SERVER)
 _WARMUP: Final = int(SampleFlag.WARMUP)
 _RETRIED: Final = int(SampleFlag.RETRIED)
+_CACHED_REPORTED: Final = int(SampleFlag.CACHED_REPORTED)
+_LAST_TURN: Final = int(SampleFlag.LAST_TURN)
 
 DEFAULT_FLUSH_INTERVAL_S = 0.1
 DEFAULT_MAX_BATCH_SAMPLES = 512
@@ -44,6 +49,17 @@ DEFAULT_MAX_UNACKED_BATCHES = 2000
 DEFAULT_MAX_UNACKED_SAMPLES = 250_000
 
 _UINT32_MAX = 0xFFFF_FFFF
+
+
+# The columns sent empty when every value in the batch is 0 (agent_service.proto).
+_OPTIONAL_COLUMNS: Final = (
+    "first_reasoning_ns",
+    "first_answer_ns",
+    "reasoning_tokens",
+    "cached_prompt_tokens",
+    "session_id",
+    "turn_index",
+)
 
 
 def _offset(t: int, sent: int) -> int:
@@ -97,6 +113,15 @@ class SampleBatcher:
         self._itl_count: list[int] = []
         self._itl_ns: list[int] = []
         self._error: list[str] = []
+        # Reasoning and conversation columns: most batches have none of them, and a column
+        # with no non-zero value goes out empty (`_nonzero` says which have one).
+        self._first_reasoning_ns: list[int] = []
+        self._first_answer_ns: list[int] = []
+        self._reasoning_tokens: list[int] = []
+        self._cached_prompt_tokens: list[int] = []
+        self._session_id: list[int] = []
+        self._turn_index: list[int] = []
+        self._nonzero = False
         self._server_scrapes: list[agent_service_pb2.ServerScrape] = []
 
     @property
@@ -152,7 +177,26 @@ class SampleBatcher:
             (_USAGE_FROM_SERVER if sample.usage_from_server else 0)
             | (_WARMUP if sample.warmup else 0)
             | (_RETRIED if sample.retried else 0)
+            | (_CACHED_REPORTED if sample.cached_reported else 0)
+            | (_LAST_TURN if sample.last_turn else 0)
         )
+        first_reasoning = _offset(sample.first_reasoning_ns, sent)
+        first_answer = _offset(sample.first_answer_ns, sent)
+        self._first_reasoning_ns.append(first_reasoning)
+        self._first_answer_ns.append(first_answer)
+        self._reasoning_tokens.append(min(sample.reasoning_tokens, _UINT32_MAX))
+        self._cached_prompt_tokens.append(min(sample.cached_prompt_tokens, _UINT32_MAX))
+        self._session_id.append(sample.session_id)
+        self._turn_index.append(min(sample.turn_index, _UINT32_MAX))
+        if not self._nonzero and (
+            first_reasoning
+            or first_answer
+            or sample.reasoning_tokens
+            or sample.cached_prompt_tokens
+            or sample.session_id
+            or sample.turn_index
+        ):
+            self._nonzero = True
         self._itl_count.append(len(sample.itl_ns))
         self._itl_ns.extend(sample.itl_ns)
         self._error.append(sample.error)
@@ -189,6 +233,11 @@ class SampleBatcher:
             error=self._error,
             server_scrapes=self._server_scrapes,
         )
+        if self._nonzero:
+            for name in _OPTIONAL_COLUMNS:
+                values = getattr(self, "_" + name)
+                if any(values):
+                    getattr(batch, name).extend(values)
         self._unacked.append(batch)
         self._unacked_samples += len(self._status)
         self._reset_columns()

@@ -9,12 +9,22 @@ answer. Definitions follow METRICS.md:
 * a *text-carrying event* is a `data:` event with a non-empty delta `content`,
   `reasoning_content` or `reasoning` (chat) or `text` (completions). The first chat chunk
   that only announces the role (content null or "") is not one.
+* an *answer event* carries `content` (chat) or `text` (completions); a *reasoning event*
+  carries `reasoning_content` (DeepSeek, older vLLM) or `reasoning` (newer vLLM, OpenRouter)
+  and no `content` (a delta with both counts as an answer event: no server sends one, and
+  looking for reasoning only where `content` is empty keeps the answer path at one lookup).
 * `first_token` / `last_token`: the first / last text-carrying event; every gap between
-  consecutive ones is an ITL value.
+  consecutive ones is an ITL value. `first_reasoning` / `first_answer`: the first reasoning /
+  answer event (`first_token` is the earlier of the two: TTFT is unchanged by reasoning).
 * `done`: the `[DONE]` event, or the end of the stream when the server sent a
   `finish_reason` but no `[DONE]`; a stream with neither is a protocol error.
 * usage: from any event with a non-null `usage` object (the final chunk usually has
   `choices: []`); with none, output tokens = number of text-carrying events (estimated).
+  Reasoning tokens: `usage.completion_tokens_details.reasoning_tokens` when given, else the
+  number of reasoning events; cached prompt tokens: `usage.prompt_tokens_details.cached_tokens`
+  (`cached_reported` says the server gave it). Both are capped at output / prompt tokens.
+* answer text: when `sample.answer_chunks` is a list, every answer event's text is appended
+  to it (reasoning is not: a conversation's next turn carries the answer only).
 
 Each `data:` line is taken as one event (OpenAI-compatible servers put each JSON chunk on
 one line; multi-line `data:` events are not used by them). An event is stamped with the
@@ -57,7 +67,8 @@ def error_message(error: Any) -> str:
     return text[:MAX_ERROR_CHARS]
 
 
-def _apply_usage(sample: RequestSample, usage: Any) -> None:
+def _apply_usage(sample: RequestSample, usage: Any) -> bool:
+    """Token counts from a `usage` object; True if it gave the reasoning tokens."""
     prompt = usage.get("prompt_tokens")
     completion = usage.get("completion_tokens")
     if isinstance(completion, int) and completion >= 0:
@@ -65,6 +76,26 @@ def _apply_usage(sample: RequestSample, usage: Any) -> None:
         sample.usage_from_server = True
     if isinstance(prompt, int) and prompt >= 0:
         sample.prompt_tokens = prompt
+    prompt_details = usage.get("prompt_tokens_details")
+    if isinstance(prompt_details, dict):
+        cached = prompt_details.get("cached_tokens")
+        if isinstance(cached, int) and not isinstance(cached, bool) and cached >= 0:
+            sample.cached_prompt_tokens = cached
+            sample.cached_reported = True
+    details = usage.get("completion_tokens_details")
+    if isinstance(details, dict):
+        reasoning = details.get("reasoning_tokens")
+        if isinstance(reasoning, int) and not isinstance(reasoning, bool) and reasoning >= 0:
+            sample.reasoning_tokens = reasoning
+            return True
+    return False
+
+
+def _cap_counts(sample: RequestSample) -> None:
+    """Reasoning tokens are part of the output, cached prompt tokens part of the prompt: a
+    server (or an estimate) saying otherwise is capped, so the sample stays possible."""
+    sample.reasoning_tokens = min(sample.reasoning_tokens, sample.output_tokens)
+    sample.cached_prompt_tokens = min(sample.cached_prompt_tokens, sample.prompt_tokens)
 
 
 class StreamParser:
@@ -80,13 +111,27 @@ class StreamParser:
     orjson decode and a handful of dict lookups per event.
     """
 
-    __slots__ = ("_chat", "_finished", "_sample", "_tail", "_text_events", "closed", "done")
+    __slots__ = (
+        "_chat",
+        "_chunks",
+        "_finished",
+        "_reasoning_events",
+        "_reasoning_reported",
+        "_sample",
+        "_tail",
+        "_text_events",
+        "closed",
+        "done",
+    )
 
     def __init__(self, sample: RequestSample, *, chat: bool) -> None:
         self._sample = sample
         self._chat = chat
+        self._chunks = sample.answer_chunks
         self._tail = b""
         self._text_events = 0
+        self._reasoning_events = 0
+        self._reasoning_reported = False
         self._finished = False
         # True once `[DONE]` or a protocol error was seen: further input is ignored.
         self.closed = False
@@ -147,9 +192,14 @@ class StreamParser:
         self.settle_tokens()
 
     def settle_tokens(self) -> None:
-        """Without server usage, estimate output tokens as the number of text events."""
-        if not self._sample.usage_from_server:
-            self._sample.output_tokens = self._text_events
+        """Without server usage, estimate output tokens as the number of text events (and
+        reasoning tokens as the number of reasoning events, unless usage gave them)."""
+        sample = self._sample
+        if not sample.usage_from_server:
+            sample.output_tokens = self._text_events
+        if not self._reasoning_reported:
+            sample.reasoning_tokens = self._reasoning_events
+        _cap_counts(sample)
 
     def _data_line(self, line: bytes, now_ns: int) -> None:
         """Any `data:` line: `[DONE]`, JSON without the space after the colon, or junk."""
@@ -183,20 +233,27 @@ class StreamParser:
             return True
         choices = get("choices")
         if choices:
-            text = False
+            answer = reasoning = False
             for choice in choices:
                 if self._chat:
                     delta = choice.get("delta")
-                    if delta and (delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning")):
-                        text = True
+                    if delta:
                         content = delta.get("content")
-                        if content and self._sample.answer_chunks is not None:
-                            self._sample.answer_chunks.append(content)
-                elif choice.get("text"):
-                    text = True
+                        if content:
+                            answer = True
+                            if self._chunks is not None:
+                                self._chunks.append(content)
+                        elif delta.get("reasoning_content") or delta.get("reasoning"):
+                            reasoning = True
+                else:
+                    content = choice.get("text")
+                    if content:
+                        answer = True
+                        if self._chunks is not None:
+                            self._chunks.append(content)
                 if choice.get("finish_reason"):
                     self._finished = True
-            if text:
+            if answer or reasoning:
                 sample = self._sample
                 if sample.first_token_ns:
                     sample.itl_ns.append(now_ns - sample.last_token_ns)
@@ -204,9 +261,15 @@ class StreamParser:
                     sample.first_token_ns = now_ns
                 sample.last_token_ns = now_ns
                 self._text_events += 1
+                if not answer:
+                    self._reasoning_events += 1
+                    if not sample.first_reasoning_ns:
+                        sample.first_reasoning_ns = now_ns
+                elif not sample.first_answer_ns:
+                    sample.first_answer_ns = now_ns
         usage = get("usage")
-        if usage:
-            _apply_usage(self._sample, usage)
+        if usage and _apply_usage(self._sample, usage):
+            self._reasoning_reported = True
         return False
 
     def _protocol_error(self, message: str, now_ns: int) -> None:
@@ -221,9 +284,12 @@ class StreamParser:
 def parse_json_body(sample: RequestSample, body: bytes, *, chat: bool) -> None:
     """Fill outcome and usage from a non-streaming JSON answer.
 
-    There are no token events, so `first_token`/`last_token` stay absent. Without server
-    usage the output count is estimated as the number of words of the answer (reasoning
-    included), which is what the word-per-token prompts make comparable.
+    There are no token events, so `first_token`/`last_token` (and `first_reasoning` /
+    `first_answer`) stay absent. Without server usage the output count is estimated as the
+    number of words of the answer (reasoning included), which is what the word-per-token
+    prompts make comparable; reasoning tokens likewise as the words of the reasoning, unless
+    usage gives `completion_tokens_details.reasoning_tokens`. The answer text goes to
+    `sample.answer_chunks` when that is a list.
     """
     try:
         answer = json.loads(body)
@@ -237,26 +303,30 @@ def parse_json_body(sample: RequestSample, body: bytes, *, chat: bool) -> None:
         if not isinstance(choices, list) or not choices:
             sample.fail(_PROTOCOL, "response has no choices")
             return
-        words = 0
+        words = reasoning_words = 0
+        chunks = sample.answer_chunks
         for choice in choices:
             if chat:
                 # Reasoning and answer are both generated text; newer vLLM sends the
                 # reasoning as `reasoning` (and may repeat it as `reasoning_content`).
                 message = choice.get("message") or {}
-                if message.get("content") and sample.answer_chunks is not None:
-                    sample.answer_chunks.append(str(message["content"]))
-                texts: tuple[Any, ...] = (
-                    message.get("content"),
-                    message.get("reasoning_content") or message.get("reasoning"),
-                )
+                content = message.get("content")
+                thought = message.get("reasoning_content") or message.get("reasoning")
             else:
-                texts = (choice.get("text"),)
-            words += sum(len(str(text).split()) for text in texts if text)
+                content, thought = choice.get("text"), None
+            if content:
+                words += len(str(content).split())
+                if chunks is not None:
+                    chunks.append(str(content))
+            if thought:
+                reasoning_words += len(str(thought).split())
         usage = answer.get("usage")
-        if usage:
-            _apply_usage(sample, usage)
+        reported = bool(usage) and _apply_usage(sample, usage)
         if not sample.usage_from_server:
-            sample.output_tokens = words
+            sample.output_tokens = words + reasoning_words
+        if not reported:
+            sample.reasoning_tokens = reasoning_words
+        _cap_counts(sample)
     except (ValueError, TypeError, AttributeError) as exc:
         sample.fail(_PROTOCOL, f"malformed JSON response: {exc}")
         return

@@ -67,3 +67,9 @@ class SampleFlag(IntFlag):
     # Bit 2: sent again on a fresh connection (the kept-alive one it first went out on had been
     # closed by the server before anything of the response arrived); its times are the second send's.
     RETRIED = 1 << 2
+    # Bit 3: the server's usage reported the prompt's cached tokens (`cached_prompt_tokens`
+    # is a count, not "unknown").
+    CACHED_REPORTED = 1 << 3
+    # Bit 4: the last turn of its conversation (a session is complete when this turn and
+    # every earlier one succeeded).
+    LAST_TURN = 1 << 4

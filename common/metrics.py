@@ -62,6 +62,10 @@ _NS_PER_S: Final = 1_000_000_000
 # than with an int, and the ingest path builds these masks for every batch.
 _OK: Final = int(RequestStatus.OK)
 _WARMUP: Final = int(SampleFlag.WARMUP)
+_CACHED_REPORTED: Final = int(SampleFlag.CACHED_REPORTED)
+_LAST_TURN: Final = int(SampleFlag.LAST_TURN)
+# A result lists the figures of at most this many turn indexes (the lowest ones).
+MAX_TURNS: Final = 1000
 
 
 def error_kind_name(status: int) -> str:
@@ -81,6 +85,22 @@ def counted_ok_mask(status: IntArray, flags: IntArray) -> BoolArray:
     """Which requests count (not warmup) and succeeded (status OK)."""
     ok: BoolArray = counted_mask(flags) & (status == _OK)
     return ok
+
+
+_NONE: Final = np.zeros(0, dtype=np.int64)
+_ZERO: Final = np.zeros(1, dtype=np.int64)
+# The SampleColumns that may be given empty (all 0).
+_OPTIONAL: Final = frozenset(
+    {
+        "first_reasoning_ns",
+        "first_answer_ns",
+        "reasoning_tokens",
+        "cached_prompt_tokens",
+        "session_id",
+        "turn_index",
+        "session_group",
+    }
+)
 
 
 # eq=False: the generated __eq__ would compare arrays element-wise and raise on truth testing.
@@ -104,15 +124,31 @@ class SampleColumns:
     flags: IntArray
     itl_count: IntArray
     itl_ns: IntArray
+    # Reasoning models, prefix caching, conversations (0: none, not reported, not a
+    # conversation). Left out (empty), a column is all 0.
+    first_reasoning_ns: IntArray = dataclasses.field(default_factory=lambda: _NONE)
+    first_answer_ns: IntArray = dataclasses.field(default_factory=lambda: _NONE)
+    reasoning_tokens: IntArray = dataclasses.field(default_factory=lambda: _NONE)
+    cached_prompt_tokens: IntArray = dataclasses.field(default_factory=lambda: _NONE)
+    session_id: IntArray = dataclasses.field(default_factory=lambda: _NONE)
+    turn_index: IntArray = dataclasses.field(default_factory=lambda: _NONE)
+    # Who numbered each sample's session (the controller uses the assignment's pk): a session
+    # is (session_group, session_id), since session ids are unique only per assignment.
+    session_group: IntArray = dataclasses.field(default_factory=lambda: _NONE)
 
     def __post_init__(self) -> None:
+        n = len(self.sent_unix_ns)
         for field in dataclasses.fields(self):
             column = np.asarray(getattr(self, field.name), dtype=np.int64)
             if column.ndim != 1:
                 raise ValueError(f"{field.name} must be 1-D, got shape {column.shape}")
-            # Contiguous, because columns often arrive as strided slices of one row-major table.
-            object.__setattr__(self, field.name, np.ascontiguousarray(column))
-        n = len(self.sent_unix_ns)
+            if field.name in _OPTIONAL and (not column.size or _is_zeros(column)):
+                # All 0: one shared zero, broadcast (no memory, and select/concat copy nothing).
+                column = _zeros(n)
+            else:
+                # Contiguous, because columns often arrive as strided slices of one row-major table.
+                column = np.ascontiguousarray(column)
+            object.__setattr__(self, field.name, column)
         for name in _PER_REQUEST:
             if len(getattr(self, name)) != n:
                 raise ValueError(f"{name} has {len(getattr(self, name))} entries, expected {n}")
@@ -133,7 +169,14 @@ class SampleColumns:
         """All requests of `parts`, in order (gaps stay aligned because both orders agree)."""
         if not parts:
             return cls.empty()
-        return cls(**{f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(cls)})
+        return cls(
+            **{
+                f.name: _NONE
+                if f.name in _OPTIONAL and all(_is_zeros(getattr(p, f.name)) for p in parts)
+                else np.concatenate([getattr(p, f.name) for p in parts])
+                for f in dataclasses.fields(cls)
+            }
+        )
 
     def select(self, mask: npt.ArrayLike) -> SampleColumns:
         """The requests where `mask` (one bool per request) is true, with their gaps.
@@ -148,10 +191,27 @@ class SampleColumns:
             return self
         # Each request's flag repeated once per gap it owns lines up with itl_ns.
         keep_gaps = np.repeat(keep, self.itl_count)
-        return SampleColumns(
-            **{name: getattr(self, name)[keep] for name in _PER_REQUEST},
-            itl_ns=self.itl_ns[keep_gaps],
-        )
+        columns = {}
+        for name in _PER_REQUEST:
+            column = getattr(self, name)
+            columns[name] = _NONE if name in _OPTIONAL and _is_zeros(column) else column[keep]
+        return SampleColumns(**columns, itl_ns=self.itl_ns[keep_gaps])
+
+
+def _zeros(n: int) -> IntArray:
+    """n zeros as a read-only broadcast of one (an optional column that is all 0)."""
+    return np.broadcast_to(_ZERO, (n,))
+
+
+def is_zero_column(column: npt.NDArray[Any]) -> bool:
+    """True for an optional column SampleColumns holds as all 0 without storing it."""
+    return _is_zeros(column)
+
+
+def _is_zeros(column: npt.NDArray[Any]) -> bool:
+    """True for an empty column or one made by `_zeros`: every entry of a 1-D array with
+    stride 0 is its first, so this is exact without a pass over it."""
+    return column.ndim == 1 and (column.size == 0 or (column.strides == (0,) and column[0] == 0))
 
 
 _PER_REQUEST: Final = tuple(f.name for f in dataclasses.fields(SampleColumns) if f.name != "itl_ns")
@@ -241,6 +301,33 @@ class StageMetrics:
     good_fraction_ci: Interval | None = None
     error_rate: float = 0.0  # failed / counted requests
     error_rate_ci: Interval | None = None
+    # Reasoning models (docs/metrics.md, "Reasoning models").
+    ttfr: LatencySummary = LatencySummary()
+    ttfo: LatencySummary = LatencySummary()
+    reasoning_tokens: int = 0
+    mean_reasoning_tokens: float = 0.0
+    mean_answer_tokens: float = 0.0
+    # The client's view of the prefix cache (docs/metrics.md, "Prefix cache").
+    cached_prompt_tokens: int = 0
+    prefix_cache_hit_percent: float | None = None
+    # Conversations (docs/metrics.md, "Conversations").
+    turns: tuple[TurnMetrics, ...] = ()
+    sessions_completed: int = 0
+    session_duration: LatencySummary = LatencySummary()
+
+
+@dataclass(frozen=True)
+class TurnMetrics:
+    """The requests of one turn index of a conversation workload."""
+
+    turn: int
+    requests_ok: int
+    requests_failed: int
+    ttft: LatencySummary
+    tpot: LatencySummary
+    e2e: LatencySummary
+    mean_input_tokens: float
+    prefix_cache_hit_percent: float | None
 
 
 def summarize(
@@ -379,6 +466,20 @@ def compute_stage_metrics(
         bounds = proportion_interval(part, counted, confidence_percent)
         return None if bounds is None else Interval(*bounds)
 
+    reasoning_tokens = int(ok_cols.reasoning_tokens.sum())
+    cached_tokens, hit_percent = prefix_cache_hit(ok_cols.flags, ok_cols.cached_prompt_tokens, ok_cols.prompt_tokens)
+    ttft = summarize(first[first > 0])
+    reasoned = not _is_zeros(ok_cols.first_reasoning_ns) and bool(ok_cols.first_reasoning_ns.any())
+    if reasoned:
+        ttfo_ns = ttfo_offsets(ok_cols.first_answer_ns, ok_cols.first_reasoning_ns, first)
+        ttfo = summarize(ttfo_ns[ttfo_ns > 0])
+        ttfr = summarize(ok_cols.first_reasoning_ns[ok_cols.first_reasoning_ns > 0])
+    else:
+        # Without reasoning every text event is an answer: the first answer is the first
+        # token (the agent records them so), and TTFO is TTFT, not computed twice.
+        ttfo, ttfr = ttft, LatencySummary()
+    sessions_completed, session_duration = session_metrics(cols, ok, end_ns)
+
     request_throughput = per_second(requests_ok)
     output_token_throughput = per_second(output_tokens)
     total_token_throughput = per_second(prompt_tokens + output_tokens)
@@ -398,7 +499,7 @@ def compute_stage_metrics(
         prompt_tokens=prompt_tokens,
         output_tokens=output_tokens,
         output_tokens_estimated=bool(((ok_cols.flags & SampleFlag.USAGE_FROM_SERVER) == 0).any()),
-        ttft=summarize(first[first > 0]),
+        ttft=ttft,
         tpot=summarize(tpot_ns[has_tpot]),
         itl=summarize(ok_cols.itl_ns, clusters=int(np.count_nonzero(ok_cols.itl_count))),
         e2e=summarize(e2e_ns[has_e2e]),
@@ -419,7 +520,104 @@ def compute_stage_metrics(
         good_fraction_ci=None if good_count is None else fraction_ci(good_count),
         error_rate=failed / counted if counted else 0.0,
         error_rate_ci=fraction_ci(failed),
+        ttfr=ttfr,
+        ttfo=ttfo,
+        reasoning_tokens=reasoning_tokens,
+        mean_reasoning_tokens=reasoning_tokens / requests_ok if requests_ok else 0.0,
+        mean_answer_tokens=(output_tokens - reasoning_tokens) / requests_ok if requests_ok else 0.0,
+        cached_prompt_tokens=cached_tokens,
+        prefix_cache_hit_percent=hit_percent,
+        turns=_turn_metrics(cols, ok_cols, tpot_ns, e2e_ns),
+        sessions_completed=sessions_completed,
+        session_duration=session_duration,
     )
+
+
+def ttfo_offsets(first_answer: IntArray, first_reasoning: IntArray, first_token: IntArray) -> IntArray:
+    """Each request's first answer event (0: none). A request without reasoning events whose
+    agent sent no `first_answer` (an older agent) answered at its first token."""
+    return np.where(first_answer > 0, first_answer, np.where(first_reasoning == 0, first_token, 0))
+
+
+def prefix_cache_hit(flags: IntArray, cached_tokens: IntArray, prompt_tokens: IntArray) -> tuple[int, float | None]:
+    """(cached prompt tokens, their percent of the prompt tokens) over the (OK) requests whose
+    usage reported cached tokens; the percent is None when none did (or their prompts are 0)."""
+    reported = (flags & _CACHED_REPORTED) != 0
+    if not reported.any():
+        return 0, None
+    cached = int(cached_tokens[reported].sum())
+    prompt = int(prompt_tokens[reported].sum())
+    return cached, (100.0 * cached / prompt if prompt > 0 else None)
+
+
+def _turn_metrics(
+    cols: SampleColumns, ok_cols: SampleColumns, tpot_ns: FloatArray, e2e_ns: IntArray
+) -> tuple[TurnMetrics, ...]:
+    """Per turn index (> 0) of the counted requests `cols`: the turn's figures (at most
+    `MAX_TURNS`, the lowest). `ok_cols` are the OK ones, `tpot_ns` and `e2e_ns` theirs."""
+    turn = cols.turn_index
+    in_turn = turn > 0
+    if not in_turn.any():
+        return ()
+    indexes, all_counts = np.unique(turn[in_turn], return_counts=True)
+    indexes, all_counts = indexes[:MAX_TURNS], all_counts[:MAX_TURNS]
+    ok_turn = ok_cols.turn_index
+    order = np.argsort(ok_turn, kind="stable")
+    sorted_turn = ok_turn[order]
+    lo = np.searchsorted(sorted_turn, indexes, side="left")
+    hi = np.searchsorted(sorted_turn, indexes, side="right")
+    first = ok_cols.first_token_ns
+    out = []
+    for t, total, a, b in zip(indexes.tolist(), all_counts.tolist(), lo.tolist(), hi.tolist(), strict=True):
+        mine = order[a:b]
+        ttft, tpot, e2e = first[mine], tpot_ns[mine], e2e_ns[mine]
+        hit = prefix_cache_hit(ok_cols.flags[mine], ok_cols.cached_prompt_tokens[mine], ok_cols.prompt_tokens[mine])[1]
+        out.append(
+            TurnMetrics(
+                turn=int(t),
+                requests_ok=b - a,
+                requests_failed=int(total) - (b - a),
+                ttft=summarize(ttft[ttft > 0]),
+                tpot=summarize(tpot[~np.isnan(tpot)]),
+                e2e=summarize(e2e[e2e > 0]),
+                mean_input_tokens=float(ok_cols.prompt_tokens[mine].mean()) if b > a else 0.0,
+                prefix_cache_hit_percent=hit,
+            )
+        )
+    return tuple(out)
+
+
+def session_metrics(cols: SampleColumns, ok: BoolArray, end_ns: IntArray) -> tuple[int, LatencySummary]:
+    """(sessions completed, their durations) over the counted requests `cols` (`ok`: which
+    succeeded; `end_ns`: each one's end, offset from its `sent`). A session is the requests of
+    one (session_group, session_id > 0); it completed when it holds its last turn (flag) and
+    every turn up to it, each once and OK. Its duration runs from its first `sent` to its last
+    end (think times included)."""
+    has = cols.session_id > 0
+    if not has.any():
+        return 0, LatencySummary()
+    group, sid = cols.session_group[has], cols.session_id[has]
+    order = np.lexsort((sid, group))
+    group, sid = group[order], sid[order]
+    change = np.empty(len(sid), dtype=np.bool_)
+    change[0] = True
+    np.not_equal(sid[1:], sid[:-1], out=change[1:])
+    change[1:] |= group[1:] != group[:-1]
+    starts = np.flatnonzero(change)
+    size = np.diff(np.append(starts, len(sid)))
+    turn = cols.turn_index[has][order]
+    last = (cols.flags[has][order] & _LAST_TURN) != 0
+    all_ok = np.add.reduceat(ok[has][order].astype(np.int64), starts) == size
+    last_turn = np.maximum.reduceat(np.where(last, turn, 0), starts)
+    highest = np.maximum.reduceat(turn, starts)
+    lowest = np.minimum.reduceat(turn, starts)
+    complete = all_ok & (last_turn > 0) & (highest == last_turn) & (lowest == 1) & (size == last_turn)
+    if not complete.any():
+        return 0, LatencySummary()
+    sent = cols.sent_unix_ns[has][order]
+    began = np.minimum.reduceat(sent, starts)
+    ended = np.maximum.reduceat(sent + end_ns[has][order], starts)
+    return int(complete.sum()), summarize((ended - began)[complete])
 
 
 def _count_errors(failed_status: IntArray) -> dict[str, int]:

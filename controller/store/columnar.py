@@ -1,10 +1,14 @@
 """Columnar sample storage (migration 7): one `sample_batches` row per received batch.
 
 A batch's per-sample columns are one blob (`sample_batches.sample_columns`): the
-`SAMPLE_COLUMNS` in that order, each as `n_samples` little-endian int64 — a (13, n) C-order
-array. Its inter-token gaps are in `itl_ns` (one blob of little-endian int64 for the whole
-batch). Error messages are rare, so only samples that carry one have a row in
-`sample_errors` (batch pk, offset in the batch); every other sample's error is "".
+`SAMPLE_COLUMNS` in that order, each as `n_samples` little-endian int64 — a (19, n) C-order
+array. Columns are only ever appended: a blob written before the last ones existed (the 13
+`LEGACY_COLUMNS` before the reasoning, prefix-cache and conversation columns) holds fewer
+rows, which its length tells (len / 8 / n), and reads with the missing columns as 0 (what
+they mean: no reasoning, nothing cached reported, not a conversation). No migration.
+Its inter-token gaps are in `itl_ns` (one blob of little-endian int64 for the whole batch).
+Error messages are rare, so only samples that carry one have a row in `sample_errors`
+(batch pk, offset in the batch); every other sample's error is "".
 
 Why: a blob per batch is one row insert per 512 samples and `np.frombuffer` to read, where
 one SQLite row per sample (an `executemany` of 16 values each) held ingest far below its goal
@@ -38,8 +42,18 @@ SAMPLE_COLUMNS = (
     "itl_count",
     "requested_input_tokens",
     "requested_output_tokens",
+    # Appended for reasoning models, prefix caching and conversations (agent_service.proto
+    # SampleBatch fields 200-205); absent (0) in blobs stored before them.
+    "first_reasoning_ns",
+    "first_answer_ns",
+    "reasoning_tokens",
+    "cached_prompt_tokens",
+    "session_id",
+    "turn_index",
 )
 COL = {name: i for i, name in enumerate(SAMPLE_COLUMNS)}
+# The columns of the first columnar blobs (and of the old per-sample `samples` table).
+LEGACY_COLUMNS = SAMPLE_COLUMNS[:13]
 
 # An export cursor is one integer: (batch pk << 32) | offset of the last sample exported.
 _OFFSET_BITS = 32
@@ -49,17 +63,35 @@ Table = npt.NDArray[np.int64]  # (len(SAMPLE_COLUMNS), n)
 
 
 def pack(table: Table) -> bytes:
-    """A batch's (13, n) int64 table as the stored blob."""
+    """A batch's (19, n) int64 table as the stored blob."""
     return np.ascontiguousarray(table, dtype="<i8").tobytes()
 
 
+def stored_rows(blob: bytes, n: int) -> int:
+    """How many of the `SAMPLE_COLUMNS` a batch's blob holds (the first ones, in order)."""
+    if not n:
+        return len(SAMPLE_COLUMNS)
+    rows, rest = divmod(len(blob), 8 * n)
+    if rest or not len(LEGACY_COLUMNS) <= rows <= len(SAMPLE_COLUMNS):
+        raise ValueError(f"a sample blob of {len(blob)} bytes does not hold {n} samples' columns")
+    return rows
+
+
 def unpack(blob: bytes, n: int) -> Table:
-    """The stored blob of a batch of `n` samples as a read-only (13, n) int64 view."""
-    return np.frombuffer(blob, dtype="<i8").reshape(len(SAMPLE_COLUMNS), n)
+    """The stored blob of a batch of `n` samples as a read-only (19, n) int64 table (a view
+    when the blob holds every column; columns it predates are 0)."""
+    rows = stored_rows(blob, n)
+    stored = np.frombuffer(blob, dtype="<i8").reshape(rows, n)
+    if rows == len(SAMPLE_COLUMNS):
+        return stored
+    table = np.zeros((len(SAMPLE_COLUMNS), n), dtype=np.int64)
+    table[:rows] = stored
+    table.flags.writeable = False
+    return table
 
 
 def unpack_many(blobs: Sequence[bytes], counts: Sequence[int]) -> Table:
-    """Several batches' blobs as one (13, total) table, batches in the given order."""
+    """Several batches' blobs as one (19, total) table, batches in the given order."""
     if not blobs:
         return np.zeros((len(SAMPLE_COLUMNS), 0), dtype=np.int64)
     return np.concatenate([unpack(b, n) for b, n in zip(blobs, counts, strict=True)], axis=1).astype(
@@ -71,7 +103,7 @@ def read_stage(
     conn: sqlite3.Connection, run_pk: int, stage_idx: int, assignment_order: Sequence[int]
 ) -> tuple[Table, Table, list[int], list[int]]:
     """A stage's samples, assignment after assignment in `assignment_order` (pks), each one's
-    batches in their order: (the (13, n) table, the pooled inter-token gaps, each batch's
+    batches in their order: (the (19, n) table, the pooled inter-token gaps, each batch's
     assignment pk, each batch's sample count).
 
     Reading by assignment (the (assignment_pk, batch_seq) index, no sort) keeps each agent's
@@ -94,7 +126,9 @@ def read_stage(
             f"SELECT n_samples, sample_columns, itl_ns {where} AND assignment_pk = ? ORDER BY batch_seq",
             (run_pk, stage_idx, assignment_pk),
         ):
-            table[:, at : at + n] = unpack(blob, n)
+            rows = stored_rows(blob, n)
+            table[:rows, at : at + n] = np.frombuffer(blob, dtype="<i8").reshape(rows, n)
+            table[rows:, at : at + n] = 0
             k = len(gaps) // 8
             itl[gap_at : gap_at + k] = np.frombuffer(gaps, dtype="<i8")
             at, gap_at = at + n, gap_at + k
@@ -197,13 +231,14 @@ def migrate_to_columnar(conn: sqlite3.Connection) -> None:
     """
     for statement in _MIGRATION_DDL:
         conn.execute(statement)
-    names = ", ".join(SAMPLE_COLUMNS)
+    # The old table has the legacy columns; their blobs read with the later ones as 0.
+    names = ", ".join(LEGACY_COLUMNS)
     batches = conn.execute("SELECT pk FROM sample_batches ORDER BY pk").fetchall()
     for (batch_pk,) in batches:
         rows = conn.execute(
             f"SELECT {names}, error FROM samples WHERE batch_pk = ? ORDER BY rowid", (batch_pk,)
         ).fetchall()
-        table = np.array([r[:-1] for r in rows], dtype=np.int64).reshape(len(rows), len(SAMPLE_COLUMNS)).T
+        table = np.array([r[:-1] for r in rows], dtype=np.int64).reshape(len(rows), len(LEGACY_COLUMNS)).T
         conn.execute(
             "UPDATE sample_batches SET sample_columns = ?, n_samples = ? WHERE pk = ?",
             (pack(table), len(rows), batch_pk),

@@ -6,7 +6,7 @@ references to runs and assignments that must exist (else peewee's IntegrityError
 stored), a run deleted with everything that belongs to it, and new rows numbered as SQLite
 numbers a rowid (one more than the largest in the table, so a pk freed by deleting the newest
 row is given again, which is why results are stored under the pk *and* the run id). Samples are
-kept as each batch's (13, n) int64 table (controller/store/columnar.py's layout, without the
+kept as each batch's (19, n) int64 table (controller/store/columnar.py's layout, without the
 blob), so results are computed by the same code as over SQLite (`read_snapshot`).
 
 Every operation completes at once and then gives the event loop one turn, as a call to the
@@ -165,7 +165,7 @@ class _Batch:
     batch_seq: int
     run_pk: int
     stage_idx: int
-    table: columnar.Table  # (13, n), read-only
+    table: columnar.Table  # (19, n), read-only
     itl: columnar.Table  # the batch's gaps, read-only
     errors: dict[int, str]  # offset -> message, for the samples that carry one
 
@@ -187,6 +187,15 @@ def _frozen(values: np.ndarray) -> columnar.Table:
     copy = np.array(values, dtype=np.int64)
     copy.setflags(write=False)
     return copy
+
+
+def _all_columns(table: np.ndarray) -> np.ndarray:
+    """A table with every SAMPLE_COLUMNS row: one that predates the last columns gets them as
+    0, as the SQLite store reads such a blob (controller/store/columnar.py)."""
+    missing = len(columnar.SAMPLE_COLUMNS) - table.shape[0]
+    if missing <= 0:
+        return table
+    return np.concatenate([table, np.zeros((missing, table.shape[1]), dtype=np.int64)])
 
 
 class MemoryTables:
@@ -556,7 +565,7 @@ class MemoryTables:
                 b.batch_seq,
                 b.run_pk,
                 b.stage_idx,
-                _frozen(b.columns),
+                _frozen(_all_columns(b.columns)),
                 _frozen(np.frombuffer(b.itl_ns, dtype="<i8")),
                 dict(b.errors),
             )

@@ -33,6 +33,7 @@ from controller.store.server_metrics import ScrapeRow, delete_run_scrapes, inser
 
 # The per-sample columns, in stored order (how they are stored: controller/store/columnar.py).
 SAMPLE_COLUMNS = columnar.SAMPLE_COLUMNS
+_EMPTY = np.zeros(0, dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,8 @@ class BatchIngest:
     def metric_columns(self) -> SampleColumns:
         """The batch as metric columns (views of `columns` and `itl_ns`, built once: the live
         view, the abort checks and the live Prometheus histograms all read them)."""
-        col = dict(zip(SAMPLE_COLUMNS, self.columns, strict=True))
+        # A table may predate the last columns (controller/store/columnar.py); these are the first.
+        col = dict(zip(SAMPLE_COLUMNS, self.columns, strict=False))
         return SampleColumns(
             sent_unix_ns=col["sent_unix_ns"],
             queue_delay_ns=col["queue_delay_ns"],
@@ -770,7 +772,7 @@ def assemble_stage_samples(
     counts: Sequence[int],
 ) -> StageSamples:
     """A stage's StageSamples from its assignments (pk order) and its samples read in
-    `reading_order`: the (13, n) table, the pooled gaps, each batch's assignment pk and sample
+    `reading_order`: the (19, n) table, the pooled gaps, each batch's assignment pk and sample
     count. Shared by both stores (how the samples were kept is theirs; this is the layout)."""
     names = sorted({a.agent_name for a in assignments})
     lag = max((a.max_loop_lag_ms for a in assignments), default=0.0)
@@ -784,9 +786,19 @@ def assemble_stage_samples(
     assignment = np.repeat(np.array([index_of[pk] for pk in batch_assignments], dtype=np.int64), counts)
     windows = [(a.created_at, a.ended_at, a.clock_offset_ns) for a in assignments]
     col = columnar.COL
+    pks = np.array(batch_assignments, dtype=np.int64)
+    optional = set(columnar.SAMPLE_COLUMNS[len(columnar.LEGACY_COLUMNS) :])
     columns = SampleColumns(
-        **{name: table[col[name]] for name in SampleColumns.__dataclass_fields__ if name != "itl_ns"},
+        # A column of the reasoning, cache and conversation columns that is all 0 (most stages)
+        # goes in empty: SampleColumns then keeps one shared zero, copied by no selection.
+        **{
+            name: _EMPTY if name in optional and not table[col[name]].any() else table[col[name]]
+            for name in SampleColumns.__dataclass_fields__
+            if name in col
+        },
         itl_ns=itl,
+        # Session ids are unique per assignment: its pk (unique in the store) keys them.
+        session_group=np.repeat(pks, counts),
     )
     return StageSamples(
         columns,

@@ -21,7 +21,7 @@ from controller.store import repository as repo
 from controller.store.database import Database
 from controller.store.migrations import MIGRATIONS, _statements
 
-OLD_COLUMNS = columnar.SAMPLE_COLUMNS  # the per-sample columns of the old `samples` table
+OLD_COLUMNS = columnar.LEGACY_COLUMNS  # the per-sample columns of the old `samples` table
 # The old path, as repository.ingest_batches wrote it before migration 7 (one row per sample).
 OLD_INSERT = (
     f"INSERT INTO samples (run_pk, stage_idx, batch_pk, {', '.join(OLD_COLUMNS)}, error)"
@@ -129,6 +129,9 @@ def test_migration_7_converts_samples_written_the_old_way(tmp_path: Path) -> Non
             for name in ("sent_unix_ns", "first_token_ns", "done_ns", "status", "flags", "itl_count"):
                 assert np.array_equal(getattr(cols, name), table[columnar.COL[name]]), name
             assert np.array_equal(cols.itl_ns, itl)
+            # Columns appended after migration 7 read as 0 from its 13-column blobs.
+            for name in columnar.SAMPLE_COLUMNS[len(OLD_COLUMNS) :]:
+                assert not getattr(cols, name).any() and len(getattr(cols, name)) == len(cols), name
             data = repo.load_stage_samples(run_pk, stage)
             assert np.array_equal(data.requested_output_tokens, table[columnar.COL["requested_output_tokens"]])
         # Export: same rows, same order, every page size (the cursor column aside).

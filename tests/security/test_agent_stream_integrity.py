@@ -136,6 +136,12 @@ async def test_impossible_values_are_refused_and_nothing_is_stored(keyed_control
             ("last_token_ns before first_token_ns", forged_batch(assign.assignment_id, 1, 1, last_token_ns=[1])),
             ("inter-token gaps", forged_batch(assign.assignment_id, 1, 1, itl_count=[2], itl_ns=[10**12, 10**12])),
             ("status", forged_batch(assign.assignment_id, 1, 1, status=[-3])),
+            (
+                "reasoning_tokens larger than output_tokens",
+                forged_batch(assign.assignment_id, 1, 1, reasoning_tokens=[100_001]),
+            ),
+            ("first_answer_ns after done_ns", forged_batch(assign.assignment_id, 1, 1, first_answer_ns=[30_000_000])),
+            ("session_id has 1", forged_batch(assign.assignment_id, 1, 2, session_id=[1])),
             ("batch_seq", forged_batch(assign.assignment_id, 0, 1)),
         ]
         for what, batch in bad:

@@ -177,3 +177,49 @@ async def test_periodic_flush() -> None:
         assert [b.batch_seq for b in emitted] == [1]
     finally:
         runner.cancel()
+
+
+def test_reasoning_cache_and_conversation_columns_and_flags() -> None:
+    batcher, _ = make_batcher()
+    plain = ok_sample(2_000_000)
+    turn = ok_sample(3_000_000)
+    turn.first_reasoning_ns = turn.sent_ns + 1_500
+    turn.first_answer_ns = turn.sent_ns + 4_000
+    turn.reasoning_tokens = 20
+    turn.cached_prompt_tokens = 64
+    turn.cached_reported = True
+    turn.session_id = 7
+    turn.turn_index = 3
+    turn.last_turn = True
+    batcher.add(plain)
+    batcher.add(turn)
+    batch = batcher.flush()
+    assert batch is not None
+    assert list(batch.first_reasoning_ns) == [0, 1_500]
+    assert list(batch.first_answer_ns) == [0, 4_000]
+    assert list(batch.reasoning_tokens) == [0, 20]
+    assert list(batch.cached_prompt_tokens) == [0, 64]
+    assert list(batch.session_id) == [0, 7]
+    assert list(batch.turn_index) == [0, 3]
+    assert batch.flags[0] & (SampleFlag.CACHED_REPORTED | SampleFlag.LAST_TURN) == 0
+    assert batch.flags[1] & SampleFlag.CACHED_REPORTED and batch.flags[1] & SampleFlag.LAST_TURN
+
+
+def test_columns_without_a_nonzero_value_go_out_empty() -> None:
+    batcher, _ = make_batcher()
+    a, b = ok_sample(2_000_000), ok_sample(3_000_000)
+    a.first_answer_ns = a.first_token_ns
+    b.first_answer_ns = b.first_token_ns
+    b.cached_reported = True  # a reported 0: the flag says so, the column stays empty
+    batcher.add(a)
+    batcher.add(b)
+    batch = batcher.flush()
+    assert batch is not None
+    assert list(batch.first_answer_ns) == [2_000, 2_000]
+    assert batch.flags[1] & SampleFlag.CACHED_REPORTED
+    for name in ("first_reasoning_ns", "reasoning_tokens", "cached_prompt_tokens", "session_id", "turn_index"):
+        assert len(getattr(batch, name)) == 0, name
+    # The next batch starts afresh: nothing non-zero, every new column empty.
+    batcher.add(ok_sample(4_000_000))
+    nxt = batcher.flush()
+    assert nxt is not None and len(nxt.first_answer_ns) == 0 and len(nxt.status) == 1

@@ -190,3 +190,32 @@ def test_a_group_with_nothing_counted_has_no_stages() -> None:
     result = group_result("grp_x", [GroupMember("run_0", 0, RunState.RUNNING, "", None)])
     assert (result.state, len(result.stages), result.HasField("overall")) == (RunState.RUNNING, 0, False)
     assert result.warnings == ["repeat 0 (run_0) is RUNNING: not counted yet"]
+
+
+def test_reasoning_cache_and_conversation_figures_are_merged() -> None:
+    def with_extras(ttfr_mean: float, hit: float | None, turn2_ok: int) -> run_pb2.StageResult:
+        s = stage(reasoning_tokens=100, cached_prompt_tokens=50, sessions_completed=4, mean_reasoning_tokens=10.0)
+        s.ttfr.count, s.ttfr.mean_ms = 10, ttfr_mean
+        s.session_duration.count, s.session_duration.mean_ms = 4, 1000.0
+        if hit is not None:
+            s.prefix_cache_hit_percent = hit
+        for turn, ok in ((1, 5), (2, turn2_ok)):
+            row = s.turns.add(turn=turn, requests_ok=ok, mean_input_tokens=100.0 * turn)
+            row.ttft.count, row.ttft.mean_ms = ok, 10.0 * turn
+        return s
+
+    result = group_result(
+        "grp_x",
+        [member(0, [with_extras(20.0, 40.0, 3)]), member(1, [with_extras(40.0, None, 5)]), member(2, [stage()])],
+    )
+    merged = result.stages[0]
+    assert (merged.reasoning_tokens, merged.cached_prompt_tokens, merged.sessions_completed) == (200, 100, 8)
+    assert merged.mean_reasoning_tokens == pytest.approx(20 / 3)
+    assert merged.ttfr.count == 20 and merged.ttfr.mean_ms == pytest.approx(30.0)
+    assert merged.session_duration.count == 8
+    assert not merged.HasField("ttfo")  # no run had one
+    assert merged.prefix_cache_hit_percent == pytest.approx(40.0)  # the one run that measured it
+    assert [(t.turn, t.requests_ok) for t in merged.turns] == [(1, 10), (2, 8)]
+    assert merged.turns[1].ttft.count == 8 and merged.turns[1].mean_input_tokens == pytest.approx(200.0)
+    plain = group_result("grp_y", [member(0, [stage()]), member(1, [stage()])]).stages[0]
+    assert not plain.HasField("prefix_cache_hit_percent") and not plain.turns

@@ -13,6 +13,7 @@ from controller.domain.errors import InvalidArgument
 from controller.domain.results.server_metrics import (
     COUNTER,
     GAUGE,
+    PREFIX_CACHE_NAMES,
     ROLE_OF,
     compute_server_view,
     counter_increase,
@@ -73,8 +74,8 @@ def test_one_agent_per_endpoint_among_agents_with_a_share() -> None:
     assert plans[1] is None
     assert plans[0] is not None and list(plans[0].endpoints) == ["http://a/m", "http://c/m"]
     assert plans[2] is not None and list(plans[2].endpoints) == ["http://b/m"]
-    # User filters are widened by every metric the mapping table knows.
-    assert set(plans[0].metric_filters) == {"x_*", *ROLE_OF}
+    # User filters are widened by every metric the mapping table knows, and the hit rate's.
+    assert set(plans[0].metric_filters) == {"x_*", *ROLE_OF, *PREFIX_CACHE_NAMES}
     assert plan_scrapes(run_pb2.ServerMetricsSpec(), [True]) == [None]
     assert plan_scrapes(sm, [False, False]) == [None, None]
 
@@ -214,3 +215,124 @@ def test_the_mapping_accepts_old_and_new_names() -> None:
     spec = run_pb2.ServerMetricsSpec(endpoints=["http://m/metrics"], metric_filters=["nothing*"])
     (plan,) = plan_scrapes(spec, [True])
     assert plan is not None and "llamacpp:prompt_tokens_cached_total" in plan.metric_filters
+
+
+def hit_rate_scrapes(endpoint: str, times_s: list[float], series: dict[tuple[str, int], list[float]]) -> StageScrapes:
+    stored = [StoredScrape(i, endpoint, T0 + int(t * S), "") for i, t in enumerate(times_s)]
+    values = [(i, name, kind, vals[i]) for (name, kind), vals in series.items() for i in range(len(times_s))]
+    return StageScrapes(stored, values)
+
+
+def test_vllm_prefix_cache_hit_rate_from_counter_deltas_over_the_stage() -> None:
+    cols = columns([0.0, 0.5], 1.0, tokens=8)
+    data = hit_rate_scrapes(
+        "http://v/metrics",
+        [-0.1, 0.8, 2.0],
+        {
+            # Since start: 1000 hits of 4000 queries before the stage; 300 of 400 during it.
+            ("vllm:prefix_cache_hits_total", COUNTER): [1000, 1100, 1300],
+            ("vllm:prefix_cache_queries_total", COUNTER): [4000, 4200, 4400],
+            ("vllm:gpu_prefix_cache_hit_rate", GAUGE): [0.1, 0.1, 0.1],  # a lesser source: unused
+        },
+    )
+    view = compute_server_view(data, cols, 2.0)
+    assert view.prefix_cache_hit_percent == pytest.approx(75.0)
+    assert view.prefix_cache_source == "vllm:prefix_cache_hits_total, vllm:prefix_cache_queries_total"
+    # No query during the stage: no rate rather than 0 %.
+    idle = hit_rate_scrapes(
+        "http://v/metrics",
+        [-0.1, 2.0],
+        {("vllm:prefix_cache_hits_total", COUNTER): [5, 5], ("vllm:prefix_cache_queries_total", COUNTER): [9, 9]},
+    )
+    assert compute_server_view(idle, cols, 2.0).prefix_cache_hit_percent is None
+
+
+def test_hit_rate_gauges_are_averaged_over_the_stage_window() -> None:
+    cols = columns([0.0, 0.5], 1.0, tokens=8)  # the window: 0 .. 1.5 s
+    for name in ("sglang:cache_hit_rate", "vllm:gpu_prefix_cache_hit_rate"):
+        data = hit_rate_scrapes("http://s/metrics", [-0.5, 0.5, 1.0, 3.0], {(name, GAUGE): [0.9, 0.2, 0.4, 0.9]})
+        view = compute_server_view(data, cols, 2.0)
+        assert view.prefix_cache_hit_percent == pytest.approx(30.0), name
+        assert view.prefix_cache_source == name
+
+
+def test_llamacpp_hit_rate_counts_the_evaluated_tokens_as_misses() -> None:
+    cols = columns([0.0, 0.5], 1.0, tokens=8)
+    data = hit_rate_scrapes(
+        "http://l/metrics",
+        [-0.1, 2.0],
+        {
+            ("llamacpp:prompt_tokens_cached_total", COUNTER): [0, 30],
+            ("llamacpp:prompt_tokens_total", COUNTER): [100, 110],
+        },
+    )
+    view = compute_server_view(data, cols, 2.0)
+    assert view.prefix_cache_hit_percent == pytest.approx(100 * 30 / 40)
+    assert view.prefix_cache_source == "llamacpp:prompt_tokens_cached_total, llamacpp:prompt_tokens_total"
+    # A build without the cached counter: no hit rate.
+    older = hit_rate_scrapes("http://l/metrics", [-0.1, 2.0], {("llamacpp:prompt_tokens_total", COUNTER): [0, 9]})
+    none = compute_server_view(older, cols, 2.0)
+    assert none.prefix_cache_hit_percent is None and none.prefix_cache_source == ""
+
+
+def test_hit_counters_of_several_endpoints_are_summed() -> None:
+    cols = columns([0.0], 1.0, tokens=8)
+    a = hit_rate_scrapes(
+        "http://a/metrics",
+        [-0.1, 2.0],
+        {("vllm:prefix_cache_hits_total", COUNTER): [0, 90], ("vllm:prefix_cache_queries_total", COUNTER): [0, 100]},
+    )
+    b = hit_rate_scrapes(
+        "http://b/metrics",
+        [-0.1, 2.0],
+        {
+            ("vllm:gpu_prefix_cache_hits_total", COUNTER): [0, 10],
+            ("vllm:gpu_prefix_cache_queries_total", COUNTER): [0, 100],
+        },
+    )
+    b_scrapes = [StoredScrape(s.pk + 10, s.endpoint, s.time_unix_ns, s.error) for s in b.scrapes]
+    b_values = [(pk + 10, n, k, v) for pk, n, k, v in b.values]
+    view = compute_server_view(StageScrapes([*a.scrapes, *b_scrapes], [*a.values, *b_values]), cols, 2.0)
+    assert view.prefix_cache_hit_percent == pytest.approx(50.0)
+    assert "vllm:gpu_prefix_cache_hits_total" in view.prefix_cache_source
+    assert "vllm:prefix_cache_hits_total" in view.prefix_cache_source
+
+
+VLLM_PAGE = """# HELP vllm:prefix_cache_queries_total Prefix cache queries, in terms of number of queried tokens.
+# TYPE vllm:prefix_cache_queries_total counter
+vllm:prefix_cache_queries_total{{engine="0",model_name="m"}} {queries}
+# HELP vllm:prefix_cache_hits_total Prefix cache hits, in terms of number of cached tokens.
+# TYPE vllm:prefix_cache_hits_total counter
+vllm:prefix_cache_hits_total{{engine="0",model_name="m"}} {hits}
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{{engine="0",model_name="m"}} 1.0
+"""
+SGLANG_PAGE = """# HELP sglang:cache_hit_rate The prefix cache hit rate.
+# TYPE sglang:cache_hit_rate gauge
+sglang:cache_hit_rate{{model_name="m"}} {rate}
+"""
+
+
+def test_hit_rate_from_pages_as_the_agent_parses_and_filters_them() -> None:
+    """The names as servers expose them survive the agent's parser and a user's filter."""
+    from agent.scrape import name_filter, parse_exposition
+
+    (plan,) = plan_scrapes(run_pb2.ServerMetricsSpec(endpoints=["http://v/metrics"], metric_filters=["x*"]), [True])
+    assert plan is not None
+    keep = name_filter(list(plan.metric_filters))
+    cols = columns([0.0, 0.5], 1.0, tokens=8)
+    pages = {
+        "http://v/metrics": [VLLM_PAGE.format(queries=q, hits=h) for q, h in ((100, 10), (300, 160), (500, 310))],
+        "http://s/metrics": [SGLANG_PAGE.format(rate=r) for r in (0.5, 0.25, 0.75)],
+    }
+    for endpoint, texts in pages.items():
+        stored, values = [], []
+        for i, (t, text) in enumerate(zip((-0.1, 0.7, 2.0), texts, strict=True)):
+            stored.append(StoredScrape(i, endpoint, T0 + int(t * S), ""))
+            values += [(i, v.name, v.kind, v.value) for v in parse_exposition(text) if keep(v.name)]
+        view = compute_server_view(StageScrapes(stored, values), cols, 2.0)
+        if endpoint == "http://v/metrics":
+            assert view.prefix_cache_hit_percent == pytest.approx(100 * 300 / 400)
+        else:  # the one reading inside the stage's window (0 .. 1.5 s)
+            assert view.prefix_cache_hit_percent == pytest.approx(25.0)

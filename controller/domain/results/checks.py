@@ -1,5 +1,5 @@
 """Pass/fail checks on stage metrics, k6-style: `p99(ttft) < 500ms`, `error_rate < 1%`,
-`output_throughput > 1000`.
+`output_throughput > 1000`, `p90(ttfo) < 5s` (reasoning models).
 
 A check is parsed at CreateRun (a malformed one is INVALID_ARGUMENT then, not a failure at
 the end of a long run) and evaluated on every stage's metrics; a run-level metric
@@ -16,6 +16,10 @@ from dataclasses import dataclass
 from common.metrics import LatencySummary, StageMetrics
 
 LATENCIES = ("ttft", "tpot", "itl", "e2e", "queue_delay", "e2e_including_queue")
+# Latencies a stage may not have (no reasoning, no conversation): a check on one that the stage
+# did not measure fails, as any check of an unmeasurable value does.
+OPTIONAL_LATENCIES = ("ttfr", "ttfo", "session_duration")
+CHECKED_LATENCIES = LATENCIES + OPTIONAL_LATENCIES
 AGGREGATES = ("mean", "std", "min", "max", "p50", "p90", "p95", "p99", "p999")
 SCALARS = (
     "error_rate",
@@ -111,8 +115,8 @@ def parse_check(expression: str, abort_on_fail: bool = False) -> ParsedCheck:
     unit = m["unit"]
     if m["lat"]:
         agg, lat = m["agg"], m["lat"]
-        if lat not in LATENCIES:
-            raise CheckSyntaxError(f"unknown latency {lat!r}; one of {', '.join(LATENCIES)}")
+        if lat not in CHECKED_LATENCIES:
+            raise CheckSyntaxError(f"unknown latency {lat!r}; one of {', '.join(CHECKED_LATENCIES)}")
         if agg not in AGGREGATES:
             raise CheckSyntaxError(f"unknown aggregate {agg!r}; one of {', '.join(AGGREGATES)}")
         if unit == "%":

@@ -19,6 +19,11 @@ nothing read or written. Only SUCCEEDED runs are counted; the rules are in docs/
 * the other figures: min of the minima, max of the maxima and peaks, the pooled standard
   deviation of a latency, the mean of durations, concurrencies and token means; a flag
   (saturated, reduced load, target saturated, estimated tokens) is set when any run's is;
+* reasoning, prefix-cache and conversation figures: reasoning and cached tokens and
+  completed sessions summed, TTFR, TTFO and session duration merged as the other latencies
+  (when some run has them), the client's prefix-cache hit rate the mean over the runs that
+  measured one, turns matched by index and merged the same way; the server's hit rate is
+  not merged (a group's result has no server metrics);
 * checks are judged on the group's figures (a count check on the mean count per run, as
   its threshold was written for one run); the verdict as for a run: PASS when every check
   held and the group SUCCEEDED (every repeat did).
@@ -35,7 +40,7 @@ from dataclasses import dataclass
 from common.codes import RunState
 from common.proto.loadtest.v1 import run_pb2
 from common.stats import DEFAULT_CONFIDENCE_PERCENT, t_value, z_value
-from controller.domain.results.checks import LATENCIES, ParsedCheck, parse_check
+from controller.domain.results.checks import LATENCIES, OPTIONAL_LATENCIES, ParsedCheck, parse_check
 from controller.domain.results.message import interval_field
 
 _AGGREGATES = ("mean", "p50", "p90", "p95", "p99", "p999")  # the latency figures with an interval
@@ -49,6 +54,9 @@ _SUMS = (
     "agents_lost",
     "samples_ignored",
     "requests_retried",
+    "reasoning_tokens",
+    "cached_prompt_tokens",
+    "sessions_completed",
 )
 _MEANS = (
     "duration_s",
@@ -57,7 +65,11 @@ _MEANS = (
     "mean_input_tokens",
     "mean_requested_output_tokens",
     "mean_output_tokens",
+    "mean_reasoning_tokens",
+    "mean_answer_tokens",
 )
+# Latencies a run may not have (no reasoning, no conversation): set only when some run has them.
+_OPTIONAL_LATENCIES = OPTIONAL_LATENCIES
 _MAXIMA = ("peak_output_token_throughput", "max_event_loop_lag_ms", "start_skew_ms")
 # (flag, its reason): set when any run's is, the reasons each named by its run
 _FLAGS = (
@@ -211,6 +223,12 @@ def merge_stages(parts: Sequence[tuple[str, run_pb2.StageResult]], confidence_pe
             confidence_percent,
             upper,
         )
+    for name in _OPTIONAL_LATENCIES:
+        measured = [getattr(s, name) for s in stages if s.HasField(name)]  # type: ignore[arg-type]
+        if any(m.count for m in measured):
+            getattr(out, name).CopyFrom(merge_latency(measured, confidence_percent))
+    _mean_if_any(out, stages)
+    _merge_turns(out, stages, confidence_percent)
     rated = [(rate, s) for s in stages if (rate := _error_rate(s)) is not None]
     _set_figure(
         out,
@@ -222,6 +240,31 @@ def merge_stages(parts: Sequence[tuple[str, run_pb2.StageResult]], confidence_pe
         1.0,
     )
     return out
+
+
+def _mean_if_any(
+    out: run_pb2.StageResult | run_pb2.TurnResult, parts: Sequence[run_pb2.StageResult | run_pb2.TurnResult]
+) -> None:
+    """The client's prefix-cache hit rate: the mean over the runs that measured one."""
+    have = [p.prefix_cache_hit_percent for p in parts if p.HasField("prefix_cache_hit_percent")]
+    if have:
+        out.prefix_cache_hit_percent = math.fsum(have) / len(have)
+
+
+def _merge_turns(out: run_pb2.StageResult, stages: Sequence[run_pb2.StageResult], confidence_percent: float) -> None:
+    """Per turn index, over the runs that have it: counts summed, latencies merged as the
+    stage's, mean input tokens and hit rate the mean over those runs."""
+    for turn in sorted({t.turn for s in stages for t in s.turns}):
+        rows = [t for s in stages for t in s.turns if t.turn == turn]
+        merged = out.turns.add(
+            turn=turn,
+            requests_ok=sum(t.requests_ok for t in rows),
+            requests_failed=sum(t.requests_failed for t in rows),
+            mean_input_tokens=math.fsum(t.mean_input_tokens for t in rows) / len(rows),
+        )
+        for name in ("ttft", "tpot", "e2e"):
+            getattr(merged, name).CopyFrom(merge_latency([getattr(t, name) for t in rows], confidence_percent))
+        _mean_if_any(merged, rows)
 
 
 def _measure(check: ParsedCheck, stage: run_pb2.StageResult) -> float | None:

@@ -69,7 +69,33 @@ _STATUS = repo.SAMPLE_COLUMNS.index("status")
 _ITL_COUNT = repo.SAMPLE_COLUMNS.index("itl_count")
 _SENT = repo.SAMPLE_COLUMNS.index("sent_unix_ns")
 # Columns sent as uint64: read as such and reinterpreted as int64 (a value beyond int64 turns negative and is refused).
-_UNSIGNED64 = frozenset({"queue_delay_ns", "first_byte_ns", "first_token_ns", "last_token_ns", "done_ns", "itl_ns"})
+_UNSIGNED64 = frozenset(
+    {
+        "queue_delay_ns",
+        "first_byte_ns",
+        "first_token_ns",
+        "last_token_ns",
+        "done_ns",
+        "itl_ns",
+        "first_reasoning_ns",
+        "first_answer_ns",
+        "session_id",
+    }
+)
+# Columns a batch may leave empty (every value 0): the requested lengths (agents older than
+# them send none) and the reasoning, prefix-cache and conversation columns (agent_service.proto).
+_MAY_BE_EMPTY = frozenset(
+    {
+        "requested_input_tokens",
+        "requested_output_tokens",
+        "first_reasoning_ns",
+        "first_answer_ns",
+        "reasoning_tokens",
+        "cached_prompt_tokens",
+        "session_id",
+        "turn_index",
+    }
+)
 
 
 class MalformedBatch(ValueError):
@@ -92,9 +118,8 @@ def to_ingest(
     for i, name in enumerate(repo.SAMPLE_COLUMNS):
         values = getattr(batch, name)
         if len(values) != n:
-            # Agents older than the requested-length columns send none: zeros ("unknown").
-            if not values and name.startswith("requested_"):
-                continue
+            if not values and name in _MAY_BE_EMPTY:
+                continue  # zeros: unknown, none, not a conversation
             raise MalformedBatch(f"{where}: sample columns differ in length ({name} has {len(values)}, error {n})")
         table[i] = _int64(name, values)
     itl = _int64("itl_ns", batch.itl_ns)

@@ -106,7 +106,38 @@ def _stage_fields(m: StageMetrics) -> run_pb2.StageResult:
         out.goodput = m.goodput
     if m.good_fraction is not None:
         out.good_fraction = m.good_fraction
+    _reasoning_and_conversation_fields(out, m)
     return out
+
+
+def _reasoning_and_conversation_fields(out: run_pb2.StageResult, m: StageMetrics) -> None:
+    """TTFR/TTFO, reasoning and cached tokens, per-turn rows and sessions (left at their
+    defaults when the stage had none: an unset latency means no request had one)."""
+    if m.ttfr.count:
+        out.ttfr.CopyFrom(latency_message(m.ttfr))
+    if m.ttfo.count:
+        out.ttfo.CopyFrom(latency_message(m.ttfo))
+    out.reasoning_tokens = m.reasoning_tokens
+    out.mean_reasoning_tokens = m.mean_reasoning_tokens
+    out.mean_answer_tokens = m.mean_answer_tokens
+    out.cached_prompt_tokens = m.cached_prompt_tokens
+    if m.prefix_cache_hit_percent is not None:
+        out.prefix_cache_hit_percent = m.prefix_cache_hit_percent
+    for t in m.turns:
+        row = out.turns.add(
+            turn=t.turn,
+            requests_ok=t.requests_ok,
+            requests_failed=t.requests_failed,
+            ttft=latency_message(t.ttft),
+            tpot=latency_message(t.tpot),
+            e2e=latency_message(t.e2e),
+            mean_input_tokens=t.mean_input_tokens,
+        )
+        if t.prefix_cache_hit_percent is not None:
+            row.prefix_cache_hit_percent = t.prefix_cache_hit_percent
+    out.sessions_completed = m.sessions_completed
+    if m.session_duration.count:
+        out.session_duration.CopyFrom(latency_message(m.session_duration))
 
 
 def check_message(c: CheckOutcome) -> run_pb2.CheckResult:
@@ -191,6 +222,8 @@ def server_metrics_message(m: ServerStageOutcome) -> run_pb2.ServerMetricsResult
         scrapes_ok=m.scrapes_ok,
         scrapes_failed=m.scrapes_failed,
         series_truncated=m.series_truncated,
+        prefix_cache_hit_percent=m.prefix_cache_hit_percent,
+        prefix_cache_source=m.prefix_cache_source,
     )
 
 

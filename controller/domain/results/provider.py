@@ -44,7 +44,9 @@ log = structlog.get_logger(__name__)
 # 5: confidence intervals (LatencyStats.*_ci, StageResult.*_ci and error_rate,
 #    RunResult.confidence_percent); results stored before them gain them when next read.
 # 6: ITL intervals rest on the requests with gaps, not on every gap (docs/metrics.md, "ITL").
-# 7: RunResult.tokens (how exact token counts are, the chat template's overhead).
+# 7: RunResult.tokens (how exact token counts are, the chat template's overhead); reasoning
+#    (ttfr, ttfo, reasoning/answer tokens), prefix cache (cached tokens, hit percent, client
+#    and server), conversations (turns, sessions); samples' new columns.
 RESULT_FORMAT = 7
 DEFAULT_MAX_CACHED = 16
 # Background computations run one at a time: a burst of finishing runs leaves the rest of the

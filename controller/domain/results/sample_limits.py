@@ -36,13 +36,28 @@ NS_PER_S = 1_000_000_000
 SLACK_NS = SENT_SLACK_S * NS_PER_S
 MAX_OFFSET_NS = MAX_SAMPLE_OFFSET_S * NS_PER_S
 
-_TOKENS = ("prompt_tokens", "output_tokens", "itl_count", "requested_input_tokens", "requested_output_tokens")
+# A conversation's turn index.
+MAX_TURN_INDEX = 1_000_000
+
+_TOKENS = (
+    "prompt_tokens",
+    "output_tokens",
+    "itl_count",
+    "requested_input_tokens",
+    "requested_output_tokens",
+    "reasoning_tokens",
+    "cached_prompt_tokens",
+)
+_OFFSETS = ("first_byte_ns", "first_token_ns", "last_token_ns", "done_ns", "first_reasoning_ns", "first_answer_ns")
 # Upper bound of every column but `sent` (0 is the lower bound of each).
 BOUNDS: Mapping[str, int] = {
-    **dict.fromkeys(("first_byte_ns", "first_token_ns", "last_token_ns", "done_ns"), MAX_OFFSET_NS),
+    **dict.fromkeys(_OFFSETS, MAX_OFFSET_NS),
     **dict.fromkeys(_TOKENS, MAX_SAMPLE_TOKENS),
     "status": MAX_STATUS,
     "flags": MAX_FLAGS,
+    "turn_index": MAX_TURN_INDEX,
+    # Any id an agent numbers its sessions with (uint64 on the wire; beyond int64 is refused).
+    "session_id": 2**63 - 1,
     # Bounded by the window (the schedule lies in it); this keeps `sent - queue_delay` in int64.
     "queue_delay_ns": 2**62,
 }
@@ -78,6 +93,7 @@ def violations(
     disordered = (last < first) & (last > 0)
     if disordered.any():
         yield "last_token_ns before first_token_ns", disordered
+    yield from _part_violations(col, first)
     counts = col["itl_count"]
     if not itl.size or (counts < 0).any() or int(counts.sum()) != itl.size:
         return  # no gaps, or counts that are wrong already (reported above or by the caller)
@@ -95,3 +111,28 @@ def violations(
         long = np.zeros(len(sent), dtype=np.bool_)
         long[owners] = too_long
         yield "inter-token gaps adding up to more than the sample's duration", long
+
+
+def _part_violations(col: Mapping[str, IntArray], first: IntArray) -> Iterator[tuple[str, BoolArray]]:
+    """Reasoning and prefix-cache columns (absent ones are all 0 and break nothing): parts
+    no larger than their wholes, and the first reasoning / answer event among the text
+    events (not before the first one, not after the response's end)."""
+    done = col["done_ns"]
+    for name in ("first_reasoning_ns", "first_answer_ns"):
+        values = col.get(name)
+        if values is None or not values.size or not int(values.max()) > 0:
+            continue
+        present = values > 0
+        early = present & ((first == 0) | (values < first))
+        if early.any():
+            yield f"{name} before first_token_ns (the first event carrying text)", early
+        late = present & (done > 0) & (values > done)
+        if late.any():
+            yield f"{name} after done_ns", late
+    for part, whole in (("reasoning_tokens", "output_tokens"), ("cached_prompt_tokens", "prompt_tokens")):
+        values = col.get(part)
+        if values is None or not values.size or not int(values.max()) > 0:
+            continue
+        larger = values > col[whole]
+        if larger.any():
+            yield f"{part} larger than {whole}", larger

@@ -131,6 +131,42 @@ ROLE_OF: dict[str, str] = {
 }
 
 
+@dataclass(frozen=True)
+class PrefixCacheSource:
+    """Where one server's prefix-cache hit rate comes from (docs/server-metrics.md, "Prefix-
+    cache hit rate"): counters of prompt tokens found in the cache (`hits`) and looked up
+    (`queries`, or `hits + misses` where the server counts the others apart), increased over
+    the stage; else a gauge of the hit rate (a fraction), its mean over the stage."""
+
+    server: str
+    hits: str | None = None
+    queries: str | None = None
+    misses: str | None = None
+    hit_rate: str | None = None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(n for n in (self.hits, self.queries, self.misses, self.hit_rate) if n is not None)
+
+
+# In order of preference: counters before gauges, current names before older ones.
+PREFIX_CACHE_SOURCES: tuple[PrefixCacheSource, ...] = (
+    PrefixCacheSource("vLLM", hits="vllm:prefix_cache_hits_total", queries="vllm:prefix_cache_queries_total"),
+    # vLLM V1 before the `gpu_` infix was dropped.
+    PrefixCacheSource(
+        "vLLM (gpu_ names)", hits="vllm:gpu_prefix_cache_hits_total", queries="vllm:gpu_prefix_cache_queries_total"
+    ),
+    # llama.cpp: prompt_tokens_total counts the evaluated tokens, the cached ones apart.
+    PrefixCacheSource("llama.cpp", hits="llamacpp:prompt_tokens_cached_total", misses="llamacpp:prompt_tokens_total"),
+    # vLLM's V0 engine: a gauge of the hit rate since start.
+    PrefixCacheSource("vLLM V0", hit_rate="vllm:gpu_prefix_cache_hit_rate"),
+    PrefixCacheSource("SGLang", hit_rate="sglang:cache_hit_rate"),
+)
+PREFIX_CACHE_NAMES = frozenset(n for source in PREFIX_CACHE_SOURCES for n in source.names)
+# The metrics agents keep whatever the user's filters: the mapping table's and the hit rate's.
+ALWAYS_KEPT = tuple(sorted(set(ROLE_OF) | PREFIX_CACHE_NAMES))
+
+
 # --- spec ---------------------------------------------------------------------------------
 
 
@@ -208,7 +244,7 @@ def plan_scrapes(sm: run_pb2.ServerMetricsSpec, active: Sequence[bool]) -> list[
         if plan is None:
             plan = run_pb2.ServerMetricsSpec(scrape_interval=sm.scrape_interval)
             if sm.metric_filters:
-                plan.metric_filters.extend(list(sm.metric_filters) + sorted(ROLE_OF))
+                plan.metric_filters.extend(list(sm.metric_filters) + list(ALWAYS_KEPT))
             plans[i] = plan
         plan.endpoints.append(endpoint)
     return plans
@@ -272,6 +308,8 @@ class ServerStageOutcome:
     scrapes_ok: int
     scrapes_failed: int
     series_truncated: bool
+    prefix_cache_hit_percent: float | None = None
+    prefix_cache_source: str = ""
 
 
 def counter_increase(values: Sequence[float]) -> float:
@@ -332,7 +370,49 @@ def compute_server_view(data: StageScrapes, cols: SampleColumns, tolerance_perce
             grouped[(s.endpoint, s.error)].append(s.time_unix_ns)
     errors = [ScrapeErrorOutcome(e, m, len(ts), min(ts), max(ts)) for (e, m), ts in grouped.items()]
     failed = sum(1 for s in data.scrapes if s.error)
-    return ServerStageOutcome(series, checks, errors, len(data.scrapes) - failed, failed, truncated)
+    hit_percent, hit_source = prefix_cache_hit_percent(readings, _client_window(cols))
+    return ServerStageOutcome(
+        series, checks, errors, len(data.scrapes) - failed, failed, truncated, hit_percent, hit_source
+    )
+
+
+def prefix_cache_hit_percent(
+    readings: dict[tuple[str, str, int], list[tuple[int, float]]], window: tuple[int, int] | None
+) -> tuple[float | None, str]:
+    """The server's prefix-cache hit rate over the stage, percent, and the metric names it
+    comes from (None, "" when no endpoint exports a source). Each endpoint uses its first
+    source of `PREFIX_CACHE_SOURCES`; counters are summed over the endpoints (hits over
+    queries), a gauge is averaged over the readings in the stage's window (all of them when
+    none falls inside) and over the endpoints. Counters win when some endpoint has them."""
+    hits = queries = 0.0
+    counted: set[str] = set()
+    gauges: list[float] = []
+    gauged: set[str] = set()
+    for endpoint in sorted({e for e, _, _ in readings}):
+        for source in PREFIX_CACHE_SOURCES:
+            if source.hits is not None and (endpoint, source.hits, COUNTER) in readings:
+                other = source.queries or source.misses
+                if other is None or (endpoint, other, COUNTER) not in readings:
+                    continue
+                h = counter_increase([v for _, v in readings[(endpoint, source.hits, COUNTER)]])
+                o = counter_increase([v for _, v in readings[(endpoint, other, COUNTER)]])
+                hits += h
+                queries += o if source.queries is not None else h + o
+                counted.update((source.hits, other))
+                break
+            if source.hit_rate is not None and (endpoint, source.hit_rate, GAUGE) in readings:
+                points = readings[(endpoint, source.hit_rate, GAUGE)]
+                inside = [v for t, v in points if window is not None and window[0] <= t <= window[1]]
+                values = inside or [v for _, v in points]
+                gauges.append(math.fsum(values) / len(values))
+                gauged.add(source.hit_rate)
+                break
+    if counted:
+        # No prompt looked up in the stage: no rate (not 0 %).
+        return (100.0 * hits / queries if queries > 0 else None), ", ".join(sorted(counted))
+    if gauges:
+        return 100.0 * math.fsum(gauges) / len(gauges), ", ".join(sorted(gauged))
+    return None, ""
 
 
 def _series(key: tuple[str, str, int], points: list[tuple[int, float]], t0: int) -> SeriesOutcome:

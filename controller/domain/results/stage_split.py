@@ -16,13 +16,14 @@ import dataclasses
 import numpy as np
 import numpy.typing as npt
 
-from common.metrics import SampleColumns, Slo, StageMetrics, compute_stage_metrics
+from common.metrics import SampleColumns, Slo, StageMetrics, compute_stage_metrics, is_zero_column
 from controller.store.repository import StageSamples
 
 # One thread for the whole-stage half of `stage_and_agent_metrics` (callers are read-pool threads).
 _STAGE_THREAD = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stage-metrics")
 
 _PER_REQUEST = tuple(f.name for f in dataclasses.fields(SampleColumns) if f.name != "itl_ns")
+_NONE = np.zeros(0, dtype=np.int64)
 
 
 def split_by_group(cols: SampleColumns, group: npt.NDArray[np.int64], n_groups: int) -> list[SampleColumns]:
@@ -40,7 +41,11 @@ def split_by_group(cols: SampleColumns, group: npt.NDArray[np.int64], n_groups: 
     for g in range(n_groups):
         mine = np.flatnonzero(run_group == g)
         s, e = starts[mine].tolist(), ends[mine].tolist()
-        parts = {name: _gather(getattr(cols, name), s, e) for name in _PER_REQUEST}
+        # An all-0 optional column (no reasoning, no conversation) stays unstored in each part.
+        parts = {
+            name: _NONE if is_zero_column(column := getattr(cols, name)) else _gather(column, s, e)
+            for name in _PER_REQUEST
+        }
         out.append(SampleColumns(**parts, itl_ns=_gather(cols.itl_ns, gap_at[s].tolist(), gap_at[e].tolist())))
     return out
 

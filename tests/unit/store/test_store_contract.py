@@ -1169,3 +1169,29 @@ async def test_delete_dataset_refused_while_an_active_run_refers_to_it(store: St
     assert await store.get_dataset("ds_abc") is None
     assert await store.read_dataset_chunks(record.pk, 0, 10) == []
     assert await store.delete_dataset("ds_abc") == (False, "")
+
+
+async def test_tables_without_the_reasoning_and_conversation_columns_read_them_as_zeros(store: Store) -> None:
+    """A batch stored before the last columns existed (13 of them, as in older databases)
+    reads back with those columns 0, beside a batch that has them all."""
+    run = await new_run(store)
+    a = await new_assignment(store, run.pk, "asg_a")
+    old, old_itl = sample_table(3, seed=1)
+    old = old[: len(columnar.LEGACY_COLUMNS)]
+    new, new_itl = sample_table(2, sent0=T0 + 5 * 10**9, seed=2)
+    new[COL["first_reasoning_ns"]] = new[COL["first_token_ns"]]
+    new[COL["first_answer_ns"]] = new[COL["first_token_ns"]] + 10**6
+    new[COL["reasoning_tokens"]] = [1, 2]
+    new[COL["cached_prompt_tokens"]] = [5, 6]
+    new[COL["session_id"]] = [7, 7]
+    new[COL["turn_index"]] = [1, 2]
+    await store.ingest_batches([batch(a, run.pk, 1, old, old_itl), batch(a, run.pk, 2, new, new_itl)])
+    data = await snapshot_of(store, "load_stage_samples", run.pk, 0)
+    assert isinstance(data, repo.StageSamples)
+    cols = data.columns
+    for name in columnar.SAMPLE_COLUMNS[len(columnar.LEGACY_COLUMNS) :]:
+        assert getattr(cols, name).tolist() == [0, 0, 0, *new[COL[name]].tolist()], name
+    assert np.array_equal(cols.sent_unix_ns[:3], old[COL["sent_unix_ns"]])
+    assert cols.session_group.tolist() == [a] * 5
+    exported = await store.export_page(run.pk, 0, 10, True)
+    assert [r[3] for r in exported] == cols.sent_unix_ns.tolist()

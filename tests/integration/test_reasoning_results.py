@@ -1,0 +1,77 @@
+"""Reasoning metrics through the whole stack (controller, agent, SQLite, the mock's `reasoning`
+style): the mock sends the first half of each answer's tokens as `reasoning_content`, one
+token per event, `itl_ms` apart, so the known values are the reasoning token count and
+TTFO - TTFR = that many inter-token gaps."""
+
+from __future__ import annotations
+
+import pytest
+
+from client.sdk import ControllerClient
+from common.proto.loadtest.v1 import run_pb2
+from controller.server import Controller
+from mockserver.config import MockConfig
+from mockserver.server import MockServer
+from mockserver.styles import reasoning_tokens
+from tests.integration.test_run_end_to_end import running_agent, spec_for, wait_final
+
+pytestmark = pytest.mark.timeout(120)
+
+TOKENS = 40
+ITL_MS = 5.0
+REQUESTS = 12
+
+
+def spec(mock: MockServer) -> run_pb2.RunSpec:
+    s = spec_for(mock, [], output_tokens=TOKENS)
+    s.stages.add(concurrency=3, requests=REQUESTS)
+    return s
+
+
+async def result_of(client: ControllerClient, mock: MockServer) -> run_pb2.StageResult:
+    run = await client.create_run(spec(mock))
+    final = await wait_final(client, run.id, 90)
+    assert final.state == run_pb2.RUN_STATE_SUCCEEDED, final.state_reason
+    result = await client.get_result(run.id)
+    (stage,) = result.stages
+    assert stage.requests_ok == REQUESTS and stage.output_tokens == REQUESTS * TOKENS
+    return stage
+
+
+async def test_reasoning_style_gives_ttfr_ttfo_and_reasoning_tokens(
+    controller: Controller, client: ControllerClient
+) -> None:
+    thinking = reasoning_tokens(TOKENS)
+    assert 0 < thinking < TOKENS
+    config = MockConfig(ttft_ms=30, itl_ms=ITL_MS, output_tokens=TOKENS, style="reasoning")
+    async with MockServer(config) as mock, running_agent(f"127.0.0.1:{controller.port}"):
+        stage = await result_of(client, mock)
+    assert stage.reasoning_tokens == REQUESTS * thinking
+    assert stage.mean_reasoning_tokens == pytest.approx(thinking)
+    assert stage.mean_answer_tokens == pytest.approx(TOKENS - thinking)
+    # The first text event is reasoning: TTFR is TTFT, request by request.
+    assert stage.ttfr.count == stage.ttfo.count == stage.ttft.count == REQUESTS
+    for agg in ("mean_ms", "p50_ms", "min_ms", "max_ms"):
+        assert getattr(stage.ttfr, agg) == pytest.approx(getattr(stage.ttft, agg)), agg
+    assert stage.HasField("ttfr") and stage.ttfr.HasField("p50_ci")
+    # The first answer event comes `thinking` gaps after the first reasoning one. The mock
+    # never sends faster than its ITL; a loaded machine makes every gap longer, so the upper
+    # bound is this stage's own mean ITL (answer gaps included), with room.
+    thought_ms = stage.ttfo.mean_ms - stage.ttfr.mean_ms
+    assert thought_ms >= thinking * ITL_MS * 0.9, (thought_ms, stage.itl.mean_ms)
+    assert thought_ms <= thinking * stage.itl.mean_ms * 1.5 + 20, (thought_ms, stage.itl.mean_ms)
+    assert stage.ttfo.min_ms > stage.ttfr.min_ms
+
+
+async def test_plain_style_has_no_reasoning_and_ttfo_is_ttft(controller: Controller, client: ControllerClient) -> None:
+    config = MockConfig(ttft_ms=30, itl_ms=ITL_MS, output_tokens=TOKENS, style="vllm")
+    async with MockServer(config) as mock, running_agent(f"127.0.0.1:{controller.port}"):
+        stage = await result_of(client, mock)
+    assert stage.reasoning_tokens == 0 and stage.mean_reasoning_tokens == 0
+    assert stage.mean_answer_tokens == pytest.approx(TOKENS)
+    assert not stage.HasField("ttfr")
+    assert stage.ttfo.count == REQUESTS
+    for agg in ("mean_ms", "p50_ms", "p99_ms"):
+        assert getattr(stage.ttfo, agg) == pytest.approx(getattr(stage.ttft, agg)), agg
+    # Not a conversation: no turns, no sessions.
+    assert not stage.turns and stage.sessions_completed == 0 and not stage.HasField("session_duration")
