@@ -65,7 +65,7 @@ from agent.scheduler import ClosedLoopSchedule, LoadSchedule, UnsupportedStageEr
 from agent.scrape import ServerMetricsScraper
 from agent.stalls import STALL_POLL_S, Stall, StallWatch
 from agent.target_client import TargetClient, TargetConfigError
-from agent.tokens import DatasetUnavailableError, estimate_output_tokens, load_tokenizer
+from agent.tokens import estimate_output_tokens, load_tokenizer
 from agent.trace import TraceSchedule, fetch_trace, trace_schedule
 from common import codes
 from common.durations import seconds
@@ -341,7 +341,6 @@ class AssignmentRunner:
             TargetConfigError,
             PromptSourceError,
             DatasetFetchError,
-            DatasetUnavailableError,
         ) as exc:
             state, message = agent_service_pb2.ASSIGNMENT_STATE_FAILED, str(exc)
         except Exception as exc:

@@ -31,10 +31,11 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 import orjson
 
+from agent.datasets import DatasetFetchError
 from agent.sample import MAX_ERROR_CHARS, RequestSample
 from agent.sse import StreamParser, parse_json_body
 from agent.target_client import TargetClient, TargetConfigError
-from agent.tokens import DatasetSource, DatasetUnavailableError, load_tokenizer
+from agent.tokens import DatasetSource, load_tokenizer
 from agent.trace import fetch_trace
 from agent.wire_errors import transport_error
 from common.proto.loadtest.v1 import run_pb2
@@ -90,7 +91,7 @@ async def check_target(
         tokenizer = await load_tokenizer(workload, datasets)
         if workload.HasField("trace") and workload.trace.dataset_id:
             await fetch_trace(datasets, workload.trace.dataset_id)  # a bad trace fails here; stages reuse it
-    except DatasetUnavailableError as exc:
+    except DatasetFetchError as exc:
         await client.close()
         return PreflightOutcome(False, str(exc))
     async with client:

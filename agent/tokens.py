@@ -13,6 +13,7 @@ import asyncio
 from collections import OrderedDict
 from typing import Protocol
 
+from agent.datasets import DatasetFetchError
 from agent.sample import RequestSample
 from common.proto.loadtest.v1 import run_pb2
 from common.tokenizer import Tokenizer, TokenizerError
@@ -29,23 +30,19 @@ class DatasetSource(Protocol):
         ...
 
 
-class DatasetUnavailableError(RuntimeError):
-    """An uploaded dataset (trace, tokenizer) the work needs could not be had."""
-
-
 _LOADED: OrderedDict[str, Tokenizer] = OrderedDict()
 
 
 async def fetch_dataset(source: DatasetSource | None, dataset_id: str, what: str) -> bytes:
-    """The bytes of `dataset_id` (a `what`: "trace", "tokenizer"), or DatasetUnavailableError."""
+    """The bytes of `dataset_id` (a `what`: "trace", "tokenizer"), or DatasetFetchError."""
     if source is None:
-        raise DatasetUnavailableError(f"{what} {dataset_id}: this agent cannot fetch uploaded datasets")
+        raise DatasetFetchError(f"{what} {dataset_id}: this agent cannot fetch uploaded datasets")
     try:
         return await source.get(dataset_id)
     except asyncio.CancelledError:
         raise
     except Exception as exc:
-        raise DatasetUnavailableError(f"{what} {dataset_id}: {exc}") from None
+        raise DatasetFetchError(f"{what} {dataset_id}: {exc}") from None
 
 
 async def load_tokenizer(workload: run_pb2.Workload, source: DatasetSource | None) -> Tokenizer | None:
@@ -61,7 +58,7 @@ async def load_tokenizer(workload: run_pb2.Workload, source: DatasetSource | Non
     try:
         tokenizer = await asyncio.to_thread(Tokenizer, data, dataset_id)
     except TokenizerError as exc:
-        raise DatasetUnavailableError(f"tokenizer {dataset_id}: {exc}") from None
+        raise DatasetFetchError(f"tokenizer {dataset_id}: {exc}") from None
     _LOADED[dataset_id] = tokenizer
     while len(_LOADED) > KEEP_TOKENIZERS:
         _LOADED.popitem(last=False)

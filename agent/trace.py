@@ -41,9 +41,10 @@ from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from agent.datasets import DatasetFetchError
 from agent.prompts import VERIFY_PROMPTS, WORDS, Prompt, TokenPieces, request_marker, token_pieces
 from agent.scheduler import END_GRACE_S, Abandon, UnsupportedStageError, Warmup
-from agent.tokens import DatasetSource, DatasetUnavailableError, fetch_dataset
+from agent.tokens import DatasetSource, fetch_dataset
 from common.datasets import TraceRequest, parse_trace
 from common.durations import seconds
 from common.proto.loadtest.v1 import run_pb2
@@ -92,7 +93,7 @@ KEEP_TRACES = 2
 
 async def fetch_trace(source: DatasetSource | None, dataset_id: str) -> list[TraceRequest]:
     """The requests of the uploaded trace `dataset_id`, fetched and parsed once for the
-    preflight check and every stage of a run (DatasetUnavailableError when it cannot be had
+    preflight check and every stage of a run (DatasetFetchError when it cannot be had
     or parsed: the message names the line and the field)."""
     entries = _PARSED.get(dataset_id)
     if entries is not None:
@@ -102,7 +103,7 @@ async def fetch_trace(source: DatasetSource | None, dataset_id: str) -> list[Tra
     try:
         entries = await asyncio.to_thread(load_trace, data)
     except ValueError as exc:
-        raise DatasetUnavailableError(f"trace {dataset_id}: {exc}") from None
+        raise DatasetFetchError(f"trace {dataset_id}: {exc}") from None
     _PARSED[dataset_id] = entries
     while len(_PARSED) > KEEP_TRACES:
         _PARSED.popitem(last=False)

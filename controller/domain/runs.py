@@ -8,7 +8,6 @@ data); nothing here knows about gRPC.
 
 from __future__ import annotations
 
-import base64
 import random
 import re
 import time
@@ -28,6 +27,7 @@ from controller.domain.datasets import content_digest, entries_to_json, parse_da
 from controller.domain.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from controller.domain.execution.agents import AgentSession
 from controller.domain.execution.coordinator import RunCoordinator
+from controller.domain.paging import decode_page_token, encode_page_token
 from controller.domain.results.compare import (
     DEFAULT_TOLERANCE_PERCENT,
     METRICS,
@@ -291,14 +291,14 @@ class Runs:
         """A page of runs and the next page's token, passed to `build` on the reader thread (a
         page's conversion stays off the event loop and costs no second thread hop)."""
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        after = _decode_token(page_token) if page_token else None
+        after = decode_page_token(page_token) if page_token else None
         if state and state not in run_pb2.RunState.values():
             raise InvalidArgument([FieldViolation("state", f"unknown run state {state}")])
         if group_id:
             check_group_id(group_id)
 
         def page(records: list[repo.RunRecord], cursor: tuple[int, int] | None) -> T:
-            return build(records, _encode_token(cursor) if cursor else "")
+            return build(records, encode_page_token(cursor) if cursor else "")
 
         return await self._store.list_runs(size, after, state, model, MAX_PAGE_BYTES, page, series, group_id)
 
@@ -412,16 +412,3 @@ class Runs:
 
     def agents(self) -> list[AgentSession]:
         return self._coordinator.agents()
-
-
-def _encode_token(cursor: tuple[int, int]) -> str:
-    return base64.urlsafe_b64encode(f"{cursor[0]}:{cursor[1]}".encode()).decode().rstrip("=")
-
-
-def _decode_token(token: str) -> tuple[int, int]:
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-        created, pk = raw.split(":")
-        return int(created), int(pk)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidArgument([FieldViolation("page_token", "malformed page token")]) from exc

@@ -14,7 +14,6 @@ finds the stored dataset (`already_present`) and its new copy is deleted.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import hashlib
 import queue
@@ -37,6 +36,7 @@ from common.datasets import (
 )
 from common.proto.loadtest.v1 import run_pb2
 from controller.domain.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
+from controller.domain.paging import decode_page_token, encode_page_token
 from controller.store.datasets import MAX_CHUNK_BYTES, DatasetRecord
 from controller.store.interface import DatasetStore
 
@@ -212,9 +212,9 @@ class DatasetLibrary:
             raise _bad("page_size", f"at most {MAX_PAGE_SIZE}")
         if fmt and fmt not in run_pb2.DatasetFormat.values():
             raise _bad("format", "not a known format")
-        after = _decode_token(page_token) if page_token else None
+        after = decode_page_token(page_token) if page_token else None
         records, last = await self._store.list_datasets(page_size or DEFAULT_PAGE_SIZE, after, fmt)
-        return records, _encode_token(last) if last is not None else ""
+        return records, encode_page_token(last) if last is not None else ""
 
     async def delete(self, dataset_id_: str) -> None:
         await self.get(dataset_id_)
@@ -248,16 +248,3 @@ class DatasetLibrary:
             wanted = " or ".join(sorted(format_name(f) for f in formats))
             raise _bad(field, f"dataset {dataset_id_} is {format_name(record.format)}; a {family} needs {wanted}")
         return record
-
-
-def _encode_token(cursor: tuple[int, int]) -> str:
-    return base64.urlsafe_b64encode(f"{cursor[0]}:{cursor[1]}".encode()).decode().rstrip("=")
-
-
-def _decode_token(token: str) -> tuple[int, int]:
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-        created, pk = raw.split(":")
-        return int(created), int(pk)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidArgument([FieldViolation("page_token", "malformed page token")]) from exc
