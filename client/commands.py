@@ -25,7 +25,6 @@ from client.envconfig import not_from_env
 from client.scenarios import SCENARIOS, describe
 from client.sdk import ControllerClient
 from client.uploads import upload_run_files
-from common.datasets import upload_name
 from common.grpc_options import API_KEY_ENV
 from common.proto.loadtest.v1 import run_pb2
 from common.stats import DEFAULT_CONFIDENCE_PERCENT
@@ -242,22 +241,8 @@ def _cancel_command(args: argparse.Namespace, run_id: str) -> str:
     return f"llm-loadtest runs cancel {run_id} --controller {args.controller}"
 
 
-async def _upload_run_dataset(args: argparse.Namespace, client: ControllerClient, spec: run_pb2.RunSpec) -> None:
-    """`--dataset FILE`: upload the file (nothing is sent when the controller has it already)
-    and refer to it by id."""
-    path = getattr(args, "dataset", None)
-    if path is None or not spec.workload.HasField("dataset"):
-        return
-    dataset = spec.workload.dataset
-    reply = await client.upload_dataset(path, dataset.format, upload_name(dataset.name))
-    dataset.dataset_id = reply.dataset.id
-    how = "already stored" if reply.already_present else "uploaded"
-    print(f"dataset {reply.dataset.id} ({reply.dataset.entry_count} entries) {how}", file=sys.stderr, flush=True)
-
-
 async def _run(args: argparse.Namespace, spec: run_pb2.RunSpec, interrupts: Interrupts) -> int:
     async with open_client(args) as client:
-        await _upload_run_dataset(args, client, spec)
         await upload_run_files(client, args, spec)
         if getattr(args, "repeat", 1) > 1:
             from client.repeats import run_group

@@ -1,9 +1,10 @@
 """The files a `run` names that go to the controller as uploaded datasets, not in its spec:
-`--trace` (a Mooncake or Azure trace) and `--tokenizer` (the model's tokenizer.json).
+`--dataset` (prompts), `--trace` (a Mooncake or Azure trace) and `--tokenizer` (the model's
+tokenizer.json).
 
 Each is uploaded (content-addressed: a file uploaded before is not sent again) before the run
 is created, and the spec refers to it by id: `Workload.trace.dataset_id`,
-`Workload.tokenizer_id`. A `--trace` stage without --duration or --requests then gets the
+`Workload.tokenizer_id`, `Workload.dataset.dataset_id`. A `--trace` stage without --duration or --requests then gets the
 whole trace (`spec_builder.finish_trace_stage`, from the upload's entry count and span).
 """
 
@@ -12,19 +13,30 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
 from client import spec_builder
-from common.proto.loadtest.v1 import run_pb2
+from client.sdk import ControllerClient
+from common.datasets import upload_name
+from common.proto.loadtest.v1 import dataset_service_pb2, run_pb2
 
 
-async def _upload(client: Any, path: Path, fmt: run_pb2.DatasetFormat.ValueType) -> Any:
-    """`ControllerClient.upload_dataset` (the datasets SDK call): its UploadDatasetResponse."""
-    return await client.upload_dataset(path, fmt, name=path.name)
+async def _upload(
+    client: ControllerClient, path: Path, fmt: run_pb2.DatasetFormat.ValueType, name: str = ""
+) -> dataset_service_pb2.UploadDatasetResponse:
+    return await client.upload_dataset(path, fmt, upload_name(name or path.name))
 
 
-async def upload_run_files(client: Any, args: argparse.Namespace, spec: run_pb2.RunSpec) -> None:
-    """Upload --tokenizer and --trace and point the spec at them."""
+async def upload_run_files(client: ControllerClient, args: argparse.Namespace, spec: run_pb2.RunSpec) -> None:
+    """Upload --dataset, --tokenizer and --trace and point the spec at them."""
+    path = getattr(args, "dataset", None)
+    if path is not None and spec.workload.HasField("dataset"):
+        dataset = spec.workload.dataset
+        uploaded = await _upload(client, path, dataset.format, dataset.name)
+        dataset.dataset_id = uploaded.dataset.id
+        how = "already stored" if uploaded.already_present else "uploaded"
+        print(
+            f"dataset {uploaded.dataset.id} ({uploaded.dataset.entry_count} entries) {how}", file=sys.stderr, flush=True
+        )
     tokenizer = getattr(args, "tokenizer", None)
     if tokenizer is not None:
         path = spec_builder.tokenizer_file(tokenizer)
