@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
+import string
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -151,10 +153,13 @@ class ServerTokens:
         with urllib.request.urlopen(request, timeout=10) as r:
             return dict(json.loads(r.read()))
 
+    def tokenize(self, text: str, add_special: bool = False) -> list[int]:
+        return list(self._post("/tokenize", {"content": text, "add_special": add_special})["tokens"])
+
     def prompt_tokens(self, messages: list[dict[str, str]]) -> int:
         """The tokens of the prompt these messages become."""
         prompt = self._post("/apply-template", {"messages": messages})["prompt"]
-        return len(self._post("/tokenize", {"content": prompt, "add_special": True})["tokens"])
+        return len(self.tokenize(prompt, add_special=True))
 
     def content_tokens(self, messages: list[dict[str, str]], index: int) -> int:
         """Tokens of message `index`'s content where it stands in the prompt: the prompt's
@@ -171,6 +176,23 @@ def run_exchanges(exchanges: list[Exchange]) -> list[Exchange]:
 
 def server_metrics_of(stage: dict[str, Any]) -> dict[str, Any]:
     return dict(stage.get("server_metrics") or {})
+
+
+def test_the_tiny_tokenizer_encodes_as_llama_server_does(llama_server: LlamaServer, tokenizer_path: Path) -> None:
+    # The premise of the exactness checks below: the tokenizer.json written from the GGUF's
+    # vocabulary gives llama-server's own ids for a text where it stands in a prompt (after a
+    # newline, as a chat template puts it: llama.cpp prepends a space only at the prompt's start).
+    tokenizer = Tokenizer.from_path(tokenizer_path)
+    server = ServerTokens(llama_server)
+    rng = random.Random(18)
+    alphabet = string.ascii_letters + string.digits + " .,;:!?'-\n\té€日"
+    texts = [PREFLIGHT_PROMPT, " of to in", "Hello  there,\tfriend!", " zz ZZ z9 \u00e9t\u00e9"]
+    texts += ["".join(rng.choices(alphabet, k=rng.randint(1, 60))) for _ in range(30)]
+    newline = server.tokenize("\n")
+    for text in texts:
+        ids = server.tokenize("\n" + text)
+        assert ids[: len(newline)] == newline
+        assert tokenizer.encode(text) == ids[len(newline) :], text
 
 
 async def test_conversations_carry_the_history_and_hit_the_slot_cache(
