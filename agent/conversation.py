@@ -75,7 +75,9 @@ from agent.prompts import (
     PromptGenerator,
     PromptSourceError,
     draw_length,
+    group_prefix_seed,
     shared_prefix,
+    token_pieces,
 )
 from agent.sample import RequestSample
 from agent.scheduler import (
@@ -88,6 +90,7 @@ from agent.scheduler import (
 )
 from common.durations import seconds
 from common.proto.loadtest.v1 import run_pb2
+from common.tokenizer import Tokenizer
 
 DEFAULT_TURNS = 3
 Message = dict[str, str]
@@ -153,14 +156,16 @@ class ConversationSource(Protocol):
 class SyntheticConversations:
     """Sessions of synthetic turns (`Workload.conversation`)."""
 
-    def __init__(self, workload: run_pb2.Workload) -> None:
+    def __init__(self, workload: run_pb2.Workload, tokenizer: Tokenizer | None = None) -> None:
         conversation = workload.conversation
         self._turns = conversation.turns
         self._think = workload.think_time
         self._rng = random.Random(f"{_SESSION_SEED}:{workload.seed}")
-        self._prompts = PromptGenerator(turn_prompt_workload(workload))
+        self._prompts = PromptGenerator(turn_prompt_workload(workload), tokenizer)
         words = conversation.system_prompt_tokens
-        self._preamble: tuple[Message, ...] = ({"role": "system", "content": shared_prefix(words)},) if words else ()
+        self._preamble: tuple[Message, ...] = (
+            ({"role": "system", "content": system_prompt(words, tokenizer)},) if words else ()
+        )
         self._preamble_tokens = words
 
     def next_session(self) -> SessionPlan:
@@ -171,6 +176,17 @@ class SyntheticConversations:
             prompt = self._prompts.next_prompt()
             turns.append(TurnPlan(prompt.text, prompt.max_tokens, prompt.input_tokens, draw_think_ns(rng, self._think)))
         return SessionPlan(self._preamble, self._preamble_tokens, tuple(turns))
+
+
+def system_prompt(tokens: int, tokenizer: Tokenizer | None = None) -> str:
+    """The system prompt of `system_prompt_tokens = tokens`: the shared prefix's text (fixed
+    seed), without a tokenizer words, with one exactly `tokens` of its tokens."""
+    if tokenizer is None:
+        return shared_prefix(tokens)
+    pieces = token_pieces(tokenizer)
+    rng = random.Random(group_prefix_seed(0))
+    text, _ = pieces.fit(pieces.draw(rng, tokens), tokens, rng)
+    return text
 
 
 def turn_prompt_workload(workload: run_pb2.Workload) -> run_pb2.Workload:
@@ -244,13 +260,15 @@ def conversation_source(
     workload: run_pb2.Workload,
     target: run_pb2.Target,
     dataset_entries: Sequence[run_pb2.DatasetEntry] = (),
+    tokenizer: Tokenizer | None = None,
 ) -> ConversationSource:
-    """The session source of a conversation workload (`is_conversation(workload)`)."""
+    """The session source of a conversation workload (`is_conversation(workload)`); with the
+    model's tokenizer, prompts are exact and dataset turns counted in its tokens."""
     if target.api_kind == run_pb2.API_KIND_COMPLETIONS:
         raise PromptSourceError("conversations need the chat API (api_kind chat), not completions")
     if workload.WhichOneof("source") == "dataset":
-        return DatasetConversations(dataset_entries, workload)
-    return SyntheticConversations(workload)
+        return DatasetConversations(dataset_entries, workload, tokenizer.count if tokenizer else count_words)
+    return SyntheticConversations(workload, tokenizer)
 
 
 @dataclass(frozen=True, slots=True)

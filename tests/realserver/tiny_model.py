@@ -7,10 +7,17 @@ large constant in every token embedding, and no layer writes to it (row 0 of eve
 projection is 0), so after the final RMS norm it is always positive; the EOS row of the output
 matrix is strongly negative in that dimension and 0 elsewhere, every other row is 0 there.
 EOS's logit is then about -1,600 while the others are within a few units of 0.
+
+`write_tiny_tokenizer` writes the same vocabulary as a Hugging Face `tokenizer.json` (for
+`--tokenizer`): a BPE with byte fallback whose merges are ranked by the pieces' scores, so it
+merges in the order llama.cpp's SentencePiece tokenizer does, and encodes a text to the ids
+llama-server gives it inside a prompt (after the chat template's text: no space is prepended,
+as llama.cpp prepends one only at the very start of the whole prompt).
 """
 
 from __future__ import annotations
 
+import json
 import string
 from pathlib import Path
 
@@ -109,4 +116,52 @@ def write_tiny_llama(path: Path, seed: int = 0) -> Path:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return path
+
+
+def write_tiny_tokenizer(path: Path) -> Path:
+    """Write the model's vocabulary as a `tokenizer.json` to `path` and return it."""
+    tokens, scores, _ = _vocab()
+    vocab = {t: i for i, t in enumerate(tokens)}
+    # Each multi-character piece is its prefix and its last character (every piece's prefix is
+    # a piece too: "▁ab" = "▁a" + "b", "▁a" = "▁" + "a"); the highest score merges first.
+    merged = sorted((i for i in range(259, len(tokens)) if len(tokens[i]) > 1), key=lambda i: -scores[i])
+    merges = [[tokens[i][:-1], tokens[i][-1]] for i in merged]
+    assert all(left in vocab for left, _ in merges)
+    special = [
+        {"id": i, "content": tokens[i], "single_word": False, "lstrip": False, "rstrip": False}
+        | {"normalized": False, "special": True}
+        for i in (UNK, BOS, EOS)
+    ]
+    tokenizer = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": special,
+        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+        "pre_tokenizer": None,
+        "post_processor": None,
+        "decoder": {
+            "type": "Sequence",
+            "decoders": [
+                {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+                {"type": "ByteFallback"},
+                {"type": "Fuse"},
+            ],
+        },
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": tokens[UNK],
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": True,
+            "byte_fallback": True,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": merges,
+        },
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(tokenizer, ensure_ascii=False))
     return path

@@ -7,6 +7,7 @@ import random
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -27,6 +28,8 @@ from agent.prompts import PromptSourceError, shared_prefix
 from agent.sample import RequestSample
 from agent.scheduler import ClosedLoopSchedule, OpenLoopSchedule
 from common.proto.loadtest.v1 import run_pb2
+from common.tokenizer import Tokenizer
+from tests.tokenizers_fixture import build_bpe_tokenizer
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -335,3 +338,31 @@ async def test_open_loop_stops_dispatching_once_the_budget_is_used_up() -> None:
     assert [(s.session_id, s.turn_index) for s in server.sent] == [(1, 1), (1, 2), (1, 3)]
     assert engine.sessions_started == 1 and not server.abandoned
     assert (time.perf_counter_ns() - started) / 1e9 < 3.0  # not waiting for the arrival at 4 s
+
+
+async def test_with_a_tokenizer_the_prompts_are_exact_and_the_history_counted_in_its_tokens(tmp_path: Path) -> None:
+    # The fixture's small BPE makes most words several tokens: word counts would be far off.
+    tokenizer = Tokenizer.from_path(build_bpe_tokenizer(tmp_path / "tokenizer.json"))
+    w = workload(turns=3, system=30)
+    w.conversation.input_tokens.fixed = 25
+    server = FakeServer()
+    source = conversation_source(w, run_pb2.Target(), tokenizer=tokenizer)
+    engine = ConversationEngine(source, server.send, server.abandon, tokenizer.count)
+    await engine.run(closed_load(1, requests=3))
+    third = server.sent[2].messages
+    assert third[0]["role"] == "system" and tokenizer.count(third[0]["content"]) == 30
+    users = [m["content"] for m in third if m["role"] == "user"]
+    assert len(set(users)) == 3 and [tokenizer.count(u) for u in users] == [25, 25, 25]
+    # The same system prompt in every session (and in a new source: a fixed seed).
+    again = conversation_source(workload(seed=99, system=30), run_pb2.Target(), tokenizer=tokenizer)
+    assert again.next_session().preamble[0]["content"] == third[0]["content"]
+    # The requested input: every message's content counted with the tokenizer.
+    assert [s.input_tokens for s in server.sent] == [
+        sum(tokenizer.count(m["content"]) for m in s.messages) for s in server.sent
+    ]
+    # Dataset turns are counted with it too.
+    d = run_pb2.Workload(seed=5)
+    d.dataset.all_turns = True
+    entry = run_pb2.DatasetEntry(messages=[run_pb2.ChatMessage(role="user", content="Serving engines are tuned")])
+    (turn,) = conversation_source(d, run_pb2.Target(), [entry], tokenizer).next_session().turns
+    assert turn.tokens == tokenizer.count("Serving engines are tuned") != count_words("Serving engines are tuned")
