@@ -213,6 +213,12 @@ def test_token_accounting_notes() -> None:
         "a prompt of N tokens reaches the model as N +12" in token_accounting(spec, [tokens_event_message(19, 7)]).note
     )
     assert token_accounting(spec, [tokens_event_message(7, 7)]).template_overhead_tokens == 0
+    conversation = run_pb2.RunSpec()
+    conversation.workload.tokenizer_id = spec.workload.tokenizer_id
+    conversation.workload.conversation.turns.fixed = 3
+    note = token_accounting(conversation, [tokens_event_message(19, 7)]).note
+    assert "adds 12" in note and "each further message of a conversation adds its own header" in note
+    assert "further message" not in known.note
 
 
 def test_a_trace_stage_has_no_ramp() -> None:

@@ -191,4 +191,7 @@ def token_accounting(spec: run_pb2.RunSpec, token_events: list[str]) -> run_pb2.
     else:
         adds = f"adds {overhead}" if overhead > 0 else f"removes {-overhead}"
         out.note = f"exact: {what} reaches the model as {total} tokens: the chat template {adds}"
+    if w.HasField("conversation") or (w.HasField("dataset") and w.dataset.all_turns):
+        # The preflight request is one user message; a turn carries the whole history.
+        out.note += " (measured on one message: each further message of a conversation adds its own header)"
     return out
