@@ -350,9 +350,9 @@ def print_result(
                 con.print(part)
         if capacity is not None:
             print(capacity)
-        tokens = render.tokens_line(result)
-        if tokens:
-            print(tokens)
+        if searched:  # the result table's caption has it otherwise
+            for line in render.token_notes(result):
+                con.print(line)
         shown = f" ({run.spec.display_name})" if run.spec.display_name else ""
         if result.HasField("group"):
             counted, repeats = len(result.group.counted_run_ids), len(result.group.run_ids)

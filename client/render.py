@@ -652,8 +652,3 @@ def result_details(result: run_pb2.RunResult) -> list[object]:
         if s.agents:
             parts.append(_agents_table(s))
     return parts
-
-
-def tokens_line(result: run_pb2.RunResult) -> str:
-    """`tokens: exact: input 512 reaches the model as 519 tokens: ...` (RunResult.tokens), or ""."""
-    return f"tokens: {result.tokens.note}" if result.HasField("tokens") and result.tokens.note else ""

@@ -37,9 +37,17 @@ def stack(tmp_path: Path) -> Iterator[tuple[str, str]]:
     procs: list[Proc] = []
     try:
         mock = Proc(
-            "mock-server", "--port", "0", "--ttft-ms", "5", "--itl-ms", "1", "--output-tokens", "1000",
+            "mock-server",
+            "--port",
+            "0",
+            "--ttft-ms",
+            "5",
+            "--itl-ms",
+            "1",
+            "--output-tokens",
+            "1000",
             log=tmp_path / "mock.log",
-        )  # fmt: skip
+        )
         procs.append(mock)
         target = mock.wait_line("listening on").rsplit(" ", 1)[-1]
         ctl = Proc(
@@ -66,10 +74,24 @@ def test_run_trace_replays_every_request_at_its_time(stack: tuple[str, str], tmp
     trace_file.write_text("".join(json.dumps(r) + "\n" for r in trace))
     tokenizer = build_bpe_tokenizer(tmp_path / "model" / "tokenizer.json")
     done = cli(
-        "run", "--controller", address, "--target", target, "--model", "mock", "--agents", "2",
-        "--trace", str(trace_file), "--replay-speed", str(SPEED), "--trace-block-tokens", "16",
-        "--tokenizer", str(tokenizer.parent),
-    )  # fmt: skip
+        "run",
+        "--controller",
+        address,
+        "--target",
+        target,
+        "--model",
+        "mock",
+        "--agents",
+        "2",
+        "--trace",
+        str(trace_file),
+        "--replay-speed",
+        str(SPEED),
+        "--trace-block-tokens",
+        "16",
+        "--tokenizer",
+        str(tokenizer.parent),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "SUCCEEDED" in done.stdout
     assert "tokens: exact:" in done.stdout, done.stdout

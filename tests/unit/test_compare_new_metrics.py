@@ -55,9 +55,17 @@ def compare(base: run_pb2.StageResult, other: run_pb2.StageResult) -> dict[str, 
 def test_the_new_metrics_are_declared_and_selectable_by_name() -> None:
     assert all(name in METRICS_BY_NAME for name in NEW)
     assert [m.name for m in METRICS[:10]] == [  # the plain metrics come first, in their order
-        "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "itl_p50_ms",
-        "e2e_p50_ms", "e2e_p99_ms", "error_rate", "request_throughput", "output_token_throughput",
-    ]  # fmt: skip
+        "ttft_p50_ms",
+        "ttft_p99_ms",
+        "tpot_p50_ms",
+        "tpot_p99_ms",
+        "itl_p50_ms",
+        "e2e_p50_ms",
+        "e2e_p99_ms",
+        "error_rate",
+        "request_throughput",
+        "output_token_throughput",
+    ]
 
 
 def test_plain_runs_compare_exactly_as_before() -> None:

@@ -18,8 +18,25 @@ CACHED_REPORTED, LAST_TURN = 1 << 3, 1 << 4
 def row(flags: int, *extra: int) -> tuple[object, ...]:
     # cursor, stage, agent, sent, queue, first_byte, first_token, last_token, done, prompt,
     # output, status, flags, itl_count, error, session, then EXPORT_EXTRA_COLUMNS
-    return (9, 1, "a1", 1_700_000_000_000_000_000, 0, 30_000_000, 450_000_000, 900_000_000, 901_000_000, 64, 80,
-            int(run_pb2.REQUEST_STATUS_OK), flags, 79, "", "ses-1", *extra)  # fmt: skip
+    return (
+        9,
+        1,
+        "a1",
+        1_700_000_000_000_000_000,
+        0,
+        30_000_000,
+        450_000_000,
+        900_000_000,
+        901_000_000,
+        64,
+        80,
+        int(run_pb2.REQUEST_STATUS_OK),
+        flags,
+        79,
+        "",
+        "ses-1",
+        *extra,
+    )
 
 
 def test_the_new_columns_are_exported_in_ms_with_the_flag_bits() -> None:

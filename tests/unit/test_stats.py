@@ -31,9 +31,19 @@ def test_normal_quantiles_and_p_values_are_the_tabulated_ones() -> None:
 # Two-sided 95 % and 99 % quantiles from a t table.
 @pytest.mark.parametrize(
     ("df", "t95", "t99"),
-    [(1, 12.706, 63.657), (2, 4.303, 9.925), (3, 3.182, 5.841), (4, 2.776, 4.604), (5, 2.571, 4.032),
-     (9, 2.262, 3.250), (10, 2.228, 3.169), (29, 2.045, 2.756), (30, 2.042, 2.750), (120, 1.980, 2.617)],
-)  # fmt: skip
+    [
+        (1, 12.706, 63.657),
+        (2, 4.303, 9.925),
+        (3, 3.182, 5.841),
+        (4, 2.776, 4.604),
+        (5, 2.571, 4.032),
+        (9, 2.262, 3.250),
+        (10, 2.228, 3.169),
+        (29, 2.045, 2.756),
+        (30, 2.042, 2.750),
+        (120, 1.980, 2.617),
+    ],
+)
 def test_t_quantiles_are_the_tabulated_ones(df: int, t95: float, t99: float) -> None:
     assert t_value(95, df) == pytest.approx(t95, abs=1.5e-3)
     assert t_value(99, df) == pytest.approx(t99, abs=1.5e-3)
