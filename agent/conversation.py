@@ -88,6 +88,7 @@ from agent.scheduler import (
 )
 from common.durations import seconds
 from common.proto.loadtest.v1 import run_pb2
+from common.tokenizer import Tokenizer
 
 DEFAULT_TURNS = 3
 Message = dict[str, str]
@@ -153,15 +154,22 @@ class ConversationSource(Protocol):
 class SyntheticConversations:
     """Sessions of synthetic turns (`Workload.conversation`)."""
 
-    def __init__(self, workload: run_pb2.Workload) -> None:
+    def __init__(self, workload: run_pb2.Workload, tokenizer: Tokenizer | None = None) -> None:
         conversation = workload.conversation
         self._turns = conversation.turns
         self._think = workload.think_time
         self._rng = random.Random(f"{_SESSION_SEED}:{workload.seed}")
-        self._prompts = PromptGenerator(turn_prompt_workload(workload))
+        # With a tokenizer the user prompts are exact in its tokens, as single prompts are.
+        self._prompts = PromptGenerator(turn_prompt_workload(workload), tokenizer)
         words = conversation.system_prompt_tokens
-        self._preamble: tuple[Message, ...] = ({"role": "system", "content": shared_prefix(words)},) if words else ()
-        self._preamble_tokens = words
+        system = shared_prefix(words)
+        tokens = words
+        if words and tokenizer is not None:
+            # The shared prefix of that many tokens (the same text on every agent), counted.
+            system = PromptGenerator(_system_prompt_workload(words), tokenizer).prefix(0)
+            tokens = tokenizer.count(system)
+        self._preamble: tuple[Message, ...] = ({"role": "system", "content": system},) if words else ()
+        self._preamble_tokens = tokens
 
     def next_session(self) -> SessionPlan:
         """T turns, each a fresh prompt of the generator and a think time."""
@@ -171,6 +179,12 @@ class SyntheticConversations:
             prompt = self._prompts.next_prompt()
             turns.append(TurnPlan(prompt.text, prompt.max_tokens, prompt.input_tokens, draw_think_ns(rng, self._think)))
         return SessionPlan(self._preamble, self._preamble_tokens, tuple(turns))
+
+
+def _system_prompt_workload(tokens: int) -> run_pb2.Workload:
+    out = run_pb2.Workload()
+    out.synthetic.shared_prefix_tokens = tokens
+    return out
 
 
 def turn_prompt_workload(workload: run_pb2.Workload) -> run_pb2.Workload:
@@ -244,13 +258,20 @@ def conversation_source(
     workload: run_pb2.Workload,
     target: run_pb2.Target,
     dataset_entries: Sequence[run_pb2.DatasetEntry] = (),
+    tokenizer: Tokenizer | None = None,
 ) -> ConversationSource:
-    """The session source of a conversation workload (`is_conversation(workload)`)."""
+    """The session source of a conversation workload (`is_conversation(workload)`); with the
+    model's tokenizer, prompts are built and counted with it."""
     if target.api_kind == run_pb2.API_KIND_COMPLETIONS:
         raise PromptSourceError("conversations need the chat API (api_kind chat), not completions")
     if workload.WhichOneof("source") == "dataset":
-        return DatasetConversations(dataset_entries, workload)
-    return SyntheticConversations(workload)
+        return DatasetConversations(dataset_entries, workload, count_tokens_with(tokenizer))
+    return SyntheticConversations(workload, tokenizer)
+
+
+def count_tokens_with(tokenizer: Tokenizer | None) -> Callable[[str], int]:
+    """How a conversation counts a text's tokens: with the tokenizer, else its words."""
+    return tokenizer.count if tokenizer is not None else count_words
 
 
 @dataclass(frozen=True, slots=True)

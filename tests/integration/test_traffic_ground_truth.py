@@ -1,0 +1,221 @@
+"""Issue 18's metrics against the mock's known values, through the real stack: an in-process
+controller (a real SQLite file), real agents over gRPC, the real mock server on 127.0.0.1.
+
+Every expected number is derived from the mock's configuration and its documented model
+(docs/workloads.md, "The mock server as ground truth"):
+
+* tokens: a chat prompt reaches the model as `bos + messages' tokens + template x (messages
+  + 1)`; completions add `bos` only;
+* the prefix cache (`mockserver/prefix_cache.py`): the rendered prompt (BOS, each message's
+  header and text, the assistant header) in blocks of 16; a request's cached tokens are its
+  longest run of leading full blocks some earlier request cached (its prompt at lookup, its
+  prompt + output when it ended), at most `(P - 1) // 16` blocks;
+* the prefill cost of the uncached tokens only: TTFT = ttft + prefill x (P - cached) / 1000.
+"""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import pytest
+
+from agent.prompts import WORDS, PromptGenerator, token_pieces
+from client.sdk import ControllerClient
+from common.proto.loadtest.v1 import run_pb2, run_service_pb2
+from common.tokenizer import Tokenizer
+from controller.server import Controller
+from controller.store import repository as repo
+from controller.store.repository import StageSamples
+from mockserver.config import MockConfig
+from mockserver.server import MockServer
+from tests.integration.test_conversations_e2e import recording
+from tests.integration.test_run_end_to_end import mock_stats, running_agent, wait_final
+
+pytestmark = pytest.mark.timeout(60)
+
+BOS, TEMPLATE, BLOCK = 1, 3, 16
+
+
+def block_floor(tokens: int) -> int:
+    return tokens // BLOCK * BLOCK
+
+
+async def upload_tokenizer(client: ControllerClient, path: Path) -> str:
+    response = await client.upload_dataset(path.read_bytes(), run_pb2.DATASET_FORMAT_TOKENIZER, name="tok.json")
+    return str(response.dataset.id)
+
+
+def base_spec(mock: MockServer) -> run_pb2.RunSpec:
+    spec = run_pb2.RunSpec(display_name="ground-truth")
+    spec.target.base_url = mock.base_url
+    spec.target.model = "mock"
+    return spec
+
+
+async def finished(
+    controller: Controller, client: ControllerClient, spec: run_pb2.RunSpec
+) -> tuple[run_pb2.RunResult, list[run_service_pb2.ExportedSample], StageSamples]:
+    """Run `spec` (one stage) to the end: its result, its exported samples, its stored samples."""
+    run = await client.create_run(spec)
+    final = await wait_final(client, run.id, 45)
+    assert final.state == run_pb2.RUN_STATE_SUCCEEDED, final.state_reason
+    result = await client.get_result(run.id)
+    samples = [s async for s in client.export_samples(run.id)]
+    record = await controller.db.read(repo.get_run, run.id)
+    assert record is not None
+    stored = await controller.db.read(repo.load_stage_samples, record.pk, 0)
+    assert len(stored.columns) == len(samples)
+    assert all(s.status == run_pb2.REQUEST_STATUS_OK for s in samples)
+    return result, samples, stored
+
+
+# --- 1. exact token counts --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("api", ["chat", "completions"])
+async def test_prompts_are_exact_and_the_template_overhead_is_the_mocks(
+    controller: Controller, client: ControllerClient, tokenizer_path: Path, tok: Tokenizer, api: str
+) -> None:
+    tokenizer_id = await upload_tokenizer(client, tokenizer_path)
+    config = MockConfig(
+        ttft_ms=2,
+        itl_ms=1,
+        output_tokens=1000,
+        tokenizer=str(tokenizer_path),
+        bos_tokens=BOS,
+        chat_template_tokens=TEMPLATE,
+    )
+    # The preflight's one message, and every single-turn prompt's: BOS, a role header, the
+    # generation prompt (chat); BOS alone (completions).
+    overhead = BOS + TEMPLATE * 2 if api == "chat" else BOS
+    async with MockServer(config) as mock, running_agent(f"127.0.0.1:{controller.port}"):
+        spec = base_spec(mock)
+        if api == "completions":
+            spec.target.api_kind = run_pb2.API_KIND_COMPLETIONS
+        spec.workload.tokenizer_id = tokenizer_id
+        spec.workload.synthetic.input_tokens.uniform.min = 20
+        spec.workload.synthetic.input_tokens.uniform.max = 150
+        spec.workload.synthetic.output_tokens.fixed = 9
+        spec.stages.add(concurrency=2, requests=24)
+        result, samples, stored = await finished(controller, client, spec)
+    requested = stored.requested_input_tokens
+    assert len(set(requested.tolist())) > 5  # lengths vary: the equality is not one number's
+    assert (stored.columns.prompt_tokens == requested + overhead).all(), (stored.columns.prompt_tokens, requested)
+    (stage,) = result.stages
+    assert stage.mean_input_tokens == pytest.approx(stage.mean_requested_input_tokens + overhead)
+    assert result.tokens.exact and result.tokens.tokenizer == tokenizer_id
+    assert result.tokens.HasField("template_overhead_tokens")
+    assert result.tokens.template_overhead_tokens == overhead
+    assert all(s.usage_reported and s.output_tokens == 9 for s in samples)
+    # Not by chance: word-built prompts would not be counted so by this tokenizer.
+    words = " ".join(WORDS[-60:])
+    assert tok.count(words) != len(words.split())
+
+
+async def test_output_tokens_without_usage_are_counted_with_the_tokenizer(
+    controller: Controller, client: ControllerClient, tokenizer_path: Path
+) -> None:
+    """`--style tgi` sends no usage: the agent counts the streamed text with the tokenizer,
+    and the mock's words are one token each for it, so the count is the mock's exactly."""
+    tokenizer_id = await upload_tokenizer(client, tokenizer_path)
+    config = MockConfig(ttft_ms=2, itl_ms=1, output_tokens=1000, tokenizer=str(tokenizer_path), style="tgi")
+    async with MockServer(config) as mock, running_agent(f"127.0.0.1:{controller.port}"):
+        spec = base_spec(mock)
+        spec.workload.tokenizer_id = tokenizer_id
+        spec.workload.synthetic.input_tokens.fixed = 30
+        spec.workload.synthetic.output_tokens.uniform.min = 5
+        spec.workload.synthetic.output_tokens.uniform.max = 40
+        spec.stages.add(concurrency=2, requests=16)
+        result, samples, stored = await finished(controller, client, spec)
+        stats = await mock_stats(mock)
+    assert not any(s.usage_reported for s in samples)
+    # The mock generates max_tokens (below its natural length): the requested output is the count.
+    assert (stored.columns.output_tokens == stored.requested_output_tokens).all()
+    assert len(set(stored.requested_output_tokens.tolist())) > 3
+    (stage,) = result.stages
+    assert stage.output_tokens == int(stored.requested_output_tokens.sum())
+    # What the mock wrote, the preflight's answers aside (each a max_tokens the agent asked).
+    assert stats["output_tokens_total"] >= stage.output_tokens
+    # No usage: the template's overhead is unknown, not guessed.
+    assert result.tokens.exact and not result.tokens.HasField("template_overhead_tokens")
+
+
+# --- 2. prefix groups against the prefix cache --------------------------------------------
+
+
+def metrics_url(mock: MockServer) -> str:
+    return mock.base_url.removesuffix("/v1") + "/metrics"
+
+
+@pytest.mark.parametrize(
+    ("prefix", "popularity"),
+    [
+        (64, run_pb2.PREFIX_POPULARITY_UNIFORM),  # B + T + P = 68: 4 full blocks shared
+        (45, run_pb2.PREFIX_POPULARITY_UNIFORM),  # 49: 3 blocks, one token of the fourth
+        (45, run_pb2.PREFIX_POPULARITY_ZIPF),
+    ],
+)
+async def test_prefix_groups_hit_what_the_block_model_predicts(
+    controller: Controller, client: ControllerClient, tokenizer_path: Path, tok: Tokenizer, prefix: int, popularity: int
+) -> None:
+    groups, requests, input_tokens = 4, 40, 100
+    tokenizer_id = await upload_tokenizer(client, tokenizer_path)
+    assert len(token_pieces(tok).pieces) > requests  # request markers all differ in their first piece
+    config = MockConfig(
+        ttft_ms=2,
+        itl_ms=1,
+        output_tokens=1000,
+        tokenizer=str(tokenizer_path),
+        bos_tokens=BOS,
+        chat_template_tokens=TEMPLATE,
+        prefix_cache=True,
+        prefix_cache_block_tokens=BLOCK,
+    )
+    mock = MockServer(config)
+    seen = recording(mock)
+    async with mock, running_agent(f"127.0.0.1:{controller.port}"):
+        spec = base_spec(mock)
+        spec.workload.tokenizer_id = tokenizer_id
+        synthetic = spec.workload.synthetic
+        synthetic.input_tokens.fixed = input_tokens
+        synthetic.output_tokens.fixed = 3
+        synthetic.shared_prefix_tokens = prefix
+        synthetic.prefix_groups = groups
+        synthetic.prefix_popularity = popularity  # type: ignore[assignment]
+        spec.server_metrics.endpoints.append(metrics_url(mock))
+        spec.server_metrics.scrape_interval.FromMilliseconds(200)
+        spec.stages.add(concurrency=2, requests=requests)
+        result, samples, _ = await finished(controller, client, spec)
+        stats = await mock_stats(mock)
+
+    # Which group each request drew: its message starts with that group's prefix text.
+    prefixes = [PromptGenerator(spec.workload, tok).prefix(g) for g in range(groups)]
+    drawn = collections.Counter(
+        next(g for g, p in enumerate(prefixes) if s.messages[0]["content"].startswith(p))
+        for s in seen
+        if s.messages[0]["content"].startswith(tuple(prefixes))
+    )
+    assert sum(drawn.values()) == requests
+    if popularity == run_pb2.PREFIX_POPULARITY_ZIPF:
+        assert drawn[0] == max(drawn.values()) and drawn[0] > requests / groups
+    # The rendered prompt: BOS, the user header, the prompt, the assistant header.
+    prompt_tokens = BOS + TEMPLATE + input_tokens + TEMPLATE
+    assert all(s.prompt_tokens == prompt_tokens and s.cached_reported for s in samples)
+    # A group's first request finds only BOS and the header (less than a block) cached; every
+    # later one its group's whole blocks of BOS + header + prefix (the marker then differs).
+    assert BOS + TEMPLATE < BLOCK
+    hit = min(block_floor(BOS + TEMPLATE + prefix), (prompt_tokens - 1) // BLOCK * BLOCK)
+    expected = sorted([0] * len(drawn) + [hit] * (requests - len(drawn)))
+    assert sorted(s.cached_prompt_tokens for s in samples) == expected
+    (stage,) = result.stages
+    cached = sum(expected)
+    assert stage.cached_prompt_tokens == cached
+    assert stage.prefix_cache_hit_percent == pytest.approx(100 * cached / (requests * prompt_tokens))
+    # The mock's own counter: the same tokens (the preflight's lookup found nothing cached).
+    assert stats["cached_tokens_total"] == cached
+    # The server's view from its counters over the stage's scrape window: the preflight's
+    # lookup precedes the window, so both sides count the same lookups (docs/server-metrics.md).
+    server = stage.server_metrics
+    assert server.prefix_cache_source.startswith("vllm:prefix_cache"), server.prefix_cache_source
+    assert server.prefix_cache_hit_percent == pytest.approx(stage.prefix_cache_hit_percent, abs=1e-9)
