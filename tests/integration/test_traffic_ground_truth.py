@@ -219,3 +219,108 @@ async def test_prefix_groups_hit_what_the_block_model_predicts(
     server = stage.server_metrics
     assert server.prefix_cache_source.startswith("vllm:prefix_cache"), server.prefix_cache_source
     assert server.prefix_cache_hit_percent == pytest.approx(stage.prefix_cache_hit_percent, abs=1e-9)
+
+
+# --- 3. conversations against the prefix cache ---------------------------------------------
+
+
+async def test_conversation_turns_hit_their_history_and_pay_only_uncached_prefill(
+    controller: Controller, client: ControllerClient, tokenizer_path: Path
+) -> None:
+    sessions, turns, user, output, system = 4, 3, 60, 20, 30
+    ttft_ms, prefill_ms_per_1k, think_s = 10.0, 2000.0, 0.2
+    tokenizer_id = await upload_tokenizer(client, tokenizer_path)
+    config = MockConfig(
+        ttft_ms=ttft_ms,
+        itl_ms=1,
+        output_tokens=1000,
+        tokenizer=str(tokenizer_path),
+        bos_tokens=BOS,
+        chat_template_tokens=TEMPLATE,
+        prefix_cache=True,
+        prefix_cache_block_tokens=BLOCK,
+        prefill_ms_per_1k_tokens=prefill_ms_per_1k,
+    )
+    async with MockServer(config) as mock, running_agent(f"127.0.0.1:{controller.port}"):
+        spec = base_spec(mock)
+        spec.workload.tokenizer_id = tokenizer_id
+        c = spec.workload.conversation
+        c.turns.fixed, c.input_tokens.fixed, c.output_tokens.fixed, c.system_prompt_tokens = turns, user, output, system
+        spec.workload.think_time.fixed.FromMilliseconds(int(think_s * 1000))
+        # `sessions` sessions start together and run in step; the budget is their turns.
+        spec.stages.add(concurrency=sessions, requests=sessions * turns)
+        result, samples, stored = await finished(controller, client, spec)
+    (stage,) = result.stages
+
+    # Turn k's prompt: BOS, the system prompt, k user prompts and k - 1 replies, each after
+    # its header, and the generation prompt (all exact with the tokenizer).
+    def prompt_tokens(k: int) -> int:
+        return BOS + TEMPLATE * (2 * k + 1) + system + k * user + (k - 1) * output
+
+    # Turn k > 1 repeats turn k - 1's prompt and reply, cached when that reply ended: its
+    # whole blocks. Turn 1 shares BOS, the system prompt and the user header with the other
+    # sessions' turn 1: every session but the first to arrive finds their whole blocks.
+    def cached(k: int) -> int:
+        return block_floor(prompt_tokens(k - 1) + output) if k > 1 else block_floor(BOS + 2 * TEMPLATE + system)
+
+    by_session: dict[tuple[str, int], dict[int, run_service_pb2.ExportedSample]] = collections.defaultdict(dict)
+    for s in samples:
+        by_session[(s.agent_session, s.session_id)][s.turn_index] = s
+    assert len(by_session) == sessions
+    first_turn_misses = 0
+    for session in by_session.values():
+        assert sorted(session) == [1, 2, 3]
+        assert [session[k].last_turn for k in (1, 2, 3)] == [False, False, True]
+        for k, s in session.items():
+            assert s.prompt_tokens == prompt_tokens(k) and s.output_tokens == output and s.cached_reported
+            if k == 1 and s.cached_prompt_tokens == 0:
+                first_turn_misses += 1
+            else:
+                assert s.cached_prompt_tokens == cached(k), (k, s.cached_prompt_tokens)
+    assert first_turn_misses == 1
+    # The agent's requested input: the history counted with the tokenizer (no template).
+    messages = {1: 2, 2: 4, 3: 6}
+    overhead = {prompt_tokens(k): BOS + TEMPLATE * (m + 1) for k, m in messages.items()}
+    assert all(
+        int(p) == int(r) + overhead[int(p)]
+        for p, r in zip(stored.columns.prompt_tokens, stored.requested_input_tokens, strict=True)
+    )
+
+    # Per turn: every session's k-th request, and the hit rate of the model.
+    assert [t.turn for t in stage.turns] == [1, 2, 3]
+    for t in stage.turns:
+        assert t.requests_ok == sessions and t.requests_failed == 0
+        assert t.mean_input_tokens == pytest.approx(prompt_tokens(t.turn))
+        hits = cached(t.turn) * (sessions - 1 if t.turn == 1 else sessions)
+        assert t.prefix_cache_hit_percent == pytest.approx(100 * hits / (sessions * prompt_tokens(t.turn)))
+    assert stage.turns[1].prefix_cache_hit_percent > 50 and stage.turns[2].prefix_cache_hit_percent > 60
+
+    # TTFT pays the prefill of the uncached tokens only. The mock is never early; a loaded
+    # machine makes it late, by a margin the test allows generously (half, plus 60 ms) — far
+    # less than the prefill the cached part would have cost (turn 3: 2 ms x 192 tokens).
+    for s in samples:
+        due_ms = ttft_ms + prefill_ms_per_1k * (s.prompt_tokens - s.cached_prompt_tokens) / 1000
+        uncached_all_ms = ttft_ms + prefill_ms_per_1k * s.prompt_tokens / 1000
+        assert due_ms - 1 <= s.ttft_ms <= due_ms * 1.5 + 60, (s.turn_index, s.ttft_ms, due_ms)
+        if s.turn_index > 1:
+            assert due_ms * 1.5 + 60 < uncached_all_ms  # the bound tells the cache's effect apart
+    # By turn: turn 3 sends 2.7 x turn 1's prompt, yet waits about as long (reference in-run).
+    ttft = {t.turn: t.ttft.mean_ms for t in stage.turns}
+    assert ttft[3] < 1.5 * ttft[1], ttft
+    assert prompt_tokens(3) > 2.5 * prompt_tokens(1)
+
+    # Sessions: all ran every turn; a session lasts its turns plus the think times between.
+    assert stage.sessions_completed == sessions
+    assert stage.session_duration.count == sessions
+    durations = []
+    for session in by_session.values():
+        first, last = session[1], session[turns]
+        durations.append((last.sent_unix_ns - first.sent_unix_ns) / 1e6 + last.done_ms)
+        least = sum(session[k].done_ms for k in session) + (turns - 1) * think_s * 1000
+        assert least <= durations[-1] <= least + (turns - 1) * 100, (least, durations[-1])
+    assert stage.session_duration.mean_ms == pytest.approx(sum(durations) / sessions, rel=1e-3)
+    assert stage.session_duration.max_ms == pytest.approx(max(durations), rel=1e-3)
+
+    # The exports carry what the aggregates count (item 6).
+    assert stage.cached_prompt_tokens == sum(s.cached_prompt_tokens for s in samples)
+    assert stage.prompt_tokens == sum(s.prompt_tokens for s in samples)
