@@ -16,6 +16,8 @@ Every expected number is derived from the mock's configuration and its documente
 from __future__ import annotations
 
 import collections
+import itertools
+import json
 from pathlib import Path
 
 import pytest
@@ -42,7 +44,7 @@ def block_floor(tokens: int) -> int:
 
 
 async def upload_tokenizer(client: ControllerClient, path: Path) -> str:
-    response = await client.upload_dataset(path.read_bytes(), run_pb2.DATASET_FORMAT_TOKENIZER, name="tok.json")
+    response = await client.upload_dataset(path, run_pb2.DATASET_FORMAT_TOKENIZER, name="tok.json")
     return str(response.dataset.id)
 
 
@@ -324,3 +326,106 @@ async def test_conversation_turns_hit_their_history_and_pay_only_uncached_prefil
     # The exports carry what the aggregates count (item 6).
     assert stage.cached_prompt_tokens == sum(s.cached_prompt_tokens for s in samples)
     assert stage.prompt_tokens == sum(s.prompt_tokens for s in samples)
+
+
+# --- 5. trace replay --------------------------------------------------------------------
+
+TRACE_BLOCK = 2 * BLOCK  # the trace's blocks: whole blocks of the mock's cache
+
+# (hash_ids, input_length): the expected cache hits follow from the ids (docs/workloads.md,
+# "Trace replay": equal ids are equal text; the last block is cut to the input length).
+MOONCAKE = [
+    ([1, 2, 3], 96),  # nothing cached yet
+    ([1, 2, 3], 96),  # the same prompt, 6 whole blocks: 5 found (the last token is computed)
+    ([1, 2, 4], 100),  # the first two trace blocks
+    ([1, 2], 50),  # block 2 cut after 18 tokens: 50 shared, 3 whole blocks
+    ([5], 40),  # a new block, then random text
+    ([5, 6], 80),  # block 5 again
+    ([1, 7, 3], 96),  # block 1 only: block 3 after another block is another prefix
+    ([7], 40),  # block 7 at position 0 is not block 7 at position 1
+    ([1, 2, 3, 8], 128),  # request 0's three blocks
+]
+
+
+def trace_units(index: int, hash_ids: list[int], length: int) -> list[object]:
+    """A trace prompt as the cache sees it: token p of block h is (h, p); after the blocks,
+    text of the request's own."""
+    units: list[object] = [(h, p) for h in hash_ids for p in range(TRACE_BLOCK)][:length]
+    return units + [("own", index, n) for n in range(length - len(units))]
+
+
+def predicted_cached(trace: list[tuple[list[int], int]]) -> list[int]:
+    """Each request's cached tokens: the longest prefix it shares with an earlier one, in
+    whole blocks, at most (P - 1) // block blocks."""
+    prompts = [trace_units(i, ids, n) for i, (ids, n) in enumerate(trace)]
+    out = []
+    for i, units in enumerate(prompts):
+        shared = 0
+        for earlier in prompts[:i]:
+            n = 0
+            while n < min(len(units), len(earlier)) and units[n] == earlier[n]:
+                n += 1
+            shared = max(shared, n)
+        out.append(min(block_floor(shared), (len(units) - 1) // BLOCK * BLOCK))
+    return out
+
+
+async def test_a_mooncake_traces_shared_blocks_hit_the_prefix_cache(
+    controller: Controller, client: ControllerClient
+) -> None:
+    trace = [
+        {"timestamp": 150 * i, "input_length": n, "output_length": 2 + i % 3, "hash_ids": ids}
+        for i, (ids, n) in enumerate(MOONCAKE)
+    ]
+    data = "".join(json.dumps(r) + "\n" for r in trace).encode()
+    dataset_id = str((await client.upload_dataset(data, run_pb2.DATASET_FORMAT_MOONCAKE_TRACE)).dataset.id)
+    expected = predicted_cached(MOONCAKE)
+    assert expected == [0, 80, 64, 48, 0, 32, 32, 0, 96]  # the model, spelled out
+    config = MockConfig(ttft_ms=2, itl_ms=1, output_tokens=1000, prefix_cache=True, prefix_cache_block_tokens=BLOCK)
+    address = f"127.0.0.1:{controller.port}"
+    async with MockServer(config) as mock, running_agent(address, "agent-1"), running_agent(address, "agent-2"):
+        spec = base_spec(mock)
+        spec.workload.trace.CopyFrom(run_pb2.Trace(dataset_id=dataset_id, replay_speed=1.0, block_tokens=TRACE_BLOCK))
+        spec.stages.add(trace_replay=True, requests=len(trace)).duration.FromSeconds(20)
+        spec.placement.agents = 2
+        spec.server_metrics.endpoints.append(metrics_url(mock))
+        spec.server_metrics.scrape_interval.FromMilliseconds(200)
+        result, samples, _ = await finished(controller, client, spec)
+    # Request i by its send time (the trace's order: 150 ms apart).
+    samples.sort(key=lambda s: s.sent_unix_ns)
+    assert [s.prompt_tokens for s in samples] == [n for _, n in MOONCAKE]
+    assert [s.output_tokens for s in samples] == [r["output_length"] for r in trace]
+    assert [s.cached_prompt_tokens for s in samples] == expected
+    assert {s.agent_name for s in samples} == {"agent-1", "agent-2"}
+    (stage,) = result.stages
+    assert stage.cached_prompt_tokens == sum(expected)
+    hit = 100 * sum(expected) / sum(n for _, n in MOONCAKE)
+    assert stage.prefix_cache_hit_percent == pytest.approx(hit)
+    assert stage.server_metrics.prefix_cache_hit_percent == pytest.approx(hit, abs=1e-9)
+
+
+async def test_an_azure_traces_lengths_are_honoured_exactly(
+    controller: Controller, client: ControllerClient, tokenizer_path: Path
+) -> None:
+    lengths = [(37, 3), (120, 9), (5, 1), (64, 4), (200, 2), (17, 12)]
+    rows = ["TIMESTAMP,ContextTokens,GeneratedTokens"]
+    rows += [f"2023-11-16 18:15:{46 + i // 5:02d}.{(i % 5) * 2:d}000000,{n},{o}" for i, (n, o) in enumerate(lengths)]
+    data = ("\n".join(rows) + "\n").encode()
+    dataset_id = str((await client.upload_dataset(data, run_pb2.DATASET_FORMAT_AZURE_TRACE)).dataset.id)
+    tokenizer_id = await upload_tokenizer(client, tokenizer_path)
+    # With the tokenizer on both sides and no template, a prompt of n tokens is n for the mock.
+    config = MockConfig(ttft_ms=2, itl_ms=1, output_tokens=1000, tokenizer=str(tokenizer_path))
+    async with MockServer(config) as mock, running_agent(f"127.0.0.1:{controller.port}"):
+        spec = base_spec(mock)
+        spec.workload.tokenizer_id = tokenizer_id
+        spec.workload.trace.CopyFrom(run_pb2.Trace(dataset_id=dataset_id, replay_speed=1.0))
+        spec.stages.add(trace_replay=True, requests=len(lengths)).duration.FromSeconds(20)
+        result, samples, stored = await finished(controller, client, spec)
+    samples.sort(key=lambda s: s.sent_unix_ns)
+    assert [(s.prompt_tokens, s.output_tokens) for s in samples] == lengths
+    assert sorted(stored.requested_input_tokens.tolist()) == sorted(n for n, _ in lengths)
+    assert result.tokens.exact and result.tokens.template_overhead_tokens == 0
+    # Sent at the trace's times (200 ms apart), from the stage start: scheduled = sent - queue delay.
+    scheduled = [s.sent_unix_ns - s.queue_delay_ms * 1e6 for s in samples]
+    gaps = [(b - a) / 1e6 for a, b in itertools.pairwise(scheduled)]
+    assert gaps == pytest.approx([200.0] * (len(lengths) - 1), abs=1.0)
