@@ -223,6 +223,44 @@ async def test_prefix_groups_hit_what_the_block_model_predicts(
     assert server.prefix_cache_hit_percent == pytest.approx(stage.prefix_cache_hit_percent, abs=1e-9)
 
 
+async def test_nothing_beyond_the_shared_prefix_is_cached_across_stages_and_agents(
+    controller: Controller, client: ControllerClient, tokenizer_path: Path
+) -> None:
+    """Request n of every assignment (two stages of two agents here) once wrote the same
+    request marker after the shared prefix: 61 tokens of BOS, header and prefix, plus three
+    marker pieces, reached a fourth block, and a later stage hit 64 tokens instead of 48."""
+    prefix, requests = 57, 12
+    tokenizer_id = await upload_tokenizer(client, tokenizer_path)
+    config = MockConfig(
+        ttft_ms=2,
+        itl_ms=1,
+        output_tokens=1000,
+        tokenizer=str(tokenizer_path),
+        bos_tokens=BOS,
+        chat_template_tokens=TEMPLATE,
+        prefix_cache=True,
+        prefix_cache_block_tokens=BLOCK,
+    )
+    address = f"127.0.0.1:{controller.port}"
+    async with MockServer(config) as mock, running_agent(address, "agent-1"), running_agent(address, "agent-2"):
+        spec = base_spec(mock)
+        spec.workload.tokenizer_id = tokenizer_id
+        spec.workload.synthetic.input_tokens.fixed = 100
+        spec.workload.synthetic.output_tokens.fixed = 3
+        spec.workload.synthetic.shared_prefix_tokens = prefix
+        spec.placement.agents = 2
+        for _ in range(2):
+            spec.stages.add(concurrency=2, requests=requests)
+        run = await client.create_run(spec)
+        final = await wait_final(client, run.id, 45)
+        assert final.state == run_pb2.RUN_STATE_SUCCEEDED, final.state_reason
+        samples = [s async for s in client.export_samples(run.id)]
+    assert len(samples) == 2 * requests and len({(s.stage_index, s.agent_name) for s in samples}) == 4
+    hit = block_floor(BOS + TEMPLATE + prefix)
+    assert BOS + TEMPLATE + prefix + 3 >= hit + BLOCK  # the marker would complete another block
+    assert sorted(s.cached_prompt_tokens for s in samples) == [0] + [hit] * (2 * requests - 1)
+
+
 # --- 3. conversations against the prefix cache ---------------------------------------------
 
 
