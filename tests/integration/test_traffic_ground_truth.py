@@ -151,15 +151,22 @@ def metrics_url(mock: MockServer) -> str:
 
 
 @pytest.mark.parametrize(
-    ("prefix", "popularity"),
+    ("prefix", "popularity", "style"),
     [
-        (64, run_pb2.PREFIX_POPULARITY_UNIFORM),  # B + T + P = 68: 4 full blocks shared
-        (45, run_pb2.PREFIX_POPULARITY_UNIFORM),  # 49: 3 blocks, one token of the fourth
-        (45, run_pb2.PREFIX_POPULARITY_ZIPF),
+        (64, run_pb2.PREFIX_POPULARITY_UNIFORM, "vllm"),  # B + T + P = 68: 4 full blocks shared
+        (45, run_pb2.PREFIX_POPULARITY_UNIFORM, "vllm"),  # 49: 3 blocks, one token of the fourth
+        (45, run_pb2.PREFIX_POPULARITY_ZIPF, "vllm"),
+        (45, run_pb2.PREFIX_POPULARITY_ZIPF, "llamacpp"),  # llama-server's counters
     ],
 )
 async def test_prefix_groups_hit_what_the_block_model_predicts(
-    controller: Controller, client: ControllerClient, tokenizer_path: Path, tok: Tokenizer, prefix: int, popularity: int
+    controller: Controller,
+    client: ControllerClient,
+    tokenizer_path: Path,
+    tok: Tokenizer,
+    prefix: int,
+    popularity: int,
+    style: str,
 ) -> None:
     groups, requests, input_tokens = 4, 40, 100
     tokenizer_id = await upload_tokenizer(client, tokenizer_path)
@@ -173,6 +180,7 @@ async def test_prefix_groups_hit_what_the_block_model_predicts(
         chat_template_tokens=TEMPLATE,
         prefix_cache=True,
         prefix_cache_block_tokens=BLOCK,
+        style=style,  # type: ignore[arg-type]
     )
     mock = MockServer(config)
     seen = recording(mock)
@@ -219,7 +227,8 @@ async def test_prefix_groups_hit_what_the_block_model_predicts(
     # The server's view from its counters over the stage's scrape window: the preflight's
     # lookup precedes the window, so both sides count the same lookups (docs/server-metrics.md).
     server = stage.server_metrics
-    assert server.prefix_cache_source.startswith("vllm:prefix_cache"), server.prefix_cache_source
+    source = "vllm:prefix_cache" if style == "vllm" else "llamacpp:prompt_tokens_cached"
+    assert server.prefix_cache_source.startswith(source), server.prefix_cache_source
     assert server.prefix_cache_hit_percent == pytest.approx(stage.prefix_cache_hit_percent, abs=1e-9)
 
 
