@@ -6,8 +6,8 @@ import asyncio
 import random
 import statistics
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
