@@ -370,9 +370,12 @@ async def test_conversation_turns_hit_their_history_and_pay_only_uncached_prefil
     assert stage.session_duration.mean_ms == pytest.approx(sum(durations) / sessions, rel=1e-3)
     assert stage.session_duration.max_ms == pytest.approx(max(durations), rel=1e-3)
 
-    # The exports carry what the aggregates count (item 6).
+    # The exports carry what the aggregates count; the run-wide figures are the stage's.
     assert stage.cached_prompt_tokens == sum(s.cached_prompt_tokens for s in samples)
     assert stage.prompt_tokens == sum(s.prompt_tokens for s in samples)
+    overall = result.overall
+    assert overall.sessions_completed == sessions and [t.requests_ok for t in overall.turns] == [sessions] * turns
+    assert overall.prefix_cache_hit_percent == pytest.approx(stage.prefix_cache_hit_percent)
 
 
 # --- 5. trace replay --------------------------------------------------------------------
@@ -417,8 +420,9 @@ def predicted_cached(trace: list[tuple[list[int], int]]) -> list[int]:
     return out
 
 
+@pytest.mark.parametrize("with_tokenizer", [False, True])
 async def test_a_mooncake_traces_shared_blocks_hit_the_prefix_cache(
-    controller: Controller, client: ControllerClient
+    controller: Controller, client: ControllerClient, tokenizer_path: Path, with_tokenizer: bool
 ) -> None:
     trace = [
         {"timestamp": 150 * i, "input_length": n, "output_length": 2 + i % 3, "hash_ids": ids}
@@ -428,10 +432,21 @@ async def test_a_mooncake_traces_shared_blocks_hit_the_prefix_cache(
     dataset_id = str((await client.upload_dataset(data, run_pb2.DATASET_FORMAT_MOONCAKE_TRACE)).dataset.id)
     expected = predicted_cached(MOONCAKE)
     assert expected == [0, 80, 64, 48, 0, 32, 32, 0, 96]  # the model, spelled out
-    config = MockConfig(ttft_ms=2, itl_ms=1, output_tokens=1000, prefix_cache=True, prefix_cache_block_tokens=BLOCK)
+    # Words (one token each for the mock without a tokenizer), or the tokenizer's pieces on
+    # both sides; no template, so the cache sees exactly the prompt's tokens.
+    config = MockConfig(
+        ttft_ms=2,
+        itl_ms=1,
+        output_tokens=1000,
+        prefix_cache=True,
+        prefix_cache_block_tokens=BLOCK,
+        tokenizer=str(tokenizer_path) if with_tokenizer else "",
+    )
     address = f"127.0.0.1:{controller.port}"
     async with MockServer(config) as mock, running_agent(address, "agent-1"), running_agent(address, "agent-2"):
         spec = base_spec(mock)
+        if with_tokenizer:
+            spec.workload.tokenizer_id = await upload_tokenizer(client, tokenizer_path)
         spec.workload.trace.CopyFrom(run_pb2.Trace(dataset_id=dataset_id, replay_speed=1.0, block_tokens=TRACE_BLOCK))
         spec.stages.add(trace_replay=True, requests=len(trace)).duration.FromSeconds(20)
         spec.placement.agents = 2
@@ -449,6 +464,11 @@ async def test_a_mooncake_traces_shared_blocks_hit_the_prefix_cache(
     hit = 100 * sum(expected) / sum(n for _, n in MOONCAKE)
     assert stage.prefix_cache_hit_percent == pytest.approx(hit)
     assert stage.server_metrics.prefix_cache_hit_percent == pytest.approx(hit, abs=1e-9)
+    # Each agent's row: its share's cached tokens.
+    rows = {a.agent_name: a.cached_prompt_tokens for a in stage.agents}
+    assert rows == {
+        name: sum(s.cached_prompt_tokens for s in samples if s.agent_name == name) for name in ("agent-1", "agent-2")
+    }
 
 
 async def test_an_azure_traces_lengths_are_honoured_exactly(
