@@ -30,6 +30,7 @@ from controller.server import Controller
 from controller.store import repository as repo
 from controller.store.repository import StageSamples
 from mockserver.config import MockConfig
+from mockserver.generation import VOCABULARY
 from mockserver.server import MockServer
 from tests.integration.test_conversations_e2e import recording
 from tests.integration.test_run_end_to_end import mock_stats, running_agent, wait_final
@@ -496,3 +497,45 @@ async def test_an_azure_traces_lengths_are_honoured_exactly(
     scheduled = [s.sent_unix_ns - s.queue_delay_ms * 1e6 for s in samples]
     gaps = [(b - a) / 1e6 for a, b in itertools.pairwise(scheduled)]
     assert gaps == pytest.approx([200.0] * (len(lengths) - 1), abs=1.0)
+
+
+@pytest.mark.parametrize("thinking", [7, len(VOCABULARY)])
+async def test_a_reasoning_conversation_reuses_only_the_answers_it_sends_back(
+    controller: Controller, client: ControllerClient, thinking: int
+) -> None:
+    """The history carries each reply's answer, not its reasoning: turn k hits turn k - 1's
+    prompt, and no more — unless the answer's first words equal the reasoning's (the mock's
+    output cycles through its words, so an R that is a multiple of their number starts the
+    answer with the reasoning's words), when the hit extends over the answer."""
+    sessions, turns, user, output = 3, 3, 30, 20
+    answer = output - thinking
+    config = MockConfig(
+        ttft_ms=2,
+        itl_ms=1,
+        output_tokens=1000,
+        bos_tokens=BOS,
+        chat_template_tokens=TEMPLATE,
+        prefix_cache=True,
+        prefix_cache_block_tokens=BLOCK,
+        style="reasoning",
+        reasoning_tokens=thinking,
+    )
+    async with MockServer(config) as mock, running_agent(f"127.0.0.1:{controller.port}"):
+        spec = base_spec(mock)
+        c = spec.workload.conversation
+        c.turns.fixed, c.input_tokens.fixed, c.output_tokens.fixed = turns, user, output
+        spec.stages.add(concurrency=sessions, requests=sessions * turns)
+        result, samples, _ = await finished(controller, client, spec)
+
+    def prompt_tokens(k: int) -> int:  # k users and k - 1 answers, each after its header
+        return BOS + TEMPLATE * 2 * k + k * user + (k - 1) * answer
+
+    extended = answer if thinking % len(VOCABULARY) == 0 else 0
+    for s in samples:
+        k = s.turn_index
+        assert s.prompt_tokens == prompt_tokens(k) and s.reasoning_tokens == thinking
+        assert s.cached_prompt_tokens == (block_floor(prompt_tokens(k - 1) + extended) if k > 1 else 0), (k, s)
+    (stage,) = result.stages
+    assert [t.requests_ok for t in stage.turns] == [sessions] * turns
+    assert stage.sessions_completed == sessions
+    assert stage.reasoning_tokens == sessions * turns * thinking
