@@ -539,3 +539,79 @@ async def test_a_reasoning_conversation_reuses_only_the_answers_it_sends_back(
     assert [t.requests_ok for t in stage.turns] == [sessions] * turns
     assert stage.sessions_completed == sessions
     assert stage.reasoning_tokens == sessions * turns * thinking
+
+
+async def test_an_uploaded_chat_dataset_replays_its_turns_exactly_and_hits_its_history(
+    controller: Controller, client: ControllerClient, tokenizer_path: Path, tok: Tokenizer
+) -> None:
+    """`Dataset.all_turns` with the tokenizer: each turn's requested input is its messages
+    counted with it, the server's count adds the template, and turn 2 hits turn 1's prompt
+    and reply; turn 1 of every session but the first hits the shared system prompt."""
+    system = "You answer questions about " + " ".join(WORDS[100:140]) + "."
+    firsts = ("zebra", "mango", "quartz")  # first tokens differ: the sessions part after the header
+    chats = [
+        {
+            "messages": [
+                {"role": "system", "content": system},
+                {"role": "user", "content": f"{w} first question about the history"},
+                {"role": "assistant", "content": "one two three four five"},
+                {"role": "user", "content": f"and the second question of {w}"},
+                {"role": "assistant", "content": "a b"},
+            ]
+        }
+        for w in firsts
+    ]
+    data = "".join(json.dumps(c) + "\n" for c in chats).encode()
+    dataset_id = str((await client.upload_dataset(data, run_pb2.DATASET_FORMAT_JSONL)).dataset.id)
+    tokenizer_id = await upload_tokenizer(client, tokenizer_path)
+    config = MockConfig(
+        ttft_ms=2,
+        itl_ms=1,
+        output_tokens=1000,
+        tokenizer=str(tokenizer_path),
+        bos_tokens=BOS,
+        chat_template_tokens=TEMPLATE,
+        prefix_cache=True,
+        prefix_cache_block_tokens=BLOCK,
+    )
+    async with MockServer(config) as mock, running_agent(f"127.0.0.1:{controller.port}"):
+        spec = base_spec(mock)
+        spec.workload.tokenizer_id = tokenizer_id
+        spec.workload.dataset.dataset_id = dataset_id
+        spec.workload.dataset.all_turns = True
+        spec.stages.add(concurrency=1, requests=2 * len(chats))  # each entry once
+        result, samples, stored = await finished(controller, client, spec)
+    count = tok.count
+    by_first = {}
+    for s in samples:
+        by_first.setdefault((s.agent_session, s.session_id), {})[s.turn_index] = s
+    assert len(by_first) == len(chats) and all(sorted(t) == [1, 2] for t in by_first.values())
+    # Turn 1: system + first user; turn 2 adds the mock's 5-token reply and the second user.
+    # The three entries' user texts have the same count up to the word: compare as a set.
+    turn1 = {BOS + 3 * TEMPLATE + count(system) + count(c["messages"][1]["content"]) for c in chats}
+    assert {t[1].prompt_tokens for t in by_first.values()} == turn1
+    for session in by_first.values():
+        first, second = session[1], session[2]
+        assert first.output_tokens == 5 and second.output_tokens == 2  # the dataset's reply lengths
+        users = [
+            c
+            for c in chats
+            if BOS + 3 * TEMPLATE + count(system) + count(c["messages"][1]["content"]) == first.prompt_tokens
+        ]
+        assert any(
+            second.prompt_tokens == first.prompt_tokens + 2 * TEMPLATE + 5 + count(c["messages"][3]["content"])
+            for c in users
+        )
+        assert second.cached_prompt_tokens == block_floor(first.prompt_tokens + 5)
+    # Requested input: the messages counted with the tokenizer; the mock adds the template.
+    messages = {1: 2, 2: 4}
+    turns = {s.prompt_tokens: s.turn_index for s in samples}
+    assert all(
+        int(p) == int(r) + BOS + TEMPLATE * (messages[turns[int(p)]] + 1)
+        for p, r in zip(stored.columns.prompt_tokens, stored.requested_input_tokens, strict=True)
+    )
+    shared_system = block_floor(BOS + 2 * TEMPLATE + count(system))
+    assert shared_system >= BLOCK
+    assert sorted(t[1].cached_prompt_tokens for t in by_first.values()) == [0, shared_system, shared_system]
+    (stage,) = result.stages
+    assert stage.sessions_completed == len(chats)
