@@ -140,6 +140,7 @@ async def test_output_tokens_without_usage_are_counted_with_the_tokenizer(
     assert stage.output_tokens == int(stored.requested_output_tokens.sum())
     # What the mock wrote, the preflight's answers aside (each a max_tokens the agent asked).
     assert stats["output_tokens_total"] >= stage.output_tokens
+    assert stage.output_tokens_estimated  # counted by the client: flagged as such
     # No usage: the template's overhead is unknown, not guessed.
     assert result.tokens.exact and not result.tokens.HasField("template_overhead_tokens")
 
@@ -155,6 +156,7 @@ def metrics_url(mock: MockServer) -> str:
     ("prefix", "popularity", "style"),
     [
         (64, run_pb2.PREFIX_POPULARITY_UNIFORM, "vllm"),  # B + T + P = 68: 4 full blocks shared
+        (60, run_pb2.PREFIX_POPULARITY_UNIFORM, "vllm"),  # 64: exactly 4 blocks
         (45, run_pb2.PREFIX_POPULARITY_UNIFORM, "vllm"),  # 49: 3 blocks, one token of the fourth
         (45, run_pb2.PREFIX_POPULARITY_ZIPF, "vllm"),
         (45, run_pb2.PREFIX_POPULARITY_ZIPF, "llamacpp"),  # llama-server's counters
@@ -615,3 +617,48 @@ async def test_an_uploaded_chat_dataset_replays_its_turns_exactly_and_hits_its_h
     assert sorted(t[1].cached_prompt_tokens for t in by_first.values()) == [0, shared_system, shared_system]
     (stage,) = result.stages
     assert stage.sessions_completed == len(chats)
+
+
+async def test_a_group_of_repeats_sums_sessions_turns_and_cached_tokens(
+    controller: Controller, client: ControllerClient
+) -> None:
+    """Two repeats of a conversation (each its own seed, so its own prompts): the group's
+    stage sums what each run's model predicts (docs/metrics.md, "Groups of repeats")."""
+    repeats, sessions, turns, user, output = 2, 2, 3, 30, 10
+    config = MockConfig(
+        ttft_ms=2,
+        itl_ms=1,
+        output_tokens=1000,
+        bos_tokens=BOS,
+        chat_template_tokens=TEMPLATE,
+        prefix_cache=True,
+        prefix_cache_block_tokens=BLOCK,
+    )
+    async with MockServer(config) as mock, running_agent(f"127.0.0.1:{controller.port}"):
+        spec = base_spec(mock)
+        c = spec.workload.conversation
+        c.turns.fixed, c.input_tokens.fixed, c.output_tokens.fixed = turns, user, output
+        spec.stages.add(concurrency=sessions, requests=sessions * turns)
+        group = await client.create_group(spec, repeats)
+        for run_id in group.run_ids:
+            final = await wait_final(client, run_id, 45)
+            assert final.state == run_pb2.RUN_STATE_SUCCEEDED, final.state_reason
+        response = await client.get_group_result(group.id)
+
+    def prompt_tokens(k: int) -> int:
+        return BOS + TEMPLATE * 2 * k + k * user + (k - 1) * output
+
+    # Turn 1 shares BOS and a header only (less than a block); turn k > 1 the blocks of turn
+    # k - 1's prompt and reply.
+    cached = {k: block_floor(prompt_tokens(k - 1) + output) if k > 1 else 0 for k in range(1, turns + 1)}
+    (stage,) = response.result.stages
+    assert stage.repeats == repeats
+    assert stage.sessions_completed == repeats * sessions
+    assert stage.cached_prompt_tokens == repeats * sessions * sum(cached.values())
+    assert [t.requests_ok for t in stage.turns] == [repeats * sessions] * turns
+    for t in stage.turns:
+        assert t.mean_input_tokens == pytest.approx(prompt_tokens(t.turn))
+        assert t.prefix_cache_hit_percent == pytest.approx(100 * cached[t.turn] / prompt_tokens(t.turn))
+    total = sum(prompt_tokens(k) for k in cached)
+    assert stage.prefix_cache_hit_percent == pytest.approx(100 * sum(cached.values()) / total)
+    assert stage.session_duration.count == repeats * sessions
