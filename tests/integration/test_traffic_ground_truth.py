@@ -662,3 +662,32 @@ async def test_a_group_of_repeats_sums_sessions_turns_and_cached_tokens(
     total = sum(prompt_tokens(k) for k in cached)
     assert stage.prefix_cache_hit_percent == pytest.approx(100 * sum(cached.values()) / total)
     assert stage.session_duration.count == repeats * sessions
+
+
+async def test_sessions_cut_by_the_budget_are_not_completed(controller: Controller, client: ControllerClient) -> None:
+    """3 sessions in progress and a budget of 10 turns: the sessions that ran all 3 turns are
+    the completed ones; those the budget cut are not, and have no duration."""
+    concurrency, turns, budget = 3, 3, 10
+    config = MockConfig(ttft_ms=2, itl_ms=1, output_tokens=1000)
+    async with MockServer(config) as mock, running_agent(f"127.0.0.1:{controller.port}"):
+        spec = base_spec(mock)
+        c = spec.workload.conversation
+        c.turns.fixed, c.input_tokens.fixed, c.output_tokens.fixed = turns, 20, 5
+        spec.stages.add(concurrency=concurrency, requests=budget)
+        result, samples, _ = await finished(controller, client, spec)
+    assert len(samples) == budget
+    by_session: dict[tuple[str, int], list[run_service_pb2.ExportedSample]] = collections.defaultdict(list)
+    for s in samples:
+        by_session[(s.agent_session, s.session_id)].append(s)
+    complete = [
+        v for v in by_session.values() if sorted(s.turn_index for s in v) == [1, 2, 3] and any(s.last_turn for s in v)
+    ]
+    cut = [v for v in by_session.values() if not any(s.last_turn for s in v)]
+    assert complete and cut  # 10 turns are not whole sessions of 3
+    assert len(complete) + len(cut) == len(by_session)
+    (stage,) = result.stages
+    assert stage.sessions_completed == len(complete)
+    assert stage.session_duration.count == len(complete)
+    assert [t.requests_ok for t in stage.turns] == [
+        sum(any(s.turn_index == k for s in v) for v in by_session.values()) for k in range(1, turns + 1)
+    ]
