@@ -12,8 +12,9 @@ it a prompt of L words is exactly L prompt tokens. A prompt of L words is:
 * the shared prefix, when `shared_prefix_tokens` = P > 0: the same P words in every prompt
   of every agent and stage (it is drawn from a fixed seed, not the workload's: each agent
   gets its own derived seed, and a prefix must be shared by all of them to be cached);
-* the request marker: the request number written in base-len(WORDS) digits, least
-  significant first, as up to `MARKER_WORDS` words (so numbers cost no extra tokens, which
+* the request marker: the request number (counted from an offset drawn from the
+  assignment's seed, so request n of another stage or agent writes another number) in
+  base-len(WORDS) digits, least significant first, as up to `MARKER_WORDS` words (so numbers cost no extra tokens, which
   digit strings would in tokenizers that split digits), which makes the unique part of
   every prompt of the assignment different from its first words: a server's prefix cache
   cannot turn the test into a cache benchmark beyond the shared prefix;
