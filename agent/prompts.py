@@ -14,10 +14,10 @@ it a prompt of L words is exactly L prompt tokens. A prompt of L words is:
   gets its own derived seed, and a prefix must be shared by all of them to be cached);
 * the request marker: the request number (counted from an offset drawn from the
   assignment's seed, so request n of another stage or agent writes another number) in
-  base-len(WORDS) digits, least significant first, as up to `MARKER_WORDS` words (so numbers cost no extra tokens, which
-  digit strings would in tokenizers that split digits), which makes the unique part of
-  every prompt of the assignment different from its first words: a server's prefix cache
-  cannot turn the test into a cache benchmark beyond the shared prefix;
+  base-len(WORDS) digits, least significant first, as up to `MARKER_WORDS` words (so
+  numbers cost no extra tokens, which digit strings would in tokenizers that split digits),
+  which makes the unique part of every prompt different from its first words: a server's
+  prefix cache cannot turn the test into a cache benchmark beyond the shared prefix;
 * random words up to L in all. A prompt is never shorter than the prefix plus one word.
 
 With the model's tokenizer (`Workload.tokenizer_id`), the same parts are built from that
