@@ -116,3 +116,29 @@ async def test_a_set_reasoning_count_in_either_field_is_measured_and_exported(
     assert stage.ttfr.mean_ms == pytest.approx(sum(s.first_reasoning_ms for s in samples) / REQUESTS, rel=1e-6)
     assert stage.ttfo.mean_ms == pytest.approx(sum(s.first_answer_ms for s in samples) / REQUESTS, rel=1e-6)
     assert stage.ttfo.mean_ms - stage.ttfr.mean_ms >= thinking * ITL_MS * 0.9
+
+
+async def test_non_streamed_reasoning_counts_from_the_usage(controller: Controller, client: ControllerClient) -> None:
+    """Not streamed: the reasoning is in `message.reasoning`, its count in the usage; no
+    event times, so no TTFR or TTFO (nor TTFT)."""
+    thinking = 11
+    config = MockConfig(
+        ttft_ms=5,
+        itl_ms=1,
+        output_tokens=TOKENS,
+        style="reasoning",
+        reasoning_tokens=thinking,
+        reasoning_field="reasoning",
+    )
+    async with MockServer(config) as mock, running_agent(f"127.0.0.1:{controller.port}"):
+        s = spec(mock)
+        s.target.stream = False
+        run = await client.create_run(s)
+        final = await wait_final(client, run.id, 90)
+        assert final.state == run_pb2.RUN_STATE_SUCCEEDED, final.state_reason
+        result = await client.get_result(run.id)
+    (stage,) = result.stages
+    assert stage.requests_ok == REQUESTS and stage.output_tokens == REQUESTS * TOKENS
+    assert stage.reasoning_tokens == REQUESTS * thinking
+    assert stage.mean_answer_tokens == pytest.approx(TOKENS - thinking)
+    assert not stage.HasField("ttfr") and stage.ttfo.count == 0
