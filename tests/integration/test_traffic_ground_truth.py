@@ -190,6 +190,7 @@ async def test_prefix_groups_hit_what_the_block_model_predicts(
     async with mock, running_agent(f"127.0.0.1:{controller.port}"):
         spec = base_spec(mock)
         spec.workload.tokenizer_id = tokenizer_id
+        spec.workload.seed = 18  # the groups drawn are the same on every run of the test
         synthetic = spec.workload.synthetic
         synthetic.input_tokens.fixed = input_tokens
         synthetic.output_tokens.fixed = 3
@@ -211,7 +212,8 @@ async def test_prefix_groups_hit_what_the_block_model_predicts(
     )
     assert sum(drawn.values()) == requests
     if popularity == run_pb2.PREFIX_POPULARITY_ZIPF:
-        assert drawn[0] == max(drawn.values()) and drawn[0] > requests / groups
+        # Group k (1-based) has weight 1/k: the first drawn 4 times as often as the fourth.
+        assert drawn[0] > drawn[3] and drawn[0] > requests / groups, drawn
     # The rendered prompt: BOS, the user header, the prompt, the assistant header.
     prompt_tokens = BOS + TEMPLATE + input_tokens + TEMPLATE
     assert all(s.prompt_tokens == prompt_tokens and s.cached_reported for s in samples)
@@ -260,6 +262,8 @@ async def test_nothing_beyond_the_shared_prefix_is_cached_across_stages_and_agen
         spec.workload.synthetic.input_tokens.fixed = 100
         spec.workload.synthetic.output_tokens.fixed = 3
         spec.workload.synthetic.shared_prefix_tokens = prefix
+        # Fixed: two assignments' markers could still agree by chance (3 pieces in 51^3).
+        spec.workload.seed = 18
         spec.placement.agents = 2
         for _ in range(2):
             spec.stages.add(concurrency=2, requests=requests)
