@@ -54,7 +54,7 @@ from agent.conversation import (
     TurnRequest,
     conversation_load,
     conversation_source,
-    count_words,
+    count_tokens_with,
     is_conversation,
 )
 from agent.datasets import DatasetCache, DatasetFetchError
@@ -294,8 +294,9 @@ class AssignmentRunner:
                 entries = await self._dataset_entries()
                 schedule = conversation_load(assign.stage, assign.workload.seed)
                 source = conversation_source(assign.workload, assign.target, entries, tokenizer)
-                count = tokenizer.count if tokenizer is not None else count_words
-                self._conversations = ConversationEngine(source, self._send_turn, self._abandon_one, count)
+                self._conversations = ConversationEngine(
+                    source, self._send_turn, self._abandon_one, count_tokens_with(tokenizer)
+                )
             else:
                 # An uploaded dataset may be large: it is fetched, and every prompt source
                 # prepared (counted with the tokenizer), on a thread, not on the loop that must

@@ -75,9 +75,7 @@ from agent.prompts import (
     PromptGenerator,
     PromptSourceError,
     draw_length,
-    group_prefix_seed,
     shared_prefix,
-    token_pieces,
 )
 from agent.sample import RequestSample
 from agent.scheduler import (
@@ -161,12 +159,17 @@ class SyntheticConversations:
         self._turns = conversation.turns
         self._think = workload.think_time
         self._rng = random.Random(f"{_SESSION_SEED}:{workload.seed}")
+        # With a tokenizer the user prompts are exact in its tokens, as single prompts are.
         self._prompts = PromptGenerator(turn_prompt_workload(workload), tokenizer)
         words = conversation.system_prompt_tokens
-        self._preamble: tuple[Message, ...] = (
-            ({"role": "system", "content": system_prompt(words, tokenizer)},) if words else ()
-        )
-        self._preamble_tokens = words
+        system = shared_prefix(words)
+        tokens = words
+        if words and tokenizer is not None:
+            # The shared prefix of that many tokens (the same text on every agent), counted.
+            system = PromptGenerator(_system_prompt_workload(words), tokenizer).prefix(0)
+            tokens = tokenizer.count(system)
+        self._preamble: tuple[Message, ...] = ({"role": "system", "content": system},) if words else ()
+        self._preamble_tokens = tokens
 
     def next_session(self) -> SessionPlan:
         """T turns, each a fresh prompt of the generator and a think time."""
@@ -178,15 +181,10 @@ class SyntheticConversations:
         return SessionPlan(self._preamble, self._preamble_tokens, tuple(turns))
 
 
-def system_prompt(tokens: int, tokenizer: Tokenizer | None = None) -> str:
-    """The system prompt of `system_prompt_tokens = tokens`: the shared prefix's text (fixed
-    seed), without a tokenizer words, with one exactly `tokens` of its tokens."""
-    if tokenizer is None:
-        return shared_prefix(tokens)
-    pieces = token_pieces(tokenizer)
-    rng = random.Random(group_prefix_seed(0))
-    text, _ = pieces.fit(pieces.draw(rng, tokens), tokens, rng)
-    return text
+def _system_prompt_workload(tokens: int) -> run_pb2.Workload:
+    out = run_pb2.Workload()
+    out.synthetic.shared_prefix_tokens = tokens
+    return out
 
 
 def turn_prompt_workload(workload: run_pb2.Workload) -> run_pb2.Workload:
@@ -263,12 +261,17 @@ def conversation_source(
     tokenizer: Tokenizer | None = None,
 ) -> ConversationSource:
     """The session source of a conversation workload (`is_conversation(workload)`); with the
-    model's tokenizer, prompts are exact and dataset turns counted in its tokens."""
+    model's tokenizer, prompts are built and counted with it."""
     if target.api_kind == run_pb2.API_KIND_COMPLETIONS:
         raise PromptSourceError("conversations need the chat API (api_kind chat), not completions")
     if workload.WhichOneof("source") == "dataset":
-        return DatasetConversations(dataset_entries, workload, tokenizer.count if tokenizer else count_words)
+        return DatasetConversations(dataset_entries, workload, count_tokens_with(tokenizer))
     return SyntheticConversations(workload, tokenizer)
+
+
+def count_tokens_with(tokenizer: Tokenizer | None) -> Callable[[str], int]:
+    """How a conversation counts a text's tokens: with the tokenizer, else its words."""
+    return tokenizer.count if tokenizer is not None else count_words
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,11 +12,12 @@ it a prompt of L words is exactly L prompt tokens. A prompt of L words is:
 * the shared prefix, when `shared_prefix_tokens` = P > 0: the same P words in every prompt
   of every agent and stage (it is drawn from a fixed seed, not the workload's: each agent
   gets its own derived seed, and a prefix must be shared by all of them to be cached);
-* the request marker: the request number written in base-len(WORDS) digits, least
-  significant first, as up to `MARKER_WORDS` words (so numbers cost no extra tokens, which
-  digit strings would in tokenizers that split digits), which makes the unique part of
-  every prompt of the assignment different from its first words: a server's prefix cache
-  cannot turn the test into a cache benchmark beyond the shared prefix;
+* the request marker: the request number (counted from an offset drawn from the
+  assignment's seed, so request n of another stage or agent writes another number) in
+  base-len(WORDS) digits, least significant first, as up to `MARKER_WORDS` words (so
+  numbers cost no extra tokens, which digit strings would in tokenizers that split digits),
+  which makes the unique part of every prompt different from its first words: a server's
+  prefix cache cannot turn the test into a cache benchmark beyond the shared prefix;
 * random words up to L in all. A prompt is never shorter than the prefix plus one word.
 
 With the model's tokenizer (`Workload.tokenizer_id`), the same parts are built from that
@@ -63,6 +64,8 @@ DEFAULT_ZIPF_EXPONENT = 1.0
 VERIFY_PROMPTS = 16
 # Not the workload seed: see the module docstring.
 _SHARED_PREFIX_SEED = "llm-loadtest shared prefix"
+# The request markers' starting number, drawn from the workload's (per stage and agent) seed.
+_MARKER_SEED = "llm-loadtest request marker"
 
 _WORD_TEXT = """
     the of and to in is was for that on with as by at from his her they you this but not
@@ -270,6 +273,10 @@ class PromptGenerator:
         self._prefixes: dict[int, str] = {}
         self._prefix_pieces: dict[int, list[str]] = {}
         self._count = 0
+        # Request n's marker is the number offset + n: every assignment (each stage, each agent
+        # has its own seed) counts from its own offset, so request n of one assignment does not
+        # repeat request n's marker of another after a shared prefix (a cache hit beyond it).
+        self._marker_offset = random.Random(f"{_MARKER_SEED}:{workload.seed}").randrange(MARKER_SPAN)
         # Prompts in a row that were exact as built; from VERIFY_PROMPTS on they are not
         # re-encoded (encoding a long prompt costs milliseconds on the request path).
         self._trusted = 0
@@ -279,6 +286,11 @@ class PromptGenerator:
     def count(self) -> int:
         """Prompts produced so far."""
         return self._count
+
+    @property
+    def marker_number(self) -> int:
+        """The number the latest prompt's request marker writes."""
+        return self._marker_offset + self._count
 
     def prefix(self, group: int) -> str:
         """The text of prefix group `group` (without a tokenizer: words joined by spaces)."""
@@ -315,7 +327,7 @@ class PromptGenerator:
         unique = max(input_tokens - self._prefix_words, 1)
         if self._pieces is not None:
             return self._exact_prompt(group, unique, max_tokens)
-        words = request_marker(self._count, min(MARKER_WORDS, unique))
+        words = request_marker(self.marker_number, min(MARKER_WORDS, unique))
         words += rng.choices(WORDS, k=unique - len(words))
         if self._prefix_words:
             words.insert(0, self.prefix(group))
@@ -324,7 +336,7 @@ class PromptGenerator:
     def _exact_prompt(self, group: int, unique: int, max_tokens: int) -> Prompt:
         pieces = self._pieces
         assert pieces is not None
-        tail = pieces.marker(self._count, min(pieces.marker_width(), unique))
+        tail = pieces.marker(self.marker_number, min(pieces.marker_width(), unique))
         tail += pieces.draw(self._rng, unique - len(tail))
         prefix = self._group_pieces(group) if self._prefix_words else []
         target = len(prefix) + unique

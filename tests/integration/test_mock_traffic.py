@@ -28,7 +28,6 @@ from mockserver import MockConfig, MockServer
 from mockserver.capacity import Workload, closed_loop
 from mockserver.cli import add_arguments
 from mockserver.cli import run as run_cli
-from tests.tokenizers_fixture import build_bpe_tokenizer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -40,16 +39,6 @@ TEXTS = (
 )
 
 StartServer = Callable[..., Awaitable[MockServer]]
-
-
-@pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_bpe_tokenizer(tmp_path_factory.mktemp("bpe") / "tokenizer.json")
-
-
-@pytest.fixture(scope="module")
-def tok(tokenizer_path: Path) -> Tokenizer:
-    return Tokenizer.from_path(tokenizer_path)
 
 
 @pytest.fixture

@@ -366,3 +366,26 @@ async def test_with_a_tokenizer_the_prompts_are_exact_and_the_history_counted_in
     entry = run_pb2.DatasetEntry(messages=[run_pb2.ChatMessage(role="user", content="Serving engines are tuned")])
     (turn,) = conversation_source(d, run_pb2.Target(), [entry], tokenizer).next_session().turns
     assert turn.tokens == tokenizer.count("Serving engines are tuned") != count_words("Serving engines are tuned")
+
+
+def test_with_a_tokenizer_turns_and_the_system_prompt_are_exact(tmp_path: Path) -> None:
+    from common.tokenizer import Tokenizer
+    from tests.tokenizers_fixture import build_bpe_tokenizer
+
+    tok = Tokenizer.from_path(build_bpe_tokenizer(tmp_path / "tokenizer.json"))
+    w = workload(system=30)
+    source = conversation_source(w, run_pb2.Target(), (), tok)
+    for _ in range(3):
+        plan = source.next_session()
+        (system,) = plan.preamble
+        assert tok.count(system["content"]) == plan.preamble_tokens == 30
+        assert all(tok.count(t.text) == t.tokens == 20 for t in plan.turns)
+    # Without it: words, as before.
+    plain = conversation_source(w, run_pb2.Target()).next_session()
+    assert plain.preamble[0]["content"] == shared_prefix(30)
+    assert all(len(t.text.split()) == t.tokens == 20 for t in plain.turns)
+    # Dataset conversations count their texts with it too.
+    entry = run_pb2.DatasetEntry(messages=[run_pb2.ChatMessage(role="user", content="information theory")])
+    w.dataset.all_turns = True
+    (turn,) = conversation_source(w, run_pb2.Target(), [entry], tok).next_session().turns
+    assert turn.tokens == tok.count("information theory") != 2

@@ -84,14 +84,31 @@ def test_same_seed_same_prompts_other_seed_other_prompts() -> None:
 
 def test_prompts_are_unique_from_their_first_words() -> None:
     gen = PromptGenerator(workload(9, run_pb2.LengthDistribution(fixed=64)))
-    texts = [gen.next_prompt().text for _ in range(2000)]
+    texts, numbers = [], []
+    for _ in range(2000):
+        texts.append(gen.next_prompt().text)
+        numbers.append(gen.marker_number)
     assert len(set(texts)) == len(texts)
     # Even the first 8 words differ, so no prefix-cache block is shared.
     assert len({" ".join(t.split()[:8]) for t in texts}) == len(texts)
-    # The request marker: the request number in base-len(WORDS) words, least significant first.
-    assert texts[0].split()[:3] == request_marker(1, 3) == [WORDS[1], WORDS[0], WORDS[0]]
-    assert texts[1].split()[:3] == request_marker(2, 3)
+    # The request marker: the request number (from the assignment's own offset) in
+    # base-len(WORDS) words, least significant first.
+    assert numbers[1] == numbers[0] + 1
+    assert texts[0].split()[:3] == request_marker(numbers[0], 3)
+    assert texts[1].split()[:3] == request_marker(numbers[1], 3)
+    assert request_marker(1, 3) == [WORDS[1], WORDS[0], WORDS[0]]
     assert request_marker(len(WORDS) + 5, 2) == [WORDS[5], WORDS[1]]
+
+
+def test_assignments_number_their_markers_from_their_own_offsets() -> None:
+    """Request n of two assignments (other stages or agents: other seeds) has different
+    markers, so after a shared prefix their prompts part at once."""
+    firsts = []
+    for seed in (1, 2, 3):
+        gen = PromptGenerator(workload(seed, run_pb2.LengthDistribution(fixed=64)))
+        gen.next_prompt()
+        firsts.append(gen.marker_number)
+    assert len(set(firsts)) == 3
 
 
 def test_words_come_from_the_single_token_list() -> None:
@@ -103,10 +120,9 @@ def test_words_come_from_the_single_token_list() -> None:
 
 
 def test_zero_lengths_are_clamped_to_one() -> None:
-    prompt = PromptGenerator(
-        workload(1, run_pb2.LengthDistribution(fixed=0), run_pb2.LengthDistribution(fixed=0))
-    ).next_prompt()
-    assert prompt.text == WORDS[1]  # the marker of request 1, one word
+    gen = PromptGenerator(workload(1, run_pb2.LengthDistribution(fixed=0), run_pb2.LengthDistribution(fixed=0)))
+    prompt = gen.next_prompt()
+    assert prompt.text == request_marker(gen.marker_number, 1)[0]  # the marker of request 1, one word
     assert prompt.max_tokens == 1
 
 
@@ -140,7 +156,7 @@ def test_shared_prefix_then_unique_rest() -> None:
 def test_prefix_longer_than_the_prompt_keeps_one_unique_word() -> None:
     gen = PromptGenerator(workload(4, run_pb2.LengthDistribution(fixed=10), shared_prefix_tokens=16))
     text = gen.next_prompt().text
-    assert text == shared_prefix(16) + " " + WORDS[1]
+    assert text == shared_prefix(16) + " " + request_marker(gen.marker_number, 1)[0]
 
 
 def entries() -> list[run_pb2.DatasetEntry]:
