@@ -10,6 +10,7 @@ import pytest
 
 from common.codes import RequestStatus, SampleFlag
 from common.metrics import SampleColumns, compute_stage_metrics
+from common.proto.loadtest.v1 import run_pb2
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -196,3 +197,18 @@ def test_checks_on_ttfo_ttfr_and_session_duration() -> None:
     assert not parse_check("p99(session_duration) < 10s").evaluate(m)[0]
     with pytest.raises(CheckSyntaxError, match="ttfo"):
         parse_check("p99(ttfx) < 1s")
+
+
+def test_a_trace_replay_that_sends_late_flags_the_generator_as_an_open_loop_does() -> None:
+    """Send lag (queue delay) above the limit marks an uncapped open loop, and a trace replay
+    (which sends at the trace's times) saturated; a closed loop's queue delay never does."""
+    from controller.domain.results.compute import SATURATION_SEND_LAG_P99_MS, _saturation
+
+    cols = table(*[Row(sent=i * 10.0) for i in range(200)])
+    cols.queue_delay_ns[:] = round(2 * SATURATION_SEND_LAG_P99_MS * MS)
+    m = compute_stage_metrics(cols)
+    for load in (run_pb2.Stage(trace_replay=True), run_pb2.Stage(request_rate=50)):
+        saturated, reason = _saturation(load, m, 0.0, 0.0)
+        assert saturated and "send lag" in reason, load
+    assert _saturation(run_pb2.Stage(concurrency=4), m, 0.0, 0.0) == (False, "")
+    assert _saturation(run_pb2.Stage(trace_replay=True, max_concurrency=8), m, 0.0, 0.0) == (False, "")

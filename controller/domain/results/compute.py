@@ -160,7 +160,8 @@ def _saturation(stage: run_pb2.Stage, m: StageMetrics, lag_ms: float, cpu: float
         reasons.append(f"agent event-loop lag reached {lag_ms:.0f} ms (> {SATURATION_LOOP_LAG_MS:g} ms)")
     if cpu > SATURATION_CPU_PERCENT:
         reasons.append(f"agent CPU reached {cpu:.0f}% of a core (> {SATURATION_CPU_PERCENT:g}%)")
-    open_uncapped = stage.WhichOneof("load") == "request_rate" and not stage.max_concurrency
+    # A trace replay sends at the trace's times, uncapped: as an open loop does.
+    open_uncapped = stage.WhichOneof("load") in ("request_rate", "trace_replay") and not stage.max_concurrency
     if open_uncapped and m.queue_delay.p99 > SATURATION_SEND_LAG_P99_MS:
         reasons.append(
             f"p99 send lag {m.queue_delay.p99:.0f} ms (> {SATURATION_SEND_LAG_P99_MS:g} ms) with no concurrency cap"
