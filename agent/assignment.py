@@ -453,7 +453,9 @@ class AssignmentRunner:
             await asyncio.sleep(STALL_POLL_S)
             activity = self._last_activity_ns
             for sample in self._in_flight_samples.values():
-                activity = max(activity, sample.first_byte_ns, sample.last_token_ns)
+                # Its send counts from `sent_ns` (a refused one is in flight for well under
+                # a poll interval, and counts nothing when it ends).
+                activity = max(activity, sample.sent_ns, sample.first_byte_ns, sample.last_token_ns)
             watch.observe(time.perf_counter_ns(), activity, len(self._in_flight_samples))
 
     async def _wait_for_start(self) -> None:
@@ -525,7 +527,6 @@ class AssignmentRunner:
         self._requests_sent += 1
         in_flight = self._in_flight_samples
         in_flight[id(sample)] = sample
-        self._last_activity_ns = time.perf_counter_ns()
         try:
             if self._announce is not None:
                 await self._announce(self)
@@ -546,7 +547,10 @@ class AssignmentRunner:
             # Also on cancellation: the client has marked the sample `cancelled`.
             self._in_flight -= 1
             del in_flight[id(sample)]
-            self._last_activity_ns = time.perf_counter_ns()
+            if not sample.connect_failed:
+                # A request refused before it was sent (the server stopped listening) is not
+                # activity: its retries must not hide a stall (agent/stalls.py).
+                self._last_activity_ns = time.perf_counter_ns()
             self._batcher.add(sample)
         return sample
 

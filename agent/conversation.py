@@ -52,9 +52,9 @@ Samples: `session_id` counts sessions from 1 within the assignment, `turn_index`
 estimate of the whole request's prompt: system prompt, every user prompt (their
 `Prompt.input_tokens`) and every reply (counted by `count_tokens`: words, as
 `agent.prompts` counts dataset text; with the workload's tokenizer, its tokens, and then the
-system and user prompts are built to exactly their lengths in its tokens too). A session arrival that the stage could not start
-before it ended (open loop, held back by the cap) is recorded as one cancelled turn 1 of a
-session of its own.
+system and user prompts are built to exactly their lengths in its tokens too). A session
+arrival that the stage could not start before it ended (open loop, held back by the cap) is
+recorded as one cancelled turn 1 of a session of its own.
 
 Conversations need the chat API (the controller refuses them for completions at
 CreateRun); `conversation_source()` refuses them too.

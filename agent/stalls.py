@@ -4,7 +4,10 @@ A server that stops answering but keeps its connections open (llama-server holdi
 streams for 30 s on SIGTERM, a frozen process) leaves a closed loop with every worker
 waiting: no request is sent, yet nothing fails. `StallWatch` notices such stretches from
 the assignment's activity, polled by the runner: the time of the last request sent or
-finished and of the last response data of a request in flight. A stall begins at the last
+finished and of the last response data of a request in flight. A request whose connection was
+refused (`connect_failed`: the server stopped listening, as llama-server does on SIGTERM) was
+never sent: its end is no activity, so the retries of workers whose streams ended do not hide
+the stall of the others. A stall begins at the last
 activity once `threshold_s` (5 s) passed without any while requests were in flight, and ends
 at the next activity, or where the stage's sending window ends (after that no request is
 due, so nothing "could not be sent"). Stalls of at least `threshold_s` are reported with the

@@ -15,13 +15,20 @@ from tests.security.hostile import forged_batch
 
 pytestmark = pytest.mark.timeout(60)
 
-NOW = time.time_ns()
-TARGET = IngestTarget(1, 1, "run_x", 0, NOW - 10**10, None, 0)
+
+def target() -> tuple[IngestTarget, int]:
+    """An assignment that started 10 s ago, and now: read when the test runs (forged batches
+    are sent now, and the window of an assignment is checked)."""
+    now = time.time_ns()
+    return IngestTarget(1, 1, "run_x", 0, now - 10**10, None, 0), now
+
+
 COL = columnar.COL
 
 
 def test_empty_columns_are_zeros_and_full_ones_are_stored() -> None:
-    plain = to_ingest(TARGET, forged_batch("a", 1, 3), NOW)
+    assignment, now = target()
+    plain = to_ingest(assignment, forged_batch("a", 1, 3), now)
     for name in ("first_reasoning_ns", "first_answer_ns", "reasoning_tokens", "cached_prompt_tokens"):
         assert plain.columns[COL[name]].tolist() == [0, 0, 0], name
     batch = forged_batch(
@@ -36,7 +43,7 @@ def test_empty_columns_are_zeros_and_full_ones_are_stored() -> None:
         turn_index=[1, 2],
         flags=[1 | 8, 1 | 16],
     )
-    stored = to_ingest(TARGET, batch, NOW).columns
+    stored = to_ingest(assignment, batch, now).columns
     assert stored[COL["first_reasoning_ns"]].tolist() == [10_000_000, 0]
     assert stored[COL["first_answer_ns"]].tolist() == [15_000_000, 10_000_000]
     assert stored[COL["reasoning_tokens"]].tolist() == [40, 0]
@@ -64,4 +71,5 @@ def test_empty_columns_are_zeros_and_full_ones_are_stored() -> None:
 )
 def test_impossible_values_are_refused(what: str, columns: dict[str, list[int]]) -> None:
     with pytest.raises(MalformedBatch, match=what):
-        to_ingest(TARGET, forged_batch("a", 1, 2, **columns), NOW)  # type: ignore[arg-type]
+        assignment, now = target()
+        to_ingest(assignment, forged_batch("a", 1, 2, **columns), now)  # type: ignore[arg-type]
